@@ -1,0 +1,453 @@
+"""Checkpoints: a model, its optimizer and scheduler state, the epoch and free-form extras in one file.
+
+    fastcnn.checkpoint.save("run/epoch3.safetensors", model, optimizer, scheduler, epoch=3,
+                            extra={"shuffle_rng": rng.bit_generator.state})
+    ckpt = fastcnn.checkpoint.load("run/epoch3.safetensors")
+    model = ckpt.model                    # Sequential rebuilt from its config, weights loaded
+    ckpt.restore_optimizer(optimizer)     # optimizer built on model.parameters()
+    ckpt.restore_scheduler(scheduler)
+
+File format (a plain safetensors file, readable by any safetensors reader, no pickle):
+- tensors ``model.<key>`` for every entry of ``model.state_dict()`` ("model.0.weight", ...) and
+  ``optimizer.<index>.<name>`` for every array in the optimizer's per-parameter state
+  ("optimizer.0.momentum_buffer", "optimizer.3.exp_avg", ...);
+- the safetensors metadata entry ``"fastcnn"``: a JSON string holding the format name and
+  version, the fastcnn version, the architecture config (``model.get_config()``), the names,
+  shapes and dtypes of all tensors, a sha256 over all tensor data, the optimizer class,
+  hyper-parameters and per-parameter non-array state (``step``), the scheduler class and state,
+  the epoch and ``extra``.
+
+Writing is atomic: a temporary file in the destination folder is written, flushed and fsynced,
+then renamed over the destination (``os.replace``) and the folder is fsynced. On any error the
+temporary file is removed and an existing file at ``path`` is left untouched.
+
+Loading validates everything before building anything: the file is read whole, its safetensors
+header, the format name and version, the tensor manifest and the data checksum are checked, the
+model is rebuilt from its config and every tensor's name, shape and dtype is compared with the
+rebuilt model; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
+``ValueError``) naming the file and the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+import safetensors.numpy as _st
+
+__all__ = ["save", "load", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "fastcnn-checkpoint"
+FORMAT_VERSION = 1
+_META_KEY = "fastcnn"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit: the message names the file and the problem."""
+
+
+def _fastcnn_version():
+    try:
+        from . import __version__
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def _from_config(config):
+    """Build a Sequential from its architecture config (indirection so tests can stub the model)."""
+    from .model import from_config
+    return from_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None):
+    """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path`` atomically.
+
+    ``extra`` must be JSON-able (dicts with str keys, lists, str, int, float, bool, None; numpy
+    scalars are converted); e.g. the bit-generator state of the shuffling RNG. Everything is
+    serialised in memory and checked before the file system is touched. Returns ``path``.
+    """
+    path = os.fspath(path)
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+            raise TypeError(f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}")
+        epoch = int(epoch)
+
+    tensors = {}
+    state = model.state_dict()
+    config = model.get_config()
+    for key, value in state.items():
+        tensors["model." + str(key)] = _tensor(value, f"model state {key!r}")
+
+    # Layers with their own generator (Dropout): their state, so a resumed run draws the same masks.
+    rng_state = model.get_rng_state() if hasattr(model, "get_rng_state") else {}
+
+    opt_meta = None
+    if optimizer is not None:
+        opt_meta, opt_tensors = _split_optimizer_state(optimizer)
+        tensors.update(opt_tensors)
+
+    sched_meta = None
+    if scheduler is not None:
+        sched_meta = {"class": type(scheduler).__name__, "state": scheduler.state_dict()}
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fastcnn_version": _fastcnn_version(),
+        "model": {"config": config, "keys": list(map(str, state.keys())), "rng_state": rng_state},
+        "tensors": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in tensors.items()},
+        "sha256": _digest(tensors),
+        "optimizer": opt_meta,
+        "scheduler": sched_meta,
+        "epoch": epoch,
+        "extra": extra,
+    }
+    try:
+        meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
+                        f"extra, configs and scheduler state must be JSON-able") from exc
+    data = _st.save(tensors, metadata={_META_KEY: meta_json})
+    _atomic_write(path, data)
+    return path
+
+
+def _tensor(value, what):
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"checkpoint.save: {what} is a {type(value).__name__}, expected a numpy array")
+    # safetensors stores little-endian, C-contiguous data
+    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+
+
+def _split_optimizer_state(optimizer):
+    sd = optimizer.state_dict()
+    if not isinstance(sd, dict) or "hyper" not in sd or "state" not in sd:
+        raise TypeError("checkpoint.save: optimizer.state_dict() must be a dict with 'hyper' and 'state'")
+    tensors, scalars = {}, {}
+    for index, entry in sd["state"].items():
+        index = str(index)
+        if not index.isdigit():
+            raise ValueError(f"checkpoint.save: optimizer state key {index!r} is not a parameter index")
+        scalars[index] = {}
+        for name, value in entry.items():
+            if isinstance(value, np.ndarray):
+                if "." in name:
+                    raise ValueError(f"checkpoint.save: optimizer state name {name!r} contains '.'")
+                tensors[f"optimizer.{index}.{name}"] = _tensor(value, f"optimizer state {index}.{name}")
+            else:
+                scalars[index][name] = value
+    meta = {"class": type(optimizer).__name__, "hyper": sd["hyper"], "state": scalars}
+    return meta, tensors
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r:.80} is not JSON serializable")
+
+
+def _digest(tensors):
+    """sha256 over every tensor's name, dtype, shape and bytes, in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = tensors[name]
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def _write(f, data):
+    """Write all of `data` to the open file `f` (a separate function so tests can make it fail)."""
+    f.write(data)
+
+
+def _atomic_write(path, data):
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: never clobber someone else's file; 0o666 & ~umask: the permissions of a plain open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    """Make the rename durable. Not possible on every platform (Windows): best effort there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+@dataclass
+class Checkpoint:
+    """What :func:`load` returns. ``model`` is ready to use; the rest restores a training run."""
+
+    path: str
+    model: object
+    model_state: dict
+    config: dict
+    optimizer_state: dict | None
+    optimizer_class: str | None
+    scheduler_state: dict | None
+    scheduler_class: str | None
+    epoch: int | None
+    extra: object
+    metadata: dict = field(repr=False)
+
+    def restore_model(self, model):
+        """Load the saved weights into an existing ``model`` of the same architecture.
+
+        Refused (CheckpointError, nothing loaded) when ``model.get_config()`` differs from the
+        saved config.
+        """
+        config = model.get_config()
+        if _canonical(config) != _canonical(self.config):
+            raise CheckpointError(
+                f"{self.path}: the model's architecture differs from the checkpoint's "
+                f"({_first_difference(self.config, config)}); nothing was loaded")
+        model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
+        rng_state = self.metadata["model"].get("rng_state")
+        if rng_state:
+            model.set_rng_state(rng_state)
+        return model
+
+    def restore_optimizer(self, optimizer):
+        """Load the saved optimizer state into ``optimizer`` (built on ``self.model.parameters()``)."""
+        if self.optimizer_state is None:
+            raise CheckpointError(f"{self.path}: the checkpoint holds no optimizer state")
+        if type(optimizer).__name__ != self.optimizer_class:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint holds {self.optimizer_class} state, cannot restore a "
+                f"{type(optimizer).__name__}")
+        state = {
+            "hyper": json.loads(json.dumps(self.optimizer_state["hyper"])),
+            "state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
+                      for i, e in self.optimizer_state["state"].items()},
+        }
+        optimizer.load_state_dict(state)
+        return optimizer
+
+    def restore_scheduler(self, scheduler):
+        """Load the saved scheduler state into ``scheduler``."""
+        if self.scheduler_state is None:
+            raise CheckpointError(f"{self.path}: the checkpoint holds no scheduler state")
+        if type(scheduler).__name__ != self.scheduler_class:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint holds {self.scheduler_class} state, cannot restore a "
+                f"{type(scheduler).__name__}")
+        scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
+        return scheduler
+
+
+def _canonical(obj):
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def _first_difference(expected, got, where="config"):
+    if isinstance(expected, dict) and isinstance(got, dict):
+        for key in list(expected) + [k for k in got if k not in expected]:
+            if key not in got:
+                return f"{where}[{key!r}] missing in the model"
+            if key not in expected:
+                return f"{where}[{key!r}] not in the checkpoint"
+            if _canonical(expected[key]) != _canonical(got[key]):
+                return _first_difference(expected[key], got[key], f"{where}[{key!r}]")
+    if isinstance(expected, list) and isinstance(got, list):
+        if len(expected) != len(got):
+            return f"{where}: {len(expected)} entries in the checkpoint, {len(got)} in the model"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            if _canonical(e) != _canonical(g):
+                return _first_difference(e, g, f"{where}[{i}]")
+    return f"{where}: checkpoint has {_canonical(expected)[:200]}, model has {_canonical(got)[:200]}"
+
+
+def read_file(path):
+    """Read and validate a checkpoint file's container: (tensors, metadata). No model is built.
+
+    Checks: safetensors header, fastcnn metadata, format name/version, tensor manifest (names,
+    shapes, dtypes) and the data checksum. Raises CheckpointError naming the file.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+
+    def fail(problem):
+        raise CheckpointError(f"{path}: {problem}")
+
+    if len(data) < 8:
+        fail(f"not a checkpoint: {len(data)} bytes, too short for a safetensors header (truncated?)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > _MAX_HEADER or 8 + header_len > len(data):
+        fail(f"truncated or not a safetensors file: header length {header_len}, file length {len(data)}")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        fail(f"corrupted safetensors header (not valid JSON: {exc})")
+    if not isinstance(header, dict):
+        fail("corrupted safetensors header (not a JSON object)")
+    raw_meta = header.get("__metadata__")
+    if not isinstance(raw_meta, dict) or _META_KEY not in raw_meta:
+        fail("a safetensors file, but not a fastcnn checkpoint (no 'fastcnn' metadata)")
+    try:
+        meta = json.loads(raw_meta[_META_KEY])
+    except (TypeError, ValueError) as exc:
+        fail(f"corrupted fastcnn metadata (not valid JSON: {exc})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        fail(f"corrupted metadata: format_version {version!r}")
+    if version > FORMAT_VERSION:
+        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')}; this "
+             f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
+    if version < 1:
+        fail(f"unknown checkpoint format version {version}")
+    for key in ("model", "tensors", "sha256"):
+        if key not in meta:
+            fail(f"corrupted metadata: no {key!r} entry")
+
+    try:
+        tensors = _st.load(data)
+    except Exception as exc:  # SafetensorError and friends: offsets out of range, bad dtype, ...
+        fail(f"corrupted or truncated tensor data ({type(exc).__name__}: {exc})")
+
+    manifest = meta["tensors"]
+    if not isinstance(manifest, dict) or set(manifest) != set(tensors):
+        missing = sorted(set(manifest) - set(tensors)) if isinstance(manifest, dict) else []
+        unexpected = sorted(set(tensors) - set(manifest)) if isinstance(manifest, dict) else []
+        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, spec in manifest.items():
+        a = tensors[name]
+        if not isinstance(spec, dict) or list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
+            fail(f"tensor {name!r} is {a.dtype.str} {list(a.shape)}, the manifest says {spec}")
+    if _digest(tensors) != meta["sha256"]:
+        fail("tensor data checksum mismatch: the file is corrupted")
+    return tensors, meta
+
+
+def load(path):
+    """Read a checkpoint written by :func:`save` and rebuild its model. Returns a :class:`Checkpoint`.
+
+    Everything is validated before the weights are loaded; any problem raises CheckpointError
+    (a ValueError) naming the file and the problem.
+    """
+    path = os.fspath(path)
+    tensors, meta = read_file(path)
+
+    def fail(problem):
+        raise CheckpointError(f"{path}: {problem}")
+
+    model_meta = meta["model"]
+    if not isinstance(model_meta, dict) or "config" not in model_meta or "keys" not in model_meta:
+        fail("corrupted metadata: model entry without config/keys")
+    config, keys = model_meta["config"], model_meta["keys"]
+    model_state = {}
+    for key in keys:
+        name = "model." + key
+        if name not in tensors:
+            fail(f"model tensor {name!r} missing")
+        model_state[key] = tensors[name]
+    stray = sorted(n for n in tensors if n.startswith("model.") and n[6:] not in model_state)
+    if stray:
+        fail(f"unexpected model tensors {stray[:5]}")
+
+    # Build a fresh model from the config and compare its state with the file before loading.
+    try:
+        model = _from_config(config)
+    except Exception as exc:
+        fail(f"incompatible architecture config, this fastcnn cannot build it "
+             f"({type(exc).__name__}: {exc})")
+    expected = model.state_dict()
+    if set(expected) != set(model_state):
+        fail(f"the architecture's parameters {sorted(set(expected) - set(model_state))[:5]} are "
+             f"missing and {sorted(set(model_state) - set(expected))[:5]} unexpected")
+    for key, value in expected.items():
+        got = model_state[key]
+        if got.shape != value.shape or got.dtype != value.dtype:
+            fail(f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
+                 f"{value.dtype} {value.shape}")
+
+    optimizer_state, optimizer_class = None, None
+    if meta.get("optimizer") is not None:
+        optimizer_state, optimizer_class = _join_optimizer_state(fail, meta["optimizer"], tensors, model)
+    elif any(n.startswith("optimizer.") for n in tensors):
+        fail("optimizer tensors present but no optimizer metadata")
+
+    scheduler_state, scheduler_class = None, None
+    if meta.get("scheduler") is not None:
+        sched = meta["scheduler"]
+        if not isinstance(sched, dict) or "class" not in sched or "state" not in sched:
+            fail("corrupted metadata: scheduler entry without class/state")
+        scheduler_state, scheduler_class = sched["state"], sched["class"]
+
+    epoch = meta.get("epoch")
+    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        fail(f"corrupted metadata: epoch {epoch!r}")
+
+    try:
+        model.load_state_dict(model_state)
+        if model_meta.get("rng_state"):
+            model.set_rng_state(model_meta["rng_state"])
+    except Exception as exc:
+        fail(f"the saved state does not fit the rebuilt model ({type(exc).__name__}: {exc})")
+    return Checkpoint(
+        path=path, model=model, model_state=model_state, config=config,
+        optimizer_state=optimizer_state, optimizer_class=optimizer_class,
+        scheduler_state=scheduler_state, scheduler_class=scheduler_class,
+        epoch=epoch, extra=meta.get("extra"), metadata=meta)
+
+
+def _join_optimizer_state(fail, opt_meta, tensors, model):
+    """Rebuild {"hyper", "state"} from the metadata and the optimizer.* tensors, checking shapes."""
+    if not isinstance(opt_meta, dict) or not {"class", "hyper", "state"} <= set(opt_meta):
+        fail("corrupted metadata: optimizer entry without class/hyper/state")
+    params = [p.data for p in model.parameters()]
+    state = {str(i): dict(scalars) for i, scalars in opt_meta["state"].items()}
+    for name, array in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit():
+            fail(f"unexpected tensor name {name!r}")
+        index, key = parts[1], parts[2]
+        if index not in state:
+            fail(f"tensor {name!r} for parameter {index}, which has no optimizer state entry")
+        i = int(index)
+        if i >= len(params):
+            fail(f"tensor {name!r} refers to parameter {i}, the model has {len(params)} parameters")
+        if array.shape != params[i].shape:
+            fail(f"tensor {name!r} has shape {array.shape}, parameter {i} of the model has "
+                 f"shape {params[i].shape}")
+        state[index][key] = array
+    return {"hyper": opt_meta["hyper"], "state": state}, opt_meta["class"]

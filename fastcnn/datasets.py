@@ -1,0 +1,362 @@
+"""MNIST and Fashion-MNIST loaders: the official IDX files, gzipped or not, downloaded on first use.
+
+    (x_train, y_train), (x_test, y_test) = fastcnn.datasets.mnist()
+
+x is float32 of shape (N, 1, 28, 28) scaled to [0, 1] (pixel / 255, as torchvision's ToTensor),
+y is int64 in 0..9. Files live in ``root``, else ``$FASTCNN_DATA``, else ``~/.cache/fastcnn``,
+each data set in its own subfolder (``mnist/``, ``fashion-mnist/``), under their official names
+(``train-images-idx3-ubyte.gz`` ... or the same names without ``.gz``).
+
+Errors (all name the file and say what to do):
+- ``DatasetNotFoundError`` (a ``FileNotFoundError``, so an ``OSError``): files missing and
+  ``download=False``.
+- ``DatasetFileError`` (a ``ValueError``): a file that is present but truncated, not gzip, of the
+  wrong magic, counts or length, with labels outside 0..9, or images and labels that disagree.
+- ``ChecksumError`` (a ``DatasetFileError``): a downloaded file whose sha256 is not the published
+  one. It has been deleted; it is never used.
+- ``DownloadError`` (an ``OSError``): no mirror could deliver a missing file (no network, ...).
+
+Downloads go to a temporary file in the destination folder, are checked against the published
+sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
+file that looks valid. Files already present are not re-hashed: they are checked by their IDX
+header and exact length (and, for .gz, by gzip's own CRC32) when they are read.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import secrets
+import threading
+import urllib.request
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = [
+    "mnist",
+    "fashion_mnist",
+    "load_dataset",
+    "default_root",
+    "clear_cache",
+    "read_idx_images",
+    "read_idx_labels",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetFileError",
+    "ChecksumError",
+    "DownloadError",
+    "DATASETS",
+]
+
+IMAGE_MAGIC = 2051
+LABEL_MAGIC = 2049
+ROWS = COLS = 28
+NUM_CLASSES = 10
+
+
+class DatasetError(Exception):
+    """Base class of every error raised by fastcnn.datasets."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """Data set files are missing and download=False."""
+
+
+class DatasetFileError(DatasetError, ValueError):
+    """A data set file is present but unreadable: truncated, corrupt, or not the expected IDX file."""
+
+
+class ChecksumError(DatasetFileError):
+    """A downloaded file does not have the published sha256 (it has been deleted)."""
+
+
+class DownloadError(DatasetError, OSError):
+    """No mirror could deliver a missing file."""
+
+
+# Published sha256 of the official .gz files (torchvision / zalandoresearch; see shared/data/README.md).
+DATASETS = {
+    "mnist": {
+        "folder": "mnist",
+        "mirrors": [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ],
+        "files": {
+            "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+    },
+    "fashion-mnist": {
+        "folder": "fashion-mnist",
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "files": {
+            "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        },
+    },
+}
+_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+
+_DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a mirror is given up
+_CHUNK = 1 << 20
+
+
+def default_root():
+    """The data folder used when root=None: $FASTCNN_DATA if set and non-empty, else ~/.cache/fastcnn."""
+    env = os.environ.get("FASTCNN_DATA")
+    return os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".cache", "fastcnn")
+
+
+def mnist(root=None, download=True, mirrors=None):
+    """MNIST handwritten digits: ((x_train, y_train), (x_test, y_test)), 60000 + 10000 samples.
+
+    x float32 (N, 1, 28, 28) in [0, 1], y int64 in 0..9. ``mirrors``: list of base URLs to
+    download missing files from (default: torchvision's mirrors), e.g. "file:///data/mnist/".
+    """
+    return load_dataset("mnist", root=root, download=download, mirrors=mirrors)
+
+
+def fashion_mnist(root=None, download=True, mirrors=None):
+    """Fashion-MNIST (Zalando): same shapes, dtypes and API as :func:`mnist`."""
+    return load_dataset("fashion-mnist", root=root, download=download, mirrors=mirrors)
+
+
+def load_dataset(name, root=None, download=True, mirrors=None):
+    """Load data set ``name`` ("mnist" or "fashion-mnist"); see :func:`mnist`."""
+    if name not in DATASETS:
+        raise ValueError(f"fastcnn.datasets: unknown data set {name!r}; known: {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    root = default_root() if root is None else os.path.expanduser(os.fspath(root))
+    folder = os.path.join(root, spec["folder"])
+    if mirrors is None:
+        mirrors = spec["mirrors"]
+    elif isinstance(mirrors, str):
+        mirrors = [mirrors]
+    paths = _ensure_files(name, folder, spec["files"], download, list(mirrors))
+    out = []
+    for split in ("train", "test"):
+        image_name, label_name, count = _SPLITS[split]
+        images = read_idx_images(paths[image_name], expected_count=count)
+        labels = read_idx_labels(paths[label_name], expected_count=count)
+        # Both counts were checked equal to `count`; kept as a separate check for clarity.
+        if len(images) != len(labels):  # pragma: no cover - implied by expected_count
+            raise DatasetFileError(
+                f"fastcnn.datasets: {paths[image_name]} holds {len(images)} images but "
+                f"{paths[label_name]} holds {len(labels)} labels")
+        x = np.empty((len(images), 1, ROWS, COLS), dtype=np.float32)
+        np.divide(images.reshape(x.shape), np.float32(255), out=x, dtype=np.float32)
+        out.append((x, labels.astype(np.int64)))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and downloading files
+
+def _existing(folder, base):
+    """Path of the file for `base` in `folder`: the uncompressed one if present (faster), else .gz."""
+    for candidate in (base, base + ".gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _ensure_files(name, folder, files, download, mirrors):
+    paths, missing = {}, []
+    for base in files:
+        path = _existing(folder, base)
+        if path is None:
+            missing.append(base)
+        else:
+            paths[base] = path
+    if missing and not download:
+        listing = ", ".join(f"{b}.gz (or {b})" for b in missing)
+        raise DatasetNotFoundError(
+            f"fastcnn.datasets: {name} files missing in {folder}: {listing}. "
+            f"Call with download=True to fetch them, or copy the official files there, or point "
+            f"root= / $FASTCNN_DATA at the folder that holds {DATASETS[name]['folder']}/.")
+    if missing:
+        if not mirrors:
+            raise DownloadError(f"fastcnn.datasets: {name} files missing in {folder} and no mirror given")
+        os.makedirs(folder, exist_ok=True)
+        for base in missing:
+            paths[base] = _download(base + ".gz", folder, files[base], mirrors)
+    return paths
+
+
+def _download(filename, folder, sha256, mirrors):
+    """Fetch `filename` from the first mirror that delivers it with the right sha256."""
+    dest = os.path.join(folder, filename)
+    failures, bad_checksum = [], False
+    for base in mirrors:
+        url = base if base.endswith("/") else base + "/"
+        url += filename
+        try:
+            _fetch_verified(url, dest, sha256)
+            return dest
+        except ChecksumError as exc:
+            bad_checksum = True
+            failures.append(str(exc))
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+            failures.append(f"{url}: {exc}")
+    detail = "\n  ".join(failures)
+    if bad_checksum:
+        raise ChecksumError(
+            f"fastcnn.datasets: could not download a valid {dest}; the mismatching downloads were "
+            f"deleted. Attempts:\n  {detail}")
+    raise DownloadError(
+        f"fastcnn.datasets: could not download {dest}. Attempts:\n  {detail}\n"
+        f"Without internet access, copy the official {filename} into {folder} "
+        f"(or pass mirrors= a reachable location, e.g. 'file:///path/to/folder/').")
+
+
+def _fetch_verified(url, dest, sha256):
+    folder, filename = os.path.split(dest)
+    tmp = os.path.join(folder, f".{filename}.{secrets.token_hex(6)}.part")
+    request = urllib.request.Request(url, headers={"User-Agent": "fastcnn"})
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response, \
+                open(tmp, "xb") as f:
+            while True:
+                chunk = response.read(_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise ChecksumError(
+                f"{url}: downloaded {filename} has sha256 {actual}, expected {sha256}; "
+                f"the file was deleted, not used")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading IDX files
+
+_cache = OrderedDict()  # (path, size, mtime_ns) -> read-only uint8 array of the decoded payload
+_cache_lock = threading.Lock()
+_CACHE_ENTRIES = 8
+
+
+def clear_cache():
+    """Forget the decoded files kept in memory (each load after this re-reads the disk)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _fix_hint(path):
+    return f"Delete {path} and re-run with download=True to fetch it again (or copy a good file there)."
+
+
+def _read_payload(path):
+    """Whole decoded content of `path` (gunzipped if it ends in .gz) as bytes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
+    if not path.endswith(".gz"):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} is not a valid gzip file (truncated or corrupt: {exc}). "
+            f"{_fix_hint(path)}") from exc
+
+
+def _cached_idx(path, parse):
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, parse.__name__)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    array = parse(path, _read_payload(path))
+    array.flags.writeable = False
+    with _cache_lock:
+        _cache[key] = array
+        while len(_cache) > _CACHE_ENTRIES:
+            _cache.popitem(last=False)
+    return array
+
+
+def _header(path, data, magic, n_ints, kind):
+    size = 4 * n_ints
+    if len(data) < size:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} is too short ({len(data)} bytes) for an IDX {kind} header "
+            f"of {size} bytes. {_fix_hint(path)}")
+    values = np.frombuffer(data, dtype=">u4", count=n_ints)
+    if int(values[0]) != magic:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has magic number {int(values[0])}, expected {magic} "
+            f"(IDX {kind} file). {_fix_hint(path)}")
+    return [int(v) for v in values[1:]]
+
+
+def _parse_images(path, data):
+    count, rows, cols = _header(path, data, IMAGE_MAGIC, 4, "images")
+    if (rows, cols) != (ROWS, COLS):
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected {ROWS}x{COLS}. {_fix_hint(path)}")
+    expected = 16 + count * rows * cols
+    if len(data) != expected:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has {len(data)} bytes of IDX data, expected {expected} "
+            f"(16-byte header + {count} images of {rows}x{cols}): truncated or corrupt. {_fix_hint(path)}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
+
+
+def _parse_labels(path, data):
+    (count,) = _header(path, data, LABEL_MAGIC, 2, "labels")
+    expected = 8 + count
+    if len(data) != expected:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has {len(data)} bytes of IDX data, expected {expected} "
+            f"(8-byte header + {count} labels): truncated or corrupt. {_fix_hint(path)}")
+    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
+    if count and int(labels.max()) >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has label {int(labels[bad])} at index {bad}, expected 0..9. "
+            f"{_fix_hint(path)}")
+    return labels
+
+
+def _check_count(path, array, expected_count):
+    if expected_count is not None and len(array) != expected_count:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} holds {len(array)} samples, expected {expected_count} "
+            f"(wrong file in this place?). {_fix_hint(path)}")
+    return array
+
+
+def read_idx_images(path, expected_count=None):
+    """uint8 array (N, 28, 28) from an IDX image file (gzipped if the name ends in .gz).
+
+    Read-only view shared with the in-process cache: copy it before writing into it.
+    """
+    return _check_count(path, _cached_idx(os.fspath(path), _parse_images), expected_count)
+
+
+def read_idx_labels(path, expected_count=None):
+    """uint8 array (N,) of labels 0..9 from an IDX label file (read-only, cached)."""
+    return _check_count(path, _cached_idx(os.fspath(path), _parse_labels), expected_count)
