@@ -1,0 +1,520 @@
+"""Stateless operations: validate the arguments, allocate the outputs, call a kernel.
+
+This module is the one bridge between the API (``fastcnn.layers``) and the loops
+(``fastcnn.kernels``). Every function here checks rank, channel counts, dtype and sizes in plain
+Python *before* any kernel runs (kernels trust their inputs: a wrong shape there is silent memory
+corruption), resolves ``kernel_size`` / ``stride`` / ``padding`` / ``dilation`` given as an int or
+an ``(h, w)`` pair (convolution padding also ``'same'`` or ``'valid'``, as PyTorch), makes the
+inputs C-contiguous, allocates the outputs with the input's dtype and calls the kernel.
+
+Errors are ``TypeError`` (non-floating data, wrong argument types) or ``ValueError`` (shapes and
+values), and their message names the layer (the ``layer=`` argument), what was expected and what
+was given, e.g. ``"Conv2D: expected input of shape (N, 32, H, W), got (64, 1, 28, 28)"``.
+NaN and inf are values, not errors: they pass through.
+
+Supported dtypes are float32 and float64 (the kernels are compiled lazily for the dtype in use).
+Layout is NCHW. Padding is resolved to ``(top, bottom, left, right)``; the kernels take only the
+top/left offsets, the bottom/right padding being implied by the output's shape.
+"""
+import importlib
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "pair", "conv2d_padding", "pool2d_padding",
+    "conv2d_output_shape", "conv2d_forward", "conv2d_backward",
+    "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
+    "avg_pool2d_forward", "avg_pool2d_backward",
+    "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
+    "tanh_forward", "tanh_backward", "sigmoid_forward", "sigmoid_backward",
+    "softmax_forward", "softmax_backward",
+    "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward",
+    "batch_norm_backward_eval",
+    "dense_forward", "dense_backward", "dropout_forward", "dropout_backward",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _kernel(module):
+    """The kernel module ``fastcnn.kernels.<module>`` (imported on first use; calls go through the
+    module attribute so a test can replace a kernel function)."""
+    return importlib.import_module("fastcnn.kernels." + module)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_shape(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_float(x, layer, what="input"):
+    """``x`` as a C-contiguous float32/float64 ndarray in native byte order, else TypeError."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{layer}: expected a floating-point {what} (float32 or float64), "
+                        f"got dtype {x.dtype}")
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{layer}: expected a float32 or float64 {what}, got dtype {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
+def _same_dtype(a, x, layer, what):
+    if a.dtype != x.dtype:
+        raise TypeError(f"{layer}: {what} dtype {a.dtype} does not match input dtype {x.dtype}")
+
+
+def _check_int(value, name, layer, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{layer}: expected {name} to be an int or a pair of ints, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{layer}: expected {name} >= {minimum}, got {value}")
+    return value
+
+
+def pair(value, name, layer, minimum=1):
+    """An int or an ``(h, w)`` pair of ints, each >= ``minimum``, as a tuple of two Python ints."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        if len(value) != 2:
+            raise ValueError(f"{layer}: expected {name} to be an int or a pair (h, w), "
+                             f"got {tuple(value)!r}")
+        return (_check_int(value[0], name, layer, minimum),
+                _check_int(value[1], name, layer, minimum))
+    v = _check_int(value, name, layer, minimum)
+    return (v, v)
+
+
+def _check_input(x, rank_names, channels, layer):
+    """Rank and (optionally) channel count of ``x``; ``rank_names`` like ("N", "C", "H", "W")."""
+    expected = list(rank_names)
+    if channels is not None:
+        expected[1] = str(channels)
+    if x.ndim != len(rank_names) or (channels is not None and x.shape[1] != channels):
+        raise ValueError(f"{layer}: expected input of shape ({', '.join(expected)}), "
+                         f"got {_fmt_shape(x.shape)}")
+
+
+def _check_shape_equal(a, shape, layer, what):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{layer}: expected {what} of shape {_fmt_shape(shape)}, "
+                         f"got {_fmt_shape(a.shape)}")
+
+
+def _positive_spatial(shape, layer):
+    if len(shape) == 4 and (shape[2] < 1 or shape[3] < 1 or shape[1] < 1):
+        raise ValueError(f"{layer}: expected an input with C, H, W >= 1, got {_fmt_shape(shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# padding and output sizes
+# ---------------------------------------------------------------------------------------------
+
+def conv2d_padding(padding, kernel_size, stride, dilation, layer="Conv2D"):
+    """Resolve a convolution's padding to ``(top, bottom, left, right)``.
+
+    ``padding`` is an int, an ``(h, w)`` pair (symmetric), ``'valid'`` (no padding) or ``'same'``
+    (PyTorch: stride must be 1; total padding ``dilation * (kernel - 1)``, ``top = total // 2``,
+    bottom the rest, so an even kernel pads one more at the bottom/right).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{layer}: padding='same' needs stride 1 (as PyTorch), "
+                                 f"got stride {stride}")
+            th = dilation[0] * (kernel_size[0] - 1)
+            tw = dilation[1] * (kernel_size[1] - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise ValueError(f"{layer}: expected padding to be an int, a pair (h, w), 'same' or "
+                         f"'valid', got {padding!r}")
+    ph, pw = pair(padding, "padding", layer, minimum=0)
+    return (ph, ph, pw, pw)
+
+
+def pool2d_padding(padding, kernel_size, layer="MaxPool2D"):
+    """A pooling's symmetric padding ``(top, bottom, left, right)``: int or pair, each at most
+    half the kernel (as PyTorch)."""
+    if isinstance(padding, str):
+        raise ValueError(f"{layer}: expected padding to be an int or a pair (h, w), "
+                         f"got {padding!r}")
+    ph, pw = pair(padding, "padding", layer, minimum=0)
+    if ph > kernel_size[0] // 2 or pw > kernel_size[1] // 2:
+        raise ValueError(f"{layer}: padding should be at most half of the kernel size "
+                         f"{kernel_size}, got padding {(ph, pw)}")
+    return (ph, ph, pw, pw)
+
+
+def _out_size(size, pad_a, pad_b, kernel, stride, dilation, layer, axis):
+    effective = dilation * (kernel - 1) + 1
+    padded = size + pad_a + pad_b
+    if effective > padded:
+        extra = f" with dilation {dilation}, effectively {effective}" if dilation != 1 else ""
+        raise ValueError(f"{layer}: kernel {kernel}{extra} is larger than the padded input "
+                         f"along {axis}: input {size} + padding {pad_a}+{pad_b} = {padded}")
+    return (padded - effective) // stride + 1
+
+
+def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1,
+                        layer="Conv2D"):
+    """Output shape of a convolution, validating every argument; returns
+    ``(out_shape, stride, pads, dilation)`` with ``pads = (top, bottom, left, right)``."""
+    input_shape = tuple(int(s) for s in input_shape)
+    f, c, kh, kw = weight_shape
+    if len(input_shape) != 4 or input_shape[1] != c:
+        raise ValueError(f"{layer}: expected input of shape (N, {c}, H, W), "
+                         f"got {_fmt_shape(input_shape)}")
+    _positive_spatial(input_shape, layer)
+    if kh < 1 or kw < 1:
+        raise ValueError(f"{layer}: expected kernel_size >= 1, got {(kh, kw)}")
+    stride = pair(stride, "stride", layer)
+    dilation = pair(dilation, "dilation", layer)
+    pads = conv2d_padding(padding, (kh, kw), stride, dilation, layer)
+    n, _, h, w = input_shape
+    oh = _out_size(h, pads[0], pads[1], kh, stride[0], dilation[0], layer, "H")
+    ow = _out_size(w, pads[2], pads[3], kw, stride[1], dilation[1], layer, "W")
+    return (n, f, oh, ow), stride, pads, dilation
+
+
+def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
+    """Output shape of a pooling, validating every argument; returns
+    ``(out_shape, kernel, stride, pads)``. ``stride=None`` means the kernel size (PyTorch)."""
+    input_shape = tuple(int(s) for s in input_shape)
+    kernel = pair(kernel_size, "kernel_size", layer)
+    stride = kernel if stride is None else pair(stride, "stride", layer)
+    pads = pool2d_padding(padding, kernel, layer)
+    if len(input_shape) != 4:
+        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
+                         f"got {_fmt_shape(input_shape)}")
+    _positive_spatial(input_shape, layer)
+    n, c, h, w = input_shape
+    oh = _out_size(h, pads[0], pads[1], kernel[0], stride[0], 1, layer, "H")
+    ow = _out_size(w, pads[2], pads[3], kernel[1], stride[1], 1, layer, "W")
+    return (n, c, oh, ow), kernel, stride, pads
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution
+# ---------------------------------------------------------------------------------------------
+
+def _conv_args(x, weight, bias, layer):
+    x = check_float(x, layer)
+    weight = check_float(weight, layer, "weight")
+    if weight.ndim != 4:
+        raise ValueError(f"{layer}: expected weight of shape (F, C, KH, KW), "
+                         f"got {_fmt_shape(weight.shape)}")
+    _same_dtype(weight, x, layer, "weight")
+    if bias is not None:
+        bias = check_float(bias, layer, "bias")
+        _check_shape_equal(bias, (weight.shape[0],), layer, "bias")
+        _same_dtype(bias, x, layer, "bias")
+    return x, weight, bias
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer="Conv2D"):
+    """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
+    bias (F,) or None -> y (N, F, OH, OW)."""
+    x, weight, bias = _conv_args(x, weight, bias, layer)
+    out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer)
+    if bias is None:
+        bias = np.zeros(weight.shape[0], dtype=x.dtype)
+    y = np.empty(out_shape, dtype=x.dtype)
+    _kernel("conv2d").conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
+    return y
+
+
+def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D",
+                    bias=True, input_grad=True):
+    """Gradients of ``conv2d_forward``: returns ``(dx, dweight, dbias)``; ``dx`` is None when
+    ``input_grad`` is false (first layer of a network), ``dbias`` is None when ``bias`` is
+    false."""
+    x, weight, _ = _conv_args(x, weight, None, layer)
+    out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer)
+    dy = check_float(dy, layer, "gradient")
+    _check_shape_equal(dy, out_shape, layer, "gradient")
+    _same_dtype(dy, x, layer, "gradient")
+    k = _kernel("conv2d")
+    dweight = np.empty_like(weight)
+    dbias = np.empty(weight.shape[0], dtype=x.dtype)
+    k.conv2d_backward_weight(x, dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
+    dx = None
+    if input_grad:
+        dx = np.empty_like(x)
+        k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+    return dx, dweight, (dbias if bias else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+# ---------------------------------------------------------------------------------------------
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
+    """Max pooling: x (N, C, H, W) -> ``(y, argmax)``, argmax int64 = flat index ``h * W + w``
+    of the selected cell in the unpadded input plane (PyTorch's return_indices)."""
+    x = check_float(x, layer)
+    out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
+        x.shape, kernel_size, stride, padding, layer)
+    y = np.empty(out_shape, dtype=x.dtype)
+    argmax = np.empty(out_shape, dtype=np.int64)
+    _kernel("pool2d").maxpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y, argmax)
+    return y, argmax
+
+
+def max_pool2d_backward(dy, argmax, input_shape, layer="MaxPool2D"):
+    """Gradient of max pooling: dy scattered to ``argmax`` in a zero (N, C, H, W) array."""
+    dy = check_float(dy, layer, "gradient")
+    argmax = np.ascontiguousarray(argmax, dtype=np.int64)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4 or dy.ndim != 4 or dy.shape[:2] != input_shape[:2]:
+        raise ValueError(f"{layer}: expected gradient of shape "
+                         f"({', '.join(str(s) for s in input_shape[:2])}, OH, OW), "
+                         f"got {_fmt_shape(dy.shape)}")
+    _check_shape_equal(argmax, dy.shape, layer, "argmax")
+    if argmax.size and (argmax.min() < 0 or argmax.max() >= input_shape[2] * input_shape[3]):
+        raise ValueError(f"{layer}: argmax indices out of range for input {input_shape}")
+    dx = np.empty(input_shape, dtype=dy.dtype)
+    _kernel("pool2d").maxpool2d_backward(dy, argmax, dx)
+    return dx
+
+
+def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"):
+    """Average pooling, padded cells counting as zeros in the divisor (count_include_pad=True)."""
+    x = check_float(x, layer)
+    out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
+        x.shape, kernel_size, stride, padding, layer)
+    y = np.empty(out_shape, dtype=x.dtype)
+    _kernel("pool2d").avgpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y)
+    return y
+
+
+def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
+                        layer="AvgPool2D"):
+    """Gradient of average pooling with respect to its (N, C, H, W) input."""
+    dy = check_float(dy, layer, "gradient")
+    out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
+        input_shape, kernel_size, stride, padding, layer)
+    _check_shape_equal(dy, out_shape, layer, "gradient")
+    dx = np.empty(out_shape[:2] + tuple(int(s) for s in input_shape[2:]), dtype=dy.dtype)
+    _kernel("pool2d").avgpool2d_backward(dy, kh, kw, sh, sw, pads[0], pads[2], dx)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# activations (ReLU is a kernel; the others are single numpy expressions)
+# ---------------------------------------------------------------------------------------------
+
+def _grad_like(dy, y, layer):
+    dy = check_float(dy, layer, "gradient")
+    _check_shape_equal(dy, y.shape, layer, "gradient")
+    _same_dtype(dy, y, layer, "gradient")
+    return dy
+
+
+def relu_forward(x, layer="ReLU"):
+    """max(x, 0), any shape; NaN propagates."""
+    x = check_float(x, layer)
+    y = np.empty_like(x)
+    # 1-D views: one compiled signature per dtype whatever the rank.
+    _kernel("activations").relu_forward(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_backward(dy, y, layer="ReLU"):
+    """dy where the forward output y > 0, else 0."""
+    dy = _grad_like(dy, y, layer)
+    y = np.ascontiguousarray(y)
+    dx = np.empty_like(dy)
+    _kernel("activations").relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
+    x = check_float(x, layer)
+    slope = x.dtype.type(negative_slope)
+    return np.where(x > 0, x, x * slope)
+
+
+def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
+    """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
+    dy = _grad_like(dy, x, layer)
+    slope = dy.dtype.type(negative_slope)
+    return np.where(x > 0, dy, dy * slope)
+
+
+def tanh_forward(x, layer="Tanh"):
+    return np.tanh(check_float(x, layer))
+
+
+def tanh_backward(dy, y, layer="Tanh"):
+    dy = _grad_like(dy, y, layer)
+    return dy * (y.dtype.type(1) - y * y)
+
+
+def sigmoid_forward(x, layer="Sigmoid"):
+    """1 / (1 + exp(-x)) without overflow: exp is only taken of -|x|."""
+    x = check_float(x, layer)
+    e = np.exp(-np.abs(x))
+    one = x.dtype.type(1)
+    return np.where(x >= 0, one / (one + e), e / (one + e))
+
+
+def sigmoid_backward(dy, y, layer="Sigmoid"):
+    dy = _grad_like(dy, y, layer)
+    return dy * y * (y.dtype.type(1) - y)
+
+
+def softmax_forward(x, dim=1, layer="Softmax"):
+    x = check_float(x, layer)
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"{layer}: dim {dim} out of range for an input of rank {x.ndim} "
+                         f"(shape {_fmt_shape(x.shape)})")
+    e = np.exp(x - np.max(x, axis=dim, keepdims=True))
+    return e / np.sum(e, axis=dim, keepdims=True)
+
+
+def softmax_backward(dy, y, dim=1, layer="Softmax"):
+    """dx = y * (dy - sum(dy * y, dim))."""
+    dy = _grad_like(dy, y, layer)
+    return y * (dy - np.sum(dy * y, axis=dim, keepdims=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# batch normalisation (x is (N, C, H, W); BatchNorm1D passes (N, C, L, 1))
+# ---------------------------------------------------------------------------------------------
+
+def _bn_args(x, layer, *params):
+    x = check_float(x, layer)
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
+                         f"got {_fmt_shape(x.shape)}")
+    c = x.shape[1]
+    out = []
+    for name, p in params:
+        p = check_float(p, layer, name)
+        _check_shape_equal(p, (c,), layer, name)
+        _same_dtype(p, x, layer, name)
+        out.append(p)
+    return x, out
+
+
+def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
+    """Normalise with the batch statistics over (N, H, W): returns ``(y, mean, invstd)`` with
+    ``invstd = 1 / sqrt(biased_var + eps)``."""
+    x, (gamma, beta) = _bn_args(x, layer, ("weight", gamma), ("bias", beta))
+    n, c, h, w = x.shape
+    if n * h * w < 2:
+        raise ValueError(f"{layer}: expected more than 1 value per channel when training, "
+                         f"got input of shape {_fmt_shape(x.shape)}")
+    y = np.empty_like(x)
+    mean = np.empty(c, dtype=x.dtype)
+    invstd = np.empty(c, dtype=x.dtype)
+    _kernel("batchnorm").batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean,
+                                                 invstd)
+    return y, mean, invstd
+
+
+def batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5,
+                            layer="BatchNorm2D"):
+    """Normalise with the running statistics."""
+    x, (gamma, beta, running_mean, running_var) = _bn_args(
+        x, layer, ("weight", gamma), ("bias", beta), ("running_mean", running_mean),
+        ("running_var", running_var))
+    y = np.empty_like(x)
+    _kernel("batchnorm").batchnorm_forward_eval(x, gamma, beta, running_mean, running_var,
+                                                x.dtype.type(eps), y)
+    return y
+
+
+def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
+    """Gradients of the training-mode forward: ``(dx, dgamma, dbeta)``."""
+    x, (gamma, mean, invstd) = _bn_args(x, layer, ("weight", gamma), ("mean", mean),
+                                        ("invstd", invstd))
+    dy = _grad_like(dy, x, layer)
+    dx = np.empty_like(x)
+    dgamma = np.empty_like(gamma)
+    dbeta = np.empty_like(gamma)
+    _kernel("batchnorm").batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+def batch_norm_backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5,
+                             layer="BatchNorm2D"):
+    """Gradients of the eval-mode forward (statistics are constants): ``(dx, dgamma, dbeta)``."""
+    x, (gamma, running_mean, running_var) = _bn_args(
+        x, layer, ("weight", gamma), ("running_mean", running_mean), ("running_var", running_var))
+    dy = _grad_like(dy, x, layer)
+    invstd = (x.dtype.type(1) / np.sqrt(running_var + x.dtype.type(eps)))[None, :, None, None]
+    xhat = (x - running_mean[None, :, None, None]) * invstd
+    dx = dy * (gamma[None, :, None, None] * invstd)
+    return dx, np.sum(dy * xhat, axis=(0, 2, 3)), np.sum(dy, axis=(0, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# dense (numpy matmul: BLAS does this better than a loop would)
+# ---------------------------------------------------------------------------------------------
+
+def _dense_args(x, weight, bias, layer):
+    x = check_float(x, layer)
+    weight = check_float(weight, layer, "weight")
+    if weight.ndim != 2:
+        raise ValueError(f"{layer}: expected weight of shape (out_features, in_features), "
+                         f"got {_fmt_shape(weight.shape)}")
+    _same_dtype(weight, x, layer, "weight")
+    _check_input(x, ("N", "in_features"), weight.shape[1], layer)
+    if bias is not None:
+        bias = check_float(bias, layer, "bias")
+        _check_shape_equal(bias, (weight.shape[0],), layer, "bias")
+        _same_dtype(bias, x, layer, "bias")
+    return x, weight, bias
+
+
+def dense_forward(x, weight, bias=None, layer="Dense"):
+    """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None."""
+    x, weight, bias = _dense_args(x, weight, bias, layer)
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
+    """Gradients of ``dense_forward``: ``(dx, dweight, dbias)`` (dx None unless ``input_grad``,
+    dbias None unless ``bias``)."""
+    x, weight, _ = _dense_args(x, weight, None, layer)
+    dy = check_float(dy, layer, "gradient")
+    _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
+    _same_dtype(dy, x, layer, "gradient")
+    dweight = dy.T @ x
+    dbias = dy.sum(axis=0) if bias else None
+    dx = dy @ weight if input_grad else None
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+def dropout_forward(x, p, rng, layer="Dropout"):
+    """Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
+    Returns ``(y, mask)``, mask holding 0 or 1 / (1 - p) in x's dtype."""
+    x = check_float(x, layer)
+    if p >= 1:
+        mask = np.zeros_like(x)
+    else:
+        keep = rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+        mask = keep.astype(x.dtype)
+        mask *= x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dy, mask, layer="Dropout"):
+    dy = _grad_like(dy, mask, layer)
+    return dy * mask
