@@ -1,0 +1,179 @@
+"""Losses: a forward call returns the loss, ``backward()`` the gradient to the input.
+
+    loss_fn = CrossEntropyLoss()
+    loss = loss_fn(logits, labels)       # Python float (reduction "mean" or "sum")
+    dlogits = loss_fn.backward()         # same shape and dtype as logits
+
+Computation stays in the input's dtype (float32 in, float32 out); these are small arrays
+(N x C), so plain vectorised numpy is used, no kernel.
+"""
+import numpy as np
+
+__all__ = ["CrossEntropyLoss", "MSELoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(name, reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{name}: expected reduction in {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_floating(name, what, x):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected {what} as a numpy array, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name}: expected floating {what} (float32 or float64), got {x.dtype}")
+
+
+class _Loss:
+    """Common part: the reduction and the cache that ``backward`` reads."""
+
+    def __init__(self, reduction="mean"):
+        _check_reduction(type(self).__name__, reduction)
+        self.reduction = reduction
+        self._cache = None
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+    def _reduce(self, per_item):
+        if self.reduction == "mean":
+            return float(np.mean(per_item))
+        if self.reduction == "sum":
+            return float(np.sum(per_item))
+        return per_item
+
+    def _cached(self):
+        if self._cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: backward() called before a forward call "
+                f"(call loss_fn(input, target) first)"
+            )
+        return self._cache
+
+    def __repr__(self):
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+
+class CrossEntropyLoss(_Loss):
+    """Softmax + cross-entropy on logits (N, C) and integer labels (N,), as PyTorch's
+    ``nn.CrossEntropyLoss`` (class indices; no weights, no ignore_index).
+
+    With label smoothing eps the target of a row is (1 - eps) * onehot(label) + eps / C.
+    reduction: "mean" (default) or "sum" return a Python float; "none" returns the per-sample
+    losses (N,) in the logits' dtype, and ``backward()`` is then the gradient of their sum.
+
+    Stability: the log-sum-exp is taken relative to the row maximum as
+    log1p(sum of the other exp(x - max)), and p_label - 1 as expm1(log p_label), so that
+    extreme logits stay finite and tiny losses of confident rows keep their relative accuracy.
+    """
+
+    def __init__(self, label_smoothing=0.0, reduction="mean"):
+        super().__init__(reduction)
+        try:
+            ok = 0.0 <= float(label_smoothing) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or isinstance(label_smoothing, bool):
+            raise ValueError(
+                f"CrossEntropyLoss: expected label_smoothing in [0, 1], got {label_smoothing!r}"
+            )
+        self.label_smoothing = float(label_smoothing)
+
+    def _validate(self, logits, labels):
+        name = "CrossEntropyLoss"
+        _check_floating(name, "logits", logits)
+        if logits.ndim != 2:
+            raise ValueError(f"{name}: expected logits of shape (N, C), got {logits.shape}")
+        n, c = logits.shape
+        if n < 1 or c < 1:
+            raise ValueError(
+                f"{name}: expected logits with at least one sample and one class, got {logits.shape}"
+            )
+        labels = np.asarray(labels)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name}: expected integer labels (class indices), got {labels.dtype}")
+        if labels.shape != (n,):
+            raise ValueError(
+                f"{name}: expected labels of shape ({n},) to match logits {logits.shape}, "
+                f"got {labels.shape}"
+            )
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(
+                f"{name}: expected labels in [0, {c}) for {c} classes, got values from {lo} to {hi}"
+            )
+        return labels
+
+    def forward(self, logits, labels):
+        labels = self._validate(logits, labels)
+        t = logits.dtype.type
+        n, c = logits.shape
+        rows = np.arange(n)
+        top = np.argmax(logits, axis=1)  # first maximum; a NaN row picks its NaN and stays NaN
+        shifted = logits - logits[rows, top][:, None]  # <= 0
+        e = np.exp(shifted)
+        e[rows, top] = 0
+        lse = np.log1p(e.sum(axis=1))  # log(sum exp(shifted)) without rounding 1 + tiny
+        shifted_label = shifted[rows, labels]
+        per_sample = lse - shifted_label  # -log p_label >= 0
+        eps = self.label_smoothing
+        if eps:
+            # -(1 - eps) log p_label - eps/C sum_c log p_c, both terms >= 0
+            per_sample *= t(1.0 - eps)
+            per_sample += t(eps) * (lse - shifted.mean(axis=1))
+        self._cache = (shifted, lse, labels)
+        return self._reduce(per_sample)
+
+    def backward(self):
+        shifted, lse, labels = self._cached()
+        n, c = shifted.shape
+        t = shifted.dtype.type
+        eps = self.label_smoothing
+        rows = np.arange(n)
+        d = shifted - lse[:, None]  # log p
+        log_p_label = d[rows, labels]
+        np.exp(d, out=d)  # p
+        if eps:
+            d -= t(eps / c)
+        d[rows, labels] = np.expm1(log_p_label) + t(eps - eps / c)  # p_l - (1 - eps) - eps/C
+        if self.reduction == "mean":
+            d /= t(n)
+        return d
+
+    def __repr__(self):
+        return (
+            f"CrossEntropyLoss(label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r})"
+        )
+
+
+class MSELoss(_Loss):
+    """Mean squared error, as PyTorch's ``nn.MSELoss``: input and target of the same shape.
+
+    The target is cast to the input's dtype (a float64 one-hot target does not promote a
+    float32 network's gradient)."""
+
+    def forward(self, input, target):
+        name = "MSELoss"
+        _check_floating(name, "input", input)
+        target = np.asarray(target)
+        if not (np.issubdtype(target.dtype, np.floating) or np.issubdtype(target.dtype, np.integer)):
+            raise TypeError(f"{name}: expected a numeric target, got {target.dtype}")
+        if target.shape != input.shape:
+            raise ValueError(
+                f"{name}: expected target of the input's shape {input.shape}, got {target.shape}"
+            )
+        if input.size == 0:
+            raise ValueError(f"{name}: expected a non-empty input, got shape {input.shape}")
+        diff = input - target.astype(input.dtype, copy=False)
+        self._cache = diff
+        return self._reduce(np.square(diff))
+
+    def backward(self):
+        diff = self._cached()
+        d = diff * diff.dtype.type(2)
+        if self.reduction == "mean":
+            d /= diff.dtype.type(diff.size)
+        return d

@@ -1,0 +1,475 @@
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR).
+
+The update rules are PyTorch's (torch.optim), for one parameter group:
+
+SGD      g = grad + weight_decay * p
+         b = g                                   (first step)
+         b = momentum * b + (1 - dampening) * g  (later steps)
+         g = g + momentum * b  if nesterov  else  b          (when momentum != 0)
+         p = p - lr * g
+Adam     g = grad + weight_decay * p
+         m = beta1 * m + (1 - beta1) * g ;  v = beta2 * v + (1 - beta2) * g * g
+         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+AdamW    p = p * (1 - lr * weight_decay), then Adam with g = grad
+
+Parameters are objects with ``.data`` and ``.grad`` arrays (fastcnn.layers.Parameter); a
+parameter whose ``.grad`` is None is skipped. Updates happen in place in the parameter's dtype:
+every scalar is cast to that dtype, and the temporaries live in one or two scratch arrays per
+parameter allocated on the first step, so a step allocates nothing parameter-sized.
+"""
+import math
+
+import numpy as np
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _check_nonneg(name, what, value):
+    if not _is_number(value) or not math.isfinite(float(value)) or value < 0:
+        raise ValueError(f"{name}: expected {what} >= 0, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: the parameter list, ``lr``, per-parameter state, ``zero_grad``, ``step`` and
+    ``state_dict`` / ``load_state_dict``. Subclasses define ``_update`` (one parameter),
+    ``_hyper`` / ``_set_hyper`` (hyperparameters) and ``_buffer_names`` (state arrays)."""
+
+    def __init__(self, params, lr):
+        self.params = self._check_params(params)
+        self.lr = lr
+        self.state = {}  # index -> {"step": int, buffer name: ndarray}
+        self._scratch = {}  # index -> list of scratch arrays like the parameter
+
+    # -- construction checks ----------------------------------------------------------------
+    def _check_params(self, params):
+        name = type(self).__name__
+        if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
+            raise TypeError(
+                f"{name}: expected an iterable of parameters (objects with .data and .grad), "
+                f"got {type(params).__name__}"
+            )
+        params = list(params)
+        if not params:
+            raise ValueError(f"{name}: expected a non-empty list of parameters, got an empty one")
+        seen = set()
+        for i, p in enumerate(params):
+            data = getattr(p, "data", None)
+            if not isinstance(data, np.ndarray) or not hasattr(p, "grad"):
+                raise TypeError(
+                    f"{name}: expected parameter {i} to have .data (numpy array) and .grad, "
+                    f"got {type(p).__name__}"
+                )
+            if not np.issubdtype(data.dtype, np.floating):
+                raise TypeError(f"{name}: expected floating parameter {i}, got {data.dtype}")
+            if id(p) in seen:
+                raise ValueError(f"{name}: parameter {i} appears more than once in the list")
+            seen.add(id(p))
+        return params
+
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _check_nonneg(type(self).__name__, "lr", value)
+
+    # -- training step ----------------------------------------------------------------------
+    def zero_grad(self):
+        """Set every parameter's gradient to zero (in place; None gradients stay None)."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.fill(0)
+
+    def step(self):
+        """Update every parameter that has a gradient, in place."""
+        name = type(self).__name__
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                continue
+            data = p.data
+            if grad.shape != data.shape or grad.dtype != data.dtype:
+                raise ValueError(
+                    f"{name}: expected parameter {i}'s gradient of shape {data.shape} and dtype "
+                    f"{data.dtype}, got {grad.shape} {grad.dtype}"
+                )
+            state = self.state.get(i)
+            if state is None:
+                state = self.state[i] = {"step": 0}
+            state["step"] += 1
+            self._update(i, data, grad, state, data.dtype.type)
+
+    def _scratch_arrays(self, i, data, count):
+        bufs = self._scratch.get(i)
+        if bufs is None or len(bufs) < count or bufs[0].shape != data.shape or bufs[0].dtype != data.dtype:
+            bufs = self._scratch[i] = [np.empty_like(data) for _ in range(count)]
+        return bufs
+
+    def _with_weight_decay(self, data, grad, weight_decay, scratch, t):
+        """grad + weight_decay * data, written into ``scratch`` (grad itself is left untouched)."""
+        if not weight_decay:
+            return grad
+        np.multiply(data, t(weight_decay), out=scratch)
+        scratch += grad
+        return scratch
+
+    # -- state --------------------------------------------------------------------------------
+    def _buffer_names(self):
+        return ()
+
+    def state_dict(self):
+        """{"hyper": JSON-able hyperparameters, "state": {str(index): {name: array copy, "step": int}}}."""
+        hyper = {"class": type(self).__name__, "num_params": len(self.params)}
+        hyper.update(self._hyper())
+        state = {}
+        for i, s in sorted(self.state.items()):
+            entry = {"step": int(s["step"])}
+            for key in self._buffer_names():
+                if key in s:
+                    entry[key] = s[key].copy()
+            state[str(i)] = entry
+        return {"hyper": hyper, "state": state}
+
+    def load_state_dict(self, state_dict):
+        """Restore hyperparameters and per-parameter state; everything is checked (class,
+        parameter count, names, shapes, dtypes, values) before anything is assigned."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "hyper" not in state_dict or "state" not in state_dict:
+            raise ValueError(f"{name}: expected a state dict with keys 'hyper' and 'state', got {state_dict!r:.200}")
+        hyper = dict(state_dict["hyper"])
+        cls = hyper.pop("class", name)
+        if cls != name:
+            raise ValueError(f"{name}: expected a state dict saved from {name}, got one from {cls}")
+        count = hyper.pop("num_params", len(self.params))
+        if count != len(self.params):
+            raise ValueError(
+                f"{name}: expected a state dict for {len(self.params)} parameters, got one for {count}"
+            )
+        # validate the hyperparameters on a scratch copy of the current ones
+        saved = self._hyper()
+        unknown = set(hyper) - set(saved)
+        if unknown:
+            raise ValueError(
+                f"{name}: expected hyperparameters {sorted(saved)}, got unexpected hyperparameters "
+                f"{sorted(unknown)}"
+            )
+        try:
+            self._set_hyper({**saved, **hyper})
+        except (TypeError, ValueError):
+            self._set_hyper(saved)
+            raise
+        new_hyper = self._hyper()
+        self._set_hyper(saved)
+
+        # the buffers the loaded hyperparameters need
+        expected_names = set(self._buffer_names_for(new_hyper))
+        entries = state_dict["state"]
+        if not isinstance(entries, dict):
+            raise ValueError(f"{name}: expected 'state' to be a dict, got {type(entries).__name__}")
+        new_state = {}
+        for key, entry in entries.items():
+            try:
+                i = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected state keys that are parameter indices, got {key!r}") from None
+            if not 0 <= i < len(self.params) or str(i) != str(key):
+                raise ValueError(
+                    f"{name}: expected state keys '0' to '{len(self.params) - 1}', got {key!r}"
+                )
+            if not isinstance(entry, dict) or "step" not in entry:
+                raise ValueError(f"{name}: expected state entry {key} to be a dict with 'step'")
+            step = entry["step"]
+            if isinstance(step, np.ndarray) and step.ndim == 0:
+                step = step.item()
+            if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"{name}: expected state entry {key} 'step' to be an int >= 0, got {step!r}")
+            names = set(entry) - {"step"}
+            if names != expected_names:
+                raise ValueError(
+                    f"{name}: expected state entry {key} to hold {sorted(expected_names)}, "
+                    f"got {sorted(names)}"
+                )
+            data = self.params[i].data
+            loaded = {"step": int(step)}
+            for buf_name in sorted(names):
+                arr = entry[buf_name]
+                if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+                    raise TypeError(
+                        f"{name}: expected state entry {key} '{buf_name}' to be a floating array, "
+                        f"got {getattr(arr, 'dtype', type(arr).__name__)}"
+                    )
+                if arr.shape != data.shape:
+                    raise ValueError(
+                        f"{name}: expected state entry {key} '{buf_name}' of parameter {i}'s shape "
+                        f"{data.shape}, got {arr.shape}"
+                    )
+                loaded[buf_name] = np.array(arr, dtype=data.dtype, order="C", copy=True)
+            new_state[i] = loaded
+        self._set_hyper(new_hyper)
+        self.state = new_state
+
+    def _buffer_names_for(self, hyper):
+        return self._buffer_names()
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
+        return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and weight decay, as
+    ``torch.optim.SGD``."""
+
+    def __init__(self, params, lr, momentum=0, dampening=0, nesterov=False, weight_decay=0):
+        super().__init__(params, lr)
+        self._set_hyper(dict(lr=lr, momentum=momentum, dampening=dampening,
+                             nesterov=nesterov, weight_decay=weight_decay))
+
+    def _hyper(self):
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    def _set_hyper(self, h):
+        name = type(self).__name__
+        momentum = _check_nonneg(name, "momentum", h["momentum"])
+        dampening = _check_nonneg(name, "dampening", h["dampening"])
+        weight_decay = _check_nonneg(name, "weight_decay", h["weight_decay"])
+        nesterov = h["nesterov"]
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise ValueError(f"{name}: expected nesterov to be True or False, got {nesterov!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"{name}: Nesterov momentum requires momentum > 0 and dampening = 0, "
+                f"got momentum={momentum}, dampening={dampening}"
+            )
+        self.lr = h["lr"]
+        self.momentum, self.dampening = momentum, dampening
+        self.nesterov, self.weight_decay = bool(nesterov), weight_decay
+
+    def _buffer_names(self):
+        return ("momentum_buffer",)
+
+    def _buffer_names_for(self, hyper):
+        return ("momentum_buffer",) if hyper["momentum"] else ()
+
+    def _update(self, i, data, grad, state, t):
+        momentum = self.momentum
+        s1, s2 = self._scratch_arrays(i, data, 2)
+        g = self._with_weight_decay(data, grad, self.weight_decay, s1, t)
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= t(momentum)
+                if self.dampening:
+                    np.multiply(g, t(1.0 - self.dampening), out=s2)
+                    buf += s2
+                else:
+                    buf += g
+            if self.nesterov:
+                np.multiply(buf, t(momentum), out=s2)
+                s2 += g
+                g = s2
+            else:
+                g = buf
+        np.multiply(g, t(self.lr), out=s2)
+        data -= s2
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, as ``torch.optim.Adam``."""
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0):
+        super().__init__(params, lr)
+        self._set_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _hyper(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    def _set_hyper(self, h):
+        name = type(self).__name__
+        betas = h["betas"]
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected betas as a pair (beta1, beta2), got {betas!r}") from None
+        for k, b in enumerate((beta1, beta2)):
+            if not _is_number(b) or not 0.0 <= b < 1.0:
+                raise ValueError(f"{name}: expected betas[{k}] in [0, 1), got {b!r}")
+        eps = _check_nonneg(name, "eps", h["eps"])
+        weight_decay = _check_nonneg(name, "weight_decay", h["weight_decay"])
+        self.lr = h["lr"]
+        self.betas = (float(beta1), float(beta2))
+        self.eps, self.weight_decay = eps, weight_decay
+
+    def _buffer_names(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, i, data, grad, state, t):
+        beta1, beta2 = self.betas
+        s1, s2 = self._scratch_arrays(i, data, 2)
+        if self._decoupled:
+            if self.weight_decay:
+                data *= t(1.0 - self.lr * self.weight_decay)
+            g = grad
+        else:
+            g = self._with_weight_decay(data, grad, self.weight_decay, s1, t)
+        m = state.get("exp_avg")
+        if m is None:
+            m = state["exp_avg"] = np.zeros_like(data)
+            state["exp_avg_sq"] = np.zeros_like(data)
+        v = state["exp_avg_sq"]
+        step = state["step"]
+        # m = beta1 m + (1 - beta1) g
+        m *= t(beta1)
+        np.multiply(g, t(1.0 - beta1), out=s2)
+        m += s2
+        # v = beta2 v + (1 - beta2) g^2
+        v *= t(beta2)
+        np.multiply(g, g, out=s2)
+        s2 *= t(1.0 - beta2)
+        v += s2
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        step_size = self.lr / bias_correction1
+        # denom = sqrt(v) / sqrt(bias_correction2) + eps ; p -= step_size * m / denom
+        np.sqrt(v, out=s2)
+        s2 /= t(math.sqrt(bias_correction2))
+        s2 += t(self.eps)
+        np.divide(m, s2, out=s2)
+        s2 *= t(step_size)
+        data -= s2
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as ``torch.optim.AdamW``."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning-rate schedulers
+
+
+class LRScheduler:
+    """Base: sets ``optimizer.lr`` from a closed form of the epoch counter ``last_epoch``.
+
+    As PyTorch, construction counts as the first step (``last_epoch`` = 0, lr = the optimizer's
+    lr at construction, ``base_lr``); call ``step()`` once per epoch after the optimizer steps."""
+
+    def __init__(self, optimizer):
+        name = type(self).__name__
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{name}: expected a fastcnn.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.base_lr = optimizer.lr
+        self.last_epoch = 0
+        self._last_lr = optimizer.lr  # as PyTorch: the initial step leaves the lr unchanged
+
+    def _closed_form(self, epoch):
+        raise NotImplementedError
+
+    def step(self):
+        self.last_epoch += 1
+        self._last_lr = self.optimizer.lr = self._closed_form(self.last_epoch)
+
+    def get_last_lr(self):
+        """The learning rate set by the last step, as a one-element list (PyTorch's convention:
+        one entry per parameter group)."""
+        return [self._last_lr]
+
+    def _params(self):
+        return {}
+
+    def state_dict(self):
+        return {"class": type(self).__name__, "base_lr": self.base_lr,
+                "last_epoch": self.last_epoch, "last_lr": self._last_lr, **self._params()}
+
+    def load_state_dict(self, state):
+        """Restore the scheduler (validated first) and set the optimizer's lr to its last lr."""
+        name = type(self).__name__
+        if not isinstance(state, dict):
+            raise ValueError(f"{name}: expected a state dict, got {type(state).__name__}")
+        cls = state.get("class", name)
+        if cls != name:
+            raise ValueError(f"{name}: expected a state dict saved from {name}, got one from {cls}")
+        expected = set(self.state_dict())
+        if set(state) - {"class"} != expected - {"class"}:
+            raise ValueError(
+                f"{name}: expected state dict keys {sorted(expected)}, got {sorted(state)}"
+            )
+        epoch = state["last_epoch"]
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"{name}: expected last_epoch to be an int >= 0, got {epoch!r}")
+        base_lr = _check_nonneg(name, "base_lr", state["base_lr"])
+        last_lr = _check_nonneg(name, "last_lr", state["last_lr"])
+        saved = self._params()
+        try:
+            self._set_params({k: state[k] for k in saved})
+        except (TypeError, ValueError):
+            self._set_params(saved)
+            raise
+        self.base_lr, self.last_epoch = base_lr, int(epoch)
+        self._last_lr = self.optimizer.lr = last_lr
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        return f"{type(self).__name__}({args}, last_epoch={self.last_epoch})"
+
+
+class StepLR(LRScheduler):
+    """lr = base_lr * gamma ** (epoch // step_size), as ``torch.optim.lr_scheduler.StepLR``."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1):
+        self._set_params({"step_size": step_size, "gamma": gamma})
+        super().__init__(optimizer)
+
+    def _params(self):
+        return {"step_size": self.step_size, "gamma": self.gamma}
+
+    def _set_params(self, p):
+        step_size, gamma = p["step_size"], p["gamma"]
+        if not isinstance(step_size, (int, np.integer)) or isinstance(step_size, bool) or step_size < 1:
+            raise ValueError(f"StepLR: expected step_size to be an int >= 1, got {step_size!r}")
+        self.step_size = int(step_size)
+        self.gamma = _check_nonneg("StepLR", "gamma", gamma)
+
+    def _closed_form(self, epoch):
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2, PyTorch's closed
+    form of ``torch.optim.lr_scheduler.CosineAnnealingLR`` (periodic past T_max, as PyTorch's)."""
+
+    def __init__(self, optimizer, T_max, eta_min=0):
+        self._set_params({"T_max": T_max, "eta_min": eta_min})
+        super().__init__(optimizer)
+
+    def _params(self):
+        return {"T_max": self.T_max, "eta_min": self.eta_min}
+
+    def _set_params(self, p):
+        T_max, eta_min = p["T_max"], p["eta_min"]
+        if not isinstance(T_max, (int, np.integer)) or isinstance(T_max, bool) or T_max < 1:
+            raise ValueError(f"CosineAnnealingLR: expected T_max to be an int >= 1, got {T_max!r}")
+        self.T_max = int(T_max)
+        self.eta_min = _check_nonneg("CosineAnnealingLR", "eta_min", eta_min)
+
+    def _closed_form(self, epoch):
+        return self.eta_min + (self.base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * epoch / self.T_max)
+        ) / 2
