@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import safetensors.numpy as st
 
-from fastcnn import checkpoint
+from fastcnn import checkpoint, layers, models, optim
+from fastcnn import model as model_mod
 from fastcnn.checkpoint import CheckpointError
-
-try:  # the framework modules are written in parallel; the container tests below do not need them
-    from fastcnn import layers, models, optim
-    from fastcnn import model as model_mod
-    HAVE_FRAMEWORK = True
-except ImportError:
-    HAVE_FRAMEWORK = False
-needs_framework = pytest.mark.skipif(not HAVE_FRAMEWORK, reason="fastcnn.model/optim not written yet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +372,6 @@ def _train_steps(model, opt, seeds):
         opt.step()
 
 
-@needs_framework
 @pytest.mark.parametrize("which", ["sgd", "adam"])
 def test_reference_model_round_trip_and_resume(tmp_path, which):
     model = models.reference(seed=0)
@@ -440,7 +432,6 @@ def test_reference_model_round_trip_and_resume(tmp_path, which):
         np.testing.assert_array_equal(p.data, p2.data)
 
 
-@needs_framework
 def test_restore_model_with_other_architecture_refused(tmp_path):
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, models.reference(seed=0))
@@ -463,7 +454,6 @@ def test_restore_model_with_other_architecture_refused(tmp_path):
         np.testing.assert_array_equal(v, ckpt.model_state[k])
 
 
-@needs_framework
 def test_batchnorm_buffers_and_dropout_rng_round_trip(tmp_path):
     model = model_mod.Sequential([
         layers.Conv2D(1, 4, 3, rng=np.random.default_rng(0)), layers.BatchNorm2D(4), layers.ReLU(),
