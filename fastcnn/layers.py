@@ -683,9 +683,8 @@ class Flatten(Layer):
 
     def forward(self, x):
         x = F.check_float(x, self.name)
-        self.output_shape(x.shape)
         self._x_shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(self.output_shape(x.shape))
 
     def backward(self, dy):
         shape = self._need(self._x_shape)
