@@ -1,0 +1,24 @@
+"""Activations, the textbook way: one loop over the elements.
+
+ReLU: ``y = x`` where ``x > 0``, else 0 (a NaN stays NaN); the gradient passes where ``x > 0``.
+"""
+import math
+
+import numpy as np
+
+
+def relu_forward(x):
+    y = np.zeros_like(x)
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    for i in range(flat_x.size):
+        value = flat_x[i]
+        flat_y[i] = value if (value > 0 or math.isnan(value)) else 0
+    return y
+
+
+def relu_backward(x, dy):
+    dx = np.zeros_like(dy)
+    flat_x, flat_dy, flat_dx = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    for i in range(flat_x.size):
+        flat_dx[i] = flat_dy[i] if flat_x[i] > 0 else 0
+    return dx

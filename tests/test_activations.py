@@ -1,0 +1,101 @@
+"""kernels/activations.py against the naive loops (tests/naive/activations.py), finite differences."""
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastcnn.kernels import activations as K
+from gradcheck import assert_gradient, relative_error
+from naive import activations as naive
+from speedup import speedup
+
+
+@contextmanager
+def one_numba_thread():
+    """The speed ratios are measured on one thread: on a loaded shared machine a parallel kernel
+    waits for its slowest thread, and a descheduled one costs a whole time slice (10+ ms), which
+    no median hides. One thread gives a lower bound of the ratio that survives the noise."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+def relu_fwd(x):
+    y = np.full(x.shape, 7.0, dtype=x.dtype)  # garbage: every element must be written
+    K.relu_forward(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_bwd(dy, y):
+    dx = np.full(dy.shape, 7.0, dtype=dy.dtype)
+    K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
+def test_relu_matches_naive(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    x[rng.random(shape) < 0.1] = 0.0
+    dy = rng.standard_normal(shape)
+    y_ref = naive.relu_forward(x)
+    dx_ref = naive.relu_backward(x, dy)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        y = relu_fwd(x.astype(dtype))
+        assert y.dtype == dtype
+        assert relative_error(y, y_ref) <= tol
+        dx = relu_bwd(dy.astype(dtype), y)
+        assert dx.dtype == dtype
+        assert relative_error(dx, dx_ref) <= tol
+
+
+@pytest.mark.parametrize("size", [1, 2**15 - 1, 2**15, 2**15 + 1, 16 * 2**15 + 5, 2**20 + 3])
+def test_relu_every_chunk_written(size, rng):
+    """Sizes around the chunk boundaries: every element written, none past the end."""
+    x = rng.standard_normal(size + 2).astype(np.float32)
+    y = np.full(size + 2, 7.0, dtype=np.float32)
+    K.relu_forward(x[:size], y[:size])
+    np.testing.assert_array_equal(y[:size], np.maximum(x[:size], 0))
+    assert np.all(y[size:] == 7.0)
+    dy = rng.standard_normal(size + 2).astype(np.float32)
+    dx = np.full(size + 2, 7.0, dtype=np.float32)
+    K.relu_backward(dy[:size], y[:size], dx[:size])
+    np.testing.assert_array_equal(dx[:size], np.where(x[:size] > 0, dy[:size], 0))
+    assert np.all(dx[size:] == 7.0)
+
+
+def test_relu_nan_propagates():
+    x = np.array([np.nan, -1.0, 2.0, 0.0, -np.inf, np.inf], dtype=np.float32)
+    y = relu_fwd(x)
+    np.testing.assert_array_equal(y, [np.nan, 0, 2, 0, 0, np.inf])
+    np.testing.assert_array_equal(y, naive.relu_forward(x))
+    dx = relu_bwd(np.ones_like(x), y)
+    np.testing.assert_array_equal(dx, [0, 0, 1, 0, 0, 1])
+
+
+def test_relu_backward_finite_differences(rng):
+    x = rng.standard_normal((3, 4, 5))
+    x += np.where(x >= 0, 0.1, -0.1)  # away from the kink at 0
+    g = rng.standard_normal(x.shape)
+    assert_gradient(relu_fwd, x, g, relu_bwd(g, relu_fwd(x)))
+
+
+def test_speedup_over_naive(rng):
+    """ReLU on the reference network's first activation, batch 8: >= 20x the naive loop."""
+    x = rng.standard_normal((8, 32, 26, 26)).astype(np.float32)
+    y = np.empty_like(x)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    with one_numba_thread():
+        forward = speedup(lambda: K.relu_forward(x.reshape(-1), y.reshape(-1)),
+                          lambda: naive.relu_forward(x))
+        backward = speedup(lambda: K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1)),
+                           lambda: naive.relu_backward(x, dy))
+    assert forward >= 20, forward
+    assert backward >= 20, backward

@@ -1,0 +1,281 @@
+"""kernels/pool2d.py against the naive loops (tests/naive/pool2d.py), finite differences, PyTorch."""
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastcnn.kernels import pool2d as K
+from gradcheck import assert_gradient, relative_error
+from naive import pool2d as naive
+from speedup import speedup
+
+
+@contextmanager
+def one_numba_thread():
+    """The speed ratios are measured on one thread: on a loaded shared machine a parallel kernel
+    waits for its slowest thread, and a descheduled one costs a whole time slice (10+ ms), which
+    no median hides. One thread gives a lower bound of the ratio that survives the noise."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+# --- calling the kernels the way fastcnn.functional does -------------------------------------
+
+def out_size(size, k, s, before, after):
+    return (size + before + after - k) // s + 1
+
+
+def out_shape(x_shape, kernel, stride, padding):
+    n, c, h, w = x_shape
+    (pt, pb), (pl, pr) = padding
+    return (n, c, out_size(h, kernel[0], stride[0], pt, pb), out_size(w, kernel[1], stride[1], pl, pr))
+
+
+def maxpool_fwd(x, kernel, stride, padding):
+    shape = out_shape(x.shape, kernel, stride, padding)
+    y = np.full(shape, 7.0, dtype=x.dtype)  # garbage: every element must be written
+    argmax = np.full(shape, -7, dtype=np.int64)
+    K.maxpool2d_forward(x, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+                        padding[1][0], y, argmax)
+    return y, argmax
+
+
+def maxpool_bwd(dy, argmax, x_shape):
+    dx = np.full(x_shape, 7.0, dtype=dy.dtype)
+    K.maxpool2d_backward(dy, argmax, dx)
+    return dx
+
+
+def avgpool_fwd(x, kernel, stride, padding):
+    y = np.full(out_shape(x.shape, kernel, stride, padding), 7.0, dtype=x.dtype)
+    K.avgpool2d_forward(x, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+                        padding[1][0], y)
+    return y
+
+
+def avgpool_bwd(dy, x_shape, kernel, stride, padding):
+    dx = np.full(x_shape, 7.0, dtype=dy.dtype)
+    K.avgpool2d_backward(dy, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+                         padding[1][0], dx)
+    return dx
+
+
+def distinct(rng, shape, dtype=np.float64):
+    """Values without ties, exact in float32 (multiples of 1/4), in random order."""
+    size = int(np.prod(shape))
+    return ((rng.permutation(size) - size / 2) * 0.25).reshape(shape).astype(dtype)
+
+
+# --- random cases ------------------------------------------------------------------------------
+
+@st.composite
+def pool_cases(draw):
+    """Shapes, kernels, strides and paddings (0 <= padding <= kernel // 2 on each side, as PyTorch
+    requires; bottom/right may differ from top/left), 1x1 up to kernel-as-large-as-padded-input,
+    overlapping windows (stride < kernel) and gaps (stride > kernel)."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    pt, pb = draw(st.integers(0, kh // 2)), draw(st.integers(0, kh // 2))
+    pl, pr = draw(st.integers(0, kw // 2)), draw(st.integers(0, kw // 2))
+    h = draw(st.integers(max(1, kh - pt - pb), 9))
+    w = draw(st.integers(max(1, kw - pl - pr), 9))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return (n, c, h, w), (kh, kw), (sh, sw), ((pt, pb), (pl, pr)), seed
+
+
+@st.composite
+def fast_cases(draw):
+    """The 2x2, stride 2, unpadded pool of the reference network (the kernel's fast path), odd
+    and even sizes; padding bottom/right 1 on odd sizes leaves the general path to the kernel."""
+    h, w = draw(st.integers(2, 13)), draw(st.integers(2, 13))
+    pb = draw(st.integers(0, h % 2))
+    pr = draw(st.integers(0, w % 2))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return (n, c, h, w), (2, 2), (2, 2), ((0, pb), (0, pr)), seed
+
+
+def check_maxpool(shape, kernel, stride, padding, seed):
+    rng = np.random.default_rng(seed)
+    x = distinct(rng, shape)
+    y_ref, argmax_ref = naive.maxpool2d_forward(x, kernel, stride, padding)
+    dy = rng.standard_normal(y_ref.shape)
+    dx_ref = naive.maxpool2d_backward(x, dy, kernel, stride, padding)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        y, argmax = maxpool_fwd(x.astype(dtype), kernel, stride, padding)
+        assert y.dtype == dtype
+        assert relative_error(y, y_ref) <= tol
+        np.testing.assert_array_equal(argmax, argmax_ref)
+        dx = maxpool_bwd(dy.astype(dtype), argmax, shape)
+        assert dx.dtype == dtype
+        assert relative_error(dx, dx_ref) <= tol
+
+
+@given(pool_cases())
+def test_maxpool_matches_naive(case):
+    check_maxpool(*case)
+
+
+@given(fast_cases())
+def test_maxpool_2x2_matches_naive(case):
+    check_maxpool(*case)
+
+
+@given(st.one_of(pool_cases(), fast_cases()))
+def test_avgpool_matches_naive(case):
+    shape, kernel, stride, padding, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    y_ref = naive.avgpool2d_forward(x, kernel, stride, padding)
+    dy = rng.standard_normal(y_ref.shape)
+    dx_ref = naive.avgpool2d_backward(shape, dy, kernel, stride, padding)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        y = avgpool_fwd(x.astype(dtype), kernel, stride, padding)
+        assert y.dtype == dtype
+        assert relative_error(y, y_ref) <= tol
+        dx = avgpool_bwd(dy.astype(dtype), shape, kernel, stride, padding)
+        assert dx.dtype == dtype
+        assert relative_error(dx, dx_ref) <= tol
+
+
+# --- ties and NaN: PyTorch's rule --------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),   # fast path
+    ((2, 2), (2, 2), ((0, 1), (0, 1))),   # odd size, window hanging over the bottom/right
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 2), (2, 1), ((1, 0), (0, 1))),
+])
+def test_maxpool_ties_pick_first_in_bounds_cell(kernel, stride, padding):
+    x = np.full((2, 3, 7, 7), 1.5, dtype=np.float32)
+    y, argmax = maxpool_fwd(x, kernel, stride, padding)
+    assert np.all(y == 1.5)
+    w = x.shape[3]
+    for oh in range(y.shape[2]):
+        for ow in range(y.shape[3]):
+            h0 = max(oh * stride[0] - padding[0][0], 0)
+            w0 = max(ow * stride[1] - padding[1][0], 0)
+            assert np.all(argmax[:, :, oh, ow] == h0 * w + w0)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 3), (1, 2), ((1, 0), (1, 1))),
+])
+def test_maxpool_ties_nan_and_inf_match_naive(kernel, stride, padding, rng):
+    """Many ties (values 0, 1, 2), NaNs and -infs: values and indices exactly as the naive loop
+    (first of equal maxima in row-major order, a NaN in the window selected: the last one, as
+    PyTorch's CPU kernel, checked in test_matches_torch)."""
+    x = rng.integers(0, 3, (3, 4, 8, 9)).astype(np.float64)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    x[rng.random(x.shape) < 0.1] = -np.inf
+    x[0, 0, :5, :5] = -np.inf  # windows holding only -inf: the first cell wins
+    y_ref, argmax_ref = naive.maxpool2d_forward(x, kernel, stride, padding)
+    assert np.isnan(y_ref).any() and np.isinf(y_ref).any()
+    for dtype in (np.float64, np.float32):
+        y, argmax = maxpool_fwd(x.astype(dtype), kernel, stride, padding)
+        np.testing.assert_array_equal(y, y_ref.astype(dtype))  # NaN == NaN here
+        np.testing.assert_array_equal(argmax, argmax_ref)
+
+
+def test_maxpool_nan_is_selected_and_propagates():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan   # top-left window
+    x[0, 0, 3, 3] = np.nan   # bottom-right window, where it is the last cell
+    y, argmax = maxpool_fwd(x, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    assert np.isnan(y[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1
+    assert np.isnan(y[0, 0, 1, 1]) and argmax[0, 0, 1, 1] == 15
+    assert y[0, 0, 0, 1] == 7 and y[0, 0, 1, 0] == 13
+    dx = maxpool_bwd(np.ones_like(y), argmax, x.shape)
+    assert dx[0, 0, 0, 1] == 1 and dx[0, 0, 3, 3] == 1 and dx.sum() == 4
+
+
+# --- backward: overlapping windows, finite differences ----------------------------------------
+
+def test_maxpool_backward_overlapping_windows(rng):
+    """Stride 1, kernel 3: a cell may be the maximum of up to 9 windows; gradients add up."""
+    kernel, stride, padding = (3, 3), (1, 1), ((1, 1), (1, 1))
+    x = distinct(rng, (2, 3, 9, 8))
+    y_ref, _ = naive.maxpool2d_forward(x, kernel, stride, padding)
+    dy = rng.standard_normal(y_ref.shape)
+    dx_ref = naive.maxpool2d_backward(x, dy, kernel, stride, padding)
+    _, argmax = maxpool_fwd(x, kernel, stride, padding)
+    assert np.bincount(argmax.reshape(-1)).max() > 2  # windows really overlap at the maxima
+    dx = maxpool_bwd(dy, argmax, x.shape)
+    assert relative_error(dx, dx_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 2), (2, 1), ((1, 0), (1, 1))),
+])
+def test_maxpool_backward_finite_differences(kernel, stride, padding, rng):
+    x = distinct(rng, (2, 2, 5, 6))  # values 0.25 apart: eps = 1e-6 never swaps a maximum
+    y, argmax = maxpool_fwd(x, kernel, stride, padding)
+    g = rng.standard_normal(y.shape)
+    assert_gradient(lambda v: maxpool_fwd(v, kernel, stride, padding)[0], x, g,
+                    maxpool_bwd(g, argmax, x.shape))
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 2), (2, 1), ((1, 0), (1, 1))),
+])
+def test_avgpool_backward_finite_differences(kernel, stride, padding, rng):
+    x = rng.standard_normal((2, 2, 5, 6))
+    g = rng.standard_normal(out_shape(x.shape, kernel, stride, padding))
+    assert_gradient(lambda v: avgpool_fwd(v, kernel, stride, padding), x, g,
+                    avgpool_bwd(g, x.shape, kernel, stride, padding))
+
+
+# --- speed -------------------------------------------------------------------------------------
+
+def test_speedup_over_naive(rng):
+    """2x2 max pool of the reference network, batch 8: forward and backward >= 20x the naive loops."""
+    shape, kernel, stride, padding = (8, 32, 26, 26), (2, 2), (2, 2), ((0, 0), (0, 0))
+    x = rng.standard_normal(shape).astype(np.float32)
+    y, argmax = maxpool_fwd(x, kernel, stride, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    with one_numba_thread():
+        forward = speedup(lambda: K.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, y, argmax),
+                          lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
+        backward = speedup(lambda: K.maxpool2d_backward(dy, argmax, dx),
+                           lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
+    assert forward >= 20, forward
+    assert backward >= 20, backward
+
+
+# --- PyTorch -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    (2, 2, 0), (3, 2, 1), (3, 1, 1), ((2, 3), (1, 2), (1, 0)),
+])
+def test_matches_torch(kernel, stride, padding, rng):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    k, s, p = pair(kernel), pair(stride), pair(padding)
+    pads = ((p[0], p[0]), (p[1], p[1]))
+    x = rng.standard_normal((3, 4, 11, 12)).astype(np.float32)
+    ties = rng.integers(0, 3, x.shape).astype(np.float32)
+    ties[rng.random(x.shape) < 0.1] = np.nan
+    for data in (x, ties):
+        y_t, idx_t = F.max_pool2d(torch.from_numpy(data), k, s, p, return_indices=True)
+        y, argmax = maxpool_fwd(data, k, s, pads)
+        np.testing.assert_array_equal(y, y_t.numpy())
+        np.testing.assert_array_equal(argmax, idx_t.numpy())
+    a_t = F.avg_pool2d(torch.from_numpy(x), k, s, p, count_include_pad=True)
+    np.testing.assert_allclose(avgpool_fwd(x, k, s, pads), a_t.numpy(), rtol=1e-5, atol=1e-6)
