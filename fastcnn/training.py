@@ -1,0 +1,405 @@
+"""The training loop: ``fit`` (shuffled mini-batches, validation, checkpoints, resume) and ``evaluate``.
+
+Reproducibility: the order of the samples comes from ``np.random.default_rng(seed)``, which
+draws one permutation per epoch and nothing else. Each end-of-epoch checkpoint stores the state
+of that generator at the start of the next epoch (``extra["fit"]["shuffle_state"]``), so a run
+resumed with :func:`resume_kwargs` reshuffles exactly as the uninterrupted run would, and, with
+the same thread count, ends with bitwise the same weights.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import time
+
+import numpy as np
+
+from .threads import compute_threads
+
+__all__ = ["History", "TrainingDiverged", "fit", "evaluate", "resume_kwargs"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a weight) became NaN or infinite; training stopped before applying the step.
+
+    ``epoch`` and ``batch`` are 1-based, as printed. The last good checkpoint is left untouched.
+    """
+
+    def __init__(self, epoch: int, batch: int, num_batches: int, loss: float, what: str = "loss"):
+        self.epoch = epoch
+        self.batch = batch
+        self.num_batches = num_batches
+        self.loss = loss
+        if what == "loss":
+            detail = f"the loss is {loss}"
+        else:
+            detail = what
+        super().__init__(
+            f"training diverged at epoch {epoch}, batch {batch} of {num_batches}: {detail} "
+            "(try a lower learning rate); the last good checkpoint, if any, was kept"
+        )
+
+
+class History:
+    """Per-epoch records of a :func:`fit` run. Each attribute is a list with one entry per epoch.
+
+    ``epoch`` (1-based), ``train_loss``, ``train_accuracy`` (fraction 0..1, measured on the fly in
+    training mode), ``val_loss``, ``val_accuracy`` (None without validation data), ``seconds``
+    (the training pass of the epoch, validation excluded), ``val_seconds``, ``images_per_second``
+    (training images / seconds), ``lr`` (the learning rate during the epoch).
+    """
+
+    KEYS = (
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "seconds",
+        "val_seconds",
+        "images_per_second",
+        "lr",
+    )
+
+    def __init__(self):
+        for key in self.KEYS:
+            setattr(self, key, [])
+
+    def append(self, **record):
+        missing = set(self.KEYS) - set(record)
+        if missing:
+            raise ValueError(f"History.append: missing {sorted(missing)}")
+        for key in self.KEYS:
+            getattr(self, key).append(record[key])
+
+    def __len__(self):
+        return len(self.epoch)
+
+    def last(self) -> dict:
+        """The last epoch's record as a dict."""
+        return {key: getattr(self, key)[-1] for key in self.KEYS}
+
+    def as_dict(self) -> dict:
+        """{key: list} (copies; JSON-able), e.g. ``plt.plot(h["epoch"], h["val_accuracy"])``."""
+        return {key: list(getattr(self, key)) for key in self.KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "History":
+        history = cls()
+        lengths = {len(data.get(key, [])) for key in cls.KEYS}
+        if len(lengths) != 1:
+            raise ValueError(f"History.from_dict: lists of unequal lengths {sorted(lengths)}")
+        for key in cls.KEYS:
+            setattr(history, key, list(data[key]))
+        return history
+
+    def __repr__(self):
+        return f"History({len(self)} epochs)"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rng_state_to_json(state: dict) -> dict:
+    """numpy bit-generator state -> JSON with the (128-bit) integers as decimal strings."""
+
+    def convert(value):
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (bool, str)) or value is None:
+            return value
+        if isinstance(value, numbers.Integral):
+            return {"int": str(int(value))}
+        if isinstance(value, np.ndarray):
+            return {"array": [str(int(v)) for v in value.ravel()], "dtype": str(value.dtype)}
+        raise TypeError(f"unexpected value in a bit-generator state: {value!r}")
+
+    return convert(state)
+
+
+def _rng_state_from_json(data: dict) -> dict:
+    def convert(value):
+        if isinstance(value, dict):
+            if set(value) == {"int"}:
+                return int(value["int"])
+            if set(value) == {"array", "dtype"}:
+                return np.array([int(v) for v in value["array"]], dtype=value["dtype"])
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(data)
+
+
+def _check_data(what, x, y):
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise TypeError(f"{what}: expected numpy arrays (x, y), got {type(x).__name__}, {type(y).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{what}: expected floating-point images, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{what}: expected images of shape (N, ...), got {x.shape}")
+    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{what}: expected labels of shape ({x.shape[0]},) (or one target row per image), got {y.shape}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: got no samples")
+
+
+def _check_positive_int(what, name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _correct(logits, y) -> int:
+    predicted = np.argmax(logits, axis=1)
+    target = y if y.ndim == 1 else np.argmax(y, axis=1)
+    return int(np.count_nonzero(predicted == target))
+
+
+def _default_loss():
+    from .losses import CrossEntropyLoss
+
+    return CrossEntropyLoss()
+
+
+def _all_finite(model) -> bool:
+    return all(np.isfinite(p.data).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(model, x, y, batch_size: int = 256, loss_fn=None, threads: int | None = None):
+    """Mean loss and accuracy (fraction 0..1) of ``model`` on ``(x, y)``, in eval mode.
+
+    ``loss_fn`` defaults to ``CrossEntropyLoss()``. The model's train/eval mode is restored.
+    """
+    _check_data("evaluate", x, y)
+    batch_size = _check_positive_int("evaluate", "batch_size", batch_size)
+    loss_fn = _default_loss() if loss_fn is None else loss_fn
+    was_training = getattr(model, "training", True)
+    try:
+        with compute_threads(threads):
+            logits = model.predict(x, batch_size=batch_size)
+            loss = float(loss_fn(logits, y))
+    finally:
+        if was_training:
+            model.train()
+        else:
+            model.eval()
+    return loss, _correct(logits, y) / x.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+
+
+def resume_kwargs(ckpt) -> dict:
+    """Arguments for :func:`fit` that continue the run saved in checkpoint ``ckpt``.
+
+    ``ckpt`` is a :func:`fastcnn.checkpoint.load` result written by ``fit``; returns
+    ``start_epoch``, ``shuffle_state``, ``history`` (and ``seed``). Restore the optimizer and
+    scheduler from the checkpoint yourself (``ckpt.restore_optimizer(opt)``), then
+    ``fit(ckpt.model, loss, opt, x, y, epochs, **resume_kwargs(ckpt))``.
+    """
+    info = (ckpt.extra or {}).get("fit")
+    if info is None:
+        raise ValueError("resume_kwargs: this checkpoint was not written by fastcnn.training.fit")
+    return {
+        "start_epoch": int(ckpt.epoch),
+        "shuffle_state": info["shuffle_state"],
+        "history": History.from_dict(info["history"]),
+        "seed": info["seed"],
+    }
+
+
+def fit(
+    model,
+    loss_fn,
+    optimizer,
+    x_train,
+    y_train,
+    epochs: int,
+    batch_size: int = 64,
+    val_data=None,
+    scheduler=None,
+    seed: int = 0,
+    progress: bool | None = True,
+    checkpoint=None,
+    start_epoch: int = 0,
+    shuffle_state=None,
+    history: History | None = None,
+    threads: int | None = None,
+    verbose: bool = False,
+    checkpoint_extra: dict | None = None,
+    val_batch_size: int = 256,
+) -> History:
+    """Train ``model`` on shuffled mini-batches of ``(x_train, y_train)`` and return a History.
+
+    - ``epochs`` is the epoch to train up to (as Keras): epochs ``start_epoch+1 .. epochs`` run.
+    - Each epoch draws a permutation from ``np.random.default_rng(seed)``; the last partial
+      batch is kept (PyTorch's ``drop_last=False``). ``loss_fn(logits, y)`` returns the mean loss
+      of a batch and ``loss_fn.backward()`` its gradient to the logits.
+    - ``val_data=(x, y)`` is evaluated (eval mode) after each epoch.
+    - ``scheduler.step()`` runs once at the end of each epoch.
+    - ``checkpoint``: a path written (atomically, via ``fastcnn.checkpoint.save``) at the end of
+      every epoch with the model, optimizer, scheduler, the number of completed epochs and, in
+      ``extra["fit"]``, the shuffling state, seed and history; ``checkpoint_extra`` is stored
+      next to it. Continue a run with ``fit(..., **resume_kwargs(fastcnn.checkpoint.load(path)))``.
+    - A NaN or infinite loss stops training with :class:`TrainingDiverged` (epoch and batch named)
+      before the step is applied; the last checkpoint is not overwritten.
+    - ``progress``: a tqdm bar per epoch (loss, images/s) on stderr; None = only on a terminal.
+      ``verbose``: print one summary line per epoch on stdout.
+    - ``threads``: Numba threads for the run (restored afterwards); the BLAS is limited to
+      ``fastcnn.threads.BLAS_THREADS_DURING_COMPUTE`` meanwhile.
+    """
+    what = "fit"
+    _check_data(what, x_train, y_train)
+    if val_data is not None:
+        if not (isinstance(val_data, (tuple, list)) and len(val_data) == 2):
+            raise ValueError(f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}")
+        _check_data(f"{what} (val_data)", *val_data)
+    epochs = _check_positive_int(what, "epochs", epochs, minimum=0)
+    start_epoch = _check_positive_int(what, "start_epoch", start_epoch, minimum=0)
+    if start_epoch > epochs:
+        raise ValueError(f"{what}: start_epoch ({start_epoch}) is beyond epochs ({epochs})")
+    batch_size = _check_positive_int(what, "batch_size", batch_size)
+    val_batch_size = _check_positive_int(what, "val_batch_size", val_batch_size)
+    if not callable(loss_fn) or not hasattr(loss_fn, "backward"):
+        raise TypeError(f"{what}: loss_fn must be callable with a backward() method, got {loss_fn!r}")
+    if history is None:
+        history = History()
+    elif len(history) != start_epoch:
+        raise ValueError(
+            f"{what}: the history holds {len(history)} epochs but start_epoch is {start_epoch}"
+        )
+
+    n = x_train.shape[0]
+    num_batches = -(-n // batch_size)
+    rng = np.random.default_rng(seed)
+    if shuffle_state is not None:
+        rng.bit_generator.state = _rng_state_from_json(shuffle_state)
+    else:
+        for _ in range(start_epoch):  # replay the permutations of the epochs already done
+            rng.permutation(n)
+
+    # Batch buffers, reused by every step (a view of the first m rows for the last batch).
+    xb_full = np.empty((min(batch_size, n),) + x_train.shape[1:], dtype=x_train.dtype)
+    yb_full = np.empty((min(batch_size, n),) + y_train.shape[1:], dtype=y_train.dtype)
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if progress:
+        from tqdm.auto import tqdm
+
+    with compute_threads(threads):
+        for epoch in range(start_epoch, epochs):
+            model.train()
+            order = rng.permutation(n)
+            lr = float(optimizer.lr)
+            loss_sum = 0.0
+            correct = 0
+            seen = 0
+            bar = None
+            if progress:
+                bar = tqdm(
+                    total=num_batches,
+                    desc=f"epoch {epoch + 1}/{epochs}",
+                    unit="batch",
+                    leave=False,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            t0 = time.perf_counter()
+            try:
+                for b in range(num_batches):
+                    idx = order[b * batch_size : (b + 1) * batch_size]
+                    m = idx.shape[0]
+                    xb = xb_full[:m]
+                    yb = yb_full[:m]
+                    np.take(x_train, idx, axis=0, out=xb)
+                    np.take(y_train, idx, axis=0, out=yb)
+
+                    optimizer.zero_grad()
+                    logits = model(xb)
+                    loss = float(loss_fn(logits, yb))
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
+                    model.backward(loss_fn.backward())
+                    optimizer.step()
+
+                    loss_sum += loss * m
+                    correct += _correct(logits, yb)
+                    seen += m
+                    if bar is not None:
+                        bar.update(1)
+                        if b % 10 == 0 or b == num_batches - 1:
+                            rate = seen / max(time.perf_counter() - t0, 1e-9)
+                            bar.set_postfix_str(f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s", refresh=False)
+            finally:
+                if bar is not None:
+                    bar.close()
+            seconds = time.perf_counter() - t0
+            if not _all_finite(model):
+                raise TrainingDiverged(
+                    epoch + 1, num_batches, num_batches, loss, what="a weight became NaN or infinite"
+                )
+
+            val_loss = val_accuracy = None
+            val_seconds = 0.0
+            if val_data is not None:
+                t1 = time.perf_counter()
+                val_loss, val_accuracy = evaluate(model, val_data[0], val_data[1], val_batch_size, loss_fn)
+                val_seconds = time.perf_counter() - t1
+                model.train()
+
+            history.append(
+                epoch=epoch + 1,
+                train_loss=loss_sum / n,
+                train_accuracy=correct / n,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                seconds=seconds,
+                val_seconds=val_seconds,
+                images_per_second=n / seconds,
+                lr=lr,
+            )
+            if scheduler is not None:
+                scheduler.step()
+            if checkpoint is not None:
+                _save_checkpoint(
+                    checkpoint, model, optimizer, scheduler, epoch + 1, rng, seed, history, checkpoint_extra
+                )
+            if verbose:
+                print(format_epoch(history.last(), epochs), flush=True)
+    return history
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra):
+    from . import checkpoint as ckpt
+
+    info = {
+        "shuffle_state": _rng_state_to_json(rng.bit_generator.state),
+        "seed": int(seed),
+        "history": history.as_dict(),
+    }
+    payload = dict(extra or {})
+    payload["fit"] = info
+    ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload)
+
+
+def format_epoch(record: dict, epochs: int | None = None) -> str:
+    """One line for an epoch record of a History (as ``History.last()``)."""
+    of = f"/{epochs}" if epochs is not None else ""
+    line = (
+        f"epoch {record['epoch']}{of}  loss {record['train_loss']:.4f}  "
+        f"accuracy {100 * record['train_accuracy']:.2f}%"
+    )
+    if record["val_loss"] is not None:
+        line += f"  val_loss {record['val_loss']:.4f}  val_accuracy {100 * record['val_accuracy']:.2f}%"
+    line += f"  {record['seconds']:.1f} s  {record['images_per_second']:.0f} images/s  lr {record['lr']:.4g}"
+    return line
