@@ -1,0 +1,302 @@
+"""Batch normalisation kernels over NCHW arrays (BatchNorm1D passes (N, C, 1, 1)).
+
+Shape contract (checked by the wrapper in fastcnn/functional.py, never here):
+x, dy, out, dx (N, C, H, W), C-contiguous (the kernels take reshaped views; a non-contiguous
+array fails in Numba's reshape, it is not silently misread); gamma, beta, mean, invstd,
+running_mean, running_var, dgamma, dbeta (C,); all of one floating dtype (float32 or float64);
+eps a scalar of that dtype. Every output is overwritten.
+
+Statistics are per channel over M = N*H*W elements, in two passes (the mean, then the sum of
+centred squares), never as E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
+
+Accumulators are float64 for float32 inputs too, deliberately: a channel of a (64, C, 26, 26)
+batch sums 43,264 values, and a plain float32 running sum loses up to ~1e-4 relative accuracy
+there (tests/test_batchnorm.py::test_float32_large_channel_accuracy checks mean, invstd, out and
+the gradients against a float64 reference on such a channel with mean 1000). The per-element
+arithmetic (centre, scale, shift, dx) stays in the array dtype: no float64 work per element
+beyond the widening add of a reduction.
+
+Determinism: the work is split over channels only (over channel blocks when H = W = 1, and over
+the batch for the elementwise eval), and each channel's sums run in one fixed order inside one
+thread, so results are bitwise identical on repeated calls and for any number of threads.
+``fastmath`` "reassoc" lets LLVM vectorise those sums (several partial sums per row); the order
+is then fixed by the compiled code, not by the scheduling.
+
+Loop shapes: the innermost loops run over contiguous 1-D views (a row of H*W values of one
+channel, or a row of C channels when H = W = 1) in small helpers; LLVM vectorises those, where
+the same loops indexed through the 4-D array inside a prange body stayed scalar (6-10x slower,
+measured). For H = W = 1 (BatchNorm1D) a channel is a column of an (N, C) matrix: channels are
+taken in blocks of ``_BLOCK`` and each block walks the rows, keeping memory access contiguous
+instead of striding C elements per value.
+"""
+import numpy as np
+from numba import njit, prange
+
+_FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+_BLOCK = 128  # channels per task on the H = W = 1 path (the block size fixes no summation order)
+
+
+# ---------------------------------------------------------------- helpers over 1-D views
+@njit(cache=True, fastmath=_FASTMATH)
+def _row_sum(v):
+    """sum(v) in float64."""
+    total = 0.0
+    for i in range(v.shape[0]):
+        total += v[i]
+    return total
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _row_sq_dev(v, mu):
+    """sum((v - mu)**2) in float64; mu is float64."""
+    total = 0.0
+    for i in range(v.shape[0]):
+        d = v[i] - mu
+        total += d * d
+    return total
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _row_affine(v, m, s, b, o):
+    """o = (v - m) * s + b, scalars m, s, b of the array dtype."""
+    for i in range(v.shape[0]):
+        o[i] = (v[i] - m) * s + b
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _row_grad_sums(g, v, m64):
+    """(sum(g), sum(g * (v - m64)), sum(v - m64)), all in float64 (v - m64 is exact there)."""
+    sum_g = 0.0
+    sum_gd = 0.0
+    sum_d = 0.0
+    for i in range(v.shape[0]):
+        gi = np.float64(g[i])
+        d = np.float64(v[i]) - m64
+        sum_g += gi
+        sum_gd += gi * d
+        sum_d += d
+    return sum_g, sum_gd, sum_d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _row_dx(g, v, m, k, a, b, o):
+    """o = k * g + a * (v - m) + b, scalars of the array dtype."""
+    for i in range(v.shape[0]):
+        o[i] = k * g[i] + a * (v[i] - m) + b
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _vec_add(acc, v):
+    """acc += v elementwise (acc float64)."""
+    for j in range(v.shape[0]):
+        acc[j] += v[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _vec_sq_dev(acc, v, mu):
+    """acc += (v - mu)**2 elementwise (acc, mu float64)."""
+    for j in range(v.shape[0]):
+        d = v[j] - mu[j]
+        acc[j] += d * d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _vec_affine(v, m, s, b, o):
+    """o = (v - m) * s + b elementwise, vectors of the array dtype."""
+    for j in range(v.shape[0]):
+        o[j] = (v[j] - m[j]) * s[j] + b[j]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _vec_grad_sums(acc_g, acc_gd, acc_d, g, v, m):
+    """acc_g += g; acc_gd += g * (v - m); acc_d += v - m, elementwise, in float64."""
+    for j in range(v.shape[0]):
+        gj = np.float64(g[j])
+        d = np.float64(v[j]) - np.float64(m[j])
+        acc_g[j] += gj
+        acc_gd[j] += gj * d
+        acc_d[j] += d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _vec_dx(g, v, m, k, a, b, o):
+    """o = k * g + a * (v - m) + b elementwise, vectors of the array dtype."""
+    for j in range(v.shape[0]):
+        o[j] = k[j] * g[j] + a[j] * (v[j] - m[j]) + b[j]
+
+
+# ---------------------------------------------------------------- kernels
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
+    """Training-mode forward with batch statistics.
+
+    x (N, C, H, W), gamma (C,), beta (C,), eps scalar; writes out (N, C, H, W),
+    mean (C,) = batch mean, invstd (C,) = 1 / sqrt(biased batch variance + eps).
+    out = (x - mean) * (gamma * invstd) + beta, evaluated as (x - m) * s + shift with m the
+    stored (rounded) mean and shift = beta - (mean64 - m) * s, so the rounding of the mean to
+    the array dtype does not shift the output.
+    """
+    n_batch, channels, height, width = x.shape
+    hw = height * width
+    inv_count = 1.0 / (n_batch * hw)  # float64: used with the float64 accumulators only
+    eps64 = np.float64(eps)
+    typ = x.dtype.type
+    if hw == 1:
+        x2 = x.reshape((n_batch, channels))
+        out2 = out.reshape((n_batch, channels))
+        acc = np.empty(channels, dtype=np.float64)
+        mu64 = np.empty(channels, dtype=np.float64)
+        scale = np.empty(channels, dtype=x.dtype)
+        shift = np.empty(channels, dtype=x.dtype)
+        n_blocks = (channels + _BLOCK - 1) // _BLOCK
+        for blk in prange(n_blocks):
+            c0 = blk * _BLOCK
+            c1 = min(c0 + _BLOCK, channels)
+            a = acc[c0:c1]
+            mu = mu64[c0:c1]
+            a[:] = 0.0
+            for n in range(n_batch):
+                _vec_add(a, x2[n, c0:c1])
+            for j in range(c1 - c0):
+                mu[j] = a[j] * inv_count
+                a[j] = 0.0
+            for n in range(n_batch):
+                _vec_sq_dev(a, x2[n, c0:c1], mu)
+            for c in range(c0, c1):
+                mean[c] = mu64[c]
+                invstd[c] = 1.0 / np.sqrt(acc[c] * inv_count + eps64)
+                scale[c] = gamma[c] * invstd[c]
+                shift[c] = beta[c] - (mu64[c] - np.float64(mean[c])) * np.float64(scale[c])
+            for n in range(n_batch):
+                _vec_affine(x2[n, c0:c1], mean[c0:c1], scale[c0:c1], shift[c0:c1],
+                            out2[n, c0:c1])
+    else:
+        x3 = x.reshape((n_batch, channels, hw))
+        out3 = out.reshape((n_batch, channels, hw))
+        for c in prange(channels):
+            total = 0.0
+            for n in range(n_batch):
+                total += _row_sum(x3[n, c])
+            mu = total * inv_count
+            squares = 0.0
+            for n in range(n_batch):
+                squares += _row_sq_dev(x3[n, c], mu)
+            mean[c] = mu
+            invstd[c] = 1.0 / np.sqrt(squares * inv_count + eps64)
+            m = mean[c]  # read back: the array dtype
+            s = gamma[c] * invstd[c]
+            b = typ(beta[c] - (mu - np.float64(m)) * np.float64(s))
+            for n in range(n_batch):
+                _row_affine(x3[n, c], m, s, b, out3[n, c])
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
+    """Evaluation-mode forward with running statistics.
+
+    x (N, C, H, W), gamma, beta, running_mean, running_var (C,), eps scalar; writes
+    out (N, C, H, W) = (x - running_mean) * (gamma / sqrt(running_var + eps)) + beta.
+    Elementwise: parallel over the batch.
+    """
+    n_batch, channels, height, width = x.shape
+    hw = height * width
+    scale = np.empty(channels, dtype=x.dtype)
+    for c in range(channels):
+        scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
+    if hw == 1:
+        x2 = x.reshape((n_batch, channels))
+        out2 = out.reshape((n_batch, channels))
+        for n in prange(n_batch):
+            _vec_affine(x2[n], running_mean, scale, beta, out2[n])
+    else:
+        x3 = x.reshape((n_batch, channels, hw))
+        out3 = out.reshape((n_batch, channels, hw))
+        for n in prange(n_batch):
+            for c in range(channels):
+                _row_affine(x3[n, c], running_mean[c], scale[c], beta[c], out3[n, c])
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
+    """Backward of the training-mode forward.
+
+    dy, x (N, C, H, W); gamma, mean, invstd (C,) as written by batchnorm_forward_train; writes
+    dbeta = sum(dy), dgamma = sum(dy * xhat) with xhat = (x - mean) * invstd, and
+    dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma), M = N*H*W, computed as
+    dx = k * dy + a * (x - mean) + b with per-channel k = gamma * invstd,
+    a = -k * invstd * dgamma / M, b = -k * dbeta / M.
+
+    ``mean`` arrives rounded to the array dtype. The one pass of sums also accumulates
+    delta = sum(x - mean) / M, the batch mean minus the stored mean (in float64, where
+    x - mean is exact), and corrects for it: dgamma uses sum(dy * (x - mean)) - delta * sum(dy)
+    and b becomes b - a * delta. Without it a float32 dgamma that nearly cancels (a small
+    channel, |mean| >> std) was off by ~1e-4 relative.
+    """
+    n_batch, channels, height, width = x.shape
+    hw = height * width
+    inv_count = 1.0 / (n_batch * hw)
+    typ = x.dtype.type
+    if hw == 1:
+        x2 = x.reshape((n_batch, channels))
+        dy2 = dy.reshape((n_batch, channels))
+        dx2 = dx.reshape((n_batch, channels))
+        acc_g = np.empty(channels, dtype=np.float64)
+        acc_gd = np.empty(channels, dtype=np.float64)
+        acc_d = np.empty(channels, dtype=np.float64)
+        coef_k = np.empty(channels, dtype=x.dtype)
+        coef_a = np.empty(channels, dtype=x.dtype)
+        coef_b = np.empty(channels, dtype=x.dtype)
+        n_blocks = (channels + _BLOCK - 1) // _BLOCK
+        for blk in prange(n_blocks):
+            c0 = blk * _BLOCK
+            c1 = min(c0 + _BLOCK, channels)
+            ag = acc_g[c0:c1]
+            agd = acc_gd[c0:c1]
+            ad = acc_d[c0:c1]
+            ag[:] = 0.0
+            agd[:] = 0.0
+            ad[:] = 0.0
+            m = mean[c0:c1]
+            for n in range(n_batch):
+                _vec_grad_sums(ag, agd, ad, dy2[n, c0:c1], x2[n, c0:c1], m)
+            for c in range(c0, c1):
+                istd = np.float64(invstd[c])
+                delta = acc_d[c] * inv_count
+                sum_gx = (acc_gd[c] - delta * acc_g[c]) * istd
+                dbeta[c] = acc_g[c]
+                dgamma[c] = sum_gx
+                k = np.float64(gamma[c]) * istd
+                a = -k * istd * sum_gx * inv_count
+                coef_k[c] = k
+                coef_a[c] = a
+                coef_b[c] = -k * acc_g[c] * inv_count - a * delta
+            for n in range(n_batch):
+                _vec_dx(dy2[n, c0:c1], x2[n, c0:c1], m, coef_k[c0:c1], coef_a[c0:c1],
+                        coef_b[c0:c1], dx2[n, c0:c1])
+    else:
+        x3 = x.reshape((n_batch, channels, hw))
+        dy3 = dy.reshape((n_batch, channels, hw))
+        dx3 = dx.reshape((n_batch, channels, hw))
+        for c in prange(channels):
+            m = mean[c]
+            m64 = np.float64(m)
+            sum_g = 0.0
+            sum_gd = 0.0
+            sum_d = 0.0
+            for n in range(n_batch):
+                s_g, s_gd, s_d = _row_grad_sums(dy3[n, c], x3[n, c], m64)
+                sum_g += s_g
+                sum_gd += s_gd
+                sum_d += s_d
+            istd = np.float64(invstd[c])
+            delta = sum_d * inv_count
+            sum_gx = (sum_gd - delta * sum_g) * istd
+            dbeta[c] = sum_g
+            dgamma[c] = sum_gx
+            k64 = np.float64(gamma[c]) * istd
+            a64 = -k64 * istd * sum_gx * inv_count
+            k = typ(k64)
+            a = typ(a64)
+            b = typ(-k64 * sum_g * inv_count - a64 * delta)
+            for n in range(n_batch):
+                _row_dx(dy3[n, c], x3[n, c], m, k, a, b, dx3[n, c])

@@ -1,0 +1,274 @@
+"""Batch-normalisation kernels (fastcnn.kernels.batchnorm) against the textbook loops
+(tests/naive/batchnorm.py), finite differences, PyTorch (when installed), determinism, float32
+accuracy and speed."""
+import numba
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fastcnn.kernels import batchnorm as K
+from gradcheck import assert_gradient, relative_error
+from naive import batchnorm as naive
+from speedup import speedup
+
+
+# ---------------------------------------------------------------- calling the kernels
+def fast_train(x, gamma, beta, eps):
+    """Kernel forward (train); outputs start as NaN so an unwritten element cannot pass."""
+    c = x.shape[1]
+    out = np.full_like(x, np.nan)
+    mean = np.full(c, np.nan, dtype=x.dtype)
+    invstd = np.full(c, np.nan, dtype=x.dtype)
+    K.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), out, mean, invstd)
+    return out, mean, invstd
+
+
+def fast_eval(x, gamma, beta, running_mean, running_var, eps):
+    out = np.full_like(x, np.nan)
+    K.batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, x.dtype.type(eps), out)
+    return out
+
+
+def fast_backward(dy, x, gamma, mean, invstd):
+    c = x.shape[1]
+    dx = np.full_like(x, np.nan)
+    dgamma = np.full(c, np.nan, dtype=x.dtype)
+    dbeta = np.full(c, np.nan, dtype=x.dtype)
+    K.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+def make_inputs(shape, seed, loc=0.0, scale=1.0):
+    """float64 x, gamma, beta, dy, running_mean, running_var."""
+    r = np.random.default_rng(seed)
+    c = shape[1]
+    x = loc + scale * r.standard_normal(shape)
+    gamma = r.standard_normal(c)
+    beta = r.standard_normal(c)
+    dy = r.standard_normal(shape)
+    running_mean = loc + r.standard_normal(c)
+    running_var = r.uniform(0.1, 5.0, c) * scale**2
+    return x, gamma, beta, dy, running_mean, running_var
+
+
+# ---------------------------------------------------------------- hypothesis cases
+@st.composite
+def bn_cases(draw):
+    """4-D batches (any N >= 1, H*W > 1) and BatchNorm1D batches (N, C, 1, 1) with N >= 2;
+    C up to 300 on the 1x1 path crosses its 128-channel blocks."""
+    if draw(st.booleans()):
+        n = draw(st.integers(2, 12))
+        c = draw(st.integers(1, 300))
+        h = w = 1
+    else:
+        n = draw(st.integers(1, 4))
+        c = draw(st.integers(1, 6))
+        h = draw(st.integers(1, 7))
+        w = draw(st.integers(1, 7))
+        assume(h * w > 1)
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    # |loc| / scale up to 1000: the kernels correct for the float32 rounding of the stored
+    # mean, which xhat would otherwise magnify by |mean| / std
+    loc = draw(st.floats(-100.0, 100.0))
+    scale = draw(st.floats(0.1, 10.0))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return (n, c, h, w), eps, loc, scale, seed
+
+
+@given(bn_cases())
+def test_forward_train_matches_naive(case):
+    shape, eps, loc, scale, seed = case
+    x, gamma, beta, _, _, _ = make_inputs(shape, seed, loc, scale)
+    y_ref, mean_ref, var_ref = naive.batchnorm_forward_train(x, gamma, beta, eps)
+    invstd_ref = 1.0 / np.sqrt(var_ref + eps)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        out, mean, invstd = fast_train(*(a.astype(dtype) for a in (x, gamma, beta)), eps)
+        assert out.dtype == mean.dtype == invstd.dtype == dtype
+        # float32: compared with the float64 result on the same (float32-rounded) inputs
+        if dtype == np.float32:
+            y_ref32, mean_ref32, var_ref32 = naive.batchnorm_forward_train(
+                *(a.astype(np.float32).astype(np.float64) for a in (x, gamma, beta)), eps)
+            refs = (y_ref32, mean_ref32, 1.0 / np.sqrt(var_ref32 + eps))
+        else:
+            refs = (y_ref, mean_ref, invstd_ref)
+        for got, ref in zip((out, mean, invstd), refs):
+            assert relative_error(got, ref) <= tol
+
+
+@given(bn_cases())
+def test_forward_eval_matches_naive(case):
+    shape, eps, loc, scale, seed = case
+    x, gamma, beta, _, rmean, rvar = make_inputs(shape, seed, loc, scale)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        args = [a.astype(dtype) for a in (x, gamma, beta, rmean, rvar)]
+        ref = naive.batchnorm_forward_eval(*(a.astype(np.float64) for a in args), eps)
+        out = fast_eval(*args, eps)
+        assert out.dtype == dtype
+        assert relative_error(out, ref) <= tol
+
+
+@given(bn_cases())
+def test_backward_matches_naive(case):
+    shape, eps, loc, scale, seed = case
+    x, gamma, beta, dy, _, _ = make_inputs(shape, seed, loc, scale)
+    count = shape[0] * shape[2] * shape[3]
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        xd, gd, bd, dyd = (a.astype(dtype) for a in (x, gamma, beta, dy))
+        _, mean, invstd = fast_train(xd, gd, bd, eps)
+        dx, dgamma, dbeta = fast_backward(dyd, xd, gd, mean, invstd)
+        assert dx.dtype == dgamma.dtype == dbeta.dtype == dtype
+        dx_ref, dgamma_ref, dbeta_ref = naive.batchnorm_backward(
+            *(a.astype(np.float64) for a in (xd, gd, dyd)), eps)
+        assert relative_error(dgamma, dgamma_ref) <= tol
+        assert relative_error(dbeta, dbeta_ref) <= tol
+        if count == 2:
+            # Two values per channel: xhat = +-sqrt(var / (var + eps)), and dx = gamma * invstd *
+            # (dy - mean(dy) - xhat * mean(dy * xhat)) cancels down to O(eps / var) of its terms
+            # (exactly zero for eps = 0), so its size says nothing about the kernel's rounding:
+            # measure the error against the size of the terms instead.
+            terms = np.abs(gd[None, :, None, None] * invstd[None, :, None, None] * dyd).max()
+            assert np.abs(dx - dx_ref).max() <= tol * terms
+        else:
+            assert relative_error(dx, dx_ref) <= tol
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4), (1, 2, 2, 3), (5, 3, 1, 1)])
+def test_backward_finite_differences(shape):
+    eps = 1e-3
+    x, gamma, beta, dy, _, _ = make_inputs(shape, 7, loc=0.5, scale=2.0)
+    _, mean, invstd = fast_train(x, gamma, beta, eps)
+    dx, dgamma, dbeta = fast_backward(dy, x, gamma, mean, invstd)
+    # x moves the batch statistics too: the loss goes through the train-mode forward
+    assert_gradient(lambda v: fast_train(v, gamma, beta, eps)[0], x.copy(), dy, dx)
+    assert_gradient(lambda v: fast_train(x, v, beta, eps)[0], gamma.copy(), dy, dgamma)
+    assert_gradient(lambda v: fast_train(x, gamma, v, eps)[0], beta.copy(), dy, dbeta)
+
+
+# ---------------------------------------------------------------- PyTorch
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (16, 10, 1, 1)])
+def test_matches_torch(shape):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    eps = 1e-5
+    x, gamma, beta, dy, rmean, rvar = make_inputs(shape, 11, loc=3.0, scale=2.0)
+    # BatchNorm1D data is (N, C) for PyTorch
+    tshape = shape if shape[2] * shape[3] > 1 else shape[:2]
+    tx = torch.tensor(x.reshape(tshape), requires_grad=True)
+    tg = torch.tensor(gamma, requires_grad=True)
+    tb = torch.tensor(beta, requires_grad=True)
+    ty = F.batch_norm(tx, None, None, tg, tb, training=True, eps=eps)
+    tdx, tdg, tdb = torch.autograd.grad(ty, (tx, tg, tb), torch.tensor(dy.reshape(tshape)))
+    _, tmean, tinvstd = torch.native_batch_norm(tx.detach(), tg.detach(), tb.detach(), None,
+                                                None, True, 0.1, eps)
+    tyeval = F.batch_norm(tx.detach(), torch.tensor(rmean), torch.tensor(rvar), tg.detach(),
+                          tb.detach(), training=False, eps=eps)
+
+    out, mean, invstd = fast_train(x, gamma, beta, eps)
+    dx, dgamma, dbeta = fast_backward(dy, x, gamma, mean, invstd)
+    out_eval = fast_eval(x, gamma, beta, rmean, rvar, eps)
+    pairs = [(out, ty), (mean, tmean), (invstd, tinvstd), (out_eval, tyeval), (dx, tdx),
+             (dgamma, tdg), (dbeta, tdb)]
+    for got, ref in pairs:
+        assert relative_error(got.reshape(ref.shape), ref.detach().numpy()) <= 1e-10
+
+
+# ---------------------------------------------------------------- float32 accuracy
+def test_float32_large_channel_accuracy():
+    """64x26x26 = 43,264 values per channel with |mean| >> std: a float32 running sum would be
+    off by ~3e-3 in the mean (~1e-3 relative in out); the float64 accumulators keep 1e-4."""
+    shape = (64, 2, 26, 26)
+    r = np.random.default_rng(3)
+    x = r.standard_normal(shape)
+    x[:, 0] = 1000.0 + x[:, 0]
+    x[:, 1] = -300.0 + 0.5 * x[:, 1]
+    x32 = x.astype(np.float32)
+    x = x32.astype(np.float64)  # the reference sees exactly the float32 inputs
+    gamma = np.array([1.5, -0.7])
+    beta = np.array([0.2, 0.1])
+    dy = r.standard_normal(shape)
+    eps = 1e-5
+    g32, b32, dy32 = gamma.astype(np.float32), beta.astype(np.float32), dy.astype(np.float32)
+
+    y_ref, mean_ref, var_ref = naive.batchnorm_forward_train(x, gamma, beta, eps)
+    out, mean, invstd = fast_train(x32, g32, b32, eps)
+    assert relative_error(out, y_ref) <= 1e-4
+    assert relative_error(mean, mean_ref) <= 1e-6
+    assert relative_error(invstd, 1.0 / np.sqrt(var_ref + eps)) <= 1e-4
+
+    dx_ref, dg_ref, db_ref = naive.batchnorm_backward(x, gamma, dy32.astype(np.float64), eps)
+    dx, dgamma, dbeta = fast_backward(dy32, x32, g32, mean, invstd)
+    assert relative_error(dx, dx_ref) <= 1e-4
+    assert relative_error(dgamma, dg_ref) <= 1e-4
+    assert relative_error(dbeta, db_ref) <= 1e-4
+
+
+# ---------------------------------------------------------------- NaN, determinism
+def test_nan_propagates_to_its_channel_only():
+    x, gamma, beta, dy, _, _ = make_inputs((3, 2, 4, 4), 5)
+    x = x.astype(np.float32)
+    x[1, 0, 2, 3] = np.nan
+    g, b = gamma.astype(np.float32), beta.astype(np.float32)
+    out, mean, invstd = fast_train(x, g, b, 1e-5)
+    assert np.isnan(mean[0]) and np.isnan(out[:, 0]).all()
+    assert np.isfinite(mean[1]) and np.isfinite(out[:, 1]).all()
+    dx, dgamma, _ = fast_backward(dy.astype(np.float32), x, g, mean, invstd)
+    assert np.isnan(dgamma[0]) and np.isnan(dx[:, 0]).all() and np.isfinite(dx[:, 1]).all()
+
+
+def _all_outputs(x, gamma, beta, dy, rmean, rvar):
+    out, mean, invstd = fast_train(x, gamma, beta, 1e-5)
+    grads = fast_backward(dy, x, gamma, mean, invstd)
+    return (out, mean, invstd, fast_eval(x, gamma, beta, rmean, rvar, 1e-5)) + grads
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 12, 12), (64, 300, 1, 1)])
+def test_deterministic_across_calls_and_threads(shape):
+    arrays = [a.astype(np.float32) for a in make_inputs(shape, 9, loc=2.0)]
+    first = _all_outputs(*arrays)
+    again = _all_outputs(*arrays)
+    for a, b in zip(first, again):
+        assert a.tobytes() == b.tobytes()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _all_outputs(*arrays)
+        numba.set_num_threads(2)
+        two = _all_outputs(*arrays)
+    finally:
+        numba.set_num_threads(saved)
+    assert numba.get_num_threads() == saved
+    for a, b, c in zip(one, two, first):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+
+
+# ---------------------------------------------------------------- speed
+def test_speedup_over_naive():
+    shape = (8, 32, 26, 26)  # the naive loops take seconds at batch 64
+    x, gamma, beta, dy, _, _ = (a.astype(np.float32) for a in make_inputs(shape, 2))
+    c = shape[1]
+    out, mean, invstd = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+    dx, dgamma, dbeta = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+    eps = np.float32(1e-5)
+
+    def fast():
+        K.batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd)
+        K.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
+
+    def slow():
+        naive.batchnorm_forward_train(x, gamma, beta, 1e-5)
+        naive.batchnorm_backward(x, gamma, dy, 1e-5)
+
+    # One Numba thread, as the naive loop: on the shared 2-core machine a 2-thread parallel
+    # region can wait a whole scheduler time slice for its second thread (measured 30 ms per
+    # call under load instead of 0.07 ms), which no ratio survives. Restored afterwards.
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        ratio = speedup(fast, slow)
+    finally:
+        numba.set_num_threads(saved)
+    assert ratio >= 20
