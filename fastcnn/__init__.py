@@ -1,8 +1,48 @@
-"""fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like API."""
+"""fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like API.
+
+    import fastcnn
+    model = fastcnn.models.reference()
+    (x, y), (x_test, y_test) = fastcnn.datasets.mnist()
+    opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
+"""
 import os as _os
 
 from . import _kernels_path
 
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
+from . import checkpoint, datasets, functional, losses, models, optim, threads  # noqa: E402
+from .layers import (  # noqa: E402
+    AvgPool2D,
+    BatchNorm1D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    LeakyReLU,
+    MaxPool2D,
+    Parameter,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Tanh,
+)
+from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
+from .model import Sequential, from_config  # noqa: E402
+from .optim import SGD, Adam, AdamW, CosineAnnealingLR, StepLR  # noqa: E402
+from .threads import set_num_threads  # noqa: E402
+from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AvgPool2D", "BatchNorm1D", "BatchNorm2D", "Conv2D", "Dense", "Dropout", "Flatten", "Layer",
+    "LeakyReLU", "MaxPool2D", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh",
+    "CrossEntropyLoss", "MSELoss", "Sequential", "from_config",
+    "SGD", "Adam", "AdamW", "CosineAnnealingLR", "StepLR",
+    "History", "TrainingDiverged", "evaluate", "fit", "set_num_threads",
+    "checkpoint", "datasets", "functional", "losses", "models", "optim", "threads",
+]
