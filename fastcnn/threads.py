@@ -5,31 +5,34 @@ on the BLAS's own pool (OpenBLAS here, built with pthreads). Both pools want eve
 idle pool does not go to sleep at once: its threads keep spinning for a while in case more work
 arrives, stealing the cores the other pool is computing on.
 
-Measured (2-core Xeon, numba 0.68.1 with its ``omp`` threading layer = libgomp, numpy 2.4 with
-OpenBLAS 0.3.31 pthreads; Dense layers of the reference network at batch 64, forward + backward,
-between two parallel Numba kernels of 2.45 ms each, median of 300 steps; bench script in the
-report of the commit that added this file):
+Measured (2-core Xeon shared with other jobs, numba 0.68.1 with its ``omp`` threading layer =
+libgomp, numpy 2.4 with OpenBLAS 0.3.31 built with pthreads; /tmp bench, best of 10 runs of 20):
+the reference network's head Dense(1600,128)-ReLU-Dense(128,10), forward + backward at batch 64
+(the ReLU is a Numba kernel), alone and between two 2x2 max-pool forward+backward kernels on
+(64, 32, 26, 26):
 
-=================================================  ==============  ============
-setting                                            Dense alone     whole step
-=================================================  ==============  ============
-BLAS 2 threads (default)                           0.84 ms         17.0 ms
-BLAS 2 threads, ``OMP_WAIT_POLICY=PASSIVE``        1.02 ms         11.3 ms
-BLAS 2 threads, ``OPENBLAS_THREAD_TIMEOUT=4``      0.92 ms          6.7 ms
-BLAS 2 threads, both variables                     0.93 ms          6.0 ms
-**BLAS 1 thread** (any of the above)               **0.70 ms**      **5.7-5.8 ms**
-=================================================  ==============  ============
+    setting                                     Dense head     pool + Dense head + pool
+    BLAS 2 threads (default)                    8.2-11.5 ms    20-21 ms
+    BLAS 2 threads, OMP_WAIT_POLICY=PASSIVE     0.44 ms        1.98 ms (pools 25% slower)
+    BLAS 2 threads, OPENBLAS_THREAD_TIMEOUT=4   0.77-0.82 ms   1.33-1.45 ms
+    BLAS 1 thread (no variable set)             0.73 ms        1.57-1.63 ms
 
-So the BLAS is limited to ONE thread while training (:data:`BLAS_THREADS_DURING_COMPUTE`): the
-Dense products of a batch of 64 are too small to gain from a second BLAS thread (0.70 ms on one
-thread vs 0.84 ms on two even with nothing else running), and with one thread the product runs
-in the calling thread, so no BLAS worker is left spinning against Numba's pool.
+So the BLAS is limited to ONE thread while training and evaluating
+(:data:`BLAS_THREADS_DURING_COMPUTE`): with one thread the matrix product runs in the calling
+thread, so no BLAS worker is left spinning against Numba's pool, and it needs no environment
+variable. Two BLAS threads win only when the pools are told not to spin, which takes a variable
+read when the library loads (before numpy is imported), out of reach of a library:
 
-``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp only, i.e. on *Numba's* workers (the ``omp``
-threading layer), not on this OpenBLAS, whose pthreads workers busy-wait (``sched_yield`` loop)
-for ``2**OPENBLAS_THREAD_TIMEOUT`` cycles (default 2**28, about 0.1 s) after each call. Both
-variables are read once, when the library loads, so they cannot be changed from here at run time;
-with the BLAS limited to one thread neither is needed (5.7-5.8 ms with or without them).
+- ``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp, i.e. on *Numba's* workers (the ``omp`` threading
+  layer), not on this OpenBLAS. It makes Numba's workers sleep after each kernel, so every kernel
+  pays a wake-up: the pool kernels above ran 25% slower, and the step was slower than with one
+  BLAS thread. Not recommended.
+- This OpenBLAS (pthreads) busy-waits (a ``sched_yield`` loop) for ``2**OPENBLAS_THREAD_TIMEOUT``
+  cycles after each call (default 2**28, about 0.1 s), competing with Numba's threads.
+  ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment stops that; then two BLAS threads were ~15%
+  faster than one on the step above. Set it and use ``compute_threads(n, blas=n)`` if the Dense
+  layers dominate your network; for the reference network the difference is lost in the conv
+  layers' time.
 """
 from __future__ import annotations
 

@@ -177,3 +177,17 @@ def test_train_resume_evaluate_end_to_end(capsys, tmp_path):
     status, out3, err = run_main(capsys, "evaluate", full, "--limit", "800", "--data-dir", data_dir())
     assert status == 0, err
     assert out3.strip().splitlines()[-1] == lines[-1]
+
+
+@pytest.mark.slow
+@needs_mnist
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_exits_1_with_one_line(capsys, tmp_path):
+    out = str(tmp_path / "ck.safetensors")
+    status, stdout, err = run_main(capsys, "train", "--lr", "1e6", "--epochs", "2", "--limit", "256",
+                                   "--val-split", "0", "--out", out, "--data-dir", data_dir(),
+                                   "--no-download", "--no-progress")
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"diverged at epoch \d+, batch \d+ of 4", lines[0]), err
+    assert "test accuracy" not in stdout

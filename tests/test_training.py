@@ -380,22 +380,24 @@ def test_progress_bar_runs(capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(data_dir() is None, reason="MNIST not available (set FASTCNN_DATA)")
 def test_reference_network_learns_mnist():
+    """One epoch of SGD (lr 0.05, momentum 0.9, batch 64) on the first 12,000 MNIST training
+    images, evaluated on the first 2,000 test images.
+
+    Measured (seed 0, 2 threads, ~3 s): every layer trained 95.05% (loss 0.152). The same run
+    training only some layers, the others left at their random initialisation, i.e. what a
+    backward pass that fails to reach them could learn at best: conv1 frozen 91.60% (loss 0.244),
+    both convolutions frozen 87.25% (0.396), only the last Dense layer 57.50% (2.004), only the
+    biases 11.70% (2.288). The bar (>= 93% and loss <= 0.20) needs gradients through every layer.
+    """
     from fastcnn import datasets, models
 
     (x_train, y_train), (x_test, y_test) = datasets.mnist(root=data_dir(), download=False)
-    x_tr, y_tr = x_train[:8000], y_train[:8000]
-    x_te, y_te = x_test[:2000], y_test[:2000]
     model = models.reference(seed=0)
     opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
     t = time.perf_counter()
-    fit(model, CrossEntropyLoss(), opt, x_tr, y_tr, epochs=1, batch_size=64, seed=0, progress=False)
-    loss, acc = evaluate(model, x_te, y_te)
+    h = fit(model, CrossEntropyLoss(), opt, x_train[:12000], y_train[:12000], epochs=1, batch_size=64,
+            seed=0, progress=False)
+    loss, acc = evaluate(model, x_test[:2000], y_test[:2000])
     seconds = time.perf_counter() - t
-    # Measured: see ACCURACY_NOTE. Training only the last Dense layer (the rest frozen at its
-    # random initialisation) reaches far less, so this bar needs a working backward pass
-    # through every layer.
-    assert acc >= ACCURACY_BAR, (acc, loss, seconds)
-
-
-ACCURACY_BAR = 0.93
-ACCURACY_NOTE = "filled in after measurement"
+    assert h.train_loss[0] < 1.0
+    assert acc >= 0.93 and loss <= 0.20, (acc, loss, seconds)
