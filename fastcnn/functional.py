@@ -16,13 +16,17 @@ Supported dtypes are float32 and float64 (the kernels are compiled lazily for th
 Layout is NCHW. Padding is resolved to ``(top, bottom, left, right)``; the kernels take only the
 top/left offsets, the bottom/right padding being implied by the output's shape.
 """
-import importlib
 import numbers
 
 import numpy as np
 
+from .kernels import activations as _activations
+from .kernels import batchnorm as _batchnorm
+from .kernels import conv2d as _conv2d
+from .kernels import pool2d as _pool2d
+
 __all__ = [
-    "pair", "conv2d_padding", "pool2d_padding",
+    "check_float", "pair", "conv2d_padding", "pool2d_padding",
     "conv2d_output_shape", "conv2d_forward", "conv2d_backward",
     "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward",
@@ -35,12 +39,6 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _kernel(module):
-    """The kernel module ``fastcnn.kernels.<module>`` (imported on first use; calls go through the
-    module attribute so a test can replace a kernel function)."""
-    return importlib.import_module("fastcnn.kernels." + module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +224,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer=
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     y = np.empty(out_shape, dtype=x.dtype)
-    _kernel("conv2d").conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
+    _conv2d.conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
     return y
 
 
@@ -241,7 +239,7 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
     dy = check_float(dy, layer, "gradient")
     _check_shape_equal(dy, out_shape, layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
-    k = _kernel("conv2d")
+    k = _conv2d
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
     k.conv2d_backward_weight(x, dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
@@ -264,7 +262,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"
         x.shape, kernel_size, stride, padding, layer)
     y = np.empty(out_shape, dtype=x.dtype)
     argmax = np.empty(out_shape, dtype=np.int64)
-    _kernel("pool2d").maxpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y, argmax)
+    _pool2d.maxpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y, argmax)
     return y, argmax
 
 
@@ -281,7 +279,7 @@ def max_pool2d_backward(dy, argmax, input_shape, layer="MaxPool2D"):
     if argmax.size and (argmax.min() < 0 or argmax.max() >= input_shape[2] * input_shape[3]):
         raise ValueError(f"{layer}: argmax indices out of range for input {input_shape}")
     dx = np.empty(input_shape, dtype=dy.dtype)
-    _kernel("pool2d").maxpool2d_backward(dy, argmax, dx)
+    _pool2d.maxpool2d_backward(dy, argmax, dx)
     return dx
 
 
@@ -291,7 +289,7 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
         x.shape, kernel_size, stride, padding, layer)
     y = np.empty(out_shape, dtype=x.dtype)
-    _kernel("pool2d").avgpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y)
+    _pool2d.avgpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y)
     return y
 
 
@@ -303,7 +301,7 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
         input_shape, kernel_size, stride, padding, layer)
     _check_shape_equal(dy, out_shape, layer, "gradient")
     dx = np.empty(out_shape[:2] + tuple(int(s) for s in input_shape[2:]), dtype=dy.dtype)
-    _kernel("pool2d").avgpool2d_backward(dy, kh, kw, sh, sw, pads[0], pads[2], dx)
+    _pool2d.avgpool2d_backward(dy, kh, kw, sh, sw, pads[0], pads[2], dx)
     return dx
 
 
@@ -323,7 +321,7 @@ def relu_forward(x, layer="ReLU"):
     x = check_float(x, layer)
     y = np.empty_like(x)
     # 1-D views: one compiled signature per dtype whatever the rank.
-    _kernel("activations").relu_forward(x.reshape(-1), y.reshape(-1))
+    _activations.relu_forward(x.reshape(-1), y.reshape(-1))
     return y
 
 
@@ -332,7 +330,7 @@ def relu_backward(dy, y, layer="ReLU"):
     dy = _grad_like(dy, y, layer)
     y = np.ascontiguousarray(y)
     dx = np.empty_like(dy)
-    _kernel("activations").relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    _activations.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx
 
 
@@ -416,7 +414,7 @@ def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
     y = np.empty_like(x)
     mean = np.empty(c, dtype=x.dtype)
     invstd = np.empty(c, dtype=x.dtype)
-    _kernel("batchnorm").batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean,
+    _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean,
                                                  invstd)
     return y, mean, invstd
 
@@ -428,7 +426,7 @@ def batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5,
         x, layer, ("weight", gamma), ("bias", beta), ("running_mean", running_mean),
         ("running_var", running_var))
     y = np.empty_like(x)
-    _kernel("batchnorm").batchnorm_forward_eval(x, gamma, beta, running_mean, running_var,
+    _batchnorm.batchnorm_forward_eval(x, gamma, beta, running_mean, running_var,
                                                 x.dtype.type(eps), y)
     return y
 
@@ -441,7 +439,7 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
     dx = np.empty_like(x)
     dgamma = np.empty_like(gamma)
     dbeta = np.empty_like(gamma)
-    _kernel("batchnorm").batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
+    _batchnorm.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
 

@@ -15,6 +15,7 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)) from the ``r
 (a ``np.random.Generator``, or a seed); BatchNorm starts with weight (gamma) 1, bias (beta) 0,
 running mean 0 and running variance 1.
 """
+import inspect
 import math
 import numbers
 
@@ -195,7 +196,7 @@ class Layer:
     @classmethod
     def from_config(cls, config, rng=None):
         kwargs = {k: v for k, v in config.items() if k != "class"}
-        if "rng" in cls.__init__.__code__.co_varnames:
+        if "rng" in inspect.signature(cls).parameters:
             kwargs["rng"] = rng
         return cls(**kwargs)
 

@@ -395,3 +395,15 @@ def test_batchnorm_validation(no_kernels):
 def test_layer_name_in_messages(no_kernels):
     with pytest.raises(ValueError, match="^conv7: "):
         F.conv2d_forward(X4, W4, stride=0, layer="conv7")
+
+
+def test_no_kernels_fixture_is_effective(no_kernels):
+    """The fixture above really intercepts the kernels (so the validation tests mean something)."""
+    with pytest.raises(AssertionError, match="kernel conv2d.conv2d_forward reached"):
+        F.conv2d_forward(X4, W4)
+    with pytest.raises(AssertionError, match="kernel pool2d.maxpool2d_forward reached"):
+        F.max_pool2d_forward(X4, 2)
+    with pytest.raises(AssertionError, match="kernel activations.relu_forward reached"):
+        F.relu_forward(X4)
+    with pytest.raises(AssertionError, match="kernel batchnorm.batchnorm_forward_train reached"):
+        F.batch_norm_forward_train(X4, np.ones(3), np.ones(3))
