@@ -165,7 +165,8 @@ def build_parser():
     train.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue the run saved in CHECKPOINT by 'fastcnn train --out' "
                        "(same settings, same shuffling: bitwise the run that was not interrupted)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (it is shown only when stderr is a terminal anyway)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -383,7 +384,7 @@ def cmd_train(args):
             batch_size=settings["batch_size"],
             val_data=val_data,
             scheduler=scheduler,
-            progress=not args.no_progress,
+            progress=False if args.no_progress else None,  # None: only on a terminal
             checkpoint=out,
             threads=threads,
             verbose=True,

@@ -6,7 +6,7 @@ idle pool does not go to sleep at once: its threads keep spinning for a while in
 arrives, stealing the cores the other pool is computing on.
 
 Measured (2-core Xeon shared with other jobs, numba 0.68.1 with its ``omp`` threading layer =
-libgomp, numpy 2.4 with OpenBLAS 0.3.31 built with pthreads; /tmp bench, best of 10 runs of 20):
+libgomp, numpy 2.4 with OpenBLAS 0.3.31 built with pthreads; a throwaway bench, best of 10 runs of 20):
 the reference network's head Dense(1600,128)-ReLU-Dense(128,10), forward + backward at batch 64
 (the ReLU is a Numba kernel), alone and between two 2x2 max-pool forward+backward kernels on
 (64, 32, 26, 26):
@@ -16,6 +16,10 @@ the reference network's head Dense(1600,128)-ReLU-Dense(128,10), forward + backw
     BLAS 2 threads, OMP_WAIT_POLICY=PASSIVE     0.44 ms        1.98 ms (pools 25% slower)
     BLAS 2 threads, OPENBLAS_THREAD_TIMEOUT=4   0.77-0.82 ms   1.33-1.45 ms
     BLAS 1 thread (no variable set)             0.73 ms        1.57-1.63 ms
+
+A whole training step of the reference network (forward, backward, SGD; batch 64, 2 Numba
+threads): BLAS 1 thread 13.5-14.4 ms, BLAS 2 threads 42.6-59.6 ms; with
+``OPENBLAS_THREAD_TIMEOUT=4`` both about 11.7-12.0 ms (best of 5 runs of 10 steps, busy machine).
 
 So the BLAS is limited to ONE thread while training and evaluating
 (:data:`BLAS_THREADS_DURING_COMPUTE`): with one thread the matrix product runs in the calling
@@ -30,9 +34,9 @@ read when the library loads (before numpy is imported), out of reach of a librar
 - This OpenBLAS (pthreads) busy-waits (a ``sched_yield`` loop) for ``2**OPENBLAS_THREAD_TIMEOUT``
   cycles after each call (default 2**28, about 0.1 s), competing with Numba's threads.
   ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment stops that; then two BLAS threads were ~15%
-  faster than one on the step above. Set it and use ``compute_threads(n, blas=n)`` if the Dense
-  layers dominate your network; for the reference network the difference is lost in the conv
-  layers' time.
+  faster than one on the pool + Dense step above, and level with one thread on the whole
+  reference step. Set it and use ``compute_threads(n, blas=n)`` if Dense layers dominate your
+  network.
 """
 from __future__ import annotations
 

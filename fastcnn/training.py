@@ -384,7 +384,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, histor
 
     info = {
         "shuffle_state": _rng_state_to_json(rng.bit_generator.state),
-        "seed": int(seed),
+        "seed": None if seed is None else int(seed),
         "history": history.as_dict(),
     }
     payload = dict(extra or {})
