@@ -12,7 +12,7 @@ from . import _kernels_path
 
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
-from . import checkpoint, datasets, functional, losses, models, optim, threads  # noqa: E402
+from . import checkpoint, datasets, functional, losses, models, optim, threads, training  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
     BatchNorm1D,
@@ -44,5 +44,5 @@ __all__ = [
     "CrossEntropyLoss", "MSELoss", "Sequential", "from_config",
     "SGD", "Adam", "AdamW", "CosineAnnealingLR", "StepLR",
     "History", "TrainingDiverged", "evaluate", "fit", "set_num_threads",
-    "checkpoint", "datasets", "functional", "losses", "models", "optim", "threads",
+    "checkpoint", "datasets", "functional", "losses", "models", "optim", "threads", "training",
 ]
