@@ -137,7 +137,7 @@ def build_parser():
         "train",
         help="train the reference network on MNIST or Fashion-MNIST",
         description="Train the reference network (fastcnn summary) and report the test accuracy. "
-        "Prints one line per epoch and ends with 'test accuracy: NN.NN%%'.",
+        "Prints one line per epoch and ends with 'test accuracy: NN.NN%'.",
     )
     train.add_argument("--epochs", type=_nonneg_int, default=3,
                        help="train up to this epoch (with --resume: the total, not the number added) [3]")
@@ -172,7 +172,7 @@ def build_parser():
     ev = sub.add_parser(
         "evaluate",
         help="test accuracy of a checkpoint",
-        description="Evaluate a checkpoint on the test set; ends with 'test accuracy: NN.NN%%'.",
+        description="Evaluate a checkpoint on the test set; ends with 'test accuracy: NN.NN%'.",
     )
     ev.add_argument("checkpoint", metavar="CHECKPOINT")
     ev.add_argument("--dataset", choices=DATASETS,
