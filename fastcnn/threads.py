@@ -5,7 +5,7 @@ on the BLAS's own pool (OpenBLAS here, built with pthreads). Both pools want eve
 idle pool does not go to sleep at once: its threads keep spinning for a while in case more work
 arrives, stealing the cores the other pool is computing on.
 
-Measured (2-core Xeon shared with other jobs, numba 0.68.1 with its ``omp`` threading layer =
+Measured (2-core AMD EPYC (Zen 5, AVX-512) shared with other jobs, numba 0.68.1 with its ``omp`` threading layer =
 libgomp, numpy 2.4 with OpenBLAS 0.3.31 built with pthreads; a throwaway bench, best of 10 runs of 20):
 the reference network's head Dense(1600,128)-ReLU-Dense(128,10), forward + backward at batch 64
 (the ReLU is a Numba kernel), alone and between two 2x2 max-pool forward+backward kernels on
