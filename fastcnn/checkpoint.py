@@ -124,7 +124,8 @@ def _tensor(value, what):
     if not isinstance(value, np.ndarray):
         raise TypeError(f"checkpoint.save: {what} is a {type(value).__name__}, expected a numpy array")
     # safetensors stores little-endian, C-contiguous data
-    return np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    # np.require keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)
+    return np.require(value, dtype=value.dtype.newbyteorder("<"), requirements="C")
 
 
 def _split_optimizer_state(optimizer):

@@ -59,12 +59,18 @@ def check_float(x, layer, what="input"):
         x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{layer}: expected a float32 or float64 {what}, got dtype {x.dtype}")
-    return np.ascontiguousarray(x)
+    # np.require, not np.ascontiguousarray: that one turns a 0-d array into a 1-d one
+    return np.require(x, requirements="C")
 
 
 def _same_dtype(a, x, layer, what):
     if a.dtype != x.dtype:
         raise TypeError(f"{layer}: {what} dtype {a.dtype} does not match input dtype {x.dtype}")
+
+
+#: Upper bound of every size argument (kernel size, stride, padding, dilation, channel and
+#: feature counts): the kernels index with int64 arithmetic, and no real array gets near it.
+MAX_SIZE = 2**31 - 1
 
 
 def _check_int(value, name, layer, minimum):
@@ -73,6 +79,8 @@ def _check_int(value, name, layer, minimum):
     value = int(value)
     if value < minimum:
         raise ValueError(f"{layer}: expected {name} >= {minimum}, got {value}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{layer}: expected {name} <= {MAX_SIZE}, got {value}")
     return value
 
 
@@ -224,7 +232,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer=
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     y = np.empty(out_shape, dtype=x.dtype)
-    _conv2d.conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
+    if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
+        _conv2d.conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
     return y
 
 
@@ -237,9 +246,14 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer)
     dy = check_float(dy, layer, "gradient")
-    _check_shape_equal(dy, out_shape, layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
+    _check_shape_equal(dy, out_shape, layer, "gradient")
     k = _conv2d
+    if x.shape[0] == 0:
+        # An empty batch: zero gradients. (The kernels would write nothing into their outputs:
+        # their loops run over the images.)
+        dx = np.zeros_like(x) if input_grad else None
+        return dx, np.zeros_like(weight), (np.zeros(weight.shape[0], x.dtype) if bias else None)
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
     k.conv2d_backward_weight(x, dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
@@ -269,6 +283,9 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"
 def max_pool2d_backward(dy, argmax, input_shape, layer="MaxPool2D"):
     """Gradient of max pooling: dy scattered to ``argmax`` in a zero (N, C, H, W) array."""
     dy = check_float(dy, layer, "gradient")
+    argmax = np.asarray(argmax)
+    if argmax.dtype.kind not in "iu":
+        raise TypeError(f"{layer}: expected integer argmax indices, got dtype {argmax.dtype}")
     argmax = np.ascontiguousarray(argmax, dtype=np.int64)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4 or dy.ndim != 4 or dy.shape[:2] != input_shape[:2]:
@@ -311,8 +328,8 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
 
 def _grad_like(dy, y, layer):
     dy = check_float(dy, layer, "gradient")
+    _same_dtype(dy, y, layer, "gradient")  # dtype first, then shape: as every entry point
     _check_shape_equal(dy, y.shape, layer, "gradient")
-    _same_dtype(dy, y, layer, "gradient")
     return dy
 
 
@@ -328,7 +345,7 @@ def relu_forward(x, layer="ReLU"):
 def relu_backward(dy, y, layer="ReLU"):
     """dy where the forward output y > 0, else 0."""
     dy = _grad_like(dy, y, layer)
-    y = np.ascontiguousarray(y)
+    y = np.require(y, requirements="C")
     dx = np.empty_like(dy)
     _activations.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
     return dx
@@ -337,23 +354,24 @@ def relu_backward(dy, y, layer="ReLU"):
 def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
     x = check_float(x, layer)
     slope = x.dtype.type(negative_slope)
-    return np.where(x > 0, x, x * slope)
+    return np.asarray(np.where(x > 0, x, x * slope))
 
 
 def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
     """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
     dy = _grad_like(dy, x, layer)
     slope = dy.dtype.type(negative_slope)
-    return np.where(x > 0, dy, dy * slope)
+    return np.asarray(np.where(x > 0, dy, dy * slope))
 
 
 def tanh_forward(x, layer="Tanh"):
-    return np.tanh(check_float(x, layer))
+    # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
+    return np.asarray(np.tanh(check_float(x, layer)))
 
 
 def tanh_backward(dy, y, layer="Tanh"):
     dy = _grad_like(dy, y, layer)
-    return dy * (y.dtype.type(1) - y * y)
+    return np.asarray(dy * (y.dtype.type(1) - y * y))
 
 
 def sigmoid_forward(x, layer="Sigmoid"):
@@ -361,12 +379,12 @@ def sigmoid_forward(x, layer="Sigmoid"):
     x = check_float(x, layer)
     e = np.exp(-np.abs(x))
     one = x.dtype.type(1)
-    return np.where(x >= 0, one / (one + e), e / (one + e))
+    return np.asarray(np.where(x >= 0, one / (one + e), e / (one + e)))
 
 
 def sigmoid_backward(dy, y, layer="Sigmoid"):
     dy = _grad_like(dy, y, layer)
-    return dy * y * (y.dtype.type(1) - y)
+    return np.asarray(dy * y * (y.dtype.type(1) - y))
 
 
 def softmax_forward(x, dim=1, layer="Softmax"):
@@ -374,14 +392,16 @@ def softmax_forward(x, dim=1, layer="Softmax"):
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"{layer}: dim {dim} out of range for an input of rank {x.ndim} "
                          f"(shape {_fmt_shape(x.shape)})")
+    if x.size == 0:  # nothing to normalise (np.max would refuse an empty axis)
+        return x.copy()
     e = np.exp(x - np.max(x, axis=dim, keepdims=True))
-    return e / np.sum(e, axis=dim, keepdims=True)
+    return np.asarray(e / np.sum(e, axis=dim, keepdims=True))
 
 
 def softmax_backward(dy, y, dim=1, layer="Softmax"):
     """dx = y * (dy - sum(dy * y, dim))."""
     dy = _grad_like(dy, y, layer)
-    return y * (dy - np.sum(dy * y, axis=dim, keepdims=True))
+    return np.asarray(y * (dy - np.sum(dy * y, axis=dim, keepdims=True)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,8 +508,8 @@ def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
     dbias None unless ``bias``)."""
     x, weight, _ = _dense_args(x, weight, None, layer)
     dy = check_float(dy, layer, "gradient")
-    _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
+    _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
     dweight = dy.T @ x
     dbias = dy.sum(axis=0) if bias else None
     dx = dy @ weight if input_grad else None
@@ -507,12 +527,12 @@ def dropout_forward(x, p, rng, layer="Dropout"):
     if p >= 1:
         mask = np.zeros_like(x)
     else:
-        keep = rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+        keep = np.asarray(rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(p))
         mask = keep.astype(x.dtype)
         mask *= x.dtype.type(1.0 / (1.0 - p))
-    return x * mask, mask
+    return np.asarray(x * mask), mask
 
 
 def dropout_backward(dy, mask, layer="Dropout"):
     dy = _grad_like(dy, mask, layer)
-    return dy * mask
+    return np.asarray(dy * mask)

@@ -80,6 +80,8 @@ def _positive_int(value, name, layer):
         raise TypeError(f"{layer}: expected {name} to be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{layer}: expected {name} >= 1, got {value}")
+    if value > F.MAX_SIZE:
+        raise ValueError(f"{layer}: expected {name} <= {F.MAX_SIZE}, got {value}")
     return int(value)
 
 
@@ -141,6 +143,18 @@ class Layer:
         if cached is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
         return cached
+
+    def _grad_as(self, dy, shape, dtype):
+        """The upstream gradient of a parameter-free layer: a float array of the forward output's
+        shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
+        dy = F.check_float(dy, self.name, "gradient")
+        if dy.dtype != dtype:
+            raise TypeError(f"{self.name}: gradient dtype {dy.dtype} does not match the dtype of "
+                            f"the forward output {dtype}")
+        if dy.shape != tuple(shape):
+            raise ValueError(f"{self.name}: expected gradient of shape {F._fmt_shape(shape)}, "
+                             f"got {F._fmt_shape(dy.shape)}")
+        return dy
 
     # -- mode -------------------------------------------------------------------------------
     def train(self, mode=True):
@@ -252,15 +266,23 @@ class _ParamLayer(Layer):
         if x.dtype.kind != "f":
             raise TypeError(f"{self.name}: expected a floating-point input (float32 or float64), "
                             f"got dtype {x.dtype}")
-        self._in_dtype = x.dtype
+        self._in_dtype = x.dtype.newbyteorder("=")  # gradients come back in native byte order
         return x if x.dtype == self.dtype else x.astype(self.dtype)
 
     def _output_grad(self, dx):
         return dx if dx is None or dx.dtype == self._in_dtype else dx.astype(self._in_dtype)
 
-    def _grad(self, dy):
+    def _grad(self, dy, shape=None):
+        """The upstream gradient in the layer's dtype (any floating dtype is cast); with
+        ``shape``, checked to be of that shape."""
         dy = np.asarray(dy)
-        if dy.dtype.kind == "f" and dy.dtype != self.dtype:
+        if dy.dtype.kind != "f":
+            raise TypeError(f"{self.name}: expected a floating-point gradient (float32 or "
+                            f"float64), got dtype {dy.dtype}")
+        if shape is not None and dy.shape != tuple(shape):
+            raise ValueError(f"{self.name}: expected gradient of shape {F._fmt_shape(shape)}, "
+                             f"got {F._fmt_shape(dy.shape)}")
+        if dy.dtype != self.dtype:
             dy = dy.astype(self.dtype)
         return dy
 
@@ -389,11 +411,12 @@ class MaxPool2D(_Pool2D):
     def forward(self, x):
         y, self._argmax = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
                                                layer=self.name)
-        self._x_shape = np.shape(x)
+        self._x_shape, self._dtype = np.shape(x), y.dtype
         return y
 
     def backward(self, dy):
         shape = self._need(self._x_shape)
+        dy = self._grad_as(dy, self._argmax.shape, self._dtype)
         return F.max_pool2d_backward(dy, self._argmax, shape, layer=self.name)
 
 
@@ -402,11 +425,12 @@ class AvgPool2D(_Pool2D):
 
     def forward(self, x):
         y = F.avg_pool2d_forward(x, self.kernel_size, self.stride, self.padding, layer=self.name)
-        self._x_shape = np.shape(x)
+        self._x_shape, self._y_shape, self._dtype = np.shape(x), y.shape, y.dtype
         return y
 
     def backward(self, dy):
         shape = self._need(self._x_shape)
+        dy = self._grad_as(dy, self._y_shape, self._dtype)
         return F.avg_pool2d_backward(dy, shape, self.kernel_size, self.stride, self.padding,
                                      layer=self.name)
 
@@ -480,7 +504,7 @@ class BatchNorm2D(_ParamLayer):
 
     def backward(self, dy):
         mode, x4, a, b = self._need(self._cache)
-        dy = self._grad(dy).reshape(x4.shape)
+        dy = self._grad(dy, self._x_shape).reshape(x4.shape)
         if mode == "train":
             dx, dgamma, dbeta = F.batch_norm_backward(dy, x4, self.weight.data, a, b,
                                                       layer=self.name)
@@ -684,15 +708,12 @@ class Flatten(Layer):
 
     def forward(self, x):
         x = F.check_float(x, self.name)
-        self._x_shape = x.shape
+        self._x_shape, self._dtype = x.shape, x.dtype
         return x.reshape(self.output_shape(x.shape))
 
     def backward(self, dy):
         shape = self._need(self._x_shape)
-        dy = F.check_float(dy, self.name, "gradient")
-        if dy.shape != (shape[0], int(np.prod(shape[1:]))):
-            raise ValueError(f"{self.name}: expected gradient of shape "
-                             f"{(shape[0], int(np.prod(shape[1:])))}, got {dy.shape}")
+        dy = self._grad_as(dy, (shape[0], int(np.prod(shape[1:]))), self._dtype)
         return dy.reshape(shape)
 
     def output_shape(self, input_shape):
@@ -728,6 +749,7 @@ class Dropout(Layer):
 
     def forward(self, x):
         x = F.check_float(x, self.name)
+        self._x_shape, self._dtype = x.shape, x.dtype
         if not self.training or self.p == 0:
             self._mask = False
             return x
@@ -736,8 +758,9 @@ class Dropout(Layer):
 
     def backward(self, dy):
         mask = self._need(self._mask)
+        dy = self._grad_as(dy, self._x_shape, self._dtype)
         if mask is False:
-            return F.check_float(dy, self.name, "gradient")
+            return dy
         return F.dropout_backward(dy, mask, layer=self.name)
 
     def get_rng_state(self):

@@ -8,7 +8,10 @@ import numpy as np
 
 
 def relu_forward(x):
-    y = np.zeros_like(x)
+    # np.zeros, not np.zeros_like: a Fortran-ordered zeros_like would make the reshape below a
+    # copy, and the loop would write into the copy
+    x = np.require(x, requirements="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+    y = np.zeros(x.shape, dtype=x.dtype)
     flat_x, flat_y = x.reshape(-1), y.reshape(-1)
     for i in range(flat_x.size):
         value = flat_x[i]
@@ -17,7 +20,8 @@ def relu_forward(x):
 
 
 def relu_backward(x, dy):
-    dx = np.zeros_like(dy)
+    x, dy = np.require(x, requirements="C"), np.require(dy, requirements="C")
+    dx = np.zeros(dy.shape, dtype=dy.dtype)
     flat_x, flat_dy, flat_dx = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
     for i in range(flat_x.size):
         flat_dx[i] = flat_dy[i] if flat_x[i] > 0 else 0

@@ -1,0 +1,30 @@
+"""pytest plugin (``-p fuzz_boundscheck``): compile every kernel with ``parallel=False,
+boundscheck=True`` and no cache, so an out-of-bounds index in a kernel raises IndexError instead
+of silently reading or writing outside an array.
+
+``NUMBA_BOUNDSCHECK=1`` alone is not enough: inside a ``prange`` body of a parallel kernel the
+check is not done (see /work/shared/design.md), so the parallel build hides the very bugs it is
+meant to find. This plugin patches ``numba.njit`` before fastcnn (and so fastcnn.kernels) is
+imported; it is loaded by tests/test_fuzz.py for one run of tests/fuzz_cases.py in a child
+interpreter. It is slow to compile (about 20 s for every kernel in both dtypes) and must never
+be loaded into a normal test run.
+"""
+import sys
+
+import numba
+
+if any(name == "fastcnn" or name.startswith("fastcnn.") for name in sys.modules):
+    raise RuntimeError("fuzz_boundscheck must be loaded before fastcnn is imported")
+
+_njit = numba.njit
+
+
+def _debug_njit(*args, **kwargs):
+    if args and callable(args[0]):  # bare @njit
+        return _njit(boundscheck=True, cache=False)(args[0])
+    kwargs.update(parallel=False, boundscheck=True, cache=False)
+    return _njit(*args, **kwargs)
+
+
+numba.njit = _debug_njit
+BOUNDSCHECK = True
