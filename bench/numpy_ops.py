@@ -54,3 +54,26 @@ def maxpool2x2_backward(x, y, dy):
     dx = np.zeros_like(x)
     dx[:, :, : 2 * oh, : 2 * ow] = (mask * dy[:, :, :, None, :, None]).reshape(n, c, 2 * oh, 2 * ow)
     return dx
+
+
+def avgpool2x2_forward(x):
+    n, c, h, w = x.shape
+    oh, ow = h // 2, w // 2
+    return x[:, :, : 2 * oh, : 2 * ow].reshape(n, c, oh, 2, ow, 2).mean(axis=(3, 5))
+
+
+def batchnorm_forward_train(x, gamma, beta, eps):
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    invstd = 1 / np.sqrt(var + eps)
+    return (x - mean) * invstd * gamma[None, :, None, None] + beta[None, :, None, None], mean, invstd
+
+
+def batchnorm_backward(x, gamma, dy, mean, invstd):
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    xhat = (x - mean) * invstd
+    dbeta = dy.sum(axis=(0, 2, 3))
+    dgamma = (dy * xhat).sum(axis=(0, 2, 3))
+    scale = (gamma[None, :, None, None] * invstd) / m
+    dx = scale * (m * dy - dbeta[None, :, None, None] - xhat * dgamma[None, :, None, None])
+    return dx, dgamma, dbeta

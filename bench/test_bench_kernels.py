@@ -3,7 +3,9 @@
     python -m pytest bench/ --benchmark-enable
 
 Implementations: naive (the textbook loops of tests/naive, one round: they take seconds),
-numpy (im2col + matmul; reshape + max), fastcnn (the Numba kernels), torch (if installed).
+numpy (im2col + matmul; reshape + max; bench/numpy_ops.py), fastcnn (the Numba kernels),
+torch (if installed). Convolution, max pooling at the reference shapes; ReLU, average pooling and
+batch normalisation at the first layer's activation shape (64, 32, 26, 26).
 """
 import numba
 import numpy as np
@@ -12,7 +14,11 @@ import pytest
 import numpy_ops
 from conftest import torch
 from fastcnn.kernels import conv2d as kconv
+from fastcnn.kernels import activations as kact
+from fastcnn.kernels import batchnorm as kbn
 from fastcnn.kernels import pool2d as kpool
+from naive import activations as naive_act
+from naive import batchnorm as naive_bn
 from naive import conv2d as naive_conv
 from naive import pool2d as naive_pool
 
@@ -152,3 +158,105 @@ def test_maxpool2d_backward(record, shape, impl):
             tdy, tx, [2, 2], [2, 2], [0, 0], [1, 1], False, tidx
         )
     record(f"{shape} backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+
+
+# The other kernels, at the activation shape of the reference network's first layer (they are not
+# in the reference network itself, except ReLU): memory-bound passes, so no GFLOP/s column.
+ACT_SHAPE = (BATCH, 32, 26, 26)
+ACT_NAME = "64x32x26x26"
+
+
+def _activation():
+    return np.random.default_rng(0).standard_normal(ACT_SHAPE, dtype=np.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_relu_forward_backward(record, impl):
+    _skip_missing(impl)
+    x = _activation()
+    dy = _activation()
+    y, dx = np.empty_like(x), np.empty_like(x)
+
+    def fastcnn_relu():
+        kact.relu_forward(x.reshape(-1), y.reshape(-1))
+        kact.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+
+    fns = {
+        "naive": lambda: (naive_act.relu_forward(x), naive_act.relu_backward(x, dy)),
+        "numpy": lambda: np.where(np.maximum(x, 0) > 0, dy, np.float32(0)),
+        "fastcnn": fastcnn_relu,
+    }
+    if impl == "torch":
+        _torch_threads()
+        tx = torch.from_numpy(x).requires_grad_()
+        tdy = torch.from_numpy(dy)
+        fns["torch"] = lambda: torch.relu(tx).backward(tdy)
+    record(f"relu {ACT_NAME} forward+backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_avgpool2d_forward_backward(record, impl):
+    _skip_missing(impl)
+    x = _activation()
+    out = np.empty((BATCH, 32, 13, 13), np.float32)
+    dy = np.random.default_rng(1).standard_normal(out.shape, dtype=np.float32)
+    dx = np.empty_like(x)
+    pad = ((0, 0), (0, 0))
+
+    def fastcnn_avg():
+        kpool.avgpool2d_forward(x, 2, 2, 2, 2, 0, 0, out)
+        kpool.avgpool2d_backward(dy, 2, 2, 2, 2, 0, 0, dx)
+
+    def numpy_avg():
+        numpy_ops.avgpool2x2_forward(x)
+        return np.repeat(np.repeat(dy, 2, axis=2), 2, axis=3) * np.float32(0.25)
+
+    fns = {
+        "naive": lambda: (naive_pool.avgpool2d_forward(x, (2, 2), (2, 2), pad),
+                          naive_pool.avgpool2d_backward(x.shape, dy, (2, 2), (2, 2), pad)),
+        "numpy": numpy_avg,
+        "fastcnn": fastcnn_avg,
+    }
+    if impl == "torch":
+        _torch_threads()
+        tx = torch.from_numpy(x).requires_grad_()
+        tdy = torch.from_numpy(dy)
+        fns["torch"] = lambda: torch.nn.functional.avg_pool2d(tx, 2).backward(tdy)
+    record(f"avgpool 2x2 {ACT_NAME} forward+backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batchnorm_train_forward_backward(record, impl):
+    _skip_missing(impl)
+    x = _activation()
+    dy = np.random.default_rng(1).standard_normal(ACT_SHAPE, dtype=np.float32)
+    c = ACT_SHAPE[1]
+    gamma = np.ones(c, np.float32)
+    beta = np.zeros(c, np.float32)
+    eps = np.float32(1e-5)
+    out, dx = np.empty_like(x), np.empty_like(x)
+    mean, invstd, dgamma, dbeta = (np.empty(c, np.float32) for _ in range(4))
+
+    def fastcnn_bn():
+        kbn.batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd)
+        kbn.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
+
+    def numpy_bn():
+        _, m, s = numpy_ops.batchnorm_forward_train(x, gamma, beta, eps)
+        numpy_ops.batchnorm_backward(x, gamma, dy, m, s)
+
+    fns = {
+        "naive": lambda: (naive_bn.batchnorm_forward_train(x, gamma, beta, 1e-5),
+                          naive_bn.batchnorm_backward(x, gamma, dy, 1e-5)),
+        "numpy": numpy_bn,
+        "fastcnn": fastcnn_bn,
+    }
+    if impl == "torch":
+        _torch_threads()
+        tx = torch.from_numpy(x).requires_grad_()
+        tg = torch.from_numpy(gamma).requires_grad_()
+        tb = torch.from_numpy(beta).requires_grad_()
+        tdy = torch.from_numpy(dy)
+        fns["torch"] = lambda: torch.nn.functional.batch_norm(
+            tx, None, None, tg, tb, training=True, eps=1e-5).backward(tdy)
+    record(f"batchnorm {ACT_NAME} train fwd+bwd", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
