@@ -15,7 +15,10 @@ File format (a plain safetensors file, readable by any safetensors reader, no pi
   version, the fastcnn version, the architecture config (``model.get_config()``), the names,
   shapes and dtypes of all tensors, a sha256 over all tensor data, the optimizer class,
   hyper-parameters and per-parameter non-array state (``step``), the scheduler class and state,
-  the epoch and ``extra``.
+  the epoch and ``extra``, and (format 2) ``meta_sha256``, a sha256 of all of that metadata
+  (its canonical JSON: sorted keys, no spaces), so that a corrupted number in the metadata (a
+  learning rate, an epoch) is refused like corrupted tensor data. Format 1 files (without it)
+  are still read.
 
 Writing is atomic: a temporary file in the destination folder is written, flushed and fsynced,
 then renamed over the destination (``os.replace``) and the folder is fsynced. On any error the
@@ -41,7 +44,7 @@ import safetensors.numpy as _st
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "fastcnn-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
 _META_KEY = "fastcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
@@ -112,6 +115,8 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None):
     }
     try:
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
+        meta["meta_sha256"] = _meta_digest(json.loads(meta_json))
+        meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
                         f"extra, configs and scheduler state must be JSON-able") from exc
@@ -153,6 +158,14 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} {value!r:.80} is not JSON serializable")
+
+
+def _meta_digest(meta):
+    """sha256 of the metadata as parsed from JSON (without its own "meta_sha256" entry), over its
+    canonical JSON: the same for any formatting of the same content."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=True).encode()).hexdigest()
 
 
 def _digest(tensors):
@@ -334,6 +347,9 @@ def read_file(path):
              f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
     if version < 1:
         fail(f"unknown checkpoint format version {version}")
+    if version >= 2 or "meta_sha256" in meta:
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            fail("metadata checksum mismatch: the file is corrupted")
     for key in ("model", "tensors", "sha256"):
         if key not in meta:
             fail(f"corrupted metadata: no {key!r} entry")

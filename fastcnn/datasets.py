@@ -29,6 +29,7 @@ import http.client
 import os
 import secrets
 import threading
+import time
 import urllib.request
 import zlib
 from collections import OrderedDict
@@ -281,9 +282,16 @@ def _read_payload(path):
             f"{_fix_hint(path)}") from exc
 
 
+# A file is cached only if it was last changed at least this long before it was read: a file
+# rewritten within one tick of a coarse file-system clock (FAT: 2 s; many kernels: a few ms)
+# keeps its size and timestamps, and must not be served from the cache (git's "racy" files).
+_RACY_NS = 3_000_000_000
+
+
 def _cached_idx(path, parse):
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, parse.__name__)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+           parse.__name__)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -291,6 +299,8 @@ def _cached_idx(path, parse):
             return hit
     array = parse(path, _read_payload(path))
     array.flags.writeable = False
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+        return array  # changed just now: may change again with the same timestamps
     with _cache_lock:
         _cache[key] = array
         while len(_cache) > _CACHE_ENTRIES:

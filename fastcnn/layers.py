@@ -773,12 +773,6 @@ class Dropout(Layer):
     def get_config(self):
         return {"class": self.name, "p": self.p, "seed": self.seed}
 
-    def output_shape(self, input_shape):
-        shape = tuple(int(s) for s in input_shape)
-        if len(shape) < 1:
-            raise ValueError(f"{self.name}: expected an input of rank >= 1, got {shape}")
-        return shape
-
 
 LAYERS = {cls.__name__: cls for cls in (
     Conv2D, MaxPool2D, AvgPool2D, BatchNorm2D, BatchNorm1D, Dense, ReLU, LeakyReLU, Tanh,

@@ -7,6 +7,8 @@
 Computation stays in the input's dtype (float32 in, float32 out); these are small arrays
 (N x C), so plain vectorised numpy is used, no kernel.
 """
+import numbers
+
 import numpy as np
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
@@ -71,11 +73,10 @@ class CrossEntropyLoss(_Loss):
 
     def __init__(self, label_smoothing=0.0, reduction="mean"):
         super().__init__(reduction)
-        try:
-            ok = 0.0 <= float(label_smoothing) <= 1.0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or isinstance(label_smoothing, bool):
+        # a number, not a string float() would parse ("0.1") nor a bool
+        ok = (isinstance(label_smoothing, numbers.Real) and not isinstance(label_smoothing, bool)
+              and 0.0 <= float(label_smoothing) <= 1.0)
+        if not ok:
             raise ValueError(
                 f"CrossEntropyLoss: expected label_smoothing in [0, 1], got {label_smoothing!r}"
             )
@@ -173,7 +174,7 @@ class MSELoss(_Loss):
 
     def backward(self):
         diff = self._cached()
-        d = diff * diff.dtype.type(2)
+        d = np.asarray(diff * diff.dtype.type(2))  # (a 0-d input gives a numpy scalar)
         if self.reduction == "mean":
             d /= diff.dtype.type(diff.size)
         return d

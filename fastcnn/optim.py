@@ -66,6 +66,9 @@ class Optimizer:
                 )
             if not np.issubdtype(data.dtype, np.floating):
                 raise TypeError(f"{name}: expected floating parameter {i}, got {data.dtype}")
+            if not data.flags.writeable:
+                raise ValueError(f"{name}: expected parameter {i} to be writeable (updated in "
+                                 f"place), got a read-only array")
             if id(p) in seen:
                 raise ValueError(f"{name}: parameter {i} appears more than once in the list")
             seen.add(id(p))
@@ -94,6 +97,9 @@ class Optimizer:
             if grad is None:
                 continue
             data = p.data
+            if not isinstance(grad, np.ndarray):
+                raise TypeError(f"{name}: expected parameter {i}'s gradient to be a numpy array, "
+                                f"got {type(grad).__name__}")
             if grad.shape != data.shape or grad.dtype != data.dtype:
                 raise ValueError(
                     f"{name}: expected parameter {i}'s gradient of shape {data.shape} and dtype "

@@ -25,6 +25,7 @@ Each example is counted; with ``FASTCNN_FUZZ_REPORT=<file>`` the counts are writ
 JSON at the end of the module (tests/test_fuzz.py reads and reports them).
 """
 import collections
+import functools
 import gzip
 import json
 import math
@@ -74,9 +75,20 @@ def _report_counts():
 
 
 def fuzz(weight=1.0):
-    """Hypothesis settings for a fuzz case: ``weight`` x FASTCNN_FUZZ_EXAMPLES examples."""
-    return settings(max_examples=max(2, int(EXAMPLES * weight)), deadline=None,
-                    suppress_health_check=list(HealthCheck), print_blob=True)
+    """Hypothesis settings for a fuzz case (``weight`` x FASTCNN_FUZZ_EXAMPLES examples), and a
+    counter of the examples it runs (hypothesis' documented ``inner_test`` hook)."""
+    def decorate(test):
+        inner = test.hypothesis.inner_test
+
+        @functools.wraps(inner)
+        def counted(*args, **kwargs):
+            COUNTS[f"examples:{inner.__name__}"] += 1
+            return inner(*args, **kwargs)
+
+        test.hypothesis.inner_test = counted
+        return settings(max_examples=max(2, int(EXAMPLES * weight)), deadline=None,
+                        suppress_health_check=list(HealthCheck), print_blob=True)(test)
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +443,8 @@ def test_pool2d(data, cls):
     stride = None if d(st.booleans()) else d(int_args(1, 3))
     k = oracle_pair(ks, 1)
     s = k if stride is None else oracle_pair(stride, 1)
-    p = oracle_pair(pad, 0)
+    # a string padding ('same', as a convolution's) is a value pools do not support: ValueError
+    p = ValueError if isinstance(pad, str) else oracle_pair(pad, 0)
     problems = errors_of(k, s, p)
     if not problems and (p[0] > k[0] // 2 or p[1] > k[1] // 2):
         problems = [ValueError]
@@ -810,3 +823,817 @@ def test_dropout(data, training):
     with np.errstate(all="ignore"):
         assert_close(layer.backward(dy), f64(dya) * mask, dtype, "Dropout dx")
     tally("Dropout.backward", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential: forward, backward, summary, predict and load_state_dict against a twin model whose
+# layers are run one by one
+
+@st.composite
+def stacks(draw):
+    """(layers, input shape): a random stack that mostly fits its input, sometimes not."""
+    dtype = draw(st.sampled_from(GOOD + ("float32",)))
+    n, c = draw(st.integers(0, 2)), draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    shape = [n, c, h, w]
+    out = []
+    for _ in range(draw(st.integers(1, 5))):
+        off = draw(st.sampled_from([0] * 12 + [1, -1]))  # a channel / feature count that does not fit
+        seed = draw(st.integers(0, 99))
+        choice = draw(st.sampled_from(["conv", "maxpool", "avgpool", "bn", "act", "dropout",
+                                       "flatten", "dense", "softmax"]))
+        if len(shape) == 4 and choice in ("conv", "maxpool", "avgpool", "bn"):
+            if choice == "conv":
+                k, p, f = draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(1, 3))
+                out.append(layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed))
+                shape = [n, f, shape[2] + 2 * p - k + 1, shape[3] + 2 * p - k + 1]
+            elif choice in ("maxpool", "avgpool"):
+                k = draw(st.integers(1, 2))
+                cls = layers.MaxPool2D if choice == "maxpool" else layers.AvgPool2D
+                out.append(cls(k))
+                shape = [n, shape[1], shape[2] // k, shape[3] // k]
+            else:
+                out.append(layers.BatchNorm2D(max(1, shape[1] + off), dtype=dtype))
+        elif choice in ("flatten", "dense", "bn") or (choice == "conv" and len(shape) == 2):
+            if len(shape) == 4:
+                out.append(layers.Flatten())
+                shape = [n, shape[1] * shape[2] * shape[3]]
+            elif choice == "bn":
+                out.append(layers.BatchNorm1D(max(1, shape[1] + off), dtype=dtype))
+            else:
+                f = draw(st.integers(1, 4))
+                out.append(layers.Dense(max(1, shape[1] + off), f, dtype=dtype, rng=seed))
+                shape = [n, f]
+        elif choice == "act":
+            out.append(draw(st.sampled_from([layers.ReLU, layers.Tanh, layers.Sigmoid,
+                                             layers.LeakyReLU]))())
+        elif choice == "dropout":
+            out.append(layers.Dropout(draw(st.sampled_from([0.0, 0.3, 0.5])), seed=seed))
+        else:
+            out.append(layers.Softmax(1))
+    return out, (n, c, h, w)
+
+
+def _run_chain(layer_list, x):
+    """Forward one layer at a time: ("ok", y) or ("error", index, exception)."""
+    for i, layer in enumerate(layer_list):
+        try:
+            x = layer.forward(x)
+        except (ValueError, TypeError) as exc:
+            return ("error", i, exc)
+    return ("ok", x)
+
+
+def _run_chain_backward(layer_list, dy):
+    """Backward one layer at a time (after ``_run_chain``): ("ok", dx) or ("error", index, exc)."""
+    for i, layer in reversed(list(enumerate(layer_list))):
+        try:
+            dy = layer.backward(dy)
+        except (ValueError, TypeError) as exc:
+            return ("error", i, exc)
+    return ("ok", dy)
+
+
+def _twin(model):
+    twin = from_config(model.get_config())
+    twin.load_state_dict(model.state_dict())
+    twin.set_rng_state(json.loads(json.dumps(model.get_rng_state())))
+    return twin.train(model.training)
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k], equal_nan=True) for k in sa)
+
+
+def _grads(model):
+    return [p.grad.copy() for p in model.parameters()]
+
+
+@fuzz(1.5)
+@given(data=st.data(), spec=stacks(), training=st.booleans())
+def test_sequential(data, spec, training):
+    d = data.draw
+    layer_list, shape = spec
+    model = Sequential(layer_list).train(training)
+    twin = _twin(model)
+    if d(st.integers(0, 7)) == 0:
+        shape = d(odd_shapes())
+    x = d(arrays(shape, dtypes=GOOD * 6 + HALF + ("int64", "complex64")))
+    snap = snapshot(x)
+    expected = _run_chain(twin.layers, x)
+    if expected[0] == "error":
+        _, i, exc = expected
+        name = type(layer_list[i]).__name__
+        got = expect_error(lambda: model(x), type(exc), name)
+        assert str(got) == str(exc)
+        tally("Sequential.forward", "invalid")
+        xa = np.asarray(x)
+        if (kind(xa) == "f" and xa.dtype.itemsize in (4, 8) and isinstance(exc, ValueError)
+                and "more than 1 value per channel" not in str(exc)):
+            # summary() checks the same shapes without computing anything
+            expect_error(lambda: model.summary(xa.shape, print_fn=None), ValueError, name)
+            tally("Sequential.summary", "invalid")
+        return
+    y = model(x)
+    assert unchanged(x, snap)
+    assert np.array_equal(y, expected[1], equal_nan=True) and y.dtype == expected[1].dtype
+    assert _same_state(model, twin)  # BatchNorm running statistics updated the same way
+    tally("Sequential.forward", "valid")
+    xa = np.asarray(x)
+    if kind(xa) == "f" and xa.dtype.itemsize in (4, 8):
+        text = model.summary(xa.shape, print_fn=None)
+        assert text.rstrip().endswith(f"Output shape: {tuple(y.shape)}"), text
+        tally("Sequential.summary", "valid")
+
+    dy = grad_array(d, y.shape, dtypes=(y.dtype.name,) * 6 + ("float16", "int64"))
+    expected = _run_chain_backward(twin.layers, dy)
+    if expected[0] == "error":
+        _, i, exc = expected
+        got = expect_error(lambda: model.backward(dy), type(exc), type(layer_list[i]).__name__)
+        assert str(got) == str(exc)
+        tally("Sequential.backward", "invalid")
+    else:
+        dx = model.backward(dy)
+        assert np.array_equal(dx, expected[1], equal_nan=True) and dx.dtype == expected[1].dtype
+        for g, h in zip(_grads(model), _grads(twin)):
+            assert np.array_equal(g, h, equal_nan=True)
+        tally("Sequential.backward", "valid")
+
+    # predict: eval mode, in batches, the mode restored
+    bs = d(st.sampled_from([1, 2, 3, 256, 0, -1, 1.5, None]))
+    if isinstance(bs, (float, type(None))):
+        expect_error(lambda: model.predict(x, bs), TypeError, "Sequential.predict")
+        return tally("Sequential.predict", "invalid")
+    if bs < 1:
+        expect_error(lambda: model.predict(x, bs), ValueError, "Sequential.predict")
+        return tally("Sequential.predict", "invalid")
+    twin.eval()
+    xs = np.asarray(x)
+    if xs.ndim < 1:
+        expect_error(lambda: model.predict(x, bs), ValueError, "Sequential.predict")
+        return tally("Sequential.predict", "invalid")
+    chunks = [xs] if xs.shape[0] <= bs else [xs[i:i + bs] for i in range(0, xs.shape[0], bs)]
+    outs = [_run_chain(twin.layers, chunk) for chunk in chunks]
+    if any(o[0] == "error" for o in outs):
+        o = next(o for o in outs if o[0] == "error")
+        expect_error(lambda: model.predict(x, bs), type(o[2]), type(layer_list[o[1]]).__name__)
+        tally("Sequential.predict", "invalid")
+    else:
+        p = model.predict(x, bs)
+        e = outs[0][1] if len(outs) == 1 else np.concatenate([o[1] for o in outs])
+        assert np.array_equal(p, e, equal_nan=True)
+        tally("Sequential.predict", "valid")
+    assert model.training == training and all(la.training == training for la in model.layers)
+
+
+@fuzz(1.0)
+@given(data=st.data(), spec=stacks(), strict=st.booleans())
+def test_load_state_dict(data, spec, strict):
+    d = data.draw
+    model = Sequential(spec[0])
+    before = model.state_dict()
+    state = {k: v + 1 for k, v in before.items()}  # new values of the right shapes and dtypes
+    how = d(st.sampled_from(["ok", "ok", "drop", "add", "shape", "dtype", "list", "scalar",
+                             "not a dict", "nan"]))
+    keys = sorted(state)
+    key = d(st.sampled_from(keys)) if keys else None
+    problem = None
+    if how == "drop" and key:
+        del state[key]
+        problem = ValueError if strict else None
+    elif how == "add":
+        state["99.weight"] = np.zeros(3, np.float32)
+        problem = ValueError if strict else None
+    elif how == "shape" and key:
+        state[key] = np.zeros(state[key].shape + (1,), state[key].dtype)
+        problem = ValueError
+    elif how == "dtype" and key:
+        state[key] = state[key].astype(np.float16)
+        problem = ValueError
+    elif how == "list" and key:
+        state[key] = state[key].tolist()  # becomes float64 (or a float64 scalar)
+        problem = None if state and np.asarray(state[key]).dtype == before[key].dtype and \
+            np.asarray(state[key]).shape == before[key].shape else ValueError
+    elif how == "scalar" and key:
+        state[key] = 1.0
+        problem = None if before[key].shape == () and before[key].dtype == np.float64 else ValueError
+    elif how == "not a dict":
+        state = list(state.items())
+        problem = TypeError
+    elif how == "nan" and key:
+        state[key] = np.full_like(state[key], np.nan)
+    if problem:
+        expect_error(lambda: model.load_state_dict(state, strict=strict), problem, "Sequential")
+        after = model.state_dict()
+        assert all(np.array_equal(after[k], before[k]) for k in before), "half-loaded"
+        return tally("Sequential.load_state_dict", "invalid")
+    model.load_state_dict(state, strict=strict)
+    after = model.state_dict()
+    for k in before:
+        want = np.asarray(state[k]) if k in state else before[k]
+        assert after[k].dtype == before[k].dtype
+        assert np.array_equal(after[k], want.astype(before[k].dtype), equal_nan=True), k
+    tally("Sequential.load_state_dict", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+def _ce_problem(logits, labels):
+    if not isinstance(logits, np.ndarray) or logits.dtype.kind != "f":
+        return TypeError
+    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        return ValueError
+    la = np.asarray(labels)
+    if la.dtype.kind not in "iu":
+        return TypeError
+    if la.shape != (logits.shape[0],):
+        return ValueError
+    if la.min() < 0 or la.max() >= logits.shape[1]:
+        return ValueError
+    return None
+
+
+@fuzz(1.5)
+@given(data=st.data())
+def test_cross_entropy(data):
+    d = data.draw
+    eps = d(st.sampled_from([0.0, 0.0, 0.1, 1.0, -0.1, 1.5, float("nan"), "0.1", None, True]))
+    reduction = d(st.sampled_from(["mean", "mean", "sum", "none", "avg", None]))
+    bad_eps = isinstance(eps, (str, type(None), bool)) or not 0 <= eps <= 1
+    if bad_eps or reduction not in ("mean", "sum", "none"):
+        expect_error(lambda: losses.CrossEntropyLoss(eps, reduction=reduction), (ValueError, TypeError),
+                     "CrossEntropyLoss")
+        return tally("CrossEntropyLoss.__init__", "invalid")
+    loss_fn = losses.CrossEntropyLoss(eps, reduction=reduction)
+    tally("CrossEntropyLoss.__init__", "valid")
+    n, c = d(st.integers(1, 5)), d(st.integers(1, 6))
+    shape = (n, c) if d(st.integers(0, 7)) else d(odd_shapes())
+    logits = d(arrays(shape, dtypes=GOOD * 6 + HALF + ("int64", "complex64", "bool"),
+                      layouts=("c", "c", "fortran", "strided", "readonly", "swapped", "list"),
+                      scale=d(st.sampled_from([1.0, 1.0, 10.0, 100.0]))))
+    r = d(st.integers(0, 11))
+    rng = np.random.default_rng(d(st.integers(0, 99)))
+    if r < 8:  # valid labels in a random integer dtype
+        labels = rng.integers(0, c, n).astype(d(st.sampled_from(["int64", "int32", "uint8", "int8"])))
+    elif r == 8:
+        labels = rng.integers(-2, c + 2, n)  # out of range
+    elif r == 9:
+        labels = rng.integers(0, c, n).astype(d(st.sampled_from(["float32", "bool", "complex64"])))
+    elif r == 10:
+        labels = rng.integers(0, c, (n, 1))  # wrong shape
+    else:
+        labels = rng.integers(0, c, n + 1)
+    if d(st.booleans()):
+        labels = relayout(labels, d(st.sampled_from(["strided", "reversed", "readonly", "swapped"])))
+    snap, lsnap = snapshot(logits), snapshot(labels)
+    problem = _ce_problem(logits, labels)
+    if problem:
+        expect_error(lambda: loss_fn(logits, labels), problem, "CrossEntropyLoss")
+        return tally("CrossEntropyLoss.forward", "invalid")
+    loss = loss_fn(logits, labels)
+    assert unchanged(logits, snap) and unchanged(labels, lsnap)
+    expected, grad = naive_losses.softmax_cross_entropy(f64(logits), np.asarray(labels, np.int64), eps)
+    dtype = native(logits.dtype)
+    with np.errstate(all="ignore"):
+        if reduction == "none":
+            per = np.array([naive_losses.softmax_cross_entropy(f64(logits)[i:i + 1],
+                                                               np.asarray(labels, np.int64)[i:i + 1], eps)[0]
+                            for i in range(n)])
+            assert_close(loss, per, dtype, "CrossEntropyLoss per-sample loss", loose=True)
+            grad = grad * n
+        else:
+            assert isinstance(loss, float)
+            factor = n if reduction == "sum" else 1
+            assert_close(np.asarray(loss, dtype), np.asarray(expected * factor), dtype,
+                         "CrossEntropyLoss loss", loose=True)
+            grad = grad * factor
+        dlogits = loss_fn.backward()
+    assert_close(dlogits, grad, dtype, "CrossEntropyLoss gradient", loose=True)
+    tally("CrossEntropyLoss.forward", "valid")
+
+
+@fuzz(1.0)
+@given(data=st.data())
+def test_mse(data):
+    d = data.draw
+    loss_fn = losses.MSELoss()
+    shape = tuple(d(st.lists(st.integers(0, 4), max_size=3)))
+    x = d(arrays(shape, dtypes=GOOD * 6 + HALF + ("int64", "complex64"),
+                 layouts=("c", "fortran", "strided", "readonly", "swapped", "list")))
+    tshape = shape if d(st.integers(0, 5)) else d(st.sampled_from([shape + (1,), (1,), (), (2, 2)]))
+    t = d(arrays(tshape, dtypes=GOOD * 4 + ("int64", "uint8", "bool", "complex64"),
+                 layouts=("c", "strided", "readonly", "list")))
+    xa, ta = np.asarray(x), np.asarray(t)
+    if not isinstance(x, np.ndarray) or xa.dtype.kind != "f" or ta.dtype.kind not in "fiu":
+        problem = TypeError
+    elif ta.shape != xa.shape or xa.size == 0:
+        problem = ValueError
+    else:
+        problem = None
+    if problem:
+        expect_error(lambda: loss_fn(x, t), problem, "MSELoss")
+        return tally("MSELoss.forward", "invalid")
+    dtype = native(xa.dtype)
+    loss = loss_fn(x, t)
+    expected, grad = naive_losses.mse(f64(xa), f64(ta.astype(dtype)))
+    with np.errstate(all="ignore"):
+        assert_close(np.asarray(loss, dtype), np.asarray(expected), dtype, "MSELoss loss", loose=True)
+        assert_close(loss_fn.backward(), grad, dtype, "MSELoss gradient", loose=True)
+    tally("MSELoss.forward", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizers and schedulers, against a float64 reference of PyTorch's update rules
+
+class _P:
+    def __init__(self, data, grad):
+        self.data, self.grad = data, grad
+
+
+def _reference_steps(kind_, hyper, p0, grads):
+    """Parameters after len(grads) steps, in float64 (torch.optim's formulas)."""
+    p = [f64(a) for a in p0]
+    state = [dict() for _ in p]
+    for step, gs in enumerate(grads, start=1):
+        for i, g in enumerate(gs):
+            if g is None:
+                continue
+            g = f64(g)
+            s = state[i]
+            lr, wd = hyper["lr"], hyper["weight_decay"]
+            if kind_ == "SGD":
+                g = g + wd * p[i]
+                if hyper["momentum"]:
+                    s["buf"] = g.copy() if "buf" not in s else (
+                        hyper["momentum"] * s["buf"] + (1 - hyper["dampening"]) * g)
+                    g = g + hyper["momentum"] * s["buf"] if hyper["nesterov"] else s["buf"]
+                p[i] = p[i] - lr * g
+            else:
+                b1, b2 = hyper["betas"]
+                if kind_ == "AdamW":
+                    p[i] = p[i] * (1 - lr * wd)
+                else:
+                    g = g + wd * p[i]
+                s["m"] = b1 * s.get("m", 0) + (1 - b1) * g
+                s["v"] = b2 * s.get("v", 0) + (1 - b2) * g * g
+                s["t"] = s.get("t", 0) + 1
+                denom = np.sqrt(s["v"]) / math.sqrt(1 - b2 ** s["t"]) + hyper["eps"]
+                p[i] = p[i] - lr / (1 - b1 ** s["t"]) * s["m"] / denom
+    return p
+
+
+HYPER_BAD = (-0.1, float("nan"), float("inf"), "0.1", None, True)
+
+
+@fuzz(1.5)
+@given(data=st.data(), kind_=st.sampled_from(["SGD", "Adam", "AdamW"]))
+def test_optimizer(data, kind_):
+    d = data.draw
+    cls = getattr(optim, kind_)
+    val = lambda good: d(st.sampled_from(good + list(HYPER_BAD)) if d(st.integers(0, 19)) == 0  # noqa: E731
+                         else st.sampled_from(good))
+    if kind_ == "SGD":
+        hyper = dict(lr=val([0.1, 0.01, 1.0, 0.0]), momentum=val([0.0, 0.9, 0.5]),
+                     dampening=val([0.0, 0.0, 0.1]), nesterov=d(st.sampled_from([False, True, 1, None])),
+                     weight_decay=val([0.0, 0.01]))
+    else:
+        b = d(st.sampled_from([(0.9, 0.999), (0.0, 0.5), (0.5, 0.0), (0.8, 0.99)] * 6 + [
+            (1.0, 0.9), (0.9, -0.1), (0.9,), "ab", None, (float("nan"), 0.9)]))
+        hyper = dict(lr=val([1e-3, 0.1, 0.0]), betas=b, eps=val([1e-8, 1e-3, 0.0]),
+                     weight_decay=val([0.0, 0.01, 0.1]))
+
+    def bad_number(v):
+        return isinstance(v, (str, type(None), bool)) or not (math.isfinite(v) and v >= 0)
+
+    problems = [k for k, v in hyper.items() if k not in ("betas", "nesterov") and bad_number(v)]
+    if kind_ == "SGD":
+        nest = hyper["nesterov"]
+        if not isinstance(nest, bool):
+            problems.append("nesterov")
+        elif nest and not problems and not (hyper["momentum"] > 0 and hyper["dampening"] == 0):
+            problems.append("nesterov")
+    else:
+        b = hyper["betas"]
+        if not (isinstance(b, tuple) and len(b) == 2 and all(
+                isinstance(v, float) and 0 <= v < 1 for v in b)):
+            problems.append("betas")
+    dtype = d(st.sampled_from(GOOD))
+    shapes = d(st.lists(st.lists(st.integers(0, 3), max_size=2), min_size=1, max_size=3))
+    rng = np.random.default_rng(d(st.integers(0, 99)))
+    params = [layers.Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    what = d(st.sampled_from(["ok"] * 24 + ["empty", "duplicate", "ndarray", "int", "readonly", "object"]))
+    plist = list(params)
+    if what == "empty":
+        plist, problems = [], problems + ["params"]
+    elif what == "duplicate":
+        plist, problems = plist + plist[:1], problems + ["params"]
+    elif what == "ndarray":
+        plist, problems = params[0].data, problems + ["params"]
+    elif what == "int":
+        plist, problems = plist + [_P(np.arange(3), np.zeros(3, np.int64))], problems + ["params"]
+    elif what == "readonly":
+        ro = np.ones(3, dtype)
+        ro.flags.writeable = False
+        plist, problems = plist + [_P(ro, np.zeros(3, dtype))], problems + ["params"]
+    elif what == "object":
+        plist, problems = plist + ["weight"], problems + ["params"]
+    if problems:
+        expect_error(lambda: cls(plist, **hyper), (ValueError, TypeError), kind_)
+        return tally(f"{kind_}.__init__", "invalid")
+    opt = cls(plist, **hyper)
+    tally(f"{kind_}.__init__", "valid")
+    p0 = [p.data.copy() for p in params]
+    steps = d(st.integers(1, 3))
+    grads = []
+    for _ in range(steps):
+        gs = []
+        for p in params:
+            if d(st.integers(0, 9)) == 0:
+                g = None
+            else:
+                g = rng.standard_normal(p.shape).astype(dtype)
+                if g.size and d(st.integers(0, 9)) == 0:
+                    g.reshape(-1)[0] = np.nan
+            gs.append(g)
+        grads.append(gs)
+    bad_grad = d(st.sampled_from([None] * 10 + ["shape", "dtype", "list"]))
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = None if g is None else g.copy()
+        if bad_grad is not None:
+            p = params[0]
+            p.grad = {"shape": np.zeros(p.shape + (2,), dtype), "list": [0.0] * max(1, p.size),
+                      "dtype": np.zeros(p.shape, np.float16)}[bad_grad]
+            before = [q.data.copy() for q in params]
+            expect_error(opt.step, (ValueError, TypeError), kind_)
+            # (parameters before the bad one may have been updated: the check is per parameter)
+            assert all(np.array_equal(q.data, b, equal_nan=True) for q, b in zip(params[:1], before[:1]))
+            return tally(f"{kind_}.step", "invalid")
+        opt.step()
+    ref = _reference_steps(kind_, {k: (float(v) if not isinstance(v, (tuple, bool)) else v)
+                                   for k, v in hyper.items()}, p0, grads)
+    with np.errstate(all="ignore"):
+        for p, r in zip(params, ref):
+            assert_close(p.data, r, dtype, f"{kind_} parameter")
+    tally(f"{kind_}.step", "valid")
+    # state_dict round trip into a fresh optimizer continues identically
+    clone_params = [layers.Parameter(p.data) for p in params]
+    clone = cls(clone_params, **hyper)
+    clone.load_state_dict(opt.state_dict())
+    for p, q in zip(params, clone_params):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        p.grad, q.grad = g.copy(), g.copy()
+    opt.step()
+    clone.step()
+    assert all(np.array_equal(p.data, q.data, equal_nan=True) for p, q in zip(params, clone_params))
+    tally(f"{kind_}.load_state_dict", "valid")
+
+
+@fuzz(0.5)
+@given(kind_=st.sampled_from(["StepLR", "CosineAnnealingLR"]),
+       a=st.sampled_from([1, 3, 10, 0, -1, 2.5, None, True]),
+       b=st.sampled_from([0.1, 0.5, 0.0, 1.0, -0.1, float("nan"), "x"]),
+       steps=st.integers(0, 12))
+def test_scheduler(kind_, a, b, steps):
+    opt = optim.SGD([layers.Parameter(np.zeros(2))], lr=0.1)
+    cls = getattr(optim, kind_)
+    bad = (isinstance(a, (bool, float, type(None))) or a < 1 or isinstance(b, str)
+           or not (math.isfinite(b) and b >= 0))
+    if bad:
+        expect_error(lambda: cls(opt, a, b), (ValueError, TypeError), kind_)
+        return tally(f"{kind_}.__init__", "invalid")
+    sched = cls(opt, a, b)
+    for _ in range(steps):
+        sched.step()
+    expected = (0.1 * b ** (steps // a) if kind_ == "StepLR"
+                else b + (0.1 - b) * (1 + math.cos(math.pi * steps / a)) / 2)
+    assert math.isclose(opt.lr, max(expected, 0.0) if kind_ == "StepLR" else expected,
+                        rel_tol=1e-12, abs_tol=1e-15) or (expected < 0 and opt.lr >= 0)
+    tally(f"{kind_}.step", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# data set readers: valid, truncated, extended, bit-flipped and random IDX files, gzipped or not
+
+import tempfile  # noqa: E402
+
+_TMP = tempfile.mkdtemp(prefix="fastcnn-fuzz-")
+
+
+def _idx_bytes(which, count, rng, bad_label=False):
+    if which == "images":
+        header = np.array([2051, count, 28, 28], ">u4").tobytes()
+        return header + rng.integers(0, 256, count * 784, dtype=np.uint8).tobytes()
+    labels = rng.integers(0, 10, count, dtype=np.uint8)
+    if bad_label and count:
+        labels[rng.integers(0, count)] = rng.integers(10, 256)
+    return np.array([2049, count], ">u4").tobytes() + labels.tobytes()
+
+
+def _expected_idx(which, raw):
+    """The array the spec says ``raw`` (decompressed) holds, or None when it must be refused."""
+    n_ints, magic = (4, 2051) if which == "images" else (2, 2049)
+    if len(raw) < 4 * n_ints:
+        return None
+    head = np.frombuffer(raw, ">u4", count=n_ints)
+    if int(head[0]) != magic:
+        return None
+    if which == "images":
+        count, rows, cols = (int(v) for v in head[1:])
+        if (rows, cols) != (28, 28) or len(raw) != 16 + count * 784:
+            return None
+        return np.frombuffer(raw, np.uint8, offset=16).reshape(count, 28, 28)
+    count = int(head[1])
+    if len(raw) != 8 + count:
+        return None
+    labels = np.frombuffer(raw, np.uint8, offset=8)
+    return None if count and labels.max() >= 10 else labels
+
+
+def _mutate(raw, how, rng):
+    b = bytearray(raw)
+    if how == "truncate" and b:
+        return bytes(b[:int(rng.integers(0, len(b)))])
+    if how == "extend":
+        return bytes(b) + rng.integers(0, 256, int(rng.integers(1, 5)), dtype=np.uint8).tobytes()
+    if how == "flip" and b:
+        i = int(rng.integers(0, len(b)))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+        return bytes(b)
+    if how == "random":
+        return rng.integers(0, 256, int(rng.integers(0, 64)), dtype=np.uint8).tobytes()
+    if how == "header" and len(b) >= 8:
+        i = int(rng.integers(0, 8))
+        b[i] = int(rng.integers(0, 256))
+        return bytes(b)
+    return bytes(b)
+
+
+def _check_idx_read(which, path, payload, expected_count):
+    reader = datasets.read_idx_images if which == "images" else datasets.read_idx_labels
+    try:
+        raw = gzip.decompress(payload) if path.endswith(".gz") else payload
+    except (OSError, EOFError, Exception):
+        raw = None
+    expected = None if raw is None else _expected_idx(which, raw)
+    if expected is not None and expected_count is not None and len(expected) != expected_count:
+        expected = None
+    if expected is None:
+        exc = expect_error(lambda: reader(path, expected_count=expected_count), ValueError, path)
+        assert isinstance(exc, datasets.DatasetFileError)
+        return "invalid"
+    got = reader(path, expected_count=expected_count)
+    assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected)
+    assert not got.flags.writeable
+    return "valid"
+
+
+@fuzz(1.0)
+@given(data=st.data(), which=st.sampled_from(["images", "labels"]), gz=st.booleans())
+def test_idx_files(data, which, gz):
+    d = data.draw
+    rng = np.random.default_rng(d(st.integers(0, 2**32 - 1)))
+    count = d(st.integers(0, 3))
+    raw = _idx_bytes(which, count, rng, bad_label=d(st.integers(0, 5)) == 0)
+    how = d(st.sampled_from(["none", "none", "truncate", "extend", "flip", "random", "header"]))
+    after_gzip = gz and d(st.booleans())  # corrupt the compressed bytes instead of the content
+    payload = raw if after_gzip else _mutate(raw, how, rng)
+    if gz:
+        payload = gzip.compress(payload, mtime=0)
+        if after_gzip:
+            payload = _mutate(payload, how, rng)
+    # the same path for every example: a file replaced by another one must never be served
+    # from the reader's in-memory cache
+    path = os.path.join(_TMP, f"{which}-idx-ubyte" + (".gz" if gz else ""))
+    with open(path, "wb") as f:
+        f.write(payload)
+    if d(st.booleans()):  # a coarse clock: every write gets the same old timestamp
+        os.utime(path, ns=(10**18, 10**18))
+    expected_count = d(st.sampled_from([None, None, count, count + 1]))
+    tally("datasets.read_idx", _check_idx_read(which, path, payload, expected_count))
+    # then replaced in place by a same-size file with one byte changed, at once
+    if payload and d(st.booleans()):
+        b = bytearray(payload)
+        b[int(rng.integers(0, len(b)))] ^= 0xFF
+        with open(path, "wb") as f:
+            f.write(bytes(b))
+        if d(st.booleans()):
+            os.utime(path, ns=(10**18, 10**18))
+        tally("datasets.read_idx (rewritten)", _check_idx_read(which, path, bytes(b), expected_count))
+
+
+@fuzz(0.3)
+@given(data=st.data())
+def test_load_dataset_folder(data):
+    """A data folder with some files missing, tiny, empty or random: a clear error every time."""
+    d = data.draw
+    root = tempfile.mkdtemp(dir=_TMP)
+    name = d(st.sampled_from(["mnist", "fashion-mnist"]))
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    rng = np.random.default_rng(d(st.integers(0, 99)))
+    present = []
+    for base in datasets.DATASETS[name]["files"]:
+        choice = d(st.sampled_from(["missing", "tiny", "empty", "random", "gz-random"]))
+        if choice == "missing":
+            continue
+        which = "images" if "images" in base else "labels"
+        content = {"tiny": _idx_bytes(which, 2, rng), "empty": b"",
+                   "random": rng.integers(0, 256, 40, dtype=np.uint8).tobytes()}.get(choice)
+        path = os.path.join(folder, base + (".gz" if choice == "gz-random" else ""))
+        with open(path, "wb") as f:
+            f.write(rng.integers(0, 256, 30, dtype=np.uint8).tobytes() if content is None else content)
+        present.append(base)
+    if len(present) < 4:
+        exc = expect_error(lambda: datasets.load_dataset(name, root=root, download=False) or None,
+                           (ValueError, TypeError), "x") if False else None
+        with pytest.raises(datasets.DatasetNotFoundError) as info:
+            datasets.load_dataset(name, root=root, download=False)
+        assert folder in str(info.value)
+    else:
+        with pytest.raises(datasets.DatasetFileError) as info:
+            datasets.load_dataset(name, root=root, download=False)
+        assert folder in str(info.value)
+    tally("datasets.load_dataset", "invalid")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: random options, in process; an error is status 2 and one line, never a
+# traceback (and nothing trains: the data folder is empty and downloads are off)
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+from fastcnn import cli  # noqa: E402
+
+_CLI_DIR = tempfile.mkdtemp(prefix="fastcnn-fuzz-cli-")
+_EMPTY_DATA = os.path.join(_CLI_DIR, "data")
+os.makedirs(_EMPTY_DATA)
+_CORRUPT = os.path.join(_CLI_DIR, "corrupt.safetensors")
+with open(_CORRUPT, "wb") as _f:
+    _f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+_PLAIN_CKPT = os.path.join(_CLI_DIR, "plain.safetensors")
+ckpt_mod.save(_PLAIN_CKPT, Sequential([layers.Flatten(), layers.Dense(784, 10, rng=0)]), epoch=1)
+
+_NUMBERS = ["0", "1", "3", "-1", "-0", "2.5", "1e-3", "1e400", "-1e-3", "nan", "inf", "-inf", "",
+            " ", "0x10", "1_000", "٣", "three", "1e", "--", "-", "9" * 30, "0.1", "1.0", "5000"]
+_OPTIONS = {
+    "--epochs": _NUMBERS, "--batch-size": _NUMBERS, "--lr": _NUMBERS, "--momentum": _NUMBERS,
+    "--weight-decay": _NUMBERS, "--seed": _NUMBERS, "--val-split": _NUMBERS + ["0.999", "1"],
+    "--limit": _NUMBERS, "--threads": _NUMBERS + ["2", "1"],
+    "--optimizer": ["sgd", "adam", "adamw", "SGD", "rmsprop", ""],
+    "--scheduler": ["none", "cosine", "step", ""], "--dataset": ["mnist", "fashion-mnist", "cifar"],
+    "--out": [os.path.join(_CLI_DIR, "run.safetensors"), os.path.join(_CLI_DIR, "nope", "x"),
+              _CLI_DIR, "", "\x00"],
+    "--resume": [_CORRUPT, _PLAIN_CKPT, os.path.join(_CLI_DIR, "missing"), _CLI_DIR, ""],
+    "--data-dir": [_EMPTY_DATA, os.path.join(_CLI_DIR, "missing"), _CORRUPT],
+    "--bogus": ["1"],
+}
+_FLAGS = ["--no-progress", "--no-download", "--help", "--version", "-h"]
+
+
+@st.composite
+def argvs(draw):
+    command = draw(st.sampled_from(["train"] * 6 + ["evaluate"] * 2 + ["summary", "frobnicate", ""]))
+    argv = [command] if command else []
+    options = draw(st.lists(st.sampled_from(sorted(_OPTIONS)), max_size=5))
+    for option in options:
+        argv += [option, draw(st.sampled_from(_OPTIONS[option]))]
+    if command in ("evaluate", "summary") or draw(st.integers(0, 9)) == 0:
+        if draw(st.integers(0, 3)):
+            argv.append(draw(st.sampled_from([_CORRUPT, _PLAIN_CKPT, os.path.join(_CLI_DIR, "m"), ""])))
+    if draw(st.integers(0, 9)) == 0:
+        argv.append(draw(st.sampled_from(_FLAGS)))
+    # nothing may train or download: an empty data folder, downloads off
+    argv += ["--no-download", "--data-dir", _EMPTY_DATA] if command in ("train", "evaluate") else []
+    return argv
+
+
+@fuzz(1.0)
+@given(argv=argvs())
+def test_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    old = os.environ.get("FASTCNN_DATA")
+    os.environ["FASTCNN_DATA"] = _EMPTY_DATA
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli.main(argv)
+            except SystemExit as exc:
+                status = exc.code
+    finally:
+        if old is None:
+            del os.environ["FASTCNN_DATA"]
+        else:
+            os.environ["FASTCNN_DATA"] = old
+    err = err.getvalue()
+    assert "Traceback" not in err
+    if status == 0:  # --help, --version, summary
+        assert any(f in argv for f in ("--help", "-h", "--version")) or argv[0] == "summary", argv
+        return tally("cli.main", "valid")
+    assert status == 2, (argv, status, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], (argv, err)
+    tally("cli.main", "invalid")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: bit flips, truncation, garbage: refused with CheckpointError naming the file, or
+# (when the change is immaterial, e.g. JSON whitespace) the same content
+
+_CK_DIR = tempfile.mkdtemp(prefix="fastcnn-fuzz-ckpt-")
+
+
+def _small_run():
+    rng = np.random.default_rng(0)
+    model = Sequential([layers.Conv2D(1, 2, 3, rng=1), layers.BatchNorm2D(2), layers.ReLU(),
+                        layers.Flatten(), layers.Dropout(0.5, seed=3), layers.Dense(8, 3, rng=2)])
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    sched = optim.StepLR(opt, 2)
+    model(rng.standard_normal((2, 1, 4, 4)).astype(np.float32))
+    model.backward(np.ones((2, 3), np.float32))
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+_MODEL, _OPT, _SCHED = _small_run()
+_CK_PATH = os.path.join(_CK_DIR, "good.safetensors")
+ckpt_mod.save(_CK_PATH, _MODEL, _OPT, _SCHED, epoch=7, extra={"note": "fuzz", "x": [1.5, 2]})
+with open(_CK_PATH, "rb") as _f:
+    _CK_BYTES = _f.read()
+_CK_REF = ckpt_mod.load(_CK_PATH)
+
+
+def _same_checkpoint(a, b):
+    assert json.dumps(a.config, sort_keys=True) == json.dumps(b.config, sort_keys=True)
+    assert a.model_state.keys() == b.model_state.keys()
+    for k in a.model_state:
+        assert a.model_state[k].dtype == b.model_state[k].dtype
+        assert np.array_equal(a.model_state[k], b.model_state[k], equal_nan=True)
+    assert a.epoch == b.epoch and a.optimizer_class == b.optimizer_class
+    assert a.scheduler_class == b.scheduler_class
+    canon = lambda v: json.dumps(v, sort_keys=True, default=lambda o: o.tolist())  # noqa: E731
+    assert canon(a.extra) == canon(b.extra)
+    assert canon(a.scheduler_state) == canon(b.scheduler_state)
+    assert canon(a.optimizer_state) == canon(b.optimizer_state)
+    assert canon(a.metadata["model"].get("rng_state")) == canon(b.metadata["model"].get("rng_state"))
+
+
+@fuzz(1.5)
+@given(data=st.data())
+def test_checkpoint_corruption(data):
+    d = data.draw
+    rng = np.random.default_rng(d(st.integers(0, 2**32 - 1)))
+    b = bytearray(_CK_BYTES)
+    header_end = 8 + int.from_bytes(_CK_BYTES[:8], "little")
+    how = d(st.sampled_from(["flip", "flip", "flip-header", "flip-header", "byte-header",
+                             "truncate", "extend", "insert"]))
+    if how == "flip":
+        for _ in range(d(st.integers(1, 3))):
+            i = int(rng.integers(0, len(b)))
+            b[i] ^= 1 << int(rng.integers(0, 8))
+    elif how == "flip-header":
+        i = int(rng.integers(0, header_end))
+        b[i] ^= 1 << int(rng.integers(0, 8))
+    elif how == "byte-header":  # a printable character anywhere in the JSON header
+        i = int(rng.integers(8, header_end))
+        b[i] = int(rng.choice(list(b'0123456789 ,:{}[]"eE.-+ntfalsru')))
+    elif how == "truncate":
+        b = b[:int(rng.integers(0, len(b)))]
+    elif how == "extend":
+        b += rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+    else:
+        i = int(rng.integers(0, len(b)))
+        b[i:i] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
+    path = os.path.join(_CK_DIR, "fuzzed.safetensors")
+    with open(path, "wb") as f:
+        f.write(bytes(b))
+    if bytes(b) == _CK_BYTES:
+        return
+    try:
+        loaded = ckpt_mod.load(path)
+    except ckpt_mod.CheckpointError as exc:
+        assert path in str(exc)
+        return tally("checkpoint.load", "invalid")
+    _same_checkpoint(loaded, _CK_REF)  # accepted: then nothing that matters changed
+    tally("checkpoint.load (immaterial change)", "valid")
+
+
+# ---------------------------------------------------------------------------------------------
+# the bounds-checked build really checks (only in the `-p fuzz_boundscheck` run)
+
+@pytest.mark.skipif(not BOUNDSCHECK, reason="only with -p fuzz_boundscheck")
+def test_boundscheck_is_active():
+    """A kernel called directly with an index past the end raises IndexError in this build
+    (in the normal build it would write outside the array)."""
+    from fastcnn.kernels import pool2d
+
+    dy = np.ones((1, 1, 2, 2), np.float32)
+    argmax = np.array([[[[0, 1], [2, 99]]]], np.int64)  # 99 is outside a 2x2 plane
+    with pytest.raises(IndexError):
+        pool2d.maxpool2d_backward(dy, argmax, np.empty((1, 1, 2, 2), np.float32))
+    tally("boundscheck self-test", "valid")

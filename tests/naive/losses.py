@@ -44,7 +44,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
         loss = 0.0
         for k in range(c):
             q = (1.0 - eps) * (1.0 if k == y else 0.0) + eps / c
-            loss -= q * log_p[k]
+            if q:  # a class with no target weight adds nothing, even where log p = -inf
+                loss -= q * log_p[k]
         total += loss
         for k in range(c):
             if k == y:

@@ -1,0 +1,113 @@
+"""Run the fuzz cases (tests/fuzz_cases.py) in a child interpreter.
+
+A kernel that writes outside an array can kill the interpreter (segfault, abort, heap
+corruption) or hang it; run in this process, that would be a dead CI run with no report. Here
+the child's death, non-zero exit or timeout is a test failure that shows the child's output
+(pytest's faulthandler prints the Python stack of a crash or, after ``faulthandler_timeout``,
+of a hang).
+
+Two runs:
+- the normal build (parallel kernels, cached), every fuzz case, FASTCNN_FUZZ_EXAMPLES examples
+  per case (weighted per case; ~600 -> about 14,000 examples in ~45 s on 2 cores);
+- the kernels recompiled with ``parallel=False, boundscheck=True`` (tests/fuzz_boundscheck.py),
+  the cases that reach a kernel, fewer examples: an out-of-bounds index then raises IndexError,
+  which the fuzz cases do not accept. (``NUMBA_BOUNDSCHECK=1`` alone does not check inside
+  ``prange`` bodies.) About 20 s of compilation.
+
+Each run writes its example counts to a JSON file; the test reports them
+(``pytest -s tests/test_fuzz.py`` prints them) and checks that the cases really ran.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = int(os.environ.get("FASTCNN_FUZZ_EXAMPLES", "600"))
+BOUNDSCHECK_EXAMPLES = int(os.environ.get("FASTCNN_FUZZ_BOUNDSCHECK_EXAMPLES", "40"))
+KERNEL_CASES = "conv2d or pool2d or batchnorm or activations or sequential or boundscheck"
+
+
+def run_checked(cmd, env=None, timeout=600):
+    """Run ``cmd``; a death by signal, a timeout or a non-zero exit fails the test with the
+    child's output. Returns the completed process."""
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        pytest.fail(f"the child hung: no result after {timeout} s\n{out[-6000:]}")
+    output = (proc.stdout + proc.stderr)[-12000:]
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        pytest.fail(f"the child interpreter died with {name}\n{output}")
+    if proc.returncode != 0:
+        pytest.fail(f"the child failed (exit status {proc.returncode}):\n{output}")
+    return proc
+
+
+def run_child(tmp_path, examples, extra_args=(), timeout=600):
+    """Run tests/fuzz_cases.py in a fresh interpreter; returns the report it writes."""
+    report = tmp_path / "fuzz-report.json"
+    env = dict(os.environ, FASTCNN_FUZZ_EXAMPLES=str(examples), FASTCNN_FUZZ_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "tests"),
+                                                        os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "fuzz_cases.py"), "-q",
+           "-x", "-p", "no:cacheprovider", "--rootdir", ROOT, "-o", "faulthandler_timeout=240",
+           "-W", "ignore::RuntimeWarning", "-W", "ignore::DeprecationWarning", *extra_args]
+    proc = run_checked(cmd, env, timeout)
+    assert report.exists(), f"the fuzz run wrote no report:\n{proc.stdout[-6000:]}"
+    return json.loads(report.read_text())
+
+
+def test_a_crash_or_hang_of_the_child_is_a_test_failure():
+    """The harness itself: a segfaulting or hanging child fails the test, with a reason."""
+    with pytest.raises(pytest.fail.Exception, match="died with SIGSEGV"):
+        run_checked([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"])
+    with pytest.raises(pytest.fail.Exception, match="hung"):
+        run_checked([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+    with pytest.raises(pytest.fail.Exception, match="exit status 3"):
+        run_checked([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def summarize(counts):
+    """(examples run, checked calls, {case: examples})."""
+    examples = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("examples:")}
+    calls = sum(v for k, v in counts.items() if not k.startswith("examples:"))
+    return sum(examples.values()), calls, examples
+
+
+@pytest.mark.slow
+def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
+    result = run_child(tmp_path, EXAMPLES)
+    assert result["boundscheck"] is False
+    total, calls, per_case = summarize(result["counts"])
+    record_property("fuzz_examples", total)
+    record_property("fuzz_checked_calls", calls)
+    print(f"\nfuzz: {total} examples, {calls} checked calls (valid result or named error), "
+          f"no crash; per case: {json.dumps(per_case, sort_keys=True)}")
+    # every case ran (nearly) its full share: hypothesis may stop a case early only when it
+    # has exhausted its search space
+    assert len(per_case) == 17, per_case
+    assert total >= 10 * EXAMPLES, total
+    counts = result["counts"]
+    for name in ("Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm2D", "BatchNorm1D", "Dense",
+                 "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "Flatten", "Dropout"):
+        for what in ("forward", "backward"):  # each checked with valid and invalid arguments
+            assert counts.get(f"{name}.{what}:valid", 0) > 0, (name, what)
+            assert counts.get(f"{name}.{what}:invalid", 0) > 0, (name, what)
+
+
+@pytest.mark.slow
+def test_fuzz_kernels_with_bounds_checks(tmp_path, record_property):
+    result = run_child(tmp_path, BOUNDSCHECK_EXAMPLES,
+                       ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES])
+    assert result["boundscheck"] is True
+    total, calls, per_case = summarize(result["counts"])
+    record_property("fuzz_boundscheck_examples", total)
+    print(f"\nfuzz with bounds-checked serial kernels: {total} examples, {calls} checked calls, "
+          f"no IndexError; per case: {json.dumps(per_case, sort_keys=True)}")
+    assert total >= 5 * BOUNDSCHECK_EXAMPLES, total
