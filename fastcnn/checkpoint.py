@@ -20,9 +20,12 @@ File format (a plain safetensors file, readable by any safetensors reader, no pi
   learning rate, an epoch) is refused like corrupted tensor data. Format 1 files (without it)
   are still read.
 
-Writing is atomic: a temporary file in the destination folder is written, flushed and fsynced,
-then renamed over the destination (``os.replace``) and the folder is fsynced. On any error the
-temporary file is removed and an existing file at ``path`` is left untouched.
+Writing is atomic: a temporary file in the destination folder (``.<name>.<pid>-<random>.tmp``)
+is written, flushed and fsynced, then renamed over the destination (``os.replace``) and the
+folder is fsynced. On any error the temporary file is removed and an existing file at ``path`` is
+left untouched. A process killed during a save (SIGKILL, power cut) leaves the previous file
+intact and, at worst, its temporary file, which the next successful save to the same path
+deletes (tests/test_kill_during_save.py kills real saving processes to check all this).
 
 Loading validates everything before building anything: the file is read whole, its safetensors
 header, the format name and version, the tensor manifest and the data checksum are checked, the
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -183,9 +187,50 @@ def _write(f, data):
     f.write(data)
 
 
+def _temp_pattern(basename):
+    """The temporary files of saves to ``basename``: ``.<basename>.<pid>-<12 hex>.tmp``."""
+    return re.compile(r"\." + re.escape(basename) + r"\.(\d+)-[0-9a-f]{12}\.tmp\Z")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temps(folder, basename):
+    """Delete the temporary files left by saves to the same file whose process died (a save
+    killed with SIGKILL, a power cut): they are never read, only disk space. A temp file of a
+    live process (another save in progress) is left alone. POSIX only: on Windows ``os.kill``
+    would terminate the process, so nothing is removed there."""
+    if os.name != "posix":
+        return
+    pattern = _temp_pattern(basename)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
 def _atomic_write(path, data):
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    basename = os.path.basename(path)
+    tmp = os.path.join(folder, f".{basename}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
     # O_EXCL: never clobber someone else's file; 0o666 & ~umask: the permissions of a plain open().
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -201,6 +246,7 @@ def _atomic_write(path, data):
             pass
         raise
     _fsync_dir(folder)
+    _remove_stale_temps(folder, basename)
 
 
 def _fsync_dir(folder):
