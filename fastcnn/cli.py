@@ -150,7 +150,8 @@ def build_parser():
                        help="L2 penalty (sgd, adam) or decoupled decay (adamw) [0, 0, 0.01]")
     train.add_argument("--scheduler", choices=SCHEDULERS,
                        help="learning-rate schedule over the epochs: cosine annealing to 0, or constant [cosine]")
-    train.add_argument("--seed", type=int, help="seed of the weights and of the shuffling [0]")
+    train.add_argument("--seed", type=_nonneg_int,
+                       help="seed of the weights and of the shuffling, an integer >= 0 [0]")
     train.add_argument("--dataset", choices=DATASETS, help="[mnist]")
     train.add_argument("--val-split", type=_val_split,
                        help="validation images held out from the END of the training set: a count "
