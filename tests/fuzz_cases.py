@@ -1512,6 +1512,36 @@ def argvs(draw):
     return argv
 
 
+def _value_ok(option, text):
+    """Whether the command line accepts ``text`` for ``option`` (None: not a checked option)."""
+    if text.startswith("-") and not re.fullmatch(r"-\d+|-\d*\.\d+", text):
+        return False  # argparse takes it for an option: "expected one argument"
+    def number(kind, low, low_open=False):
+        try:
+            v = kind(text)
+        except ValueError:
+            return False
+        return math.isfinite(v) and (v > low if low_open else v >= low)
+    if option in ("--epochs", "--seed"):
+        return number(int, 0)
+    if option in ("--batch-size", "--limit"):
+        return number(int, 1)
+    if option == "--lr":
+        return number(float, 0, low_open=True)
+    if option in ("--momentum", "--weight-decay"):
+        return number(float, 0)
+    if option == "--threads":
+        return number(int, 1) and int(text) <= fastcnn.threads.max_threads()
+    if option == "--val-split":
+        if any(c in text for c in ".eE"):
+            return number(float, 0) and float(text) < 1
+        return number(int, 0)
+    if option in ("--optimizer", "--scheduler", "--dataset"):
+        return text in {"--optimizer": cli.OPTIMIZERS, "--scheduler": cli.SCHEDULERS,
+                        "--dataset": cli.DATASETS}[option]
+    return None
+
+
 @fuzz(1.0)
 @given(argv=argvs())
 def test_cli(argv):
@@ -1537,6 +1567,10 @@ def test_cli(argv):
     assert status == 2, (argv, status, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], (argv, err)
+    # a bad option value is refused by name, before any data is read
+    bad = {o for o, v in zip(argv, argv[1:]) if o in _OPTIONS and _value_ok(o, v) is False}
+    if bad and argv[0] in ("train", "evaluate") and not set(argv) & {"--help", "-h", "--version"}:
+        assert any(o in lines[0] for o in bad), (argv, lines[0])
     tally("cli.main", "invalid")
 
 
