@@ -206,7 +206,9 @@ def _remove_stale_temps(folder, basename):
     """Delete the temporary files left by saves to the same file whose process died (a save
     killed with SIGKILL, a power cut): they are never read, only disk space. A temp file of a
     live process (another save in progress) is left alone. POSIX only: on Windows ``os.kill``
-    would terminate the process, so nothing is removed there."""
+    would terminate the process, so nothing is removed there. (Processes of other machines or
+    PID namespaces saving to the same shared folder look dead from here: such a save would then
+    fail with FileNotFoundError at its rename, leaving the previous file intact.)"""
     if os.name != "posix":
         return
     pattern = _temp_pattern(basename)
