@@ -9,10 +9,11 @@ of a hang).
 Two runs:
 - the normal build (parallel kernels, cached), every fuzz case, FASTCNN_FUZZ_EXAMPLES examples
   per case (weighted per case; 1000 -> about 23,000 examples in about a minute on 2 cores);
-- the kernels recompiled with ``parallel=False, boundscheck=True`` (tests/fuzz_boundscheck.py),
-  the cases that reach a kernel, fewer examples: an out-of-bounds index then raises IndexError,
-  which the fuzz cases do not accept. (``NUMBA_BOUNDSCHECK=1`` alone does not check inside
-  ``prange`` bodies.) About 20 s of compilation.
+- the kernels recompiled with ``parallel=False, boundscheck=True`` and tiny tile/chunk sizes
+  (tests/fuzz_boundscheck.py), the cases that reach a kernel, fewer examples: an out-of-bounds
+  index then raises IndexError, which the fuzz cases do not accept, and the small fuzz shapes
+  also run the multi-group / multi-chunk paths of large inputs. (``NUMBA_BOUNDSCHECK=1`` alone
+  does not check inside ``prange`` bodies.) About 20 s of compilation.
 
 Each run writes its example counts to a JSON file; the test reports them
 (``pytest -s tests/test_fuzz.py`` prints them) and checks that the cases really ran.
