@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 from .layers import Layer, _check_state, layer_from_config
+from .threads import compute_threads
 
 __all__ = ["Sequential", "from_config"]
 
@@ -57,7 +58,9 @@ class Sequential:
 
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous
-        mode is restored afterwards."""
+        mode is restored afterwards. Runs with the BLAS limited as in ``fit``/``evaluate``
+        (``fastcnn.threads.compute_threads``): no BLAS pool spins against Numba's, and the logits
+        equal ``evaluate``'s at the same batch size."""
         if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
             raise TypeError(f"Sequential.predict: expected batch_size to be an int, "
                             f"got {batch_size!r}")
@@ -71,10 +74,11 @@ class Sequential:
         was_training = self.training
         self.eval()
         try:
-            if x.shape[0] <= batch_size:
-                return self.forward(x)
-            outs = [self.forward(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-            return np.concatenate(outs, axis=0)
+            with compute_threads():
+                if x.shape[0] <= batch_size:
+                    return self.forward(x)
+                outs = [self.forward(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+                return np.concatenate(outs, axis=0)
         finally:
             self.training = was_training
             for layer, mode in zip(self.layers, modes):
