@@ -323,8 +323,6 @@ def _describe(settings):
 
 
 def cmd_train(args):
-    import numpy as np
-
     from . import models
     from .threads import get_num_threads
     from .training import TrainingDiverged, evaluate, fit, resume_kwargs

@@ -347,7 +347,7 @@ def _backward_weight_block(xs, dyg, dweight, f0, f1, c0, c1, first, stride_h, di
 @njit(cache=True, fastmath={"contract", "reassoc"})
 def _bias_sums(dy, dbias, f0, f1):
     """dbias[f] = sum of dy[:, f] for f in [f0, f1), image by image (a fixed order)."""
-    N, F = dy.shape[0], dy.shape[1]
+    N = dy.shape[0]
     P = dy.shape[2] * dy.shape[3]
     for f in range(f0, f1):
         s = dbias.dtype.type(0)

@@ -1,7 +1,5 @@
 """kernels/activations.py against the naive loops (tests/naive/activations.py), finite differences."""
-from contextlib import contextmanager
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -13,17 +11,6 @@ from naive import activations as naive
 from speedup import speedup
 
 
-@contextmanager
-def one_numba_thread():
-    """The speed ratios are measured on one thread: on a loaded shared machine a parallel kernel
-    waits for its slowest thread, and a descheduled one costs a whole time slice (10+ ms), which
-    no median hides. One thread gives a lower bound of the ratio that survives the noise."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
 
 
 def relu_fwd(x):
@@ -92,10 +79,9 @@ def test_speedup_over_naive(rng):
     y = np.empty_like(x)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx = np.empty_like(x)
-    with one_numba_thread():
-        forward = speedup(lambda: K.relu_forward(x.reshape(-1), y.reshape(-1)),
-                          lambda: naive.relu_forward(x))
-        backward = speedup(lambda: K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1)),
-                           lambda: naive.relu_backward(x, dy))
+    forward = speedup(lambda: K.relu_forward(x.reshape(-1), y.reshape(-1)),
+                      lambda: naive.relu_forward(x))
+    backward = speedup(lambda: K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1)),
+                       lambda: naive.relu_backward(x, dy))
     assert forward >= 20, forward
     assert backward >= 20, backward

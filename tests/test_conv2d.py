@@ -1,7 +1,6 @@
 """conv2d kernels vs the textbook loops (tests/naive/conv2d.py), finite differences, determinism
 of the weight gradient across thread counts, and the speedup over the naive loops."""
 from collections import namedtuple
-from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -13,6 +12,7 @@ from fastcnn.kernels.conv2d import conv2d_backward_input, conv2d_backward_weight
 from gradcheck import assert_gradient, relative_error
 from naive.conv2d import conv2d_backward as naive_backward
 from naive.conv2d import conv2d_forward as naive_forward
+from fastcnn.threads import threads
 from speedup import speedup
 
 F64_TOL = 1e-10
@@ -53,15 +53,6 @@ def backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))
     return dx, dw, db
 
 
-@contextmanager
-def numba_threads(n):
-    """Run a block with n Numba threads, then restore the previous count."""
-    saved = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(saved)
 
 
 # ---- random cases ----
@@ -178,7 +169,7 @@ def test_gradients_by_finite_differences(cfg, rng):
     dx, dw, db = backward(x, w, g, *geom)
     # Hundreds of tiny calls: on one thread, so that a busy machine (another process on the
     # second core, each parallel region waiting for a descheduled thread) cannot slow them 100x.
-    with numba_threads(1):
+    with threads(1):
         assert_gradient(lambda v: forward(v, w, b, *geom), x, g, dx)
         assert_gradient(lambda v: forward(x, v, b, *geom), w, g, dw)
         assert_gradient(lambda v: forward(x, w, v, *geom), b, g, db)
@@ -209,11 +200,11 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
         return dw.tobytes() + db.tobytes()
 
     saved = numba.get_num_threads()
-    with numba_threads(2):
+    with threads(2):
         reference = grads()
         for _ in range(20):
             assert grads() == reference
-    with numba_threads(1):
+    with threads(1):
         assert grads() == reference
     assert numba.get_num_threads() == saved
 
@@ -230,6 +221,6 @@ def test_speedup_over_naive(rng):
     w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
     dy = rng.standard_normal(output_shape(x.shape, w.shape)).astype(np.float32)
-    with numba_threads(1):
+    with threads(1):
         assert speedup(lambda: forward(x, w, b), lambda: naive_forward(x, w, b)) >= 20
         assert speedup(lambda: backward(x, w, dy), lambda: naive_backward(x, w, dy)) >= 20

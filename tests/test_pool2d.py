@@ -1,7 +1,5 @@
 """kernels/pool2d.py against the naive loops (tests/naive/pool2d.py), finite differences, PyTorch."""
-from contextlib import contextmanager
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -13,17 +11,6 @@ from naive import pool2d as naive
 from speedup import speedup
 
 
-@contextmanager
-def one_numba_thread():
-    """The speed ratios are measured on one thread: on a loaded shared machine a parallel kernel
-    waits for its slowest thread, and a descheduled one costs a whole time slice (10+ ms), which
-    no median hides. One thread gives a lower bound of the ratio that survives the noise."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
 
 
 # --- calling the kernels the way fastcnn.functional does -------------------------------------
@@ -249,11 +236,10 @@ def test_speedup_over_naive(rng):
     y, argmax = maxpool_fwd(x, kernel, stride, padding)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = np.empty_like(x)
-    with one_numba_thread():
-        forward = speedup(lambda: K.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, y, argmax),
-                          lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
-        backward = speedup(lambda: K.maxpool2d_backward(dy, argmax, dx),
-                           lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
+    forward = speedup(lambda: K.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, y, argmax),
+                      lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
+    backward = speedup(lambda: K.maxpool2d_backward(dy, argmax, dx),
+                       lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
     assert forward >= 20, forward
     assert backward >= 20, backward
 
