@@ -222,6 +222,9 @@ class FastcnnRunner:
         with self.compute_threads(threads):
             for layer, (c, f, h, w, k) in CONVS.items():
                 x, weight, bias, dy = _conv_data(c, f, h, w, k)
+                # the kernels' layout: channels-last, as a network's activations are
+                x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+                dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
                 y = np.empty_like(dy)
                 dx = np.empty_like(x)
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)

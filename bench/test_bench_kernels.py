@@ -41,6 +41,12 @@ def _conv_data(c, f, h, w, k):
     return x, weight, bias, dy
 
 
+def _nhwc(a):
+    """fastcnn's kernels take channels-last arrays: a network's activations are already NHWC
+    (fastcnn.functional hands the kernels views, no copy), so the conversion is not timed."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
 def _skip_missing(impl):
     if impl == "torch" and torch is None:
         pytest.skip("PyTorch is not installed (optional)")
@@ -57,11 +63,11 @@ def test_conv2d_forward(record, shape, impl):
     c, f, h, w, k = CONVS[shape]
     x, weight, bias, dy = _conv_data(c, f, h, w, k)
     flops = 2 * dy.size * c * k * k
-    out = np.empty_like(dy)
+    xh, outh = _nhwc(x), _nhwc(dy)
     fns = {
         "naive": lambda: naive_conv.conv2d_forward(x, weight, bias),
         "numpy": lambda: numpy_ops.conv2d_forward(x, weight, bias),
-        "fastcnn": lambda: kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, out),
+        "fastcnn": lambda: kconv.conv2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, outh),
     }
     if impl == "torch":
         _torch_threads()
@@ -77,12 +83,12 @@ def test_conv2d_backward_input(record, shape, impl):
     c, f, h, w, k = CONVS[shape]
     x, weight, bias, dy = _conv_data(c, f, h, w, k)
     flops = 2 * dy.size * c * k * k
-    dx = np.empty_like(x)
+    dyh, dxh = _nhwc(dy), _nhwc(x)
     fns = {
         # the textbook computes dx, dw and db in one pass: timed under backward-input
         "naive": lambda: naive_conv.conv2d_backward(x, weight, dy),
         "numpy": lambda: numpy_ops.conv2d_backward_input(dy, weight),
-        "fastcnn": lambda: kconv.conv2d_backward_input(dy, weight, 1, 1, 0, 0, 1, 1, dx),
+        "fastcnn": lambda: kconv.conv2d_backward_input(dyh, weight, 1, 1, 0, 0, 1, 1, dxh),
     }
     if impl == "torch":
         _torch_threads()
@@ -101,9 +107,10 @@ def test_conv2d_backward_weight(record, shape, impl):
     x, weight, bias, dy = _conv_data(c, f, h, w, k)
     flops = 2 * dy.size * c * k * k
     dweight, dbias = np.empty_like(weight), np.empty_like(bias)
+    xh, dyh = _nhwc(x), _nhwc(dy)
     fns = {
         "numpy": lambda: numpy_ops.conv2d_backward_weight(x, dy),
-        "fastcnn": lambda: kconv.conv2d_backward_weight(x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias),
+        "fastcnn": lambda: kconv.conv2d_backward_weight(xh, dyh, 1, 1, 0, 0, 1, 1, dweight, dbias),
     }
     if impl == "torch":
         _torch_threads()
@@ -118,12 +125,13 @@ def test_maxpool2d_forward(record, shape, impl):
     _skip_missing(impl)
     c, h, w = POOLS[shape]
     x = np.random.default_rng(0).standard_normal((BATCH, c, h, w), dtype=np.float32)
-    out = np.empty((BATCH, c, h // 2, w // 2), np.float32)
+    xh = _nhwc(x)
+    out = np.empty((BATCH, h // 2, w // 2, c), np.float32)
     argmax = np.empty(out.shape, np.int64)
     fns = {
         "naive": lambda: naive_pool.maxpool2d_forward(x, (2, 2), (2, 2), ((0, 0), (0, 0))),
         "numpy": lambda: numpy_ops.maxpool2x2_forward(x),
-        "fastcnn": lambda: kpool.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, out, argmax),
+        "fastcnn": lambda: kpool.maxpool2d_forward(xh, 2, 2, 2, 2, 0, 0, out, argmax),
     }
     if impl == "torch":
         _torch_threads()
@@ -139,15 +147,16 @@ def test_maxpool2d_backward(record, shape, impl):
     c, h, w = POOLS[shape]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, c, h, w), dtype=np.float32)
-    y = np.empty((BATCH, c, h // 2, w // 2), np.float32)
-    argmax = np.empty(y.shape, np.int64)
-    kpool.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, y, argmax)
+    yh = np.empty((BATCH, h // 2, w // 2, c), np.float32)
+    argmax = np.empty(yh.shape, np.int64)
+    kpool.maxpool2d_forward(_nhwc(x), 2, 2, 2, 2, 0, 0, yh, argmax)
+    y = np.ascontiguousarray(yh.transpose(0, 3, 1, 2))
     dy = rng.standard_normal(y.shape, dtype=np.float32)
-    dx = np.empty_like(x)
+    dyh, dxh = _nhwc(dy), np.empty((BATCH, h, w, c), np.float32)
     fns = {
         "naive": lambda: naive_pool.maxpool2d_backward(x, dy, (2, 2), (2, 2), ((0, 0), (0, 0))),
         "numpy": lambda: numpy_ops.maxpool2x2_backward(x, y, dy),
-        "fastcnn": lambda: kpool.maxpool2d_backward(dy, argmax, dx),
+        "fastcnn": lambda: kpool.maxpool2d_backward(dyh, argmax, 2, 2, 2, 2, 0, 0, dxh),
     }
     if impl == "torch":
         _torch_threads()
@@ -203,9 +212,12 @@ def test_avgpool2d_forward_backward(record, impl):
     dx = np.empty_like(x)
     pad = ((0, 0), (0, 0))
 
+    xh, dyh = _nhwc(x), _nhwc(dy)
+    outh, dxh = _nhwc(out), _nhwc(dx)
+
     def fastcnn_avg():
-        kpool.avgpool2d_forward(x, 2, 2, 2, 2, 0, 0, out)
-        kpool.avgpool2d_backward(dy, 2, 2, 2, 2, 0, 0, dx)
+        kpool.avgpool2d_forward(xh, 2, 2, 2, 2, 0, 0, outh)
+        kpool.avgpool2d_backward(dyh, 2, 2, 2, 2, 0, 0, dxh)
 
     def numpy_avg():
         numpy_ops.avgpool2x2_forward(x)

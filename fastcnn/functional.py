@@ -13,8 +13,14 @@ was given, e.g. ``"Conv2D: expected input of shape (N, 32, H, W), got (64, 1, 28
 NaN and inf are values, not errors: they pass through.
 
 Supported dtypes are float32 and float64 (the kernels are compiled lazily for the dtype in use).
-Layout is NCHW. Padding is resolved to ``(top, bottom, left, right)``; the kernels take only the
-top/left offsets, the bottom/right padding being implied by the output's shape.
+Shapes are NCHW, as in PyTorch. Memory is PyTorch's ``channels_last`` where it pays: the
+convolution and pooling kernels work on NHWC arrays (every inner loop runs over channels), so
+``conv2d_forward`` and the poolings return (N, C, H, W) *views* of NHWC memory, and accept any
+layout (an NHWC-backed input is used as it is, any other is copied once into NHWC). A network's
+activations therefore stay NHWC from layer to layer with no conversion; a 1-channel NCHW image
+already is one. The values are the same whatever the layout (``np.ascontiguousarray`` gives a
+C-ordered copy). Padding is resolved to ``(top, bottom, left, right)``; the kernels take only
+the top/left offsets, the bottom/right padding being implied by the output's shape.
 """
 import numbers
 
@@ -49,8 +55,9 @@ def _fmt_shape(shape):
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def check_float(x, layer, what="input"):
-    """``x`` as a C-contiguous float32/float64 ndarray in native byte order, else TypeError."""
+def check_float(x, layer, what="input", contiguous=True):
+    """``x`` as a float32/float64 ndarray in native byte order, else TypeError; C-contiguous
+    unless ``contiguous`` is false (then in whatever layout it came)."""
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(f"{layer}: expected a floating-point {what} (float32 or float64), "
@@ -59,8 +66,45 @@ def check_float(x, layer, what="input"):
         x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{layer}: expected a float32 or float64 {what}, got dtype {x.dtype}")
+    if not contiguous:
+        return x
     # np.require, not np.ascontiguousarray: that one turns a 0-d array into a 1-d one
     return np.require(x, requirements="C")
+
+
+def _nhwc(x):
+    """(N, C, H, W) -> C-contiguous (N, H, W, C): a view when x's memory is channels-last (the
+    arrays this module returns; any 1-channel C-ordered array), else a copy."""
+    v = x.transpose(0, 2, 3, 1)
+    return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+
+
+def _nchw(v):
+    """An NHWC kernel result as the (N, C, H, W) array users see (a view, channels-last memory)."""
+    return v.transpose(0, 3, 1, 2)
+
+
+def _flat(a):
+    """A 1-D view of ``a`` in memory order if its elements fill one contiguous block (C order,
+    channels-last, any axis order), else None. Two arrays with the same strides give flat views
+    whose elements correspond one to one."""
+    order = sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
+    v = a.transpose(order)
+    return v.reshape(-1) if v.flags.c_contiguous else None
+
+
+def _dense(x):
+    """``x`` if its memory is one contiguous block in some axis order, else a C-ordered copy."""
+    return x if _flat(x) is not None else np.ascontiguousarray(x)
+
+
+def _layout_like(a, like):
+    """``a`` with the memory layout of ``like`` (same shape): itself or a copy."""
+    if a.strides == like.strides:
+        return a
+    b = np.empty_like(like)
+    b[...] = a
+    return b
 
 
 def _same_dtype(a, x, layer, what):
@@ -210,7 +254,7 @@ def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, layer=
 # ---------------------------------------------------------------------------------------------
 
 def _conv_args(x, weight, bias, layer):
-    x = check_float(x, layer)
+    x = check_float(x, layer, contiguous=False)
     weight = check_float(weight, layer, "weight")
     if weight.ndim != 4:
         raise ValueError(f"{layer}: expected weight of shape (F, C, KH, KW), "
@@ -225,16 +269,17 @@ def _conv_args(x, weight, bias, layer):
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer="Conv2D"):
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
-    bias (F,) or None -> y (N, F, OH, OW)."""
+    bias (F,) or None -> y (N, F, OH, OW), channels-last in memory."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer)
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
-    y = np.empty(out_shape, dtype=x.dtype)
+    n, f, oh, ow = out_shape
+    y = np.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
-        _conv2d.conv2d_forward(x, weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
-    return y
+        _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
+    return _nchw(y)
 
 
 def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D",
@@ -245,7 +290,7 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
     x, weight, _ = _conv_args(x, weight, None, layer)
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer)
-    dy = check_float(dy, layer, "gradient")
+    dy = check_float(dy, layer, "gradient", contiguous=False)
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, out_shape, layer, "gradient")
     k = _conv2d
@@ -254,13 +299,16 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
         # their loops run over the images.)
         dx = np.zeros_like(x) if input_grad else None
         return dx, np.zeros_like(weight), (np.zeros(weight.shape[0], x.dtype) if bias else None)
+    dy = _nhwc(dy)
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
-    k.conv2d_backward_weight(x, dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
+    k.conv2d_backward_weight(_nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
     dx = None
     if input_grad:
-        dx = np.empty_like(x)
+        n, c, h, w = x.shape
+        dx = np.empty((n, h, w, c), dtype=x.dtype)
         k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+        dx = _nchw(dx)
     return dx, dweight, (dbias if bias else None)
 
 
@@ -270,84 +318,103 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
 
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
     """Max pooling: x (N, C, H, W) -> ``(y, argmax)``, argmax int64 = flat index ``h * W + w``
-    of the selected cell in the unpadded input plane (PyTorch's return_indices)."""
-    x = check_float(x, layer)
+    of the selected cell in the unpadded input plane (PyTorch's return_indices); both
+    channels-last in memory."""
+    x = check_float(x, layer, contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
         x.shape, kernel_size, stride, padding, layer)
-    y = np.empty(out_shape, dtype=x.dtype)
-    argmax = np.empty(out_shape, dtype=np.int64)
-    _pool2d.maxpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y, argmax)
-    return y, argmax
+    n, c, oh, ow = out_shape
+    y = np.empty((n, oh, ow, c), dtype=x.dtype)
+    argmax = np.empty((n, oh, ow, c), dtype=np.int64)
+    _pool2d.maxpool2d_forward(_nhwc(x), kh, kw, sh, sw, pads[0], pads[2], y, argmax)
+    return _nchw(y), _nchw(argmax)
 
 
-def max_pool2d_backward(dy, argmax, input_shape, layer="MaxPool2D"):
-    """Gradient of max pooling: dy scattered to ``argmax`` in a zero (N, C, H, W) array."""
-    dy = check_float(dy, layer, "gradient")
+def max_pool2d_backward(dy, argmax, input_shape, kernel_size=None, stride=None, padding=0,
+                        layer="MaxPool2D"):
+    """Gradient of max pooling: dy added at ``argmax`` in a zero (N, C, H, W) array.
+
+    With the forward's ``kernel_size`` (and ``stride``, ``padding``) given, windows that tile
+    the input take the kernel's faster path (no zeroing pass); the result is the same.
+    """
+    dy = check_float(dy, layer, "gradient", contiguous=False)
     argmax = np.asarray(argmax)
     if argmax.dtype.kind not in "iu":
         raise TypeError(f"{layer}: expected integer argmax indices, got dtype {argmax.dtype}")
-    argmax = np.ascontiguousarray(argmax, dtype=np.int64)
+    if argmax.dtype != np.int64:
+        argmax = argmax.astype(np.int64)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4 or dy.ndim != 4 or dy.shape[:2] != input_shape[:2]:
         raise ValueError(f"{layer}: expected gradient of shape "
                          f"({', '.join(str(s) for s in input_shape[:2])}, OH, OW), "
                          f"got {_fmt_shape(dy.shape)}")
     _check_shape_equal(argmax, dy.shape, layer, "argmax")
+    geometry = (0, 0, 0, 0, 0, 0)  # unknown: the kernel's general path
+    if kernel_size is not None:
+        out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
+            input_shape, kernel_size, stride, padding, layer)
+        _check_shape_equal(dy, out_shape, layer, "gradient")
+        geometry = (kh, kw, sh, sw, pads[0], pads[2])
     if argmax.size and (argmax.min() < 0 or argmax.max() >= input_shape[2] * input_shape[3]):
         raise ValueError(f"{layer}: argmax indices out of range for input {input_shape}")
-    dx = np.empty(input_shape, dtype=dy.dtype)
-    _pool2d.maxpool2d_backward(dy, argmax, dx)
-    return dx
+    n, c, h, w = input_shape
+    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    _pool2d.maxpool2d_backward(_nhwc(dy), _nhwc(argmax), *geometry, dx)
+    return _nchw(dx)
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"):
     """Average pooling, padded cells counting as zeros in the divisor (count_include_pad=True)."""
-    x = check_float(x, layer)
+    x = check_float(x, layer, contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
         x.shape, kernel_size, stride, padding, layer)
-    y = np.empty(out_shape, dtype=x.dtype)
-    _pool2d.avgpool2d_forward(x, kh, kw, sh, sw, pads[0], pads[2], y)
-    return y
+    n, c, oh, ow = out_shape
+    y = np.empty((n, oh, ow, c), dtype=x.dtype)
+    _pool2d.avgpool2d_forward(_nhwc(x), kh, kw, sh, sw, pads[0], pads[2], y)
+    return _nchw(y)
 
 
 def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
                         layer="AvgPool2D"):
     """Gradient of average pooling with respect to its (N, C, H, W) input."""
-    dy = check_float(dy, layer, "gradient")
+    dy = check_float(dy, layer, "gradient", contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
         input_shape, kernel_size, stride, padding, layer)
     _check_shape_equal(dy, out_shape, layer, "gradient")
-    dx = np.empty(out_shape[:2] + tuple(int(s) for s in input_shape[2:]), dtype=dy.dtype)
-    _pool2d.avgpool2d_backward(dy, kh, kw, sh, sw, pads[0], pads[2], dx)
-    return dx
+    n, c = out_shape[:2]
+    h, w = (int(s) for s in input_shape[2:])
+    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    _pool2d.avgpool2d_backward(_nhwc(dy), kh, kw, sh, sw, pads[0], pads[2], dx)
+    return _nchw(dx)
 
 
 # ---------------------------------------------------------------------------------------------
 # activations (ReLU is a kernel; the others are single numpy expressions)
 # ---------------------------------------------------------------------------------------------
 
-def _grad_like(dy, y, layer):
-    dy = check_float(dy, layer, "gradient")
+def _grad_like(dy, y, layer, contiguous=True):
+    dy = check_float(dy, layer, "gradient", contiguous)
     _same_dtype(dy, y, layer, "gradient")  # dtype first, then shape: as every entry point
     _check_shape_equal(dy, y.shape, layer, "gradient")
     return dy
 
 
 def relu_forward(x, layer="ReLU"):
-    """max(x, 0), any shape; NaN propagates."""
-    x = check_float(x, layer)
-    y = np.empty_like(x)
-    # 1-D views: one compiled signature per dtype whatever the rank.
-    _activations.relu_forward(x.reshape(-1), y.reshape(-1))
+    """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
+    channels-last activation stays channels-last)."""
+    x = _dense(check_float(x, layer, contiguous=False))
+    y = np.empty_like(x)  # the same strides as x
+    # 1-D views in memory order: one compiled signature per dtype whatever the rank.
+    _activations.relu_forward(_flat(x), _flat(y))
     return y
 
 
 def relu_backward(dy, y, layer="ReLU"):
-    """dy where the forward output y > 0, else 0."""
-    dy = _grad_like(dy, y, layer)
-    y = np.require(y, requirements="C")
-    dx = np.empty_like(dy)
-    _activations.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    """dy where the forward output y > 0, else 0; in y's memory layout."""
+    y = _dense(check_float(y, layer, "forward output", contiguous=False))
+    dy = _layout_like(_grad_like(dy, y, layer, contiguous=False), y)
+    dx = np.empty_like(y)
+    _activations.relu_backward(_flat(dy), _flat(y), _flat(dx))
     return dx
 
 

@@ -147,7 +147,7 @@ class Layer:
     def _grad_as(self, dy, shape, dtype):
         """The upstream gradient of a parameter-free layer: a float array of the forward output's
         shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
-        dy = F.check_float(dy, self.name, "gradient")
+        dy = F.check_float(dy, self.name, "gradient", contiguous=False)
         if dy.dtype != dtype:
             raise TypeError(f"{self.name}: gradient dtype {dy.dtype} does not match the dtype of "
                             f"the forward output {dtype}")
@@ -417,7 +417,8 @@ class MaxPool2D(_Pool2D):
     def backward(self, dy):
         shape = self._need(self._x_shape)
         dy = self._grad_as(dy, self._argmax.shape, self._dtype)
-        return F.max_pool2d_backward(dy, self._argmax, shape, layer=self.name)
+        return F.max_pool2d_backward(dy, self._argmax, shape, self.kernel_size, self.stride,
+                                     self.padding, layer=self.name)
 
 
 class AvgPool2D(_Pool2D):

@@ -1,448 +1,358 @@
-"""2-D convolution kernels, NCHW (cross-correlation, as PyTorch's conv2d).
+"""2-D convolution kernels over channels-last (NHWC) arrays (cross-correlation, as PyTorch's conv2d).
 
-Shapes: x (N, C, H, W), weight (F, C, KH, KW), bias (F,), out / dy (N, F, OH, OW). Padding is
-given as top/left offsets; the bottom/right padding is whatever the output array's shape implies.
-Input row ``oh*stride_h - pad_top + i*dil_h`` and column ``ow*stride_w - pad_left + j*dil_w``
-are read by output (oh, ow) and kernel tap (i, j); positions outside the image are zeros:
+Shapes: x (N, H, W, C), weight (F, C, KH, KW) (PyTorch's layout), bias (F,), out / dy
+(N, OH, OW, F). ``fastcnn.functional`` hands the kernels NHWC views of the NCHW arrays users see
+(PyTorch's ``channels_last`` memory format): the activations of a network stay NHWC from layer to
+layer, and a 1-channel NCHW image already is one. Padding is given as top/left offsets; the
+bottom/right padding is whatever the output array's shape implies. Output (oh, ow) and kernel
+tap (i, j) read input row ``oh*stride_h - pad_top + i*dil_h`` and column
+``ow*stride_w - pad_left + j*dil_w``; positions outside the image are zeros:
 
-    out[n, f, oh, ow] = bias[f] + sum_{c, i, j} weight[f, c, i, j] * x[n, c, oh*sh - pt + i*dh, ow*sw - pl + j*dw]
+    out[n, oh, ow, f] = bias[f] + sum_{i, j, c} weight[f, c, i, j] * x[n, oh*sh - pt + i*dh, ow*sw - pl + j*dw, c]
 
 Contract: the kernels trust their inputs (validation lives in fastcnn.functional). All arrays
 C-contiguous with the shapes above and one floating dtype (float32 or float64, compiled lazily,
-float32 is never promoted to float64); integers are plain Python ints (stride, dilation >= 1,
-padding >= 0). Outputs are overwritten, never accumulated, every element written.
+float32 never promoted to float64); integers are plain Python ints (stride, dilation >= 1,
+padding >= 0), N >= 1. Outputs are overwritten, never accumulated, every element written.
 
-How it is computed. NCHW rows are short (11 columns in the reference network's second layer),
-too short for a vector loop over output columns to pay for itself. So each input plane is first
-copied, per kernel column j, into a zero-padded *column-shifted* plane of the output's width:
+How it is computed. Each kernel is a matrix product over the implicit im2col matrix, computed
+tile by tile by ``gemm_tile`` (3 x 32 accumulators in registers), never built. In NHWC every
+tap of an output pixel is one offset away from the pixel's window corner: x[pixel offset + tap
+offset], with tap offset ``(i*dh*W + j*dw)*C + c``. Padding, if any, is a zero-padded copy of x
+holding exactly the rows and columns the windows read, so no tile tests bounds.
 
-    xs[c, j, r, ow] = x[c, r - pad_top, ow*stride_w + j*dil_w - pad_left]   (0 outside the image)
+- Forward: rows = output pixels, k = taps, columns = filters (weights packed as (tap, filter),
+  filters padded to the tile's 32 columns); bias added as the tile is stored.
+- Backward-input: rows = output pixels, k = filters, columns = taps: the col2im product
+  dy @ W, each tile added into the (padded) gradient of its own image at the pixels its taps read.
+- Backward-weight: rows = taps, k = pixels, columns = filters, summed per fixed chunk of
+  images into a partial buffer; the chunks are then added in order.
 
-(a partial im2col over kernel columns only: KW copies of the padded input). After that every
-kernel tap (c, i, j) is one contiguous run over the flattened output plane, with no bounds tests:
-out[f, oh*OW + ow] += weight[f, c, i, j] * xs[c, j, (oh*stride_h + i*dil_h)*OW + ow], a single run
-of OH*OW elements when stride_h == 1 (else OH runs of OW). The inner loops fuse 4 taps x 4 output
-channels per pass (16 weights held in registers; each output element loaded and stored once per
-4 taps, each input element loaded once per 4 filters), and LLVM vectorises them (AVX-512 where
-the CPU has it). The backward passes use the same shifted planes: backward-input scatters into
-them and folds them back, backward-weight takes dot products of them with dy.
-
-The shifted copies are scratch, allocated once per call outside any prange body and bounded to
-about ``_SCRATCH_ELEMENTS`` elements by processing the batch in groups of images (at least one
-image per group).
-
-Parallelism: every prange runs over a flattened pair of independent axes ((image, block of 4
-output channels), (image, block of 4 input channels), (block of output channels, block of input
-channels)), so both cores are busy at batch 1 too (except backward-input of a 1-channel input
-at batch 1: one work item); no two iterations write the same element.
+Parallelism and determinism: forward over chunks of pixel tiles, backward-input over images (a
+tile adds only into its own image), backward-weight over chunks of images whose number depends
+on N only. No two iterations write the same element and no summation order depends on the
+thread count or the scheduling: results are bitwise identical on repeated calls and for any
+number of threads. Scratch arrays are allocated once per call, outside every prange body.
 """
 import numpy as np
 from numba import njit, prange
 
-# Scratch budget (elements) for the column-shifted copies: 2**20 floats = 4 MiB in float32.
-# Large enough that the reference network's layers take a whole batch of 64 in one group (fewer
-# parallel regions per call: each costs a wait for the slowest thread on a busy machine); the
-# speed measured the same from 2**14 to 2**20.
-_SCRATCH_ELEMENTS = 1 << 20
+from .gemm_tile import FT, R, gemm_tile
+
+#: Pixel tiles per forward work item (48 output pixels).
+_TILES_PER_ITEM = 16
+#: Weight gradient: images per chunk at most, and the number of chunks aimed for.
+_MAX_CHUNK_IMAGES = 8
+_TARGET_CHUNKS = 16
 
 
-@njit(cache=True, inline="always")
-def _valid_range(pad, k_offset, stride, size, out_size):
-    """[lo, hi) of the output indices o with 0 <= o*stride - pad + k_offset < size."""
-    shift = pad - k_offset  # need o*stride >= shift and o*stride < size + shift
-    lo = 0
-    if shift > 0:
-        lo = (shift + stride - 1) // stride
-    top = size + shift
-    hi = 0
-    if top > 0:
-        hi = (top + stride - 1) // stride
-    if hi > out_size:
-        hi = out_size
-    if lo > hi:
-        lo = hi
-    return lo, hi
+# ---- operand preparation, done once per call before the tiles run ----
+
+@njit(cache=True)
+def _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w):
+    """Rows and columns of the (padded) input that the windows read."""
+    return (OH - 1) * stride_h + (KH - 1) * dil_h + 1, (OW - 1) * stride_w + (KW - 1) * dil_w + 1
 
 
 @njit(cache=True)
-def _group_size(N, per_image):
-    """Images per scratch group: as many as fit in _SCRATCH_ELEMENTS, at least 1, at most N."""
-    return max(1, min(N, _SCRATCH_ELEMENTS // max(per_image, 1)))
+def _needs_padding(x, pad_top, pad_left, Hp, Wp):
+    """True unless every window lies inside x (then x itself is the operand, no copy)."""
+    return pad_top > 0 or pad_left > 0 or Hp > x.shape[1] or Wp > x.shape[2]
 
 
 @njit(cache=True)
-def _shift_columns(xc, dst, pad_top, pad_left, stride_w, dil_w):
-    """dst[j, r, ow] = xc[r - pad_top, ow*stride_w + j*dil_w - pad_left], zero outside xc.
+def _pad_row(x, xp, n, r, pad_top, pad_left):
+    """xp[n, r, s, :] = x[n, r - pad_top, s - pad_left, :], zeros outside x: one row of the
+    zero-padded copy (N, Hp, Wp, C)."""
+    H, W = x.shape[1], x.shape[2]
+    Wp, C = xp.shape[2], xp.shape[3]
+    ih = r - pad_top
+    dst = xp[n, r]
+    for s in range(Wp):
+        iw = s - pad_left
+        if ih < 0 or ih >= H or iw < 0 or iw >= W:
+            for c in range(C):
+                dst[s, c] = 0
+        else:
+            src = x[n, ih, iw]
+            for c in range(C):
+                dst[s, c] = src[c]
 
-    xc (H, W) one input plane; dst (KW, Hp, OW) overwritten.
+
+@njit(parallel=True, cache=True)
+def _padded_input(x, pad_top, pad_left, Hp, Wp):
+    """x itself when every window lies inside it, else its zero-padded copy (N, Hp, Wp, C).
+
+    A function of its own on purpose: written inline in a kernel (``xp = x``, then in a branch
+    ``xp = np.empty(...)`` filled by a prange), numba 0.68.1 computed the kernel with the
+    unpadded x: wrong results, no error.
     """
-    H, W = xc.shape
-    KW, Hp, OW = dst.shape
-    zero = dst.dtype.type(0)
-    for j in range(KW):
-        ow_lo, ow_hi = _valid_range(pad_left, j * dil_w, stride_w, W, OW)
-        col0 = j * dil_w - pad_left
-        for r in range(Hp):
-            ih = r - pad_top
-            d = dst[j, r]
-            if ih < 0 or ih >= H:
-                for ow in range(OW):
-                    d[ow] = zero
-            else:
-                xr = xc[ih]
-                for ow in range(ow_lo):
-                    d[ow] = zero
-                for ow in range(ow_lo, ow_hi):
-                    d[ow] = xr[ow * stride_w + col0]
-                for ow in range(ow_hi, OW):
-                    d[ow] = zero
+    if not _needs_padding(x, pad_top, pad_left, Hp, Wp):
+        return x
+    N, C = x.shape[0], x.shape[3]
+    xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
+    for t in prange(N * Hp):
+        _pad_row(x, xp, t // Hp, t % Hp, pad_top, pad_left)
+    return xp
 
 
-# ---- loop bodies: one parallel work item each (serial helpers, so the parallel kernels stay thin) ----
+@njit(cache=True)
+def _tap_offsets(out, count, KH, KW, C, row_step, col_step):
+    """out[k] = i*row_step + j*col_step + c for tap k = (i*KW + j)*C + c < count; entries from
+    ``count`` on repeat the last tap (the padding rows of a tile, never stored)."""
+    k = 0
+    for i in range(KH):
+        for j in range(KW):
+            for c in range(C):
+                out[k] = np.uint64(i * row_step + j * col_step + c)
+                k += 1
+    for kk in range(count, out.shape[0]):
+        out[kk] = out[count - 1]
 
-@njit(cache=True, fastmath={"contract"})
-def _forward_filters(xg, weight, bias, y, f0, f1, stride_h, dil_h, nrun, runlen):
-    """y[f] = bias[f] + sum_{c,i,j} weight[f,c,i,j] * xg[c, j] shifted by row tap i, f in [f0, f1).
 
-    One image: xg (C, KW, Hp*OW) its column-shifted planes, y (F, OH, OW) its output. Taps
-    (c, i, j) are taken 4 at a time, in order, for 4 filters at once (f1 - f0 == 4).
-    """
-    F, C, KH, KW = weight.shape
-    OH, OW = y.shape[1], y.shape[2]
+@njit(cache=True)
+def _pixel_offsets(out, count, OH, OW, image_step, row_step, col_step):
+    """out[q] = n*image_step + oh*row_step + ow*col_step for pixel q = (n*OH + oh)*OW + ow <
+    count; entries from ``count`` on repeat the last pixel (the padding rows of a tile)."""
     P = OH * OW
-    KK = KH * KW
-    T = C * KK  # taps, flattened (c, i, j)
-    T4 = T - T % 4
-    for f in range(f0, f1):
-        b = bias[f]
-        yf = y[f].reshape(P)
-        for p in range(P):
-            yf[p] = b
-    if f1 - f0 == 4:
-        y0 = y[f0].reshape(P); y1 = y[f0 + 1].reshape(P)
-        y2 = y[f0 + 2].reshape(P); y3 = y[f0 + 3].reshape(P)
-        v0 = weight[f0].reshape(T); v1 = weight[f0 + 1].reshape(T)
-        v2 = weight[f0 + 2].reshape(T); v3 = weight[f0 + 3].reshape(T)
-        for ta in range(0, T4, 4):  # 4 taps x 4 filters per pass
-            tb, tc, td = ta + 1, ta + 2, ta + 3
-            ca = ta // KK; ia = (ta - ca * KK) // KW; ja = ta - ca * KK - ia * KW
-            cb = tb // KK; ib = (tb - cb * KK) // KW; jb = tb - cb * KK - ib * KW
-            cc = tc // KK; ic = (tc - cc * KK) // KW; jc = tc - cc * KK - ic * KW
-            cd = td // KK; id_ = (td - cd * KK) // KW; jd = td - cd * KK - id_ * KW
-            xa = xg[ca, ja]; xb = xg[cb, jb]; xc = xg[cc, jc]; xd = xg[cd, jd]
-            w0a = v0[ta]; w0b = v0[tb]; w0c = v0[tc]; w0d = v0[td]
-            w1a = v1[ta]; w1b = v1[tb]; w1c = v1[tc]; w1d = v1[td]
-            w2a = v2[ta]; w2b = v2[tb]; w2c = v2[tc]; w2d = v2[td]
-            w3a = v3[ta]; w3b = v3[tb]; w3c = v3[tc]; w3d = v3[td]
-            for run in range(nrun):
-                yb = run * runlen
-                oa = (run * stride_h + ia * dil_h) * OW
-                ob = (run * stride_h + ib * dil_h) * OW
-                oc = (run * stride_h + ic * dil_h) * OW
-                od = (run * stride_h + id_ * dil_h) * OW
-                sa = xa[oa:oa + runlen]; sb = xb[ob:ob + runlen]
-                sc = xc[oc:oc + runlen]; sd = xd[od:od + runlen]
-                a0 = y0[yb:yb + runlen]; a1 = y1[yb:yb + runlen]
-                a2 = y2[yb:yb + runlen]; a3 = y3[yb:yb + runlen]
-                for k in range(runlen):
-                    ea = sa[k]; eb = sb[k]; ec = sc[k]; ed = sd[k]
-                    a0[k] += w0a * ea + w0b * eb + w0c * ec + w0d * ed
-                    a1[k] += w1a * ea + w1b * eb + w1c * ec + w1d * ed
-                    a2[k] += w2a * ea + w2b * eb + w2c * ec + w2d * ed
-                    a3[k] += w3a * ea + w3b * eb + w3c * ec + w3d * ed
-        for ta in range(T4, T):  # the last T % 4 taps, one at a time
-            ca = ta // KK; ia = (ta - ca * KK) // KW; ja = ta - ca * KK - ia * KW
-            xa = xg[ca, ja]
-            w0 = v0[ta]; w1 = v1[ta]; w2 = v2[ta]; w3 = v3[ta]
-            for run in range(nrun):
-                yb = run * runlen
-                oa = (run * stride_h + ia * dil_h) * OW
-                sa = xa[oa:oa + runlen]
-                a0 = y0[yb:yb + runlen]; a1 = y1[yb:yb + runlen]
-                a2 = y2[yb:yb + runlen]; a3 = y3[yb:yb + runlen]
-                for k in range(runlen):
-                    ea = sa[k]
-                    a0[k] += w0 * ea; a1[k] += w1 * ea; a2[k] += w2 * ea; a3[k] += w3 * ea
-    else:  # the last F % 4 filters, one at a time
-        for f in range(f0, f1):
-            yf = y[f].reshape(P)
-            vf = weight[f].reshape(T)
-            for ta in range(T):
-                ca = ta // KK; ia = (ta - ca * KK) // KW; ja = ta - ca * KK - ia * KW
-                xa = xg[ca, ja]
-                wv = vf[ta]
-                for run in range(nrun):
-                    yb = run * runlen
-                    oa = (run * stride_h + ia * dil_h) * OW
-                    sa = xa[oa:oa + runlen]
-                    a0 = yf[yb:yb + runlen]
-                    for k in range(runlen):
-                        a0[k] += wv * sa[k]
+    for q in range(count):
+        n = q // P
+        p = q - n * P
+        oh = p // OW
+        ow = p - oh * OW
+        out[q] = np.uint64(n * image_step + oh * row_step + ow * col_step)
+    for q in range(count, out.shape[0]):
+        out[q] = out[count - 1]
 
 
-@njit(cache=True, fastmath={"contract"})
-def _backward_input_channels(dyn, weight, dg, gx, c0, c1, stride_h, stride_w, pad_top, pad_left,
-                             dil_h, dil_w, OW, nrun, runlen):
-    """gx[c] for the input channels c in [c0, c1) of one image, overwritten.
-
-    dyn (F, OH*OW) the image's dy; gx (C, H, W) the image's dx; dg (C, KW, Hp*OW) scratch for
-    column-shifted gradient planes. First dg[c, j] = sum_{f,i} weight[f,c,i,j] * dy[f] shifted
-    by row tap i (4 filters x 4 channels per pass when c1 - c0 == 4), then the KW planes are
-    folded back into gx, the transpose of _shift_columns.
-    """
+@njit(cache=True)
+def _pack_weight(weight, wp, k0, k1):
+    """wp[k, f] = weight[f, c, i, j] for taps k = (i*KW + j)*C + c in [k0, k1); 0 for f >= F.
+    The (tap, filter) matrix the forward's tiles read 32 filters at a time."""
     F, C, KH, KW = weight.shape
-    H, W = gx.shape[1], gx.shape[2]
-    L = dg.shape[2]
-    Hp = L // OW
-    F4 = F - F % 4
-    for c in range(c0, c1):
-        for j in range(KW):
-            d = dg[c, j]
-            for k in range(L):
-                d[k] = 0
-    if c1 - c0 == 4:
-        for i in range(KH):
-            for j in range(KW):
-                d0 = dg[c0, j]; d1 = dg[c0 + 1, j]; d2 = dg[c0 + 2, j]; d3 = dg[c0 + 3, j]
-                for f in range(0, F4, 4):  # 4 filters x 4 channels per pass
-                    ga = dyn[f]; gb = dyn[f + 1]; gc = dyn[f + 2]; gd = dyn[f + 3]
-                    w0a = weight[f, c0, i, j]; w0b = weight[f + 1, c0, i, j]
-                    w0c = weight[f + 2, c0, i, j]; w0d = weight[f + 3, c0, i, j]
-                    w1a = weight[f, c0 + 1, i, j]; w1b = weight[f + 1, c0 + 1, i, j]
-                    w1c = weight[f + 2, c0 + 1, i, j]; w1d = weight[f + 3, c0 + 1, i, j]
-                    w2a = weight[f, c0 + 2, i, j]; w2b = weight[f + 1, c0 + 2, i, j]
-                    w2c = weight[f + 2, c0 + 2, i, j]; w2d = weight[f + 3, c0 + 2, i, j]
-                    w3a = weight[f, c0 + 3, i, j]; w3b = weight[f + 1, c0 + 3, i, j]
-                    w3c = weight[f + 2, c0 + 3, i, j]; w3d = weight[f + 3, c0 + 3, i, j]
-                    for run in range(nrun):
-                        yb = run * runlen
-                        xb = (run * stride_h + i * dil_h) * OW
-                        sa = ga[yb:yb + runlen]; sb = gb[yb:yb + runlen]
-                        sc = gc[yb:yb + runlen]; sd = gd[yb:yb + runlen]
-                        a0 = d0[xb:xb + runlen]; a1 = d1[xb:xb + runlen]
-                        a2 = d2[xb:xb + runlen]; a3 = d3[xb:xb + runlen]
-                        for k in range(runlen):
-                            ea = sa[k]; eb = sb[k]; ec = sc[k]; ed = sd[k]
-                            a0[k] += w0a * ea + w0b * eb + w0c * ec + w0d * ed
-                            a1[k] += w1a * ea + w1b * eb + w1c * ec + w1d * ed
-                            a2[k] += w2a * ea + w2b * eb + w2c * ec + w2d * ed
-                            a3[k] += w3a * ea + w3b * eb + w3c * ec + w3d * ed
-                for f in range(F4, F):  # the last F % 4 filters
-                    ga = dyn[f]
-                    w0 = weight[f, c0, i, j]; w1 = weight[f, c0 + 1, i, j]
-                    w2 = weight[f, c0 + 2, i, j]; w3 = weight[f, c0 + 3, i, j]
-                    for run in range(nrun):
-                        yb = run * runlen
-                        xb = (run * stride_h + i * dil_h) * OW
-                        sa = ga[yb:yb + runlen]
-                        a0 = d0[xb:xb + runlen]; a1 = d1[xb:xb + runlen]
-                        a2 = d2[xb:xb + runlen]; a3 = d3[xb:xb + runlen]
-                        for k in range(runlen):
-                            ea = sa[k]
-                            a0[k] += w0 * ea; a1[k] += w1 * ea; a2[k] += w2 * ea; a3[k] += w3 * ea
-    else:  # the last C % 4 channels, one at a time
-        for c in range(c0, c1):
-            for i in range(KH):
-                for j in range(KW):
-                    dd = dg[c, j]
-                    for f in range(F):
-                        ga = dyn[f]
-                        wv = weight[f, c, i, j]
-                        for run in range(nrun):
-                            yb = run * runlen
-                            xb = (run * stride_h + i * dil_h) * OW
-                            sa = ga[yb:yb + runlen]
-                            a0 = dd[xb:xb + runlen]
-                            for k in range(runlen):
-                                a0[k] += wv * sa[k]
-    r_lo = min(pad_top, Hp)  # scratch rows that are image rows: [r_lo, r_hi)
-    r_hi = max(min(Hp, H + pad_top), r_lo)
-    for c in range(c0, c1):
-        g = gx[c]
-        for ih in range(H):
-            for iw in range(W):
-                g[ih, iw] = 0
-        for j in range(KW):
-            ow_lo, ow_hi = _valid_range(pad_left, j * dil_w, stride_w, W, OW)
-            col0 = j * dil_w - pad_left
-            dd = dg[c, j]
-            for r in range(r_lo, r_hi):
-                grow = g[r - pad_top]
-                drow = dd[r * OW:(r + 1) * OW]
-                for ow in range(ow_lo, ow_hi):
-                    grow[ow * stride_w + col0] += drow[ow]
-
-
-@njit(cache=True, fastmath={"contract", "reassoc"})
-def _backward_weight_block(xs, dyg, dweight, f0, f1, c0, c1, first, stride_h, dil_h, OW, nrun,
-                           runlen):
-    """dweight[f0:f1, c0:c1] += the contribution of one group of images (zeroed first if `first`).
-
-    xs (G, C, KW, Hp*OW) the group's column-shifted planes, dyg (gn, F, OH, OW) its dy. Each
-    image adds one dot product over its output plane per weight element, image by image: a
-    fixed order (16 dot products sharing their loads when the block is 4 x 4).
-    """
-    gn, F = dyg.shape[0], dyg.shape[1]
-    KH, KW = dweight.shape[2], dweight.shape[3]
-    P = dyg.shape[2] * dyg.shape[3]
-    if first:
-        for f in range(f0, f1):
-            for c in range(c0, c1):
-                for i in range(KH):
-                    for j in range(KW):
-                        dweight[f, c, i, j] = 0
-    for gi in range(gn):
-        dyn = dyg[gi].reshape((F, P))
-        if f1 - f0 == 4 and c1 - c0 == 4:  # 16 dot products sharing their loads
-            ga = dyn[f0]; gb = dyn[f0 + 1]; gc = dyn[f0 + 2]; gd = dyn[f0 + 3]
-            for i in range(KH):
-                for j in range(KW):
-                    x0 = xs[gi, c0, j]; x1 = xs[gi, c0 + 1, j]
-                    x2 = xs[gi, c0 + 2, j]; x3 = xs[gi, c0 + 3, j]
-                    z = dweight.dtype.type(0)
-                    s00 = z; s01 = z; s02 = z; s03 = z
-                    s10 = z; s11 = z; s12 = z; s13 = z
-                    s20 = z; s21 = z; s22 = z; s23 = z
-                    s30 = z; s31 = z; s32 = z; s33 = z
-                    for run in range(nrun):
-                        yb = run * runlen
-                        xb = (run * stride_h + i * dil_h) * OW
-                        ea = ga[yb:yb + runlen]; eb = gb[yb:yb + runlen]
-                        ec = gc[yb:yb + runlen]; ed = gd[yb:yb + runlen]
-                        u0 = x0[xb:xb + runlen]; u1 = x1[xb:xb + runlen]
-                        u2 = x2[xb:xb + runlen]; u3 = x3[xb:xb + runlen]
-                        for k in range(runlen):
-                            va = ea[k]; vb = eb[k]; vc = ec[k]; vd = ed[k]
-                            q0 = u0[k]; q1 = u1[k]; q2 = u2[k]; q3 = u3[k]
-                            s00 += va * q0; s01 += va * q1; s02 += va * q2; s03 += va * q3
-                            s10 += vb * q0; s11 += vb * q1; s12 += vb * q2; s13 += vb * q3
-                            s20 += vc * q0; s21 += vc * q1; s22 += vc * q2; s23 += vc * q3
-                            s30 += vd * q0; s31 += vd * q1; s32 += vd * q2; s33 += vd * q3
-                    dweight[f0, c0, i, j] += s00; dweight[f0, c0 + 1, i, j] += s01
-                    dweight[f0, c0 + 2, i, j] += s02; dweight[f0, c0 + 3, i, j] += s03
-                    dweight[f0 + 1, c0, i, j] += s10; dweight[f0 + 1, c0 + 1, i, j] += s11
-                    dweight[f0 + 1, c0 + 2, i, j] += s12; dweight[f0 + 1, c0 + 3, i, j] += s13
-                    dweight[f0 + 2, c0, i, j] += s20; dweight[f0 + 2, c0 + 1, i, j] += s21
-                    dweight[f0 + 2, c0 + 2, i, j] += s22; dweight[f0 + 2, c0 + 3, i, j] += s23
-                    dweight[f0 + 3, c0, i, j] += s30; dweight[f0 + 3, c0 + 1, i, j] += s31
-                    dweight[f0 + 3, c0 + 2, i, j] += s32; dweight[f0 + 3, c0 + 3, i, j] += s33
-        else:  # a partial block (F % 4 filters or C % 4 channels): one dot product at a time
-            for f in range(f0, f1):
-                gf = dyn[f]
-                for c in range(c0, c1):
-                    for i in range(KH):
-                        for j in range(KW):
-                            xsrc = xs[gi, c, j]
-                            s = dweight.dtype.type(0)
-                            for run in range(nrun):
-                                yb = run * runlen
-                                xb = (run * stride_h + i * dil_h) * OW
-                                e = gf[yb:yb + runlen]
-                                u = xsrc[xb:xb + runlen]
-                                for k in range(runlen):
-                                    s += e[k] * u[k]
-                            dweight[f, c, i, j] += s
-
-
-@njit(cache=True, fastmath={"contract", "reassoc"})
-def _bias_sums(dy, dbias, f0, f1):
-    """dbias[f] = sum of dy[:, f] for f in [f0, f1), image by image (a fixed order)."""
-    N = dy.shape[0]
-    P = dy.shape[2] * dy.shape[3]
-    for f in range(f0, f1):
-        s = dbias.dtype.type(0)
-        for n in range(N):
-            gf = dy[n, f].reshape(P)
-            for p in range(P):
-                s += gf[p]
-        dbias[f] = s
+    Fp = wp.shape[1]
+    for k in range(k0, k1):
+        tap = k // C
+        c = k - tap * C
+        i = tap // KW
+        j = tap - i * KW
+        for f in range(F):
+            wp[k, f] = weight[f, c, i, j]
+        for f in range(F, Fp):
+            wp[k, f] = 0
 
 
 # ---- the kernels ----
 
 @njit(parallel=True, cache=True)
 def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out):
-    """out[n, f] = bias[f] + sum_{c,i,j} weight[f,c,i,j] * x[n, c] shifted by (i, j); out (N, F, OH, OW) overwritten.
+    """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c].
 
-    x (N, C, H, W), weight (F, C, KH, KW), bias (F,). Per group of images: the column-shifted
-    copies (prange over (image, channel)), then the sums (prange over (image, block of 4
-    filters), so even batch 1 has F/4 work items).
+    x (N, H, W, C), weight (F, C, KH, KW), bias (F,); out (N, OH, OW, F) overwritten.
     """
-    N, C, H, W = x.shape
+    N, H, W, C = x.shape
     F, _, KH, KW = weight.shape
-    OH, OW = out.shape[2], out.shape[3]
-    Hp = (OH - 1) * stride_h + (KH - 1) * dil_h + 1  # rows of the padded input that are read
-    G = _group_size(N, C * KW * Hp * OW)
-    xs = np.empty((G, C, KW, Hp * OW), dtype=x.dtype)
-    nfb = (F + 3) // 4
-    nrun, runlen = (1, OH * OW) if stride_h == 1 else (OH, OW)  # contiguous runs per tap
-    for g0 in range(0, N, G):
-        gn = min(G, N - g0)
-        for t in prange(gn * C):
-            gi, c = t // C, t % C
-            _shift_columns(x[g0 + gi, c], xs[gi, c].reshape((KW, Hp, OW)), pad_top, pad_left, stride_w, dil_w)
-        for t in prange(gn * nfb):
-            gi, fb = t // nfb, t % nfb
-            _forward_filters(xs[gi], weight, bias, out[g0 + gi], 4 * fb, min(4 * fb + 4, F),
-                             stride_h, dil_h, nrun, runlen)
+    OH, OW = out.shape[1], out.shape[2]
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    K = KH * KW * C
+    nfb = (F + FT - 1) // FT
+    Fp = nfb * FT
+    NP = N * OH * OW
+    ntiles = (NP + R - 1) // R
+    nitems = (ntiles + _TILES_PER_ITEM - 1) // _TILES_PER_ITEM
+    dt = x.dtype
+
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = xp.shape[1], xp.shape[2]
+    wp = np.empty((K, Fp), dtype=dt)
+    _pack_weight(weight, wp, 0, K)
+    koff = np.empty(K, dtype=np.uint64)
+    _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
+    pix = np.empty(ntiles * R, dtype=np.uint64)
+    _pixel_offsets(pix, NP, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
+    tiles = np.empty((nitems, R * FT), dtype=dt)
+
+    xf = xp.reshape(xp.size)
+    wf = wp.reshape(wp.size)
+    of = out.reshape(out.size)
+    for item in prange(nitems):
+        t0 = item * _TILES_PER_ITEM
+        t1 = min(t0 + _TILES_PER_ITEM, ntiles)
+        tile = tiles[item]
+        for fb in range(nfb):
+            f0 = fb * FT
+            nf = min(FT, F - f0)
+            for t in range(t0, t1):
+                gemm_tile(xf, pix[t * R:t * R + R], koff, 0, K, wf, np.uint64(f0), np.uint64(Fp),
+                          tile, False)
+                for r in range(min(R, NP - t * R)):
+                    dst = of[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
+                    for f in range(nf):
+                        dst[f] = tile[r * FT + f] + bias[f0 + f]
 
 
 @njit(parallel=True, cache=True)
 def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dx):
-    """dx = gradient of sum(out * dy) with respect to x; dx (N, C, H, W) overwritten.
+    """dx = gradient of sum(out * dy) with respect to x; dx (N, H, W, C) overwritten.
 
-    dy (N, F, OH, OW), weight (F, C, KH, KW). The transpose of the forward: prange over (image,
-    block of 4 input channels), each scattering dy into its own column-shifted scratch planes
-    and folding them into dx[n, c0:c0+4] (every element written; zeros where no window reaches).
+    dy (N, OH, OW, F), weight (F, C, KH, KW). Per image, dcol = dy @ W^T in tiles (rows = output
+    pixels, columns = taps (i, j, c)); each tile is added into the image's gradient at the
+    pixels its taps read in the forward (col2im): directly into dx when the forward read x
+    itself, else into a padded scratch image that is then cropped into dx.
     """
-    N, F, OH, OW = dy.shape
+    N, OH, OW, F = dy.shape
     _, C, KH, KW = weight.shape
-    Hp = (OH - 1) * stride_h + (KH - 1) * dil_h + 1
-    G = _group_size(N, C * KW * Hp * OW)
-    dxs = np.empty((G, C, KW, Hp * OW), dtype=dx.dtype)
-    ncb = (C + 3) // 4
-    nrun, runlen = (1, OH * OW) if stride_h == 1 else (OH, OW)
-    for g0 in range(0, N, G):
-        gn = min(G, N - g0)
-        for t in prange(gn * ncb):
-            gi, cb = t // ncb, t % ncb
-            n = g0 + gi
-            _backward_input_channels(dy[n].reshape((F, OH * OW)), weight, dxs[gi], dx[n],
-                                     4 * cb, min(4 * cb + 4, C), stride_h, stride_w, pad_top,
-                                     pad_left, dil_h, dil_w, OW, nrun, runlen)
+    H, W = dx.shape[1], dx.shape[2]
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    ncol = KH * KW * C
+    ncb = (ncol + FT - 1) // FT
+    ncp = ncb * FT
+    P = OH * OW
+    ntl = (P + R - 1) // R  # tiles per image: a tile never spans two images
+    dt = dx.dtype
+
+    padded = _needs_padding(dx, pad_top, pad_left, Hp, Wp)
+    XH, XW = (Hp, Wp) if padded else (H, W)
+    image = XH * XW * C
+    gx = np.empty(N * image, dtype=dt) if padded else dx.reshape(dx.size)
+    wt = np.empty((F, ncp), dtype=dt)  # wt[f, (i*KW + j)*C + c] = weight[f, c, i, j]
+    for f in range(F):
+        for col in range(ncol):
+            tap = col // C
+            c = col - tap * C
+            i = tap // KW
+            wt[f, col] = weight[f, c, i, tap - i * KW]
+        for col in range(ncol, ncp):
+            wt[f, col] = 0
+    coloff = np.empty(ncp, dtype=np.uint64)  # where each column's tap lands, from the pixel
+    _tap_offsets(coloff, ncol, KH, KW, C, dil_h * XW * C, dil_w * C)
+    contiguous = np.empty(ncb, dtype=np.bool_)  # the block's 32 columns are 32 adjacent cells
+    for cb in range(ncb):
+        c0 = cb * FT
+        run = c0 + FT <= ncol
+        for f in range(1, FT):
+            if run and coloff[c0 + f] != coloff[c0] + np.uint64(f):
+                run = False
+        contiguous[cb] = run
+    pixoff = np.empty(P, dtype=np.uint64)
+    _pixel_offsets(pixoff, P, OH, OW, 0, stride_h * XW * C, stride_w * C)
+    rows = np.empty(N * ntl * R, dtype=np.uint64)  # dy offset of each tile row
+    for n in range(N):
+        for t in range(ntl):
+            for r in range(R):
+                rows[(n * ntl + t) * R + r] = np.uint64((n * P + min(t * R + r, P - 1)) * F)
+    kidx = np.arange(F).astype(np.uint64)
+    tiles = np.empty((N, R * FT), dtype=dt)
+
+    dyf = dy.reshape(dy.size)
+    wtf = wt.reshape(wt.size)
+    for n in prange(N):
+        img = gx[n * image:(n + 1) * image]
+        for e in range(image):
+            img[e] = 0
+        tile = tiles[n]
+        for cb in range(ncb):
+            c0 = cb * FT
+            for t in range(ntl):
+                r0 = (n * ntl + t) * R
+                gemm_tile(dyf, rows[r0:r0 + R], kidx, 0, F, wtf, np.uint64(c0), np.uint64(ncp),
+                          tile, False)
+                for r in range(min(R, P - t * R)):
+                    base = pixoff[t * R + r]
+                    if contiguous[cb]:
+                        dst = img[base + coloff[c0]:base + coloff[c0] + np.uint64(FT)]
+                        for f in range(FT):
+                            dst[f] += tile[r * FT + f]
+                    else:
+                        for f in range(min(FT, ncol - c0)):
+                            img[base + coloff[c0 + f]] += tile[r * FT + f]
+        if padded:  # crop: dx[n, ih, iw] = scratch[ih + pad_top, iw + pad_left] (0 if never read)
+            src = img.reshape((XH, XW, C))
+            for ih in range(H):
+                for iw in range(W):
+                    r = ih + pad_top
+                    s = iw + pad_left
+                    inside = r < XH and s < XW
+                    for c in range(C):
+                        dx[n, ih, iw, c] = src[r, s, c] if inside else 0
 
 
 @njit(parallel=True, cache=True)
 def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias):
-    """dweight[f,c,i,j] = sum_{n,oh,ow} dy[n,f,oh,ow] * x[n,c,ih,iw] and dbias[f] = sum dy[:, f].
+    """dweight[f,c,i,j] = sum_{n,oh,ow} dy[n,oh,ow,f] * x[n, window + (i, j), c], dbias[f] = sum dy[..., f].
 
-    x (N, C, H, W), dy (N, F, OH, OW); dweight (F, C, KH, KW) and dbias (F,) overwritten.
+    x (N, H, W, C), dy (N, OH, OW, F); dweight (F, C, KH, KW) and dbias (F,) overwritten.
 
-    Deterministic without partial buffers: the prange runs over (block of 4 filters, block of 4
-    channels), so each element of dweight and of dbias (summed by the blocks holding channel 0)
-    is computed by exactly one iteration, in a fixed order: image by image (groups of images in
-    order), each image's contribution a dot product over the output plane whose (vectorised,
-    "reassoc") summation order depends only on the shapes. The result is bitwise identical on
-    repeated calls and for any number of threads.
+    The images are split into chunks whose size depends on N only (at most 8 images, about 16
+    chunks); each chunk sums its pixels in order into its own partial buffer (rows = taps,
+    columns = filters, in tiles), and the partials are then added chunk by chunk in order. So
+    the result is bitwise identical on repeated calls and for any number of threads.
     """
-    N, C, H, W = x.shape
-    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    N, H, W, C = x.shape
+    OH, OW, F = dy.shape[1], dy.shape[2], dy.shape[3]
     KH, KW = dweight.shape[2], dweight.shape[3]
-    Hp = (OH - 1) * stride_h + (KH - 1) * dil_h + 1
-    G = _group_size(N, C * KW * Hp * OW)
-    xs = np.empty((G, C, KW, Hp * OW), dtype=x.dtype)
-    nfb = (F + 3) // 4
-    ncb = (C + 3) // 4
-    nrun, runlen = (1, OH * OW) if stride_h == 1 else (OH, OW)
-    for g0 in range(0, N, G):
-        gn = min(G, N - g0)
-        for t in prange(gn * C):
-            gi, c = t // C, t % C
-            _shift_columns(x[g0 + gi, c], xs[gi, c].reshape((KW, Hp, OW)), pad_top, pad_left, stride_w, dil_w)
-        for t in prange(nfb * ncb):
-            fb, cb = t // ncb, t % ncb
-            f0, f1 = 4 * fb, min(4 * fb + 4, F)
-            if g0 == 0 and cb == 0:
-                _bias_sums(dy, dbias, f0, f1)
-            _backward_weight_block(xs, dy[g0:g0 + gn], dweight, f0, f1, 4 * cb, min(4 * cb + 4, C),
-                                   g0 == 0, stride_h, dil_h, OW, nrun, runlen)
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    K = KH * KW * C
+    nkt = (K + R - 1) // R  # tap tiles
+    nfb = (F + FT - 1) // FT
+    Fp = nfb * FT
+    P = OH * OW
+    NP = N * P
+    G = min(_MAX_CHUNK_IMAGES, max(1, (N + _TARGET_CHUNKS - 1) // _TARGET_CHUNKS))
+    nch = (N + G - 1) // G
+    dt = x.dtype
+
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = xp.shape[1], xp.shape[2]
+    dyf = dy.reshape(dy.size)
+    if Fp != F:  # rows of dy padded to whole tiles of filters
+        dyf = np.empty(NP * Fp, dtype=dt)
+        for q in prange(NP):
+            for f in range(F):
+                dyf[q * Fp + f] = dy[q // P, (q % P) // OW, q % OW, f]
+            for f in range(F, Fp):
+                dyf[q * Fp + f] = 0
+    koff = np.empty(nkt * R, dtype=np.uint64)
+    _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
+    pix = np.empty(NP, dtype=np.uint64)
+    _pixel_offsets(pix, NP, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
+    partial = np.empty((nch, nkt * R, Fp), dtype=dt)
+    bpartial = np.empty((nch, Fp), dtype=dt)
+    tiles = np.empty((nch, R * FT), dtype=dt)
+
+    xf = xp.reshape(xp.size)
+    for ch in prange(nch):
+        q0 = ch * G * P
+        q1 = min(N, (ch + 1) * G) * P
+        tile = tiles[ch]
+        part = partial[ch]
+        for fb in range(nfb):
+            f0 = fb * FT
+            for kt in range(nkt):
+                gemm_tile(xf, koff[kt * R:kt * R + R], pix, q0, q1, dyf,
+                          np.uint64(q0 * Fp + f0), np.uint64(Fp), tile, False)
+                for r in range(R):
+                    dst = part[kt * R + r, f0:f0 + FT]
+                    for f in range(FT):
+                        dst[f] = tile[r * FT + f]
+        bp = bpartial[ch]
+        for f in range(Fp):
+            bp[f] = 0
+        for q in range(q0, q1):
+            src = dyf[q * Fp:(q + 1) * Fp]
+            for f in range(Fp):
+                bp[f] += src[f]
+
+    for f in prange(F):  # the chunks added in order: a fixed summation order
+        for i in range(KH):
+            for j in range(KW):
+                for c in range(C):
+                    k = (i * KW + j) * C + c
+                    s = partial[0, k, f]
+                    for ch in range(1, nch):
+                        s += partial[ch, k, f]
+                    dweight[f, c, i, j] = s
+        s = bpartial[0, f]
+        for ch in range(1, nch):
+            s += bpartial[ch, f]
+        dbias[f] = s

@@ -29,13 +29,14 @@ def _debug_njit(*args, **kwargs):
 numba.njit = _debug_njit
 BOUNDSCHECK = True
 
-# Shrink the kernels' tile and chunk sizes (module globals, frozen into a kernel when it is
-# compiled, i.e. at its first call), so that the small shapes the fuzz cases use also run the
-# paths large inputs take: several scratch groups of images in conv2d, several chunks of planes
-# in pool2d, several chunks of elements in the activations, several channel blocks in batchnorm.
-from fastcnn.kernels import activations, batchnorm, conv2d, pool2d  # noqa: E402
+# Shrink the kernels' work sizes (module globals, frozen into a kernel when it is compiled, i.e.
+# at its first call), so that the small shapes the fuzz cases use also run the paths large
+# inputs take: many forward work items and weight-gradient chunks in conv2d, several chunks of
+# elements in the activations, several channel blocks in batchnorm.
+from fastcnn.kernels import activations, batchnorm, conv2d  # noqa: E402
 
-for _module, _name, _value in ((conv2d, "_SCRATCH_ELEMENTS", 1), (pool2d, "_CHUNKS", 3),
+for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_MAX_CHUNK_IMAGES", 1),
+                               (conv2d, "_TARGET_CHUNKS", 1 << 30),
                                (activations, "_CHUNK", 4), (activations, "_MAX_CHUNKS", 3),
                                (batchnorm, "_BLOCK", 2)):
     if hasattr(_module, _name):

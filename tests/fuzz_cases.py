@@ -1668,14 +1668,14 @@ def test_boundscheck_is_active():
     (in the normal build it would write outside the array)."""
     from fastcnn.kernels import pool2d
 
-    dy = np.ones((1, 1, 2, 2), np.float32)
-    argmax = np.array([[[[0, 1], [2, 99]]]], np.int64)  # 99 is outside a 2x2 plane
-    with pytest.raises(IndexError):
-        pool2d.maxpool2d_backward(dy, argmax, np.empty((1, 1, 2, 2), np.float32))
-    # and the tile sizes were shrunk before compilation (multi-group / multi-chunk paths)
+    dy = np.ones((1, 2, 2, 1), np.float32)  # NHWC
+    argmax = np.array([[[[0], [1]], [[2], [99]]]], np.int64)  # 99 is outside a 2x2 plane
+    with pytest.raises(IndexError):  # geometry 0: the general path, which indexes by argmax
+        pool2d.maxpool2d_backward(dy, argmax, 0, 0, 0, 0, 0, 0, np.empty((1, 2, 2, 1), np.float32))
+    # and the work sizes were shrunk before compilation (multi-item / multi-chunk paths)
     from fastcnn.kernels import activations, conv2d
 
-    assert conv2d._group_size(2, 10) == 1  # one image per scratch group
+    assert conv2d._TILES_PER_ITEM == 1 and conv2d._MAX_CHUNK_IMAGES == 1
     assert activations._chunks(10) == (3, 4)  # three chunks of at most 4 elements
     tally("boundscheck self-test", "valid")
 

@@ -37,20 +37,32 @@ def _flat(stride, padding, dilation):
     return stride[0], stride[1], padding[0][0], padding[1][0], dilation[0], dilation[1]
 
 
+def nhwc(a):
+    """The kernels' layout: (N, C, H, W) -> C-contiguous (N, H, W, C)."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def nchw(a):
+    return a.transpose(0, 3, 1, 2)
+
+
 def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+    """The forward kernel called on NCHW arrays (converted to and from its NHWC layout)."""
+    N, F, OH, OW = output_shape(x.shape, w.shape, stride, padding, dilation)
     # NaN-filled outputs: a kernel that skips an element fails the comparison.
-    out = np.full(output_shape(x.shape, w.shape, stride, padding, dilation), np.nan, dtype=x.dtype)
-    conv2d_forward(x, w, b, *_flat(stride, padding, dilation), out)
-    return out
+    out = np.full((N, OH, OW, F), np.nan, dtype=x.dtype)
+    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), out)
+    return nchw(out)
 
 
 def backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
-    dx = np.full(x.shape, np.nan, dtype=x.dtype)
+    N, C, H, W = x.shape
+    dx = np.full((N, H, W, C), np.nan, dtype=x.dtype)
     dw = np.full(w.shape, np.nan, dtype=x.dtype)
     db = np.full(w.shape[0], np.nan, dtype=x.dtype)
-    conv2d_backward_input(dy, w, *_flat(stride, padding, dilation), dx)
-    conv2d_backward_weight(x, dy, *_flat(stride, padding, dilation), dw, db)
-    return dx, dw, db
+    conv2d_backward_input(nhwc(dy), w, *_flat(stride, padding, dilation), dx)
+    conv2d_backward_weight(nhwc(x), nhwc(dy), *_flat(stride, padding, dilation), dw, db)
+    return nchw(dx), dw, db
 
 
 
@@ -70,8 +82,8 @@ def naive_cost(N, C, F, H, W, KH, KW, stride, padding, dilation):
 @st.composite
 def conv_cases(draw):
     """Random shapes with at least one output pixel; the smallest H, W drawn make the (dilated)
-    kernel exactly as large as the padded input. C and F up to 9 reach both the 4x4 blocked
-    loops and the remainders."""
+    kernel exactly as large as the padded input. F up to 40 reaches two 32-filter column blocks
+    (the second partial); taps and pixels leave partial 3-row tiles."""
     KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -80,7 +92,7 @@ def conv_cases(draw):
     h_min = max(1, dilation[0] * (KH - 1) + 1 - sum(padding[0]))
     w_min = max(1, dilation[1] * (KW - 1) + 1 - sum(padding[1]))
     H, W = draw(st.integers(h_min, h_min + 6)), draw(st.integers(w_min, w_min + 6))
-    N, C, F = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    N, C, F = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 40))
     while naive_cost(N, C, F, H, W, KH, KW, stride, padding, dilation) > NAIVE_BUDGET:
         if N > 1:
             N -= 1
@@ -100,6 +112,9 @@ EDGE_CASES = [
     Case(1, 8, 8, 6, 9, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # full blocks, 'same' padding
     Case(2, 3, 5, 2, 2, 1, 1, (2, 2), ((3, 3), (3, 2)), (1, 1), 5),  # windows entirely in padding
     Case(1, 4, 4, 5, 9, 2, 2, (1, 1), ((0, 1), (1, 0)), (1, 1), 6),  # PyTorch 'same' for an even kernel
+    Case(2, 32, 33, 3, 4, 1, 2, (1, 1), ((0, 0), (0, 0)), (1, 1), 7),  # 32-channel column blocks, 2 filter blocks
+    Case(1, 40, 64, 3, 3, 2, 1, (1, 2), ((1, 0), (0, 1)), (1, 1), 8),  # blocks across taps, padded
+    Case(17, 2, 3, 3, 3, 3, 3, (1, 1), ((0, 0), (0, 0)), (1, 1), 9),  # several weight-gradient chunks
 ]
 
 
@@ -192,6 +207,7 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
     geom = _flat(cfg["stride"], cfg["padding"], cfg["dilation"])
     dy_shape = output_shape(x.shape, w_shape, cfg["stride"], cfg["padding"], cfg["dilation"])
     dy = rng.standard_normal(dy_shape).astype(np.float32)
+    x, dy = nhwc(x), nhwc(dy)
 
     def grads():
         dw = np.full(w_shape, np.nan, np.float32)

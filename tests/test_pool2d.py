@@ -25,33 +25,50 @@ def out_shape(x_shape, kernel, stride, padding):
     return (n, c, out_size(h, kernel[0], stride[0], pt, pb), out_size(w, kernel[1], stride[1], pl, pr))
 
 
+def nhwc(a):
+    """The kernels' layout: (N, C, H, W) -> C-contiguous (N, H, W, C)."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def nhwc_full(shape, value, dtype):
+    """An (N, H, W, C) array for the NCHW ``shape``, filled with garbage the kernel must overwrite."""
+    n, c, h, w = shape
+    return np.full((n, h, w, c), value, dtype=dtype)
+
+
+def nchw(a):
+    return a.transpose(0, 3, 1, 2)
+
+
 def maxpool_fwd(x, kernel, stride, padding):
     shape = out_shape(x.shape, kernel, stride, padding)
-    y = np.full(shape, 7.0, dtype=x.dtype)  # garbage: every element must be written
-    argmax = np.full(shape, -7, dtype=np.int64)
-    K.maxpool2d_forward(x, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+    y = nhwc_full(shape, 7.0, x.dtype)  # garbage: every element must be written
+    argmax = nhwc_full(shape, -7, np.int64)
+    K.maxpool2d_forward(nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
                         padding[1][0], y, argmax)
-    return y, argmax
+    return nchw(y), nchw(argmax)
 
 
-def maxpool_bwd(dy, argmax, x_shape):
-    dx = np.full(x_shape, 7.0, dtype=dy.dtype)
-    K.maxpool2d_backward(dy, argmax, dx)
-    return dx
+def maxpool_bwd(dy, argmax, x_shape, kernel=(0, 0), stride=(0, 0), padding=((0, 0), (0, 0))):
+    """kernel (0, 0): the geometry unknown to the kernel, which takes its general path."""
+    dx = nhwc_full(x_shape, 7.0, dy.dtype)
+    K.maxpool2d_backward(nhwc(dy), nhwc(argmax), kernel[0], kernel[1], stride[0], stride[1],
+                         padding[0][0], padding[1][0], dx)
+    return nchw(dx)
 
 
 def avgpool_fwd(x, kernel, stride, padding):
-    y = np.full(out_shape(x.shape, kernel, stride, padding), 7.0, dtype=x.dtype)
-    K.avgpool2d_forward(x, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+    y = nhwc_full(out_shape(x.shape, kernel, stride, padding), 7.0, x.dtype)
+    K.avgpool2d_forward(nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
                         padding[1][0], y)
-    return y
+    return nchw(y)
 
 
 def avgpool_bwd(dy, x_shape, kernel, stride, padding):
-    dx = np.full(x_shape, 7.0, dtype=dy.dtype)
-    K.avgpool2d_backward(dy, kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
+    dx = nhwc_full(x_shape, 7.0, dy.dtype)
+    K.avgpool2d_backward(nhwc(dy), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
                          padding[1][0], dx)
-    return dx
+    return nchw(dx)
 
 
 def distinct(rng, shape, dtype=np.float64):
@@ -80,8 +97,9 @@ def pool_cases(draw):
 
 @st.composite
 def fast_cases(draw):
-    """The 2x2, stride 2, unpadded pool of the reference network (the kernel's fast path), odd
-    and even sizes; padding bottom/right 1 on odd sizes leaves the general path to the kernel."""
+    """The 2x2, stride 2, unpadded pool of the reference network (windows that tile the input:
+    the backward's fast path), odd and even sizes (cells no window covers); padding bottom/right
+    1 on odd sizes."""
     h, w = draw(st.integers(2, 13)), draw(st.integers(2, 13))
     pb = draw(st.integers(0, h % 2))
     pr = draw(st.integers(0, w % 2))
@@ -101,9 +119,10 @@ def check_maxpool(shape, kernel, stride, padding, seed):
         assert y.dtype == dtype
         assert relative_error(y, y_ref) <= tol
         np.testing.assert_array_equal(argmax, argmax_ref)
-        dx = maxpool_bwd(dy.astype(dtype), argmax, shape)
-        assert dx.dtype == dtype
-        assert relative_error(dx, dx_ref) <= tol
+        for geometry in ((), (kernel, stride, padding)):  # the general path, then any fast one
+            dx = maxpool_bwd(dy.astype(dtype), argmax, shape, *geometry)
+            assert dx.dtype == dtype
+            assert relative_error(dx, dx_ref) <= tol
 
 
 @given(pool_cases())
@@ -183,7 +202,7 @@ def test_maxpool_nan_is_selected_and_propagates():
     assert np.isnan(y[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1
     assert np.isnan(y[0, 0, 1, 1]) and argmax[0, 0, 1, 1] == 15
     assert y[0, 0, 0, 1] == 7 and y[0, 0, 1, 0] == 13
-    dx = maxpool_bwd(np.ones_like(y), argmax, x.shape)
+    dx = maxpool_bwd(np.ones_like(y), argmax, x.shape, (2, 2), (2, 2))
     assert dx[0, 0, 0, 1] == 1 and dx[0, 0, 3, 3] == 1 and dx.sum() == 4
 
 
@@ -198,7 +217,7 @@ def test_maxpool_backward_overlapping_windows(rng):
     dx_ref = naive.maxpool2d_backward(x, dy, kernel, stride, padding)
     _, argmax = maxpool_fwd(x, kernel, stride, padding)
     assert np.bincount(argmax.reshape(-1)).max() > 2  # windows really overlap at the maxima
-    dx = maxpool_bwd(dy, argmax, x.shape)
+    dx = maxpool_bwd(dy, argmax, x.shape, kernel, stride, padding)
     assert relative_error(dx, dx_ref) <= 1e-10
 
 
@@ -212,7 +231,7 @@ def test_maxpool_backward_finite_differences(kernel, stride, padding, rng):
     y, argmax = maxpool_fwd(x, kernel, stride, padding)
     g = rng.standard_normal(y.shape)
     assert_gradient(lambda v: maxpool_fwd(v, kernel, stride, padding)[0], x, g,
-                    maxpool_bwd(g, argmax, x.shape))
+                    maxpool_bwd(g, argmax, x.shape, kernel, stride, padding))
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [
@@ -235,10 +254,11 @@ def test_speedup_over_naive(rng):
     x = rng.standard_normal(shape).astype(np.float32)
     y, argmax = maxpool_fwd(x, kernel, stride, padding)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dx = np.empty_like(x)
-    forward = speedup(lambda: K.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, y, argmax),
+    xh, yh, ah, dyh = nhwc(x), nhwc(y), nhwc(argmax), nhwc(dy)
+    dxh = np.empty_like(xh)
+    forward = speedup(lambda: K.maxpool2d_forward(xh, 2, 2, 2, 2, 0, 0, yh, ah),
                       lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
-    backward = speedup(lambda: K.maxpool2d_backward(dy, argmax, dx),
+    backward = speedup(lambda: K.maxpool2d_backward(dyh, ah, 2, 2, 2, 2, 0, 0, dxh),
                        lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
     assert forward >= 20, forward
     assert backward >= 20, backward
