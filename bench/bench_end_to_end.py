@@ -169,7 +169,7 @@ class FastcnnRunner:
                     opt.zero_grad()
                     logits = model(x)
                     loss = loss_fn(logits, y)
-                    model.backward(loss_fn.backward())
+                    model.backward(loss_fn.backward(), input_grad=False)  # as fit does
                     opt.step()
                 seconds = _t.perf_counter() - t0
             else:
@@ -229,7 +229,7 @@ class FastcnnRunner:
                 dx = np.empty_like(x)
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)
                 fns = {
-                    "forward": lambda: kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, y),
+                    "forward": lambda: kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, False, y),
                     "backward-input": lambda: kconv.conv2d_backward_input(dy, weight, 1, 1, 0, 0, 1, 1, dx),
                     "backward-weight": lambda: kconv.conv2d_backward_weight(
                         x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias),
@@ -276,10 +276,10 @@ class FastcnnRunner:
         times, faults = {}, {}
 
         def timed(key, fn):
-            def wrapper(*args):
+            def wrapper(*args, **kwargs):
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
-                result = fn(*args)
+                result = fn(*args, **kwargs)
                 times.setdefault(key, []).append(time.perf_counter() - t0)
                 faults.setdefault(key, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                 return result
@@ -289,7 +289,7 @@ class FastcnnRunner:
             opt.zero_grad()
             logits = model(x)
             loss_fn(logits, y)
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(), input_grad=False)
             opt.step()
 
         zero_grad = timed(("optimizer", "zero_grad"), opt.zero_grad)
@@ -297,14 +297,21 @@ class FastcnnRunner:
         loss_bw = timed(("loss", "backward"), loss_fn.backward)
         opt_step = timed(("optimizer", "step"), opt.step)
 
+        # Sequential runs some layer pairs fused (Conv2D.forward_relu + ReLU.adopt_output,
+        # MaxPool2D.backward_relu): a fused call is timed as its first layer's.
+        methods = {"forward": "forward", "forward_relu": "forward", "adopt_output": "forward",
+                   "backward": "backward", "backward_relu": "backward"}
+
         def instrument(on):
             for row, layer in zip(rows, model.layers):
-                if on:
-                    layer.forward = timed((row, "forward"), type(layer).forward.__get__(layer))
-                    layer.backward = timed((row, "backward"), type(layer).backward.__get__(layer))
-                else:  # back to the class's methods
-                    layer.__dict__.pop("forward", None)
-                    layer.__dict__.pop("backward", None)
+                for method, column in methods.items():
+                    if not hasattr(type(layer), method):
+                        continue
+                    if on:
+                        bound = getattr(type(layer), method).__get__(layer)
+                        setattr(layer, method, timed((row, column), bound))
+                    else:  # back to the class's methods
+                        layer.__dict__.pop(method, None)
 
         with self.compute_threads(threads):
             model.train()
@@ -321,7 +328,7 @@ class FastcnnRunner:
                 zero_grad()
                 logits = model(x)
                 loss_fw(logits, y)
-                model.backward(loss_bw())
+                model.backward(loss_bw(), input_grad=False)
                 opt_step()
                 total.append(time.perf_counter() - t0)
                 instrument(False)

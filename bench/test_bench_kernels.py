@@ -67,7 +67,7 @@ def test_conv2d_forward(record, shape, impl):
     fns = {
         "naive": lambda: naive_conv.conv2d_forward(x, weight, bias),
         "numpy": lambda: numpy_ops.conv2d_forward(x, weight, bias),
-        "fastcnn": lambda: kconv.conv2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, outh),
+        "fastcnn": lambda: kconv.conv2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, False, outh),
     }
     if impl == "torch":
         _torch_threads()
@@ -156,7 +156,7 @@ def test_maxpool2d_backward(record, shape, impl):
     fns = {
         "naive": lambda: naive_pool.maxpool2d_backward(x, dy, (2, 2), (2, 2), ((0, 0), (0, 0))),
         "numpy": lambda: numpy_ops.maxpool2x2_backward(x, y, dy),
-        "fastcnn": lambda: kpool.maxpool2d_backward(dyh, argmax, 2, 2, 2, 2, 0, 0, dxh),
+        "fastcnn": lambda: kpool.maxpool2d_backward(dyh, argmax, dyh, False, 2, 2, 2, 2, 0, 0, dxh),
     }
     if impl == "torch":
         _torch_threads()

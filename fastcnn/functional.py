@@ -267,9 +267,11 @@ def _conv_args(x, weight, bias, layer):
     return x, weight, bias
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer="Conv2D"):
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, relu=False,
+                   layer="Conv2D"):
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
-    bias (F,) or None -> y (N, F, OH, OW), channels-last in memory."""
+    bias (F,) or None -> y (N, F, OH, OW), channels-last in memory. ``relu=True`` returns
+    ``relu(y)`` from the same pass (the ReLU applied as the kernel stores y)."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer)
@@ -278,7 +280,8 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, layer=
     n, f, oh, ow = out_shape
     y = np.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
-        _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, y)
+        _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw,
+                               bool(relu), y)
     return _nchw(y)
 
 
@@ -331,11 +334,13 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"
 
 
 def max_pool2d_backward(dy, argmax, input_shape, kernel_size=None, stride=None, padding=0,
-                        layer="MaxPool2D"):
+                        relu_output=None, layer="MaxPool2D"):
     """Gradient of max pooling: dy added at ``argmax`` in a zero (N, C, H, W) array.
 
     With the forward's ``kernel_size`` (and ``stride``, ``padding``) given, windows that tile
     the input take the kernel's faster path (no zeroing pass); the result is the same.
+    ``relu_output``: the pooling's forward output y, when its input was a ReLU's output; the
+    result is then also the gradient through that ReLU (zero where y <= 0), in the same pass.
     """
     dy = check_float(dy, layer, "gradient", contiguous=False)
     argmax = np.asarray(argmax)
@@ -357,9 +362,16 @@ def max_pool2d_backward(dy, argmax, input_shape, kernel_size=None, stride=None, 
         geometry = (kh, kw, sh, sw, pads[0], pads[2])
     if argmax.size and (argmax.min() < 0 or argmax.max() >= input_shape[2] * input_shape[3]):
         raise ValueError(f"{layer}: argmax indices out of range for input {input_shape}")
+    dy = _nhwc(dy)
+    mask = dy  # not read unless relu_output is given
+    if relu_output is not None:
+        relu_output = check_float(relu_output, layer, "relu_output", contiguous=False)
+        _same_dtype(relu_output, dy, layer, "relu_output")
+        _check_shape_equal(relu_output, argmax.shape, layer, "relu_output")
+        mask = _nhwc(relu_output)
     n, c, h, w = input_shape
     dx = np.empty((n, h, w, c), dtype=dy.dtype)
-    _pool2d.maxpool2d_backward(_nhwc(dy), _nhwc(argmax), *geometry, dx)
+    _pool2d.maxpool2d_backward(dy, _nhwc(argmax), mask, relu_output is not None, *geometry, dx)
     return _nchw(dx)
 
 

@@ -324,17 +324,30 @@ class Conv2D(_ParamLayer):
         self._x = None
 
     def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """``relu(self.forward(x))`` in one kernel pass (the ReLU applied as the output is
+        stored): what Sequential runs for Conv2D followed by ReLU. This layer's state and
+        backward are those of ``forward``; the gradient through the ReLU is the ReLU's."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu):
         x = self._input(x)
         y = F.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                             self.stride, self.padding, self.dilation, layer=self.name)
+                             self.stride, self.padding, self.dilation, relu=relu,
+                             layer=self.name)
         self._x = x
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
+        """Accumulates the parameter gradients; returns the gradient to the input, or None with
+        ``input_grad=False`` (a network's first layer: its input needs none, and the kernel
+        that computes it is skipped)."""
         x = self._need(self._x)
         dx, dw, db = F.conv2d_backward(x, self.weight.data, self._grad(dy), self.stride,
                                        self.padding, self.dilation, layer=self.name,
-                                       bias=self.bias is not None)
+                                       bias=self.bias is not None, input_grad=input_grad)
         self.weight.grad += dw
         if self.bias is not None:
             self.bias.grad += db
@@ -411,14 +424,25 @@ class MaxPool2D(_Pool2D):
     def forward(self, x):
         y, self._argmax = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
                                                layer=self.name)
-        self._x_shape, self._dtype = np.shape(x), y.dtype
+        self._x_shape, self._dtype, self._y = np.shape(x), y.dtype, y
         return y
 
     def backward(self, dy):
+        return self._backward(dy, relu=False)
+
+    def backward_relu(self, dy):
+        """The gradient through this pooling *and* the ReLU whose output was its input, in one
+        pass: zero where the pooled maximum is <= 0 (or NaN), which is exactly where the ReLU
+        blocks the selected cell. What Sequential runs for ReLU followed by MaxPool2D; the
+        ReLU's own backward would then change nothing."""
+        return self._backward(dy, relu=True)
+
+    def _backward(self, dy, relu):
         shape = self._need(self._x_shape)
         dy = self._grad_as(dy, self._argmax.shape, self._dtype)
         return F.max_pool2d_backward(dy, self._argmax, shape, self.kernel_size, self.stride,
-                                     self.padding, layer=self.name)
+                                     self.padding, relu_output=self._y if relu else None,
+                                     layer=self.name)
 
 
 class AvgPool2D(_Pool2D):
@@ -565,10 +589,12 @@ class Dense(_ParamLayer):
         self._x = x
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
+        """Accumulates the parameter gradients; returns the gradient to the input, or None with
+        ``input_grad=False``."""
         x = self._need(self._x)
         dx, dw, db = F.dense_backward(x, self.weight.data, self._grad(dy), layer=self.name,
-                                      bias=self.bias is not None)
+                                      bias=self.bias is not None, input_grad=input_grad)
         self.weight.grad += dw
         if self.bias is not None:
             self.bias.grad += db
@@ -612,6 +638,12 @@ class ReLU(Layer):
 
     def forward(self, x):
         self._y = y = F.relu_forward(x, layer=self.name)
+        return y
+
+    def adopt_output(self, y):
+        """Record ``y``, this layer's output computed by the previous layer in a fused pass
+        (``Conv2D.forward_relu``), as ``forward`` would have; returns y."""
+        self._y = y
         return y
 
     def backward(self, dy):

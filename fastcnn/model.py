@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from .layers import Layer, _check_state, layer_from_config
+from .layers import Conv2D, Dense, Layer, MaxPool2D, ReLU, _check_state, layer_from_config
 from .threads import compute_threads
 
 __all__ = ["Sequential", "from_config"]
@@ -42,18 +42,44 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
     # -- computation ----------------------------------------------------------------------
+    # Two pairs of layers run fused, each as one kernel pass instead of two, with every layer's
+    # state left as if it had run alone (same results, bitwise):
+    # - forward, Conv2D then ReLU: the convolution applies the ReLU as it stores its output;
+    # - backward, ReLU then MaxPool2D: the pooling's backward applies the ReLU's mask (zero
+    #   where the pooled maximum is <= 0), after which the ReLU's backward would change nothing.
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        layers = self.layers
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, Conv2D) and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
+                x = layers[i + 1].adopt_output(layer.forward_relu(x))
+                i += 2
+            else:
+                x = layer.forward(x)
+                i += 1
         return x
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         """Backpropagate ``dy`` (gradient of the loss with respect to the output) through every
-        layer, accumulating parameter gradients; returns the gradient to the input."""
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        layer, accumulating parameter gradients; returns the gradient to the input. With
+        ``input_grad=False`` (what ``fit`` does) the first layer skips computing it and None is
+        returned, as PyTorch skips it for an input that does not require a gradient."""
+        layers = self.layers
+        i = len(layers) - 1
+        while i >= 0:
+            layer = layers[i]
+            if type(layer) is MaxPool2D and i >= 1 and type(layers[i - 1]) is ReLU:
+                dy = layer.backward_relu(dy)
+                i -= 2
+            elif i == 0 and not input_grad and isinstance(layer, (Conv2D, Dense)):
+                dy = layer.backward(dy, input_grad=False)
+                i -= 1
+            else:
+                dy = layer.backward(dy)
+                i -= 1
         return dy
 
     def predict(self, x, batch_size=256):

@@ -329,7 +329,7 @@ def fit(
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
-                    model.backward(loss_fn.backward())
+                    model.backward(loss_fn.backward(), input_grad=False)
                     optimizer.step()
 
                     loss_sum += loss * m

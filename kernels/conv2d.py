@@ -145,8 +145,10 @@ def _pack_weight(weight, wp, k0, k1):
 # ---- the kernels ----
 
 @njit(parallel=True, cache=True)
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, out):
-    """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c].
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu,
+                   out):
+    """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c],
+    then max(out, 0) if ``relu`` (a ReLU fused into the store: a NaN stays NaN).
 
     x (N, H, W, C), weight (F, C, KH, KW), bias (F,); out (N, OH, OW, F) overwritten.
     """
@@ -188,7 +190,8 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
                 for r in range(min(R, NP - t * R)):
                     dst = of[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
                     for f in range(nf):
-                        dst[f] = tile[r * FT + f] + bias[f0 + f]
+                        v = tile[r * FT + f] + bias[f0 + f]
+                        dst[f] = 0 if relu and v <= 0 else v
 
 
 @njit(parallel=True, cache=True)

@@ -68,8 +68,13 @@ def maxpool2d_forward(x, kh, kw, stride_h, stride_w, pad_top, pad_left, out, arg
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_backward(dy, argmax, kh, kw, stride_h, stride_w, pad_top, pad_left, dx):
+def maxpool2d_backward(dy, argmax, y, relu, kh, kw, stride_h, stride_w, pad_top, pad_left, dx):
     """dx[n, h, w, c] = sum of dy over the windows whose argmax (for channel c) is (h, w).
+
+    With ``relu``, also the gradient through a ReLU applied *before* the pooling, fused: y
+    (N, OH, OW, C) is the pooling's output, i.e. the ReLU output at the selected cell, so the
+    ReLU passes a window's gradient exactly where y > 0 (a NaN or 0 maximum passes nothing, as
+    ReLU's own backward). Without ``relu``, y is not read (pass any array of dy's shape).
 
     Windows that do not overlap and lie inside the input (stride = kernel, no padding: the
     reference network's 2x2 pools) write every cell they cover once, by comparing its index with argmax,
@@ -87,12 +92,14 @@ def maxpool2d_backward(dy, argmax, kh, kw, stride_h, stride_w, pad_top, pad_left
                 for ow in range(OW):
                     g = dy[n, oh, ow]
                     a = argmax[n, oh, ow]
+                    m = y[n, oh, ow]
                     for h in range(oh * kh, oh * kh + kh):
                         for w in range(ow * kw, ow * kw + kw):
                             d = dx[n, h, w]
                             k = h * W + w
                             for c in range(C):
-                                d[c] = g[c] if a[c] == k else 0
+                                # & not `and`: selects, no branch per channel
+                                d[c] = g[c] if (a[c] == k) & ((not relu) | (m[c] > 0)) else 0
             for h in range(H):  # the cells past the last window
                 w_start = 0 if h >= OH * kh else OW * kw
                 for w in range(w_start, W):
@@ -107,9 +114,10 @@ def maxpool2d_backward(dy, argmax, kh, kw, stride_h, stride_w, pad_top, pad_left
                 for ow in range(OW):
                     g = dy[n, oh, ow]
                     a = argmax[n, oh, ow]
+                    m = y[n, oh, ow]
                     for c in range(C):
                         k = a[c]
-                        if k >= 0:
+                        if k >= 0 and (not relu or m[c] > 0):
                             img[k * C + c] += g[c]
 
 

@@ -1671,7 +1671,8 @@ def test_boundscheck_is_active():
     dy = np.ones((1, 2, 2, 1), np.float32)  # NHWC
     argmax = np.array([[[[0], [1]], [[2], [99]]]], np.int64)  # 99 is outside a 2x2 plane
     with pytest.raises(IndexError):  # geometry 0: the general path, which indexes by argmax
-        pool2d.maxpool2d_backward(dy, argmax, 0, 0, 0, 0, 0, 0, np.empty((1, 2, 2, 1), np.float32))
+        pool2d.maxpool2d_backward(dy, argmax, dy, False, 0, 0, 0, 0, 0, 0,
+                                  np.empty((1, 2, 2, 1), np.float32))
     # and the work sizes were shrunk before compilation (multi-item / multi-chunk paths)
     from fastcnn.kernels import activations, conv2d
 

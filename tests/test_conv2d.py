@@ -51,7 +51,7 @@ def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
     N, F, OH, OW = output_shape(x.shape, w.shape, stride, padding, dilation)
     # NaN-filled outputs: a kernel that skips an element fails the comparison.
     out = np.full((N, OH, OW, F), np.nan, dtype=x.dtype)
-    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), out)
+    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), False, out)
     return nchw(out)
 
 

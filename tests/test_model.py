@@ -115,6 +115,69 @@ def test_reference_float32_close_to_naive(key_case):
 # the reference network
 # ---------------------------------------------------------------------------------------------
 
+def _unfused_pass(model, x, dy):
+    """Every layer's forward, then every backward, one by one: no fused pair."""
+    for layer in model.layers:
+        x = layer.forward(x)
+    out = x
+    for layer in reversed(model.layers):
+        dy = layer.backward(dy)
+    return out, dy
+
+
+def _grads(model):
+    return {name: p.grad.copy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_pairs_equal_layer_by_layer(dtype, rng):
+    """Sequential runs Conv2D+ReLU forward and ReLU+MaxPool2D backward fused; logits, input
+    gradient and every parameter gradient are bitwise those of the layers run one by one (random
+    data leaves some pooling windows all <= 0, where the fused mask must block the gradient)."""
+    model = reference(seed=1, dtype=dtype)
+    x = rng.standard_normal((5, 1, 28, 28)).astype(dtype)
+    dy = rng.standard_normal((5, 10)).astype(dtype)
+    model.zero_grad()
+    out, dx = _unfused_pass(model, x, dy)
+    expected = _grads(model)
+    model.zero_grad()
+    fused_out = model(x)
+    fused_dx = model.backward(dy)
+    np.testing.assert_array_equal(fused_out, out)
+    np.testing.assert_array_equal(fused_dx, dx)
+    for name, g in _grads(model).items():
+        np.testing.assert_array_equal(g, expected[name], err_msg=name)
+    blocked = model.layers[2]._y <= 0  # pool1 windows whose maximum the ReLU zeroed
+    assert blocked.any() and not blocked.all()
+
+
+def test_fused_relu_pool_backward_blocks_nan_and_zero_maxima():
+    """A NaN or a 0 maximum passes no gradient, as ReLU's own backward."""
+    pool, relu = L.MaxPool2D(2), L.ReLU()
+    x = np.array([[[[np.nan, -1.0, -2.0, -3.0], [0.5, 1.0, -1.0, -4.0]]]], np.float32)
+    y = pool.forward(relu.forward(x))
+    dy = np.ones_like(y)
+    np.testing.assert_array_equal(pool.backward_relu(dy), relu.backward(pool.backward(dy)))
+    assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0
+    assert pool.backward_relu(dy).sum() == 0
+
+
+def test_backward_without_input_grad(rng):
+    """input_grad=False: None returned, parameter gradients unchanged (fit's path)."""
+    model = reference(seed=2)
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    dy = rng.standard_normal((3, 10)).astype(np.float32)
+    model.zero_grad()
+    model(x)
+    assert model.backward(dy) is not None
+    expected = _grads(model)
+    model.zero_grad()
+    model(x)
+    assert model.backward(dy, input_grad=False) is None
+    for name, g in _grads(model).items():
+        np.testing.assert_array_equal(g, expected[name], err_msg=name)
+
+
 def test_reference_architecture():
     model = reference()
     kinds = [type(layer).__name__ for layer in model]

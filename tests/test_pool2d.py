@@ -52,8 +52,9 @@ def maxpool_fwd(x, kernel, stride, padding):
 def maxpool_bwd(dy, argmax, x_shape, kernel=(0, 0), stride=(0, 0), padding=((0, 0), (0, 0))):
     """kernel (0, 0): the geometry unknown to the kernel, which takes its general path."""
     dx = nhwc_full(x_shape, 7.0, dy.dtype)
-    K.maxpool2d_backward(nhwc(dy), nhwc(argmax), kernel[0], kernel[1], stride[0], stride[1],
-                         padding[0][0], padding[1][0], dx)
+    dyh = nhwc(dy)
+    K.maxpool2d_backward(dyh, nhwc(argmax), dyh, False, kernel[0], kernel[1], stride[0],
+                         stride[1], padding[0][0], padding[1][0], dx)
     return nchw(dx)
 
 
@@ -258,7 +259,7 @@ def test_speedup_over_naive(rng):
     dxh = np.empty_like(xh)
     forward = speedup(lambda: K.maxpool2d_forward(xh, 2, 2, 2, 2, 0, 0, yh, ah),
                       lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
-    backward = speedup(lambda: K.maxpool2d_backward(dyh, ah, 2, 2, 2, 2, 0, 0, dxh),
+    backward = speedup(lambda: K.maxpool2d_backward(dyh, ah, dyh, False, 2, 2, 2, 2, 0, 0, dxh),
                        lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
     assert forward >= 20, forward
     assert backward >= 20, backward
