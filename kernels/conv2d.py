@@ -190,8 +190,12 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
                 for r in range(min(R, NP - t * R)):
                     dst = of[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
                     for f in range(nf):
-                        v = tile[r * FT + f] + bias[f0 + f]
-                        dst[f] = 0 if relu and v <= 0 else v
+                        dst[f] = tile[r * FT + f] + bias[f0 + f]
+        if relu:  # over the item's output, still in cache (in the store loop: 1.8x slower)
+            seg = of[t0 * R * F:min(t1 * R, NP) * F]
+            for e in range(seg.size):
+                v = seg[e]
+                seg[e] = 0 if v <= 0 else v
 
 
 @njit(parallel=True, cache=True)

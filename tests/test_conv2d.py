@@ -46,12 +46,12 @@ def nchw(a):
     return a.transpose(0, 3, 1, 2)
 
 
-def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), relu=False):
     """The forward kernel called on NCHW arrays (converted to and from its NHWC layout)."""
     N, F, OH, OW = output_shape(x.shape, w.shape, stride, padding, dilation)
     # NaN-filled outputs: a kernel that skips an element fails the comparison.
     out = np.full((N, OH, OW, F), np.nan, dtype=x.dtype)
-    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), False, out)
+    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), relu, out)
     return nchw(out)
 
 
@@ -149,6 +149,8 @@ def test_forward_matches_naive(case):
     actual = forward(*f32, *geom)
     assert actual.dtype == np.float32
     assert relative_error(actual, expected) <= F32_TOL
+    # the fused ReLU: exactly max(., 0) of the same sums
+    np.testing.assert_array_equal(forward(*f32, *geom, relu=True), np.maximum(actual, 0))
 
 
 @with_examples
