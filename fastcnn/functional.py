@@ -29,11 +29,12 @@ import numpy as np
 from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
+from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 
 __all__ = [
     "check_float", "pair", "conv2d_padding", "pool2d_padding",
-    "conv2d_output_shape", "conv2d_forward", "conv2d_backward",
+    "conv2d_output_shape", "conv2d_forward", "conv2d_backward", "conv2d_relu_max_pool2d_forward",
     "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward",
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
@@ -283,6 +284,30 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, relu=F
         _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw,
                                bool(relu), y)
     return _nchw(y)
+
+
+def conv2d_relu_max_pool2d_forward(x, weight, bias, stride, padding, dilation, pool_kernel,
+                                   relu=True, layer="Conv2D", pool_layer="MaxPool2D"):
+    """``max_pool2d_forward(relu(conv2d_forward(x, ...)), pool_kernel)`` in one pass, for
+    pooling windows that tile the convolution's output (stride = kernel, no padding): returns
+    ``(y, argmax, conv_shape)``, y and argmax exactly (bitwise) as the two calls would give, and
+    the shape the convolution's output would have had. The convolution's output is never
+    stored, and the rows and columns the pooling drops are not computed."""
+    x, weight, bias = _conv_args(x, weight, bias, layer)
+    conv_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer)
+    out_shape, (pkh, pkw), _, _ = pool2d_output_shape(conv_shape, pool_kernel, None, 0,
+                                                      pool_layer)
+    if bias is None:
+        bias = np.zeros(weight.shape[0], dtype=x.dtype)
+    n, f, ph, pw = out_shape
+    y = np.empty((n, ph, pw, f), dtype=x.dtype)
+    argmax = np.empty((n, ph, pw, f), dtype=np.int64)
+    if y.size:
+        _fused.conv2d_relu_maxpool2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2],
+                                             dh, dw, conv_shape[2], conv_shape[3], bool(relu),
+                                             pkh, pkw, y, argmax)
+    return _nchw(y), _nchw(argmax), conv_shape
 
 
 def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D",

@@ -332,6 +332,19 @@ class Conv2D(_ParamLayer):
         backward are those of ``forward``; the gradient through the ReLU is the ReLU's."""
         return self._forward(x, relu=True)
 
+    def forward_relu_maxpool(self, x, pool):
+        """``pool.forward(relu(self.forward(x)))`` in one kernel pass that never stores the
+        convolution's output, for a MaxPool2D ``pool`` whose windows tile it (stride = kernel,
+        no padding; ``pool.tiles()``): what Sequential runs for Conv2D -> ReLU -> MaxPool2D.
+        This layer's and the pooling's state are those of the separate calls; the ReLU's output
+        is not kept (its gradient is the pooling's ``backward_relu``)."""
+        x = self._input(x)
+        y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
+            x, self.weight.data, None if self.bias is None else self.bias.data, self.stride,
+            self.padding, self.dilation, pool.kernel_size, layer=self.name, pool_layer=pool.name)
+        self._x = x
+        return pool.adopt_forward(y, argmax, conv_shape)
+
     def _forward(self, x, relu):
         x = self._input(x)
         y = F.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
@@ -425,6 +438,16 @@ class MaxPool2D(_Pool2D):
         y, self._argmax = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
                                                layer=self.name)
         self._x_shape, self._dtype, self._y = np.shape(x), y.dtype, y
+        return y
+
+    def tiles(self):
+        """True when the windows tile the input: stride = kernel, no padding."""
+        return self.stride == self.kernel_size and self.padding == (0, 0)
+
+    def adopt_forward(self, y, argmax, input_shape):
+        """Record the forward's results computed by the previous layers in a fused pass
+        (``Conv2D.forward_relu_maxpool``), as ``forward`` would have; returns y."""
+        self._y, self._argmax, self._x_shape, self._dtype = y, argmax, tuple(input_shape), y.dtype
         return y
 
     def backward(self, dy):
@@ -629,6 +652,9 @@ class Dense(_ParamLayer):
 # activations
 # =============================================================================================
 
+_NOT_KEPT = object()  # ReLU._y after a fused forward that never stored the ReLU's output
+
+
 class ReLU(Layer):
     """max(x, 0); the gradient passes where the output is positive."""
 
@@ -642,12 +668,19 @@ class ReLU(Layer):
 
     def adopt_output(self, y):
         """Record ``y``, this layer's output computed by the previous layer in a fused pass
-        (``Conv2D.forward_relu``), as ``forward`` would have; returns y."""
-        self._y = y
+        (``Conv2D.forward_relu``), as ``forward`` would have; returns y. ``y=None``: the output
+        was never stored (``Conv2D.forward_relu_maxpool``), so this layer has no backward of
+        its own until its next ``forward``."""
+        self._y = _NOT_KEPT if y is None else y
         return y
 
     def backward(self, dy):
-        return F.relu_backward(dy, self._need(self._y), layer=self.name)
+        y = self._need(self._y)
+        if y is _NOT_KEPT:
+            raise RuntimeError(f"{self.name}: the output of the last forward was not kept (it "
+                               "ran fused between Conv2D and MaxPool2D in Sequential.forward, "
+                               "whose backward covers it); call the Sequential's backward")
+        return F.relu_backward(dy, y, layer=self.name)
 
 
 class LeakyReLU(Layer):

@@ -42,19 +42,28 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
     # -- computation ----------------------------------------------------------------------
-    # Two pairs of layers run fused, each as one kernel pass instead of two, with every layer's
-    # state left as if it had run alone (same results, bitwise):
-    # - forward, Conv2D then ReLU: the convolution applies the ReLU as it stores its output;
-    # - backward, ReLU then MaxPool2D: the pooling's backward applies the ReLU's mask (zero
-    #   where the pooled maximum is <= 0), after which the ReLU's backward would change nothing.
+    # Some runs of layers execute fused, in one kernel pass instead of two or three, with the
+    # same results, bitwise, and each layer's state as its backward needs it:
+    # - forward, Conv2D -> ReLU -> MaxPool2D with windows that tile (the reference network's
+    #   2x2 pools): the convolution's rows are pooled as they are computed, never stored;
+    # - forward, Conv2D -> ReLU otherwise: the convolution applies the ReLU as it stores;
+    # - backward, ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where
+    #   the pooled maximum is <= 0), after which the ReLU's backward would change nothing.
     def forward(self, x):
         layers = self.layers
         i = 0
         while i < len(layers):
             layer = layers[i]
-            if isinstance(layer, Conv2D) and i + 1 < len(layers) and type(layers[i + 1]) is ReLU:
-                x = layers[i + 1].adopt_output(layer.forward_relu(x))
-                i += 2
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, Conv2D) and type(nxt) is ReLU:
+                pool = layers[i + 2] if i + 2 < len(layers) else None
+                if type(pool) is MaxPool2D and pool.tiles():
+                    nxt.adopt_output(None)
+                    x = layer.forward_relu_maxpool(x, pool)
+                    i += 3
+                else:
+                    x = nxt.adopt_output(layer.forward_relu(x))
+                    i += 2
             else:
                 x = layer.forward(x)
                 i += 1

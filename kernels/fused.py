@@ -1,0 +1,115 @@
+"""Convolution + ReLU + max pooling forward in one pass, over channels-last (NHWC) arrays.
+
+The reference network's Conv2D -> ReLU -> MaxPool2D(2) written separately stores the whole
+convolution output (5.5 MB at batch 64 for its first layer) only for the pooling to read it
+back and keep a quarter of it. Here each work item computes the convolution rows of one pooled
+row (a *band*: ``pkh`` conv rows, the ``PW * pkw`` columns the pooling reads) into a scratch
+that stays in cache, with bias and ReLU, and pools it at once: the convolution output never
+reaches memory, and the rows and columns the pooling drops (the 11th of 11) are not computed.
+
+The results are bitwise those of ``conv2d_forward`` then ``maxpool2d_forward``: the same tiles
+sum the same terms in the same order, and the pooling visits the band's cells in the same
+row-major order with the same rule (greater or NaN replaces; the first of equal maxima wins).
+
+Shapes (checked by fastcnn.functional): x (N, H, W, C), weight (F, C, KH, KW), bias (F,); the
+convolution's output would be (N, OH, OW, F); the pooling's windows are pkh x pkw with stride
+pkh x pkw, no padding, so out and argmax are (N, OH // pkh, OW // pkw, F); argmax is the flat
+index ``oh * OW + ow`` of the selected cell in the convolution's output plane, as the pooling
+alone would give.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .conv2d import _pack_weight, _padded_input, _read_extent, _tap_offsets
+from .gemm_tile import FT, R, gemm_tile
+
+#: Scratch buffers (one per chunk of work items): enough chunks to keep 2 threads balanced.
+_CHUNKS = 64
+
+
+@njit(parallel=True, cache=True)
+def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h,
+                                  dil_w, OH, OW, relu, pkh, pkw, out, argmax):
+    """out = maxpool(relu(conv2d(x))) (ReLU only if ``relu``), argmax its indices in the conv
+    plane; out, argmax (N, PH, PW, F) overwritten. OH, OW: the convolution's output size."""
+    N, H, W, C = x.shape
+    F, _, KH, KW = weight.shape
+    PH, PW = out.shape[1], out.shape[2]
+    BW = PW * pkw  # conv columns the pooling reads
+    band = pkh * BW  # conv pixels per pooled row
+    ntb = (band + R - 1) // R  # tiles per band
+    rows = ntb * R
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    K = KH * KW * C
+    nfb = (F + FT - 1) // FT
+    Fp = nfb * FT
+    nitems = N * PH
+    nchunks = min(nitems, _CHUNKS)
+    step = (nitems + nchunks - 1) // nchunks
+    dt = x.dtype
+
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = xp.shape[1], xp.shape[2]
+    wp = np.empty((K, Fp), dtype=dt)
+    _pack_weight(weight, wp, 0, K)
+    koff = np.empty(K, dtype=np.uint64)
+    _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
+    pix = np.empty(nitems * rows, dtype=np.uint64)  # window corner of each band pixel
+    for item in range(nitems):
+        n = item // PH
+        ph = item - n * PH
+        for q in range(rows):
+            b = min(q, band - 1)  # a tile's padding rows repeat the last pixel
+            oh = ph * pkh + b // BW
+            ow = b - (b // BW) * BW
+            pix[item * rows + q] = np.uint64(((n * XH + oh * stride_h) * XW + ow * stride_w) * C)
+    scratch = np.empty((nchunks, step * rows * F), dtype=dt)
+    tiles = np.empty((nchunks, R * FT), dtype=dt)
+
+    xf = xp.reshape(xp.size)
+    wf = wp.reshape(wp.size)
+    for chunk in prange(nchunks):
+        i0 = chunk * step
+        i1 = min(i0 + step, nitems)
+        conv = scratch[chunk]  # the chunk's bands: (item, band pixel, filter)
+        tile = tiles[chunk]
+        for fb in range(nfb):  # the convolution, all items of the chunk per filter block
+            f0 = fb * FT
+            nf = min(FT, F - f0)
+            for item in range(i0, i1):
+                for t in range(ntb):
+                    p0 = item * rows + t * R
+                    gemm_tile(xf, pix[p0:p0 + R], koff, 0, K, wf, np.uint64(f0),
+                              np.uint64(Fp), tile, False)
+                    for r in range(R):
+                        q = ((item - i0) * rows + t * R + r) * F + f0
+                        dst = conv[q:q + nf]
+                        for f in range(nf):
+                            dst[f] = tile[r * FT + f] + bias[f0 + f]
+        if relu:
+            seg = conv[:(i1 - i0) * rows * F]
+            for e in range(seg.size):
+                v = seg[e]
+                seg[e] = 0 if v <= 0 else v
+        for item in range(i0, i1):  # the pooling of each band, as maxpool2d_forward
+            n = item // PH
+            ph = item - n * PH
+            base = (item - i0) * rows
+            for pw in range(PW):
+                m = out[n, ph, pw]
+                a = argmax[n, ph, pw]
+                for i in range(pkh):
+                    for j in range(pkw):
+                        cell = conv[(base + i * BW + pw * pkw + j) * F:
+                                    (base + i * BW + pw * pkw + j + 1) * F]
+                        k = (ph * pkh + i) * OW + pw * pkw + j
+                        if i == 0 and j == 0:
+                            for f in range(F):
+                                m[f] = cell[f]
+                                a[f] = k
+                        else:
+                            for f in range(F):
+                                v = cell[f]
+                                take = (v > m[f]) | (v != v)  # selects, not branches
+                                m[f] = v if take else m[f]
+                                a[f] = k if take else a[f]

@@ -1,0 +1,122 @@
+"""kernels/fused.py: convolution + ReLU + max pooling in one pass, against the separate kernels
+(bitwise: the same sums in the same order) and against the naive loops (the textbook)."""
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from fastcnn import functional as F
+from fastcnn.kernels import conv2d as kconv
+from fastcnn.kernels import fused as kfused
+from fastcnn.kernels import pool2d as kpool
+from gradcheck import relative_error
+from naive import activations as naive_act
+from naive import conv2d as naive_conv
+from naive import pool2d as naive_pool
+from speedup import speedup
+
+
+def _size(size, k, stride, before, after, dilation):
+    return (size + before + after - dilation * (k - 1) - 1) // stride + 1
+
+
+@st.composite
+def cases(draw):
+    """A convolution (strides, paddings, dilations, up to 40 filters: two column blocks)
+    followed by a pooling whose windows tile its output (1x1 to 3x3, leftover rows/columns)."""
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pt, pb, pl, pr = (draw(st.integers(0, 1)) for _ in range(4))
+    pkh, pkw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    h_min = max(1, dh * (kh - 1) + 1 - pt - pb)
+    w_min = max(1, dw * (kw - 1) + 1 - pl - pr)
+    h, w = draw(st.integers(h_min, h_min + 9)), draw(st.integers(w_min, w_min + 9))
+    oh, ow = _size(h, kh, sh, pt, pb, dh), _size(w, kw, sw, pl, pr, dw)
+    pkh, pkw = min(pkh, oh), min(pkw, ow)
+    n, c, f = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 40))
+    relu = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    return dict(n=n, c=c, f=f, h=h, w=w, k=(kh, kw), stride=(sh, sw), pads=(pt, pb, pl, pr),
+                dil=(dh, dw), pool=(pkh, pkw), relu=relu, seed=seed)
+
+
+REFERENCE_LAYER = dict(n=2, c=32, f=64, h=13, w=13, k=(3, 3), stride=(1, 1), pads=(0, 0, 0, 0),
+                       dil=(1, 1), pool=(2, 2), relu=True, seed=1)
+
+
+def _run(case, dtype):
+    rng = np.random.default_rng(case["seed"])
+    (kh, kw), (sh, sw), (dh, dw), (pkh, pkw) = case["k"], case["stride"], case["dil"], case["pool"]
+    pt, pb, pl, pr = case["pads"]
+    n, c, f = case["n"], case["c"], case["f"]
+    x = rng.standard_normal((n, case["h"], case["w"], c)).astype(dtype)
+    weight = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    bias = rng.standard_normal(f).astype(dtype)
+    oh = _size(case["h"], kh, sh, pt, pb, dh)
+    ow = _size(case["w"], kw, sw, pl, pr, dw)
+    y = np.empty((n, oh, ow, f), dtype)
+    kconv.conv2d_forward(x, weight, bias, sh, sw, pt, pl, dh, dw, case["relu"], y)
+    shape = (n, oh // pkh, ow // pkw, f)
+    expected, expected_argmax = np.empty(shape, dtype), np.empty(shape, np.int64)
+    kpool.maxpool2d_forward(y, pkh, pkw, pkh, pkw, 0, 0, expected, expected_argmax)
+    out, argmax = np.full(shape, np.nan, dtype), np.full(shape, -7, np.int64)
+    kfused.conv2d_relu_maxpool2d_forward(x, weight, bias, sh, sw, pt, pl, dh, dw, oh, ow,
+                                         case["relu"], pkh, pkw, out, argmax)
+    return x, weight, bias, out, argmax, expected, expected_argmax
+
+
+@example(REFERENCE_LAYER)
+@given(cases())
+def test_fused_equals_conv_then_pool_bitwise(case):
+    for dtype in (np.float32, np.float64):
+        *_, out, argmax, expected, expected_argmax = _run(case, dtype)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(argmax, expected_argmax)
+
+
+@example(dict(REFERENCE_LAYER, c=3, f=5))
+@given(cases())
+def test_fused_matches_naive(case):
+    x, weight, bias, out, argmax, *_ = _run(case, np.float64)
+    pt, pb, pl, pr = case["pads"]
+    xc = x.transpose(0, 3, 1, 2)
+    y = naive_conv.conv2d_forward(xc, weight, bias, case["stride"], ((pt, pb), (pl, pr)),
+                                  case["dil"])
+    if case["relu"]:
+        y = naive_act.relu_forward(y)
+    expected, _ = naive_pool.maxpool2d_forward(y, case["pool"], case["pool"], ((0, 0), (0, 0)))
+    assert relative_error(out.transpose(0, 3, 1, 2), expected) <= 1e-10
+
+
+def test_functional_validates_and_matches_the_separate_calls(rng):
+    x = rng.standard_normal((3, 4, 9, 8)).astype(np.float32)
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(x, weight, bias, 1, 1, 1, (2, 2))
+    conv = F.relu_forward(F.conv2d_forward(x, weight, bias, 1, 1, 1))
+    expected, expected_argmax = F.max_pool2d_forward(conv, 2)
+    assert conv_shape == conv.shape
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(argmax, expected_argmax)
+    with pytest.raises(ValueError, match="Conv2D: expected input of shape"):
+        F.conv2d_relu_max_pool2d_forward(x[:, :3], weight, bias, 1, 0, 1, (2, 2))
+    with pytest.raises(ValueError, match="MaxPool2D: kernel 10 is larger"):
+        F.conv2d_relu_max_pool2d_forward(x, weight, bias, 1, 0, 1, (10, 2))
+
+
+def test_speedup_over_naive(rng):
+    """The reference network's conv2 + ReLU + pool at batch 1, one thread: >= 20x the naive
+    loops (conv, ReLU and pool)."""
+    case = dict(REFERENCE_LAYER, n=1)
+    x, weight, bias, *_ = _run(case, np.float32)
+    out, argmax = np.empty((1, 5, 5, 64), np.float32), np.empty((1, 5, 5, 64), np.int64)
+    xc = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def naive():
+        y = naive_act.relu_forward(naive_conv.conv2d_forward(xc, weight, bias))
+        return naive_pool.maxpool2d_forward(y, (2, 2), (2, 2), ((0, 0), (0, 0)))
+
+    ratio = speedup(lambda: kfused.conv2d_relu_maxpool2d_forward(
+        x, weight, bias, 1, 1, 0, 0, 1, 1, 11, 11, True, 2, 2, out, argmax), naive)
+    assert ratio >= 20, ratio
