@@ -297,9 +297,11 @@ class FastcnnRunner:
         loss_bw = timed(("loss", "backward"), loss_fn.backward)
         opt_step = timed(("optimizer", "step"), opt.step)
 
-        # Sequential runs some layer pairs fused (Conv2D.forward_relu + ReLU.adopt_output,
-        # MaxPool2D.backward_relu): a fused call is timed as its first layer's.
+        # Sequential runs some runs of layers fused (Conv2D.forward_relu_maxpool,
+        # Conv2D.forward_relu, MaxPool2D.backward_relu, and the adopt_* calls that hand the
+        # results to the other layers): a fused call is timed as its first layer's.
         methods = {"forward": "forward", "forward_relu": "forward", "adopt_output": "forward",
+                   "forward_relu_maxpool": "forward", "adopt_forward": "forward",
                    "backward": "backward", "backward_relu": "backward"}
 
         def instrument(on):
