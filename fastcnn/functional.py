@@ -29,6 +29,7 @@ import numpy as np
 from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
+from .kernels import dense as _dense
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 
@@ -94,7 +95,7 @@ def _flat(a):
     return v.reshape(-1) if v.flags.c_contiguous else None
 
 
-def _dense(x):
+def _one_block(x):
     """``x`` if its memory is one contiguous block in some axis order, else a C-ordered copy."""
     return x if _flat(x) is not None else np.ascontiguousarray(x)
 
@@ -439,7 +440,7 @@ def _grad_like(dy, y, layer, contiguous=True):
 def relu_forward(x, layer="ReLU"):
     """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
     channels-last activation stays channels-last)."""
-    x = _dense(check_float(x, layer, contiguous=False))
+    x = _one_block(check_float(x, layer, contiguous=False))
     y = np.empty_like(x)  # the same strides as x
     # 1-D views in memory order: one compiled signature per dtype whatever the rank.
     _activations.relu_forward(_flat(x), _flat(y))
@@ -448,7 +449,7 @@ def relu_forward(x, layer="ReLU"):
 
 def relu_backward(dy, y, layer="ReLU"):
     """dy where the forward output y > 0, else 0; in y's memory layout."""
-    y = _dense(check_float(y, layer, "forward output", contiguous=False))
+    y = _one_block(check_float(y, layer, "forward output", contiguous=False))
     dy = _layout_like(_grad_like(dy, y, layer, contiguous=False), y)
     dx = np.empty_like(y)
     _activations.relu_backward(_flat(dy), _flat(y), _flat(dx))
@@ -580,7 +581,7 @@ def batch_norm_backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5,
 
 
 # ---------------------------------------------------------------------------------------------
-# dense (numpy matmul: BLAS does this better than a loop would)
+# dense (kernels/dense.py: the convolutions' register tile, on Numba's threads, no BLAS pool)
 # ---------------------------------------------------------------------------------------------
 
 def _dense_args(x, weight, bias, layer):
@@ -598,12 +599,15 @@ def _dense_args(x, weight, bias, layer):
     return x, weight, bias
 
 
-def dense_forward(x, weight, bias=None, layer="Dense"):
-    """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None."""
+def dense_forward(x, weight, bias=None, relu=False, layer="Dense"):
+    """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None; ``relu=True``
+    returns relu(y) from the same pass."""
     x, weight, bias = _dense_args(x, weight, bias, layer)
-    y = x @ weight.T
-    if bias is not None:
-        y += bias
+    if bias is None:
+        bias = np.zeros(weight.shape[0], dtype=x.dtype)
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+    if y.size:
+        _dense.dense_forward(x, weight, bias, bool(relu), y)
     return y
 
 
@@ -614,10 +618,17 @@ def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
     dy = check_float(dy, layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
-    dweight = dy.T @ x
-    dbias = dy.sum(axis=0) if bias else None
-    dx = dy @ weight if input_grad else None
-    return dx, dweight, dbias
+    if x.shape[0] == 0:  # an empty batch: zero gradients
+        dx = np.zeros_like(x) if input_grad else None
+        return dx, np.zeros_like(weight), (np.zeros(weight.shape[0], x.dtype) if bias else None)
+    dweight = np.empty_like(weight)
+    dbias = np.empty(weight.shape[0], dtype=x.dtype)
+    _dense.dense_backward_weight(x, dy, dweight, dbias)
+    dx = None
+    if input_grad:
+        dx = np.empty_like(x)
+        _dense.dense_backward_input(dy, weight, dx)
+    return dx, dweight, (dbias if bias else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -606,9 +606,17 @@ class Dense(_ParamLayer):
         self._x = None
 
     def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """``relu(self.forward(x))`` in one kernel pass: what Sequential runs for Dense followed
+        by ReLU (this layer's state and backward are those of ``forward``)."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu):
         x = self._input(x)
         y = F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                            layer=self.name)
+                            relu=relu, layer=self.name)
         self._x = x
         return y
 

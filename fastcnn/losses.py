@@ -93,18 +93,30 @@ class CrossEntropyLoss(_Loss):
                 f"{name}: expected logits with at least one sample and one class, got {logits.shape}"
             )
         labels = np.asarray(labels)
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"{name}: expected integer labels (class indices), got {labels.dtype}")
-        if labels.shape != (n,):
+        if labels.shape != (n,) and np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
                 f"{name}: expected labels of shape ({n},) to match logits {logits.shape}, "
                 f"got {labels.shape}"
             )
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= c:
-            raise ValueError(
-                f"{name}: expected labels in [0, {c}) for {c} classes, got values from {lo} to {hi}"
-            )
+        return self.validate_targets(labels, c)
+
+    def validate_targets(self, labels, num_classes):
+        """``labels`` as an integer array of class indices in [0, num_classes), else TypeError /
+        ValueError naming the loss. ``fit`` checks a whole data set's labels with it before the
+        first step, so that a bad label is reported at once, not after training up to it."""
+        name = "CrossEntropyLoss"
+        labels = np.asarray(labels)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"{name}: expected integer labels (class indices), got {labels.dtype}")
+        if labels.ndim != 1:
+            raise ValueError(f"{name}: expected labels of shape (N,), got {labels.shape}")
+        if labels.size:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"{name}: expected labels in [0, {num_classes}) for {num_classes} classes, "
+                    f"got values from {lo} to {hi}"
+                )
         return labels
 
     def forward(self, logits, labels):

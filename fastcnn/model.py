@@ -46,7 +46,8 @@ class Sequential:
     # same results, bitwise, and each layer's state as its backward needs it:
     # - forward, Conv2D -> ReLU -> MaxPool2D with windows that tile (the reference network's
     #   2x2 pools): the convolution's rows are pooled as they are computed, never stored;
-    # - forward, Conv2D -> ReLU otherwise: the convolution applies the ReLU as it stores;
+    # - forward, Conv2D -> ReLU otherwise, and Dense -> ReLU: the ReLU applied as the output is
+    #   stored;
     # - backward, ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where
     #   the pooled maximum is <= 0), after which the ReLU's backward would change nothing.
     def forward(self, x):
@@ -55,7 +56,10 @@ class Sequential:
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if isinstance(layer, Conv2D) and type(nxt) is ReLU:
+            if isinstance(layer, Dense) and type(nxt) is ReLU:
+                x = nxt.adopt_output(layer.forward_relu(x))
+                i += 2
+            elif isinstance(layer, Conv2D) and type(nxt) is ReLU:
                 pool = layers[i + 2] if i + 2 < len(layers) else None
                 if type(pool) is MaxPool2D and pool.tiles():
                     nxt.adopt_output(None)

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from .kernels import optim as _kernels
+
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
 
 
@@ -266,6 +268,17 @@ class SGD(Optimizer):
 
     def _update(self, i, data, grad, state, t):
         momentum = self.momentum
+        if data.flags.c_contiguous and data.flags.writeable and grad.flags.c_contiguous:
+            # one pass (kernels/optim.py), bitwise the numpy sequence below
+            buf = state.get("momentum_buffer")
+            first = buf is None
+            if momentum and first:
+                buf = state["momentum_buffer"] = np.empty_like(data)
+            _kernels.sgd_update(data.reshape(-1), grad.reshape(-1),
+                                (buf if momentum else data).reshape(-1), t(self.lr), t(momentum),
+                                t(1.0 - self.dampening), bool(self.dampening), t(self.weight_decay),
+                                self.nesterov, first)
+            return
         s1, s2 = self._scratch_arrays(i, data, 2)
         g = self._with_weight_decay(data, grad, self.weight_decay, s1, t)
         if momentum:

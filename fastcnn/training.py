@@ -296,6 +296,7 @@ def fit(
     if progress:
         from tqdm.auto import tqdm
 
+    targets_checked = False
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -326,6 +327,11 @@ def fit(
 
                     optimizer.zero_grad()
                     logits = model(xb)
+                    if not targets_checked:  # every label, once the class count is known
+                        check = getattr(loss_fn, "validate_targets", None)
+                        if check is not None and logits.ndim == 2:
+                            check(y_train, logits.shape[1])
+                        targets_checked = True
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)

@@ -1676,7 +1676,7 @@ def test_boundscheck_is_active():
     # and the work sizes were shrunk before compilation (multi-item / multi-chunk paths)
     from fastcnn.kernels import activations, conv2d
 
-    assert conv2d._TILES_PER_ITEM == 1 and conv2d._MAX_CHUNK_IMAGES == 1
+    assert conv2d._TILES_PER_ITEM == 1 and conv2d._PIXEL_BLOCK == 2
     assert activations._chunks(10) == (3, 4)  # three chunks of at most 4 elements
     tally("boundscheck self-test", "valid")
 

@@ -118,6 +118,28 @@ def test_sgd_matches_formulas(config, seed):
             assert relative_error(p.data, e) <= tol
 
 
+@given(sgd_configs, st.integers(0, 2**16))
+def test_sgd_kernel_equals_the_numpy_sequence_bitwise(config, seed):
+    """SGD's one-pass kernel (contiguous parameters) and its numpy operation sequence (taken for
+    non-contiguous ones) give bitwise the same parameters and momentum buffers."""
+    for dtype in (np.float64, np.float32):
+        fast = make_params(seed, dtype)
+        slow = make_params(seed, dtype)
+        for p in slow:  # the same values, in non-contiguous arrays (Fortran order)
+            p.data = np.asfortranarray(p.data)
+            p.grad = np.asfortranarray(p.grad)
+        assert any(not p.data.flags.c_contiguous for p in slow)
+        opt_fast, opt_slow = SGD(fast, **config), SGD(slow, **config)
+        run(opt_fast, fast, 8)
+        run(opt_slow, slow, 8)
+        for a, b in zip(fast, slow):
+            np.testing.assert_array_equal(a.data, b.data)
+        for i, state in opt_fast.state.items():
+            if "momentum_buffer" in state:
+                np.testing.assert_array_equal(state["momentum_buffer"],
+                                              opt_slow.state[i]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("cls", [Adam, AdamW])
 @given(config=adam_configs, seed=st.integers(0, 2**16))
 def test_adam_matches_formulas(cls, config, seed):

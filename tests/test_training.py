@@ -262,6 +262,23 @@ def test_injected_nan_names_epoch_and_batch_and_keeps_the_checkpoint(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_bad_label_anywhere_is_refused_before_the_first_step():
+    """The last label out of range and an inf in the first batch: the labels are refused at
+    once (naming the loss), not after training up to them or reporting a divergence."""
+    x, y = blobs(100)
+    y = y.copy()
+    y[-1] = 7
+    x = x.copy()
+    x[:, 0] = np.inf
+    model = mlp()
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss: expected labels in \[0, 3\)"):
+        fit(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.05), x, y, epochs=1,
+            batch_size=32, progress=False)
+    assert all(np.array_equal(before[k], v) for k, v in weights(model).items())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_huge_learning_rate_diverges_without_overwriting_the_last_good_checkpoint(tmp_path):
     x, y = blobs(200)
     model = mlp()
