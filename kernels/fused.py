@@ -54,62 +54,64 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
     _pack_weight(weight, wp, 0, K)
     koff = np.empty(K, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
-    pix = np.empty(nitems * rows, dtype=np.uint64)  # window corner of each band pixel
-    for item in range(nitems):
-        n = item // PH
-        ph = item - n * PH
-        for q in range(rows):
-            b = min(q, band - 1)  # a tile's padding rows repeat the last pixel
-            oh = ph * pkh + b // BW
-            ow = b - (b // BW) * BW
-            pix[item * rows + q] = np.uint64(((n * XH + oh * stride_h) * XW + ow * stride_w) * C)
+    pix = np.empty((nchunks, step * rows), dtype=np.uint64)  # window corner of each pixel
     scratch = np.empty((nchunks, step * rows * F), dtype=dt)
+    best = np.empty((nchunks, F), dtype=dt)  # running maximum of a window
+    cell = np.empty((nchunks, F), dtype=np.int32)  # its cell: offset from the window's corner
     tiles = np.empty((nchunks, R * FT), dtype=dt)
+    image = XH * XW * C
 
     xf = xp.reshape(xp.size)
     wf = wp.reshape(wp.size)
     for chunk in prange(nchunks):
         i0 = chunk * step
         i1 = min(i0 + step, nitems)
+        px = pix[chunk]
+        for item in range(i0, i1):
+            n = item // PH
+            ph = item - n * PH
+            q = (item - i0) * rows
+            for b in range(rows):
+                bb = min(b, band - 1)  # a tile's padding rows repeat the last pixel
+                i = bb // BW
+                px[q + b] = np.uint64(n * image + ((ph * pkh + i) * stride_h * XW
+                                                   + (bb - i * BW) * stride_w) * C)
         conv = scratch[chunk]  # the chunk's bands: (item, band pixel, filter)
         tile = tiles[chunk]
         for fb in range(nfb):  # the convolution, all items of the chunk per filter block
             f0 = fb * FT
             nf = min(FT, F - f0)
-            for item in range(i0, i1):
-                for t in range(ntb):
-                    p0 = item * rows + t * R
-                    gemm_tile(xf, pix[p0:p0 + R], koff, 0, K, wf, np.uint64(f0),
-                              np.uint64(Fp), tile, False)
-                    for r in range(R):
-                        q = ((item - i0) * rows + t * R + r) * F + f0
-                        dst = conv[q:q + nf]
-                        for f in range(nf):
-                            dst[f] = tile[r * FT + f] + bias[f0 + f]
-        if relu:
-            seg = conv[:(i1 - i0) * rows * F]
-            for e in range(seg.size):
-                v = seg[e]
-                seg[e] = 0 if v <= 0 else v
+            for t in range((i1 - i0) * ntb):
+                gemm_tile(xf, px[t * R:t * R + R], koff, 0, K, wf, np.uint64(f0),
+                          np.uint64(Fp), tile, False)
+                for r in range(R):
+                    dst = conv[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
+                    for f in range(nf):
+                        dst[f] = tile[r * FT + f] + bias[f0 + f]
+        m = best[chunk]
+        a = cell[chunk]
         for item in range(i0, i1):  # the pooling of each band, as maxpool2d_forward
             n = item // PH
             ph = item - n * PH
             base = (item - i0) * rows
             for pw in range(PW):
-                m = out[n, ph, pw]
-                a = argmax[n, ph, pw]
                 for i in range(pkh):
                     for j in range(pkw):
-                        cell = conv[(base + i * BW + pw * pkw + j) * F:
-                                    (base + i * BW + pw * pkw + j + 1) * F]
-                        k = (ph * pkh + i) * OW + pw * pkw + j
-                        if i == 0 and j == 0:
-                            for f in range(F):
-                                m[f] = cell[f]
-                                a[f] = k
-                        else:
-                            for f in range(F):
-                                v = cell[f]
-                                take = (v > m[f]) | (v != v)  # selects, not branches
-                                m[f] = v if take else m[f]
-                                a[f] = k if take else a[f]
+                        src = conv[(base + i * BW + pw * pkw + j) * F:
+                                   (base + i * BW + pw * pkw + j + 1) * F]
+                        k = np.int32(i * OW + j)
+                        first = i == 0 and j == 0
+                        for f in range(F):
+                            v = src[f]
+                            # the ReLU here, not in a pass of its own (0.36 ms at conv1);
+                            # | and & not `or`/`and`: selects, no branches
+                            v = v if (not relu) | (v > 0) | (v != v) else 0
+                            take = first | (v > m[f]) | (v != v)
+                            m[f] = v if take else m[f]
+                            a[f] = k if take else a[f]
+                y = out[n, ph, pw]
+                am = argmax[n, ph, pw]
+                corner = (ph * pkh) * OW + pw * pkw
+                for f in range(F):
+                    y[f] = m[f]
+                    am[f] = corner + a[f]
