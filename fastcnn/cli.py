@@ -341,6 +341,10 @@ def cmd_train(args):
     if out is not None:
         _check_out(out)
 
+    from . import precompile
+
+    # First run on this machine: the backward kernels compile in a helper process meanwhile.
+    precompiled = precompile.start()
     (x_train, y_train), (x_test, y_test) = _load_data(settings["dataset"], args.data_dir, not args.no_download)
     if settings.get("limit"):
         x_train, y_train = x_train[: settings["limit"]], y_train[: settings["limit"]]
@@ -375,6 +379,9 @@ def cmd_train(args):
     )
     if ckpt is not None:
         print(f"resuming {args.resume} after epoch {ckpt.epoch}", flush=True)
+    if precompiled is not None:
+        print("compiling the kernels (first run only; numba caches them)", flush=True)
+        precompiled()
     try:
         _fit(
             fit,

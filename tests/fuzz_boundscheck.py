@@ -32,13 +32,13 @@ BOUNDSCHECK = True
 # Shrink the kernels' work sizes (module globals, frozen into a kernel when it is compiled, i.e.
 # at its first call), so that the small shapes the fuzz cases use also run the paths large
 # inputs take: many forward work items, several pixel blocks and chunks in the convolution's
-# weight gradient, several chunks in the fused pass, several feature blocks in the dense
-# forward, several chunks of elements in the activations, several channel blocks in batchnorm.
-from fastcnn.kernels import activations, batchnorm, conv2d, dense, fused  # noqa: E402
+# weight gradient, several chunks in the fused pass, several chunks of elements in the
+# activations, several channel blocks in batchnorm.
+from fastcnn.kernels import activations, batchnorm, conv2d, fused  # noqa: E402
 
 for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_PIXEL_BLOCK", 2),
                                (conv2d, "_WEIGHT_UNITS", 2), (conv2d, "_WEIGHT_CHUNKS", 3),
-                               (fused, "_CHUNKS", 3), (dense, "_ITEMS", 2), (dense, "_K_BLOCK", 3),
+                               (fused, "_CHUNKS", 3),
                                (activations, "_CHUNK", 4), (activations, "_MAX_CHUNKS", 3),
                                (batchnorm, "_BLOCK", 2)):
     if hasattr(_module, _name):

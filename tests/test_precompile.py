@@ -1,0 +1,58 @@
+"""fastcnn.precompile: the two groups it compiles in parallel on a first run cover every kernel
+of the reference network's training step (else the helper process would work in vain)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastcnn import precompile
+
+pytestmark = pytest.mark.slow
+
+_CHILD = textwrap.dedent("""
+    import numpy as np
+    from numba.core import event
+    from fastcnn import models, losses, optim, precompile
+    assert precompile.cache_is_cold()
+    precompile.compile_backward()
+    assert not precompile.cache_is_cold()
+    precompile.compile_forward()
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    model = models.reference(seed=0)
+    loss_fn = losses.CrossEntropyLoss()
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    y = np.arange(8) % 10
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(x), y)
+        model.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+    model.predict(x)
+    print("COMPILED", compiled)
+""")
+
+
+def test_groups_cover_a_training_step(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), FASTCNN_NO_PRECOMPILE="1")
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")][-1]
+    assert line == "COMPILED []", line  # nothing left to compile after the two groups
+
+
+def test_start_does_nothing_when_disabled(monkeypatch):
+    monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
+    assert precompile.start() is None
