@@ -841,8 +841,15 @@ def stacks(draw):
         off = draw(st.sampled_from([0] * 12 + [1, -1]))  # a channel / feature count that does not fit
         seed = draw(st.integers(0, 99))
         choice = draw(st.sampled_from(["conv", "maxpool", "avgpool", "bn", "act", "dropout",
-                                       "flatten", "dense", "softmax"]))
-        if len(shape) == 4 and choice in ("conv", "maxpool", "avgpool", "bn"):
+                                       "flatten", "dense", "softmax", "block", "block"]))
+        if len(shape) == 4 and choice == "block":
+            # Conv2D -> ReLU -> MaxPool2D: the run Sequential executes as one fused kernel
+            k, p, f = draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(1, 40))
+            pool = draw(st.integers(1, 3))
+            out += [layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed),
+                    layers.ReLU(), layers.MaxPool2D(pool)]
+            shape = [n, f, (shape[2] + 2 * p - k + 1) // pool, (shape[3] + 2 * p - k + 1) // pool]
+        elif len(shape) == 4 and choice in ("conv", "maxpool", "avgpool", "bn"):
             if choice == "conv":
                 k, p, f = draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(1, 3))
                 out.append(layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed))
