@@ -1339,8 +1339,9 @@ def startup_table(args, env):
         print(f"`python -m fastcnn {' '.join(startup_args(threads))}` (uninstrumented, warm in-tree "
               f"cache), launch to exit: median {median(plain_runs):.2f} s over {runs} runs.")
         print("Times are from the parent's clock before launching (time.time(), shared with the child). "
-              "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages per run: a cold run "
-              "must load none.")
+              "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the main "
+              "process per run: a cold run loads only what fastcnn.precompile's helper process "
+              "compiled meanwhile (the convolution's backward kernels).")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
