@@ -119,6 +119,27 @@ def test_sgd_matches_formulas(config, seed):
 
 
 @given(sgd_configs, st.integers(0, 2**16))
+def test_sgd_update_kernel_matches_the_formulas(config, seed):
+    """kernels/optim.py's sgd_update called directly, 8 steps, against ref_sgd in float64."""
+    from fastcnn.kernels.optim import sgd_update
+
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        t = np.dtype(dtype).type
+        params = make_params(seed, dtype)
+        expected = ref_sgd([p.data.copy() for p in params], 8, **config)
+        bufs = [np.empty_like(p.data) for p in params]
+        for step in range(8):
+            set_grads(params, step)
+            for p, buf in zip(params, bufs):
+                sgd_update(p.data.reshape(-1), p.grad.reshape(-1), buf.reshape(-1), t(config["lr"]),
+                           t(config["momentum"]), t(1.0 - config["dampening"]),
+                           config["dampening"] != 0, t(config["weight_decay"]), config["nesterov"],
+                           step == 0)
+        for p, e in zip(params, expected):
+            assert relative_error(p.data, e) <= tol
+
+
+@given(sgd_configs, st.integers(0, 2**16))
 def test_sgd_kernel_equals_the_numpy_sequence_bitwise(config, seed):
     """SGD's one-pass kernel (contiguous parameters) and its numpy operation sequence (taken for
     non-contiguous ones) give bitwise the same parameters and momentum buffers."""

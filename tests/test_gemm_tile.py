@@ -1,0 +1,41 @@
+"""kernels/gemm_tile.py: the register tile every convolution runs on, against the textbook sum."""
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastcnn.kernels.gemm_tile import FT, R, gemm_tile
+
+
+def naive_tile(a, abase, aoff, k0, k1, b, b0, bstride):
+    """tile[r, f] = sum_{k0 <= k < k1} a[abase[r] + aoff[k]] * b[b0 + (k - k0)*bstride + f]."""
+    tile = np.zeros((R, FT))
+    for r in range(R):
+        for f in range(FT):
+            s = 0.0
+            for k in range(k0, k1):
+                s += float(a[abase[r] + aoff[k]]) * float(b[b0 + (k - k0) * bstride + f])
+            tile[r, f] = s
+    return tile
+
+
+@given(st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans())
+def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
+    k0 = min(k0, k1)
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(500)
+    abase = rng.integers(0, 200, R).astype(np.uint64)
+    aoff = rng.integers(0, 300, k1).astype(np.uint64)
+    bstride = int(rng.integers(FT, FT + 9))
+    b0 = int(rng.integers(0, 20))
+    b = rng.standard_normal(b0 + max(k1 - k0, 1) * bstride + FT)
+    start = rng.standard_normal(R * FT)
+    expected = naive_tile(a, abase, aoff, k0, k1, b, b0, bstride).reshape(-1)
+    if accumulate:
+        expected = expected + start
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
+        tile = start.astype(dtype) if accumulate else np.full(R * FT, np.nan, dtype)
+        gemm_tile(a.astype(dtype), abase, aoff, k0, k1, b.astype(dtype), np.uint64(b0),
+                  np.uint64(bstride), tile, accumulate)
+        assert tile.dtype == dtype
+        scale = max(1.0, np.abs(expected).max())
+        assert np.abs(tile - expected).max() <= tol * scale
