@@ -35,6 +35,7 @@ from .kernels import pool2d as _pool2d
 __all__ = [
     "check_float", "pair", "conv2d_padding", "pool2d_padding",
     "conv2d_output_shape", "conv2d_forward", "conv2d_backward", "conv2d_relu_max_pool2d_forward",
+    "max_pool2d_conv2d_backward",
     "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
     "avg_pool2d_forward", "avg_pool2d_backward",
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
@@ -336,6 +337,68 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
         n, c, h, w = x.shape
         dx = np.empty((n, h, w, c), dtype=x.dtype)
         k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+        dx = _nchw(dx)
+    return dx, dweight, (dbias if bias else None)
+
+
+def _weight_gradient_in_pixel_order(weight_shape):
+    """Whether conv2d_backward_weight sums every pixel in order for this weight shape (many
+    output tiles: kernels/conv2d.py), the order the max pool shortcut reproduces."""
+    f, c, kh, kw = weight_shape
+    tiles = -(-(kh * kw * c) // _conv2d.R)
+    per_block = max(1, _conv2d._WEIGHT_UNITS // -(-f // _conv2d.FT))
+    return tiles >= per_block
+
+
+def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_kernel, stride=1,
+                               padding=0, dilation=1, relu=True, bias=True, input_grad=True,
+                               layer="Conv2D", pool_layer="MaxPool2D"):
+    """The convolution's gradients ``(dx, dweight, dbias)`` for the gradient ``dy`` of a max
+    pooling (windows that tile: stride = kernel, no padding) of its output, through the ReLU
+    between them if ``relu``: bitwise ``conv2d_backward(x, weight, max_pool2d_backward(dy,
+    argmax, conv_shape, pool_kernel, relu_output=pooled))``, without forming the pooling's
+    gradient. Below a 2x2 pool 3/4 of it are zeros; kernels/fused.py sums only the selected
+    cells' terms, in the dense kernels' order. Where that order cannot be kept (channels not a
+    multiple of 32, a weight gradient summed in chunks) or 0 * inf terms would count (x or
+    weight not finite), the two calls are made instead."""
+    x, weight, _ = _conv_args(x, weight, None, layer)
+    shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(x.shape, weight.shape, stride, padding,
+                                                          dilation, layer)
+    conv_shape = tuple(int(s) for s in conv_shape)
+    if conv_shape != shape:
+        raise ValueError(f"{layer}: expected the pooling's input shape {_fmt_shape(shape)}, "
+                         f"got {_fmt_shape(conv_shape)}")
+    out_shape, (pkh, pkw), _, _ = pool2d_output_shape(conv_shape, pool_kernel, None, 0, pool_layer)
+    dy = check_float(dy, pool_layer, "gradient", contiguous=False)
+    _same_dtype(dy, x, pool_layer, "gradient")
+    _check_shape_equal(dy, out_shape, pool_layer, "gradient")
+    argmax = np.asarray(argmax)
+    if argmax.dtype != np.int64:
+        raise TypeError(f"{pool_layer}: expected int64 argmax indices, got dtype {argmax.dtype}")
+    _check_shape_equal(argmax, out_shape, pool_layer, "argmax")
+    pooled = check_float(pooled, pool_layer, "pooled output", contiguous=False)
+    _same_dtype(pooled, x, pool_layer, "pooled output")
+    _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
+    n, c = x.shape[0], x.shape[1]
+    shortcut = (n > 0 and c % _conv2d.FT == 0 and _weight_gradient_in_pixel_order(weight.shape)
+                and np.isfinite(weight).all() and np.isfinite(x).all())
+    if not shortcut:
+        dconv = max_pool2d_backward(dy, argmax, conv_shape, pool_kernel,
+                                    relu_output=pooled if relu else None, layer=pool_layer)
+        return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias,
+                               input_grad)
+    dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)
+    oh, ow = conv_shape[2], conv_shape[3]
+    dweight = np.empty_like(weight)
+    dbias = np.empty(weight.shape[0], dtype=x.dtype)
+    _fused.maxpool2d_conv2d_backward_weight(_nhwc(x), dyh, amh, yh, bool(relu), pkh, pkw, oh, ow,
+                                            sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
+    dx = None
+    if input_grad:
+        h, w = x.shape[2], x.shape[3]
+        dx = np.empty((n, h, w, c), dtype=x.dtype)
+        _fused.maxpool2d_conv2d_backward_input(dyh, amh, yh, bool(relu), pkh, pkw, weight, sh,
+                                               sw, pads[0], pads[2], dh, dw, oh, ow, dx)
         dx = _nchw(dx)
     return dx, dweight, (dbias if bias else None)
 

@@ -361,6 +361,22 @@ class Conv2D(_ParamLayer):
         dx, dw, db = F.conv2d_backward(x, self.weight.data, self._grad(dy), self.stride,
                                        self.padding, self.dilation, layer=self.name,
                                        bias=self.bias is not None, input_grad=input_grad)
+        return self._accumulate(dx, dw, db)
+
+    def backward_through_maxpool(self, pool, dy, input_grad=True):
+        """``self.backward(pool.backward_relu(dy))`` for the ReLU -> MaxPool2D ``pool`` that
+        followed this layer (windows that tile, ``pool.tiles()``), bitwise, without forming the
+        pooling's gradient: what Sequential runs for Conv2D -> ReLU -> MaxPool2D."""
+        x = self._need(self._x)
+        pool._need(pool._x_shape)
+        dx, dw, db = F.max_pool2d_conv2d_backward(
+            x, self.weight.data, pool._grad_as(dy, pool._argmax.shape, pool._dtype),
+            pool._argmax, pool._y, pool._x_shape, pool.kernel_size, self.stride, self.padding,
+            self.dilation, relu=True, bias=self.bias is not None, input_grad=input_grad,
+            layer=self.name, pool_layer=pool.name)
+        return self._accumulate(dx, dw, db)
+
+    def _accumulate(self, dx, dw, db):
         self.weight.grad += dw
         if self.bias is not None:
             self.bias.grad += db

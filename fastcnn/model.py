@@ -49,7 +49,9 @@ class Sequential:
     # - forward, Conv2D -> ReLU otherwise, and Dense -> ReLU: the ReLU applied as the output is
     #   stored;
     # - backward, ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where
-    #   the pooled maximum is <= 0), after which the ReLU's backward would change nothing.
+    #   the pooled maximum is <= 0), after which the ReLU's backward would change nothing;
+    # - backward, Conv2D -> ReLU -> MaxPool2D with windows that tile: the convolution's
+    #   gradients straight from the pooled gradient, summing only the selected cells' terms.
     def forward(self, x):
         layers = self.layers
         i = 0
@@ -84,7 +86,11 @@ class Sequential:
         i = len(layers) - 1
         while i >= 0:
             layer = layers[i]
-            if type(layer) is MaxPool2D and i >= 1 and type(layers[i - 1]) is ReLU:
+            if (type(layer) is MaxPool2D and i >= 2 and type(layers[i - 1]) is ReLU
+                    and isinstance(layers[i - 2], Conv2D) and layer.tiles()):
+                dy = layers[i - 2].backward_through_maxpool(layer, dy, input_grad=input_grad or i > 2)
+                i -= 3
+            elif type(layer) is MaxPool2D and i >= 1 and type(layers[i - 1]) is ReLU:
                 dy = layer.backward_relu(dy)
                 i -= 2
             elif i == 0 and not input_grad and isinstance(layer, (Conv2D, Dense)):

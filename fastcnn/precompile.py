@@ -41,8 +41,9 @@ def compile_forward(dtype=np.float32):
 
 
 def compile_backward(dtype=np.float32):
-    """Compile (or load) the convolution's weight and input gradients: the other half. The
-    inputs are built with numpy, so no other kernel compiles here."""
+    """Compile (or load) the convolution's weight and input gradients, dense and from a max
+    pool's gradient: the other half. The inputs are built with numpy, so no other kernel
+    compiles here."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
@@ -50,6 +51,12 @@ def compile_backward(dtype=np.float32):
     w = np.ones((4, 1, 3, 3), dtype)
     dy = F._nchw(np.ones((2, 4, 4, 4), dtype))
     F.conv2d_backward(x, w, dy, input_grad=True)
+    # the max pool shortcut's kernels (32 input channels: the shortcut applies)
+    x = F._nchw(np.ones((2, 6, 6, 32), dtype))
+    w = np.ones((4, 32, 3, 3), dtype)
+    pooled = F._nchw(np.ones((2, 2, 2, 4), dtype))
+    argmax = F._nchw(np.zeros((2, 2, 2, 4), np.int64))
+    F.max_pool2d_conv2d_backward(x, w, pooled, argmax, pooled, (2, 4, 4, 4), 2)
 
 
 def cache_is_cold():

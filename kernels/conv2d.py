@@ -201,6 +201,56 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
                 seg[e] = 0 if v <= 0 else v
 
 
+@njit(cache=True)
+def _col2im_operands(weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w):
+    """What the input gradient's tiles and their scatter need, shared by conv2d_backward_input
+    and fused.maxpool2d_conv2d_backward_input: wt (F, ncp) = weight as (filter, tap) with
+    columns padded to whole tiles; coloff (ncp,) the offset of each column's cell from the
+    pixel's window corner in the (padded) NHWC image of row width XW; contiguous (ncb,) whether
+    a column block is 32 adjacent cells; pixoff (OH*OW,) each output pixel's window corner."""
+    F, C, KH, KW = weight.shape
+    ncol = KH * KW * C
+    ncb = (ncol + FT - 1) // FT
+    ncp = ncb * FT
+    wt = np.empty((F, ncp), dtype=weight.dtype)  # wt[f, (i*KW + j)*C + c] = weight[f, c, i, j]
+    for f in range(F):
+        for col in range(ncol):
+            tap = col // C
+            c = col - tap * C
+            i = tap // KW
+            wt[f, col] = weight[f, c, i, tap - i * KW]
+        for col in range(ncol, ncp):
+            wt[f, col] = 0
+    coloff = np.empty(ncp, dtype=np.uint64)
+    _tap_offsets(coloff, ncol, KH, KW, C, dil_h * XW * C, dil_w * C)
+    contiguous = np.empty(ncb, dtype=np.bool_)
+    for cb in range(ncb):
+        c0 = cb * FT
+        run = c0 + FT <= ncol
+        for f in range(1, FT):
+            if run and coloff[c0 + f] != coloff[c0] + np.uint64(f):
+                run = False
+        contiguous[cb] = run
+    pixoff = np.empty(OH * OW, dtype=np.uint64)
+    _pixel_offsets(pixoff, OH * OW, OH, OW, 0, stride_h * XW * C, stride_w * C)
+    return wt, coloff, contiguous, pixoff
+
+
+@njit(cache=True)
+def _crop(img, XH, XW, pad_top, pad_left, dx, n):
+    """dx[n, ih, iw] = img[ih + pad_top, iw + pad_left] (img a padded NHWC image, flat); 0 where
+    the forward never read."""
+    H, W, C = dx.shape[1], dx.shape[2], dx.shape[3]
+    src = img.reshape((XH, XW, C))
+    for ih in range(H):
+        for iw in range(W):
+            r = ih + pad_top
+            s = iw + pad_left
+            inside = r < XH and s < XW
+            for c in range(C):
+                dx[n, ih, iw, c] = src[r, s, c] if inside else 0
+
+
 @njit(parallel=True, cache=True)
 def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dx):
     """dx = gradient of sum(out * dy) with respect to x; dx (N, H, W, C) overwritten.
@@ -225,27 +275,8 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     XH, XW = (Hp, Wp) if padded else (H, W)
     image = XH * XW * C
     gx = np.empty(N * image, dtype=dt) if padded else dx.reshape(dx.size)
-    wt = np.empty((F, ncp), dtype=dt)  # wt[f, (i*KW + j)*C + c] = weight[f, c, i, j]
-    for f in range(F):
-        for col in range(ncol):
-            tap = col // C
-            c = col - tap * C
-            i = tap // KW
-            wt[f, col] = weight[f, c, i, tap - i * KW]
-        for col in range(ncol, ncp):
-            wt[f, col] = 0
-    coloff = np.empty(ncp, dtype=np.uint64)  # where each column's tap lands, from the pixel
-    _tap_offsets(coloff, ncol, KH, KW, C, dil_h * XW * C, dil_w * C)
-    contiguous = np.empty(ncb, dtype=np.bool_)  # the block's 32 columns are 32 adjacent cells
-    for cb in range(ncb):
-        c0 = cb * FT
-        run = c0 + FT <= ncol
-        for f in range(1, FT):
-            if run and coloff[c0 + f] != coloff[c0] + np.uint64(f):
-                run = False
-        contiguous[cb] = run
-    pixoff = np.empty(P, dtype=np.uint64)
-    _pixel_offsets(pixoff, P, OH, OW, 0, stride_h * XW * C, stride_w * C)
+    wt, coloff, contiguous, pixoff = _col2im_operands(weight, OH, OW, XW, stride_h, stride_w,
+                                                      dil_h, dil_w)
     rows = np.empty(N * ntl * R, dtype=np.uint64)  # dy offset of each tile row
     for n in range(N):
         for t in range(ntl):
@@ -277,15 +308,8 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
                     else:
                         for f in range(min(FT, ncol - c0)):
                             img[base + coloff[c0 + f]] += tile[r * FT + f]
-        if padded:  # crop: dx[n, ih, iw] = scratch[ih + pad_top, iw + pad_left] (0 if never read)
-            src = img.reshape((XH, XW, C))
-            for ih in range(H):
-                for iw in range(W):
-                    r = ih + pad_top
-                    s = iw + pad_left
-                    inside = r < XH and s < XW
-                    for c in range(C):
-                        dx[n, ih, iw, c] = src[r, s, c] if inside else 0
+        if padded:
+            _crop(img, XH, XW, pad_top, pad_left, dx, n)
 
 
 @njit(parallel=True, cache=True)

@@ -20,11 +20,18 @@ alone would give.
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import _pack_weight, _padded_input, _read_extent, _tap_offsets
-from .gemm_tile import FT, R, gemm_tile
+from .conv2d import (_col2im_operands, _crop, _needs_padding, _pack_weight, _padded_input,
+                     _read_extent, _tap_offsets)
+from .gemm_tile import FT, R, gather_tile, gemm_tile
 
 #: Scratch buffers (one per chunk of work items): enough chunks to keep 2 threads balanced.
 _CHUNKS = 64
+#: Weight gradient from the pooled gradient: groups of filters (a fixed number: the result does
+#: not depend on the thread count).
+_WEIGHT_UNITS = 8
+#: Input gradient from the pooled gradient: chunks of images, each with a scratch of 139 KB at
+#: the reference conv2 (64 chunks: 8.9 MB allocated per call, page faults included).
+_INPUT_CHUNKS = 8
 
 
 @njit(cache=True)
@@ -141,3 +148,219 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
                     tiles[chunk])
         _pool_bands(scratch[chunk], i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu,
                     best[chunk], cell[chunk], out, argmax)
+
+
+# ---- the backward through max pool (+ ReLU) into the convolution, from the pooled gradient ----
+#
+# Below a pooling whose windows tile the conv output, the conv output's gradient dy is zero but
+# at one cell per window and channel (the argmax), and also where the ReLU blocked it: 3/4 or
+# more of dy is zeros for 2x2 windows. The two kernels below take the pooled gradient gp and
+# argmax directly and add only the nonzero terms, one fused multiply-add each, in the order in
+# which conv2d_backward_weight / conv2d_backward_input add them over the dense dy (an added
+# term 0 * v is exact when v is finite, and no partial sum is -0). So their results are bitwise
+# those of maxpool2d_backward followed by the dense kernels, for finite x and weights (the
+# caller takes the dense path otherwise: there 0 * inf = NaN terms count), in about half the
+# time at the reference network's conv2, without writing dy.
+#
+# Shapes: x (N, H, W, C); gp, argmax, y (N, PH, PW, F) = the pooled gradient, the forward's
+# argmax (h * OW + w in the conv plane) and pooled output (the ReLU mask: y > 0, used if
+# ``relu``); windows pkh x pkw with stride pkh x pkw; OH, OW the conv output's size. An argmax
+# outside its window gives no gradient (as maxpool2d_backward for windows that tile): the
+# kernels index nothing with it.
+
+@njit(cache=True)
+def _block_offsets(tapoff, C, count):
+    """uint64 x offset of each 32-channel column block (tap t, channels chunk) in tap order,
+    padded with copies of the last to a multiple of R blocks (padding rows never stored)."""
+    per_tap = C // FT
+    nb = tapoff.shape[0] * per_tap
+    out = np.empty(count, dtype=np.uint64)
+    for b in range(count):
+        bb = min(b, nb - 1)
+        t = bb // per_tap
+        out[b] = tapoff[t] + np.uint64((bb - t * per_tap) * FT)
+    return out
+
+
+@njit(cache=True)
+def _weight_from_pool(xf, blockoff, K, image, row_step, col_step, gpf, amf, yf, relu, N, PH, PW,
+                      F, pkh, pkw, OW, f0, f1, gl, pl, acc, bsum):
+    """acc (F, ntriples, R*FT) flat and bsum[f] for filters [f0, f1): image by image (its x
+    stays in L1 while every filter of the group uses it; filter by filter over the whole batch,
+    x streamed from L3 once per filter), per filter the list of its selected cells (weights gl,
+    window corners pl) in pixel order (conv row, conv column), summed by gather_tile into the
+    filter's tiles, 3 column blocks of 32 at a time. The sums run in pixel order, as the dense
+    weight gradient's (the tiles carry them from image to image)."""
+    nblocks = K // FT
+    ntriples = (nblocks + R - 1) // R
+    for f in range(f0, f1):
+        bsum[f] = 0
+    for n in range(N):
+        for f in range(f0, f1):
+            count = 0
+            for ph in range(PH):
+                for i in range(pkh):  # conv row ph * pkh + i
+                    oh = ph * pkh + i
+                    for pw in range(PW):
+                        w = ((n * PH + ph) * PW + pw) * F + f  # the window's entry, flat
+                        j = amf[w] - (oh * OW + pw * pkw)
+                        if j < 0 or j >= pkw or (relu and not yf[w] > 0):
+                            continue
+                        gl[count] = gpf[w]
+                        pl[count] = np.uint64(n * image + oh * row_step + (pw * pkw + j) * col_step)
+                        count += 1
+            s = bsum[f]
+            for k in range(count):
+                s += gl[k]
+            bsum[f] = s
+            for t in range(ntriples):
+                e = (f * ntriples + t) * R * FT
+                gather_tile(gl, pl, 0, count, xf, blockoff[t * R:t * R + R], acc[e:e + R * FT],
+                            n > 0)
+
+
+@njit(parallel=True, cache=True)
+def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, stride_h,
+                                     stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias):
+    """dweight (F, C, KH, KW) and dbias (F,) of the convolution, for the gradient that the
+    max pool (and ReLU) backward would give for gp; needs C % 32 == 0. Bitwise
+    conv2d_backward_weight's result when that kernel sums in pixel order (many output tiles,
+    see its docstring) and x is finite. Parallel over fixed groups of filters."""
+    N, H, W, C = x.shape
+    PH, PW, F = gp.shape[1], gp.shape[2], gp.shape[3]
+    KH, KW = dweight.shape[2], dweight.shape[3]
+    K = KH * KW * C
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = xp.shape[1], xp.shape[2]
+    tapoff = np.empty(KH * KW, dtype=np.uint64)
+    _tap_offsets(tapoff, KH * KW, KH, KW, 1, dil_h * XW * C, dil_w * C)
+    nblocks = K // FT
+    blockoff = _block_offsets(tapoff, C, (nblocks + R - 1) // R * R)
+    units = min(F, _WEIGHT_UNITS)
+    per = (F + units - 1) // units
+    ntriples = (nblocks + R - 1) // R
+    acc = np.empty(F * ntriples * R * FT, dtype=x.dtype)  # per filter: its column tiles
+    bsum = np.empty(F, dtype=x.dtype)
+    gl = np.empty((units, PH * PW), dtype=x.dtype)
+    pl = np.empty((units, PH * PW), dtype=np.uint64)
+    xf = xp.reshape(xp.size)
+    gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
+    for u in prange(units):
+        _weight_from_pool(xf, blockoff, K, XH * XW * C, stride_h * XW * C, stride_w * C, gpf,
+                          amf, yf, relu, N, PH, PW, F, pkh, pkw, OW, u * per,
+                          min(u * per + per, F), gl[u], pl[u], acc, bsum)
+    for f in range(F):  # column col = (i*KW + j)*C + c of filter f's tiles
+        for i in range(KH):
+            for j in range(KW):
+                for c in range(C):
+                    dweight[f, c, i, j] = acc[f * ntriples * R * FT + (i * KW + j) * C + c]
+        dbias[f] = bsum[f]
+
+
+@njit(cache=True)
+def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, ncol, coloff,
+                     contiguous, pixoff, colblocks, gl, pl, counts, tile, dcol, touched, img):
+    """One image's input gradient into ``img`` (its padded NHWC gradient, zeroed here): per
+    window, each cell's selected filters in filter order (weights gl, rows f * ncp of wt in pl,
+    one list of up to F per cell), dcol[p] = gather_tile over the cell's list, 3 column blocks
+    at a time; then the rows added into the taps' cells in conv2d_backward_input's order
+    (column block, pixel)."""
+    P = touched.shape[0]
+    ncb = ncp // FT
+    for e in range(img.size):
+        img[e] = 0
+    for p in range(P):
+        touched[p] = False
+    cells = pkh * pkw
+    for ph in range(PH):
+        for pw in range(PW):
+            w0 = ((n * PH + ph) * PW + pw) * F
+            corner = ph * pkh * OW + pw * pkw
+            for cell in range(cells):
+                counts[cell] = 0
+            for f in range(F):  # each selected filter into its cell's list, in filter order
+                if relu and not yf[w0 + f] > 0:
+                    continue
+                rel = amf[w0 + f] - corner
+                i = 0
+                while rel >= OW and i < pkh:  # bounded: argmax comes from the caller
+                    rel -= OW
+                    i += 1
+                if rel < 0 or rel >= pkw or i >= pkh:  # not in its window: no gradient (as
+                    continue  # maxpool2d_backward's path for windows that tile)
+                cell = i * pkw + rel
+                q = cell * F + counts[cell]
+                gl[q] = gpf[w0 + f]
+                pl[q] = np.uint64(f * ncp)
+                counts[cell] += 1
+            for cell in range(cells):
+                count = counts[cell]
+                if count == 0:
+                    continue
+                p = corner + (cell // pkw) * OW + cell % pkw
+                touched[p] = True
+                for b0 in range(0, ncb, R):
+                    gather_tile(gl, pl, cell * F, cell * F + count, wtf, colblocks[b0:b0 + R],
+                                tile, False)
+                    for r in range(min(R, ncb - b0)):
+                        dst = dcol[p * ncp + (b0 + r) * FT:p * ncp + (b0 + r + 1) * FT]
+                        for c in range(min(FT, ncp)):  # = FT, a runtime bound: vectorised
+                            dst[c] = tile[r * FT + c]
+    for cb in range(ncb):
+        c0 = cb * FT
+        for p in range(P):
+            if not touched[p]:
+                continue
+            base = pixoff[p]
+            src = np.uint64(p * ncp + c0)
+            if contiguous[cb]:
+                nb = min(FT, ncol - c0)  # = FT; a constant trip count unrolled to scalar code
+                dst = base + coloff[c0]
+                for f in range(np.uint64(nb)):
+                    img[dst + f] += dcol[src + f]
+            else:
+                for f in range(min(FT, ncol - c0)):
+                    img[base + coloff[c0 + f]] += dcol[src + np.uint64(f)]
+
+
+@njit(parallel=True, cache=True)
+def maxpool2d_conv2d_backward_input(gp, argmax, y, relu, pkh, pkw, weight, stride_h, stride_w,
+                                    pad_top, pad_left, dil_h, dil_w, OH, OW, dx):
+    """dx (N, H, W, C) of the convolution, for the gradient that the max pool (and ReLU)
+    backward would give for gp: bitwise conv2d_backward_input's result for a finite weight.
+    Parallel over chunks of images (a chunk adds only into its own images)."""
+    N, H, W, C = dx.shape
+    PH, PW, F = gp.shape[1], gp.shape[2], gp.shape[3]
+    KH, KW = weight.shape[2], weight.shape[3]
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    padded = _needs_padding(dx, pad_top, pad_left, Hp, Wp)
+    XH, XW = (Hp, Wp) if padded else (H, W)
+    image = XH * XW * C
+    wt, coloff, contiguous, pixoff = _col2im_operands(weight, OH, OW, XW, stride_h, stride_w,
+                                                      dil_h, dil_w)
+    ncol = KH * KW * C
+    ncp = wt.shape[1]
+    ncb = ncp // FT
+    colblocks = np.empty((ncb + R - 1) // R * R, dtype=np.uint64)
+    for b in range(colblocks.size):
+        colblocks[b] = np.uint64(min(b, ncb - 1) * FT)
+    nchunks = min(N, _INPUT_CHUNKS)  # each with a (pixel, column) scratch of an image
+    step = (N + nchunks - 1) // nchunks
+    gx = np.empty(N * image, dtype=dx.dtype) if padded else dx.reshape(dx.size)
+    dcol = np.empty((nchunks, OH * OW * ncp), dtype=dx.dtype)
+    touched = np.empty((nchunks, OH * OW), dtype=np.bool_)
+    gl = np.empty((nchunks, pkh * pkw * F), dtype=dx.dtype)
+    pl = np.empty((nchunks, pkh * pkw * F), dtype=np.uint64)
+    counts = np.empty((nchunks, pkh * pkw), dtype=np.int64)
+    tiles = np.empty((nchunks, R * FT), dtype=dx.dtype)
+    wtf = wt.reshape(wt.size)
+    gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
+    for chunk in prange(nchunks):
+        for n in range(chunk * step, min(chunk * step + step, N)):
+            img = gx[n * image:(n + 1) * image]
+            _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, ncol,
+                             coloff, contiguous, pixoff, colblocks, gl[chunk], pl[chunk],
+                             counts[chunk], tiles[chunk], dcol[chunk], touched[chunk], img)
+            if padded:
+                _crop(img, XH, XW, pad_top, pad_left, dx, n)

@@ -86,3 +86,34 @@ def gemm_tile(a, abase, aoff, k0, k1, b, b0, bstride, tile, accumulate):
         bb += bstride
     for q in range(_RFT):
         tile[q] = acc[q]
+
+
+@njit(cache=True, fastmath={"contract"})
+def gather_tile(g, pos, k0, k1, x, offs, tile, accumulate):
+    """tile[r*FT + f] (+)= sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r] + f], r < R, f < FT.
+
+    The same register tile as ``gemm_tile`` for a sum over a *list* of terms: weights g (>= k1)
+    and uint64 row offsets pos (>= k1) into the flat x, uint64 column offsets offs (R,). The
+    gradients below a max pool use it: 3/4 of the dense product's terms are zeros there, and
+    this sums only the others, in list order, one fused multiply-add each.
+    """
+    acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
+    if accumulate:
+        for q in range(_RFT):
+            acc[q] = tile[q]
+    else:
+        for q in range(_RFT):
+            acc[q] = 0
+    o0 = offs[0]
+    o1 = offs[1]
+    o2 = offs[2]
+    for k in range(k0, k1):
+        gv = g[k]
+        p = pos[k]
+        for f in range(FT):
+            uf = np.uint64(f)
+            acc[f] += gv * x[p + o0 + uf]
+            acc[FT + f] += gv * x[p + o1 + uf]
+            acc[2 * FT + f] += gv * x[p + o2 + uf]
+    for q in range(_RFT):
+        tile[q] = acc[q]
