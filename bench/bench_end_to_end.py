@@ -298,11 +298,13 @@ class FastcnnRunner:
         opt_step = timed(("optimizer", "step"), opt.step)
 
         # Sequential runs some runs of layers fused (Conv2D.forward_relu_maxpool,
-        # Conv2D.forward_relu, MaxPool2D.backward_relu, and the adopt_* calls that hand the
-        # results to the other layers): a fused call is timed as its first layer's.
+        # Conv2D.forward_relu, MaxPool2D.backward_relu, Conv2D.backward_through_maxpool, and the
+        # adopt_* calls that hand the results to the other layers): a fused call is timed as
+        # the layer's that makes it.
         methods = {"forward": "forward", "forward_relu": "forward", "adopt_output": "forward",
                    "forward_relu_maxpool": "forward", "adopt_forward": "forward",
-                   "backward": "backward", "backward_relu": "backward"}
+                   "backward": "backward", "backward_relu": "backward",
+                   "backward_through_maxpool": "backward"}
 
         def instrument(on):
             for row, layer in zip(rows, model.layers):

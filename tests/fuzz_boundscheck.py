@@ -38,7 +38,8 @@ from fastcnn.kernels import activations, batchnorm, conv2d, fused  # noqa: E402
 
 for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_PIXEL_BLOCK", 2),
                                (conv2d, "_WEIGHT_UNITS", 2), (conv2d, "_WEIGHT_CHUNKS", 3),
-                               (fused, "_CHUNKS", 3),
+                               (fused, "_CHUNKS", 3), (fused, "_WEIGHT_UNITS", 3),
+                               (fused, "_INPUT_CHUNKS", 2),
                                (activations, "_CHUNK", 4), (activations, "_MAX_CHUNKS", 3),
                                (batchnorm, "_BLOCK", 2)):
     if hasattr(_module, _name):

@@ -120,3 +120,83 @@ def test_speedup_over_naive(rng):
     ratio = speedup(lambda: kfused.conv2d_relu_maxpool2d_forward(
         x, weight, bias, 1, 1, 0, 0, 1, 1, 11, 11, True, 2, 2, out, argmax), naive)
     assert ratio >= 20, ratio
+
+
+# ---- the backward through max pool (+ ReLU) into the convolution ----
+
+@st.composite
+def backward_cases(draw):
+    """A conv + ReLU + pool whose backward takes the max pool shortcut (32 or 64 channels) or
+    falls back to the separate calls (3 channels); strides, symmetric paddings (as the
+    functional API takes them), dilations, 1-40 filters, pools that tile the conv output."""
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    h_min = max(1, dh * (kh - 1) + 1 - 2 * ph)
+    w_min = max(1, dw * (kw - 1) + 1 - 2 * pw)
+    h, w = draw(st.integers(h_min, h_min + 7)), draw(st.integers(w_min, w_min + 7))
+    oh, ow = _size(h, kh, sh, ph, ph, dh), _size(w, kw, sw, pw, pw, dw)
+    pool = (min(draw(st.integers(1, 3)), oh), min(draw(st.integers(1, 3)), ow))
+    return dict(n=draw(st.integers(1, 2)), c=draw(st.sampled_from([32, 64, 3])),
+                f=draw(st.integers(1, 40)), h=h, w=w, k=(kh, kw), stride=(sh, sw),
+                pads=(ph, ph, pw, pw), dil=(dh, dw), pool=pool, relu=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def _backward_both_ways(case, dtype, x_value=None):
+    rng = np.random.default_rng(case["seed"])
+    (kh, kw), pool = case["k"], case["pool"]
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(dtype)
+    if x_value is not None:
+        x[0, 0, 0, 0] = x_value
+    weight = rng.standard_normal((case["f"], case["c"], kh, kw)).astype(dtype)
+    bias = rng.standard_normal(case["f"]).astype(dtype)
+    geom = dict(stride=case["stride"], padding=(case["pads"][0], case["pads"][2]),
+                dilation=case["dil"])
+    y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
+        x, weight, bias, geom["stride"], geom["padding"], geom["dilation"], pool)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    fast = F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, conv_shape, pool,
+                                        relu=case["relu"], **geom)
+    dconv = F.max_pool2d_backward(dy, argmax, conv_shape, pool,
+                                  relu_output=y if case["relu"] else None)
+    slow = F.conv2d_backward(x, weight, dconv, **geom)
+    return fast, slow
+
+
+@example(dict(REFERENCE_LAYER, n=2))
+@given(backward_cases())
+def test_backward_through_maxpool_equals_the_separate_calls_bitwise(case):
+    for dtype in (np.float32, np.float64):
+        fast, slow = _backward_both_ways(case, dtype)
+        for a, b in zip(fast, slow):
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_backward_through_maxpool_with_non_finite_input(value):
+    """A non-finite x: the dense path (0 * inf = NaN terms count), the same result."""
+    fast, slow = _backward_both_ways(dict(REFERENCE_LAYER, n=2, relu=True), np.float32, value)
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    assert np.isnan(fast[1]).any()
+
+
+def test_backward_through_maxpool_validates(rng):
+    x = rng.standard_normal((2, 32, 6, 6)).astype(np.float32)
+    weight = rng.standard_normal((4, 32, 3, 3)).astype(np.float32)
+    y, argmax, shape = F.conv2d_relu_max_pool2d_forward(x, weight, None, 1, 0, 1, (2, 2))
+    dy = np.ones_like(y)
+    with pytest.raises(ValueError, match=r"MaxPool2D: expected gradient of shape \(2, 4, 2, 2\)"):
+        F.max_pool2d_conv2d_backward(x, weight, dy[:1], argmax, y, shape, 2)
+    with pytest.raises(TypeError, match="MaxPool2D: expected int64 argmax"):
+        F.max_pool2d_conv2d_backward(x, weight, dy, argmax.astype(np.int32), y, shape, 2)
+    with pytest.raises(ValueError, match="Conv2D: expected the pooling's input shape"):
+        F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, (2, 4, 5, 4), 2)
+    # argmax outside its window: no gradient from that entry, nothing read or written elsewhere
+    bad = np.array(argmax)
+    bad[...] = 10**12
+    dx, dw, db = F.max_pool2d_conv2d_backward(x, weight, dy, bad, y, shape, 2)
+    assert not dx.any() and not dw.any() and not db.any()
