@@ -41,16 +41,17 @@ def compile_forward(dtype=np.float32):
 
 
 def compile_backward(dtype=np.float32):
-    """Compile (or load) the convolution's weight and input gradients, dense and from a max
-    pool's gradient: the other half. The inputs are built with numpy, so no other kernel
-    compiles here."""
+    """Compile (or load) the convolution's weight gradient and its gradients from a max pool's
+    gradient: the other half. (The dense input gradient is not part of a training step of the
+    reference network: conv1 needs none, conv2's comes from the pooled gradient.) The inputs
+    are built with numpy, so no other kernel compiles here."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
     x = F._nchw(np.ones((2, 6, 6, 1), dtype))  # channels-last, as the layers pass them
     w = np.ones((4, 1, 3, 3), dtype)
     dy = F._nchw(np.ones((2, 4, 4, 4), dtype))
-    F.conv2d_backward(x, w, dy, input_grad=True)
+    F.conv2d_backward(x, w, dy, input_grad=False)  # conv1: the weight gradient only
     # the max pool shortcut's kernels (32 input channels: the shortcut applies)
     x = F._nchw(np.ones((2, 6, 6, 32), dtype))
     w = np.ones((4, 32, 3, 3), dtype)
@@ -62,9 +63,9 @@ def compile_backward(dtype=np.float32):
 def cache_is_cold():
     """True when the convolution's backward kernels have nothing in numba's cache yet."""
     try:
-        from .kernels import conv2d
+        from .kernels import conv2d, fused
 
-        for kernel in (conv2d.conv2d_backward_weight, conv2d.conv2d_backward_input):
+        for kernel in (conv2d.conv2d_backward_weight, fused.maxpool2d_conv2d_backward_input):
             index = kernel._cache._cache_file._index_path  # numba internals: guarded
             if not os.path.exists(index):
                 return True

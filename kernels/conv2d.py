@@ -100,6 +100,24 @@ def _padded_input(x, pad_top, pad_left, Hp, Wp):
 
 
 @njit(cache=True)
+def _padded_rows(dy, width):
+    """dy (N, OH, OW, F) as flat rows of ``width`` >= F per pixel: itself if width == F, else a
+    copy with zero columns (a function of its own, serial: see _padded_input)."""
+    F = dy.shape[3]
+    if width == F:
+        return dy.reshape(dy.size)
+    rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+    src = dy.reshape((rows, F))
+    out = np.empty(rows * width, dtype=dy.dtype)
+    for q in range(rows):
+        for f in range(F):
+            out[q * width + f] = src[q, f]
+        for f in range(F, width):
+            out[q * width + f] = 0
+    return out
+
+
+@njit(cache=True)
 def _tap_offsets(out, count, KH, KW, C, row_step, col_step):
     """out[k] = i*row_step + j*col_step + c for tap k = (i*KW + j)*C + c < count; entries from
     ``count`` on repeat the last tap (the padding rows of a tile, never stored)."""
@@ -351,15 +369,7 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
 
     xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
     XH, XW = xp.shape[1], xp.shape[2]
-    dyf = dy.reshape(dy.size)
-    if Fp != F:  # rows of dy padded to whole tiles of filters
-        dyf = np.empty(NP * Fp, dtype=dt)
-        for q in prange(NP):
-            src = dy[q // P, (q % P) // OW, q % OW]
-            for f in range(F):
-                dyf[q * Fp + f] = src[f]
-            for f in range(F, Fp):
-                dyf[q * Fp + f] = 0
+    dyf = _padded_rows(dy, Fp)
     koff = np.empty(nkt * R, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(NP, dtype=np.uint64)
@@ -395,7 +405,7 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
                     for f in range(nb):
                         b[f] += src[f]
 
-    for f in prange(F):  # tiles -> (F, C, KH, KW), the chunks added in order
+    for f in range(F):  # tiles -> (F, C, KH, KW), the chunks added in order (little work)
         fb = f // FT
         col = f - fb * FT
         for i in range(KH):
