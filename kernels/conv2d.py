@@ -37,7 +37,7 @@ number of threads. Scratch arrays are allocated once per call, outside every pra
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, R, gemm_tile
+from .gemm_tile import FT, R, gemm_tile, gemm_tile_bias
 
 #: Pixel tiles per forward work item (48 output pixels).
 _TILES_PER_ITEM = 16
@@ -132,18 +132,20 @@ def _tap_offsets(out, count, KH, KW, C, row_step, col_step):
 
 
 @njit(cache=True)
-def _pixel_offsets(out, count, OH, OW, image_step, row_step, col_step):
-    """out[q] = n*image_step + oh*row_step + ow*col_step for pixel q = (n*OH + oh)*OW + ow <
-    count; entries from ``count`` on repeat the last pixel (the padding rows of a tile)."""
-    P = OH * OW
-    for q in range(count):
-        n = q // P
-        p = q - n * P
-        oh = p // OW
-        ow = p - oh * OW
-        out[q] = np.uint64(n * image_step + oh * row_step + ow * col_step)
-    for q in range(count, out.shape[0]):
-        out[q] = out[count - 1]
+def _pixel_offsets(out, N, OH, OW, image_step, row_step, col_step):
+    """out[q] = n*image_step + oh*row_step + ow*col_step for pixel q = (n*OH + oh)*OW + ow of
+    N images; entries from N*OH*OW on repeat the last pixel (the padding rows of a tile).
+    Nested loops, no division per pixel (with one: 0.2 ms for conv1 at batch 64, a fifth of
+    its forward)."""
+    q = 0
+    for n in range(N):
+        for oh in range(OH):
+            base = n * image_step + oh * row_step
+            for ow in range(OW):
+                out[q] = np.uint64(base + ow * col_step)
+                q += 1
+    for qq in range(q, out.shape[0]):
+        out[qq] = out[q - 1]
 
 
 @njit(cache=True)
@@ -161,6 +163,40 @@ def _pack_weight(weight, wp, k0, k1):
             wp[k, f] = weight[f, c, i, j]
         for f in range(F, Fp):
             wp[k, f] = 0
+
+
+@njit(cache=True)
+def _padded_bias(bias, Fp):
+    """bias (F,) with zeros up to Fp: every tile reads 32 column biases."""
+    out = np.zeros(Fp, dtype=bias.dtype)
+    for f in range(bias.shape[0]):  # a loop: slice assignment pulls in seconds of compile
+        out[f] = bias[f]
+    return out
+
+
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile):
+    """out[p*F + f] = biasp[f] + the convolution at pixel p (then max(., 0) if ``relu``), for
+    the pixels of tiles [t0, t1) (R pixels each, window corners shift + pix[p] in xf; rows
+    from npix on are not stored). Whole tiles go straight from the registers into out, a
+    partial one (filters F % 32, the last pixels) through the scratch ``tile`` (R*FT,).
+    Serial: called from the parallel kernels' bodies."""
+    for f0 in range(0, F, FT):
+        nf = min(FT, F - f0)
+        for t in range(t0, t1):
+            p0 = t * R
+            whole = nf == FT and p0 + R <= npix
+            # one call site: with two, LLVM did not inline the tile (1.4x slower at conv1)
+            dst = out if whole else tile
+            o0 = p0 * F + f0 if whole else 0
+            gemm_tile_bias(xf, np.uint64(shift), pix, p0, koff, 0, K, wf, np.uint64(f0),
+                           np.uint64(Fp), biasp, f0, relu, dst, np.uint64(o0),
+                           np.uint64(F if whole else FT))
+            if not whole:
+                for r in range(min(R, npix - p0)):
+                    row = out[(p0 + r) * F + f0:(p0 + r) * F + f0 + nf]
+                    for f in range(nf):
+                        row[f] = tile[r * FT + f]
 
 
 # ---- the kernels ----
@@ -192,8 +228,9 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     koff = np.empty(K, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(ntiles * R, dtype=np.uint64)
-    _pixel_offsets(pix, NP, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
+    _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     tiles = np.empty((nitems, R * FT), dtype=dt)
+    biasp = _padded_bias(bias, Fp)
 
     xf = xp.reshape(xp.size)
     wf = wp.reshape(wp.size)
@@ -201,22 +238,7 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     for item in prange(nitems):
         t0 = item * _TILES_PER_ITEM
         t1 = min(t0 + _TILES_PER_ITEM, ntiles)
-        tile = tiles[item]
-        for fb in range(nfb):
-            f0 = fb * FT
-            nf = min(FT, F - f0)
-            for t in range(t0, t1):
-                gemm_tile(xf, pix[t * R:t * R + R], koff, 0, K, wf, np.uint64(f0), np.uint64(Fp),
-                          tile, False)
-                for r in range(min(R, NP - t * R)):
-                    dst = of[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
-                    for f in range(nf):
-                        dst[f] = tile[r * FT + f] + bias[f0 + f]
-        if relu:  # over the item's output, still in cache (in the store loop: 1.8x slower)
-            seg = of[t0 * R * F:min(t1 * R, NP) * F]
-            for e in range(seg.size):
-                v = seg[e]
-                seg[e] = 0 if v <= 0 else v
+        _forward_tiles(xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item])
 
 
 @njit(cache=True)
@@ -250,7 +272,7 @@ def _col2im_operands(weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w):
                 run = False
         contiguous[cb] = run
     pixoff = np.empty(OH * OW, dtype=np.uint64)
-    _pixel_offsets(pixoff, OH * OW, OH, OW, 0, stride_h * XW * C, stride_w * C)
+    _pixel_offsets(pixoff, 1, OH, OW, 0, stride_h * XW * C, stride_w * C)
     return wt, coloff, contiguous, pixoff
 
 
@@ -267,6 +289,30 @@ def _crop(img, XH, XW, pad_top, pad_left, dx, n):
             inside = r < XH and s < XW
             for c in range(C):
                 dx[n, ih, iw, c] = src[r, s, c] if inside else 0
+
+
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
+                  img, tile):
+    """img (the flat, padded gradient of image n) = zeros, then every tile of dcol = dy @ W^T
+    of the image added at the cells its taps read (col2im). Serial: the body of
+    conv2d_backward_input's prange."""
+    for e in range(img.size):
+        img[e] = 0
+    for cb in range(ncp // FT):
+        c0 = cb * FT
+        for t in range(ntl):
+            gemm_tile(dyf, rows, (n * ntl + t) * R, kidx, 0, F, wtf, np.uint64(c0),
+                      np.uint64(ncp), tile, 0, False)
+            for r in range(min(R, P - t * R)):
+                base = pixoff[t * R + r]
+                if contiguous[cb]:
+                    d0 = base + coloff[c0]
+                    for f in range(min(FT, ncol - c0)):  # = FT, a runtime bound: vectorised
+                        img[d0 + np.uint64(f)] += tile[r * FT + f]
+                else:
+                    for f in range(min(FT, ncol - c0)):
+                        img[base + coloff[c0 + f]] += tile[r * FT + f]
 
 
 @njit(parallel=True, cache=True)
@@ -307,27 +353,32 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     wtf = wt.reshape(wt.size)
     for n in prange(N):
         img = gx[n * image:(n + 1) * image]
-        for e in range(image):
-            img[e] = 0
-        tile = tiles[n]
-        for cb in range(ncb):
-            c0 = cb * FT
-            for t in range(ntl):
-                r0 = (n * ntl + t) * R
-                gemm_tile(dyf, rows[r0:r0 + R], kidx, 0, F, wtf, np.uint64(c0), np.uint64(ncp),
-                          tile, False)
-                for r in range(min(R, P - t * R)):
-                    base = pixoff[t * R + r]
-                    if contiguous[cb]:
-                        nb = min(FT, ncol - c0)  # = FT; a constant trip count: scalar code
-                        dst = img[base + coloff[c0]:base + coloff[c0] + np.uint64(nb)]
-                        for f in range(nb):
-                            dst[f] += tile[r * FT + f]
-                    else:
-                        for f in range(min(FT, ncol - c0)):
-                            img[base + coloff[c0 + f]] += tile[r * FT + f]
+        _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
+                      img, tiles[n])
         if padded:
             _crop(img, XH, XW, pad_top, pad_left, dx, n)
+
+
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile0, bsum,
+                 with_bias):
+    """One unit of conv2d_backward_weight: tap tiles [kt0, kt1) of filter block f0 (tile kt
+    at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
+    block's x and dy stay in L1 for all the tiles), and the bias sums bsum (FT,) if
+    ``with_bias``. Serial: the body of the kernel's prange."""
+    for q0 in range(p0, p1, block):
+        q1 = min(q0 + block, p1)
+        for kt in range(kt0, kt1):
+            gemm_tile(xf, koff, kt * R, pix, q0, q1, dyf, np.uint64(q0 * Fp + f0),
+                      np.uint64(Fp), accf, (tile0 + kt) * R * FT, q0 > p0)
+        if with_bias:
+            if q0 == p0:
+                for f in range(bsum.size):
+                    bsum[f] = 0
+            for q in range(q0, q1):
+                src = dyf[q * Fp + f0:q * Fp + f0 + FT]
+                for f in range(bsum.size):  # = FT, a runtime bound (a constant: scalar code)
+                    bsum[f] += src[f]
 
 
 @njit(parallel=True, cache=True)
@@ -373,12 +424,13 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     koff = np.empty(nkt * R, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(NP, dtype=np.uint64)
-    _pixel_offsets(pix, NP, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
+    _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=dt)
     bsum = np.empty((chunks, Fp), dtype=dt)
 
     xf = xp.reshape(xp.size)
+    accf = acc.reshape(acc.size)
     for unit in prange(chunks * nfb * groups):
         chunk = unit // (nfb * groups)
         rest = unit - chunk * nfb * groups
@@ -387,23 +439,8 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
         kt0 = (rest - fb * groups) * per_group
         kt1 = min(kt0 + per_group, nkt)
         p0 = chunk * per_chunk
-        p1 = min(p0 + per_chunk, NP)
-        for q0 in range(p0, p1, block):
-            q1 = min(q0 + block, p1)
-            for kt in range(kt0, kt1):
-                gemm_tile(xf, koff[kt * R:kt * R + R], pix, q0, q1, dyf,
-                          np.uint64(q0 * Fp + f0), np.uint64(Fp), acc[chunk, fb * nkt + kt],
-                          q0 > p0)
-            if kt0 == 0:  # the first group of each filter block also sums the bias gradient
-                nb = min(FT, Fp - f0)  # = FT; a constant trip count here unrolled to scalar code
-                b = bsum[chunk, f0:f0 + nb]
-                if q0 == p0:
-                    for f in range(nb):
-                        b[f] = 0
-                for q in range(q0, q1):
-                    src = dyf[q * Fp + f0:q * Fp + f0 + nb]
-                    for f in range(nb):
-                        b[f] += src[f]
+        _weight_unit(xf, koff, kt0, kt1, pix, p0, min(p0 + per_chunk, NP), block, dyf, Fp, f0,
+                     accf, (chunk * nfb + fb) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0)
 
     for f in range(F):  # tiles -> (F, C, KH, KW), the chunks added in order (little work)
         fb = f // FT

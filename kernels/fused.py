@@ -20,9 +20,10 @@ alone would give.
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import (_col2im_operands, _crop, _needs_padding, _pack_weight, _padded_input,
-                     _read_extent, _tap_offsets)
-from .gemm_tile import FT, R, gather_tile, gemm_tile
+from .conv2d import (_col2im_operands, _crop, _forward_tiles, _needs_padding, _pack_weight,
+                     _padded_bias, _padded_input, _read_extent, _tap_offsets)
+from .gemm_tile import FT, R, gather_tile
+from .pool2d import max4
 
 #: Scratch buffers (one per chunk of work items): enough chunks to keep 2 threads balanced.
 _CHUNKS = 64
@@ -53,32 +54,16 @@ def _operands(x, weight, pad_top, pad_left, Hp, Wp, dil_h, dil_w, Fp):
 # ---- one chunk of work items (serial helpers: a prange body is compiled twice, these once) ----
 
 @njit(cache=True)
-def _band_pixels(px, i0, i1, PH, rows, band, BW, pkh, image, XW, C, stride_h, stride_w):
-    """px[(item - i0) * rows + b] = offset in the padded input of band pixel b's window
-    corner, for items [i0, i1); a tile's padding rows repeat the band's last pixel."""
-    for item in range(i0, i1):
-        n = item // PH
-        ph = item - n * PH
-        q = (item - i0) * rows
-        for b in range(rows):
-            bb = min(b, band - 1)
-            i = bb // BW
-            px[q + b] = np.uint64(n * image + ((ph * pkh + i) * stride_h * XW
-                                               + (bb - i * BW) * stride_w) * C)
-
-
-@njit(cache=True)
-def _conv_bands(xf, px, koff, K, wf, Fp, bias, ntiles, F, conv, tile):
-    """conv[(pixel, f)] = bias[f] + the convolution at each band pixel (ntiles tiles of R)."""
-    for f0 in range(0, F, FT):
-        nf = min(FT, F - f0)
-        for t in range(ntiles):
-            gemm_tile(xf, px[t * R:t * R + R], koff, 0, K, wf, np.uint64(f0), np.uint64(Fp),
-                      tile, False)
-            for r in range(R):
-                dst = conv[(t * R + r) * F + f0:(t * R + r) * F + f0 + nf]
-                for f in range(nf):
-                    dst[f] = tile[r * FT + f] + bias[f0 + f]
+def _band_pixels(rows, band, BW, XW, C, stride_h, stride_w):
+    """The offset of each band pixel's window corner from the band's first one (rows of whole
+    tiles: the padding rows repeat the band's last pixel). The same for every band: an item's
+    tiles read x from its band's corner on."""
+    px = np.empty(rows, dtype=np.uint64)
+    for b in range(rows):
+        bb = min(b, band - 1)
+        i = bb // BW
+        px[b] = np.uint64((i * stride_h * XW + (bb - i * BW) * stride_w) * C)
+    return px
 
 
 @njit(cache=True)
@@ -90,6 +75,14 @@ def _pool_bands(conv, i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu, m, a, out
         ph = item - n * PH
         base = (item - i0) * rows
         for pw in range(PW):
+            corner = (ph * pkh) * OW + pw * pkw
+            if pkh == 2 and pkw == 2:  # the common window: its 4 cells at once, in registers
+                q = (base + pw * 2) * F
+                r = q + BW * F
+                max4(conv[q:q + F], conv[q + F:q + 2 * F], conv[r:r + F], conv[r + F:r + 2 * F],
+                     relu, corner, corner + 1, corner + OW, corner + OW + 1, out[n, ph, pw],
+                     argmax[n, ph, pw])
+                continue
             for i in range(pkh):
                 for j in range(pkw):
                     q = (base + i * BW + pw * pkw + j) * F
@@ -106,7 +99,6 @@ def _pool_bands(conv, i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu, m, a, out
                         a[f] = k if take else a[f]
             y = out[n, ph, pw]
             am = argmax[n, ph, pw]
-            corner = (ph * pkh) * OW + pw * pkw
             for f in range(F):
                 y[f] = m[f]
                 am[f] = corner + a[f]
@@ -134,20 +126,23 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
     dt = x.dtype
 
     xf, wf, koff, XH, XW = _operands(x, weight, pad_top, pad_left, Hp, Wp, dil_h, dil_w, Fp)
-    pix = np.empty((nchunks, step * rows), dtype=np.uint64)  # window corner of each pixel
-    scratch = np.empty((nchunks, step * rows * F), dtype=dt)  # (item, band pixel, filter)
+    pix = _band_pixels(rows, band, BW, XW, C, stride_h, stride_w)
+    # one band at a time (6.9 KB at conv1: stays in L1; a chunk's bands at once were 5.7 MB
+    # allocated per call, 140 page faults)
+    scratch = np.empty((nchunks, rows * F), dtype=dt)  # (band pixel, filter)
     best = np.empty((nchunks, F), dtype=dt)  # running maximum of a window
     cell = np.empty((nchunks, F), dtype=np.int32)  # and its cell
     tiles = np.empty((nchunks, R * FT), dtype=dt)
+    biasp = _padded_bias(bias, Fp)
     for chunk in prange(nchunks):
-        i0 = chunk * step
-        i1 = min(i0 + step, nitems)
-        _band_pixels(pix[chunk], i0, i1, PH, rows, band, BW, pkh, XH * XW * C, XW, C,
-                     stride_h, stride_w)
-        _conv_bands(xf, pix[chunk], koff, K, wf, Fp, bias, (i1 - i0) * ntb, F, scratch[chunk],
-                    tiles[chunk])
-        _pool_bands(scratch[chunk], i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu,
-                    best[chunk], cell[chunk], out, argmax)
+        for item in range(chunk * step, min(chunk * step + step, nitems)):
+            n = item // PH
+            corner = n * XH * XW * C + (item - n * PH) * pkh * stride_h * XW * C
+            # the band's padding rows are stored too: scratch has them
+            _forward_tiles(xf, corner, pix, koff, K, wf, Fp, biasp, False, 0, ntb, rows, F,
+                           scratch[chunk], tiles[chunk])
+            _pool_bands(scratch[chunk], item, item + 1, PH, PW, rows, BW, pkh, pkw, OW, F, relu,
+                        best[chunk], cell[chunk], out, argmax)
 
 
 # ---- the backward through max pool (+ ReLU) into the convolution, from the pooled gradient ----
@@ -182,7 +177,7 @@ def _block_offsets(tapoff, C, count):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _weight_from_pool(xf, blockoff, K, image, row_step, col_step, gpf, amf, yf, relu, N, PH, PW,
                       F, pkh, pkw, OW, f0, f1, gl, pl, acc, bsum):
     """acc (F, ntriples, R*FT) flat and bsum[f] for filters [f0, f1): image by image (its x
@@ -215,8 +210,7 @@ def _weight_from_pool(xf, blockoff, K, image, row_step, col_step, gpf, amf, yf, 
             bsum[f] = s
             for t in range(ntriples):
                 e = (f * ntriples + t) * R * FT
-                gather_tile(gl, pl, 0, count, xf, blockoff[t * R:t * R + R], acc[e:e + R * FT],
-                            n > 0)
+                gather_tile(gl, pl, 0, count, xf, blockoff, t * R, acc, e, n > 0)
 
 
 @njit(parallel=True, cache=True)
@@ -258,7 +252,7 @@ def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, s
         dbias[f] = bsum[f]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, ncol, coloff,
                      contiguous, pixoff, colblocks, gl, pl, counts, tile, dcol, touched, img):
     """One image's input gradient into ``img`` (its padded NHWC gradient, zeroed here): per
@@ -301,8 +295,8 @@ def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, n
                 p = corner + (cell // pkw) * OW + cell % pkw
                 touched[p] = True
                 for b0 in range(0, ncb, R):
-                    gather_tile(gl, pl, cell * F, cell * F + count, wtf, colblocks[b0:b0 + R],
-                                tile, False)
+                    gather_tile(gl, pl, cell * F, cell * F + count, wtf, colblocks, b0, tile, 0,
+                                False)
                     for r in range(min(R, ncb - b0)):
                         dst = dcol[p * ncp + (b0 + r) * FT:p * ncp + (b0 + r + 1) * FT]
                         for c in range(min(FT, ncp)):  # = FT, a runtime bound: vectorised

@@ -53,25 +53,31 @@ def stack_array(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
-@njit(cache=True, fastmath={"contract"})
-def gemm_tile(a, abase, aoff, k0, k1, b, b0, bstride, tile, accumulate):
-    """tile[r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r] + aoff[k]] * b[b0 + (k-k0)*bstride + f].
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
+    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f].
 
-    a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= R,) and aoff (>= k1,)
-    uint64 offsets into a; b0, bstride uint64; tile (R*FT,) the result, overwritten, or added to
-    when ``accumulate``. Every index must be in bounds: nothing is checked here. The sum over k
-    runs in order, one fused multiply-add per term: the result depends only on the inputs.
+    a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= r0 + R,) and aoff
+    (>= k1,) uint64 offsets into a; b0, bstride uint64; tile flat, R*FT results from t0 on,
+    overwritten, or added to when ``accumulate``. Every index must be in bounds: nothing is
+    checked here. The sum over k runs in order, one fused multiply-add per term: the result
+    depends only on the inputs.
+
+    Offsets (r0, t0), not slices: a slice made per call is a new array view, and numba
+    counts its references with atomic increments and decrements around the call (more than
+    the 9 taps' work at conv1).
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
+    t0 = np.uint64(t0)
     if accumulate:
         for q in range(_RFT):
-            acc[q] = tile[q]
+            acc[q] = tile[t0 + np.uint64(q)]
     else:
         for q in range(_RFT):
             acc[q] = 0
-    a0 = abase[0]
-    a1 = abase[1]
-    a2 = abase[2]
+    a0 = abase[r0]
+    a1 = abase[r0 + 1]
+    a2 = abase[r0 + 2]
     bb = b0
     for k in range(k0, k1):
         ko = aoff[k]
@@ -85,28 +91,75 @@ def gemm_tile(a, abase, aoff, k0, k1, b, b0, bstride, tile, accumulate):
             acc[2 * FT + f] += x2 * w
         bb += bstride
     for q in range(_RFT):
-        tile[q] = acc[q]
+        tile[t0 + np.uint64(q)] = acc[q]
 
 
-@njit(cache=True, fastmath={"contract"})
-def gather_tile(g, pos, k0, k1, x, offs, tile, accumulate):
-    """tile[r*FT + f] (+)= sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r] + f], r < R, f < FT.
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0,
+                   ostride):
+    """out[o0 + r*ostride + f] = bias[f0 + f] + sum_{k0 <= k < k1} a[ashift + abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f],
+    then max(., 0) if ``relu`` (a NaN stays NaN).
+
+    The forward's tile: ``gemm_tile`` with the accumulators started at the bias (bias
+    (>= f0 + FT,) padded) and stored straight from the registers into out (flat; uint64
+    ashift, o0 and ostride; every index in bounds: a partial tile goes through a scratch).
+    Storing through a tile array and adding the bias there ran as scalar code (out and bias
+    may alias, so LLVM did not vectorise it): 1.4x the whole tile's time at conv1's 9 taps.
+    The ReLU is a select on registers here; as a pass over the stored output LLVM made it
+    masked stores of zeros (vmaskmovps, slow on AMD): 0.45 ms at conv1.
+    """
+    acc = numba.carray(stack_array(_RFT, out.dtype), (_RFT,))
+    f0 = np.uint64(f0)
+    for r in range(R):
+        for f in range(FT):
+            acc[r * FT + f] = bias[f0 + np.uint64(f)]
+    a0 = ashift + abase[r0]
+    a1 = ashift + abase[r0 + 1]
+    a2 = ashift + abase[r0 + 2]
+    bb = b0
+    for k in range(k0, k1):
+        ko = aoff[k]
+        x0 = a[a0 + ko]
+        x1 = a[a1 + ko]
+        x2 = a[a2 + ko]
+        for f in range(FT):
+            w = b[bb + np.uint64(f)]
+            acc[f] += x0 * w
+            acc[FT + f] += x1 * w
+            acc[2 * FT + f] += x2 * w
+        bb += bstride
+    if relu:  # in place on the accumulators, before the store: written in the store, as one
+        # select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
+        for q in range(_RFT):
+            v = acc[q]
+            u = v if v > 0 else 0
+            acc[q] = v if v != v else u
+    for r in range(R):
+        dst = o0 + np.uint64(r) * ostride
+        for f in range(FT):
+            out[dst + np.uint64(f)] = acc[r * FT + f]
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def gather_tile(g, pos, k0, k1, x, offs, r0, tile, t0, accumulate):
+    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r0 + r] + f], r < R, f < FT.
 
     The same register tile as ``gemm_tile`` for a sum over a *list* of terms: weights g (>= k1)
-    and uint64 row offsets pos (>= k1) into the flat x, uint64 column offsets offs (R,). The
-    gradients below a max pool use it: 3/4 of the dense product's terms are zeros there, and
-    this sums only the others, in list order, one fused multiply-add each.
+    and uint64 row offsets pos (>= k1) into the flat x, uint64 column offsets offs (>= r0 + R).
+    The gradients below a max pool use it: 3/4 of the dense product's terms are zeros there,
+    and this sums only the others, in list order, one fused multiply-add each.
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
+    t0 = np.uint64(t0)
     if accumulate:
         for q in range(_RFT):
-            acc[q] = tile[q]
+            acc[q] = tile[t0 + np.uint64(q)]
     else:
         for q in range(_RFT):
             acc[q] = 0
-    o0 = offs[0]
-    o1 = offs[1]
-    o2 = offs[2]
+    o0 = offs[r0]
+    o1 = offs[r0 + 1]
+    o2 = offs[r0 + 2]
     for k in range(k0, k1):
         gv = g[k]
         p = pos[k]
@@ -116,4 +169,4 @@ def gather_tile(g, pos, k0, k1, x, offs, tile, accumulate):
             acc[FT + f] += gv * x[p + o1 + uf]
             acc[2 * FT + f] += gv * x[p + o2 + uf]
     for q in range(_RFT):
-        tile[q] = acc[q]
+        tile[t0 + np.uint64(q)] = acc[q]

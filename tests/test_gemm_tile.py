@@ -34,8 +34,8 @@ def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
         expected = expected + start
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
         tile = start.astype(dtype) if accumulate else np.full(R * FT, np.nan, dtype)
-        gemm_tile(a.astype(dtype), abase, aoff, k0, k1, b.astype(dtype), np.uint64(b0),
-                  np.uint64(bstride), tile, accumulate)
+        gemm_tile(a.astype(dtype), abase, 0, aoff, k0, k1, b.astype(dtype), np.uint64(b0),
+                  np.uint64(bstride), tile, 0, accumulate)
         assert tile.dtype == dtype
         scale = max(1.0, np.abs(expected).max())
         assert np.abs(tile - expected).max() <= tol * scale
