@@ -39,3 +39,44 @@ def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
         assert tile.dtype == dtype
         scale = max(1.0, np.abs(expected).max())
         assert np.abs(tile - expected).max() <= tol * scale
+
+
+@given(st.integers(0, 30), st.integers(0, 2**32 - 1), st.booleans())
+def test_bias_tile_matches_the_textbook_sum(k1, seed, relu):
+    """gemm_tile_bias: bias + the sum, stored at rows o0 + r*ostride, then the ReLU (NaN kept,
+    -0.0 and negatives to +0.0); nothing else of out is touched."""
+    from fastcnn.kernels.gemm_tile import gemm_tile_bias
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(400)
+    a[rng.integers(0, 400)] = np.nan  # reaches a row whenever a tap reads it
+    abase = rng.integers(0, 100, R + 2).astype(np.uint64)
+    aoff = rng.integers(0, 300, k1).astype(np.uint64)
+    ashift = int(rng.integers(0, 5))
+    b = rng.standard_normal(max(k1, 1) * FT + 7)
+    bias = rng.standard_normal(FT + 3)
+    bias[1] = -0.0
+    f0 = int(rng.integers(0, 4))
+    r0 = int(rng.integers(0, 3))
+    ostride = int(rng.integers(FT, FT + 5))
+    o0 = int(rng.integers(0, 4))
+    expected = naive_tile(a[ashift:], abase[r0:], aoff, 0, k1, b, 0, FT) + bias[f0:f0 + FT]
+    if relu:
+        expected = np.where(np.isnan(expected) | (expected > 0), expected, 0.0)
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
+        out = np.full(o0 + R * ostride + 2, 7.0, dtype)
+        gemm_tile_bias(a.astype(dtype), np.uint64(ashift), abase, r0, aoff, 0, k1, b.astype(dtype),
+                       np.uint64(0), np.uint64(FT), bias.astype(dtype), f0, relu, out,
+                       np.uint64(o0), np.uint64(ostride))
+        got = np.stack([out[o0 + r * ostride:o0 + r * ostride + FT] for r in range(R)])
+        assert out.dtype == dtype
+        assert np.array_equal(np.isnan(got), np.isnan(expected))
+        fin = ~np.isnan(expected)
+        scale = max(1.0, np.abs(expected[fin]).max(initial=0))
+        assert np.abs(got[fin] - expected[fin]).max(initial=0) <= tol * scale
+        if relu:
+            assert not np.signbit(got[fin]).any()  # never -0.0
+        mask = np.ones(out.size, bool)
+        for r in range(R):
+            mask[o0 + r * ostride:o0 + r * ostride + FT] = False
+        assert (out[mask] == 7).all()
