@@ -22,6 +22,12 @@ design probe).
 Indices are uint64 on purpose: Numba wraps negative *signed* indices (``a[i]`` with ``i < 0``
 reads from the end), and that test on every load stopped LLVM from vectorising the ``b`` loads.
 Unsigned indices have no such test.
+
+The tiles are inlined into their callers (``inline="always"``, numba's IR inlining): a call
+passes every array argument with an atomic reference-count increment and decrement around it,
+which cost more than a 9-tap tile's work. They take offsets (r0, t0, f0), not slices, for the
+same reason. An inlined tile is compiled with the *caller's* flags: every caller carries
+``fastmath={"contract"}``, without which the multiply-adds are not fused (and the tile spills).
 """
 import numba
 import numpy as np
