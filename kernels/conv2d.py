@@ -22,7 +22,8 @@ offset], with tap offset ``(i*dh*W + j*dw)*C + c``. Padding, if any, is a zero-p
 holding exactly the rows and columns the windows read, so no tile tests bounds.
 
 - Forward: rows = output pixels, k = taps, columns = filters (weights packed as (tap, filter),
-  filters padded to the tile's 32 columns); bias added as the tile is stored.
+  filters padded to the tile's 32 columns); the tile's sums start at the bias and are stored
+  straight from the registers (ReLU applied there).
 - Backward-input: rows = output pixels, k = filters, columns = taps: the col2im product
   dy @ W, each tile added into the (padded) gradient of its own image at the pixels its taps read.
 - Backward-weight: rows = taps, k = pixels, columns = filters; the output tiles split among
@@ -186,7 +187,7 @@ def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F
         for t in range(t0, t1):
             p0 = t * R
             whole = nf == FT and p0 + R <= npix
-            # one call site: with two, LLVM did not inline the tile (1.4x slower at conv1)
+            # one call site: the tile is inlined, and every call site would be a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
             gemm_tile_bias(xf, np.uint64(shift), pix, p0, koff, 0, K, wf, np.uint64(f0),

@@ -60,6 +60,25 @@ def stack_array(typingctx, size, dtype):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
+def _product(acc, a, a0, a1, a2, aoff, k0, k1, b, b0, bstride):
+    """acc[r*FT + f] += sum_{k0 <= k < k1} a[a_r + aoff[k]] * b[b0 + (k-k0)*bstride + f] for the
+    R = 3 row offsets a0, a1, a2: the tile's inner loop, shared by gemm_tile and gemm_tile_bias
+    (inlined into them, so acc stays the caller's registers)."""
+    bb = b0
+    for k in range(k0, k1):
+        ko = aoff[k]
+        x0 = a[a0 + ko]
+        x1 = a[a1 + ko]
+        x2 = a[a2 + ko]
+        for f in range(FT):
+            w = b[bb + np.uint64(f)]
+            acc[f] += x0 * w
+            acc[FT + f] += x1 * w
+            acc[2 * FT + f] += x2 * w
+        bb += bstride
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
 def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
     """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f].
 
@@ -81,21 +100,7 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
     else:
         for q in range(_RFT):
             acc[q] = 0
-    a0 = abase[r0]
-    a1 = abase[r0 + 1]
-    a2 = abase[r0 + 2]
-    bb = b0
-    for k in range(k0, k1):
-        ko = aoff[k]
-        x0 = a[a0 + ko]
-        x1 = a[a1 + ko]
-        x2 = a[a2 + ko]
-        for f in range(FT):
-            w = b[bb + np.uint64(f)]
-            acc[f] += x0 * w
-            acc[FT + f] += x1 * w
-            acc[2 * FT + f] += x2 * w
-        bb += bstride
+    _product(acc, a, abase[r0], abase[r0 + 1], abase[r0 + 2], aoff, k0, k1, b, b0, bstride)
     for q in range(_RFT):
         tile[t0 + np.uint64(q)] = acc[q]
 
@@ -119,21 +124,8 @@ def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0,
     for r in range(R):
         for f in range(FT):
             acc[r * FT + f] = bias[f0 + np.uint64(f)]
-    a0 = ashift + abase[r0]
-    a1 = ashift + abase[r0 + 1]
-    a2 = ashift + abase[r0 + 2]
-    bb = b0
-    for k in range(k0, k1):
-        ko = aoff[k]
-        x0 = a[a0 + ko]
-        x1 = a[a1 + ko]
-        x2 = a[a2 + ko]
-        for f in range(FT):
-            w = b[bb + np.uint64(f)]
-            acc[f] += x0 * w
-            acc[FT + f] += x1 * w
-            acc[2 * FT + f] += x2 * w
-        bb += bstride
+    _product(acc, a, ashift + abase[r0], ashift + abase[r0 + 1], ashift + abase[r0 + 2], aoff,
+             k0, k1, b, b0, bstride)
     if relu:  # in place on the accumulators, before the store: written in the store, as one
         # select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
         for q in range(_RFT):

@@ -32,14 +32,33 @@ def _window(o, stride, pad, kernel, size):
 
 
 @njit(cache=True, inline="always")
+def _max4_cell(c0, c1, c2, c3, c, k0, k1, k2, k3):
+    """(maximum, its cell) of c0[c]..c3[c] in this order, greater or NaN replaces: selects."""
+    m = c0[c]
+    a = k0
+    v = c1[c]
+    t = (v > m) | (v != v)
+    m = v if t else m
+    a = k1 if t else a
+    v = c2[c]
+    t = (v > m) | (v != v)
+    m = v if t else m
+    a = k2 if t else a
+    v = c3[c]
+    t = (v > m) | (v != v)
+    return (v if t else m), (k3 if t else a)
+
+
+@njit(cache=True, inline="always")
 def max4(c0, c1, c2, c3, relu, k0, k1, k2, k3, y, am):
     """y[c], am[c] = the maximum over the cells c0..c3 (C,) of a 2x2 window, in row-major order,
     greater or NaN replaces, and its index k0..k3; of relu(cells) if ``relu`` (the same maximum
     and cell, but 0 and the first cell when no cell is > 0).
 
     Selects, no branches, and ``relu`` tested outside the loop: written with the ReLU inside
-    the compares (``(not relu) | ...``), LLVM did not vectorise it (4.7x slower). The cells are
-    compared as int32 (a plane has < 2**31 cells), stored as am's dtype.
+    the compares (``(not relu) | ...``), LLVM did not vectorise it (4.7x slower); as a second
+    pass over y and am, it would become masked stores. The cells are compared as int32 (a plane
+    has < 2**31 cells), stored as am's dtype.
     """
     k0 = np.int32(k0)
     k1 = np.int32(k1)
@@ -47,39 +66,13 @@ def max4(c0, c1, c2, c3, relu, k0, k1, k2, k3, y, am):
     k3 = np.int32(k3)
     if relu:
         for c in range(y.shape[0]):
-            m = c0[c]
-            a = k0
-            v = c1[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k1 if t else a
-            v = c2[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k2 if t else a
-            v = c3[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k3 if t else a
+            m, a = _max4_cell(c0, c1, c2, c3, c, k0, k1, k2, k3)
             keep = (m > 0) | (m != m)
             y[c] = m if keep else 0
             am[c] = a if keep else k0
     else:
         for c in range(y.shape[0]):
-            m = c0[c]
-            a = k0
-            v = c1[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k1 if t else a
-            v = c2[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k2 if t else a
-            v = c3[c]
-            t = (v > m) | (v != v)
-            m = v if t else m
-            a = k3 if t else a
+            m, a = _max4_cell(c0, c1, c2, c3, c, k0, k1, k2, k3)
             y[c] = m
             am[c] = a
 

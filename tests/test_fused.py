@@ -200,3 +200,39 @@ def test_backward_through_maxpool_validates(rng):
     bad[...] = 10**12
     dx, dw, db = F.max_pool2d_conv2d_backward(x, weight, dy, bad, y, shape, 2)
     assert not dx.any() and not dw.any() and not db.any()
+
+
+@given(st.integers(1, 2), st.sampled_from([32, 64]), st.integers(1, 6), st.integers(4, 8),
+       st.integers(4, 8), st.booleans(), st.integers(0, 2**32 - 1))
+def test_backward_kernels_from_the_pooled_gradient_match_naive(n, c, f, h, w, relu, seed):
+    """kernels.fused.maxpool2d_conv2d_backward_weight and _input called directly (NHWC, a 3x3
+    convolution, 2x2 pool) against the textbook: the pool's backward, the ReLU's, then the
+    convolution's, all naive loops, in float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w))
+    weight = rng.standard_normal((f, c, 3, 3))
+    bias = rng.standard_normal(f)
+    conv = naive_conv.conv2d_forward(x, weight, bias)
+    act = naive_act.relu_forward(conv) if relu else conv
+    pooled, _ = naive_pool.maxpool2d_forward(act, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    gp = rng.standard_normal(pooled.shape)
+    dact = naive_pool.maxpool2d_backward(act, gp, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    dconv = naive_act.relu_backward(conv, dact) if relu else dact
+    dx_ref, dw_ref, db_ref = naive_conv.conv2d_backward(x, weight, dconv)
+
+    oh, ow = h - 2, w - 2
+    xh = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    y = np.empty((n, oh // 2, ow // 2, f))
+    argmax = np.empty(y.shape, np.int64)
+    kfused.conv2d_relu_maxpool2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, oh, ow, relu, 2, 2,
+                                         y, argmax)
+    gph = np.ascontiguousarray(gp.transpose(0, 2, 3, 1))
+    dw, db = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
+    kfused.maxpool2d_conv2d_backward_weight(xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1, 0, 0,
+                                            1, 1, dw, db)
+    dx = np.full_like(xh, np.nan)
+    kfused.maxpool2d_conv2d_backward_input(gph, argmax, y, relu, 2, 2, weight, 1, 1, 0, 0, 1, 1,
+                                           oh, ow, dx)
+    assert relative_error(dw, dw_ref) <= 1e-10
+    assert relative_error(db, db_ref) <= 1e-10
+    assert relative_error(dx.transpose(0, 3, 1, 2), dx_ref) <= 1e-10

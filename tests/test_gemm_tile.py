@@ -80,3 +80,41 @@ def test_bias_tile_matches_the_textbook_sum(k1, seed, relu):
         for r in range(R):
             mask[o0 + r * ostride:o0 + r * ostride + FT] = False
         assert (out[mask] == 7).all()
+
+
+def naive_gather(g, pos, k0, k1, x, offs):
+    """tile[r, f] = sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r] + f]."""
+    tile = np.zeros((R, FT))
+    for r in range(R):
+        for f in range(FT):
+            s = 0.0
+            for k in range(k0, k1):
+                s += float(g[k]) * float(x[pos[k] + offs[r] + f])
+            tile[r, f] = s
+    return tile
+
+
+@given(st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans())
+def test_gather_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
+    from fastcnn.kernels.gemm_tile import gather_tile
+
+    k0 = min(k0, k1)
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(k1 + 1)
+    pos = rng.integers(0, 200, k1 + 1).astype(np.uint64)
+    r0 = int(rng.integers(0, 3))
+    offs = rng.integers(0, 50, R + 3).astype(np.uint64)
+    x = rng.standard_normal(200 + 50 + FT)
+    t0 = int(rng.integers(0, 5))
+    start = rng.standard_normal(t0 + R * FT + 3)
+    expected = naive_gather(g, pos, k0, k1, x, offs[r0:]).reshape(-1)
+    if accumulate:
+        expected = expected + start[t0:t0 + R * FT]
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
+        tile = start.astype(dtype)
+        gather_tile(g.astype(dtype), pos, k0, k1, x.astype(dtype), offs, r0, tile, t0, accumulate)
+        scale = max(1.0, np.abs(expected).max(initial=0))
+        assert np.abs(tile[t0:t0 + R * FT] - expected).max(initial=0) <= tol * scale
+        # outside the tile: untouched
+        np.testing.assert_array_equal(tile[:t0], start[:t0].astype(dtype))
+        np.testing.assert_array_equal(tile[t0 + R * FT:], start[t0 + R * FT:].astype(dtype))

@@ -286,3 +286,36 @@ def test_matches_torch(kernel, stride, padding, rng):
         np.testing.assert_array_equal(argmax, idx_t.numpy())
     a_t = F.avg_pool2d(torch.from_numpy(x), k, s, p, count_include_pad=True)
     np.testing.assert_allclose(avgpool_fwd(x, k, s, pads), a_t.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(1, 40), st.integers(0, 2**32 - 1), st.booleans())
+def test_max4_matches_the_textbook_window(channels, seed, relu):
+    """kernels.pool2d.max4, the 2x2 window on registers: cells in row-major order, greater or
+    NaN replaces (the last NaN wins), first of equal maxima; with relu, the maximum of the
+    ReLU'd cells (0 and the first cell when none is > 0; NaN passes)."""
+    from fastcnn.kernels.pool2d import max4
+
+    rng = np.random.default_rng(seed)
+    cells = rng.standard_normal((4, channels))
+    cells[rng.random((4, channels)) < 0.2] = np.nan
+    cells[rng.random((4, channels)) < 0.2] = -0.0
+    cells[:, rng.random(channels) < 0.2] = 1.5  # ties
+    ks = (5, 6, 33, 34)
+    for dtype in (np.float32, np.float64):
+        c = cells.astype(dtype)
+        y = np.full(channels, 9, dtype)
+        am = np.full(channels, -9, np.int64)
+        max4(c[0], c[1], c[2], c[3], relu, *ks, y, am)
+        for ch in range(channels):
+            best, cell = None, None
+            for i in range(4):
+                v = float(c[i, ch])
+                if relu and not (v > 0 or v != v):
+                    v = 0.0
+                if i == 0 or v > best or v != v:
+                    best, cell = v, ks[i]
+            assert am[ch] == cell, (ch, c[:, ch])
+            if best != best:
+                assert np.isnan(y[ch])
+            else:
+                assert y[ch] == best and np.signbit(y[ch]) == np.signbit(best)
