@@ -59,6 +59,26 @@ def stack_array(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
+@njit(cache=True, inline="always")
+def _start(acc, tile, t0, accumulate):
+    """acc = tile[t0:t0 + R*FT] if ``accumulate`` else zeros: a tile's accumulators at start."""
+    t0 = np.uint64(t0)
+    if accumulate:
+        for q in range(_RFT):
+            acc[q] = tile[t0 + np.uint64(q)]
+    else:
+        for q in range(_RFT):
+            acc[q] = 0
+
+
+@njit(cache=True, inline="always")
+def _finish(acc, tile, t0):
+    """tile[t0:t0 + R*FT] = acc: a tile's accumulators stored."""
+    t0 = np.uint64(t0)
+    for q in range(_RFT):
+        tile[t0 + np.uint64(q)] = acc[q]
+
+
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def _product(acc, a, a0, a1, a2, aoff, k0, k1, b, b0, bstride):
     """acc[r*FT + f] += sum_{k0 <= k < k1} a[a_r + aoff[k]] * b[b0 + (k-k0)*bstride + f] for the
@@ -93,16 +113,9 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
     the 9 taps' work at conv1).
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
-    t0 = np.uint64(t0)
-    if accumulate:
-        for q in range(_RFT):
-            acc[q] = tile[t0 + np.uint64(q)]
-    else:
-        for q in range(_RFT):
-            acc[q] = 0
+    _start(acc, tile, t0, accumulate)
     _product(acc, a, abase[r0], abase[r0 + 1], abase[r0 + 2], aoff, k0, k1, b, b0, bstride)
-    for q in range(_RFT):
-        tile[t0 + np.uint64(q)] = acc[q]
+    _finish(acc, tile, t0)
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
@@ -148,13 +161,7 @@ def gather_tile(g, pos, k0, k1, x, offs, r0, tile, t0, accumulate):
     and this sums only the others, in list order, one fused multiply-add each.
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
-    t0 = np.uint64(t0)
-    if accumulate:
-        for q in range(_RFT):
-            acc[q] = tile[t0 + np.uint64(q)]
-    else:
-        for q in range(_RFT):
-            acc[q] = 0
+    _start(acc, tile, t0, accumulate)
     o0 = offs[r0]
     o1 = offs[r0 + 1]
     o2 = offs[r0 + 2]
@@ -166,5 +173,4 @@ def gather_tile(g, pos, k0, k1, x, offs, r0, tile, t0, accumulate):
             acc[f] += gv * x[p + o0 + uf]
             acc[FT + f] += gv * x[p + o1 + uf]
             acc[2 * FT + f] += gv * x[p + o2 + uf]
-    for q in range(_RFT):
-        tile[t0 + np.uint64(q)] = acc[q]
+    _finish(acc, tile, t0)
