@@ -92,6 +92,9 @@ def conv_gemm_shapes(c, f, h, w, k, n=KERNEL_BATCH):
         "forward": (rows, c * k * k, f),            # cols @ W^T
         "backward-input": (rows, f, c * k * k),     # dY @ W, then col2im
         "backward-weight": (f, rows, c * k * k),    # dY^T @ cols
+        # the weight gradient as training computes it, below the layer's ReLU + 2x2 max pool:
+        # from the pooled gradient (the same product; dY rebuilt, or only its nonzero terms)
+        "backward-weight from pool": (f, rows, c * k * k),
     }
 
 
@@ -217,6 +220,8 @@ class FastcnnRunner:
         """Seconds per call of fastcnn's conv kernels at the reference shapes (batch 64)."""
         import numpy as np
         from fastcnn.kernels import conv2d as kconv
+        from fastcnn.kernels import fused as kfused
+        from fastcnn.kernels import pool2d as kpool
 
         out = {}
         with self.compute_threads(threads):
@@ -228,11 +233,24 @@ class FastcnnRunner:
                 y = np.empty_like(dy)
                 dx = np.empty_like(x)
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)
+                # a 2x2 max pool of relu(conv) (its argmax and output) and a pooled gradient
+                n, oh, ow = dy.shape[:3]
+                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y)
+                pooled = np.empty((n, oh // 2, ow // 2, f), np.float32)
+                argmax = np.empty(pooled.shape, np.int64)
+                kpool.maxpool2d_forward(y, 2, 2, 2, 2, 0, 0, pooled, argmax)
+                gp = np.ascontiguousarray(dy[:, : oh // 2, : ow // 2])
+                # the kernel functional.max_pool2d_conv2d_backward picks (1 channel: dense)
+                from_pool = (kfused.maxpool2d_conv2d_backward_weight if c % 32 == 0
+                             else kfused.maxpool2d_conv2d_backward_weight_dense)
                 fns = {
                     "forward": lambda: kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, False, y),
                     "backward-input": lambda: kconv.conv2d_backward_input(dy, weight, 1, 1, 0, 0, 1, 1, dx),
                     "backward-weight": lambda: kconv.conv2d_backward_weight(
                         x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias),
+                    "backward-weight from pool": lambda: from_pool(
+                        x, gp, argmax, pooled, True, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dweight,
+                        dbias),
                 }
                 for op, fn in fns.items():
                     out[f"{layer} {op}"] = _time_calls(fn, calls)
@@ -1025,7 +1043,12 @@ def kernel_tables(args, workers):
         sys.stdout.flush()
     print()
     print("(conv1 backward-input is not needed in training, the first layer's input needs no "
-          "gradient, but fastcnn's Conv2D.backward computes it; PyTorch skips it.)")
+          "gradient, but fastcnn's Conv2D.backward computes it; PyTorch skips it. 'backward-weight "
+          "from pool' is the weight gradient as a training step computes it, from the gradient of "
+          "the ReLU + 2x2 max pool after the layer: conv1's rebuilds dY block by block in cache "
+          "(kernels.fused.maxpool2d_conv2d_backward_weight_dense), conv2's sums only dY's nonzero "
+          "terms (maxpool2d_conv2d_backward_weight); its GFLOP/s count the dense product's flops "
+          "(PyTorch has no such kernel: '-').)")
     return rows
 
 

@@ -360,7 +360,9 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     gradient. Below a 2x2 pool 3/4 of it are zeros; kernels/fused.py sums only the selected
     cells' terms, in the dense kernels' order. Where that order cannot be kept (channels not a
     multiple of 32, a weight gradient summed in chunks) or 0 * inf terms would count (x or
-    weight not finite), the two calls are made instead."""
+    weight not finite), the weight gradient is the dense product with the pooling's gradient
+    rebuilt block by block in cache (``maxpool2d_conv2d_backward_weight_dense``: the
+    reference network's conv1), and an input gradient, if asked for, takes the two calls."""
     x, weight, _ = _conv_args(x, weight, None, layer)
     shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(x.shape, weight.shape, stride, padding,
                                                           dilation, layer)
@@ -380,9 +382,9 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     _same_dtype(pooled, x, pool_layer, "pooled output")
     _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
     n, c = x.shape[0], x.shape[1]
-    shortcut = (n > 0 and c % _conv2d.FT == 0 and _weight_gradient_in_pixel_order(weight.shape)
-                and np.isfinite(weight).all() and np.isfinite(x).all())
-    if not shortcut:
+    sparse = (n > 0 and c % _conv2d.FT == 0 and _weight_gradient_in_pixel_order(weight.shape)
+              and np.isfinite(weight).all() and np.isfinite(x).all())
+    if n == 0 or (input_grad and not sparse):
         dconv = max_pool2d_backward(dy, argmax, conv_shape, pool_kernel,
                                     relu_output=pooled if relu else None, layer=pool_layer)
         return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias,
@@ -391,8 +393,10 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     oh, ow = conv_shape[2], conv_shape[3]
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
-    _fused.maxpool2d_conv2d_backward_weight(_nhwc(x), dyh, amh, yh, bool(relu), pkh, pkw, oh, ow,
-                                            sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
+    weight_kernel = (_fused.maxpool2d_conv2d_backward_weight if sparse
+                     else _fused.maxpool2d_conv2d_backward_weight_dense)
+    weight_kernel(_nhwc(x), dyh, amh, yh, bool(relu), pkh, pkw, oh, ow, sh, sw, pads[0], pads[2],
+                  dh, dw, dweight, dbias)
     dx = None
     if input_grad:
         h, w = x.shape[2], x.shape[3]

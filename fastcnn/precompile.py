@@ -2,11 +2,12 @@
 
 Numba compiles a kernel the first time it is called with new argument types and caches it on
 disk (``cache=True``); later processes load it in milliseconds. The first run on a machine
-compiles every kernel of a training step, about 28 s on one core, almost all of it in numba's
-own passes, which hold the GIL. So on a cold cache ``fastcnn train`` starts a helper process
-that compiles the convolution's backward kernels into the cache while this process loads the
-data and compiles the rest, then waits for the helper: those kernels then load from the cache. With 2 cores the first run takes about half as long; with a warm cache nothing is
-started. Kernels are reached through ``fastcnn.functional`` with tiny inputs, so they compile
+compiles every kernel of a training step, 35-45 s on one core, almost all of it in numba's and
+LLVM's passes, which hold the GIL. So on a cold cache ``fastcnn train`` starts a helper process
+that compiles about half of them (``compile_backward``) into the cache while this process loads
+the data and compiles the others (``compile_forward``), then waits for the helper: those
+kernels then load from the cache. With 2 cores the first run takes about half as long; with a
+warm cache nothing is started. Kernels are reached through ``fastcnn.functional`` with tiny inputs, so they compile
 with exactly the argument types the layers use (shapes do not matter to numba).
 
 If the cache cannot be written (a read-only install without ``NUMBA_CACHE_DIR``), the helper's
@@ -21,51 +22,66 @@ import numpy as np
 __all__ = ["start", "compile_forward", "compile_backward", "cache_is_cold"]
 
 
+def _pool_gradient(dtype):
+    """A max pool's gradient, argmax and output (2x2 windows over a 4x4 conv output of 4
+    filters), as the layers pass them: NCHW views of channels-last arrays."""
+    from . import functional as F
+
+    pooled = F._nchw(np.ones((2, 2, 2, 4), dtype))
+    return pooled, F._nchw(np.zeros((2, 2, 2, 4), np.int64)), pooled
+
+
+def _conv_operands(channels, dtype):
+    from . import functional as F
+
+    return F._nchw(np.ones((2, 6, 6, channels), dtype)), np.ones((4, channels, 3, 3), dtype)
+
+
 def compile_forward(dtype=np.float32):
-    """Compile (or load) the fused conv + ReLU + pool, the max pool (+ ReLU) backward, ReLU's
-    backward (the dense layers') and the SGD update: about half of the compile time."""
+    """Compile (or load) the fused conv + ReLU + pool, ReLU's backward (the dense layers'),
+    the SGD update and conv2's weight gradient: about half of the compile time."""
     from . import functional as F
     from .kernels import optim as kernels_optim
 
     dtype = np.dtype(dtype)
     x = np.ones((2, 1, 6, 6), dtype)
     w = np.ones((4, 1, 3, 3), dtype)
-    pooled, argmax, shape = F.conv2d_relu_max_pool2d_forward(x, w, np.zeros(4, dtype), 1, 0, 1,
-                                                             (2, 2))
-    F.max_pool2d_backward(pooled, argmax, shape, 2, relu_output=pooled)
+    F.conv2d_relu_max_pool2d_forward(x, w, np.zeros(4, dtype), 1, 0, 1, (2, 2))
     dy = np.ones((2, 3), dtype)
     F.relu_backward(dy, dy)
     p = np.zeros(4, dtype)
     t = dtype.type
     kernels_optim.sgd_update(p, p, p, t(0.1), t(0.9), t(1.0), False, t(0.0), False, True)
+    # 32 channels: the sparse weight gradient (input_grad=False: no input gradient here)
+    gp, argmax, y = _pool_gradient(dtype)
+    F.max_pool2d_conv2d_backward(*_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2,
+                                 input_grad=False)
 
 
 def compile_backward(dtype=np.float32):
-    """Compile (or load) the convolution's weight gradient and its gradients from a max pool's
-    gradient: the other half. (The dense input gradient is not part of a training step of the
-    reference network: conv1 needs none, conv2's comes from the pooled gradient.) The inputs
-    are built with numpy, so no other kernel compiles here."""
+    """Compile (or load) the rest: conv1's weight gradient (1 channel: the dense product, dy
+    rebuilt in cache from the pooled gradient) and conv2's input gradient from the pooled
+    gradient (the kernel called as functional calls it, with the same argument types)."""
     from . import functional as F
+    from .kernels import fused
 
     dtype = np.dtype(dtype)
-    x = F._nchw(np.ones((2, 6, 6, 1), dtype))  # channels-last, as the layers pass them
-    w = np.ones((4, 1, 3, 3), dtype)
-    dy = F._nchw(np.ones((2, 4, 4, 4), dtype))
-    F.conv2d_backward(x, w, dy, input_grad=False)  # conv1: the weight gradient only
-    # the max pool shortcut's kernels (32 input channels: the shortcut applies)
-    x = F._nchw(np.ones((2, 6, 6, 32), dtype))
+    gp, argmax, y = _pool_gradient(dtype)
+    F.max_pool2d_conv2d_backward(*_conv_operands(1, dtype), gp, argmax, y, (2, 4, 4, 4), 2,
+                                 input_grad=False)
     w = np.ones((4, 32, 3, 3), dtype)
-    pooled = F._nchw(np.ones((2, 2, 2, 4), dtype))
-    argmax = F._nchw(np.zeros((2, 2, 2, 4), np.int64))
-    F.max_pool2d_conv2d_backward(x, w, pooled, argmax, pooled, (2, 4, 4, 4), 2)
+    dx = np.empty((2, 6, 6, 32), dtype)
+    fused.maxpool2d_conv2d_backward_input(F._nhwc(gp), F._nhwc(argmax), F._nhwc(y), True, 2, 2,
+                                          w, 1, 1, 0, 0, 1, 1, 4, 4, dx)
 
 
 def cache_is_cold():
-    """True when the convolution's backward kernels have nothing in numba's cache yet."""
+    """True when the kernels compile_backward compiles have nothing in numba's cache yet."""
     try:
-        from .kernels import conv2d, fused
+        from .kernels import fused
 
-        for kernel in (conv2d.conv2d_backward_weight, fused.maxpool2d_conv2d_backward_input):
+        for kernel in (fused.maxpool2d_conv2d_backward_weight_dense,
+                       fused.maxpool2d_conv2d_backward_input):
             index = kernel._cache._cache_file._index_path  # numba internals: guarded
             if not os.path.exists(index):
                 return True
@@ -75,8 +91,8 @@ def cache_is_cold():
 
 
 def start(dtype=np.float32):
-    """On a cold cache, start the helper process compiling the backward kernels; returns a
-    callable that compiles the forward kernels here and then waits for the helper (call it
+    """On a cold cache, start the helper process running compile_backward; returns a
+    callable that runs compile_forward here and then waits for the helper (call it
     before training), or None when the cache is warm."""
     if os.environ.get("FASTCNN_NO_PRECOMPILE") or not cache_is_cold():
         return None

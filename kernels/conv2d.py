@@ -83,19 +83,21 @@ def _pad_row(x, xp, n, r, pad_top, pad_left):
                 dst[s, c] = src[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _padded_input(x, pad_top, pad_left, Hp, Wp):
     """x itself when every window lies inside it, else its zero-padded copy (N, Hp, Wp, C).
 
     A function of its own on purpose: written inline in a kernel (``xp = x``, then in a branch
     ``xp = np.empty(...)`` filled by a prange), numba 0.68.1 computed the kernel with the
-    unpadded x: wrong results, no error.
+    unpadded x: wrong results, no error. Serial: a copy, little work next to the product, and
+    as a parallel function it cost 2 s of compilation in every kernel's first run (the
+    reference network has no padding).
     """
     if not _needs_padding(x, pad_top, pad_left, Hp, Wp):
         return x
     N, C = x.shape[0], x.shape[3]
     xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
-    for t in prange(N * Hp):
+    for t in range(N * Hp):
         _pad_row(x, xp, t // Hp, t % Hp, pad_top, pad_left)
     return xp
 
@@ -354,10 +356,74 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     wtf = wt.reshape(wt.size)
     for n in prange(N):
         img = gx[n * image:(n + 1) * image]
-        _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
+        # np.int64(n): the prange index is int64 when numba types the loop and uint64 in the
+        # parallel body it builds from it; passed as it is, each helper compiled twice (1-2 s)
+        _col2im_image(np.int64(n), dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
                       img, tiles[n])
         if padded:
-            _crop(img, XH, XW, pad_top, pad_left, dx, n)
+            _crop(img, XH, XW, pad_top, pad_left, dx, np.int64(n))
+
+
+@njit(cache=True)
+def _weight_plan(K, F, NP):
+    """How the weight gradient splits its work into units (see conv2d_backward_weight): tap
+    tiles nkt, filter blocks nfb, tap-tile groups and pixel chunks (groups * chunks * nfb
+    units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide it."""
+    nkt = (K + R - 1) // R
+    nfb = (F + FT - 1) // FT
+    per_fb = max(1, _WEIGHT_UNITS // nfb)  # units per filter block
+    if nkt >= per_fb:  # groups of tap tiles, each over all pixels, block by block
+        groups, chunks = per_fb, 1
+        block = _PIXEL_BLOCK
+    else:  # all tiles together, over chunks of pixels (each chunk's data stays in L2)
+        groups = 1
+        chunks = max(1, min(_WEIGHT_CHUNKS, NP // _PIXEL_BLOCK))
+        block = NP
+    return nkt, nfb, groups, chunks, block, (nkt + groups - 1) // groups, (NP + chunks - 1) // chunks
+
+
+@njit(cache=True)
+def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt):
+    """The weight gradient's tile operands: the (padded) input flat, the tap offsets of nkt
+    whole tap tiles and every pixel's window corner."""
+    N, C = x.shape[0], x.shape[3]
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = xp.shape[1], xp.shape[2]
+    koff = np.empty(nkt * R, dtype=np.uint64)
+    _tap_offsets(koff, KH * KW * C, KH, KW, C, dil_h * XW * C, dil_w * C)
+    pix = np.empty(N * OH * OW, dtype=np.uint64)
+    _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
+    return xp.reshape(xp.size), koff, pix
+
+
+@njit(cache=True)
+def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP):
+    """Unit ``unit``'s pixel chunk, its pixels [p0, p1), filter block f0, tap tiles [kt0, kt1)."""
+    chunk = unit // (nfb * groups)
+    rest = unit - chunk * nfb * groups
+    fb = rest // groups
+    kt0 = (rest - fb * groups) * per_group
+    p0 = chunk * per_chunk
+    return chunk, p0, min(p0 + per_chunk, NP), fb * FT, kt0, min(kt0 + per_group, nkt)
+
+
+@njit(cache=True, inline="always")
+def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate):
+    """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * R*FT]) (+)= the pixels [q0, q1)
+    of one block: dy's rows at b[b0 + (q - q0) * bstride], FT filters each."""
+    for kt in range(kt0, kt1):
+        gemm_tile(xf, koff, kt * R, pix, q0, q1, b, b0, bstride, accf, (tile0 + kt) * R * FT,
+                  accumulate)
+
+
+@njit(cache=True, inline="always")
+def _bias_block(b, b0, bstride, count, bsum):
+    """bsum (FT,) += the count rows of dy at b[b0 + q * bstride], in order."""
+    for q in range(count):
+        src = b[b0 + q * bstride:b0 + q * bstride + FT]
+        for f in range(bsum.size):  # = FT, a runtime bound (a constant: scalar code)
+            bsum[f] += src[f]
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
@@ -367,19 +433,39 @@ def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile
     at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
     block's x and dy stay in L1 for all the tiles), and the bias sums bsum (FT,) if
     ``with_bias``. Serial: the body of the kernel's prange."""
+    if with_bias:
+        for f in range(bsum.size):
+            bsum[f] = 0
     for q0 in range(p0, p1, block):
         q1 = min(q0 + block, p1)
-        for kt in range(kt0, kt1):
-            gemm_tile(xf, koff, kt * R, pix, q0, q1, dyf, np.uint64(q0 * Fp + f0),
-                      np.uint64(Fp), accf, (tile0 + kt) * R * FT, q0 > p0)
+        _weight_block(xf, koff, kt0, kt1, pix, q0, q1, dyf, np.uint64(q0 * Fp + f0),
+                      np.uint64(Fp), accf, tile0, q0 > p0)
         if with_bias:
-            if q0 == p0:
-                for f in range(bsum.size):
-                    bsum[f] = 0
-            for q in range(q0, q1):
-                src = dyf[q * Fp + f0:q * Fp + f0 + FT]
-                for f in range(bsum.size):  # = FT, a runtime bound (a constant: scalar code)
-                    bsum[f] += src[f]
+            _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum)
+
+
+@njit(cache=True)
+def _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias):
+    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, R*FT)
+    and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
+    F, C, KH, KW = dweight.shape
+    for f in range(F):
+        fb = f // FT
+        col = f - fb * FT
+        for i in range(KH):
+            for j in range(KW):
+                for c in range(C):
+                    k = (i * KW + j) * C + c
+                    kt = k // R
+                    e = (k - kt * R) * FT + col
+                    v = acc[0, fb * nkt + kt, e]
+                    for chunk in range(1, chunks):
+                        v += acc[chunk, fb * nkt + kt, e]
+                    dweight[f, c, i, j] = v
+        v = bsum[0, f]
+        for chunk in range(1, chunks):
+            v += bsum[chunk, f]
+        dbias[f] = v
 
 
 @njit(parallel=True, cache=True)
@@ -397,66 +483,21 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     by the shapes alone: the result is bitwise identical on repeated calls and for any number of
     threads.
     """
-    N, H, W, C = x.shape
-    OH, OW, F = dy.shape[1], dy.shape[2], dy.shape[3]
+    N, OH, OW, F = dy.shape
     KH, KW = dweight.shape[2], dweight.shape[3]
-    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
-    K = KH * KW * C
-    nkt = (K + R - 1) // R  # tap tiles
-    nfb = (F + FT - 1) // FT
+    NP = N * OH * OW
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(KH * KW * x.shape[3], F, NP)
     Fp = nfb * FT
-    P = OH * OW
-    NP = N * P
-    per_fb = max(1, _WEIGHT_UNITS // nfb)  # units per filter block
-    if nkt >= per_fb:  # groups of tap tiles, each over all pixels, block by block
-        groups, chunks = per_fb, 1
-        block = _PIXEL_BLOCK
-    else:  # all tiles together, over chunks of pixels (each chunk's data stays in L2)
-        groups = 1
-        chunks = max(1, min(_WEIGHT_CHUNKS, NP // _PIXEL_BLOCK))
-        block = NP
-    per_group = (nkt + groups - 1) // groups
-    per_chunk = (NP + chunks - 1) // chunks
-    dt = x.dtype
-
-    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
-    XH, XW = xp.shape[1], xp.shape[2]
+    xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
+                                     dil_h, dil_w, nkt)
     dyf = _padded_rows(dy, Fp)
-    koff = np.empty(nkt * R, dtype=np.uint64)
-    _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
-    pix = np.empty(NP, dtype=np.uint64)
-    _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
-    acc = np.empty((chunks, nfb * nkt, R * FT), dtype=dt)
-    bsum = np.empty((chunks, Fp), dtype=dt)
-
-    xf = xp.reshape(xp.size)
+    acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
+    bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
     for unit in prange(chunks * nfb * groups):
-        chunk = unit // (nfb * groups)
-        rest = unit - chunk * nfb * groups
-        fb = rest // groups
-        f0 = fb * FT
-        kt0 = (rest - fb * groups) * per_group
-        kt1 = min(kt0 + per_group, nkt)
-        p0 = chunk * per_chunk
-        _weight_unit(xf, koff, kt0, kt1, pix, p0, min(p0 + per_chunk, NP), block, dyf, Fp, f0,
-                     accf, (chunk * nfb + fb) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0)
-
-    for f in range(F):  # tiles -> (F, C, KH, KW), the chunks added in order (little work)
-        fb = f // FT
-        col = f - fb * FT
-        for i in range(KH):
-            for j in range(KW):
-                for c in range(C):
-                    k = (i * KW + j) * C + c
-                    kt = k // R
-                    e = (k - kt * R) * FT + col
-                    v = acc[0, fb * nkt + kt, e]
-                    for chunk in range(1, chunks):
-                        v += acc[chunk, fb * nkt + kt, e]
-                    dweight[f, c, i, j] = v
-        v = bsum[0, f]
-        for chunk in range(1, chunks):
-            v += bsum[chunk, f]
-        dbias[f] = v
+        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
+                                                         per_chunk, NP)
+        _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf,
+                     (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0)
+    _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)

@@ -20,8 +20,10 @@ alone would give.
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import (_col2im_operands, _crop, _forward_tiles, _needs_padding, _pack_weight,
-                     _padded_bias, _padded_input, _read_extent, _tap_offsets)
+from .conv2d import (_bias_block, _col2im_operands, _crop, _forward_tiles,
+                     _needs_padding, _pack_weight, _padded_bias, _padded_input, _read_extent,
+                     _tap_offsets, _weight_block, _weight_operands, _weight_plan, _weight_result,
+                     _weight_unit_range)
 from .gemm_tile import FT, R, gather_tile
 from .pool2d import max4
 
@@ -250,6 +252,124 @@ def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, s
                 for c in range(C):
                     dweight[f, c, i, j] = acc[f * ntriples * R * FT + (i * KW + j) * C + c]
         dbias[f] = bsum[f]
+
+
+@njit(cache=True)
+def _pooled_band(gpf, amf, yf, relu, w0, PW, F, f0, pkh, pkw, OW, corner0, lo, hi, rows, gsel,
+                 code):
+    """rows[(q - lo) * FT + f] for the pixels q in [lo, hi) of one band of conv rows (the pkh
+    rows of a row of windows, pkh * OW pixels, q = i * OW + column), f < FT: the gradient
+    maxpool2d_backward (through the ReLU if ``relu``) gives the conv output there for filter
+    f0 + f: gp where the pixel is its window's argmax (and y > 0), else 0; 0 from F on and in
+    the columns no window covers. w0: the band's first window's entry in gp (flat), corner0
+    its corner's index in the conv plane. gsel (FT,), code (FT,) int32: scratch.
+
+    Window by window: gp and argmax are read once per window (not once per cell), and the
+    argmax becomes a small int32 cell code (i * OW + j, -1 for none), so each of the window's
+    cells is one 32-bit compare and select per filter. (The same select per cell on the int64
+    argmax ran at 56 cycles per pixel: 64-bit compares, masks repacked to 32 bits.)"""
+    nf = min(FT, F - f0)
+    span = pkh * OW
+    for i in range(pkh):  # the columns past the last window
+        for col in range(PW * pkw, OW):
+            q = i * OW + col
+            if lo <= q < hi:
+                for f in range(FT):
+                    rows[(q - lo) * FT + f] = 0
+    for pw in range(PW):
+        first = pw * pkw
+        if first + (pkh - 1) * OW + pkw <= lo or first >= hi:
+            continue  # none of its cells in [lo, hi)
+        w = np.uint64(w0 + pw * F + f0)
+        corner = corner0 + first
+        for f in range(nf):
+            e = w + np.uint64(f)
+            rel = amf[e] - corner
+            inside = (rel >= 0) & (rel < span)
+            if relu:
+                inside = inside & (yf[e] > 0)
+            code[f] = np.int32(rel) if inside else np.int32(-1)
+            gsel[f] = gpf[e]
+        for i in range(pkh):
+            for j in range(pkw):
+                q = i * OW + first + j
+                if q < lo or q >= hi:
+                    continue
+                c = np.int32(i * OW + j)
+                d0 = np.uint64((q - lo) * FT)
+                for f in range(nf):
+                    g = gsel[f]
+                    rows[d0 + np.uint64(f)] = g if code[f] == c else 0
+                for f in range(nf, FT):
+                    rows[d0 + np.uint64(f)] = 0
+
+
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH, PW,
+                        pkh, pkw, f0, rows, gsel, code, accf, tile0, bsum, with_bias):
+    """conv2d_backward_weight's unit (conv2d._weight_unit) over pixels [p0, p1), with dy's
+    rows rebuilt from the pooled gradient one band of conv rows at a time (its part in
+    [p0, p1)) into ``rows`` ((pkh * OW) * FT,), an L1 scratch the band's tiles then read. The
+    rows below the last row of windows are zeros."""
+    if with_bias:
+        for f in range(bsum.size):
+            bsum[f] = 0
+    P = OH * OW
+    q0 = p0
+    while q0 < p1:
+        n = q0 // P
+        oh = (q0 - n * P) // OW
+        ph = oh // pkh
+        if ph < PH:
+            band0 = n * P + ph * pkh * OW
+            q1 = min(p1, band0 + pkh * OW)
+            _pooled_band(gpf, amf, yf, relu, (n * PH + ph) * PW * F, PW, F, f0, pkh, pkw, OW,
+                         ph * pkh * OW, q0 - band0, q1 - band0, rows, gsel, code)
+        else:
+            q1 = min(p1, q0 + pkh * OW, (n + 1) * P)
+            for e in range((q1 - q0) * FT):
+                rows[e] = 0
+        _weight_block(xf, koff, kt0, kt1, pix, q0, q1, rows, np.uint64(0), np.uint64(FT), accf,
+                      tile0, q0 > p0)
+        if with_bias:
+            _bias_block(rows, 0, FT, q1 - q0, bsum)
+        q0 = q1
+
+
+@njit(parallel=True, cache=True)
+def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH, OW, stride_h,
+                                           stride_w, pad_top, pad_left, dil_h, dil_w, dweight,
+                                           dbias):
+    """dweight (F, C, KH, KW) and dbias (F,) of the convolution, for the gradient that the max
+    pool (and ReLU) backward would give for gp: conv2d_backward_weight's units, tiles and
+    summation order, with each block of dy's rows rebuilt from gp, argmax and y in an L1
+    scratch just before its tiles read it. Bitwise conv2d_backward_weight(x,
+    maxpool2d_backward(...)) for any shapes and values (0 * inf terms included), without dy
+    ever in memory (5.5 MB at the reference conv1, batch 64): where the sparse
+    maxpool2d_conv2d_backward_weight does not apply (C % 32 != 0, as conv1's 1 channel; a
+    weight gradient summed in pixel chunks; x not finite)."""
+    N, C = x.shape[0], x.shape[3]
+    PH, PW, F = gp.shape[1], gp.shape[2], gp.shape[3]
+    KH, KW = dweight.shape[2], dweight.shape[3]
+    NP = N * OH * OW
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP)
+    units = chunks * nfb * groups
+    xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
+                                     dil_h, dil_w, nkt)
+    acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
+    bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
+    rows = np.empty((units, pkh * OW * FT), dtype=x.dtype)
+    gsel = np.empty((units, FT), dtype=x.dtype)
+    code = np.empty((units, FT), dtype=np.int32)
+    accf = acc.reshape(acc.size)
+    gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
+    for unit in prange(units):
+        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
+                                                         per_chunk, NP)
+        _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH,
+                            PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf, (chunk * nfb + f0 // FT) * nkt,
+                            bsum[chunk, f0:f0 + FT], kt0 == 0)
+    _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here

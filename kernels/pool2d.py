@@ -185,8 +185,8 @@ def maxpool2d_backward(dy, argmax, y, relu, kh, kw, stride_h, stride_w, pad_top,
     H, W = dx.shape[1], dx.shape[2]
     tiled = (kh > 0 and kw > 0 and kh == stride_h and kw == stride_w and pad_top == 0 and pad_left == 0
              and OH * kh <= H and OW * kw <= W)  # no window hangs over the bottom/right
-    for n in prange(N):
-        _maxpool_backward_image(n, dy, argmax, y, relu, kh, kw, tiled, dx)
+    for n in prange(N):  # np.int64: one signature of the helper (see conv2d_backward_input)
+        _maxpool_backward_image(np.int64(n), dy, argmax, y, relu, kh, kw, tiled, dx)
 
 
 @njit(parallel=True, cache=True)

@@ -127,7 +127,7 @@ def test_speedup_over_naive(rng):
 @st.composite
 def backward_cases(draw):
     """A conv + ReLU + pool whose backward takes the max pool shortcut (32 or 64 channels) or
-    falls back to the separate calls (3 channels); strides, symmetric paddings (as the
+    the dense weight gradient / the separate calls (3 channels, 1 as conv1); strides, symmetric paddings (as the
     functional API takes them), dilations, 1-40 filters, pools that tile the conv output."""
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -138,13 +138,13 @@ def backward_cases(draw):
     h, w = draw(st.integers(h_min, h_min + 7)), draw(st.integers(w_min, w_min + 7))
     oh, ow = _size(h, kh, sh, ph, ph, dh), _size(w, kw, sw, pw, pw, dw)
     pool = (min(draw(st.integers(1, 3)), oh), min(draw(st.integers(1, 3)), ow))
-    return dict(n=draw(st.integers(1, 2)), c=draw(st.sampled_from([32, 64, 3])),
+    return dict(n=draw(st.integers(1, 2)), c=draw(st.sampled_from([32, 64, 3, 1])),
                 f=draw(st.integers(1, 40)), h=h, w=w, k=(kh, kw), stride=(sh, sw),
                 pads=(ph, ph, pw, pw), dil=(dh, dw), pool=pool, relu=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**32 - 1)))
 
 
-def _backward_both_ways(case, dtype, x_value=None):
+def _backward_both_ways(case, dtype, x_value=None, input_grad=True):
     rng = np.random.default_rng(case["seed"])
     (kh, kw), pool = case["k"], case["pool"]
     x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(dtype)
@@ -158,7 +158,7 @@ def _backward_both_ways(case, dtype, x_value=None):
         x, weight, bias, geom["stride"], geom["padding"], geom["dilation"], pool)
     dy = rng.standard_normal(y.shape).astype(dtype)
     fast = F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, conv_shape, pool,
-                                        relu=case["relu"], **geom)
+                                        relu=case["relu"], input_grad=input_grad, **geom)
     dconv = F.max_pool2d_backward(dy, argmax, conv_shape, pool,
                                   relu_output=y if case["relu"] else None)
     slow = F.conv2d_backward(x, weight, dconv, **geom)
@@ -175,13 +175,30 @@ def test_backward_through_maxpool_equals_the_separate_calls_bitwise(case):
             np.testing.assert_array_equal(a, b)
 
 
+@example(dict(REFERENCE_LAYER, n=2, c=1, f=32, h=28, w=28))  # conv1
+@given(backward_cases())
+def test_weight_gradient_through_maxpool_equals_the_separate_calls_bitwise(case):
+    """input_grad=False, a network's first layer: the weight gradient alone, by the sparse
+    kernel (32, 64 channels) or the dense one with dy rebuilt in cache (1, 3 channels)."""
+    for dtype in (np.float32, np.float64):
+        fast, slow = _backward_both_ways(case, dtype, input_grad=False)
+        assert fast[0] is None
+        for a, b in zip(fast[1:], slow[1:]):
+            assert a.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("value", [np.inf, np.nan])
 def test_backward_through_maxpool_with_non_finite_input(value):
     """A non-finite x: the dense path (0 * inf = NaN terms count), the same result."""
-    fast, slow = _backward_both_ways(dict(REFERENCE_LAYER, n=2, relu=True), np.float32, value)
-    for a, b in zip(fast, slow):
-        np.testing.assert_array_equal(a, b)
-    assert np.isnan(fast[1]).any()
+    for input_grad in (True, False):  # False: the dense weight gradient from the pooled one
+        fast, slow = _backward_both_ways(dict(REFERENCE_LAYER, n=2, relu=True), np.float32,
+                                         value, input_grad)
+        for a, b in zip(fast[1:], slow[1:]):
+            np.testing.assert_array_equal(a, b)
+        assert np.isnan(fast[1]).any()
+        if input_grad:
+            np.testing.assert_array_equal(fast[0], slow[0])
 
 
 def test_backward_through_maxpool_validates(rng):
@@ -200,14 +217,32 @@ def test_backward_through_maxpool_validates(rng):
     bad[...] = 10**12
     dx, dw, db = F.max_pool2d_conv2d_backward(x, weight, dy, bad, y, shape, 2)
     assert not dx.any() and not dw.any() and not db.any()
+    # the dense weight gradient (1 channel): the same, and for an argmax in the band of conv
+    # rows but outside its window (the next window's cell)
+    x1 = rng.standard_normal((2, 1, 6, 6)).astype(np.float32)
+    w1 = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    y1, argmax1, shape1 = F.conv2d_relu_max_pool2d_forward(x1, w1, None, 1, 0, 1, (2, 2))
+    y1[...] = 1
+    for value in (10**12, -5, 2, 6):  # 2, 6: cells of the window to the right / below-right
+        bad = np.full_like(argmax1, value)
+        _, dw, db = F.max_pool2d_conv2d_backward(x1, w1, np.ones_like(y1), bad, y1, shape1, 2,
+                                                 input_grad=False)
+        if value not in (2, 6):  # out of the plane (max_pool2d_backward rejects these)
+            assert not dw.any() and not db.any()
+            continue
+        dconv = F.max_pool2d_backward(np.ones_like(y1), bad, shape1, 2, relu_output=y1)
+        _, dw_ref, db_ref = F.conv2d_backward(x1, w1, dconv, input_grad=False)
+        np.testing.assert_array_equal(dw, dw_ref)
+        np.testing.assert_array_equal(db, db_ref)
 
 
-@given(st.integers(1, 2), st.sampled_from([32, 64]), st.integers(1, 6), st.integers(4, 8),
+@given(st.integers(1, 2), st.sampled_from([32, 64, 1, 3]), st.integers(1, 6), st.integers(4, 8),
        st.integers(4, 8), st.booleans(), st.integers(0, 2**32 - 1))
 def test_backward_kernels_from_the_pooled_gradient_match_naive(n, c, f, h, w, relu, seed):
-    """kernels.fused.maxpool2d_conv2d_backward_weight and _input called directly (NHWC, a 3x3
-    convolution, 2x2 pool) against the textbook: the pool's backward, the ReLU's, then the
-    convolution's, all naive loops, in float64."""
+    """kernels.fused.maxpool2d_conv2d_backward_weight (32, 64 channels), _weight_dense (any)
+    and _input (32, 64) called directly (NHWC, a 3x3 convolution, 2x2 pool) against the
+    textbook: the pool's backward, the ReLU's, then the convolution's, all naive loops, in
+    float64."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w))
     weight = rng.standard_normal((f, c, 3, 3))
@@ -227,6 +262,13 @@ def test_backward_kernels_from_the_pooled_gradient_match_naive(n, c, f, h, w, re
     kfused.conv2d_relu_maxpool2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, oh, ow, relu, 2, 2,
                                          y, argmax)
     gph = np.ascontiguousarray(gp.transpose(0, 2, 3, 1))
+    dw, db = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
+    kfused.maxpool2d_conv2d_backward_weight_dense(xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1,
+                                                  0, 0, 1, 1, dw, db)
+    assert relative_error(dw, dw_ref) <= 1e-10
+    assert relative_error(db, db_ref) <= 1e-10
+    if c % 32:
+        return
     dw, db = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
     kfused.maxpool2d_conv2d_backward_weight(xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1, 0, 0,
                                             1, 1, dw, db)

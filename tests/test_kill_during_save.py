@@ -9,8 +9,10 @@ rename). After every kill this test checks that:
 
 - the file at the path loads (no CheckpointError) and holds exactly A or exactly B: every
   weight, every momentum buffer, the epoch and the extra data of one and the same state;
-- at most one temporary file is left over (the one the kill interrupted), older ones having been
-  removed by the next child's first completed save; and at the end, after one clean save, none.
+- temporary files do not pile up: after a child that completed a save, at most one is left
+  (the one the kill interrupted), older ones having been removed by its first completed save;
+  each kill of a child that completed none may leave one more, until a save completes; and at
+  the end, after one clean save, none.
 """
 import os
 import random
@@ -120,6 +122,7 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path):
         rng = random.Random(20261125)
         stats = {"kills": 0, "saves": 0, "no_save_completed": 0, "temp_left": 0, "A": 0, "B": 0}
         t0 = time.perf_counter()
+        since_save = 0  # kills since the last one that came after a completed save
         for k in range(KILLS):
             delay = rng.uniform(0, 3 * save_seconds)
             server.stdin.write(f"{delay}\n")
@@ -138,10 +141,11 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path):
             which = loaded.extra["which"]
             stats[which] += 1
             _assert_same_state(loaded, refs[which])
-            # stale temp files do not pile up: after a completed save only the interrupted one
-            if done:
-                assert len(temps) <= 1, temps
-            assert len(temps) <= 3, temps
+            # stale temp files do not pile up: after a completed save only the interrupted one;
+            # each kill with no completed save since may leave one more (the next completed
+            # save removes them all), never more
+            since_save = 0 if done else since_save + 1
+            assert len(temps) <= 1 + since_save, (temps, since_save)
             assert all(re.fullmatch(r"\.run\.safetensors\.\d+-[0-9a-f]{12}\.tmp", t) for t in temps)
         elapsed = time.perf_counter() - t0
         server.stdin.write("final\n")
