@@ -1366,7 +1366,7 @@ def startup_table(args, env):
         print("Times are from the parent's clock before launching (time.time(), shared with the child). "
               "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the main "
               "process per run: a cold run loads only what fastcnn.precompile's helper process "
-              "compiled meanwhile (the convolution's backward kernels).")
+              "compiled meanwhile (the kernels of its compile_backward).")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
