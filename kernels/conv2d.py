@@ -358,8 +358,8 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
         img = gx[n * image:(n + 1) * image]
         # np.int64(n): the prange index is int64 when numba types the loop and uint64 in the
         # parallel body it builds from it; passed as it is, each helper compiled twice (1-2 s)
-        _col2im_image(np.int64(n), dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
-                      img, tiles[n])
+        _col2im_image(np.int64(n), dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff,
+                      contiguous, img, tiles[n])
         if padded:
             _crop(img, XH, XW, pad_top, pad_left, dx, np.int64(n))
 
@@ -379,7 +379,8 @@ def _weight_plan(K, F, NP):
         groups = 1
         chunks = max(1, min(_WEIGHT_CHUNKS, NP // _PIXEL_BLOCK))
         block = NP
-    return nkt, nfb, groups, chunks, block, (nkt + groups - 1) // groups, (NP + chunks - 1) // chunks
+    per_group = (nkt + groups - 1) // groups
+    return nkt, nfb, groups, chunks, block, per_group, (NP + chunks - 1) // chunks
 
 
 @njit(cache=True)
@@ -486,7 +487,8 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     N, OH, OW, F = dy.shape
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
-    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(KH * KW * x.shape[3], F, NP)
+    K = KH * KW * x.shape[3]
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP)
     Fp = nfb * FT
     xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
                                      dil_h, dil_w, nkt)

@@ -342,8 +342,9 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
                                            dbias):
     """dweight (F, C, KH, KW) and dbias (F,) of the convolution, for the gradient that the max
     pool (and ReLU) backward would give for gp: conv2d_backward_weight's units, tiles and
-    summation order, with each block of dy's rows rebuilt from gp, argmax and y in an L1
-    scratch just before its tiles read it. Bitwise conv2d_backward_weight(x,
+    summation order, with each band of dy's rows rebuilt from gp, argmax and y in an L1
+    scratch just before its tiles read it (a band's pixels are summed in order, so the blocks
+    do not change a sum). Bitwise conv2d_backward_weight(x,
     maxpool2d_backward(...)) for any shapes and values (0 * inf terms included), without dy
     ever in memory (5.5 MB at the reference conv1, batch 64): where the sparse
     maxpool2d_conv2d_backward_weight does not apply (C % 32 != 0, as conv1's 1 channel; a
@@ -352,7 +353,8 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     PH, PW, F = gp.shape[1], gp.shape[2], gp.shape[3]
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
-    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP)
+    # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
+    nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP)
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
                                      dil_h, dil_w, nkt)
@@ -367,8 +369,8 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
                                                          per_chunk, NP)
         _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH,
-                            PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf, (chunk * nfb + f0 // FT) * nkt,
-                            bsum[chunk, f0:f0 + FT], kt0 == 0)
+                            PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf,
+                            (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0)
     _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)
 
 
