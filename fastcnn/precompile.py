@@ -2,7 +2,7 @@
 
 Numba compiles a kernel the first time it is called with new argument types and caches it on
 disk (``cache=True``); later processes load it in milliseconds. The first run on a machine
-compiles every kernel of a training step, 35-45 s on one core, almost all of it in numba's and
+compiles every kernel of a training step, 40-46 s on one core, almost all of it in numba's and
 LLVM's passes, which hold the GIL. So on a cold cache ``fastcnn train`` starts a helper process
 that compiles about half of them (``compile_backward``) into the cache while this process loads
 the data and compiles the others (``compile_forward``), then waits for the helper: those
