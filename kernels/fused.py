@@ -306,7 +306,8 @@ def _pooled_band(gpf, amf, yf, relu, w0, PW, F, f0, pkh, pkw, OW, corner0, lo, h
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH, PW,
-                        pkh, pkw, f0, rows, gsel, code, accf, tile0, bsum, with_bias):
+                        pkh, pkw, f0, rows, gsel, code, accf, tile0, bsum, with_bias, ones,
+                        zoff, btile):
     """conv2d_backward_weight's unit (conv2d._weight_unit) over pixels [p0, p1), with dy's
     rows rebuilt from the pooled gradient one band of conv rows at a time (its part in
     [p0, p1)) into ``rows`` ((pkh * OW) * FT,), an L1 scratch the band's tiles then read. The
@@ -332,7 +333,7 @@ def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, 
         _weight_block(xf, koff, kt0, kt1, pix, q0, q1, rows, np.uint64(0), np.uint64(FT), accf,
                       tile0, q0 > p0)
         if with_bias:
-            _bias_block(rows, 0, FT, q1 - q0, bsum)
+            _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile)
         q0 = q1
 
 
@@ -364,13 +365,17 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     gsel = np.empty((units, FT), dtype=x.dtype)
     code = np.empty((units, FT), dtype=np.int32)
     accf = acc.reshape(acc.size)
+    ones = np.ones(1, dtype=x.dtype)
+    zoff = np.zeros(max(pkh * OW, R), dtype=np.uint64)
+    btile = np.empty((units, R * FT), dtype=x.dtype)
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for unit in prange(units):
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
                                                          per_chunk, NP)
         _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH,
                             PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf,
-                            (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0)
+                            (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0,
+                            ones, zoff, btile[unit])
     _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)
 
 
