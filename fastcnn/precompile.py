@@ -7,8 +7,11 @@ LLVM's passes, which hold the GIL. So on a cold cache ``fastcnn train`` starts a
 that compiles about half of them (``compile_backward``) into the cache while this process loads
 the data and compiles the others (``compile_forward``), then waits for the helper: those
 kernels then load from the cache. With 2 cores the first run takes about half as long; with a
-warm cache nothing is started. Kernels are reached through ``fastcnn.functional`` with tiny inputs, so they compile
-with exactly the argument types the layers use (shapes do not matter to numba).
+warm cache nothing is started. Kernels are reached through ``fastcnn.functional`` with tiny
+inputs (conv2's input gradient directly, as functional calls it: through functional it would
+compile conv2's weight gradient a second time, in both processes), so they compile with
+exactly the argument types the layers use (shapes do not matter to numba); test_precompile
+checks that the two groups leave nothing of a training step to compile.
 
 If the cache cannot be written (a read-only install without ``NUMBA_CACHE_DIR``), the helper's
 work is lost and this process compiles what it needs itself: slower, never wrong.
