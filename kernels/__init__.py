@@ -7,6 +7,9 @@ Numba keys each cached kernel on its own source file only (its modification time
 The convolution kernels inline the tiles of gemm_tile.py: edit that file alone and conv2d.py's
 cached kernels would still load with the old tiles, silently. So on import the sources of this
 folder are hashed, and numba's cache files of its modules are dropped when the hash changes.
+
+Importing the package also makes numba skip the wrappers it builds around a parallel loop
+(optimised and compiled, never run): ``_parfor_link_only``.
 """
 import hashlib
 import os
@@ -63,4 +66,11 @@ try:
     if _dir is not None:
         drop_stale_cache(os.path.dirname(os.path.abspath(__file__)), _dir)
 except Exception:  # best effort: a read-only or unusual cache must never stop the import
+    pass
+
+try:
+    from . import _parfor_link_only
+
+    _parfor_link_only.install()
+except Exception:  # numba's internals changed: compile as numba does
     pass

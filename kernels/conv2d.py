@@ -349,7 +349,9 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
         for t in range(ntl):
             for r in range(R):
                 rows[(n * ntl + t) * R + r] = np.uint64((n * P + min(t * R + r, P - 1)) * F)
-    kidx = np.arange(F).astype(np.uint64)
+    kidx = np.empty(F, dtype=np.uint64)  # a loop: np.arange here would be a parallel loop
+    for f in range(F):
+        kidx[f] = f
     tiles = np.empty((N, R * FT), dtype=dt)
 
     dyf = dy.reshape(dy.size)
@@ -416,6 +418,14 @@ def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, 
     for kt in range(kt0, kt1):
         gemm_tile(xf, koff, kt * R, pix, q0, q1, b, b0, bstride, accf, (tile0 + kt) * R * FT,
                   accumulate)
+
+
+@njit(cache=True)
+def _bias_operands(x, count):
+    """_bias_block's constant operands: a one of x's dtype and ``count`` zero offsets. (Made
+    here, serially: in a parallel kernel numba turns np.ones and np.zeros into parallel loops of
+    their own, each a gufunc compiled with its wrappers.)"""
+    return np.ones(1, dtype=x.dtype), np.zeros(count, dtype=np.uint64)
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
@@ -502,8 +512,7 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
-    ones = np.ones(1, dtype=x.dtype)
-    zoff = np.zeros(max(min(block, per_chunk), R), dtype=np.uint64)
+    ones, zoff = _bias_operands(x, max(min(block, per_chunk), R))
     btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
     for unit in prange(chunks * nfb * groups):
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,

@@ -20,7 +20,7 @@ alone would give.
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import (_bias_block, _col2im_operands, _crop, _forward_tiles,
+from .conv2d import (_bias_block, _bias_operands, _col2im_operands, _crop, _forward_tiles,
                      _needs_padding, _pack_weight, _padded_bias, _padded_input, _read_extent,
                      _tap_offsets, _weight_block, _weight_operands, _weight_plan, _weight_result,
                      _weight_unit_range)
@@ -365,8 +365,7 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     gsel = np.empty((units, FT), dtype=x.dtype)
     code = np.empty((units, FT), dtype=np.int32)
     accf = acc.reshape(acc.size)
-    ones = np.ones(1, dtype=x.dtype)
-    zoff = np.zeros(max(pkh * OW, R), dtype=np.uint64)
+    ones, zoff = _bias_operands(x, max(pkh * OW, R))
     btile = np.empty((units, R * FT), dtype=x.dtype)
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for unit in prange(units):

@@ -12,9 +12,20 @@ from fastcnn import precompile
 pytestmark = pytest.mark.slow
 
 _CHILD = textwrap.dedent("""
+    import collections
     import numpy as np
     from numba.core import event
+    from numba.parfors import parfor_lowering
     from fastcnn import models, losses, optim, precompile
+
+    loops = collections.Counter()  # the parallel loops numba builds, per kernel
+    build = parfor_lowering._create_gufunc_for_parfor_body
+
+    def counted(lowerer, *args, **kwargs):
+        loops[lowerer.fndesc.qualname] += 1
+        return build(lowerer, *args, **kwargs)
+
+    parfor_lowering._create_gufunc_for_parfor_body = counted
     assert precompile.cache_is_cold()
     precompile.compile_backward()
     assert not precompile.cache_is_cold()
@@ -41,6 +52,7 @@ _CHILD = textwrap.dedent("""
         opt.step()
     model.predict(x)
     print("COMPILED", compiled)
+    print("LOOPS", sorted(loops.items()))
 """)
 
 
@@ -51,6 +63,11 @@ def test_groups_cover_a_training_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")][-1]
     assert line == "COMPILED []", line  # nothing left to compile after the two groups
+    # one prange per kernel, nothing else parallel: numba turns np.zeros, np.ones, np.arange
+    # and array expressions in a parallel kernel into parallel loops of their own, each
+    # compiled as a gufunc with its wrappers (conv1's weight gradient had two: 1-2 s)
+    loops = eval([ln for ln in proc.stdout.splitlines() if ln.startswith("LOOPS")][-1][6:])
+    assert len(loops) == 5 and all(n == 1 for _, n in loops), loops
 
 
 def test_start_does_nothing_when_disabled(monkeypatch):
