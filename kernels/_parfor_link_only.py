@@ -11,9 +11,12 @@ no cache entry made). So, while numba builds them, the libraries it creates are 
 only*: ``finalize`` still links their dependencies and verifies them, and the kernel's library
 then optimises and compiles their code once, as part of its own.
 
-Measured (git 9bb8c32 kernels, 2026-12-01, a fresh process and an empty cache, cpu seconds):
-compile_backward 21.6 / 26.5 / 22.1 s without, 19.2 / 21.1 / 18.9 with; the kernels give
-bitwise the same results, within 2% of the same speed (timed interleaved in one process).
+Measured 2026-12-01 (git d837154, a fresh process and an empty cache each, 5 alternating pairs):
+``precompile.compile_backward`` 21.6 s of CPU with this, 25.4 without (medians); in the end-to-end
+benchmark's cold start-up, where the two compiling processes share two cores, 22.95 s against
+23.66. The kernels give bitwise the same results, within 2% of the same speed (timed
+interleaved in one process).
+
 Skipping the optimisation of the gufunc library too saved another second but made conv2's
 weight gradient 4% slower: not done.
 
