@@ -23,7 +23,8 @@ What it measures (bench/README.md explains how to read each table):
   ``python -m fastcnn train --epochs 1 --limit 64 --batch-size 64 --no-progress``) to the end of
   its first batch: with a warm kernel cache, and cold (NUMBA_CACHE_DIR = a fresh empty folder).
 - ``--memory``: peak RSS of a process training N steps, fastcnn vs PyTorch, one process each.
-- ``--profile``: time in each layer's forward and backward, the loss and the optimizer step.
+- ``--profile``: time in each step's forward and backward (a step: a layer, or a run of layers
+  the model's plan fuses), the loss and the optimizer step.
 - ``--interference``: each framework alone in its process against both in one process.
 
 How the measurement is kept honest on a small shared machine:
@@ -290,7 +291,14 @@ class FastcnnRunner:
         model = fc.models.reference(seed=0)
         loss_fn = fc.CrossEntropyLoss()
         opt = fc.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        rows = [f"{i} {type(layer).__name__}" for i, layer in enumerate(model.layers)]  # "3 Conv2D"
+        # The steps of the model's fusion plan (fastcnn/plan.py), named by the layers they run:
+        # "0-2 Conv2D+ReLU+MaxPool2D" for a fused step, "6 Flatten" for one layer.
+        model(x[:1])
+        steps, rows, first = model._plan(), [], 0
+        for st in steps:
+            span = f"{first}-{first + len(st.modules) - 1}" if len(st.modules) > 1 else f"{first}"
+            rows.append(f"{span} {'+'.join(type(m).__name__ for m in st.modules)}")
+            first += len(st.modules)
         times, faults = {}, {}
 
         def timed(key, fn):
@@ -315,25 +323,14 @@ class FastcnnRunner:
         loss_bw = timed(("loss", "backward"), loss_fn.backward)
         opt_step = timed(("optimizer", "step"), opt.step)
 
-        # Sequential runs some runs of layers fused (Conv2D.forward_relu_maxpool,
-        # Conv2D.forward_relu, MaxPool2D.backward_relu, Conv2D.backward_through_maxpool, and the
-        # adopt_* calls that hand the results to the other layers): a fused call is timed as
-        # the layer's that makes it.
-        methods = {"forward": "forward", "forward_relu": "forward", "adopt_output": "forward",
-                   "forward_relu_maxpool": "forward", "adopt_forward": "forward",
-                   "backward": "backward", "backward_relu": "backward",
-                   "backward_through_maxpool": "backward"}
-
         def instrument(on):
-            for row, layer in zip(rows, model.layers):
-                for method, column in methods.items():
-                    if not hasattr(type(layer), method):
-                        continue
+            for row, st in zip(rows, steps):
+                for method in ("forward", "backward"):
                     if on:
-                        bound = getattr(type(layer), method).__get__(layer)
-                        setattr(layer, method, timed((row, column), bound))
+                        bound = getattr(type(st), method).__get__(st)
+                        setattr(st, method, timed((row, method), bound))
                     else:  # back to the class's methods
-                        layer.__dict__.pop(method, None)
+                        st.__dict__.pop(method, None)
 
         with self.compute_threads(threads):
             model.train()
@@ -1095,7 +1092,7 @@ def profile_table(args, workers):
         row = k.split("|")[0]
         if row not in ("step", "optimizer", "faults") and row not in keys:
             keys.append(row)
-    print("fastcnn, each layer's forward and backward timed from outside (page faults: mean minor faults "
+    print("fastcnn, each step of the model's plan (a layer, or a fused run of layers) timed from outside (page faults: mean minor faults "
           "during the call, i.e. fresh memory touched):")
     print()
     print("| part | forward ms | backward ms | % of step | page faults forward, backward |")

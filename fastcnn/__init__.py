@@ -12,7 +12,8 @@ from . import _kernels_path
 
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
-from . import checkpoint, datasets, functional, losses, models, optim, threads, training  # noqa: E402
+from . import checkpoint, datasets, functional, losses, models, optim, plan, threads, training  # noqa: E402
+from .containers import Concat, Residual, Sequential  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
     BatchNorm1D,
@@ -21,17 +22,19 @@ from .layers import (  # noqa: E402
     Dense,
     Dropout,
     Flatten,
+    GlobalAvgPool2D,
     Layer,
     LeakyReLU,
     MaxPool2D,
-    Parameter,
     ReLU,
     Sigmoid,
     Softmax,
     Tanh,
 )
 from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
-from .model import Sequential, from_config  # noqa: E402
+from .model import from_config  # noqa: E402
+from .module import Module, Parameter, module_from_config, register_module  # noqa: E402
+from .plan import fusion, set_fusion  # noqa: E402
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, StepLR  # noqa: E402
 from .threads import set_num_threads  # noqa: E402
 from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
@@ -39,10 +42,13 @@ from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "AvgPool2D", "BatchNorm1D", "BatchNorm2D", "Conv2D", "Dense", "Dropout", "Flatten", "Layer",
-    "LeakyReLU", "MaxPool2D", "Parameter", "ReLU", "Sigmoid", "Softmax", "Tanh",
-    "CrossEntropyLoss", "MSELoss", "Sequential", "from_config",
+    "Module", "Parameter", "register_module", "module_from_config", "from_config",
+    "Sequential", "Residual", "Concat", "fusion", "set_fusion",
+    "AvgPool2D", "BatchNorm1D", "BatchNorm2D", "Conv2D", "Dense", "Dropout", "Flatten",
+    "GlobalAvgPool2D", "Layer", "LeakyReLU", "MaxPool2D", "ReLU", "Sigmoid", "Softmax", "Tanh",
+    "CrossEntropyLoss", "MSELoss",
     "SGD", "Adam", "AdamW", "CosineAnnealingLR", "StepLR",
     "History", "TrainingDiverged", "evaluate", "fit", "set_num_threads",
-    "checkpoint", "datasets", "functional", "losses", "models", "optim", "threads", "training",
+    "checkpoint", "datasets", "functional", "losses", "models", "optim", "plan", "threads",
+    "training",
 ]

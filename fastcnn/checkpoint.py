@@ -66,9 +66,9 @@ def _fastcnn_version():
 
 
 def _from_config(config):
-    """Build a Sequential from its architecture config (indirection so tests can stub the model)."""
-    from .model import from_config
-    return from_config(config)
+    """Build a model from its architecture config (indirection so tests can stub the model)."""
+    from .module import module_from_config
+    return module_from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------

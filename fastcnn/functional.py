@@ -37,7 +37,8 @@ __all__ = [
     "conv2d_output_shape", "conv2d_forward", "conv2d_backward", "conv2d_relu_max_pool2d_forward",
     "max_pool2d_conv2d_backward",
     "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
-    "avg_pool2d_forward", "avg_pool2d_backward",
+    "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool2d_output_shape",
+    "global_avg_pool2d_forward", "global_avg_pool2d_backward",
     "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
     "tanh_forward", "tanh_backward", "sigmoid_forward", "sigmoid_backward",
     "softmax_forward", "softmax_backward",
@@ -489,6 +490,37 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
     h, w = (int(s) for s in input_shape[2:])
     dx = np.empty((n, h, w, c), dtype=dy.dtype)
     _pool2d.avgpool2d_backward(_nhwc(dy), kh, kw, sh, sw, pads[0], pads[2], dx)
+    return _nchw(dx)
+
+
+def global_avg_pool2d_output_shape(input_shape, layer="GlobalAvgPool2D"):
+    """(N, C, H, W) -> (N, C), validated (H, W >= 1)."""
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
+                         f"got {_fmt_shape(input_shape)}")
+    _positive_spatial(input_shape, layer)
+    return input_shape[:2]
+
+
+def global_avg_pool2d_forward(x, layer="GlobalAvgPool2D"):
+    """The mean of each channel over its plane: x (N, C, H, W) -> y (N, C)."""
+    x = check_float(x, layer, contiguous=False)
+    out_shape = global_avg_pool2d_output_shape(x.shape, layer)
+    y = np.empty(out_shape, dtype=x.dtype)
+    _pool2d.global_avgpool2d_forward(_nhwc(x), y)
+    return y
+
+
+def global_avg_pool2d_backward(dy, input_shape, layer="GlobalAvgPool2D"):
+    """Gradient of the global average pooling with respect to its (N, C, H, W) input:
+    ``dy[n, c] / (H * W)`` in every cell, channels-last in memory."""
+    dy = check_float(dy, layer, "gradient")
+    out_shape = global_avg_pool2d_output_shape(input_shape, layer)
+    _check_shape_equal(dy, out_shape, layer, "gradient")
+    n, c, h, w = (int(s) for s in input_shape)
+    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    _pool2d.global_avgpool2d_backward(dy, dx)
     return _nchw(dx)
 
 

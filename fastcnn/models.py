@@ -2,7 +2,7 @@
 import numpy as np
 
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
-from .model import Sequential
+from .containers import Sequential
 
 __all__ = ["reference"]
 

@@ -234,3 +234,36 @@ def avgpool2d_backward(dy, kh, kw, stride_h, stride_w, pad_top, pad_left, dx):
                         d = dx[n, h, w]
                         for c in range(C):
                             d[c] += g[c] / divisor
+
+
+@njit(parallel=True, cache=True)
+def global_avgpool2d_forward(x, out):
+    """out[n, c] = the mean of x[n, :, :, c]: the plane's cells summed in row-major order, then
+    divided by H * W. x (N, H, W, C), out (N, C). Parallel over images."""
+    N, H, W, C = x.shape
+    divisor = out.dtype.type(H * W)
+    for n in prange(N):
+        s = out[n]
+        for c in range(C):
+            s[c] = 0
+        for h in range(H):
+            for w in range(W):
+                v = x[n, h, w]
+                for c in range(C):
+                    s[c] += v[c]
+        for c in range(C):
+            s[c] /= divisor
+
+
+@njit(parallel=True, cache=True)
+def global_avgpool2d_backward(dy, dx):
+    """dx[n, h, w, c] = dy[n, c] / (H * W). dy (N, C), dx (N, H, W, C). Parallel over images."""
+    N, H, W, C = dx.shape
+    divisor = dx.dtype.type(H * W)
+    for n in prange(N):
+        g = dy[n]
+        for h in range(H):
+            for w in range(W):
+                d = dx[n, h, w]
+                for c in range(C):
+                    d[c] = g[c] / divisor

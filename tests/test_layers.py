@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fastcnn import layers as L
+from fastcnn.module import module_from_config
 from gradcheck import assert_gradient, relative_error
 from naive import activations as naive_act
 from naive import batchnorm as naive_bn
@@ -333,12 +334,13 @@ def test_softmax_rows_and_backward(rng):
 def test_config_and_state_round_trip(layer, shape, rng):
     config = json.loads(json.dumps(layer.get_config()))
     assert config["class"] == layer.name
-    clone = L.layer_from_config(config, rng=np.random.default_rng(99))
+    clone = module_from_config(config, rng=np.random.default_rng(99))
     assert type(clone) is type(layer) and clone.get_config() == layer.get_config()
     assert repr(clone) == repr(layer)
     _set_random_params(layer, rng)
     state = layer.state_dict()
-    assert sorted(state) == sorted([n for n, _ in layer.named_parameters()] + list(layer._buffers))
+    assert sorted(state) == sorted([n for n, _ in layer.named_parameters()]
+                                   + [n for n, _ in layer.named_buffers()])
     clone.load_state_dict(state)
     for key, value in clone.state_dict().items():
         np.testing.assert_array_equal(value, state[key])
@@ -501,7 +503,7 @@ def test_constructor_validation(factory, error, name, match):
 
 
 def test_unknown_layer_config():
-    with pytest.raises(ValueError, match="unknown layer class 'Conv3D'"):
-        L.layer_from_config({"class": "Conv3D"})
+    with pytest.raises(ValueError, match="unknown module class 'Conv3D'"):
+        module_from_config({"class": "Conv3D"})
     with pytest.raises(ValueError, match="'class' key"):
-        L.layer_from_config({"in_channels": 1})
+        module_from_config({"in_channels": 1})

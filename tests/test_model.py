@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+import fastcnn
 from fastcnn import layers as L
 from fastcnn.model import Sequential, from_config
 from fastcnn.models import reference
@@ -147,7 +148,8 @@ def test_fused_pairs_equal_layer_by_layer(dtype, rng):
     np.testing.assert_array_equal(fused_dx, dx)
     for name, g in _grads(model).items():
         np.testing.assert_array_equal(g, expected[name], err_msg=name)
-    blocked = model.layers[2]._y <= 0  # pool1 windows whose maximum the ReLU zeroed
+    with fastcnn.fusion(False):
+        blocked = model[:3](x) <= 0  # pool1 windows whose maximum the ReLU zeroed
     assert blocked.any() and not blocked.all()
 
 
@@ -157,9 +159,13 @@ def test_fused_relu_pool_backward_blocks_nan_and_zero_maxima():
     x = np.array([[[[np.nan, -1.0, -2.0, -3.0], [0.5, 1.0, -1.0, -4.0]]]], np.float32)
     y = pool.forward(relu.forward(x))
     dy = np.ones_like(y)
-    np.testing.assert_array_equal(pool.backward_relu(dy), relu.backward(pool.backward(dy)))
+    unfused = relu.backward(pool.backward(dy))
+    block = Sequential(relu, pool)
+    assert [type(s).__name__ for s in block._plan()] == ["ReLUMaxPool"]
+    np.testing.assert_array_equal(block(x), y)
+    np.testing.assert_array_equal(block.backward(dy), unfused)
     assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0
-    assert pool.backward_relu(dy).sum() == 0
+    assert unfused.sum() == 0
 
 
 def test_backward_without_input_grad(rng):
@@ -248,7 +254,7 @@ def test_construction_forms_and_container():
     assert a.layers == b.layers == layers and len(a) == 2 and a[1] is layers[1]
     assert list(a) == layers
     assert "(1): Dense(4, 2)" in repr(a)
-    with pytest.raises(TypeError, match="^Sequential: layer 1 is not a fastcnn Layer"):
+    with pytest.raises(TypeError, match="^Sequential: module 1 is not a fastcnn Module"):
         Sequential([L.ReLU(), "relu"])
 
 
@@ -307,8 +313,10 @@ def test_config_round_trip(rng):
     assert reference().get_config()["layers"][0] == {
         "class": "Conv2D", "in_channels": 1, "out_channels": 32, "kernel_size": [3, 3],
         "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "bias": True, "dtype": "float32"}
-    for bad in ({"class": "Model", "layers": []}, {"class": "Sequential"}, [1]):
-        with pytest.raises(ValueError, match="^from_config: expected"):
+    for bad, match in (({"class": "Model", "layers": []}, "^unknown module class 'Model'"),
+                       ({"class": "Sequential"}, "^Sequential: expected a config"),
+                       ([1], "^expected a module config dict")):
+        with pytest.raises(ValueError, match=match):
             from_config(bad)
 
 

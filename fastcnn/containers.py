@@ -1,0 +1,291 @@
+"""Containers: how a tree of modules computes, and how gradients flow back through it.
+
+- ``Sequential(m0, m1, ...)``: each module's output is the next one's input; the backward runs
+  in reverse. It runs through a plan (fastcnn/plan.py) that fuses some runs of layers.
+- ``Residual(body, shortcut=None)``: ``body(x) + x`` (or ``+ shortcut(x)``); the gradient
+  reaching ``x`` through both paths is summed.
+- ``Concat(b0, b1, ...)``: the branches' outputs side by side along the channel axis (axis 1);
+  the gradient is split by channel ranges and the branches' input gradients summed.
+
+Containers nest to any depth; each module may appear once in a tree (see fastcnn/module.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import functional as F
+from .layers import check_grad
+from .module import Module, module_from_config, register_module, tree_version
+from .plan import fusion_enabled, make_plan
+
+__all__ = ["Sequential", "Residual", "Concat"]
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_unique(root):
+    """No module twice in the tree under ``root`` (assignments are checked one container at a
+    time; this catches a module added to an inner container that an outer one already held)."""
+    seen = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            raise ValueError(f"{root.name}: the same {m.name} is at {seen[id(m)]!r} and {name!r}; "
+                             "a module can be used once per model: build another instance")
+        seen[id(m)] = name
+
+
+class _Container(Module):
+    """What the containers share: shapes and FLOPs by tracing their children."""
+
+    def output_shape(self, input_shape):
+        return self.trace_shapes(input_shape, lambda *args: {})
+
+    def flops(self, input_shape):
+        rows = []
+        self.trace_shapes(input_shape, lambda *args: rows.append({}) or rows[-1])
+        return sum(row["flops"] for row in rows)
+
+
+@register_module
+class Sequential(_Container):
+    """Modules applied in order (PyTorch's nn.Sequential): ``Sequential(m0, m1, ...)`` or
+    ``Sequential([m0, m1, ...])``; children named "0", "1", ..."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
+            modules = modules[0]
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: module {i} is not a fastcnn Module: {m!r:.100}")
+            setattr(self, str(i), m)
+        self.__dict__["_ran"] = None
+
+    # -- a list of modules ---------------------------------------------------------------------
+    @property
+    def layers(self):
+        """The modules in order (a new list)."""
+        return self.children()
+
+    def __len__(self):
+        return len(self._child_names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Sequential(self.children()[index])
+        return self.children()[index]
+
+    def __iter__(self):
+        return iter(self.children())
+
+    def append(self, module):
+        """Add ``module`` at the end; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential: module {len(self)} is not a fastcnn Module: "
+                            f"{module!r:.100}")
+        setattr(self, str(len(self)), module)
+        return self
+
+    # -- computation ---------------------------------------------------------------------------
+    def _plan(self):
+        """The plan for the current tree and fusion switch, built once and cached."""
+        key = (tree_version(), fusion_enabled())
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != key:
+            _check_unique(self)
+            cached = self.__dict__["_plan_cache"] = (key, make_plan(self.children(), key[1]))
+        return cached[1]
+
+    def forward(self, x):
+        plan = self._plan()
+        for step in plan:
+            x = step.forward(x)
+        self.__dict__["_ran"] = plan
+        return x
+
+    def backward(self, dy, input_grad=True):
+        """Backpropagate ``dy`` (the gradient of the loss with respect to the output) through
+        the plan the last forward ran, accumulating parameter gradients; returns the gradient
+        to the input. With ``input_grad=False`` (what ``fit`` does) the first step skips
+        computing it where it can, and None is returned, as PyTorch skips the gradient of an
+        input that does not require one."""
+        plan = self._ran
+        if plan is None:
+            raise RuntimeError(f"{self.name}: backward called before forward")
+        for i in range(len(plan) - 1, -1, -1):
+            dy = plan[i].backward(dy, input_grad or i > 0)
+        return dy if input_grad else None
+
+    def trace_shapes(self, input_shape, visit, prefix=""):
+        row = visit(prefix, self, tuple(input_shape))
+        shape = tuple(int(s) for s in input_shape)
+        for name, child in self.named_children():
+            shape = child.trace_shapes(shape, visit, _join(prefix, name))
+        row.update(output_shape=shape, flops=0)
+        return shape
+
+    # -- config --------------------------------------------------------------------------------
+    def get_config(self):
+        return {"class": self.name, "layers": [m.get_config() for m in self.children()]}
+
+    @classmethod
+    def from_config(cls, config, rng=None):
+        layers = config.get("layers")
+        if not isinstance(layers, list) or set(config) != {"class", "layers"}:
+            raise ValueError(f"Sequential: expected a config {{'class': 'Sequential', "
+                             f"'layers': [...]}}, got {config!r:.200}")
+        return cls([module_from_config(c, rng) for c in layers])
+
+    def __repr__(self):
+        if not len(self):
+            return "Sequential()"
+        return super().__repr__()
+
+
+@register_module
+class Residual(_Container):
+    """``body(x) + x``, or ``body(x) + shortcut(x)`` (a projection where the body changes the
+    shape: ResNet's 1x1 convolution with stride 2). Both outputs must have the same shape and
+    dtype. The backward sums the gradients reaching ``x`` through the body and the shortcut."""
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        for what, m in (("body", body), ("shortcut", shortcut)):
+            if not isinstance(m, Module) and not (what == "shortcut" and m is None):
+                raise TypeError(f"Residual: expected the {what} to be a fastcnn Module, "
+                                f"got {m!r:.100}")
+        self.body = body
+        if shortcut is not None:
+            self.shortcut = shortcut
+        else:
+            self.__dict__["shortcut"] = None
+
+    def forward(self, x):
+        a = self.body.forward(x)
+        s = F.check_float(x, self.name, contiguous=False) if self.shortcut is None \
+            else self.shortcut.forward(x)
+        if a.dtype != s.dtype:
+            what = "input" if self.shortcut is None else "shortcut's output"
+            raise TypeError(f"{self.name}: the body's output dtype {a.dtype} differs from the "
+                            f"{what} dtype {s.dtype}")
+        if a.shape != s.shape:
+            what = "input" if self.shortcut is None else "shortcut's output"
+            raise ValueError(f"{self.name}: the body's output shape {F._fmt_shape(a.shape)} "
+                             f"differs from the {what} shape {F._fmt_shape(s.shape)}")
+        y = np.add(a, s)
+        self.save_for_backward(y.shape, y.dtype)
+        return y
+
+    def backward(self, dy, input_grad=True):
+        shape, dtype = self.saved_for_backward()
+        dy = check_grad(dy, shape, dtype, self.name)
+        d_body = self.body.backward(dy, input_grad=input_grad)
+        if self.shortcut is None:
+            d_short = dy
+        else:
+            d_short = self.shortcut.backward(dy, input_grad=input_grad)
+        return np.add(d_body, d_short) if input_grad else None
+
+    def trace_shapes(self, input_shape, visit, prefix=""):
+        row = visit(prefix, self, tuple(input_shape))
+        a = self.body.trace_shapes(input_shape, visit, _join(prefix, "body"))
+        s = tuple(int(v) for v in input_shape) if self.shortcut is None else \
+            self.shortcut.trace_shapes(input_shape, visit, _join(prefix, "shortcut"))
+        if a != s:
+            what = "input" if self.shortcut is None else "shortcut's output"
+            raise ValueError(f"{self.name}: the body's output shape {F._fmt_shape(a)} differs "
+                             f"from the {what} shape {F._fmt_shape(s)}")
+        row.update(output_shape=a, flops=int(np.prod(a)))  # the addition
+        return a
+
+    def get_config(self):
+        return {"class": self.name, "body": self.body.get_config(),
+                "shortcut": None if self.shortcut is None else self.shortcut.get_config()}
+
+    @classmethod
+    def from_config(cls, config, rng=None):
+        if set(config) != {"class", "body", "shortcut"}:
+            raise ValueError(f"Residual: expected a config with 'body' and 'shortcut', "
+                             f"got {config!r:.200}")
+        body = module_from_config(config["body"], rng)
+        shortcut = config["shortcut"]
+        return cls(body, None if shortcut is None else module_from_config(shortcut, rng))
+
+
+@register_module
+class Concat(_Container):
+    """The branches' outputs concatenated along axis 1, the channels (Inception-style): each
+    branch gets the same input; their outputs must agree on every other axis and on dtype.
+    Four-dimensional outputs are stored channels-last, as a convolution's."""
+
+    def __init__(self, *branches):
+        super().__init__()
+        if len(branches) == 1 and isinstance(branches[0], (list, tuple)):
+            branches = branches[0]
+        if not branches:
+            raise ValueError("Concat: expected at least one branch")
+        for i, m in enumerate(branches):
+            if not isinstance(m, Module):
+                raise TypeError(f"Concat: branch {i} is not a fastcnn Module: {m!r:.100}")
+            setattr(self, str(i), m)
+
+    def _check(self, shapes, dtypes=None):
+        first = shapes[0]
+        for i, s in enumerate(shapes):
+            if len(s) < 2:
+                raise ValueError(f"{self.name}: branch {i}'s output {F._fmt_shape(s)} has no "
+                                 "channel axis")
+            if len(s) != len(first) or s[:1] + s[2:] != first[:1] + first[2:]:
+                raise ValueError(f"{self.name}: branch {i}'s output {F._fmt_shape(s)} does not "
+                                 f"match branch 0's {F._fmt_shape(first)} outside axis 1")
+            if dtypes is not None and dtypes[i] != dtypes[0]:
+                raise TypeError(f"{self.name}: branch {i}'s output dtype {dtypes[i]} differs "
+                                f"from branch 0's {dtypes[0]}")
+        return first[:1] + (sum(s[1] for s in shapes),) + first[2:]
+
+    def forward(self, x):
+        outs = [b.forward(x) for b in self.children()]
+        shape = self._check([o.shape for o in outs], [o.dtype for o in outs])
+        if len(shape) == 4:  # channels-last, as the convolutions and poolings return
+            n, c, h, w = shape
+            y = np.empty((n, h, w, c), dtype=outs[0].dtype)
+            start = 0
+            for o in outs:
+                y[..., start:start + o.shape[1]] = o.transpose(0, 2, 3, 1)
+                start += o.shape[1]
+            y = y.transpose(0, 3, 1, 2)
+        else:
+            y = np.concatenate(outs, axis=1)
+        self.save_for_backward(y.shape, y.dtype, [o.shape[1] for o in outs])
+        return y
+
+    def backward(self, dy, input_grad=True):
+        shape, dtype, widths = self.saved_for_backward()
+        dy = check_grad(dy, shape, dtype, self.name)
+        dx, start = None, 0
+        for b, width in zip(self.children(), widths):
+            d = b.backward(dy[:, start:start + width], input_grad=input_grad)
+            start += width
+            if input_grad:
+                dx = d if dx is None else np.add(dx, d)
+        return dx
+
+    def trace_shapes(self, input_shape, visit, prefix=""):
+        row = visit(prefix, self, tuple(input_shape))
+        shapes = [b.trace_shapes(input_shape, visit, _join(prefix, n))
+                  for n, b in self.named_children()]
+        out = self._check(shapes)
+        row.update(output_shape=out, flops=0)
+        return out
+
+    def get_config(self):
+        return {"class": self.name, "branches": [m.get_config() for m in self.children()]}
+
+    @classmethod
+    def from_config(cls, config, rng=None):
+        branches = config.get("branches")
+        if not isinstance(branches, list) or set(config) != {"class", "branches"}:
+            raise ValueError(f"Concat: expected a config {{'class': 'Concat', 'branches': "
+                             f"[...]}}, got {config!r:.200}")
+        return cls([module_from_config(c, rng) for c in branches])

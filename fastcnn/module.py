@@ -1,0 +1,486 @@
+"""Module: the one base of every layer and container, and the registry that rebuilds them.
+
+A Module registers what is assigned to its attributes, as PyTorch's ``nn.Module`` does: a
+:class:`Parameter` becomes one of its parameters, another Module one of its children, and an
+array given to :meth:`Module.register_buffer` a buffer (saved, never trained: BatchNorm's running
+statistics). Everything else about a tree is derived from those three lists:
+
+- ``named_parameters()``: dotted names, depth-first in construction order, a module's own
+  parameters before its children's ("0.weight", "3.body.0.weight"), each Parameter once;
+- ``state_dict()`` / ``load_state_dict()``: parameters and buffers under the same names;
+- ``train()`` / ``eval()`` / ``zero_grad()`` over the whole tree;
+- ``get_config()`` and :func:`module_from_config`: the architecture as JSON-able data, rebuilt
+  through the class registry (:func:`register_module`), never by importing a name from a file.
+
+There is no autograd: every module defines ``forward(x)`` and ``backward(dy)``; a leaf keeps what
+its own backward needs (:meth:`Module.save_for_backward`), a container runs its children's
+backwards in reverse. ``backward`` accumulates into ``Parameter.grad`` (``zero_grad()`` between
+steps) and, with ``input_grad=False``, may skip the gradient to its input and return None.
+
+A module may appear only once in a tree: its cached forward state can serve one backward.
+Building a tree that holds a module twice is a ValueError, and a leaf's backward called twice
+after one forward is a RuntimeError, never a silently wrong gradient.
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+import threading
+
+import numpy as np
+
+__all__ = ["Parameter", "Module", "register_module", "module_from_config", "registered_modules",
+           "MAX_CONFIG_DEPTH"]
+
+#: Deepest nesting of containers a config may describe (a file cannot exhaust the stack).
+MAX_CONFIG_DEPTH = 64
+
+
+class Parameter:
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype, zeros at start).
+
+    Optimizers update ``data`` in place and layers accumulate into ``grad`` in place, so the
+    arrays keep their identity for the life of the model.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        data = np.array(data, order="C", copy=True)
+        if data.dtype.kind != "f":
+            raise TypeError(f"Parameter: expected floating-point data, got dtype {data.dtype}")
+        self.data = data
+        self.grad = np.zeros_like(data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def zero_grad(self):
+        self.grad[...] = 0
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+_CONSUMED = object()  # a leaf's saved state after its backward used it
+_TREE = {"version": 0}  # bumped whenever a module gains or loses a child: plans are rebuilt
+
+
+def tree_version():
+    """A number that changes whenever any module gains, replaces or loses a child."""
+    return _TREE["version"]
+
+
+class Module:
+    """Base class of layers and containers (see the module docstring).
+
+    Subclasses call ``super().__init__()`` first, assign parameters and child modules as
+    attributes, and implement ``forward(x)`` and ``backward(dy, input_grad=True)``; for
+    ``summary()`` also ``output_shape(input_shape)`` (and ``flops``); for checkpoints
+    ``get_config()`` returning the constructor's arguments (see :func:`register_module`).
+    """
+
+    #: True for modules that draw random numbers (Dropout): their generator state is saved.
+    has_rng_state = False
+
+    def __init__(self):
+        d = self.__dict__
+        d["training"] = True
+        d["_param_names"] = []
+        d["_buffer_names"] = []
+        d["_child_names"] = []
+        d["_saved"] = None
+
+    # -- registration ---------------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if "_param_names" not in d:
+            raise AttributeError(f"{type(self).__name__}: cannot assign {name!r} before "
+                                 "Module.__init__() ran: call super().__init__() first")
+        if isinstance(value, Module):
+            self._check_new_child(name, value)
+            _drop(d, name)
+            d["_child_names"].append(name)
+            _TREE["version"] += 1
+        elif isinstance(value, Parameter):
+            _drop(d, name)
+            d["_param_names"].append(name)
+        elif name in d["_buffer_names"]:
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
+                                f"got {type(value).__name__}")
+        elif value is None and name in d["_param_names"]:
+            pass  # a parameter switched off (bias=False): stays a slot of the state, empty
+        elif name in d["_param_names"] or name in d["_child_names"]:
+            _drop(d, name)
+        d[name] = value
+
+    def __delattr__(self, name):
+        _drop(self.__dict__, name)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name, array):
+        """Register ``array`` as a buffer: saved in the state dict, never trained."""
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
+                            f"got {type(array).__name__}")
+        d = self.__dict__
+        _drop(d, name)
+        d["_buffer_names"].append(name)
+        d[name] = array
+
+    def _check_new_child(self, name, child):
+        """A module may appear only once in a tree (its saved forward state serves one
+        backward): refuse ``child`` if it, or a module inside it, is already in this one."""
+        if child is self:
+            raise ValueError(f"{self.name}: cannot hold itself as child {name!r}")
+        old = self.__dict__.get(name)
+        present = {id(m): n for n, m in self.named_modules(remove_duplicate=False)
+                   if not (isinstance(old, Module) and _within(n, name))}
+        for sub_name, m in child.named_modules(remove_duplicate=False):
+            if id(m) in present or m is self:
+                where = present.get(id(m), "") or "the container itself"
+                what = type(m).__name__ + (f" {sub_name!r} of the new child" if sub_name else "")
+                raise ValueError(
+                    f"{self.name}: child {name!r}: the same {what} is already in this model "
+                    f"(at {where!r}); a module can be used once per model: build another "
+                    "instance (fastcnn has no autograd to sum the gradients of two uses)")
+
+    # -- what a tree holds ------------------------------------------------------------------------
+    @property
+    def name(self):
+        return type(self).__name__
+
+    def named_children(self):
+        d = self.__dict__
+        return [(n, d[n]) for n in d["_child_names"]]
+
+    def children(self):
+        return [m for _, m in self.named_children()]
+
+    def named_modules(self, prefix="", remove_duplicate=True):
+        """(dotted name, module) for this module ("" or ``prefix``) and every descendant,
+        depth-first, in construction order."""
+        out, seen = [], set()
+
+        def walk(module, name):
+            if remove_duplicate:
+                if id(module) in seen:
+                    return
+                seen.add(id(module))
+            out.append((name, module))
+            for child_name, child in module.named_children():
+                walk(child, f"{name}.{child_name}" if name else child_name)
+
+        walk(self, prefix)
+        return out
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self, prefix=""):
+        """(dotted name, Parameter), depth-first in construction order, each Parameter once."""
+        out, seen = [], set()
+        for mod_name, module in self.named_modules(prefix):
+            d = module.__dict__
+            for n in d["_param_names"]:
+                p = d[n]
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{mod_name}.{n}" if mod_name else n, p))
+        return out
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        out = []
+        for mod_name, module in self.named_modules(prefix):
+            d = module.__dict__
+            out += [(f"{mod_name}.{n}" if mod_name else n, d[n]) for n in d["_buffer_names"]]
+        return out
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    # -- mode -------------------------------------------------------------------------------------
+    def train(self, mode=True):
+        for m in self.modules():
+            m.__dict__["training"] = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- computation ------------------------------------------------------------------------------
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.name}: forward is not implemented")
+
+    def backward(self, dy, input_grad=True):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.name}: backward is not implemented")
+
+    def save_for_backward(self, *values):
+        """Keep what this module's backward needs from the forward that just ran."""
+        self.__dict__["_saved"] = values
+
+    def saved_for_backward(self):
+        """What the last forward kept, once: a second backward after one forward is an error
+        (the state of the first use of a module called twice would be gone)."""
+        saved = self.__dict__["_saved"]
+        if saved is None:
+            raise RuntimeError(f"{self.name}: backward called before forward")
+        if saved is _CONSUMED:
+            raise RuntimeError(
+                f"{self.name}: backward called twice after one forward (a module called twice "
+                "per step? each use needs its own instance); run forward again first")
+        self.__dict__["_saved"] = _CONSUMED
+        return saved
+
+    def predict(self, x, batch_size=256):
+        """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous
+        modes are restored afterwards. Runs with the BLAS limited as in ``fit``/``evaluate``
+        (``fastcnn.threads.compute_threads``), so the logits equal ``evaluate``'s."""
+        from .threads import compute_threads
+
+        what = f"{self.name}.predict"
+        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"{what}: expected batch_size to be an int, got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"{what}: expected batch_size >= 1, got {batch_size}")
+        x = np.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"{what}: expected a batch of inputs (N, ...), got shape {x.shape}")
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with compute_threads():
+                if x.shape[0] <= batch_size:
+                    return self.forward(x)
+                outs = [self.forward(x[i:i + batch_size])
+                        for i in range(0, x.shape[0], batch_size)]
+                return np.concatenate(outs, axis=0)
+        finally:
+            for m, mode in modes:
+                m.__dict__["training"] = mode
+
+    # -- state ------------------------------------------------------------------------------------
+    def _state_targets(self):
+        """name -> the array itself, parameters then buffers of each module, depth-first."""
+        targets = {}
+        for mod_name, module in self.named_modules():
+            d = module.__dict__
+            for n in d["_param_names"]:
+                if d[n] is not None:
+                    targets[f"{mod_name}.{n}" if mod_name else n] = d[n].data
+            for n in d["_buffer_names"]:
+                targets[f"{mod_name}.{n}" if mod_name else n] = d[n]
+        return targets
+
+    def state_dict(self):
+        """name -> a copy of every parameter and buffer ("0.weight", "1.running_mean", ...)."""
+        return {k: v.copy() for k, v in self._state_targets().items()}
+
+    def check_state_dict(self, state, strict=True):
+        """Validate ``state`` (keys, shapes, dtypes) without assigning; returns the list of
+        (target array, value) pairs to copy."""
+        return check_state(self._state_targets(), state, strict, self.name)
+
+    def load_state_dict(self, state, strict=True):
+        """Copy ``state`` into the parameters and buffers in place. Every key, shape and dtype is
+        validated before anything is assigned; with ``strict``, missing or unexpected keys are a
+        ValueError listing them (without, they are skipped)."""
+        for target, value in self.check_state_dict(state, strict):
+            np.copyto(target, value)
+
+    def get_rng_state(self):
+        """{dotted name: state} for every module of the tree with its own generator (Dropout)."""
+        return {n: m.get_rng_state() for n, m in self.named_modules()
+                if m is not self and m.has_rng_state}
+
+    def set_rng_state(self, states):
+        modules = dict(self.named_modules())
+        if not isinstance(states, dict):
+            raise TypeError(f"{self.name}: expected {{module name: generator state}}, "
+                            f"got {type(states).__name__}")
+        for key, state in states.items():
+            module = modules.get(key)
+            if module is None or module is self or not module.has_rng_state:
+                raise ValueError(f"{self.name}: no module with a generator at {key!r}")
+            module.set_rng_state(state)
+
+    # -- config -----------------------------------------------------------------------------------
+    def get_config(self):
+        """{"class": registered name, **constructor arguments}: JSON-able, enough with
+        :func:`module_from_config` to rebuild this module (with fresh parameters)."""
+        return {"class": self.name}
+
+    @classmethod
+    def from_config(cls, config, rng=None):
+        kwargs = {k: v for k, v in config.items() if k != "class"}
+        if "rng" in inspect.signature(cls).parameters:
+            kwargs["rng"] = rng
+        return cls(**kwargs)
+
+    # -- shapes and summary -----------------------------------------------------------------------
+    def output_shape(self, input_shape):
+        """The output shape for an input of this shape (validated): identity by default."""
+        return tuple(int(s) for s in input_shape)
+
+    def flops(self, input_shape):
+        """Forward floating-point operations (elementwise modules: one per element)."""
+        return int(np.prod(self.output_shape(input_shape)))
+
+    def trace_shapes(self, input_shape, visit, prefix=""):
+        """Walk the tree for an input of this shape, validating it on the way; returns the
+        output shape. ``visit(name, module, input_shape)`` is called for every module,
+        containers before their children, and returns a dict that is then given the module's
+        ``output_shape`` and its own ``flops`` (a container's: only what it adds itself).
+        Containers override this to walk their children."""
+        row = visit(prefix, self, tuple(int(s) for s in input_shape))
+        out = self.output_shape(input_shape)
+        row.update(output_shape=out, flops=self.flops(input_shape))
+        return out
+
+    def summary(self, input_shape, print_fn=print):
+        """A table of each module's output shape, parameter count and forward FLOPs, with
+        totals, for an input of shape ``input_shape`` (batch dimension included, e.g.
+        (1, 1, 28, 28)); checks on the way that the modules fit together. Returns the table
+        and prints it (``print_fn=None`` to only return it)."""
+        from .summary import summary_table
+
+        text = summary_table(self, tuple(int(s) for s in input_shape))
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # -- repr ---------------------------------------------------------------------------------------
+    def extra_repr(self):
+        cfg = self.get_config()
+        return ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "class")
+
+    def __repr__(self):
+        children = self.named_children()
+        if not children:
+            return f"{self.name}({self.extra_repr()})"
+        lines = [f"  ({n}): " + repr(m).replace("\n", "\n  ") for n, m in children]
+        return f"{self.name}(\n" + "\n".join(lines) + "\n)"
+
+
+def _drop(d, name):
+    for names in ("_param_names", "_buffer_names", "_child_names"):
+        if name in d[names]:
+            d[names].remove(name)
+            if names == "_child_names":
+                _TREE["version"] += 1
+
+
+def _within(dotted, name):
+    return dotted == name or dotted.startswith(name + ".")
+
+
+def check_state(targets, state, strict, owner):
+    """Validate every key, shape and dtype of ``state`` against ``targets`` (name -> array);
+    returns the (target, value) pairs to copy, or raises naming every problem."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"{owner}: expected a state dict (name -> array), got {type(state).__name__}")
+    missing = [k for k in targets if k not in state]
+    unexpected = [k for k in state if k not in targets]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    pairs = []
+    for key, target in targets.items():
+        if key not in state:
+            continue
+        value = np.asarray(state[key])
+        if value.shape != target.shape:
+            problems.append(f"{key!r}: expected shape {target.shape}, got {value.shape}")
+        elif value.dtype != target.dtype:
+            problems.append(f"{key!r}: expected dtype {target.dtype}, got {value.dtype}")
+        else:
+            pairs.append((target, value))
+    if problems:
+        raise ValueError(f"{owner}: cannot load state dict: " + "; ".join(problems))
+    return pairs
+
+
+# -------------------------------------------------------------------------------------------------
+# the registry
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_module(cls=None, *, name=None):
+    """Register a Module subclass so that checkpoints holding it can be loaded; usable as a
+    decorator (``@fastcnn.register_module``). ``name`` defaults to the class name, the
+    ``"class"`` entry of its ``get_config()``. Registering another class under a taken name
+    is a ValueError; registering the same class again does nothing.
+
+    The class must rebuild itself from its config: by default ``cls(**config_without_class)``
+    (plus ``rng`` when its constructor takes one), so ``get_config()`` returns the constructor's
+    arguments; a container whose children are arguments overrides ``from_config`` and builds
+    them with :func:`module_from_config`.
+    """
+    def register(c):
+        if not (isinstance(c, type) and issubclass(c, Module)):
+            raise TypeError(f"register_module: expected a fastcnn Module subclass, got {c!r}")
+        key = c.__name__ if name is None else name
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"register_module: expected a non-empty str name, got {key!r}")
+        known = _REGISTRY.get(key)
+        if known is not None and known is not c:
+            raise ValueError(f"register_module: the name {key!r} is taken by {known.__module__}."
+                             f"{known.__qualname__}")
+        _REGISTRY[key] = c
+        return c
+
+    return register if cls is None else register(cls)
+
+
+def registered_modules():
+    """{name: class} of every registered module class (a copy)."""
+    return dict(_REGISTRY)
+
+
+_nesting = threading.local()  # how deep module_from_config is, in this thread
+
+
+def module_from_config(config, rng=None):
+    """Build a module from its ``get_config()`` dict, through the registry only (nothing is
+    imported or called by a name that is not registered). Parameters are freshly initialised
+    from ``rng`` (a Generator or a seed); load weights with ``load_state_dict``. Containers
+    call this for their children: a config nested deeper than :data:`MAX_CONFIG_DEPTH` is a
+    ValueError."""
+    if not isinstance(config, dict) or not isinstance(config.get("class"), str):
+        raise ValueError(f"expected a module config dict with a 'class' key, got {config!r:.200}")
+    cls = _REGISTRY.get(config["class"])
+    if cls is None:
+        raise ValueError(f"unknown module class {config['class']!r:.100}: register it with "
+                         f"fastcnn.register_module; known: {sorted(_REGISTRY)}")
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= MAX_CONFIG_DEPTH:
+        raise ValueError(f"module config nested deeper than {MAX_CONFIG_DEPTH} levels")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    _nesting.depth = depth + 1
+    try:
+        return cls.from_config(config, rng=rng)
+    finally:
+        _nesting.depth = depth

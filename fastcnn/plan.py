@@ -1,0 +1,263 @@
+"""The fusion planner: a container's children become a plan of steps, some of them fused.
+
+A container (``Sequential``, and through it every ``Residual`` body or ``Concat`` branch that is
+one) does not run its children one by one: :func:`make_plan` reads the list, with nested plain
+``Sequential`` containers opened up, and matches :data:`PATTERNS` against it from left to right,
+longest pattern first. A run of modules that matches becomes one fused step; any other module
+is a step of its own (``ModuleStep``: its own forward and backward; a nested container runs its
+own plan). Each step keeps what its backward needs, so the layers themselves know nothing of
+fusion: a layer's ``forward`` and ``backward`` are only its own.
+
+Every fused step gives bitwise the results of its modules run one by one (tests/test_plan.py,
+per pattern, and the fuzz suite on random trees). :func:`set_fusion` (or ``with
+fastcnn.fusion(False):``) runs the unfused plan, one step per leaf, to compare or debug.
+
+The patterns (types matched exactly: a subclass may change what its forward does):
+
+- Conv2D -> ReLU -> MaxPool2D: forward with the ReLU applied as the convolution's output is
+  stored; when the pool's windows tile (stride = kernel, no padding) the convolution's rows are
+  pooled as they are computed and never stored, and the backward forms the convolution's
+  gradients straight from the pooled gradient (kernels/fused.py); otherwise the pooling's
+  backward applies the ReLU's mask in the same pass;
+- Conv2D -> ReLU and Dense -> ReLU: the ReLU applied as the output is stored;
+- ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where the pooled
+  maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+from . import functional as F
+from .layers import Conv2D, Dense, MaxPool2D, ReLU, _as_dtype, cast_grad, cast_input, check_grad
+
+__all__ = ["set_fusion", "fusion_enabled", "fusion", "make_plan", "Step", "ModuleStep",
+           "PATTERNS"]
+
+_FUSION = {"enabled": True}
+
+
+def set_fusion(enabled):
+    """Turn fusion on (the default) or off for every container, from its next forward on."""
+    _FUSION["enabled"] = bool(enabled)
+
+
+def fusion_enabled():
+    return _FUSION["enabled"]
+
+
+@contextmanager
+def fusion(enabled):
+    """``with fastcnn.fusion(False): ...``: run a block with fusion on or off, then restore."""
+    previous = _FUSION["enabled"]
+    _FUSION["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSION["enabled"] = previous
+
+
+# -------------------------------------------------------------------------------------------------
+# steps
+
+_CONSUMED = object()
+
+
+class Step:
+    """One unit of a plan over ``modules``: ``forward(x)`` and ``backward(dy, input_grad)``,
+    keeping between the two what the backward needs (once: a second backward is an error)."""
+
+    def __init__(self, modules):
+        self.modules = tuple(modules)
+        self._saved = None
+
+    def _save(self, *values):
+        self._saved = values
+
+    def _take(self):
+        saved = self._saved
+        if saved is None or saved is _CONSUMED:
+            # the same messages as a layer's (Module.saved_for_backward)
+            name = self.modules[0].name
+            if saved is None:
+                raise RuntimeError(f"{name}: backward called before forward")
+            raise RuntimeError(f"{name}: backward called twice after one forward; run forward "
+                               "again first")
+        self._saved = _CONSUMED
+        return saved
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(m.name for m in self.modules)})"
+
+
+class ModuleStep(Step):
+    """One module, unfused: its own forward and backward."""
+
+    def __init__(self, module):
+        super().__init__([module])
+        self.module = module
+        params = inspect.signature(module.backward).parameters
+        self._takes_input_grad = "input_grad" in params or any(
+            p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def forward(self, x):
+        return self.module.forward(x)
+
+    def backward(self, dy, input_grad=True):
+        if self._takes_input_grad:
+            return self.module.backward(dy, input_grad=input_grad)
+        dx = self.module.backward(dy)  # a user's module without the argument
+        return dx if input_grad else None
+
+
+def _bias(layer):
+    return None if layer.bias is None else layer.bias.data
+
+
+def _tiles(pool):
+    return pool.stride == pool.kernel_size and pool.padding == (0, 0)
+
+
+class ConvReLUMaxPool(Step):
+    """Conv2D -> ReLU -> MaxPool2D (see the module docstring)."""
+
+    def forward(self, x):
+        conv, relu, pool = self.modules
+        x, in_dtype = cast_input(x, conv.dtype, conv.name)
+        if _tiles(pool):
+            y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
+                x, conv.weight.data, _bias(conv), conv.stride, conv.padding, conv.dilation,
+                pool.kernel_size, layer=conv.name, pool_layer=pool.name)
+            self._save(x, in_dtype, None, y, argmax, conv_shape)
+            return y
+        a = F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
+                             conv.dilation, relu=True, layer=conv.name)
+        y, argmax = F.max_pool2d_forward(a, pool.kernel_size, pool.stride, pool.padding,
+                                         layer=pool.name)
+        self._save(x, in_dtype, a, y, argmax, a.shape)
+        return y
+
+    def backward(self, dy, input_grad=True):
+        conv, relu, pool = self.modules
+        x, in_dtype, a, y, argmax, conv_shape = self._take()
+        dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
+        if a is None:  # tiled: from the pooled gradient
+            dx, dw, db = F.max_pool2d_conv2d_backward(
+                x, conv.weight.data, dy, argmax, y, conv_shape, pool.kernel_size, conv.stride,
+                conv.padding, conv.dilation, relu=True, bias=conv.bias is not None,
+                input_grad=input_grad, layer=conv.name, pool_layer=pool.name)
+        else:
+            da = F.max_pool2d_backward(dy, argmax, conv_shape, pool.kernel_size, pool.stride,
+                                       pool.padding, relu_output=y, layer=pool.name)
+            dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(da, conv.dtype, conv.name),
+                                           conv.stride, conv.padding, conv.dilation,
+                                           layer=conv.name, bias=conv.bias is not None,
+                                           input_grad=input_grad)
+        conv.accumulate(dw, db)
+        return _as_dtype(dx, in_dtype)
+
+
+class ConvReLU(Step):
+    """Conv2D -> ReLU: the ReLU applied as the convolution's output is stored."""
+
+    def forward(self, x):
+        conv, relu = self.modules
+        x, in_dtype = cast_input(x, conv.dtype, conv.name)
+        y = F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
+                             conv.dilation, relu=True, layer=conv.name)
+        self._save(x, in_dtype, y)
+        return y
+
+    def backward(self, dy, input_grad=True):
+        conv, relu = self.modules
+        x, in_dtype, y = self._take()
+        da = F.relu_backward(dy, y, layer=relu.name)
+        dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(da, conv.dtype, conv.name),
+                                       conv.stride, conv.padding, conv.dilation, layer=conv.name,
+                                       bias=conv.bias is not None, input_grad=input_grad)
+        conv.accumulate(dw, db)
+        return _as_dtype(dx, in_dtype)
+
+
+class DenseReLU(Step):
+    """Dense -> ReLU: the ReLU applied to the product in place."""
+
+    def forward(self, x):
+        dense, relu = self.modules
+        x, in_dtype = cast_input(x, dense.dtype, dense.name)
+        y = F.dense_forward(x, dense.weight.data, _bias(dense), relu=True, layer=dense.name)
+        self._save(x, in_dtype, y)
+        return y
+
+    def backward(self, dy, input_grad=True):
+        dense, relu = self.modules
+        x, in_dtype, y = self._take()
+        da = F.relu_backward(dy, y, layer=relu.name)
+        dx, dw, db = F.dense_backward(x, dense.weight.data, cast_grad(da, dense.dtype, dense.name),
+                                      layer=dense.name, bias=dense.bias is not None,
+                                      input_grad=input_grad)
+        dense.accumulate(dw, db)
+        return _as_dtype(dx, in_dtype)
+
+
+class ReLUMaxPool(Step):
+    """ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask."""
+
+    def forward(self, x):
+        relu, pool = self.modules
+        a = F.relu_forward(x, layer=relu.name)
+        y, argmax = F.max_pool2d_forward(a, pool.kernel_size, pool.stride, pool.padding,
+                                         layer=pool.name)
+        self._save(a.shape, y, argmax)
+        return y
+
+    def backward(self, dy, input_grad=True):
+        relu, pool = self.modules
+        shape, y, argmax = self._take()
+        dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
+        return F.max_pool2d_backward(dy, argmax, shape, pool.kernel_size, pool.stride,
+                                     pool.padding, relu_output=y, layer=pool.name)
+
+
+#: (module types, step class), tried in this order at each position: longest first.
+PATTERNS = (
+    ((Conv2D, ReLU, MaxPool2D), ConvReLUMaxPool),
+    ((Conv2D, ReLU), ConvReLU),
+    ((Dense, ReLU), DenseReLU),
+    ((ReLU, MaxPool2D), ReLUMaxPool),
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# planning
+
+def leaves_of(modules):
+    """``modules`` with every nested plain Sequential opened up (a chain of chains is a chain)."""
+    from .containers import Sequential
+
+    out = []
+    for m in modules:
+        if type(m) is Sequential:
+            out += leaves_of(m.children())
+        else:
+            out.append(m)
+    return out
+
+
+def make_plan(modules, fuse=None):
+    """The steps that run ``modules`` in order: fused where a pattern matches (``fuse``, by
+    default the global switch), else one ``ModuleStep`` per module."""
+    fuse = fusion_enabled() if fuse is None else fuse
+    chain = leaves_of(modules)
+    steps, i = [], 0
+    while i < len(chain):
+        for types, step in (PATTERNS if fuse else ()):
+            run = chain[i:i + len(types)]
+            if len(run) == len(types) and all(type(m) is t for m, t in zip(run, types)):
+                steps.append(step(run))
+                i += len(types)
+                break
+        else:
+            steps.append(ModuleStep(chain[i]))
+            i += 1
+    return steps
