@@ -35,7 +35,7 @@ from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
 from .model import from_config  # noqa: E402
 from .module import Module, Parameter, module_from_config, register_module  # noqa: E402
 from .plan import fusion, set_fusion  # noqa: E402
-from .optim import SGD, Adam, AdamW, CosineAnnealingLR, StepLR  # noqa: E402
+from .optim import SGD, Adam, AdamW, CosineAnnealingLR, OneCycleLR, StepLR  # noqa: E402
 from .threads import set_num_threads  # noqa: E402
 from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
 
@@ -47,7 +47,7 @@ __all__ = [
     "AvgPool2D", "BatchNorm1D", "BatchNorm2D", "Conv2D", "Dense", "Dropout", "Flatten",
     "GlobalAvgPool2D", "Layer", "LeakyReLU", "MaxPool2D", "ReLU", "Sigmoid", "Softmax", "Tanh",
     "CrossEntropyLoss", "MSELoss",
-    "SGD", "Adam", "AdamW", "CosineAnnealingLR", "StepLR",
+    "SGD", "Adam", "AdamW", "CosineAnnealingLR", "OneCycleLR", "StepLR",
     "History", "TrainingDiverged", "evaluate", "fit", "set_num_threads",
     "checkpoint", "datasets", "functional", "losses", "models", "optim", "plan", "threads",
     "training",

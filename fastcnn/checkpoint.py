@@ -74,8 +74,11 @@ def _from_config(config):
 # ---------------------------------------------------------------------------------------------
 # Saving
 
-def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None):
+def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
     """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path`` atomically.
+
+    ``input_shape``: the shape of one input the model takes, e.g. (1, 28, 28) (``fit`` records
+    it), for ``fastcnn summary``; read back as ``Checkpoint.input_shape``.
 
     ``extra`` must be JSON-able (dicts with str keys, lists, str, int, float, bool, None; numpy
     scalars are converted); e.g. the bit-generator state of the shuffling RNG. Everything is
@@ -86,6 +89,8 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None):
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
             raise TypeError(f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}")
         epoch = int(epoch)
+    if input_shape is not None:
+        input_shape = [int(s) for s in input_shape]
 
     tensors = {}
     state = model.state_dict()
@@ -109,7 +114,8 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None):
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "fastcnn_version": _fastcnn_version(),
-        "model": {"config": config, "keys": list(map(str, state.keys())), "rng_state": rng_state},
+        "model": {"config": config, "keys": list(map(str, state.keys())), "rng_state": rng_state,
+                  "input_shape": input_shape},
         "tensors": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in tensors.items()},
         "sha256": _digest(tensors),
         "optimizer": opt_meta,
@@ -283,6 +289,7 @@ class Checkpoint:
     epoch: int | None
     extra: object
     metadata: dict = field(repr=False)
+    input_shape: tuple | None = None
 
     def restore_model(self, model):
         """Load the saved weights into an existing ``model`` of the same architecture.
@@ -486,11 +493,18 @@ def load(path):
             model.set_rng_state(model_meta["rng_state"])
     except Exception as exc:
         fail(f"the saved state does not fit the rebuilt model ({type(exc).__name__}: {exc})")
+    input_shape = model_meta.get("input_shape")
+    if input_shape is not None:
+        if not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 8 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**31 - 1
+                for v in input_shape)):
+            fail(f"corrupted metadata: input_shape {input_shape!r:.100}")
+        input_shape = tuple(input_shape)
     return Checkpoint(
         path=path, model=model, model_state=model_state, config=config,
         optimizer_state=optimizer_state, optimizer_class=optimizer_class,
         scheduler_state=scheduler_state, scheduler_class=scheduler_class,
-        epoch=epoch, extra=meta.get("extra"), metadata=meta)
+        epoch=epoch, extra=meta.get("extra"), metadata=meta, input_shape=input_shape)
 
 
 def _join_optimizer_state(fail, opt_meta, tensors, model):

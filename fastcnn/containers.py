@@ -230,6 +230,12 @@ class Concat(_Container):
                 raise TypeError(f"Concat: branch {i} is not a fastcnn Module: {m!r:.100}")
             setattr(self, str(i), m)
 
+    def __len__(self):
+        return len(self._child_names)
+
+    def __getitem__(self, index):
+        return self.children()[index]
+
     def _check(self, shapes, dtypes=None):
         first = shapes[0]
         for i, s in enumerate(shapes):

@@ -1,10 +1,16 @@
-"""Ready-made networks."""
+"""Ready-made networks: the reference MNIST network, LeNet-5 and the CIFAR-style ResNets.
+
+Each takes ``seed`` (one generator initialises the layers in construction order, PyTorch's
+default initialisation) and ``dtype``. ``BUILDERS`` maps the names ``fastcnn train --model``
+accepts to a function of ``(in_channels, num_classes, seed)``.
+"""
 import numpy as np
 
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
-from .containers import Sequential
+from .containers import Residual, Sequential
+from .layers import (AvgPool2D, BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D,
+                     ReLU, Tanh)
 
-__all__ = ["reference"]
+__all__ = ["reference", "lenet5", "resnet", "BUILDERS"]
 
 
 def reference(seed=0, dtype=np.float32):
@@ -19,3 +25,68 @@ def reference(seed=0, dtype=np.float32):
         Dense(1600, 128, dtype=dtype, rng=rng), ReLU(),
         Dense(128, 10, dtype=dtype, rng=rng),
     ])
+
+
+def lenet5(in_channels=1, num_classes=10, seed=0, dtype=np.float32):
+    """LeNet-5 (LeCun et al., 1998) for (N, C, 28, 28) inputs (61,706 parameters for MNIST):
+    Conv2D(C,6,5,padding=2) Tanh AvgPool2D(2) Conv2D(6,16,5) Tanh AvgPool2D(2) Flatten
+    Dense(400,120) Tanh Dense(120,84) Tanh Dense(84,num_classes). The padding of 2 makes a
+    28x28 image the 32x32 of the paper."""
+    rng = np.random.default_rng(seed)
+    return Sequential([
+        Conv2D(in_channels, 6, 5, padding=2, dtype=dtype, rng=rng), Tanh(), AvgPool2D(2),
+        Conv2D(6, 16, 5, dtype=dtype, rng=rng), Tanh(), AvgPool2D(2),
+        Flatten(),
+        Dense(16 * 5 * 5, 120, dtype=dtype, rng=rng), Tanh(),
+        Dense(120, 84, dtype=dtype, rng=rng), Tanh(),
+        Dense(84, num_classes, dtype=dtype, rng=rng),
+    ])
+
+
+def _conv_bn(c_in, c_out, kernel, stride, dtype, rng):
+    """A convolution without bias (the BatchNorm after it has one) and its BatchNorm."""
+    return [Conv2D(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False,
+                   dtype=dtype, rng=rng), BatchNorm2D(c_out, dtype=dtype)]
+
+
+def _basic_block(c_in, c_out, stride, dtype, rng):
+    """conv-BN-ReLU-conv-BN, plus the input (a 1x1 convolution with stride + BN where the shape
+    changes), then ReLU: returned as the two modules [Residual, ReLU]."""
+    body = Sequential(_conv_bn(c_in, c_out, 3, stride, dtype, rng) + [ReLU()]
+                      + _conv_bn(c_out, c_out, 3, 1, dtype, rng))
+    shortcut = None
+    if stride != 1 or c_in != c_out:
+        shortcut = Sequential(_conv_bn(c_in, c_out, 1, stride, dtype, rng))
+    return [Residual(body, shortcut), ReLU()]
+
+
+def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
+    """The CIFAR-style ResNet of He et al. (2016), depth 6n+2 (8, 14, 20, 32, 44, 56, 110):
+    a 3x3 convolution with 16 filters, BatchNorm and ReLU; three stages of n basic blocks at
+    16, 32 and 64 channels, the first block of stages 2 and 3 with stride 2 and a projection
+    shortcut (1x1 convolution with stride 2 and BatchNorm); global average pooling; Dense(64,
+    num_classes). Convolutions followed by BatchNorm have no bias. One flat Sequential:
+    [conv, bn, relu, Residual, ReLU, Residual, ReLU, ..., GlobalAvgPool2D, Dense], so the
+    first block's body is ``model[3].body`` and its first weight "3.body.0.weight"."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 8 \
+            or (depth - 2) % 6:
+        raise ValueError(f"resnet: expected a depth 6n+2 >= 8 (8, 14, 20, 32, ...), got {depth!r}")
+    n = (depth - 2) // 6
+    rng = np.random.default_rng(seed)
+    modules = _conv_bn(in_channels, 16, 3, 1, dtype, rng) + [ReLU()]
+    c_in = 16
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(n):
+            stride = 2 if stage > 0 and block == 0 else 1
+            modules += _basic_block(c_in, width, stride, dtype, rng)
+            c_in = width
+    modules += [GlobalAvgPool2D(), Dense(64, num_classes, dtype=dtype, rng=rng)]
+    return Sequential(modules)
+
+
+BUILDERS = {
+    "reference": lambda in_channels, num_classes, seed: reference(seed=seed),
+    "lenet5": lambda in_channels, num_classes, seed: lenet5(in_channels, num_classes, seed),
+    "resnet8": lambda in_channels, num_classes, seed: resnet(8, in_channels, num_classes, seed),
+    "resnet20": lambda in_channels, num_classes, seed: resnet(20, in_channels, num_classes, seed),
+}

@@ -1,4 +1,5 @@
-"""Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR).
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR,
+OneCycleLR).
 
 The update rules are PyTorch's (torch.optim), for one parameter group:
 
@@ -23,7 +24,8 @@ import numpy as np
 
 from .kernels import optim as _kernels
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR",
+           "OneCycleLR"]
 
 
 def _is_number(x):
@@ -387,7 +389,11 @@ class LRScheduler:
     """Base: sets ``optimizer.lr`` from a closed form of the epoch counter ``last_epoch``.
 
     As PyTorch, construction counts as the first step (``last_epoch`` = 0, lr = the optimizer's
-    lr at construction, ``base_lr``); call ``step()`` once per epoch after the optimizer steps."""
+    lr at construction, ``base_lr``); call ``step()`` once per epoch after the optimizer steps
+    (once per batch for a scheduler with ``per_batch = True``, such as OneCycleLR)."""
+
+    #: Whether ``fit`` steps this scheduler after every batch (else after every epoch).
+    per_batch = False
 
     def __init__(self, optimizer):
         name = type(self).__name__
@@ -492,3 +498,101 @@ class CosineAnnealingLR(LRScheduler):
         return self.eta_min + (self.base_lr - self.eta_min) * (
             1 + math.cos(math.pi * epoch / self.T_max)
         ) / 2
+
+
+class OneCycleLR(LRScheduler):
+    """The one-cycle policy (Smith and Topal, 2018), as ``torch.optim.lr_scheduler.OneCycleLR``
+    with its defaults: the lr rises from ``max_lr / div_factor`` to ``max_lr`` over the first
+    ``pct_start`` of ``total_steps``, then anneals to ``max_lr / div_factor / final_div_factor``
+    (cosine, or linear with ``anneal_strategy='linear'``); with ``cycle_momentum`` the momentum
+    (SGD's, or Adam's beta1) moves the opposite way between ``max_momentum`` and
+    ``base_momentum``. Stepped once per BATCH (``per_batch``: ``fit`` does so); stepping past
+    ``total_steps`` is a ValueError, as in PyTorch."""
+
+    per_batch = True
+
+    def __init__(self, optimizer, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
+                 cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25.0,
+                 final_div_factor=1e4):
+        self._set_params({"max_lr": max_lr, "total_steps": total_steps, "pct_start": pct_start,
+                          "anneal_strategy": anneal_strategy, "cycle_momentum": cycle_momentum,
+                          "base_momentum": base_momentum, "max_momentum": max_momentum,
+                          "div_factor": div_factor, "final_div_factor": final_div_factor})
+        if cycle_momentum and not (hasattr(optimizer, "momentum") or hasattr(optimizer, "betas")):
+            raise ValueError("OneCycleLR: cycle_momentum needs an optimizer with momentum or "
+                             "betas")
+        super().__init__(optimizer)
+        self.base_lr = self.max_lr / self.div_factor
+        self._apply(0)
+
+    def _params(self):
+        return {k: getattr(self, k) for k in (
+            "max_lr", "total_steps", "pct_start", "anneal_strategy", "cycle_momentum",
+            "base_momentum", "max_momentum", "div_factor", "final_div_factor")}
+
+    def _set_params(self, p):
+        name = "OneCycleLR"
+        total = p["total_steps"]
+        if not isinstance(total, (int, np.integer)) or isinstance(total, bool) or total < 1:
+            raise ValueError(f"{name}: expected total_steps to be an int >= 1, got {total!r}")
+        pct = p["pct_start"]
+        if not _is_number(pct) or not 0 <= pct <= 1:
+            raise ValueError(f"{name}: expected 0 <= pct_start <= 1, got {pct!r}")
+        if p["anneal_strategy"] not in ("cos", "linear"):
+            raise ValueError(f"{name}: expected anneal_strategy 'cos' or 'linear', "
+                             f"got {p['anneal_strategy']!r}")
+        if not isinstance(p["cycle_momentum"], (bool, np.bool_)):
+            raise ValueError(f"{name}: expected cycle_momentum to be True or False, "
+                             f"got {p['cycle_momentum']!r}")
+        for key in ("max_lr", "div_factor", "final_div_factor"):
+            if not _is_number(p[key]) or not math.isfinite(p[key]) or p[key] <= 0:
+                raise ValueError(f"{name}: expected {key} > 0, got {p[key]!r}")
+        self.max_lr = float(p["max_lr"])
+        self.total_steps = int(total)
+        self.pct_start = float(pct)
+        self.anneal_strategy = p["anneal_strategy"]
+        self.cycle_momentum = bool(p["cycle_momentum"])
+        self.base_momentum = _check_nonneg(name, "base_momentum", p["base_momentum"])
+        self.max_momentum = _check_nonneg(name, "max_momentum", p["max_momentum"])
+        self.div_factor = float(p["div_factor"])
+        self.final_div_factor = float(p["final_div_factor"])
+
+    def _anneal(self, start, end, pct):
+        if self.anneal_strategy == "linear":
+            return (end - start) * pct + start
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    def _schedule(self, step):
+        """(lr, momentum) at ``step``, PyTorch's phases: warm-up to step
+        ``pct_start * total_steps - 1``, then the annealing to step ``total_steps - 1``."""
+        initial = self.max_lr / self.div_factor
+        phases = ((float(self.pct_start * self.total_steps) - 1, initial, self.max_lr,
+                   self.max_momentum, self.base_momentum),
+                  (self.total_steps - 1, self.max_lr, initial / self.final_div_factor,
+                   self.base_momentum, self.max_momentum))
+        start = 0
+        for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                pct = (step - start) / (end - start)
+                return self._anneal(lr0, lr1, pct), self._anneal(m0, m1, pct)
+            start = end
+
+    def _apply(self, step):
+        lr, momentum = self._schedule(step)
+        self._last_lr = self.optimizer.lr = lr
+        if self.cycle_momentum:
+            if hasattr(self.optimizer, "momentum"):
+                self.optimizer.momentum = momentum
+            else:
+                self.optimizer.betas = (momentum, self.optimizer.betas[1])
+
+    def step(self):
+        if self.last_epoch + 1 >= self.total_steps + 1:
+            raise ValueError(f"OneCycleLR: tried to step {self.last_epoch + 1} times; the "
+                             f"schedule has {self.total_steps} steps (total_steps)")
+        self.last_epoch += 1
+        self._apply(self.last_epoch)
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._apply(self.last_epoch)

@@ -245,7 +245,8 @@ def fit(
       batch is kept (PyTorch's ``drop_last=False``). ``loss_fn(logits, y)`` returns the mean loss
       of a batch and ``loss_fn.backward()`` its gradient to the logits.
     - ``val_data=(x, y)`` is evaluated (eval mode) after each epoch.
-    - ``scheduler.step()`` runs once at the end of each epoch.
+    - ``scheduler.step()`` runs once at the end of each epoch, or after every batch for a
+      scheduler with ``per_batch = True`` (``OneCycleLR``).
     - ``checkpoint``: a path written (atomically, via ``fastcnn.checkpoint.save``) at the end of
       every epoch with the model, optimizer, scheduler, the number of completed epochs and, in
       ``extra["fit"]``, the shuffling state, seed and history; ``checkpoint_extra`` is stored
@@ -297,6 +298,7 @@ def fit(
         from tqdm.auto import tqdm
 
     targets_checked = False
+    per_batch = scheduler is not None and getattr(scheduler, "per_batch", False)
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -337,6 +339,8 @@ def fit(
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
                     model.backward(loss_fn.backward(), input_grad=False)
                     optimizer.step()
+                    if per_batch:
+                        scheduler.step()
 
                     loss_sum += loss * m
                     correct += _correct(logits, yb)
@@ -374,18 +378,20 @@ def fit(
                 images_per_second=n / seconds,
                 lr=lr,
             )
-            if scheduler is not None:
+            if scheduler is not None and not per_batch:
                 scheduler.step()
             if checkpoint is not None:
                 _save_checkpoint(
-                    checkpoint, model, optimizer, scheduler, epoch + 1, rng, seed, history, checkpoint_extra
+                    checkpoint, model, optimizer, scheduler, epoch + 1, rng, seed, history,
+                    checkpoint_extra, x_train.shape[1:]
                 )
             if verbose:
                 print(format_epoch(history.last(), epochs), flush=True)
     return history
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra):
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra,
+                     input_shape):
     from . import checkpoint as ckpt
 
     info = {
@@ -395,7 +401,8 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, histor
     }
     payload = dict(extra or {})
     payload["fit"] = info
-    ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload)
+    ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload,
+              input_shape=input_shape)
 
 
 def format_epoch(record: dict, epochs: int | None = None) -> str:

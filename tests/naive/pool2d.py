@@ -105,3 +105,29 @@ def avgpool2d_backward(x_shape, dy, kernel, stride, padding):
                             if 0 <= h < h_ and 0 <= w < w_:
                                 dx[n, c, h, w] += share
     return dx
+
+
+def global_avgpool2d_forward(x):
+    """(N, C, H, W) -> (N, C): the mean of each plane."""
+    n_, c_, h_, w_ = x.shape
+    y = np.zeros((n_, c_), dtype=x.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            total = 0.0
+            for h in range(h_):
+                for w in range(w_):
+                    total += x[n, c, h, w]
+            y[n, c] = total / (h_ * w_)
+    return y
+
+
+def global_avgpool2d_backward(x_shape, dy):
+    """Each plane's cells get dy / (H * W)."""
+    n_, c_, h_, w_ = x_shape
+    dx = np.zeros(x_shape, dtype=dy.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            for h in range(h_):
+                for w in range(w_):
+                    dx[n, c, h, w] = dy[n, c] / (h_ * w_)
+    return dx
