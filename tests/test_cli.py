@@ -192,3 +192,40 @@ def test_divergence_exits_1_with_one_line(capsys, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.search(r"diverged at epoch \d+, batch \d+ of 4", lines[0]), err
     assert "test accuracy" not in stdout
+
+
+def test_summary_of_each_model_and_input_shape(capsys):
+    status, out, err = run_main(capsys, "summary", "--model", "resnet20")
+    assert status == 0 and err == ""
+    assert "Total params: 272,186" in out and "3.body.0" in out and "Output shape: (1, 10)" in out
+    status, out, _ = run_main(capsys, "summary", "--model", "lenet5", "--input-shape", "1,28,28")
+    assert status == 0 and "(1, 6, 28, 28)" in out and "Total params: 61,706" in out
+    status, _, err = run_main(capsys, "summary", "--model", "reference", "--input-shape", "1,32,32")
+    assert_one_line_error(status, err, "Dense: expected input of shape (N, 1600), got (1, 2304)")
+    status, _, err = run_main(capsys, "summary", "--input-shape", "1,28")
+    assert status == 2 and "C,H,W" in err
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_resnet_train_resume_evaluate_summary(capsys, tmp_path):
+    """A ResNet with its recipe (Nesterov, one-cycle stepped per batch): its checkpoint
+    evaluates to the same line, knows its input shape, and resumes only over its schedule."""
+    common = ["--model", "resnet8", "--dataset", "fashion-mnist", "--limit", "320",
+              "--val-split", "64", "--batch-size", "64", "--data-dir", data_dir(), "--no-download",
+              "--no-progress"]
+    full, part = str(tmp_path / "full.safetensors"), str(tmp_path / "part.safetensors")
+    status, out, err = run_main(capsys, "train", "--epochs", "2", "--out", full, *common)
+    assert status == 0, err
+    assert "resnet8 on fashion-mnist" in out and "nesterov" in out and "one-cycle" in out
+    last = out.strip().splitlines()[-1]
+    ckpt = checkpoint.load(full)
+    assert ckpt.scheduler_class == "OneCycleLR" and ckpt.input_shape == (1, 28, 28)
+    status, _, err = run_main(capsys, "train", "--resume", full, "--epochs", "3", "--out", part,
+                              "--data-dir", data_dir())
+    assert_one_line_error(status, err, "--epochs 3", "over 2 epochs")
+    status, out, err = run_main(capsys, "evaluate", full, "--limit", "320", "--data-dir", data_dir())
+    assert status == 0, err
+    assert out.strip().splitlines()[-1] == last
+    status, out, err = run_main(capsys, "summary", full)
+    assert status == 0 and "Total params: 77,754" in out and "(1, 16, 28, 28)" in out

@@ -176,3 +176,37 @@ def test_resume_mid_training_is_bitwise_identical_with_dropout(mnist_subset, tmp
     kw.update(resume_kwargs(ck))
     fit(model, loss, opt, x, y, **kw)
     assert differs(weights(model), expected)
+
+
+def test_resume_of_a_resnet_with_a_per_batch_schedule_is_bitwise_identical(mnist_subset, tmp_path):
+    """A ResNet-8 (BatchNorm, residuals) trained with SGD + Nesterov and OneCycleLR stepped after
+    every batch: stopped after epoch 1 of 2 and resumed from the file, bitwise the straight run
+    (weights, running statistics, momentum buffers, learning rate and momentum)."""
+    from fastcnn.models import resnet
+    from fastcnn.optim import OneCycleLR
+
+    x, y = mnist_subset[0][:256], mnist_subset[1][:256]
+    loss = CrossEntropyLoss()
+
+    def run(model, path=None, epochs=2):
+        opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        sched = OneCycleLR(opt, max_lr=0.1, total_steps=2 * 4)
+        return model, opt, sched, dict(epochs=epochs, batch_size=64, scheduler=sched, seed=3,
+                                       progress=False, checkpoint=path)
+
+    model, opt, sched, kw = run(resnet(8, seed=2))
+    full = fit(model, loss, opt, x, y, **kw)
+    expected, expected_opt, expected_lr = weights(model), optimizer_state(opt), (opt.lr, opt.momentum)
+    path = tmp_path / "r8.safetensors"
+    model, opt, sched, kw = run(resnet(8, seed=2), path, epochs=1)
+    fit(model, loss, opt, x, y, **kw)
+    ck = checkpoint.load(path)
+    model, opt, sched, kw = run(ck.model)
+    ck.restore_optimizer(opt)
+    ck.restore_scheduler(sched)
+    kw.update(resume_kwargs(ck))
+    resumed = fit(model, loss, opt, x, y, **kw)
+    assert_bitwise(weights(model), expected)
+    assert_bitwise(optimizer_state(opt), expected_opt)
+    assert (opt.lr, opt.momentum) == expected_lr and sched.last_epoch == 8
+    assert resumed.train_loss == full.train_loss and resumed.lr == full.lr

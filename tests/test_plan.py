@@ -1,0 +1,232 @@
+"""fastcnn.plan: every fusion pattern gives bitwise the results of its layers run one by one,
+alone and inside any container, and so do random module trees (nesting, residuals, concats,
+every layer type), forward and backward."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastcnn
+from fastcnn import Concat, Residual, Sequential
+from fastcnn import layers as L
+from fastcnn.models import reference, resnet
+from fastcnn.module import module_from_config
+from fastcnn.plan import PATTERNS, fusion_enabled, make_plan, set_fusion
+
+
+def _twin(model):
+    """Another tree with the same config, weights, buffers and generator states."""
+    twin = module_from_config(model.get_config())
+    twin.load_state_dict(model.state_dict())
+    twin.set_rng_state(model.get_rng_state())
+    return twin.train(model.training)
+
+
+def _run(model, x, dy, fuse, input_grad=True):
+    with fastcnn.fusion(fuse):
+        model.zero_grad()
+        y = model(x)
+        dx = model.backward(dy, input_grad=input_grad)
+    return y, dx, [p.grad.copy() for p in model.parameters()], model.state_dict()
+
+
+def assert_fused_equals_unfused(model, x, dy=None, input_grad=True):
+    """Run ``model`` fused and a twin unfused: outputs, input gradients, parameter gradients
+    and buffers bitwise equal (NaN where NaN). Returns the fused output."""
+    twin = _twin(model)
+    if dy is None:
+        with fastcnn.fusion(False):
+            shape = _twin(model)(x).shape
+        dy = np.random.default_rng(5).standard_normal(shape).astype(model.parameters()[0].dtype
+                                                                     if model.parameters() else x.dtype)
+    fused = _run(model, x, dy, True, input_grad)
+    plain = _run(twin, x, dy, False, input_grad)
+    np.testing.assert_array_equal(fused[0], plain[0])
+    assert fused[0].dtype == plain[0].dtype
+    if input_grad:
+        np.testing.assert_array_equal(fused[1], plain[1])
+        assert fused[1].dtype == plain[1].dtype
+    else:
+        assert fused[1] is None and plain[1] is None
+    for a, b in zip(fused[2], plain[2]):
+        np.testing.assert_array_equal(a, b)
+    for key in fused[3]:
+        np.testing.assert_array_equal(fused[3][key], plain[3][key], err_msg=key)
+    return fused[0]
+
+
+def _steps(model):
+    return [type(s).__name__ for s in model._plan()]
+
+
+# ---------------------------------------------------------------------------------------------
+# each pattern
+
+def _pattern_models(dtype, rng):
+    conv = lambda c, f, **kw: L.Conv2D(c, f, 3, dtype=dtype, rng=rng, **kw)  # noqa: E731
+    return [
+        ("ConvReLUMaxPool", Sequential(conv(32, 32), L.ReLU(), L.MaxPool2D(2)), (2, 32, 9, 8)),
+        ("ConvReLUMaxPool", Sequential(conv(3, 5, padding=1), L.ReLU(), L.MaxPool2D(2)), (2, 3, 8, 7)),
+        ("ConvReLUMaxPool", Sequential(conv(3, 4), L.ReLU(), L.MaxPool2D(3, stride=2, padding=1)),
+         (2, 3, 9, 9)),  # windows that overlap: the unpooled path
+        ("ConvReLU", Sequential(conv(3, 4, stride=2), L.ReLU()), (3, 3, 7, 8)),
+        ("DenseReLU", Sequential(L.Dense(6, 5, dtype=dtype, rng=rng), L.ReLU()), (4, 6)),
+        ("ReLUMaxPool", Sequential(L.ReLU(), L.MaxPool2D(2)), (2, 3, 6, 6)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("index", range(6))
+def test_each_pattern_is_bitwise_the_unfused_plan(dtype, index, rng):
+    name, model, shape = _pattern_models(dtype, rng)[index]
+    assert _steps(model) == [name]
+    with fastcnn.fusion(False):
+        assert set(_steps(model)) == {"ModuleStep"}
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, 0] = -np.abs(x[0, 0])  # a row of windows the ReLU blocks entirely
+    for input_grad in (True, False):
+        assert_fused_equals_unfused(model, x, input_grad=input_grad)
+    # a float64 input to a float32 layer: cast in, the gradient cast back, as the layer does
+    assert_fused_equals_unfused(model, x.astype(np.float64))
+    # inside containers: a residual body, a concat branch, a nested chain
+    if len(shape) == 4 and name != "ConvReLU":
+        x = np.abs(x) if name == "ReLUMaxPool" else x
+        wrapped = Concat(_twin(model), Sequential(Sequential(*_twin(model).children())))
+        assert_fused_equals_unfused(wrapped, x)
+        for branch in wrapped.children():
+            assert set(_steps(branch)) == {name}
+
+
+def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
+    model = reference(seed=3)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    x[0, 0, 3, 4], x[1, 0, 10, 10] = np.nan, np.inf
+    assert_fused_equals_unfused(model, x)
+
+
+def test_plans_of_the_ready_made_networks():
+    assert _steps(reference()) == ["ConvReLUMaxPool", "ConvReLUMaxPool", "ModuleStep",
+                                   "DenseReLU", "ModuleStep"]
+    model = resnet(8)
+    assert len(_steps(model)) == len(model)  # conv-BN-ReLU and residuals do not fuse (yet)
+    # nested plain Sequentials are opened up: their runs fuse across the boundary
+    chain = Sequential(Sequential(L.Conv2D(1, 2, 3), L.ReLU()), Sequential(L.MaxPool2D(2)))
+    assert _steps(chain) == ["ConvReLUMaxPool"]
+    # a subclass is not matched (its forward may differ), an exact type is
+    class MyReLU(L.ReLU):
+        pass
+    assert _steps(Sequential(L.Conv2D(1, 2, 3), MyReLU())) == ["ModuleStep", "ModuleStep"]
+    assert [t for t, _ in PATTERNS][0] == (L.Conv2D, L.ReLU, L.MaxPool2D)
+
+
+def test_fusion_switch_and_its_context():
+    assert fusion_enabled()
+    with fastcnn.fusion(False):
+        assert not fusion_enabled()
+        with pytest.raises(KeyError):
+            with fastcnn.fusion(True):
+                raise KeyError
+        assert not fusion_enabled()
+    assert fusion_enabled()
+    set_fusion(False)
+    try:
+        assert set(_steps(reference())) == {"ModuleStep"}
+    finally:
+        set_fusion(True)
+    assert [type(s).__name__ for s in make_plan(reference().children(), fuse=False)] == ["ModuleStep"] * 10
+
+
+def test_plan_follows_changes_to_the_tree(rng):
+    model = Sequential(L.Conv2D(1, 2, 3), L.ReLU())
+    assert _steps(model) == ["ConvReLU"]
+    model.append(L.MaxPool2D(2))
+    assert _steps(model) == ["ConvReLUMaxPool"]
+    x = rng.random((1, 1, 6, 6), dtype=np.float32)
+    assert model(x).shape == (1, 2, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# random trees
+
+LEAVES = ("conv", "relu", "block", "maxpool", "avgpool", "bn", "act", "dropout", "convrelu")
+
+
+@st.composite
+def trees(draw, channels, size, depth=0):
+    """(module, out_channels, out_size) for an input of (N, channels, size, size): a chain of
+    leaves, residual blocks (identity or projection), concats of branches and nested chains."""
+    rng_seed = draw(st.integers(0, 999))
+    rng = np.random.default_rng(rng_seed)
+    dtype = np.float64
+    mods = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(LEAVES + (("residual", "concat", "chain") if depth < 2 else ())))
+        if kind in ("conv", "convrelu", "block"):
+            f = draw(st.sampled_from([1, 2, 3, 32]))
+            k = draw(st.integers(1, 3))
+            pad = k // 2 if kind != "block" or size < 4 else draw(st.integers(0, k // 2))
+            mods.append(L.Conv2D(channels, f, k, padding=pad, bias=draw(st.booleans()),
+                                 dtype=dtype, rng=rng))
+            channels, size = f, size + 2 * pad - k + 1
+            if kind in ("convrelu", "block"):
+                mods.append(L.ReLU())
+            if kind == "block" and size >= 2:
+                mods.append(L.MaxPool2D(2))
+                size //= 2
+        elif kind == "relu":
+            mods.append(L.ReLU())
+        elif kind == "maxpool" and size >= 2:
+            if draw(st.booleans()):
+                mods.append(L.MaxPool2D(2))
+                size //= 2
+            else:
+                mods.append(L.MaxPool2D(3, stride=1, padding=1))
+        elif kind == "avgpool" and size >= 2:
+            mods.append(L.AvgPool2D(2))
+            size //= 2
+        elif kind == "bn":
+            mods.append(L.BatchNorm2D(channels, dtype=dtype))
+        elif kind == "act":
+            mods.append(draw(st.sampled_from([L.Tanh, L.Sigmoid, L.LeakyReLU]))())
+        elif kind == "dropout":
+            mods.append(L.Dropout(0.3, seed=rng_seed))
+        elif kind == "residual":
+            body, c, s = draw(trees(channels, size, depth + 1))
+            shortcut = None
+            if (c, s) != (channels, size):
+                if s > size:
+                    continue
+                stride = -(-size // s) if s > 1 else size
+                if (size - 1) // stride + 1 != s:
+                    continue
+                shortcut = L.Conv2D(channels, c, 1, stride=stride, dtype=dtype, rng=rng)
+            mods.append(Residual(body, shortcut))
+            channels, size = c, s
+        elif kind == "concat":
+            branches, widths = [], []
+            for _ in range(draw(st.integers(1, 3))):
+                b, c, s = draw(trees(channels, size, depth + 1))
+                if s == size:
+                    branches.append(b)
+                    widths.append(c)
+            if branches:
+                mods.append(Concat(*branches))
+                channels = sum(widths)
+        elif kind == "chain":
+            chain, channels, size = draw(trees(channels, size, depth + 1))
+            mods.append(chain)
+    return Sequential(*mods), channels, size
+
+
+@settings(max_examples=40)
+@given(data=st.data(), training=st.booleans(), input_grad=st.booleans())
+def test_random_trees_fused_equal_unfused(data, training, input_grad):
+    channels = data.draw(st.sampled_from([1, 3, 32]))
+    size = data.draw(st.integers(2, 7))
+    body, c, s = data.draw(trees(channels, size))
+    head = [L.GlobalAvgPool2D(), L.Dense(c, 3, dtype=np.float64, rng=1)] if data.draw(st.booleans()) \
+        else [L.Flatten(), L.Dense(c * s * s, 3, dtype=np.float64, rng=1), L.ReLU()]
+    model = Sequential(body, *head).train(training)
+    x = np.random.default_rng(data.draw(st.integers(0, 99))).standard_normal(
+        (data.draw(st.integers(2, 3)), channels, size, size))
+    assert_fused_equals_unfused(model, x, input_grad=input_grad)
