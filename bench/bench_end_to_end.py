@@ -142,8 +142,8 @@ def data_root():
 class FastcnnRunner:
     name = "fastcnn"
 
-    def __init__(self):
-        sys.path.insert(0, REPO)
+    def __init__(self, repo=REPO):
+        sys.path.insert(0, repo)
         import fastcnn
         from fastcnn.threads import compute_threads
 
@@ -187,6 +187,12 @@ class FastcnnRunner:
         import numpy as np
 
         np.savez(path, **self.fastcnn.models.reference(seed=0).state_dict())
+
+    def load_init(self, model, path):
+        import numpy as np
+
+        with np.load(path) as f:
+            model.load_state_dict({k: f[k] for k in f.files})
 
     # -- GEMM and kernels ------------------------------------------------------------------
     def gemm(self, threads, calls):
@@ -569,7 +575,9 @@ def worker_main(kind, data="random"):
     os.dup2(2, 1)
     t0 = time.perf_counter()
     runners = {}
-    for name in ("fastcnn", "torch") if kind == "mixed" else (kind,):
+    if kind == "baseline":  # --baseline: fastcnn from another checkout, in the peer's place
+        runners["torch"] = FastcnnRunner(os.environ["BENCH_BASELINE"])
+    for name in ("fastcnn", "torch") if kind == "mixed" else (kind,) if kind != "baseline" else ():
         runners[name] = FastcnnRunner() if name == "fastcnn" else TorchRunner()
     ready = {"import_seconds": time.perf_counter() - t0}
     # first steps: compilation (or cache load) and one-time set-up, reported, never timed
@@ -712,6 +720,9 @@ class Contention:
 
 
 CONTENTION = Contention(0.25, 3, 10.0)
+# What the fastcnn column is compared with: PyTorch, or (--baseline PATH) fastcnn from another
+# checkout, in the same worker slot, for an interleaved A/B of two commits.
+PEER = {"name": "torch", "baseline": None}
 
 
 class Worker:
@@ -916,7 +927,10 @@ def start_workers(args, env, with_torch, init):
     """Worker processes for fastcnn and PyTorch (or one for both, --isolation inprocess), with
     the same initial weights (written to ``init`` by fastcnn)."""
     workers = {}
-    if args.isolation == "process" or not with_torch:
+    if PEER["baseline"]:
+        workers["fastcnn"] = Worker("fastcnn", env)
+        workers["torch"] = Worker("baseline", dict(env, BENCH_BASELINE=PEER["baseline"]))
+    elif args.isolation == "process" or not with_torch:
         workers["fastcnn"] = Worker("fastcnn", env)
         if with_torch:
             workers["torch"] = Worker("torch", env)
@@ -990,8 +1004,9 @@ def throughput_table(args, env, with_torch, init):
             print("Default malloc (glibc as installed, what a user gets; page faults per step depend on "
                   "the allocation history and vary between runs, PyTorch's most):")
         print()
-        print("| threads | batch | mode | steps/block | fastcnn img/s | torch img/s | ratio | ratio range | "
-              "page faults/step fastcnn, torch | other load |")
+        peer = PEER["name"]
+        print(f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | ratio range | "
+              f"page faults/step fastcnn, {peer} | other load |")
         print("|---:|---:|---|---:|---:|---:|---:|---|---|---:|")
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "-"
@@ -1445,6 +1460,9 @@ def parse_args(argv):
     p.add_argument("--kernel-calls", type=int, default=20, help="calls per kernel timing [20]")
     p.add_argument("--kernel-repeats", type=int, default=3, help="interleaved rounds of the kernel table [3]")
     p.add_argument("--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable")
+    p.add_argument("--baseline", metavar="PATH",
+                   help="compare with fastcnn from the checkout at PATH (e.g. a git worktree of an "
+                   "earlier commit) in PyTorch's place: an interleaved A/B of two commits")
     p.add_argument("--epoch", action="store_true", help="one epoch of real MNIST per framework")
     p.add_argument("--startup", action="store_true", help="time to the first finished batch of `fastcnn train`")
     p.add_argument("--startup-runs", type=int, default=3, help="runs per start-up configuration [3]")
@@ -1482,6 +1500,15 @@ def main(argv=None):
     if args.malloc == "tuned":  # everything else (kernels, epoch, memory, start-up) too
         env.update(TUNED_MALLOC)
     with_torch = torch_available() and not args.no_torch
+    if args.baseline:
+        with_torch = True  # the peer slot holds the baseline checkout instead
+        PEER["baseline"] = os.path.abspath(args.baseline)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline,
+                                capture_output=True, text=True).stdout.strip()
+        PEER["name"] = f"baseline {commit or args.baseline}"
+        if args.interference or args.epoch or args.profile or not args.no_kernels:
+            raise SystemExit("--baseline times the throughput table only: add --no-kernels, and "
+                             "leave out --epoch, --profile and --interference")
     print_header(args, argv)
     if not with_torch:
         why = "left out (--no-torch)" if args.no_torch else "not importable (it is optional)"
