@@ -34,3 +34,26 @@ def test_resnet_example_runs(monkeypatch):
     assert [n for n, _ in model.named_parameters()] == [
         n for n, _ in fastcnn.models.resnet(8).named_parameters()]
     assert np.isfinite(model.predict(scope["x_test"])).all()
+
+
+def test_docs_layer_example_runs(monkeypatch, tmp_path):
+    """docs/modules.md's own layer: trains in a container and round-trips through a checkpoint."""
+    from fastcnn import module
+
+    monkeypatch.setattr(module, "_REGISTRY", dict(module._REGISTRY))  # a name of its own
+    module._REGISTRY.pop("Scale", None)
+    with open(README.replace("README.md", "docs/modules.md")) as f:
+        block = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+                     if "class Scale" in b)
+    scope = {}
+    exec(compile(block, "docs/modules.md", "exec"), scope)
+    rng = np.random.default_rng(0)
+    model = fastcnn.Sequential(fastcnn.Conv2D(1, 3, 3, rng=1), scope["Scale"](3), fastcnn.ReLU(),
+                               fastcnn.GlobalAvgPool2D(), fastcnn.Dense(3, 2, rng=2))
+    x, y = rng.random((16, 1, 6, 6), dtype=np.float32), rng.integers(0, 2, 16)
+    opt = fastcnn.SGD(model.parameters(), lr=0.1)
+    fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=2, batch_size=8, progress=False)
+    assert model[1].gain.grad.any() and not np.array_equal(model[1].gain.data, np.ones(3))
+    fastcnn.checkpoint.save(tmp_path / "s.safetensors", model)
+    loaded = fastcnn.checkpoint.load(tmp_path / "s.safetensors").model
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
