@@ -550,7 +550,7 @@ def worker_info(runners):
             for d in threadpoolctl.threadpool_info()]
     except ImportError:
         pass
-    if "fastcnn" in runners:
+    if "fastcnn" in runners or isinstance(runners.get("torch"), FastcnnRunner):
         import numba
 
         try:
@@ -558,7 +558,7 @@ def worker_info(runners):
         except ValueError:
             info["numba_threading_layer"] = "(no parallel kernel has run)"
         info["numba_num_threads"] = int(numba.config.NUMBA_NUM_THREADS)
-    if "torch" in runners:
+    if isinstance(runners.get("torch"), TorchRunner):
         torch = runners["torch"].torch
         info["torch_num_threads"] = runners["torch"].default_threads
         info["torch_parallel"] = [line.strip() for line in torch.__config__.parallel_info().splitlines()

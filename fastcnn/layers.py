@@ -393,6 +393,16 @@ class BatchNorm2D(Module):
         # normalise and scale-shift folded: one multiply-add per element
         return 2 * int(np.prod(self.output_shape(input_shape)))
 
+    def extra_repr(self):
+        s = f"{self.num_features}"
+        if self.eps != 1e-5:
+            s += f", eps={self.eps:g}"
+        if self.momentum != 0.1:
+            s += f", momentum={self.momentum:g}"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
 
 @register_module
 class BatchNorm1D(BatchNorm2D):

@@ -71,7 +71,6 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
-_CONSUMED = object()  # a leaf's saved state after its backward used it
 _TREE = {"version": 0}  # bumped whenever a module gains or loses a child: plans are rebuilt
 
 
@@ -99,6 +98,7 @@ class Module:
         d["_buffer_names"] = []
         d["_child_names"] = []
         d["_saved"] = None
+        d["_saved_used"] = False
 
     # -- registration ---------------------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -237,20 +237,23 @@ class Module:
 
     def save_for_backward(self, *values):
         """Keep what this module's backward needs from the forward that just ran."""
-        self.__dict__["_saved"] = values
+        d = self.__dict__
+        d["_saved"], d["_saved_used"] = values, False
 
     def saved_for_backward(self):
         """What the last forward kept, once: a second backward after one forward is an error
-        (the state of the first use of a module called twice would be gone)."""
-        saved = self.__dict__["_saved"]
-        if saved is None:
+        (the state of the first use of a module called twice would be gone). The arrays stay
+        referenced until the next forward replaces them: freed early, glibc's malloc hands
+        them back to the system and the next step pays page faults to get them again."""
+        d = self.__dict__
+        if d["_saved"] is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
-        if saved is _CONSUMED:
+        if d["_saved_used"]:
             raise RuntimeError(
                 f"{self.name}: backward called twice after one forward (a module called twice "
                 "per step? each use needs its own instance); run forward again first")
-        self.__dict__["_saved"] = _CONSUMED
-        return saved
+        d["_saved_used"] = True
+        return d["_saved"]
 
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous

@@ -60,31 +60,29 @@ def fusion(enabled):
 # -------------------------------------------------------------------------------------------------
 # steps
 
-_CONSUMED = object()
-
-
 class Step:
     """One unit of a plan over ``modules``: ``forward(x)`` and ``backward(dy, input_grad)``,
-    keeping between the two what the backward needs (once: a second backward is an error)."""
+    keeping between the two what the backward needs (once: a second backward is an error; the
+    arrays stay until the next forward, as a layer's: see Module.saved_for_backward)."""
 
     def __init__(self, modules):
         self.modules = tuple(modules)
         self._saved = None
+        self._used = False
 
     def _save(self, *values):
-        self._saved = values
+        self._saved, self._used = values, False
 
     def _take(self):
-        saved = self._saved
-        if saved is None or saved is _CONSUMED:
+        if self._saved is None or self._used:
             # the same messages as a layer's (Module.saved_for_backward)
             name = self.modules[0].name
-            if saved is None:
+            if self._saved is None:
                 raise RuntimeError(f"{name}: backward called before forward")
             raise RuntimeError(f"{name}: backward called twice after one forward; run forward "
                                "again first")
-        self._saved = _CONSUMED
-        return saved
+        self._used = True
+        return self._saved
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(m.name for m in self.modules)})"
