@@ -1537,7 +1537,8 @@ def main(argv=None):
             memory = memory_table(args, env)
         if args.startup:
             startup = startup_table(args, env)
-        print_targets(throughput, memory, startup)
+        if not PEER["baseline"]:  # the targets are against PyTorch
+            print_targets(throughput, memory, startup)
         print()
         print(CONTENTION.summary())
         print(f"load average at the end: {loadavg()}")

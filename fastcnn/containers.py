@@ -113,6 +113,8 @@ class Sequential(_Container):
         plan = self._ran
         if plan is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
+        for step in plan:  # before any gradient is accumulated
+            step.check()
         for i in range(len(plan) - 1, -1, -1):
             dy = plan[i].backward(dy, input_grad or i > 0)
         return dy if input_grad else None

@@ -255,6 +255,12 @@ class Module:
         d["_saved_used"] = True
         return d["_saved"]
 
+    def forward_token(self):
+        """An opaque token of this module's last forward (what it saved for its backward, or
+        None): a container compares it before the backward, to refuse the state of another
+        call (the same module run meanwhile by another model sharing it)."""
+        return self.__dict__["_saved"]
+
     def predict(self, x, batch_size=256):
         """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous
         modes are restored afterwards. Runs with the BLAS limited as in ``fit``/``evaluate``

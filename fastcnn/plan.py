@@ -73,6 +73,9 @@ class Step:
     def _save(self, *values):
         self._saved, self._used = values, False
 
+    def check(self):
+        """Raise if the backward would not pair with this plan's forward (ModuleStep)."""
+
     def _take(self):
         if self._saved is None or self._used:
             # the same messages as a layer's (Module.saved_for_backward)
@@ -94,12 +97,22 @@ class ModuleStep(Step):
     def __init__(self, module):
         super().__init__([module])
         self.module = module
+        self._token = None
         params = inspect.signature(module.backward).parameters
         self._takes_input_grad = "input_grad" in params or any(
             p.kind is p.VAR_KEYWORD for p in params.values())
 
     def forward(self, x):
-        return self.module.forward(x)
+        y = self.module.forward(x)
+        self._token = self.module.forward_token()
+        return y
+
+    def check(self):
+        if self.module.forward_token() is not self._token:
+            raise RuntimeError(
+                f"{self.module.name}: it ran forward again (called alone, or by another model "
+                "that shares it) after this model's forward: its backward would use that call's "
+                "state; run this model's forward again first")
 
     def backward(self, dy, input_grad=True):
         if self._takes_input_grad:
@@ -116,6 +129,32 @@ def _tiles(pool):
     return pool.stride == pool.kernel_size and pool.padding == (0, 0)
 
 
+def _conv_relu(conv, x):
+    return F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
+                            conv.dilation, relu=True, layer=conv.name)
+
+
+def _conv_backward(conv, x, in_dtype, dy, input_grad):
+    """Conv2D's own backward from its saved input: accumulates, returns the input gradient."""
+    dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(dy, conv.dtype, conv.name),
+                                   conv.stride, conv.padding, conv.dilation, layer=conv.name,
+                                   bias=conv.bias is not None, input_grad=input_grad)
+    conv.accumulate(dw, db)
+    return _as_dtype(dx, in_dtype)
+
+
+def _dense_relu(dense, x):
+    return F.dense_forward(x, dense.weight.data, _bias(dense), relu=True, layer=dense.name)
+
+
+def _dense_backward(dense, x, in_dtype, dy, input_grad):
+    dx, dw, db = F.dense_backward(x, dense.weight.data, cast_grad(dy, dense.dtype, dense.name),
+                                  layer=dense.name, bias=dense.bias is not None,
+                                  input_grad=input_grad)
+    dense.accumulate(dw, db)
+    return _as_dtype(dx, in_dtype)
+
+
 class ConvReLUMaxPool(Step):
     """Conv2D -> ReLU -> MaxPool2D (see the module docstring)."""
 
@@ -128,8 +167,7 @@ class ConvReLUMaxPool(Step):
                 pool.kernel_size, layer=conv.name, pool_layer=pool.name)
             self._save(x, in_dtype, None, y, argmax, conv_shape)
             return y
-        a = F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
-                             conv.dilation, relu=True, layer=conv.name)
+        a = _conv_relu(conv, x)
         y, argmax = F.max_pool2d_forward(a, pool.kernel_size, pool.stride, pool.padding,
                                          layer=pool.name)
         self._save(x, in_dtype, a, y, argmax, a.shape)
@@ -139,63 +177,48 @@ class ConvReLUMaxPool(Step):
         conv, relu, pool = self.modules
         x, in_dtype, a, y, argmax, conv_shape = self._take()
         dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
-        if a is None:  # tiled: from the pooled gradient
-            dx, dw, db = F.max_pool2d_conv2d_backward(
-                x, conv.weight.data, dy, argmax, y, conv_shape, pool.kernel_size, conv.stride,
-                conv.padding, conv.dilation, relu=True, bias=conv.bias is not None,
-                input_grad=input_grad, layer=conv.name, pool_layer=pool.name)
-        else:
+        if a is not None:  # windows that do not tile: the pool's backward, the ReLU's mask in it
             da = F.max_pool2d_backward(dy, argmax, conv_shape, pool.kernel_size, pool.stride,
                                        pool.padding, relu_output=y, layer=pool.name)
-            dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(da, conv.dtype, conv.name),
-                                           conv.stride, conv.padding, conv.dilation,
-                                           layer=conv.name, bias=conv.bias is not None,
-                                           input_grad=input_grad)
+            return _conv_backward(conv, x, in_dtype, da, input_grad)
+        dx, dw, db = F.max_pool2d_conv2d_backward(
+            x, conv.weight.data, dy, argmax, y, conv_shape, pool.kernel_size, conv.stride,
+            conv.padding, conv.dilation, relu=True, bias=conv.bias is not None,
+            input_grad=input_grad, layer=conv.name, pool_layer=pool.name)
         conv.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
 
-class ConvReLU(Step):
-    """Conv2D -> ReLU: the ReLU applied as the convolution's output is stored."""
+class _ProductReLU(Step):
+    """A layer with parameters -> ReLU: the ReLU applied as the product is stored; backward:
+    the ReLU's mask, then the layer's own backward. Subclasses name the two functions."""
+
+    product = backward_of = None
 
     def forward(self, x):
-        conv, relu = self.modules
-        x, in_dtype = cast_input(x, conv.dtype, conv.name)
-        y = F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
-                             conv.dilation, relu=True, layer=conv.name)
+        layer, relu = self.modules
+        x, in_dtype = cast_input(x, layer.dtype, layer.name)
+        y = type(self).product(layer, x)
         self._save(x, in_dtype, y)
         return y
 
     def backward(self, dy, input_grad=True):
-        conv, relu = self.modules
+        layer, relu = self.modules
         x, in_dtype, y = self._take()
         da = F.relu_backward(dy, y, layer=relu.name)
-        dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(da, conv.dtype, conv.name),
-                                       conv.stride, conv.padding, conv.dilation, layer=conv.name,
-                                       bias=conv.bias is not None, input_grad=input_grad)
-        conv.accumulate(dw, db)
-        return _as_dtype(dx, in_dtype)
+        return type(self).backward_of(layer, x, in_dtype, da, input_grad)
 
 
-class DenseReLU(Step):
-    """Dense -> ReLU: the ReLU applied to the product in place."""
+class ConvReLU(_ProductReLU):
+    """Conv2D -> ReLU."""
 
-    def forward(self, x):
-        dense, relu = self.modules
-        x, in_dtype = cast_input(x, dense.dtype, dense.name)
-        y = F.dense_forward(x, dense.weight.data, _bias(dense), relu=True, layer=dense.name)
-        self._save(x, in_dtype, y)
-        return y
+    product, backward_of = _conv_relu, _conv_backward
 
-    def backward(self, dy, input_grad=True):
-        dense, relu = self.modules
-        x, in_dtype, y = self._take()
-        da = F.relu_backward(dy, y, layer=relu.name)
-        dx, dw, db = F.dense_backward(x, dense.weight.data, cast_grad(da, dense.dtype, dense.name),
-                                      layer=dense.name, bias=dense.bias is not None,
-                                      input_grad=input_grad)
-        dense.accumulate(dw, db)
-        return _as_dtype(dx, in_dtype)
+
+class DenseReLU(_ProductReLU):
+    """Dense -> ReLU."""
+
+    product, backward_of = _dense_relu, _dense_backward
 
 
 class ReLUMaxPool(Step):

@@ -8,6 +8,7 @@ the same thread count, ends with bitwise the same weights.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -299,6 +300,8 @@ def fit(
 
     targets_checked = False
     per_batch = scheduler is not None and getattr(scheduler, "per_batch", False)
+    params = inspect.signature(model.backward).parameters
+    skip_input_grad = "input_grad" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -337,7 +340,10 @@ def fit(
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
-                    model.backward(loss_fn.backward(), input_grad=False)
+                    if skip_input_grad:
+                        model.backward(loss_fn.backward(), input_grad=False)
+                    else:  # a user's model whose backward takes no input_grad
+                        model.backward(loss_fn.backward())
                     optimizer.step()
                     if per_batch:
                         scheduler.step()

@@ -226,3 +226,44 @@ def test_subclass_must_call_init_and_layer_alias():
     with pytest.raises(AttributeError, match=r"call super\(\).__init__\(\) first"):
         Broken()
     assert fastcnn.Layer is Module
+
+
+def test_a_module_shared_by_two_models_cannot_mix_their_states(rng):
+    """model[:2] shares its layers with model (as PyTorch's slicing): a forward of one between
+    the other's forward and backward is refused, not a gradient from the wrong input."""
+    model = Sequential(L.Dense(4, 4, dtype=np.float64, rng=1), L.Tanh(),
+                       L.Dense(4, 2, dtype=np.float64, rng=2))
+    head = model[:2]
+    x = rng.standard_normal((3, 4))
+    y = model(x)
+    head(rng.standard_normal((3, 4)))
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="^Dense: it ran forward again"):
+        model.backward(np.ones_like(y))
+    assert not any(p.grad.any() for p in model.parameters())  # checked before anything ran
+    model(x)
+    assert model.backward(np.ones_like(y)).shape == x.shape
+
+
+def test_fit_trains_a_users_module_whose_backward_takes_only_dy(rng):
+    class Net(Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = L.Dense(4, 8, rng=1), L.Dense(8, 2, rng=2)
+            self.act = L.Tanh()
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+        def backward(self, dy):
+            return self.a.backward(self.act.backward(self.b.backward(dy)))
+
+    net = Net()
+    x = rng.standard_normal((32, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    before = net.a.weight.data.copy()
+    history = fastcnn.fit(net, fastcnn.CrossEntropyLoss(), fastcnn.SGD(net.parameters(), lr=0.5),
+                          x, y, epochs=3, batch_size=8, progress=False)
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert not np.array_equal(net.a.weight.data, before)
+    assert Sequential(Net()).backward.__name__ == "backward"  # nests as a step of its own
