@@ -611,11 +611,21 @@ def softmax_backward(dy, y, dim=1, layer="Softmax"):
 # batch normalisation (x is (N, C, H, W); BatchNorm1D passes (N, C, L, 1))
 # ---------------------------------------------------------------------------------------------
 
+def _channels_last(x):
+    """Whether a 4-D array's memory is channels-last and not also NCHW-contiguous (a
+    convolution's or pooling's output): the batch norm then runs on it as it is."""
+    return not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
 def _bn_args(x, layer, *params):
-    x = check_float(x, layer)
+    """x checked (4-D, floating) and, unless channels-last, made C-contiguous; the per-channel
+    parameters checked against it."""
+    x = check_float(x, layer, contiguous=False)
     if x.ndim != 4:
         raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
                          f"got {_fmt_shape(x.shape)}")
+    if not _channels_last(x):
+        x = np.require(x, requirements="C")
     c = x.shape[1]
     out = []
     for name, p in params:
@@ -626,6 +636,11 @@ def _bn_args(x, layer, *params):
     return x, out
 
 
+def _pixels(a):
+    """A channels-last (N, C, H, W) array as the (N*H*W, C) matrix the _nhwc kernels take."""
+    return _nhwc(a).reshape(-1, a.shape[1])
+
+
 def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
     """Normalise with the batch statistics over (N, H, W): returns ``(y, mean, invstd)`` with
     ``invstd = 1 / sqrt(biased_var + eps)``."""
@@ -634,11 +649,15 @@ def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
     if n * h * w < 2:
         raise ValueError(f"{layer}: expected more than 1 value per channel when training, "
                          f"got input of shape {_fmt_shape(x.shape)}")
-    y = np.empty_like(x)
     mean = np.empty(c, dtype=x.dtype)
     invstd = np.empty(c, dtype=x.dtype)
-    _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean,
-                                                 invstd)
+    if _channels_last(x):  # a convolution's output: no layout conversion
+        y = np.empty((n, h, w, c), dtype=x.dtype)
+        _batchnorm.batchnorm_forward_train_nhwc(_pixels(x), gamma, beta, x.dtype.type(eps),
+                                                y.reshape(-1, c), mean, invstd)
+        return _nchw(y), mean, invstd
+    y = np.empty_like(x)
+    _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean, invstd)
     return y, mean, invstd
 
 
@@ -648,9 +667,15 @@ def batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5,
     x, (gamma, beta, running_mean, running_var) = _bn_args(
         x, layer, ("weight", gamma), ("bias", beta), ("running_mean", running_mean),
         ("running_var", running_var))
+    if _channels_last(x):
+        n, c, h, w = x.shape
+        y = np.empty((n, h, w, c), dtype=x.dtype)
+        _batchnorm.batchnorm_forward_eval_nhwc(_pixels(x), gamma, beta, running_mean,
+                                               running_var, x.dtype.type(eps), y.reshape(-1, c))
+        return _nchw(y)
     y = np.empty_like(x)
     _batchnorm.batchnorm_forward_eval(x, gamma, beta, running_mean, running_var,
-                                                x.dtype.type(eps), y)
+                                      x.dtype.type(eps), y)
     return y
 
 
@@ -658,10 +683,17 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
     """Gradients of the training-mode forward: ``(dx, dgamma, dbeta)``."""
     x, (gamma, mean, invstd) = _bn_args(x, layer, ("weight", gamma), ("mean", mean),
                                         ("invstd", invstd))
-    dy = _grad_like(dy, x, layer)
-    dx = np.empty_like(x)
     dgamma = np.empty_like(gamma)
     dbeta = np.empty_like(gamma)
+    if _channels_last(x):  # the forward's input: dy (the next layer's gradient) follows it
+        dy = _grad_like(dy, x, layer, contiguous=False)
+        n, c, h, w = x.shape
+        dx = np.empty((n, h, w, c), dtype=x.dtype)
+        _batchnorm.batchnorm_backward_nhwc(_pixels(dy), _pixels(x), gamma, mean, invstd,
+                                           dx.reshape(-1, c), dgamma, dbeta)
+        return _nchw(dx), dgamma, dbeta
+    dy = _grad_like(dy, x, layer)
+    dx = np.empty_like(x)
     _batchnorm.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
