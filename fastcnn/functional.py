@@ -31,6 +31,7 @@ from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
+from .threads import one_blas_thread
 
 __all__ = [
     "check_float", "pair", "conv2d_padding", "pool2d_padding",
@@ -711,8 +712,9 @@ def batch_norm_backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5,
 
 
 # ---------------------------------------------------------------------------------------------
-# dense (numpy's matmul: measured, a register-tiled Numba kernel only matched the 1-thread BLAS
-# at the reference Dense(1600, 128) once W.T was packed, and cost 7 s of first-run compilation)
+# dense (numpy's matmul, on one BLAS thread whoever calls it: fastcnn.threads.one_blas_thread;
+# measured, a register-tiled Numba kernel only matched the 1-thread BLAS at the reference
+# Dense(1600, 128) once W.T was packed, and cost 7 s of first-run compilation)
 # ---------------------------------------------------------------------------------------------
 
 def _dense_args(x, weight, bias, layer):
@@ -734,7 +736,8 @@ def dense_forward(x, weight, bias=None, relu=False, layer="Dense"):
     """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None; ``relu=True``
     returns relu(y), applied in place (a NaN stays NaN, as ReLU)."""
     x, weight, bias = _dense_args(x, weight, bias, layer)
-    y = x @ weight.T
+    with one_blas_thread():
+        y = x @ weight.T
     if bias is not None:
         y += bias
     if relu:
@@ -749,9 +752,10 @@ def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
     dy = check_float(dy, layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
-    dweight = dy.T @ x
+    with one_blas_thread():
+        dweight = dy.T @ x
+        dx = dy @ weight if input_grad else None
     dbias = dy.sum(axis=0) if bias else None
-    dx = dy @ weight if input_grad else None
     return dx, dweight, dbias
 
 

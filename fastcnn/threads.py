@@ -21,11 +21,15 @@ A whole training step of the reference network (forward, backward, SGD; batch 64
 threads): BLAS 1 thread 13.5-14.4 ms, BLAS 2 threads 42.6-59.6 ms; with
 ``OPENBLAS_THREAD_TIMEOUT=4`` both about 11.7-12.0 ms (best of 5 runs of 10 steps, busy machine).
 
-So the BLAS is limited to ONE thread while training and evaluating
-(:data:`BLAS_THREADS_DURING_COMPUTE`): with one thread the matrix product runs in the calling
-thread, so no BLAS worker is left spinning against Numba's pool, and it needs no environment
-variable. Two BLAS threads win only when the pools are told not to spin, which takes a variable
-read when the library loads (before numpy is imported), out of reach of a library:
+So the BLAS runs on ONE thread whenever fastcnn multiplies matrices: the Dense layers wrap
+their products in :func:`one_blas_thread`, whatever loop drives them (``fit``, or a user's own
+loop, which ran 3.5x slower with numpy's default threads: 1,516 against 5,381 img/s, reference
+network, batch 64, 2 threads, 2026-12-04), and ``fit``/``evaluate``/``predict`` hold it for
+the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`). With one thread the product runs in the
+calling thread, so no BLAS worker is left spinning against Numba's pool, and no environment
+variable is needed; the user's setting is back as soon as the product is done. Two BLAS
+threads win only when the pools are told not to spin, which takes a variable read when the
+library loads (before numpy is imported), out of reach of a library:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp, i.e. on *Numba's* workers (the ``omp`` threading
   layer), not on this OpenBLAS. It makes Numba's workers sleep after each kernel, so every kernel
@@ -41,6 +45,8 @@ read when the library loads (before numpy is imported), out of reach of a librar
 from __future__ import annotations
 
 import numbers
+import sys
+import threading
 from contextlib import contextmanager
 
 import numba
@@ -52,6 +58,7 @@ __all__ = [
     "set_num_threads",
     "threads",
     "blas_limits",
+    "one_blas_thread",
     "compute_threads",
 ]
 
@@ -129,6 +136,67 @@ def blas_limits(n: int | None):
         yield
 
 
+class _OneBlasThread:
+    """The BLAS libraries at one thread while any thread is inside ``one_blas_thread()``.
+
+    The libraries are looked up again only when modules were imported since the last search
+    (a BLAS comes with an extension module, e.g. SciPy's own OpenBLAS): threadpoolctl's search
+    costs ~0.3 ms, setting a count through the controllers it returns microseconds, so this can
+    wrap every matrix product. Entries are counted under a lock: the first saves each library's
+    count and sets 1, the last restores the counts, so that blocks entered and left by several
+    Python threads in any order always restore what the user had.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = []
+        self._libs = None
+        self._modules = -1  # len(sys.modules) at the last search
+
+    def _blas_libs(self):
+        if self._libs is None or len(sys.modules) != self._modules:
+            self._modules = len(sys.modules)
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                self._libs = [lib for lib in ThreadpoolController().lib_controllers
+                              if lib.user_api == "blas"]
+            except Exception:  # no threadpoolctl support here: leave the BLAS alone
+                self._libs = []
+        return self._libs
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(lib, lib.get_num_threads()) for lib in self._blas_libs()]
+                for lib, count in self._saved:
+                    if count != 1:
+                        lib.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, count in self._saved:
+                    if count != 1:
+                        lib.set_num_threads(count)
+                self._saved = []
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def one_blas_thread():
+    """A context in which the BLAS behind numpy runs on one thread, the user's setting restored
+    on exit. fastcnn's Dense layers run their matrix products in it: a BLAS with idle worker
+    threads that spin for ~0.1 s after every call steals the cores Numba's kernels run on (a
+    training loop of the user's own ran 3.5x slower, see the module docstring), and one thread
+    is as fast for these products. Costs a few microseconds."""
+    return _ONE_BLAS_THREAD
+
+
 @contextmanager
 def compute_threads(n: int | None = None, blas: int | None = BLAS_THREADS_DURING_COMPUTE):
     """The context fastcnn trains and evaluates in: ``n`` Numba threads, the BLAS at ``blas``.
@@ -136,5 +204,9 @@ def compute_threads(n: int | None = None, blas: int | None = BLAS_THREADS_DURING
     ``n=None`` keeps Numba's current count; ``blas`` defaults to one thread (measured fastest,
     see the module docstring). Both are restored on exit.
     """
+    if blas == 1:
+        with threads(n) as count, one_blas_thread():
+            yield count
+        return
     with threads(n) as count, blas_limits(blas):
         yield count
