@@ -1,0 +1,46 @@
+"""Activations stay channels-last through a training step: no layout conversion anywhere.
+
+A convolution returns its output as an (N, C, H, W) view of NHWC memory; every layer after it
+(BatchNorm, ReLU, pooling, the residual sum, the next convolution) takes that memory as it is,
+forward and backward. A conversion would be a copy made by ``functional._nhwc`` (an input that
+is not channels-last) or by the batch norm's NCHW path; this counts both.
+"""
+import numpy as np
+
+import fastcnn
+from fastcnn import functional as F
+
+
+def count_conversions(monkeypatch):
+    counts = {"nhwc copies": 0, "batchnorm nchw": 0}
+    real_nhwc, real_bn = F._nhwc, F._batchnorm.batchnorm_forward_train
+
+    def nhwc(x):
+        if not x.transpose(0, 2, 3, 1).flags.c_contiguous:
+            counts["nhwc copies"] += 1
+        return real_nhwc(x)
+
+    def bn_nchw(*args):
+        counts["batchnorm nchw"] += 1
+        return real_bn(*args)
+
+    monkeypatch.setattr(F, "_nhwc", nhwc)
+    monkeypatch.setattr(F._batchnorm, "batchnorm_forward_train", bn_nchw)
+    return counts
+
+
+def test_a_resnet_training_step_converts_no_layout(monkeypatch):
+    model = fastcnn.models.resnet(8)
+    x = np.random.default_rng(0).random((4, 1, 16, 16), dtype=np.float32)
+    y = np.array([1, 2, 3, 4])
+    loss = fastcnn.CrossEntropyLoss()
+    counts = count_conversions(monkeypatch)
+    for _ in range(2):
+        model.zero_grad()
+        loss(model(x), y)
+        model.backward(loss.backward(), input_grad=False)
+    assert counts == {"nhwc copies": 0, "batchnorm nchw": 0}
+    # and the count can see one: an NCHW input of 3 channels is converted once
+    model = fastcnn.models.resnet(8, in_channels=3)
+    model(np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32))
+    assert counts["nhwc copies"] == 1
