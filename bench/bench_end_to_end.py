@@ -103,7 +103,7 @@ def conv_flops(c, f, h, w, k, n=KERNEL_BATCH):
     return 2 * n * (h - k + 1) * (w - k + 1) * f * c * k * k
 
 
-DATA = {"kind": "random"}  # set in a worker from --data
+DATA = {"kind": "random", "network": "reference"}  # set in a worker from --data, --network
 
 
 def random_batch(batch, seed=1234):
@@ -149,7 +149,7 @@ class FastcnnRunner:
 
         self.fastcnn = fastcnn
         self.compute_threads = compute_threads
-        self.model = fastcnn.models.reference(seed=0)
+        self.model = fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0)
         self.loss_fn = fastcnn.CrossEntropyLoss()
         self.opt = fastcnn.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.data = {}
@@ -186,7 +186,7 @@ class FastcnnRunner:
     def save_init(self, path):
         import numpy as np
 
-        np.savez(path, **self.fastcnn.models.reference(seed=0).state_dict())
+        np.savez(path, **self.fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0).state_dict())
 
     def load_init(self, model, path):
         import numpy as np
@@ -377,13 +377,21 @@ class TorchRunner:
         self.torch = torch
         self.default_threads = torch.get_num_threads()
         torch.manual_seed(0)
-        self.model = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(1600, 128), nn.ReLU(),
-            nn.Linear(128, 10),
-        )
+        if DATA["network"] != "reference":  # fastcnn's network, copied (weights included)
+            sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+            import fastcnn
+            from torch_twin import twin
+
+            self.model = twin(fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0), torch).float()
+            init_path = None
+        else:
+            self.model = nn.Sequential(
+                nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(1600, 128), nn.ReLU(),
+                nn.Linear(128, 10),
+            )
         if init_path:
             self.load_init(self.model, init_path)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -394,6 +402,9 @@ class TorchRunner:
         """fastcnn's initial weights: its state-dict keys ("0.weight", "7.bias", ...) are the
         same as nn.Sequential's for this network."""
         import numpy as np
+
+        if DATA["network"] != "reference":
+            return  # the twin was built from the same weights
 
         with np.load(path) as saved:
             state = {k: self.torch.from_numpy(saved[k].copy()) for k in saved.files}
@@ -566,10 +577,10 @@ def worker_info(runners):
     return info
 
 
-def worker_main(kind, data="random"):
+def worker_main(kind, data="random", network="reference"):
     import resource
 
-    DATA["kind"] = data
+    DATA["kind"], DATA["network"] = data, network
     # The protocol gets its own copy of stdout; anything else printed (by a library too) goes to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -731,7 +742,8 @@ class Worker:
     def __init__(self, kind, env=None):
         self.kind = kind
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", kind, DATA["kind"]],
+            [sys.executable, os.path.abspath(__file__), "--worker", kind, DATA["kind"],
+             DATA["network"]],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
             env=env if env is not None else os.environ.copy())
         self.ready = self._read()
@@ -1460,6 +1472,10 @@ def parse_args(argv):
     p.add_argument("--kernel-calls", type=int, default=20, help="calls per kernel timing [20]")
     p.add_argument("--kernel-repeats", type=int, default=3, help="interleaved rounds of the kernel table [3]")
     p.add_argument("--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable")
+    p.add_argument("--network", default="reference",
+                   choices=("reference", "lenet5", "resnet8", "resnet20"),
+                   help="the network of the throughput table (fastcnn.models; PyTorch's copy is "
+                   "built by tests/torch_twin.py with the same weights) [reference]")
     p.add_argument("--baseline", metavar="PATH",
                    help="compare with fastcnn from the checkout at PATH (e.g. a git worktree of an "
                    "earlier commit) in PyTorch's place: an interleaved A/B of two commits")
@@ -1489,11 +1505,15 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        return worker_main(*argv[1:3])
+        return worker_main(*argv[1:4])
     if argv[:1] == ["--memory-child"]:
         return memory_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
     args = parse_args(argv)
-    DATA["kind"] = args.data
+    DATA["kind"], DATA["network"] = args.data, args.network
+    if args.network != "reference" and (args.epoch or args.profile or args.memory or args.startup
+                                        or args.interference or not args.no_kernels):
+        raise SystemExit("--network times the throughput table only: add --no-kernels, and leave "
+                         "out --epoch, --profile, --memory, --startup and --interference")
     CONTENTION.threshold, CONTENTION.attempts = args.max_other_load, max(1, args.attempts)
     CONTENTION.quiet_timeout = args.quiet_timeout
     env = os.environ.copy()
