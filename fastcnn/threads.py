@@ -24,7 +24,7 @@ threads): BLAS 1 thread 13.5-14.4 ms, BLAS 2 threads 42.6-59.6 ms; with
 So the BLAS runs on ONE thread whenever fastcnn multiplies matrices: the Dense layers wrap
 their products in :func:`one_blas_thread`, whatever loop drives them (``fit``, or a user's own
 loop, which ran 3.5x slower with numpy's default threads: 1,516 against 5,381 img/s, reference
-network, batch 64, 2 threads, 2026-12-04), and ``fit``/``evaluate``/``predict`` hold it for
+network, batch 64, 2 threads), and ``fit``/``evaluate``/``predict`` hold it for
 the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`). With one thread the product runs in the
 calling thread, so no BLAS worker is left spinning against Numba's pool, and no environment
 variable is needed; the user's setting is back as soon as the product is done. Two BLAS
