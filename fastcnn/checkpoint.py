@@ -29,8 +29,10 @@ deletes (tests/test_kill_during_save.py kills real saving processes to check all
 
 Loading validates everything before building anything: the file is read whole, its safetensors
 header, the format name and version, the tensor manifest and the data checksum are checked, the
-model is rebuilt from its config and every tensor's name, shape and dtype is compared with the
-rebuilt model; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
+names, shapes and dtypes the architecture config declares are compared with the tensors (worked
+out from the config, no layer built: a few bytes of config cannot make the library allocate
+gigabytes), the model is rebuilt from its config and every tensor is compared with the rebuilt
+model again; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
 ``ValueError``) naming the file and the problem.
 """
 from __future__ import annotations
@@ -63,6 +65,12 @@ def _fastcnn_version():
         return __version__
     except ImportError:  # pragma: no cover
         return "unknown"
+
+
+def _state_spec(config):
+    """{name: (shape, dtype)} of the config's state without building it, or None."""
+    from .module import state_spec_of
+    return state_spec_of(config)
 
 
 def _from_config(config):
@@ -453,6 +461,24 @@ def load(path):
     stray = sorted(n for n in tensors if n.startswith("model.") and n[6:] not in model_state)
     if stray:
         fail(f"unexpected model tensors {stray[:5]}")
+
+    # The architecture's state, worked out from the config without building it (for every
+    # class that can tell), must be the file's tensors: only then is anything allocated, so a
+    # small file declaring huge layers is refused before it costs memory.
+    try:
+        spec = _state_spec(config)
+    except Exception as exc:
+        fail(f"incompatible architecture config, this fastcnn cannot build it "
+             f"({type(exc).__name__}: {str(exc)[:300]})")
+    if spec is not None:
+        if set(spec) != set(model_state):
+            fail(f"the architecture's parameters {sorted(set(spec) - set(model_state))[:5]} are "
+                 f"missing and {sorted(set(model_state) - set(spec))[:5]} unexpected")
+        for key, (shape, dtype) in spec.items():
+            got = model_state[key]
+            if got.shape != shape or got.dtype != dtype:
+                fail(f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
+                     f"{dtype} {shape}")
 
     # Build a fresh model from the config and compare its state with the file before loading.
     try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import functional as F
 from .layers import check_grad
-from .module import Module, module_from_config, register_module, tree_version
+from .module import Module, module_from_config, register_module, state_spec_of, tree_version
 from .plan import fusion_enabled, make_plan
 
 __all__ = ["Sequential", "Residual", "Concat"]
@@ -33,6 +33,17 @@ def _check_unique(root):
             raise ValueError(f"{root.name}: the same {m.name} is at {seen[id(m)]!r} and {name!r}; "
                              "a module can be used once per model: build another instance")
         seen[id(m)] = name
+
+
+def _merged_specs(named_configs):
+    """The children's state specs under their names, or None if one cannot tell."""
+    spec = {}
+    for name, config in named_configs:
+        child = state_spec_of(config, prefix=name + ".")
+        if child is None:
+            return None
+        spec.update(child)
+    return spec
 
 
 class _Container(Module):
@@ -139,6 +150,13 @@ class Sequential(_Container):
                              f"'layers': [...]}}, got {config!r:.200}")
         return cls([module_from_config(c, rng) for c in layers])
 
+    @classmethod
+    def state_spec(cls, config):
+        layers = config["layers"]
+        if not isinstance(layers, list):
+            raise ValueError("Sequential: expected 'layers' to be a list")
+        return _merged_specs((str(i), c) for i, c in enumerate(layers))
+
     def __repr__(self):
         if not len(self):
             return "Sequential()"
@@ -213,6 +231,13 @@ class Residual(_Container):
         body = module_from_config(config["body"], rng)
         shortcut = config["shortcut"]
         return cls(body, None if shortcut is None else module_from_config(shortcut, rng))
+
+    @classmethod
+    def state_spec(cls, config):
+        parts = [("body", config["body"])]
+        if config["shortcut"] is not None:
+            parts.append(("shortcut", config["shortcut"]))
+        return _merged_specs(parts)
 
 
 @register_module
@@ -297,3 +322,10 @@ class Concat(_Container):
             raise ValueError(f"Concat: expected a config {{'class': 'Concat', 'branches': "
                              f"[...]}}, got {config!r:.200}")
         return cls([module_from_config(c, rng) for c in branches])
+
+    @classmethod
+    def state_spec(cls, config):
+        branches = config["branches"]
+        if not isinstance(branches, list):
+            raise ValueError("Concat: expected 'branches' to be a list")
+        return _merged_specs((str(i), c) for i, c in enumerate(branches))

@@ -158,6 +158,17 @@ class Conv2D(Module):
         self.bias = (Parameter(_uniform_init(rng, (self.out_channels,), fan_in, self.dtype))
                      if bias else None)
 
+    @classmethod
+    def state_spec(cls, config):
+        name = cls.__name__
+        f = _positive_int(config["out_channels"], "out_channels", name)
+        c = _positive_int(config["in_channels"], "in_channels", name)
+        dtype = _resolve_dtype(config.get("dtype", "float32"), name)
+        spec = {"weight": ((f, c) + F.pair(config["kernel_size"], "kernel_size", name), dtype)}
+        if config.get("bias", True):
+            spec["bias"] = ((f,), dtype)
+        return spec
+
     def forward(self, x):
         x, in_dtype = cast_input(x, self.dtype, self.name)
         y = F.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
@@ -250,6 +261,8 @@ class _Pool2D(Module):
 class MaxPool2D(_Pool2D):
     """Max pooling (PyTorch's nn.MaxPool2d, stride defaulting to the kernel size)."""
 
+    _stateless = True
+
     def forward(self, x):
         y, argmax = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
                                          layer=self.name)
@@ -267,6 +280,8 @@ class MaxPool2D(_Pool2D):
 class AvgPool2D(_Pool2D):
     """Average pooling (PyTorch's nn.AvgPool2d with count_include_pad=True)."""
 
+    _stateless = True
+
     def forward(self, x):
         y = F.avg_pool2d_forward(x, self.kernel_size, self.stride, self.padding, layer=self.name)
         self.save_for_backward(np.shape(x), y.shape, y.dtype)
@@ -283,6 +298,8 @@ class AvgPool2D(_Pool2D):
 class GlobalAvgPool2D(Module):
     """The mean of each channel over its plane: (N, C, H, W) -> (N, C) (PyTorch's
     ``nn.AdaptiveAvgPool2d(1)`` followed by ``flatten(1)``)."""
+
+    _stateless = True
 
     def forward(self, x):
         y = F.global_avg_pool2d_forward(x, layer=self.name)
@@ -329,6 +346,12 @@ class BatchNorm2D(Module):
         self.bias = Parameter(np.zeros(c, dtype=self.dtype))
         self.register_buffer("running_mean", np.zeros(c, dtype=self.dtype))
         self.register_buffer("running_var", np.ones(c, dtype=self.dtype))
+
+    @classmethod
+    def state_spec(cls, config):
+        c = (_positive_int(config["num_features"], "num_features", cls.__name__),)
+        dtype = _resolve_dtype(config.get("dtype", "float32"), cls.__name__)
+        return {k: (c, dtype) for k in ("weight", "bias", "running_mean", "running_var")}
 
     def _check_shape(self, shape):
         """Rank and channel count of an input shape (BatchNorm2D: 4-D; BatchNorm1D: 2-D or 3-D)."""
@@ -431,6 +454,16 @@ class Dense(Module):
         self.bias = (Parameter(_uniform_init(rng, (self.out_features,), self.in_features,
                                              self.dtype)) if bias else None)
 
+    @classmethod
+    def state_spec(cls, config):
+        name = cls.__name__
+        out = _positive_int(config["out_features"], "out_features", name)
+        dtype = _resolve_dtype(config.get("dtype", "float32"), name)
+        spec = {"weight": ((out, _positive_int(config["in_features"], "in_features", name)), dtype)}
+        if config.get("bias", True):
+            spec["bias"] = ((out,), dtype)
+        return spec
+
     def forward(self, x):
         x, in_dtype = cast_input(x, self.dtype, self.name)
         y = F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
@@ -487,6 +520,8 @@ class Dense(Module):
 class ReLU(Module):
     """max(x, 0); the gradient passes where the output is positive."""
 
+    _stateless = True
+
     def forward(self, x):
         y = F.relu_forward(x, layer=self.name)
         self.save_for_backward(y)
@@ -500,6 +535,8 @@ class ReLU(Module):
 @register_module
 class LeakyReLU(Module):
     """x where x > 0, else negative_slope * x."""
+
+    _stateless = True
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
@@ -520,6 +557,8 @@ class LeakyReLU(Module):
 
 @register_module
 class Tanh(Module):
+    _stateless = True
+
     def forward(self, x):
         y = F.tanh_forward(x, layer=self.name)
         self.save_for_backward(y)
@@ -532,6 +571,8 @@ class Tanh(Module):
 
 @register_module
 class Sigmoid(Module):
+    _stateless = True
+
     def forward(self, x):
         y = F.sigmoid_forward(x, layer=self.name)
         self.save_for_backward(y)
@@ -545,6 +586,8 @@ class Sigmoid(Module):
 @register_module
 class Softmax(Module):
     """exp(x) / sum(exp(x)) along ``dim`` (default 1, the class/channel axis)."""
+
+    _stateless = True
 
     def __init__(self, dim=1):
         super().__init__()
@@ -583,6 +626,8 @@ class Softmax(Module):
 class Flatten(Module):
     """(N, d1, d2, ...) -> (N, d1 * d2 * ...)."""
 
+    _stateless = True
+
     def forward(self, x):
         x = F.check_float(x, self.name)
         self.save_for_backward(x.shape, x.dtype)
@@ -616,6 +661,7 @@ class Dropout(Module):
     """
 
     has_rng_state = True
+    _stateless = True
 
     def __init__(self, p=0.5, seed=None, rng=None):
         super().__init__()

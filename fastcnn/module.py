@@ -29,8 +29,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "register_module", "module_from_config", "registered_modules",
-           "MAX_CONFIG_DEPTH"]
+__all__ = ["Parameter", "Module", "register_module", "module_from_config", "state_spec_of",
+           "registered_modules", "MAX_CONFIG_DEPTH"]
 
 #: Deepest nesting of containers a config may describe (a file cannot exhaust the stack).
 MAX_CONFIG_DEPTH = 64
@@ -340,6 +340,16 @@ class Module:
         return {"class": self.name}
 
     @classmethod
+    def state_spec(cls, config):
+        """{name: (shape, dtype)} of the parameters and buffers a module built from ``config``
+        would hold, worked out without building it, or None when the class cannot tell
+        (then it has to be built to know). A checkpoint's architecture is checked against its
+        tensors this way before anything is allocated: a small file cannot make the library
+        allocate the gigabytes its config might declare. Classes that hold no state whatever
+        their config say so with ``_stateless = True`` in their own body."""
+        return {} if cls.__dict__.get("_stateless") else None
+
+    @classmethod
     def from_config(cls, config, rng=None):
         kwargs = {k: v for k, v in config.items() if k != "class"}
         if "rng" in inspect.signature(cls).parameters:
@@ -469,7 +479,39 @@ def registered_modules():
     return dict(_REGISTRY)
 
 
-_nesting = threading.local()  # how deep module_from_config is, in this thread
+_nesting = threading.local()  # how deep module_from_config / state_spec_of are, in this thread
+
+
+def _registered_class(config):
+    if not isinstance(config, dict) or not isinstance(config.get("class"), str):
+        raise ValueError(f"expected a module config dict with a 'class' key, got {config!r:.200}")
+    cls = _REGISTRY.get(config["class"])
+    if cls is None:
+        raise ValueError(f"unknown module class {config['class']!r:.100}: register it with "
+                         f"fastcnn.register_module; known: {sorted(_REGISTRY)}")
+    return cls
+
+
+def _nested(call):
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= MAX_CONFIG_DEPTH:
+        raise ValueError(f"module config nested deeper than {MAX_CONFIG_DEPTH} levels")
+    _nesting.depth = depth + 1
+    try:
+        return call()
+    finally:
+        _nesting.depth = depth
+
+
+def state_spec_of(config, prefix=""):
+    """{dotted name: (shape, dtype)} of the state the module tree ``config`` describes, without
+    building it (``Module.state_spec``), or None if a class in it cannot tell."""
+    cls = _registered_class(config)
+    spec = _nested(lambda: cls.state_spec(config))
+    if spec is None:
+        return None
+    return {prefix + k: (tuple(int(d) for d in shape), np.dtype(dtype))
+            for k, (shape, dtype) in spec.items()}
 
 
 def module_from_config(config, rng=None):
@@ -478,18 +520,6 @@ def module_from_config(config, rng=None):
     from ``rng`` (a Generator or a seed); load weights with ``load_state_dict``. Containers
     call this for their children: a config nested deeper than :data:`MAX_CONFIG_DEPTH` is a
     ValueError."""
-    if not isinstance(config, dict) or not isinstance(config.get("class"), str):
-        raise ValueError(f"expected a module config dict with a 'class' key, got {config!r:.200}")
-    cls = _REGISTRY.get(config["class"])
-    if cls is None:
-        raise ValueError(f"unknown module class {config['class']!r:.100}: register it with "
-                         f"fastcnn.register_module; known: {sorted(_REGISTRY)}")
-    depth = getattr(_nesting, "depth", 0)
-    if depth >= MAX_CONFIG_DEPTH:
-        raise ValueError(f"module config nested deeper than {MAX_CONFIG_DEPTH} levels")
+    cls = _registered_class(config)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    _nesting.depth = depth + 1
-    try:
-        return cls.from_config(config, rng=rng)
-    finally:
-        _nesting.depth = depth
+    return _nested(lambda: cls.from_config(config, rng=rng))

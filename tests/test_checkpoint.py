@@ -76,6 +76,7 @@ def stub(monkeypatch):
         return StubModel(config["sizes"], seed=99)
 
     monkeypatch.setattr(checkpoint, "_from_config", from_config)
+    monkeypatch.setattr(checkpoint, "_state_spec", lambda config: None)  # a stub: build it to know
     return StubModel([5, 3])
 
 
@@ -470,3 +471,54 @@ def test_batchnorm_buffers_and_dropout_rng_round_trip(tmp_path):
     np.testing.assert_array_equal(state["1.running_var"], np.arange(1, 5, dtype=np.float32))
     assert ckpt.model.get_rng_state() == model.get_rng_state()
     np.testing.assert_array_equal(ckpt.model.layers[4]._rng.random(5), model.layers[4]._rng.random(5))
+
+
+BOMB_CHILD = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20,) * 2)  # a regression fails, not the machine
+from fastcnn import checkpoint
+try:
+    checkpoint.load(sys.argv[1])
+    print("LOADED")
+except checkpoint.CheckpointError as exc:
+    print("REFUSED", exc)
+print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.parametrize("declared, keys", [
+    # three Dense(10000, 10000) (1.2 GB of float32) declared, two tiny tensors in the file
+    ([{"class": "Dense", "in_features": 10000, "out_features": 10000}] * 3, ["0.weight", "0.bias"]),
+    # the right names, one huge shape; and the huge layer nested in a residual block
+    ([{"class": "Dense", "in_features": 10000, "out_features": 30000}], ["0.weight", "0.bias"]),
+    ([{"class": "Residual", "body": {"class": "Conv2D", "in_channels": 4096, "out_channels": 4096,
+                                     "kernel_size": 9}, "shortcut": None}],
+     ["0.body.weight", "0.body.bias"]),
+])
+def test_a_small_file_declaring_huge_layers_is_refused_before_allocating(tmp_path, declared, keys):
+    """The architecture's shapes are worked out from the config and compared with the tensors
+    before any layer is built: refused with a CheckpointError, peak RSS far below what the
+    config declares (checked in a child process under an address-space limit)."""
+    import json
+    import subprocess
+    import sys
+
+    import safetensors.numpy as st
+
+    tensors = {"model." + k: np.zeros((2, 2) if k.endswith("weight") else (2,), np.float32)
+               for k in keys}
+    meta = {"format": checkpoint.FORMAT_NAME, "format_version": 2, "fastcnn_version": "0.1.0",
+            "model": {"config": {"class": "Sequential", "layers": declared}, "keys": keys,
+                      "rng_state": {}},
+            "tensors": {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in tensors.items()},
+            "sha256": checkpoint._digest(tensors), "optimizer": None, "scheduler": None,
+            "epoch": None, "extra": None}
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)  # anyone can recompute the checksums
+    path = tmp_path / "bomb.safetensors"
+    path.write_bytes(st.save(tensors, metadata={checkpoint._META_KEY: json.dumps(meta)}))
+    assert path.stat().st_size < 2000
+    out = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert "REFUSED" in out.stdout and "architecture" in out.stdout, out.stdout + out.stderr[-2000:]
+    peak = int(out.stdout.split("PEAK_MIB")[1])
+    assert peak < 500, peak

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastcnn import layers as L
-from fastcnn.module import module_from_config
+from fastcnn.module import module_from_config, state_spec_of
 from gradcheck import assert_gradient, relative_error
 from naive import activations as naive_act
 from naive import batchnorm as naive_bn
@@ -341,6 +341,8 @@ def test_config_and_state_round_trip(layer, shape, rng):
     state = layer.state_dict()
     assert sorted(state) == sorted([n for n, _ in layer.named_parameters()]
                                    + [n for n, _ in layer.named_buffers()])
+    # what a checkpoint's config is checked against before anything is built
+    assert state_spec_of(config) == {k: (v.shape, v.dtype) for k, v in state.items()}
     clone.load_state_dict(state)
     for key, value in clone.state_dict().items():
         np.testing.assert_array_equal(value, state[key])

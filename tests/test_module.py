@@ -196,6 +196,18 @@ def test_registry_and_checkpoints_of_any_tree(tmp_path, rng):
     assert registered_modules()["MyScale"] is Renamed
 
 
+def test_state_spec_of_a_tree_without_building_it():
+    from fastcnn.module import state_spec_of
+    from test_containers import inception
+
+    for model in (resnet(8), fastcnn.models.lenet5(), inception(), Sequential()):
+        spec = state_spec_of(model.get_config())
+        assert spec == {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    register_module(Scale)
+    register_module(Block)
+    assert state_spec_of(_nested().get_config()) is None  # Block: a user's class, built to know
+
+
 def test_config_depth_is_bounded():
     config = {"class": "ReLU"}
     for _ in range(MAX_CONFIG_DEPTH + 1):
