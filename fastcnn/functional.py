@@ -555,39 +555,43 @@ def relu_backward(dy, y, layer="ReLU"):
     return dx
 
 
+# Tanh, Sigmoid and LeakyReLU are numpy expressions over the input as it is laid out (numpy's
+# elementwise operations keep a channels-last activation channels-last; a C-ordered copy per
+# call was 8% of a LeNet-5 step).
+
 def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
-    x = check_float(x, layer)
+    x = check_float(x, layer, contiguous=False)
     slope = x.dtype.type(negative_slope)
     return np.asarray(np.where(x > 0, x, x * slope))
 
 
 def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
     """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
-    dy = _grad_like(dy, x, layer)
+    dy = _grad_like(dy, x, layer, contiguous=False)
     slope = dy.dtype.type(negative_slope)
     return np.asarray(np.where(x > 0, dy, dy * slope))
 
 
 def tanh_forward(x, layer="Tanh"):
     # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
-    return np.asarray(np.tanh(check_float(x, layer)))
+    return np.asarray(np.tanh(check_float(x, layer, contiguous=False)))
 
 
 def tanh_backward(dy, y, layer="Tanh"):
-    dy = _grad_like(dy, y, layer)
+    dy = _grad_like(dy, y, layer, contiguous=False)
     return np.asarray(dy * (y.dtype.type(1) - y * y))
 
 
 def sigmoid_forward(x, layer="Sigmoid"):
     """1 / (1 + exp(-x)) without overflow: exp is only taken of -|x|."""
-    x = check_float(x, layer)
+    x = check_float(x, layer, contiguous=False)
     e = np.exp(-np.abs(x))
     one = x.dtype.type(1)
     return np.asarray(np.where(x >= 0, one / (one + e), e / (one + e)))
 
 
 def sigmoid_backward(dy, y, layer="Sigmoid"):
-    dy = _grad_like(dy, y, layer)
+    dy = _grad_like(dy, y, layer, contiguous=False)
     return np.asarray(dy * y * (y.dtype.type(1) - y))
 
 

@@ -543,7 +543,7 @@ class LeakyReLU(Module):
         self.negative_slope = _number(negative_slope, "negative_slope", self.name)
 
     def forward(self, x):
-        x = F.check_float(x, self.name)
+        x = F.check_float(x, self.name, contiguous=False)
         self.save_for_backward(x)
         return F.leaky_relu_forward(x, self.negative_slope, layer=self.name)
 
