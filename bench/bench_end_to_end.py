@@ -139,6 +139,14 @@ def data_root():
 # worker side: one process per framework (or both in one for --isolation inprocess)
 # =============================================================================================
 
+def _network(fastcnn):
+    """The benchmark's network, seed 0 (``models.reference`` by name: a --baseline checkout may
+    predate ``models.BUILDERS``)."""
+    if DATA["network"] == "reference":
+        return fastcnn.models.reference(seed=0)
+    return fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0)
+
+
 class FastcnnRunner:
     name = "fastcnn"
 
@@ -149,7 +157,7 @@ class FastcnnRunner:
 
         self.fastcnn = fastcnn
         self.compute_threads = compute_threads
-        self.model = fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0)
+        self.model = _network(fastcnn)
         self.loss_fn = fastcnn.CrossEntropyLoss()
         self.opt = fastcnn.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.data = {}
@@ -186,7 +194,7 @@ class FastcnnRunner:
     def save_init(self, path):
         import numpy as np
 
-        np.savez(path, **self.fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0).state_dict())
+        np.savez(path, **_network(self.fastcnn).state_dict())
 
     def load_init(self, model, path):
         import numpy as np
