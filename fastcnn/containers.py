@@ -20,6 +20,7 @@ from .plan import fusion_enabled, make_plan
 
 __all__ = ["Sequential", "Residual", "Concat"]
 
+
 def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 

@@ -197,7 +197,8 @@ def test_global_avg_pool_by_finite_differences(rng):
 
 def test_global_avg_pool_validates():
     layer = GlobalAvgPool2D()
-    with pytest.raises(ValueError, match=r"^GlobalAvgPool2D: expected input of shape \(N, C, H, W\), got \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"^GlobalAvgPool2D: expected input of shape "
+                                         r"\(N, C, H, W\), got \(2, 3\)"):
         layer(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="^GlobalAvgPool2D: expected a floating-point input"):
         layer(np.zeros((1, 1, 2, 2), np.int32))

@@ -105,7 +105,9 @@ def _leaf(module, cfg, x, name, grads):
 def _run(module, x, name, grads):
     cfg = module.get_config()
     kind = cfg["class"]
-    join = (lambda child: f"{name}.{child}" if name else child)
+
+    def join(child):
+        return f"{name}.{child}" if name else child
     if kind == "Sequential":
         backs = []
         for i, child in enumerate(module.children()):
