@@ -114,6 +114,13 @@ class Module:
         elif isinstance(value, Parameter):
             _drop(d, name)
             d["_param_names"].append(name)
+        elif name in getattr(type(self), "_buffers", ()) and name not in d["_buffer_names"]:
+            # the former Layer API: buffers named in a class attribute ``_buffers``
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
+                                f"got {type(value).__name__}")
+            _drop(d, name)
+            d["_buffer_names"].append(name)
         elif name in d["_buffer_names"]:
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "

@@ -279,3 +279,19 @@ def test_fit_trains_a_users_module_whose_backward_takes_only_dy(rng):
     assert history.train_loss[-1] < history.train_loss[0]
     assert not np.array_equal(net.a.weight.data, before)
     assert Sequential(Net()).backward.__name__ == "backward"  # nests as a step of its own
+
+
+def test_a_layer_written_for_the_former_layer_api_keeps_its_state():
+    """``class L(fastcnn.Layer)`` with ``_params``/``_buffers`` class attributes, as before the
+    Module base: parameters and buffers are registered when assigned, so they are saved."""
+    class Old(fastcnn.Layer):
+        _params = ("w",)
+        _buffers = ("count",)
+
+        def __init__(self):
+            super().__init__()
+            self.w = Parameter(np.ones(2))
+            self.count = np.zeros(1)
+
+    layer = Old()
+    assert list(layer.state_dict()) == ["w", "count"]
