@@ -59,45 +59,75 @@ class _Container(Module):
         return sum(row["flops"] for row in rows)
 
 
-@register_module
-class Sequential(_Container):
-    """Modules applied in order (PyTorch's nn.Sequential): ``Sequential(m0, m1, ...)`` or
-    ``Sequential([m0, m1, ...])``; children named "0", "1", ..."""
+class _ListContainer(_Container):
+    """A container of a list of children named "0", "1", ...; its config is
+    ``{"class": name, KEY: [child configs]}`` with KEY ``_key``."""
 
-    def __init__(self, *modules):
+    _key = _item = None  # the config key, and what a child is called in errors
+
+    def __init__(self, modules):
         super().__init__()
         if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
             modules = modules[0]
-        for i, m in enumerate(modules):
-            if not isinstance(m, Module):
-                raise TypeError(f"Sequential: module {i} is not a fastcnn Module: {m!r:.100}")
-            setattr(self, str(i), m)
-        self.__dict__["_ran"] = None
+        for m in modules:
+            self.append(m)
 
-    # -- a list of modules ---------------------------------------------------------------------
-    @property
-    def layers(self):
-        """The modules in order (a new list)."""
-        return self.children()
+    def append(self, module):
+        """Add ``module`` at the end; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"{self.name}: {self._item} {len(self)} is not a fastcnn Module: "
+                            f"{module!r:.100}")
+        setattr(self, str(len(self)), module)
+        return self
 
     def __len__(self):
         return len(self._child_names)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return Sequential(self.children()[index])
         return self.children()[index]
 
     def __iter__(self):
         return iter(self.children())
 
-    def append(self, module):
-        """Add ``module`` at the end; returns self."""
-        if not isinstance(module, Module):
-            raise TypeError(f"Sequential: module {len(self)} is not a fastcnn Module: "
-                            f"{module!r:.100}")
-        setattr(self, str(len(self)), module)
-        return self
+    def get_config(self):
+        return {"class": self.name, self._key: [m.get_config() for m in self.children()]}
+
+    @classmethod
+    def from_config(cls, config, rng=None):
+        children = config.get(cls._key)
+        if not isinstance(children, list) or set(config) != {"class", cls._key}:
+            raise ValueError(f"{cls.__name__}: expected a config {{'class': '{cls.__name__}', "
+                             f"'{cls._key}': [...]}}, got {config!r:.200}")
+        return cls([module_from_config(c, rng) for c in children])
+
+    @classmethod
+    def state_spec(cls, config):
+        children = config[cls._key]
+        if not isinstance(children, list):
+            raise ValueError(f"{cls.__name__}: expected '{cls._key}' to be a list")
+        return _merged_specs((str(i), c) for i, c in enumerate(children))
+
+
+@register_module
+class Sequential(_ListContainer):
+    """Modules applied in order (PyTorch's nn.Sequential): ``Sequential(m0, m1, ...)`` or
+    ``Sequential([m0, m1, ...])``; children named "0", "1", ..."""
+
+    _key, _item = "layers", "module"
+
+    def __init__(self, *modules):
+        super().__init__(modules)
+        self.__dict__["_ran"] = None
+
+    @property
+    def layers(self):
+        """The modules in order (a new list)."""
+        return self.children()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Sequential(self.children()[index])
+        return self.children()[index]
 
     # -- computation ---------------------------------------------------------------------------
     def _plan(self):
@@ -138,25 +168,6 @@ class Sequential(_Container):
             shape = child.trace_shapes(shape, visit, _join(prefix, name))
         row.update(output_shape=shape, flops=0)
         return shape
-
-    # -- config --------------------------------------------------------------------------------
-    def get_config(self):
-        return {"class": self.name, "layers": [m.get_config() for m in self.children()]}
-
-    @classmethod
-    def from_config(cls, config, rng=None):
-        layers = config.get("layers")
-        if not isinstance(layers, list) or set(config) != {"class", "layers"}:
-            raise ValueError(f"Sequential: expected a config {{'class': 'Sequential', "
-                             f"'layers': [...]}}, got {config!r:.200}")
-        return cls([module_from_config(c, rng) for c in layers])
-
-    @classmethod
-    def state_spec(cls, config):
-        layers = config["layers"]
-        if not isinstance(layers, list):
-            raise ValueError("Sequential: expected 'layers' to be a list")
-        return _merged_specs((str(i), c) for i, c in enumerate(layers))
 
     def __repr__(self):
         if not len(self):
@@ -242,27 +253,17 @@ class Residual(_Container):
 
 
 @register_module
-class Concat(_Container):
+class Concat(_ListContainer):
     """The branches' outputs concatenated along axis 1, the channels (Inception-style): each
     branch gets the same input; their outputs must agree on every other axis and on dtype.
     Four-dimensional outputs are stored channels-last, as a convolution's."""
 
+    _key, _item = "branches", "branch"
+
     def __init__(self, *branches):
-        super().__init__()
-        if len(branches) == 1 and isinstance(branches[0], (list, tuple)):
-            branches = branches[0]
-        if not branches:
+        if not branches or branches == ([],) or branches == ((),):
             raise ValueError("Concat: expected at least one branch")
-        for i, m in enumerate(branches):
-            if not isinstance(m, Module):
-                raise TypeError(f"Concat: branch {i} is not a fastcnn Module: {m!r:.100}")
-            setattr(self, str(i), m)
-
-    def __len__(self):
-        return len(self._child_names)
-
-    def __getitem__(self, index):
-        return self.children()[index]
+        super().__init__(branches)
 
     def _check(self, shapes, dtypes=None):
         first = shapes[0]
@@ -313,20 +314,3 @@ class Concat(_Container):
         row.update(output_shape=out, flops=0)
         return out
 
-    def get_config(self):
-        return {"class": self.name, "branches": [m.get_config() for m in self.children()]}
-
-    @classmethod
-    def from_config(cls, config, rng=None):
-        branches = config.get("branches")
-        if not isinstance(branches, list) or set(config) != {"class", "branches"}:
-            raise ValueError(f"Concat: expected a config {{'class': 'Concat', 'branches': "
-                             f"[...]}}, got {config!r:.200}")
-        return cls([module_from_config(c, rng) for c in branches])
-
-    @classmethod
-    def state_spec(cls, config):
-        branches = config["branches"]
-        if not isinstance(branches, list):
-            raise ValueError("Concat: expected 'branches' to be a list")
-        return _merged_specs((str(i), c) for i, c in enumerate(branches))
