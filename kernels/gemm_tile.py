@@ -14,10 +14,9 @@ Why it is fast: the R x FT accumulators live in stack memory (``stack_array``), 
 this function and are indexed by compile-time constants, so LLVM keeps them in vector registers
 for the whole k loop. Per k: R broadcasts of ``a``, FT/8 vector loads of ``b`` (AVX2), R*FT/8
 fused multiply-adds. 3 x 32 float32 = 12 of AVX2's 16 registers for accumulators, leaving
-room for the 4 ``b`` vectors and one broadcast; larger tiles spilled to the stack (measured
-2026-12-01, AMD EPYC Zen 3: 6x16 39, 4x24 42, 4x16 67-75, 5x16 87, 3x32 90 GFLOP/s on one core,
-OpenBLAS's sgemm 87). A heap tile would be reloaded and stored on every k (3.5x slower in the
-design probe).
+room for the 4 ``b`` vectors and one broadcast (with AVX-512's 32 registers, shapes up to
+8 x 32 keep theirs too: ``bench/bench_tile_shapes.py`` measures every shape on the host). A heap
+tile would be reloaded and stored on every k (3.5x slower in the design probe).
 
 Indices are uint64 on purpose: Numba wraps negative *signed* indices (``a[i]`` with ``i < 0``
 reads from the end), and that test on every load stopped LLVM from vectorising the ``b`` loads.
