@@ -33,7 +33,7 @@ BOUNDSCHECK = True
 # at its first call), so that the small shapes the fuzz cases use also run the paths large
 # inputs take: many forward work items, several pixel blocks and chunks in the convolution's
 # weight gradient, several chunks in the fused pass, several chunks of elements in the
-# activations, several channel blocks in batchnorm.
+# activations, several channel blocks and pixel chunks in batchnorm.
 from fastcnn.kernels import activations, batchnorm, conv2d, fused  # noqa: E402
 
 for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_PIXEL_BLOCK", 2),
@@ -41,6 +41,6 @@ for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_PIXEL_
                                (fused, "_CHUNKS", 3), (fused, "_WEIGHT_UNITS", 3),
                                (fused, "_INPUT_CHUNKS", 2),
                                (activations, "_CHUNK", 4), (activations, "_MAX_CHUNKS", 3),
-                               (batchnorm, "_BLOCK", 2)):
+                               (batchnorm, "_BLOCK", 2), (batchnorm, "_PIXELS", 3)):
     if hasattr(_module, _name):
         setattr(_module, _name, _value)

@@ -96,7 +96,8 @@ def fuzz(weight=1.0):
 GOOD = ("float32", "float64")
 HALF = ("float16",)
 BAD = ("int32", "int64", "uint8", "bool", "complex64", "complex128")
-LAYOUTS = ("c", "c", "c", "fortran", "strided", "reversed", "swapped", "readonly", "list")
+LAYOUTS = ("c", "c", "c", "channels_last", "fortran", "strided", "reversed", "swapped", "readonly",
+           "list")
 
 
 def make_array(shape, dtype, seed, layout="c", special=False, scale=1.0):
@@ -121,6 +122,8 @@ def make_array(shape, dtype, seed, layout="c", special=False, scale=1.0):
 
 def relayout(a, layout):
     """The same values in another memory layout (or as nested Python lists)."""
+    if layout == "channels_last" and a.ndim == 4:  # a convolution's output: NHWC memory
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     if layout == "fortran":
         return np.asfortranarray(a)
     if layout == "strided" and a.ndim:
