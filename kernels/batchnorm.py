@@ -125,6 +125,36 @@ def _vec_dx(g, v, m, k, a, b, o):
         o[j] = k[j] * g[j] + a[j] * (v[j] - m[j]) + b[j]
 
 
+@njit(cache=True, fastmath=_FASTMATH)
+def _stat_coefficients(mu64, squares, gamma, beta, inv_count, eps64, c0, c1, mean, invstd,
+                       scale, shift):
+    """For channels [c0, c1), from the float64 batch mean mu64 and sums of centred squares:
+    mean, invstd, and the forward's scale and shift (the stored mean's rounding compensated)."""
+    for c in range(c0, c1):
+        mean[c] = mu64[c]
+        invstd[c] = 1.0 / np.sqrt(squares[c] * inv_count + eps64)
+        scale[c] = gamma[c] * invstd[c]
+        shift[c] = beta[c] - (mu64[c] - np.float64(mean[c])) * np.float64(scale[c])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _grad_coefficients(sum_g, sum_gd, sum_d, gamma, invstd, inv_count, c0, c1, dgamma, dbeta,
+                       coef_k, coef_a, coef_b):
+    """For channels [c0, c1), from the float64 sums of dy, dy * (x - mean), x - mean: dgamma,
+    dbeta and the coefficients of dx = k * dy + a * (x - mean) + b (see batchnorm_backward)."""
+    for c in range(c0, c1):
+        istd = np.float64(invstd[c])
+        delta = sum_d[c] * inv_count
+        sum_gx = (sum_gd[c] - delta * sum_g[c]) * istd
+        dbeta[c] = sum_g[c]
+        dgamma[c] = sum_gx
+        k = np.float64(gamma[c]) * istd
+        a = -k * istd * sum_gx * inv_count
+        coef_k[c] = k
+        coef_a[c] = a
+        coef_b[c] = -k * sum_g[c] * inv_count - a * delta
+
+
 # ---------------------------------------------------------------- kernels
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
@@ -162,11 +192,8 @@ def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
                 a[j] = 0.0
             for n in range(n_batch):
                 _vec_sq_dev(a, x2[n, c0:c1], mu)
-            for c in range(c0, c1):
-                mean[c] = mu64[c]
-                invstd[c] = 1.0 / np.sqrt(acc[c] * inv_count + eps64)
-                scale[c] = gamma[c] * invstd[c]
-                shift[c] = beta[c] - (mu64[c] - np.float64(mean[c])) * np.float64(scale[c])
+            _stat_coefficients(mu64, acc, gamma, beta, inv_count, eps64, c0, c1, mean, invstd,
+                               scale, shift)
             for n in range(n_batch):
                 _vec_affine(x2[n, c0:c1], mean[c0:c1], scale[c0:c1], shift[c0:c1],
                             out2[n, c0:c1])
@@ -259,17 +286,8 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
             m = mean[c0:c1]
             for n in range(n_batch):
                 _vec_grad_sums(ag, agd, ad, dy2[n, c0:c1], x2[n, c0:c1], m)
-            for c in range(c0, c1):
-                istd = np.float64(invstd[c])
-                delta = acc_d[c] * inv_count
-                sum_gx = (acc_gd[c] - delta * acc_g[c]) * istd
-                dbeta[c] = acc_g[c]
-                dgamma[c] = sum_gx
-                k = np.float64(gamma[c]) * istd
-                a = -k * istd * sum_gx * inv_count
-                coef_k[c] = k
-                coef_a[c] = a
-                coef_b[c] = -k * acc_g[c] * inv_count - a * delta
+            _grad_coefficients(acc_g, acc_gd, acc_d, gamma, invstd, inv_count, c0, c1, dgamma,
+                               dbeta, coef_k, coef_a, coef_b)
             for n in range(n_batch):
                 _vec_dx(dy2[n, c0:c1], x2[n, c0:c1], m, coef_k[c0:c1], coef_a[c0:c1],
                         coef_b[c0:c1], dx2[n, c0:c1])
@@ -427,11 +445,8 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd):
     _add_rows(part, squares)
     scale = np.empty(channels, dtype=x.dtype)
     shift = np.empty(channels, dtype=x.dtype)
-    for c in range(channels):
-        mean[c] = mu64[c]
-        invstd[c] = 1.0 / np.sqrt(squares[c] * inv_count + eps64)
-        scale[c] = gamma[c] * invstd[c]
-        shift[c] = beta[c] - (mu64[c] - np.float64(mean[c])) * np.float64(scale[c])
+    _stat_coefficients(mu64, squares, gamma, beta, inv_count, eps64, 0, channels, mean, invstd,
+                       scale, shift)
     for k in prange(chunks):
         _chunk_affine(x[k * _PIXELS:(k + 1) * _PIXELS], mean, scale, shift,
                       out[k * _PIXELS:(k + 1) * _PIXELS])
@@ -474,17 +489,8 @@ def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     coef_k = np.empty(channels, dtype=x.dtype)
     coef_a = np.empty(channels, dtype=x.dtype)
     coef_b = np.empty(channels, dtype=x.dtype)
-    for c in range(channels):
-        istd = np.float64(invstd[c])
-        delta = sum_d[c] * inv_count
-        sum_gx = (sum_gd[c] - delta * sum_g[c]) * istd
-        dbeta[c] = sum_g[c]
-        dgamma[c] = sum_gx
-        k64 = np.float64(gamma[c]) * istd
-        a64 = -k64 * istd * sum_gx * inv_count
-        coef_k[c] = k64
-        coef_a[c] = a64
-        coef_b[c] = -k64 * sum_g[c] * inv_count - a64 * delta
+    _grad_coefficients(sum_g, sum_gd, sum_d, gamma, invstd, inv_count, 0, channels, dgamma,
+                       dbeta, coef_k, coef_a, coef_b)
     for k in prange(chunks):
         _chunk_dx(dy[k * _PIXELS:(k + 1) * _PIXELS], x[k * _PIXELS:(k + 1) * _PIXELS], mean,
                   coef_k, coef_a, coef_b, dx[k * _PIXELS:(k + 1) * _PIXELS])
