@@ -38,7 +38,7 @@ number of threads. Scratch arrays are allocated once per call, outside every pra
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, R, gemm_tile, gemm_tile_bias
+from .gemm_tile import FT, FTN, R, RN, gemm_tile, gemm_tile_bias, tile_shape
 
 #: Pixel tiles per forward work item (48 output pixels).
 _TILES_PER_ITEM = 16
@@ -178,28 +178,30 @@ def _padded_bias(bias, Fp):
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile):
+def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile,
+                   narrow):
     """out[p*F + f] = biasp[f] + the convolution at pixel p (then max(., 0) if ``relu``), for
-    the pixels of tiles [t0, t1) (R pixels each, window corners shift + pix[p] in xf; rows
-    from npix on are not stored). Whole tiles go straight from the registers into out, a
-    partial one (filters F % 32, the last pixels) through the scratch ``tile`` (R*FT,).
+    the pixels of tiles [t0, t1) (tile_shape(narrow) rows, window corners shift + pix[p] in xf;
+    rows from npix on are not stored). Whole tiles go straight from the registers into out, a
+    partial one (the last filters or pixels) through the scratch ``tile`` (R*FT,).
     Serial: called from the parallel kernels' bodies."""
-    for f0 in range(0, F, FT):
-        nf = min(FT, F - f0)
+    rows, cols = tile_shape(narrow)
+    for f0 in range(0, F, cols):
+        nf = min(cols, F - f0)
         for t in range(t0, t1):
-            p0 = t * R
-            whole = nf == FT and p0 + R <= npix
+            p0 = t * rows
+            whole = nf == cols and p0 + rows <= npix
             # one call site: the tile is inlined, and every call site would be a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
             gemm_tile_bias(xf, np.uint64(shift), pix, p0, koff, 0, K, wf, np.uint64(f0),
                            np.uint64(Fp), biasp, f0, relu, dst, np.uint64(o0),
-                           np.uint64(F if whole else FT))
+                           np.uint64(F if whole else cols), narrow)
             if not whole:
-                for r in range(min(R, npix - p0)):
+                for r in range(min(rows, npix - p0)):
                     row = out[(p0 + r) * F + f0:(p0 + r) * F + f0 + nf]
                     for f in range(nf):
-                        row[f] = tile[r * FT + f]
+                        row[f] = tile[r * cols + f]
 
 
 # ---- the kernels ----
@@ -217,10 +219,12 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     OH, OW = out.shape[1], out.shape[2]
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
     K = KH * KW * C
-    nfb = (F + FT - 1) // FT
-    Fp = nfb * FT
+    narrow = F <= FTN
+    rows, cols = tile_shape(narrow)
+    nfb = (F + cols - 1) // cols
+    Fp = nfb * cols
     NP = N * OH * OW
-    ntiles = (NP + R - 1) // R
+    ntiles = (NP + rows - 1) // rows
     nitems = (ntiles + _TILES_PER_ITEM - 1) // _TILES_PER_ITEM
     dt = x.dtype
 
@@ -230,7 +234,7 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     _pack_weight(weight, wp, 0, K)
     koff = np.empty(K, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
-    pix = np.empty(ntiles * R, dtype=np.uint64)
+    pix = np.empty(ntiles * rows, dtype=np.uint64)
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     tiles = np.empty((nitems, R * FT), dtype=dt)
     biasp = _padded_bias(bias, Fp)
@@ -241,7 +245,8 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     for item in prange(nitems):
         t0 = item * _TILES_PER_ITEM
         t1 = min(t0 + _TILES_PER_ITEM, ntiles)
-        _forward_tiles(xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item])
+        _forward_tiles(xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item],
+                       narrow)
 
 
 @njit(cache=True)
@@ -306,7 +311,7 @@ def _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff,
         c0 = cb * FT
         for t in range(ntl):
             gemm_tile(dyf, rows, (n * ntl + t) * R, kidx, 0, F, wtf, np.uint64(c0),
-                      np.uint64(ncp), tile, 0, False)
+                      np.uint64(ncp), tile, 0, False, False)
             for r in range(min(R, P - t * R)):
                 base = pixoff[t * R + r]
                 if contiguous[cb]:
@@ -367,15 +372,19 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
 
 
 @njit(cache=True)
-def _weight_plan(K, F, NP):
+def _weight_plan(K, F, NP, narrow):
     """How the weight gradient splits its work into units (see conv2d_backward_weight): tap
     tiles nkt, filter blocks nfb, tap-tile groups and pixel chunks (groups * chunks * nfb
-    units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide it."""
-    nkt = (K + R - 1) // R
-    nfb = (F + FT - 1) // FT
-    per_fb = max(1, _WEIGHT_UNITS // nfb)  # units per filter block
-    if nkt >= per_fb:  # groups of tap tiles, each over all pixels, block by block
-        groups, chunks = per_fb, 1
+    units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide it;
+    the pixel chunks (the only choice that changes a sum's order) are those of the wide tile
+    whatever ``narrow``, so both tiles give bitwise the same gradient."""
+    rows, cols = tile_shape(narrow)
+    wide_fb = (F + FT - 1) // FT
+    per_fb = max(1, _WEIGHT_UNITS // wide_fb)  # units per filter block
+    nkt = (K + rows - 1) // rows
+    nfb = (F + cols - 1) // cols
+    if (K + R - 1) // R >= per_fb:  # groups of tap tiles, each over all pixels, block by block
+        groups, chunks = min(max(1, _WEIGHT_UNITS // nfb), nkt), 1
         block = _PIXEL_BLOCK
     else:  # all tiles together, over chunks of pixels (each chunk's data stays in L2)
         groups = 1
@@ -386,14 +395,16 @@ def _weight_plan(K, F, NP):
 
 
 @njit(cache=True)
-def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt):
-    """The weight gradient's tile operands: the (padded) input flat, the tap offsets of nkt
-    whole tap tiles and every pixel's window corner."""
+def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+                     ntaps):
+    """The weight gradient's tile operands: the (padded) input flat, the offsets of ``ntaps``
+    taps (whole tap tiles, the padding rows repeating the last tap) and every pixel's window
+    corner."""
     N, C = x.shape[0], x.shape[3]
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
     xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
     XH, XW = xp.shape[1], xp.shape[2]
-    koff = np.empty(nkt * R, dtype=np.uint64)
+    koff = np.empty(ntaps, dtype=np.uint64)
     _tap_offsets(koff, KH * KW * C, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(N * OH * OW, dtype=np.uint64)
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
@@ -401,23 +412,26 @@ def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, d
 
 
 @njit(cache=True)
-def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP):
-    """Unit ``unit``'s pixel chunk, its pixels [p0, p1), filter block f0, tap tiles [kt0, kt1)."""
+def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP, cols):
+    """Unit ``unit``'s pixel chunk, its pixels [p0, p1), filter block f0 (of ``cols`` filters),
+    tap tiles [kt0, kt1)."""
     chunk = unit // (nfb * groups)
     rest = unit - chunk * nfb * groups
     fb = rest // groups
     kt0 = (rest - fb * groups) * per_group
     p0 = chunk * per_chunk
-    return chunk, p0, min(p0 + per_chunk, NP), fb * FT, kt0, min(kt0 + per_group, nkt)
+    return chunk, p0, min(p0 + per_chunk, NP), fb * cols, kt0, min(kt0 + per_group, nkt)
 
 
 @njit(cache=True, inline="always")
-def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate):
+def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate,
+                  narrow):
     """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * R*FT]) (+)= the pixels [q0, q1)
-    of one block: dy's rows at b[b0 + (q - q0) * bstride], FT filters each."""
+    of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's columns of filters each."""
+    rows = RN if narrow else R
     for kt in range(kt0, kt1):
-        gemm_tile(xf, koff, kt * R, pix, q0, q1, b, b0, bstride, accf, (tile0 + kt) * R * FT,
-                  accumulate)
+        gemm_tile(xf, koff, kt * rows, pix, q0, q1, b, b0, bstride, accf, (tile0 + kt) * R * FT,
+                  accumulate, narrow)
 
 
 @njit(cache=True)
@@ -429,25 +443,27 @@ def _bias_operands(x, count):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def _bias_block(b, b0, bstride, count, bsum, ones, zoff, tile):
-    """bsum (FT,) += the count rows of dy at b[b0 + q * bstride], in order: a register tile
-    over a column of ones (ones[0] = 1, zoff >= max(count, R) zeros; tile (R*FT,) scratch): its
-    3 rows are the same sums, fma(1, d, s) = s + d exactly, and the sums stay in registers (as a
+def _bias_block(b, b0, bstride, count, bsum, ones, zoff, tile, narrow):
+    """bsum (cols,) += the count rows of dy at b[b0 + q * bstride], in order: a register tile
+    over a column of ones (ones[0] = 1, zoff >= max(count, RN) zeros; tile (R*FT,) scratch): its
+    rows are the same sums, fma(1, d, s) = s + d exactly, and the sums stay in registers (as a
     loop over bsum in memory they cost a fifth of conv1's weight gradient)."""
-    for r in range(R):
-        for f in range(FT):
-            tile[r * FT + f] = bsum[f]
-    gemm_tile(ones, zoff, 0, zoff, 0, count, b, np.uint64(b0), np.uint64(bstride), tile, 0, True)
-    for f in range(FT):
+    rows, cols = tile_shape(narrow)
+    for r in range(rows):
+        for f in range(cols):
+            tile[r * cols + f] = bsum[f]
+    gemm_tile(ones, zoff, 0, zoff, 0, count, b, np.uint64(b0), np.uint64(bstride), tile, 0, True,
+              narrow)
+    for f in range(cols):
         bsum[f] = tile[f]
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile0, bsum,
-                 with_bias, ones, zoff, btile):
+                 with_bias, ones, zoff, btile, narrow):
     """One unit of conv2d_backward_weight: tap tiles [kt0, kt1) of filter block f0 (tile kt
     at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
-    block's x and dy stay in L1 for all the tiles), and the bias sums bsum (FT,) if
+    block's x and dy stay in L1 for all the tiles), and the bias sums bsum (cols,) if
     ``with_bias``. Serial: the body of the kernel's prange."""
     if with_bias:
         for f in range(bsum.size):
@@ -455,25 +471,26 @@ def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile
     for q0 in range(p0, p1, block):
         q1 = min(q0 + block, p1)
         _weight_block(xf, koff, kt0, kt1, pix, q0, q1, dyf, np.uint64(q0 * Fp + f0),
-                      np.uint64(Fp), accf, tile0, q0 > p0)
+                      np.uint64(Fp), accf, tile0, q0 > p0, narrow)
         if with_bias:
-            _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile)
+            _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile, narrow)
 
 
 @njit(cache=True)
-def _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias):
+def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias):
     """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, R*FT)
     and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
     F, C, KH, KW = dweight.shape
+    rows, cols = tile_shape(narrow)
     for f in range(F):
-        fb = f // FT
-        col = f - fb * FT
+        fb = f // cols
+        col = f - fb * cols
         for i in range(KH):
             for j in range(KW):
                 for c in range(C):
                     k = (i * KW + j) * C + c
-                    kt = k // R
-                    e = (k - kt * R) * FT + col
+                    kt = k // rows
+                    e = (k - kt * rows) * cols + col
                     v = acc[0, fb * nkt + kt, e]
                     for chunk in range(1, chunks):
                         v += acc[chunk, fb * nkt + kt, e]
@@ -503,21 +520,23 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
     K = KH * KW * x.shape[3]
-    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP)
-    Fp = nfb * FT
+    narrow = F <= FTN
+    rows, cols = tile_shape(narrow)
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP, narrow)
+    Fp = nfb * cols
     xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                                     dil_h, dil_w, nkt)
+                                     dil_h, dil_w, nkt * rows)
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
-    ones, zoff = _bias_operands(x, max(min(block, per_chunk), R))
+    ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN))
     btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
     for unit in prange(chunks * nfb * groups):
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
-                                                         per_chunk, NP)
+                                                         per_chunk, NP, cols)
         _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf,
-                     (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0, ones,
-                     zoff, btile[unit])
-    _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)
+                     (chunk * nfb + f0 // cols) * nkt, bsum[chunk, f0:f0 + cols], kt0 == 0,
+                     ones, zoff, btile[unit], narrow)
+    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias)

@@ -24,7 +24,7 @@ from .conv2d import (_bias_block, _bias_operands, _col2im_operands, _crop, _forw
                      _needs_padding, _pack_weight, _padded_bias, _padded_input, _read_extent,
                      _tap_offsets, _weight_block, _weight_operands, _weight_plan, _weight_result,
                      _weight_unit_range)
-from .gemm_tile import FT, R, gather_tile
+from .gemm_tile import FT, FTN, R, gather_tile, tile_shape
 from .pool2d import max4
 
 #: Scratch buffers (one per chunk of work items): enough chunks to keep 2 threads balanced.
@@ -116,12 +116,14 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
     PH, PW = out.shape[1], out.shape[2]
     BW = PW * pkw  # conv columns the pooling reads
     band = pkh * BW  # conv pixels per pooled row
-    ntb = (band + R - 1) // R  # tiles per band
-    rows = ntb * R
+    narrow = F <= FTN
+    trows, cols = tile_shape(narrow)
+    ntb = (band + trows - 1) // trows  # tiles per band
+    rows = ntb * trows
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
     K = KH * KW * C
-    nfb = (F + FT - 1) // FT
-    Fp = nfb * FT
+    nfb = (F + cols - 1) // cols
+    Fp = nfb * cols
     nitems = N * PH
     nchunks = min(nitems, _CHUNKS)
     step = (nitems + nchunks - 1) // nchunks
@@ -142,7 +144,7 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
             corner = n * XH * XW * C + (item - n * PH) * pkh * stride_h * XW * C
             # the band's padding rows are stored too: scratch has them
             _forward_tiles(xf, corner, pix, koff, K, wf, Fp, biasp, False, 0, ntb, rows, F,
-                           scratch[chunk], tiles[chunk])
+                           scratch[chunk], tiles[chunk], narrow)
             _pool_bands(scratch[chunk], item, item + 1, PH, PW, rows, BW, pkh, pkw, OW, F, relu,
                         best[chunk], cell[chunk], out, argmax)
 
@@ -331,9 +333,9 @@ def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, 
             for e in range((q1 - q0) * FT):
                 rows[e] = 0
         _weight_block(xf, koff, kt0, kt1, pix, q0, q1, rows, np.uint64(0), np.uint64(FT), accf,
-                      tile0, q0 > p0)
+                      tile0, q0 > p0, False)
         if with_bias:
-            _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile)
+            _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile, False)
         q0 = q1
 
 
@@ -355,10 +357,10 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
-    nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP)
+    nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP, False)
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                                     dil_h, dil_w, nkt)
+                                     dil_h, dil_w, nkt * R)
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
     rows = np.empty((units, pkh * OW * FT), dtype=x.dtype)
@@ -370,12 +372,12 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for unit in prange(units):
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
-                                                         per_chunk, NP)
+                                                         per_chunk, NP, FT)
         _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH,
                             PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf,
                             (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0,
                             ones, zoff, btile[unit])
-    _weight_result(acc, bsum, chunks, nfb, nkt, dweight, dbias)
+    _weight_result(acc, bsum, chunks, nfb, nkt, False, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here

@@ -39,6 +39,17 @@ from numba.extending import intrinsic
 R = 3
 FT = 32
 _RFT = R * FT
+#: The narrow tile, for convolutions of at most FTN filters: the same R*FT accumulators as RN
+#: rows of FTN columns (16 filters padded to 32 would waste half of every multiply-add).
+RN = 6
+FTN = 16
+assert RN * FTN == _RFT
+
+
+@njit(cache=True, inline="always")
+def tile_shape(narrow):
+    """(rows, columns) of the tile ``narrow`` selects."""
+    return (RN, FTN) if narrow else (R, FT)
 
 
 @intrinsic
@@ -98,10 +109,42 @@ def _product(acc, a, a0, a1, a2, aoff, k0, k1, b, b0, bstride):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
-    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f].
+def _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
+    """_product for the narrow tile: acc[r*FTN + f] += sum_k a[ashift + abase[r0 + r] + aoff[k]]
+    * b[b0 + (k-k0)*bstride + f] for r < RN = 6, f < FTN = 16 (per k: 6 broadcasts, the same
+    multiply-adds as the wide tile, half its loads of b)."""
+    a0 = ashift + abase[r0]
+    a1 = ashift + abase[r0 + 1]
+    a2 = ashift + abase[r0 + 2]
+    a3 = ashift + abase[r0 + 3]
+    a4 = ashift + abase[r0 + 4]
+    a5 = ashift + abase[r0 + 5]
+    bb = b0
+    for k in range(k0, k1):
+        ko = aoff[k]
+        x0 = a[a0 + ko]
+        x1 = a[a1 + ko]
+        x2 = a[a2 + ko]
+        x3 = a[a3 + ko]
+        x4 = a[a4 + ko]
+        x5 = a[a5 + ko]
+        for f in range(FTN):
+            w = b[bb + np.uint64(f)]
+            acc[f] += x0 * w
+            acc[FTN + f] += x1 * w
+            acc[2 * FTN + f] += x2 * w
+            acc[3 * FTN + f] += x3 * w
+            acc[4 * FTN + f] += x4 * w
+            acc[5 * FTN + f] += x5 * w
+        bb += bstride
 
-    a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= r0 + R,) and aoff
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, narrow):
+    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f]
+    for r < R, f < FT; if ``narrow``, the same with RN rows and FTN columns (tile_shape).
+
+    a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= r0 + rows,) and aoff
     (>= k1,) uint64 offsets into a; b0, bstride uint64; tile flat, R*FT results from t0 on,
     overwritten, or added to when ``accumulate``. Every index must be in bounds: nothing is
     checked here. The sum over k runs in order, one fused multiply-add per term: the result
@@ -113,15 +156,18 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
     _start(acc, tile, t0, accumulate)
-    _product(acc, a, abase[r0], abase[r0 + 1], abase[r0 + 2], aoff, k0, k1, b, b0, bstride)
+    if narrow:
+        _product_narrow(acc, a, np.uint64(0), abase, r0, aoff, k0, k1, b, b0, bstride)
+    else:
+        _product(acc, a, abase[r0], abase[r0 + 1], abase[r0 + 2], aoff, k0, k1, b, b0, bstride)
     _finish(acc, tile, t0)
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0,
-                   ostride):
+                   ostride, narrow):
     """out[o0 + r*ostride + f] = bias[f0 + f] + sum_{k0 <= k < k1} a[ashift + abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f],
-    then max(., 0) if ``relu`` (a NaN stays NaN).
+    then max(., 0) if ``relu`` (a NaN stays NaN); r < R, f < FT, or RN x FTN if ``narrow``.
 
     The forward's tile: ``gemm_tile`` with the accumulators started at the bias (bias
     (>= f0 + FT,) padded) and stored straight from the registers into out (flat; uint64
@@ -133,21 +179,33 @@ def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0,
     """
     acc = numba.carray(stack_array(_RFT, out.dtype), (_RFT,))
     f0 = np.uint64(f0)
-    for r in range(R):
-        for f in range(FT):
-            acc[r * FT + f] = bias[f0 + np.uint64(f)]
-    _product(acc, a, ashift + abase[r0], ashift + abase[r0 + 1], ashift + abase[r0 + 2], aoff,
-             k0, k1, b, b0, bstride)
+    if narrow:
+        for r in range(RN):
+            for f in range(FTN):
+                acc[r * FTN + f] = bias[f0 + np.uint64(f)]
+        _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride)
+    else:
+        for r in range(R):
+            for f in range(FT):
+                acc[r * FT + f] = bias[f0 + np.uint64(f)]
+        _product(acc, a, ashift + abase[r0], ashift + abase[r0 + 1], ashift + abase[r0 + 2],
+                 aoff, k0, k1, b, b0, bstride)
     if relu:  # in place on the accumulators, before the store: written in the store, as one
         # select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
         for q in range(_RFT):
             v = acc[q]
             u = v if v > 0 else 0
             acc[q] = v if v != v else u
-    for r in range(R):
-        dst = o0 + np.uint64(r) * ostride
-        for f in range(FT):
-            out[dst + np.uint64(f)] = acc[r * FT + f]
+    if narrow:
+        for r in range(RN):
+            dst = o0 + np.uint64(r) * ostride
+            for f in range(FTN):
+                out[dst + np.uint64(f)] = acc[r * FTN + f]
+    else:
+        for r in range(R):
+            dst = o0 + np.uint64(r) * ostride
+            for f in range(FT):
+                out[dst + np.uint64(f)] = acc[r * FT + f]
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")

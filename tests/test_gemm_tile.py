@@ -3,14 +3,14 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastcnn.kernels.gemm_tile import FT, R, gemm_tile
+from fastcnn.kernels.gemm_tile import FT, R, gemm_tile, tile_shape
 
 
-def naive_tile(a, abase, aoff, k0, k1, b, b0, bstride):
+def naive_tile(a, abase, aoff, k0, k1, b, b0, bstride, rows=R, cols=FT):
     """tile[r, f] = sum_{k0 <= k < k1} a[abase[r] + aoff[k]] * b[b0 + (k - k0)*bstride + f]."""
-    tile = np.zeros((R, FT))
-    for r in range(R):
-        for f in range(FT):
+    tile = np.zeros((rows, cols))
+    for r in range(rows):
+        for f in range(cols):
             s = 0.0
             for k in range(k0, k1):
                 s += float(a[abase[r] + aoff[k]]) * float(b[b0 + (k - k0) * bstride + f])
@@ -18,35 +18,39 @@ def naive_tile(a, abase, aoff, k0, k1, b, b0, bstride):
     return tile
 
 
-@given(st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans())
-def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
+@given(st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans(),
+       st.booleans())
+def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate, narrow):
+    """Both tile shapes (3 x 32 and the narrow 6 x 16) against the textbook sum."""
+    rows, cols = tile_shape(narrow)
     k0 = min(k0, k1)
     rng = np.random.default_rng(seed)
     a = rng.standard_normal(500)
-    abase = rng.integers(0, 200, R).astype(np.uint64)
+    abase = rng.integers(0, 200, rows).astype(np.uint64)
     aoff = rng.integers(0, 300, k1).astype(np.uint64)
-    bstride = int(rng.integers(FT, FT + 9))
+    bstride = int(rng.integers(cols, cols + 9))
     b0 = int(rng.integers(0, 20))
-    b = rng.standard_normal(b0 + max(k1 - k0, 1) * bstride + FT)
-    start = rng.standard_normal(R * FT)
-    expected = naive_tile(a, abase, aoff, k0, k1, b, b0, bstride).reshape(-1)
+    b = rng.standard_normal(b0 + max(k1 - k0, 1) * bstride + cols)
+    start = rng.standard_normal(rows * cols)
+    expected = naive_tile(a, abase, aoff, k0, k1, b, b0, bstride, rows, cols).reshape(-1)
     if accumulate:
         expected = expected + start
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
-        tile = start.astype(dtype) if accumulate else np.full(R * FT, np.nan, dtype)
+        tile = start.astype(dtype) if accumulate else np.full(rows * cols, np.nan, dtype)
         gemm_tile(a.astype(dtype), abase, 0, aoff, k0, k1, b.astype(dtype), np.uint64(b0),
-                  np.uint64(bstride), tile, 0, accumulate)
+                  np.uint64(bstride), tile, 0, accumulate, narrow)
         assert tile.dtype == dtype
         scale = max(1.0, np.abs(expected).max())
         assert np.abs(tile - expected).max() <= tol * scale
 
 
-@given(st.integers(0, 30), st.integers(0, 2**32 - 1), st.booleans())
-def test_bias_tile_matches_the_textbook_sum(k1, seed, relu):
+@given(st.integers(0, 30), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+def test_bias_tile_matches_the_textbook_sum(k1, seed, relu, narrow):
     """gemm_tile_bias: bias + the sum, stored at rows o0 + r*ostride, then the ReLU (NaN kept,
-    -0.0 and negatives to +0.0); nothing else of out is touched."""
+    -0.0 and negatives to +0.0); nothing else of out is touched. Both tile shapes."""
     from fastcnn.kernels.gemm_tile import gemm_tile_bias
 
+    R, FT = tile_shape(narrow)  # noqa: N806 (the module's names, for this test's tile)
     rng = np.random.default_rng(seed)
     a = rng.standard_normal(404)  # ashift + abase + aoff <= 4 + 99 + 299 = 402
     a[rng.integers(0, 400)] = np.nan  # reaches a row whenever a tap reads it
@@ -60,14 +64,14 @@ def test_bias_tile_matches_the_textbook_sum(k1, seed, relu):
     r0 = int(rng.integers(0, 3))
     ostride = int(rng.integers(FT, FT + 5))
     o0 = int(rng.integers(0, 4))
-    expected = naive_tile(a[ashift:], abase[r0:], aoff, 0, k1, b, 0, FT) + bias[f0:f0 + FT]
+    expected = naive_tile(a[ashift:], abase[r0:], aoff, 0, k1, b, 0, FT, R, FT) + bias[f0:f0 + FT]
     if relu:
         expected = np.where(np.isnan(expected) | (expected > 0), expected, 0.0)
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
         out = np.full(o0 + R * ostride + 2, 7.0, dtype)
         gemm_tile_bias(a.astype(dtype), np.uint64(ashift), abase, r0, aoff, 0, k1, b.astype(dtype),
                        np.uint64(0), np.uint64(FT), bias.astype(dtype), f0, relu, out,
-                       np.uint64(o0), np.uint64(ostride))
+                       np.uint64(o0), np.uint64(ostride), narrow)
         got = np.stack([out[o0 + r * ostride:o0 + r * ostride + FT] for r in range(R)])
         assert out.dtype == dtype
         assert np.array_equal(np.isnan(got), np.isnan(expected))
