@@ -338,9 +338,34 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
     if input_grad:
         n, c, h, w = x.shape
         dx = np.empty((n, h, w, c), dtype=x.dtype)
-        k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+        if _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)):
+            kh, kw = weight.shape[2], weight.shape[3]
+            k.conv2d_forward(dy, _flipped_weight(weight), np.zeros(c, x.dtype), 1, 1,
+                             dh * (kh - 1) - pads[0], dw * (kw - 1) - pads[2], dh, dw, False, dx)
+        else:
+            k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
         dx = _nchw(dx)
     return dx, dweight, (dbias if bias else None)
+
+
+def _input_gradient_as_convolution(weight, stride, pads, dilation):
+    """Whether a stride-1 convolution's input gradient is computed as the forward convolution
+    of dy with the flipped weights (``_flipped_weight``, padding ``dilation * (k - 1) - pad``)
+    instead of col2im: with at most 16 filters col2im's products are only 16 terms long, the
+    forward's are taps x filters long (``bench/bench_conv.py`` times both), and 16 or more
+    channels fill the forward's tile columns. Finite weights only: the forward also
+    multiplies the zeros around dy by every weight, and 0 * inf is NaN."""
+    f, c, kh, kw = weight.shape
+    reach = (dilation[0] * (kh - 1), dilation[0] * (kh - 1),
+             dilation[1] * (kw - 1), dilation[1] * (kw - 1))
+    return (stride == (1, 1) and f <= _conv2d.FTN and c >= _conv2d.FTN
+            and all(p <= r for p, r in zip(pads, reach)) and bool(np.isfinite(weight).all()))
+
+
+def _flipped_weight(weight):
+    """(C, F, KH, KW): weight with filters and channels swapped and the kernel turned by 180
+    degrees, the weights of the transposed (input-gradient) convolution."""
+    return np.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
 
 
 def _weight_gradient_in_pixel_order(weight_shape):
@@ -384,8 +409,12 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     _same_dtype(pooled, x, pool_layer, "pooled output")
     _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
     n, c = x.shape[0], x.shape[1]
+    # the sparse input gradient reproduces col2im's order: not where conv2d_backward takes the
+    # transposed convolution
     sparse = (n > 0 and c % _conv2d.FT == 0 and _weight_gradient_in_pixel_order(weight.shape)
-              and np.isfinite(weight).all() and np.isfinite(x).all())
+              and np.isfinite(weight).all() and np.isfinite(x).all()
+              and not (input_grad and _input_gradient_as_convolution(weight, (sh, sw), pads,
+                                                                     (dh, dw))))
     if n == 0 or (input_grad and not sparse):
         dconv = max_pool2d_backward(dy, argmax, conv_shape, pool_kernel,
                                     relu_output=pooled if relu else None, layer=pool_layer)

@@ -167,6 +167,76 @@ def test_backward_input_and_weight_match_naive(case):
         assert relative_error(actual, exp) <= F32_TOL
 
 
+# ---- the input gradient as the transposed convolution (fastcnn.functional) ----
+
+@st.composite
+def transposed_cases(draw):
+    """Stride-1 convolutions of 16-20 channels and at most 16 filters with padding within the
+    kernel's reach ('same' included): conv2d_backward takes their input gradient as the forward
+    convolution of dy with the flipped weights."""
+    KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    if draw(st.booleans()):
+        padding = "same"
+    else:
+        padding = (draw(st.integers(0, dilation[0] * (KH - 1))),
+                   draw(st.integers(0, dilation[1] * (KW - 1))))
+    h_min, w_min = dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1
+    H, W = draw(st.integers(h_min, h_min + 4)), draw(st.integers(w_min, w_min + 4))
+    N, C, F = draw(st.integers(1, 2)), draw(st.integers(16, 20)), draw(st.integers(1, 16))
+    return N, C, F, H, W, KH, KW, padding, dilation, draw(st.integers(0, 2**32 - 1))
+
+
+@given(transposed_cases())
+def test_input_gradient_as_transposed_convolution_matches_naive(case):
+    from fastcnn import functional as F_
+
+    N, C, F, H, W, KH, KW, padding, dilation, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32).astype(np.float64)
+    w = rng.standard_normal((F, C, KH, KW)).astype(np.float32).astype(np.float64)
+    pads = F_.conv2d_padding(padding, (KH, KW), (1, 1), dilation)
+    assert F_._input_gradient_as_convolution(w, (1, 1), pads, dilation)
+    geom = ((1, 1), ((pads[0], pads[1]), (pads[2], pads[3])), dilation)
+    dy = rng.standard_normal(output_shape(x.shape, w.shape, *geom)).astype(np.float32)
+    expected = naive_backward(x, w, dy.astype(np.float64), *geom)[0]
+    for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
+        dx = F_.conv2d_backward(x.astype(dtype), w.astype(dtype), dy.astype(dtype), 1, padding,
+                                dilation)[0]
+        assert dx.dtype == dtype and dx.shape == x.shape
+        assert relative_error(dx, expected) <= tol
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_input_gradient_with_non_finite_weights_takes_col2im(bad, rng):
+    """The transposed convolution would multiply the zeros around dy by the non-finite weight
+    (0 * inf = NaN in cells no window with it covers): col2im, which has no such terms."""
+    from fastcnn import functional as F_
+
+    x = rng.standard_normal((1, 16, 6, 6))
+    w = rng.standard_normal((4, 16, 3, 3))
+    w[1, 2, 0, 0] = bad
+    assert not F_._input_gradient_as_convolution(w, (1, 1), (1, 1, 1, 1), (1, 1))
+    dy = rng.standard_normal((1, 4, 6, 6))
+    dx = F_.conv2d_backward(x, w, dy, 1, 1)[0]
+    expected = naive_backward(x, w, dy, (1, 1), ((1, 1), (1, 1)), (1, 1))[0]
+    np.testing.assert_array_equal(np.isnan(dx), np.isnan(expected))
+    fin = np.isfinite(expected)
+    assert relative_error(dx[fin], expected[fin]) <= F64_TOL
+
+
+def test_input_gradient_as_transposed_convolution_by_finite_differences(rng):
+    from fastcnn import functional as F_
+
+    x = rng.standard_normal((2, 16, 5, 6))
+    w = rng.standard_normal((5, 16, 3, 2))
+    g = rng.standard_normal((2, 5, 5, 5))
+    assert F_._input_gradient_as_convolution(w, (1, 1), (1, 1, 0, 0), (1, 1))
+    dx = F_.conv2d_backward(x, w, g, 1, (1, 0))[0]
+    with threads(1):
+        assert_gradient(lambda v: F_.conv2d_forward(v, w, None, 1, (1, 0)), x, g, dx)
+
+
 # ---- finite differences (float64) ----
 
 FD_CASES = [

@@ -203,15 +203,16 @@ def test_backward_through_maxpool_with_non_finite_input(value):
 
 def test_backward_through_maxpool_validates(rng):
     x = rng.standard_normal((2, 32, 6, 6)).astype(np.float32)
-    weight = rng.standard_normal((4, 32, 3, 3)).astype(np.float32)
+    # 20 filters: the sparse input gradient (at most 16 take the transposed convolution)
+    weight = rng.standard_normal((20, 32, 3, 3)).astype(np.float32)
     y, argmax, shape = F.conv2d_relu_max_pool2d_forward(x, weight, None, 1, 0, 1, (2, 2))
     dy = np.ones_like(y)
-    with pytest.raises(ValueError, match=r"MaxPool2D: expected gradient of shape \(2, 4, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"MaxPool2D: expected gradient of shape \(2, 20, 2, 2\)"):
         F.max_pool2d_conv2d_backward(x, weight, dy[:1], argmax, y, shape, 2)
     with pytest.raises(TypeError, match="MaxPool2D: expected int64 argmax"):
         F.max_pool2d_conv2d_backward(x, weight, dy, argmax.astype(np.int32), y, shape, 2)
     with pytest.raises(ValueError, match="Conv2D: expected the pooling's input shape"):
-        F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, (2, 4, 5, 4), 2)
+        F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, (2, 20, 5, 4), 2)
     # argmax outside its window: no gradient from that entry, nothing read or written elsewhere
     bad = np.array(argmax)
     bad[...] = 10**12

@@ -1,0 +1,113 @@
+"""The convolution layers of the benchmark networks, one at a time: GFLOP/s of the forward, the
+weight gradient and the input gradient (through ``fastcnn.functional``, so each takes the kernel
+fastcnn picks for its shape), beside numpy's float32 GEMM on the same number of threads.
+
+    python bench/bench_conv.py [--threads 2] [--batch 128] [--repeats 30] [--out FILE.md]
+
+Each figure is the fastest of ``--repeats`` calls (on a shared machine the minimum is what the
+kernel can do; the median also measures the neighbours). ``--threads`` sets numba's threads and,
+for the GEMM row only, the BLAS's (threadpoolctl, restored afterwards).
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastcnn import functional as F  # noqa: E402
+from fastcnn.threads import threads  # noqa: E402
+
+#: (network, layer, C, F, H, kernel, stride, padding): the convolutions of the benchmark networks
+#: (ResNet's stride-2 shortcut convolutions aside), at their input size.
+LAYERS = [
+    ("reference", "conv1", 1, 32, 28, 3, 1, 0),
+    ("reference", "conv2", 32, 64, 13, 3, 1, 0),
+    ("lenet5", "conv1", 1, 6, 28, 5, 1, 2),
+    ("lenet5", "conv2", 6, 16, 14, 5, 1, 0),
+    ("resnet", "stem", 1, 16, 28, 3, 1, 1),
+    ("resnet", "16->16", 16, 16, 28, 3, 1, 1),
+    ("resnet", "16->32 /2", 16, 32, 28, 3, 2, 1),
+    ("resnet", "32->32", 32, 32, 14, 3, 1, 1),
+    ("resnet", "32->64 /2", 32, 64, 14, 3, 2, 1),
+    ("resnet", "64->64", 64, 64, 7, 3, 1, 1),
+]
+
+
+def fastest(fn, repeats):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_rate(nthreads, repeats):
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    with threadpool_limits(limits=nthreads, user_api="blas"):
+        return 2 * 1024**3 / fastest(lambda: a @ a, repeats) / 1e9
+
+
+def layer_rates(c, f, h, k, stride, padding, batch, repeats):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((f, c, k, k)).astype(np.float32)
+    b = rng.standard_normal(f).astype(np.float32)
+    y = F.conv2d_forward(x, w, b, stride, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    flops = 2 * y.size * c * k * k
+    times = {
+        "forward": fastest(lambda: F.conv2d_forward(x, w, b, stride, padding), repeats),
+        "weight grad": fastest(lambda: F.conv2d_backward(x, w, dy, stride, padding,
+                                                         input_grad=False), repeats),
+        "both grads": fastest(lambda: F.conv2d_backward(x, w, dy, stride, padding), repeats),
+    }
+    rates = {"forward": flops / times["forward"] / 1e9,
+             "weight grad": flops / times["weight grad"] / 1e9}
+    rates["input grad"] = flops / max(times["both grads"] - times["weight grad"], 1e-9) / 1e9
+    return rates
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    lines = []
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    with threads(args.threads):
+        gemm = gemm_rate(args.threads, args.repeats)
+        lines.append(f"# Convolution layers, GFLOP/s (fastest of {args.repeats} calls), float32, "
+                     f"batch {args.batch}, {args.threads} threads")
+        lines.append("")
+        lines.append(f"`python bench/bench_conv.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+                     f" at git {rev}, {platform.processor() or platform.machine()}; numpy "
+                     f"float32 GEMM 1024^3 on the same threads: {gemm:.0f} GFLOP/s.")
+        lines.append("")
+        lines.append("| network | layer | C -> F, H, k, stride | forward | weight grad | input grad |")
+        lines.append("|---|---|---|---:|---:|---:|")
+        for net, name, c, f, h, k, s, p in LAYERS:
+            r = layer_rates(c, f, h, k, s, p, args.batch, args.repeats)
+            cells = " | ".join(f"{r[key]:.0f} ({100 * r[key] / gemm:.0f}%)"
+                               for key in ("forward", "weight grad", "input grad"))
+            lines.append(f"| {net} | {name} | {c} -> {f}, {h}, {k}x{k}, {s} | {cells} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
