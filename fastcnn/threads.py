@@ -8,11 +8,12 @@ arrives, stealing the cores the other pool is computing on.
 So the BLAS runs on ONE thread whenever fastcnn multiplies matrices: the Dense layers wrap
 their products in :func:`one_blas_thread`, whatever loop drives them (``fit``, or a user's own
 loop, which ran several times slower with numpy's default threads), and
-``fit``/``evaluate``/``predict`` hold it for the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`). With one thread the product runs in the
-calling thread, so no BLAS worker is left spinning against Numba's pool, and no environment
-variable is needed; the user's setting is back as soon as the product is done. Two BLAS
-threads win only when the pools are told not to spin, which takes a variable read when the
-library loads (before numpy is imported), out of reach of a library:
+``fit``/``evaluate``/``predict`` hold it for the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`).
+With one thread the product runs in the calling thread, so no BLAS worker is left spinning
+against Numba's pool, and no environment variable is needed; the user's setting is back as soon
+as the product is done. Two BLAS threads win only when the pools are told not to spin, which
+takes a variable read when the library loads (before numpy is imported), out of reach of a
+library:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp, i.e. on *Numba's* workers (the ``omp`` threading
   layer), not on this OpenBLAS. It makes Numba's workers sleep after each kernel, so every kernel
