@@ -49,7 +49,7 @@ def test_latest_skips_ab_runs_and_other_networks(tmp_path):
     with open(readme_table.latest(), encoding="utf-8") as fh:
         text = fh.read()
     old_date = readme_table.parse(readme_table.latest())["date"]
-    newer = text.replace(old_date, "2099-01-01 00:00:00")
+    newer = text.replace(old_date, "2099" + old_date[4:])  # a later date
     (tmp_path / "a-reference.md").write_text(text)
     (tmp_path / "b-ab.md").write_text(newer.replace(
         "bench_end_to_end.py", "bench_end_to_end.py --baseline /tmp/base", 1))
