@@ -1534,7 +1534,8 @@ def main(argv=None):
         if args.interference or args.epoch or args.profile or not args.no_kernels:
             raise SystemExit("--baseline times the throughput table only: add --no-kernels, and "
                              "leave out --epoch, --profile and --interference")
-    saved = None if args.no_save else results_file.start(f"end-to-end-{args.network}", args.results_dir)
+    name = f"end-to-end-{args.network}" + ("-ab" if args.baseline else "")  # an A/B of two commits
+    saved = None if args.no_save else results_file.start(name, args.results_dir)
     print_header(args, argv)
     if not with_torch:
         why = "left out (--no-torch)" if args.no_torch else "not importable (it is optional)"
