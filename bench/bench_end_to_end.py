@@ -66,6 +66,8 @@ import tempfile
 import time
 import traceback
 
+import results_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PROTOCOL = "@@bench "
@@ -804,15 +806,7 @@ def package_version(name):
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = fh.read()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
-                  if line.startswith("flags")), [])
+    model, flags = results_file.cpu_description()
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni") if f in flags]
     return f"{model} ({', '.join(simd) or 'no AVX2'})"
 
@@ -1498,6 +1492,9 @@ def parse_args(argv):
     p.add_argument("--profile-steps", type=int, default=30)
     p.add_argument("--interference", action="store_true",
                    help="compare each framework alone in its process with both in one process")
+    p.add_argument("--results-dir", default=results_file.RESULTS_DIR,
+                   help="folder of the dated results file the run saves [bench/results]")
+    p.add_argument("--no-save", action="store_true", help="print only, save no results file")
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.threads is None:
@@ -1537,6 +1534,8 @@ def main(argv=None):
         if args.interference or args.epoch or args.profile or not args.no_kernels:
             raise SystemExit("--baseline times the throughput table only: add --no-kernels, and "
                              "leave out --epoch, --profile and --interference")
+    name = f"end-to-end-{args.network}" + ("-ab" if args.baseline else "")  # an A/B of two commits
+    saved = None if args.no_save else results_file.start(name, args.results_dir)
     print_header(args, argv)
     if not with_torch:
         why = "left out (--no-torch)" if args.no_torch else "not importable (it is optional)"
@@ -1570,6 +1569,8 @@ def main(argv=None):
         print()
         print(CONTENTION.summary())
         print(f"load average at the end: {loadavg()}")
+        if saved:
+            saved.finish()
     finally:
         close_workers(workers)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,7 +78,7 @@ class DownloadError(DatasetError, OSError):
     """No mirror could deliver a missing file."""
 
 
-# Published sha256 of the official .gz files (torchvision / zalandoresearch; see shared/data/README.md).
+# Published sha256 of the official .gz files (as torchvision and zalandoresearch list them).
 DATASETS = {
     "mnist": {
         "folder": "mnist",

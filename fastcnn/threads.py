@@ -5,42 +5,25 @@ on the BLAS's own pool (OpenBLAS here, built with pthreads). Both pools want eve
 idle pool does not go to sleep at once: its threads keep spinning for a while in case more work
 arrives, stealing the cores the other pool is computing on.
 
-Measured (2-core AMD EPYC (Zen 5, AVX-512) shared with other jobs, numba 0.68.1 with its ``omp`` threading layer =
-libgomp, numpy 2.4 with OpenBLAS 0.3.31 built with pthreads; a throwaway bench, best of 10 runs of 20):
-the reference network's head Dense(1600,128)-ReLU-Dense(128,10), forward + backward at batch 64
-(the ReLU is a Numba kernel), alone and between two 2x2 max-pool forward+backward kernels on
-(64, 32, 26, 26):
-
-    setting                                     Dense head     pool + Dense head + pool
-    BLAS 2 threads (default)                    8.2-11.5 ms    20-21 ms
-    BLAS 2 threads, OMP_WAIT_POLICY=PASSIVE     0.44 ms        1.98 ms (pools 25% slower)
-    BLAS 2 threads, OPENBLAS_THREAD_TIMEOUT=4   0.77-0.82 ms   1.33-1.45 ms
-    BLAS 1 thread (no variable set)             0.73 ms        1.57-1.63 ms
-
-A whole training step of the reference network (forward, backward, SGD; batch 64, 2 Numba
-threads): BLAS 1 thread 13.5-14.4 ms, BLAS 2 threads 42.6-59.6 ms; with
-``OPENBLAS_THREAD_TIMEOUT=4`` both about 11.7-12.0 ms (best of 5 runs of 10 steps, busy machine).
-
 So the BLAS runs on ONE thread whenever fastcnn multiplies matrices: the Dense layers wrap
 their products in :func:`one_blas_thread`, whatever loop drives them (``fit``, or a user's own
-loop, which ran 3.5x slower with numpy's default threads: 1,516 against 5,381 img/s, reference
-network, batch 64, 2 threads), and ``fit``/``evaluate``/``predict`` hold it for
-the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`). With one thread the product runs in the
-calling thread, so no BLAS worker is left spinning against Numba's pool, and no environment
-variable is needed; the user's setting is back as soon as the product is done. Two BLAS
-threads win only when the pools are told not to spin, which takes a variable read when the
-library loads (before numpy is imported), out of reach of a library:
+loop, which ran several times slower with numpy's default threads), and
+``fit``/``evaluate``/``predict`` hold it for the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`).
+With one thread the product runs in the calling thread, so no BLAS worker is left spinning
+against Numba's pool, and no environment variable is needed; the user's setting is back as soon
+as the product is done. Two BLAS threads win only when the pools are told not to spin, which
+takes a variable read when the library loads (before numpy is imported), out of reach of a
+library:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp, i.e. on *Numba's* workers (the ``omp`` threading
   layer), not on this OpenBLAS. It makes Numba's workers sleep after each kernel, so every kernel
-  pays a wake-up: the pool kernels above ran 25% slower, and the step was slower than with one
-  BLAS thread. Not recommended.
+  pays a wake-up, and a training step was slower than with one BLAS thread. Not recommended.
 - This OpenBLAS (pthreads) busy-waits (a ``sched_yield`` loop) for ``2**OPENBLAS_THREAD_TIMEOUT``
   cycles after each call (default 2**28, about 0.1 s), competing with Numba's threads.
-  ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment stops that; then two BLAS threads were ~15%
-  faster than one on the pool + Dense step above, and level with one thread on the whole
-  reference step. Set it and use ``compute_threads(n, blas=n)`` if Dense layers dominate your
-  network.
+  ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment stops that; then two BLAS threads can beat
+  one: set it and use ``compute_threads(n, blas=n)`` if Dense layers dominate your network.
+
+The measurements behind these choices are in docs/threads.md.
 """
 from __future__ import annotations
 
@@ -192,7 +175,7 @@ def one_blas_thread():
     """A context in which the BLAS behind numpy runs on one thread, the user's setting restored
     on exit. fastcnn's Dense layers run their matrix products in it: a BLAS with idle worker
     threads that spin for ~0.1 s after every call steals the cores Numba's kernels run on (a
-    training loop of the user's own ran 3.5x slower, see the module docstring), and one thread
+    training loop of the user's own ran several times slower, see docs/threads.md), and one thread
     is as fast for these products. Costs a few microseconds."""
     return _ONE_BLAS_THREAD
 
@@ -202,7 +185,7 @@ def compute_threads(n: int | None = None, blas: int | None = BLAS_THREADS_DURING
     """The context fastcnn trains and evaluates in: ``n`` Numba threads, the BLAS at ``blas``.
 
     ``n=None`` keeps Numba's current count; ``blas`` defaults to one thread (measured fastest,
-    see the module docstring). Both are restored on exit.
+    see docs/threads.md). Both are restored on exit.
     """
     if blas == 1:
         with threads(n) as count, one_blas_thread():

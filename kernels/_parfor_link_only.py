@@ -11,14 +11,9 @@ no cache entry made). So, while numba builds them, the libraries it creates are 
 only*: ``finalize`` still links their dependencies and verifies them, and the kernel's library
 then optimises and compiles their code once, as part of its own.
 
-Measured 2026-12-01 (git d837154, a fresh process and an empty cache each, 5 alternating pairs):
-``precompile.compile_backward`` 21.6 s of CPU with this, 25.4 without (medians); in the end-to-end
-benchmark's cold start-up, where the two compiling processes share two cores, 22.95 s against
-23.66. The kernels give bitwise the same results, within 2% of the same speed (timed
-interleaved in one process).
-
-Skipping the optimisation of the gufunc library too saved another second but made conv2's
-weight gradient 4% slower: not done.
+The kernels give bitwise the same results at the same speed, and compile faster (the
+measurement is in docs/environment.md). Skipping the optimisation of the gufunc library too
+made a kernel slower: not done.
 
 Applied only where it was tested (numba 0.68) and where numba's internals look as expected;
 anything else leaves numba untouched. ``FASTCNN_NUMBA_LINK_ONLY=0`` turns it off.

@@ -16,7 +16,7 @@ for the whole k loop. Per k: R broadcasts of ``a``, FT/8 vector loads of ``b`` (
 fused multiply-adds. 3 x 32 float32 = 12 of AVX2's 16 registers for accumulators, leaving
 room for the 4 ``b`` vectors and one broadcast (with AVX-512's 32 registers, shapes up to
 8 x 32 keep theirs too: ``bench/bench_tile_shapes.py`` measures every shape on the host). A heap
-tile would be reloaded and stored on every k (3.5x slower in the design probe).
+tile would be reloaded and stored on every k, several times slower.
 
 Indices are uint64 on purpose: Numba wraps negative *signed* indices (``a[i]`` with ``i < 0``
 reads from the end), and that test on every load stopped LLVM from vectorising the ``b`` loads.
@@ -175,7 +175,7 @@ def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0,
     Storing through a tile array and adding the bias there ran as scalar code (out and bias
     may alias, so LLVM did not vectorise it): 1.4x the whole tile's time at conv1's 9 taps.
     The ReLU is a select on registers here; as a pass over the stored output LLVM made it
-    masked stores of zeros (vmaskmovps, slow on AMD): 0.45 ms at conv1.
+    masked stores of zeros (vmaskmovps), which were slower.
     """
     acc = numba.carray(stack_array(_RFT, out.dtype), (_RFT,))
     f0 = np.uint64(f0)

@@ -3,7 +3,7 @@ boundscheck=True`` and no cache, so an out-of-bounds index in a kernel raises In
 of silently reading or writing outside an array.
 
 ``NUMBA_BOUNDSCHECK=1`` alone is not enough: inside a ``prange`` body of a parallel kernel the
-check is not done (see /work/shared/design.md), so the parallel build hides the very bugs it is
+check is not done (numba skips it there), so the parallel build hides the very bugs it is
 meant to find. This plugin patches ``numba.njit`` before fastcnn (and so fastcnn.kernels) is
 imported; it is loaded by tests/test_fuzz.py for one run of tests/fuzz_cases.py in a child
 interpreter. It is slow to compile (about 20 s for every kernel in both dtypes) and must never

@@ -376,7 +376,7 @@ def grad_array(draw, shape, dtypes=GOOD * 4 + HALF + ("int64", "complex64")):
 def test_conv2d(data):
     d = data.draw
     dtype = d(st.sampled_from(GOOD))
-    # up to 6 filters and 5 channels: the kernels work in blocks of 4 of each (remainders)
+    # few filters and channels: partial register tiles (3 pixels x 32 filters) and their remainders
     cin, cout = d(st.sampled_from([1, 1, 2, 2, 3, 5])), d(st.sampled_from([1, 2, 3, 3, 4, 5, 6]))
     ks, stride, dil, pad = d(int_args(1, 3)), d(int_args(1, 3)), d(int_args(1, 2)), d(padding_args())
     bias = d(st.booleans())

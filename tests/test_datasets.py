@@ -354,7 +354,7 @@ def test_unknown_dataset():
 
 
 def test_copy_of_real_folder_loads(real_root, tmp_path):
-    """The loader reads a folder laid out as shared/data (what `cp -r` of it gives)."""
+    """The loader reads a copy of a real data folder (what `cp -r` of it gives)."""
     shutil.copytree(os.path.join(real_root, "mnist"), tmp_path / "mnist",
                     ignore=shutil.ignore_patterns("train-*"))
     _link_real(real_root, tmp_path, only=FILES[:2])

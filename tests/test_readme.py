@@ -36,6 +36,26 @@ def test_resnet_example_runs(monkeypatch):
     assert np.isfinite(model.predict(scope["x_test"])).all()
 
 
+@pytest.mark.skipif(data_dir() is None, reason="the data sets are not available (FASTCNN_DATA)")
+def test_first_example_runs(monkeypatch, tmp_path):
+    block = python_blocks()[0]
+    assert "fastcnn.fit(" in block and "checkpoint.load(" in block
+    assert len([line for line in block.splitlines() if line.strip()]) <= 12  # "about 10 lines"
+    real = fastcnn.datasets.mnist
+
+    def small(*args, **kwargs):
+        (x, y), (xt, yt) = real(root=data_dir(), download=False)
+        return (x[:256], y[:256]), (xt[:64], yt[:64])
+
+    monkeypatch.setattr(fastcnn.datasets, "mnist", small)
+    monkeypatch.chdir(tmp_path)  # the example writes run.safetensors
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert len(scope["history"]) == 3 and scope["history"].val_accuracy[-1] is not None
+    np.testing.assert_array_equal(scope["restored"].predict(scope["x_test"]),
+                                  scope["model"].predict(scope["x_test"]))
+
+
 def test_docs_layer_example_runs(monkeypatch, tmp_path):
     """docs/modules.md's own layer: trains in a container and round-trips through a checkpoint."""
     from fastcnn import module
