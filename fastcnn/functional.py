@@ -565,6 +565,15 @@ def _grad_like(dy, y, layer, contiguous=True):
     return dy
 
 
+def _elementwise(kernel, a, b, layer, b_name, *args):
+    """out = kernel(a, b, *args, out) over a and b of one shape, in b's memory layout."""
+    b = _one_block(check_float(b, layer, b_name, contiguous=False))
+    a = _layout_like(_grad_like(a, b, layer, contiguous=False), b)
+    out = np.empty_like(b)
+    kernel(_flat(a), _flat(b), *args, _flat(out))
+    return out
+
+
 def relu_forward(x, layer="ReLU"):
     """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
     channels-last activation stays channels-last)."""
@@ -577,28 +586,25 @@ def relu_forward(x, layer="ReLU"):
 
 def relu_backward(dy, y, layer="ReLU"):
     """dy where the forward output y > 0, else 0; in y's memory layout."""
-    y = _one_block(check_float(y, layer, "forward output", contiguous=False))
-    dy = _layout_like(_grad_like(dy, y, layer, contiguous=False), y)
-    dx = np.empty_like(y)
-    _activations.relu_backward(_flat(dy), _flat(y), _flat(dx))
-    return dx
+    return _elementwise(_activations.relu_backward, dy, y, layer, "forward output")
 
 
-# Tanh, Sigmoid and LeakyReLU are numpy expressions over the input as it is laid out (numpy's
-# elementwise operations keep a channels-last activation channels-last; a C-ordered copy per
-# call was 8% of a LeNet-5 step).
+# Tanh's and Sigmoid's forward passes are numpy's (its vectorised tanh and exp); their backward
+# passes and LeakyReLU are kernels. All keep the input's memory layout (a channels-last
+# activation stays channels-last: a C-ordered copy per call was 8% of a LeNet-5 step).
 
 def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
-    x = check_float(x, layer, contiguous=False)
-    slope = x.dtype.type(negative_slope)
-    return np.asarray(np.where(x > 0, x, x * slope))
+    x = _one_block(check_float(x, layer, contiguous=False))
+    y = np.empty_like(x)
+    _activations.leaky_relu_forward(_flat(x), x.dtype.type(negative_slope), _flat(y))
+    return y
 
 
 def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
     """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
-    dy = _grad_like(dy, x, layer, contiguous=False)
-    slope = dy.dtype.type(negative_slope)
-    return np.asarray(np.where(x > 0, dy, dy * slope))
+    x = check_float(x, layer, "forward input", contiguous=False)
+    return _elementwise(_activations.leaky_relu_backward, dy, x, layer, "forward input",
+                        x.dtype.type(negative_slope))
 
 
 def tanh_forward(x, layer="Tanh"):
@@ -607,8 +613,8 @@ def tanh_forward(x, layer="Tanh"):
 
 
 def tanh_backward(dy, y, layer="Tanh"):
-    dy = _grad_like(dy, y, layer, contiguous=False)
-    return np.asarray(dy * (y.dtype.type(1) - y * y))
+    """dy * (1 - y * y), y the forward output."""
+    return _elementwise(_activations.tanh_backward, dy, y, layer, "forward output")
 
 
 def sigmoid_forward(x, layer="Sigmoid"):
@@ -620,8 +626,8 @@ def sigmoid_forward(x, layer="Sigmoid"):
 
 
 def sigmoid_backward(dy, y, layer="Sigmoid"):
-    dy = _grad_like(dy, y, layer, contiguous=False)
-    return np.asarray(dy * y * (y.dtype.type(1) - y))
+    """dy * y * (1 - y), y the forward output."""
+    return _elementwise(_activations.sigmoid_backward, dy, y, layer, "forward output")
 
 
 def softmax_forward(x, dim=1, layer="Softmax"):

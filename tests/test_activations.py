@@ -85,3 +85,40 @@ def test_speedup_over_naive(rng):
                        lambda: naive.relu_backward(x, dy))
     assert forward >= 20, forward
     assert backward >= 20, backward
+
+
+# ---- Tanh's and Sigmoid's backward passes and LeakyReLU: the textbook expressions, bitwise ----
+
+@given(st.integers(0, 3 * (1 << 15) + 5), st.integers(0, 2**32 - 1), st.booleans())
+def test_tanh_sigmoid_leaky_kernels_are_the_expressions_bitwise(size, seed, channels_last):
+    """Each kernel computes the numpy expression it replaced, in the same order, so bitwise the
+    same values (NaN, inf and -0.0 included), every element written, in the input's layout;
+    sizes cross the kernels' chunks."""
+    from fastcnn import functional as F
+
+    rng = np.random.default_rng(seed)
+    for dtype in (np.float32, np.float64):
+        c = max(size // 6, 1)
+        n = 6 * c
+        x = rng.standard_normal(n).astype(dtype) * 3
+        dy = rng.standard_normal(n).astype(dtype)
+        x[:4] = [np.nan, np.inf, -np.inf, -0.0]
+        dy[-1] = np.inf
+        if channels_last:  # NCHW views of channels-last memory, as the layers pass them
+            x = x.reshape(1, 2, 3, c).transpose(0, 3, 1, 2)
+        else:
+            x = x.reshape(1, c, 2, 3)
+        dy = dy.reshape(1, c, 2, 3)  # C order: the kernels take it in x's layout
+        one, slope = dtype(1), dtype(0.1)
+        with np.errstate(all="ignore"):
+            y_t, y_s = np.tanh(x), 1 / (1 + np.exp(-x.astype(dtype)))
+            cases = [
+                (F.tanh_backward(dy, y_t), dy * (one - y_t * y_t)),
+                (F.sigmoid_backward(dy, y_s), dy * y_s * (one - y_s)),
+                (F.leaky_relu_forward(x, 0.1), np.where(x > 0, x, x * slope)),
+                (F.leaky_relu_backward(dy, x, 0.1), np.where(x > 0, dy, dy * slope)),
+            ]
+        for got, expected in cases:
+            assert got.dtype == dtype and got.shape == x.shape
+            np.testing.assert_array_equal(got, expected)  # NaN where expected has NaN
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
