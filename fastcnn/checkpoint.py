@@ -27,11 +27,13 @@ left untouched. A process killed during a save (SIGKILL, power cut) leaves the p
 intact and, at worst, its temporary file, which the next successful save to the same path
 deletes (tests/test_kill_during_save.py kills real saving processes to check all this).
 
-Loading validates everything before building anything: the file is read whole, its safetensors
-header, the format name and version, the tensor manifest and the data checksum are checked, the
-names, shapes and dtypes the architecture config declares are compared with the tensors (worked
-out from the config, no layer built: a few bytes of config cannot make the library allocate
-gigabytes), the model is rebuilt from its config and every tensor is compared with the rebuilt
+Loading validates everything before building anything: the safetensors header is read first
+(never the whole file), the format name and version and the metadata checksum are checked, the
+header must account for the file's exact size (a huge or sparse file is refused unread) and agree
+with the tensor manifest, and the names, shapes and dtypes the architecture config declares are
+compared with the declared tensors (worked out from the config, no layer built: a few bytes of
+config cannot make the library allocate gigabytes). Only then is the tensor data read and its
+checksum checked, the model rebuilt from its config and every tensor compared with the rebuilt
 model again; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
 ``ValueError``) naming the file and the problem.
 """
@@ -53,6 +55,7 @@ FORMAT_NAME = "fastcnn-checkpoint"
 FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
 _META_KEY = "fastcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_MAX_OPTIMIZER_ARRAYS = 8  # per parameter (SGD keeps 1, Adam 2): bounds what a header may declare
 
 
 class CheckpointError(ValueError):
@@ -366,74 +369,162 @@ def _first_difference(expected, got, where="config"):
     return f"{where}: checkpoint has {_canonical(expected)[:200]}, model has {_canonical(got)[:200]}"
 
 
-def read_file(path):
+# safetensors dtype -> numpy dtype string (the types safetensors.numpy reads)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "|i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1", "BOOL": "|b1"}
+
+
+def _check_layout(fail, header, manifest, file_size, header_len):
+    """Before any tensor data is read: the safetensors header's entries must have known dtypes,
+    offsets that tile the data section exactly (its length is the file's size minus the header),
+    byte lengths that match their shapes, and the names, dtypes and shapes of the manifest. So the
+    file's size is accounted for by the declared shapes, which the caller can check first."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(manifest, dict) or set(manifest) != set(entries):
+        missing = sorted(set(manifest) - set(entries)) if isinstance(manifest, dict) else []
+        unexpected = sorted(set(entries) - set(manifest)) if isinstance(manifest, dict) else []
+        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    spans = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            fail(f"corrupted safetensors header: entry {name!r:.100} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has dtype {dtype!r:.50}, "
+                 f"expected one of {sorted(_DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= 32 and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has shape {shape!r:.100}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has offsets {offsets!r:.100}")
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} of shape {shape} takes "
+                 f"{nbytes} bytes, its offsets {offsets} span {offsets[1] - offsets[0]}")
+        spec = manifest[name]
+        if not isinstance(spec, dict) or shape != spec.get("shape") or _DTYPES[dtype] != spec.get("dtype"):
+            fail(f"tensor {name!r} is {_DTYPES[dtype]} {shape}, the manifest says {spec!r:.200}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the data, "
+                 f"expected {end} (overlapping or with a gap)")
+        end = b
+    if 8 + header_len + end != file_size:
+        fail(f"truncated or corrupted: the file has {file_size} bytes, its header accounts for "
+             f"{8 + header_len + end} ({end} bytes of tensor data)")
+
+
+def _parse_json(fail, text, what):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        fail(f"corrupted {what} (JSON nested too deeply)")
+    except (UnicodeDecodeError, TypeError, ValueError) as exc:
+        fail(f"corrupted {what} (not valid JSON: {exc})")
+
+
+def read_file(path, before_data=None):
     """Read and validate a checkpoint file's container: (tensors, metadata). No model is built.
 
     Checks: safetensors header, fastcnn metadata, format name/version, tensor manifest (names,
-    shapes, dtypes) and the data checksum. Raises CheckpointError naming the file.
+    shapes, dtypes) and the data checksum. Raises CheckpointError naming the file. Only the
+    header is read before these checks: the tensor data is read after the header has accounted
+    for the file's whole size (a huge or sparse file is refused by its size) and after
+    ``before_data(metadata)``, if given, has accepted the declared shapes.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
 
     def fail(problem):
         raise CheckpointError(f"{path}: {problem}")
 
-    if len(data) < 8:
-        fail(f"not a checkpoint: {len(data)} bytes, too short for a safetensors header (truncated?)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > _MAX_HEADER or 8 + header_len > len(data):
-        fail(f"truncated or not a safetensors file: header length {header_len}, file length {len(data)}")
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        fail(f"corrupted safetensors header (not valid JSON: {exc})")
-    if not isinstance(header, dict):
-        fail("corrupted safetensors header (not a JSON object)")
-    raw_meta = header.get("__metadata__")
-    if not isinstance(raw_meta, dict) or _META_KEY not in raw_meta:
-        fail("a safetensors file, but not a fastcnn checkpoint (no 'fastcnn' metadata)")
-    try:
-        meta = json.loads(raw_meta[_META_KEY])
-    except (TypeError, ValueError) as exc:
-        fail(f"corrupted fastcnn metadata (not valid JSON: {exc})")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        fail(f"corrupted metadata: format_version {version!r}")
-    if version > FORMAT_VERSION:
-        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')}; this "
-             f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
-    if version < 1:
-        fail(f"unknown checkpoint format version {version}")
-    if version >= 2 or "meta_sha256" in meta:
-        if meta.get("meta_sha256") != _meta_digest(meta):
-            fail("metadata checksum mismatch: the file is corrupted")
-    for key in ("model", "tensors", "sha256"):
-        if key not in meta:
-            fail(f"corrupted metadata: no {key!r} entry")
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                fail(f"not a checkpoint: {len(prefix)} bytes, too short for a safetensors header "
+                     f"(truncated?)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                fail(f"truncated or not a safetensors file: header length {header_len}, file length {size}")
+            raw_header = f.read(header_len)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+        try:
+            text = raw_header.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(f"corrupted safetensors header (not valid JSON: {exc})")
+        header = _parse_json(fail, text, "safetensors header")
+        if not isinstance(header, dict):
+            fail("corrupted safetensors header (not a JSON object)")
+        meta = _check_metadata(fail, header)
+        _check_layout(fail, header, meta["tensors"], size, header_len)
+        if before_data is not None:
+            before_data(meta)
+        try:
+            f.seek(0)
+            data = f.read(size + 1)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+    if len(data) != size:
+        fail(f"the file changed while it was read ({size} bytes, then {len(data)})")
 
     try:
         tensors = _st.load(data)
     except Exception as exc:  # SafetensorError and friends: offsets out of range, bad dtype, ...
         fail(f"corrupted or truncated tensor data ({type(exc).__name__}: {exc})")
+    del data
 
     manifest = meta["tensors"]
-    if not isinstance(manifest, dict) or set(manifest) != set(tensors):
-        missing = sorted(set(manifest) - set(tensors)) if isinstance(manifest, dict) else []
-        unexpected = sorted(set(tensors) - set(manifest)) if isinstance(manifest, dict) else []
-        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if set(manifest) != set(tensors):  # (checked on the header already; safetensors agrees)
+        fail("tensors do not match the manifest")
     for name, spec in manifest.items():
         a = tensors[name]
-        if not isinstance(spec, dict) or list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
+        if list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
             fail(f"tensor {name!r} is {a.dtype.str} {list(a.shape)}, the manifest says {spec}")
     if _digest(tensors) != meta["sha256"]:
         fail("tensor data checksum mismatch: the file is corrupted")
     return tensors, meta
+
+
+def _check_metadata(fail, header):
+    """The fastcnn metadata of a parsed safetensors header, its format, version and checksum."""
+    raw_meta = header.get("__metadata__")
+    if not isinstance(raw_meta, dict) or _META_KEY not in raw_meta:
+        fail("a safetensors file, but not a fastcnn checkpoint (no 'fastcnn' metadata)")
+    if not isinstance(raw_meta[_META_KEY], str):
+        fail("corrupted fastcnn metadata (not a string)")
+    meta = _parse_json(fail, raw_meta[_META_KEY], "fastcnn metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        fail(f"corrupted metadata: format_version {version!r:.100}")
+    if version > FORMAT_VERSION:
+        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')!r:.50}; this "
+             f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
+    if version < 1:
+        fail(f"unknown checkpoint format version {version}")
+    if version >= 2 or "meta_sha256" in meta:
+        try:
+            digest = _meta_digest(meta)
+        except RecursionError:
+            fail("corrupted fastcnn metadata (JSON nested too deeply)")
+        if meta.get("meta_sha256") != digest:
+            fail("metadata checksum mismatch: the file is corrupted")
+    for key in ("model", "tensors", "sha256"):
+        if key not in meta:
+            fail(f"corrupted metadata: no {key!r} entry")
+    if not isinstance(meta["tensors"], dict):
+        fail(f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an object")
+    return meta
 
 
 def load(path):
@@ -443,42 +534,14 @@ def load(path):
     (a ValueError) naming the file and the problem.
     """
     path = os.fspath(path)
-    tensors, meta = read_file(path)
 
     def fail(problem):
         raise CheckpointError(f"{path}: {problem}")
 
+    tensors, meta = read_file(path, before_data=lambda meta: _check_declared(fail, meta))
     model_meta = meta["model"]
-    if not isinstance(model_meta, dict) or "config" not in model_meta or "keys" not in model_meta:
-        fail("corrupted metadata: model entry without config/keys")
     config, keys = model_meta["config"], model_meta["keys"]
-    model_state = {}
-    for key in keys:
-        name = "model." + key
-        if name not in tensors:
-            fail(f"model tensor {name!r} missing")
-        model_state[key] = tensors[name]
-    stray = sorted(n for n in tensors if n.startswith("model.") and n[6:] not in model_state)
-    if stray:
-        fail(f"unexpected model tensors {stray[:5]}")
-
-    # The architecture's state, worked out from the config without building it (for every
-    # class that can tell), must be the file's tensors: only then is anything allocated, so a
-    # small file declaring huge layers is refused before it costs memory.
-    try:
-        spec = _state_spec(config)
-    except Exception as exc:
-        fail(f"incompatible architecture config, this fastcnn cannot build it "
-             f"({type(exc).__name__}: {str(exc)[:300]})")
-    if spec is not None:
-        if set(spec) != set(model_state):
-            fail(f"the architecture's parameters {sorted(set(spec) - set(model_state))[:5]} are "
-                 f"missing and {sorted(set(model_state) - set(spec))[:5]} unexpected")
-        for key, (shape, dtype) in spec.items():
-            got = model_state[key]
-            if got.shape != shape or got.dtype != dtype:
-                fail(f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
-                     f"{dtype} {shape}")
+    model_state = {key: tensors["model." + key] for key in keys}
 
     # Build a fresh model from the config and compare its state with the file before loading.
     try:
@@ -531,6 +594,63 @@ def load(path):
         optimizer_state=optimizer_state, optimizer_class=optimizer_class,
         scheduler_state=scheduler_state, scheduler_class=scheduler_class,
         epoch=epoch, extra=meta.get("extra"), metadata=meta, input_shape=input_shape)
+
+
+def _is_int(value, minimum=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_declared(fail, meta):
+    """The metadata's model entry, checked before any tensor data is read: its types, its keys
+    against the manifest, and the architecture's state (worked out from the config without
+    building it, for every class that can tell) against the declared shapes, so that a small file
+    declaring huge layers, or a huge file declaring huge tensors, is refused before it costs
+    memory. Optimizer tensors must each have the shape of a model tensor (a parameter)."""
+    model_meta = meta["model"]
+    if not isinstance(model_meta, dict) or "config" not in model_meta or "keys" not in model_meta:
+        fail("corrupted metadata: model entry without config/keys")
+    config, keys = model_meta["config"], model_meta["keys"]
+    if not isinstance(config, dict):
+        fail(f"corrupted metadata: the model config is a {type(config).__name__}, expected an object")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or len(set(keys)) != len(keys):
+        fail(f"corrupted metadata: the model keys {keys!r:.100} are not a list of distinct names")
+    if not isinstance(model_meta.get("rng_state") or {}, dict):
+        fail(f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an object")
+    manifest = meta["tensors"]
+    declared = {}
+    for key in keys:
+        name = "model." + key
+        if name not in manifest:
+            fail(f"model tensor {name!r} missing")
+        declared[key] = (tuple(manifest[name]["shape"]), np.dtype(manifest[name]["dtype"]))
+    stray = sorted(n for n in manifest if n.startswith("model.") and n[6:] not in declared)
+    if stray:
+        fail(f"unexpected model tensors {stray[:5]}")
+    try:
+        spec = _state_spec(config)
+    except Exception as exc:  # RecursionError included
+        fail(f"incompatible architecture config, this fastcnn cannot build it "
+             f"({type(exc).__name__}: {str(exc)[:300]})")
+    if spec is not None:
+        if set(spec) != set(declared):
+            fail(f"the architecture's parameters {sorted(set(spec) - set(declared))[:5]} are "
+                 f"missing and {sorted(set(declared) - set(spec))[:5]} unexpected")
+        for key, (shape, dtype) in spec.items():
+            if declared[key] != (shape, dtype):
+                fail(f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the architecture "
+                     f"expects {dtype} {shape}")
+    shapes = {shape for shape, _ in declared.values()}
+    per_index = {}
+    for name, entry in manifest.items():
+        if not name.startswith("optimizer."):
+            continue
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(declared):
+            fail(f"unexpected tensor name {name!r:.100}")
+        per_index[parts[1]] = per_index.get(parts[1], 0) + 1
+        if tuple(entry["shape"]) not in shapes or per_index[parts[1]] > _MAX_OPTIMIZER_ARRAYS:
+            fail(f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter of "
+                 f"the model")
 
 
 def _join_optimizer_state(fail, opt_meta, tensors, model):

@@ -116,3 +116,69 @@ def test_huge_sparse_idx_file_is_refused_by_its_size(tmp_path, kind, header):
     message, peak = run_child(kind, path)
     assert f"has {100 * 2**30} bytes of IDX data, expected" in message, message
     assert peak < 500, peak
+def _checkpoint_header_bytes(tmp_path):
+    from fastcnn import checkpoint, models
+
+    path = tmp_path / "small.safetensors"
+    checkpoint.save(path, models.lenet5(seed=0))
+    return path.read_bytes()
+
+
+def test_huge_sparse_checkpoint_is_refused_by_its_size(tmp_path):
+    """A valid checkpoint's bytes, then 100 GiB of sparse zeros: refused by the file size the
+    safetensors header accounts for, without reading the data."""
+    data = _checkpoint_header_bytes(tmp_path)
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(100 * 2**30)
+    message, peak = run_child("checkpoint", path)
+    assert "bytes" in message and str(100 * 2**30) in message, message
+    assert peak < 500, peak
+
+
+def test_all_zero_sparse_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "zeros.safetensors"
+    with open(path, "wb") as f:
+        f.truncate(100 * 2**30)
+    message, peak = run_child("checkpoint", path)
+    assert "not a safetensors file" in message or "header" in message, message
+    assert peak < 500, peak
+
+
+def test_checkpoint_header_declaring_huge_tensors_is_refused_before_reading_them(tmp_path):
+    """A header whose tensor offsets claim 100 GiB in a file of that (sparse) size: the declared
+    shapes are checked against the architecture before any tensor data is read."""
+    from fastcnn import checkpoint
+
+    data = _checkpoint_header_bytes(tmp_path)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = json.loads(header["__metadata__"]["fastcnn"])
+    name = "model.0.weight"
+    big = [2**35 // 4]  # 32 GiB of float32 for the first convolution's weight
+    old_end = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+    shift = big[0] * 4 - old_end
+    start = header[name]["data_offsets"][0]
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        a, b = entry["data_offsets"]
+        if key == name:
+            entry["data_offsets"] = [a, a + big[0] * 4]
+            entry["shape"] = big
+        elif a > start:
+            entry["data_offsets"] = [a + shift, b + shift]
+    meta["tensors"][name]["shape"] = big
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)
+    header["__metadata__"]["fastcnn"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    total = 8 + len(raw) + max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    path = tmp_path / "big-tensor.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(total)
+    message, peak = run_child("checkpoint", path)
+    assert "model.0.weight" in message and "architecture expects" in message, message
+    assert peak < 500, peak
