@@ -55,6 +55,10 @@ FORMAT_NAME = "fastcnn-checkpoint"
 FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
 _META_KEY = "fastcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# Deepest nesting of lists and objects in the metadata: a model config nested MAX_CONFIG_DEPTH
+# (64) containers deep stays below it; json and the checks after it never near Python's recursion
+# limit. save() refuses deeper values (extra), load() refuses deeper files.
+_MAX_JSON_DEPTH = 200
 _MAX_OPTIMIZER_ARRAYS = 8  # per parameter (SGD keeps 1, Adam 2): bounds what a header may declare
 
 
@@ -134,6 +138,12 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
         "epoch": epoch,
         "extra": extra,
     }
+    for what, value in (("extra", extra), ("the metadata", meta)):
+        depth = _json_depth(value, _MAX_JSON_DEPTH)
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"checkpoint.save: cannot write {path}: {what} is nested more than "
+                             f"{_MAX_JSON_DEPTH} levels deep (lists and dicts inside each other); "
+                             f"a checkpoint holds at most {_MAX_JSON_DEPTH} levels")
     try:
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
         meta["meta_sha256"] = _meta_digest(json.loads(meta_json))
@@ -173,6 +183,25 @@ def _split_optimizer_state(optimizer):
                 scalars[index][name] = value
     meta = {"class": type(optimizer).__name__, "hyper": sd["hyper"], "state": scalars}
     return meta, tensors
+
+
+def _json_depth(value, limit):
+    """Nesting depth of the lists, tuples and dicts in `value` (a scalar is 0); stops counting
+    past `limit` (so a value that contains itself ends too)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _json_default(value):
@@ -313,10 +342,14 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: the model's architecture differs from the checkpoint's "
                 f"({_first_difference(self.config, config)}); nothing was loaded")
-        model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
-        rng_state = self.metadata["model"].get("rng_state")
-        if rng_state:
-            model.set_rng_state(rng_state)
+        try:
+            model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
+            rng_state = self.metadata["model"].get("rng_state")
+            if rng_state:
+                model.set_rng_state(rng_state)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved model state does not fit the model "
+                                  f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         return model
 
     def restore_optimizer(self, optimizer):
@@ -332,7 +365,11 @@ class Checkpoint:
             "state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
                       for i, e in self.optimizer_state["state"].items()},
         }
-        optimizer.load_state_dict(state)
+        try:
+            optimizer.load_state_dict(state)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved {self.optimizer_class} state cannot be "
+                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
         return optimizer
 
     def restore_scheduler(self, scheduler):
@@ -343,7 +380,11 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: the checkpoint holds {self.scheduler_class} state, cannot restore a "
                 f"{type(scheduler).__name__}")
-        scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
+        try:
+            scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved {self.scheduler_class} state cannot be "
+                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
         return scheduler
 
 
@@ -419,11 +460,15 @@ def _check_layout(fail, header, manifest, file_size, header_len):
 
 def _parse_json(fail, text, what):
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
-        fail(f"corrupted {what} (JSON nested too deeply)")
+        value = None
     except (UnicodeDecodeError, TypeError, ValueError) as exc:
         fail(f"corrupted {what} (not valid JSON: {exc})")
+    else:
+        if _json_depth(value, _MAX_JSON_DEPTH) <= _MAX_JSON_DEPTH:
+            return value
+    fail(f"corrupted {what} (JSON nested more than {_MAX_JSON_DEPTH} levels deep)")
 
 
 def read_file(path, before_data=None):
@@ -513,11 +558,7 @@ def _check_metadata(fail, header):
     if version < 1:
         fail(f"unknown checkpoint format version {version}")
     if version >= 2 or "meta_sha256" in meta:
-        try:
-            digest = _meta_digest(meta)
-        except RecursionError:
-            fail("corrupted fastcnn metadata (JSON nested too deeply)")
-        if meta.get("meta_sha256") != digest:
+        if meta.get("meta_sha256") != _meta_digest(meta):
             fail("metadata checksum mismatch: the file is corrupted")
     for key in ("model", "tensors", "sha256"):
         if key not in meta:
@@ -570,11 +611,14 @@ def load(path):
         sched = meta["scheduler"]
         if not isinstance(sched, dict) or "class" not in sched or "state" not in sched:
             fail("corrupted metadata: scheduler entry without class/state")
+        if not isinstance(sched["class"], str) or not isinstance(sched["state"], dict):
+            fail(f"corrupted metadata: scheduler class {sched['class']!r:.100} and state "
+                 f"{sched['state']!r:.100}, expected a name and an object")
         scheduler_state, scheduler_class = sched["state"], sched["class"]
 
     epoch = meta.get("epoch")
-    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
-        fail(f"corrupted metadata: epoch {epoch!r}")
+    if epoch is not None and not _is_int(epoch):
+        fail(f"corrupted metadata: epoch {epoch!r:.100}, expected an integer >= 0")
 
     try:
         model.load_state_dict(model_state)
@@ -657,6 +701,12 @@ def _join_optimizer_state(fail, opt_meta, tensors, model):
     """Rebuild {"hyper", "state"} from the metadata and the optimizer.* tensors, checking shapes."""
     if not isinstance(opt_meta, dict) or not {"class", "hyper", "state"} <= set(opt_meta):
         fail("corrupted metadata: optimizer entry without class/hyper/state")
+    entries = opt_meta["state"]
+    if not (isinstance(opt_meta["class"], str) and isinstance(opt_meta["hyper"], dict)
+            and isinstance(entries, dict)
+            and all(isinstance(i, str) and i.isdigit() and isinstance(e, dict) for i, e in entries.items())):
+        fail(f"corrupted metadata: optimizer entry {opt_meta!r:.200}, expected a class name, "
+             f"hyper-parameters and {{parameter index: state}} objects")
     params = [p.data for p in model.parameters()]
     state = {str(i): dict(scalars) for i, scalars in opt_meta["state"].items()}
     for name, array in tensors.items():
