@@ -275,6 +275,56 @@ def _load_checkpoint(path):
     return checkpoint.load(path)
 
 
+def _saved_settings(ckpt):
+    """The settings 'fastcnn train --out' stored in the checkpoint's extra["cli"], or None."""
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    return extra.get("cli")
+
+
+def _is_number(value, low=0.0, low_open=False):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value < float("inf")
+            and (value > low if low_open else value >= low))
+
+
+def _is_count(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# What each saved setting may be (a checkpoint's metadata can be edited: checked before use).
+_SETTING_CHECKS = {
+    "model": lambda v: v in MODELS,
+    "dataset": lambda v: v in DATASETS,
+    "optimizer": lambda v: v in OPTIMIZERS,
+    "scheduler": lambda v: v in SCHEDULERS,
+    "lr": lambda v: _is_number(v, low_open=True),
+    "momentum": _is_number,
+    "nesterov": lambda v: isinstance(v, bool),
+    "weight_decay": _is_number,
+    "batch_size": lambda v: _is_count(v, 1),
+    "seed": lambda v: _is_count(v, 0),
+    "val_split": lambda v: _is_count(v, 0) or (isinstance(v, float) and 0 <= v < 1),
+    "limit": lambda v: v is None or _is_count(v, 1),
+    "schedule_epochs": lambda v: _is_count(v, 0),
+}
+_OPTIONAL_SETTINGS = ("model", "nesterov", "limit")  # absent from older checkpoints
+
+
+def _check_saved_settings(path, saved):
+    if not isinstance(saved, dict):
+        raise CliError(f"{path}: the run settings saved in it are corrupted ({saved!r:.100}); "
+                       "start a new run instead of resuming")
+    for key, check in _SETTING_CHECKS.items():
+        if key not in saved:
+            if key in _OPTIONAL_SETTINGS:
+                continue
+            raise CliError(f"{path}: the run settings saved in it lack {key!r}; start a new run "
+                           "instead of resuming")
+        if not check(saved[key]):
+            raise CliError(f"{path}: the run settings saved in it are corrupted: {key} = "
+                           f"{saved[key]!r:.100}; start a new run instead of resuming")
+    return saved
+
+
 def _make_optimizer(settings, params):
     from . import optim
 
@@ -389,10 +439,11 @@ def cmd_train(args):
     ckpt = None
     if args.resume is not None:
         ckpt = _load_checkpoint(args.resume)
-        saved = (ckpt.extra or {}).get("cli")
-        if saved is None or "fit" not in (ckpt.extra or {}):
+        saved = _saved_settings(ckpt)
+        if saved is None or "fit" not in ckpt.extra:
             raise CliError(f"{args.resume}: not a checkpoint written by 'fastcnn train --out'")
-        settings = _settings(args, saved)
+        settings = _settings(args, _check_saved_settings(args.resume, saved))
+        resume = resume_kwargs(ckpt)  # its fields checked before the data is loaded
     else:
         settings = _settings(args)
     out = args.out if args.out is not None else args.resume
@@ -414,7 +465,6 @@ def cmd_train(args):
 
     if ckpt is not None:
         model = ckpt.model
-        resume = resume_kwargs(ckpt)
     else:
         model = models.BUILDERS[settings["model"]](x_train.shape[1], NUM_CLASSES, settings["seed"])
         resume = {"seed": settings["seed"]}
@@ -486,8 +536,15 @@ def cmd_evaluate(args):
 
     threads = _check_threads(args.threads)
     ckpt = _load_checkpoint(args.checkpoint)
-    saved = (ckpt.extra or {}).get("cli") or {}
-    dataset = args.dataset or saved.get("dataset", DEFAULTS["dataset"])
+    saved = _saved_settings(ckpt)
+    dataset = args.dataset
+    if dataset is None:
+        dataset = saved.get("dataset") if isinstance(saved, dict) else None
+        if dataset is None:
+            dataset = DEFAULTS["dataset"]
+        elif dataset not in DATASETS:
+            raise CliError(f"{args.checkpoint}: names the data set {dataset!r:.50}, which is not one "
+                           f"of {', '.join(DATASETS)}; choose one with --dataset")
     _, (x_test, y_test) = _load_data(dataset, args.data_dir, not args.no_download)
     if args.limit:
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]

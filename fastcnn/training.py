@@ -207,14 +207,47 @@ def resume_kwargs(ckpt) -> dict:
     scheduler from the checkpoint yourself (``ckpt.restore_optimizer(opt)``), then
     ``fit(ckpt.model, loss, opt, x, y, epochs, **resume_kwargs(ckpt))``.
     """
-    info = (ckpt.extra or {}).get("fit")
-    if info is None:
-        raise ValueError("resume_kwargs: this checkpoint was not written by fastcnn.training.fit")
+    from .checkpoint import CheckpointError
+
+    path = getattr(ckpt, "path", "checkpoint")
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    info = extra.get("fit")
+    if info is None:  # (a CheckpointError is a ValueError)
+        raise CheckpointError(f"{path}: not written by fastcnn.training.fit (its extra holds no "
+                              "'fit' entry): nothing to resume")
+
+    def fail(problem):
+        raise CheckpointError(f"{path}: cannot resume the run saved in it: {problem}")
+
+    if not isinstance(info, dict) or not {"shuffle_state", "history", "seed"} <= set(info):
+        fail(f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed")
+    epoch = ckpt.epoch
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        fail(f"the epoch is {epoch!r:.50}, expected the number of completed epochs")
+    seed = info["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        fail(f"the seed is {seed!r:.50}, expected an integer >= 0")
+    shuffle_state = info["shuffle_state"]
+    try:
+        if not isinstance(shuffle_state, dict):
+            raise TypeError(f"expected an object, got {type(shuffle_state).__name__}")
+        np.random.default_rng(0).bit_generator.state = _rng_state_from_json(shuffle_state)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        fail(f"the shuffling state {shuffle_state!r:.100} is not a PCG64 state ({exc})")
+    data = info["history"]
+    try:
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in History.KEYS):
+            raise ValueError(f"expected an object of lists {list(History.KEYS)}")
+        history = History.from_dict(data)
+    except ValueError as exc:
+        fail(f"the history {data!r:.100} is corrupted ({exc})")
+    if len(history) != epoch:
+        fail(f"the history holds {len(history)} epochs, the checkpoint says {epoch} were completed")
     return {
-        "start_epoch": int(ckpt.epoch),
-        "shuffle_state": info["shuffle_state"],
-        "history": History.from_dict(info["history"]),
-        "seed": info["seed"],
+        "start_epoch": epoch,
+        "shuffle_state": shuffle_state,
+        "history": history,
+        "seed": seed,
     }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy as st
 
-from fastcnn import checkpoint, models, optim
+from fastcnn import checkpoint, models, optim, training
 from fastcnn.checkpoint import CheckpointError
 
 
@@ -165,3 +165,52 @@ def test_what_save_accepts_load_reads_back(tmp_path):
     for extra in (nested_list(190), [1, 2], "text", 3.5, None):
         checkpoint.save(path, models.lenet5(seed=0), extra=extra)
         assert checkpoint.load(path).extra == extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume fields written by fit, edited
+
+
+@pytest.fixture
+def fit_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 40)
+    model = models.lenet5(seed=0)
+    opt = optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "fit.safetensors"
+    from fastcnn.losses import CrossEntropyLoss
+    training.fit(model, CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=20, progress=False,
+                 checkpoint=str(path))
+    return path
+
+
+RESUME_EDITS = {
+    "extra is a list": setter("extra", [1, 2]),
+    "fit is a string": setter("extra", "fit", "x"),
+    "no shuffle_state": lambda m: m["extra"]["fit"].pop("shuffle_state"),
+    "shuffle_state is a string": setter("extra", "fit", "shuffle_state", "pcg"),
+    "shuffle_state of another generator": setter("extra", "fit", "shuffle_state", "bit_generator", "MT"),
+    "shuffle_state counter is text": setter("extra", "fit", "shuffle_state", "state", "state", {"int": "x"}),
+    "history is a list": setter("extra", "fit", "history", [1]),
+    "history lists of unequal lengths": setter("extra", "fit", "history", "epoch", [1, 2]),
+    "history longer than the epoch": lambda m: m["extra"]["fit"]["history"].update(
+        {k: v * 2 for k, v in m["extra"]["fit"]["history"].items()}),
+    "seed is a string": setter("extra", "fit", "seed", "zero"),
+    "no epoch": setter("epoch", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_EDITS))
+def test_edited_resume_fields_are_a_checkpoint_error(fit_checkpoint, case):
+    rewrite(fit_checkpoint, RESUME_EDITS[case])
+    ckpt = checkpoint.load(fit_checkpoint)
+    with pytest.raises(CheckpointError) as info:
+        training.resume_kwargs(ckpt)
+    assert str(fit_checkpoint) in str(info.value)
+
+
+def test_unedited_resume_fields_are_accepted(fit_checkpoint):
+    rewrite(fit_checkpoint, lambda meta: None)
+    kwargs = training.resume_kwargs(checkpoint.load(fit_checkpoint))
+    assert kwargs["start_epoch"] == 1 and len(kwargs["history"]) == 1
