@@ -39,6 +39,7 @@ model again; only then are the weights loaded. Any problem raises ``CheckpointEr
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import safetensors.numpy as _st
 
-__all__ = ["save", "load", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "check_destination", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "fastcnn-checkpoint"
 FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
@@ -99,7 +100,46 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
     scalars are converted); e.g. the bit-generator state of the shuffling RNG. Everything is
     serialised in memory and checked before the file system is touched. Returns ``path``.
     """
+    path = check_destination(path)
+    data = _serialise(path, model, optimizer, scheduler, epoch, extra, input_shape)
+    _atomic_write(path, data)
+    return path
+
+
+def check_destination(path):
+    """``path`` as a str if :func:`save` can write there, else the error save would raise:
+    ValueError for an empty name, FileNotFoundError for a missing folder, IsADirectoryError for
+    a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
+    step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)"""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path: expected a file name (str or os.PathLike), got "
+                        f"{type(path).__name__}")
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if path == "":
+        raise ValueError("checkpoint path is empty: expected a file name such as 'run.safetensors'")
+    target = _destination(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write checkpoint {path}: no such folder {folder}")
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write checkpoint {path}: it is a folder, "
+                                              f"expected a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write checkpoint {path}: the folder {folder} is "
+                                            f"not writable")
+    return path
+
+
+def _destination(path):
+    """The file a save to ``path`` replaces: ``path`` itself, or the file a symbolic link at
+    ``path`` points to (followed to its end)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
+    """The bytes :func:`save` writes (everything checked, nothing written)."""
     if epoch is not None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
             raise TypeError(f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}")
@@ -151,9 +191,7 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
                         f"extra, configs and scheduler state must be JSON-able") from exc
-    data = _st.save(tensors, metadata={_META_KEY: meta_json})
-    _atomic_write(path, data)
-    return path
+    return _st.save(tensors, metadata={_META_KEY: meta_json})
 
 
 def _tensor(value, what):

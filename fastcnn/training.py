@@ -148,6 +148,11 @@ def _check_data(what, x, y):
         raise ValueError(f"{what}: got no samples")
 
 
+def _shape_of(a):
+    """'(N, 1, 28, 28)': the shape of a data set whatever its number of samples."""
+    return "(" + ", ".join(["N"] + [str(d) for d in a.shape[1:]]) + ")"
+
+
 def _check_positive_int(what, name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
@@ -291,6 +296,9 @@ def fit(
       ``verbose``: print one summary line per epoch on stdout.
     - ``threads``: Numba threads for the run (restored afterwards); the BLAS is limited to
       ``fastcnn.threads.BLAS_THREADS_DURING_COMPUTE`` meanwhile.
+    - Every argument is checked before the first step (no epoch of work is lost to a bad one):
+      the data, ``val_data``'s shapes and labels, the checkpoint's folder and the checkpoint
+      itself (serialised once in memory, so that a non-JSON-able ``checkpoint_extra`` is refused).
     """
     what = "fit"
     _check_data(what, x_train, y_train)
@@ -298,6 +306,13 @@ def fit(
         if not (isinstance(val_data, (tuple, list)) and len(val_data) == 2):
             raise ValueError(f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}")
         _check_data(f"{what} (val_data)", *val_data)
+        x_val, y_val = val_data
+        if x_val.shape[1:] != x_train.shape[1:]:
+            raise ValueError(f"{what}: val_data images must have the training images' shape "
+                             f"{_shape_of(x_train)}, got {x_val.shape}")
+        if y_val.shape[1:] != y_train.shape[1:]:
+            raise ValueError(f"{what}: val_data labels must have the training labels' shape "
+                             f"{_shape_of(y_train)}, got {y_val.shape}")
     epochs = _check_positive_int(what, "epochs", epochs, minimum=0)
     start_epoch = _check_positive_int(what, "start_epoch", start_epoch, minimum=0)
     if start_epoch > epochs:
@@ -321,6 +336,19 @@ def fit(
     else:
         for _ in range(start_epoch):  # replay the permutations of the epochs already done
             rng.permutation(n)
+    if checkpoint is not None:
+        # Everything a checkpoint will hold, checked now rather than after the first epoch: the
+        # destination, and the whole file serialised in memory (JSON-able extras and states).
+        from .checkpoint import check_destination
+
+        checkpoint = check_destination(checkpoint)
+        if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
+            raise TypeError(f"{what}: checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+        if "fit" in (checkpoint_extra or {}):
+            raise ValueError(f"{what}: checkpoint_extra may not hold the key 'fit' (fit stores its "
+                             "own resume state there)")
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, start_epoch, rng, seed, history,
+                         checkpoint_extra, x_train.shape[1:], write=False)
 
     # Batch buffers, reused by every step (a view of the first m rows for the last batch).
     xb_full = np.empty((min(batch_size, n),) + x_train.shape[1:], dtype=x_train.dtype)
@@ -369,6 +397,11 @@ def fit(
                         check = getattr(loss_fn, "validate_targets", None)
                         if check is not None and logits.ndim == 2:
                             check(y_train, logits.shape[1])
+                            if val_data is not None:
+                                try:
+                                    check(val_data[1], logits.shape[1])
+                                except (TypeError, ValueError) as exc:
+                                    raise type(exc)(f"{what} (val_data): {exc}") from exc
                         targets_checked = True
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
@@ -430,7 +463,8 @@ def fit(
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra,
-                     input_shape):
+                     input_shape, write=True):
+    """Save the end-of-epoch checkpoint (``write=False``: only serialise it, as a check)."""
     from . import checkpoint as ckpt
 
     info = {
@@ -440,6 +474,10 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, histor
     }
     payload = dict(extra or {})
     payload["fit"] = info
+    if not write:
+        ckpt._serialise(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                        extra=payload, input_shape=input_shape)
+        return
     ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload,
               input_shape=input_shape)
 
