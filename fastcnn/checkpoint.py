@@ -25,7 +25,9 @@ is written, flushed and fsynced, then renamed over the destination (``os.replace
 folder is fsynced. On any error the temporary file is removed and an existing file at ``path`` is
 left untouched. A process killed during a save (SIGKILL, power cut) leaves the previous file
 intact and, at worst, its temporary file, which the next successful save to the same path
-deletes (tests/test_kill_during_save.py kills real saving processes to check all this).
+deletes (tests/test_kill_during_save.py kills real saving processes to check all this). The
+replaced file's permission bits are kept; a symbolic link at ``path`` is written through (its
+target replaced, the link kept); an OSError names the file (docs/reliability-errors.md).
 
 Loading validates everything before building anything: the safetensors header is read first
 (never the whole file), the format name and version and the metadata checksum are checked, the
@@ -39,12 +41,16 @@ model again; only then are the weights loaded. Any problem raises ``CheckpointEr
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import signal
+import stat
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,23 +319,68 @@ def _remove_stale_temps(folder, basename):
             pass
 
 
-def _atomic_write(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    basename = os.path.basename(path)
-    tmp = os.path.join(folder, f".{basename}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never clobber someone else's file; 0o666 & ~umask: the permissions of a plain open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM while a file is opened and handed to its owner: a Ctrl-C then
+    arrives once the handle is held by code that closes and deletes it, never in between. (Python
+    runs signal handlers in the main thread only, whichever thread the signal hit; a signal mask
+    would not do, the kernels' threads would take it. Elsewhere than the main thread: no hold.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    held = {}
     try:
-        with os.fdopen(fd, "wb") as f:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:  # None: installed outside Python, left alone
+                held[signum] = signal.signal(signum, lambda s, frame: pending.append(s))
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)  # now, to the handler that was in place
+
+
+def _atomic_write(path, data):
+    """Write ``data`` to ``path`` through a temporary file and a rename. A symbolic link at
+    ``path`` is written through (its target is replaced, the link kept, as ``open(path, "w")``
+    would do; replacing the link by a plain file would silently detach it from the file the user
+    pointed it at). An existing file's permission bits are kept. OSErrors name the file."""
+    target = _destination(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    basename = os.path.basename(target)
+    tmp = os.path.join(folder, f".{basename}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = None  # a new file: 0o666 & ~umask, the permissions of a plain open()
+    f = None
+    try:
+        with _signals_deferred():
+            # O_EXCL: never clobber someone else's file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            f = os.fdopen(fd, "wb")
+        with f:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
             _write(f, data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if f is not None:
+            f.close()
+        if not (f is None and isinstance(exc, FileExistsError)):  # (else: not our file)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            where = path if target == path else f"{path} (a link to {target})"
+            raise OSError(exc.errno, f"cannot write checkpoint {where}: "
+                                     f"{exc.strerror or exc}; an existing file there is unchanged") from exc
         raise
     _fsync_dir(folder)
     _remove_stale_temps(folder, basename)
