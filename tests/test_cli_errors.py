@@ -117,3 +117,79 @@ def test_unedited_copy_resumes(capsys, tmp_path, trained, real_root):
     assert status == 0, err
     assert "test accuracy:" in out
     assert os.path.exists(path)
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: the smaller ones
+
+
+def test_help_documents_the_exit_statuses_and_fastcnn_traceback(capsys):
+    status, out, _ = run_main(capsys, "--help")
+    assert status == 0
+    for fragment in ("exit statuses:", "  0 ", "  1 ", "  2 ", "  3 ", "  130 ", "FASTCNN_TRACEBACK=1"):
+        assert fragment in out, fragment
+    for command in ("train", "evaluate", "summary"):
+        status, out, _ = run_main(capsys, command, "--help")
+        assert "FASTCNN_TRACEBACK=1" in out and "fastcnn --help" in out
+
+
+def test_empty_out_exits_2_before_loading_data(capsys, tmp_path):
+    status, _, err = run_main(capsys, "train", "--out", "", "--data-dir", tmp_path, "--no-download")
+    assert_error(status, err, "--out ''", "expected a file name")
+
+
+def test_epochs_0_exits_2_with_its_own_message(capsys, tmp_path):
+    status, _, err = run_main(capsys, "train", "--epochs", 0, "--data-dir", tmp_path, "--no-download")
+    assert_error(status, err, "--epochs 0: nothing to train")
+    status, _, err = run_main(capsys, "train", "--epochs", 0, "--scheduler", "none", "--data-dir",
+                              tmp_path, "--no-download")
+    assert_error(status, err, "--epochs 0: nothing to train")
+
+
+def test_resume_with_fewer_epochs_than_done_exits_2(capsys, tmp_path, trained):
+    status, _, err = run_main(capsys, "train", "--resume", trained, "--epochs", 0, "--data-dir",
+                              tmp_path, "--no-download")
+    assert_error(status, err, "--epochs 0", "resume it with --epochs 1")  # (cosine schedule)
+    constant = edited_copy(trained, tmp_path / "constant.safetensors",
+                           lambda meta: meta["extra"]["cli"].update(scheduler="none"))
+    status, _, err = run_main(capsys, "train", "--resume", constant, "--epochs", 0, "--data-dir",
+                              tmp_path, "--no-download")
+    assert_error(status, err, "--epochs 0", "already completed 1 epochs")
+
+
+def test_no_checkpoint_line_when_nothing_was_written(capsys, tmp_path, trained, real_root):
+    other = tmp_path / "other.safetensors"
+    status, out, err = run_main(capsys, "train", "--resume", trained, "--epochs", 1, "--out", other,
+                                "--data-dir", real_root, "--no-download", "--no-progress")
+    assert status == 0, err
+    assert "checkpoint:" not in out and not other.exists()
+
+
+def test_a_multi_line_error_is_printed_whole(capsys, monkeypatch, tmp_path):
+    from fastcnn import cli, datasets
+
+    def fail(*args):
+        raise datasets.DownloadError("fastcnn.datasets: could not download /d/x.gz. Attempts:\n"
+                                     "  https://a/x.gz: timed out\n  https://b/x.gz: HTTP 404\n"
+                                     "Without internet access, copy the official x.gz into /d")
+
+    monkeypatch.setattr(cli, "_load_data", fail)
+    status, _, err = run_main(capsys, "train", "--data-dir", tmp_path)
+    assert_error(status, err, "Attempts:", "https://a/x.gz: timed out", "HTTP 404",
+                 "Without internet access")
+
+
+def test_an_internal_error_is_one_message_with_status_3(capsys, monkeypatch):
+    from fastcnn import cli
+
+    def bug(*args, **kwargs):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli, "_settings", bug)
+    monkeypatch.delenv("FASTCNN_TRACEBACK", raising=False)
+    status, _, err = run_main(capsys, "train")
+    assert status == 3 and "Traceback" not in err, err
+    assert "internal error: KeyError: 'oops'" in err and "FASTCNN_TRACEBACK=1" in err
+    monkeypatch.setenv("FASTCNN_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        main(["train"])
