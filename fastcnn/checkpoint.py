@@ -184,12 +184,13 @@ def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=No
         "epoch": epoch,
         "extra": extra,
     }
-    for what, value in (("extra", extra), ("the metadata", meta)):
-        depth = _json_depth(value, _MAX_JSON_DEPTH)
-        if depth > _MAX_JSON_DEPTH:
+    # extra sits one level inside the metadata: it may hold one level less than a file
+    for what, value, limit in (("extra", extra, _MAX_JSON_DEPTH - 1),
+                               ("the metadata", meta, _MAX_JSON_DEPTH)):
+        if _json_depth(value, limit) > limit:
             raise ValueError(f"checkpoint.save: cannot write {path}: {what} is nested more than "
-                             f"{_MAX_JSON_DEPTH} levels deep (lists and dicts inside each other); "
-                             f"a checkpoint holds at most {_MAX_JSON_DEPTH} levels")
+                             f"{limit} levels deep (lists and dicts inside each other), more than "
+                             f"a checkpoint holds")
     try:
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
         meta["meta_sha256"] = _meta_digest(json.loads(meta_json))
