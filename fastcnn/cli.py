@@ -59,6 +59,8 @@ exit statuses:
        cannot be written, out of memory; the message names the file or option
   3    an internal error (a bug in fastcnn): please report it with its traceback
   130  interrupted (Ctrl-C); a checkpoint being written is left as it was before
+  143  killed by SIGTERM (the shell's 128+15; no message): the last complete checkpoint is
+       intact, a save cut short leaves at most a temporary file that the next save deletes
 
 environment:
   FASTCNN_TRACEBACK=1  print the full Python traceback of any error instead of its message

@@ -126,7 +126,8 @@ def test_unedited_copy_resumes(capsys, tmp_path, trained, real_root):
 def test_help_documents_the_exit_statuses_and_fastcnn_traceback(capsys):
     status, out, _ = run_main(capsys, "--help")
     assert status == 0
-    for fragment in ("exit statuses:", "  0 ", "  1 ", "  2 ", "  3 ", "  130 ", "FASTCNN_TRACEBACK=1"):
+    for fragment in ("exit statuses:", "  0 ", "  1 ", "  2 ", "  3 ", "  130 ", "  143 ",
+                     "FASTCNN_TRACEBACK=1"):
         assert fragment in out, fragment
     for command in ("train", "evaluate", "summary"):
         status, out, _ = run_main(capsys, command, "--help")
