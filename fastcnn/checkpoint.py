@@ -117,7 +117,7 @@ def check_destination(path):
     ValueError for an empty name, FileNotFoundError for a missing folder, IsADirectoryError for
     a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
     step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)"""
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"checkpoint path: expected a file name (str or os.PathLike), got "
                         f"{type(path).__name__}")
     path = os.fspath(path)

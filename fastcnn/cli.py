@@ -337,7 +337,7 @@ _SETTING_CHECKS = {
     "seed": lambda v: _is_count(v, 0),
     "val_split": lambda v: _is_count(v, 0) or (isinstance(v, float) and 0 <= v < 1),
     "limit": lambda v: v is None or _is_count(v, 1),
-    "schedule_epochs": lambda v: _is_count(v, 0),
+    "schedule_epochs": lambda v: _is_count(v, 1),
 }
 _OPTIONAL_SETTINGS = ("model", "nesterov", "limit")  # absent from older checkpoints
 
