@@ -114,6 +114,9 @@ _SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000
            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
 
 _DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a mirror is given up
+# The largest official file is Fashion-MNIST's train-images-idx3-ubyte.gz, 26.4 MB: a mirror that
+# sends more (an endless stream, a wrong file) is cut off there instead of filling the disk.
+_MAX_DOWNLOAD = 64 * 2**20
 _CHUNK = 1 << 20
 
 
@@ -234,10 +237,16 @@ def _fetch_verified(url, dest, sha256):
     try:
         with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response, \
                 open(tmp, "xb") as f:
+            size = 0
             while True:
                 chunk = response.read(_CHUNK)
                 if not chunk:
                     break
+                size += len(chunk)
+                if size > _MAX_DOWNLOAD:
+                    raise DownloadError(
+                        f"{url}: sent more than {_MAX_DOWNLOAD} bytes, more than any official "
+                        f"{filename}: stopped, the partial file deleted")
                 digest.update(chunk)
                 f.write(chunk)
             f.flush()

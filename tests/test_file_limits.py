@@ -182,3 +182,38 @@ def test_checkpoint_header_declaring_huge_tensors_is_refused_before_reading_them
     message, peak = run_child("checkpoint", path)
     assert "model.0.weight" in message and "architecture expects" in message, message
     assert peak < 500, peak
+
+
+def test_a_mirror_sending_more_than_any_official_file_is_cut_off(tmp_path, monkeypatch):
+    """A download is stopped past the size cap (the largest official file is 26 MB; the cap is
+    lowered to 1 MiB here) and its partial file deleted; the next mirror is tried."""
+    import functools
+    import http.server
+    import threading
+
+    from fastcnn import datasets
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with open(served / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.truncate(5 * 2**20)  # sparse: an endless stream, as far as the cap is concerned
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setattr(datasets, "_MAX_DOWNLOAD", 2**20)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with pytest.raises(datasets.DownloadError) as info:
+            datasets._download("t10k-labels-idx1-ubyte.gz", str(folder),
+                               datasets.DATASETS["mnist"]["files"]["t10k-labels-idx1-ubyte"], [url, url])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    message = str(info.value)
+    assert message.count(f"sent more than {2**20} bytes") == 2, message  # both mirrors tried
+    assert os.listdir(folder) == []
