@@ -18,7 +18,8 @@ Errors (all name the file and say what to do):
 
 Downloads go to a temporary file in the destination folder, are checked against the published
 sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
-file that looks valid. Files already present are not re-hashed: they are checked by their IDX
+file that looks valid; a mirror sending more than 64 MB (the largest official file is 26.4 MB)
+is cut off and the next one tried. Files already present are not re-hashed: they are checked by their IDX
 header and exact length (and, for .gz, by gzip's own CRC32) when they are read.
 
 Reading never takes more memory than the header declares: the header is read and checked first
