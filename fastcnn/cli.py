@@ -558,8 +558,13 @@ class InternalError(RuntimeError):
 
 
 def _fit(fit, *args, **kwargs):
+    import numpy as np
+
     try:
-        return fit(*args, **kwargs)
+        # numpy's overflow/invalid warnings (two lines each, with file paths) would precede the
+        # one line that reports a diverging run: fit detects and reports it itself.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fit(*args, **kwargs)
     except (ValueError, TypeError) as exc:
         raise InternalError(f"unexpected error while training: {exc}") from exc
 

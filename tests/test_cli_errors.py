@@ -194,3 +194,20 @@ def test_an_internal_error_is_one_message_with_status_3(capsys, monkeypatch):
     monkeypatch.setenv("FASTCNN_TRACEBACK", "1")
     with pytest.raises(KeyError):
         main(["train"])
+
+
+def test_a_diverging_run_prints_one_line_and_no_numpy_warnings(tmp_path, real_root):
+    """In a real process (pytest's warning capture would hide them): numpy's overflow warnings
+    used to precede the divergence line, two lines each, with fastcnn's file paths."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--lr", "1e6", "--epochs", "2",
+                           "--limit", "256", "--val-split", "0", "--data-dir", real_root,
+                           "--no-download", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "diverged at epoch" in lines[0], done.stderr
