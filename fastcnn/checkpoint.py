@@ -25,34 +25,48 @@ is written, flushed and fsynced, then renamed over the destination (``os.replace
 folder is fsynced. On any error the temporary file is removed and an existing file at ``path`` is
 left untouched. A process killed during a save (SIGKILL, power cut) leaves the previous file
 intact and, at worst, its temporary file, which the next successful save to the same path
-deletes (tests/test_kill_during_save.py kills real saving processes to check all this).
+deletes (tests/test_kill_during_save.py kills real saving processes to check all this). The
+replaced file's permission bits are kept; a symbolic link at ``path`` is written through (its
+target replaced, the link kept); an OSError names the file (docs/reliability-errors.md).
 
-Loading validates everything before building anything: the file is read whole, its safetensors
-header, the format name and version, the tensor manifest and the data checksum are checked, the
-names, shapes and dtypes the architecture config declares are compared with the tensors (worked
-out from the config, no layer built: a few bytes of config cannot make the library allocate
-gigabytes), the model is rebuilt from its config and every tensor is compared with the rebuilt
+Loading validates everything before building anything: the safetensors header is read first
+(never the whole file), the format name and version and the metadata checksum are checked, the
+header must account for the file's exact size (a huge or sparse file is refused unread) and agree
+with the tensor manifest, and the names, shapes and dtypes the architecture config declares are
+compared with the declared tensors (worked out from the config, no layer built: a few bytes of
+config cannot make the library allocate gigabytes). Only then is the tensor data read and its
+checksum checked, the model rebuilt from its config and every tensor compared with the rebuilt
 model again; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
 ``ValueError``) naming the file and the problem.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import signal
+import stat
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.numpy as _st
 
-__all__ = ["save", "load", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "check_destination", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "fastcnn-checkpoint"
 FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
 _META_KEY = "fastcnn"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# Deepest nesting of lists and objects in the metadata: a model config nested MAX_CONFIG_DEPTH
+# (64) containers deep stays below it; json and the checks after it never near Python's recursion
+# limit. save() refuses deeper values (extra), load() refuses deeper files.
+_MAX_JSON_DEPTH = 200
+_MAX_OPTIMIZER_ARRAYS = 8  # per parameter (SGD keeps 1, Adam 2): bounds what a header may declare
 
 
 class CheckpointError(ValueError):
@@ -92,7 +106,46 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
     scalars are converted); e.g. the bit-generator state of the shuffling RNG. Everything is
     serialised in memory and checked before the file system is touched. Returns ``path``.
     """
+    path = check_destination(path)
+    data = _serialise(path, model, optimizer, scheduler, epoch, extra, input_shape)
+    _atomic_write(path, data)
+    return path
+
+
+def check_destination(path):
+    """``path`` as a str if :func:`save` can write there, else the error save would raise:
+    ValueError for an empty name, FileNotFoundError for a missing folder, IsADirectoryError for
+    a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
+    step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)"""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"checkpoint path: expected a file name (str or os.PathLike), got "
+                        f"{type(path).__name__}")
     path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if path == "":
+        raise ValueError("checkpoint path is empty: expected a file name such as 'run.safetensors'")
+    target = _destination(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write checkpoint {path}: no such folder {folder}")
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write checkpoint {path}: it is a folder, "
+                                              f"expected a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write checkpoint {path}: the folder {folder} is "
+                                            f"not writable")
+    return path
+
+
+def _destination(path):
+    """The file a save to ``path`` replaces: ``path`` itself, or the file a symbolic link at
+    ``path`` points to (followed to its end)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
+    """The bytes :func:`save` writes (everything checked, nothing written)."""
     if epoch is not None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
             raise TypeError(f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}")
@@ -131,6 +184,13 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
         "epoch": epoch,
         "extra": extra,
     }
+    # extra sits one level inside the metadata: it may hold one level less than a file
+    for what, value, limit in (("extra", extra, _MAX_JSON_DEPTH - 1),
+                               ("the metadata", meta, _MAX_JSON_DEPTH)):
+        if _json_depth(value, limit) > limit:
+            raise ValueError(f"checkpoint.save: cannot write {path}: {what} is nested more than "
+                             f"{limit} levels deep (lists and dicts inside each other), more than "
+                             f"a checkpoint holds")
     try:
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
         meta["meta_sha256"] = _meta_digest(json.loads(meta_json))
@@ -138,9 +198,7 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
     except (TypeError, ValueError) as exc:
         raise TypeError(f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
                         f"extra, configs and scheduler state must be JSON-able") from exc
-    data = _st.save(tensors, metadata={_META_KEY: meta_json})
-    _atomic_write(path, data)
-    return path
+    return _st.save(tensors, metadata={_META_KEY: meta_json})
 
 
 def _tensor(value, what):
@@ -170,6 +228,25 @@ def _split_optimizer_state(optimizer):
                 scalars[index][name] = value
     meta = {"class": type(optimizer).__name__, "hyper": sd["hyper"], "state": scalars}
     return meta, tensors
+
+
+def _json_depth(value, limit):
+    """Nesting depth of the lists, tuples and dicts in `value` (a scalar is 0); stops counting
+    past `limit` (so a value that contains itself ends too)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _json_default(value):
@@ -243,23 +320,68 @@ def _remove_stale_temps(folder, basename):
             pass
 
 
-def _atomic_write(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    basename = os.path.basename(path)
-    tmp = os.path.join(folder, f".{basename}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never clobber someone else's file; 0o666 & ~umask: the permissions of a plain open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM while a file is opened and handed to its owner: a Ctrl-C then
+    arrives once the handle is held by code that closes and deletes it, never in between. (Python
+    runs signal handlers in the main thread only, whichever thread the signal hit; a signal mask
+    would not do, the kernels' threads would take it. Elsewhere than the main thread: no hold.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    held = {}
     try:
-        with os.fdopen(fd, "wb") as f:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:  # None: installed outside Python, left alone
+                held[signum] = signal.signal(signum, lambda s, frame: pending.append(s))
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            signal.raise_signal(signum)  # now, to the handler that was in place
+
+
+def _atomic_write(path, data):
+    """Write ``data`` to ``path`` through a temporary file and a rename. A symbolic link at
+    ``path`` is written through (its target is replaced, the link kept, as ``open(path, "w")``
+    would do; replacing the link by a plain file would silently detach it from the file the user
+    pointed it at). An existing file's permission bits are kept. OSErrors name the file."""
+    target = _destination(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    basename = os.path.basename(target)
+    tmp = os.path.join(folder, f".{basename}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = None  # a new file: 0o666 & ~umask, the permissions of a plain open()
+    f = None
+    try:
+        with _signals_deferred():
+            # O_EXCL: never clobber someone else's file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            f = os.fdopen(fd, "wb")
+        with f:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
             _write(f, data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if f is not None:
+            f.close()
+        if not (f is None and isinstance(exc, FileExistsError)):  # (else: not our file)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            where = path if target == path else f"{path} (a link to {target})"
+            raise OSError(exc.errno, f"cannot write checkpoint {where}: "
+                                     f"{exc.strerror or exc}; an existing file there is unchanged") from exc
         raise
     _fsync_dir(folder)
     _remove_stale_temps(folder, basename)
@@ -310,10 +432,14 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: the model's architecture differs from the checkpoint's "
                 f"({_first_difference(self.config, config)}); nothing was loaded")
-        model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
-        rng_state = self.metadata["model"].get("rng_state")
-        if rng_state:
-            model.set_rng_state(rng_state)
+        try:
+            model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
+            rng_state = self.metadata["model"].get("rng_state")
+            if rng_state:
+                model.set_rng_state(rng_state)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved model state does not fit the model "
+                                  f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         return model
 
     def restore_optimizer(self, optimizer):
@@ -329,7 +455,11 @@ class Checkpoint:
             "state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
                       for i, e in self.optimizer_state["state"].items()},
         }
-        optimizer.load_state_dict(state)
+        try:
+            optimizer.load_state_dict(state)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved {self.optimizer_class} state cannot be "
+                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
         return optimizer
 
     def restore_scheduler(self, scheduler):
@@ -340,7 +470,11 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path}: the checkpoint holds {self.scheduler_class} state, cannot restore a "
                 f"{type(scheduler).__name__}")
-        scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
+        try:
+            scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{self.path}: the saved {self.scheduler_class} state cannot be "
+                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
         return scheduler
 
 
@@ -366,47 +500,150 @@ def _first_difference(expected, got, where="config"):
     return f"{where}: checkpoint has {_canonical(expected)[:200]}, model has {_canonical(got)[:200]}"
 
 
-def read_file(path):
+# safetensors dtype -> numpy dtype string (the types safetensors.numpy reads)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "|i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1", "BOOL": "|b1"}
+
+
+def _check_layout(fail, header, manifest, file_size, header_len):
+    """Before any tensor data is read: the safetensors header's entries must have known dtypes,
+    offsets that tile the data section exactly (its length is the file's size minus the header),
+    byte lengths that match their shapes, and the names, dtypes and shapes of the manifest. So the
+    file's size is accounted for by the declared shapes, which the caller can check first."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(manifest, dict) or set(manifest) != set(entries):
+        missing = sorted(set(manifest) - set(entries)) if isinstance(manifest, dict) else []
+        unexpected = sorted(set(entries) - set(manifest)) if isinstance(manifest, dict) else []
+        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    spans = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            fail(f"corrupted safetensors header: entry {name!r:.100} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has dtype {dtype!r:.50}, "
+                 f"expected one of {sorted(_DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= 32 and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has shape {shape!r:.100}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            fail(f"corrupted safetensors header: tensor {name!r:.100} has offsets {offsets!r:.100}")
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} of shape {shape} takes "
+                 f"{nbytes} bytes, its offsets {offsets} span {offsets[1] - offsets[0]}")
+        spec = manifest[name]
+        if not isinstance(spec, dict) or shape != spec.get("shape") or _DTYPES[dtype] != spec.get("dtype"):
+            fail(f"tensor {name!r} is {_DTYPES[dtype]} {shape}, the manifest says {spec!r:.200}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for a, b, name in sorted(spans):
+        if a != end:
+            fail(f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the data, "
+                 f"expected {end} (overlapping or with a gap)")
+        end = b
+    if 8 + header_len + end != file_size:
+        fail(f"truncated or corrupted: the file has {file_size} bytes, its header accounts for "
+             f"{8 + header_len + end} ({end} bytes of tensor data)")
+
+
+def _parse_json(fail, text, what):
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+    except (UnicodeDecodeError, TypeError, ValueError) as exc:
+        fail(f"corrupted {what} (not valid JSON: {exc})")
+    else:
+        if _json_depth(value, _MAX_JSON_DEPTH) <= _MAX_JSON_DEPTH:
+            return value
+    fail(f"corrupted {what} (JSON nested more than {_MAX_JSON_DEPTH} levels deep)")
+
+
+def read_file(path, before_data=None):
     """Read and validate a checkpoint file's container: (tensors, metadata). No model is built.
 
     Checks: safetensors header, fastcnn metadata, format name/version, tensor manifest (names,
-    shapes, dtypes) and the data checksum. Raises CheckpointError naming the file.
+    shapes, dtypes) and the data checksum. Raises CheckpointError naming the file. Only the
+    header is read before these checks: the tensor data is read after the header has accounted
+    for the file's whole size (a huge or sparse file is refused by its size) and after
+    ``before_data(metadata)``, if given, has accepted the declared shapes.
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
 
     def fail(problem):
         raise CheckpointError(f"{path}: {problem}")
 
-    if len(data) < 8:
-        fail(f"not a checkpoint: {len(data)} bytes, too short for a safetensors header (truncated?)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > _MAX_HEADER or 8 + header_len > len(data):
-        fail(f"truncated or not a safetensors file: header length {header_len}, file length {len(data)}")
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        fail(f"corrupted safetensors header (not valid JSON: {exc})")
-    if not isinstance(header, dict):
-        fail("corrupted safetensors header (not a JSON object)")
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                fail(f"not a checkpoint: {len(prefix)} bytes, too short for a safetensors header "
+                     f"(truncated?)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                fail(f"truncated or not a safetensors file: header length {header_len}, file length {size}")
+            raw_header = f.read(header_len)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+        try:
+            text = raw_header.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(f"corrupted safetensors header (not valid JSON: {exc})")
+        header = _parse_json(fail, text, "safetensors header")
+        if not isinstance(header, dict):
+            fail("corrupted safetensors header (not a JSON object)")
+        meta = _check_metadata(fail, header)
+        _check_layout(fail, header, meta["tensors"], size, header_len)
+        if before_data is not None:
+            before_data(meta)
+        try:
+            f.seek(0)
+            data = f.read(size + 1)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+    if len(data) != size:
+        fail(f"the file changed while it was read ({size} bytes, then {len(data)})")
+
+    try:
+        tensors = _st.load(data)
+    except Exception as exc:  # SafetensorError and friends: offsets out of range, bad dtype, ...
+        fail(f"corrupted or truncated tensor data ({type(exc).__name__}: {exc})")
+    del data
+
+    manifest = meta["tensors"]
+    if set(manifest) != set(tensors):  # (checked on the header already; safetensors agrees)
+        fail("tensors do not match the manifest")
+    for name, spec in manifest.items():
+        a = tensors[name]
+        if list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
+            fail(f"tensor {name!r} is {a.dtype.str} {list(a.shape)}, the manifest says {spec}")
+    if _digest(tensors) != meta["sha256"]:
+        fail("tensor data checksum mismatch: the file is corrupted")
+    return tensors, meta
+
+
+def _check_metadata(fail, header):
+    """The fastcnn metadata of a parsed safetensors header, its format, version and checksum."""
     raw_meta = header.get("__metadata__")
     if not isinstance(raw_meta, dict) or _META_KEY not in raw_meta:
         fail("a safetensors file, but not a fastcnn checkpoint (no 'fastcnn' metadata)")
-    try:
-        meta = json.loads(raw_meta[_META_KEY])
-    except (TypeError, ValueError) as exc:
-        fail(f"corrupted fastcnn metadata (not valid JSON: {exc})")
+    if not isinstance(raw_meta[_META_KEY], str):
+        fail("corrupted fastcnn metadata (not a string)")
+    meta = _parse_json(fail, raw_meta[_META_KEY], "fastcnn metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})")
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        fail(f"corrupted metadata: format_version {version!r}")
+        fail(f"corrupted metadata: format_version {version!r:.100}")
     if version > FORMAT_VERSION:
-        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')}; this "
+        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')!r:.50}; this "
              f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
     if version < 1:
         fail(f"unknown checkpoint format version {version}")
@@ -416,24 +653,9 @@ def read_file(path):
     for key in ("model", "tensors", "sha256"):
         if key not in meta:
             fail(f"corrupted metadata: no {key!r} entry")
-
-    try:
-        tensors = _st.load(data)
-    except Exception as exc:  # SafetensorError and friends: offsets out of range, bad dtype, ...
-        fail(f"corrupted or truncated tensor data ({type(exc).__name__}: {exc})")
-
-    manifest = meta["tensors"]
-    if not isinstance(manifest, dict) or set(manifest) != set(tensors):
-        missing = sorted(set(manifest) - set(tensors)) if isinstance(manifest, dict) else []
-        unexpected = sorted(set(tensors) - set(manifest)) if isinstance(manifest, dict) else []
-        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for name, spec in manifest.items():
-        a = tensors[name]
-        if not isinstance(spec, dict) or list(a.shape) != spec.get("shape") or a.dtype.str != spec.get("dtype"):
-            fail(f"tensor {name!r} is {a.dtype.str} {list(a.shape)}, the manifest says {spec}")
-    if _digest(tensors) != meta["sha256"]:
-        fail("tensor data checksum mismatch: the file is corrupted")
-    return tensors, meta
+    if not isinstance(meta["tensors"], dict):
+        fail(f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an object")
+    return meta
 
 
 def load(path):
@@ -443,42 +665,14 @@ def load(path):
     (a ValueError) naming the file and the problem.
     """
     path = os.fspath(path)
-    tensors, meta = read_file(path)
 
     def fail(problem):
         raise CheckpointError(f"{path}: {problem}")
 
+    tensors, meta = read_file(path, before_data=lambda meta: _check_declared(fail, meta))
     model_meta = meta["model"]
-    if not isinstance(model_meta, dict) or "config" not in model_meta or "keys" not in model_meta:
-        fail("corrupted metadata: model entry without config/keys")
     config, keys = model_meta["config"], model_meta["keys"]
-    model_state = {}
-    for key in keys:
-        name = "model." + key
-        if name not in tensors:
-            fail(f"model tensor {name!r} missing")
-        model_state[key] = tensors[name]
-    stray = sorted(n for n in tensors if n.startswith("model.") and n[6:] not in model_state)
-    if stray:
-        fail(f"unexpected model tensors {stray[:5]}")
-
-    # The architecture's state, worked out from the config without building it (for every
-    # class that can tell), must be the file's tensors: only then is anything allocated, so a
-    # small file declaring huge layers is refused before it costs memory.
-    try:
-        spec = _state_spec(config)
-    except Exception as exc:
-        fail(f"incompatible architecture config, this fastcnn cannot build it "
-             f"({type(exc).__name__}: {str(exc)[:300]})")
-    if spec is not None:
-        if set(spec) != set(model_state):
-            fail(f"the architecture's parameters {sorted(set(spec) - set(model_state))[:5]} are "
-                 f"missing and {sorted(set(model_state) - set(spec))[:5]} unexpected")
-        for key, (shape, dtype) in spec.items():
-            got = model_state[key]
-            if got.shape != shape or got.dtype != dtype:
-                fail(f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
-                     f"{dtype} {shape}")
+    model_state = {key: tensors["model." + key] for key in keys}
 
     # Build a fresh model from the config and compare its state with the file before loading.
     try:
@@ -507,11 +701,14 @@ def load(path):
         sched = meta["scheduler"]
         if not isinstance(sched, dict) or "class" not in sched or "state" not in sched:
             fail("corrupted metadata: scheduler entry without class/state")
+        if not isinstance(sched["class"], str) or not isinstance(sched["state"], dict):
+            fail(f"corrupted metadata: scheduler class {sched['class']!r:.100} and state "
+                 f"{sched['state']!r:.100}, expected a name and an object")
         scheduler_state, scheduler_class = sched["state"], sched["class"]
 
     epoch = meta.get("epoch")
-    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
-        fail(f"corrupted metadata: epoch {epoch!r}")
+    if epoch is not None and not _is_int(epoch):
+        fail(f"corrupted metadata: epoch {epoch!r:.100}, expected an integer >= 0")
 
     try:
         model.load_state_dict(model_state)
@@ -533,10 +730,73 @@ def load(path):
         epoch=epoch, extra=meta.get("extra"), metadata=meta, input_shape=input_shape)
 
 
+def _is_int(value, minimum=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_declared(fail, meta):
+    """The metadata's model entry, checked before any tensor data is read: its types, its keys
+    against the manifest, and the architecture's state (worked out from the config without
+    building it, for every class that can tell) against the declared shapes, so that a small file
+    declaring huge layers, or a huge file declaring huge tensors, is refused before it costs
+    memory. Optimizer tensors must each have the shape of a model tensor (a parameter)."""
+    model_meta = meta["model"]
+    if not isinstance(model_meta, dict) or "config" not in model_meta or "keys" not in model_meta:
+        fail("corrupted metadata: model entry without config/keys")
+    config, keys = model_meta["config"], model_meta["keys"]
+    if not isinstance(config, dict):
+        fail(f"corrupted metadata: the model config is a {type(config).__name__}, expected an object")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or len(set(keys)) != len(keys):
+        fail(f"corrupted metadata: the model keys {keys!r:.100} are not a list of distinct names")
+    if not isinstance(model_meta.get("rng_state") or {}, dict):
+        fail(f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an object")
+    manifest = meta["tensors"]
+    declared = {}
+    for key in keys:
+        name = "model." + key
+        if name not in manifest:
+            fail(f"model tensor {name!r} missing")
+        declared[key] = (tuple(manifest[name]["shape"]), np.dtype(manifest[name]["dtype"]))
+    stray = sorted(n for n in manifest if n.startswith("model.") and n[6:] not in declared)
+    if stray:
+        fail(f"unexpected model tensors {stray[:5]}")
+    try:
+        spec = _state_spec(config)
+    except Exception as exc:  # RecursionError included
+        fail(f"incompatible architecture config, this fastcnn cannot build it "
+             f"({type(exc).__name__}: {str(exc)[:300]})")
+    if spec is not None:
+        if set(spec) != set(declared):
+            fail(f"the architecture's parameters {sorted(set(spec) - set(declared))[:5]} are "
+                 f"missing and {sorted(set(declared) - set(spec))[:5]} unexpected")
+        for key, (shape, dtype) in spec.items():
+            if declared[key] != (shape, dtype):
+                fail(f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the architecture "
+                     f"expects {dtype} {shape}")
+    shapes = {shape for shape, _ in declared.values()}
+    per_index = {}
+    for name, entry in manifest.items():
+        if not name.startswith("optimizer."):
+            continue
+        parts = name.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(declared):
+            fail(f"unexpected tensor name {name!r:.100}")
+        per_index[parts[1]] = per_index.get(parts[1], 0) + 1
+        if tuple(entry["shape"]) not in shapes or per_index[parts[1]] > _MAX_OPTIMIZER_ARRAYS:
+            fail(f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter of "
+                 f"the model")
+
+
 def _join_optimizer_state(fail, opt_meta, tensors, model):
     """Rebuild {"hyper", "state"} from the metadata and the optimizer.* tensors, checking shapes."""
     if not isinstance(opt_meta, dict) or not {"class", "hyper", "state"} <= set(opt_meta):
         fail("corrupted metadata: optimizer entry without class/hyper/state")
+    entries = opt_meta["state"]
+    if not (isinstance(opt_meta["class"], str) and isinstance(opt_meta["hyper"], dict)
+            and isinstance(entries, dict)
+            and all(isinstance(i, str) and i.isdigit() and isinstance(e, dict) for i, e in entries.items())):
+        fail(f"corrupted metadata: optimizer entry {opt_meta!r:.200}, expected a class name, "
+             f"hyper-parameters and {{parameter index: state}} objects")
     params = [p.data for p in model.parameters()]
     state = {str(i): dict(scalars) for i, scalars in opt_meta["state"].items()}
     for name, array in tensors.items():

@@ -7,8 +7,11 @@
     fastcnn evaluate run.safetensors
     fastcnn summary [--model resnet20 | CHECKPOINT]
 
-Bad options, missing data or an unreadable checkpoint print one line on stderr and exit with
-status 2; a diverging run exits with status 1; Ctrl-C with 130.
+Exit statuses (also in ``fastcnn --help`` and docs/reliability-errors.md): 0 success; 1 the
+training diverged; 2 an error the user can fix (bad option, missing or corrupt data or checkpoint,
+unwritable --out, out of memory), reported as ``fastcnn CMD: error: ...`` naming the file or
+option; 3 an internal error (a bug), reported in one line; 130 interrupted by Ctrl-C. No
+traceback is printed unless FASTCNN_TRACEBACK=1 is set (then any error raises with its traceback).
 """
 from __future__ import annotations
 
@@ -46,6 +49,23 @@ MODEL_DEFAULTS = {
 MODEL_DEFAULTS["resnet20"] = MODEL_DEFAULTS["resnet8"]
 INPUT_SHAPE = (1, 28, 28)  # both data sets' images
 NUM_CLASSES = 10  # and classes
+
+
+EPILOG = """\
+exit statuses:
+  0    success
+  1    the training diverged (NaN or infinite loss); the last good checkpoint is kept
+  2    an error you can fix: a bad option, missing or corrupt data or checkpoint, an --out that
+       cannot be written, out of memory; the message names the file or option
+  3    an internal error (a bug in fastcnn): please report it with its traceback
+  130  interrupted (Ctrl-C); a checkpoint being written is left as it was before
+  143  killed by SIGTERM (the shell's 128+15; no message): the last complete checkpoint is
+       intact, a save cut short leaves at most a temporary file that the next save deletes
+
+environment:
+  FASTCNN_TRACEBACK=1  print the full Python traceback of any error instead of its message
+  FASTCNN_DATA=DIR     the folder holding mnist/ and fashion-mnist/ (as --data-dir)
+"""
 
 
 class CliError(Exception):
@@ -148,16 +168,20 @@ def build_parser():
     parser = _Parser(
         prog="fastcnn",
         description="Train convolutional networks fast on the CPU (Numba kernels).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,summary}", parser_class=_Parser)
+    see = "exit statuses, FASTCNN_TRACEBACK=1 and FASTCNN_DATA: see 'fastcnn --help'"
     sub.required = True
 
     # Options left at None are filled from DEFAULTS, or from the checkpoint when resuming.
     train = sub.add_parser(
         "train",
+        epilog=see,
         help="train a network on MNIST or Fashion-MNIST",
         description="Train a network (fastcnn summary --model NAME shows it) and report the test "
         "accuracy. Prints one line per epoch and ends with 'test accuracy: NN.NN%%'. The ResNets "
@@ -203,6 +227,7 @@ def build_parser():
 
     ev = sub.add_parser(
         "evaluate",
+        epilog=see,
         help="test accuracy of a checkpoint",
         description="Evaluate a checkpoint on the test set; ends with 'test accuracy: NN.NN%'.",
     )
@@ -216,6 +241,7 @@ def build_parser():
 
     sm = sub.add_parser(
         "summary",
+        epilog=see,
         help="layer table of a network (or of a checkpoint)",
         description="Print the layers, output shapes, parameter counts and FLOPs of a network "
         "(--model, default the reference network), or of the model in CHECKPOINT, for one "
@@ -257,14 +283,21 @@ def _check_threads(n):
     return n
 
 
-def _check_out(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CliError(f"--out {path}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise CliError(f"--out {path}: is a folder, expected a file name")
-    if not os.access(folder, os.W_OK):
-        raise CliError(f"--out {path}: the folder {folder} is not writable")
+def _check_out(path, option="--out"):
+    from .checkpoint import check_destination
+
+    if path == "":
+        raise CliError(f"{option} '': expected a file name, e.g. {option} run.safetensors")
+    try:
+        check_destination(path)
+    except FileNotFoundError:
+        folder = os.path.dirname(os.path.abspath(os.path.realpath(path)))
+        raise CliError(f"{option} {path}: the folder {folder} does not exist") from None
+    except IsADirectoryError:
+        raise CliError(f"{option} {path}: is a folder, expected a file name") from None
+    except PermissionError:
+        folder = os.path.dirname(os.path.abspath(os.path.realpath(path)))
+        raise CliError(f"{option} {path}: the folder {folder} is not writable") from None
 
 
 def _load_checkpoint(path):
@@ -273,6 +306,56 @@ def _load_checkpoint(path):
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such checkpoint file")
     return checkpoint.load(path)
+
+
+def _saved_settings(ckpt):
+    """The settings 'fastcnn train --out' stored in the checkpoint's extra["cli"], or None."""
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    return extra.get("cli")
+
+
+def _is_number(value, low=0.0, low_open=False):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value < float("inf")
+            and (value > low if low_open else value >= low))
+
+
+def _is_count(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# What each saved setting may be (a checkpoint's metadata can be edited: checked before use).
+_SETTING_CHECKS = {
+    "model": lambda v: v in MODELS,
+    "dataset": lambda v: v in DATASETS,
+    "optimizer": lambda v: v in OPTIMIZERS,
+    "scheduler": lambda v: v in SCHEDULERS,
+    "lr": lambda v: _is_number(v, low_open=True),
+    "momentum": _is_number,
+    "nesterov": lambda v: isinstance(v, bool),
+    "weight_decay": _is_number,
+    "batch_size": lambda v: _is_count(v, 1),
+    "seed": lambda v: _is_count(v, 0),
+    "val_split": lambda v: _is_count(v, 0) or (isinstance(v, float) and 0 <= v < 1),
+    "limit": lambda v: v is None or _is_count(v, 1),
+    "schedule_epochs": lambda v: _is_count(v, 1),
+}
+_OPTIONAL_SETTINGS = ("model", "nesterov", "limit")  # absent from older checkpoints
+
+
+def _check_saved_settings(path, saved):
+    if not isinstance(saved, dict):
+        raise CliError(f"{path}: the run settings saved in it are corrupted ({saved!r:.100}); "
+                       "start a new run instead of resuming")
+    for key, check in _SETTING_CHECKS.items():
+        if key not in saved:
+            if key in _OPTIONAL_SETTINGS:
+                continue
+            raise CliError(f"{path}: the run settings saved in it lack {key!r}; start a new run "
+                           "instead of resuming")
+        if not check(saved[key]):
+            raise CliError(f"{path}: the run settings saved in it are corrupted: {key} = "
+                           f"{saved[key]!r:.100}; start a new run instead of resuming")
+    return saved
 
 
 def _make_optimizer(settings, params):
@@ -389,15 +472,22 @@ def cmd_train(args):
     ckpt = None
     if args.resume is not None:
         ckpt = _load_checkpoint(args.resume)
-        saved = (ckpt.extra or {}).get("cli")
-        if saved is None or "fit" not in (ckpt.extra or {}):
+        saved = _saved_settings(ckpt)
+        if saved is None or "fit" not in ckpt.extra:
             raise CliError(f"{args.resume}: not a checkpoint written by 'fastcnn train --out'")
-        settings = _settings(args, saved)
+        settings = _settings(args, _check_saved_settings(args.resume, saved))
+        resume = resume_kwargs(ckpt)  # its fields checked before the data is loaded
+        if args.epochs < resume["start_epoch"]:
+            raise CliError(f"--epochs {args.epochs}: {args.resume} has already completed "
+                           f"{resume['start_epoch']} epochs; --epochs is the total to train up to")
     else:
+        if args.epochs == 0:
+            raise CliError("--epochs 0: nothing to train; give the number of epochs to train, "
+                           "e.g. --epochs 3")
         settings = _settings(args)
     out = args.out if args.out is not None else args.resume
     if out is not None:
-        _check_out(out)
+        _check_out(out, "--out" if args.out is not None else "--resume")
 
     from . import precompile
 
@@ -414,7 +504,6 @@ def cmd_train(args):
 
     if ckpt is not None:
         model = ckpt.model
-        resume = resume_kwargs(ckpt)
     else:
         model = models.BUILDERS[settings["model"]](x_train.shape[1], NUM_CLASSES, settings["seed"])
         resume = {"seed": settings["seed"]}
@@ -458,7 +547,7 @@ def cmd_train(args):
     except TrainingDiverged as exc:
         print(f"fastcnn train: {exc}", file=sys.stderr)
         return 1
-    if out is not None:
+    if out is not None and args.epochs > resume.get("start_epoch", 0):  # (else nothing was written)
         print(f"checkpoint: {out}")
     _report_test(model, x_test, y_test, 256, threads, evaluate)
     return 0
@@ -469,8 +558,13 @@ class InternalError(RuntimeError):
 
 
 def _fit(fit, *args, **kwargs):
+    import numpy as np
+
     try:
-        return fit(*args, **kwargs)
+        # numpy's overflow/invalid warnings (two lines each, with file paths) would precede the
+        # one line that reports a diverging run: fit detects and reports it itself.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return fit(*args, **kwargs)
     except (ValueError, TypeError) as exc:
         raise InternalError(f"unexpected error while training: {exc}") from exc
 
@@ -486,8 +580,15 @@ def cmd_evaluate(args):
 
     threads = _check_threads(args.threads)
     ckpt = _load_checkpoint(args.checkpoint)
-    saved = (ckpt.extra or {}).get("cli") or {}
-    dataset = args.dataset or saved.get("dataset", DEFAULTS["dataset"])
+    saved = _saved_settings(ckpt)
+    dataset = args.dataset
+    if dataset is None:
+        dataset = saved.get("dataset") if isinstance(saved, dict) else None
+        if dataset is None:
+            dataset = DEFAULTS["dataset"]
+        elif dataset not in DATASETS:
+            raise CliError(f"{args.checkpoint}: names the data set {dataset!r:.50}, which is not one "
+                           f"of {', '.join(DATASETS)}; choose one with --dataset")
     _, (x_test, y_test) = _load_data(dataset, args.data_dir, not args.no_download)
     if args.limit:
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
@@ -538,13 +639,26 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line for the errors a user can fix; a traceback for bugs
-        if os.environ.get("FASTCNN_TRACEBACK") or not isinstance(exc, _expected_errors()):
+    except Exception as exc:  # the message for the errors a user can fix; a bug is reported as one
+        if os.environ.get("FASTCNN_TRACEBACK", "") not in ("", "0"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if isinstance(exc, MemoryError):
+            print(f"{prog}: error: out of memory; try a smaller --batch-size or --limit, or free "
+                  f"memory", file=sys.stderr)
+            return 2
+        if not isinstance(exc, _expected_errors()) or isinstance(exc, InternalError):
+            print(f"{prog}: internal error: {type(exc).__name__}: {_message(exc)}\n"
+                  f"This is a bug in fastcnn; please report it with the traceback that "
+                  f"FASTCNN_TRACEBACK=1 {prog} ... prints.", file=sys.stderr)
+            return 3
+        print(f"{prog}: error: {_message(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     return status
+
+
+def _message(exc):
+    """The whole message (a download failure lists every mirror's answer on its own line)."""
+    return str(exc).strip()
 
 
 def run():

@@ -18,8 +18,15 @@ Errors (all name the file and say what to do):
 
 Downloads go to a temporary file in the destination folder, are checked against the published
 sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
-file that looks valid. Files already present are not re-hashed: they are checked by their IDX
+file that looks valid; a mirror sending more than 64 MB (the largest official file is 26.4 MB)
+is cut off and the next one tried. Files already present are not re-hashed: they are checked by their IDX
 header and exact length (and, for .gz, by gzip's own CRC32) when they are read.
+
+Reading never takes more memory than the header declares: the header is read and checked first
+(magic, image size, and the sample count when the caller knows it, as ``mnist()`` does), an
+uncompressed file must then have exactly the declared size on disk (a huge or sparse file is
+refused before it is read), and a gzip file is decompressed into an array of the declared size
+and refused as soon as it holds more (a few MB of gzipped zeros cannot expand to gigabytes).
 """
 from __future__ import annotations
 
@@ -108,6 +115,9 @@ _SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000
            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
 
 _DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a mirror is given up
+# The largest official file is Fashion-MNIST's train-images-idx3-ubyte.gz, 26.4 MB: a mirror that
+# sends more (an endless stream, a wrong file) is cut off there instead of filling the disk.
+_MAX_DOWNLOAD = 64 * 2**20
 _CHUNK = 1 << 20
 
 
@@ -228,10 +238,16 @@ def _fetch_verified(url, dest, sha256):
     try:
         with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response, \
                 open(tmp, "xb") as f:
+            size = 0
             while True:
                 chunk = response.read(_CHUNK)
                 if not chunk:
                     break
+                size += len(chunk)
+                if size > _MAX_DOWNLOAD:
+                    raise DownloadError(
+                        f"{url}: sent more than {_MAX_DOWNLOAD} bytes, more than any official "
+                        f"{filename}: stopped, the partial file deleted")
                 digest.update(chunk)
                 f.write(chunk)
             f.flush()
@@ -265,39 +281,21 @@ def _fix_hint(path):
     return f"Delete {path} and re-run with download=True to fetch it again (or copy a good file there)."
 
 
-def _read_payload(path):
-    """Whole decoded content of `path` (gunzipped if it ends in .gz) as bytes."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
-    if not path.endswith(".gz"):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
-        raise DatasetFileError(
-            f"fastcnn.datasets: {path} is not a valid gzip file (truncated or corrupt: {exc}). "
-            f"{_fix_hint(path)}") from exc
-
-
 # A file is cached only if it was last changed at least this long before it was read: a file
 # rewritten within one tick of a coarse file-system clock (FAT: 2 s; many kernels: a few ms)
 # keeps its size and timestamps, and must not be served from the cache (git's "racy" files).
 _RACY_NS = 3_000_000_000
 
 
-def _cached_idx(path, parse):
+def _cached_idx(path, kind, expected_count):
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-           parse.__name__)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, kind)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    array = parse(path, _read_payload(path))
+    array = _read_idx(path, kind, expected_count)
     array.flags.writeable = False
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
         return array  # changed just now: may change again with the same timestamps
@@ -306,6 +304,103 @@ def _cached_idx(path, parse):
         while len(_cache) > _CACHE_ENTRIES:
             _cache.popitem(last=False)
     return array
+
+
+# Deflate expands at most 1032:1 (zlib's documentation of its "maximum compression factor"): a
+# header declaring more decoded bytes than that bound allows is refused before decompressing.
+_GZIP_MAX_RATIO = 1032
+_IDX = {  # kind: (magic number, number of 4-byte header integers)
+    "images": (IMAGE_MAGIC, 4),
+    "labels": (LABEL_MAGIC, 2),
+}
+
+
+def _read_into(f, view):
+    """Fill `view` from the file object `f` as far as it goes; returns the number of bytes read."""
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def _read_idx(path, kind, expected_count):
+    """Decoded IDX file of `kind` as a uint8 array (images (N, 28, 28), labels (N,)).
+
+    The header is read and checked first; the payload is then read into an array of exactly the
+    size the header declares, never more: an uncompressed file must have that size on disk (a huge
+    or sparse file is refused by its size), and decompression stops one byte past the declared
+    size (a small gzip that expands to gigabytes is refused after at most the declared size).
+    """
+    magic, n_ints = _IDX[kind]
+    header_size = 4 * n_ints
+    gz = path.endswith(".gz")
+    try:
+        file_size = os.stat(path).st_size
+        f = gzip.open(path, "rb") if gz else open(path, "rb")
+    except OSError as exc:
+        raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
+    try:
+        with f:
+            head = f.read(header_size)
+            values = _header(path, head, magic, n_ints, kind)
+            count = values[0]
+            if kind == "images":
+                rows, cols = values[1:]
+                if (rows, cols) != (ROWS, COLS):
+                    raise DatasetFileError(
+                        f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected {ROWS}x{COLS}. "
+                        f"{_fix_hint(path)}")
+                expected = header_size + count * rows * cols
+                what = f"{header_size}-byte header + {count} images of {rows}x{cols}"
+            else:
+                expected = header_size + count
+                what = f"{header_size}-byte header + {count} labels"
+            if expected_count is not None and count != expected_count:
+                raise DatasetFileError(
+                    f"fastcnn.datasets: {path} holds {count} samples, expected {expected_count} "
+                    f"(wrong file in this place?). {_fix_hint(path)}")
+            if not gz and file_size != expected:
+                raise DatasetFileError(
+                    f"fastcnn.datasets: {path} has {file_size} bytes of IDX data, expected {expected} "
+                    f"({what}): truncated or corrupt. {_fix_hint(path)}")
+            if gz and expected > _GZIP_MAX_RATIO * file_size + 1024:
+                raise DatasetFileError(
+                    f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}), more "
+                    f"than a gzip file of {file_size} bytes can hold: corrupt. {_fix_hint(path)}")
+            try:
+                data = np.empty(expected, dtype=np.uint8)
+            except MemoryError:
+                raise DatasetFileError(
+                    f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}): not "
+                    f"enough memory to hold them") from None
+            data[:header_size] = np.frombuffer(head, dtype=np.uint8)
+            got = header_size + _read_into(f, memoryview(data)[header_size:])
+            if got == expected and f.read(1):
+                raise DatasetFileError(
+                    f"fastcnn.datasets: {path} holds more than {expected} bytes of IDX data, expected "
+                    f"{expected} ({what}): corrupt (reading stopped there). {_fix_hint(path)}")
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        if not gz:
+            raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} is not a valid gzip file (truncated or corrupt: {exc}). "
+            f"{_fix_hint(path)}") from exc
+    if got != expected:
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has {got} bytes of IDX data, expected {expected} "
+            f"({what}): truncated or corrupt. {_fix_hint(path)}")
+    if kind == "images":
+        return data[header_size:].reshape(count, ROWS, COLS)
+    labels = data[header_size:]
+    if count and int(labels.max()) >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise DatasetFileError(
+            f"fastcnn.datasets: {path} has label {int(labels[bad])} at index {bad}, expected 0..9. "
+            f"{_fix_hint(path)}")
+    return labels
 
 
 def _header(path, data, magic, n_ints, kind):
@@ -322,35 +417,6 @@ def _header(path, data, magic, n_ints, kind):
     return [int(v) for v in values[1:]]
 
 
-def _parse_images(path, data):
-    count, rows, cols = _header(path, data, IMAGE_MAGIC, 4, "images")
-    if (rows, cols) != (ROWS, COLS):
-        raise DatasetFileError(
-            f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected {ROWS}x{COLS}. {_fix_hint(path)}")
-    expected = 16 + count * rows * cols
-    if len(data) != expected:
-        raise DatasetFileError(
-            f"fastcnn.datasets: {path} has {len(data)} bytes of IDX data, expected {expected} "
-            f"(16-byte header + {count} images of {rows}x{cols}): truncated or corrupt. {_fix_hint(path)}")
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
-
-
-def _parse_labels(path, data):
-    (count,) = _header(path, data, LABEL_MAGIC, 2, "labels")
-    expected = 8 + count
-    if len(data) != expected:
-        raise DatasetFileError(
-            f"fastcnn.datasets: {path} has {len(data)} bytes of IDX data, expected {expected} "
-            f"(8-byte header + {count} labels): truncated or corrupt. {_fix_hint(path)}")
-    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
-    if count and int(labels.max()) >= NUM_CLASSES:
-        bad = int(np.argmax(labels >= NUM_CLASSES))
-        raise DatasetFileError(
-            f"fastcnn.datasets: {path} has label {int(labels[bad])} at index {bad}, expected 0..9. "
-            f"{_fix_hint(path)}")
-    return labels
-
-
 def _check_count(path, array, expected_count):
     if expected_count is not None and len(array) != expected_count:
         raise DatasetFileError(
@@ -364,9 +430,11 @@ def read_idx_images(path, expected_count=None):
 
     Read-only view shared with the in-process cache: copy it before writing into it.
     """
-    return _check_count(path, _cached_idx(os.fspath(path), _parse_images), expected_count)
+    path = os.fspath(path)
+    return _check_count(path, _cached_idx(path, "images", expected_count), expected_count)
 
 
 def read_idx_labels(path, expected_count=None):
     """uint8 array (N,) of labels 0..9 from an IDX label file (read-only, cached)."""
-    return _check_count(path, _cached_idx(os.fspath(path), _parse_labels), expected_count)
+    path = os.fspath(path)
+    return _check_count(path, _cached_idx(path, "labels", expected_count), expected_count)

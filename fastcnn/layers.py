@@ -372,6 +372,9 @@ class BatchNorm2D(Module):
         x, in_dtype = cast_input(x, self.dtype, self.name)
         x4 = self._to4d(x)
         if self.training:
+            if x.size < 2 * x.shape[1]:  # checked here to name the caller's shape, not x4's
+                raise ValueError(f"{self.name}: expected more than 1 value per channel when "
+                                 f"training, got input of shape {F._fmt_shape(x.shape)}")
             y, mean, invstd = F.batch_norm_forward_train(
                 x4, self.weight.data, self.bias.data, self.eps, layer=self.name)
             count = x4.shape[0] * x4.shape[2] * x4.shape[3]

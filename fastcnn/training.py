@@ -148,6 +148,11 @@ def _check_data(what, x, y):
         raise ValueError(f"{what}: got no samples")
 
 
+def _shape_of(a):
+    """'(N, 1, 28, 28)': the shape of a data set whatever its number of samples."""
+    return "(" + ", ".join(["N"] + [str(d) for d in a.shape[1:]]) + ")"
+
+
 def _check_positive_int(what, name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
@@ -207,14 +212,47 @@ def resume_kwargs(ckpt) -> dict:
     scheduler from the checkpoint yourself (``ckpt.restore_optimizer(opt)``), then
     ``fit(ckpt.model, loss, opt, x, y, epochs, **resume_kwargs(ckpt))``.
     """
-    info = (ckpt.extra or {}).get("fit")
-    if info is None:
-        raise ValueError("resume_kwargs: this checkpoint was not written by fastcnn.training.fit")
+    from .checkpoint import CheckpointError
+
+    path = getattr(ckpt, "path", "checkpoint")
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    info = extra.get("fit")
+    if info is None:  # (a CheckpointError is a ValueError)
+        raise CheckpointError(f"{path}: not written by fastcnn.training.fit (its extra holds no "
+                              "'fit' entry): nothing to resume")
+
+    def fail(problem):
+        raise CheckpointError(f"{path}: cannot resume the run saved in it: {problem}")
+
+    if not isinstance(info, dict) or not {"shuffle_state", "history", "seed"} <= set(info):
+        fail(f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed")
+    epoch = ckpt.epoch
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        fail(f"the epoch is {epoch!r:.50}, expected the number of completed epochs")
+    seed = info["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        fail(f"the seed is {seed!r:.50}, expected an integer >= 0")
+    shuffle_state = info["shuffle_state"]
+    try:
+        if not isinstance(shuffle_state, dict):
+            raise TypeError(f"expected an object, got {type(shuffle_state).__name__}")
+        np.random.default_rng(0).bit_generator.state = _rng_state_from_json(shuffle_state)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        fail(f"the shuffling state {shuffle_state!r:.100} is not a PCG64 state ({exc})")
+    data = info["history"]
+    try:
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in History.KEYS):
+            raise ValueError(f"expected an object of lists {list(History.KEYS)}")
+        history = History.from_dict(data)
+    except ValueError as exc:
+        fail(f"the history {data!r:.100} is corrupted ({exc})")
+    if len(history) != epoch:
+        fail(f"the history holds {len(history)} epochs, the checkpoint says {epoch} were completed")
     return {
-        "start_epoch": int(ckpt.epoch),
-        "shuffle_state": info["shuffle_state"],
-        "history": History.from_dict(info["history"]),
-        "seed": info["seed"],
+        "start_epoch": epoch,
+        "shuffle_state": shuffle_state,
+        "history": history,
+        "seed": seed,
     }
 
 
@@ -258,6 +296,9 @@ def fit(
       ``verbose``: print one summary line per epoch on stdout.
     - ``threads``: Numba threads for the run (restored afterwards); the BLAS is limited to
       ``fastcnn.threads.BLAS_THREADS_DURING_COMPUTE`` meanwhile.
+    - Every argument is checked before the first step (no epoch of work is lost to a bad one):
+      the data, ``val_data``'s shapes and labels, the checkpoint's folder and the checkpoint
+      itself (serialised once in memory, so that a non-JSON-able ``checkpoint_extra`` is refused).
     """
     what = "fit"
     _check_data(what, x_train, y_train)
@@ -265,6 +306,13 @@ def fit(
         if not (isinstance(val_data, (tuple, list)) and len(val_data) == 2):
             raise ValueError(f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}")
         _check_data(f"{what} (val_data)", *val_data)
+        x_val, y_val = val_data
+        if x_val.shape[1:] != x_train.shape[1:]:
+            raise ValueError(f"{what}: val_data images must have the training images' shape "
+                             f"{_shape_of(x_train)}, got {x_val.shape}")
+        if y_val.shape[1:] != y_train.shape[1:]:
+            raise ValueError(f"{what}: val_data labels must have the training labels' shape "
+                             f"{_shape_of(y_train)}, got {y_val.shape}")
     epochs = _check_positive_int(what, "epochs", epochs, minimum=0)
     start_epoch = _check_positive_int(what, "start_epoch", start_epoch, minimum=0)
     if start_epoch > epochs:
@@ -288,6 +336,19 @@ def fit(
     else:
         for _ in range(start_epoch):  # replay the permutations of the epochs already done
             rng.permutation(n)
+    if checkpoint is not None:
+        # Everything a checkpoint will hold, checked now rather than after the first epoch: the
+        # destination, and the whole file serialised in memory (JSON-able extras and states).
+        from .checkpoint import check_destination
+
+        checkpoint = check_destination(checkpoint)
+        if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
+            raise TypeError(f"{what}: checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+        if "fit" in (checkpoint_extra or {}):
+            raise ValueError(f"{what}: checkpoint_extra may not hold the key 'fit' (fit stores its "
+                             "own resume state there)")
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, start_epoch, rng, seed, history,
+                         checkpoint_extra, x_train.shape[1:], write=False)
 
     # Batch buffers, reused by every step (a view of the first m rows for the last batch).
     xb_full = np.empty((min(batch_size, n),) + x_train.shape[1:], dtype=x_train.dtype)
@@ -336,6 +397,11 @@ def fit(
                         check = getattr(loss_fn, "validate_targets", None)
                         if check is not None and logits.ndim == 2:
                             check(y_train, logits.shape[1])
+                            if val_data is not None:
+                                try:
+                                    check(val_data[1], logits.shape[1])
+                                except (TypeError, ValueError) as exc:
+                                    raise type(exc)(f"{what} (val_data): {exc}") from exc
                         targets_checked = True
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
@@ -397,7 +463,8 @@ def fit(
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra,
-                     input_shape):
+                     input_shape, write=True):
+    """Save the end-of-epoch checkpoint (``write=False``: only serialise it, as a check)."""
     from . import checkpoint as ckpt
 
     info = {
@@ -407,6 +474,10 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, histor
     }
     payload = dict(extra or {})
     payload["fit"] = info
+    if not write:
+        ckpt._serialise(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                        extra=payload, input_shape=input_shape)
+        return
     ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload,
               input_shape=input_shape)
 

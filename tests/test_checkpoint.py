@@ -353,7 +353,7 @@ def test_optimizer_state_shape_checked(stub, tmp_path, rng):
     opt = _stub_optimizer(rng)
     opt.sd["state"]["1"]["exp_avg"] = np.zeros(4)  # parameter 1 (bias) has shape (3,)
     checkpoint.save(path, stub, opt)
-    with pytest.raises(CheckpointError, match=r"'optimizer.1.exp_avg' has shape \(4,\), parameter 1"):
+    with pytest.raises(CheckpointError, match=r"'optimizer.1.exp_avg' has shape \(4,\)"):
         checkpoint.load(path)
 
 
