@@ -71,6 +71,7 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+_PREDICT_LOCK = threading.RLock()  # Module.predict: see there
 _TREE = {"version": 0}  # bumped whenever a module gains or loses a child: plans are rebuilt
 
 
@@ -234,7 +235,16 @@ class Module:
 
     # -- computation ------------------------------------------------------------------------------
     def __call__(self, x):
-        return self.forward(x)
+        """forward; in training mode on a copy of an array input, returning a copy of an array
+        output: the backward then uses the arrays the forward saw and made, whatever the caller
+        does to its batch buffer or to the result before calling it (issue: silent wrong
+        gradients; numpy arrays have no version counter to detect such edits). Containers run
+        their children's ``forward`` directly: only the outermost call copies."""
+        if not self.training:
+            return self.forward(x)
+        # order="K": a copy in the array's own memory layout (channels-last stays so)
+        y = self.forward(x.copy(order="K") if isinstance(x, np.ndarray) else x)
+        return y.copy(order="K") if isinstance(y, np.ndarray) else y
 
     def forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name}: forward is not implemented")
@@ -282,18 +292,21 @@ class Module:
         x = np.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"{what}: expected a batch of inputs (N, ...), got shape {x.shape}")
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with compute_threads():
-                if x.shape[0] <= batch_size:
-                    return self.forward(x)
-                outs = [self.forward(x[i:i + batch_size])
-                        for i in range(0, x.shape[0], batch_size)]
-                return np.concatenate(outs, axis=0)
-        finally:
-            for m, mode in modes:
-                m.__dict__["training"] = mode
+        # one predict at a time: each saves the train/eval modes and restores them, and a second
+        # thread's would save the first one's eval modes and restore those
+        with _PREDICT_LOCK:
+            modes = [(m, m.training) for m in self.modules()]
+            self.eval()
+            try:
+                with compute_threads():
+                    if x.shape[0] <= batch_size:
+                        return self.forward(x)
+                    outs = [self.forward(x[i:i + batch_size])
+                            for i in range(0, x.shape[0], batch_size)]
+                    return np.concatenate(outs, axis=0)
+            finally:
+                for m, mode in modes:
+                    m.__dict__["training"] = mode
 
     # -- state ------------------------------------------------------------------------------------
     def _state_targets(self):

@@ -61,16 +61,11 @@ def test_two_threads_predicting_with_an_eval_mode_batchnorm_model_match_one_thre
     assert not model.training
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Module.predict saves and restores the train/eval modes per call: with a model in training "
-    "mode, a second thread saves the first one's eval modes, the first restores training mode "
-    "while the second still predicts (BatchNorm then normalises with batch statistics) and the "
-    "model is left in eval mode. The fix belongs in fastcnn/module.py (a lock, or the modes "
-    "counted like threads.one_blas_thread): then this test passes; remove the marker."))
 def test_two_threads_predicting_with_a_training_mode_batchnorm_model(batch):
-    """The interleaving that loses, forced: A predicts; B enters predict while A is inside (B
-    saves A's eval modes); A returns (restoring training mode) before B's forward runs. With a
-    fix that serialises predict, A's wait for B times out and both run one after the other."""
+    """The interleaving that lost before predict was serialised, forced: A predicts; B enters
+    predict while A is inside (B saved A's eval modes); A returns (restoring training mode)
+    before B's forward runs. Serialised, A's wait for B times out and both run one after the
+    other, each in eval mode, and the model is left in training mode."""
     model = models.resnet(8, seed=0)
     model.train()
     x = batch[:64]
