@@ -115,7 +115,10 @@ def start(dtype=np.float32):
     def finish():
         try:
             compile_forward(dtype)
-        finally:
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the helper's work is not wanted
+            helper.kill()
             helper.wait()
+            raise
+        helper.wait()
 
     return finish

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -73,3 +74,31 @@ def test_groups_cover_a_training_step(tmp_path):
 def test_start_does_nothing_when_disabled(monkeypatch):
     monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
     assert precompile.start() is None
+
+
+def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
+    """Ctrl-C (or SIGTERM, or an error) during the parent's half of the compilation stops the
+    helper process at once instead of waiting for its half to finish (about 18 s on a cold
+    cache), and the interrupt goes on to the caller."""
+    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(args, **kwargs):  # a helper that would run for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  **kwargs))
+        return started[-1]
+
+    def interrupted(dtype):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    monkeypatch.setattr(precompile, "compile_forward", interrupted)
+    finish = precompile.start()
+    assert finish is not None and len(started) == 1
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        finish()
+    assert time.monotonic() - t0 < 30  # not the helper's 60 s
+    assert started[0].poll() is not None  # killed and reaped, not left running
