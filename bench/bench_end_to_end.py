@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end benchmark: the reference network, fastcnn against PyTorch, in one run.
+"""End-to-end benchmark: a network of the suite, fastcnn against PyTorch, in one run.
 
     python bench/bench_end_to_end.py                       # GEMM/kernel table + throughput table
     python bench/bench_end_to_end.py --batches 64 128 --threads 2 --repeats 7
@@ -8,9 +8,10 @@
 What it measures (bench/README.md explains how to read each table):
 
 - throughput: images/s of a training step (zero_grad, forward, loss, backward, optimizer step)
-  and of inference (forward in eval mode) of the reference network, for every batch size and
-  thread count asked for, fastcnn and PyTorch (when importable: it is optional, never a
-  dependency) on the same random batch. For each (threads, batch, mode), blocks of steps of the
+  and of inference (forward in eval mode) of the reference network (or ``--network``: any name of
+  ``fastcnn.models.BUILDERS``, on its input shape), for every batch size and thread count asked
+  for, fastcnn and PyTorch (when importable: it is optional, never a dependency) on the same
+  random batch. For each (threads, batch, mode), blocks of steps of the
   two frameworks alternate ``--repeats`` times (the one that goes first alternates too) after a
   warm-up (compilation excluded); the table shows the median images/s of each and their ratio.
 - GEMM and kernels: a float32 numpy matmul measured in this run with the same threads (the
@@ -106,14 +107,28 @@ def conv_flops(c, f, h, w, k, n=KERNEL_BATCH):
 
 
 DATA = {"kind": "random", "network": "reference"}  # set in a worker from --data, --network
+MNIST_SHAPE = (1, 28, 28)
+# --network's choices and each one's (C, H, W) input: fastcnn.models.BUILDERS and INPUT_SHAPES
+# (tests/test_models.py checks they agree; the parent process never imports fastcnn or numba)
+NETWORKS = {"reference": MNIST_SHAPE, "lenet5": MNIST_SHAPE, "resnet8": MNIST_SHAPE,
+            "resnet20": MNIST_SHAPE, "vgg": (3, 32, 32), "allconv": (3, 32, 32)}
 
 
-def random_batch(batch, seed=1234):
-    """The benchmark's input batch: float32 (batch, 1, 28, 28) and int64 labels; standard normal
-    values (``--data random``) or the first ``batch`` MNIST training images (``--data mnist``)."""
+def input_shape():
+    """The (C, H, W) input of the benchmark's network."""
+    return NETWORKS[DATA["network"]]
+
+
+def random_batch(batch, shape=MNIST_SHAPE, seed=1234):
+    """The benchmark's input batch: float32 (batch, *shape) and int64 labels; standard normal
+    values (``--data random``) or the first ``batch`` MNIST training images (``--data mnist``,
+    for networks of MNIST's (1, 28, 28) input only)."""
     import numpy as np
 
     if DATA["kind"] == "mnist":
+        if tuple(shape) != MNIST_SHAPE:
+            raise ValueError(f"--data mnist: the network {DATA['network']!r} takes {tuple(shape)} "
+                             f"inputs, not MNIST's {MNIST_SHAPE}; use --data random")
         import gzip
 
         folder = os.path.join(data_root(), "mnist")
@@ -125,7 +140,7 @@ def random_batch(batch, seed=1234):
         x = np.concatenate([images] * reps)[:batch].astype(np.float32) / np.float32(255)
         return np.ascontiguousarray(x), np.concatenate([labels] * reps)[:batch].astype(np.int64)
     rng = np.random.default_rng(seed + batch)
-    x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+    x = rng.standard_normal((batch,) + tuple(shape), dtype=np.float32)
     y = rng.integers(0, 10, size=batch).astype(np.int64)
     return x, y
 
@@ -146,7 +161,7 @@ def _network(fastcnn):
     predate ``models.BUILDERS``)."""
     if DATA["network"] == "reference":
         return fastcnn.models.reference(seed=0)
-    return fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0)
+    return fastcnn.models.BUILDERS[DATA["network"]](input_shape()[0], 10, 0)
 
 
 class FastcnnRunner:
@@ -160,13 +175,14 @@ class FastcnnRunner:
         self.fastcnn = fastcnn
         self.compute_threads = compute_threads
         self.model = _network(fastcnn)
+        self.input_shape = input_shape()
         self.loss_fn = fastcnn.CrossEntropyLoss()
         self.opt = fastcnn.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.data = {}
 
     def batch(self, b):
         if b not in self.data:
-            self.data[b] = random_batch(b)
+            self.data[b] = random_batch(b, self.input_shape)
         return self.data[b]
 
     def block(self, mode, batch, threads, steps):
@@ -387,12 +403,13 @@ class TorchRunner:
         self.torch = torch
         self.default_threads = torch.get_num_threads()
         torch.manual_seed(0)
+        self.input_shape = input_shape()
         if DATA["network"] != "reference":  # fastcnn's network, copied (weights included)
             sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
             import fastcnn
             from torch_twin import twin
 
-            self.model = twin(fastcnn.models.BUILDERS[DATA["network"]](1, 10, 0), torch).float()
+            self.model = twin(_network(fastcnn), torch).float()
             init_path = None
         else:
             self.model = nn.Sequential(
@@ -422,7 +439,7 @@ class TorchRunner:
 
     def batch(self, b):
         if b not in self.data:
-            x, y = random_batch(b)
+            x, y = random_batch(b, self.input_shape)
             self.data[b] = (self.torch.from_numpy(x), self.torch.from_numpy(y))
         return self.data[b]
 
@@ -1475,7 +1492,7 @@ def parse_args(argv):
     p.add_argument("--kernel-repeats", type=int, default=3, help="interleaved rounds of the kernel table [3]")
     p.add_argument("--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable")
     p.add_argument("--network", default="reference",
-                   choices=("reference", "lenet5", "resnet8", "resnet20"),
+                   choices=tuple(NETWORKS),
                    help="the network of the throughput table (fastcnn.models; PyTorch's copy is "
                    "built by tests/torch_twin.py with the same weights) [reference]")
     p.add_argument("--baseline", metavar="PATH",
@@ -1504,6 +1521,9 @@ def parse_args(argv):
             p.error("--threads must be >= 1")
     if min(args.batches) < 1 or args.repeats < 1:
         p.error("--batches and --repeats must be >= 1")
+    if args.data == "mnist" and NETWORKS[args.network] != MNIST_SHAPE:
+        p.error(f"--data mnist: the network {args.network!r} takes {NETWORKS[args.network]} "
+                f"inputs, not MNIST's {MNIST_SHAPE}; use --data random")
     return args
 
 

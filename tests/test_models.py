@@ -148,3 +148,20 @@ def test_matches_pytorch(build, mode):
         assert sorted(buffers) == sorted(torch_buffers)
         for name, b in buffers.items():
             assert relative_error(b, torch_buffers[name]) <= 1e-12, name
+
+
+def test_benchmark_runs_every_network():
+    """bench/bench_end_to_end.py --network takes every BUILDERS name, on its INPUT_SHAPES input
+    (the benchmark keeps its own copy: its parent process does not import fastcnn)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_end_to_end as bench
+
+    assert bench.NETWORKS == INPUT_SHAPES and sorted(INPUT_SHAPES) == sorted(BUILDERS)
+    for name in BUILDERS:
+        assert bench.parse_args(["--network", name]).network == name
+    with pytest.raises(SystemExit):  # MNIST images do not fit the CIFAR-shaped nets
+        bench.parse_args(["--network", "vgg", "--data", "mnist"])
+    assert bench.parse_args(["--network", "lenet5", "--data", "mnist"]).data == "mnist"
