@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -73,3 +74,32 @@ def test_groups_cover_a_training_step(tmp_path):
 def test_start_does_nothing_when_disabled(monkeypatch):
     monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
     assert precompile.start() is None
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_cache_is_cold_reads_the_index_files(monkeypatch, tmp_path, cold):
+    index = tmp_path / "kernel.nbi"
+    if not cold:
+        index.write_text("x")
+    monkeypatch.setattr(precompile, "_index_paths", lambda: [str(index)])
+    assert precompile.cache_is_cold() is cold
+
+
+def test_cache_is_cold_warns_when_numba_changed(monkeypatch):
+    """numba's private cache layout gone: a RuntimeWarning and False (no helper process)."""
+    def moved():
+        raise AttributeError("'Dispatcher' object has no attribute '_cache'")
+
+    monkeypatch.setattr(precompile, "_index_paths", moved)
+    with pytest.warns(RuntimeWarning, match="cannot read numba's kernel cache.*"
+                      "FASTCNN_NO_PRECOMPILE=1 silences"):
+        assert precompile.cache_is_cold() is False
+    monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precompile.start() is None  # the switch: numba's cache is not even read
+
+
+def test_index_paths_found_with_this_numba():
+    paths = precompile._index_paths()
+    assert len(paths) == 2 and all(p.endswith(".nbi") for p in paths)
