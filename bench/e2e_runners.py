@@ -105,7 +105,11 @@ def _network(fastcnn):
     predate ``models.BUILDERS``)."""
     if DATA["network"] == "reference":
         return fastcnn.models.reference(seed=0)
-    return fastcnn.models.BUILDERS[DATA["network"]](input_shape()[0], 10, 0)
+    builders = getattr(fastcnn.models, "BUILDERS", {})
+    if DATA["network"] not in builders:  # a --baseline checkout older than the network
+        raise ValueError(f"--network {DATA['network']}: the fastcnn at {fastcnn.__file__} has no "
+                         f"such network (its models.BUILDERS: {', '.join(builders) or 'none'})")
+    return builders[DATA["network"]](input_shape()[0], 10, 0)
 
 
 class FastcnnRunner:
