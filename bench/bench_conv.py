@@ -3,6 +3,7 @@ weight gradient and the input gradient (through ``fastcnn.functional``, so each 
 fastcnn picks for its shape), beside numpy's float32 GEMM on the same number of threads.
 
     python bench/bench_conv.py [--threads 2] [--batch 128] [--repeats 30] [--out FILE.md]
+                               [--networks vgg allconv]
 
 Each figure is the fastest of ``--repeats`` calls (on a shared machine the minimum is what the
 kernel can do; the median also measures the neighbours). ``--threads`` sets numba's threads and,
@@ -34,7 +35,16 @@ LAYERS = [
     ("resnet", "32->32", 32, 32, 14, 3, 1, 1),
     ("resnet", "32->64 /2", 32, 64, 14, 3, 2, 1),
     ("resnet", "64->64", 64, 64, 7, 3, 1, 1),
+    ("vgg", "conv1", 3, 32, 32, 3, 1, 1),
+    ("vgg", "conv2", 32, 32, 32, 3, 1, 1),
+    ("vgg", "conv3", 32, 64, 16, 3, 1, 1),
+    ("vgg", "conv4", 64, 64, 16, 3, 1, 1),
+    ("vgg", "conv5", 64, 128, 8, 3, 1, 1),
+    ("allconv", "conv1", 3, 16, 32, 3, 1, 1),
+    ("allconv", "conv2 /2", 16, 32, 32, 3, 2, 1),
+    ("allconv", "conv3 /2", 32, 64, 16, 3, 2, 1),
 ]
+NETWORKS = tuple(dict.fromkeys(row[0] for row in LAYERS))
 
 
 def fastest(fn, repeats):
@@ -81,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", help="also write the table to this markdown file")
+    ap.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
+                    help="only the layers of these networks [all]")
     args = ap.parse_args(argv)
     lines = []
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -97,6 +109,8 @@ def main(argv=None):
         lines.append("| network | layer | C -> F, H, k, stride | forward | weight grad | input grad |")
         lines.append("|---|---|---|---:|---:|---:|")
         for net, name, c, f, h, k, s, p in LAYERS:
+            if net not in args.networks:
+                continue
             r = layer_rates(c, f, h, k, s, p, args.batch, args.repeats)
             cells = " | ".join(f"{r[key]:.0f} ({100 * r[key] / gemm:.0f}%)"
                                for key in ("forward", "weight grad", "input grad"))

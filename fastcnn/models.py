@@ -1,8 +1,10 @@
-"""Ready-made networks: the reference MNIST network, LeNet-5 and the CIFAR-style ResNets.
+"""Ready-made networks: the reference MNIST network, LeNet-5, the CIFAR-style ResNets, a
+VGG-style CIFAR net and an all-convolutional net.
 
 Each takes ``seed`` (one generator initialises the layers in construction order, PyTorch's
-default initialisation) and ``dtype``. ``BUILDERS`` maps the names ``fastcnn train --model``
-accepts to a function of ``(in_channels, num_classes, seed)``.
+default initialisation) and ``dtype``. ``BUILDERS`` maps a name (those ``fastcnn train --model``
+accepts, and the benchmark's networks) to a function of ``(in_channels, num_classes, seed)``;
+``INPUT_SHAPES`` gives the (C, H, W) input each of them is built for.
 """
 import numpy as np
 
@@ -10,7 +12,7 @@ from .containers import Residual, Sequential
 from .layers import (AvgPool2D, BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D,
                      ReLU, Tanh)
 
-__all__ = ["reference", "lenet5", "resnet", "BUILDERS"]
+__all__ = ["reference", "lenet5", "resnet", "vgg_cifar", "allconv", "BUILDERS", "INPUT_SHAPES"]
 
 
 def reference(seed=0, dtype=np.float32):
@@ -84,9 +86,55 @@ def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
     return Sequential(modules)
 
 
+def vgg_cifar(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
+    """A VGG-style net for (N, C, 32, 32) inputs (666,858 parameters for CIFAR-10): five
+    Conv2D(3x3, padding 1)-BatchNorm2D-ReLU at 32, 32, 64, 64 and 128 channels with a
+    MaxPool2D(2) after the 2nd, 4th and 5th (32x32 -> 16x16 -> 8x8 -> 4x4), Flatten,
+    Dense(2048,256) ReLU Dense(256,num_classes). The Flatten takes the (128, 4, 4) feature maps in
+    NCHW order (feature c*16 + h*4 + w, as PyTorch's flatten), hence 128*4*4 = 2048 inputs.
+    Convolutions have no bias (the BatchNorm after each has one)."""
+    rng = np.random.default_rng(seed)
+    modules, c_in = [], in_channels
+    for width, pool in ((32, False), (32, True), (64, False), (64, True), (128, True)):
+        modules += _conv_bn(c_in, width, 3, 1, dtype, rng) + [ReLU()]
+        if pool:
+            modules.append(MaxPool2D(2))
+        c_in = width
+    modules += [Flatten(),
+                Dense(128 * 4 * 4, 256, dtype=dtype, rng=rng), ReLU(),
+                Dense(256, num_classes, dtype=dtype, rng=rng)]
+    return Sequential(modules)
+
+
+def allconv(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
+    """An all-convolutional net for (N, C, 32, 32) inputs (24,346 parameters for CIFAR-10):
+    Conv2D(C,16,3,padding 1)-BatchNorm2D-ReLU at 32x32, Conv2D(16,32,3,stride 2,padding 1)-BN-ReLU
+    (-> 16x16), Conv2D(32,64,3,stride 2,padding 1)-BN-ReLU (-> 8x8), AvgPool2D(8) (-> 64x1x1),
+    Flatten, Dense(64,num_classes). Convolutions have no bias (the BatchNorm after each has one)."""
+    rng = np.random.default_rng(seed)
+    modules = []
+    for c_in, c_out, stride in ((in_channels, 16, 1), (16, 32, 2), (32, 64, 2)):
+        modules += _conv_bn(c_in, c_out, 3, stride, dtype, rng) + [ReLU()]
+    modules += [AvgPool2D(8), Flatten(), Dense(64, num_classes, dtype=dtype, rng=rng)]
+    return Sequential(modules)
+
+
 BUILDERS = {
     "reference": lambda in_channels, num_classes, seed: reference(seed=seed),
     "lenet5": lambda in_channels, num_classes, seed: lenet5(in_channels, num_classes, seed),
     "resnet8": lambda in_channels, num_classes, seed: resnet(8, in_channels, num_classes, seed),
     "resnet20": lambda in_channels, num_classes, seed: resnet(20, in_channels, num_classes, seed),
+    "vgg": lambda in_channels, num_classes, seed: vgg_cifar(in_channels, num_classes, seed),
+    "allconv": lambda in_channels, num_classes, seed: allconv(in_channels, num_classes, seed),
+}
+
+# The (C, H, W) input each network of BUILDERS is built for: the Dense layers of the reference
+# network, LeNet-5 and the VGG-style net fix H and W; the ResNets pool globally (any size fits).
+INPUT_SHAPES = {
+    "reference": (1, 28, 28),
+    "lenet5": (1, 28, 28),
+    "resnet8": (1, 28, 28),
+    "resnet20": (1, 28, 28),
+    "vgg": (3, 32, 32),
+    "allconv": (3, 32, 32),
 }

@@ -20,6 +20,7 @@ work is lost and this process compiles what it needs itself: slower, never wrong
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 
@@ -79,19 +80,26 @@ def compile_backward(dtype=np.float32):
                                           w, 1, 1, 0, 0, 1, 1, 4, 4, dx)
 
 
-def cache_is_cold():
-    """True when the kernels compile_backward compiles have nothing in numba's cache yet."""
-    try:
-        from .kernels import fused
+def _index_paths():
+    """The files numba's cache keeps the index of compile_backward's kernels in."""
+    from .kernels import fused
 
-        for kernel in (fused.maxpool2d_conv2d_backward_weight_dense,
-                       fused.maxpool2d_conv2d_backward_input):
-            index = kernel._cache._cache_file._index_path  # numba internals: guarded
-            if not os.path.exists(index):
-                return True
+    kernels = (fused.maxpool2d_conv2d_backward_weight_dense, fused.maxpool2d_conv2d_backward_input)
+    return [k._cache._cache_file._index_path for k in kernels]  # numba's private cache layout
+
+
+def cache_is_cold():
+    """True when the kernels compile_backward compiles have nothing in numba's cache yet.
+    False, with a ``RuntimeWarning``, when numba's cache internals look different: then the
+    first run compiles everything in this process (slower, never wrong)."""
+    try:
+        paths = _index_paths()
+    except AttributeError as e:
+        warnings.warn(f"fastcnn: cannot read numba's kernel cache ({e}): a first run compiles "
+                      "every kernel in one process; FASTCNN_NO_PRECOMPILE=1 silences this warning",
+                      RuntimeWarning, stacklevel=2)
         return False
-    except Exception:  # another numba version: do nothing special
-        return False
+    return not all(os.path.exists(p) for p in paths)
 
 
 def start(dtype=np.float32):

@@ -6,13 +6,18 @@ trusts its inputs: shapes and dtypes are checked in ``fastcnn.functional``, neve
 Numba keys each cached kernel on its own source file only (its modification time and size).
 The convolution kernels inline the tiles of gemm_tile.py: edit that file alone and conv2d.py's
 cached kernels would still load with the old tiles, silently. So on import the sources of this
-folder are hashed, and numba's cache files of its modules are dropped when the hash changes.
+folder are hashed, and numba's cache files of its modules are dropped when the hash changes
+(``FASTCNN_DROP_STALE_CACHE=0`` turns that off; numba's cache folder is found through numba's
+private cache locators: if they changed, a ``RuntimeWarning`` says so and nothing is dropped).
 
-Importing the package also makes numba skip the wrappers it builds around a parallel loop
-(optimised and compiled, never run): ``_parfor_link_only``.
+Importing the package imports every kernel module and makes their kernels skip, while they
+compile, the machine code of the wrappers numba builds around a parallel loop (never run):
+``_parfor_link_only``, scoped to fastcnn's own compilations.
 """
 import hashlib
+import importlib
 import os
+import warnings
 
 
 def drop_stale_cache(source_dir, cache_dir):
@@ -54,23 +59,39 @@ def _cache_dir():
     """The folder numba caches this package's kernels in (numba's own choice of locator)."""
     from numba.core.caching import CacheImpl
 
-    for locator in CacheImpl._locator_classes:  # numba internals: the caller guards
+    for locator in CacheImpl._locator_classes:  # numba internals: the caller warns if they moved
         found = locator.from_function(_cache_dir, __file__)
         if found is not None:
             return found.get_cache_path()
     return None
 
 
-try:
-    _dir = _cache_dir()
-    if _dir is not None:
-        drop_stale_cache(os.path.dirname(os.path.abspath(__file__)), _dir)
-except Exception:  # best effort: a read-only or unusual cache must never stop the import
-    pass
+def _drop_stale_cache():
+    """Stale kernels never load: what an edit of an inlined helper (gemm_tile.py) needs."""
+    if os.environ.get("FASTCNN_DROP_STALE_CACHE", "1") == "0":
+        return
+    try:
+        folder = _cache_dir()
+    except (ImportError, AttributeError, TypeError) as e:  # numba's caching internals changed
+        warnings.warn(f"fastcnn: cannot find numba's cache folder ({e!r}): cached kernels are not "
+                      "checked against the sources of fastcnn.kernels (after editing "
+                      "gemm_tile.py, clear the cache by hand); FASTCNN_DROP_STALE_CACHE=0 "
+                      "silences this warning", RuntimeWarning, stacklevel=2)
+        return
+    if folder is None:
+        return  # numba caches nothing here (no writable folder): nothing stale can load
+    try:
+        drop_stale_cache(os.path.dirname(os.path.abspath(__file__)), folder)
+    except OSError:
+        pass  # best effort: a cache folder we cannot write must never stop the import
 
-try:
-    from . import _parfor_link_only
 
-    _parfor_link_only.install()
-except Exception:  # numba's internals changed: compile as numba does
-    pass
+_drop_stale_cache()
+
+_KERNEL_MODULES = [importlib.import_module(f"{__name__}.{n[:-3]}")
+                   for n in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__))))
+                   if n.endswith(".py") and not n.startswith("_")]
+
+from . import _parfor_link_only  # noqa: E402
+
+_parfor_link_only.install(_KERNEL_MODULES)

@@ -1,5 +1,6 @@
-"""Compile time: numba's two wrapper libraries around a parallel loop are never run, so they
-are neither optimised nor turned into machine code.
+"""Buys about a tenth of a cold compilation's CPU time: while one of fastcnn's own kernels
+compiles, numba's two wrapper libraries around a parallel loop (never run) are linked into the
+kernel without being optimised or turned into machine code of their own.
 
 For every ``prange`` loop numba 0.68 compiles the loop body into a gufunc, then builds two
 wrapper libraries around it (``_GufuncWrapper``, ``parallelgufuncwrapper``) and links the last
@@ -9,22 +10,29 @@ every helper it calls. Only the kernel's library is ever executed or cached; the
 exist to be linked (numba builds them with ``is_parfors=True``: no pointer to them is taken,
 no cache entry made). So, while numba builds them, the libraries it creates are marked *link
 only*: ``finalize`` still links their dependencies and verifies them, and the kernel's library
-then optimises and compiles their code once, as part of its own.
+then optimises and compiles their code once, as part of its own. The kernels give bitwise the
+same results at the same speed (docs/environment.md has the measurement).
 
-The kernels give bitwise the same results at the same speed, and compile faster (the
-measurement is in docs/environment.md). Skipping the optimisation of the gufunc library too
-made a kernel slower: not done.
-
-Applied only where it was tested (numba 0.68) and where numba's internals look as expected;
-anything else leaves numba untouched. ``FASTCNN_NUMBA_LINK_ONLY=0`` turns it off.
+Scope: numba's classes are patched only while a kernel of fastcnn compiles (``patched``, entered
+by the ``compile`` method that ``scope`` gives each of fastcnn's dispatchers, under numba's
+compiler lock so no other thread compiles meanwhile) and restored as they were right after.
+Any other numba code in the process, before, after or between fastcnn's compilations, compiles
+as numba does. ``FASTCNN_NUMBA_LINK_ONLY=0`` turns it off; on a numba version it was not tested
+on, or whose internals look different, it stays off and says so in a ``RuntimeWarning``.
 """
+import contextlib
 import functools
 import os
 import threading
+import warnings
 
 _TESTED = ((0, 68),)
-_state = threading.local()
-installed = False
+_LIBRARY_METHODS = ("__init__", "_optimize_final_module", "_finalize_final_module")
+_MISSING = object()
+_state = threading.local()  # .building: numba is building a parallel loop's wrappers
+_saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
+_depth = 0  # nesting of ``patched`` (a kernel's compilation compiles the kernels it calls)
+installed = False  # fastcnn's dispatchers compile under ``patched``
 
 
 def _version(numba):
@@ -34,27 +42,37 @@ def _version(numba):
         return None
 
 
-def install():
-    """Patch numba (once, idempotent); returns True when the patch is active."""
-    global installed
-    if installed:
-        return True
-    if os.environ.get("FASTCNN_NUMBA_LINK_ONLY", "1") == "0":
-        return False
+def _unusable():
+    """Why the patch cannot apply to the numba installed (a sentence), or None when it can."""
     try:
         import numba
         from numba.core import codegen
+        from numba.core.compiler_lock import global_compiler_lock  # noqa: F401
         from numba.np.ufunc import parallel
-    except ImportError:
-        return False
+    except ImportError as e:
+        return f"numba's modules moved ({e})"
+    if _version(numba) not in _TESTED:
+        tested = ", ".join(".".join(map(str, v)) for v in _TESTED)
+        return f"numba {numba.__version__} is not a version it was tested on ({tested})"
     lib = codegen.CPUCodeLibrary
-    needed = ("__init__", "_optimize_final_module", "_finalize_final_module",
-              "_finalize_dynamic_globals")
-    if (_version(numba) not in _TESTED or not all(hasattr(lib, n) for n in needed)
-            or not hasattr(parallel, "build_gufunc_wrapper")):
-        return False
+    missing = [n for n in _LIBRARY_METHODS + ("_finalize_dynamic_globals",) if not hasattr(lib, n)]
+    if not hasattr(parallel, "build_gufunc_wrapper"):
+        missing.append("numba.np.ufunc.parallel.build_gufunc_wrapper")
+    if missing:
+        return f"numba {numba.__version__} lacks {', '.join(missing)}"
+    return None
 
-    init, optimize, finalize = lib.__init__, lib._optimize_final_module, lib._finalize_final_module
+
+def _apply():
+    """Replace numba's methods by the link-only ones, keeping numba's own to restore."""
+    global _saved
+    from numba.core import codegen
+    from numba.np.ufunc import parallel
+
+    lib = codegen.CPUCodeLibrary
+    _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
+    _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
+    init, optimize, finalize = (getattr(lib, n) for n in _LIBRARY_METHODS)
     build = parallel.build_gufunc_wrapper
 
     @functools.wraps(init)
@@ -88,5 +106,74 @@ def install():
     lib._optimize_final_module = _optimize_final_module
     lib._finalize_final_module = _finalize_final_module
     parallel.build_gufunc_wrapper = build_gufunc_wrapper
+
+
+def _restore():
+    global _saved
+    for owner, name, value in reversed(_saved):
+        if value is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+    _saved = None
+
+
+@contextlib.contextmanager
+def patched():
+    """numba patched for the duration (reentrant), under numba's compiler lock: no other
+    thread compiles while it is; numba's attributes are put back as they were on exit."""
+    global _depth
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        if _depth == 0:
+            _apply()
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+            if _depth == 0:
+                _restore()
+
+
+def scope(dispatcher):
+    """Make ``dispatcher`` (a numba ``@njit`` function) compile under ``patched``: its own
+    ``compile`` attribute wraps its class's, which every compilation and cache load of it goes
+    through (numba's ``_compile_for_args`` and the typing of calls from other kernels). numba's
+    classes are not touched. Idempotent; returns ``dispatcher``."""
+    compile_ = dispatcher.compile
+    if getattr(compile_, "_fastcnn_link_only", False):
+        return dispatcher
+
+    @functools.wraps(compile_)
+    def compile(sig):
+        with patched():
+            return compile_(sig)
+
+    compile._fastcnn_link_only = True
+    dispatcher.compile = compile
+    return dispatcher
+
+
+def install(modules):
+    """Scope every numba dispatcher defined in ``modules`` (fastcnn's kernels); returns True
+    when they compile link-only. ``FASTCNN_NUMBA_LINK_ONLY=0``: nothing done, False; a numba
+    that does not fit: a ``RuntimeWarning`` that says why, nothing done, False."""
+    global installed
+    if os.environ.get("FASTCNN_NUMBA_LINK_ONLY", "1") == "0":
+        return False
+    why = _unusable()
+    if why is not None:
+        warnings.warn(f"fastcnn: kernels compile as numba does (slower to start): {why}; "
+                      "FASTCNN_NUMBA_LINK_ONLY=0 silences this warning", RuntimeWarning,
+                      stacklevel=2)
+        return False
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in list(vars(module).values()):
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__:
+                scope(obj)
     installed = True
     return True

@@ -44,3 +44,33 @@ def test_missing_cache_folder_is_created(tmp_path):
     _write(src / "pool2d.py", "")
     assert drop_stale_cache(str(src), str(tmp_path / "new")) == 0
     assert (tmp_path / "new" / "fastcnn-kernels.sha256").exists()
+
+
+def test_warns_when_numba_cache_internals_changed(monkeypatch):
+    """numba's private cache locators gone: a RuntimeWarning, not a silent skip; and the check
+    can be switched off (then numba is not asked at all)."""
+    import warnings
+
+    import pytest
+
+    from fastcnn import kernels
+
+    def moved():
+        raise AttributeError("type object 'CacheImpl' has no attribute '_locator_classes'")
+
+    monkeypatch.setattr(kernels, "_cache_dir", moved)
+    monkeypatch.delenv("FASTCNN_DROP_STALE_CACHE", raising=False)
+    with pytest.warns(RuntimeWarning, match="cannot find numba's cache folder.*"
+                      "FASTCNN_DROP_STALE_CACHE=0 silences"):
+        kernels._drop_stale_cache()
+    monkeypatch.setenv("FASTCNN_DROP_STALE_CACHE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels._drop_stale_cache()
+
+
+def test_cache_folder_found_with_this_numba():
+    from fastcnn import kernels
+
+    folder = kernels._cache_dir()
+    assert folder is not None and os.path.isfile(os.path.join(folder, "fastcnn-kernels.sha256"))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
@@ -102,3 +103,32 @@ def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
         finish()
     assert time.monotonic() - t0 < 30  # not the helper's 60 s
     assert started[0].poll() is not None  # killed and reaped, not left running
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_cache_is_cold_reads_the_index_files(monkeypatch, tmp_path, cold):
+    index = tmp_path / "kernel.nbi"
+    if not cold:
+        index.write_text("x")
+    monkeypatch.setattr(precompile, "_index_paths", lambda: [str(index)])
+    assert precompile.cache_is_cold() is cold
+
+
+def test_cache_is_cold_warns_when_numba_changed(monkeypatch):
+    """numba's private cache layout gone: a RuntimeWarning and False (no helper process)."""
+    def moved():
+        raise AttributeError("'Dispatcher' object has no attribute '_cache'")
+
+    monkeypatch.setattr(precompile, "_index_paths", moved)
+    with pytest.warns(RuntimeWarning, match="cannot read numba's kernel cache.*"
+                      "FASTCNN_NO_PRECOMPILE=1 silences"):
+        assert precompile.cache_is_cold() is False
+    monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precompile.start() is None  # the switch: numba's cache is not even read
+
+
+def test_index_paths_found_with_this_numba():
+    paths = precompile._index_paths()
+    assert len(paths) == 2 and all(p.endswith(".nbi") for p in paths)
