@@ -67,9 +67,20 @@ import sys
 import tempfile
 
 import results_file
-from e2e_measure import (CONTENTION, PEER, close_workers, epoch_table, interference_table,
-                         kernel_tables, memory_table, profile_table, start_workers, startup_table,
-                         throughput_table, torch_available)
+from e2e_measure import (
+    CONTENTION,
+    PEER,
+    close_workers,
+    epoch_table,
+    interference_table,
+    kernel_tables,
+    memory_table,
+    profile_table,
+    start_workers,
+    startup_table,
+    throughput_table,
+    torch_available,
+)
 from e2e_report import loadavg, print_header, print_targets
 from e2e_runners import DATA, MNIST_SHAPE, NETWORKS, TUNED_MALLOC, memory_child, worker_main
 

@@ -15,9 +15,20 @@ import tempfile
 import time
 
 from e2e_report import describe_workers, fmt_faults, fmt_rate, ratio_range
-from e2e_runners import (CONVS, DATA, KERNEL_BATCH, PROTOCOL, REPO, SCRIPT, SQUARE, TUNED_MALLOC,
-                         conv_flops, conv_gemm_shapes, data_root, median)
-
+from e2e_runners import (
+    CONVS,
+    DATA,
+    KERNEL_BATCH,
+    PROTOCOL,
+    REPO,
+    SCRIPT,
+    SQUARE,
+    TUNED_MALLOC,
+    conv_flops,
+    conv_gemm_shapes,
+    data_root,
+    median,
+)
 
 # =============================================================================================
 # parent side
@@ -259,7 +270,7 @@ def throughput_table(args, env, with_torch, init):
     fws = ["fastcnn"] + (["torch"] if with_torch else [])
     envs = malloc_envs(args, env)
     print()
-    print("## Throughput (images/s, median of {} alternating blocks per framework)".format(args.repeats))
+    print(f"## Throughput (images/s, median of {args.repeats} alternating blocks per framework)")
     print()
     results = {label: [] for label in envs}
     for threads in args.threads:
@@ -314,8 +325,8 @@ def throughput_table(args, env, with_torch, init):
 def kernel_tables(args, workers):
     calls = args.kernel_calls
     print()
-    print("## GEMM rate and conv kernels (float32, batch {}, median of {} calls, {} rounds "
-          "interleaved)".format(KERNEL_BATCH, calls, args.kernel_repeats))
+    print(f"## GEMM rate and conv kernels (float32, batch {KERNEL_BATCH}, median of {calls} calls, {args.kernel_repeats} rounds "
+          "interleaved)")
     rows = {}
     for threads in args.threads:
         gemm, kern, tkern = [], [], []

@@ -12,7 +12,6 @@ import sys
 import time
 import traceback
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "bench_end_to_end.py")  # the entry point: workers and children run it
 REPO = os.path.dirname(HERE)
@@ -172,6 +171,7 @@ class FastcnnRunner:
     def gemm(self, threads, calls):
         """Seconds per float32 numpy matmul at each shape, the BLAS at ``threads`` threads."""
         import numpy as np
+
         from fastcnn.threads import blas_limits
 
         shapes = {"square": (SQUARE, SQUARE, SQUARE)}
@@ -200,6 +200,7 @@ class FastcnnRunner:
     def kernels(self, threads, calls):
         """Seconds per call of fastcnn's conv kernels at the reference shapes (batch 64)."""
         import numpy as np
+
         from fastcnn.kernels import conv2d as kconv
         from fastcnn.kernels import fused as kfused
         from fastcnn.kernels import pool2d as kpool

@@ -13,9 +13,9 @@ import pytest
 
 import numpy_ops
 from conftest import torch
-from fastcnn.kernels import conv2d as kconv
 from fastcnn.kernels import activations as kact
 from fastcnn.kernels import batchnorm as kbn
+from fastcnn.kernels import conv2d as kconv
 from fastcnn.kernels import pool2d as kpool
 from naive import activations as naive_act
 from naive import batchnorm as naive_bn

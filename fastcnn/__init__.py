@@ -34,8 +34,8 @@ from .layers import (  # noqa: E402
 from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
 from .model import from_config  # noqa: E402
 from .module import Module, Parameter, module_from_config, register_module  # noqa: E402
-from .plan import fusion, set_fusion  # noqa: E402
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, OneCycleLR, StepLR  # noqa: E402
+from .plan import fusion, set_fusion  # noqa: E402
 from .threads import set_num_threads  # noqa: E402
 from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
 

@@ -9,8 +9,17 @@ accepts, and the benchmark's networks) to a function of ``(in_channels, num_clas
 import numpy as np
 
 from .containers import Residual, Sequential
-from .layers import (AvgPool2D, BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, MaxPool2D,
-                     ReLU, Tanh)
+from .layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    ReLU,
+    Tanh,
+)
 
 __all__ = ["reference", "lenet5", "resnet", "vgg_cifar", "allconv", "BUILDERS", "INPUT_SHAPES"]
 

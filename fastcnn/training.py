@@ -86,7 +86,7 @@ class History:
         return {key: list(getattr(self, key)) for key in self.KEYS}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "History":
+    def from_dict(cls, data: dict) -> History:
         history = cls()
         lengths = {len(data.get(key, [])) for key in cls.KEYS}
         if len(lengths) != 1:

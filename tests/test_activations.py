@@ -11,8 +11,6 @@ from naive import activations as naive
 from speedup import speedup
 
 
-
-
 def relu_fwd(x):
     y = np.full(x.shape, 7.0, dtype=x.dtype)  # garbage: every element must be written
     K.relu_forward(x.reshape(-1), y.reshape(-1))

@@ -12,7 +12,6 @@ from gradcheck import assert_gradient, relative_error
 from naive import batchnorm as naive
 from speedup import speedup
 
-
 # ---------------------------------------------------------------- calling the kernels
 # Two families: the NCHW kernels, and the channels-last ones (``*_nhwc``), which take an
 # (N, C, H, W) activation stored NHWC as its (N*H*W, C) matrix of pixels. Every test runs both.

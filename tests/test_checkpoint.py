@@ -11,7 +11,6 @@ from fastcnn import checkpoint, layers, models, optim
 from fastcnn import model as model_mod
 from fastcnn.checkpoint import CheckpointError
 
-
 # ---------------------------------------------------------------------------------------------
 # A stand-in model with the contract's interface, to test the container without the framework.
 

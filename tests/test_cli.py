@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import data_dir
 
+from conftest import data_dir
 from fastcnn import checkpoint
 from fastcnn.cli import main
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import safetensors.numpy as st
-from conftest import data_dir
 
+from conftest import data_dir
 from fastcnn import checkpoint, models
 from fastcnn.cli import main
 

@@ -9,10 +9,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fastcnn.kernels.conv2d import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from fastcnn.threads import threads
 from gradcheck import assert_gradient, relative_error
 from naive.conv2d import conv2d_backward as naive_backward
 from naive.conv2d import conv2d_forward as naive_forward
-from fastcnn.threads import threads
 from speedup import speedup
 
 F64_TOL = 1e-10

@@ -14,11 +14,17 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import data_dir
 
+from conftest import data_dir
 from fastcnn import datasets
-from fastcnn.datasets import (ChecksumError, DatasetFileError, DatasetNotFoundError, DownloadError,
-                              read_idx_images, read_idx_labels)
+from fastcnn.datasets import (
+    ChecksumError,
+    DatasetFileError,
+    DatasetNotFoundError,
+    DownloadError,
+    read_idx_images,
+    read_idx_labels,
+)
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

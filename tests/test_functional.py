@@ -5,7 +5,8 @@ import importlib
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastcnn import functional as F
 from gradcheck import relative_error

@@ -12,6 +12,7 @@ from fastcnn import models
 from fastcnn.layers import Dense, Sigmoid
 from fastcnn.model import Sequential
 
+
 def gradients(model, x, edit=None):
     out = model(x)
     dy = np.full_like(out, 1.0 / out.size)

@@ -16,8 +16,7 @@ from numba.np.ufunc import parallel
 
 import fastcnn
 import fastcnn.kernels  # noqa: F401  (scopes the kernels)
-from fastcnn.kernels import _parfor_link_only
-from fastcnn.kernels import activations
+from fastcnn.kernels import _parfor_link_only, activations
 
 _TESTED = _parfor_link_only._version(numba) in _parfor_link_only._TESTED
 _needs_tested_numba = pytest.mark.skipif(

@@ -10,9 +10,6 @@ from gradcheck import assert_gradient, relative_error
 from naive import pool2d as naive
 from speedup import speedup
 
-
-
-
 # --- calling the kernels the way fastcnn.functional does -------------------------------------
 
 def out_size(size, k, s, before, after):

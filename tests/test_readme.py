@@ -4,9 +4,9 @@ import re
 
 import numpy as np
 import pytest
-from conftest import data_dir
 
 import fastcnn
+from conftest import data_dir
 
 README = __file__.rsplit("/tests/", 1)[0] + "/README.md"
 

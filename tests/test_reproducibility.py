@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import data_dir
 
+from conftest import data_dir
 from fastcnn import checkpoint, datasets, layers, models, threads
 from fastcnn.losses import CrossEntropyLoss
 from fastcnn.model import Sequential

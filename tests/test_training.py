@@ -5,9 +5,9 @@ import time
 import numba
 import numpy as np
 import pytest
-from conftest import data_dir
 from threadpoolctl import threadpool_info
 
+from conftest import data_dir
 from fastcnn import checkpoint, threads
 from fastcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from fastcnn.losses import CrossEntropyLoss
