@@ -10,6 +10,7 @@ processes, as a user's first run); the two settings alternate (the one that goes
 alternates too). CPU seconds (user + system of the processes) are the figure to compare on a
 shared machine: wall time also measures the neighbours.
 """
+
 import argparse
 import os
 import resource
@@ -31,17 +32,37 @@ def data_root():
 def command(train):
     if not train:
         return [sys.executable, "-c", CODE]
-    return [sys.executable, "-m", "fastcnn", "train", "--epochs", "1", "--limit", "64",
-            "--batch-size", "64", "--val-split", "0", "--no-progress", "--data-dir", data_root(),
-            "--no-download"]
+    return [
+        sys.executable,
+        "-m",
+        "fastcnn",
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--batch-size",
+        "64",
+        "--val-split",
+        "0",
+        "--no-progress",
+        "--data-dir",
+        data_root(),
+        "--no-download",
+    ]
 
 
 def cold_run(link_only, train=False):
     """(CPU seconds, wall seconds) of one compile from an empty cache."""
     cache = tempfile.mkdtemp(prefix="fastcnn-cold-")
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache, FASTCNN_NUMBA_LINK_ONLY=link_only,
-               PYTHONPATH=os.pathsep.join([REPO] + ([os.environ["PYTHONPATH"]]
-                                                    if os.environ.get("PYTHONPATH") else [])))
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=cache,
+        FASTCNN_NUMBA_LINK_ONLY=link_only,
+        PYTHONPATH=os.pathsep.join(
+            [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        ),
+    )
     try:
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
@@ -56,8 +77,11 @@ def cold_run(link_only, train=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per setting [3]")
-    ap.add_argument("--train", action="store_true",
-                    help="time a first `fastcnn train` (one batch) instead of compile_backward")
+    ap.add_argument(
+        "--train",
+        action="store_true",
+        help="time a first `fastcnn train` (one batch) instead of compile_backward",
+    )
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
@@ -66,11 +90,16 @@ def main(argv=None):
         for flag in ("1", "0") if i % 2 == 0 else ("0", "1"):
             cpu, wall = cold_run(flag, args.train)
             results[flag].append((cpu, wall))
-            print(f"FASTCNN_NUMBA_LINK_ONLY={flag}: {cpu:.2f} s CPU, {wall:.2f} s wall "
-                  f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"FASTCNN_NUMBA_LINK_ONLY={flag}: {cpu:.2f} s CPU, {wall:.2f} s wall "
+                f"(load average {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
     for flag, runs in results.items():
-        print(f"FASTCNN_NUMBA_LINK_ONLY={flag}: median {statistics.median(c for c, _ in runs):.2f} s "
-              f"CPU, {statistics.median(w for _, w in runs):.2f} s wall over {len(runs)} runs")
+        print(
+            f"FASTCNN_NUMBA_LINK_ONLY={flag}: median {statistics.median(c for c, _ in runs):.2f} s "
+            f"CPU, {statistics.median(w for _, w in runs):.2f} s wall over {len(runs)} runs"
+        )
     return 0
 
 

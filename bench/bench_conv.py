@@ -9,6 +9,7 @@ Each figure is the fastest of ``--repeats`` calls (on a shared machine the minim
 kernel can do; the median also measures the neighbours). ``--threads`` sets numba's threads and,
 for the GEMM row only, the BLAS's (threadpoolctl, restored afterwards).
 """
+
 import argparse
 import os
 import platform
@@ -75,12 +76,15 @@ def layer_rates(c, f, h, k, stride, padding, batch, repeats):
     flops = 2 * y.size * c * k * k
     times = {
         "forward": fastest(lambda: F.conv2d_forward(x, w, b, stride, padding), repeats),
-        "weight grad": fastest(lambda: F.conv2d_backward(x, w, dy, stride, padding,
-                                                         input_grad=False), repeats),
+        "weight grad": fastest(
+            lambda: F.conv2d_backward(x, w, dy, stride, padding, input_grad=False), repeats
+        ),
         "both grads": fastest(lambda: F.conv2d_backward(x, w, dy, stride, padding), repeats),
     }
-    rates = {"forward": flops / times["forward"] / 1e9,
-             "weight grad": flops / times["weight grad"] / 1e9}
+    rates = {
+        "forward": flops / times["forward"] / 1e9,
+        "weight grad": flops / times["weight grad"] / 1e9,
+    }
     rates["input grad"] = flops / max(times["both grads"] - times["weight grad"], 1e-9) / 1e9
     return rates
 
@@ -91,29 +95,46 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", help="also write the table to this markdown file")
-    ap.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
-                    help="only the layers of these networks [all]")
+    ap.add_argument(
+        "--networks",
+        nargs="+",
+        choices=NETWORKS,
+        default=list(NETWORKS),
+        help="only the layers of these networks [all]",
+    )
     args = ap.parse_args(argv)
     lines = []
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip()
     with threads(args.threads):
         gemm = gemm_rate(args.threads, args.repeats)
-        lines.append(f"# Convolution layers, GFLOP/s (fastest of {args.repeats} calls), float32, "
-                     f"batch {args.batch}, {args.threads} threads")
+        lines.append(
+            f"# Convolution layers, GFLOP/s (fastest of {args.repeats} calls), float32, "
+            f"batch {args.batch}, {args.threads} threads"
+        )
         lines.append("")
-        lines.append(f"`python bench/bench_conv.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-                     f" at git {rev}, {platform.processor() or platform.machine()}; numpy "
-                     f"float32 GEMM 1024^3 on the same threads: {gemm:.0f} GFLOP/s.")
+        lines.append(
+            f"`python bench/bench_conv.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+            f" at git {rev}, {platform.processor() or platform.machine()}; numpy "
+            f"float32 GEMM 1024^3 on the same threads: {gemm:.0f} GFLOP/s."
+        )
         lines.append("")
-        lines.append("| network | layer | C -> F, H, k, stride | forward | weight grad | input grad |")
+        lines.append(
+            "| network | layer | C -> F, H, k, stride | forward | weight grad | input grad |"
+        )
         lines.append("|---|---|---|---:|---:|---:|")
         for net, name, c, f, h, k, s, p in LAYERS:
             if net not in args.networks:
                 continue
             r = layer_rates(c, f, h, k, s, p, args.batch, args.repeats)
-            cells = " | ".join(f"{r[key]:.0f} ({100 * r[key] / gemm:.0f}%)"
-                               for key in ("forward", "weight grad", "input grad"))
+            cells = " | ".join(
+                f"{r[key]:.0f} ({100 * r[key] / gemm:.0f}%)"
+                for key in ("forward", "weight grad", "input grad")
+            )
             lines.append(f"| {net} | {name} | {c} -> {f}, {h}, {k}x{k}, {s} | {cells} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -57,6 +57,7 @@ How the measurement is kept honest on a small shared machine:
   ``--max-other-load`` cores (plus the cores the block leaves idle) is retried after waiting for
   a quiet moment; blocks kept busy after ``--attempts`` are marked ``*``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,57 +90,126 @@ DEFAULT_BATCHES = [32, 64, 128, 256]
 
 # -- main --------------------------------------------------------------------------------------
 
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES, help="batch sizes [32 64 128 256]")
-    p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts [1 2 (up to the cores)]")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=DEFAULT_BATCHES,
+        help="batch sizes [32 64 128 256]",
+    )
+    p.add_argument(
+        "--threads", type=int, nargs="+", default=None, help="thread counts [1 2 (up to the cores)]"
+    )
     p.add_argument("--modes", nargs="+", choices=("train", "infer"), default=["train", "infer"])
-    p.add_argument("--steps", type=int, default=None,
-                   help="steps per timed block [auto: 1024 images per training block, 2048 per inference block]")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks per framework and configuration [5]")
-    p.add_argument("--data", choices=("random", "mnist"), default="random",
-                   help="input batch of the throughput and profile runs: standard normal values [random], or "
-                   "the first MNIST training images (real data: PyTorch's max-pool runs faster on it)")
-    p.add_argument("--isolation", choices=("process", "inprocess"), default="process",
-                   help="each framework in its own worker process [process], or both in one")
-    p.add_argument("--max-other-load", type=float, default=0.25,
-                   help="retry a timed block if other processes used more than this many cores during it [0.25]")
-    p.add_argument("--attempts", type=int, default=3, help="attempts per timed block (see --max-other-load) [3]")
-    p.add_argument("--quiet-timeout", type=float, default=10.0,
-                   help="seconds to wait for an idle machine before retrying a block [10]")
-    p.add_argument("--malloc", choices=("both", "default", "tuned"), default="both",
-                   help="throughput with glibc malloc as is ('default'), 'tuned' (MALLOC_MMAP_THRESHOLD_=1 GiB and "
-                   "MALLOC_TRIM_THRESHOLD_=4 GiB in the workers: freed activations are reused without page "
-                   "faults), or 'both' interleaved [both]; 'tuned' also applies to every other section")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per timed block [auto: 1024 images per training block, 2048 per inference block]",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed blocks per framework and configuration [5]"
+    )
+    p.add_argument(
+        "--data",
+        choices=("random", "mnist"),
+        default="random",
+        help="input batch of the throughput and profile runs: standard normal values [random], or "
+        "the first MNIST training images (real data: PyTorch's max-pool runs faster on it)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("process", "inprocess"),
+        default="process",
+        help="each framework in its own worker process [process], or both in one",
+    )
+    p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.25,
+        help="retry a timed block if other processes used more than this many cores during it [0.25]",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="attempts per timed block (see --max-other-load) [3]",
+    )
+    p.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for an idle machine before retrying a block [10]",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("both", "default", "tuned"),
+        default="both",
+        help="throughput with glibc malloc as is ('default'), 'tuned' (MALLOC_MMAP_THRESHOLD_=1 GiB and "
+        "MALLOC_TRIM_THRESHOLD_=4 GiB in the workers: freed activations are reused without page "
+        "faults), or 'both' interleaved [both]; 'tuned' also applies to every other section",
+    )
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
     p.add_argument("--no-kernels", action="store_true", help="skip the GEMM / kernel table")
     p.add_argument("--kernel-calls", type=int, default=20, help="calls per kernel timing [20]")
-    p.add_argument("--kernel-repeats", type=int, default=3, help="interleaved rounds of the kernel table [3]")
-    p.add_argument("--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable")
-    p.add_argument("--network", default="reference",
-                   choices=tuple(NETWORKS),
-                   help="the network of the throughput table (fastcnn.models; PyTorch's copy is "
-                   "built by tests/torch_twin.py with the same weights) [reference]")
-    p.add_argument("--baseline", metavar="PATH",
-                   help="compare with fastcnn from the checkout at PATH (e.g. a git worktree of an "
-                   "earlier commit) in PyTorch's place: an interleaved A/B of two commits")
+    p.add_argument(
+        "--kernel-repeats", type=int, default=3, help="interleaved rounds of the kernel table [3]"
+    )
+    p.add_argument(
+        "--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable"
+    )
+    p.add_argument(
+        "--network",
+        default="reference",
+        choices=tuple(NETWORKS),
+        help="the network of the throughput table (fastcnn.models; PyTorch's copy is "
+        "built by tests/torch_twin.py with the same weights) [reference]",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="compare with fastcnn from the checkout at PATH (e.g. a git worktree of an "
+        "earlier commit) in PyTorch's place: an interleaved A/B of two commits",
+    )
     p.add_argument("--epoch", action="store_true", help="one epoch of real MNIST per framework")
-    p.add_argument("--startup", action="store_true", help="time to the first finished batch of `fastcnn train`")
-    p.add_argument("--startup-runs", type=int, default=3, help="runs per start-up configuration [3]")
-    p.add_argument("--memory", action="store_true", help="peak RSS of a training run, one process per run")
-    p.add_argument("--memory-steps", type=int, default=20, help="training steps of a memory run [20]")
-    p.add_argument("--memory-runs", type=int, default=2, help="runs per memory configuration (min taken) [2]")
+    p.add_argument(
+        "--startup", action="store_true", help="time to the first finished batch of `fastcnn train`"
+    )
+    p.add_argument(
+        "--startup-runs", type=int, default=3, help="runs per start-up configuration [3]"
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="peak RSS of a training run, one process per run"
+    )
+    p.add_argument(
+        "--memory-steps", type=int, default=20, help="training steps of a memory run [20]"
+    )
+    p.add_argument(
+        "--memory-runs", type=int, default=2, help="runs per memory configuration (min taken) [2]"
+    )
     p.add_argument("--profile", action="store_true", help="per-layer profile of one training step")
     p.add_argument("--profile-batch", type=int, default=64)
     p.add_argument("--profile-steps", type=int, default=30)
-    p.add_argument("--interference", action="store_true",
-                   help="compare each framework alone in its process with both in one process")
-    p.add_argument("--results-dir", default=results_file.RESULTS_DIR,
-                   help="folder of the dated results file the run saves [bench/results]")
+    p.add_argument(
+        "--interference",
+        action="store_true",
+        help="compare each framework alone in its process with both in one process",
+    )
+    p.add_argument(
+        "--results-dir",
+        default=results_file.RESULTS_DIR,
+        help="folder of the dated results file the run saves [bench/results]",
+    )
     p.add_argument("--no-save", action="store_true", help="print only, save no results file")
     args = p.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     if args.threads is None:
         args.threads = sorted({1, min(2, cores)})
     for n in args.threads:
@@ -148,8 +218,10 @@ def parse_args(argv):
     if min(args.batches) < 1 or args.repeats < 1:
         p.error("--batches and --repeats must be >= 1")
     if args.data == "mnist" and NETWORKS[args.network] != MNIST_SHAPE:
-        p.error(f"--data mnist: the network {args.network!r} takes {NETWORKS[args.network]} "
-                f"inputs, not MNIST's {MNIST_SHAPE}; use --data random")
+        p.error(
+            f"--data mnist: the network {args.network!r} takes {NETWORKS[args.network]} "
+            f"inputs, not MNIST's {MNIST_SHAPE}; use --data random"
+        )
     return args
 
 
@@ -161,10 +233,18 @@ def main(argv=None):
         return memory_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
     args = parse_args(argv)
     DATA["kind"], DATA["network"] = args.data, args.network
-    if args.network != "reference" and (args.epoch or args.profile or args.memory or args.startup
-                                        or args.interference or not args.no_kernels):
-        raise SystemExit("--network times the throughput table only: add --no-kernels, and leave "
-                         "out --epoch, --profile, --memory, --startup and --interference")
+    if args.network != "reference" and (
+        args.epoch
+        or args.profile
+        or args.memory
+        or args.startup
+        or args.interference
+        or not args.no_kernels
+    ):
+        raise SystemExit(
+            "--network times the throughput table only: add --no-kernels, and leave "
+            "out --epoch, --profile, --memory, --startup and --interference"
+        )
     CONTENTION.threshold, CONTENTION.attempts = args.max_other_load, max(1, args.attempts)
     CONTENTION.quiet_timeout = args.quiet_timeout
     env = os.environ.copy()
@@ -174,12 +254,18 @@ def main(argv=None):
     if args.baseline:
         with_torch = True  # the peer slot holds the baseline checkout instead
         PEER["baseline"] = os.path.abspath(args.baseline)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline,
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=args.baseline,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         PEER["name"] = f"baseline {commit or args.baseline}"
         if args.interference or args.epoch or args.profile or not args.no_kernels:
-            raise SystemExit("--baseline times the throughput table only: add --no-kernels, and "
-                             "leave out --epoch, --profile and --interference")
+            raise SystemExit(
+                "--baseline times the throughput table only: add --no-kernels, and "
+                "leave out --epoch, --profile and --interference"
+            )
     name = f"end-to-end-{args.network}" + ("-ab" if args.baseline else "")  # an A/B of two commits
     saved = None if args.no_save else results_file.start(name, args.results_dir)
     print_header(args, argv)

@@ -7,6 +7,7 @@ under each layer, every layer in fresh processes, the layers alternating round b
 Prints the median step time of each process (after 3 warm-up steps) and, per network and
 layer, the median over the rounds. A layer that is not installed is reported and skipped.
 """
+
 import argparse
 import os
 import subprocess
@@ -64,9 +65,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args(argv)
-    print(f"`python bench/bench_threading_layers.py {' '.join(sys.argv[1:])}`, "
-          f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', '(default)')}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"`python bench/bench_threading_layers.py {' '.join(sys.argv[1:])}`, "
+        f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', '(default)')}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     medians = {}
     for r in range(args.rounds):
         for net in args.networks:
@@ -76,8 +79,10 @@ def main(argv=None):
                     print(f"round {r + 1} {net} {layer}: not run ({median})")
                     continue
                 medians.setdefault((net, layer), []).append(median)
-                print(f"round {r + 1} {net} {layer} ({got}): {median * 1e3:.1f} ms per step",
-                      flush=True)
+                print(
+                    f"round {r + 1} {net} {layer} ({got}): {median * 1e3:.1f} ms per step",
+                    flush=True,
+                )
     print()
     print(f"| network | batch | {' | '.join(args.layers)} |")
     print("|---|---:|" + "---:|" * len(args.layers))

@@ -10,6 +10,7 @@ figure is the best of 5. It says which tile shapes keep their accumulators in re
 this machine and how close each comes to the core's peak, e.g. whether a 6 x 16 tile (for
 convolutions with 16 or fewer filters, which fill half of the 3 x 32 tile) is as fast as 3 x 32.
 """
+
 import argparse
 import platform
 import time
@@ -24,20 +25,22 @@ from fastcnn.kernels.gemm_tile import stack_array
 def make_tile(rows, cols):
     """A compiled ``run(a, abase, aoff, b, out, reps, k1, bstride)`` for an rows x cols tile."""
     n = rows * cols
-    src = (f"@njit(fastmath={{'contract'}}, inline='always')\n"
-           f"def tile(a, abase, aoff, k0, k1, b, b0, bstride, out):\n"
-           f"    acc = numba.carray(stack_array({n}, out.dtype), ({n},))\n"
-           f"    for q in range({n}):\n        acc[q] = 0\n"
-           + "".join(f"    a{r} = abase[{r}]\n" for r in range(rows))
-           + "    bb = b0\n    for k in range(k0, k1):\n        ko = aoff[k]\n"
-           + "".join(f"        x{r} = a[a{r} + ko]\n" for r in range(rows))
-           + f"        for f in range({cols}):\n            w = b[bb + np.uint64(f)]\n"
-           + "".join(f"            acc[{r * cols} + f] += x{r} * w\n" for r in range(rows))
-           + f"        bb += bstride\n    for q in range({n}):\n        out[q] = acc[q]\n\n"
-           "@njit(fastmath={'contract'})\n"
-           "def run(a, abase, aoff, b, out, reps, k1, bstride):\n"
-           "    for r in range(reps):\n"
-           "        tile(a, abase, aoff, 0, k1, b, np.uint64(0), bstride, out)\n")
+    src = (
+        f"@njit(fastmath={{'contract'}}, inline='always')\n"
+        f"def tile(a, abase, aoff, k0, k1, b, b0, bstride, out):\n"
+        f"    acc = numba.carray(stack_array({n}, out.dtype), ({n},))\n"
+        f"    for q in range({n}):\n        acc[q] = 0\n"
+        + "".join(f"    a{r} = abase[{r}]\n" for r in range(rows))
+        + "    bb = b0\n    for k in range(k0, k1):\n        ko = aoff[k]\n"
+        + "".join(f"        x{r} = a[a{r} + ko]\n" for r in range(rows))
+        + f"        for f in range({cols}):\n            w = b[bb + np.uint64(f)]\n"
+        + "".join(f"            acc[{r * cols} + f] += x{r} * w\n" for r in range(rows))
+        + f"        bb += bstride\n    for q in range({n}):\n        out[q] = acc[q]\n\n"
+        "@njit(fastmath={'contract'})\n"
+        "def run(a, abase, aoff, b, out, reps, k1, bstride):\n"
+        "    for r in range(reps):\n"
+        "        tile(a, abase, aoff, 0, k1, b, np.uint64(0), bstride, out)\n"
+    )
     scope = {"njit": njit, "numba": numba, "np": np, "stack_array": stack_array}
     exec(compile(src, f"<tile {rows}x{cols}>", "exec"), scope)
     return scope["run"]
@@ -52,8 +55,10 @@ def main():
     rng = np.random.default_rng(0)
     a = rng.random(4096, dtype=np.float32)
     aoff = (np.arange(k, dtype=np.uint64) * np.uint64(5)) % np.uint64(3000)
-    print(f"# register tiles, float32, one core ({platform.processor() or platform.machine()}, "
-          f"llvm cpu {numba.config.CPU_NAME or 'host'})")
+    print(
+        f"# register tiles, float32, one core ({platform.processor() or platform.machine()}, "
+        f"llvm cpu {numba.config.CPU_NAME or 'host'})"
+    )
     print("| tile | GFLOP/s |\n|---|---:|")
     for shape in args.shapes:
         rows, cols = (int(v) for v in shape.split("x"))

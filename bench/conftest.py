@@ -4,6 +4,7 @@ Each benchmark records (group, implementation, median seconds, FLOPs); the summa
 prints one table with GFLOP/s and the speedup of each implementation over the naive loops and
 over numpy, all measured in this one run.
 """
+
 import os
 import sys
 
@@ -61,4 +62,6 @@ def pytest_terminal_summary(terminalreporter):
             gflops = f"{flops / sec / 1e9:8.2f}" if flops else f"{'-':>8}"
             vs_naive = f"{naive / sec:8.0f}x" if naive else f"{'-':>9}"
             vs_numpy = f"{numpy_sec / sec:7.1f}x" if numpy_sec else f"{'-':>8}"
-            write(f"| {group:<40} | {impl:<7} | {sec * 1e3:10.3f} | {gflops} | {vs_naive} | {vs_numpy} |")
+            write(
+                f"| {group:<40} | {impl:<7} | {sec * 1e3:10.3f} | {gflops} | {vs_naive} | {vs_numpy} |"
+            )

@@ -3,6 +3,7 @@ on the parent's side: the worker processes and their protocol, the monitor of ot
 CPU load, and the tables -- throughput, kernels, epoch, profile, interference, memory, start-up
 -- each measured and printed row by row, so that a long run shows where it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ def process_ticks(pid):
             s = fh.read()
     except OSError:
         return None
-    fields = s[s.rindex(")") + 2:].split()
+    fields = s[s.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
 
 
@@ -122,10 +123,12 @@ class Contention:
     def summary(self):
         if not self.enabled:
             return "contention monitor: /proc/stat not readable, no check"
-        return (f"contention monitor: {self.calls} timed calls, {self.retried} retried because other "
-                f"processes used > {self.threshold} cores (+ the cores a block leaves idle) during them, "
-                f"{self.kept_busy} kept although "
-                f"busy after {self.attempts} attempts (marked *)")
+        return (
+            f"contention monitor: {self.calls} timed calls, {self.retried} retried because other "
+            f"processes used > {self.threshold} cores (+ the cores a block leaves idle) during them, "
+            f"{self.kept_busy} kept although "
+            f"busy after {self.attempts} attempts (marked *)"
+        )
 
 
 CONTENTION = Contention(0.25, 3, 10.0)
@@ -140,10 +143,13 @@ class Worker:
     def __init__(self, kind, env=None):
         self.kind = kind
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT, "--worker", kind, DATA["kind"],
-             DATA["network"]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-            env=env if env is not None else os.environ.copy())
+            [sys.executable, SCRIPT, "--worker", kind, DATA["kind"], DATA["network"]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=env if env is not None else os.environ.copy(),
+        )
         self.ready = self._read()
 
     def _read(self):
@@ -152,7 +158,7 @@ class Worker:
             if not line:
                 raise RuntimeError(f"the {self.kind} worker exited (status {self.proc.wait()})")
             if line.startswith(PROTOCOL):
-                reply = json.loads(line[len(PROTOCOL):])
+                reply = json.loads(line[len(PROTOCOL) :])
                 if "error" in reply:
                     raise RuntimeError(f"the {self.kind} worker failed:\n{reply['error']}")
                 return reply
@@ -164,7 +170,9 @@ class Worker:
 
     def timed(self, op, **kwargs):
         """call() under the contention monitor: returns (reply, other processes' load in cores)."""
-        return CONTENTION.run([self.proc.pid], lambda: self.call(op, **kwargs), kwargs.get("threads"))
+        return CONTENTION.run(
+            [self.proc.pid], lambda: self.call(op, **kwargs), kwargs.get("threads")
+        )
 
     def close(self):
         if self.proc.poll() is None:
@@ -207,12 +215,14 @@ def run_blocks(entries, args, mode, batch, threads):
     losses, loads = [], []
     for r in range(args.repeats):
         if len(labels) > 2:  # rotate, so that each entry follows each other one in turn
-            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]
         else:
             order = labels if r % 2 == 0 else labels[::-1]
         for label in order:
             worker, fw = entries[label]
-            res, load = worker.timed("block", fw=fw, mode=mode, batch=batch, threads=threads, steps=steps)
+            res, load = worker.timed(
+                "block", fw=fw, mode=mode, batch=batch, threads=threads, steps=steps
+            )
             rates[label].append(batch * steps / res["seconds"])
             faults[label].append(res["faults_per_step"])
             busy[label].append(load > CONTENTION.limit(threads))
@@ -258,8 +268,11 @@ def close_workers(workers):
 def malloc_envs(args, env):
     """{label: environment} of the malloc settings asked for (--malloc)."""
     tuned = dict(env, **TUNED_MALLOC)
-    return {"default": {"default malloc": env}, "tuned": {"tuned malloc": tuned},
-            "both": {"default malloc": env, "tuned malloc": tuned}}[args.malloc]
+    return {
+        "default": {"default malloc": env},
+        "tuned": {"tuned malloc": tuned},
+        "both": {"default malloc": env, "tuned malloc": tuned},
+    }[args.malloc]
 
 
 def throughput_table(args, env, with_torch, init):
@@ -278,46 +291,76 @@ def throughput_table(args, env, with_torch, init):
             workers = {label: start_workers(args, e, with_torch, init) for label, e in envs.items()}
             try:
                 for mode in args.modes:
-                    entries = {(label, fw): (workers[label][fw], fw) for label in envs for fw in fws}
+                    entries = {
+                        (label, fw): (workers[label][fw], fw) for label in envs for fw in fws
+                    }
                     rates, steps, losses, loads = run_blocks(entries, args, mode, batch, threads)
                     for label in envs:
                         f = median(rates[(label, "fastcnn")])
                         t = median(rates[(label, "torch")]) if with_torch else float("nan")
                         ratio = f / t if t == t else float("nan")
                         if with_torch:
-                            spread = ratio_range(rates[(label, "fastcnn")], rates[(label, "torch")],
-                                                 run_blocks.busy[(label, "fastcnn")], run_blocks.busy[(label, "torch")])
+                            spread = ratio_range(
+                                rates[(label, "fastcnn")],
+                                rates[(label, "torch")],
+                                run_blocks.busy[(label, "fastcnn")],
+                                run_blocks.busy[(label, "torch")],
+                            )
                         else:
                             spread = "-"
                         bad = [v for v in losses if mode == "train" and not math.isfinite(v)]
                         note = " (non-finite loss!)" if bad else ""
                         faults = ", ".join(f"{run_blocks.faults[(label, fw)]:.0f}" for fw in fws)
-                        results[label].append({
-                            "threads": threads, "batch": batch, "mode": mode, "fastcnn": f, "torch": t,
-                            "ratio": ratio, "steps": steps, "spread": spread + note, "faults": faults,
-                            "load": fmt_load(loads, threads), "malloc": label})
-                        print(f"  measured ({label}): {threads} thread(s), batch {batch}, {mode}: "
-                              f"fastcnn {f:,.0f}, torch {t:,.0f} img/s, {ratio:.2f}x", file=sys.stderr, flush=True)
+                        results[label].append(
+                            {
+                                "threads": threads,
+                                "batch": batch,
+                                "mode": mode,
+                                "fastcnn": f,
+                                "torch": t,
+                                "ratio": ratio,
+                                "steps": steps,
+                                "spread": spread + note,
+                                "faults": faults,
+                                "load": fmt_load(loads, threads),
+                                "malloc": label,
+                            }
+                        )
+                        print(
+                            f"  measured ({label}): {threads} thread(s), batch {batch}, {mode}: "
+                            f"fastcnn {f:,.0f}, torch {t:,.0f} img/s, {ratio:.2f}x",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             finally:
                 for w in workers.values():
                     close_workers(w)
     for label, rows in results.items():
         print()
         if label == "tuned malloc":
-            print("Tuned malloc (" + ", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
-                  + " in both workers: freed activations are reused, no page faults; the frameworks' compute):")
+            print(
+                "Tuned malloc ("
+                + ", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
+                + " in both workers: freed activations are reused, no page faults; the frameworks' compute):"
+            )
         else:
-            print("Default malloc (glibc as installed, what a user gets; page faults per step depend on "
-                  "the allocation history and vary between runs, PyTorch's most):")
+            print(
+                "Default malloc (glibc as installed, what a user gets; page faults per step depend on "
+                "the allocation history and vary between runs, PyTorch's most):"
+            )
         print()
         peer = PEER["name"]
-        print(f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | ratio range | "
-              f"page faults/step fastcnn, {peer} | other load |")
+        print(
+            f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | ratio range | "
+            f"page faults/step fastcnn, {peer} | other load |"
+        )
         print("|---:|---:|---|---:|---:|---:|---:|---|---|---:|")
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "-"
-            print(f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | {fmt_rate(r['fastcnn'])} | "
-                  f"{fmt_rate(r['torch'])} | {ratio} | {r['spread']} | {r['faults']} | {r['load']} |")
+            print(
+                f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | {fmt_rate(r['fastcnn'])} | "
+                f"{fmt_rate(r['torch'])} | {ratio} | {r['spread']} | {r['faults']} | {r['load']} |"
+            )
     sys.stdout.flush()
     return [r for rows in results.values() for r in rows]
 
@@ -325,27 +368,37 @@ def throughput_table(args, env, with_torch, init):
 def kernel_tables(args, workers):
     calls = args.kernel_calls
     print()
-    print(f"## GEMM rate and conv kernels (float32, batch {KERNEL_BATCH}, median of {calls} calls, {args.kernel_repeats} rounds "
-          "interleaved)")
+    print(
+        f"## GEMM rate and conv kernels (float32, batch {KERNEL_BATCH}, median of {calls} calls, {args.kernel_repeats} rounds "
+        "interleaved)"
+    )
     rows = {}
     for threads in args.threads:
         gemm, kern, tkern = [], [], []
         for _ in range(args.kernel_repeats):
             gemm.append(workers["fastcnn"].timed("gemm", threads=threads, calls=calls)[0])
-            kern.append(workers["fastcnn"].timed("kernels", fw="fastcnn", threads=threads, calls=calls)[0])
+            kern.append(
+                workers["fastcnn"].timed("kernels", fw="fastcnn", threads=threads, calls=calls)[0]
+            )
             if "torch" in workers:
-                tkern.append(workers["torch"].timed("kernels", fw="torch", threads=threads, calls=calls)[0])
+                tkern.append(
+                    workers["torch"].timed("kernels", fw="torch", threads=threads, calls=calls)[0]
+                )
         g = {k: median([d[k] for d in gemm]) for k in gemm[0]}
         kf = {k: median([d[k] for d in kern]) for k in kern[0]}
         kt = {k: median([d[k] for d in tkern]) for k in tkern[0]} if tkern else {}
-        square_flops = 2 * SQUARE ** 3
+        square_flops = 2 * SQUARE**3
         peak = square_flops / g["square"] / 1e9
         print()
-        print(f"{threads} thread(s): GEMM rate (numpy float32 matmul {SQUARE}x{SQUARE} @ {SQUARE}x{SQUARE}, "
-              f"OpenBLAS at {threads} threads): **{peak:.1f} GFLOP/s**")
+        print(
+            f"{threads} thread(s): GEMM rate (numpy float32 matmul {SQUARE}x{SQUARE} @ {SQUARE}x{SQUARE}, "
+            f"OpenBLAS at {threads} threads): **{peak:.1f} GFLOP/s**"
+        )
         print()
-        print("| kernel | fastcnn ms | fastcnn GFLOP/s | % of GEMM rate | same-shape GEMM (MxKxN) | "
-              "its GFLOP/s | fastcnn % of it | torch ms | fastcnn / torch speed |")
+        print(
+            "| kernel | fastcnn ms | fastcnn GFLOP/s | % of GEMM rate | same-shape GEMM (MxKxN) | "
+            "its GFLOP/s | fastcnn % of it | torch ms | fastcnn / torch speed |"
+        )
         print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
         for layer, dims in CONVS.items():
             flops = conv_flops(*dims)
@@ -355,25 +408,35 @@ def kernel_tables(args, workers):
                 gg = flops / g[key] / 1e9
                 tms = f"{kt[key] * 1e3:.3f}" if key in kt else "-"
                 vs = f"{kt[key] / kf[key]:.2f}x" if key in kt else "-"
-                print(f"| {key} | {kf[key] * 1e3:.3f} | {fg:.1f} | {100 * fg / peak:.0f}% | {m}x{k}x{n} | "
-                      f"{gg:.1f} | {100 * fg / gg:.0f}% | {tms} | {vs} |")
-                rows[(threads, key)] = {"ms": kf[key] * 1e3, "gflops": fg, "pct_peak": 100 * fg / peak}
+                print(
+                    f"| {key} | {kf[key] * 1e3:.3f} | {fg:.1f} | {100 * fg / peak:.0f}% | {m}x{k}x{n} | "
+                    f"{gg:.1f} | {100 * fg / gg:.0f}% | {tms} | {vs} |"
+                )
+                rows[(threads, key)] = {
+                    "ms": kf[key] * 1e3,
+                    "gflops": fg,
+                    "pct_peak": 100 * fg / peak,
+                }
         sys.stdout.flush()
     print()
-    print("(conv1 backward-input is not needed in training, the first layer's input needs no "
-          "gradient, but fastcnn's Conv2D.backward computes it; PyTorch skips it. 'backward-weight "
-          "from pool' is the weight gradient as a training step computes it, from the gradient of "
-          "the ReLU + 2x2 max pool after the layer: conv1's rebuilds dY block by block in cache "
-          "(kernels.fused.maxpool2d_conv2d_backward_weight_dense), conv2's sums only dY's nonzero "
-          "terms (maxpool2d_conv2d_backward_weight); its GFLOP/s count the dense product's flops "
-          "(PyTorch has no such kernel: '-').)")
+    print(
+        "(conv1 backward-input is not needed in training, the first layer's input needs no "
+        "gradient, but fastcnn's Conv2D.backward computes it; PyTorch skips it. 'backward-weight "
+        "from pool' is the weight gradient as a training step computes it, from the gradient of "
+        "the ReLU + 2x2 max pool after the layer: conv1's rebuilds dY block by block in cache "
+        "(kernels.fused.maxpool2d_conv2d_backward_weight_dense), conv2's sums only dY's nonzero "
+        "terms (maxpool2d_conv2d_backward_weight); its GFLOP/s count the dense product's flops "
+        "(PyTorch has no such kernel: '-').)"
+    )
     return rows
 
 
 def epoch_table(args, workers, tmp):
     print()
-    print("## One epoch of MNIST (60,000 training images, batch 64, SGD lr 0.01 momentum 0.9, "
-          "same initial weights and shuffling; test accuracy on 10,000)")
+    print(
+        "## One epoch of MNIST (60,000 training images, batch 64, SGD lr 0.01 momentum 0.9, "
+        "same initial weights and shuffling; test accuracy on 10,000)"
+    )
     print()
     print(f"data: {data_root()}")
     print()
@@ -386,13 +449,21 @@ def epoch_table(args, workers, tmp):
         for fw in ["fastcnn"] + (["torch"] if "torch" in workers else []):
             CONTENTION.wait_quiet()
             r, _, load = CONTENTION.other_load(
-                [workers[fw].proc.pid], lambda: workers[fw].call("epoch", fw=fw, threads=threads, batch=64,
-                                                                 folder=tmp, init=init))
+                [workers[fw].proc.pid],
+                lambda: workers[fw].call(
+                    "epoch", fw=fw, threads=threads, batch=64, folder=tmp, init=init
+                ),
+            )
             res[fw] = r
-            print(f"| {threads} | {fw} | {r['seconds']:.2f} | {r['images'] / r['seconds']:,.0f} | "
-                  f"{r['train_loss']:.4f} | {100 * r['test_accuracy']:.2f}% | {fmt_load([load])} |", flush=True)
+            print(
+                f"| {threads} | {fw} | {r['seconds']:.2f} | {r['images'] / r['seconds']:,.0f} | "
+                f"{r['train_loss']:.4f} | {100 * r['test_accuracy']:.2f}% | {fmt_load([load])} |",
+                flush=True,
+            )
         if "torch" in res:
-            print(f"| {threads} | ratio | | {res['torch']['seconds'] / res['fastcnn']['seconds']:.2f}x | | | |")
+            print(
+                f"| {threads} | ratio | | {res['torch']['seconds'] / res['fastcnn']['seconds']:.2f}x | | | |"
+            )
         out.append(res)
     return out
 
@@ -401,11 +472,17 @@ def profile_table(args, workers):
     threads = max(args.threads)
     batch = args.profile_batch
     print()
-    print(f"## Per-layer profile of one training step (batch {batch}, {threads} threads, "
-          f"median ms over {args.profile_steps} steps)")
+    print(
+        f"## Per-layer profile of one training step (batch {batch}, {threads} threads, "
+        f"median ms over {args.profile_steps} steps)"
+    )
     print()
-    res = {fw: workers[fw].timed("profile", fw=fw, threads=threads, batch=batch, steps=args.profile_steps)[0]
-           for fw in ["fastcnn"] + (["torch"] if "torch" in workers else [])}
+    res = {
+        fw: workers[fw].timed(
+            "profile", fw=fw, threads=threads, batch=batch, steps=args.profile_steps
+        )[0]
+        for fw in ["fastcnn"] + (["torch"] if "torch" in workers else [])
+    }
     f = res["fastcnn"]
     total = f["step|instrumented"]
     keys = []
@@ -413,8 +490,10 @@ def profile_table(args, workers):
         row = k.split("|")[0]
         if row not in ("step", "optimizer", "faults") and row not in keys:
             keys.append(row)
-    print("fastcnn, each step of the model's plan (a layer, or a fused run of layers) timed from outside (page faults: mean minor faults "
-          "during the call, i.e. fresh memory touched):")
+    print(
+        "fastcnn, each step of the model's plan (a layer, or a fused run of layers) timed from outside (page faults: mean minor faults "
+        "during the call, i.e. fresh memory touched):"
+    )
     print()
     print("| part | forward ms | backward ms | % of step | page faults forward, backward |")
     print("|---|---:|---:|---:|---|")
@@ -422,21 +501,31 @@ def profile_table(args, workers):
         fw_ = f.get(f"{row}|forward", 0.0)
         bw_ = f.get(f"{row}|backward", 0.0)
         pf = f"{f.get(f'faults|{row}|forward', 0):.0f}, {f.get(f'faults|{row}|backward', 0):.0f}"
-        print(f"| {row} | {fw_ * 1e3:.3f} | {bw_ * 1e3:.3f} | {100 * (fw_ + bw_) / total:.1f}% | {pf} |")
+        print(
+            f"| {row} | {fw_ * 1e3:.3f} | {bw_ * 1e3:.3f} | {100 * (fw_ + bw_) / total:.1f}% | {pf} |"
+        )
     for what in ("zero_grad", "step"):
         v = f.get(f"optimizer|{what}", 0.0)
-        print(f"| optimizer {what} | {v * 1e3:.3f} | | {100 * v / total:.1f}% | "
-              f"{f.get(f'faults|optimizer|{what}', 0):.0f} |")
-    print(f"| Python between the calls | {f['step|between'] * 1e3:.3f} | | "
-          f"{100 * f['step|between'] / total:.1f}% | |")
+        print(
+            f"| optimizer {what} | {v * 1e3:.3f} | | {100 * v / total:.1f}% | "
+            f"{f.get(f'faults|optimizer|{what}', 0):.0f} |"
+        )
+    print(
+        f"| Python between the calls | {f['step|between'] * 1e3:.3f} | | "
+        f"{100 * f['step|between'] / total:.1f}% | |"
+    )
     print()
-    print(f"fastcnn step: {f['step|instrumented'] * 1e3:.2f} ms instrumented (the % column is of this), "
-          f"{f['step|plain'] * 1e3:.2f} ms uninstrumented (the two kinds of steps alternated).")
+    print(
+        f"fastcnn step: {f['step|instrumented'] * 1e3:.2f} ms instrumented (the % column is of this), "
+        f"{f['step|plain'] * 1e3:.2f} ms uninstrumented (the two kinds of steps alternated)."
+    )
     if "torch" in res:
         t = res["torch"]
         print()
-        print(f"PyTorch, torch.profiler over {args.profile_steps} steps (step {t['step_seconds'] * 1e3:.2f} ms "
-              "without the profiler): the ops with the most self CPU time, per step:")
+        print(
+            f"PyTorch, torch.profiler over {args.profile_steps} steps (step {t['step_seconds'] * 1e3:.2f} ms "
+            "without the profiler): the ops with the most self CPU time, per step:"
+        )
         print()
         print("| aten op | self CPU ms per step | calls per step |")
         print("|---|---:|---:|")
@@ -447,27 +536,43 @@ def profile_table(args, workers):
 
 def interference_table(args, env):
     """Each framework alone in its process vs both frameworks in one process (alternating)."""
-    label, env = list(malloc_envs(args, env).items())[-1]  # tuned when asked for: no page-fault noise
+    label, env = list(malloc_envs(args, env).items())[
+        -1
+    ]  # tuned when asked for: no page-fault noise
     print()
-    print(f"## Thread-pool interference: alone in a process vs both frameworks in one process ({label})")
+    print(
+        f"## Thread-pool interference: alone in a process vs both frameworks in one process ({label})"
+    )
     print()
-    print("| threads | batch | mode | fastcnn alone | fastcnn + torch in process | ratio | torch alone | "
-          "torch + fastcnn in process | ratio | page faults/step (same order) | other load |")
+    print(
+        "| threads | batch | mode | fastcnn alone | fastcnn + torch in process | ratio | torch alone | "
+        "torch + fastcnn in process | ratio | page faults/step (same order) | other load |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
     out = []
     for threads in args.threads:
         for batch in args.batches:  # fresh processes per configuration, as in the throughput table
-            pure_f, pure_t, mixed = Worker("fastcnn", env), Worker("torch", env), Worker("mixed", env)
+            pure_f, pure_t, mixed = (
+                Worker("fastcnn", env),
+                Worker("torch", env),
+                Worker("mixed", env),
+            )
             try:
                 for mode in args.modes:
-                    entries = {"fa": (pure_f, "fastcnn"), "fm": (mixed, "fastcnn"),
-                               "ta": (pure_t, "torch"), "tm": (mixed, "torch")}
+                    entries = {
+                        "fa": (pure_f, "fastcnn"),
+                        "fm": (mixed, "fastcnn"),
+                        "ta": (pure_t, "torch"),
+                        "tm": (mixed, "torch"),
+                    }
                     rates, _, _, loads = run_blocks(entries, args, mode, batch, threads)
                     m = {k: median(v) for k, v in rates.items()}
-                    print(f"| {threads} | {batch} | {mode} | {fmt_rate(m['fa'])} | {fmt_rate(m['fm'])} | "
-                          f"{m['fm'] / m['fa']:.2f} | {fmt_rate(m['ta'])} | {fmt_rate(m['tm'])} | "
-                          f"{m['tm'] / m['ta']:.2f} | {fmt_faults(run_blocks.faults)} | {fmt_load(loads, threads)} |",
-                          flush=True)
+                    print(
+                        f"| {threads} | {batch} | {mode} | {fmt_rate(m['fa'])} | {fmt_rate(m['fm'])} | "
+                        f"{m['fm'] / m['fa']:.2f} | {fmt_rate(m['ta'])} | {fmt_rate(m['tm'])} | "
+                        f"{m['tm'] / m['ta']:.2f} | {fmt_faults(run_blocks.faults)} | {fmt_load(loads, threads)} |",
+                        flush=True,
+                    )
                     out.append(m)
             finally:
                 for w in (pure_f, pure_t, mixed):
@@ -479,12 +584,16 @@ def memory_table(args, env):
     threads = max(args.threads)
     steps = args.memory_steps
     print()
-    print(f"## Peak memory of a training run ({steps} steps, {threads} threads, one process per run, "
-          "MiB; peak RSS = ru_maxrss of the child, min of {} runs; 'peak during the steps' = VmHWM "
-          "reset after the first step)".format(args.memory_runs))
+    print(
+        f"## Peak memory of a training run ({steps} steps, {threads} threads, one process per run, "
+        "MiB; peak RSS = ru_maxrss of the child, min of {} runs; 'peak during the steps' = VmHWM "
+        "reset after the first step)".format(args.memory_runs)
+    )
     print()
-    print("| batch | framework | RSS after import + model + batch | after the first step | peak RSS of the run | "
-          "peak during the steps | peak - RSS after import |")
+    print(
+        "| batch | framework | RSS after import + model + batch | after the first step | peak RSS of the run | "
+        "peak during the steps | peak - RSS after import |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     fws = ["fastcnn"] + (["torch"] if torch_available() else [])
     out = {}
@@ -493,23 +602,38 @@ def memory_table(args, env):
             runs = []
             for _ in range(args.memory_runs):
                 proc = subprocess.Popen(
-                    [sys.executable, SCRIPT, "--memory-child", fw, str(batch),
-                     str(threads), str(steps)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+                    [
+                        sys.executable,
+                        SCRIPT,
+                        "--memory-child",
+                        fw,
+                        str(batch),
+                        str(threads),
+                        str(steps),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=REPO,
+                    env=env,
+                )
                 stdout = proc.stdout.read()
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode = status
                 line = next((l for l in stdout.splitlines() if l.startswith(PROTOCOL)), None)
                 if status != 0 or line is None:
                     raise RuntimeError(f"memory child {fw} batch {batch} failed (status {status})")
-                rep = json.loads(line[len(PROTOCOL):])
+                rep = json.loads(line[len(PROTOCOL) :])
                 rep["wait4_kib"] = usage.ru_maxrss
                 runs.append(rep)
             best = min(runs, key=lambda r: r["wait4_kib"])
             base = best["after_import_kib"]
             mib = lambda k: "-" if k is None else f"{k / 1024:.0f}"  # noqa: E731
-            print(f"| {batch} | {fw} | {mib(base)} | {mib(best['after_first_step_kib'])} | "
-                  f"**{mib(best['wait4_kib'])}** | {mib(best['steps_peak_kib'])} | "
-                  f"{mib(best['wait4_kib'] - base)} |", flush=True)
+            print(
+                f"| {batch} | {fw} | {mib(base)} | {mib(best['after_first_step_kib'])} | "
+                f"**{mib(best['wait4_kib'])}** | {mib(best['steps_peak_kib'])} | "
+                f"{mib(best['wait4_kib'] - base)} |",
+                flush=True,
+            )
             out[(batch, fw)] = best
     return out
 
@@ -545,8 +669,23 @@ sys.exit(status)
 
 
 def startup_args(threads):
-    return ["train", "--epochs", "1", "--limit", "64", "--batch-size", "64", "--val-split", "0",
-            "--no-progress", "--data-dir", data_root(), "--no-download", "--threads", str(threads)]
+    return [
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "64",
+        "--batch-size",
+        "64",
+        "--val-split",
+        "0",
+        "--no-progress",
+        "--data-dir",
+        data_root(),
+        "--no-download",
+        "--threads",
+        str(threads),
+    ]
 
 
 def run_startup(env, threads, instrumented=True):
@@ -577,8 +716,9 @@ def run_startup(env, threads, instrumented=True):
             marks[what] = float(sec)
     child_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     marks["wall"] = wall
-    marks["other_load"] = (max(0.0, ((b1 - b0) / CLK_TCK - child_cpu) / wall)
-                           if b0 is not None else float("nan"))
+    marks["other_load"] = (
+        max(0.0, ((b1 - b0) / CLK_TCK - child_cpu) / wall) if b0 is not None else float("nan")
+    )
     marks["cache_loaded"] = proc.stdout.count("[cache] data loaded from")
     marks["cache_saved"] = proc.stdout.count("[cache] data saved to")
     return marks
@@ -604,13 +744,17 @@ def startup_table(args, env):
     print()
     print("## Start-up: launching `fastcnn train` to its first finished batch")
     print()
-    print("command (instrumented equivalent: the same cli.main with timestamps after the imports, "
-          "the data and the first optimizer step):")
+    print(
+        "command (instrumented equivalent: the same cli.main with timestamps after the imports, "
+        "the data and the first optimizer step):"
+    )
     print()
     print("    python -m fastcnn " + " ".join(startup_args(threads)))
     print()
-    print("| cache | runs | import s | data loaded s | first batch done s | process exit s | "
-          "kernels loaded / compiled (numba cache) | other load |")
+    print(
+        "| cache | runs | import s | data loaded s | first batch done s | process exit s | "
+        "kernels loaded / compiled (numba cache) | other load |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     results = {}
     scratch = tempfile.mkdtemp(prefix="fastcnn-bench-cache-")
@@ -627,8 +771,11 @@ def startup_table(args, env):
         # the in-tree cache (kernels/__pycache__), as a user of the checkout has it: one run first
         plain = {k: v for k, v in env.items() if k != "NUMBA_CACHE_DIR"}
         run_startup(plain, threads)
-        cold, warm, default = ("cold: NUMBA_CACHE_DIR = empty temp dir", "warm: same NUMBA_CACHE_DIR, 2nd run",
-                               "warm: default in-tree cache (kernels/__pycache__)")
+        cold, warm, default = (
+            "cold: NUMBA_CACHE_DIR = empty temp dir",
+            "warm: same NUMBA_CACHE_DIR, 2nd run",
+            "warm: default in-tree cache (kernels/__pycache__)",
+        )
         # and cold with numba's parallel-loop wrappers compiled as numba does
         # (kernels/_parfor_link_only.py turned off): what that patch saves, side by side
         unpatched = "cold, wrappers compiled (FASTCNN_NUMBA_LINK_ONLY=0)"
@@ -636,28 +783,48 @@ def startup_table(args, env):
         for i in range(runs):  # interleaved: cold, warm (the cold run's folder), in-tree, unpatched
             rows[cold].append(run_startup_quiet(fresh_cache_env, threads))
             folder = fresh_cache_env.last
-            rows[warm].append(run_startup_quiet(
-                lambda: dict(env, NUMBA_CACHE_DIR=folder, NUMBA_DEBUG_CACHE="1"), threads))
-            rows[default].append(run_startup_quiet(lambda: dict(plain, NUMBA_DEBUG_CACHE="1"), threads))
-            rows[unpatched].append(run_startup_quiet(
-                lambda: dict(fresh_cache_env(), FASTCNN_NUMBA_LINK_ONLY="0"), threads))
+            rows[warm].append(
+                run_startup_quiet(
+                    lambda: dict(env, NUMBA_CACHE_DIR=folder, NUMBA_DEBUG_CACHE="1"), threads
+                )
+            )
+            rows[default].append(
+                run_startup_quiet(lambda: dict(plain, NUMBA_DEBUG_CACHE="1"), threads)
+            )
+            rows[unpatched].append(
+                run_startup_quiet(
+                    lambda: dict(fresh_cache_env(), FASTCNN_NUMBA_LINK_ONLY="0"), threads
+                )
+            )
         for label, marks in rows.items():
-            med = {k: median([m[k] for m in marks if k in m]) for k in ("import", "data", "first_batch", "exit")}
+            med = {
+                k: median([m[k] for m in marks if k in m])
+                for k in ("import", "data", "first_batch", "exit")
+            }
             loaded = sorted({m["cache_loaded"] for m in marks})
             saved = sorted({m["cache_saved"] for m in marks})
             load = fmt_load([m["other_load"] for m in marks])
-            print(f"| {label} | {len(marks)} | {med['import']:.2f} | {med['data']:.2f} | "
-                  f"**{med['first_batch']:.2f}** | {med['exit']:.2f} | {loaded} / {saved} | {load} |",
-                  flush=True)
+            print(
+                f"| {label} | {len(marks)} | {med['import']:.2f} | {med['data']:.2f} | "
+                f"**{med['first_batch']:.2f}** | {med['exit']:.2f} | {loaded} / {saved} | {load} |",
+                flush=True,
+            )
             results[label] = med
-        plain_runs = [run_startup_quiet(lambda: plain, threads, instrumented=False)["wall"] for _ in range(runs)]
+        plain_runs = [
+            run_startup_quiet(lambda: plain, threads, instrumented=False)["wall"]
+            for _ in range(runs)
+        ]
         print()
-        print(f"`python -m fastcnn {' '.join(startup_args(threads))}` (uninstrumented, warm in-tree "
-              f"cache), launch to exit: median {median(plain_runs):.2f} s over {runs} runs.")
-        print("Times are from the parent's clock before launching (time.time(), shared with the child). "
-              "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the main "
-              "process per run: a cold run loads only what fastcnn.precompile's helper process "
-              "compiled meanwhile (the kernels of its compile_backward).")
+        print(
+            f"`python -m fastcnn {' '.join(startup_args(threads))}` (uninstrumented, warm in-tree "
+            f"cache), launch to exit: median {median(plain_runs):.2f} s over {runs} runs."
+        )
+        print(
+            "Times are from the parent's clock before launching (time.time(), shared with the child). "
+            "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the main "
+            "process per run: a cold run loads only what fastcnn.precompile's helper process "
+            "compiled meanwhile (the kernels of its compile_backward)."
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results

@@ -2,6 +2,7 @@
 run's header (command, machine, versions, environment), the description of the workers, the
 formatting of figures, and the summary of the targets.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,16 +25,28 @@ def package_version(name):
 
 def cpu_model():
     model, flags = results_file.cpu_description()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni") if f in flags]
+    simd = [
+        f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni") if f in flags
+    ]
     return f"{model} ({', '.join(simd) or 'no AVX2'})"
 
 
 def git_revision():
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastcnn", "kernels"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fastcnn", "kernels"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + (" (fastcnn/ or kernels/ modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -54,15 +67,36 @@ def print_header(args, argv):
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}   repo: {REPO} @ {git_revision()}")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {cpu_model()}, {cpus} CPUs usable, load average {loadavg()} (1/5/15 min)")
-    versions = {n: package_version(n) for n in ("numba", "llvmlite", "numpy", "torch", "threadpoolctl")}
-    print(f"python {platform.python_version()}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMBA_", "FASTCNN_", "MALLOC_"))}
-    print("environment: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(no thread or numba variables)"))
-    print(f"threads: {args.threads}; batches: {args.batches}; repeats: {args.repeats}; "
-          f"data: {args.data}; isolation: {args.isolation}; malloc: {args.malloc}"
-          + (" (tuned = " + ", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + ")"
-             if args.malloc != "default" else ""))
+    versions = {
+        n: package_version(n) for n in ("numba", "llvmlite", "numpy", "torch", "threadpoolctl")
+    }
+    print(
+        f"python {platform.python_version()}; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(
+            ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "NUMBA_", "FASTCNN_", "MALLOC_")
+        )
+    }
+    print(
+        "environment: "
+        + (
+            ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+            or "(no thread or numba variables)"
+        )
+    )
+    print(
+        f"threads: {args.threads}; batches: {args.batches}; repeats: {args.repeats}; "
+        f"data: {args.data}; isolation: {args.isolation}; malloc: {args.malloc}"
+        + (
+            " (tuned = " + ", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + ")"
+            if args.malloc != "default"
+            else ""
+        )
+    )
 
 
 def describe_workers(workers):
@@ -81,14 +115,21 @@ def describe_workers(workers):
         ready = ", ".join(f"{k.replace('_seconds', '')} {v:.2f} s" for k, v in w.ready.items())
         print(f"- {w.kind} worker (pid {info['pid']}): {ready} (not timed)")
         if "numba_threading_layer" in info:
-            print(f"  numba threading layer: {info['numba_threading_layer']}, "
-                  f"NUMBA_NUM_THREADS {info['numba_num_threads']}")
+            print(
+                f"  numba threading layer: {info['numba_threading_layer']}, "
+                f"NUMBA_NUM_THREADS {info['numba_num_threads']}"
+            )
         if "torch_num_threads" in info:
-            print(f"  torch threads at import {info['torch_num_threads']}; " + "; ".join(info["torch_parallel"]))
+            print(
+                f"  torch threads at import {info['torch_num_threads']}; "
+                + "; ".join(info["torch_parallel"])
+            )
         for pool in info.get("threadpools", []):
             extra = f", {pool['threading_layer']}" if pool.get("threading_layer") else ""
-            print(f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} {pool['version'] or ''} "
-                  f"{pool['num_threads']} threads{extra}: {pool['filepath']}")
+            print(
+                f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} {pool['version'] or ''} "
+                f"{pool['num_threads']} threads{extra}: {pool['filepath']}"
+            )
 
 
 def ratio_range(rates_a, rates_b, busy_a, busy_b):
@@ -98,7 +139,9 @@ def ratio_range(rates_a, rates_b, busy_a, busy_b):
     left_out = len(rates_a) - len(pairs)
     if not pairs:
         return "-"
-    return f"{min(pairs):.2f}-{max(pairs):.2f}" + (f" ({left_out} busy round left out)" if left_out else "")
+    return f"{min(pairs):.2f}-{max(pairs):.2f}" + (
+        f" ({left_out} busy round left out)" if left_out else ""
+    )
 
 
 def fmt_faults(faults):
@@ -110,6 +153,7 @@ def fmt_rate(v):
 
 
 # -- targets -----------------------------------------------------------------------------------
+
 
 def print_targets(throughput, memory, startup):
     print()
@@ -126,25 +170,40 @@ def print_targets(throughput, memory, startup):
         else:
             continue
         ok = "met" if r["ratio"] >= need else "NOT met"
-        lines.append(f"- {r['mode']} batch {r['batch']}, {r['threads']} thread(s), {r['malloc']}: "
-                     f"{r['ratio']:.2f}x PyTorch (target >= {need}x): {ok}")
+        lines.append(
+            f"- {r['mode']} batch {r['batch']}, {r['threads']} thread(s), {r['malloc']}: "
+            f"{r['ratio']:.2f}x PyTorch (target >= {need}x): {ok}"
+        )
     for (batch, fw), rep in sorted((memory or {}).items()):
         if fw != "fastcnn" or (batch, "torch") not in memory:
             continue
         f, t = rep["wait4_kib"], memory[(batch, "torch")]["wait4_kib"]
         ok = "met" if f <= t else "NOT met"
-        lines.append(f"- peak RSS training batch {batch}: fastcnn {f / 1024:.0f} MiB vs PyTorch {t / 1024:.0f} MiB "
-                     f"(target <=): {ok}")
+        lines.append(
+            f"- peak RSS training batch {batch}: fastcnn {f / 1024:.0f} MiB vs PyTorch {t / 1024:.0f} MiB "
+            f"(target <=): {ok}"
+        )
     if startup:
-        warm = startup.get("warm: default in-tree cache (kernels/__pycache__)", {}).get("first_batch")
+        warm = startup.get("warm: default in-tree cache (kernels/__pycache__)", {}).get(
+            "first_batch"
+        )
         cold = startup.get("cold: NUMBA_CACHE_DIR = empty temp dir", {}).get("first_batch")
         if warm is not None:
-            lines.append(f"- start-up to first batch, warm cache: {warm:.2f} s (target <= 3 s): "
-                         f"{'met' if warm <= 3 else 'NOT met'}")
-        unpatched = startup.get("cold, wrappers compiled (FASTCNN_NUMBA_LINK_ONLY=0)", {}).get("first_batch")
+            lines.append(
+                f"- start-up to first batch, warm cache: {warm:.2f} s (target <= 3 s): "
+                f"{'met' if warm <= 3 else 'NOT met'}"
+            )
+        unpatched = startup.get("cold, wrappers compiled (FASTCNN_NUMBA_LINK_ONLY=0)", {}).get(
+            "first_batch"
+        )
         if cold is not None:
-            lines.append(f"- start-up to first batch, cold compile: {cold:.2f} s (target < 20 s): "
-                         f"{'met' if cold < 20 else 'NOT met'}"
-                         + (f" ({unpatched:.2f} s with numba's parallel-loop wrappers compiled)"
-                            if unpatched is not None else ""))
+            lines.append(
+                f"- start-up to first batch, cold compile: {cold:.2f} s (target < 20 s): "
+                f"{'met' if cold < 20 else 'NOT met'}"
+                + (
+                    f" ({unpatched:.2f} s with numba's parallel-loop wrappers compiled)"
+                    if unpatched is not None
+                    else ""
+                )
+            )
     print("\n".join(lines) if lines else "(nothing measured that a target applies to)")

@@ -3,6 +3,7 @@ runs inside a worker process -- fastcnn's and PyTorch's training and inference s
 timings, an epoch, a profile, a memory run -- and the helpers both sides share: the constants,
 the suite's networks and their input batch, the convolution shapes of the kernel table.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ SQUARE = 1024  # the square GEMM: SQUARE x SQUARE @ SQUARE x SQUARE float32
 # helpers shared by both sides
 # =============================================================================================
 
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -36,9 +38,9 @@ def conv_gemm_shapes(c, f, h, w, k, n=KERNEL_BATCH):
     three have the op's 2*N*OH*OW*F*C*K*K flops."""
     rows = n * (h - k + 1) * (w - k + 1)
     return {
-        "forward": (rows, c * k * k, f),            # cols @ W^T
-        "backward-input": (rows, f, c * k * k),     # dY @ W, then col2im
-        "backward-weight": (f, rows, c * k * k),    # dY^T @ cols
+        "forward": (rows, c * k * k, f),  # cols @ W^T
+        "backward-input": (rows, f, c * k * k),  # dY @ W, then col2im
+        "backward-weight": (f, rows, c * k * k),  # dY^T @ cols
         # the weight gradient as training computes it, below the layer's ReLU + 2x2 max pool:
         # from the pooled gradient (the same product; dY rebuilt, or only its nonzero terms)
         "backward-weight from pool": (f, rows, c * k * k),
@@ -53,8 +55,14 @@ DATA = {"kind": "random", "network": "reference"}  # set in a worker from --data
 MNIST_SHAPE = (1, 28, 28)
 # --network's choices and each one's (C, H, W) input: fastcnn.models.BUILDERS and INPUT_SHAPES
 # (tests/test_models.py checks they agree; the parent process never imports fastcnn or numba)
-NETWORKS = {"reference": MNIST_SHAPE, "lenet5": MNIST_SHAPE, "resnet8": MNIST_SHAPE,
-            "resnet20": MNIST_SHAPE, "vgg": (3, 32, 32), "allconv": (3, 32, 32)}
+NETWORKS = {
+    "reference": MNIST_SHAPE,
+    "lenet5": MNIST_SHAPE,
+    "resnet8": MNIST_SHAPE,
+    "resnet20": MNIST_SHAPE,
+    "vgg": (3, 32, 32),
+    "allconv": (3, 32, 32),
+}
 
 
 def input_shape():
@@ -70,8 +78,10 @@ def random_batch(batch, shape=MNIST_SHAPE, seed=1234):
 
     if DATA["kind"] == "mnist":
         if tuple(shape) != MNIST_SHAPE:
-            raise ValueError(f"--data mnist: the network {DATA['network']!r} takes {tuple(shape)} "
-                             f"inputs, not MNIST's {MNIST_SHAPE}; use --data random")
+            raise ValueError(
+                f"--data mnist: the network {DATA['network']!r} takes {tuple(shape)} "
+                f"inputs, not MNIST's {MNIST_SHAPE}; use --data random"
+            )
         import gzip
 
         folder = os.path.join(data_root(), "mnist")
@@ -99,6 +109,7 @@ def data_root():
 # worker side: one process per framework (or both in one for --isolation inprocess)
 # =============================================================================================
 
+
 def _network(fastcnn):
     """The benchmark's network, seed 0 (``models.reference`` by name: a --baseline checkout may
     predate ``models.BUILDERS``)."""
@@ -106,8 +117,10 @@ def _network(fastcnn):
         return fastcnn.models.reference(seed=0)
     builders = getattr(fastcnn.models, "BUILDERS", {})
     if DATA["network"] not in builders:  # a --baseline checkout older than the network
-        raise ValueError(f"--network {DATA['network']}: the fastcnn at {fastcnn.__file__} has no "
-                         f"such network (its models.BUILDERS: {', '.join(builders) or 'none'})")
+        raise ValueError(
+            f"--network {DATA['network']}: the fastcnn at {fastcnn.__file__} has no "
+            f"such network (its models.BUILDERS: {', '.join(builders) or 'none'})"
+        )
     return builders[DATA["network"]](input_shape()[0], 10, 0)
 
 
@@ -223,16 +236,24 @@ class FastcnnRunner:
                 kpool.maxpool2d_forward(y, 2, 2, 2, 2, 0, 0, pooled, argmax)
                 gp = np.ascontiguousarray(dy[:, : oh // 2, : ow // 2])
                 # the kernel functional.max_pool2d_conv2d_backward picks (1 channel: dense)
-                from_pool = (kfused.maxpool2d_conv2d_backward_weight if c % 32 == 0
-                             else kfused.maxpool2d_conv2d_backward_weight_dense)
+                from_pool = (
+                    kfused.maxpool2d_conv2d_backward_weight
+                    if c % 32 == 0
+                    else kfused.maxpool2d_conv2d_backward_weight_dense
+                )
                 fns = {
-                    "forward": lambda: kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, False, y),
-                    "backward-input": lambda: kconv.conv2d_backward_input(dy, weight, 1, 1, 0, 0, 1, 1, dx),
+                    "forward": lambda: kconv.conv2d_forward(
+                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y
+                    ),
+                    "backward-input": lambda: kconv.conv2d_backward_input(
+                        dy, weight, 1, 1, 0, 0, 1, 1, dx
+                    ),
                     "backward-weight": lambda: kconv.conv2d_backward_weight(
-                        x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias),
+                        x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias
+                    ),
                     "backward-weight from pool": lambda: from_pool(
-                        x, gp, argmax, pooled, True, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dweight,
-                        dbias),
+                        x, gp, argmax, pooled, True, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dweight, dbias
+                    ),
                 }
                 for op, fn in fns.items():
                     out[f"{layer} {op}"] = _time_calls(fn, calls)
@@ -248,19 +269,41 @@ class FastcnnRunner:
             np.save(os.path.join(folder, f"mnist_{name}.npy"), arr)
         # warm-up (compilation excluded): two steps of a throwaway model
         warm = fc.models.reference(seed=1)
-        fc.fit(warm, fc.CrossEntropyLoss(), fc.SGD(warm.parameters(), lr=0.01, momentum=0.9),
-               x[: 2 * batch], y[: 2 * batch], epochs=1, batch_size=batch, progress=False,
-               threads=threads)
+        fc.fit(
+            warm,
+            fc.CrossEntropyLoss(),
+            fc.SGD(warm.parameters(), lr=0.01, momentum=0.9),
+            x[: 2 * batch],
+            y[: 2 * batch],
+            epochs=1,
+            batch_size=batch,
+            progress=False,
+            threads=threads,
+        )
         model = fc.models.reference(seed=0)
         np.savez(init_path, **model.state_dict())
         opt = fc.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        history = fc.fit(model, fc.CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=batch,
-                         progress=False, threads=threads, seed=0)
+        history = fc.fit(
+            model,
+            fc.CrossEntropyLoss(),
+            opt,
+            x,
+            y,
+            epochs=1,
+            batch_size=batch,
+            progress=False,
+            threads=threads,
+            seed=0,
+        )
         t0 = time.perf_counter()
         test_loss, test_acc = fc.evaluate(model, xt, yt, batch_size=256, threads=threads)
-        return {"seconds": history.seconds[0], "train_loss": history.train_loss[0],
-                "test_accuracy": test_acc, "test_seconds": time.perf_counter() - t0,
-                "images": int(x.shape[0])}
+        return {
+            "seconds": history.seconds[0],
+            "train_loss": history.train_loss[0],
+            "test_accuracy": test_acc,
+            "test_seconds": time.perf_counter() - t0,
+            "images": int(x.shape[0]),
+        }
 
     # -- per-layer profile -----------------------------------------------------------------
     def profile(self, threads, batch, steps):
@@ -288,8 +331,11 @@ class FastcnnRunner:
                 t0 = time.perf_counter()
                 result = fn(*args, **kwargs)
                 times.setdefault(key, []).append(time.perf_counter() - t0)
-                faults.setdefault(key, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+                faults.setdefault(key, []).append(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+                )
                 return result
+
             return wrapper
 
         def step():
@@ -317,7 +363,11 @@ class FastcnnRunner:
             model.train()
             for _ in range(10):  # the allocator settles over the first steps
                 step()
-            plain, total, gap = [], [], []  # plain (uninstrumented) and instrumented steps alternate
+            plain, total, gap = (
+                [],
+                [],
+                [],
+            )  # plain (uninstrumented) and instrumented steps alternate
             for _ in range(steps):
                 t0 = time.perf_counter()
                 step()
@@ -332,10 +382,12 @@ class FastcnnRunner:
                 opt_step()
                 total.append(time.perf_counter() - t0)
                 instrument(False)
-                parts = sum(sum(v[mark.get(k, 0):]) for k, v in times.items())
+                parts = sum(sum(v[mark.get(k, 0) :]) for k, v in times.items())
                 gap.append(total[-1] - parts)
         out = {f"{k[0]}|{k[1]}": median(v) for k, v in times.items()}
-        out.update({f"faults|{k[0]}|{k[1]}": sum(v) / len(v) for k, v in faults.items()})  # mean: they come in bursts
+        out.update(
+            {f"faults|{k[0]}|{k[1]}": sum(v) / len(v) for k, v in faults.items()}
+        )  # mean: they come in bursts
         out["step|instrumented"] = median(total)
         out["step|plain"] = median(plain)
         out["step|between"] = median(gap)
@@ -362,10 +414,15 @@ class TorchRunner:
             init_path = None
         else:
             self.model = nn.Sequential(
-                nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(1, 32, 3),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
                 nn.Flatten(),
-                nn.Linear(1600, 128), nn.ReLU(),
+                nn.Linear(1600, 128),
+                nn.ReLU(),
                 nn.Linear(128, 10),
             )
         if init_path:
@@ -449,12 +506,14 @@ class TorchRunner:
         warm.block("train", batch, threads, 2)
         model = TorchRunner(init_path)  # fastcnn's initial weights
         net, loss_fn, opt = model.model, model.loss_fn, model.opt
-        order = torch.from_numpy(np.random.default_rng(0).permutation(n))  # = fit(seed=0)'s 1st epoch
+        order = torch.from_numpy(
+            np.random.default_rng(0).permutation(n)
+        )  # = fit(seed=0)'s 1st epoch
         net.train()
         loss_sum = 0.0
         t0 = time.perf_counter()
         for b in range(-(-n // batch)):
-            idx = order[b * batch:(b + 1) * batch]
+            idx = order[b * batch : (b + 1) * batch]
             xb, yb = x[idx], y[idx]
             opt.zero_grad()
             lt = loss_fn(net(xb), yb)
@@ -467,9 +526,14 @@ class TorchRunner:
         correct = 0
         with torch.inference_mode():
             for i in range(0, xt.shape[0], 256):
-                correct += int((net(xt[i:i + 256]).argmax(1) == yt[i:i + 256]).sum())
-        return {"seconds": seconds, "train_loss": loss_sum / n, "test_accuracy": correct / xt.shape[0],
-                "test_seconds": time.perf_counter() - t1, "images": int(n)}
+                correct += int((net(xt[i : i + 256]).argmax(1) == yt[i : i + 256]).sum())
+        return {
+            "seconds": seconds,
+            "train_loss": loss_sum / n,
+            "test_accuracy": correct / xt.shape[0],
+            "test_seconds": time.perf_counter() - t1,
+            "images": int(n),
+        }
 
     def profile(self, threads, batch, steps):
         """PyTorch's own profiler over ``steps`` training steps: self CPU ms per step of each
@@ -500,8 +564,12 @@ class TorchRunner:
             for _ in range(steps):
                 step()
         ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-        return {"step_seconds": median(plain),
-                "ops": [(e.key, e.self_cpu_time_total / 1e6 / steps, e.count / steps) for e in ops[:14]]}
+        return {
+            "step_seconds": median(plain),
+            "ops": [
+                (e.key, e.self_cpu_time_total / 1e6 / steps, e.count / steps) for e in ops[:14]
+            ],
+        }
 
 
 def _conv_data(c, f, h, w, k, n=KERNEL_BATCH):
@@ -532,9 +600,20 @@ def worker_info(runners):
         import threadpoolctl
 
         info["threadpools"] = [
-            {k: d.get(k) for k in ("user_api", "internal_api", "prefix", "version", "num_threads",
-                                   "threading_layer", "filepath")}
-            for d in threadpoolctl.threadpool_info()]
+            {
+                k: d.get(k)
+                for k in (
+                    "user_api",
+                    "internal_api",
+                    "prefix",
+                    "version",
+                    "num_threads",
+                    "threading_layer",
+                    "filepath",
+                )
+            }
+            for d in threadpoolctl.threadpool_info()
+        ]
     except ImportError:
         pass
     if "fastcnn" in runners or isinstance(runners.get("torch"), FastcnnRunner):
@@ -548,8 +627,11 @@ def worker_info(runners):
     if isinstance(runners.get("torch"), TorchRunner):
         torch = runners["torch"].torch
         info["torch_num_threads"] = runners["torch"].default_threads
-        info["torch_parallel"] = [line.strip() for line in torch.__config__.parallel_info().splitlines()
-                                  if "backend" in line or "Library" in line or "MKL-DNN" in line]
+        info["torch_parallel"] = [
+            line.strip()
+            for line in torch.__config__.parallel_info().splitlines()
+            if "backend" in line or "Library" in line or "MKL-DNN" in line
+        ]
     return info
 
 
@@ -590,15 +672,23 @@ def worker_main(kind, data="random", network="reference"):
                 result = worker_info(runners)
             elif op == "block":
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                seconds, loss = runners[req["fw"]].block(req["mode"], req["batch"], req["threads"], req["steps"])
+                seconds, loss = runners[req["fw"]].block(
+                    req["mode"], req["batch"], req["threads"], req["steps"]
+                )
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-                result = {"seconds": seconds, "loss": loss, "faults_per_step": faults / req["steps"]}
+                result = {
+                    "seconds": seconds,
+                    "loss": loss,
+                    "faults_per_step": faults / req["steps"],
+                }
             elif op == "gemm":
                 result = runners["fastcnn"].gemm(req["threads"], req["calls"])
             elif op == "kernels":
                 result = runners[req["fw"]].kernels(req["threads"], req["calls"])
             elif op == "epoch":
-                result = runners[req["fw"]].epoch(req["threads"], req["batch"], req["folder"], req["init"])
+                result = runners[req["fw"]].epoch(
+                    req["threads"], req["batch"], req["folder"], req["init"]
+                )
             elif op == "profile":
                 result = runners[req["fw"]].profile(req["threads"], req["batch"], req["steps"])
             else:
@@ -609,6 +699,7 @@ def worker_main(kind, data="random", network="reference"):
 
 
 # -- the child process of a memory run (bench_end_to_end.py --memory-child) ---------------------
+
 
 def memory_child(fw, batch, threads, steps):
     """Runs in its own process: train ``steps`` steps, print RSS figures (KiB) as JSON."""

@@ -3,6 +3,7 @@
 The middle rung of the benchmark ladder: naive loops | numpy | fastcnn kernels | PyTorch.
 Stride 1, no padding, as at the reference network's shapes.
 """
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -66,7 +67,11 @@ def batchnorm_forward_train(x, gamma, beta, eps):
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     var = x.var(axis=(0, 2, 3), keepdims=True)
     invstd = 1 / np.sqrt(var + eps)
-    return (x - mean) * invstd * gamma[None, :, None, None] + beta[None, :, None, None], mean, invstd
+    return (
+        (x - mean) * invstd * gamma[None, :, None, None] + beta[None, :, None, None],
+        mean,
+        invstd,
+    )
 
 
 def batchnorm_backward(x, gamma, dy, mean, invstd):

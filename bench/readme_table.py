@@ -12,6 +12,7 @@ and inference rows at batch 64 and 128 of the default-malloc table (what a user 
 tuned-malloc ratio beside them; the line above it gives the date, CPU, versions, git revision,
 command and file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,13 @@ def parse(path):
     head = {}
     for line in lines[:12]:
         if line.startswith("command: "):
-            head["command"] = line[len("command: "):]
+            head["command"] = line[len("command: ") :]
         elif line.startswith("date: "):
             m = re.match(r"date: (\S+ \S+)\s+repo: .* @ (\S+)", line)
             if m:
                 head["date"], head["revision"] = m.groups()
         elif line.startswith("machine: "):
-            head["machine"] = line[len("machine: "):].split(", load average")[0]
+            head["machine"] = line[len("machine: ") :].split(", load average")[0]
         elif line.startswith("python "):
             head["versions"] = line
     tables, malloc = {}, None
@@ -56,7 +57,7 @@ def parse(path):
         elif line.startswith("| threads | batch | mode |") and malloc and malloc not in tables:
             columns = [c.strip() for c in line.strip("|").split("|")]
             rows = []
-            for row in lines[i + 2:]:
+            for row in lines[i + 2 :]:
                 if not row.startswith("|"):
                     break
                 rows.append(dict(zip(columns, (c.strip() for c in row.strip("|").split("|")))))
@@ -90,8 +91,12 @@ def latest(directory=RESULTS_DIR):
 def table(path):
     """The README's block (without the markers) for the results file at ``path``."""
     r = parse(path)
-    tuned = {(t["threads"], t["batch"], t["mode"]): t["ratio"] for t in r["tables"].get("tuned", [])}
-    peer = next(c for c in r["tables"]["default"][0] if c.endswith(" img/s") and c != "fastcnn img/s")
+    tuned = {
+        (t["threads"], t["batch"], t["mode"]): t["ratio"] for t in r["tables"].get("tuned", [])
+    }
+    peer = next(
+        c for c in r["tables"]["default"][0] if c.endswith(" img/s") and c != "fastcnn img/s"
+    )
     rows = [row for row in r["tables"]["default"] if int(row["batch"]) in BATCHES]
     rel = os.path.relpath(path, REPO)
     out = [
@@ -104,8 +109,10 @@ def table(path):
     ]
     for row in rows:
         key = (row["threads"], row["batch"], row["mode"])
-        out.append(f"| {' | '.join(key)} | {row['fastcnn img/s']} | {row[peer]} | {row['ratio']} | "
-                   f"{tuned.get(key, '-')} |")
+        out.append(
+            f"| {' | '.join(key)} | {row['fastcnn img/s']} | {row[peer]} | {row['ratio']} | "
+            f"{tuned.get(key, '-')} |"
+        )
     return "\n".join(out)
 
 
@@ -114,7 +121,7 @@ def rewrite(readme_text, block):
     start, end = readme_text.find(BEGIN), readme_text.find(END)
     if start < 0 or end < start:
         raise ValueError(f"README.md has no {BEGIN} ... {END} markers")
-    return readme_text[:start + len(BEGIN)] + "\n" + block + "\n" + readme_text[end:]
+    return readme_text[: start + len(BEGIN)] + "\n" + block + "\n" + readme_text[end:]
 
 
 def main(argv=None):
@@ -129,8 +136,11 @@ def main(argv=None):
     new = rewrite(text, table(path))
     if args.check:
         if new != text:
-            print(f"{args.readme}: the speed table is not the one generated from {path}; "
-                  "run python bench/readme_table.py", file=sys.stderr)
+            print(
+                f"{args.readme}: the speed table is not the one generated from {path}; "
+                "run python bench/readme_table.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if new != text:

@@ -9,6 +9,7 @@ appends the CPU model with all its flags and the platform, then gives it its fin
 ``YYYY-MM-DD-HHMM-<name>.md``. A run that crashes or is interrupted leaves only the ``.partial``
 file. ``bench/readme_table.py`` reads the latest complete end-to-end file.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ def cpu_description():
             lines = fh.read().splitlines()
     except OSError:
         return platform.processor() or "unknown", []
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown"
+    )
     flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
     return model, flags
 
@@ -63,8 +66,10 @@ class Results:
         sys.stdout.flush()
         sys.stdout = self.stdout
         model, flags = cpu_description()
-        self.file.write(f"\n## Machine\n\nCPU: {model}\nflags: {' '.join(flags) or '(unknown)'}\n"
-                        f"platform: {platform.platform()}\n")
+        self.file.write(
+            f"\n## Machine\n\nCPU: {model}\nflags: {' '.join(flags) or '(unknown)'}\n"
+            f"platform: {platform.platform()}\n"
+        )
         self.file.close()
         os.replace(self.partial, self.path)
         print(f"results saved to {os.path.relpath(self.path)}", file=sys.stderr)

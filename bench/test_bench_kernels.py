@@ -7,6 +7,7 @@ numpy (im2col + matmul; reshape + max; bench/numpy_ops.py), fastcnn (the Numba k
 torch (if installed). Convolution, max pooling at the reference shapes; ReLU, average pooling and
 batch normalisation at the first layer's activation shape (64, 32, 26, 26).
 """
+
 import numba
 import numpy as np
 import pytest
@@ -200,7 +201,9 @@ def test_relu_forward_backward(record, impl):
         tx = torch.from_numpy(x).requires_grad_()
         tdy = torch.from_numpy(dy)
         fns["torch"] = lambda: torch.relu(tx).backward(tdy)
-    record(f"relu {ACT_NAME} forward+backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+    record(
+        f"relu {ACT_NAME} forward+backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -224,8 +227,10 @@ def test_avgpool2d_forward_backward(record, impl):
         return np.repeat(np.repeat(dy, 2, axis=2), 2, axis=3) * np.float32(0.25)
 
     fns = {
-        "naive": lambda: (naive_pool.avgpool2d_forward(x, (2, 2), (2, 2), pad),
-                          naive_pool.avgpool2d_backward(x.shape, dy, (2, 2), (2, 2), pad)),
+        "naive": lambda: (
+            naive_pool.avgpool2d_forward(x, (2, 2), (2, 2), pad),
+            naive_pool.avgpool2d_backward(x.shape, dy, (2, 2), (2, 2), pad),
+        ),
         "numpy": numpy_avg,
         "fastcnn": fastcnn_avg,
     }
@@ -234,7 +239,13 @@ def test_avgpool2d_forward_backward(record, impl):
         tx = torch.from_numpy(x).requires_grad_()
         tdy = torch.from_numpy(dy)
         fns["torch"] = lambda: torch.nn.functional.avg_pool2d(tx, 2).backward(tdy)
-    record(f"avgpool 2x2 {ACT_NAME} forward+backward", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+    record(
+        f"avgpool 2x2 {ACT_NAME} forward+backward",
+        impl,
+        fns[impl],
+        0,
+        1 if impl == "naive" else ROUNDS,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -258,8 +269,10 @@ def test_batchnorm_train_forward_backward(record, impl):
         numpy_ops.batchnorm_backward(x, gamma, dy, m, s)
 
     fns = {
-        "naive": lambda: (naive_bn.batchnorm_forward_train(x, gamma, beta, 1e-5),
-                          naive_bn.batchnorm_backward(x, gamma, dy, 1e-5)),
+        "naive": lambda: (
+            naive_bn.batchnorm_forward_train(x, gamma, beta, 1e-5),
+            naive_bn.batchnorm_backward(x, gamma, dy, 1e-5),
+        ),
         "numpy": numpy_bn,
         "fastcnn": fastcnn_bn,
     }
@@ -270,5 +283,8 @@ def test_batchnorm_train_forward_backward(record, impl):
         tb = torch.from_numpy(beta).requires_grad_()
         tdy = torch.from_numpy(dy)
         fns["torch"] = lambda: torch.nn.functional.batch_norm(
-            tx, None, None, tg, tb, training=True, eps=1e-5).backward(tdy)
-    record(f"batchnorm {ACT_NAME} train fwd+bwd", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS)
+            tx, None, None, tg, tb, training=True, eps=1e-5
+        ).backward(tdy)
+    record(
+        f"batchnorm {ACT_NAME} train fwd+bwd", impl, fns[impl], 0, 1 if impl == "naive" else ROUNDS
+    )

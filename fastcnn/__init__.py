@@ -1,11 +1,12 @@
 """fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like API.
 
-    import fastcnn
-    model = fastcnn.models.reference()
-    (x, y), (x_test, y_test) = fastcnn.datasets.mnist()
-    opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
+import fastcnn
+model = fastcnn.models.reference()
+(x, y), (x_test, y_test) = fastcnn.datasets.mnist()
+opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
 """
+
 import os as _os
 
 from . import _kernels_path
@@ -42,13 +43,51 @@ from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "Module", "Parameter", "register_module", "module_from_config", "from_config",
-    "Sequential", "Residual", "Concat", "fusion", "set_fusion",
-    "AvgPool2D", "BatchNorm1D", "BatchNorm2D", "Conv2D", "Dense", "Dropout", "Flatten",
-    "GlobalAvgPool2D", "Layer", "LeakyReLU", "MaxPool2D", "ReLU", "Sigmoid", "Softmax", "Tanh",
-    "CrossEntropyLoss", "MSELoss",
-    "SGD", "Adam", "AdamW", "CosineAnnealingLR", "OneCycleLR", "StepLR",
-    "History", "TrainingDiverged", "evaluate", "fit", "set_num_threads",
-    "checkpoint", "datasets", "functional", "losses", "models", "optim", "plan", "threads",
+    "Module",
+    "Parameter",
+    "register_module",
+    "module_from_config",
+    "from_config",
+    "Sequential",
+    "Residual",
+    "Concat",
+    "fusion",
+    "set_fusion",
+    "AvgPool2D",
+    "BatchNorm1D",
+    "BatchNorm2D",
+    "Conv2D",
+    "Dense",
+    "Dropout",
+    "Flatten",
+    "GlobalAvgPool2D",
+    "Layer",
+    "LeakyReLU",
+    "MaxPool2D",
+    "ReLU",
+    "Sigmoid",
+    "Softmax",
+    "Tanh",
+    "CrossEntropyLoss",
+    "MSELoss",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "CosineAnnealingLR",
+    "OneCycleLR",
+    "StepLR",
+    "History",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "set_num_threads",
+    "checkpoint",
+    "datasets",
+    "functional",
+    "losses",
+    "models",
+    "optim",
+    "plan",
+    "threads",
     "training",
 ]

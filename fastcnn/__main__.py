@@ -1,4 +1,5 @@
 """``python -m fastcnn``: the same command as ``fastcnn`` (see fastcnn/cli.py)."""
+
 from fastcnn.cli import run
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Installed, the top-level ``kernels/`` folder of the repository *is* the subpacka
 ``fastcnn/`` and ``kernels/`` are siblings, this registers the sibling under the same name,
 so ``python -m fastcnn`` and the tests behave the same before and after ``pip install``.
 """
+
 import importlib.util
 import os
 import sys

@@ -39,6 +39,7 @@ checksum checked, the model rebuilt from its config and every tensor compared wi
 model again; only then are the weights loaded. Any problem raises ``CheckpointError`` (a
 ``ValueError``) naming the file and the problem.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import safetensors.numpy as _st
 
-__all__ = ["save", "load", "check_destination", "Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = [
+    "save",
+    "load",
+    "check_destination",
+    "Checkpoint",
+    "CheckpointError",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
 
 FORMAT_NAME = "fastcnn-checkpoint"
 FORMAT_VERSION = 2  # 2: metadata checksum "meta_sha256"
@@ -76,6 +85,7 @@ class CheckpointError(ValueError):
 def _fastcnn_version():
     try:
         from . import __version__
+
         return __version__
     except ImportError:  # pragma: no cover
         return "unknown"
@@ -84,17 +94,20 @@ def _fastcnn_version():
 def _state_spec(config):
     """{name: (shape, dtype)} of the config's state without building it, or None."""
     from .module import state_spec_of
+
     return state_spec_of(config)
 
 
 def _from_config(config):
     """Build a model from its architecture config (indirection so tests can stub the model)."""
     from .module import module_from_config
+
     return module_from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
+
 
 def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
     """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path`` atomically.
@@ -118,8 +131,9 @@ def check_destination(path):
     a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
     step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)"""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"checkpoint path: expected a file name (str or os.PathLike), got "
-                        f"{type(path).__name__}")
+        raise TypeError(
+            f"checkpoint path: expected a file name (str or os.PathLike), got {type(path).__name__}"
+        )
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
@@ -128,13 +142,17 @@ def check_destination(path):
     target = _destination(path)
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(errno.ENOENT, f"cannot write checkpoint {path}: no such folder {folder}")
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot write checkpoint {path}: no such folder {folder}"
+        )
     if os.path.isdir(target):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write checkpoint {path}: it is a folder, "
-                                              f"expected a file name")
+        raise IsADirectoryError(
+            errno.EISDIR, f"cannot write checkpoint {path}: it is a folder, expected a file name"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"cannot write checkpoint {path}: the folder {folder} is "
-                                            f"not writable")
+        raise PermissionError(
+            errno.EACCES, f"cannot write checkpoint {path}: the folder {folder} is not writable"
+        )
     return path
 
 
@@ -144,11 +162,15 @@ def _destination(path):
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
+def _serialise(
+    path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None
+):
     """The bytes :func:`save` writes (everything checked, nothing written)."""
     if epoch is not None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
-            raise TypeError(f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}")
+            raise TypeError(
+                f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}"
+            )
         epoch = int(epoch)
     if input_shape is not None:
         input_shape = [int(s) for s in input_shape]
@@ -175,9 +197,15 @@ def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=No
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "fastcnn_version": _fastcnn_version(),
-        "model": {"config": config, "keys": list(map(str, state.keys())), "rng_state": rng_state,
-                  "input_shape": input_shape},
-        "tensors": {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in tensors.items()},
+        "model": {
+            "config": config,
+            "keys": list(map(str, state.keys())),
+            "rng_state": rng_state,
+            "input_shape": input_shape,
+        },
+        "tensors": {
+            name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in tensors.items()
+        },
         "sha256": _digest(tensors),
         "optimizer": opt_meta,
         "scheduler": sched_meta,
@@ -185,25 +213,33 @@ def _serialise(path, model, optimizer=None, scheduler=None, epoch=None, extra=No
         "extra": extra,
     }
     # extra sits one level inside the metadata: it may hold one level less than a file
-    for what, value, limit in (("extra", extra, _MAX_JSON_DEPTH - 1),
-                               ("the metadata", meta, _MAX_JSON_DEPTH)):
+    for what, value, limit in (
+        ("extra", extra, _MAX_JSON_DEPTH - 1),
+        ("the metadata", meta, _MAX_JSON_DEPTH),
+    ):
         if _json_depth(value, limit) > limit:
-            raise ValueError(f"checkpoint.save: cannot write {path}: {what} is nested more than "
-                             f"{limit} levels deep (lists and dicts inside each other), more than "
-                             f"a checkpoint holds")
+            raise ValueError(
+                f"checkpoint.save: cannot write {path}: {what} is nested more than "
+                f"{limit} levels deep (lists and dicts inside each other), more than "
+                f"a checkpoint holds"
+            )
     try:
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
         meta["meta_sha256"] = _meta_digest(json.loads(meta_json))
         meta_json = json.dumps(meta, default=_json_default, sort_keys=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
-                        f"extra, configs and scheduler state must be JSON-able") from exc
+        raise TypeError(
+            f"checkpoint.save: cannot write {path}: a value is not JSON-able ({exc}); "
+            f"extra, configs and scheduler state must be JSON-able"
+        ) from exc
     return _st.save(tensors, metadata={_META_KEY: meta_json})
 
 
 def _tensor(value, what):
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"checkpoint.save: {what} is a {type(value).__name__}, expected a numpy array")
+        raise TypeError(
+            f"checkpoint.save: {what} is a {type(value).__name__}, expected a numpy array"
+        )
     # safetensors stores little-endian, C-contiguous data
     # np.require keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)
     return np.require(value, dtype=value.dtype.newbyteorder("<"), requirements="C")
@@ -212,18 +248,24 @@ def _tensor(value, what):
 def _split_optimizer_state(optimizer):
     sd = optimizer.state_dict()
     if not isinstance(sd, dict) or "hyper" not in sd or "state" not in sd:
-        raise TypeError("checkpoint.save: optimizer.state_dict() must be a dict with 'hyper' and 'state'")
+        raise TypeError(
+            "checkpoint.save: optimizer.state_dict() must be a dict with 'hyper' and 'state'"
+        )
     tensors, scalars = {}, {}
     for index, entry in sd["state"].items():
         index = str(index)
         if not index.isdigit():
-            raise ValueError(f"checkpoint.save: optimizer state key {index!r} is not a parameter index")
+            raise ValueError(
+                f"checkpoint.save: optimizer state key {index!r} is not a parameter index"
+            )
         scalars[index] = {}
         for name, value in entry.items():
             if isinstance(value, np.ndarray):
                 if "." in name:
                     raise ValueError(f"checkpoint.save: optimizer state name {name!r} contains '.'")
-                tensors[f"optimizer.{index}.{name}"] = _tensor(value, f"optimizer state {index}.{name}")
+                tensors[f"optimizer.{index}.{name}"] = _tensor(
+                    value, f"optimizer state {index}.{name}"
+                )
             else:
                 scalars[index][name] = value
     meta = {"class": type(optimizer).__name__, "hyper": sd["hyper"], "state": scalars}
@@ -259,8 +301,9 @@ def _meta_digest(meta):
     """sha256 of the metadata as parsed from JSON (without its own "meta_sha256" entry), over its
     canonical JSON: the same for any formatting of the same content."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     allow_nan=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    ).hexdigest()
 
 
 def _digest(tensors):
@@ -361,7 +404,9 @@ def _atomic_write(path, data):
     try:
         with _signals_deferred():
             # O_EXCL: never clobber someone else's file.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            )
             f = os.fdopen(fd, "wb")
         with f:
             if mode is not None and hasattr(os, "fchmod"):
@@ -380,8 +425,11 @@ def _atomic_write(path, data):
                 pass
         if isinstance(exc, OSError):
             where = path if target == path else f"{path} (a link to {target})"
-            raise OSError(exc.errno, f"cannot write checkpoint {where}: "
-                                     f"{exc.strerror or exc}; an existing file there is unchanged") from exc
+            raise OSError(
+                exc.errno,
+                f"cannot write checkpoint {where}: "
+                f"{exc.strerror or exc}; an existing file there is unchanged",
+            ) from exc
         raise
     _fsync_dir(folder)
     _remove_stale_temps(folder, basename)
@@ -403,6 +451,7 @@ def _fsync_dir(folder):
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
 
 @dataclass
 class Checkpoint:
@@ -431,15 +480,18 @@ class Checkpoint:
         if _canonical(config) != _canonical(self.config):
             raise CheckpointError(
                 f"{self.path}: the model's architecture differs from the checkpoint's "
-                f"({_first_difference(self.config, config)}); nothing was loaded")
+                f"({_first_difference(self.config, config)}); nothing was loaded"
+            )
         try:
             model.load_state_dict({k: v.copy() for k, v in self.model_state.items()})
             rng_state = self.metadata["model"].get("rng_state")
             if rng_state:
                 model.set_rng_state(rng_state)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise CheckpointError(f"{self.path}: the saved model state does not fit the model "
-                                  f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+            raise CheckpointError(
+                f"{self.path}: the saved model state does not fit the model "
+                f"({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         return model
 
     def restore_optimizer(self, optimizer):
@@ -449,17 +501,22 @@ class Checkpoint:
         if type(optimizer).__name__ != self.optimizer_class:
             raise CheckpointError(
                 f"{self.path}: the checkpoint holds {self.optimizer_class} state, cannot restore a "
-                f"{type(optimizer).__name__}")
+                f"{type(optimizer).__name__}"
+            )
         state = {
             "hyper": json.loads(json.dumps(self.optimizer_state["hyper"])),
-            "state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
-                      for i, e in self.optimizer_state["state"].items()},
+            "state": {
+                i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()}
+                for i, e in self.optimizer_state["state"].items()
+            },
         }
         try:
             optimizer.load_state_dict(state)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise CheckpointError(f"{self.path}: the saved {self.optimizer_class} state cannot be "
-                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
+            raise CheckpointError(
+                f"{self.path}: the saved {self.optimizer_class} state cannot be "
+                f"restored ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         return optimizer
 
     def restore_scheduler(self, scheduler):
@@ -469,12 +526,15 @@ class Checkpoint:
         if type(scheduler).__name__ != self.scheduler_class:
             raise CheckpointError(
                 f"{self.path}: the checkpoint holds {self.scheduler_class} state, cannot restore a "
-                f"{type(scheduler).__name__}")
+                f"{type(scheduler).__name__}"
+            )
         try:
             scheduler.load_state_dict(json.loads(json.dumps(self.scheduler_state)))
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise CheckpointError(f"{self.path}: the saved {self.scheduler_class} state cannot be "
-                                  f"restored ({type(exc).__name__}: {str(exc)[:300]})") from exc
+            raise CheckpointError(
+                f"{self.path}: the saved {self.scheduler_class} state cannot be "
+                f"restored ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
         return scheduler
 
 
@@ -497,12 +557,26 @@ def _first_difference(expected, got, where="config"):
         for i, (e, g) in enumerate(zip(expected, got)):
             if _canonical(e) != _canonical(g):
                 return _first_difference(e, g, f"{where}[{i}]")
-    return f"{where}: checkpoint has {_canonical(expected)[:200]}, model has {_canonical(got)[:200]}"
+    return (
+        f"{where}: checkpoint has {_canonical(expected)[:200]}, model has {_canonical(got)[:200]}"
+    )
 
 
 # safetensors dtype -> numpy dtype string (the types safetensors.numpy reads)
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-           "I8": "|i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "|u1", "BOOL": "|b1"}
+_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "|i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "|u1",
+    "BOOL": "|b1",
+}
 
 
 def _check_layout(fail, header, manifest, file_size, header_len):
@@ -514,38 +588,58 @@ def _check_layout(fail, header, manifest, file_size, header_len):
     if not isinstance(manifest, dict) or set(manifest) != set(entries):
         missing = sorted(set(manifest) - set(entries)) if isinstance(manifest, dict) else []
         unexpected = sorted(set(entries) - set(manifest)) if isinstance(manifest, dict) else []
-        fail(f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        fail(
+            f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     spans = []
     for name, entry in entries.items():
         if not isinstance(entry, dict):
             fail(f"corrupted safetensors header: entry {name!r:.100} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            fail(f"corrupted safetensors header: tensor {name!r:.100} has dtype {dtype!r:.50}, "
-                 f"expected one of {sorted(_DTYPES)}")
-        if not (isinstance(shape, list) and len(shape) <= 32 and all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            fail(
+                f"corrupted safetensors header: tensor {name!r:.100} has dtype {dtype!r:.50}, "
+                f"expected one of {sorted(_DTYPES)}"
+            )
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 32
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             fail(f"corrupted safetensors header: tensor {name!r:.100} has shape {shape!r:.100}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-                isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        ):
             fail(f"corrupted safetensors header: tensor {name!r:.100} has offsets {offsets!r:.100}")
         nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
         if offsets[1] - offsets[0] != nbytes:
-            fail(f"corrupted safetensors header: tensor {name!r:.100} of shape {shape} takes "
-                 f"{nbytes} bytes, its offsets {offsets} span {offsets[1] - offsets[0]}")
+            fail(
+                f"corrupted safetensors header: tensor {name!r:.100} of shape {shape} takes "
+                f"{nbytes} bytes, its offsets {offsets} span {offsets[1] - offsets[0]}"
+            )
         spec = manifest[name]
-        if not isinstance(spec, dict) or shape != spec.get("shape") or _DTYPES[dtype] != spec.get("dtype"):
+        if (
+            not isinstance(spec, dict)
+            or shape != spec.get("shape")
+            or _DTYPES[dtype] != spec.get("dtype")
+        ):
             fail(f"tensor {name!r} is {_DTYPES[dtype]} {shape}, the manifest says {spec!r:.200}")
         spans.append((offsets[0], offsets[1], name))
     end = 0
     for a, b, name in sorted(spans):
         if a != end:
-            fail(f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the data, "
-                 f"expected {end} (overlapping or with a gap)")
+            fail(
+                f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the data, "
+                f"expected {end} (overlapping or with a gap)"
+            )
         end = b
     if 8 + header_len + end != file_size:
-        fail(f"truncated or corrupted: the file has {file_size} bytes, its header accounts for "
-             f"{8 + header_len + end} ({end} bytes of tensor data)")
+        fail(
+            f"truncated or corrupted: the file has {file_size} bytes, its header accounts for "
+            f"{8 + header_len + end} ({end} bytes of tensor data)"
+        )
 
 
 def _parse_json(fail, text, what):
@@ -584,11 +678,15 @@ def read_file(path, before_data=None):
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                fail(f"not a checkpoint: {len(prefix)} bytes, too short for a safetensors header "
-                     f"(truncated?)")
+                fail(
+                    f"not a checkpoint: {len(prefix)} bytes, too short for a safetensors header "
+                    f"(truncated?)"
+                )
             header_len = int.from_bytes(prefix, "little")
             if header_len > _MAX_HEADER or 8 + header_len > size:
-                fail(f"truncated or not a safetensors file: header length {header_len}, file length {size}")
+                fail(
+                    f"truncated or not a safetensors file: header length {header_len}, file length {size}"
+                )
             raw_header = f.read(header_len)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
@@ -638,13 +736,17 @@ def _check_metadata(fail, header):
         fail("corrupted fastcnn metadata (not a string)")
     meta = _parse_json(fail, raw_meta[_META_KEY], "fastcnn metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        fail(f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})")
+        fail(
+            f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})"
+        )
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         fail(f"corrupted metadata: format_version {version!r:.100}")
     if version > FORMAT_VERSION:
-        fail(f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')!r:.50}; this "
-             f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn")
+        fail(
+            f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')!r:.50}; this "
+            f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn"
+        )
     if version < 1:
         fail(f"unknown checkpoint format version {version}")
     if version >= 2 or "meta_sha256" in meta:
@@ -654,7 +756,9 @@ def _check_metadata(fail, header):
         if key not in meta:
             fail(f"corrupted metadata: no {key!r} entry")
     if not isinstance(meta["tensors"], dict):
-        fail(f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an object")
+        fail(
+            f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an object"
+        )
     return meta
 
 
@@ -678,21 +782,29 @@ def load(path):
     try:
         model = _from_config(config)
     except Exception as exc:
-        fail(f"incompatible architecture config, this fastcnn cannot build it "
-             f"({type(exc).__name__}: {exc})")
+        fail(
+            f"incompatible architecture config, this fastcnn cannot build it "
+            f"({type(exc).__name__}: {exc})"
+        )
     expected = model.state_dict()
     if set(expected) != set(model_state):
-        fail(f"the architecture's parameters {sorted(set(expected) - set(model_state))[:5]} are "
-             f"missing and {sorted(set(model_state) - set(expected))[:5]} unexpected")
+        fail(
+            f"the architecture's parameters {sorted(set(expected) - set(model_state))[:5]} are "
+            f"missing and {sorted(set(model_state) - set(expected))[:5]} unexpected"
+        )
     for key, value in expected.items():
         got = model_state[key]
         if got.shape != value.shape or got.dtype != value.dtype:
-            fail(f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
-                 f"{value.dtype} {value.shape}")
+            fail(
+                f"tensor 'model.{key}' is {got.dtype} {got.shape}, the architecture expects "
+                f"{value.dtype} {value.shape}"
+            )
 
     optimizer_state, optimizer_class = None, None
     if meta.get("optimizer") is not None:
-        optimizer_state, optimizer_class = _join_optimizer_state(fail, meta["optimizer"], tensors, model)
+        optimizer_state, optimizer_class = _join_optimizer_state(
+            fail, meta["optimizer"], tensors, model
+        )
     elif any(n.startswith("optimizer.") for n in tensors):
         fail("optimizer tensors present but no optimizer metadata")
 
@@ -702,8 +814,10 @@ def load(path):
         if not isinstance(sched, dict) or "class" not in sched or "state" not in sched:
             fail("corrupted metadata: scheduler entry without class/state")
         if not isinstance(sched["class"], str) or not isinstance(sched["state"], dict):
-            fail(f"corrupted metadata: scheduler class {sched['class']!r:.100} and state "
-                 f"{sched['state']!r:.100}, expected a name and an object")
+            fail(
+                f"corrupted metadata: scheduler class {sched['class']!r:.100} and state "
+                f"{sched['state']!r:.100}, expected a name and an object"
+            )
         scheduler_state, scheduler_class = sched["state"], sched["class"]
 
     epoch = meta.get("epoch")
@@ -718,16 +832,30 @@ def load(path):
         fail(f"the saved state does not fit the rebuilt model ({type(exc).__name__}: {exc})")
     input_shape = model_meta.get("input_shape")
     if input_shape is not None:
-        if not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 8 and all(
+        if not (
+            isinstance(input_shape, list)
+            and 1 <= len(input_shape) <= 8
+            and all(
                 isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**31 - 1
-                for v in input_shape)):
+                for v in input_shape
+            )
+        ):
             fail(f"corrupted metadata: input_shape {input_shape!r:.100}")
         input_shape = tuple(input_shape)
     return Checkpoint(
-        path=path, model=model, model_state=model_state, config=config,
-        optimizer_state=optimizer_state, optimizer_class=optimizer_class,
-        scheduler_state=scheduler_state, scheduler_class=scheduler_class,
-        epoch=epoch, extra=meta.get("extra"), metadata=meta, input_shape=input_shape)
+        path=path,
+        model=model,
+        model_state=model_state,
+        config=config,
+        optimizer_state=optimizer_state,
+        optimizer_class=optimizer_class,
+        scheduler_state=scheduler_state,
+        scheduler_class=scheduler_class,
+        epoch=epoch,
+        extra=meta.get("extra"),
+        metadata=meta,
+        input_shape=input_shape,
+    )
 
 
 def _is_int(value, minimum=0):
@@ -745,11 +873,17 @@ def _check_declared(fail, meta):
         fail("corrupted metadata: model entry without config/keys")
     config, keys = model_meta["config"], model_meta["keys"]
     if not isinstance(config, dict):
-        fail(f"corrupted metadata: the model config is a {type(config).__name__}, expected an object")
-    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or len(set(keys)) != len(keys):
+        fail(
+            f"corrupted metadata: the model config is a {type(config).__name__}, expected an object"
+        )
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or len(
+        set(keys)
+    ) != len(keys):
         fail(f"corrupted metadata: the model keys {keys!r:.100} are not a list of distinct names")
     if not isinstance(model_meta.get("rng_state") or {}, dict):
-        fail(f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an object")
+        fail(
+            f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an object"
+        )
     manifest = meta["tensors"]
     declared = {}
     for key in keys:
@@ -763,16 +897,22 @@ def _check_declared(fail, meta):
     try:
         spec = _state_spec(config)
     except Exception as exc:  # RecursionError included
-        fail(f"incompatible architecture config, this fastcnn cannot build it "
-             f"({type(exc).__name__}: {str(exc)[:300]})")
+        fail(
+            f"incompatible architecture config, this fastcnn cannot build it "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        )
     if spec is not None:
         if set(spec) != set(declared):
-            fail(f"the architecture's parameters {sorted(set(spec) - set(declared))[:5]} are "
-                 f"missing and {sorted(set(declared) - set(spec))[:5]} unexpected")
+            fail(
+                f"the architecture's parameters {sorted(set(spec) - set(declared))[:5]} are "
+                f"missing and {sorted(set(declared) - set(spec))[:5]} unexpected"
+            )
         for key, (shape, dtype) in spec.items():
             if declared[key] != (shape, dtype):
-                fail(f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the architecture "
-                     f"expects {dtype} {shape}")
+                fail(
+                    f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the architecture "
+                    f"expects {dtype} {shape}"
+                )
     shapes = {shape for shape, _ in declared.values()}
     per_index = {}
     for name, entry in manifest.items():
@@ -783,8 +923,10 @@ def _check_declared(fail, meta):
             fail(f"unexpected tensor name {name!r:.100}")
         per_index[parts[1]] = per_index.get(parts[1], 0) + 1
         if tuple(entry["shape"]) not in shapes or per_index[parts[1]] > _MAX_OPTIMIZER_ARRAYS:
-            fail(f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter of "
-                 f"the model")
+            fail(
+                f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter of "
+                f"the model"
+            )
 
 
 def _join_optimizer_state(fail, opt_meta, tensors, model):
@@ -792,11 +934,18 @@ def _join_optimizer_state(fail, opt_meta, tensors, model):
     if not isinstance(opt_meta, dict) or not {"class", "hyper", "state"} <= set(opt_meta):
         fail("corrupted metadata: optimizer entry without class/hyper/state")
     entries = opt_meta["state"]
-    if not (isinstance(opt_meta["class"], str) and isinstance(opt_meta["hyper"], dict)
-            and isinstance(entries, dict)
-            and all(isinstance(i, str) and i.isdigit() and isinstance(e, dict) for i, e in entries.items())):
-        fail(f"corrupted metadata: optimizer entry {opt_meta!r:.200}, expected a class name, "
-             f"hyper-parameters and {{parameter index: state}} objects")
+    if not (
+        isinstance(opt_meta["class"], str)
+        and isinstance(opt_meta["hyper"], dict)
+        and isinstance(entries, dict)
+        and all(
+            isinstance(i, str) and i.isdigit() and isinstance(e, dict) for i, e in entries.items()
+        )
+    ):
+        fail(
+            f"corrupted metadata: optimizer entry {opt_meta!r:.200}, expected a class name, "
+            f"hyper-parameters and {{parameter index: state}} objects"
+        )
     params = [p.data for p in model.parameters()]
     state = {str(i): dict(scalars) for i, scalars in opt_meta["state"].items()}
     for name, array in tensors.items():
@@ -812,7 +961,9 @@ def _join_optimizer_state(fail, opt_meta, tensors, model):
         if i >= len(params):
             fail(f"tensor {name!r} refers to parameter {i}, the model has {len(params)} parameters")
         if array.shape != params[i].shape:
-            fail(f"tensor {name!r} has shape {array.shape}, parameter {i} of the model has "
-                 f"shape {params[i].shape}")
+            fail(
+                f"tensor {name!r} has shape {array.shape}, parameter {i} of the model has "
+                f"shape {params[i].shape}"
+            )
         state[index][key] = array
     return {"hyper": opt_meta["hyper"], "state": state}, opt_meta["class"]

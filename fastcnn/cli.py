@@ -13,6 +13,7 @@ unwritable --out, out of memory), reported as ``fastcnn CMD: error: ...`` naming
 option; 3 an internal error (a bug), reported in one line; 130 interrupted by Ctrl-C. No
 traceback is printed unless FASTCNN_TRACEBACK=1 is set (then any error raises with its traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ DEFAULTS = {
 # The ResNets' recipe (He et al. for CIFAR, shortened): SGD with Nesterov momentum 0.9, weight
 # decay 5e-4, a one-cycle schedule to lr 0.1 stepped per batch, batch 128.
 MODEL_DEFAULTS = {
-    "resnet8": {"lr": {"sgd": 0.1}, "nesterov": True, "weight_decay": {"sgd": 5e-4},
-                "scheduler": "onecycle", "batch_size": 128},
+    "resnet8": {
+        "lr": {"sgd": 0.1},
+        "nesterov": True,
+        "weight_decay": {"sgd": 5e-4},
+        "scheduler": "onecycle",
+        "batch_size": 128,
+    },
 }
 MODEL_DEFAULTS["resnet20"] = MODEL_DEFAULTS["resnet8"]
 INPUT_SHAPE = (1, 28, 28)  # both data sets' images
@@ -148,8 +154,9 @@ def _input_shape(text):
             raise ValueError
         return shape
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers, e.g. 1,28,28), "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected C,H,W (three positive integers, e.g. 1,28,28), got {text!r}"
+        ) from None
 
 
 def resolve_val_split(split, n):
@@ -174,7 +181,9 @@ def build_parser():
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,summary}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,evaluate,summary}", parser_class=_Parser
+    )
     see = "exit statuses, FASTCNN_TRACEBACK=1 and FASTCNN_DATA: see 'fastcnn --help'"
     sub.required = True
 
@@ -189,40 +198,75 @@ def build_parser():
         "one-cycle schedule, batch 128.",
     )
     train.add_argument("--model", choices=MODELS, help="[reference]")
-    train.add_argument("--epochs", type=_nonneg_int, default=3,
-                       help="train up to this epoch (with --resume: the total, not the number added) [3]")
+    train.add_argument(
+        "--epochs",
+        type=_nonneg_int,
+        default=3,
+        help="train up to this epoch (with --resume: the total, not the number added) [3]",
+    )
     train.add_argument("--batch-size", type=_positive_int, help="mini-batch size [64; resnets 128]")
     train.add_argument("--optimizer", choices=OPTIMIZERS, help="[sgd]")
-    train.add_argument("--lr", type=_positive_float,
-                       help="learning rate (the peak of --scheduler onecycle) "
-                       "[0.05 for sgd (resnets 0.1), 0.001 for adam and adamw]")
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="learning rate (the peak of --scheduler onecycle) "
+        "[0.05 for sgd (resnets 0.1), 0.001 for adam and adamw]",
+    )
     train.add_argument("--momentum", type=_nonneg_float, help="SGD momentum [0.9]")
-    train.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
-                       help="Nesterov momentum (sgd) [off; resnets on]")
-    train.add_argument("--weight-decay", type=_nonneg_float,
-                       help="L2 penalty (sgd, adam) or decoupled decay (adamw) "
-                       "[0, 0, 0.01; resnets with sgd 5e-4]")
-    train.add_argument("--scheduler", choices=SCHEDULERS,
-                       help="learning-rate schedule: cosine annealing to 0 over the epochs, "
-                       "one-cycle to --lr stepped per batch, or constant [cosine; resnets onecycle]")
-    train.add_argument("--seed", type=_nonneg_int,
-                       help="seed of the weights and of the shuffling, an integer >= 0 [0]")
+    train.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        help="Nesterov momentum (sgd) [off; resnets on]",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=_nonneg_float,
+        help="L2 penalty (sgd, adam) or decoupled decay (adamw) "
+        "[0, 0, 0.01; resnets with sgd 5e-4]",
+    )
+    train.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        help="learning-rate schedule: cosine annealing to 0 over the epochs, "
+        "one-cycle to --lr stepped per batch, or constant [cosine; resnets onecycle]",
+    )
+    train.add_argument(
+        "--seed",
+        type=_nonneg_int,
+        help="seed of the weights and of the shuffling, an integer >= 0 [0]",
+    )
     train.add_argument("--dataset", choices=DATASETS, help="[mnist]")
-    train.add_argument("--val-split", type=_val_split,
-                       help="validation images held out from the END of the training set: a count "
-                       "(5000) or a fraction (0.1); 0 = no validation [5000]")
-    train.add_argument("--limit", type=_positive_int, metavar="N",
-                       help="use only the first N training images and the first N test images "
-                       "(quick trials; the validation images come out of these N)")
+    train.add_argument(
+        "--val-split",
+        type=_val_split,
+        help="validation images held out from the END of the training set: a count "
+        "(5000) or a fraction (0.1); 0 = no validation [5000]",
+    )
+    train.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="use only the first N training images and the first N test images "
+        "(quick trials; the validation images come out of these N)",
+    )
     _add_common(train)
-    train.add_argument("--out", metavar="CHECKPOINT",
-                       help="write a checkpoint here at the end of every epoch (atomically); "
-                       "with --resume defaults to the resumed file")
-    train.add_argument("--resume", metavar="CHECKPOINT",
-                       help="continue the run saved in CHECKPOINT by 'fastcnn train --out' "
-                       "(same settings, same shuffling: bitwise the run that was not interrupted)")
-    train.add_argument("--no-progress", action="store_true",
-                       help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    train.add_argument(
+        "--out",
+        metavar="CHECKPOINT",
+        help="write a checkpoint here at the end of every epoch (atomically); "
+        "with --resume defaults to the resumed file",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue the run saved in CHECKPOINT by 'fastcnn train --out' "
+        "(same settings, same shuffling: bitwise the run that was not interrupted)",
+    )
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -232,10 +276,11 @@ def build_parser():
         description="Evaluate a checkpoint on the test set; ends with 'test accuracy: NN.NN%'.",
     )
     ev.add_argument("checkpoint", metavar="CHECKPOINT")
-    ev.add_argument("--dataset", choices=DATASETS,
-                    help="[the one it was trained on, else mnist]")
+    ev.add_argument("--dataset", choices=DATASETS, help="[the one it was trained on, else mnist]")
     ev.add_argument("--batch-size", type=_positive_int, default=256, help="[256]")
-    ev.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N test images")
+    ev.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="use only the first N test images"
+    )
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -249,16 +294,25 @@ def build_parser():
     )
     sm.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
     sm.add_argument("--model", choices=MODELS, help="[reference]")
-    sm.add_argument("--input-shape", type=_input_shape, metavar="C,H,W",
-                    help="one image's shape [the checkpoint's, else 1,28,28]")
+    sm.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        metavar="C,H,W",
+        help="one image's shape [the checkpoint's, else 1,28,28]",
+    )
     sm.set_defaults(func=cmd_summary)
     return parser
 
 
 def _add_common(p):
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="folder holding mnist/ and fashion-mnist/ [$FASTCNN_DATA, else ~/.cache/fastcnn]")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding mnist/ and fashion-mnist/ [$FASTCNN_DATA, else ~/.cache/fastcnn]",
+    )
+    p.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading missing data"
+    )
     p.add_argument("--threads", type=int, help="Numba threads [all: NUMBA_NUM_THREADS]")
 
 
@@ -279,7 +333,9 @@ def _check_threads(n):
     from .threads import max_threads
 
     if not 1 <= n <= max_threads():
-        raise CliError(f"--threads must be between 1 and {max_threads()} (NUMBA_NUM_THREADS), got {n}")
+        raise CliError(
+            f"--threads must be between 1 and {max_threads()} (NUMBA_NUM_THREADS), got {n}"
+        )
     return n
 
 
@@ -315,8 +371,12 @@ def _saved_settings(ckpt):
 
 
 def _is_number(value, low=0.0, low_open=False):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value < float("inf")
-            and (value > low if low_open else value >= low))
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value < float("inf")
+        and (value > low if low_open else value >= low)
+    )
 
 
 def _is_count(value, minimum):
@@ -344,17 +404,23 @@ _OPTIONAL_SETTINGS = ("model", "nesterov", "limit")  # absent from older checkpo
 
 def _check_saved_settings(path, saved):
     if not isinstance(saved, dict):
-        raise CliError(f"{path}: the run settings saved in it are corrupted ({saved!r:.100}); "
-                       "start a new run instead of resuming")
+        raise CliError(
+            f"{path}: the run settings saved in it are corrupted ({saved!r:.100}); "
+            "start a new run instead of resuming"
+        )
     for key, check in _SETTING_CHECKS.items():
         if key not in saved:
             if key in _OPTIONAL_SETTINGS:
                 continue
-            raise CliError(f"{path}: the run settings saved in it lack {key!r}; start a new run "
-                           "instead of resuming")
+            raise CliError(
+                f"{path}: the run settings saved in it lack {key!r}; start a new run "
+                "instead of resuming"
+            )
         if not check(saved[key]):
-            raise CliError(f"{path}: the run settings saved in it are corrupted: {key} = "
-                           f"{saved[key]!r:.100}; start a new run instead of resuming")
+            raise CliError(
+                f"{path}: the run settings saved in it are corrupted: {key} = "
+                f"{saved[key]!r:.100}; start a new run instead of resuming"
+            )
     return saved
 
 
@@ -363,9 +429,13 @@ def _make_optimizer(settings, params):
 
     kind = settings["optimizer"]
     if kind == "sgd":
-        return optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"],
-                         nesterov=settings.get("nesterov", False),
-                         weight_decay=settings["weight_decay"])
+        return optim.SGD(
+            params,
+            lr=settings["lr"],
+            momentum=settings["momentum"],
+            nesterov=settings.get("nesterov", False),
+            weight_decay=settings["weight_decay"],
+        )
     cls = optim.Adam if kind == "adam" else optim.AdamW
     return cls(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
 
@@ -376,8 +446,11 @@ def _make_scheduler(settings, optimizer, batches_per_epoch):
     if settings["scheduler"] == "cosine":
         return optim.CosineAnnealingLR(optimizer, T_max=settings["schedule_epochs"])
     if settings["scheduler"] == "onecycle":
-        return optim.OneCycleLR(optimizer, max_lr=settings["lr"],
-                                total_steps=max(1, settings["schedule_epochs"] * batches_per_epoch))
+        return optim.OneCycleLR(
+            optimizer,
+            max_lr=settings["lr"],
+            total_steps=max(1, settings["schedule_epochs"] * batches_per_epoch),
+        )
     return None
 
 
@@ -407,8 +480,10 @@ def _settings(args, saved=None):
                     "a resumed run keeps its settings (leave the option out)"
                 )
         settings = dict(saved)
-        if settings.get("scheduler") in ("cosine", "onecycle") \
-                and args.epochs != settings["schedule_epochs"]:
+        if (
+            settings.get("scheduler") in ("cosine", "onecycle")
+            and args.epochs != settings["schedule_epochs"]
+        ):
             raise CliError(
                 f"--epochs {args.epochs}: the resumed run schedules its learning rate over "
                 f"{settings['schedule_epochs']} epochs; resume it with --epochs {settings['schedule_epochs']}"
@@ -478,12 +553,15 @@ def cmd_train(args):
         settings = _settings(args, _check_saved_settings(args.resume, saved))
         resume = resume_kwargs(ckpt)  # its fields checked before the data is loaded
         if args.epochs < resume["start_epoch"]:
-            raise CliError(f"--epochs {args.epochs}: {args.resume} has already completed "
-                           f"{resume['start_epoch']} epochs; --epochs is the total to train up to")
+            raise CliError(
+                f"--epochs {args.epochs}: {args.resume} has already completed "
+                f"{resume['start_epoch']} epochs; --epochs is the total to train up to"
+            )
     else:
         if args.epochs == 0:
-            raise CliError("--epochs 0: nothing to train; give the number of epochs to train, "
-                           "e.g. --epochs 3")
+            raise CliError(
+                "--epochs 0: nothing to train; give the number of epochs to train, e.g. --epochs 3"
+            )
         settings = _settings(args)
     out = args.out if args.out is not None else args.resume
     if out is not None:
@@ -493,7 +571,9 @@ def cmd_train(args):
 
     # First run on this machine: the backward kernels compile in a helper process meanwhile.
     precompiled = precompile.start()
-    (x_train, y_train), (x_test, y_test) = _load_data(settings["dataset"], args.data_dir, not args.no_download)
+    (x_train, y_train), (x_test, y_test) = _load_data(
+        settings["dataset"], args.data_dir, not args.no_download
+    )
     if settings.get("limit"):
         x_train, y_train = x_train[: settings["limit"]], y_train[: settings["limit"]]
         x_test, y_test = x_test[: settings["limit"]], y_test[: settings["limit"]]
@@ -532,7 +612,11 @@ def cmd_train(args):
     try:
         _fit(
             fit,
-            model, loss_fn, optimizer, x_fit, y_fit,
+            model,
+            loss_fn,
+            optimizer,
+            x_fit,
+            y_fit,
             epochs=max(args.epochs, resume.get("start_epoch", 0)),
             batch_size=settings["batch_size"],
             val_data=val_data,
@@ -587,8 +671,10 @@ def cmd_evaluate(args):
         if dataset is None:
             dataset = DEFAULTS["dataset"]
         elif dataset not in DATASETS:
-            raise CliError(f"{args.checkpoint}: names the data set {dataset!r:.50}, which is not one "
-                           f"of {', '.join(DATASETS)}; choose one with --dataset")
+            raise CliError(
+                f"{args.checkpoint}: names the data set {dataset!r:.50}, which is not one "
+                f"of {', '.join(DATASETS)}; choose one with --dataset"
+            )
     _, (x_test, y_test) = _load_data(dataset, args.data_dir, not args.no_download)
     if args.limit:
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
@@ -643,13 +729,19 @@ def main(argv=None):
         if os.environ.get("FASTCNN_TRACEBACK", "") not in ("", "0"):
             raise
         if isinstance(exc, MemoryError):
-            print(f"{prog}: error: out of memory; try a smaller --batch-size or --limit, or free "
-                  f"memory", file=sys.stderr)
+            print(
+                f"{prog}: error: out of memory; try a smaller --batch-size or --limit, or free "
+                f"memory",
+                file=sys.stderr,
+            )
             return 2
         if not isinstance(exc, _expected_errors()) or isinstance(exc, InternalError):
-            print(f"{prog}: internal error: {type(exc).__name__}: {_message(exc)}\n"
-                  f"This is a bug in fastcnn; please report it with the traceback that "
-                  f"FASTCNN_TRACEBACK=1 {prog} ... prints.", file=sys.stderr)
+            print(
+                f"{prog}: internal error: {type(exc).__name__}: {_message(exc)}\n"
+                f"This is a bug in fastcnn; please report it with the traceback that "
+                f"FASTCNN_TRACEBACK=1 {prog} ... prints.",
+                file=sys.stderr,
+            )
             return 3
         print(f"{prog}: error: {_message(exc) or type(exc).__name__}", file=sys.stderr)
         return 2

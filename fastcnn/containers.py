@@ -9,6 +9,7 @@
 
 Containers nest to any depth; each module may appear once in a tree (see fastcnn/module.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,10 @@ def _check_unique(root):
     seen = {}
     for name, m in root.named_modules(remove_duplicate=False):
         if id(m) in seen:
-            raise ValueError(f"{root.name}: the same {m.name} is at {seen[id(m)]!r} and {name!r}; "
-                             "a module can be used once per model: build another instance")
+            raise ValueError(
+                f"{root.name}: the same {m.name} is at {seen[id(m)]!r} and {name!r}; "
+                "a module can be used once per model: build another instance"
+            )
         seen[id(m)] = name
 
 
@@ -75,8 +78,9 @@ class _ListContainer(_Container):
     def append(self, module):
         """Add ``module`` at the end; returns self."""
         if not isinstance(module, Module):
-            raise TypeError(f"{self.name}: {self._item} {len(self)} is not a fastcnn Module: "
-                            f"{module!r:.100}")
+            raise TypeError(
+                f"{self.name}: {self._item} {len(self)} is not a fastcnn Module: {module!r:.100}"
+            )
         setattr(self, str(len(self)), module)
         return self
 
@@ -96,8 +100,10 @@ class _ListContainer(_Container):
     def from_config(cls, config, rng=None):
         children = config.get(cls._key)
         if not isinstance(children, list) or set(config) != {"class", cls._key}:
-            raise ValueError(f"{cls.__name__}: expected a config {{'class': '{cls.__name__}', "
-                             f"'{cls._key}': [...]}}, got {config!r:.200}")
+            raise ValueError(
+                f"{cls.__name__}: expected a config {{'class': '{cls.__name__}', "
+                f"'{cls._key}': [...]}}, got {config!r:.200}"
+            )
         return cls([module_from_config(c, rng) for c in children])
 
     @classmethod
@@ -185,8 +191,9 @@ class Residual(_Container):
         super().__init__()
         for what, m in (("body", body), ("shortcut", shortcut)):
             if not isinstance(m, Module) and not (what == "shortcut" and m is None):
-                raise TypeError(f"Residual: expected the {what} to be a fastcnn Module, "
-                                f"got {m!r:.100}")
+                raise TypeError(
+                    f"Residual: expected the {what} to be a fastcnn Module, got {m!r:.100}"
+                )
         self.body = body
         if shortcut is not None:
             self.shortcut = shortcut
@@ -195,16 +202,23 @@ class Residual(_Container):
 
     def forward(self, x):
         a = self.body.forward(x)
-        s = F.check_float(x, self.name, contiguous=False) if self.shortcut is None \
+        s = (
+            F.check_float(x, self.name, contiguous=False)
+            if self.shortcut is None
             else self.shortcut.forward(x)
+        )
         if a.dtype != s.dtype:
             what = "input" if self.shortcut is None else "shortcut's output"
-            raise TypeError(f"{self.name}: the body's output dtype {a.dtype} differs from the "
-                            f"{what} dtype {s.dtype}")
+            raise TypeError(
+                f"{self.name}: the body's output dtype {a.dtype} differs from the "
+                f"{what} dtype {s.dtype}"
+            )
         if a.shape != s.shape:
             what = "input" if self.shortcut is None else "shortcut's output"
-            raise ValueError(f"{self.name}: the body's output shape {F._fmt_shape(a.shape)} "
-                             f"differs from the {what} shape {F._fmt_shape(s.shape)}")
+            raise ValueError(
+                f"{self.name}: the body's output shape {F._fmt_shape(a.shape)} "
+                f"differs from the {what} shape {F._fmt_shape(s.shape)}"
+            )
         y = np.add(a, s)
         self.save_for_backward(y.shape, y.dtype)
         return y
@@ -222,24 +236,33 @@ class Residual(_Container):
     def trace_shapes(self, input_shape, visit, prefix=""):
         row = visit(prefix, self, tuple(input_shape))
         a = self.body.trace_shapes(input_shape, visit, _join(prefix, "body"))
-        s = tuple(int(v) for v in input_shape) if self.shortcut is None else \
-            self.shortcut.trace_shapes(input_shape, visit, _join(prefix, "shortcut"))
+        s = (
+            tuple(int(v) for v in input_shape)
+            if self.shortcut is None
+            else self.shortcut.trace_shapes(input_shape, visit, _join(prefix, "shortcut"))
+        )
         if a != s:
             what = "input" if self.shortcut is None else "shortcut's output"
-            raise ValueError(f"{self.name}: the body's output shape {F._fmt_shape(a)} differs "
-                             f"from the {what} shape {F._fmt_shape(s)}")
+            raise ValueError(
+                f"{self.name}: the body's output shape {F._fmt_shape(a)} differs "
+                f"from the {what} shape {F._fmt_shape(s)}"
+            )
         row.update(output_shape=a, flops=int(np.prod(a)))  # the addition
         return a
 
     def get_config(self):
-        return {"class": self.name, "body": self.body.get_config(),
-                "shortcut": None if self.shortcut is None else self.shortcut.get_config()}
+        return {
+            "class": self.name,
+            "body": self.body.get_config(),
+            "shortcut": None if self.shortcut is None else self.shortcut.get_config(),
+        }
 
     @classmethod
     def from_config(cls, config, rng=None):
         if set(config) != {"class", "body", "shortcut"}:
-            raise ValueError(f"Residual: expected a config with 'body' and 'shortcut', "
-                             f"got {config!r:.200}")
+            raise ValueError(
+                f"Residual: expected a config with 'body' and 'shortcut', got {config!r:.200}"
+            )
         body = module_from_config(config["body"], rng)
         shortcut = config["shortcut"]
         return cls(body, None if shortcut is None else module_from_config(shortcut, rng))
@@ -269,14 +292,19 @@ class Concat(_ListContainer):
         first = shapes[0]
         for i, s in enumerate(shapes):
             if len(s) < 2:
-                raise ValueError(f"{self.name}: branch {i}'s output {F._fmt_shape(s)} has no "
-                                 "channel axis")
+                raise ValueError(
+                    f"{self.name}: branch {i}'s output {F._fmt_shape(s)} has no channel axis"
+                )
             if len(s) != len(first) or s[:1] + s[2:] != first[:1] + first[2:]:
-                raise ValueError(f"{self.name}: branch {i}'s output {F._fmt_shape(s)} does not "
-                                 f"match branch 0's {F._fmt_shape(first)} outside axis 1")
+                raise ValueError(
+                    f"{self.name}: branch {i}'s output {F._fmt_shape(s)} does not "
+                    f"match branch 0's {F._fmt_shape(first)} outside axis 1"
+                )
             if dtypes is not None and dtypes[i] != dtypes[0]:
-                raise TypeError(f"{self.name}: branch {i}'s output dtype {dtypes[i]} differs "
-                                f"from branch 0's {dtypes[0]}")
+                raise TypeError(
+                    f"{self.name}: branch {i}'s output dtype {dtypes[i]} differs "
+                    f"from branch 0's {dtypes[0]}"
+                )
         return first[:1] + (sum(s[1] for s in shapes),) + first[2:]
 
     def forward(self, x):
@@ -287,7 +315,7 @@ class Concat(_ListContainer):
             y = np.empty((n, h, w, c), dtype=outs[0].dtype)
             start = 0
             for o in outs:
-                y[..., start:start + o.shape[1]] = o.transpose(0, 2, 3, 1)
+                y[..., start : start + o.shape[1]] = o.transpose(0, 2, 3, 1)
                 start += o.shape[1]
             y = y.transpose(0, 3, 1, 2)
         else:
@@ -300,7 +328,7 @@ class Concat(_ListContainer):
         dy = check_grad(dy, shape, dtype, self.name)
         dx, start = None, 0
         for b, width in zip(self.children(), widths):
-            d = b.backward(dy[:, start:start + width], input_grad=input_grad)
+            d = b.backward(dy[:, start : start + width], input_grad=input_grad)
             start += width
             if input_grad:
                 dx = d if dx is None else np.add(dx, d)
@@ -308,9 +336,9 @@ class Concat(_ListContainer):
 
     def trace_shapes(self, input_shape, visit, prefix=""):
         row = visit(prefix, self, tuple(input_shape))
-        shapes = [b.trace_shapes(input_shape, visit, _join(prefix, n))
-                  for n, b in self.named_children()]
+        shapes = [
+            b.trace_shapes(input_shape, visit, _join(prefix, n)) for n, b in self.named_children()
+        ]
         out = self._check(shapes)
         row.update(output_shape=out, flops=0)
         return out
-

@@ -28,6 +28,7 @@ uncompressed file must then have exactly the declared size on disk (a huge or sp
 refused before it is read), and a gzip file is decompressed into an array of the declared size
 and refused as soon as it holds more (a few MB of gzipped zeros cannot expand to gigabytes).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -111,8 +112,10 @@ DATASETS = {
         },
     },
 }
-_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
-           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+_SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
 
 _DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a mirror is given up
 # The largest official file is Fashion-MNIST's train-images-idx3-ubyte.gz, 26.4 MB: a mirror that
@@ -124,7 +127,11 @@ _CHUNK = 1 << 20
 def default_root():
     """The data folder used when root=None: $FASTCNN_DATA if set and non-empty, else ~/.cache/fastcnn."""
     env = os.environ.get("FASTCNN_DATA")
-    return os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".cache", "fastcnn")
+    return (
+        os.path.expanduser(env)
+        if env
+        else os.path.join(os.path.expanduser("~"), ".cache", "fastcnn")
+    )
 
 
 def mnist(root=None, download=True, mirrors=None):
@@ -162,7 +169,8 @@ def load_dataset(name, root=None, download=True, mirrors=None):
         if len(images) != len(labels):  # pragma: no cover - implied by expected_count
             raise DatasetFileError(
                 f"fastcnn.datasets: {paths[image_name]} holds {len(images)} images but "
-                f"{paths[label_name]} holds {len(labels)} labels")
+                f"{paths[label_name]} holds {len(labels)} labels"
+            )
         x = np.empty((len(images), 1, ROWS, COLS), dtype=np.float32)
         np.divide(images.reshape(x.shape), np.float32(255), out=x, dtype=np.float32)
         out.append((x, labels.astype(np.int64)))
@@ -171,6 +179,7 @@ def load_dataset(name, root=None, download=True, mirrors=None):
 
 # ---------------------------------------------------------------------------------------------
 # Locating and downloading files
+
 
 def _existing(folder, base):
     """Path of the file for `base` in `folder`: the uncompressed one if present (faster), else .gz."""
@@ -194,10 +203,13 @@ def _ensure_files(name, folder, files, download, mirrors):
         raise DatasetNotFoundError(
             f"fastcnn.datasets: {name} files missing in {folder}: {listing}. "
             f"Call with download=True to fetch them, or copy the official files there, or point "
-            f"root= / $FASTCNN_DATA at the folder that holds {DATASETS[name]['folder']}/.")
+            f"root= / $FASTCNN_DATA at the folder that holds {DATASETS[name]['folder']}/."
+        )
     if missing:
         if not mirrors:
-            raise DownloadError(f"fastcnn.datasets: {name} files missing in {folder} and no mirror given")
+            raise DownloadError(
+                f"fastcnn.datasets: {name} files missing in {folder} and no mirror given"
+            )
         os.makedirs(folder, exist_ok=True)
         for base in missing:
             paths[base] = _download(base + ".gz", folder, files[base], mirrors)
@@ -223,11 +235,13 @@ def _download(filename, folder, sha256, mirrors):
     if bad_checksum:
         raise ChecksumError(
             f"fastcnn.datasets: could not download a valid {dest}; the mismatching downloads were "
-            f"deleted. Attempts:\n  {detail}")
+            f"deleted. Attempts:\n  {detail}"
+        )
     raise DownloadError(
         f"fastcnn.datasets: could not download {dest}. Attempts:\n  {detail}\n"
         f"Without internet access, copy the official {filename} into {folder} "
-        f"(or pass mirrors= a reachable location, e.g. 'file:///path/to/folder/').")
+        f"(or pass mirrors= a reachable location, e.g. 'file:///path/to/folder/')."
+    )
 
 
 def _fetch_verified(url, dest, sha256):
@@ -236,8 +250,10 @@ def _fetch_verified(url, dest, sha256):
     request = urllib.request.Request(url, headers={"User-Agent": "fastcnn"})
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response, \
-                open(tmp, "xb") as f:
+        with (
+            urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response,
+            open(tmp, "xb") as f,
+        ):
             size = 0
             while True:
                 chunk = response.read(_CHUNK)
@@ -247,7 +263,8 @@ def _fetch_verified(url, dest, sha256):
                 if size > _MAX_DOWNLOAD:
                     raise DownloadError(
                         f"{url}: sent more than {_MAX_DOWNLOAD} bytes, more than any official "
-                        f"{filename}: stopped, the partial file deleted")
+                        f"{filename}: stopped, the partial file deleted"
+                    )
                 digest.update(chunk)
                 f.write(chunk)
             f.flush()
@@ -256,7 +273,8 @@ def _fetch_verified(url, dest, sha256):
         if actual != sha256:
             raise ChecksumError(
                 f"{url}: downloaded {filename} has sha256 {actual}, expected {sha256}; "
-                f"the file was deleted, not used")
+                f"the file was deleted, not used"
+            )
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -341,7 +359,9 @@ def _read_idx(path, kind, expected_count):
         file_size = os.stat(path).st_size
         f = gzip.open(path, "rb") if gz else open(path, "rb")
     except OSError as exc:
-        raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
+        raise DatasetFileError(
+            f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}"
+        ) from exc
     try:
         with f:
             head = f.read(header_size)
@@ -352,7 +372,8 @@ def _read_idx(path, kind, expected_count):
                 if (rows, cols) != (ROWS, COLS):
                     raise DatasetFileError(
                         f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected {ROWS}x{COLS}. "
-                        f"{_fix_hint(path)}")
+                        f"{_fix_hint(path)}"
+                    )
                 expected = header_size + count * rows * cols
                 what = f"{header_size}-byte header + {count} images of {rows}x{cols}"
             else:
@@ -361,37 +382,46 @@ def _read_idx(path, kind, expected_count):
             if expected_count is not None and count != expected_count:
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} holds {count} samples, expected {expected_count} "
-                    f"(wrong file in this place?). {_fix_hint(path)}")
+                    f"(wrong file in this place?). {_fix_hint(path)}"
+                )
             if not gz and file_size != expected:
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} has {file_size} bytes of IDX data, expected {expected} "
-                    f"({what}): truncated or corrupt. {_fix_hint(path)}")
+                    f"({what}): truncated or corrupt. {_fix_hint(path)}"
+                )
             if gz and expected > _GZIP_MAX_RATIO * file_size + 1024:
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}), more "
-                    f"than a gzip file of {file_size} bytes can hold: corrupt. {_fix_hint(path)}")
+                    f"than a gzip file of {file_size} bytes can hold: corrupt. {_fix_hint(path)}"
+                )
             try:
                 data = np.empty(expected, dtype=np.uint8)
             except MemoryError:
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}): not "
-                    f"enough memory to hold them") from None
+                    f"enough memory to hold them"
+                ) from None
             data[:header_size] = np.frombuffer(head, dtype=np.uint8)
             got = header_size + _read_into(f, memoryview(data)[header_size:])
             if got == expected and f.read(1):
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} holds more than {expected} bytes of IDX data, expected "
-                    f"{expected} ({what}): corrupt (reading stopped there). {_fix_hint(path)}")
+                    f"{expected} ({what}): corrupt (reading stopped there). {_fix_hint(path)}"
+                )
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         if not gz:
-            raise DatasetFileError(f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}") from exc
+            raise DatasetFileError(
+                f"fastcnn.datasets: cannot read {path}: {exc}. {_fix_hint(path)}"
+            ) from exc
         raise DatasetFileError(
             f"fastcnn.datasets: {path} is not a valid gzip file (truncated or corrupt: {exc}). "
-            f"{_fix_hint(path)}") from exc
+            f"{_fix_hint(path)}"
+        ) from exc
     if got != expected:
         raise DatasetFileError(
             f"fastcnn.datasets: {path} has {got} bytes of IDX data, expected {expected} "
-            f"({what}): truncated or corrupt. {_fix_hint(path)}")
+            f"({what}): truncated or corrupt. {_fix_hint(path)}"
+        )
     if kind == "images":
         return data[header_size:].reshape(count, ROWS, COLS)
     labels = data[header_size:]
@@ -399,7 +429,8 @@ def _read_idx(path, kind, expected_count):
         bad = int(np.argmax(labels >= NUM_CLASSES))
         raise DatasetFileError(
             f"fastcnn.datasets: {path} has label {int(labels[bad])} at index {bad}, expected 0..9. "
-            f"{_fix_hint(path)}")
+            f"{_fix_hint(path)}"
+        )
     return labels
 
 
@@ -408,12 +439,14 @@ def _header(path, data, magic, n_ints, kind):
     if len(data) < size:
         raise DatasetFileError(
             f"fastcnn.datasets: {path} is too short ({len(data)} bytes) for an IDX {kind} header "
-            f"of {size} bytes. {_fix_hint(path)}")
+            f"of {size} bytes. {_fix_hint(path)}"
+        )
     values = np.frombuffer(data, dtype=">u4", count=n_ints)
     if int(values[0]) != magic:
         raise DatasetFileError(
             f"fastcnn.datasets: {path} has magic number {int(values[0])}, expected {magic} "
-            f"(IDX {kind} file). {_fix_hint(path)}")
+            f"(IDX {kind} file). {_fix_hint(path)}"
+        )
     return [int(v) for v in values[1:]]
 
 
@@ -421,7 +454,8 @@ def _check_count(path, array, expected_count):
     if expected_count is not None and len(array) != expected_count:
         raise DatasetFileError(
             f"fastcnn.datasets: {path} holds {len(array)} samples, expected {expected_count} "
-            f"(wrong file in this place?). {_fix_hint(path)}")
+            f"(wrong file in this place?). {_fix_hint(path)}"
+        )
     return array
 
 

@@ -22,6 +22,7 @@ already is one. The values are the same whatever the layout (``np.ascontiguousar
 C-ordered copy). Padding is resolved to ``(top, bottom, left, right)``; the kernels take only
 the top/left offsets, the bottom/right padding being implied by the output's shape.
 """
+
 import numbers
 
 import numpy as np
@@ -34,18 +35,41 @@ from .kernels import pool2d as _pool2d
 from .threads import one_blas_thread
 
 __all__ = [
-    "check_float", "pair", "conv2d_padding", "pool2d_padding",
-    "conv2d_output_shape", "conv2d_forward", "conv2d_backward", "conv2d_relu_max_pool2d_forward",
+    "check_float",
+    "pair",
+    "conv2d_padding",
+    "pool2d_padding",
+    "conv2d_output_shape",
+    "conv2d_forward",
+    "conv2d_backward",
+    "conv2d_relu_max_pool2d_forward",
     "max_pool2d_conv2d_backward",
-    "pool2d_output_shape", "max_pool2d_forward", "max_pool2d_backward",
-    "avg_pool2d_forward", "avg_pool2d_backward", "global_avg_pool2d_output_shape",
-    "global_avg_pool2d_forward", "global_avg_pool2d_backward",
-    "relu_forward", "relu_backward", "leaky_relu_forward", "leaky_relu_backward",
-    "tanh_forward", "tanh_backward", "sigmoid_forward", "sigmoid_backward",
-    "softmax_forward", "softmax_backward",
-    "batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward",
+    "pool2d_output_shape",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "avg_pool2d_backward",
+    "global_avg_pool2d_output_shape",
+    "global_avg_pool2d_forward",
+    "global_avg_pool2d_backward",
+    "relu_forward",
+    "relu_backward",
+    "leaky_relu_forward",
+    "leaky_relu_backward",
+    "tanh_forward",
+    "tanh_backward",
+    "sigmoid_forward",
+    "sigmoid_backward",
+    "softmax_forward",
+    "softmax_backward",
+    "batch_norm_forward_train",
+    "batch_norm_forward_eval",
+    "batch_norm_backward",
     "batch_norm_backward_eval",
-    "dense_forward", "dense_backward", "dropout_forward", "dropout_backward",
+    "dense_forward",
+    "dense_backward",
+    "dropout_forward",
+    "dropout_backward",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -54,6 +78,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
+
 
 def _fmt_shape(shape):
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
@@ -64,8 +89,9 @@ def check_float(x, layer, what="input", contiguous=True):
     unless ``contiguous`` is false (then in whatever layout it came)."""
     x = np.asarray(x)
     if x.dtype.kind != "f":
-        raise TypeError(f"{layer}: expected a floating-point {what} (float32 or float64), "
-                        f"got dtype {x.dtype}")
+        raise TypeError(
+            f"{layer}: expected a floating-point {what} (float32 or float64), got dtype {x.dtype}"
+        )
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype not in _FLOAT_DTYPES:
@@ -136,10 +162,13 @@ def pair(value, name, layer, minimum=1):
     """An int or an ``(h, w)`` pair of ints, each >= ``minimum``, as a tuple of two Python ints."""
     if isinstance(value, (tuple, list, np.ndarray)):
         if len(value) != 2:
-            raise ValueError(f"{layer}: expected {name} to be an int or a pair (h, w), "
-                             f"got {tuple(value)!r}")
-        return (_check_int(value[0], name, layer, minimum),
-                _check_int(value[1], name, layer, minimum))
+            raise ValueError(
+                f"{layer}: expected {name} to be an int or a pair (h, w), got {tuple(value)!r}"
+            )
+        return (
+            _check_int(value[0], name, layer, minimum),
+            _check_int(value[1], name, layer, minimum),
+        )
     v = _check_int(value, name, layer, minimum)
     return (v, v)
 
@@ -150,14 +179,16 @@ def _check_input(x, rank_names, channels, layer):
     if channels is not None:
         expected[1] = str(channels)
     if x.ndim != len(rank_names) or (channels is not None and x.shape[1] != channels):
-        raise ValueError(f"{layer}: expected input of shape ({', '.join(expected)}), "
-                         f"got {_fmt_shape(x.shape)}")
+        raise ValueError(
+            f"{layer}: expected input of shape ({', '.join(expected)}), got {_fmt_shape(x.shape)}"
+        )
 
 
 def _check_shape_equal(a, shape, layer, what):
     if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{layer}: expected {what} of shape {_fmt_shape(shape)}, "
-                         f"got {_fmt_shape(a.shape)}")
+        raise ValueError(
+            f"{layer}: expected {what} of shape {_fmt_shape(shape)}, got {_fmt_shape(a.shape)}"
+        )
 
 
 def _positive_spatial(shape, layer):
@@ -168,6 +199,7 @@ def _positive_spatial(shape, layer):
 # ---------------------------------------------------------------------------------------------
 # padding and output sizes
 # ---------------------------------------------------------------------------------------------
+
 
 def conv2d_padding(padding, kernel_size, stride, dilation, layer="Conv2D"):
     """Resolve a convolution's padding to ``(top, bottom, left, right)``.
@@ -181,13 +213,16 @@ def conv2d_padding(padding, kernel_size, stride, dilation, layer="Conv2D"):
             return (0, 0, 0, 0)
         if padding == "same":
             if stride != (1, 1):
-                raise ValueError(f"{layer}: padding='same' needs stride 1 (as PyTorch), "
-                                 f"got stride {stride}")
+                raise ValueError(
+                    f"{layer}: padding='same' needs stride 1 (as PyTorch), got stride {stride}"
+                )
             th = dilation[0] * (kernel_size[0] - 1)
             tw = dilation[1] * (kernel_size[1] - 1)
             return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        raise ValueError(f"{layer}: expected padding to be an int, a pair (h, w), 'same' or "
-                         f"'valid', got {padding!r}")
+        raise ValueError(
+            f"{layer}: expected padding to be an int, a pair (h, w), 'same' or "
+            f"'valid', got {padding!r}"
+        )
     ph, pw = pair(padding, "padding", layer, minimum=0)
     return (ph, ph, pw, pw)
 
@@ -196,12 +231,15 @@ def pool2d_padding(padding, kernel_size, layer="MaxPool2D"):
     """A pooling's symmetric padding ``(top, bottom, left, right)``: int or pair, each at most
     half the kernel (as PyTorch)."""
     if isinstance(padding, str):
-        raise ValueError(f"{layer}: expected padding to be an int or a pair (h, w), "
-                         f"got {padding!r}")
+        raise ValueError(
+            f"{layer}: expected padding to be an int or a pair (h, w), got {padding!r}"
+        )
     ph, pw = pair(padding, "padding", layer, minimum=0)
     if ph > kernel_size[0] // 2 or pw > kernel_size[1] // 2:
-        raise ValueError(f"{layer}: padding should be at most half of the kernel size "
-                         f"{kernel_size}, got padding {(ph, pw)}")
+        raise ValueError(
+            f"{layer}: padding should be at most half of the kernel size "
+            f"{kernel_size}, got padding {(ph, pw)}"
+        )
     return (ph, ph, pw, pw)
 
 
@@ -210,20 +248,22 @@ def _out_size(size, pad_a, pad_b, kernel, stride, dilation, layer, axis):
     padded = size + pad_a + pad_b
     if effective > padded:
         extra = f" with dilation {dilation}, effectively {effective}" if dilation != 1 else ""
-        raise ValueError(f"{layer}: kernel {kernel}{extra} is larger than the padded input "
-                         f"along {axis}: input {size} + padding {pad_a}+{pad_b} = {padded}")
+        raise ValueError(
+            f"{layer}: kernel {kernel}{extra} is larger than the padded input "
+            f"along {axis}: input {size} + padding {pad_a}+{pad_b} = {padded}"
+        )
     return (padded - effective) // stride + 1
 
 
-def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1,
-                        layer="Conv2D"):
+def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1, layer="Conv2D"):
     """Output shape of a convolution, validating every argument; returns
     ``(out_shape, stride, pads, dilation)`` with ``pads = (top, bottom, left, right)``."""
     input_shape = tuple(int(s) for s in input_shape)
     f, c, kh, kw = weight_shape
     if len(input_shape) != 4 or input_shape[1] != c:
-        raise ValueError(f"{layer}: expected input of shape (N, {c}, H, W), "
-                         f"got {_fmt_shape(input_shape)}")
+        raise ValueError(
+            f"{layer}: expected input of shape (N, {c}, H, W), got {_fmt_shape(input_shape)}"
+        )
     _positive_spatial(input_shape, layer)
     if kh < 1 or kw < 1:
         raise ValueError(f"{layer}: expected kernel_size >= 1, got {(kh, kw)}")
@@ -244,8 +284,9 @@ def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, layer=
     stride = kernel if stride is None else pair(stride, "stride", layer)
     pads = pool2d_padding(padding, kernel, layer)
     if len(input_shape) != 4:
-        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
-                         f"got {_fmt_shape(input_shape)}")
+        raise ValueError(
+            f"{layer}: expected input of shape (N, C, H, W), got {_fmt_shape(input_shape)}"
+        )
     _positive_spatial(input_shape, layer)
     n, c, h, w = input_shape
     oh = _out_size(h, pads[0], pads[1], kernel[0], stride[0], 1, layer, "H")
@@ -257,12 +298,14 @@ def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, layer=
 # convolution
 # ---------------------------------------------------------------------------------------------
 
+
 def _conv_args(x, weight, bias, layer):
     x = check_float(x, layer, contiguous=False)
     weight = check_float(weight, layer, "weight")
     if weight.ndim != 4:
-        raise ValueError(f"{layer}: expected weight of shape (F, C, KH, KW), "
-                         f"got {_fmt_shape(weight.shape)}")
+        raise ValueError(
+            f"{layer}: expected weight of shape (F, C, KH, KW), got {_fmt_shape(weight.shape)}"
+        )
     _same_dtype(weight, x, layer, "weight")
     if bias is not None:
         bias = check_float(bias, layer, "bias")
@@ -271,26 +314,39 @@ def _conv_args(x, weight, bias, layer):
     return x, weight, bias
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, dilation=1, relu=False,
-                   layer="Conv2D"):
+def conv2d_forward(
+    x, weight, bias=None, stride=1, padding=0, dilation=1, relu=False, layer="Conv2D"
+):
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
     bias (F,) or None -> y (N, F, OH, OW), channels-last in memory. ``relu=True`` returns
     ``relu(y)`` from the same pass (the ReLU applied as the kernel stores y)."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer)
+        x.shape, weight.shape, stride, padding, dilation, layer
+    )
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     n, f, oh, ow = out_shape
     y = np.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
-        _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw,
-                               bool(relu), y)
+        _conv2d.conv2d_forward(
+            _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, bool(relu), y
+        )
     return _nchw(y)
 
 
-def conv2d_relu_max_pool2d_forward(x, weight, bias, stride, padding, dilation, pool_kernel,
-                                   relu=True, layer="Conv2D", pool_layer="MaxPool2D"):
+def conv2d_relu_max_pool2d_forward(
+    x,
+    weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    pool_kernel,
+    relu=True,
+    layer="Conv2D",
+    pool_layer="MaxPool2D",
+):
     """``max_pool2d_forward(relu(conv2d_forward(x, ...)), pool_kernel)`` in one pass, for
     pooling windows that tile the convolution's output (stride = kernel, no padding): returns
     ``(y, argmax, conv_shape)``, y and argmax exactly (bitwise) as the two calls would give, and
@@ -298,29 +354,46 @@ def conv2d_relu_max_pool2d_forward(x, weight, bias, stride, padding, dilation, p
     stored, and the rows and columns the pooling drops are not computed."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     conv_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer)
-    out_shape, (pkh, pkw), _, _ = pool2d_output_shape(conv_shape, pool_kernel, None, 0,
-                                                      pool_layer)
+        x.shape, weight.shape, stride, padding, dilation, layer
+    )
+    out_shape, (pkh, pkw), _, _ = pool2d_output_shape(conv_shape, pool_kernel, None, 0, pool_layer)
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     n, f, ph, pw = out_shape
     y = np.empty((n, ph, pw, f), dtype=x.dtype)
     argmax = np.empty((n, ph, pw, f), dtype=np.int64)
     if y.size:
-        _fused.conv2d_relu_maxpool2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2],
-                                             dh, dw, conv_shape[2], conv_shape[3], bool(relu),
-                                             pkh, pkw, y, argmax)
+        _fused.conv2d_relu_maxpool2d_forward(
+            _nhwc(x),
+            weight,
+            bias,
+            sh,
+            sw,
+            pads[0],
+            pads[2],
+            dh,
+            dw,
+            conv_shape[2],
+            conv_shape[3],
+            bool(relu),
+            pkh,
+            pkw,
+            y,
+            argmax,
+        )
     return _nchw(y), _nchw(argmax), conv_shape
 
 
-def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D",
-                    bias=True, input_grad=True):
+def conv2d_backward(
+    x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D", bias=True, input_grad=True
+):
     """Gradients of ``conv2d_forward``: returns ``(dx, dweight, dbias)``; ``dx`` is None when
     ``input_grad`` is false (first layer of a network), ``dbias`` is None when ``bias`` is
     false."""
     x, weight, _ = _conv_args(x, weight, None, layer)
     out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer)
+        x.shape, weight.shape, stride, padding, dilation, layer
+    )
     dy = check_float(dy, layer, "gradient", contiguous=False)
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, out_shape, layer, "gradient")
@@ -340,8 +413,19 @@ def conv2d_backward(x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2
         dx = np.empty((n, h, w, c), dtype=x.dtype)
         if _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)):
             kh, kw = weight.shape[2], weight.shape[3]
-            k.conv2d_forward(dy, _flipped_weight(weight), np.zeros(c, x.dtype), 1, 1,
-                             dh * (kh - 1) - pads[0], dw * (kw - 1) - pads[2], dh, dw, False, dx)
+            k.conv2d_forward(
+                dy,
+                _flipped_weight(weight),
+                np.zeros(c, x.dtype),
+                1,
+                1,
+                dh * (kh - 1) - pads[0],
+                dw * (kw - 1) - pads[2],
+                dh,
+                dw,
+                False,
+                dx,
+            )
         else:
             k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
         dx = _nchw(dx)
@@ -356,10 +440,19 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
     channels fill the forward's tile columns. Finite weights only: the forward also
     multiplies the zeros around dy by every weight, and 0 * inf is NaN."""
     f, c, kh, kw = weight.shape
-    reach = (dilation[0] * (kh - 1), dilation[0] * (kh - 1),
-             dilation[1] * (kw - 1), dilation[1] * (kw - 1))
-    return (stride == (1, 1) and f <= _conv2d.FTN and c >= _conv2d.FTN
-            and all(p <= r for p, r in zip(pads, reach)) and bool(np.isfinite(weight).all()))
+    reach = (
+        dilation[0] * (kh - 1),
+        dilation[0] * (kh - 1),
+        dilation[1] * (kw - 1),
+        dilation[1] * (kw - 1),
+    )
+    return (
+        stride == (1, 1)
+        and f <= _conv2d.FTN
+        and c >= _conv2d.FTN
+        and all(p <= r for p, r in zip(pads, reach))
+        and bool(np.isfinite(weight).all())
+    )
 
 
 def _flipped_weight(weight):
@@ -377,9 +470,23 @@ def _weight_gradient_in_pixel_order(weight_shape):
     return tiles >= per_block
 
 
-def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_kernel, stride=1,
-                               padding=0, dilation=1, relu=True, bias=True, input_grad=True,
-                               layer="Conv2D", pool_layer="MaxPool2D"):
+def max_pool2d_conv2d_backward(
+    x,
+    weight,
+    dy,
+    argmax,
+    pooled,
+    conv_shape,
+    pool_kernel,
+    stride=1,
+    padding=0,
+    dilation=1,
+    relu=True,
+    bias=True,
+    input_grad=True,
+    layer="Conv2D",
+    pool_layer="MaxPool2D",
+):
     """The convolution's gradients ``(dx, dweight, dbias)`` for the gradient ``dy`` of a max
     pooling (windows that tile: stride = kernel, no padding) of its output, through the ReLU
     between them if ``relu``: bitwise ``conv2d_backward(x, weight, max_pool2d_backward(dy,
@@ -391,12 +498,15 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     rebuilt block by block in cache (``maxpool2d_conv2d_backward_weight_dense``: the
     reference network's conv1), and an input gradient, if asked for, takes the two calls."""
     x, weight, _ = _conv_args(x, weight, None, layer)
-    shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(x.shape, weight.shape, stride, padding,
-                                                          dilation, layer)
+    shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer
+    )
     conv_shape = tuple(int(s) for s in conv_shape)
     if conv_shape != shape:
-        raise ValueError(f"{layer}: expected the pooling's input shape {_fmt_shape(shape)}, "
-                         f"got {_fmt_shape(conv_shape)}")
+        raise ValueError(
+            f"{layer}: expected the pooling's input shape {_fmt_shape(shape)}, "
+            f"got {_fmt_shape(conv_shape)}"
+        )
     out_shape, (pkh, pkw), _, _ = pool2d_output_shape(conv_shape, pool_kernel, None, 0, pool_layer)
     dy = check_float(dy, pool_layer, "gradient", contiguous=False)
     _same_dtype(dy, x, pool_layer, "gradient")
@@ -411,29 +521,59 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
     n, c = x.shape[0], x.shape[1]
     # the sparse input gradient reproduces col2im's order: not where conv2d_backward takes the
     # transposed convolution
-    sparse = (n > 0 and c % _conv2d.FT == 0 and _weight_gradient_in_pixel_order(weight.shape)
-              and np.isfinite(weight).all() and np.isfinite(x).all()
-              and not (input_grad and _input_gradient_as_convolution(weight, (sh, sw), pads,
-                                                                     (dh, dw))))
+    sparse = (
+        n > 0
+        and c % _conv2d.FT == 0
+        and _weight_gradient_in_pixel_order(weight.shape)
+        and np.isfinite(weight).all()
+        and np.isfinite(x).all()
+        and not (input_grad and _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)))
+    )
     if n == 0 or (input_grad and not sparse):
-        dconv = max_pool2d_backward(dy, argmax, conv_shape, pool_kernel,
-                                    relu_output=pooled if relu else None, layer=pool_layer)
-        return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias,
-                               input_grad)
+        dconv = max_pool2d_backward(
+            dy,
+            argmax,
+            conv_shape,
+            pool_kernel,
+            relu_output=pooled if relu else None,
+            layer=pool_layer,
+        )
+        return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias, input_grad)
     dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)
     oh, ow = conv_shape[2], conv_shape[3]
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
-    weight_kernel = (_fused.maxpool2d_conv2d_backward_weight if sparse
-                     else _fused.maxpool2d_conv2d_backward_weight_dense)
-    weight_kernel(_nhwc(x), dyh, amh, yh, bool(relu), pkh, pkw, oh, ow, sh, sw, pads[0], pads[2],
-                  dh, dw, dweight, dbias)
+    weight_kernel = (
+        _fused.maxpool2d_conv2d_backward_weight
+        if sparse
+        else _fused.maxpool2d_conv2d_backward_weight_dense
+    )
+    weight_kernel(
+        _nhwc(x),
+        dyh,
+        amh,
+        yh,
+        bool(relu),
+        pkh,
+        pkw,
+        oh,
+        ow,
+        sh,
+        sw,
+        pads[0],
+        pads[2],
+        dh,
+        dw,
+        dweight,
+        dbias,
+    )
     dx = None
     if input_grad:
         h, w = x.shape[2], x.shape[3]
         dx = np.empty((n, h, w, c), dtype=x.dtype)
-        _fused.maxpool2d_conv2d_backward_input(dyh, amh, yh, bool(relu), pkh, pkw, weight, sh,
-                                               sw, pads[0], pads[2], dh, dw, oh, ow, dx)
+        _fused.maxpool2d_conv2d_backward_input(
+            dyh, amh, yh, bool(relu), pkh, pkw, weight, sh, sw, pads[0], pads[2], dh, dw, oh, ow, dx
+        )
         dx = _nchw(dx)
     return dx, dweight, (dbias if bias else None)
 
@@ -442,13 +582,15 @@ def max_pool2d_conv2d_backward(x, weight, dy, argmax, pooled, conv_shape, pool_k
 # pooling
 # ---------------------------------------------------------------------------------------------
 
+
 def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
     """Max pooling: x (N, C, H, W) -> ``(y, argmax)``, argmax int64 = flat index ``h * W + w``
     of the selected cell in the unpadded input plane (PyTorch's return_indices); both
     channels-last in memory."""
     x = check_float(x, layer, contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
-        x.shape, kernel_size, stride, padding, layer)
+        x.shape, kernel_size, stride, padding, layer
+    )
     n, c, oh, ow = out_shape
     y = np.empty((n, oh, ow, c), dtype=x.dtype)
     argmax = np.empty((n, oh, ow, c), dtype=np.int64)
@@ -456,8 +598,16 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"
     return _nchw(y), _nchw(argmax)
 
 
-def max_pool2d_backward(dy, argmax, input_shape, kernel_size=None, stride=None, padding=0,
-                        relu_output=None, layer="MaxPool2D"):
+def max_pool2d_backward(
+    dy,
+    argmax,
+    input_shape,
+    kernel_size=None,
+    stride=None,
+    padding=0,
+    relu_output=None,
+    layer="MaxPool2D",
+):
     """Gradient of max pooling: dy added at ``argmax`` in a zero (N, C, H, W) array.
 
     With the forward's ``kernel_size`` (and ``stride``, ``padding``) given, windows that tile
@@ -473,14 +623,17 @@ def max_pool2d_backward(dy, argmax, input_shape, kernel_size=None, stride=None, 
         argmax = argmax.astype(np.int64)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4 or dy.ndim != 4 or dy.shape[:2] != input_shape[:2]:
-        raise ValueError(f"{layer}: expected gradient of shape "
-                         f"({', '.join(str(s) for s in input_shape[:2])}, OH, OW), "
-                         f"got {_fmt_shape(dy.shape)}")
+        raise ValueError(
+            f"{layer}: expected gradient of shape "
+            f"({', '.join(str(s) for s in input_shape[:2])}, OH, OW), "
+            f"got {_fmt_shape(dy.shape)}"
+        )
     _check_shape_equal(argmax, dy.shape, layer, "argmax")
     geometry = (0, 0, 0, 0, 0, 0)  # unknown: the kernel's general path
     if kernel_size is not None:
         out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
-            input_shape, kernel_size, stride, padding, layer)
+            input_shape, kernel_size, stride, padding, layer
+        )
         _check_shape_equal(dy, out_shape, layer, "gradient")
         geometry = (kh, kw, sh, sw, pads[0], pads[2])
     if argmax.size and (argmax.min() < 0 or argmax.max() >= input_shape[2] * input_shape[3]):
@@ -502,19 +655,20 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"
     """Average pooling, padded cells counting as zeros in the divisor (count_include_pad=True)."""
     x = check_float(x, layer, contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
-        x.shape, kernel_size, stride, padding, layer)
+        x.shape, kernel_size, stride, padding, layer
+    )
     n, c, oh, ow = out_shape
     y = np.empty((n, oh, ow, c), dtype=x.dtype)
     _pool2d.avgpool2d_forward(_nhwc(x), kh, kw, sh, sw, pads[0], pads[2], y)
     return _nchw(y)
 
 
-def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0,
-                        layer="AvgPool2D"):
+def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, layer="AvgPool2D"):
     """Gradient of average pooling with respect to its (N, C, H, W) input."""
     dy = check_float(dy, layer, "gradient", contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
-        input_shape, kernel_size, stride, padding, layer)
+        input_shape, kernel_size, stride, padding, layer
+    )
     _check_shape_equal(dy, out_shape, layer, "gradient")
     n, c = out_shape[:2]
     h, w = (int(s) for s in input_shape[2:])
@@ -527,8 +681,9 @@ def global_avg_pool2d_output_shape(input_shape, layer="GlobalAvgPool2D"):
     """(N, C, H, W) -> (N, C), validated (H, W >= 1)."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4:
-        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
-                         f"got {_fmt_shape(input_shape)}")
+        raise ValueError(
+            f"{layer}: expected input of shape (N, C, H, W), got {_fmt_shape(input_shape)}"
+        )
     _positive_spatial(input_shape, layer)
     return input_shape[:2]
 
@@ -557,6 +712,7 @@ def global_avg_pool2d_backward(dy, input_shape, layer="GlobalAvgPool2D"):
 # ---------------------------------------------------------------------------------------------
 # activations (ReLU is a kernel; the others are single numpy expressions)
 # ---------------------------------------------------------------------------------------------
+
 
 def _grad_like(dy, y, layer, contiguous=True):
     dy = check_float(dy, layer, "gradient", contiguous)
@@ -593,6 +749,7 @@ def relu_backward(dy, y, layer="ReLU"):
 # passes and LeakyReLU are kernels. All keep the input's memory layout (a channels-last
 # activation stays channels-last: a C-ordered copy per call was 8% of a LeNet-5 step).
 
+
 def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
     x = _one_block(check_float(x, layer, contiguous=False))
     y = np.empty_like(x)
@@ -603,8 +760,14 @@ def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
 def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
     """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
     x = check_float(x, layer, "forward input", contiguous=False)
-    return _elementwise(_activations.leaky_relu_backward, dy, x, layer, "forward input",
-                        x.dtype.type(negative_slope))
+    return _elementwise(
+        _activations.leaky_relu_backward,
+        dy,
+        x,
+        layer,
+        "forward input",
+        x.dtype.type(negative_slope),
+    )
 
 
 def tanh_forward(x, layer="Tanh"):
@@ -633,8 +796,10 @@ def sigmoid_backward(dy, y, layer="Sigmoid"):
 def softmax_forward(x, dim=1, layer="Softmax"):
     x = check_float(x, layer)
     if not -x.ndim <= dim < x.ndim:
-        raise ValueError(f"{layer}: dim {dim} out of range for an input of rank {x.ndim} "
-                         f"(shape {_fmt_shape(x.shape)})")
+        raise ValueError(
+            f"{layer}: dim {dim} out of range for an input of rank {x.ndim} "
+            f"(shape {_fmt_shape(x.shape)})"
+        )
     if x.size == 0:  # nothing to normalise (np.max would refuse an empty axis)
         return x.copy()
     e = np.exp(x - np.max(x, axis=dim, keepdims=True))
@@ -651,6 +816,7 @@ def softmax_backward(dy, y, dim=1, layer="Softmax"):
 # batch normalisation (x is (N, C, H, W); BatchNorm1D passes (N, C, L, 1))
 # ---------------------------------------------------------------------------------------------
 
+
 def _channels_last(x):
     """Whether a 4-D array's memory is channels-last and not also NCHW-contiguous (a
     convolution's or pooling's output): the batch norm then runs on it as it is."""
@@ -662,8 +828,9 @@ def _bn_args(x, layer, *params):
     parameters checked against it."""
     x = check_float(x, layer, contiguous=False)
     if x.ndim != 4:
-        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), "
-                         f"got {_fmt_shape(x.shape)}")
+        raise ValueError(
+            f"{layer}: expected input of shape (N, C, H, W), got {_fmt_shape(x.shape)}"
+        )
     if not _channels_last(x):
         x = np.require(x, requirements="C")
     c = x.shape[1]
@@ -687,50 +854,63 @@ def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
     x, (gamma, beta) = _bn_args(x, layer, ("weight", gamma), ("bias", beta))
     n, c, h, w = x.shape
     if n * h * w < 2:
-        raise ValueError(f"{layer}: expected more than 1 value per channel when training, "
-                         f"got input of shape {_fmt_shape(x.shape)}")
+        raise ValueError(
+            f"{layer}: expected more than 1 value per channel when training, "
+            f"got input of shape {_fmt_shape(x.shape)}"
+        )
     mean = np.empty(c, dtype=x.dtype)
     invstd = np.empty(c, dtype=x.dtype)
     if _channels_last(x):  # a convolution's output: no layout conversion
         y = np.empty((n, h, w, c), dtype=x.dtype)
-        _batchnorm.batchnorm_forward_train_nhwc(_pixels(x), gamma, beta, x.dtype.type(eps),
-                                                y.reshape(-1, c), mean, invstd)
+        _batchnorm.batchnorm_forward_train_nhwc(
+            _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd
+        )
         return _nchw(y), mean, invstd
     y = np.empty_like(x)
     _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean, invstd)
     return y, mean, invstd
 
 
-def batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5,
-                            layer="BatchNorm2D"):
+def batch_norm_forward_eval(
+    x, gamma, beta, running_mean, running_var, eps=1e-5, layer="BatchNorm2D"
+):
     """Normalise with the running statistics."""
     x, (gamma, beta, running_mean, running_var) = _bn_args(
-        x, layer, ("weight", gamma), ("bias", beta), ("running_mean", running_mean),
-        ("running_var", running_var))
+        x,
+        layer,
+        ("weight", gamma),
+        ("bias", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
     if _channels_last(x):
         n, c, h, w = x.shape
         y = np.empty((n, h, w, c), dtype=x.dtype)
-        _batchnorm.batchnorm_forward_eval_nhwc(_pixels(x), gamma, beta, running_mean,
-                                               running_var, x.dtype.type(eps), y.reshape(-1, c))
+        _batchnorm.batchnorm_forward_eval_nhwc(
+            _pixels(x), gamma, beta, running_mean, running_var, x.dtype.type(eps), y.reshape(-1, c)
+        )
         return _nchw(y)
     y = np.empty_like(x)
-    _batchnorm.batchnorm_forward_eval(x, gamma, beta, running_mean, running_var,
-                                      x.dtype.type(eps), y)
+    _batchnorm.batchnorm_forward_eval(
+        x, gamma, beta, running_mean, running_var, x.dtype.type(eps), y
+    )
     return y
 
 
 def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
     """Gradients of the training-mode forward: ``(dx, dgamma, dbeta)``."""
-    x, (gamma, mean, invstd) = _bn_args(x, layer, ("weight", gamma), ("mean", mean),
-                                        ("invstd", invstd))
+    x, (gamma, mean, invstd) = _bn_args(
+        x, layer, ("weight", gamma), ("mean", mean), ("invstd", invstd)
+    )
     dgamma = np.empty_like(gamma)
     dbeta = np.empty_like(gamma)
     if _channels_last(x):  # the forward's input: dy (the next layer's gradient) follows it
         dy = _grad_like(dy, x, layer, contiguous=False)
         n, c, h, w = x.shape
         dx = np.empty((n, h, w, c), dtype=x.dtype)
-        _batchnorm.batchnorm_backward_nhwc(_pixels(dy), _pixels(x), gamma, mean, invstd,
-                                           dx.reshape(-1, c), dgamma, dbeta)
+        _batchnorm.batchnorm_backward_nhwc(
+            _pixels(dy), _pixels(x), gamma, mean, invstd, dx.reshape(-1, c), dgamma, dbeta
+        )
         return _nchw(dx), dgamma, dbeta
     dy = _grad_like(dy, x, layer)
     dx = np.empty_like(x)
@@ -738,11 +918,13 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
     return dx, dgamma, dbeta
 
 
-def batch_norm_backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5,
-                             layer="BatchNorm2D"):
+def batch_norm_backward_eval(
+    dy, x, gamma, running_mean, running_var, eps=1e-5, layer="BatchNorm2D"
+):
     """Gradients of the eval-mode forward (statistics are constants): ``(dx, dgamma, dbeta)``."""
     x, (gamma, running_mean, running_var) = _bn_args(
-        x, layer, ("weight", gamma), ("running_mean", running_mean), ("running_var", running_var))
+        x, layer, ("weight", gamma), ("running_mean", running_mean), ("running_var", running_var)
+    )
     dy = _grad_like(dy, x, layer)
     invstd = (x.dtype.type(1) / np.sqrt(running_var + x.dtype.type(eps)))[None, :, None, None]
     xhat = (x - running_mean[None, :, None, None]) * invstd
@@ -756,12 +938,15 @@ def batch_norm_backward_eval(dy, x, gamma, running_mean, running_var, eps=1e-5,
 # Dense(1600, 128) once W.T was packed, and cost 7 s of first-run compilation)
 # ---------------------------------------------------------------------------------------------
 
+
 def _dense_args(x, weight, bias, layer):
     x = check_float(x, layer)
     weight = check_float(weight, layer, "weight")
     if weight.ndim != 2:
-        raise ValueError(f"{layer}: expected weight of shape (out_features, in_features), "
-                         f"got {_fmt_shape(weight.shape)}")
+        raise ValueError(
+            f"{layer}: expected weight of shape (out_features, in_features), "
+            f"got {_fmt_shape(weight.shape)}"
+        )
     _same_dtype(weight, x, layer, "weight")
     _check_input(x, ("N", "in_features"), weight.shape[1], layer)
     if bias is not None:
@@ -801,6 +986,7 @@ def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
 # ---------------------------------------------------------------------------------------------
 # dropout
 # ---------------------------------------------------------------------------------------------
+
 
 def dropout_forward(x, p, rng, layer="Dropout"):
     """Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).

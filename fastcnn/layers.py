@@ -15,6 +15,7 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)) from the ``r
 (a ``np.random.Generator``, or a seed); BatchNorm starts with weight (gamma) 1, bias (beta) 0,
 running mean 0 and running variance 1.
 """
+
 import math
 import numbers
 
@@ -24,9 +25,25 @@ from . import functional as F
 from .module import Module, Parameter, register_module
 
 __all__ = [
-    "Parameter", "Layer", "Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "BatchNorm2D",
-    "BatchNorm1D", "Dense", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Dropout", "Flatten",
-    "Softmax", "cast_input", "cast_grad", "check_grad",
+    "Parameter",
+    "Layer",
+    "Conv2D",
+    "MaxPool2D",
+    "AvgPool2D",
+    "GlobalAvgPool2D",
+    "BatchNorm2D",
+    "BatchNorm1D",
+    "Dense",
+    "ReLU",
+    "LeakyReLU",
+    "Tanh",
+    "Sigmoid",
+    "Dropout",
+    "Flatten",
+    "Softmax",
+    "cast_input",
+    "cast_grad",
+    "check_grad",
 ]
 
 #: Former name of the base class, kept so that ``class MyLayer(fastcnn.Layer)`` still works.
@@ -83,13 +100,15 @@ def _fmt_pair(p):
 # the dtype and gradient rules every layer follows (also used by the fused steps of plan.py)
 # ---------------------------------------------------------------------------------------------
 
+
 def cast_input(x, dtype, layer):
     """``(x in dtype, x's own dtype)`` for a layer with parameters of ``dtype``: any floating
     input is cast to it (its gradient goes back in the input's dtype), else TypeError."""
     x = np.asarray(x)
     if x.dtype.kind != "f":
-        raise TypeError(f"{layer}: expected a floating-point input (float32 or float64), "
-                        f"got dtype {x.dtype}")
+        raise TypeError(
+            f"{layer}: expected a floating-point input (float32 or float64), got dtype {x.dtype}"
+        )
     in_dtype = x.dtype.newbyteorder("=")  # gradients come back in native byte order
     return (x if x.dtype == dtype else x.astype(dtype)), in_dtype
 
@@ -99,11 +118,15 @@ def cast_grad(dy, dtype, layer, shape=None):
     cast to it; with ``shape``, checked to be of that shape."""
     dy = np.asarray(dy)
     if dy.dtype.kind != "f":
-        raise TypeError(f"{layer}: expected a floating-point gradient (float32 or "
-                        f"float64), got dtype {dy.dtype}")
+        raise TypeError(
+            f"{layer}: expected a floating-point gradient (float32 or "
+            f"float64), got dtype {dy.dtype}"
+        )
     if shape is not None and dy.shape != tuple(shape):
-        raise ValueError(f"{layer}: expected gradient of shape {F._fmt_shape(shape)}, "
-                         f"got {F._fmt_shape(dy.shape)}")
+        raise ValueError(
+            f"{layer}: expected gradient of shape {F._fmt_shape(shape)}, "
+            f"got {F._fmt_shape(dy.shape)}"
+        )
     return dy if dy.dtype == dtype else dy.astype(dtype)
 
 
@@ -112,11 +135,15 @@ def check_grad(dy, shape, dtype, layer):
     shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
     dy = F.check_float(dy, layer, "gradient", contiguous=False)
     if dy.dtype != dtype:
-        raise TypeError(f"{layer}: gradient dtype {dy.dtype} does not match the dtype of "
-                        f"the forward output {dtype}")
+        raise TypeError(
+            f"{layer}: gradient dtype {dy.dtype} does not match the dtype of "
+            f"the forward output {dtype}"
+        )
     if dy.shape != tuple(shape):
-        raise ValueError(f"{layer}: expected gradient of shape {F._fmt_shape(shape)}, "
-                         f"got {F._fmt_shape(dy.shape)}")
+        raise ValueError(
+            f"{layer}: expected gradient of shape {F._fmt_shape(shape)}, "
+            f"got {F._fmt_shape(dy.shape)}"
+        )
     return dy
 
 
@@ -128,6 +155,7 @@ def _as_dtype(dx, dtype):
 # convolution
 # =============================================================================================
 
+
 @register_module
 class Conv2D(Module):
     """2-D convolution (cross-correlation, as PyTorch's nn.Conv2d): (N, C, H, W) -> (N, F, OH, OW).
@@ -136,8 +164,18 @@ class Conv2D(Module):
     (stride 1 only) or 'valid'. weight (F, C, KH, KW), bias (F,).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 bias=True, dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias=True,
+        dtype=np.float32,
+        rng=None,
+    ):
         super().__init__()
         name = self.name
         self.in_channels = _positive_int(in_channels, "in_channels", name)
@@ -153,10 +191,16 @@ class Conv2D(Module):
         self.dtype = _resolve_dtype(dtype, name)
         rng = np.random.default_rng(rng)
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self.weight = Parameter(_uniform_init(
-            rng, (self.out_channels, self.in_channels) + self.kernel_size, fan_in, self.dtype))
-        self.bias = (Parameter(_uniform_init(rng, (self.out_channels,), fan_in, self.dtype))
-                     if bias else None)
+        self.weight = Parameter(
+            _uniform_init(
+                rng, (self.out_channels, self.in_channels) + self.kernel_size, fan_in, self.dtype
+            )
+        )
+        self.bias = (
+            Parameter(_uniform_init(rng, (self.out_channels,), fan_in, self.dtype))
+            if bias
+            else None
+        )
 
     @classmethod
     def state_spec(cls, config):
@@ -171,8 +215,15 @@ class Conv2D(Module):
 
     def forward(self, x):
         x, in_dtype = cast_input(x, self.dtype, self.name)
-        y = F.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                             self.stride, self.padding, self.dilation, layer=self.name)
+        y = F.conv2d_forward(
+            x,
+            self.weight.data,
+            None if self.bias is None else self.bias.data,
+            self.stride,
+            self.padding,
+            self.dilation,
+            layer=self.name,
+        )
         self.save_for_backward(x, in_dtype)
         return y
 
@@ -181,9 +232,17 @@ class Conv2D(Module):
         ``input_grad=False`` (a network's first layer: its input needs none, and the kernel
         that computes it is skipped)."""
         x, in_dtype = self.saved_for_backward()
-        dx, dw, db = F.conv2d_backward(x, self.weight.data, cast_grad(dy, self.dtype, self.name),
-                                       self.stride, self.padding, self.dilation, layer=self.name,
-                                       bias=self.bias is not None, input_grad=input_grad)
+        dx, dw, db = F.conv2d_backward(
+            x,
+            self.weight.data,
+            cast_grad(dy, self.dtype, self.name),
+            self.stride,
+            self.padding,
+            self.dilation,
+            layer=self.name,
+            bias=self.bias is not None,
+            input_grad=input_grad,
+        )
         self.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
@@ -194,23 +253,34 @@ class Conv2D(Module):
             self.bias.grad += dbias
 
     def get_config(self):
-        return {"class": self.name, "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride),
-                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "dilation": list(self.dilation), "bias": self.bias is not None,
-                "dtype": self.dtype.name}
+        return {
+            "class": self.name,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.bias is not None,
+            "dtype": self.dtype.name,
+        }
 
     def output_shape(self, input_shape):
-        return F.conv2d_output_shape(input_shape, self.weight.shape, self.stride, self.padding,
-                                     self.dilation, layer=self.name)[0]
+        return F.conv2d_output_shape(
+            input_shape,
+            self.weight.shape,
+            self.stride,
+            self.padding,
+            self.dilation,
+            layer=self.name,
+        )[0]
 
     def flops(self, input_shape):
         n, f, oh, ow = self.output_shape(input_shape)
         return 2 * n * f * oh * ow * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     def extra_repr(self):
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={_fmt_pair(self.kernel_size)}")
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={_fmt_pair(self.kernel_size)}"
         if self.stride != (1, 1):
             s += f", stride={_fmt_pair(self.stride)}"
         if self.padding not in ((0, 0), "valid"):
@@ -228,6 +298,7 @@ class Conv2D(Module):
 # pooling
 # =============================================================================================
 
+
 class _Pool2D(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -238,15 +309,22 @@ class _Pool2D(Module):
         self.padding = (pads[0], pads[2])
 
     def get_config(self):
-        return {"class": self.name, "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride), "padding": list(self.padding)}
+        return {
+            "class": self.name,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+        }
 
     def output_shape(self, input_shape):
-        return F.pool2d_output_shape(input_shape, self.kernel_size, self.stride, self.padding,
-                                     layer=self.name)[0]
+        return F.pool2d_output_shape(
+            input_shape, self.kernel_size, self.stride, self.padding, layer=self.name
+        )[0]
 
     def flops(self, input_shape):
-        return int(np.prod(self.output_shape(input_shape))) * self.kernel_size[0] * self.kernel_size[1]
+        return (
+            int(np.prod(self.output_shape(input_shape))) * self.kernel_size[0] * self.kernel_size[1]
+        )
 
     def extra_repr(self):
         s = f"kernel_size={_fmt_pair(self.kernel_size)}"
@@ -264,16 +342,18 @@ class MaxPool2D(_Pool2D):
     _stateless = True
 
     def forward(self, x):
-        y, argmax = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding,
-                                         layer=self.name)
+        y, argmax = F.max_pool2d_forward(
+            x, self.kernel_size, self.stride, self.padding, layer=self.name
+        )
         self.save_for_backward(np.shape(x), argmax, y.dtype)
         return y
 
     def backward(self, dy, input_grad=True):
         shape, argmax, dtype = self.saved_for_backward()
         dy = check_grad(dy, argmax.shape, dtype, self.name)
-        return F.max_pool2d_backward(dy, argmax, shape, self.kernel_size, self.stride,
-                                     self.padding, layer=self.name)
+        return F.max_pool2d_backward(
+            dy, argmax, shape, self.kernel_size, self.stride, self.padding, layer=self.name
+        )
 
 
 @register_module
@@ -290,8 +370,9 @@ class AvgPool2D(_Pool2D):
     def backward(self, dy, input_grad=True):
         shape, y_shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, y_shape, dtype, self.name)
-        return F.avg_pool2d_backward(dy, shape, self.kernel_size, self.stride, self.padding,
-                                     layer=self.name)
+        return F.avg_pool2d_backward(
+            dy, shape, self.kernel_size, self.stride, self.padding, layer=self.name
+        )
 
 
 @register_module
@@ -322,6 +403,7 @@ class GlobalAvgPool2D(Module):
 # =============================================================================================
 # batch normalisation
 # =============================================================================================
+
 
 @register_module
 class BatchNorm2D(Module):
@@ -361,8 +443,9 @@ class BatchNorm2D(Module):
         else:
             ok, expected = len(shape) in (2, 3), f"(N, {c}) or (N, {c}, L)"
         if not ok or shape[1] != c:
-            raise ValueError(f"{self.name}: expected input of shape {expected}, "
-                             f"got {F._fmt_shape(shape)}")
+            raise ValueError(
+                f"{self.name}: expected input of shape {expected}, got {F._fmt_shape(shape)}"
+            )
 
     def _to4d(self, x):
         self._check_shape(x.shape)
@@ -373,10 +456,13 @@ class BatchNorm2D(Module):
         x4 = self._to4d(x)
         if self.training:
             if x.size < 2 * x.shape[1]:  # checked here to name the caller's shape, not x4's
-                raise ValueError(f"{self.name}: expected more than 1 value per channel when "
-                                 f"training, got input of shape {F._fmt_shape(x.shape)}")
+                raise ValueError(
+                    f"{self.name}: expected more than 1 value per channel when "
+                    f"training, got input of shape {F._fmt_shape(x.shape)}"
+                )
             y, mean, invstd = F.batch_norm_forward_train(
-                x4, self.weight.data, self.bias.data, self.eps, layer=self.name)
+                x4, self.weight.data, self.bias.data, self.eps, layer=self.name
+            )
             count = x4.shape[0] * x4.shape[2] * x4.shape[3]
             # biased variance back from invstd (in float64), then the unbiased one for the update
             var = 1.0 / np.square(invstd.astype(np.float64)) - self.eps
@@ -386,29 +472,43 @@ class BatchNorm2D(Module):
             self.running_var[...] = (1 - m) * self.running_var + m * unbiased
             self.save_for_backward("train", x4, mean, invstd, x.shape, in_dtype)
         else:
-            y = F.batch_norm_forward_eval(x4, self.weight.data, self.bias.data,
-                                          self.running_mean, self.running_var, self.eps,
-                                          layer=self.name)
-            self.save_for_backward("eval", x4, self.running_mean.copy(),
-                                   self.running_var.copy(), x.shape, in_dtype)
+            y = F.batch_norm_forward_eval(
+                x4,
+                self.weight.data,
+                self.bias.data,
+                self.running_mean,
+                self.running_var,
+                self.eps,
+                layer=self.name,
+            )
+            self.save_for_backward(
+                "eval", x4, self.running_mean.copy(), self.running_var.copy(), x.shape, in_dtype
+            )
         return y.reshape(x.shape)
 
     def backward(self, dy, input_grad=True):
         mode, x4, a, b, x_shape, in_dtype = self.saved_for_backward()
         dy = cast_grad(dy, self.dtype, self.name, x_shape).reshape(x4.shape)
         if mode == "train":
-            dx, dgamma, dbeta = F.batch_norm_backward(dy, x4, self.weight.data, a, b,
-                                                      layer=self.name)
+            dx, dgamma, dbeta = F.batch_norm_backward(
+                dy, x4, self.weight.data, a, b, layer=self.name
+            )
         else:
-            dx, dgamma, dbeta = F.batch_norm_backward_eval(dy, x4, self.weight.data, a, b,
-                                                           self.eps, layer=self.name)
+            dx, dgamma, dbeta = F.batch_norm_backward_eval(
+                dy, x4, self.weight.data, a, b, self.eps, layer=self.name
+            )
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return _as_dtype(dx.reshape(x_shape), in_dtype)
 
     def get_config(self):
-        return {"class": self.name, "num_features": self.num_features, "eps": self.eps,
-                "momentum": self.momentum, "dtype": self.dtype.name}
+        return {
+            "class": self.name,
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "dtype": self.dtype.name,
+        }
 
     def output_shape(self, input_shape):
         shape = tuple(int(s) for s in input_shape)
@@ -441,6 +541,7 @@ class BatchNorm1D(BatchNorm2D):
 # dense
 # =============================================================================================
 
+
 @register_module
 class Dense(Module):
     """Fully connected layer (PyTorch's nn.Linear): y = x @ weight.T + bias, weight (out, in)."""
@@ -452,10 +553,14 @@ class Dense(Module):
         self.out_features = _positive_int(out_features, "out_features", name)
         self.dtype = _resolve_dtype(dtype, name)
         rng = np.random.default_rng(rng)
-        self.weight = Parameter(_uniform_init(rng, (self.out_features, self.in_features),
-                                              self.in_features, self.dtype))
-        self.bias = (Parameter(_uniform_init(rng, (self.out_features,), self.in_features,
-                                             self.dtype)) if bias else None)
+        self.weight = Parameter(
+            _uniform_init(rng, (self.out_features, self.in_features), self.in_features, self.dtype)
+        )
+        self.bias = (
+            Parameter(_uniform_init(rng, (self.out_features,), self.in_features, self.dtype))
+            if bias
+            else None
+        )
 
     @classmethod
     def state_spec(cls, config):
@@ -469,8 +574,9 @@ class Dense(Module):
 
     def forward(self, x):
         x, in_dtype = cast_input(x, self.dtype, self.name)
-        y = F.dense_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                            layer=self.name)
+        y = F.dense_forward(
+            x, self.weight.data, None if self.bias is None else self.bias.data, layer=self.name
+        )
         self.save_for_backward(x, in_dtype)
         return y
 
@@ -478,9 +584,14 @@ class Dense(Module):
         """Accumulates the parameter gradients; returns the gradient to the input, or None with
         ``input_grad=False``."""
         x, in_dtype = self.saved_for_backward()
-        dx, dw, db = F.dense_backward(x, self.weight.data, cast_grad(dy, self.dtype, self.name),
-                                      layer=self.name, bias=self.bias is not None,
-                                      input_grad=input_grad)
+        dx, dw, db = F.dense_backward(
+            x,
+            self.weight.data,
+            cast_grad(dy, self.dtype, self.name),
+            layer=self.name,
+            bias=self.bias is not None,
+            input_grad=input_grad,
+        )
         self.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
@@ -491,15 +602,21 @@ class Dense(Module):
             self.bias.grad += dbias
 
     def get_config(self):
-        return {"class": self.name, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None,
-                "dtype": self.dtype.name}
+        return {
+            "class": self.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": self.dtype.name,
+        }
 
     def output_shape(self, input_shape):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 2 or shape[1] != self.in_features:
-            raise ValueError(f"{self.name}: expected input of shape (N, {self.in_features}), "
-                             f"got {F._fmt_shape(shape)}")
+            raise ValueError(
+                f"{self.name}: expected input of shape (N, {self.in_features}), "
+                f"got {F._fmt_shape(shape)}"
+            )
         return (shape[0], self.out_features)
 
     def flops(self, input_shape):
@@ -518,6 +635,7 @@ class Dense(Module):
 # =============================================================================================
 # activations
 # =============================================================================================
+
 
 @register_module
 class ReLU(Module):
@@ -613,8 +731,10 @@ class Softmax(Module):
     def output_shape(self, input_shape):
         shape = tuple(int(s) for s in input_shape)
         if not -len(shape) <= self.dim < len(shape):
-            raise ValueError(f"{self.name}: dim {self.dim} out of range for an input of rank "
-                             f"{len(shape)} (shape {F._fmt_shape(shape)})")
+            raise ValueError(
+                f"{self.name}: dim {self.dim} out of range for an input of rank "
+                f"{len(shape)} (shape {F._fmt_shape(shape)})"
+            )
         return shape
 
     def flops(self, input_shape):
@@ -624,6 +744,7 @@ class Softmax(Module):
 # =============================================================================================
 # shape and regularisation
 # =============================================================================================
+
 
 @register_module
 class Flatten(Module):
@@ -644,8 +765,10 @@ class Flatten(Module):
     def output_shape(self, input_shape):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) < 2:
-            raise ValueError(f"{self.name}: expected input of shape (N, ...) with rank >= 2, "
-                             f"got {F._fmt_shape(shape)}")
+            raise ValueError(
+                f"{self.name}: expected input of shape (N, ...) with rank >= 2, "
+                f"got {F._fmt_shape(shape)}"
+            )
         return (shape[0], int(np.prod(shape[1:])))
 
     def flops(self, input_shape):

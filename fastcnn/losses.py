@@ -7,6 +7,7 @@
 Computation stays in the input's dtype (float32 in, float32 out); these are small arrays
 (N x C), so plain vectorised numpy is used, no kernel.
 """
+
 import numbers
 
 import numpy as np
@@ -74,8 +75,11 @@ class CrossEntropyLoss(_Loss):
     def __init__(self, label_smoothing=0.0, reduction="mean"):
         super().__init__(reduction)
         # a number, not a string float() would parse ("0.1") nor a bool
-        ok = (isinstance(label_smoothing, numbers.Real) and not isinstance(label_smoothing, bool)
-              and 0.0 <= float(label_smoothing) <= 1.0)
+        ok = (
+            isinstance(label_smoothing, numbers.Real)
+            and not isinstance(label_smoothing, bool)
+            and 0.0 <= float(label_smoothing) <= 1.0
+        )
         if not ok:
             raise ValueError(
                 f"CrossEntropyLoss: expected label_smoothing in [0, 1], got {label_smoothing!r}"
@@ -172,7 +176,9 @@ class MSELoss(_Loss):
         name = "MSELoss"
         _check_floating(name, "input", input)
         target = np.asarray(target)
-        if not (np.issubdtype(target.dtype, np.floating) or np.issubdtype(target.dtype, np.integer)):
+        if not (
+            np.issubdtype(target.dtype, np.floating) or np.issubdtype(target.dtype, np.integer)
+        ):
             raise TypeError(f"{name}: expected a numeric target, got {target.dtype}")
         if target.shape != input.shape:
             raise ValueError(

@@ -6,6 +6,7 @@ default initialisation) and ``dtype``. ``BUILDERS`` maps a name (those ``fastcnn
 accepts, and the benchmark's networks) to a function of ``(in_channels, num_classes, seed)``;
 ``INPUT_SHAPES`` gives the (C, H, W) input each of them is built for.
 """
+
 import numpy as np
 
 from .containers import Residual, Sequential
@@ -29,13 +30,20 @@ def reference(seed=0, dtype=np.float32):
     Conv2D(1,32,3) ReLU MaxPool2D(2) Conv2D(32,64,3) ReLU MaxPool2D(2) Flatten Dense(1600,128)
     ReLU Dense(128,10). One generator seeded with ``seed`` initialises the layers in order."""
     rng = np.random.default_rng(seed)
-    return Sequential([
-        Conv2D(1, 32, 3, dtype=dtype, rng=rng), ReLU(), MaxPool2D(2),
-        Conv2D(32, 64, 3, dtype=dtype, rng=rng), ReLU(), MaxPool2D(2),
-        Flatten(),
-        Dense(1600, 128, dtype=dtype, rng=rng), ReLU(),
-        Dense(128, 10, dtype=dtype, rng=rng),
-    ])
+    return Sequential(
+        [
+            Conv2D(1, 32, 3, dtype=dtype, rng=rng),
+            ReLU(),
+            MaxPool2D(2),
+            Conv2D(32, 64, 3, dtype=dtype, rng=rng),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten(),
+            Dense(1600, 128, dtype=dtype, rng=rng),
+            ReLU(),
+            Dense(128, 10, dtype=dtype, rng=rng),
+        ]
+    )
 
 
 def lenet5(in_channels=1, num_classes=10, seed=0, dtype=np.float32):
@@ -44,27 +52,49 @@ def lenet5(in_channels=1, num_classes=10, seed=0, dtype=np.float32):
     Dense(400,120) Tanh Dense(120,84) Tanh Dense(84,num_classes). The padding of 2 makes a
     28x28 image the 32x32 of the paper."""
     rng = np.random.default_rng(seed)
-    return Sequential([
-        Conv2D(in_channels, 6, 5, padding=2, dtype=dtype, rng=rng), Tanh(), AvgPool2D(2),
-        Conv2D(6, 16, 5, dtype=dtype, rng=rng), Tanh(), AvgPool2D(2),
-        Flatten(),
-        Dense(16 * 5 * 5, 120, dtype=dtype, rng=rng), Tanh(),
-        Dense(120, 84, dtype=dtype, rng=rng), Tanh(),
-        Dense(84, num_classes, dtype=dtype, rng=rng),
-    ])
+    return Sequential(
+        [
+            Conv2D(in_channels, 6, 5, padding=2, dtype=dtype, rng=rng),
+            Tanh(),
+            AvgPool2D(2),
+            Conv2D(6, 16, 5, dtype=dtype, rng=rng),
+            Tanh(),
+            AvgPool2D(2),
+            Flatten(),
+            Dense(16 * 5 * 5, 120, dtype=dtype, rng=rng),
+            Tanh(),
+            Dense(120, 84, dtype=dtype, rng=rng),
+            Tanh(),
+            Dense(84, num_classes, dtype=dtype, rng=rng),
+        ]
+    )
 
 
 def _conv_bn(c_in, c_out, kernel, stride, dtype, rng):
     """A convolution without bias (the BatchNorm after it has one) and its BatchNorm."""
-    return [Conv2D(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False,
-                   dtype=dtype, rng=rng), BatchNorm2D(c_out, dtype=dtype)]
+    return [
+        Conv2D(
+            c_in,
+            c_out,
+            kernel,
+            stride=stride,
+            padding=kernel // 2,
+            bias=False,
+            dtype=dtype,
+            rng=rng,
+        ),
+        BatchNorm2D(c_out, dtype=dtype),
+    ]
 
 
 def _basic_block(c_in, c_out, stride, dtype, rng):
     """conv-BN-ReLU-conv-BN, plus the input (a 1x1 convolution with stride + BN where the shape
     changes), then ReLU: returned as the two modules [Residual, ReLU]."""
-    body = Sequential(_conv_bn(c_in, c_out, 3, stride, dtype, rng) + [ReLU()]
-                      + _conv_bn(c_out, c_out, 3, 1, dtype, rng))
+    body = Sequential(
+        _conv_bn(c_in, c_out, 3, stride, dtype, rng)
+        + [ReLU()]
+        + _conv_bn(c_out, c_out, 3, 1, dtype, rng)
+    )
     shortcut = None
     if stride != 1 or c_in != c_out:
         shortcut = Sequential(_conv_bn(c_in, c_out, 1, stride, dtype, rng))
@@ -79,8 +109,12 @@ def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
     num_classes). Convolutions followed by BatchNorm have no bias. One flat Sequential:
     [conv, bn, relu, Residual, ReLU, Residual, ReLU, ..., GlobalAvgPool2D, Dense], so the
     first block's body is ``model[3].body`` and its first weight "3.body.0.weight"."""
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 8 \
-            or (depth - 2) % 6:
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, (int, np.integer))
+        or depth < 8
+        or (depth - 2) % 6
+    ):
         raise ValueError(f"resnet: expected a depth 6n+2 >= 8 (8, 14, 20, 32, ...), got {depth!r}")
     n = (depth - 2) // 6
     rng = np.random.default_rng(seed)
@@ -109,9 +143,12 @@ def vgg_cifar(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
         if pool:
             modules.append(MaxPool2D(2))
         c_in = width
-    modules += [Flatten(),
-                Dense(128 * 4 * 4, 256, dtype=dtype, rng=rng), ReLU(),
-                Dense(256, num_classes, dtype=dtype, rng=rng)]
+    modules += [
+        Flatten(),
+        Dense(128 * 4 * 4, 256, dtype=dtype, rng=rng),
+        ReLU(),
+        Dense(256, num_classes, dtype=dtype, rng=rng),
+    ]
     return Sequential(modules)
 
 

@@ -21,6 +21,7 @@ A module may appear only once in a tree: its cached forward state can serve one 
 Building a tree that holds a module twice is a ValueError, and a leaf's backward called twice
 after one forward is a RuntimeError, never a silently wrong gradient.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,8 +30,15 @@ import threading
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "register_module", "module_from_config", "state_spec_of",
-           "registered_modules", "MAX_CONFIG_DEPTH"]
+__all__ = [
+    "Parameter",
+    "Module",
+    "register_module",
+    "module_from_config",
+    "state_spec_of",
+    "registered_modules",
+    "MAX_CONFIG_DEPTH",
+]
 
 #: Deepest nesting of containers a config may describe (a file cannot exhaust the stack).
 MAX_CONFIG_DEPTH = 64
@@ -105,8 +113,10 @@ class Module:
     def __setattr__(self, name, value):
         d = self.__dict__
         if "_param_names" not in d:
-            raise AttributeError(f"{type(self).__name__}: cannot assign {name!r} before "
-                                 "Module.__init__() ran: call super().__init__() first")
+            raise AttributeError(
+                f"{type(self).__name__}: cannot assign {name!r} before "
+                "Module.__init__() ran: call super().__init__() first"
+            )
         if isinstance(value, Module):
             self._check_new_child(name, value)
             _drop(d, name)
@@ -118,14 +128,18 @@ class Module:
         elif name in getattr(type(self), "_buffers", ()) and name not in d["_buffer_names"]:
             # the former Layer API: buffers named in a class attribute ``_buffers``
             if not isinstance(value, np.ndarray):
-                raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
-                                f"got {type(value).__name__}")
+                raise TypeError(
+                    f"{self.name}: buffer {name!r} must be a numpy array, "
+                    f"got {type(value).__name__}"
+                )
             _drop(d, name)
             d["_buffer_names"].append(name)
         elif name in d["_buffer_names"]:
             if not isinstance(value, np.ndarray):
-                raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
-                                f"got {type(value).__name__}")
+                raise TypeError(
+                    f"{self.name}: buffer {name!r} must be a numpy array, "
+                    f"got {type(value).__name__}"
+                )
         elif value is None and name in d["_param_names"]:
             pass  # a parameter switched off (bias=False): stays a slot of the state, empty
         elif name in d["_param_names"] or name in d["_child_names"]:
@@ -139,8 +153,9 @@ class Module:
     def register_buffer(self, name, array):
         """Register ``array`` as a buffer: saved in the state dict, never trained."""
         if not isinstance(array, np.ndarray):
-            raise TypeError(f"{self.name}: buffer {name!r} must be a numpy array, "
-                            f"got {type(array).__name__}")
+            raise TypeError(
+                f"{self.name}: buffer {name!r} must be a numpy array, got {type(array).__name__}"
+            )
         d = self.__dict__
         _drop(d, name)
         d["_buffer_names"].append(name)
@@ -152,8 +167,11 @@ class Module:
         if child is self:
             raise ValueError(f"{self.name}: cannot hold itself as child {name!r}")
         old = self.__dict__.get(name)
-        present = {id(m): n for n, m in self.named_modules(remove_duplicate=False)
-                   if not (isinstance(old, Module) and _within(n, name))}
+        present = {
+            id(m): n
+            for n, m in self.named_modules(remove_duplicate=False)
+            if not (isinstance(old, Module) and _within(n, name))
+        }
         for sub_name, m in child.named_modules(remove_duplicate=False):
             if id(m) in present or m is self:
                 where = present.get(id(m), "") or "the container itself"
@@ -161,7 +179,8 @@ class Module:
                 raise ValueError(
                     f"{self.name}: child {name!r}: the same {what} is already in this model "
                     f"(at {where!r}); a module can be used once per model: build another "
-                    "instance (fastcnn has no autograd to sum the gradients of two uses)")
+                    "instance (fastcnn has no autograd to sum the gradients of two uses)"
+                )
 
     # -- what a tree holds ------------------------------------------------------------------------
     @property
@@ -268,7 +287,8 @@ class Module:
         if d["_saved_used"]:
             raise RuntimeError(
                 f"{self.name}: backward called twice after one forward (a module called twice "
-                "per step? each use needs its own instance); run forward again first")
+                "per step? each use needs its own instance); run forward again first"
+            )
         d["_saved_used"] = True
         return d["_saved"]
 
@@ -301,8 +321,10 @@ class Module:
                 with compute_threads():
                     if x.shape[0] <= batch_size:
                         return self.forward(x)
-                    outs = [self.forward(x[i:i + batch_size])
-                            for i in range(0, x.shape[0], batch_size)]
+                    outs = [
+                        self.forward(x[i : i + batch_size])
+                        for i in range(0, x.shape[0], batch_size)
+                    ]
                     return np.concatenate(outs, axis=0)
             finally:
                 for m, mode in modes:
@@ -339,14 +361,19 @@ class Module:
 
     def get_rng_state(self):
         """{dotted name: state} for every module of the tree with its own generator (Dropout)."""
-        return {n: m.get_rng_state() for n, m in self.named_modules()
-                if m is not self and m.has_rng_state}
+        return {
+            n: m.get_rng_state()
+            for n, m in self.named_modules()
+            if m is not self and m.has_rng_state
+        }
 
     def set_rng_state(self, states):
         modules = dict(self.named_modules())
         if not isinstance(states, dict):
-            raise TypeError(f"{self.name}: expected {{module name: generator state}}, "
-                            f"got {type(states).__name__}")
+            raise TypeError(
+                f"{self.name}: expected {{module name: generator state}}, "
+                f"got {type(states).__name__}"
+            )
         for key, state in states.items():
             module = modules.get(key)
             if module is None or module is self or not module.has_rng_state:
@@ -437,7 +464,9 @@ def check_state(targets, state, strict, owner):
     """Validate every key, shape and dtype of ``state`` against ``targets`` (name -> array);
     returns the (target, value) pairs to copy, or raises naming every problem."""
     if not hasattr(state, "keys"):
-        raise TypeError(f"{owner}: expected a state dict (name -> array), got {type(state).__name__}")
+        raise TypeError(
+            f"{owner}: expected a state dict (name -> array), got {type(state).__name__}"
+        )
     missing = [k for k in targets if k not in state]
     unexpected = [k for k in state if k not in targets]
     problems = []
@@ -478,6 +507,7 @@ def register_module(cls=None, *, name=None):
     arguments; a container whose children are arguments overrides ``from_config`` and builds
     them with :func:`module_from_config`.
     """
+
     def register(c):
         if not (isinstance(c, type) and issubclass(c, Module)):
             raise TypeError(f"register_module: expected a fastcnn Module subclass, got {c!r}")
@@ -486,8 +516,10 @@ def register_module(cls=None, *, name=None):
             raise TypeError(f"register_module: expected a non-empty str name, got {key!r}")
         known = _REGISTRY.get(key)
         if known is not None and known is not c:
-            raise ValueError(f"register_module: the name {key!r} is taken by {known.__module__}."
-                             f"{known.__qualname__}")
+            raise ValueError(
+                f"register_module: the name {key!r} is taken by {known.__module__}."
+                f"{known.__qualname__}"
+            )
         _REGISTRY[key] = c
         return c
 
@@ -507,8 +539,10 @@ def _registered_class(config):
         raise ValueError(f"expected a module config dict with a 'class' key, got {config!r:.200}")
     cls = _REGISTRY.get(config["class"])
     if cls is None:
-        raise ValueError(f"unknown module class {config['class']!r:.100}: register it with "
-                         f"fastcnn.register_module; known: {sorted(_REGISTRY)}")
+        raise ValueError(
+            f"unknown module class {config['class']!r:.100}: register it with "
+            f"fastcnn.register_module; known: {sorted(_REGISTRY)}"
+        )
     return cls
 
 
@@ -530,8 +564,10 @@ def state_spec_of(config, prefix=""):
     spec = _nested(lambda: cls.state_spec(config))
     if spec is None:
         return None
-    return {prefix + k: (tuple(int(d) for d in shape), np.dtype(dtype))
-            for k, (shape, dtype) in spec.items()}
+    return {
+        prefix + k: (tuple(int(d) for d in shape), np.dtype(dtype))
+        for k, (shape, dtype) in spec.items()
+    }
 
 
 def module_from_config(config, rng=None):

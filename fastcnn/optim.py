@@ -18,14 +18,23 @@ parameter whose ``.grad`` is None is skipped. Updates happen in place in the par
 every scalar is cast to that dtype, and the temporaries live in one or two scratch arrays per
 parameter allocated on the first step, so a step allocates nothing parameter-sized.
 """
+
 import math
 
 import numpy as np
 
 from .kernels import optim as _kernels
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "CosineAnnealingLR",
-           "OneCycleLR"]
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "LRScheduler",
+    "StepLR",
+    "CosineAnnealingLR",
+    "OneCycleLR",
+]
 
 
 def _is_number(x):
@@ -71,8 +80,10 @@ class Optimizer:
             if not np.issubdtype(data.dtype, np.floating):
                 raise TypeError(f"{name}: expected floating parameter {i}, got {data.dtype}")
             if not data.flags.writeable:
-                raise ValueError(f"{name}: expected parameter {i} to be writeable (updated in "
-                                 f"place), got a read-only array")
+                raise ValueError(
+                    f"{name}: expected parameter {i} to be writeable (updated in "
+                    f"place), got a read-only array"
+                )
             if id(p) in seen:
                 raise ValueError(f"{name}: parameter {i} appears more than once in the list")
             seen.add(id(p))
@@ -102,8 +113,10 @@ class Optimizer:
                 continue
             data = p.data
             if not isinstance(grad, np.ndarray):
-                raise TypeError(f"{name}: expected parameter {i}'s gradient to be a numpy array, "
-                                f"got {type(grad).__name__}")
+                raise TypeError(
+                    f"{name}: expected parameter {i}'s gradient to be a numpy array, "
+                    f"got {type(grad).__name__}"
+                )
             if grad.shape != data.shape or grad.dtype != data.dtype:
                 raise ValueError(
                     f"{name}: expected parameter {i}'s gradient of shape {data.shape} and dtype "
@@ -117,7 +130,12 @@ class Optimizer:
 
     def _scratch_arrays(self, i, data, count):
         bufs = self._scratch.get(i)
-        if bufs is None or len(bufs) < count or bufs[0].shape != data.shape or bufs[0].dtype != data.dtype:
+        if (
+            bufs is None
+            or len(bufs) < count
+            or bufs[0].shape != data.shape
+            or bufs[0].dtype != data.dtype
+        ):
             bufs = self._scratch[i] = [np.empty_like(data) for _ in range(count)]
         return bufs
 
@@ -150,8 +168,14 @@ class Optimizer:
         """Restore hyperparameters and per-parameter state; everything is checked (class,
         parameter count, names, shapes, dtypes, values) before anything is assigned."""
         name = type(self).__name__
-        if not isinstance(state_dict, dict) or "hyper" not in state_dict or "state" not in state_dict:
-            raise ValueError(f"{name}: expected a state dict with keys 'hyper' and 'state', got {state_dict!r:.200}")
+        if (
+            not isinstance(state_dict, dict)
+            or "hyper" not in state_dict
+            or "state" not in state_dict
+        ):
+            raise ValueError(
+                f"{name}: expected a state dict with keys 'hyper' and 'state', got {state_dict!r:.200}"
+            )
         hyper = dict(state_dict["hyper"])
         cls = hyper.pop("class", name)
         if cls != name:
@@ -187,7 +211,9 @@ class Optimizer:
             try:
                 i = int(key)
             except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected state keys that are parameter indices, got {key!r}") from None
+                raise ValueError(
+                    f"{name}: expected state keys that are parameter indices, got {key!r}"
+                ) from None
             if not 0 <= i < len(self.params) or str(i) != str(key):
                 raise ValueError(
                     f"{name}: expected state keys '0' to '{len(self.params) - 1}', got {key!r}"
@@ -198,7 +224,9 @@ class Optimizer:
             if isinstance(step, np.ndarray) and step.ndim == 0:
                 step = step.item()
             if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"{name}: expected state entry {key} 'step' to be an int >= 0, got {step!r}")
+                raise ValueError(
+                    f"{name}: expected state entry {key} 'step' to be an int >= 0, got {step!r}"
+                )
             names = set(entry) - {"step"}
             if names != expected_names:
                 raise ValueError(
@@ -238,12 +266,24 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0, dampening=0, nesterov=False, weight_decay=0):
         super().__init__(params, lr)
-        self._set_hyper(dict(lr=lr, momentum=momentum, dampening=dampening,
-                             nesterov=nesterov, weight_decay=weight_decay))
+        self._set_hyper(
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+            )
+        )
 
     def _hyper(self):
-        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
-                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "dampening": self.dampening,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
 
     def _set_hyper(self, h):
         name = type(self).__name__
@@ -276,10 +316,18 @@ class SGD(Optimizer):
             first = buf is None
             if momentum and first:
                 buf = state["momentum_buffer"] = np.empty_like(data)
-            _kernels.sgd_update(data.reshape(-1), grad.reshape(-1),
-                                (buf if momentum else data).reshape(-1), t(self.lr), t(momentum),
-                                t(1.0 - self.dampening), bool(self.dampening), t(self.weight_decay),
-                                self.nesterov, first)
+            _kernels.sgd_update(
+                data.reshape(-1),
+                grad.reshape(-1),
+                (buf if momentum else data).reshape(-1),
+                t(self.lr),
+                t(momentum),
+                t(1.0 - self.dampening),
+                bool(self.dampening),
+                t(self.weight_decay),
+                self.nesterov,
+                first,
+            )
             return
         s1, s2 = self._scratch_arrays(i, data, 2)
         g = self._with_weight_decay(data, grad, self.weight_decay, s1, t)
@@ -314,8 +362,12 @@ class Adam(Optimizer):
         self._set_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _hyper(self):
-        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return {
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
 
     def _set_hyper(self, h):
         name = type(self).__name__
@@ -323,7 +375,9 @@ class Adam(Optimizer):
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected betas as a pair (beta1, beta2), got {betas!r}") from None
+            raise ValueError(
+                f"{name}: expected betas as a pair (beta1, beta2), got {betas!r}"
+            ) from None
         for k, b in enumerate((beta1, beta2)):
             if not _is_number(b) or not 0.0 <= b < 1.0:
                 raise ValueError(f"{name}: expected betas[{k}] in [0, 1), got {b!r}")
@@ -398,7 +452,9 @@ class LRScheduler:
     def __init__(self, optimizer):
         name = type(self).__name__
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"{name}: expected a fastcnn.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"{name}: expected a fastcnn.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.last_epoch = 0
@@ -420,8 +476,13 @@ class LRScheduler:
         return {}
 
     def state_dict(self):
-        return {"class": type(self).__name__, "base_lr": self.base_lr,
-                "last_epoch": self.last_epoch, "last_lr": self._last_lr, **self._params()}
+        return {
+            "class": type(self).__name__,
+            "base_lr": self.base_lr,
+            "last_epoch": self.last_epoch,
+            "last_lr": self._last_lr,
+            **self._params(),
+        }
 
     def load_state_dict(self, state):
         """Restore the scheduler (validated first) and set the optimizer's lr to its last lr."""
@@ -467,7 +528,11 @@ class StepLR(LRScheduler):
 
     def _set_params(self, p):
         step_size, gamma = p["step_size"], p["gamma"]
-        if not isinstance(step_size, (int, np.integer)) or isinstance(step_size, bool) or step_size < 1:
+        if (
+            not isinstance(step_size, (int, np.integer))
+            or isinstance(step_size, bool)
+            or step_size < 1
+        ):
             raise ValueError(f"StepLR: expected step_size to be an int >= 1, got {step_size!r}")
         self.step_size = int(step_size)
         self.gamma = _check_nonneg("StepLR", "gamma", gamma)
@@ -495,9 +560,10 @@ class CosineAnnealingLR(LRScheduler):
         self.eta_min = _check_nonneg("CosineAnnealingLR", "eta_min", eta_min)
 
     def _closed_form(self, epoch):
-        return self.eta_min + (self.base_lr - self.eta_min) * (
-            1 + math.cos(math.pi * epoch / self.T_max)
-        ) / 2
+        return (
+            self.eta_min
+            + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+        )
 
 
 class OneCycleLR(LRScheduler):
@@ -511,24 +577,53 @@ class OneCycleLR(LRScheduler):
 
     per_batch = True
 
-    def __init__(self, optimizer, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
-                 cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25.0,
-                 final_div_factor=1e4):
-        self._set_params({"max_lr": max_lr, "total_steps": total_steps, "pct_start": pct_start,
-                          "anneal_strategy": anneal_strategy, "cycle_momentum": cycle_momentum,
-                          "base_momentum": base_momentum, "max_momentum": max_momentum,
-                          "div_factor": div_factor, "final_div_factor": final_div_factor})
+    def __init__(
+        self,
+        optimizer,
+        max_lr,
+        total_steps,
+        pct_start=0.3,
+        anneal_strategy="cos",
+        cycle_momentum=True,
+        base_momentum=0.85,
+        max_momentum=0.95,
+        div_factor=25.0,
+        final_div_factor=1e4,
+    ):
+        self._set_params(
+            {
+                "max_lr": max_lr,
+                "total_steps": total_steps,
+                "pct_start": pct_start,
+                "anneal_strategy": anneal_strategy,
+                "cycle_momentum": cycle_momentum,
+                "base_momentum": base_momentum,
+                "max_momentum": max_momentum,
+                "div_factor": div_factor,
+                "final_div_factor": final_div_factor,
+            }
+        )
         if cycle_momentum and not (hasattr(optimizer, "momentum") or hasattr(optimizer, "betas")):
-            raise ValueError("OneCycleLR: cycle_momentum needs an optimizer with momentum or "
-                             "betas")
+            raise ValueError("OneCycleLR: cycle_momentum needs an optimizer with momentum or betas")
         super().__init__(optimizer)
         self.base_lr = self.max_lr / self.div_factor
         self._apply(0)
 
     def _params(self):
-        return {k: getattr(self, k) for k in (
-            "max_lr", "total_steps", "pct_start", "anneal_strategy", "cycle_momentum",
-            "base_momentum", "max_momentum", "div_factor", "final_div_factor")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "max_lr",
+                "total_steps",
+                "pct_start",
+                "anneal_strategy",
+                "cycle_momentum",
+                "base_momentum",
+                "max_momentum",
+                "div_factor",
+                "final_div_factor",
+            )
+        }
 
     def _set_params(self, p):
         name = "OneCycleLR"
@@ -539,11 +634,13 @@ class OneCycleLR(LRScheduler):
         if not _is_number(pct) or not 0 <= pct <= 1:
             raise ValueError(f"{name}: expected 0 <= pct_start <= 1, got {pct!r}")
         if p["anneal_strategy"] not in ("cos", "linear"):
-            raise ValueError(f"{name}: expected anneal_strategy 'cos' or 'linear', "
-                             f"got {p['anneal_strategy']!r}")
+            raise ValueError(
+                f"{name}: expected anneal_strategy 'cos' or 'linear', got {p['anneal_strategy']!r}"
+            )
         if not isinstance(p["cycle_momentum"], (bool, np.bool_)):
-            raise ValueError(f"{name}: expected cycle_momentum to be True or False, "
-                             f"got {p['cycle_momentum']!r}")
+            raise ValueError(
+                f"{name}: expected cycle_momentum to be True or False, got {p['cycle_momentum']!r}"
+            )
         for key in ("max_lr", "div_factor", "final_div_factor"):
             if not _is_number(p[key]) or not math.isfinite(p[key]) or p[key] <= 0:
                 raise ValueError(f"{name}: expected {key} > 0, got {p[key]!r}")
@@ -566,10 +663,22 @@ class OneCycleLR(LRScheduler):
         """(lr, momentum) at ``step``, PyTorch's phases: warm-up to step
         ``pct_start * total_steps - 1``, then the annealing to step ``total_steps - 1``."""
         initial = self.max_lr / self.div_factor
-        phases = ((float(self.pct_start * self.total_steps) - 1, initial, self.max_lr,
-                   self.max_momentum, self.base_momentum),
-                  (self.total_steps - 1, self.max_lr, initial / self.final_div_factor,
-                   self.base_momentum, self.max_momentum))
+        phases = (
+            (
+                float(self.pct_start * self.total_steps) - 1,
+                initial,
+                self.max_lr,
+                self.max_momentum,
+                self.base_momentum,
+            ),
+            (
+                self.total_steps - 1,
+                self.max_lr,
+                initial / self.final_div_factor,
+                self.base_momentum,
+                self.max_momentum,
+            ),
+        )
         start = 0
         for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
             if step <= end or i == len(phases) - 1:
@@ -588,8 +697,10 @@ class OneCycleLR(LRScheduler):
 
     def step(self):
         if self.last_epoch + 1 >= self.total_steps + 1:
-            raise ValueError(f"OneCycleLR: tried to step {self.last_epoch + 1} times; the "
-                             f"schedule has {self.total_steps} steps (total_steps)")
+            raise ValueError(
+                f"OneCycleLR: tried to step {self.last_epoch + 1} times; the "
+                f"schedule has {self.total_steps} steps (total_steps)"
+            )
         self.last_epoch += 1
         self._apply(self.last_epoch)
 

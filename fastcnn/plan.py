@@ -23,6 +23,7 @@ The patterns (types matched exactly: a subclass may change what its forward does
 - ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where the pooled
   maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,8 +32,7 @@ from contextlib import contextmanager
 from . import functional as F
 from .layers import Conv2D, Dense, MaxPool2D, ReLU, _as_dtype, cast_grad, cast_input, check_grad
 
-__all__ = ["set_fusion", "fusion_enabled", "fusion", "make_plan", "Step", "ModuleStep",
-           "PATTERNS"]
+__all__ = ["set_fusion", "fusion_enabled", "fusion", "make_plan", "Step", "ModuleStep", "PATTERNS"]
 
 _FUSION = {"enabled": True}
 
@@ -60,6 +60,7 @@ def fusion(enabled):
 # -------------------------------------------------------------------------------------------------
 # steps
 
+
 class Step:
     """One unit of a plan over ``modules``: ``forward(x)`` and ``backward(dy, input_grad)``,
     keeping between the two what the backward needs (once: a second backward is an error; the
@@ -82,8 +83,9 @@ class Step:
             name = self.modules[0].name
             if self._saved is None:
                 raise RuntimeError(f"{name}: backward called before forward")
-            raise RuntimeError(f"{name}: backward called twice after one forward; run forward "
-                               "again first")
+            raise RuntimeError(
+                f"{name}: backward called twice after one forward; run forward again first"
+            )
         self._used = True
         return self._saved
 
@@ -100,7 +102,8 @@ class ModuleStep(Step):
         self._token = None
         params = inspect.signature(module.backward).parameters
         self._takes_input_grad = "input_grad" in params or any(
-            p.kind is p.VAR_KEYWORD for p in params.values())
+            p.kind is p.VAR_KEYWORD for p in params.values()
+        )
 
     def forward(self, x):
         y = self.module.forward(x)
@@ -112,7 +115,8 @@ class ModuleStep(Step):
             raise RuntimeError(
                 f"{self.module.name}: it ran forward again (called alone, or by another model "
                 "that shares it) after this model's forward: its backward would use that call's "
-                "state; run this model's forward again first")
+                "state; run this model's forward again first"
+            )
 
     def backward(self, dy, input_grad=True):
         if self._takes_input_grad:
@@ -130,15 +134,31 @@ def _tiles(pool):
 
 
 def _conv_relu(conv, x):
-    return F.conv2d_forward(x, conv.weight.data, _bias(conv), conv.stride, conv.padding,
-                            conv.dilation, relu=True, layer=conv.name)
+    return F.conv2d_forward(
+        x,
+        conv.weight.data,
+        _bias(conv),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        relu=True,
+        layer=conv.name,
+    )
 
 
 def _conv_backward(conv, x, in_dtype, dy, input_grad):
     """Conv2D's own backward from its saved input: accumulates, returns the input gradient."""
-    dx, dw, db = F.conv2d_backward(x, conv.weight.data, cast_grad(dy, conv.dtype, conv.name),
-                                   conv.stride, conv.padding, conv.dilation, layer=conv.name,
-                                   bias=conv.bias is not None, input_grad=input_grad)
+    dx, dw, db = F.conv2d_backward(
+        x,
+        conv.weight.data,
+        cast_grad(dy, conv.dtype, conv.name),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        layer=conv.name,
+        bias=conv.bias is not None,
+        input_grad=input_grad,
+    )
     conv.accumulate(dw, db)
     return _as_dtype(dx, in_dtype)
 
@@ -148,9 +168,14 @@ def _dense_relu(dense, x):
 
 
 def _dense_backward(dense, x, in_dtype, dy, input_grad):
-    dx, dw, db = F.dense_backward(x, dense.weight.data, cast_grad(dy, dense.dtype, dense.name),
-                                  layer=dense.name, bias=dense.bias is not None,
-                                  input_grad=input_grad)
+    dx, dw, db = F.dense_backward(
+        x,
+        dense.weight.data,
+        cast_grad(dy, dense.dtype, dense.name),
+        layer=dense.name,
+        bias=dense.bias is not None,
+        input_grad=input_grad,
+    )
     dense.accumulate(dw, db)
     return _as_dtype(dx, in_dtype)
 
@@ -163,13 +188,22 @@ class ConvReLUMaxPool(Step):
         x, in_dtype = cast_input(x, conv.dtype, conv.name)
         if _tiles(pool):
             y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
-                x, conv.weight.data, _bias(conv), conv.stride, conv.padding, conv.dilation,
-                pool.kernel_size, layer=conv.name, pool_layer=pool.name)
+                x,
+                conv.weight.data,
+                _bias(conv),
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                pool.kernel_size,
+                layer=conv.name,
+                pool_layer=pool.name,
+            )
             self._save(x, in_dtype, None, y, argmax, conv_shape)
             return y
         a = _conv_relu(conv, x)
-        y, argmax = F.max_pool2d_forward(a, pool.kernel_size, pool.stride, pool.padding,
-                                         layer=pool.name)
+        y, argmax = F.max_pool2d_forward(
+            a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
+        )
         self._save(x, in_dtype, a, y, argmax, a.shape)
         return y
 
@@ -178,13 +212,34 @@ class ConvReLUMaxPool(Step):
         x, in_dtype, a, y, argmax, conv_shape = self._take()
         dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
         if a is not None:  # windows that do not tile: the pool's backward, the ReLU's mask in it
-            da = F.max_pool2d_backward(dy, argmax, conv_shape, pool.kernel_size, pool.stride,
-                                       pool.padding, relu_output=y, layer=pool.name)
+            da = F.max_pool2d_backward(
+                dy,
+                argmax,
+                conv_shape,
+                pool.kernel_size,
+                pool.stride,
+                pool.padding,
+                relu_output=y,
+                layer=pool.name,
+            )
             return _conv_backward(conv, x, in_dtype, da, input_grad)
         dx, dw, db = F.max_pool2d_conv2d_backward(
-            x, conv.weight.data, dy, argmax, y, conv_shape, pool.kernel_size, conv.stride,
-            conv.padding, conv.dilation, relu=True, bias=conv.bias is not None,
-            input_grad=input_grad, layer=conv.name, pool_layer=pool.name)
+            x,
+            conv.weight.data,
+            dy,
+            argmax,
+            y,
+            conv_shape,
+            pool.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            relu=True,
+            bias=conv.bias is not None,
+            input_grad=input_grad,
+            layer=conv.name,
+            pool_layer=pool.name,
+        )
         conv.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
@@ -227,8 +282,9 @@ class ReLUMaxPool(Step):
     def forward(self, x):
         relu, pool = self.modules
         a = F.relu_forward(x, layer=relu.name)
-        y, argmax = F.max_pool2d_forward(a, pool.kernel_size, pool.stride, pool.padding,
-                                         layer=pool.name)
+        y, argmax = F.max_pool2d_forward(
+            a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
+        )
         self._save(a.shape, y, argmax)
         return y
 
@@ -236,8 +292,16 @@ class ReLUMaxPool(Step):
         relu, pool = self.modules
         shape, y, argmax = self._take()
         dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
-        return F.max_pool2d_backward(dy, argmax, shape, pool.kernel_size, pool.stride,
-                                     pool.padding, relu_output=y, layer=pool.name)
+        return F.max_pool2d_backward(
+            dy,
+            argmax,
+            shape,
+            pool.kernel_size,
+            pool.stride,
+            pool.padding,
+            relu_output=y,
+            layer=pool.name,
+        )
 
 
 #: (module types, step class), tried in this order at each position: longest first.
@@ -251,6 +315,7 @@ PATTERNS = (
 
 # -------------------------------------------------------------------------------------------------
 # planning
+
 
 def leaves_of(modules):
     """``modules`` with every nested plain Sequential opened up (a chain of chains is a chain)."""
@@ -272,8 +337,8 @@ def make_plan(modules, fuse=None):
     chain = leaves_of(modules)
     steps, i = [], 0
     while i < len(chain):
-        for types, step in (PATTERNS if fuse else ()):
-            run = chain[i:i + len(types)]
+        for types, step in PATTERNS if fuse else ():
+            run = chain[i : i + len(types)]
             if len(run) == len(types) and all(type(m) is t for m, t in zip(run, types)):
                 steps.append(step(run))
                 i += len(types)

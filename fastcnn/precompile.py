@@ -17,6 +17,7 @@ checks that the two groups leave nothing of a training step to compile.
 If the cache cannot be written (a read-only install without ``NUMBA_CACHE_DIR``), the helper's
 work is lost and this process compiles what it needs itself: slower, never wrong.
 """
+
 import os
 import subprocess
 import sys
@@ -59,8 +60,9 @@ def compile_forward(dtype=np.float32):
     kernels_optim.sgd_update(p, p, p, t(0.1), t(0.9), t(1.0), False, t(0.0), False, True)
     # 32 channels: the sparse weight gradient (input_grad=False: no input gradient here)
     gp, argmax, y = _pool_gradient(dtype)
-    F.max_pool2d_conv2d_backward(*_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2,
-                                 input_grad=False)
+    F.max_pool2d_conv2d_backward(
+        *_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
+    )
 
 
 def compile_backward(dtype=np.float32):
@@ -72,12 +74,14 @@ def compile_backward(dtype=np.float32):
 
     dtype = np.dtype(dtype)
     gp, argmax, y = _pool_gradient(dtype)
-    F.max_pool2d_conv2d_backward(*_conv_operands(1, dtype), gp, argmax, y, (2, 4, 4, 4), 2,
-                                 input_grad=False)
+    F.max_pool2d_conv2d_backward(
+        *_conv_operands(1, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
+    )
     w = np.ones((4, 32, 3, 3), dtype)
     dx = np.empty((2, 6, 6, 32), dtype)
-    fused.maxpool2d_conv2d_backward_input(F._nhwc(gp), F._nhwc(argmax), F._nhwc(y), True, 2, 2,
-                                          w, 1, 1, 0, 0, 1, 1, 4, 4, dx)
+    fused.maxpool2d_conv2d_backward_input(
+        F._nhwc(gp), F._nhwc(argmax), F._nhwc(y), True, 2, 2, w, 1, 1, 0, 0, 1, 1, 4, 4, dx
+    )
 
 
 def _index_paths():
@@ -95,9 +99,12 @@ def cache_is_cold():
     try:
         paths = _index_paths()
     except AttributeError as e:
-        warnings.warn(f"fastcnn: cannot read numba's kernel cache ({e}): a first run compiles "
-                      "every kernel in one process; FASTCNN_NO_PRECOMPILE=1 silences this warning",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fastcnn: cannot read numba's kernel cache ({e}): a first run compiles "
+            "every kernel in one process; FASTCNN_NO_PRECOMPILE=1 silences this warning",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return not all(os.path.exists(p) for p in paths)
 
@@ -113,10 +120,16 @@ def start(dtype=np.float32):
     # the folder holding this fastcnn (an install or a source checkout) comes first
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     try:
-        helper = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        helper = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
     except OSError:
         return None
 

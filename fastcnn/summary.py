@@ -1,4 +1,5 @@
 """``Module.summary``: a table of a module tree's output shapes, parameters and FLOPs."""
+
 from __future__ import annotations
 
 __all__ = ["summary_table"]
@@ -24,8 +25,9 @@ def summary_table(model, input_shape):
         own = sum(p.size for n, p in module.named_parameters() if "." not in n)
         depth = name.count(".")
         label = ("  " * depth) + (repr(module) if not module.children() else module.name)
-        table.append((name or "-", label, str(row["output_shape"]), f"{own:,}",
-                      f"{row['flops']:,}"))
+        table.append(
+            (name or "-", label, str(row["output_shape"]), f"{own:,}", f"{row['flops']:,}")
+        )
     total_params = model.num_parameters()
     total_buffers = sum(b.size for _, b in model.named_buffers())
     total_flops = sum(row["flops"] for row in rows)
@@ -34,18 +36,30 @@ def summary_table(model, input_shape):
     widths = [max(len(r[k]) for r in table + [header]) for k in range(5)]
 
     def fmt(r):
-        return "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].ljust(widths[2]),
-                          r[3].rjust(widths[3]), r[4].rjust(widths[4])]).rstrip()
+        return "  ".join(
+            [
+                r[0].ljust(widths[0]),
+                r[1].ljust(widths[1]),
+                r[2].ljust(widths[2]),
+                r[3].rjust(widths[3]),
+                r[4].rjust(widths[4]),
+            ]
+        ).rstrip()
 
     width = len(fmt(tuple("x" * w for w in widths)))
-    lines = [f"{model.name}, input shape {tuple(input_shape)}", "=" * width, fmt(header),
-             "-" * width]
+    lines = [
+        f"{model.name}, input shape {tuple(input_shape)}",
+        "=" * width,
+        fmt(header),
+        "-" * width,
+    ]
     lines += [fmt(r) for r in table]
-    lines += ["=" * width,
-              f"Total params: {total_params:,}",
-              f"Trainable params: {total_params:,}",
-              f"Non-trainable buffers: {total_buffers:,}",
-              f"Forward FLOPs: {total_flops:,}",
-              f"Output shape: {out}"]
+    lines += [
+        "=" * width,
+        f"Total params: {total_params:,}",
+        f"Trainable params: {total_params:,}",
+        f"Non-trainable buffers: {total_buffers:,}",
+        f"Forward FLOPs: {total_flops:,}",
+        f"Output shape: {out}",
+    ]
     return "\n".join(lines)
-

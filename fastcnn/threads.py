@@ -25,6 +25,7 @@ library:
 
 The measurements behind these choices are in docs/threads.md.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -143,8 +144,9 @@ class _OneBlasThread:
             try:
                 from threadpoolctl import ThreadpoolController
 
-                self._libs = [lib for lib in ThreadpoolController().lib_controllers
-                              if lib.user_api == "blas"]
+                self._libs = [
+                    lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"
+                ]
             except Exception:  # no threadpoolctl support here: leave the BLAS alone
                 self._libs = []
         return self._libs

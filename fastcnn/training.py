@@ -6,6 +6,7 @@ of that generator at the start of the next epoch (``extra["fit"]["shuffle_state"
 resumed with :func:`resume_kwargs` reshuffles exactly as the uninterrupted run would, and, with
 the same thread count, ends with bitwise the same weights.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -135,7 +136,9 @@ def _rng_state_from_json(data: dict) -> dict:
 
 def _check_data(what, x, y):
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise TypeError(f"{what}: expected numpy arrays (x, y), got {type(x).__name__}, {type(y).__name__}")
+        raise TypeError(
+            f"{what}: expected numpy arrays (x, y), got {type(x).__name__}, {type(y).__name__}"
+        )
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{what}: expected floating-point images, got dtype {x.dtype}")
     if x.ndim < 2:
@@ -218,14 +221,18 @@ def resume_kwargs(ckpt) -> dict:
     extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
     info = extra.get("fit")
     if info is None:  # (a CheckpointError is a ValueError)
-        raise CheckpointError(f"{path}: not written by fastcnn.training.fit (its extra holds no "
-                              "'fit' entry): nothing to resume")
+        raise CheckpointError(
+            f"{path}: not written by fastcnn.training.fit (its extra holds no "
+            "'fit' entry): nothing to resume"
+        )
 
     def fail(problem):
         raise CheckpointError(f"{path}: cannot resume the run saved in it: {problem}")
 
     if not isinstance(info, dict) or not {"shuffle_state", "history", "seed"} <= set(info):
-        fail(f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed")
+        fail(
+            f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed"
+        )
     epoch = ckpt.epoch
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         fail(f"the epoch is {epoch!r:.50}, expected the number of completed epochs")
@@ -241,7 +248,9 @@ def resume_kwargs(ckpt) -> dict:
         fail(f"the shuffling state {shuffle_state!r:.100} is not a PCG64 state ({exc})")
     data = info["history"]
     try:
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in History.KEYS):
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) for k in History.KEYS
+        ):
             raise ValueError(f"expected an object of lists {list(History.KEYS)}")
         history = History.from_dict(data)
     except ValueError as exc:
@@ -304,15 +313,21 @@ def fit(
     _check_data(what, x_train, y_train)
     if val_data is not None:
         if not (isinstance(val_data, (tuple, list)) and len(val_data) == 2):
-            raise ValueError(f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}")
+            raise ValueError(
+                f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}"
+            )
         _check_data(f"{what} (val_data)", *val_data)
         x_val, y_val = val_data
         if x_val.shape[1:] != x_train.shape[1:]:
-            raise ValueError(f"{what}: val_data images must have the training images' shape "
-                             f"{_shape_of(x_train)}, got {x_val.shape}")
+            raise ValueError(
+                f"{what}: val_data images must have the training images' shape "
+                f"{_shape_of(x_train)}, got {x_val.shape}"
+            )
         if y_val.shape[1:] != y_train.shape[1:]:
-            raise ValueError(f"{what}: val_data labels must have the training labels' shape "
-                             f"{_shape_of(y_train)}, got {y_val.shape}")
+            raise ValueError(
+                f"{what}: val_data labels must have the training labels' shape "
+                f"{_shape_of(y_train)}, got {y_val.shape}"
+            )
     epochs = _check_positive_int(what, "epochs", epochs, minimum=0)
     start_epoch = _check_positive_int(what, "start_epoch", start_epoch, minimum=0)
     if start_epoch > epochs:
@@ -320,7 +335,9 @@ def fit(
     batch_size = _check_positive_int(what, "batch_size", batch_size)
     val_batch_size = _check_positive_int(what, "val_batch_size", val_batch_size)
     if not callable(loss_fn) or not hasattr(loss_fn, "backward"):
-        raise TypeError(f"{what}: loss_fn must be callable with a backward() method, got {loss_fn!r}")
+        raise TypeError(
+            f"{what}: loss_fn must be callable with a backward() method, got {loss_fn!r}"
+        )
     if history is None:
         history = History()
     elif len(history) != start_epoch:
@@ -343,12 +360,27 @@ def fit(
 
         checkpoint = check_destination(checkpoint)
         if checkpoint_extra is not None and not isinstance(checkpoint_extra, dict):
-            raise TypeError(f"{what}: checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}")
+            raise TypeError(
+                f"{what}: checkpoint_extra must be a dict, got {type(checkpoint_extra).__name__}"
+            )
         if "fit" in (checkpoint_extra or {}):
-            raise ValueError(f"{what}: checkpoint_extra may not hold the key 'fit' (fit stores its "
-                             "own resume state there)")
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, start_epoch, rng, seed, history,
-                         checkpoint_extra, x_train.shape[1:], write=False)
+            raise ValueError(
+                f"{what}: checkpoint_extra may not hold the key 'fit' (fit stores its "
+                "own resume state there)"
+            )
+        _save_checkpoint(
+            checkpoint,
+            model,
+            optimizer,
+            scheduler,
+            start_epoch,
+            rng,
+            seed,
+            history,
+            checkpoint_extra,
+            x_train.shape[1:],
+            write=False,
+        )
 
     # Batch buffers, reused by every step (a view of the first m rows for the last batch).
     xb_full = np.empty((min(batch_size, n),) + x_train.shape[1:], dtype=x_train.dtype)
@@ -362,7 +394,9 @@ def fit(
     targets_checked = False
     per_batch = scheduler is not None and getattr(scheduler, "per_batch", False)
     params = inspect.signature(model.backward).parameters
-    skip_input_grad = "input_grad" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    skip_input_grad = "input_grad" in params or any(
+        p.kind is p.VAR_KEYWORD for p in params.values()
+    )
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -421,21 +455,29 @@ def fit(
                         bar.update(1)
                         if b % 10 == 0 or b == num_batches - 1:
                             rate = seen / max(time.perf_counter() - t0, 1e-9)
-                            bar.set_postfix_str(f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s", refresh=False)
+                            bar.set_postfix_str(
+                                f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s", refresh=False
+                            )
             finally:
                 if bar is not None:
                     bar.close()
             seconds = time.perf_counter() - t0
             if not _all_finite(model):
                 raise TrainingDiverged(
-                    epoch + 1, num_batches, num_batches, loss, what="a weight became NaN or infinite"
+                    epoch + 1,
+                    num_batches,
+                    num_batches,
+                    loss,
+                    what="a weight became NaN or infinite",
                 )
 
             val_loss = val_accuracy = None
             val_seconds = 0.0
             if val_data is not None:
                 t1 = time.perf_counter()
-                val_loss, val_accuracy = evaluate(model, val_data[0], val_data[1], val_batch_size, loss_fn)
+                val_loss, val_accuracy = evaluate(
+                    model, val_data[0], val_data[1], val_batch_size, loss_fn
+                )
                 val_seconds = time.perf_counter() - t1
                 model.train()
 
@@ -454,16 +496,25 @@ def fit(
                 scheduler.step()
             if checkpoint is not None:
                 _save_checkpoint(
-                    checkpoint, model, optimizer, scheduler, epoch + 1, rng, seed, history,
-                    checkpoint_extra, x_train.shape[1:]
+                    checkpoint,
+                    model,
+                    optimizer,
+                    scheduler,
+                    epoch + 1,
+                    rng,
+                    seed,
+                    history,
+                    checkpoint_extra,
+                    x_train.shape[1:],
                 )
             if verbose:
                 print(format_epoch(history.last(), epochs), flush=True)
     return history
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, history, extra,
-                     input_shape, write=True):
+def _save_checkpoint(
+    path, model, optimizer, scheduler, epoch, rng, seed, history, extra, input_shape, write=True
+):
     """Save the end-of-epoch checkpoint (``write=False``: only serialise it, as a check)."""
     from . import checkpoint as ckpt
 
@@ -475,11 +526,25 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, rng, seed, histor
     payload = dict(extra or {})
     payload["fit"] = info
     if not write:
-        ckpt._serialise(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        extra=payload, input_shape=input_shape)
+        ckpt._serialise(
+            path,
+            model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            extra=payload,
+            input_shape=input_shape,
+        )
         return
-    ckpt.save(path, model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, extra=payload,
-              input_shape=input_shape)
+    ckpt.save(
+        path,
+        model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        epoch=epoch,
+        extra=payload,
+        input_shape=input_shape,
+    )
 
 
 def format_epoch(record: dict, epochs: int | None = None) -> str:
@@ -490,6 +555,8 @@ def format_epoch(record: dict, epochs: int | None = None) -> str:
         f"accuracy {100 * record['train_accuracy']:.2f}%"
     )
     if record["val_loss"] is not None:
-        line += f"  val_loss {record['val_loss']:.4f}  val_accuracy {100 * record['val_accuracy']:.2f}%"
+        line += (
+            f"  val_loss {record['val_loss']:.4f}  val_accuracy {100 * record['val_accuracy']:.2f}%"
+        )
     line += f"  {record['seconds']:.1f} s  {record['images_per_second']:.0f} images/s  lr {record['lr']:.4g}"
     return line

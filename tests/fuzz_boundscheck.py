@@ -9,6 +9,7 @@ imported; it is loaded by tests/test_fuzz.py for one run of tests/fuzz_cases.py 
 interpreter. It is slow to compile (about 20 s for every kernel in both dtypes) and must never
 be loaded into a normal test run.
 """
+
 import sys
 
 import numba
@@ -36,11 +37,18 @@ BOUNDSCHECK = True
 # activations, several channel blocks and pixel chunks in batchnorm.
 from fastcnn.kernels import activations, batchnorm, conv2d, fused  # noqa: E402
 
-for _module, _name, _value in ((conv2d, "_TILES_PER_ITEM", 1), (conv2d, "_PIXEL_BLOCK", 2),
-                               (conv2d, "_WEIGHT_UNITS", 2), (conv2d, "_WEIGHT_CHUNKS", 3),
-                               (fused, "_CHUNKS", 3), (fused, "_WEIGHT_UNITS", 3),
-                               (fused, "_INPUT_CHUNKS", 2),
-                               (activations, "_CHUNK", 4), (activations, "_MAX_CHUNKS", 3),
-                               (batchnorm, "_BLOCK", 2), (batchnorm, "_PIXELS", 3)):
+for _module, _name, _value in (
+    (conv2d, "_TILES_PER_ITEM", 1),
+    (conv2d, "_PIXEL_BLOCK", 2),
+    (conv2d, "_WEIGHT_UNITS", 2),
+    (conv2d, "_WEIGHT_CHUNKS", 3),
+    (fused, "_CHUNKS", 3),
+    (fused, "_WEIGHT_UNITS", 3),
+    (fused, "_INPUT_CHUNKS", 2),
+    (activations, "_CHUNK", 4),
+    (activations, "_MAX_CHUNKS", 3),
+    (batchnorm, "_BLOCK", 2),
+    (batchnorm, "_PIXELS", 3),
+):
     if hasattr(_module, _name):
         setattr(_module, _name, _value)

@@ -24,6 +24,7 @@ test what must happen:
 Each example is counted; with ``FASTCNN_FUZZ_REPORT=<file>`` the counts are written there as
 JSON at the end of the module (tests/test_fuzz.py reads and reports them).
 """
+
 import collections
 import functools
 import gzip
@@ -69,13 +70,16 @@ def _report_counts():
     path = os.environ.get("FASTCNN_FUZZ_REPORT")
     if path:
         with open(path, "w") as f:
-            json.dump({"counts": dict(COUNTS), "boundscheck": BOUNDSCHECK,
-                       "examples_setting": EXAMPLES}, f)
+            json.dump(
+                {"counts": dict(COUNTS), "boundscheck": BOUNDSCHECK, "examples_setting": EXAMPLES},
+                f,
+            )
 
 
 def fuzz(weight=1.0):
     """Hypothesis settings for a fuzz case (``weight`` x FASTCNN_FUZZ_EXAMPLES examples), and a
     counter of the examples it runs (hypothesis' documented ``inner_test`` hook)."""
+
     def decorate(test):
         inner = test.hypothesis.inner_test
 
@@ -85,8 +89,13 @@ def fuzz(weight=1.0):
             return inner(*args, **kwargs)
 
         test.hypothesis.inner_test = counted
-        return settings(max_examples=max(2, int(EXAMPLES * weight)), deadline=None,
-                        suppress_health_check=list(HealthCheck), print_blob=True)(test)
+        return settings(
+            max_examples=max(2, int(EXAMPLES * weight)),
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            print_blob=True,
+        )(test)
+
     return decorate
 
 
@@ -96,8 +105,18 @@ def fuzz(weight=1.0):
 GOOD = ("float32", "float64")
 HALF = ("float16",)
 BAD = ("int32", "int64", "uint8", "bool", "complex64", "complex128")
-LAYOUTS = ("c", "c", "c", "channels_last", "fortran", "strided", "reversed", "swapped", "readonly",
-           "list")
+LAYOUTS = (
+    "c",
+    "c",
+    "c",
+    "channels_last",
+    "fortran",
+    "strided",
+    "reversed",
+    "swapped",
+    "readonly",
+    "list",
+)
 
 
 def make_array(shape, dtype, seed, layout="c", special=False, scale=1.0):
@@ -169,8 +188,7 @@ def unchanged(a, snap):
 
 
 @st.composite
-def arrays(draw, shape, dtypes=GOOD * 12 + HALF + BAD, special=None, layouts=LAYOUTS,
-           scale=1.0):
+def arrays(draw, shape, dtypes=GOOD * 12 + HALF + BAD, special=None, layouts=LAYOUTS, scale=1.0):
     dtype = draw(st.sampled_from(dtypes))
     seed = draw(st.integers(0, 2**32 - 1))
     layout = draw(st.sampled_from(layouts))
@@ -188,6 +206,7 @@ def odd_shapes(draw, max_side=4):
 
 # ---------------------------------------------------------------------------------------------
 # oracles for the results
+
 
 def tolerance(dtype):
     dt = np.dtype(dtype)
@@ -209,7 +228,9 @@ def assert_close(actual, expected, dtype, what="result", computed_in=None, loose
     a = actual.astype(np.float64)
     if loose:
         bad_a, bad_e = ~np.isfinite(a), ~np.isfinite(expected)
-        assert np.array_equal(bad_a, bad_e), f"{what}: non-finite at {np.argwhere(bad_a != bad_e)[:5]}"
+        assert np.array_equal(bad_a, bad_e), (
+            f"{what}: non-finite at {np.argwhere(bad_a != bad_e)[:5]}"
+        )
         a, expected = np.where(bad_e, 0.0, a), np.where(bad_e, 0.0, expected)
     nan_a, nan_e = np.isnan(a), np.isnan(expected)
     assert np.array_equal(nan_a, nan_e), f"{what}: NaN at {np.argwhere(nan_a != nan_e)[:5]}"
@@ -246,8 +267,22 @@ def predicted(problems):
 # integer arguments: kernel_size, stride, padding, dilation
 
 HUGE = (2**31, 2**40, 10**20, 2**63, 2**64 + 1)
-BAD_INT_VALUES = (2.0, 1.5, "3", None, True, False, (1, 2, 3), (1,), (), (2, None), (2.0, 2),
-                  float("nan"), b"2", 1j)
+BAD_INT_VALUES = (
+    2.0,
+    1.5,
+    "3",
+    None,
+    True,
+    False,
+    (1, 2, 3),
+    (1,),
+    (),
+    (2, None),
+    (2.0, 2),
+    float("nan"),
+    b"2",
+    1j,
+)
 GOOD_INT_VALUES = (np.int64(2), np.int32(1), [2, 1], (np.int16(1), np.uint8(2)), np.array([1, 2]))
 
 
@@ -274,6 +309,7 @@ LIMIT = 2**31 - 1  # the documented upper bound of a size argument
 
 def oracle_pair(value, minimum):
     """(h, w) or an error class, as the contract says for an int-or-pair argument."""
+
     def one(v):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             return TypeError
@@ -301,6 +337,7 @@ def errors_of(*values):
 # ---------------------------------------------------------------------------------------------
 # Conv2D
 
+
 @st.composite
 def padding_args(draw):
     r = draw(st.integers(0, 19))
@@ -310,8 +347,7 @@ def padding_args(draw):
 
 
 @st.composite
-def image_input(draw, channels, layouts=LAYOUTS, dtypes=GOOD * 12 + HALF + BAD,
-                max_side=5):
+def image_input(draw, channels, layouts=LAYOUTS, dtypes=GOOD * 12 + HALF + BAD, max_side=5):
     """Mostly (N, C, H, W) with N in 0..2, C = channels, H, W in 1..max_side; sometimes another
     channel count, a zero size or another rank."""
     r = draw(st.integers(0, 9))
@@ -378,11 +414,25 @@ def test_conv2d(data):
     dtype = d(st.sampled_from(GOOD))
     # few filters and channels: partial register tiles (3 pixels x 32 filters) and their remainders
     cin, cout = d(st.sampled_from([1, 1, 2, 2, 3, 5])), d(st.sampled_from([1, 2, 3, 3, 4, 5, 6]))
-    ks, stride, dil, pad = d(int_args(1, 3)), d(int_args(1, 3)), d(int_args(1, 2)), d(padding_args())
+    ks, stride, dil, pad = (
+        d(int_args(1, 3)),
+        d(int_args(1, 3)),
+        d(int_args(1, 2)),
+        d(padding_args()),
+    )
     bias = d(st.booleans())
     problems, k, s, dl, pads = oracle_conv_config(ks, stride, pad, dil)
-    make = lambda: layers.Conv2D(cin, cout, ks, stride=stride, padding=pad, dilation=dil,  # noqa: E731
-                                 bias=bias, dtype=dtype, rng=d(st.integers(0, 99)))
+    make = lambda: layers.Conv2D(
+        cin,
+        cout,
+        ks,
+        stride=stride,
+        padding=pad,
+        dilation=dil,  # noqa: E731
+        bias=bias,
+        dtype=dtype,
+        rng=d(st.integers(0, 99)),
+    )
     if problems:
         expect_error(make, predicted(problems), "Conv2D")
         return tally("Conv2D.__init__", "invalid")
@@ -437,6 +487,7 @@ def test_conv2d(data):
 # ---------------------------------------------------------------------------------------------
 # pooling
 
+
 @fuzz(1.5)
 @given(data=st.data(), cls=st.sampled_from([layers.MaxPool2D, layers.AvgPool2D]))
 def test_pool2d(data, cls):
@@ -466,8 +517,10 @@ def test_pool2d(data, cls):
         problems = [TypeError]
     elif xa.ndim != 4 or min(xa.shape[1:]) < 1:
         problems = [ValueError]
-    elif (out_size(xa.shape[2], p[0], p[0], k[0], s[0]) is None
-          or out_size(xa.shape[3], p[1], p[1], k[1], s[1]) is None):
+    elif (
+        out_size(xa.shape[2], p[0], p[0], k[0], s[0]) is None
+        or out_size(xa.shape[3], p[1], p[1], k[1], s[1]) is None
+    ):
         problems = [ValueError]
     if problems:
         expect_error(lambda: layer(x), predicted(problems), name)
@@ -508,8 +561,11 @@ NUMBERS = (0.0, 1e-5, 0.1, 0.5, 1.0, 1.5, -0.1, float("nan"), float("inf"), "0.1
 
 
 @fuzz(1.5)
-@given(data=st.data(), cls=st.sampled_from([layers.BatchNorm2D, layers.BatchNorm1D]),
-       training=st.booleans())
+@given(
+    data=st.data(),
+    cls=st.sampled_from([layers.BatchNorm2D, layers.BatchNorm1D]),
+    training=st.booleans(),
+)
 def test_batchnorm(data, cls, training):
     d = data.draw
     name = cls.__name__
@@ -521,7 +577,11 @@ def test_batchnorm(data, cls, training):
     def number_problem(v, low, low_open, high=None):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return TypeError
-        if not math.isfinite(v) or (v <= low if low_open else v < low) or (high is not None and v > high):
+        if (
+            not math.isfinite(v)
+            or (v <= low if low_open else v < low)
+            or (high is not None and v > high)
+        ):
             return ValueError
         return None
 
@@ -545,8 +605,13 @@ def test_batchnorm(data, cls, training):
     else:
         r = d(st.integers(0, 9))
         n = d(st.integers(0, 4))
-        shape = (d(odd_shapes()) if r == 0 else (n, c) if r < 5
-                 else (n, c if r < 9 else c + 1, d(st.integers(0, 3))))
+        shape = (
+            d(odd_shapes())
+            if r == 0
+            else (n, c)
+            if r < 5
+            else (n, c if r < 9 else c + 1, d(st.integers(0, 3)))
+        )
         x = d(arrays(shape))
     snap = snapshot(x)
     xa = np.asarray(x)
@@ -573,8 +638,12 @@ def test_batchnorm(data, cls, training):
         count = x64.shape[0] * x64.shape[2] * x64.shape[3]
         m = float(momentum)
         assert_close(layer.running_mean, (1 - m) * f64(rm0) + m * mean, dtype, "running_mean")
-        assert_close(layer.running_var, (1 - m) * f64(rv0) + m * var * count / (count - 1), dtype,
-                     "running_var")
+        assert_close(
+            layer.running_var,
+            (1 - m) * f64(rv0) + m * var * count / (count - 1),
+            dtype,
+            "running_var",
+        )
     else:
         ey = naive_bn.batchnorm_forward_eval(x64, g64, b64, f64(rm0), f64(rv0), eps64)
         assert np.array_equal(layer.running_mean, rm0) and np.array_equal(layer.running_var, rv0)
@@ -607,6 +676,7 @@ def test_batchnorm(data, cls, training):
 # ---------------------------------------------------------------------------------------------
 # Dense
 
+
 @fuzz(1.0)
 @given(data=st.data())
 def test_dense(data):
@@ -630,7 +700,9 @@ def test_dense(data):
     tally("Dense.__init__", "valid")
     r = d(st.integers(0, 9))
     n = d(st.integers(0, 3))
-    shape = d(odd_shapes()) if r == 0 else (n, fin) if r < 8 else (n, fin + d(st.sampled_from([-1, 1])))
+    shape = (
+        d(odd_shapes()) if r == 0 else (n, fin) if r < 8 else (n, fin + d(st.sampled_from([-1, 1])))
+    )
     x = d(arrays(shape))
     snap = snapshot(x)
     xa = np.asarray(x)
@@ -666,6 +738,7 @@ def test_dense(data):
 # ---------------------------------------------------------------------------------------------
 # parameter-free elementwise layers, Softmax, Flatten, Dropout
 
+
 def _softmax(x, dim):
     if x.size == 0:
         return x.copy()
@@ -699,9 +772,16 @@ def _reference(name, x, dy, layer):
 def test_activations(data, name):
     d = data.draw
     if name == "LeakyReLU":
-        slope = d(st.sampled_from([0.01, 0.2, 0.0, -0.5, 3, float("nan"), float("inf"), "0.1", None]))
-        bad = (TypeError if isinstance(slope, (str, type(None))) else
-               ValueError if not math.isfinite(slope) else None)
+        slope = d(
+            st.sampled_from([0.01, 0.2, 0.0, -0.5, 3, float("nan"), float("inf"), "0.1", None])
+        )
+        bad = (
+            TypeError
+            if isinstance(slope, (str, type(None)))
+            else ValueError
+            if not math.isfinite(slope)
+            else None
+        )
         if bad:
             expect_error(lambda: layers.LeakyReLU(slope), bad, name)
             return tally(f"{name}.__init__", "invalid")
@@ -730,8 +810,12 @@ def test_activations(data, name):
     assert unchanged(x, snap)
     dy = grad_array(d, xa.shape)
     dya = np.asarray(dy)
-    ey, ex = _reference(name, f64(xa), f64(dya) if dya.shape == xa.shape and kind(dya) == "f"
-                        else np.zeros(xa.shape), layer)
+    ey, ex = _reference(
+        name,
+        f64(xa),
+        f64(dya) if dya.shape == xa.shape and kind(dya) == "f" else np.zeros(xa.shape),
+        layer,
+    )
     assert_close(y, ey, dtype, f"{name} y")
     tally(f"{name}.forward", "valid")
     if kind(dya) != "f" or native(dya.dtype) != dtype:
@@ -744,9 +828,11 @@ def test_activations(data, name):
     dx = layer.backward(dy)
     if name in ("Tanh", "Sigmoid", "Softmax"):
         y64, dy64 = f64(y), f64(dya)
-        ex = {"Tanh": lambda: dy64 * (1 - y64 * y64),
-              "Sigmoid": lambda: dy64 * y64 * (1 - y64),
-              "Softmax": lambda: y64 * (dy64 - np.sum(dy64 * y64, axis=layer.dim, keepdims=True))}[name]()
+        ex = {
+            "Tanh": lambda: dy64 * (1 - y64 * y64),
+            "Sigmoid": lambda: dy64 * y64 * (1 - y64),
+            "Softmax": lambda: y64 * (dy64 - np.sum(dy64 * y64, axis=layer.dim, keepdims=True)),
+        }[name]()
     assert_close(dx, ex, dtype, f"{name} dx")
     tally(f"{name}.backward", "valid")
 
@@ -788,8 +874,7 @@ def test_flatten(data):
 def test_dropout(data, training):
     d = data.draw
     p = d(st.sampled_from([0.5, 0.5, 0.1, 0.0, 1.0, 0.999, -0.1, 1.1, float("nan"), "0.5", None]))
-    bad = (TypeError if isinstance(p, (str, type(None))) else
-           ValueError if not 0 <= p <= 1 else None)
+    bad = TypeError if isinstance(p, (str, type(None))) else ValueError if not 0 <= p <= 1 else None
     seed = d(st.integers(0, 2**32))
     if bad:
         expect_error(lambda: layers.Dropout(p, seed=seed), bad, "Dropout")
@@ -832,6 +917,7 @@ def test_dropout(data, training):
 # Sequential: forward, backward, summary, predict and load_state_dict against a twin model whose
 # layers are run one by one
 
+
 @st.composite
 def stacks(draw):
     """(layers, input shape): a random stack that mostly fits its input, sometimes not."""
@@ -843,21 +929,43 @@ def stacks(draw):
     shape = [n, c, h, w]
     out = []
     for _ in range(draw(st.integers(1, 5))):
-        off = draw(st.sampled_from([0] * 12 + [1, -1]))  # a channel / feature count that does not fit
+        off = draw(
+            st.sampled_from([0] * 12 + [1, -1])
+        )  # a channel / feature count that does not fit
         seed = draw(st.integers(0, 99))
-        choice = draw(st.sampled_from(["conv", "maxpool", "avgpool", "bn", "act", "dropout",
-                                       "flatten", "dense", "softmax", "block", "block"]))
+        choice = draw(
+            st.sampled_from(
+                [
+                    "conv",
+                    "maxpool",
+                    "avgpool",
+                    "bn",
+                    "act",
+                    "dropout",
+                    "flatten",
+                    "dense",
+                    "softmax",
+                    "block",
+                    "block",
+                ]
+            )
+        )
         if len(shape) == 4 and choice == "block":
             # Conv2D -> ReLU -> MaxPool2D: the run Sequential executes as one fused kernel
             k, p, f = draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(1, 40))
             pool = draw(st.integers(1, 3))
-            out += [layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed),
-                    layers.ReLU(), layers.MaxPool2D(pool)]
+            out += [
+                layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed),
+                layers.ReLU(),
+                layers.MaxPool2D(pool),
+            ]
             shape = [n, f, (shape[2] + 2 * p - k + 1) // pool, (shape[3] + 2 * p - k + 1) // pool]
         elif len(shape) == 4 and choice in ("conv", "maxpool", "avgpool", "bn"):
             if choice == "conv":
                 k, p, f = draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(1, 3))
-                out.append(layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed))
+                out.append(
+                    layers.Conv2D(max(1, shape[1] + off), f, k, padding=p, dtype=dtype, rng=seed)
+                )
                 shape = [n, f, shape[2] + 2 * p - k + 1, shape[3] + 2 * p - k + 1]
             elif choice in ("maxpool", "avgpool"):
                 k = draw(st.integers(1, 2))
@@ -877,8 +985,11 @@ def stacks(draw):
                 out.append(layers.Dense(max(1, shape[1] + off), f, dtype=dtype, rng=seed))
                 shape = [n, f]
         elif choice == "act":
-            out.append(draw(st.sampled_from([layers.ReLU, layers.Tanh, layers.Sigmoid,
-                                             layers.LeakyReLU]))())
+            out.append(
+                draw(
+                    st.sampled_from([layers.ReLU, layers.Tanh, layers.Sigmoid, layers.LeakyReLU])
+                )()
+            )
         elif choice == "dropout":
             out.append(layers.Dropout(draw(st.sampled_from([0.0, 0.3, 0.5])), seed=seed))
         else:
@@ -916,7 +1027,8 @@ def _twin(model):
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
-        sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k], equal_nan=True) for k in sa)
+        sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k], equal_nan=True) for k in sa
+    )
 
 
 def _grads(model):
@@ -942,8 +1054,12 @@ def test_sequential(data, spec, training):
         assert str(got) == str(exc)
         tally("Sequential.forward", "invalid")
         xa = np.asarray(x)
-        if (kind(xa) == "f" and xa.dtype.itemsize in (4, 8) and isinstance(exc, ValueError)
-                and "more than 1 value per channel" not in str(exc)):
+        if (
+            kind(xa) == "f"
+            and xa.dtype.itemsize in (4, 8)
+            and isinstance(exc, ValueError)
+            and "more than 1 value per channel" not in str(exc)
+        ):
             # summary() checks the same shapes without computing anything
             expect_error(lambda: model.summary(xa.shape, print_fn=None), ValueError, name)
             tally("Sequential.summary", "invalid")
@@ -993,7 +1109,7 @@ def test_sequential(data, spec, training):
     if xs.ndim < 1:
         expect_error(lambda: model.predict(x, bs), ValueError, "Sequential.predict")
         return tally("Sequential.predict", "invalid")
-    chunks = [xs] if xs.shape[0] <= bs else [xs[i:i + bs] for i in range(0, xs.shape[0], bs)]
+    chunks = [xs] if xs.shape[0] <= bs else [xs[i : i + bs] for i in range(0, xs.shape[0], bs)]
     outs = [_run_chain(twin.layers, chunk) for chunk in chunks]
     if any(o[0] == "error" for o in outs):
         o = next(o for o in outs if o[0] == "error")
@@ -1014,8 +1130,11 @@ def test_load_state_dict(data, spec, strict):
     model = Sequential(spec[0])
     before = model.state_dict()
     state = {k: v + 1 for k, v in before.items()}  # new values of the right shapes and dtypes
-    how = d(st.sampled_from(["ok", "ok", "drop", "add", "shape", "dtype", "list", "scalar",
-                             "not a dict", "nan"]))
+    how = d(
+        st.sampled_from(
+            ["ok", "ok", "drop", "add", "shape", "dtype", "list", "scalar", "not a dict", "nan"]
+        )
+    )
     keys = sorted(state)
     key = d(st.sampled_from(keys)) if keys else None
     problem = None
@@ -1033,11 +1152,18 @@ def test_load_state_dict(data, spec, strict):
         problem = ValueError
     elif how == "list" and key:
         state[key] = state[key].tolist()  # becomes float64 (or a float64 scalar)
-        problem = None if state and np.asarray(state[key]).dtype == before[key].dtype and \
-            np.asarray(state[key]).shape == before[key].shape else ValueError
+        problem = (
+            None
+            if state
+            and np.asarray(state[key]).dtype == before[key].dtype
+            and np.asarray(state[key]).shape == before[key].shape
+            else ValueError
+        )
     elif how == "scalar" and key:
         state[key] = 1.0
-        problem = None if before[key].shape == () and before[key].dtype == np.float64 else ValueError
+        problem = (
+            None if before[key].shape == () and before[key].dtype == np.float64 else ValueError
+        )
     elif how == "not a dict":
         state = list(state.items())
         problem = TypeError
@@ -1059,6 +1185,7 @@ def test_load_state_dict(data, spec, strict):
 
 # ---------------------------------------------------------------------------------------------
 # losses
+
 
 def _ce_problem(logits, labels):
     if not isinstance(logits, np.ndarray) or logits.dtype.kind != "f":
@@ -1083,20 +1210,30 @@ def test_cross_entropy(data):
     reduction = d(st.sampled_from(["mean", "mean", "sum", "none", "avg", None]))
     bad_eps = isinstance(eps, (str, type(None), bool)) or not 0 <= eps <= 1
     if bad_eps or reduction not in ("mean", "sum", "none"):
-        expect_error(lambda: losses.CrossEntropyLoss(eps, reduction=reduction), (ValueError, TypeError),
-                     "CrossEntropyLoss")
+        expect_error(
+            lambda: losses.CrossEntropyLoss(eps, reduction=reduction),
+            (ValueError, TypeError),
+            "CrossEntropyLoss",
+        )
         return tally("CrossEntropyLoss.__init__", "invalid")
     loss_fn = losses.CrossEntropyLoss(eps, reduction=reduction)
     tally("CrossEntropyLoss.__init__", "valid")
     n, c = d(st.integers(1, 5)), d(st.integers(1, 6))
     shape = (n, c) if d(st.integers(0, 7)) else d(odd_shapes())
-    logits = d(arrays(shape, dtypes=GOOD * 6 + HALF + ("int64", "complex64", "bool"),
-                      layouts=("c", "c", "fortran", "strided", "readonly", "swapped", "list"),
-                      scale=d(st.sampled_from([1.0, 1.0, 10.0, 100.0]))))
+    logits = d(
+        arrays(
+            shape,
+            dtypes=GOOD * 6 + HALF + ("int64", "complex64", "bool"),
+            layouts=("c", "c", "fortran", "strided", "readonly", "swapped", "list"),
+            scale=d(st.sampled_from([1.0, 1.0, 10.0, 100.0])),
+        )
+    )
     r = d(st.integers(0, 11))
     rng = np.random.default_rng(d(st.integers(0, 99)))
     if r < 8:  # valid labels in a random integer dtype
-        labels = rng.integers(0, c, n).astype(d(st.sampled_from(["int64", "int32", "uint8", "int8"])))
+        labels = rng.integers(0, c, n).astype(
+            d(st.sampled_from(["int64", "int32", "uint8", "int8"]))
+        )
     elif r == 8:
         labels = rng.integers(-2, c + 2, n)  # out of range
     elif r == 9:
@@ -1106,7 +1243,9 @@ def test_cross_entropy(data):
     else:
         labels = rng.integers(0, c, n + 1)
     if d(st.booleans()):
-        labels = relayout(labels, d(st.sampled_from(["strided", "reversed", "readonly", "swapped"])))
+        labels = relayout(
+            labels, d(st.sampled_from(["strided", "reversed", "readonly", "swapped"]))
+        )
     snap, lsnap = snapshot(logits), snapshot(labels)
     problem = _ce_problem(logits, labels)
     if problem:
@@ -1114,20 +1253,32 @@ def test_cross_entropy(data):
         return tally("CrossEntropyLoss.forward", "invalid")
     loss = loss_fn(logits, labels)
     assert unchanged(logits, snap) and unchanged(labels, lsnap)
-    expected, grad = naive_losses.softmax_cross_entropy(f64(logits), np.asarray(labels, np.int64), eps)
+    expected, grad = naive_losses.softmax_cross_entropy(
+        f64(logits), np.asarray(labels, np.int64), eps
+    )
     dtype = native(logits.dtype)
     with np.errstate(all="ignore"):
         if reduction == "none":
-            per = np.array([naive_losses.softmax_cross_entropy(f64(logits)[i:i + 1],
-                                                               np.asarray(labels, np.int64)[i:i + 1], eps)[0]
-                            for i in range(n)])
+            per = np.array(
+                [
+                    naive_losses.softmax_cross_entropy(
+                        f64(logits)[i : i + 1], np.asarray(labels, np.int64)[i : i + 1], eps
+                    )[0]
+                    for i in range(n)
+                ]
+            )
             assert_close(loss, per, dtype, "CrossEntropyLoss per-sample loss", loose=True)
             grad = grad * n
         else:
             assert isinstance(loss, float)
             factor = n if reduction == "sum" else 1
-            assert_close(np.asarray(loss, dtype), np.asarray(expected * factor), dtype,
-                         "CrossEntropyLoss loss", loose=True)
+            assert_close(
+                np.asarray(loss, dtype),
+                np.asarray(expected * factor),
+                dtype,
+                "CrossEntropyLoss loss",
+                loose=True,
+            )
             grad = grad * factor
         dlogits = loss_fn.backward()
     assert_close(dlogits, grad, dtype, "CrossEntropyLoss gradient", loose=True)
@@ -1140,11 +1291,21 @@ def test_mse(data):
     d = data.draw
     loss_fn = losses.MSELoss()
     shape = tuple(d(st.lists(st.integers(0, 4), max_size=3)))
-    x = d(arrays(shape, dtypes=GOOD * 6 + HALF + ("int64", "complex64"),
-                 layouts=("c", "fortran", "strided", "readonly", "swapped", "list")))
+    x = d(
+        arrays(
+            shape,
+            dtypes=GOOD * 6 + HALF + ("int64", "complex64"),
+            layouts=("c", "fortran", "strided", "readonly", "swapped", "list"),
+        )
+    )
     tshape = shape if d(st.integers(0, 5)) else d(st.sampled_from([shape + (1,), (1,), (), (2, 2)]))
-    t = d(arrays(tshape, dtypes=GOOD * 4 + ("int64", "uint8", "bool", "complex64"),
-                 layouts=("c", "strided", "readonly", "list")))
+    t = d(
+        arrays(
+            tshape,
+            dtypes=GOOD * 4 + ("int64", "uint8", "bool", "complex64"),
+            layouts=("c", "strided", "readonly", "list"),
+        )
+    )
     xa, ta = np.asarray(x), np.asarray(t)
     if not isinstance(x, np.ndarray) or xa.dtype.kind != "f" or ta.dtype.kind not in "fiu":
         problem = TypeError
@@ -1159,13 +1320,16 @@ def test_mse(data):
     loss = loss_fn(x, t)
     expected, grad = naive_losses.mse(f64(xa), f64(ta.astype(dtype)))
     with np.errstate(all="ignore"):
-        assert_close(np.asarray(loss, dtype), np.asarray(expected), dtype, "MSELoss loss", loose=True)
+        assert_close(
+            np.asarray(loss, dtype), np.asarray(expected), dtype, "MSELoss loss", loose=True
+        )
         assert_close(loss_fn.backward(), grad, dtype, "MSELoss gradient", loose=True)
     tally("MSELoss.forward", "valid")
 
 
 # ---------------------------------------------------------------------------------------------
 # optimizers and schedulers, against a float64 reference of PyTorch's update rules
+
 
 class _P:
     def __init__(self, data, grad):
@@ -1186,8 +1350,11 @@ def _reference_steps(kind_, hyper, p0, grads):
             if kind_ == "SGD":
                 g = g + wd * p[i]
                 if hyper["momentum"]:
-                    s["buf"] = g.copy() if "buf" not in s else (
-                        hyper["momentum"] * s["buf"] + (1 - hyper["dampening"]) * g)
+                    s["buf"] = (
+                        g.copy()
+                        if "buf" not in s
+                        else (hyper["momentum"] * s["buf"] + (1 - hyper["dampening"]) * g)
+                    )
                     g = g + hyper["momentum"] * s["buf"] if hyper["nesterov"] else s["buf"]
                 p[i] = p[i] - lr * g
             else:
@@ -1212,17 +1379,32 @@ HYPER_BAD = (-0.1, float("nan"), float("inf"), "0.1", None, True)
 def test_optimizer(data, kind_):
     d = data.draw
     cls = getattr(optim, kind_)
-    val = lambda good: d(st.sampled_from(good + list(HYPER_BAD)) if d(st.integers(0, 19)) == 0  # noqa: E731
-                         else st.sampled_from(good))
+    val = lambda good: d(
+        st.sampled_from(good + list(HYPER_BAD))
+        if d(st.integers(0, 19)) == 0  # noqa: E731
+        else st.sampled_from(good)
+    )
     if kind_ == "SGD":
-        hyper = dict(lr=val([0.1, 0.01, 1.0, 0.0]), momentum=val([0.0, 0.9, 0.5]),
-                     dampening=val([0.0, 0.0, 0.1]), nesterov=d(st.sampled_from([False, True, 1, None])),
-                     weight_decay=val([0.0, 0.01]))
+        hyper = dict(
+            lr=val([0.1, 0.01, 1.0, 0.0]),
+            momentum=val([0.0, 0.9, 0.5]),
+            dampening=val([0.0, 0.0, 0.1]),
+            nesterov=d(st.sampled_from([False, True, 1, None])),
+            weight_decay=val([0.0, 0.01]),
+        )
     else:
-        b = d(st.sampled_from([(0.9, 0.999), (0.0, 0.5), (0.5, 0.0), (0.8, 0.99)] * 6 + [
-            (1.0, 0.9), (0.9, -0.1), (0.9,), "ab", None, (float("nan"), 0.9)]))
-        hyper = dict(lr=val([1e-3, 0.1, 0.0]), betas=b, eps=val([1e-8, 1e-3, 0.0]),
-                     weight_decay=val([0.0, 0.01, 0.1]))
+        b = d(
+            st.sampled_from(
+                [(0.9, 0.999), (0.0, 0.5), (0.5, 0.0), (0.8, 0.99)] * 6
+                + [(1.0, 0.9), (0.9, -0.1), (0.9,), "ab", None, (float("nan"), 0.9)]
+            )
+        )
+        hyper = dict(
+            lr=val([1e-3, 0.1, 0.0]),
+            betas=b,
+            eps=val([1e-8, 1e-3, 0.0]),
+            weight_decay=val([0.0, 0.01, 0.1]),
+        )
 
     def bad_number(v):
         return isinstance(v, (str, type(None), bool)) or not (math.isfinite(v) and v >= 0)
@@ -1236,14 +1418,21 @@ def test_optimizer(data, kind_):
             problems.append("nesterov")
     else:
         b = hyper["betas"]
-        if not (isinstance(b, tuple) and len(b) == 2 and all(
-                isinstance(v, float) and 0 <= v < 1 for v in b)):
+        if not (
+            isinstance(b, tuple)
+            and len(b) == 2
+            and all(isinstance(v, float) and 0 <= v < 1 for v in b)
+        ):
             problems.append("betas")
     dtype = d(st.sampled_from(GOOD))
     shapes = d(st.lists(st.lists(st.integers(0, 3), max_size=2), min_size=1, max_size=3))
     rng = np.random.default_rng(d(st.integers(0, 99)))
     params = [layers.Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
-    what = d(st.sampled_from(["ok"] * 24 + ["empty", "duplicate", "ndarray", "int", "readonly", "object"]))
+    what = d(
+        st.sampled_from(
+            ["ok"] * 24 + ["empty", "duplicate", "ndarray", "int", "readonly", "object"]
+        )
+    )
     plist = list(params)
     if what == "empty":
         plist, problems = [], problems + ["params"]
@@ -1284,16 +1473,25 @@ def test_optimizer(data, kind_):
             p.grad = None if g is None else g.copy()
         if bad_grad is not None:
             p = params[0]
-            p.grad = {"shape": np.zeros(p.shape + (2,), dtype), "list": [0.0] * max(1, p.size),
-                      "dtype": np.zeros(p.shape, np.float16)}[bad_grad]
+            p.grad = {
+                "shape": np.zeros(p.shape + (2,), dtype),
+                "list": [0.0] * max(1, p.size),
+                "dtype": np.zeros(p.shape, np.float16),
+            }[bad_grad]
             before = [q.data.copy() for q in params]
             expect_error(opt.step, (ValueError, TypeError), kind_)
             # (parameters before the bad one may have been updated: the check is per parameter)
-            assert all(np.array_equal(q.data, b, equal_nan=True) for q, b in zip(params[:1], before[:1]))
+            assert all(
+                np.array_equal(q.data, b, equal_nan=True) for q, b in zip(params[:1], before[:1])
+            )
             return tally(f"{kind_}.step", "invalid")
         opt.step()
-    ref = _reference_steps(kind_, {k: (float(v) if not isinstance(v, (tuple, bool)) else v)
-                                   for k, v in hyper.items()}, p0, grads)
+    ref = _reference_steps(
+        kind_,
+        {k: (float(v) if not isinstance(v, (tuple, bool)) else v) for k, v in hyper.items()},
+        p0,
+        grads,
+    )
     with np.errstate(all="ignore"):
         for p, r in zip(params, ref):
             assert_close(p.data, r, dtype, f"{kind_} parameter")
@@ -1312,25 +1510,35 @@ def test_optimizer(data, kind_):
 
 
 @fuzz(0.5)
-@given(kind_=st.sampled_from(["StepLR", "CosineAnnealingLR"]),
-       a=st.sampled_from([1, 3, 10, 0, -1, 2.5, None, True]),
-       b=st.sampled_from([0.1, 0.5, 0.0, 1.0, -0.1, float("nan"), "x"]),
-       steps=st.integers(0, 12))
+@given(
+    kind_=st.sampled_from(["StepLR", "CosineAnnealingLR"]),
+    a=st.sampled_from([1, 3, 10, 0, -1, 2.5, None, True]),
+    b=st.sampled_from([0.1, 0.5, 0.0, 1.0, -0.1, float("nan"), "x"]),
+    steps=st.integers(0, 12),
+)
 def test_scheduler(kind_, a, b, steps):
     opt = optim.SGD([layers.Parameter(np.zeros(2))], lr=0.1)
     cls = getattr(optim, kind_)
-    bad = (isinstance(a, (bool, float, type(None))) or a < 1 or isinstance(b, str)
-           or not (math.isfinite(b) and b >= 0))
+    bad = (
+        isinstance(a, (bool, float, type(None)))
+        or a < 1
+        or isinstance(b, str)
+        or not (math.isfinite(b) and b >= 0)
+    )
     if bad:
         expect_error(lambda: cls(opt, a, b), (ValueError, TypeError), kind_)
         return tally(f"{kind_}.__init__", "invalid")
     sched = cls(opt, a, b)
     for _ in range(steps):
         sched.step()
-    expected = (0.1 * b ** (steps // a) if kind_ == "StepLR"
-                else b + (0.1 - b) * (1 + math.cos(math.pi * steps / a)) / 2)
-    assert math.isclose(opt.lr, max(expected, 0.0) if kind_ == "StepLR" else expected,
-                        rel_tol=1e-12, abs_tol=1e-15) or (expected < 0 and opt.lr >= 0)
+    expected = (
+        0.1 * b ** (steps // a)
+        if kind_ == "StepLR"
+        else b + (0.1 - b) * (1 + math.cos(math.pi * steps / a)) / 2
+    )
+    assert math.isclose(
+        opt.lr, max(expected, 0.0) if kind_ == "StepLR" else expected, rel_tol=1e-12, abs_tol=1e-15
+    ) or (expected < 0 and opt.lr >= 0)
     tally(f"{kind_}.step", "valid")
 
 
@@ -1375,7 +1583,7 @@ def _expected_idx(which, raw):
 def _mutate(raw, how, rng):
     b = bytearray(raw)
     if how == "truncate" and b:
-        return bytes(b[:int(rng.integers(0, len(b)))])
+        return bytes(b[: int(rng.integers(0, len(b)))])
     if how == "extend":
         return bytes(b) + rng.integers(0, 256, int(rng.integers(1, 5)), dtype=np.uint8).tobytes()
     if how == "flip" and b:
@@ -1441,7 +1649,9 @@ def test_idx_files(data, which, gz):
             f.write(bytes(b))
         if d(st.booleans()):
             os.utime(path, ns=(10**18, 10**18))
-        tally("datasets.read_idx (rewritten)", _check_idx_read(which, path, bytes(b), expected_count))
+        tally(
+            "datasets.read_idx (rewritten)", _check_idx_read(which, path, bytes(b), expected_count)
+        )
 
 
 @fuzz(0.3)
@@ -1460,11 +1670,16 @@ def test_load_dataset_folder(data):
         if choice == "missing":
             continue
         which = "images" if "images" in base else "labels"
-        content = {"tiny": _idx_bytes(which, 2, rng), "empty": b"",
-                   "random": rng.integers(0, 256, 40, dtype=np.uint8).tobytes()}.get(choice)
+        content = {
+            "tiny": _idx_bytes(which, 2, rng),
+            "empty": b"",
+            "random": rng.integers(0, 256, 40, dtype=np.uint8).tobytes(),
+        }.get(choice)
         path = os.path.join(folder, base + (".gz" if choice == "gz-random" else ""))
         with open(path, "wb") as f:
-            f.write(rng.integers(0, 256, 30, dtype=np.uint8).tobytes() if content is None else content)
+            f.write(
+                rng.integers(0, 256, 30, dtype=np.uint8).tobytes() if content is None else content
+            )
         present.append(base)
     if len(present) < 4:
         with pytest.raises(datasets.DatasetNotFoundError) as info:
@@ -1495,16 +1710,53 @@ with open(_CORRUPT, "wb") as _f:
 _PLAIN_CKPT = os.path.join(_CLI_DIR, "plain.safetensors")
 ckpt_mod.save(_PLAIN_CKPT, Sequential([layers.Flatten(), layers.Dense(784, 10, rng=0)]), epoch=1)
 
-_NUMBERS = ["0", "1", "3", "-1", "-0", "2.5", "1e-3", "1e400", "-1e-3", "nan", "inf", "-inf", "",
-            " ", "0x10", "1_000", "٣", "three", "1e", "--", "-", "9" * 30, "0.1", "1.0", "5000"]
+_NUMBERS = [
+    "0",
+    "1",
+    "3",
+    "-1",
+    "-0",
+    "2.5",
+    "1e-3",
+    "1e400",
+    "-1e-3",
+    "nan",
+    "inf",
+    "-inf",
+    "",
+    " ",
+    "0x10",
+    "1_000",
+    "٣",
+    "three",
+    "1e",
+    "--",
+    "-",
+    "9" * 30,
+    "0.1",
+    "1.0",
+    "5000",
+]
 _OPTIONS = {
-    "--epochs": _NUMBERS, "--batch-size": _NUMBERS, "--lr": _NUMBERS, "--momentum": _NUMBERS,
-    "--weight-decay": _NUMBERS, "--seed": _NUMBERS, "--val-split": _NUMBERS + ["0.999", "1"],
-    "--limit": _NUMBERS, "--threads": _NUMBERS + ["2", "1"],
+    "--epochs": _NUMBERS,
+    "--batch-size": _NUMBERS,
+    "--lr": _NUMBERS,
+    "--momentum": _NUMBERS,
+    "--weight-decay": _NUMBERS,
+    "--seed": _NUMBERS,
+    "--val-split": _NUMBERS + ["0.999", "1"],
+    "--limit": _NUMBERS,
+    "--threads": _NUMBERS + ["2", "1"],
     "--optimizer": ["sgd", "adam", "adamw", "SGD", "rmsprop", ""],
-    "--scheduler": ["none", "cosine", "step", ""], "--dataset": ["mnist", "fashion-mnist", "cifar"],
-    "--out": [os.path.join(_CLI_DIR, "run.safetensors"), os.path.join(_CLI_DIR, "nope", "x"),
-              _CLI_DIR, "", "\x00"],
+    "--scheduler": ["none", "cosine", "step", ""],
+    "--dataset": ["mnist", "fashion-mnist", "cifar"],
+    "--out": [
+        os.path.join(_CLI_DIR, "run.safetensors"),
+        os.path.join(_CLI_DIR, "nope", "x"),
+        _CLI_DIR,
+        "",
+        "\x00",
+    ],
     "--resume": [_CORRUPT, _PLAIN_CKPT, os.path.join(_CLI_DIR, "missing"), _CLI_DIR, ""],
     "--data-dir": [_EMPTY_DATA, os.path.join(_CLI_DIR, "missing"), _CORRUPT],
     "--bogus": ["1"],
@@ -1514,14 +1766,18 @@ _FLAGS = ["--no-progress", "--no-download", "--help", "--version", "-h"]
 
 @st.composite
 def argvs(draw):
-    command = draw(st.sampled_from(["train"] * 6 + ["evaluate"] * 2 + ["summary", "frobnicate", ""]))
+    command = draw(
+        st.sampled_from(["train"] * 6 + ["evaluate"] * 2 + ["summary", "frobnicate", ""])
+    )
     argv = [command] if command else []
     options = draw(st.lists(st.sampled_from(sorted(_OPTIONS)), max_size=5))
     for option in options:
         argv += [option, draw(st.sampled_from(_OPTIONS[option]))]
     if command in ("evaluate", "summary") or draw(st.integers(0, 9)) == 0:
         if draw(st.integers(0, 3)):
-            argv.append(draw(st.sampled_from([_CORRUPT, _PLAIN_CKPT, os.path.join(_CLI_DIR, "m"), ""])))
+            argv.append(
+                draw(st.sampled_from([_CORRUPT, _PLAIN_CKPT, os.path.join(_CLI_DIR, "m"), ""]))
+            )
     if draw(st.integers(0, 9)) == 0:
         argv.append(draw(st.sampled_from(_FLAGS)))
     # nothing may train or download: an empty data folder, downloads off
@@ -1533,12 +1789,14 @@ def _value_ok(option, text):
     """Whether the command line accepts ``text`` for ``option`` (None: not a checked option)."""
     if text.startswith("-") and not re.fullmatch(r"-\d+|-\d*\.\d+", text):
         return False  # argparse takes it for an option: "expected one argument"
+
     def number(kind, low, low_open=False):
         try:
             v = kind(text)
         except ValueError:
             return False
         return math.isfinite(v) and (v > low if low_open else v >= low)
+
     if option in ("--epochs", "--seed"):
         return number(int, 0)
     if option in ("--batch-size", "--limit"):
@@ -1554,8 +1812,14 @@ def _value_ok(option, text):
             return number(float, 0) and float(text) < 1
         return number(int, 0)
     if option in ("--optimizer", "--scheduler", "--dataset"):
-        return text in {"--optimizer": cli.OPTIMIZERS, "--scheduler": cli.SCHEDULERS,
-                        "--dataset": cli.DATASETS}[option]
+        return (
+            text
+            in {
+                "--optimizer": cli.OPTIMIZERS,
+                "--scheduler": cli.SCHEDULERS,
+                "--dataset": cli.DATASETS,
+            }[option]
+        )
     return None
 
 
@@ -1579,15 +1843,22 @@ def test_cli(argv):
     err = err.getvalue()
     assert "Traceback" not in err
     if status == 0:  # --help, --version, summary
-        assert any(f in argv for f in ("--help", "-h", "--version")) or argv[:1] == ["summary"], argv
+        assert any(f in argv for f in ("--help", "-h", "--version")) or argv[:1] == ["summary"], (
+            argv
+        )
         return tally("cli.main", "valid")
     assert status == 2, (argv, status, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], (argv, err)
     # a bad option value is refused by name, before any data is read
     command = argv[0] if argv else ""
-    known = (set(_OPTIONS) - {"--bogus"} if command == "train" else
-             {"--batch-size", "--limit", "--threads", "--dataset"} if command == "evaluate" else set())
+    known = (
+        set(_OPTIONS) - {"--bogus"}
+        if command == "train"
+        else {"--batch-size", "--limit", "--threads", "--dataset"}
+        if command == "evaluate"
+        else set()
+    )
     bad = {o for o, v in zip(argv, argv[1:]) if o in known and _value_ok(o, v) is False}
     # ("--" ends the options: what follows is positional, reported as unrecognized)
     if bad and not set(argv) & {"--help", "-h", "--version", "--"}:
@@ -1604,8 +1875,16 @@ _CK_DIR = tempfile.mkdtemp(prefix="fastcnn-fuzz-ckpt-")
 
 def _small_run():
     rng = np.random.default_rng(0)
-    model = Sequential([layers.Conv2D(1, 2, 3, rng=1), layers.BatchNorm2D(2), layers.ReLU(),
-                        layers.Flatten(), layers.Dropout(0.5, seed=3), layers.Dense(8, 3, rng=2)])
+    model = Sequential(
+        [
+            layers.Conv2D(1, 2, 3, rng=1),
+            layers.BatchNorm2D(2),
+            layers.ReLU(),
+            layers.Flatten(),
+            layers.Dropout(0.5, seed=3),
+            layers.Dense(8, 3, rng=2),
+        ]
+    )
     opt = optim.Adam(model.parameters(), lr=0.01)
     sched = optim.StepLR(opt, 2)
     model(rng.standard_normal((2, 1, 4, 4)).astype(np.float32))
@@ -1635,7 +1914,9 @@ def _same_checkpoint(a, b):
     assert canon(a.extra) == canon(b.extra)
     assert canon(a.scheduler_state) == canon(b.scheduler_state)
     assert canon(a.optimizer_state) == canon(b.optimizer_state)
-    assert canon(a.metadata["model"].get("rng_state")) == canon(b.metadata["model"].get("rng_state"))
+    assert canon(a.metadata["model"].get("rng_state")) == canon(
+        b.metadata["model"].get("rng_state")
+    )
 
 
 @fuzz(1.5)
@@ -1645,8 +1926,20 @@ def test_checkpoint_corruption(data):
     rng = np.random.default_rng(d(st.integers(0, 2**32 - 1)))
     b = bytearray(_CK_BYTES)
     header_end = 8 + int.from_bytes(_CK_BYTES[:8], "little")
-    how = d(st.sampled_from(["flip", "flip", "flip-header", "flip-header", "byte-header",
-                             "truncate", "extend", "insert"]))
+    how = d(
+        st.sampled_from(
+            [
+                "flip",
+                "flip",
+                "flip-header",
+                "flip-header",
+                "byte-header",
+                "truncate",
+                "extend",
+                "insert",
+            ]
+        )
+    )
     if how == "flip":
         for _ in range(d(st.integers(1, 3))):
             i = int(rng.integers(0, len(b)))
@@ -1658,7 +1951,7 @@ def test_checkpoint_corruption(data):
         i = int(rng.integers(8, header_end))
         b[i] = int(rng.choice(list(b'0123456789 ,:{}[]"eE.-+ntfalsru')))
     elif how == "truncate":
-        b = b[:int(rng.integers(0, len(b)))]
+        b = b[: int(rng.integers(0, len(b)))]
     elif how == "extend":
         b += rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
     else:
@@ -1681,6 +1974,7 @@ def test_checkpoint_corruption(data):
 # ---------------------------------------------------------------------------------------------
 # the bounds-checked build really checks (only in the `-p fuzz_boundscheck` run)
 
+
 @pytest.mark.skipif(not BOUNDSCHECK, reason="only with -p fuzz_boundscheck")
 def test_boundscheck_is_active():
     """A kernel called directly with an index past the end raises IndexError in this build
@@ -1690,8 +1984,9 @@ def test_boundscheck_is_active():
     dy = np.ones((1, 2, 2, 1), np.float32)  # NHWC
     argmax = np.array([[[[0], [1]], [[2], [99]]]], np.int64)  # 99 is outside a 2x2 plane
     with pytest.raises(IndexError):  # geometry 0: the general path, which indexes by argmax
-        pool2d.maxpool2d_backward(dy, argmax, dy, False, 0, 0, 0, 0, 0, 0,
-                                  np.empty((1, 2, 2, 1), np.float32))
+        pool2d.maxpool2d_backward(
+            dy, argmax, dy, False, 0, 0, 0, 0, 0, 0, np.empty((1, 2, 2, 1), np.float32)
+        )
     # and the work sizes were shrunk before compilation (multi-item / multi-chunk paths)
     from fastcnn.kernels import activations, conv2d
 
@@ -1714,13 +2009,25 @@ def test_fit(data):
     rng = np.random.default_rng(d(st.integers(0, 99)))
     n = d(st.integers(0, 9)) if d(st.integers(0, 9)) == 0 else d(st.integers(1, 9))
     features = d(st.sampled_from([4] * 12 + [5, 0]))
-    x = d(arrays((n, features) if d(st.integers(0, 14)) else d(odd_shapes()),
-                 dtypes=GOOD * 12 + HALF + ("int64", "complex64"),
-                 layouts=("c", "fortran", "strided", "readonly", "swapped")))
+    x = d(
+        arrays(
+            (n, features) if d(st.integers(0, 14)) else d(odd_shapes()),
+            dtypes=GOOD * 12 + HALF + ("int64", "complex64"),
+            layouts=("c", "fortran", "strided", "readonly", "swapped"),
+        )
+    )
     r = d(st.integers(0, 13))
-    y = (rng.integers(0, 3, n) if r < 10 else rng.integers(-1, 5, n) if r == 10
-         else rng.random(n) if r == 11 else rng.integers(0, 3, (n, 3)) if r == 12
-         else rng.integers(0, 3, n + 1))
+    y = (
+        rng.integers(0, 3, n)
+        if r < 10
+        else rng.integers(-1, 5, n)
+        if r == 10
+        else rng.random(n)
+        if r == 11
+        else rng.integers(0, 3, (n, 3))
+        if r == 12
+        else rng.integers(0, 3, n + 1)
+    )
     if d(st.integers(0, 19)) == 0:
         y = y.tolist()
     epochs = d(st.sampled_from([1] * 6 + [2, 2, 0, -1, 1.5, None]))
@@ -1732,16 +2039,32 @@ def test_fit(data):
     ckpt_mod.save(path, model, opt, epoch=0)
     with open(path, "rb") as f:
         before = f.read()
-    call = lambda: fit(model, losses.CrossEntropyLoss(), opt, x, y, epochs=epochs,  # noqa: E731
-                       batch_size=batch_size, seed=seed, progress=False, checkpoint=path)
+    call = lambda: fit(
+        model,
+        losses.CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=epochs,  # noqa: E731
+        batch_size=batch_size,
+        seed=seed,
+        progress=False,
+        checkpoint=path,
+    )
     xa, ya = np.asarray(x), np.asarray(y)
     names = ("fit",)
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or xa.dtype.kind != "f":
         problem = TypeError
     elif xa.ndim < 2 or ya.ndim not in (1, 2) or ya.shape[0] != xa.shape[0] or xa.shape[0] == 0:
         problem = ValueError
-    elif isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0 or \
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    elif (
+        isinstance(epochs, bool)
+        or not isinstance(epochs, int)
+        or epochs < 0
+        or isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
         problem = (ValueError, TypeError)
     elif epochs == 0:
         problem = None
@@ -1766,8 +2089,18 @@ def test_fit(data):
                 call()
             tally("fit (diverges)", "valid")
         else:
-            history = fit(model, losses.CrossEntropyLoss(), opt, x, y, epochs=epochs,
-                          batch_size=batch_size, seed=seed, progress=False, checkpoint=path)
+            history = fit(
+                model,
+                losses.CrossEntropyLoss(),
+                opt,
+                x,
+                y,
+                epochs=epochs,
+                batch_size=batch_size,
+                seed=seed,
+                progress=False,
+                checkpoint=path,
+            )
             assert len(history) == epochs
             assert all(np.isfinite(p.data).all() for p in model.parameters())
             tally("fit", "valid")

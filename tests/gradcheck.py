@@ -4,6 +4,7 @@ A backward is checked through a random projection: with ``L(x) = sum(forward(x) 
 fixed random ``g``, the analytic gradient is ``backward(g)`` and the numerical one is
 ``(L(x + eps e_i) - L(x - eps e_i)) / (2 eps)`` for every element ``i``.
 """
+
 import numpy as np
 
 

@@ -6,6 +6,7 @@ as the naive loop does: on a busy 2-core machine a 2-thread parallel region can 
 scheduler time slice for its second thread (measured 8-30 ms per call instead of 0.1 ms), which
 no median hides; one thread gives a lower bound of the ratio that survives the noise.
 """
+
 import time
 
 import numpy as np

@@ -77,15 +77,19 @@ def test_speedup_over_naive(rng):
     y = np.empty_like(x)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx = np.empty_like(x)
-    forward = speedup(lambda: K.relu_forward(x.reshape(-1), y.reshape(-1)),
-                      lambda: naive.relu_forward(x))
-    backward = speedup(lambda: K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1)),
-                       lambda: naive.relu_backward(x, dy))
+    forward = speedup(
+        lambda: K.relu_forward(x.reshape(-1), y.reshape(-1)), lambda: naive.relu_forward(x)
+    )
+    backward = speedup(
+        lambda: K.relu_backward(dy.reshape(-1), y.reshape(-1), dx.reshape(-1)),
+        lambda: naive.relu_backward(x, dy),
+    )
     assert forward >= 20, forward
     assert backward >= 20, backward
 
 
 # ---- Tanh's and Sigmoid's backward passes and LeakyReLU: the textbook expressions, bitwise ----
+
 
 @given(st.integers(0, 3 * (1 << 15) + 5), st.integers(0, 2**32 - 1), st.booleans())
 def test_tanh_sigmoid_leaky_kernels_are_the_expressions_bitwise(size, seed, channels_last):

@@ -1,6 +1,7 @@
 """Batch-normalisation kernels (fastcnn.kernels.batchnorm) against the textbook loops
 (tests/naive/batchnorm.py), finite differences, PyTorch (when installed), determinism, float32
 accuracy and speed."""
+
 import numba
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ def fast_train(x, gamma, beta, eps, layout="nchw"):
     invstd = np.full(c, np.nan, dtype=x.dtype)
     if layout == "nhwc":
         out = _pixels(out)
-        K.batchnorm_forward_train_nhwc(_pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd)
+        K.batchnorm_forward_train_nhwc(
+            _pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd
+        )
         return _unpixels(out, x.shape), mean, invstd
     K.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), out, mean, invstd)
     return out, mean, invstd
@@ -45,8 +48,9 @@ def fast_eval(x, gamma, beta, running_mean, running_var, eps, layout="nchw"):
     out = np.full_like(x, np.nan)
     if layout == "nhwc":
         out = _pixels(out)
-        K.batchnorm_forward_eval_nhwc(_pixels(x), gamma, beta, running_mean, running_var,
-                                      x.dtype.type(eps), out)
+        K.batchnorm_forward_eval_nhwc(
+            _pixels(x), gamma, beta, running_mean, running_var, x.dtype.type(eps), out
+        )
         return _unpixels(out, x.shape)
     K.batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, x.dtype.type(eps), out)
     return out
@@ -79,8 +83,11 @@ def make_inputs(shape, seed, loc=0.0, scale=1.0):
 
 
 # ---------------------------------------------------------------- hypothesis cases
-CASES = [(dtype, tol, layout) for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4))
-         for layout in LAYOUTS]
+CASES = [
+    (dtype, tol, layout)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4))
+    for layout in LAYOUTS
+]
 
 
 @st.composite
@@ -124,7 +131,8 @@ def test_forward_train_matches_naive(case):
         # float32: compared with the float64 result on the same (float32-rounded) inputs
         if dtype == np.float32:
             y_ref32, mean_ref32, var_ref32 = naive.batchnorm_forward_train(
-                *(a.astype(np.float32).astype(np.float64) for a in (x, gamma, beta)), eps)
+                *(a.astype(np.float32).astype(np.float64) for a in (x, gamma, beta)), eps
+            )
             refs = (y_ref32, mean_ref32, 1.0 / np.sqrt(var_ref32 + eps))
         else:
             refs = (y_ref, mean_ref, invstd_ref)
@@ -155,7 +163,8 @@ def test_backward_matches_naive(case):
         dx, dgamma, dbeta = fast_backward(dyd, xd, gd, mean, invstd, layout)
         assert dx.dtype == dgamma.dtype == dbeta.dtype == dtype
         dx_ref, dgamma_ref, dbeta_ref = naive.batchnorm_backward(
-            *(a.astype(np.float64) for a in (xd, gd, dyd)), eps)
+            *(a.astype(np.float64) for a in (xd, gd, dyd)), eps
+        )
         assert relative_error(dgamma, dgamma_ref) <= tol
         assert relative_error(dbeta, dbeta_ref) <= tol
         if count == 2:
@@ -196,16 +205,31 @@ def test_matches_torch(shape):
     tb = torch.tensor(beta, requires_grad=True)
     ty = F.batch_norm(tx, None, None, tg, tb, training=True, eps=eps)
     tdx, tdg, tdb = torch.autograd.grad(ty, (tx, tg, tb), torch.tensor(dy.reshape(tshape)))
-    _, tmean, tinvstd = torch.native_batch_norm(tx.detach(), tg.detach(), tb.detach(), None,
-                                                None, True, 0.1, eps)
-    tyeval = F.batch_norm(tx.detach(), torch.tensor(rmean), torch.tensor(rvar), tg.detach(),
-                          tb.detach(), training=False, eps=eps)
+    _, tmean, tinvstd = torch.native_batch_norm(
+        tx.detach(), tg.detach(), tb.detach(), None, None, True, 0.1, eps
+    )
+    tyeval = F.batch_norm(
+        tx.detach(),
+        torch.tensor(rmean),
+        torch.tensor(rvar),
+        tg.detach(),
+        tb.detach(),
+        training=False,
+        eps=eps,
+    )
 
     out, mean, invstd = fast_train(x, gamma, beta, eps)
     dx, dgamma, dbeta = fast_backward(dy, x, gamma, mean, invstd)
     out_eval = fast_eval(x, gamma, beta, rmean, rvar, eps)
-    pairs = [(out, ty), (mean, tmean), (invstd, tinvstd), (out_eval, tyeval), (dx, tdx),
-             (dgamma, tdg), (dbeta, tdb)]
+    pairs = [
+        (out, ty),
+        (mean, tmean),
+        (invstd, tinvstd),
+        (out_eval, tyeval),
+        (dx, tdx),
+        (dgamma, tdg),
+        (dbeta, tdb),
+    ]
     for got, ref in pairs:
         assert relative_error(got.reshape(ref.shape), ref.detach().numpy()) <= 1e-10
 

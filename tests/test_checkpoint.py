@@ -1,4 +1,5 @@
 """fastcnn.checkpoint: atomic writes, the safetensors container, validation, and real round trips."""
+
 import json
 import os
 import stat
@@ -14,6 +15,7 @@ from fastcnn.checkpoint import CheckpointError
 # ---------------------------------------------------------------------------------------------
 # A stand-in model with the contract's interface, to test the container without the framework.
 
+
 class _P:
     def __init__(self, data):
         self.data = data
@@ -26,9 +28,11 @@ class StubModel:
         rng = np.random.default_rng(seed)
         n_in, n_out = sizes
         self.sizes = list(sizes)
-        self.state = {"0.weight": rng.standard_normal((n_out, n_in)).astype(np.float32),
-                      "0.bias": rng.standard_normal(n_out),
-                      "1.running_mean": rng.standard_normal(n_out).astype(np.float32)}
+        self.state = {
+            "0.weight": rng.standard_normal((n_out, n_in)).astype(np.float32),
+            "0.bias": rng.standard_normal(n_out),
+            "1.running_mean": rng.standard_normal(n_out).astype(np.float32),
+        }
 
     def get_config(self):
         return {"class": "Stub", "sizes": self.sizes}
@@ -80,11 +84,15 @@ def stub(monkeypatch):
 
 
 def _stub_optimizer(rng):
-    return StubOptimizer({
-        "hyper": {"class": "StubOptimizer", "lr": 0.01, "betas": (0.9, 0.999)},
-        "state": {"0": {"exp_avg": rng.standard_normal((3, 5)).astype(np.float32), "step": 7},
-                  "1": {"exp_avg": rng.standard_normal(3), "step": np.int64(7)}},
-    })
+    return StubOptimizer(
+        {
+            "hyper": {"class": "StubOptimizer", "lr": 0.01, "betas": (0.9, 0.999)},
+            "state": {
+                "0": {"exp_avg": rng.standard_normal((3, 5)).astype(np.float32), "step": 7},
+                "1": {"exp_avg": rng.standard_normal(3), "step": np.int64(7)},
+            },
+        }
+    )
 
 
 def _files(folder):
@@ -94,12 +102,20 @@ def _files(folder):
 # ---------------------------------------------------------------------------------------------
 # Container: round trip, format, atomic write
 
+
 def test_round_trip_stub(stub, tmp_path, rng):
     path = tmp_path / "ckpt.safetensors"
     bitgen_state = np.random.default_rng(5).bit_generator.state  # holds 128-bit Python ints
-    extra = {"rng": bitgen_state, "best": np.float32(0.25), "history": [1.5, float("nan")], "n": None}
+    extra = {
+        "rng": bitgen_state,
+        "best": np.float32(0.25),
+        "history": [1.5, float("nan")],
+        "n": None,
+    }
     opt = _stub_optimizer(rng)
-    assert checkpoint.save(path, stub, opt, StubScheduler(), epoch=np.int64(3), extra=extra) == str(path)
+    assert checkpoint.save(path, stub, opt, StubScheduler(), epoch=np.int64(3), extra=extra) == str(
+        path
+    )
     assert _files(tmp_path) == ["ckpt.safetensors"]  # no temporary file left
     umask = os.umask(0)
     os.umask(umask)
@@ -126,7 +142,9 @@ def test_round_trip_stub(stub, tmp_path, rng):
     assert set(restored.loaded["state"]) == {"0", "1"}
     for i in ("0", "1"):
         assert restored.loaded["state"][i]["step"] == 7
-        np.testing.assert_array_equal(restored.loaded["state"][i]["exp_avg"], sd["state"][i]["exp_avg"])
+        np.testing.assert_array_equal(
+            restored.loaded["state"][i]["exp_avg"], sd["state"][i]["exp_avg"]
+        )
         assert restored.loaded["state"][i]["exp_avg"].dtype == sd["state"][i]["exp_avg"].dtype
     sched = StubScheduler()
     ckpt.restore_scheduler(sched)
@@ -138,9 +156,14 @@ def test_file_is_plain_safetensors(stub, tmp_path, rng):
     checkpoint.save(path, stub, _stub_optimizer(rng), epoch=1)
     data = path.read_bytes()
     tensors = st.load(data)
-    assert sorted(tensors) == ["model.0.bias", "model.0.weight", "model.1.running_mean",
-                               "optimizer.0.exp_avg", "optimizer.1.exp_avg"]
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    assert sorted(tensors) == [
+        "model.0.bias",
+        "model.0.weight",
+        "model.1.running_mean",
+        "optimizer.0.exp_avg",
+        "optimizer.1.exp_avg",
+    ]
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     assert meta["format"] == "fastcnn-checkpoint" and meta["epoch"] == 1
     assert meta["model"]["config"] == {"class": "Stub", "sizes": [5, 3]}
@@ -167,7 +190,9 @@ def test_restore_into_other_optimizer_class_refused(stub, tmp_path, rng):
         pass
 
     other = OtherOptimizer()
-    with pytest.raises(CheckpointError, match="holds StubOptimizer state, cannot restore a OtherOptimizer"):
+    with pytest.raises(
+        CheckpointError, match="holds StubOptimizer state, cannot restore a OtherOptimizer"
+    ):
         checkpoint.load(path).restore_optimizer(other)
     assert other.loaded is None
 
@@ -238,10 +263,11 @@ def test_missing_folder(stub, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Refusing truncated, corrupted and incompatible files
 
+
 def _rewrite(path, mutate_meta=None, mutate_tensors=None):
     """Re-serialise `path` after changing its metadata and/or tensors (checksum NOT recomputed)."""
     data = path.read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     tensors = st.load(data)
     if mutate_meta:
@@ -315,12 +341,17 @@ def test_tensor_swapped_refused(saved):
 
 def test_tensor_missing_refused(saved):
     _rewrite(saved, mutate_tensors=lambda t: t.pop("model.0.bias"))
-    with pytest.raises(CheckpointError, match=r"do not match the manifest \(missing \['model.0.bias'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"do not match the manifest \(missing \['model.0.bias'\]"
+    ):
         checkpoint.load(saved)
 
 
 def test_tensor_dtype_changed_refused(saved):
-    _rewrite(saved, mutate_tensors=lambda t: t.update({"model.0.bias": t["model.0.bias"].astype(np.float32)}))
+    _rewrite(
+        saved,
+        mutate_tensors=lambda t: t.update({"model.0.bias": t["model.0.bias"].astype(np.float32)}),
+    )
     with pytest.raises(CheckpointError, match="'model.0.bias' is <f4 \\[3\\], the manifest says"):
         checkpoint.load(saved)
 
@@ -332,11 +363,18 @@ def test_shapes_not_fitting_the_architecture_refused(stub, tmp_path, monkeypatch
     checkpoint.save(path, stub)
     built = []
     real_from_config = checkpoint._from_config
-    monkeypatch.setattr(checkpoint, "_from_config", lambda c: built.append(real_from_config(c)) or built[-1])
-    with pytest.raises(CheckpointError, match=r"'model.0.weight' is float32 \(3, 4\), the architecture "
-                                              r"expects float32 \(3, 5\)"):
+    monkeypatch.setattr(
+        checkpoint, "_from_config", lambda c: built.append(real_from_config(c)) or built[-1]
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.0.weight' is float32 \(3, 4\), the architecture "
+        r"expects float32 \(3, 5\)",
+    ):
         checkpoint.load(path)
-    assert built[0].state["0.bias"].sum() == StubModel([5, 3], seed=99).state["0.bias"].sum()  # untouched
+    assert (
+        built[0].state["0.bias"].sum() == StubModel([5, 3], seed=99).state["0.bias"].sum()
+    )  # untouched
 
 
 def test_unknown_architecture_refused(stub, tmp_path):
@@ -359,6 +397,7 @@ def test_optimizer_state_shape_checked(stub, tmp_path, rng):
 # ---------------------------------------------------------------------------------------------
 # The real model, optimizer and scheduler
 
+
 def _fake_gradients(model, seed):
     g = np.random.default_rng(seed)
     for p in model.parameters():
@@ -376,7 +415,9 @@ def _train_steps(model, opt, seeds):
 def test_reference_model_round_trip_and_resume(tmp_path, which):
     model = models.reference(seed=0)
     if which == "sgd":
-        make = lambda params: optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)  # noqa: E731
+        make = lambda params: optim.SGD(
+            params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )  # noqa: E731
         make_sched = lambda o: optim.StepLR(o, step_size=2, gamma=0.5)  # noqa: E731
     else:
         make = lambda params: optim.Adam(params, lr=1e-3, betas=(0.8, 0.99))  # noqa: E731
@@ -390,8 +431,12 @@ def test_reference_model_round_trip_and_resume(tmp_path, which):
     shuffle.permutation(100)
     path = tmp_path / "run" / "epoch2.safetensors"
     path.parent.mkdir()
-    checkpoint.save(path, model, opt, sched, epoch=2, extra={"shuffle": shuffle.bit_generator.state})
-    copies = 2 if which == "sgd" else 3  # weights + one momentum buffer, or + exp_avg and exp_avg_sq
+    checkpoint.save(
+        path, model, opt, sched, epoch=2, extra={"shuffle": shuffle.bit_generator.state}
+    )
+    copies = (
+        2 if which == "sgd" else 3
+    )  # weights + one momentum buffer, or + exp_avg and exp_avg_sq
     assert copies * 225034 * 4 < os.path.getsize(path) < copies * 225034 * 4 + 20000
 
     ckpt = checkpoint.load(path)
@@ -436,9 +481,15 @@ def test_restore_model_with_other_architecture_refused(tmp_path):
     path = tmp_path / "c.safetensors"
     checkpoint.save(path, models.reference(seed=0))
     ckpt = checkpoint.load(path)
-    other = model_mod.Sequential([
-        layers.Conv2D(1, 16, 3, rng=np.random.default_rng(1)), layers.ReLU(), layers.MaxPool2D(2),
-        layers.Flatten(), layers.Dense(16 * 13 * 13, 10, rng=np.random.default_rng(2))])
+    other = model_mod.Sequential(
+        [
+            layers.Conv2D(1, 16, 3, rng=np.random.default_rng(1)),
+            layers.ReLU(),
+            layers.MaxPool2D(2),
+            layers.Flatten(),
+            layers.Dense(16 * 13 * 13, 10, rng=np.random.default_rng(2)),
+        ]
+    )
     before = {k: v.copy() for k, v in other.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"architecture differs.*config\['layers'\]"):
         ckpt.restore_model(other)
@@ -455,9 +506,16 @@ def test_restore_model_with_other_architecture_refused(tmp_path):
 
 
 def test_batchnorm_buffers_and_dropout_rng_round_trip(tmp_path):
-    model = model_mod.Sequential([
-        layers.Conv2D(1, 4, 3, rng=np.random.default_rng(0)), layers.BatchNorm2D(4), layers.ReLU(),
-        layers.Flatten(), layers.Dropout(0.3), layers.Dense(4 * 6 * 6, 3, rng=np.random.default_rng(1))])
+    model = model_mod.Sequential(
+        [
+            layers.Conv2D(1, 4, 3, rng=np.random.default_rng(0)),
+            layers.BatchNorm2D(4),
+            layers.ReLU(),
+            layers.Flatten(),
+            layers.Dropout(0.3),
+            layers.Dense(4 * 6 * 6, 3, rng=np.random.default_rng(1)),
+        ]
+    )
     bn = model.layers[1]
     bn.running_mean[...] = np.arange(4, dtype=np.float32)
     bn.running_var[...] = np.arange(1, 5, dtype=np.float32)
@@ -469,7 +527,9 @@ def test_batchnorm_buffers_and_dropout_rng_round_trip(tmp_path):
     np.testing.assert_array_equal(state["1.running_mean"], np.arange(4, dtype=np.float32))
     np.testing.assert_array_equal(state["1.running_var"], np.arange(1, 5, dtype=np.float32))
     assert ckpt.model.get_rng_state() == model.get_rng_state()
-    np.testing.assert_array_equal(ckpt.model.layers[4]._rng.random(5), model.layers[4]._rng.random(5))
+    np.testing.assert_array_equal(
+        ckpt.model.layers[4]._rng.random(5), model.layers[4]._rng.random(5)
+    )
 
 
 BOMB_CHILD = r"""
@@ -487,15 +547,33 @@ print("PEAK_MIB", int(hwm.split()[1]) // 1024)
 """
 
 
-@pytest.mark.parametrize("declared, keys", [
-    # three Dense(10000, 10000) (1.2 GB of float32) declared, two tiny tensors in the file
-    ([{"class": "Dense", "in_features": 10000, "out_features": 10000}] * 3, ["0.weight", "0.bias"]),
-    # the right names, one huge shape; and the huge layer nested in a residual block
-    ([{"class": "Dense", "in_features": 10000, "out_features": 30000}], ["0.weight", "0.bias"]),
-    ([{"class": "Residual", "body": {"class": "Conv2D", "in_channels": 4096, "out_channels": 4096,
-                                     "kernel_size": 9}, "shortcut": None}],
-     ["0.body.weight", "0.body.bias"]),
-])
+@pytest.mark.parametrize(
+    "declared, keys",
+    [
+        # three Dense(10000, 10000) (1.2 GB of float32) declared, two tiny tensors in the file
+        (
+            [{"class": "Dense", "in_features": 10000, "out_features": 10000}] * 3,
+            ["0.weight", "0.bias"],
+        ),
+        # the right names, one huge shape; and the huge layer nested in a residual block
+        ([{"class": "Dense", "in_features": 10000, "out_features": 30000}], ["0.weight", "0.bias"]),
+        (
+            [
+                {
+                    "class": "Residual",
+                    "body": {
+                        "class": "Conv2D",
+                        "in_channels": 4096,
+                        "out_channels": 4096,
+                        "kernel_size": 9,
+                    },
+                    "shortcut": None,
+                }
+            ],
+            ["0.body.weight", "0.body.bias"],
+        ),
+    ],
+)
 def test_a_small_file_declaring_huge_layers_is_refused_before_allocating(tmp_path, declared, keys):
     """The architecture's shapes are worked out from the config and compared with the tensors
     before any layer is built: refused with a CheckpointError, peak RSS far below what the
@@ -506,20 +584,32 @@ def test_a_small_file_declaring_huge_layers_is_refused_before_allocating(tmp_pat
 
     import safetensors.numpy as st
 
-    tensors = {"model." + k: np.zeros((2, 2) if k.endswith("weight") else (2,), np.float32)
-               for k in keys}
-    meta = {"format": checkpoint.FORMAT_NAME, "format_version": 2, "fastcnn_version": "0.1.0",
-            "model": {"config": {"class": "Sequential", "layers": declared}, "keys": keys,
-                      "rng_state": {}},
-            "tensors": {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in tensors.items()},
-            "sha256": checkpoint._digest(tensors), "optimizer": None, "scheduler": None,
-            "epoch": None, "extra": None}
+    tensors = {
+        "model." + k: np.zeros((2, 2) if k.endswith("weight") else (2,), np.float32) for k in keys
+    }
+    meta = {
+        "format": checkpoint.FORMAT_NAME,
+        "format_version": 2,
+        "fastcnn_version": "0.1.0",
+        "model": {
+            "config": {"class": "Sequential", "layers": declared},
+            "keys": keys,
+            "rng_state": {},
+        },
+        "tensors": {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in tensors.items()},
+        "sha256": checkpoint._digest(tensors),
+        "optimizer": None,
+        "scheduler": None,
+        "epoch": None,
+        "extra": None,
+    }
     meta["meta_sha256"] = checkpoint._meta_digest(meta)  # anyone can recompute the checksums
     path = tmp_path / "bomb.safetensors"
     path.write_bytes(st.save(tensors, metadata={checkpoint._META_KEY: json.dumps(meta)}))
     assert path.stat().st_size < 2000
-    out = subprocess.run([sys.executable, "-c", BOMB_CHILD, str(path)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", BOMB_CHILD, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert "REFUSED" in out.stdout and "architecture" in out.stdout, out.stdout + out.stderr[-2000:]
     peak = int(out.stdout.split("PEAK_MIB")[1])
     assert peak < 500, peak

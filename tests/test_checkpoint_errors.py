@@ -3,6 +3,7 @@
 The files here have valid checksums (anyone can recompute them): deep JSON nesting, metadata of
 the wrong types, edited resume fields. Also: what ``save`` accepts, ``load`` reads back.
 """
+
 import json
 
 import numpy as np
@@ -37,7 +38,7 @@ def saved(tmp_path):
 def rewrite(path, mutate, tensors_mutate=None):
     """Change the metadata (and tensors) of `path`, recomputing both checksums as an attacker can."""
     data = path.read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     tensors = st.load(data)
     mutate(meta)
@@ -134,13 +135,14 @@ def test_json_nested_100000_deep_is_a_checkpoint_error(tmp_path, where):
 def test_metadata_nested_990_deep_with_valid_checksums_is_a_checkpoint_error(saved):
     """(The JSON is spliced as text: Python's json cannot write it from inside pytest's stack.)"""
     data = saved.read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     meta["extra"] = "@DEEP@"
     meta.pop("meta_sha256")
     deep = "[" * 990 + "]" * 990
     canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).replace('"@DEEP@"', deep)
     import hashlib
+
     meta["meta_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
     text = json.dumps(meta).replace('"@DEEP@"', deep)
     saved.write_bytes(st.save(st.load(data), metadata={"fastcnn": text}))
@@ -150,7 +152,9 @@ def test_metadata_nested_990_deep_with_valid_checksums_is_a_checkpoint_error(sav
 
 def test_save_refuses_extra_it_could_not_load(tmp_path):
     path = tmp_path / "c.safetensors"
-    with pytest.raises(ValueError, match=r"cannot write .*c\.safetensors: extra is nested more than 199"):
+    with pytest.raises(
+        ValueError, match=r"cannot write .*c\.safetensors: extra is nested more than 199"
+    ):
         checkpoint.save(path, models.lenet5(seed=0), extra=nested_list(990))
     assert not path.exists()
     with pytest.raises(ValueError, match="extra is nested"):  # a dict inside itself: no hang
@@ -180,8 +184,18 @@ def fit_checkpoint(tmp_path):
     opt = optim.SGD(model.parameters(), lr=0.01)
     path = tmp_path / "fit.safetensors"
     from fastcnn.losses import CrossEntropyLoss
-    training.fit(model, CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=20, progress=False,
-                 checkpoint=str(path))
+
+    training.fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=1,
+        batch_size=20,
+        progress=False,
+        checkpoint=str(path),
+    )
     return path
 
 
@@ -190,12 +204,17 @@ RESUME_EDITS = {
     "fit is a string": setter("extra", "fit", "x"),
     "no shuffle_state": lambda m: m["extra"]["fit"].pop("shuffle_state"),
     "shuffle_state is a string": setter("extra", "fit", "shuffle_state", "pcg"),
-    "shuffle_state of another generator": setter("extra", "fit", "shuffle_state", "bit_generator", "MT"),
-    "shuffle_state counter is text": setter("extra", "fit", "shuffle_state", "state", "state", {"int": "x"}),
+    "shuffle_state of another generator": setter(
+        "extra", "fit", "shuffle_state", "bit_generator", "MT"
+    ),
+    "shuffle_state counter is text": setter(
+        "extra", "fit", "shuffle_state", "state", "state", {"int": "x"}
+    ),
     "history is a list": setter("extra", "fit", "history", [1]),
     "history lists of unequal lengths": setter("extra", "fit", "history", "epoch", [1, 2]),
     "history longer than the epoch": lambda m: m["extra"]["fit"]["history"].update(
-        {k: v * 2 for k, v in m["extra"]["fit"]["history"].items()}),
+        {k: v * 2 for k, v in m["extra"]["fit"]["history"].items()}
+    ),
     "seed is a string": setter("extra", "fit", "seed", "zero"),
     "no epoch": setter("epoch", None),
 }

@@ -1,5 +1,6 @@
 """How checkpoint.save treats the file it replaces (issue 14, item 8): its permissions are kept, a
 symbolic link is written through, a failure names the file, an interrupt leaves nothing behind."""
+
 import os
 import signal
 import stat

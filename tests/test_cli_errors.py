@@ -1,5 +1,6 @@
 """The fastcnn command on bad checkpoints and options: a clear message and status 2, never a traceback
 (issue 14, items 4 and 8)."""
+
 import json
 import os
 
@@ -39,8 +40,25 @@ def real_root():
 def trained(real_root, tmp_path_factory):
     """A checkpoint written by 'fastcnn train --out' (one short epoch)."""
     path = tmp_path_factory.mktemp("cli") / "run.safetensors"
-    status = main(["train", "--epochs", "1", "--limit", "256", "--val-split", "0", "--model", "lenet5",
-                   "--data-dir", real_root, "--no-download", "--no-progress", "--out", str(path)])
+    status = main(
+        [
+            "train",
+            "--epochs",
+            "1",
+            "--limit",
+            "256",
+            "--val-split",
+            "0",
+            "--model",
+            "lenet5",
+            "--data-dir",
+            real_root,
+            "--no-download",
+            "--no-progress",
+            "--out",
+            str(path),
+        ]
+    )
     assert status == 0
     return path
 
@@ -48,7 +66,7 @@ def trained(real_root, tmp_path_factory):
 def edited_copy(src, dest, mutate):
     """A copy of checkpoint `src` with its metadata changed and both checksums recomputed."""
     data = src.read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     mutate(meta)
     meta["meta_sha256"] = checkpoint._meta_digest(meta)
@@ -59,12 +77,14 @@ def edited_copy(src, dest, mutate):
 def test_evaluate_and_resume_a_checkpoint_whose_extra_is_a_list(capsys, tmp_path, real_root):
     path = tmp_path / "list.safetensors"
     checkpoint.save(path, models.reference(seed=0), extra=[1, 2])
-    status, out, err = run_main(capsys, "evaluate", path, "--limit", 50, "--data-dir", real_root,
-                                "--no-download")
+    status, out, err = run_main(
+        capsys, "evaluate", path, "--limit", 50, "--data-dir", real_root, "--no-download"
+    )
     assert status == 0, err
     assert "test accuracy:" in out
-    status, out, err = run_main(capsys, "train", "--resume", path, "--data-dir", real_root,
-                                "--no-download", "--no-progress")
+    status, out, err = run_main(
+        capsys, "train", "--resume", path, "--data-dir", real_root, "--no-download", "--no-progress"
+    )
     assert_error(status, err, str(path), "not a checkpoint written by 'fastcnn train --out'")
 
 
@@ -75,36 +95,87 @@ def test_evaluate_a_checkpoint_naming_an_unknown_data_set(capsys, tmp_path, real
     assert_error(status, err, str(path), "cifar10", "--dataset")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("batch_size", "64"), ("model", "vgg16"), ("lr", -1), ("scheduler", None), ("seed", 1.5),
-    ("val_split", [1]), ("nesterov", "yes"),
-])
-def test_resume_with_edited_settings_exits_2_before_loading_data(capsys, tmp_path, trained, key, value):
-    path = edited_copy(trained, tmp_path / "edited.safetensors",
-                       lambda meta: meta["extra"]["cli"].update({key: value}))
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("batch_size", "64"),
+        ("model", "vgg16"),
+        ("lr", -1),
+        ("scheduler", None),
+        ("seed", 1.5),
+        ("val_split", [1]),
+        ("nesterov", "yes"),
+    ],
+)
+def test_resume_with_edited_settings_exits_2_before_loading_data(
+    capsys, tmp_path, trained, key, value
+):
+    path = edited_copy(
+        trained,
+        tmp_path / "edited.safetensors",
+        lambda meta: meta["extra"]["cli"].update({key: value}),
+    )
     empty = tmp_path / "no-data"
     empty.mkdir()
-    status, _, err = run_main(capsys, "train", "--resume", path, "--epochs", 1, "--data-dir", empty,
-                              "--no-download", "--no-progress")
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        path,
+        "--epochs",
+        1,
+        "--data-dir",
+        empty,
+        "--no-download",
+        "--no-progress",
+    )
     assert_error(status, err, str(path), key)
 
 
 @pytest.mark.parametrize("edit", ["shuffle_state", "history", "seed"])
 def test_resume_with_edited_fit_fields_exits_2_before_loading_data(capsys, tmp_path, trained, edit):
-    path = edited_copy(trained, tmp_path / "edited.safetensors",
-                       lambda meta: meta["extra"]["fit"].update({edit: "edited"}))
+    path = edited_copy(
+        trained,
+        tmp_path / "edited.safetensors",
+        lambda meta: meta["extra"]["fit"].update({edit: "edited"}),
+    )
     empty = tmp_path / "no-data"
     empty.mkdir()
-    status, _, err = run_main(capsys, "train", "--resume", path, "--epochs", 1, "--data-dir", empty,
-                              "--no-download", "--no-progress")
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        path,
+        "--epochs",
+        1,
+        "--data-dir",
+        empty,
+        "--no-download",
+        "--no-progress",
+    )
     assert_error(status, err, str(path), "cannot resume")
 
 
-def test_resume_with_an_optimizer_state_of_wrong_types_exits_2(capsys, tmp_path, trained, real_root):
-    path = edited_copy(trained, tmp_path / "edited.safetensors",
-                       lambda meta: meta["optimizer"]["hyper"].update(lr="fast"))
-    status, _, err = run_main(capsys, "train", "--resume", path, "--epochs", 1, "--data-dir", real_root,
-                              "--no-download", "--no-progress")
+def test_resume_with_an_optimizer_state_of_wrong_types_exits_2(
+    capsys, tmp_path, trained, real_root
+):
+    path = edited_copy(
+        trained,
+        tmp_path / "edited.safetensors",
+        lambda meta: meta["optimizer"]["hyper"].update(lr="fast"),
+    )
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        path,
+        "--epochs",
+        1,
+        "--data-dir",
+        real_root,
+        "--no-download",
+        "--no-progress",
+    )
     assert_error(status, err, str(path), "SGD state cannot be restored")
 
 
@@ -112,8 +183,18 @@ def test_unedited_copy_resumes(capsys, tmp_path, trained, real_root):
     """The edits above are what is refused: the same copy without an edit resumes (nothing left
     to train at --epochs 1) and reports the test accuracy."""
     path = edited_copy(trained, tmp_path / "copy.safetensors", lambda meta: None)
-    status, out, err = run_main(capsys, "train", "--resume", path, "--epochs", 1, "--data-dir",
-                                real_root, "--no-download", "--no-progress")
+    status, out, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        path,
+        "--epochs",
+        1,
+        "--data-dir",
+        real_root,
+        "--no-download",
+        "--no-progress",
+    )
     assert status == 0, err
     assert "test accuracy:" in out
     assert os.path.exists(path)
@@ -126,8 +207,16 @@ def test_unedited_copy_resumes(capsys, tmp_path, trained, real_root):
 def test_help_documents_the_exit_statuses_and_fastcnn_traceback(capsys):
     status, out, _ = run_main(capsys, "--help")
     assert status == 0
-    for fragment in ("exit statuses:", "  0 ", "  1 ", "  2 ", "  3 ", "  130 ", "  143 ",
-                     "FASTCNN_TRACEBACK=1"):
+    for fragment in (
+        "exit statuses:",
+        "  0 ",
+        "  1 ",
+        "  2 ",
+        "  3 ",
+        "  130 ",
+        "  143 ",
+        "FASTCNN_TRACEBACK=1",
+    ):
         assert fragment in out, fragment
     for command in ("train", "evaluate", "summary"):
         status, out, _ = run_main(capsys, command, "--help")
@@ -140,28 +229,64 @@ def test_empty_out_exits_2_before_loading_data(capsys, tmp_path):
 
 
 def test_epochs_0_exits_2_with_its_own_message(capsys, tmp_path):
-    status, _, err = run_main(capsys, "train", "--epochs", 0, "--data-dir", tmp_path, "--no-download")
+    status, _, err = run_main(
+        capsys, "train", "--epochs", 0, "--data-dir", tmp_path, "--no-download"
+    )
     assert_error(status, err, "--epochs 0: nothing to train")
-    status, _, err = run_main(capsys, "train", "--epochs", 0, "--scheduler", "none", "--data-dir",
-                              tmp_path, "--no-download")
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--epochs",
+        0,
+        "--scheduler",
+        "none",
+        "--data-dir",
+        tmp_path,
+        "--no-download",
+    )
     assert_error(status, err, "--epochs 0: nothing to train")
 
 
 def test_resume_with_fewer_epochs_than_done_exits_2(capsys, tmp_path, trained):
-    status, _, err = run_main(capsys, "train", "--resume", trained, "--epochs", 0, "--data-dir",
-                              tmp_path, "--no-download")
+    status, _, err = run_main(
+        capsys, "train", "--resume", trained, "--epochs", 0, "--data-dir", tmp_path, "--no-download"
+    )
     assert_error(status, err, "--epochs 0", "resume it with --epochs 1")  # (cosine schedule)
-    constant = edited_copy(trained, tmp_path / "constant.safetensors",
-                           lambda meta: meta["extra"]["cli"].update(scheduler="none"))
-    status, _, err = run_main(capsys, "train", "--resume", constant, "--epochs", 0, "--data-dir",
-                              tmp_path, "--no-download")
+    constant = edited_copy(
+        trained,
+        tmp_path / "constant.safetensors",
+        lambda meta: meta["extra"]["cli"].update(scheduler="none"),
+    )
+    status, _, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        constant,
+        "--epochs",
+        0,
+        "--data-dir",
+        tmp_path,
+        "--no-download",
+    )
     assert_error(status, err, "--epochs 0", "already completed 1 epochs")
 
 
 def test_no_checkpoint_line_when_nothing_was_written(capsys, tmp_path, trained, real_root):
     other = tmp_path / "other.safetensors"
-    status, out, err = run_main(capsys, "train", "--resume", trained, "--epochs", 1, "--out", other,
-                                "--data-dir", real_root, "--no-download", "--no-progress")
+    status, out, err = run_main(
+        capsys,
+        "train",
+        "--resume",
+        trained,
+        "--epochs",
+        1,
+        "--out",
+        other,
+        "--data-dir",
+        real_root,
+        "--no-download",
+        "--no-progress",
+    )
     assert status == 0, err
     assert "checkpoint:" not in out and not other.exists()
 
@@ -170,14 +295,17 @@ def test_a_multi_line_error_is_printed_whole(capsys, monkeypatch, tmp_path):
     from fastcnn import cli, datasets
 
     def fail(*args):
-        raise datasets.DownloadError("fastcnn.datasets: could not download /d/x.gz. Attempts:\n"
-                                     "  https://a/x.gz: timed out\n  https://b/x.gz: HTTP 404\n"
-                                     "Without internet access, copy the official x.gz into /d")
+        raise datasets.DownloadError(
+            "fastcnn.datasets: could not download /d/x.gz. Attempts:\n"
+            "  https://a/x.gz: timed out\n  https://b/x.gz: HTTP 404\n"
+            "Without internet access, copy the official x.gz into /d"
+        )
 
     monkeypatch.setattr(cli, "_load_data", fail)
     status, _, err = run_main(capsys, "train", "--data-dir", tmp_path)
-    assert_error(status, err, "Attempts:", "https://a/x.gz: timed out", "HTTP 404",
-                 "Without internet access")
+    assert_error(
+        status, err, "Attempts:", "https://a/x.gz: timed out", "HTTP 404", "Without internet access"
+    )
 
 
 def test_an_internal_error_is_one_message_with_status_3(capsys, monkeypatch):
@@ -203,11 +331,31 @@ def test_a_diverging_run_prints_one_line_and_no_numpy_warnings(tmp_path, real_ro
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "fastcnn", "train", "--lr", "1e6", "--epochs", "2",
-                           "--limit", "256", "--val-split", "0", "--data-dir", real_root,
-                           "--no-download", "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=root,
-                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastcnn",
+            "train",
+            "--lr",
+            "1e6",
+            "--epochs",
+            "2",
+            "--limit",
+            "256",
+            "--val-split",
+            "0",
+            "--data-dir",
+            real_root,
+            "--no-download",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "diverged at epoch" in lines[0], done.stderr

@@ -1,6 +1,7 @@
 """Residual, Concat, GlobalAvgPool2D and the ResNet: against the textbook loops (tests/naive,
 run over the same tree by tests/naive/tree.py) and PyTorch, by finite differences, and their
 errors."""
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -22,16 +23,28 @@ def inception(seed=0, dtype=F64):
     3x3 pool -> 1x1; the identity), global average pooling and a classifier."""
     rng = np.random.default_rng(seed)
     return Sequential(
-        L.Conv2D(2, 4, 3, padding=1, dtype=dtype, rng=rng), L.ReLU(),
+        L.Conv2D(2, 4, 3, padding=1, dtype=dtype, rng=rng),
+        L.ReLU(),
         Concat(
             Sequential(L.Conv2D(4, 3, 1, dtype=dtype, rng=rng), L.ReLU()),
-            Sequential(L.Conv2D(4, 2, 1, dtype=dtype, rng=rng), L.ReLU(),
-                       L.Conv2D(2, 3, 3, padding=1, dtype=dtype, rng=rng), L.ReLU()),
-            Sequential(L.MaxPool2D(3, stride=1, padding=1), L.Conv2D(4, 2, 1, dtype=dtype, rng=rng),
-                       L.ReLU()),
+            Sequential(
+                L.Conv2D(4, 2, 1, dtype=dtype, rng=rng),
+                L.ReLU(),
+                L.Conv2D(2, 3, 3, padding=1, dtype=dtype, rng=rng),
+                L.ReLU(),
+            ),
+            Sequential(
+                L.MaxPool2D(3, stride=1, padding=1),
+                L.Conv2D(4, 2, 1, dtype=dtype, rng=rng),
+                L.ReLU(),
+            ),
             Sequential(),
         ),
-        L.BatchNorm2D(12, dtype=dtype), L.ReLU(), GlobalAvgPool2D(), L.Dense(12, 5, dtype=dtype, rng=rng))
+        L.BatchNorm2D(12, dtype=dtype),
+        L.ReLU(),
+        GlobalAvgPool2D(),
+        L.Dense(12, 5, dtype=dtype, rng=rng),
+    )
 
 
 def _randomise(model, rng):
@@ -39,7 +52,9 @@ def _randomise(model, rng):
     for _, p in model.named_parameters():
         p.data[...] = rng.standard_normal(p.shape) * 0.5
     for name, b in model.named_buffers():
-        b[...] = rng.uniform(0.5, 1.5, b.shape) if name.endswith("var") else rng.standard_normal(b.shape)
+        b[...] = (
+            rng.uniform(0.5, 1.5, b.shape) if name.endswith("var") else rng.standard_normal(b.shape)
+        )
 
 
 CASES = {
@@ -48,8 +63,11 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=[(name, mode) for name in CASES for mode in ("train", "eval")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(name, mode) for name in CASES for mode in ("train", "eval")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def tree_case(request):
     """The model, its input, upstream gradient, and the naive result (computed once)."""
     name, mode = request.param
@@ -148,7 +166,10 @@ def test_resnet_architecture():
     assert "15.shortcut.0.weight" in names and names[-1] == "22.bias"
     assert model.summary((1, 1, 28, 28), print_fn=None).endswith("Output shape: (1, 10)")
     assert model(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
-    assert resnet(8, in_channels=3, num_classes=7)(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 7)
+    assert resnet(8, in_channels=3, num_classes=7)(np.zeros((1, 3, 32, 32), np.float32)).shape == (
+        1,
+        7,
+    )
     for bad in (7, 21, 2, "20", True):
         with pytest.raises(ValueError, match="^resnet: expected a depth 6n\\+2"):
             resnet(bad)
@@ -161,16 +182,35 @@ def test_lenet5_architecture():
     model = lenet5()
     assert model.num_parameters() == 61_706
     assert [type(m).__name__ for m in model] == [
-        "Conv2D", "Tanh", "AvgPool2D", "Conv2D", "Tanh", "AvgPool2D", "Flatten", "Dense", "Tanh",
-        "Dense", "Tanh", "Dense"]
+        "Conv2D",
+        "Tanh",
+        "AvgPool2D",
+        "Conv2D",
+        "Tanh",
+        "AvgPool2D",
+        "Flatten",
+        "Dense",
+        "Tanh",
+        "Dense",
+        "Tanh",
+        "Dense",
+    ]
     assert model(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
 
 
 # ---------------------------------------------------------------------------------------------
 # GlobalAvgPool2D: the kernel against the textbook loops
 
-@given(st.integers(0, 3), st.integers(1, 40), st.integers(1, 7), st.integers(1, 7),
-       st.sampled_from([np.float32, np.float64]), st.booleans(), st.integers(0, 2**32 - 1))
+
+@given(
+    st.integers(0, 3),
+    st.integers(1, 40),
+    st.integers(1, 7),
+    st.integers(1, 7),
+    st.sampled_from([np.float32, np.float64]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
 def test_global_avg_pool_matches_naive(n, c, h, w, dtype, channels_last, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
@@ -197,8 +237,11 @@ def test_global_avg_pool_by_finite_differences(rng):
 
 def test_global_avg_pool_validates():
     layer = GlobalAvgPool2D()
-    with pytest.raises(ValueError, match=r"^GlobalAvgPool2D: expected input of shape "
-                                         r"\(N, C, H, W\), got \(2, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^GlobalAvgPool2D: expected input of shape "
+        r"\(N, C, H, W\), got \(2, 3\)",
+    ):
         layer(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="^GlobalAvgPool2D: expected a floating-point input"):
         layer(np.zeros((1, 1, 2, 2), np.int32))
@@ -210,6 +253,7 @@ def test_global_avg_pool_validates():
 
 # ---------------------------------------------------------------------------------------------
 # Residual and Concat: their own rules
+
 
 def test_residual_identity_and_projection(rng):
     conv = L.Conv2D(3, 3, 3, padding=1, dtype=F64, rng=1)
@@ -223,19 +267,28 @@ def test_residual_identity_and_projection(rng):
     conv.zero_grad()
     conv(x)
     np.testing.assert_array_equal(dx, conv.backward(dy) + dy)
-    proj = Residual(L.Conv2D(3, 4, 3, stride=2, padding=1, dtype=F64, rng=2),
-                    shortcut=L.Conv2D(3, 4, 1, stride=2, dtype=F64, rng=3))
+    proj = Residual(
+        L.Conv2D(3, 4, 3, stride=2, padding=1, dtype=F64, rng=2),
+        shortcut=L.Conv2D(3, 4, 1, stride=2, dtype=F64, rng=3),
+    )
     assert proj(x).shape == (2, 4, 3, 3) and proj.output_shape((2, 3, 5, 5)) == (2, 4, 3, 3)
     assert proj.backward(np.ones((2, 4, 3, 3)), input_grad=False) is None
     assert [n for n, _ in proj.named_parameters()] == [
-        "body.weight", "body.bias", "shortcut.weight", "shortcut.bias"]
+        "body.weight",
+        "body.bias",
+        "shortcut.weight",
+        "shortcut.bias",
+    ]
 
 
 def test_residual_and_concat_errors(rng):
     x = rng.standard_normal((2, 3, 5, 5))
     bad = Residual(L.Conv2D(3, 4, 3, padding=1, dtype=F64))
-    with pytest.raises(ValueError, match=r"^Residual: the body's output shape \(2, 4, 5, 5\) differs "
-                                         r"from the input shape \(2, 3, 5, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Residual: the body's output shape \(2, 4, 5, 5\) differs "
+        r"from the input shape \(2, 3, 5, 5\)",
+    ):
         bad(x)
     with pytest.raises(ValueError, match="^Residual: the body's output shape"):
         bad.summary((1, 3, 5, 5), print_fn=None)
@@ -244,8 +297,11 @@ def test_residual_and_concat_errors(rng):
     with pytest.raises(TypeError, match="^Residual: expected the body to be a fastcnn Module"):
         Residual("conv")
     cat = Concat(L.Conv2D(3, 2, 3, dtype=F64), L.Conv2D(3, 2, 1, dtype=F64))
-    with pytest.raises(ValueError, match=r"^Concat: branch 1's output \(2, 2, 5, 5\) does not match "
-                                         r"branch 0's \(2, 2, 3, 3\) outside axis 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Concat: branch 1's output \(2, 2, 5, 5\) does not match "
+        r"branch 0's \(2, 2, 3, 3\) outside axis 1",
+    ):
         cat(x)
     with pytest.raises(ValueError, match="^Concat: expected at least one branch"):
         Concat()

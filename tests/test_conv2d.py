@@ -1,5 +1,6 @@
 """conv2d kernels vs the textbook loops (tests/naive/conv2d.py), finite differences, determinism
 of the weight gradient across thread counts, and the speedup over the naive loops."""
+
 from collections import namedtuple
 
 import numba
@@ -20,6 +21,7 @@ F32_TOL = 1e-4
 
 
 # ---- helpers: output sizes, allocation, and calls in the naive references' argument style ----
+
 
 def output_size(size, pad_before, pad_after, kernel, stride, dilation):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
@@ -65,8 +67,6 @@ def backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))
     return nchw(dx), dw, db
 
 
-
-
 # ---- random cases ----
 
 Case = namedtuple("Case", "N C F H W KH KW stride padding dilation seed")
@@ -87,8 +87,10 @@ def conv_cases(draw):
     KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = ((draw(st.integers(0, 3)), draw(st.integers(0, 3))),
-               (draw(st.integers(0, 3)), draw(st.integers(0, 3))))
+    padding = (
+        (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+        (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+    )
     h_min = max(1, dilation[0] * (KH - 1) + 1 - sum(padding[0]))
     w_min = max(1, dilation[1] * (KW - 1) + 1 - sum(padding[1]))
     H, W = draw(st.integers(h_min, h_min + 6)), draw(st.integers(w_min, w_min + 6))
@@ -108,13 +110,21 @@ EDGE_CASES = [
     Case(1, 1, 1, 1, 1, 1, 1, (1, 1), ((0, 0), (0, 0)), (1, 1), 0),  # smallest possible
     Case(1, 1, 3, 3, 2, 4, 5, (1, 1), ((1, 0), (2, 1)), (1, 1), 1),  # kernel = padded input
     Case(2, 2, 2, 4, 3, 3, 2, (2, 3), ((1, 0), (0, 1)), (2, 3), 2),  # dilated kernel = padded input
-    Case(2, 9, 9, 7, 5, 2, 3, (3, 2), ((0, 2), (1, 0)), (1, 1), 3),  # 4x4 blocks + remainders, strides
+    Case(
+        2, 9, 9, 7, 5, 2, 3, (3, 2), ((0, 2), (1, 0)), (1, 1), 3
+    ),  # 4x4 blocks + remainders, strides
     Case(1, 8, 8, 6, 9, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 4),  # full blocks, 'same' padding
     Case(2, 3, 5, 2, 2, 1, 1, (2, 2), ((3, 3), (3, 2)), (1, 1), 5),  # windows entirely in padding
-    Case(1, 4, 4, 5, 9, 2, 2, (1, 1), ((0, 1), (1, 0)), (1, 1), 6),  # PyTorch 'same' for an even kernel
-    Case(2, 32, 33, 3, 4, 1, 2, (1, 1), ((0, 0), (0, 0)), (1, 1), 7),  # 32-channel column blocks, 2 filter blocks
+    Case(
+        1, 4, 4, 5, 9, 2, 2, (1, 1), ((0, 1), (1, 0)), (1, 1), 6
+    ),  # PyTorch 'same' for an even kernel
+    Case(
+        2, 32, 33, 3, 4, 1, 2, (1, 1), ((0, 0), (0, 0)), (1, 1), 7
+    ),  # 32-channel column blocks, 2 filter blocks
     Case(1, 40, 64, 3, 3, 2, 1, (1, 2), ((1, 0), (0, 1)), (1, 1), 8),  # blocks across taps, padded
-    Case(17, 2, 3, 3, 3, 3, 3, (1, 1), ((0, 0), (0, 0)), (1, 1), 9),  # several weight-gradient chunks
+    Case(
+        17, 2, 3, 3, 3, 3, 3, (1, 1), ((0, 0), (0, 0)), (1, 1), 9
+    ),  # several weight-gradient chunks
 ]
 
 
@@ -137,6 +147,7 @@ def with_examples(test):
 
 
 # ---- kernel vs naive ----
+
 
 @with_examples
 @given(conv_cases())
@@ -169,6 +180,7 @@ def test_backward_input_and_weight_match_naive(case):
 
 # ---- the input gradient as the transposed convolution (fastcnn.functional) ----
 
+
 @st.composite
 def transposed_cases(draw):
     """Stride-1 convolutions of 16-20 channels and at most 16 filters with padding within the
@@ -179,8 +191,10 @@ def transposed_cases(draw):
     if draw(st.booleans()):
         padding = "same"
     else:
-        padding = (draw(st.integers(0, dilation[0] * (KH - 1))),
-                   draw(st.integers(0, dilation[1] * (KW - 1))))
+        padding = (
+            draw(st.integers(0, dilation[0] * (KH - 1))),
+            draw(st.integers(0, dilation[1] * (KW - 1))),
+        )
     h_min, w_min = dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1
     H, W = draw(st.integers(h_min, h_min + 4)), draw(st.integers(w_min, w_min + 4))
     N, C, F = draw(st.integers(1, 2)), draw(st.integers(16, 20)), draw(st.integers(1, 16))
@@ -201,8 +215,9 @@ def test_input_gradient_as_transposed_convolution_matches_naive(case):
     dy = rng.standard_normal(output_shape(x.shape, w.shape, *geom)).astype(np.float32)
     expected = naive_backward(x, w, dy.astype(np.float64), *geom)[0]
     for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
-        dx = F_.conv2d_backward(x.astype(dtype), w.astype(dtype), dy.astype(dtype), 1, padding,
-                                dilation)[0]
+        dx = F_.conv2d_backward(
+            x.astype(dtype), w.astype(dtype), dy.astype(dtype), 1, padding, dilation
+        )[0]
         assert dx.dtype == dtype and dx.shape == x.shape
         assert relative_error(dx, expected) <= tol
 
@@ -265,7 +280,13 @@ def test_gradients_by_finite_differences(cfg, rng):
 # ---- determinism of the weight gradient ----
 
 DETERMINISM_CASES = [
-    dict(x=(16, 32, 13, 13), w=(64, 32, 3, 3), stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)),
+    dict(
+        x=(16, 32, 13, 13),
+        w=(64, 32, 3, 3),
+        stride=(1, 1),
+        padding=((0, 0), (0, 0)),
+        dilation=(1, 1),
+    ),
     dict(x=(5, 6, 9, 8), w=(7, 6, 3, 2), stride=(2, 1), padding=((1, 0), (2, 1)), dilation=(1, 2)),
 ]
 
@@ -298,6 +319,7 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
 
 
 # ---- speedup over the naive loops ----
+
 
 def test_speedup_over_naive(rng):
     """The reference network's second conv layer (32 -> 64 channels, 13x13, 3x3) at batch 1

@@ -3,6 +3,7 @@
 No test touches the network except a local http.server on 127.0.0.1 started and stopped here;
 every download test passes mirrors= explicitly.
 """
+
 import functools
 import gzip
 import hashlib
@@ -26,8 +27,12 @@ from fastcnn.datasets import (
     read_idx_labels,
 )
 
-FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FILES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -50,8 +55,10 @@ def _link_real(real_root, dest_root, name="mnist", only=FILES, dest=None):
     folder = os.path.join(dest_root, dest or name)
     os.makedirs(folder, exist_ok=True)
     for base in only:
-        os.symlink(os.path.join(os.path.abspath(real_root), name, base + ".gz"),
-                   os.path.join(folder, base + ".gz"))
+        os.symlink(
+            os.path.join(os.path.abspath(real_root), name, base + ".gz"),
+            os.path.join(folder, base + ".gz"),
+        )
     return folder
 
 
@@ -61,6 +68,7 @@ def _leftovers(folder):
 
 # ---------------------------------------------------------------------------------------------
 # Real data
+
 
 def test_mnist_real(real_mnist):
     (x_train, y_train), (x_test, y_test) = real_mnist
@@ -79,7 +87,9 @@ def test_mnist_real(real_mnist):
     assert abs(float(x_train.mean(dtype=np.float64)) * 255 - 33.32) < 0.01
     assert abs(float(x_test.mean(dtype=np.float64)) * 255 - 33.79) < 0.01
     levels = np.unique(x_test)
-    np.testing.assert_array_equal(levels, np.float32(np.unique(levels * 255).round()) / np.float32(255))
+    np.testing.assert_array_equal(
+        levels, np.float32(np.unique(levels * 255).round()) / np.float32(255)
+    )
 
 
 def test_fashion_mnist_real(real_root):
@@ -144,6 +154,7 @@ def test_default_root_without_environment(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Missing and corrupt files
 
+
 def test_missing_files_without_download(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
         datasets.mnist(tmp_path, download=False)
@@ -203,8 +214,11 @@ CORRUPTIONS = {
     "label out of range": ("lab", _labels_idx([1, 10, 3]), "label 10 at index 1"),
     "not gzip": ("img.gz", b"this is not gzip data at all", "not a valid gzip file"),
     "gzip truncated": ("img.gz", gzip.compress(_images_idx(2))[:-30], "not a valid gzip file"),
-    "gzip crc": ("img.gz", gzip.compress(_images_idx(2))[:-8] + b"\x00\x00\x00\x00\x40\x06\x00\x00",
-                 "not a valid gzip file"),
+    "gzip crc": (
+        "img.gz",
+        gzip.compress(_images_idx(2))[:-8] + b"\x00\x00\x00\x00\x40\x06\x00\x00",
+        "not a valid gzip file",
+    ),
 }
 
 
@@ -252,14 +266,17 @@ def test_swapped_train_and_test_files_are_refused(real_root, tmp_path):
     folder.mkdir()
     for base in FILES:
         swapped = base.replace("train", "XXX").replace("t10k", "train").replace("XXX", "t10k")
-        os.symlink(os.path.join(os.path.abspath(real_root), "mnist", swapped + ".gz"),
-                   folder / (base + ".gz"))
+        os.symlink(
+            os.path.join(os.path.abspath(real_root), "mnist", swapped + ".gz"),
+            folder / (base + ".gz"),
+        )
     with pytest.raises(DatasetFileError, match="holds 10000 samples, expected 60000"):
         datasets.mnist(tmp_path, download=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Downloads (local server only)
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
@@ -273,7 +290,9 @@ def http_root(tmp_path):
     served.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield served, f"http://127.0.0.1:{server.server_address[1]}/"
@@ -361,8 +380,11 @@ def test_unknown_dataset():
 
 def test_copy_of_real_folder_loads(real_root, tmp_path):
     """The loader reads a copy of a real data folder (what `cp -r` of it gives)."""
-    shutil.copytree(os.path.join(real_root, "mnist"), tmp_path / "mnist",
-                    ignore=shutil.ignore_patterns("train-*"))
+    shutil.copytree(
+        os.path.join(real_root, "mnist"),
+        tmp_path / "mnist",
+        ignore=shutil.ignore_patterns("train-*"),
+    )
     _link_real(real_root, tmp_path, only=FILES[:2])
     (_, y_train), _ = datasets.mnist(tmp_path, download=False)
     assert y_train[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3]

@@ -5,6 +5,7 @@ regression fails the test (MemoryError, or a peak over 500 MB) instead of the ma
 gzip that expand to gigabytes behind a valid IDX header, a header declaring more than a gzip file
 can hold, and huge sparse files passed as an IDX file or as a checkpoint.
 """
+
 import json
 import os
 import subprocess
@@ -44,8 +45,13 @@ print("PEAK_MIB", int(hwm.split()[1]) // 1024)
 
 def run_child(kind, path, *args):
     """-> (message of the refusal, peak RSS in MiB); fails the test if the file was loaded."""
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), *map(str, args)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(path), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert "REFUSED" in out.stdout, out.stdout + out.stderr[-3000:]
     message = out.stdout.split("REFUSED", 1)[1].split("PEAK_MIB")[0].strip()
     peak = int(out.stdout.split("PEAK_MIB")[1])
@@ -104,10 +110,14 @@ def test_header_declaring_more_than_gzip_can_hold_is_refused(tmp_path):
     assert peak < 500, peak
 
 
-@pytest.mark.parametrize("kind, header", [
-    ("images", idx_header(2051, 60000, 28, 28)),
-    ("labels", idx_header(2049, 60000)),
-], ids=["images", "labels"])
+@pytest.mark.parametrize(
+    "kind, header",
+    [
+        ("images", idx_header(2051, 60000, 28, 28)),
+        ("labels", idx_header(2049, 60000)),
+    ],
+    ids=["images", "labels"],
+)
 def test_huge_sparse_idx_file_is_refused_by_its_size(tmp_path, kind, header):
     path = tmp_path / f"{kind}-idx-ubyte"
     with open(path, "wb") as f:
@@ -116,6 +126,8 @@ def test_huge_sparse_idx_file_is_refused_by_its_size(tmp_path, kind, header):
     message, peak = run_child(kind, path)
     assert f"has {100 * 2**30} bytes of IDX data, expected" in message, message
     assert peak < 500, peak
+
+
 def _checkpoint_header_bytes(tmp_path):
     from fastcnn import checkpoint, models
 
@@ -153,7 +165,7 @@ def test_checkpoint_header_declaring_huge_tensors_is_refused_before_reading_them
 
     data = _checkpoint_header_bytes(tmp_path)
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["fastcnn"])
     name = "model.0.weight"
     big = [2**35 // 4]  # 32 GiB of float32 for the first convolution's weight
@@ -174,7 +186,9 @@ def test_checkpoint_header_declaring_huge_tensors_is_refused_before_reading_them
     header["__metadata__"]["fastcnn"] = json.dumps(meta)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    total = 8 + len(raw) + max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    total = (
+        8 + len(raw) + max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    )
     path = tmp_path / "big-tensor.safetensors"
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
@@ -200,7 +214,9 @@ def test_a_mirror_sending_more_than_any_official_file_is_cut_off(tmp_path, monke
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     monkeypatch.setattr(datasets, "_MAX_DOWNLOAD", 2**20)
     folder = tmp_path / "data"
@@ -208,8 +224,12 @@ def test_a_mirror_sending_more_than_any_official_file_is_cut_off(tmp_path, monke
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
         with pytest.raises(datasets.DownloadError) as info:
-            datasets._download("t10k-labels-idx1-ubyte.gz", str(folder),
-                               datasets.DATASETS["mnist"]["files"]["t10k-labels-idx1-ubyte"], [url, url])
+            datasets._download(
+                "t10k-labels-idx1-ubyte.gz",
+                str(folder),
+                datasets.DATASETS["mnist"]["files"]["t10k-labels-idx1-ubyte"],
+                [url, url],
+            )
     finally:
         server.shutdown()
         server.server_close()

@@ -2,6 +2,7 @@
 workers, joblib and pytest-xdist fork. Numba's OpenMP thread pool is not fork-safe (a child's
 first parallel kernel aborts or hangs); with ``tbb`` installed (a dependency) numba picks its
 TBB pool, which is."""
+
 import os
 import subprocess
 import sys
@@ -34,7 +35,13 @@ def test_forked_children_run_the_kernels(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}  # the default
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=os.getcwd())
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=os.getcwd(),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LAYER tbb" in done.stdout

@@ -1,6 +1,7 @@
 """fastcnn.functional: argument resolution, validation before any kernel, and the bridge itself
 (results against the naive references in tests/naive/ for the padding/stride/dilation forms the
 wrappers resolve)."""
+
 import importlib
 
 import numpy as np
@@ -27,14 +28,17 @@ def no_kernels(monkeypatch):
         for attr in dir(module):
             fn = getattr(module, attr)
             if callable(fn) and hasattr(fn, "py_func"):
+
                 def reached(*args, _name=f"{name}.{attr}", **kwargs):
                     raise AssertionError(f"kernel {_name} reached despite invalid arguments")
+
                 monkeypatch.setattr(module, attr, reached)
 
 
 # ---------------------------------------------------------------------------------------------
 # argument resolution
 # ---------------------------------------------------------------------------------------------
+
 
 def test_pair_forms():
     assert F.pair(3, "kernel_size", "L") == (3, 3)
@@ -45,10 +49,20 @@ def test_pair_forms():
     assert all(type(v) is int for v in F.pair(np.int32(2), "stride", "L"))
 
 
-@pytest.mark.parametrize("value, error", [
-    (0, ValueError), (-1, ValueError), ((1, 0), ValueError), ((1, 2, 3), ValueError),
-    (1.5, TypeError), (True, TypeError), ("2", TypeError), ((1, 2.0), TypeError), (None, TypeError),
-])
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        ((1, 0), ValueError),
+        ((1, 2, 3), ValueError),
+        (1.5, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+        ((1, 2.0), TypeError),
+        (None, TypeError),
+    ],
+)
 def test_pair_rejects(value, error):
     with pytest.raises(error, match="^Lyr: .*stride"):
         F.pair(value, "stride", "Lyr")
@@ -67,14 +81,17 @@ def test_conv2d_padding_forms():
     assert F.conv2d_padding("same", (1, 1), one, one) == (0, 0, 0, 0)
 
 
-@pytest.mark.parametrize("padding, stride, error, match", [
-    ("same", (2, 1), ValueError, "stride 1"),
-    ("full", (1, 1), ValueError, "'same' or 'valid'"),
-    ("SAME", (1, 1), ValueError, "'same' or 'valid'"),
-    (-1, (1, 1), ValueError, "padding >= 0"),
-    ((0, -2), (1, 1), ValueError, "padding >= 0"),
-    (0.5, (1, 1), TypeError, "padding"),
-])
+@pytest.mark.parametrize(
+    "padding, stride, error, match",
+    [
+        ("same", (2, 1), ValueError, "stride 1"),
+        ("full", (1, 1), ValueError, "'same' or 'valid'"),
+        ("SAME", (1, 1), ValueError, "'same' or 'valid'"),
+        (-1, (1, 1), ValueError, "padding >= 0"),
+        ((0, -2), (1, 1), ValueError, "padding >= 0"),
+        (0.5, (1, 1), TypeError, "padding"),
+    ],
+)
 def test_conv2d_padding_rejects(padding, stride, error, match):
     with pytest.raises(error, match=f"^Conv2D: .*{match}"):
         F.conv2d_padding(padding, (3, 3), stride, (1, 1), layer="Conv2D")
@@ -102,16 +119,23 @@ def test_output_shapes():
 # the bridge against the naive references
 # ---------------------------------------------------------------------------------------------
 
+
 def _naive_pads(pads):
     return ((pads[0], pads[1]), (pads[2], pads[3]))
 
 
 @given(
-    n=st.integers(1, 2), c=st.integers(1, 3), f=st.integers(1, 3),
-    h=st.integers(1, 7), w=st.integers(1, 7), kh=st.integers(1, 4), kw=st.integers(1, 4),
+    n=st.integers(1, 2),
+    c=st.integers(1, 3),
+    f=st.integers(1, 3),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
     stride=st.sampled_from([1, 2, (1, 2), (3, 1)]),
     padding=st.sampled_from([0, 1, (2, 0), "valid", "same"]),
-    dilation=st.sampled_from([1, 2, (1, 2)]), bias=st.booleans(),
+    dilation=st.sampled_from([1, 2, (1, 2)]),
+    bias=st.booleans(),
     seed=st.integers(0, 2**31),
 )
 def test_conv2d_matches_naive(n, c, f, h, w, kh, kw, stride, padding, dilation, bias, seed):
@@ -119,8 +143,9 @@ def test_conv2d_matches_naive(n, c, f, h, w, kh, kw, stride, padding, dilation, 
     if padding == "same":
         stride = 1
     try:
-        shape, st_, pads, dil = F.conv2d_output_shape((n, c, h, w), (f, c, kh, kw), stride,
-                                                      padding, dilation)
+        shape, st_, pads, dil = F.conv2d_output_shape(
+            (n, c, h, w), (f, c, kh, kw), stride, padding, dilation
+        )
     except ValueError as e:
         assert "larger than the padded input" in str(e)
         return
@@ -129,8 +154,9 @@ def test_conv2d_matches_naive(n, c, f, h, w, kh, kw, stride, padding, dilation, 
     b = rng.standard_normal(f) if bias else None
     y = F.conv2d_forward(x, weight, b, stride, padding, dilation)
     assert y.shape == shape
-    expected = naive_conv.conv2d_forward(x, weight, b if bias else np.zeros(f), st_,
-                                         _naive_pads(pads), dil)
+    expected = naive_conv.conv2d_forward(
+        x, weight, b if bias else np.zeros(f), st_, _naive_pads(pads), dil
+    )
     assert relative_error(y, expected) <= 1e-10
     dy = rng.standard_normal(shape)
     dx, dw, db = F.conv2d_backward(x, weight, dy, stride, padding, dilation, bias=bias)
@@ -154,9 +180,13 @@ def test_conv2d_backward_without_input_grad(rng):
 
 
 @given(
-    c=st.integers(1, 2), h=st.integers(1, 8), w=st.integers(1, 8),
-    kernel=st.sampled_from([1, 2, 3, (2, 3)]), stride=st.sampled_from([None, 1, 2, (1, 2)]),
-    padding=st.sampled_from([0, 1, (1, 0)]), seed=st.integers(0, 2**31),
+    c=st.integers(1, 2),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    kernel=st.sampled_from([1, 2, 3, (2, 3)]),
+    stride=st.sampled_from([None, 1, 2, (1, 2)]),
+    padding=st.sampled_from([0, 1, (1, 0)]),
+    seed=st.integers(0, 2**31),
 )
 def test_pools_match_naive(c, h, w, kernel, stride, padding, seed):
     rng = np.random.default_rng(seed)
@@ -172,7 +202,9 @@ def test_pools_match_naive(c, h, w, kernel, stride, padding, seed):
     np.testing.assert_array_equal(y, ny)
     np.testing.assert_array_equal(argmax, nargmax)
     dx = F.max_pool2d_backward(dy, argmax, x.shape)
-    assert relative_error(dx, naive_pool.maxpool2d_backward(x, dy, k, s, _naive_pads(pads))) <= 1e-10
+    assert (
+        relative_error(dx, naive_pool.maxpool2d_backward(x, dy, k, s, _naive_pads(pads))) <= 1e-10
+    )
     y = F.avg_pool2d_forward(x, kernel, stride, padding)
     assert relative_error(y, naive_pool.avgpool2d_forward(x, k, s, _naive_pads(pads))) <= 1e-10
     dx = F.avg_pool2d_backward(dy, x.shape, kernel, stride, padding)
@@ -201,15 +233,18 @@ def test_relu_dense_batchnorm_match_naive(rng, dtype):
     f64 = [a.astype(np.float64) for a in (x2, w, b)]
     assert relative_error(y2, naive_dense.dense_forward(*f64)) <= tol
     dy2 = rng.standard_normal((3, 6)).astype(dtype)
-    for got, want in zip(F.dense_backward(x2, w, dy2),
-                         naive_dense.dense_backward(f64[0], f64[1], dy2.astype(np.float64))):
+    for got, want in zip(
+        F.dense_backward(x2, w, dy2),
+        naive_dense.dense_backward(f64[0], f64[1], dy2.astype(np.float64)),
+    ):
         assert got.dtype == dtype and relative_error(got, want) <= tol
 
     gamma = rng.standard_normal(4).astype(dtype)
     beta = rng.standard_normal(4).astype(dtype)
     y3, mean, invstd = F.batch_norm_forward_train(x, gamma, beta, 1e-5)
-    ny, nmean, nvar = naive_bn.batchnorm_forward_train(ref_x, gamma.astype(np.float64),
-                                                       beta.astype(np.float64), 1e-5)
+    ny, nmean, nvar = naive_bn.batchnorm_forward_train(
+        ref_x, gamma.astype(np.float64), beta.astype(np.float64), 1e-5
+    )
     assert y3.dtype == mean.dtype == invstd.dtype == dtype
     assert relative_error(y3, ny) <= tol and relative_error(mean, nmean) <= tol
     assert relative_error(invstd, 1 / np.sqrt(nvar + 1e-5)) <= tol
@@ -231,8 +266,7 @@ def test_inputs_made_contiguous_and_native(rng):
     view = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     assert not view.flags.c_contiguous
     np.testing.assert_array_equal(F.conv2d_forward(view, weight), expected)
-    np.testing.assert_array_equal(F.conv2d_forward(x.astype(">f8"), weight.astype(">f8")),
-                                  expected)
+    np.testing.assert_array_equal(F.conv2d_forward(x.astype(">f8"), weight.astype(">f8")), expected)
     np.testing.assert_array_equal(F.relu_forward(x[:, ::2]), np.maximum(x[:, ::2], 0))
 
 
@@ -277,63 +311,96 @@ W4 = np.zeros((5, 3, 3, 3))
 
 def test_error_message_format(no_kernels):
     with pytest.raises(ValueError) as e:
-        F.conv2d_forward(np.zeros((64, 1, 28, 28), np.float32), np.zeros((64, 32, 3, 3), np.float32))
+        F.conv2d_forward(
+            np.zeros((64, 1, 28, 28), np.float32), np.zeros((64, 32, 3, 3), np.float32)
+        )
     assert str(e.value) == "Conv2D: expected input of shape (N, 32, H, W), got (64, 1, 28, 28)"
     with pytest.raises(ValueError) as e:
         F.dense_forward(np.zeros((4, 1024)), np.zeros((128, 1600)), layer="Dense")
     assert str(e.value) == "Dense: expected input of shape (N, 1600), got (4, 1024)"
 
 
-@pytest.mark.parametrize("call, error, match", [
-    # convolution
-    (lambda: F.conv2d_forward(X4.astype(np.int64), W4), TypeError, "floating-point input"),
-    (lambda: F.conv2d_forward(X4.astype(np.float16), W4.astype(np.float16)), TypeError, "float16"),
-    (lambda: F.conv2d_forward(X4.astype(np.complex128), W4), TypeError, "complex128"),
-    (lambda: F.conv2d_forward(X4[0], W4), ValueError, r"\(N, 3, H, W\), got \(3, 8, 8\)"),
-    (lambda: F.conv2d_forward(X4[:, :2], W4), ValueError, r"\(N, 3, H, W\), got \(2, 2, 8, 8\)"),
-    (lambda: F.conv2d_forward(X4, W4[0]), ValueError, "weight of shape"),
-    (lambda: F.conv2d_forward(X4, W4.astype(np.float32)), TypeError, "weight dtype float32"),
-    (lambda: F.conv2d_forward(X4, W4, np.zeros(4)), ValueError, r"bias of shape \(5,\)"),
-    (lambda: F.conv2d_forward(X4, W4, np.zeros(5, np.float32)), TypeError, "bias dtype"),
-    (lambda: F.conv2d_forward(X4, W4, stride=0), ValueError, "stride >= 1, got 0"),
-    (lambda: F.conv2d_forward(X4, W4, stride=(1, -2)), ValueError, "stride >= 1, got -2"),
-    (lambda: F.conv2d_forward(X4, W4, stride=1.0), TypeError, "stride"),
-    (lambda: F.conv2d_forward(X4, W4, dilation=0), ValueError, "dilation >= 1"),
-    (lambda: F.conv2d_forward(X4, W4, padding=-1), ValueError, "padding >= 0"),
-    (lambda: F.conv2d_forward(X4, W4, padding="full"), ValueError, "got 'full'"),
-    (lambda: F.conv2d_forward(X4, W4, stride=2, padding="same"), ValueError, "stride 1"),
-    (lambda: F.conv2d_forward(X4[:, :, :2], W4), ValueError, "larger than the padded input"),
-    (lambda: F.conv2d_forward(X4, W4, dilation=4), ValueError, "dilation 4, effectively 9"),
-    (lambda: F.conv2d_forward(np.zeros((1, 3, 1, 1)), W4, padding=(0, 1)), ValueError,
-     "larger than the padded input along H"),
-    (lambda: F.conv2d_forward(X4, np.zeros((5, 3, 0, 3))), ValueError, "kernel_size >= 1"),
-    (lambda: F.conv2d_forward(np.zeros((2, 3, 0, 8)), W4, padding=2), ValueError, "H, W >= 1"),
-    (lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 5, 6))), ValueError,
-     r"gradient of shape \(2, 5, 6, 6\)"),
-    (lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 6, 6), np.float32)), TypeError,
-     "gradient dtype"),
-    (lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 6, 6), np.int32)), TypeError,
-     "floating-point gradient"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # convolution
+        (lambda: F.conv2d_forward(X4.astype(np.int64), W4), TypeError, "floating-point input"),
+        (
+            lambda: F.conv2d_forward(X4.astype(np.float16), W4.astype(np.float16)),
+            TypeError,
+            "float16",
+        ),
+        (lambda: F.conv2d_forward(X4.astype(np.complex128), W4), TypeError, "complex128"),
+        (lambda: F.conv2d_forward(X4[0], W4), ValueError, r"\(N, 3, H, W\), got \(3, 8, 8\)"),
+        (
+            lambda: F.conv2d_forward(X4[:, :2], W4),
+            ValueError,
+            r"\(N, 3, H, W\), got \(2, 2, 8, 8\)",
+        ),
+        (lambda: F.conv2d_forward(X4, W4[0]), ValueError, "weight of shape"),
+        (lambda: F.conv2d_forward(X4, W4.astype(np.float32)), TypeError, "weight dtype float32"),
+        (lambda: F.conv2d_forward(X4, W4, np.zeros(4)), ValueError, r"bias of shape \(5,\)"),
+        (lambda: F.conv2d_forward(X4, W4, np.zeros(5, np.float32)), TypeError, "bias dtype"),
+        (lambda: F.conv2d_forward(X4, W4, stride=0), ValueError, "stride >= 1, got 0"),
+        (lambda: F.conv2d_forward(X4, W4, stride=(1, -2)), ValueError, "stride >= 1, got -2"),
+        (lambda: F.conv2d_forward(X4, W4, stride=1.0), TypeError, "stride"),
+        (lambda: F.conv2d_forward(X4, W4, dilation=0), ValueError, "dilation >= 1"),
+        (lambda: F.conv2d_forward(X4, W4, padding=-1), ValueError, "padding >= 0"),
+        (lambda: F.conv2d_forward(X4, W4, padding="full"), ValueError, "got 'full'"),
+        (lambda: F.conv2d_forward(X4, W4, stride=2, padding="same"), ValueError, "stride 1"),
+        (lambda: F.conv2d_forward(X4[:, :, :2], W4), ValueError, "larger than the padded input"),
+        (lambda: F.conv2d_forward(X4, W4, dilation=4), ValueError, "dilation 4, effectively 9"),
+        (
+            lambda: F.conv2d_forward(np.zeros((1, 3, 1, 1)), W4, padding=(0, 1)),
+            ValueError,
+            "larger than the padded input along H",
+        ),
+        (lambda: F.conv2d_forward(X4, np.zeros((5, 3, 0, 3))), ValueError, "kernel_size >= 1"),
+        (lambda: F.conv2d_forward(np.zeros((2, 3, 0, 8)), W4, padding=2), ValueError, "H, W >= 1"),
+        (
+            lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 5, 6))),
+            ValueError,
+            r"gradient of shape \(2, 5, 6, 6\)",
+        ),
+        (
+            lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 6, 6), np.float32)),
+            TypeError,
+            "gradient dtype",
+        ),
+        (
+            lambda: F.conv2d_backward(X4, W4, np.zeros((2, 5, 6, 6), np.int32)),
+            TypeError,
+            "floating-point gradient",
+        ),
+    ],
+)
 def test_conv2d_validation(no_kernels, call, error, match):
     with pytest.raises(error, match=f"^Conv2D: .*{match}"):
         call()
 
 
-@pytest.mark.parametrize("name, fn", [("MaxPool2D", lambda *a, **k: F.max_pool2d_forward(*a, **k)[0]),
-                                      ("AvgPool2D", F.avg_pool2d_forward)])
-@pytest.mark.parametrize("args, kwargs, error, match", [
-    ((X4.astype(np.int32), 2), {}, TypeError, "floating-point input"),
-    ((X4[0], 2), {}, ValueError, r"input of shape \(N, C, H, W\), got \(3, 8, 8\)"),
-    ((X4, 0), {}, ValueError, "kernel_size >= 1"),
-    ((X4, -2), {}, ValueError, "kernel_size >= 1"),
-    ((X4, 2), {"stride": 0}, ValueError, "stride >= 1"),
-    ((X4, 2), {"padding": 2}, ValueError, "half of the kernel"),
-    ((X4, 2), {"padding": -1}, ValueError, "padding >= 0"),
-    ((X4, 2), {"padding": "same"}, ValueError, "got 'same'"),
-    ((X4, 9), {}, ValueError, "larger than the padded input"),
-    ((X4, (2, 11)), {"padding": (0, 1)}, ValueError, "larger than the padded input along W"),
-])
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("MaxPool2D", lambda *a, **k: F.max_pool2d_forward(*a, **k)[0]),
+        ("AvgPool2D", F.avg_pool2d_forward),
+    ],
+)
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((X4.astype(np.int32), 2), {}, TypeError, "floating-point input"),
+        ((X4[0], 2), {}, ValueError, r"input of shape \(N, C, H, W\), got \(3, 8, 8\)"),
+        ((X4, 0), {}, ValueError, "kernel_size >= 1"),
+        ((X4, -2), {}, ValueError, "kernel_size >= 1"),
+        ((X4, 2), {"stride": 0}, ValueError, "stride >= 1"),
+        ((X4, 2), {"padding": 2}, ValueError, "half of the kernel"),
+        ((X4, 2), {"padding": -1}, ValueError, "padding >= 0"),
+        ((X4, 2), {"padding": "same"}, ValueError, "got 'same'"),
+        ((X4, 9), {}, ValueError, "larger than the padded input"),
+        ((X4, (2, 11)), {"padding": (0, 1)}, ValueError, "larger than the padded input along W"),
+    ],
+)
 def test_pool_validation(no_kernels, name, fn, args, kwargs, error, match):
     with pytest.raises(error, match=f"^{name}: .*{match}"):
         fn(*args, layer=name, **kwargs)
@@ -364,7 +431,9 @@ def test_activation_and_dense_validation(no_kernels):
         F.sigmoid_forward(np.zeros(3, bool))
     with pytest.raises(ValueError, match="^Softmax: dim 2 out of range"):
         F.softmax_forward(np.zeros((2, 3)), dim=2)
-    with pytest.raises(ValueError, match=r"^Dense: expected input of shape \(N, 4\), got \(2, 2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"^Dense: expected input of shape \(N, 4\), got \(2, 2, 2\)"
+    ):
         F.dense_forward(np.zeros((2, 2, 2)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="^Dense: expected weight"):
         F.dense_forward(np.zeros((2, 4)), np.zeros(4))

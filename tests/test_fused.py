@@ -1,5 +1,6 @@
 """kernels/fused.py: convolution + ReLU + max pooling in one pass, against the separate kernels
 (bitwise: the same sums in the same order) and against the naive loops (the textbook)."""
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -37,12 +38,36 @@ def cases(draw):
     n, c, f = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 40))
     relu = draw(st.booleans())
     seed = draw(st.integers(0, 2**32 - 1))
-    return dict(n=n, c=c, f=f, h=h, w=w, k=(kh, kw), stride=(sh, sw), pads=(pt, pb, pl, pr),
-                dil=(dh, dw), pool=(pkh, pkw), relu=relu, seed=seed)
+    return dict(
+        n=n,
+        c=c,
+        f=f,
+        h=h,
+        w=w,
+        k=(kh, kw),
+        stride=(sh, sw),
+        pads=(pt, pb, pl, pr),
+        dil=(dh, dw),
+        pool=(pkh, pkw),
+        relu=relu,
+        seed=seed,
+    )
 
 
-REFERENCE_LAYER = dict(n=2, c=32, f=64, h=13, w=13, k=(3, 3), stride=(1, 1), pads=(0, 0, 0, 0),
-                       dil=(1, 1), pool=(2, 2), relu=True, seed=1)
+REFERENCE_LAYER = dict(
+    n=2,
+    c=32,
+    f=64,
+    h=13,
+    w=13,
+    k=(3, 3),
+    stride=(1, 1),
+    pads=(0, 0, 0, 0),
+    dil=(1, 1),
+    pool=(2, 2),
+    relu=True,
+    seed=1,
+)
 
 
 def _run(case, dtype):
@@ -61,8 +86,9 @@ def _run(case, dtype):
     expected, expected_argmax = np.empty(shape, dtype), np.empty(shape, np.int64)
     kpool.maxpool2d_forward(y, pkh, pkw, pkh, pkw, 0, 0, expected, expected_argmax)
     out, argmax = np.full(shape, np.nan, dtype), np.full(shape, -7, np.int64)
-    kfused.conv2d_relu_maxpool2d_forward(x, weight, bias, sh, sw, pt, pl, dh, dw, oh, ow,
-                                         case["relu"], pkh, pkw, out, argmax)
+    kfused.conv2d_relu_maxpool2d_forward(
+        x, weight, bias, sh, sw, pt, pl, dh, dw, oh, ow, case["relu"], pkh, pkw, out, argmax
+    )
     return x, weight, bias, out, argmax, expected, expected_argmax
 
 
@@ -81,8 +107,9 @@ def test_fused_matches_naive(case):
     x, weight, bias, out, argmax, *_ = _run(case, np.float64)
     pt, pb, pl, pr = case["pads"]
     xc = x.transpose(0, 3, 1, 2)
-    y = naive_conv.conv2d_forward(xc, weight, bias, case["stride"], ((pt, pb), (pl, pr)),
-                                  case["dil"])
+    y = naive_conv.conv2d_forward(
+        xc, weight, bias, case["stride"], ((pt, pb), (pl, pr)), case["dil"]
+    )
     if case["relu"]:
         y = naive_act.relu_forward(y)
     expected, _ = naive_pool.maxpool2d_forward(y, case["pool"], case["pool"], ((0, 0), (0, 0)))
@@ -117,12 +144,17 @@ def test_speedup_over_naive(rng):
         y = naive_act.relu_forward(naive_conv.conv2d_forward(xc, weight, bias))
         return naive_pool.maxpool2d_forward(y, (2, 2), (2, 2), ((0, 0), (0, 0)))
 
-    ratio = speedup(lambda: kfused.conv2d_relu_maxpool2d_forward(
-        x, weight, bias, 1, 1, 0, 0, 1, 1, 11, 11, True, 2, 2, out, argmax), naive)
+    ratio = speedup(
+        lambda: kfused.conv2d_relu_maxpool2d_forward(
+            x, weight, bias, 1, 1, 0, 0, 1, 1, 11, 11, True, 2, 2, out, argmax
+        ),
+        naive,
+    )
     assert ratio >= 20, ratio
 
 
 # ---- the backward through max pool (+ ReLU) into the convolution ----
+
 
 @st.composite
 def backward_cases(draw):
@@ -138,10 +170,20 @@ def backward_cases(draw):
     h, w = draw(st.integers(h_min, h_min + 7)), draw(st.integers(w_min, w_min + 7))
     oh, ow = _size(h, kh, sh, ph, ph, dh), _size(w, kw, sw, pw, pw, dw)
     pool = (min(draw(st.integers(1, 3)), oh), min(draw(st.integers(1, 3)), ow))
-    return dict(n=draw(st.integers(1, 2)), c=draw(st.sampled_from([32, 64, 3, 1])),
-                f=draw(st.integers(1, 40)), h=h, w=w, k=(kh, kw), stride=(sh, sw),
-                pads=(ph, ph, pw, pw), dil=(dh, dw), pool=pool, relu=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**32 - 1)))
+    return dict(
+        n=draw(st.integers(1, 2)),
+        c=draw(st.sampled_from([32, 64, 3, 1])),
+        f=draw(st.integers(1, 40)),
+        h=h,
+        w=w,
+        k=(kh, kw),
+        stride=(sh, sw),
+        pads=(ph, ph, pw, pw),
+        dil=(dh, dw),
+        pool=pool,
+        relu=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
 
 
 def _backward_both_ways(case, dtype, x_value=None, input_grad=True):
@@ -152,15 +194,19 @@ def _backward_both_ways(case, dtype, x_value=None, input_grad=True):
         x[0, 0, 0, 0] = x_value
     weight = rng.standard_normal((case["f"], case["c"], kh, kw)).astype(dtype)
     bias = rng.standard_normal(case["f"]).astype(dtype)
-    geom = dict(stride=case["stride"], padding=(case["pads"][0], case["pads"][2]),
-                dilation=case["dil"])
+    geom = dict(
+        stride=case["stride"], padding=(case["pads"][0], case["pads"][2]), dilation=case["dil"]
+    )
     y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
-        x, weight, bias, geom["stride"], geom["padding"], geom["dilation"], pool)
+        x, weight, bias, geom["stride"], geom["padding"], geom["dilation"], pool
+    )
     dy = rng.standard_normal(y.shape).astype(dtype)
-    fast = F.max_pool2d_conv2d_backward(x, weight, dy, argmax, y, conv_shape, pool,
-                                        relu=case["relu"], input_grad=input_grad, **geom)
-    dconv = F.max_pool2d_backward(dy, argmax, conv_shape, pool,
-                                  relu_output=y if case["relu"] else None)
+    fast = F.max_pool2d_conv2d_backward(
+        x, weight, dy, argmax, y, conv_shape, pool, relu=case["relu"], input_grad=input_grad, **geom
+    )
+    dconv = F.max_pool2d_backward(
+        dy, argmax, conv_shape, pool, relu_output=y if case["relu"] else None
+    )
     slow = F.conv2d_backward(x, weight, dconv, **geom)
     return fast, slow
 
@@ -192,8 +238,9 @@ def test_weight_gradient_through_maxpool_equals_the_separate_calls_bitwise(case)
 def test_backward_through_maxpool_with_non_finite_input(value):
     """A non-finite x: the dense path (0 * inf = NaN terms count), the same result."""
     for input_grad in (True, False):  # False: the dense weight gradient from the pooled one
-        fast, slow = _backward_both_ways(dict(REFERENCE_LAYER, n=2, relu=True), np.float32,
-                                         value, input_grad)
+        fast, slow = _backward_both_ways(
+            dict(REFERENCE_LAYER, n=2, relu=True), np.float32, value, input_grad
+        )
         for a, b in zip(fast[1:], slow[1:]):
             np.testing.assert_array_equal(a, b)
         assert np.isnan(fast[1]).any()
@@ -226,8 +273,9 @@ def test_backward_through_maxpool_validates(rng):
     y1[...] = 1
     for value in (10**12, -5, 2, 6):  # 2, 6: cells of the window to the right / below-right
         bad = np.full_like(argmax1, value)
-        _, dw, db = F.max_pool2d_conv2d_backward(x1, w1, np.ones_like(y1), bad, y1, shape1, 2,
-                                                 input_grad=False)
+        _, dw, db = F.max_pool2d_conv2d_backward(
+            x1, w1, np.ones_like(y1), bad, y1, shape1, 2, input_grad=False
+        )
         if value not in (2, 6):  # out of the plane (max_pool2d_backward rejects these)
             assert not dw.any() and not db.any()
             continue
@@ -237,8 +285,15 @@ def test_backward_through_maxpool_validates(rng):
         np.testing.assert_array_equal(db, db_ref)
 
 
-@given(st.integers(1, 2), st.sampled_from([32, 64, 1, 3]), st.integers(1, 6), st.integers(4, 8),
-       st.integers(4, 8), st.booleans(), st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 2),
+    st.sampled_from([32, 64, 1, 3]),
+    st.integers(1, 6),
+    st.integers(4, 8),
+    st.integers(4, 8),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
 def test_backward_kernels_from_the_pooled_gradient_match_naive(n, c, f, h, w, relu, seed):
     """kernels.fused.maxpool2d_conv2d_backward_weight (32, 64 channels), _weight_dense (any)
     and _input (32, 64) called directly (NHWC, a 3x3 convolution, 2x2 pool) against the
@@ -260,22 +315,26 @@ def test_backward_kernels_from_the_pooled_gradient_match_naive(n, c, f, h, w, re
     xh = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     y = np.empty((n, oh // 2, ow // 2, f))
     argmax = np.empty(y.shape, np.int64)
-    kfused.conv2d_relu_maxpool2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, oh, ow, relu, 2, 2,
-                                         y, argmax)
+    kfused.conv2d_relu_maxpool2d_forward(
+        xh, weight, bias, 1, 1, 0, 0, 1, 1, oh, ow, relu, 2, 2, y, argmax
+    )
     gph = np.ascontiguousarray(gp.transpose(0, 2, 3, 1))
     dw, db = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
-    kfused.maxpool2d_conv2d_backward_weight_dense(xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1,
-                                                  0, 0, 1, 1, dw, db)
+    kfused.maxpool2d_conv2d_backward_weight_dense(
+        xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dw, db
+    )
     assert relative_error(dw, dw_ref) <= 1e-10
     assert relative_error(db, db_ref) <= 1e-10
     if c % 32:
         return
     dw, db = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
-    kfused.maxpool2d_conv2d_backward_weight(xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1, 0, 0,
-                                            1, 1, dw, db)
+    kfused.maxpool2d_conv2d_backward_weight(
+        xh, gph, argmax, y, relu, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dw, db
+    )
     dx = np.full_like(xh, np.nan)
-    kfused.maxpool2d_conv2d_backward_input(gph, argmax, y, relu, 2, 2, weight, 1, 1, 0, 0, 1, 1,
-                                           oh, ow, dx)
+    kfused.maxpool2d_conv2d_backward_input(
+        gph, argmax, y, relu, 2, 2, weight, 1, 1, 0, 0, 1, 1, oh, ow, dx
+    )
     assert relative_error(dw, dw_ref) <= 1e-10
     assert relative_error(db, db_ref) <= 1e-10
     assert relative_error(dx.transpose(0, 3, 1, 2), dx_ref) <= 1e-10

@@ -18,6 +18,7 @@ Two runs:
 Each run writes its example counts to a JSON file; the test reports them
 (``pytest -s tests/test_fuzz.py`` prints them) and checks that the cases really ran.
 """
+
 import json
 import os
 import signal
@@ -36,10 +37,15 @@ def run_checked(cmd, env=None, timeout=600):
     """Run ``cmd``; a death by signal, a timeout or a non-zero exit fails the test with the
     child's output. Returns the completed process."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out = (
+            exc.stdout.decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else (exc.stdout or "")
+        )
         pytest.fail(f"the child hung: no result after {timeout} s\n{out[-6000:]}")
     output = (proc.stdout + proc.stderr)[-12000:]
     if proc.returncode < 0:
@@ -53,12 +59,33 @@ def run_checked(cmd, env=None, timeout=600):
 def run_child(tmp_path, examples, extra_args=(), timeout=600):
     """Run tests/fuzz_cases.py in a fresh interpreter; returns the report it writes."""
     report = tmp_path / "fuzz-report.json"
-    env = dict(os.environ, FASTCNN_FUZZ_EXAMPLES=str(examples), FASTCNN_FUZZ_REPORT=str(report),
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "tests"),
-                                                        os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "fuzz_cases.py"), "-q",
-           "-x", "-p", "no:cacheprovider", "--rootdir", ROOT, "-o", "faulthandler_timeout=240",
-           "-W", "ignore::RuntimeWarning", "-W", "ignore::DeprecationWarning", *extra_args]
+    env = dict(
+        os.environ,
+        FASTCNN_FUZZ_EXAMPLES=str(examples),
+        FASTCNN_FUZZ_REPORT=str(report),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])
+        ),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        os.path.join(ROOT, "tests", "fuzz_cases.py"),
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        ROOT,
+        "-o",
+        "faulthandler_timeout=240",
+        "-W",
+        "ignore::RuntimeWarning",
+        "-W",
+        "ignore::DeprecationWarning",
+        *extra_args,
+    ]
     proc = run_checked(cmd, env, timeout)
     assert report.exists(), f"the fuzz run wrote no report:\n{proc.stdout[-6000:]}"
     return json.loads(report.read_text())
@@ -88,15 +115,30 @@ def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_examples", total)
     record_property("fuzz_checked_calls", calls)
-    print(f"\nfuzz: {total} examples, {calls} checked calls (valid result or named error), "
-          f"no crash; per case: {json.dumps(per_case, sort_keys=True)}")
+    print(
+        f"\nfuzz: {total} examples, {calls} checked calls (valid result or named error), "
+        f"no crash; per case: {json.dumps(per_case, sort_keys=True)}"
+    )
     # every case ran (nearly) its full share: hypothesis may stop a case early only when it
     # has exhausted its search space
     assert len(per_case) == 18, per_case
     assert total >= 10 * EXAMPLES, total
     counts = result["counts"]
-    for name in ("Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm2D", "BatchNorm1D", "Dense",
-                 "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "Softmax", "Flatten", "Dropout"):
+    for name in (
+        "Conv2D",
+        "MaxPool2D",
+        "AvgPool2D",
+        "BatchNorm2D",
+        "BatchNorm1D",
+        "Dense",
+        "ReLU",
+        "LeakyReLU",
+        "Tanh",
+        "Sigmoid",
+        "Softmax",
+        "Flatten",
+        "Dropout",
+    ):
         for what in ("forward", "backward"):  # each checked with valid and invalid arguments
             assert counts.get(f"{name}.{what}:valid", 0) > 0, (name, what)
             assert counts.get(f"{name}.{what}:invalid", 0) > 0, (name, what)
@@ -104,11 +146,14 @@ def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
 
 @pytest.mark.slow
 def test_fuzz_kernels_with_bounds_checks(tmp_path, record_property):
-    result = run_child(tmp_path, BOUNDSCHECK_EXAMPLES,
-                       ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES])
+    result = run_child(
+        tmp_path, BOUNDSCHECK_EXAMPLES, ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES]
+    )
     assert result["boundscheck"] is True
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_boundscheck_examples", total)
-    print(f"\nfuzz with bounds-checked serial kernels: {total} examples, {calls} checked calls, "
-          f"no IndexError; per case: {json.dumps(per_case, sort_keys=True)}")
+    print(
+        f"\nfuzz with bounds-checked serial kernels: {total} examples, {calls} checked calls, "
+        f"no IndexError; per case: {json.dumps(per_case, sort_keys=True)}"
+    )
     assert total >= 5 * BOUNDSCHECK_EXAMPLES, total

@@ -5,6 +5,7 @@ exception. Checksums are recomputed, as anyone can.
 
 Example counts follow the hypothesis profile of conftest.py (HYPOTHESIS_PROFILE=thorough: 300).
 """
+
 import gzip
 import json
 import math
@@ -18,22 +19,39 @@ from hypothesis import strategies as hs
 from fastcnn import checkpoint, datasets, models, optim
 from fastcnn.checkpoint import CheckpointError
 
-FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-                deadline=None)
+FUZZ = settings(
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None
+)
 
 # JSON values of every kind, including the awkward ones: huge and negative integers, NaN and
 # infinities, empty and nested containers.
-SCALARS = (hs.none() | hs.booleans() | hs.integers(min_value=-2**70, max_value=2**70)
-           | hs.sampled_from([0, 1, -1, 2**31, 2**63, 10**30])
-           | hs.floats(allow_nan=True, allow_infinity=True) | hs.text(max_size=12))
-JSON = hs.recursive(SCALARS, lambda inner: hs.lists(inner, max_size=4)
-                    | hs.dictionaries(hs.text(max_size=8), inner, max_size=4), max_leaves=12)
+SCALARS = (
+    hs.none()
+    | hs.booleans()
+    | hs.integers(min_value=-(2**70), max_value=2**70)
+    | hs.sampled_from([0, 1, -1, 2**31, 2**63, 10**30])
+    | hs.floats(allow_nan=True, allow_infinity=True)
+    | hs.text(max_size=12)
+)
+JSON = hs.recursive(
+    SCALARS,
+    lambda inner: (
+        hs.lists(inner, max_size=4) | hs.dictionaries(hs.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _paths(value, prefix=()):
     """Every path of keys/indices into a JSON tree, the root excluded."""
     out = []
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
     for key, child in items:
         out.append(prefix + (key,))
         out.extend(_paths(child, prefix + (key,)))
@@ -57,10 +75,12 @@ def base(tmp_path_factory):
     opt.step()
     sched.step()
     path = tmp_path_factory.mktemp("fuzz") / "base.safetensors"
-    checkpoint.save(path, model, opt, sched, epoch=1, extra={"note": [1, 2]}, input_shape=(1, 28, 28))
+    checkpoint.save(
+        path, model, opt, sched, epoch=1, extra={"note": [1, 2]}, input_shape=(1, 28, 28)
+    )
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     return data, header, json.loads(header["__metadata__"]["fastcnn"])
 
 
@@ -68,8 +88,11 @@ def load_everything(path):
     ckpt = checkpoint.load(path)
     model = models.lenet5(seed=1)
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for restore, target in ((ckpt.restore_model, model), (ckpt.restore_optimizer, opt),
-                            (ckpt.restore_scheduler, optim.CosineAnnealingLR(opt, T_max=3))):
+    for restore, target in (
+        (ckpt.restore_model, model),
+        (ckpt.restore_optimizer, opt),
+        (ckpt.restore_scheduler, optim.CosineAnnealingLR(opt, T_max=3)),
+    ):
         try:
             restore(target)
         except CheckpointError as exc:
@@ -105,17 +128,23 @@ def test_safetensors_header_entries_replaced_at_random(base, tmp_path_factory, d
     raw, header, _ = base
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(json.dumps(header))
-    name = data.draw(hs.sampled_from(sorted(k for k in header if k != "__metadata__")), label="tensor")
+    name = data.draw(
+        hs.sampled_from(sorted(k for k in header if k != "__metadata__")), label="tensor"
+    )
     field = data.draw(hs.sampled_from(["dtype", "shape", "data_offsets"]), label="field")
-    value = data.draw(hs.one_of(
-        JSON,
-        hs.lists(hs.integers(min_value=0, max_value=2**40), min_size=0, max_size=4),
-        hs.sampled_from(["F32", "F64", "BF16", "I8", "U8", "BOOL", "F8_E4M3"])), label="value")
+    value = data.draw(
+        hs.one_of(
+            JSON,
+            hs.lists(hs.integers(min_value=0, max_value=2**40), min_size=0, max_size=4),
+            hs.sampled_from(["F32", "F64", "BF16", "I8", "U8", "BOOL", "F8_E4M3"]),
+        ),
+        label="value",
+    )
     header[name][field] = value
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path = tmp_path_factory.mktemp("header") / "c.safetensors"
-    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
     assert_loads_or_refuses(path)
 
 
@@ -124,7 +153,7 @@ def test_safetensors_header_entries_replaced_at_random(base, tmp_path_factory, d
 def test_truncated_or_extended_checkpoints(base, tmp_path_factory, cut, junk):
     raw, _, _ = base
     path = tmp_path_factory.mktemp("cut") / "c.safetensors"
-    path.write_bytes(raw[:cut % (len(raw) + 1)] + junk)
+    path.write_bytes(raw[: cut % (len(raw) + 1)] + junk)
     assert_loads_or_refuses(path)
 
 
@@ -150,20 +179,25 @@ def test_nesting_depth_refused_at_save_iff_load_could_not_read_it(tmp_path_facto
 
 
 @FUZZ
-@given(kind=hs.sampled_from(["images", "labels"]),
-       magic=hs.sampled_from([2051, 2049, 0, 2**32 - 1]),
-       count=hs.one_of(hs.integers(min_value=0, max_value=20), hs.integers(min_value=0, max_value=2**32 - 1)),
-       dims=hs.tuples(hs.sampled_from([28, 0, 1, 2**32 - 1]), hs.sampled_from([28, 0, 2**16])),
-       payload=hs.integers(min_value=0, max_value=20 * 784 + 3),
-       compressed=hs.booleans(),
-       expected_count=hs.one_of(hs.none(), hs.integers(min_value=0, max_value=20)),
-       header_cut=hs.integers(min_value=0, max_value=16))
-def test_idx_declared_sizes(tmp_path_factory, kind, magic, count, dims, payload, compressed,
-                            expected_count, header_cut):
+@given(
+    kind=hs.sampled_from(["images", "labels"]),
+    magic=hs.sampled_from([2051, 2049, 0, 2**32 - 1]),
+    count=hs.one_of(
+        hs.integers(min_value=0, max_value=20), hs.integers(min_value=0, max_value=2**32 - 1)
+    ),
+    dims=hs.tuples(hs.sampled_from([28, 0, 1, 2**32 - 1]), hs.sampled_from([28, 0, 2**16])),
+    payload=hs.integers(min_value=0, max_value=20 * 784 + 3),
+    compressed=hs.booleans(),
+    expected_count=hs.one_of(hs.none(), hs.integers(min_value=0, max_value=20)),
+    header_cut=hs.integers(min_value=0, max_value=16),
+)
+def test_idx_declared_sizes(
+    tmp_path_factory, kind, magic, count, dims, payload, compressed, expected_count, header_cut
+):
     values = [magic, count, *dims] if kind == "images" else [magic, count]
     header = np.array(values, dtype=">u4").tobytes()
     header_cut = header_cut if header_cut < len(header) else 0  # (0: the whole header)
-    header = header[:len(header) - header_cut]
+    header = header[: len(header) - header_cut]
     body = np.random.default_rng(payload).integers(0, 10, payload, dtype=np.uint8).tobytes()
     data = header + body
     path = tmp_path_factory.mktemp("idx") / ("file.gz" if compressed else "file")

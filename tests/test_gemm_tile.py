@@ -1,4 +1,5 @@
 """kernels/gemm_tile.py: the register tile every convolution runs on, against the textbook sum."""
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,8 +19,9 @@ def naive_tile(a, abase, aoff, k0, k1, b, b0, bstride, rows=R, cols=FT):
     return tile
 
 
-@given(st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans(),
-       st.booleans())
+@given(
+    st.integers(0, 40), st.integers(0, 5), st.integers(0, 2**32 - 1), st.booleans(), st.booleans()
+)
 def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate, narrow):
     """Both tile shapes (3 x 32 and the narrow 6 x 16) against the textbook sum."""
     rows, cols = tile_shape(narrow)
@@ -37,8 +39,21 @@ def test_tile_matches_the_textbook_sum(k1, k0, seed, accumulate, narrow):
         expected = expected + start
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
         tile = start.astype(dtype) if accumulate else np.full(rows * cols, np.nan, dtype)
-        gemm_tile(a.astype(dtype), abase, 0, aoff, k0, k1, b.astype(dtype), np.uint64(b0),
-                  np.uint64(bstride), tile, 0, accumulate, narrow)
+        gemm_tile(
+            a.astype(dtype),
+            abase,
+            0,
+            aoff,
+            k0,
+            k1,
+            b.astype(dtype),
+            np.uint64(b0),
+            np.uint64(bstride),
+            tile,
+            0,
+            accumulate,
+            narrow,
+        )
         assert tile.dtype == dtype
         scale = max(1.0, np.abs(expected).max())
         assert np.abs(tile - expected).max() <= tol * scale
@@ -64,15 +79,31 @@ def test_bias_tile_matches_the_textbook_sum(k1, seed, relu, narrow):
     r0 = int(rng.integers(0, 3))
     ostride = int(rng.integers(FT, FT + 5))
     o0 = int(rng.integers(0, 4))
-    expected = naive_tile(a[ashift:], abase[r0:], aoff, 0, k1, b, 0, FT, R, FT) + bias[f0:f0 + FT]
+    expected = naive_tile(a[ashift:], abase[r0:], aoff, 0, k1, b, 0, FT, R, FT) + bias[f0 : f0 + FT]
     if relu:
         expected = np.where(np.isnan(expected) | (expected > 0), expected, 0.0)
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
         out = np.full(o0 + R * ostride + 2, 7.0, dtype)
-        gemm_tile_bias(a.astype(dtype), np.uint64(ashift), abase, r0, aoff, 0, k1, b.astype(dtype),
-                       np.uint64(0), np.uint64(FT), bias.astype(dtype), f0, relu, out,
-                       np.uint64(o0), np.uint64(ostride), narrow)
-        got = np.stack([out[o0 + r * ostride:o0 + r * ostride + FT] for r in range(R)])
+        gemm_tile_bias(
+            a.astype(dtype),
+            np.uint64(ashift),
+            abase,
+            r0,
+            aoff,
+            0,
+            k1,
+            b.astype(dtype),
+            np.uint64(0),
+            np.uint64(FT),
+            bias.astype(dtype),
+            f0,
+            relu,
+            out,
+            np.uint64(o0),
+            np.uint64(ostride),
+            narrow,
+        )
+        got = np.stack([out[o0 + r * ostride : o0 + r * ostride + FT] for r in range(R)])
         assert out.dtype == dtype
         assert np.array_equal(np.isnan(got), np.isnan(expected))
         fin = ~np.isnan(expected)
@@ -82,7 +113,7 @@ def test_bias_tile_matches_the_textbook_sum(k1, seed, relu, narrow):
             assert not np.signbit(got[fin]).any()  # never -0.0
         mask = np.ones(out.size, bool)
         for r in range(R):
-            mask[o0 + r * ostride:o0 + r * ostride + FT] = False
+            mask[o0 + r * ostride : o0 + r * ostride + FT] = False
         assert (out[mask] == 7).all()
 
 
@@ -113,15 +144,15 @@ def test_gather_tile_matches_the_textbook_sum(k1, k0, seed, accumulate):
     start = rng.standard_normal(t0 + R * FT + 3)
     expected = naive_gather(g, pos, k0, k1, x, offs[r0:]).reshape(-1)
     if accumulate:
-        expected = expected + start[t0:t0 + R * FT]
+        expected = expected + start[t0 : t0 + R * FT]
     for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-4)):
         tile = start.astype(dtype)
         gather_tile(g.astype(dtype), pos, k0, k1, x.astype(dtype), offs, r0, tile, t0, accumulate)
         scale = max(1.0, np.abs(expected).max(initial=0))
-        assert np.abs(tile[t0:t0 + R * FT] - expected).max(initial=0) <= tol * scale
+        assert np.abs(tile[t0 : t0 + R * FT] - expected).max(initial=0) <= tol * scale
         # outside the tile: untouched
         np.testing.assert_array_equal(tile[:t0], start[:t0].astype(dtype))
-        np.testing.assert_array_equal(tile[t0 + R * FT:], start[t0 + R * FT:].astype(dtype))
+        np.testing.assert_array_equal(tile[t0 + R * FT :], start[t0 + R * FT :].astype(dtype))
 
 
 @given(st.integers(1, 40), st.integers(0, 2**32 - 1))
@@ -139,8 +170,21 @@ def test_both_tiles_sum_bitwise_alike(k1, seed):
         for narrow in (False, True):
             rows, cols = tile_shape(narrow)
             tile = np.empty(R * FT, dtype)
-            gemm_tile(a, np.zeros(rows, np.uint64), 0, aoff, 0, k1, b, np.uint64(0),
-                      np.uint64(FT), tile, 0, False, narrow)
+            gemm_tile(
+                a,
+                np.zeros(rows, np.uint64),
+                0,
+                aoff,
+                0,
+                k1,
+                b,
+                np.uint64(0),
+                np.uint64(FT),
+                tile,
+                0,
+                False,
+                narrow,
+            )
             rows_of[narrow] = tile.reshape(rows, cols)[:, :16]
         first = rows_of[False][0]
         for narrow, got in rows_of.items():

@@ -5,6 +5,7 @@ Prevention, not detection (numpy arrays carry no version counter): ``Module.__ca
 training mode runs the forward on a copy of its array input and returns a copy of its output,
 so a refilled batch buffer or ``logits *= t`` cannot reach what the backward reads.
 """
+
 import numpy as np
 import pytest
 
@@ -32,10 +33,16 @@ def scale_logits(x, out):
 
 CASES = {
     "reference network, input refilled": (lambda: models.reference(seed=0), (8, 1, 28, 28), refill),
-    "dense-sigmoid, input refilled": (lambda: Sequential([Dense(6, 5, rng=np.random.default_rng(0)),
-                                                          Sigmoid()]), (8, 6), refill),
-    "dense-sigmoid, outputs scaled": (lambda: Sequential([Dense(6, 5, rng=np.random.default_rng(0)),
-                                                          Sigmoid()]), (8, 6), scale_logits),
+    "dense-sigmoid, input refilled": (
+        lambda: Sequential([Dense(6, 5, rng=np.random.default_rng(0)), Sigmoid()]),
+        (8, 6),
+        refill,
+    ),
+    "dense-sigmoid, outputs scaled": (
+        lambda: Sequential([Dense(6, 5, rng=np.random.default_rng(0)), Sigmoid()]),
+        (8, 6),
+        scale_logits,
+    ),
 }
 
 

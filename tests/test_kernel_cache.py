@@ -3,6 +3,7 @@
 Numba checks a cached kernel against its own source file only; the convolution kernels inline
 gemm_tile.py's tiles, so an edit there alone would otherwise load stale machine code.
 """
+
 import os
 
 from fastcnn.kernels import drop_stale_cache
@@ -60,8 +61,10 @@ def test_warns_when_numba_cache_internals_changed(monkeypatch):
 
     monkeypatch.setattr(kernels, "_cache_dir", moved)
     monkeypatch.delenv("FASTCNN_DROP_STALE_CACHE", raising=False)
-    with pytest.warns(RuntimeWarning, match="cannot find numba's cache folder.*"
-                      "FASTCNN_DROP_STALE_CACHE=0 silences"):
+    with pytest.warns(
+        RuntimeWarning,
+        match="cannot find numba's cache folder.*FASTCNN_DROP_STALE_CACHE=0 silences",
+    ):
         kernels._drop_stale_cache()
     monkeypatch.setenv("FASTCNN_DROP_STALE_CACHE", "0")
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ rename). After every kill this test checks that:
   each kill of a child that completed none may leave one more, until a save completes; and at
   the end, after one clean save, none.
 """
+
 import os
 import random
 import re
@@ -110,9 +111,17 @@ def _assert_same_state(loaded, ref):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL (POSIX)")
 def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path):
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(tmp_path)], cwd=ROOT, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))))
+        [sys.executable, "-c", SERVER, str(tmp_path)],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+        ),
+    )
     try:
         ready = server.stdout.readline().split()
         assert ready and ready[0] == "ready", server.stderr.read()
@@ -157,11 +166,13 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path):
         server.stdin.close()
         server.kill()
         server.wait()
-    print(f"\nkill test: {stats['kills']} SIGKILLs in {elapsed:.1f} s (one save: "
-          f"{1000 * save_seconds:.1f} ms; delays 0-{3000 * save_seconds:.0f} ms), "
-          f"{stats['saves']} saves completed, {stats['no_save_completed']} kills before the "
-          f"child's first save completed, {stats['temp_left']} kills left a temporary file "
-          f"(killed mid-write); the file held A {stats['A']} times, B {stats['B']} times, "
-          f"always complete and loadable")
+    print(
+        f"\nkill test: {stats['kills']} SIGKILLs in {elapsed:.1f} s (one save: "
+        f"{1000 * save_seconds:.1f} ms; delays 0-{3000 * save_seconds:.0f} ms), "
+        f"{stats['saves']} saves completed, {stats['no_save_completed']} kills before the "
+        f"child's first save completed, {stats['temp_left']} kills left a temporary file "
+        f"(killed mid-write); the file held A {stats['A']} times, B {stats['B']} times, "
+        f"always complete and loadable"
+    )
     assert stats["temp_left"] > 0, "no kill landed while a temporary file was being written"
     assert stats["A"] > 0 and stats["B"] > 0

@@ -1,6 +1,7 @@
 """fastcnn.layers: every backward by finite differences (float64), every kernel-backed layer
 against the naive references, dtypes, initialisation, state dicts, configs, summary hooks and
 validation."""
+
 import json
 import math
 
@@ -61,6 +62,7 @@ def _set_random_params(layer, rng):
 # gradients by finite differences
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layer, shape", LAYERS, ids=IDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_backward_by_finite_differences(layer, shape, mode, rng):
@@ -89,8 +91,9 @@ def test_backward_by_finite_differences(layer, shape, mode, rng):
     layer.train()
 
 
-@pytest.mark.parametrize("layer, shape", [LAYERS[0], LAYERS[8], LAYERS[11]],
-                         ids=[IDS[0], IDS[8], IDS[11]])
+@pytest.mark.parametrize(
+    "layer, shape", [LAYERS[0], LAYERS[8], LAYERS[11]], ids=[IDS[0], IDS[8], IDS[11]]
+)
 def test_backward_accumulates(layer, shape, rng):
     layer.train()
     x = rng.standard_normal(shape)
@@ -108,8 +111,17 @@ def test_backward_accumulates(layer, shape, rng):
 
 
 def test_backward_before_forward():
-    for layer in (L.Conv2D(1, 1, 1), L.ReLU(), L.MaxPool2D(2), L.Dense(2, 2), L.Flatten(),
-                  L.BatchNorm2D(1), L.Dropout(), L.Softmax(), L.Tanh()):
+    for layer in (
+        L.Conv2D(1, 1, 1),
+        L.ReLU(),
+        L.MaxPool2D(2),
+        L.Dense(2, 2),
+        L.Flatten(),
+        L.BatchNorm2D(1),
+        L.Dropout(),
+        L.Softmax(),
+        L.Tanh(),
+    ):
         with pytest.raises(RuntimeError, match=f"^{layer.name}: backward called before forward"):
             layer.backward(np.zeros((1, 1)))
 
@@ -118,13 +130,17 @@ def test_backward_before_forward():
 # against the naive references
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
 def test_conv2d_layer_matches_naive(rng, dtype, tol):
     for kwargs, shape, pads in [
         (dict(kernel_size=3), (2, 3, 7, 6), ((0, 0), (0, 0))),
         (dict(kernel_size=(4, 2), padding="same"), (1, 3, 5, 6), ((1, 2), (0, 1))),
-        (dict(kernel_size=3, stride=2, padding=(1, 2), dilation=(1, 2)), (2, 3, 7, 8),
-         ((1, 1), (2, 2))),
+        (
+            dict(kernel_size=3, stride=2, padding=(1, 2), dilation=(1, 2)),
+            (2, 3, 7, 8),
+            ((1, 1), (2, 2)),
+        ),
     ]:
         layer = L.Conv2D(3, 4, dtype=dtype, rng=rng, **kwargs)
         x = rng.standard_normal(shape)
@@ -132,14 +148,18 @@ def test_conv2d_layer_matches_naive(rng, dtype, tol):
         assert y.dtype == dtype
         w64, b64 = layer.weight.data.astype(F64), layer.bias.data.astype(F64)
         x64 = x.astype(dtype).astype(F64)
-        stride, dil = L.F.pair(kwargs.get("stride", 1), "", ""), L.F.pair(kwargs.get("dilation", 1), "", "")
+        stride, dil = (
+            L.F.pair(kwargs.get("stride", 1), "", ""),
+            L.F.pair(kwargs.get("dilation", 1), "", ""),
+        )
         assert relative_error(y, naive_conv.conv2d_forward(x64, w64, b64, stride, pads, dil)) <= tol
         dy = rng.standard_normal(y.shape)
         layer.zero_grad()
         dx = layer.backward(dy)
         assert dx.dtype == F64  # the input's dtype
-        ndx, ndw, ndb = naive_conv.conv2d_backward(x64, w64, dy.astype(dtype).astype(F64),
-                                                   stride, pads, dil)
+        ndx, ndw, ndb = naive_conv.conv2d_backward(
+            x64, w64, dy.astype(dtype).astype(F64), stride, pads, dil
+        )
         assert relative_error(dx, ndx) <= tol
         assert relative_error(layer.weight.grad, ndw) <= tol
         assert relative_error(layer.bias.grad, ndb) <= tol
@@ -159,7 +179,10 @@ def test_pool_relu_dense_layers_match_naive(rng, dtype, tol):
 
     pool = L.AvgPool2D(2, padding=1)
     y = pool(x)
-    assert relative_error(y, naive_pool.avgpool2d_forward(x64, (2, 2), (2, 2), ((1, 1), (1, 1)))) <= tol
+    assert (
+        relative_error(y, naive_pool.avgpool2d_forward(x64, (2, 2), (2, 2), ((1, 1), (1, 1))))
+        <= tol
+    )
     dy = rng.standard_normal(y.shape).astype(dtype)
     nd = naive_pool.avgpool2d_backward(x.shape, dy.astype(F64), (2, 2), (2, 2), ((1, 1), (1, 1)))
     assert relative_error(pool.backward(dy), nd) <= tol
@@ -212,8 +235,9 @@ def test_batchnorm_layer_matches_naive(rng, dtype, tol):
         assert relative_error(bn.bias.grad, ndb) <= tol
     bn.eval()
     y = bn(x)
-    ny = naive_bn.batchnorm_forward_eval(x64, g64, b64, bn.running_mean.astype(F64),
-                                         bn.running_var.astype(F64), 1e-3)
+    ny = naive_bn.batchnorm_forward_eval(
+        x64, g64, b64, bn.running_mean.astype(F64), bn.running_var.astype(F64), 1e-3
+    )
     assert relative_error(y, ny) <= tol
 
 
@@ -231,6 +255,7 @@ def test_batchnorm1d_is_batchnorm2d_on_reshaped_input(rng):
 # ---------------------------------------------------------------------------------------------
 # dtypes and initialisation
 # ---------------------------------------------------------------------------------------------
+
 
 def test_parameter():
     p = L.Parameter(np.ones((2, 3), np.float32))
@@ -250,8 +275,17 @@ def test_dtypes(rng):
     assert L.Conv2D(1, 2, 3, dtype="float64")(x64.astype(np.float16)).dtype == np.float64
     dense = L.Dense(3, 2)
     assert dense(np.ones((1, 3))).dtype == np.float32
-    for layer in (L.ReLU(), L.MaxPool2D(2), L.AvgPool2D(2), L.Tanh(), L.Sigmoid(), L.Flatten(),
-                  L.LeakyReLU(), L.Softmax(), L.Dropout(0.5, seed=0)):
+    for layer in (
+        L.ReLU(),
+        L.MaxPool2D(2),
+        L.AvgPool2D(2),
+        L.Tanh(),
+        L.Sigmoid(),
+        L.Flatten(),
+        L.LeakyReLU(),
+        L.Softmax(),
+        L.Dropout(0.5, seed=0),
+    ):
         for dtype in (np.float32, np.float64):
             y = layer(x64.astype(dtype))
             assert y.dtype == dtype, layer
@@ -275,7 +309,9 @@ def test_default_initialisation():
     # seedable and dtype-independent draws
     np.testing.assert_array_equal(L.Conv2D(8, 16, 3, rng=0).weight.data, w)
     assert not np.array_equal(L.Conv2D(8, 16, 3, rng=1).weight.data, w)
-    np.testing.assert_array_equal(L.Conv2D(8, 16, 3, rng=0, dtype=F64).weight.data.astype(np.float32), w)
+    np.testing.assert_array_equal(
+        L.Conv2D(8, 16, 3, rng=0, dtype=F64).weight.data.astype(np.float32), w
+    )
     g = np.random.default_rng(5)
     a, b = L.Dense(4, 4, rng=g), L.Dense(4, 4, rng=g)  # one generator passed through
     assert not np.array_equal(a.weight.data, b.weight.data)
@@ -288,6 +324,7 @@ def test_default_initialisation():
 # ---------------------------------------------------------------------------------------------
 # dropout
 # ---------------------------------------------------------------------------------------------
+
 
 def test_dropout():
     x = np.ones((200, 500))
@@ -330,6 +367,7 @@ def test_softmax_rows_and_backward(rng):
 # state dicts, configs, shapes, FLOPs
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layer, shape", LAYERS, ids=IDS)
 def test_config_and_state_round_trip(layer, shape, rng):
     config = json.loads(json.dumps(layer.get_config()))
@@ -339,8 +377,9 @@ def test_config_and_state_round_trip(layer, shape, rng):
     assert repr(clone) == repr(layer)
     _set_random_params(layer, rng)
     state = layer.state_dict()
-    assert sorted(state) == sorted([n for n, _ in layer.named_parameters()]
-                                   + [n for n, _ in layer.named_buffers()])
+    assert sorted(state) == sorted(
+        [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    )
     # what a checkpoint's config is checked against before anything is built
     assert state_spec_of(config) == {k: (v.shape, v.dtype) for k, v in state.items()}
     clone.load_state_dict(state)
@@ -418,26 +457,66 @@ X = np.zeros((2, 3, 8, 8), np.float32)
 
 FORWARD_ERRORS = [
     # (layer factory, input, error, message fragment)
-    (lambda: L.Conv2D(3, 4, 3), X[0], ValueError, r"expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)"),
-    (lambda: L.Conv2D(3, 4, 3), X[:, :1], ValueError, r"expected input of shape \(N, 3, H, W\), got \(2, 1, 8, 8\)"),
+    (
+        lambda: L.Conv2D(3, 4, 3),
+        X[0],
+        ValueError,
+        r"expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)",
+    ),
+    (
+        lambda: L.Conv2D(3, 4, 3),
+        X[:, :1],
+        ValueError,
+        r"expected input of shape \(N, 3, H, W\), got \(2, 1, 8, 8\)",
+    ),
     (lambda: L.Conv2D(3, 4, 3), X.astype(np.int64), TypeError, "floating-point input.*int64"),
     (lambda: L.Conv2D(3, 4, 3), X.astype(bool), TypeError, "floating-point input.*bool"),
     (lambda: L.Conv2D(3, 4, 9), X, ValueError, "larger than the padded input"),
-    (lambda: L.Conv2D(3, 4, 9, padding=(1, 0)), X, ValueError, "larger than the padded input along W"),
+    (
+        lambda: L.Conv2D(3, 4, 9, padding=(1, 0)),
+        X,
+        ValueError,
+        "larger than the padded input along W",
+    ),
     (lambda: L.Conv2D(3, 4, 3, dilation=4), X, ValueError, "larger than the padded input"),
-    (lambda: L.MaxPool2D(2), X[0], ValueError, r"expected input of shape \(N, C, H, W\), got \(3, 8, 8\)"),
+    (
+        lambda: L.MaxPool2D(2),
+        X[0],
+        ValueError,
+        r"expected input of shape \(N, C, H, W\), got \(3, 8, 8\)",
+    ),
     (lambda: L.MaxPool2D(2), X.astype(np.uint8), TypeError, "floating-point input.*uint8"),
     (lambda: L.MaxPool2D(9), X, ValueError, "larger than the padded input"),
     (lambda: L.AvgPool2D((2, 11), padding=(0, 1)), X, ValueError, "larger than the padded input"),
     (lambda: L.AvgPool2D(2), X[0, 0], ValueError, r"expected input of shape \(N, C, H, W\)"),
     (lambda: L.AvgPool2D(2), X.astype(np.int32), TypeError, "floating-point input"),
-    (lambda: L.BatchNorm2D(3), X[0], ValueError, r"expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)"),
-    (lambda: L.BatchNorm2D(4), X, ValueError, r"expected input of shape \(N, 4, H, W\), got \(2, 3, 8, 8\)"),
+    (
+        lambda: L.BatchNorm2D(3),
+        X[0],
+        ValueError,
+        r"expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)",
+    ),
+    (
+        lambda: L.BatchNorm2D(4),
+        X,
+        ValueError,
+        r"expected input of shape \(N, 4, H, W\), got \(2, 3, 8, 8\)",
+    ),
     (lambda: L.BatchNorm2D(3), X.astype(np.int16), TypeError, "floating-point input"),
     (lambda: L.BatchNorm1D(3), X, ValueError, r"expected input of shape \(N, 3\) or \(N, 3, L\)"),
     (lambda: L.BatchNorm1D(5), X[:, :, 0], ValueError, r"expected input of shape \(N, 5\)"),
-    (lambda: L.Dense(192, 4), X, ValueError, r"expected input of shape \(N, 192\), got \(2, 3, 8, 8\)"),
-    (lambda: L.Dense(100, 4), X.reshape(2, -1), ValueError, r"expected input of shape \(N, 100\), got \(2, 192\)"),
+    (
+        lambda: L.Dense(192, 4),
+        X,
+        ValueError,
+        r"expected input of shape \(N, 192\), got \(2, 3, 8, 8\)",
+    ),
+    (
+        lambda: L.Dense(100, 4),
+        X.reshape(2, -1),
+        ValueError,
+        r"expected input of shape \(N, 100\), got \(2, 192\)",
+    ),
     (lambda: L.Dense(192, 4), X.reshape(2, -1).astype(int), TypeError, "floating-point input"),
     (lambda: L.ReLU(), X.astype(int), TypeError, "floating-point input"),
     (lambda: L.LeakyReLU(), X.astype(int), TypeError, "floating-point input"),

@@ -5,6 +5,7 @@ A convolution returns its output as an (N, C, H, W) view of NHWC memory; every l
 forward and backward. A conversion would be a copy made by ``functional._nhwc`` (an input that
 is not channels-last) or by the batch norm's NCHW path; this counts both.
 """
+
 import numpy as np
 
 import fastcnn

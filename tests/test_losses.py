@@ -1,4 +1,5 @@
 """fastcnn.losses against the naive loops (tests/naive/losses.py), finite differences and PyTorch."""
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -19,7 +20,9 @@ def _logits(n, c, scale, seed, dtype=np.float64):
 ce_cases = st.tuples(
     st.integers(1, 12),  # N
     st.integers(1, 12),  # C
-    st.sampled_from([0.01, 1.0, 5.0, 40.0]),  # logit scale: 40 gives confident rows with tiny losses
+    st.sampled_from(
+        [0.01, 1.0, 5.0, 40.0]
+    ),  # logit scale: 40 gives confident rows with tiny losses
     st.sampled_from([0.0, 0.1, 0.5, 1.0]),  # label smoothing
     st.integers(0, 2**32 - 1),
 )
@@ -42,8 +45,11 @@ def test_cross_entropy_matches_naive_float64(case):
 # float32: scale at most 10, as a larger one lets exp(x - max) leave float32's range (below
 # 1e-38 after a margin of ~87), where a confident row's loss and gradient flush to 0.
 ce_cases_float32 = st.tuples(
-    st.integers(1, 12), st.integers(1, 12), st.sampled_from([0.01, 1.0, 5.0, 10.0]),
-    st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.sampled_from([0.01, 1.0, 5.0, 10.0]),
+    st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    st.integers(0, 2**32 - 1),
 )
 
 
@@ -196,8 +202,15 @@ def test_cross_entropy_validation(logits, labels, error, words):
         assert word in message
 
 
-@pytest.mark.parametrize("kwargs", [{"label_smoothing": -0.1}, {"label_smoothing": 1.5},
-                                    {"label_smoothing": "a"}, {"reduction": "avg"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"label_smoothing": -0.1},
+        {"label_smoothing": 1.5},
+        {"label_smoothing": "a"},
+        {"reduction": "avg"},
+    ],
+)
 def test_cross_entropy_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="CrossEntropyLoss: expected"):
         CrossEntropyLoss(**kwargs)
@@ -205,7 +218,9 @@ def test_cross_entropy_bad_arguments(kwargs):
 
 @pytest.mark.parametrize("loss_fn", [CrossEntropyLoss(), MSELoss()])
 def test_backward_before_forward(loss_fn):
-    with pytest.raises(RuntimeError, match=f"{type(loss_fn).__name__}: backward\\(\\) called before"):
+    with pytest.raises(
+        RuntimeError, match=f"{type(loss_fn).__name__}: backward\\(\\) called before"
+    ):
         loss_fn.backward()
 
 

@@ -4,6 +4,7 @@ The key test: a full forward and backward pass of the reference network equals t
 computed with the naive references of tests/naive/ (conv, ReLU, max pool, dense, softmax
 cross-entropy), logits and every gradient, to 1e-10 in float64.
 """
+
 import json
 
 import numpy as np
@@ -22,13 +23,22 @@ from naive import pool2d as naive_pool
 from test_functional import no_kernels  # noqa: F401  (fixture)
 
 NO_PAD = ((0, 0), (0, 0))
-PARAM_NAMES = ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias",
-               "9.weight", "9.bias"]
+PARAM_NAMES = [
+    "0.weight",
+    "0.bias",
+    "3.weight",
+    "3.bias",
+    "7.weight",
+    "7.bias",
+    "9.weight",
+    "9.bias",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # the reference network against the naive loops
 # ---------------------------------------------------------------------------------------------
+
 
 def naive_reference(p, x, labels):
     """Forward and backward of the reference network with the naive loops only.
@@ -116,6 +126,7 @@ def test_reference_float32_close_to_naive(key_case):
 # the reference network
 # ---------------------------------------------------------------------------------------------
 
+
 def _unfused_pass(model, x, dy):
     """Every layer's forward, then every backward, one by one: no fused pair."""
     for layer in model.layers:
@@ -187,17 +198,36 @@ def test_backward_without_input_grad(rng):
 def test_reference_architecture():
     model = reference()
     kinds = [type(layer).__name__ for layer in model]
-    assert kinds == ["Conv2D", "ReLU", "MaxPool2D", "Conv2D", "ReLU", "MaxPool2D", "Flatten",
-                     "Dense", "ReLU", "Dense"]
+    assert kinds == [
+        "Conv2D",
+        "ReLU",
+        "MaxPool2D",
+        "Conv2D",
+        "ReLU",
+        "MaxPool2D",
+        "Flatten",
+        "Dense",
+        "ReLU",
+        "Dense",
+    ]
     assert [n for n, _ in model.named_parameters()] == PARAM_NAMES
     shapes = [p.shape for p in model.parameters()]
-    assert shapes == [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 1600), (128,),
-                      (10, 128), (10,)]
+    assert shapes == [
+        (32, 1, 3, 3),
+        (32,),
+        (64, 32, 3, 3),
+        (64,),
+        (128, 1600),
+        (128,),
+        (10, 128),
+        (10,),
+    ]
     assert all(p.dtype == np.float32 for p in model.parameters())
     assert all(p.dtype == np.float64 for p in reference(dtype=np.float64).parameters())
     a, b, c = reference(seed=0), reference(seed=0), reference(seed=1)
-    for (_, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(),
-                                      c.named_parameters()):
+    for (_, p), (_, q), (_, r) in zip(
+        a.named_parameters(), b.named_parameters(), c.named_parameters()
+    ):
         np.testing.assert_array_equal(p.data, q.data)
         assert not np.array_equal(p.data, r.data)
     # one generator through all layers: no two layers draw the same numbers
@@ -213,14 +243,28 @@ def test_summary_of_reference(capsys):
     assert expected == 225_034
     assert "Total params: 225,034" in text
     assert sum(p.size for p in model.parameters()) == expected
-    for shape in ["(2, 32, 26, 26)", "(2, 32, 13, 13)", "(2, 64, 11, 11)", "(2, 64, 5, 5)",
-                  "(2, 1600)", "(2, 128)", "(2, 10)"]:
+    for shape in [
+        "(2, 32, 26, 26)",
+        "(2, 32, 13, 13)",
+        "(2, 64, 11, 11)",
+        "(2, 64, 5, 5)",
+        "(2, 1600)",
+        "(2, 128)",
+        "(2, 10)",
+    ]:
         assert shape in text
     conv_flops = 2 * 2 * 32 * 26 * 26 * 9 + 2 * 2 * 64 * 11 * 11 * 32 * 9
     dense_flops = 2 * 2 * 1600 * 128 + 2 * 2 * 128 * 10
-    others = sum(layer.flops(s) for layer, s in [
-        (model[1], (2, 32, 26, 26)), (model[2], (2, 32, 26, 26)), (model[4], (2, 64, 11, 11)),
-        (model[5], (2, 64, 11, 11)), (model[8], (2, 128))])
+    others = sum(
+        layer.flops(s)
+        for layer, s in [
+            (model[1], (2, 32, 26, 26)),
+            (model[2], (2, 32, 26, 26)),
+            (model[4], (2, 64, 11, 11)),
+            (model[5], (2, 64, 11, 11)),
+            (model[8], (2, 128)),
+        ]
+    )
     assert f"Forward FLOPs: {conv_flops + dense_flops + others:,}" in text
     rows = [line for line in text.splitlines() if line[:1].isdigit() or line.lstrip()[:1].isdigit()]
     assert len(rows) == 10
@@ -231,7 +275,9 @@ def test_summary_of_reference(capsys):
 def test_summary_rejects_wrong_input_shape():
     with pytest.raises(ValueError, match=r"^Conv2D: expected input of shape \(N, 1, H, W\)"):
         reference().summary((1, 3, 28, 28), print_fn=None)
-    with pytest.raises(ValueError, match=r"^Dense: expected input of shape \(N, 1600\), got \(1, 2304\)"):
+    with pytest.raises(
+        ValueError, match=r"^Dense: expected input of shape \(N, 1600\), got \(1, 2304\)"
+    ):
         reference().summary((1, 1, 32, 32), print_fn=None)
 
 
@@ -239,13 +285,22 @@ def test_summary_rejects_wrong_input_shape():
 # Sequential
 # ---------------------------------------------------------------------------------------------
 
+
 def _bn_model(seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
     return Sequential(
-        L.Conv2D(1, 4, 3, padding="same", dtype=dtype, rng=rng), L.BatchNorm2D(4, dtype=dtype),
-        L.ReLU(), L.AvgPool2D(2), L.Dropout(0.25, seed=seed), L.Flatten(),
-        L.Dense(64, 8, dtype=dtype, rng=rng), L.BatchNorm1D(8, dtype=dtype), L.Tanh(),
-        L.Dense(8, 3, dtype=dtype, rng=rng), L.Softmax())
+        L.Conv2D(1, 4, 3, padding="same", dtype=dtype, rng=rng),
+        L.BatchNorm2D(4, dtype=dtype),
+        L.ReLU(),
+        L.AvgPool2D(2),
+        L.Dropout(0.25, seed=seed),
+        L.Flatten(),
+        L.Dense(64, 8, dtype=dtype, rng=rng),
+        L.BatchNorm1D(8, dtype=dtype),
+        L.Tanh(),
+        L.Dense(8, 3, dtype=dtype, rng=rng),
+        L.Softmax(),
+    )
 
 
 def test_construction_forms_and_container():
@@ -261,9 +316,22 @@ def test_construction_forms_and_container():
 def test_state_dict_keys_and_round_trip(rng):
     model = _bn_model()
     state = model.state_dict()
-    assert list(state) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
-                           "1.running_var", "6.weight", "6.bias", "7.weight", "7.bias",
-                           "7.running_mean", "7.running_var", "9.weight", "9.bias"]
+    assert list(state) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "6.weight",
+        "6.bias",
+        "7.weight",
+        "7.bias",
+        "7.running_mean",
+        "7.running_var",
+        "9.weight",
+        "9.bias",
+    ]
     x = rng.standard_normal((5, 1, 8, 8))
     model.train()
     model(x)  # moves the running statistics
@@ -279,10 +347,18 @@ def test_load_state_dict_validates_everything_first():
     good = reference(seed=1).state_dict()
     cases = [
         ({k: v for k, v in good.items() if k != "3.bias"}, r"missing keys \['3.bias'\]"),
-        ({**good, "4.weight": np.zeros(1), "x": np.zeros(1)}, r"unexpected keys \['4.weight', 'x'\]"),
-        ({**good, "9.bias": np.zeros(11, np.float32)}, r"'9.bias': expected shape \(10,\), got \(11,\)"),
-        ({**good, "0.weight": good["0.weight"].astype(np.float64)},
-         "'0.weight': expected dtype float32, got float64"),
+        (
+            {**good, "4.weight": np.zeros(1), "x": np.zeros(1)},
+            r"unexpected keys \['4.weight', 'x'\]",
+        ),
+        (
+            {**good, "9.bias": np.zeros(11, np.float32)},
+            r"'9.bias': expected shape \(10,\), got \(11,\)",
+        ),
+        (
+            {**good, "0.weight": good["0.weight"].astype(np.float64)},
+            "'0.weight': expected dtype float32, got float64",
+        ),
     ]
     for state, match in cases:
         with pytest.raises(ValueError, match=f"^Sequential: cannot load state dict: .*{match}"):
@@ -311,11 +387,21 @@ def test_config_round_trip(rng):
         np.testing.assert_array_equal(clone(x), model(x))  # training mode (dropout included)
         np.testing.assert_array_equal(clone.predict(x), model.predict(x))
     assert reference().get_config()["layers"][0] == {
-        "class": "Conv2D", "in_channels": 1, "out_channels": 32, "kernel_size": [3, 3],
-        "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "bias": True, "dtype": "float32"}
-    for bad, match in (({"class": "Model", "layers": []}, "^unknown module class 'Model'"),
-                       ({"class": "Sequential"}, "^Sequential: expected a config"),
-                       ([1], "^expected a module config dict")):
+        "class": "Conv2D",
+        "in_channels": 1,
+        "out_channels": 32,
+        "kernel_size": [3, 3],
+        "stride": [1, 1],
+        "padding": [0, 0],
+        "dilation": [1, 1],
+        "bias": True,
+        "dtype": "float32",
+    }
+    for bad, match in (
+        ({"class": "Model", "layers": []}, "^unknown module class 'Model'"),
+        ({"class": "Sequential"}, "^Sequential: expected a config"),
+        ([1], "^expected a module config dict"),
+    ):
         with pytest.raises(ValueError, match=match):
             from_config(bad)
 
@@ -378,5 +464,7 @@ def test_validation_before_any_kernel(no_kernels):
     model = reference()
     with pytest.raises(TypeError, match="^Conv2D: expected a floating-point input"):
         model(np.zeros((1, 1, 28, 28), np.uint8))
-    with pytest.raises(ValueError, match=r"^Conv2D: expected input of shape \(N, 1, H, W\), got \(28, 28\)"):
+    with pytest.raises(
+        ValueError, match=r"^Conv2D: expected input of shape \(N, 1, H, W\), got \(28, 28\)"
+    ):
         model(np.zeros((28, 28), np.float32))

@@ -1,5 +1,6 @@
 """fastcnn.models' VGG-style CIFAR net and all-conv net: their layer lists, parameter counts
 (computed by hand here), output shapes, summaries, and forward/backward against PyTorch."""
+
 import numpy as np
 import pytest
 
@@ -20,11 +21,21 @@ def _dense_params(n_in, n_out):
     return n_in * n_out + n_out
 
 
-VGG_PARAMS = (_conv_bn_params(3, 32) + _conv_bn_params(32, 32) + _conv_bn_params(32, 64)
-              + _conv_bn_params(64, 64) + _conv_bn_params(64, 128)
-              + _dense_params(128 * 4 * 4, 256) + _dense_params(256, 10))
-ALLCONV_PARAMS = (_conv_bn_params(3, 16) + _conv_bn_params(16, 32) + _conv_bn_params(32, 64)
-                  + _dense_params(64, 10))
+VGG_PARAMS = (
+    _conv_bn_params(3, 32)
+    + _conv_bn_params(32, 32)
+    + _conv_bn_params(32, 64)
+    + _conv_bn_params(64, 64)
+    + _conv_bn_params(64, 128)
+    + _dense_params(128 * 4 * 4, 256)
+    + _dense_params(256, 10)
+)
+ALLCONV_PARAMS = (
+    _conv_bn_params(3, 16)
+    + _conv_bn_params(16, 32)
+    + _conv_bn_params(32, 64)
+    + _dense_params(64, 10)
+)
 
 
 def _describe(model):
@@ -32,8 +43,17 @@ def _describe(model):
     out = []
     for m in model:
         if isinstance(m, L.Conv2D):
-            out.append(("Conv2D", m.in_channels, m.out_channels, m.kernel_size, m.stride,
-                        m.padding, m.bias is not None))
+            out.append(
+                (
+                    "Conv2D",
+                    m.in_channels,
+                    m.out_channels,
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    m.bias is not None,
+                )
+            )
         elif isinstance(m, L.Dense):
             out.append(("Dense", m.in_features, m.out_features))
         elif isinstance(m, (L.MaxPool2D, L.AvgPool2D)):
@@ -44,21 +64,40 @@ def _describe(model):
 
 
 def test_vgg_layer_list():
-    conv = [("Conv2D", a, b, (3, 3), (1, 1), (1, 1), False) for a, b in
-            ((3, 32), (32, 32), (32, 64), (64, 64), (64, 128))]
+    conv = [
+        ("Conv2D", a, b, (3, 3), (1, 1), (1, 1), False)
+        for a, b in ((3, 32), (32, 32), (32, 64), (64, 64), (64, 128))
+    ]
     pool = ("MaxPool2D", (2, 2), (2, 2))
     cbr = lambda i: [conv[i], "BatchNorm2D", "ReLU"]  # noqa: E731
     assert _describe(vgg_cifar()) == (
-        cbr(0) + cbr(1) + [pool] + cbr(2) + cbr(3) + [pool] + cbr(4) + [pool]
-        + ["Flatten", ("Dense", 2048, 256), "ReLU", ("Dense", 256, 10)])
+        cbr(0)
+        + cbr(1)
+        + [pool]
+        + cbr(2)
+        + cbr(3)
+        + [pool]
+        + cbr(4)
+        + [pool]
+        + ["Flatten", ("Dense", 2048, 256), "ReLU", ("Dense", 256, 10)]
+    )
 
 
 def test_allconv_layer_list():
     assert _describe(allconv()) == [
-        ("Conv2D", 3, 16, (3, 3), (1, 1), (1, 1), False), "BatchNorm2D", "ReLU",
-        ("Conv2D", 16, 32, (3, 3), (2, 2), (1, 1), False), "BatchNorm2D", "ReLU",
-        ("Conv2D", 32, 64, (3, 3), (2, 2), (1, 1), False), "BatchNorm2D", "ReLU",
-        ("AvgPool2D", (8, 8), (8, 8)), "Flatten", ("Dense", 64, 10)]
+        ("Conv2D", 3, 16, (3, 3), (1, 1), (1, 1), False),
+        "BatchNorm2D",
+        "ReLU",
+        ("Conv2D", 16, 32, (3, 3), (2, 2), (1, 1), False),
+        "BatchNorm2D",
+        "ReLU",
+        ("Conv2D", 32, 64, (3, 3), (2, 2), (1, 1), False),
+        "BatchNorm2D",
+        "ReLU",
+        ("AvgPool2D", (8, 8), (8, 8)),
+        "Flatten",
+        ("Dense", 64, 10),
+    ]
 
 
 @pytest.mark.parametrize("name, params", [("vgg", VGG_PARAMS), ("allconv", ALLCONV_PARAMS)])
@@ -79,8 +118,11 @@ def test_parameters_shapes_and_summary(name, params):
     for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         np.testing.assert_array_equal(p.data, q.data)
     # an input of the wrong size names the layer that does not fit
-    error = ("^Dense: expected input of shape \\(N, 2048\\)" if name == "vgg"
-             else "^AvgPool2D: kernel 8 is larger than the padded input")
+    error = (
+        "^Dense: expected input of shape \\(N, 2048\\)"
+        if name == "vgg"
+        else "^AvgPool2D: kernel 8 is larger than the padded input"
+    )
     with pytest.raises(ValueError, match=error):
         model.summary((1, 3, 28, 28), print_fn=None)
 
@@ -91,8 +133,11 @@ def test_vgg_spatial_sizes():
     shapes = {}
     model.trace_shapes((1, 3, 32, 32), lambda n, m, s: shapes.setdefault(n, {}))
     pools = [n for n, m in model.named_modules() if isinstance(m, L.MaxPool2D)]
-    assert [shapes[n]["output_shape"] for n in pools] == [(1, 32, 16, 16), (1, 64, 8, 8),
-                                                         (1, 128, 4, 4)]
+    assert [shapes[n]["output_shape"] for n in pools] == [
+        (1, 32, 16, 16),
+        (1, 64, 8, 8),
+        (1, 128, 4, 4),
+    ]
 
 
 def test_allconv_spatial_sizes():
@@ -100,8 +145,11 @@ def test_allconv_spatial_sizes():
     shapes = {}
     model.trace_shapes((1, 3, 32, 32), lambda n, m, s: shapes.setdefault(n, {}))
     convs = [n for n, m in model.named_modules() if isinstance(m, L.Conv2D)]
-    assert [shapes[n]["output_shape"] for n in convs] == [(1, 16, 32, 32), (1, 32, 16, 16),
-                                                         (1, 64, 8, 8)]
+    assert [shapes[n]["output_shape"] for n in convs] == [
+        (1, 16, 32, 32),
+        (1, 32, 16, 16),
+        (1, 64, 8, 8),
+    ]
 
 
 def _randomise(model, rng):
@@ -109,7 +157,9 @@ def _randomise(model, rng):
     for _, p in model.named_parameters():
         p.data[...] = rng.standard_normal(p.shape) * 0.3
     for name, b in model.named_buffers():
-        b[...] = rng.uniform(0.5, 1.5, b.shape) if name.endswith("var") else rng.standard_normal(b.shape)
+        b[...] = (
+            rng.uniform(0.5, 1.5, b.shape) if name.endswith("var") else rng.standard_normal(b.shape)
+        )
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

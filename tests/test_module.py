@@ -1,5 +1,6 @@
 """fastcnn.module: registration by attribute, dotted names, state, modes, the registry, and the
 rule that a module is used once per model."""
+
 import json
 
 import numpy as np
@@ -60,23 +61,53 @@ def _nested(seed=0):
     return Sequential(
         L.Conv2D(1, 4, 3, padding=1, dtype=np.float64, rng=rng),
         Sequential(Block(4, rng=rng), L.Dropout(0.3, rng=rng)),
-        Residual(Sequential(L.Conv2D(4, 4, 1, dtype=np.float64, rng=rng),
-                            L.BatchNorm2D(4, dtype=np.float64))),
-        L.GlobalAvgPool2D(), L.Dense(4, 3, dtype=np.float64, rng=rng))
+        Residual(
+            Sequential(
+                L.Conv2D(4, 4, 1, dtype=np.float64, rng=rng), L.BatchNorm2D(4, dtype=np.float64)
+            )
+        ),
+        L.GlobalAvgPool2D(),
+        L.Dense(4, 3, dtype=np.float64, rng=rng),
+    )
 
 
 def test_registration_by_attribute_and_dotted_names():
     model = _nested()
     names = [n for n, _ in model.named_parameters()]
-    assert names == ["0.weight", "0.bias", "1.0.conv.weight", "1.0.conv.bias", "1.0.scale.gain",
-                     "2.body.0.weight", "2.body.0.bias", "2.body.1.weight", "2.body.1.bias",
-                     "4.weight", "4.bias"]
+    assert names == [
+        "0.weight",
+        "0.bias",
+        "1.0.conv.weight",
+        "1.0.conv.bias",
+        "1.0.scale.gain",
+        "2.body.0.weight",
+        "2.body.0.bias",
+        "2.body.1.weight",
+        "2.body.1.bias",
+        "4.weight",
+        "4.bias",
+    ]
     assert [n for n, _ in model.named_buffers()] == [
-        "1.0.scale.calls", "2.body.1.running_mean", "2.body.1.running_var"]
+        "1.0.scale.calls",
+        "2.body.1.running_mean",
+        "2.body.1.running_var",
+    ]
     assert list(model.state_dict()) == [
-        "0.weight", "0.bias", "1.0.conv.weight", "1.0.conv.bias", "1.0.scale.gain",
-        "1.0.scale.calls", "2.body.0.weight", "2.body.0.bias", "2.body.1.weight", "2.body.1.bias",
-        "2.body.1.running_mean", "2.body.1.running_var", "4.weight", "4.bias"]
+        "0.weight",
+        "0.bias",
+        "1.0.conv.weight",
+        "1.0.conv.bias",
+        "1.0.scale.gain",
+        "1.0.scale.calls",
+        "2.body.0.weight",
+        "2.body.0.bias",
+        "2.body.1.weight",
+        "2.body.1.bias",
+        "2.body.1.running_mean",
+        "2.body.1.running_var",
+        "4.weight",
+        "4.bias",
+    ]
     assert [n for n, _ in model.named_modules()][:5] == ["", "0", "1", "1.0", "1.0.conv"]
     block = model[1][0]
     block.extra = L.ReLU()  # a new child is registered; replacing one keeps the order
@@ -94,12 +125,15 @@ def test_registration_by_attribute_and_dotted_names():
 
 def test_a_module_is_used_once_per_model():
     relu, conv = L.ReLU(), L.Conv2D(1, 1, 1)
-    for build in (lambda: Sequential(relu, relu),
-                  lambda: Sequential(Sequential(conv), conv),
-                  lambda: Residual(conv, shortcut=conv),
-                  lambda: Concat(Sequential(relu), relu)):
-        with pytest.raises(ValueError, match="is already in this model .* a module can be used "
-                                             "once per model"):
+    for build in (
+        lambda: Sequential(relu, relu),
+        lambda: Sequential(Sequential(conv), conv),
+        lambda: Residual(conv, shortcut=conv),
+        lambda: Concat(Sequential(relu), relu),
+    ):
+        with pytest.raises(
+            ValueError, match="is already in this model .* a module can be used once per model"
+        ):
             build()
     seq = Sequential(L.ReLU())
     with pytest.raises(ValueError, match="cannot hold itself"):
@@ -152,8 +186,11 @@ def test_state_round_trip_modes_and_repr(rng):
     other.set_rng_state(json.loads(json.dumps(model.get_rng_state())))
     assert list(model.get_rng_state()) == ["1.1"]
     np.testing.assert_array_equal(other(x), model(x))  # training mode, dropout included
-    with pytest.raises(ValueError, match=r"cannot load state dict: .*'1.0.scale.gain': expected "
-                                         r"shape \(4,\), got \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot load state dict: .*'1.0.scale.gain': expected "
+        r"shape \(4,\), got \(3,\)",
+    ):
         other.load_state_dict({**model.state_dict(), "1.0.scale.gain": np.zeros(3)})
     assert other.eval() is other and not any(m.training for m in other.modules())
     assert other.train() is other and all(m.training for m in other.modules())
@@ -214,9 +251,11 @@ def test_config_depth_is_bounded():
         config = {"class": "Sequential", "layers": [config]}
     with pytest.raises(ValueError, match=f"nested deeper than {MAX_CONFIG_DEPTH} levels"):
         module_from_config(config)
-    for bad, match in (({"class": "Residual", "body": {"class": "ReLU"}}, "'body' and 'shortcut'"),
-                       ({"class": "Concat", "branches": "x"}, "^Concat: expected a config"),
-                       ({"class": "os.system"}, "unknown module class 'os.system'")):
+    for bad, match in (
+        ({"class": "Residual", "body": {"class": "ReLU"}}, "'body' and 'shortcut'"),
+        ({"class": "Concat", "branches": "x"}, "^Concat: expected a config"),
+        ({"class": "os.system"}, "unknown module class 'os.system'"),
+    ):
         with pytest.raises(ValueError, match=match):
             module_from_config(bad)
 
@@ -243,8 +282,9 @@ def test_subclass_must_call_init_and_layer_alias():
 def test_a_module_shared_by_two_models_cannot_mix_their_states(rng):
     """model[:2] shares its layers with model (as PyTorch's slicing): a forward of one between
     the other's forward and backward is refused, not a gradient from the wrong input."""
-    model = Sequential(L.Dense(4, 4, dtype=np.float64, rng=1), L.Tanh(),
-                       L.Dense(4, 2, dtype=np.float64, rng=2))
+    model = Sequential(
+        L.Dense(4, 4, dtype=np.float64, rng=1), L.Tanh(), L.Dense(4, 2, dtype=np.float64, rng=2)
+    )
     head = model[:2]
     x = rng.standard_normal((3, 4))
     y = model(x)
@@ -274,8 +314,16 @@ def test_fit_trains_a_users_module_whose_backward_takes_only_dy(rng):
     x = rng.standard_normal((32, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     before = net.a.weight.data.copy()
-    history = fastcnn.fit(net, fastcnn.CrossEntropyLoss(), fastcnn.SGD(net.parameters(), lr=0.5),
-                          x, y, epochs=3, batch_size=8, progress=False)
+    history = fastcnn.fit(
+        net,
+        fastcnn.CrossEntropyLoss(),
+        fastcnn.SGD(net.parameters(), lr=0.5),
+        x,
+        y,
+        epochs=3,
+        batch_size=8,
+        progress=False,
+    )
     assert history.train_loss[-1] < history.train_loss[0]
     assert not np.array_equal(net.a.weight.data, before)
     assert Sequential(Net()).backward.__name__ == "backward"  # nests as a step of its own
@@ -284,6 +332,7 @@ def test_fit_trains_a_users_module_whose_backward_takes_only_dy(rng):
 def test_a_layer_written_for_the_former_layer_api_keeps_its_state():
     """``class L(fastcnn.Layer)`` with ``_params``/``_buffers`` class attributes, as before the
     Module base: parameters and buffers are registered when assigned, so they are saved."""
+
     class Old(fastcnn.Layer):
         _params = ("w",)
         _buffers = ("count",)

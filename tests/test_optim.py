@@ -1,5 +1,6 @@
 """fastcnn.optim against hand-written PyTorch formulas, against torch.optim when installed, and
 state_dict round trips."""
+
 import copy
 import json
 import math
@@ -131,10 +132,18 @@ def test_sgd_update_kernel_matches_the_formulas(config, seed):
         for step in range(8):
             set_grads(params, step)
             for p, buf in zip(params, bufs):
-                sgd_update(p.data.reshape(-1), p.grad.reshape(-1), buf.reshape(-1), t(config["lr"]),
-                           t(config["momentum"]), t(1.0 - config["dampening"]),
-                           config["dampening"] != 0, t(config["weight_decay"]), config["nesterov"],
-                           step == 0)
+                sgd_update(
+                    p.data.reshape(-1),
+                    p.grad.reshape(-1),
+                    buf.reshape(-1),
+                    t(config["lr"]),
+                    t(config["momentum"]),
+                    t(1.0 - config["dampening"]),
+                    config["dampening"] != 0,
+                    t(config["weight_decay"]),
+                    config["nesterov"],
+                    step == 0,
+                )
         for p, e in zip(params, expected):
             assert relative_error(p.data, e) <= tol
 
@@ -157,8 +166,9 @@ def test_sgd_kernel_equals_the_numpy_sequence_bitwise(config, seed):
             np.testing.assert_array_equal(a.data, b.data)
         for i, state in opt_fast.state.items():
             if "momentum_buffer" in state:
-                np.testing.assert_array_equal(state["momentum_buffer"],
-                                              opt_slow.state[i]["momentum_buffer"])
+                np.testing.assert_array_equal(
+                    state["momentum_buffer"], opt_slow.state[i]["momentum_buffer"]
+                )
 
 
 @pytest.mark.parametrize("cls", [Adam, AdamW])
@@ -306,15 +316,19 @@ def serialised(sd):
     hyper = json.loads(json.dumps(sd["hyper"]))
     state = {}
     for key, entry in sd["state"].items():
-        state[key] = {name: (np.array(v) if isinstance(v, np.ndarray) else v) for name, v in entry.items()}
+        state[key] = {
+            name: (np.array(v) if isinstance(v, np.ndarray) else v) for name, v in entry.items()
+        }
         json.dumps(state[key]["step"])
     return {"hyper": hyper, "state": state}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cls, kwargs", ROUND_TRIP)
-@pytest.mark.parametrize("sched_cls, sched_kwargs", [(StepLR, dict(step_size=2, gamma=0.5)),
-                                                     (CosineAnnealingLR, dict(T_max=5))])
+@pytest.mark.parametrize(
+    "sched_cls, sched_kwargs",
+    [(StepLR, dict(step_size=2, gamma=0.5)), (CosineAnnealingLR, dict(T_max=5))],
+)
 def test_state_dict_round_trip_is_bitwise(cls, kwargs, dtype, sched_cls, sched_kwargs):
     # uninterrupted: 10 steps, the scheduler stepping after each
     params = make_params(5, dtype)
@@ -352,8 +366,14 @@ def test_state_dict_contents_and_copies():
     opt = Adam(params, lr=0.01, betas=(0.8, 0.9))
     run(opt, params, 3)
     sd = opt.state_dict()
-    assert sd["hyper"] == {"class": "Adam", "num_params": 3, "lr": 0.01, "betas": [0.8, 0.9],
-                           "eps": 1e-8, "weight_decay": 0.0}
+    assert sd["hyper"] == {
+        "class": "Adam",
+        "num_params": 3,
+        "lr": 0.01,
+        "betas": [0.8, 0.9],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+    }
     assert sorted(sd["state"]) == ["0", "1", "2"]
     assert set(sd["state"]["1"]) == {"step", "exp_avg", "exp_avg_sq"}
     assert sd["state"]["1"]["step"] == 3 and type(sd["state"]["1"]["step"]) is int
@@ -453,8 +473,10 @@ def test_scheduler_load_validates():
         (lambda ps: SGD(ps, lr=0.1, momentum=-0.5), "SGD: expected momentum >= 0, got -0.5"),
         (lambda ps: SGD(ps, lr=0.1, weight_decay=-1), "SGD: expected weight_decay >= 0, got -1"),
         (lambda ps: SGD(ps, lr=0.1, nesterov=True), "SGD: Nesterov momentum requires momentum > 0"),
-        (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
-         "SGD: Nesterov momentum requires momentum > 0 and dampening = 0"),
+        (
+            lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+            "SGD: Nesterov momentum requires momentum > 0 and dampening = 0",
+        ),
         (lambda ps: SGD(ps, lr=float("nan")), "SGD: expected lr >= 0, got nan"),
         (lambda ps: SGD(ps + [ps[0]], lr=0.1), "SGD: parameter 3 appears more than once"),
         (lambda ps: Adam([], lr=0.1), "Adam: expected a non-empty list"),
@@ -465,11 +487,19 @@ def test_scheduler_load_validates():
         (lambda ps: Adam(ps, eps=-1e-8), "Adam: expected eps >= 0"),
         (lambda ps: AdamW(ps, betas=(0.9, 1.5)), "AdamW: expected betas[1] in [0, 1), got 1.5"),
         (lambda ps: AdamW(ps, weight_decay=-0.01), "AdamW: expected weight_decay >= 0"),
-        (lambda ps: StepLR(SGD(ps, lr=0.1), step_size=0), "StepLR: expected step_size to be an int >= 1"),
+        (
+            lambda ps: StepLR(SGD(ps, lr=0.1), step_size=0),
+            "StepLR: expected step_size to be an int >= 1",
+        ),
         (lambda ps: StepLR(SGD(ps, lr=0.1), step_size=2, gamma=-1), "StepLR: expected gamma >= 0"),
-        (lambda ps: CosineAnnealingLR(SGD(ps, lr=0.1), T_max=0), "CosineAnnealingLR: expected T_max"),
-        (lambda ps: CosineAnnealingLR(SGD(ps, lr=0.1), T_max=5, eta_min=-1),
-         "CosineAnnealingLR: expected eta_min >= 0"),
+        (
+            lambda ps: CosineAnnealingLR(SGD(ps, lr=0.1), T_max=0),
+            "CosineAnnealingLR: expected T_max",
+        ),
+        (
+            lambda ps: CosineAnnealingLR(SGD(ps, lr=0.1), T_max=5, eta_min=-1),
+            "CosineAnnealingLR: expected eta_min >= 0",
+        ),
     ],
 )
 def test_construction_validation(make, words):

@@ -3,6 +3,7 @@ a parallel loop are linked, never compiled to machine code; what numba runs and 
 unchanged; and numba's classes are numba's own whenever no kernel of fastcnn is compiling (any
 other numba code in the process compiles as numba does). Each check of a compilation runs in a
 child interpreter with an empty cache, so it sees the compile, not a cached kernel."""
+
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from fastcnn.kernels import _parfor_link_only, activations
 
 _TESTED = _parfor_link_only._version(numba) in _parfor_link_only._TESTED
 _needs_tested_numba = pytest.mark.skipif(
-    not _TESTED, reason=f"the patch applies to numba {_parfor_link_only._TESTED}")
+    not _TESTED, reason=f"the patch applies to numba {_parfor_link_only._TESTED}"
+)
 
 _CHILD = textwrap.dedent("""
     import sys
@@ -91,9 +93,17 @@ def _child(tmp_path, **env):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env)
     # the child imports the fastcnn under test (the script's folder comes first on its path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastcnn.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", str(script)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
 
@@ -101,7 +111,8 @@ def _child(tmp_path, **env):
 def _is_numbas(function):
     """True for numba's own function, not a wrapper (functools.wraps copies names, not code)."""
     return not hasattr(function, "__wrapped__") and function.__code__.co_filename.startswith(
-        os.path.dirname(numba.__file__))
+        os.path.dirname(numba.__file__)
+    )
 
 
 def test_numba_untouched_outside_fastcnns_compilations():
@@ -110,7 +121,9 @@ def test_numba_untouched_outside_fastcnns_compilations():
     v = np.ones(10, np.float32)
     activations.relu_forward(v, np.empty_like(v))
     for name in _parfor_link_only._LIBRARY_METHODS:
-        assert _is_numbas(vars(codegen.CPUCodeLibrary).get(name, getattr(codegen.CPUCodeLibrary, name))), name
+        assert _is_numbas(
+            vars(codegen.CPUCodeLibrary).get(name, getattr(codegen.CPUCodeLibrary, name))
+        ), name
     assert _is_numbas(parallel.build_gufunc_wrapper)
     assert _parfor_link_only._saved is None and _parfor_link_only._depth == 0
 
@@ -137,8 +150,12 @@ def test_every_kernel_is_scoped():
 
     from fastcnn.kernels import conv2d, fused, gemm_tile
 
-    kernels = [obj for m in (activations, conv2d, fused, gemm_tile) for obj in vars(m).values()
-               if isinstance(obj, Dispatcher) and obj.py_func.__module__ == m.__name__]
+    kernels = [
+        obj
+        for m in (activations, conv2d, fused, gemm_tile)
+        for obj in vars(m).values()
+        if isinstance(obj, Dispatcher) and obj.py_func.__module__ == m.__name__
+    ]
     assert len(kernels) > 10
     assert all(getattr(k.compile, "_fastcnn_link_only", False) for k in kernels)
     assert not hasattr(type(kernels[0]).compile, "_fastcnn_link_only")  # numba's class: its own
@@ -184,8 +201,11 @@ def test_warns_when_numba_does_not_fit(monkeypatch):
 
     module = types.ModuleType(f.py_func.__module__)
     module.f = f
-    with pytest.warns(RuntimeWarning, match=r"compile as numba does .*not a version it was "
-                      r"tested on \(0\.1\); FASTCNN_NUMBA_LINK_ONLY=0 silences"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"compile as numba does .*not a version it was "
+        r"tested on \(0\.1\); FASTCNN_NUMBA_LINK_ONLY=0 silences",
+    ):
         assert _parfor_link_only.install([module]) is False
     assert not hasattr(f.compile, "_fastcnn_link_only") and not _parfor_link_only.installed
     monkeypatch.setenv("FASTCNN_NUMBA_LINK_ONLY", "0")

@@ -1,6 +1,7 @@
 """fastcnn.plan: every fusion pattern gives bitwise the results of its layers run one by one,
 alone and inside any container, and so do random module trees (nesting, residuals, concats,
 every layer type), forward and backward."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -37,8 +38,11 @@ def assert_fused_equals_unfused(model, x, dy=None, input_grad=True):
     if dy is None:
         with fastcnn.fusion(False):
             shape = _twin(model)(x).shape
-        dy = np.random.default_rng(5).standard_normal(shape).astype(model.parameters()[0].dtype
-                                                                     if model.parameters() else x.dtype)
+        dy = (
+            np.random.default_rng(5)
+            .standard_normal(shape)
+            .astype(model.parameters()[0].dtype if model.parameters() else x.dtype)
+        )
     fused = _run(model, x, dy, True, input_grad)
     plain = _run(twin, x, dy, False, input_grad)
     np.testing.assert_array_equal(fused[0], plain[0])
@@ -62,13 +66,21 @@ def _steps(model):
 # ---------------------------------------------------------------------------------------------
 # each pattern
 
+
 def _pattern_models(dtype, rng):
     conv = lambda c, f, **kw: L.Conv2D(c, f, 3, dtype=dtype, rng=rng, **kw)  # noqa: E731
     return [
         ("ConvReLUMaxPool", Sequential(conv(32, 32), L.ReLU(), L.MaxPool2D(2)), (2, 32, 9, 8)),
-        ("ConvReLUMaxPool", Sequential(conv(3, 5, padding=1), L.ReLU(), L.MaxPool2D(2)), (2, 3, 8, 7)),
-        ("ConvReLUMaxPool", Sequential(conv(3, 4), L.ReLU(), L.MaxPool2D(3, stride=2, padding=1)),
-         (2, 3, 9, 9)),  # windows that overlap: the unpooled path
+        (
+            "ConvReLUMaxPool",
+            Sequential(conv(3, 5, padding=1), L.ReLU(), L.MaxPool2D(2)),
+            (2, 3, 8, 7),
+        ),
+        (
+            "ConvReLUMaxPool",
+            Sequential(conv(3, 4), L.ReLU(), L.MaxPool2D(3, stride=2, padding=1)),
+            (2, 3, 9, 9),
+        ),  # windows that overlap: the unpooled path
         ("ConvReLU", Sequential(conv(3, 4, stride=2), L.ReLU()), (3, 3, 7, 8)),
         ("DenseReLU", Sequential(L.Dense(6, 5, dtype=dtype, rng=rng), L.ReLU()), (4, 6)),
         ("ReLUMaxPool", Sequential(L.ReLU(), L.MaxPool2D(2)), (2, 3, 6, 6)),
@@ -105,16 +117,23 @@ def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
 
 
 def test_plans_of_the_ready_made_networks():
-    assert _steps(reference()) == ["ConvReLUMaxPool", "ConvReLUMaxPool", "ModuleStep",
-                                   "DenseReLU", "ModuleStep"]
+    assert _steps(reference()) == [
+        "ConvReLUMaxPool",
+        "ConvReLUMaxPool",
+        "ModuleStep",
+        "DenseReLU",
+        "ModuleStep",
+    ]
     model = resnet(8)
     assert len(_steps(model)) == len(model)  # conv-BN-ReLU and residuals do not fuse (yet)
     # nested plain Sequentials are opened up: their runs fuse across the boundary
     chain = Sequential(Sequential(L.Conv2D(1, 2, 3), L.ReLU()), Sequential(L.MaxPool2D(2)))
     assert _steps(chain) == ["ConvReLUMaxPool"]
+
     # a subclass is not matched (its forward may differ), an exact type is
     class MyReLU(L.ReLU):
         pass
+
     assert _steps(Sequential(L.Conv2D(1, 2, 3), MyReLU())) == ["ModuleStep", "ModuleStep"]
     assert [t for t, _ in PATTERNS][0] == (L.Conv2D, L.ReLU, L.MaxPool2D)
 
@@ -133,7 +152,9 @@ def test_fusion_switch_and_its_context():
         assert set(_steps(reference())) == {"ModuleStep"}
     finally:
         set_fusion(True)
-    assert [type(s).__name__ for s in make_plan(reference().children(), fuse=False)] == ["ModuleStep"] * 10
+    assert [type(s).__name__ for s in make_plan(reference().children(), fuse=False)] == [
+        "ModuleStep"
+    ] * 10
 
 
 def test_plan_follows_changes_to_the_tree(rng):
@@ -160,13 +181,18 @@ def trees(draw, channels, size, depth=0):
     dtype = np.float64
     mods = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(LEAVES + (("residual", "concat", "chain") if depth < 2 else ())))
+        kind = draw(
+            st.sampled_from(LEAVES + (("residual", "concat", "chain") if depth < 2 else ()))
+        )
         if kind in ("conv", "convrelu", "block"):
             f = draw(st.sampled_from([1, 2, 3, 32]))
             k = draw(st.integers(1, 3))
             pad = k // 2 if kind != "block" or size < 4 else draw(st.integers(0, k // 2))
-            mods.append(L.Conv2D(channels, f, k, padding=pad, bias=draw(st.booleans()),
-                                 dtype=dtype, rng=rng))
+            mods.append(
+                L.Conv2D(
+                    channels, f, k, padding=pad, bias=draw(st.booleans()), dtype=dtype, rng=rng
+                )
+            )
             channels, size = f, size + 2 * pad - k + 1
             if kind in ("convrelu", "block"):
                 mods.append(L.ReLU())
@@ -224,9 +250,13 @@ def test_random_trees_fused_equal_unfused(data, training, input_grad):
     channels = data.draw(st.sampled_from([1, 3, 32]))
     size = data.draw(st.integers(2, 7))
     body, c, s = data.draw(trees(channels, size))
-    head = [L.GlobalAvgPool2D(), L.Dense(c, 3, dtype=np.float64, rng=1)] if data.draw(st.booleans()) \
+    head = (
+        [L.GlobalAvgPool2D(), L.Dense(c, 3, dtype=np.float64, rng=1)]
+        if data.draw(st.booleans())
         else [L.Flatten(), L.Dense(c * s * s, 3, dtype=np.float64, rng=1), L.ReLU()]
+    )
     model = Sequential(body, *head).train(training)
     x = np.random.default_rng(data.draw(st.integers(0, 99))).standard_normal(
-        (data.draw(st.integers(2, 3)), channels, size, size))
+        (data.draw(st.integers(2, 3)), channels, size, size)
+    )
     assert_fused_equals_unfused(model, x, input_grad=input_grad)

@@ -12,6 +12,7 @@ from speedup import speedup
 
 # --- calling the kernels the way fastcnn.functional does -------------------------------------
 
+
 def out_size(size, k, s, before, after):
     return (size + before + after - k) // s + 1
 
@@ -19,7 +20,12 @@ def out_size(size, k, s, before, after):
 def out_shape(x_shape, kernel, stride, padding):
     n, c, h, w = x_shape
     (pt, pb), (pl, pr) = padding
-    return (n, c, out_size(h, kernel[0], stride[0], pt, pb), out_size(w, kernel[1], stride[1], pl, pr))
+    return (
+        n,
+        c,
+        out_size(h, kernel[0], stride[0], pt, pb),
+        out_size(w, kernel[1], stride[1], pl, pr),
+    )
 
 
 def nhwc(a):
@@ -41,8 +47,9 @@ def maxpool_fwd(x, kernel, stride, padding):
     shape = out_shape(x.shape, kernel, stride, padding)
     y = nhwc_full(shape, 7.0, x.dtype)  # garbage: every element must be written
     argmax = nhwc_full(shape, -7, np.int64)
-    K.maxpool2d_forward(nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
-                        padding[1][0], y, argmax)
+    K.maxpool2d_forward(
+        nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0], padding[1][0], y, argmax
+    )
     return nchw(y), nchw(argmax)
 
 
@@ -50,22 +57,35 @@ def maxpool_bwd(dy, argmax, x_shape, kernel=(0, 0), stride=(0, 0), padding=((0, 
     """kernel (0, 0): the geometry unknown to the kernel, which takes its general path."""
     dx = nhwc_full(x_shape, 7.0, dy.dtype)
     dyh = nhwc(dy)
-    K.maxpool2d_backward(dyh, nhwc(argmax), dyh, False, kernel[0], kernel[1], stride[0],
-                         stride[1], padding[0][0], padding[1][0], dx)
+    K.maxpool2d_backward(
+        dyh,
+        nhwc(argmax),
+        dyh,
+        False,
+        kernel[0],
+        kernel[1],
+        stride[0],
+        stride[1],
+        padding[0][0],
+        padding[1][0],
+        dx,
+    )
     return nchw(dx)
 
 
 def avgpool_fwd(x, kernel, stride, padding):
     y = nhwc_full(out_shape(x.shape, kernel, stride, padding), 7.0, x.dtype)
-    K.avgpool2d_forward(nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
-                        padding[1][0], y)
+    K.avgpool2d_forward(
+        nhwc(x), kernel[0], kernel[1], stride[0], stride[1], padding[0][0], padding[1][0], y
+    )
     return nchw(y)
 
 
 def avgpool_bwd(dy, x_shape, kernel, stride, padding):
     dx = nhwc_full(x_shape, 7.0, dy.dtype)
-    K.avgpool2d_backward(nhwc(dy), kernel[0], kernel[1], stride[0], stride[1], padding[0][0],
-                         padding[1][0], dx)
+    K.avgpool2d_backward(
+        nhwc(dy), kernel[0], kernel[1], stride[0], stride[1], padding[0][0], padding[1][0], dx
+    )
     return nchw(dx)
 
 
@@ -76,6 +96,7 @@ def distinct(rng, shape, dtype=np.float64):
 
 
 # --- random cases ------------------------------------------------------------------------------
+
 
 @st.composite
 def pool_cases(draw):
@@ -152,12 +173,16 @@ def test_avgpool_matches_naive(case):
 
 # --- ties and NaN: PyTorch's rule --------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    ((2, 2), (2, 2), ((0, 0), (0, 0))),   # fast path
-    ((2, 2), (2, 2), ((0, 1), (0, 1))),   # odd size, window hanging over the bottom/right
-    ((3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((3, 2), (2, 1), ((1, 0), (0, 1))),
-])
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [
+        ((2, 2), (2, 2), ((0, 0), (0, 0))),  # fast path
+        ((2, 2), (2, 2), ((0, 1), (0, 1))),  # odd size, window hanging over the bottom/right
+        ((3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((3, 2), (2, 1), ((1, 0), (0, 1))),
+    ],
+)
 def test_maxpool_ties_pick_first_in_bounds_cell(kernel, stride, padding):
     x = np.full((2, 3, 7, 7), 1.5, dtype=np.float32)
     y, argmax = maxpool_fwd(x, kernel, stride, padding)
@@ -170,12 +195,15 @@ def test_maxpool_ties_pick_first_in_bounds_cell(kernel, stride, padding):
             assert np.all(argmax[:, :, oh, ow] == h0 * w + w0)
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    ((2, 2), (2, 2), ((0, 0), (0, 0))),
-    ((3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((3, 3), (2, 2), ((1, 1), (1, 1))),
-    ((2, 3), (1, 2), ((1, 0), (1, 1))),
-])
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [
+        ((2, 2), (2, 2), ((0, 0), (0, 0))),
+        ((3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((3, 3), (2, 2), ((1, 1), (1, 1))),
+        ((2, 3), (1, 2), ((1, 0), (1, 1))),
+    ],
+)
 def test_maxpool_ties_nan_and_inf_match_naive(kernel, stride, padding, rng):
     """Many ties (values 0, 1, 2), NaNs and -infs: values and indices exactly as the naive loop
     (first of equal maxima in row-major order, a NaN in the window selected: the last one, as
@@ -194,8 +222,8 @@ def test_maxpool_ties_nan_and_inf_match_naive(kernel, stride, padding, rng):
 
 def test_maxpool_nan_is_selected_and_propagates():
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
-    x[0, 0, 0, 1] = np.nan   # top-left window
-    x[0, 0, 3, 3] = np.nan   # bottom-right window, where it is the last cell
+    x[0, 0, 0, 1] = np.nan  # top-left window
+    x[0, 0, 3, 3] = np.nan  # bottom-right window, where it is the last cell
     y, argmax = maxpool_fwd(x, (2, 2), (2, 2), ((0, 0), (0, 0)))
     assert np.isnan(y[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 1
     assert np.isnan(y[0, 0, 1, 1]) and argmax[0, 0, 1, 1] == 15
@@ -205,6 +233,7 @@ def test_maxpool_nan_is_selected_and_propagates():
 
 
 # --- backward: overlapping windows, finite differences ----------------------------------------
+
 
 def test_maxpool_backward_overlapping_windows(rng):
     """Stride 1, kernel 3: a cell may be the maximum of up to 9 windows; gradients add up."""
@@ -219,32 +248,47 @@ def test_maxpool_backward_overlapping_windows(rng):
     assert relative_error(dx, dx_ref) <= 1e-10
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    ((2, 2), (2, 2), ((0, 0), (0, 0))),
-    ((3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((3, 2), (2, 1), ((1, 0), (1, 1))),
-])
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [
+        ((2, 2), (2, 2), ((0, 0), (0, 0))),
+        ((3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((3, 2), (2, 1), ((1, 0), (1, 1))),
+    ],
+)
 def test_maxpool_backward_finite_differences(kernel, stride, padding, rng):
     x = distinct(rng, (2, 2, 5, 6))  # values 0.25 apart: eps = 1e-6 never swaps a maximum
     y, argmax = maxpool_fwd(x, kernel, stride, padding)
     g = rng.standard_normal(y.shape)
-    assert_gradient(lambda v: maxpool_fwd(v, kernel, stride, padding)[0], x, g,
-                    maxpool_bwd(g, argmax, x.shape, kernel, stride, padding))
+    assert_gradient(
+        lambda v: maxpool_fwd(v, kernel, stride, padding)[0],
+        x,
+        g,
+        maxpool_bwd(g, argmax, x.shape, kernel, stride, padding),
+    )
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    ((2, 2), (2, 2), ((0, 0), (0, 0))),
-    ((3, 3), (1, 1), ((1, 1), (1, 1))),
-    ((3, 2), (2, 1), ((1, 0), (1, 1))),
-])
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [
+        ((2, 2), (2, 2), ((0, 0), (0, 0))),
+        ((3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((3, 2), (2, 1), ((1, 0), (1, 1))),
+    ],
+)
 def test_avgpool_backward_finite_differences(kernel, stride, padding, rng):
     x = rng.standard_normal((2, 2, 5, 6))
     g = rng.standard_normal(out_shape(x.shape, kernel, stride, padding))
-    assert_gradient(lambda v: avgpool_fwd(v, kernel, stride, padding), x, g,
-                    avgpool_bwd(g, x.shape, kernel, stride, padding))
+    assert_gradient(
+        lambda v: avgpool_fwd(v, kernel, stride, padding),
+        x,
+        g,
+        avgpool_bwd(g, x.shape, kernel, stride, padding),
+    )
 
 
 # --- speed -------------------------------------------------------------------------------------
+
 
 def test_speedup_over_naive(rng):
     """2x2 max pool of the reference network, batch 8: forward and backward >= 20x the naive loops."""
@@ -254,19 +298,30 @@ def test_speedup_over_naive(rng):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     xh, yh, ah, dyh = nhwc(x), nhwc(y), nhwc(argmax), nhwc(dy)
     dxh = np.empty_like(xh)
-    forward = speedup(lambda: K.maxpool2d_forward(xh, 2, 2, 2, 2, 0, 0, yh, ah),
-                      lambda: naive.maxpool2d_forward(x, kernel, stride, padding))
-    backward = speedup(lambda: K.maxpool2d_backward(dyh, ah, dyh, False, 2, 2, 2, 2, 0, 0, dxh),
-                       lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding))
+    forward = speedup(
+        lambda: K.maxpool2d_forward(xh, 2, 2, 2, 2, 0, 0, yh, ah),
+        lambda: naive.maxpool2d_forward(x, kernel, stride, padding),
+    )
+    backward = speedup(
+        lambda: K.maxpool2d_backward(dyh, ah, dyh, False, 2, 2, 2, 2, 0, 0, dxh),
+        lambda: naive.maxpool2d_backward(x, dy, kernel, stride, padding),
+    )
     assert forward >= 20, forward
     assert backward >= 20, backward
 
 
 # --- PyTorch -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    (2, 2, 0), (3, 2, 1), (3, 1, 1), ((2, 3), (1, 2), (1, 0)),
-])
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding",
+    [
+        (2, 2, 0),
+        (3, 2, 1),
+        (3, 1, 1),
+        ((2, 3), (1, 2), (1, 0)),
+    ],
+)
 def test_matches_torch(kernel, stride, padding, rng):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

@@ -1,5 +1,6 @@
 """fastcnn.precompile: the two groups it compiles in parallel on a first run cover every kernel
 of the reference network's training step (else the helper process would work in vain)."""
+
 import os
 import subprocess
 import sys
@@ -60,8 +61,9 @@ _CHILD = textwrap.dedent("""
 
 def test_groups_cover_a_training_step(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), FASTCNN_NO_PRECOMPILE="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED")][-1]
     assert line == "COMPILED []", line  # nothing left to compile after the two groups
@@ -87,8 +89,7 @@ def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
     real_popen = subprocess.Popen
 
     def popen(args, **kwargs):  # a helper that would run for a minute
-        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                                  **kwargs))
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
         return started[-1]
 
     def interrupted(dtype):
@@ -116,12 +117,14 @@ def test_cache_is_cold_reads_the_index_files(monkeypatch, tmp_path, cold):
 
 def test_cache_is_cold_warns_when_numba_changed(monkeypatch):
     """numba's private cache layout gone: a RuntimeWarning and False (no helper process)."""
+
     def moved():
         raise AttributeError("'Dispatcher' object has no attribute '_cache'")
 
     monkeypatch.setattr(precompile, "_index_paths", moved)
-    with pytest.warns(RuntimeWarning, match="cannot read numba's kernel cache.*"
-                      "FASTCNN_NO_PRECOMPILE=1 silences"):
+    with pytest.warns(
+        RuntimeWarning, match="cannot read numba's kernel cache.*FASTCNN_NO_PRECOMPILE=1 silences"
+    ):
         assert precompile.cache_is_cold() is False
     monkeypatch.setenv("FASTCNN_NO_PRECOMPILE", "1")
     with warnings.catch_warnings():

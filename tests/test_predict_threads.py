@@ -1,5 +1,6 @@
 """predict from two Python threads at once (issue 14, item 6): the BLAS thread limit the user had is
 back afterwards, and each result is bitwise the one-thread result."""
+
 import threading
 
 import numpy as np

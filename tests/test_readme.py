@@ -1,5 +1,6 @@
 """The README's Python examples run as written (on a slice of the data set, so that they take
 seconds): the front door stays true."""
+
 import re
 
 import numpy as np
@@ -32,7 +33,8 @@ def test_resnet_example_runs(monkeypatch):
     model = scope["model"]
     assert model.num_parameters() == fastcnn.models.resnet(8).num_parameters()
     assert [n for n, _ in model.named_parameters()] == [
-        n for n, _ in fastcnn.models.resnet(8).named_parameters()]
+        n for n, _ in fastcnn.models.resnet(8).named_parameters()
+    ]
     assert np.isfinite(model.predict(scope["x_test"])).all()
 
 
@@ -52,8 +54,9 @@ def test_first_example_runs(monkeypatch, tmp_path):
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert len(scope["history"]) == 3 and scope["history"].val_accuracy[-1] is not None
-    np.testing.assert_array_equal(scope["restored"].predict(scope["x_test"]),
-                                  scope["model"].predict(scope["x_test"]))
+    np.testing.assert_array_equal(
+        scope["restored"].predict(scope["x_test"]), scope["model"].predict(scope["x_test"])
+    )
 
 
 def test_docs_layer_example_runs(monkeypatch, tmp_path):
@@ -63,16 +66,26 @@ def test_docs_layer_example_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(module, "_REGISTRY", dict(module._REGISTRY))  # a name of its own
     module._REGISTRY.pop("Scale", None)
     with open(README.replace("README.md", "docs/modules.md")) as f:
-        block = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-                     if "class Scale" in b)
+        block = next(
+            b
+            for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+            if "class Scale" in b
+        )
     scope = {}
     exec(compile(block, "docs/modules.md", "exec"), scope)
     rng = np.random.default_rng(0)
-    model = fastcnn.Sequential(fastcnn.Conv2D(1, 3, 3, rng=1), scope["Scale"](3), fastcnn.ReLU(),
-                               fastcnn.GlobalAvgPool2D(), fastcnn.Dense(3, 2, rng=2))
+    model = fastcnn.Sequential(
+        fastcnn.Conv2D(1, 3, 3, rng=1),
+        scope["Scale"](3),
+        fastcnn.ReLU(),
+        fastcnn.GlobalAvgPool2D(),
+        fastcnn.Dense(3, 2, rng=2),
+    )
     x, y = rng.random((16, 1, 6, 6), dtype=np.float32), rng.integers(0, 2, 16)
     opt = fastcnn.SGD(model.parameters(), lr=0.1)
-    fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=2, batch_size=8, progress=False)
+    fastcnn.fit(
+        model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=2, batch_size=8, progress=False
+    )
     assert model[1].gain.grad.any() and not np.array_equal(model[1].gain.data, np.ones(3))
     fastcnn.checkpoint.save(tmp_path / "s.safetensors", model)
     loaded = fastcnn.checkpoint.load(tmp_path / "s.safetensors").model

@@ -1,6 +1,7 @@
 """The README's speed table is generated from the latest results file (bench/readme_table.py),
 and the benchmark's results files are written as that script reads them (bench/results_file.py).
 Fast: nothing is benchmarked."""
+
 import os
 import sys
 
@@ -21,7 +22,10 @@ def test_committed_results_file_parses():
     for malloc in ("default", "tuned"):
         rows = result["tables"][malloc]
         assert {(r["threads"], r["batch"], r["mode"]) for r in rows} >= {
-            ("2", "64", "train"), ("2", "128", "train"), ("2", "128", "infer")}
+            ("2", "64", "train"),
+            ("2", "128", "train"),
+            ("2", "128", "infer"),
+        }
         for r in rows:
             assert r["ratio"].endswith("x") and r["fastcnn img/s"].replace(",", "").isdigit()
 
@@ -51,10 +55,12 @@ def test_latest_skips_ab_runs_and_other_networks(tmp_path):
     old_date = readme_table.parse(readme_table.latest())["date"]
     newer = text.replace(old_date, "2099" + old_date[4:])  # a later date
     (tmp_path / "a-reference.md").write_text(text)
-    (tmp_path / "b-ab.md").write_text(newer.replace(
-        "bench_end_to_end.py", "bench_end_to_end.py --baseline /tmp/base", 1))
-    (tmp_path / "c-resnet.md").write_text(newer.replace(
-        "bench_end_to_end.py", "bench_end_to_end.py --network resnet20", 1))
+    (tmp_path / "b-ab.md").write_text(
+        newer.replace("bench_end_to_end.py", "bench_end_to_end.py --baseline /tmp/base", 1)
+    )
+    (tmp_path / "c-resnet.md").write_text(
+        newer.replace("bench_end_to_end.py", "bench_end_to_end.py --network resnet20", 1)
+    )
     (tmp_path / "d-cut.md.partial").write_text(newer)
     assert readme_table.latest(str(tmp_path)) == str(tmp_path / "a-reference.md")
     (tmp_path / "e-reference.md").write_text(newer)

@@ -9,6 +9,7 @@ run on OpenBLAS, which is NOT bitwise stable across its own thread counts (nor a
 sizes), but fastcnn pins it to one thread while training and evaluating
 (fastcnn.threads.BLAS_THREADS_DURING_COMPUTE), whatever the Numba thread count.
 """
+
 import hashlib
 import os
 import subprocess
@@ -54,15 +55,29 @@ def differs(a, b):
 
 
 def optimizer_state(opt):
-    return {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()
-            if isinstance(v, np.ndarray)}
+    return {
+        f"{i}.{k}": v
+        for i, s in opt.state_dict()["state"].items()
+        for k, v in s.items()
+        if isinstance(v, np.ndarray)
+    }
 
 
 def train_reference(x, y, seed, nthreads, epochs=1):
     model = models.reference(seed=seed)
     opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
-    history = fit(model, CrossEntropyLoss(), opt, x, y, epochs=epochs, batch_size=64, seed=seed,
-                  progress=False, threads=nthreads)
+    history = fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=64,
+        seed=seed,
+        progress=False,
+        threads=nthreads,
+    )
     return weights(model), optimizer_state(opt), history.as_dict()
 
 
@@ -95,8 +110,9 @@ def test_same_seed_same_threads_gives_bitwise_identical_weights(mnist_subset):
     # the same in two other processes (other memory addresses, a fresh BLAS and thread pool)
     code = CHILD.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=data_dir(), n=n)
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.split() == [digest(w1), digest(o1)]
     # and the test can fail: another shuffling seed gives other weights
@@ -118,20 +134,42 @@ def dropout_net(seed):
     """A network with every stateful piece: BatchNorm running statistics and two Dropout layers
     drawing from generators spawned from ``seed``."""
     rng = np.random.default_rng(seed)
-    return Sequential([
-        layers.Conv2D(1, 8, 3, rng=rng), layers.BatchNorm2D(8), layers.ReLU(), layers.MaxPool2D(2),
-        layers.Conv2D(8, 16, 3, rng=rng), layers.ReLU(), layers.MaxPool2D(2),
-        layers.Flatten(), layers.Dropout(0.3, rng=rng),
-        layers.Dense(400, 32, rng=rng), layers.ReLU(), layers.Dropout(0.5, rng=rng),
-        layers.Dense(32, 10, rng=rng),
-    ])
+    return Sequential(
+        [
+            layers.Conv2D(1, 8, 3, rng=rng),
+            layers.BatchNorm2D(8),
+            layers.ReLU(),
+            layers.MaxPool2D(2),
+            layers.Conv2D(8, 16, 3, rng=rng),
+            layers.ReLU(),
+            layers.MaxPool2D(2),
+            layers.Flatten(),
+            layers.Dropout(0.3, rng=rng),
+            layers.Dense(400, 32, rng=rng),
+            layers.ReLU(),
+            layers.Dropout(0.5, rng=rng),
+            layers.Dense(32, 10, rng=rng),
+        ]
+    )
 
 
 def _run(model, x, y, path=None, epochs=3, **kwargs):
     opt = Adam(model.parameters(), lr=2e-3)
     sched = CosineAnnealingLR(opt, T_max=3)
-    return model, opt, sched, dict(epochs=epochs, batch_size=32, scheduler=sched, seed=7,
-                                   progress=False, checkpoint=path, **kwargs)
+    return (
+        model,
+        opt,
+        sched,
+        dict(
+            epochs=epochs,
+            batch_size=32,
+            scheduler=sched,
+            seed=7,
+            progress=False,
+            checkpoint=path,
+            **kwargs,
+        ),
+    )
 
 
 def test_resume_mid_training_is_bitwise_identical_with_dropout(mnist_subset, tmp_path):
@@ -191,12 +229,27 @@ def test_resume_of_a_resnet_with_a_per_batch_schedule_is_bitwise_identical(mnist
     def run(model, path=None, epochs=2):
         opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
         sched = OneCycleLR(opt, max_lr=0.1, total_steps=2 * 4)
-        return model, opt, sched, dict(epochs=epochs, batch_size=64, scheduler=sched, seed=3,
-                                       progress=False, checkpoint=path)
+        return (
+            model,
+            opt,
+            sched,
+            dict(
+                epochs=epochs,
+                batch_size=64,
+                scheduler=sched,
+                seed=3,
+                progress=False,
+                checkpoint=path,
+            ),
+        )
 
     model, opt, sched, kw = run(resnet(8, seed=2))
     full = fit(model, loss, opt, x, y, **kw)
-    expected, expected_opt, expected_lr = weights(model), optimizer_state(opt), (opt.lr, opt.momentum)
+    expected, expected_opt, expected_lr = (
+        weights(model),
+        optimizer_state(opt),
+        (opt.lr, opt.momentum),
+    )
     path = tmp_path / "r8.safetensors"
     model, opt, sched, kw = run(resnet(8, seed=2), path, epochs=1)
     fit(model, loss, opt, x, y, **kw)

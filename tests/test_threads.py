@@ -1,6 +1,7 @@
 """fastcnn.threads.one_blas_thread: the BLAS behind numpy on one thread while fastcnn's own
 matrix products run, whoever drives the loop, and the user's setting always restored, also
 when several Python threads enter and leave in any order."""
+
 import threading
 
 import numpy as np
@@ -60,6 +61,7 @@ def test_entries_from_several_python_threads_restore_the_users_count(monkeypatch
     """A enters, B enters, A leaves, B leaves: the count is 1 until the last one leaves, then
     the user's (a save/restore per entry would leave 1 behind). Checked on a stand-in library:
     OpenBLAS itself ignores some changes made from threads other than the main one."""
+
     class FakeBlas:
         count, calls = 3, []
 

@@ -1,4 +1,5 @@
 """fit / evaluate / thread control: learning, reproducible shuffling, bitwise resume, divergence."""
+
 import hashlib
 import time
 
@@ -44,9 +45,15 @@ def images(n=100, seed=0):
 
 def small_cnn(seed=0):
     rng = np.random.default_rng(seed)
-    return Sequential([
-        Conv2D(1, 4, 3, rng=rng), ReLU(), MaxPool2D(2), Flatten(), Dense(36, 3, rng=rng),
-    ])
+    return Sequential(
+        [
+            Conv2D(1, 4, 3, rng=rng),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten(),
+            Dense(36, 3, rng=rng),
+        ]
+    )
 
 
 class Recorder:
@@ -84,8 +91,17 @@ def test_fit_decreases_loss_and_reaches_high_accuracy():
     model = mlp()
     opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = evaluate(model, x, y)
-    h = fit(model, CrossEntropyLoss(), opt, x, y, epochs=5, batch_size=32, val_data=(x[:60], y[:60]),
-            progress=False)
+    h = fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=5,
+        batch_size=32,
+        val_data=(x[:60], y[:60]),
+        progress=False,
+    )
     assert isinstance(h, History) and len(h) == 5
     assert h.train_loss[-1] < 0.5 * h.train_loss[0]
     assert h.train_loss[-1] < 0.5 * before[0]
@@ -107,8 +123,16 @@ def test_fit_records_scheduled_lr_and_no_val():
     x, y = blobs(64)
     model = mlp()
     opt = SGD(model.parameters(), lr=0.1)
-    h = fit(model, CrossEntropyLoss(), opt, x, y, epochs=3, scheduler=StepLR(opt, 1, gamma=0.5),
-            progress=False)
+    h = fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=3,
+        scheduler=StepLR(opt, 1, gamma=0.5),
+        progress=False,
+    )
     assert h.lr == pytest.approx([0.1, 0.05, 0.025])
     assert h.val_loss == [None] * 3 and h.val_accuracy == [None] * 3
 
@@ -151,8 +175,17 @@ def shuffled_batches(seed, epochs=3, n=10, batch_size=4):
     x = np.arange(n * 4, dtype=np.float32).reshape(n, 4)  # row i holds 4i..4i+3: identifiable
     y = np.arange(n, dtype=np.int64) % 3
     model = SpyMLP()
-    fit(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.0), x, y, epochs=epochs,
-        batch_size=batch_size, seed=seed, progress=False)
+    fit(
+        model,
+        CrossEntropyLoss(),
+        SGD(model.parameters(), lr=0.0),
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        progress=False,
+    )
     return [(b[:, 0] // 4).astype(int) for b in model.seen]
 
 
@@ -161,7 +194,9 @@ def test_shuffling_follows_the_seed_and_keeps_the_last_partial_batch():
     assert [len(b) for b in batches] == [4, 4, 2] * 3  # drop_last=False
     rng = np.random.default_rng(7)
     for e in range(3):
-        np.testing.assert_array_equal(np.concatenate(batches[3 * e : 3 * e + 3]), rng.permutation(10))
+        np.testing.assert_array_equal(
+            np.concatenate(batches[3 * e : 3 * e + 3]), rng.permutation(10)
+        )
     again, other = shuffled_batches(7), shuffled_batches(8)
     assert all(np.array_equal(p, q) for p, q in zip(batches, again))
     assert not all(np.array_equal(p, q) for p, q in zip(batches, other))
@@ -190,15 +225,38 @@ def test_resume_is_bitwise_identical_to_the_uninterrupted_run(tmp_path, kind):
 
     # uninterrupted: 4 epochs
     model, opt, sched = make()
-    full = fit(model, CrossEntropyLoss(), opt, x, y, epochs=4, batch_size=16, val_data=(xv, yv),
-               scheduler=sched, seed=3, progress=False)
+    full = fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        val_data=(xv, yv),
+        scheduler=sched,
+        seed=3,
+        progress=False,
+    )
     expected = weights(model)
 
     # interrupted after 2 epochs, then resumed from the checkpoint in a fresh model/optimizer
     path = tmp_path / "run.safetensors"
     model, opt, sched = make()
-    fit(model, CrossEntropyLoss(), opt, x, y, epochs=2, batch_size=16, val_data=(xv, yv),
-        scheduler=sched, seed=3, progress=False, checkpoint=path)
+    fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        val_data=(xv, yv),
+        scheduler=sched,
+        seed=3,
+        progress=False,
+        checkpoint=path,
+    )
     ck = checkpoint.load(path)
     assert ck.epoch == 2
     kwargs = resume_kwargs(ck)
@@ -213,8 +271,20 @@ def test_resume_is_bitwise_identical_to_the_uninterrupted_run(tmp_path, kind):
     model2, opt2, sched2 = make(ck.model)
     ck.restore_optimizer(opt2)
     ck.restore_scheduler(sched2)
-    resumed = fit(model2, CrossEntropyLoss(), opt2, x, y, epochs=4, batch_size=16, val_data=(xv, yv),
-                  scheduler=sched2, progress=False, checkpoint=path, **kwargs)
+    resumed = fit(
+        model2,
+        CrossEntropyLoss(),
+        opt2,
+        x,
+        y,
+        epochs=4,
+        batch_size=16,
+        val_data=(xv, yv),
+        scheduler=sched2,
+        progress=False,
+        checkpoint=path,
+        **kwargs,
+    )
     got = weights(model2)
     assert got.keys() == expected.keys()
     for k in expected:
@@ -228,10 +298,23 @@ def test_resume_is_bitwise_identical_to_the_uninterrupted_run(tmp_path, kind):
     model3 = checkpoint.load(path).model  # weights irrelevant here: compare the batch order
     rec_a, rec_b = Recorder(), Recorder()
     m = small_cnn()
-    fit(m, rec_a, SGD(m.parameters(), lr=0.0), x, y, epochs=3, batch_size=16, seed=3, progress=False)
-    fit(model3, rec_b, SGD(model3.parameters(), lr=0.0), x, y, epochs=3, batch_size=16, seed=3,
-        start_epoch=2, history=History.from_dict({k: v[:2] for k, v in a.items()}), progress=False)
-    tail = rec_a.batches[-len(rec_b.batches):]
+    fit(
+        m, rec_a, SGD(m.parameters(), lr=0.0), x, y, epochs=3, batch_size=16, seed=3, progress=False
+    )
+    fit(
+        model3,
+        rec_b,
+        SGD(model3.parameters(), lr=0.0),
+        x,
+        y,
+        epochs=3,
+        batch_size=16,
+        seed=3,
+        start_epoch=2,
+        history=History.from_dict({k: v[:2] for k, v in a.items()}),
+        progress=False,
+    )
+    tail = rec_a.batches[-len(rec_b.batches) :]
     assert all(np.array_equal(p, q) for p, q in zip(tail, rec_b.batches))
 
 
@@ -244,13 +327,34 @@ def test_injected_nan_names_epoch_and_batch_and_keeps_the_checkpoint(tmp_path):
     model = mlp()
     opt = SGD(model.parameters(), lr=0.05)
     path = tmp_path / "ck.safetensors"
-    fit(model, CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=32, checkpoint=path, progress=False)
+    fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=1,
+        batch_size=32,
+        checkpoint=path,
+        progress=False,
+    )
     good = sha(path)
     before = weights(model)
     rec = Recorder(nan_at=6)  # calls 1-4 are epoch 2, call 5 is epoch 3 batch 1, call 6 batch 2
     with pytest.raises(TrainingDiverged, match=r"epoch 3, batch 2 of 4") as info:
-        fit(model, rec, opt, x, y, epochs=5, batch_size=32, checkpoint=path, progress=False,
-            start_epoch=1, history=resume_kwargs(checkpoint.load(path))["history"])
+        fit(
+            model,
+            rec,
+            opt,
+            x,
+            y,
+            epochs=5,
+            batch_size=32,
+            checkpoint=path,
+            progress=False,
+            start_epoch=1,
+            history=resume_kwargs(checkpoint.load(path))["history"],
+        )
     assert isinstance(info.value, RuntimeError)
     assert (info.value.epoch, info.value.batch) == (3, 2)
     assert "nan" in str(info.value).lower()
@@ -273,8 +377,16 @@ def test_a_bad_label_anywhere_is_refused_before_the_first_step():
     model = mlp()
     before = weights(model)
     with pytest.raises(ValueError, match=r"CrossEntropyLoss: expected labels in \[0, 3\)"):
-        fit(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.05), x, y, epochs=1,
-            batch_size=32, progress=False)
+        fit(
+            model,
+            CrossEntropyLoss(),
+            SGD(model.parameters(), lr=0.05),
+            x,
+            y,
+            epochs=1,
+            batch_size=32,
+            progress=False,
+        )
     assert all(np.array_equal(before[k], v) for k, v in weights(model).items())
 
 
@@ -284,12 +396,35 @@ def test_huge_learning_rate_diverges_without_overwriting_the_last_good_checkpoin
     model = mlp()
     opt = SGD(model.parameters(), lr=0.05)
     path = tmp_path / "ck.safetensors"
-    fit(model, CrossEntropyLoss(), opt, x, y, epochs=1, batch_size=20, checkpoint=path, progress=False)
+    fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x,
+        y,
+        epochs=1,
+        batch_size=20,
+        checkpoint=path,
+        progress=False,
+    )
     good = sha(path)
     opt.lr = 1e6
-    with pytest.raises(TrainingDiverged, match=r"training diverged at epoch \d+, batch \d+ of 10") as info:
-        fit(model, CrossEntropyLoss(), opt, x, y, epochs=50, batch_size=20, checkpoint=path,
-            progress=False, start_epoch=1, history=resume_kwargs(checkpoint.load(path))["history"])
+    with pytest.raises(
+        TrainingDiverged, match=r"training diverged at epoch \d+, batch \d+ of 10"
+    ) as info:
+        fit(
+            model,
+            CrossEntropyLoss(),
+            opt,
+            x,
+            y,
+            epochs=50,
+            batch_size=20,
+            checkpoint=path,
+            progress=False,
+            start_epoch=1,
+            history=resume_kwargs(checkpoint.load(path))["history"],
+        )
     e = info.value
     assert e.epoch >= 2 and 1 <= e.batch <= 10
     if e.epoch == 2:  # diverged within the first epoch at lr 1e6: the epoch-1 file is untouched
@@ -345,7 +480,9 @@ def test_set_num_threads_validates():
         threads.set_num_threads(1)
         assert numba.get_num_threads() == 1
         for bad in (0, -1, numba.config.NUMBA_NUM_THREADS + 1):
-            with pytest.raises(ValueError, match=rf"between 1 and {numba.config.NUMBA_NUM_THREADS}"):
+            with pytest.raises(
+                ValueError, match=rf"between 1 and {numba.config.NUMBA_NUM_THREADS}"
+            ):
                 threads.set_num_threads(bad)
         for bad in (1.5, "2", True):
             with pytest.raises(TypeError):
@@ -370,8 +507,17 @@ def test_blas_is_limited_while_fitting_and_restored_afterwards():
 
     x, y = blobs(20)
     model = mlp()
-    fit(model, Spy(), SGD(model.parameters(), lr=0.1), x, y, epochs=1, batch_size=10, threads=1,
-        progress=False)
+    fit(
+        model,
+        Spy(),
+        SGD(model.parameters(), lr=0.1),
+        x,
+        y,
+        epochs=1,
+        batch_size=10,
+        threads=1,
+        progress=False,
+    )
     assert seen and all(n == 1 for n, _ in seen)
     assert all(b == [threads.BLAS_THREADS_DURING_COMPUTE] * len(b) for _, b in seen)
     assert _blas_threads() == before
@@ -383,8 +529,17 @@ def test_blas_is_limited_while_fitting_and_restored_afterwards():
 def test_progress_bar_runs(capsys):
     x, y = blobs(50)
     model = mlp()
-    fit(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), x, y, epochs=2, batch_size=8,
-        progress=True, verbose=True)
+    fit(
+        model,
+        CrossEntropyLoss(),
+        SGD(model.parameters(), lr=0.1),
+        x,
+        y,
+        epochs=2,
+        batch_size=8,
+        progress=True,
+        verbose=True,
+    )
     out, err = capsys.readouterr()
     assert out.count("images/s") == 2 and "epoch 2/2" in out
     assert "epoch 1/2" in err  # the tqdm bar
@@ -413,8 +568,17 @@ def test_reference_network_learns_mnist():
     model = models.reference(seed=0)
     opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
     t = time.perf_counter()
-    h = fit(model, CrossEntropyLoss(), opt, x_train[:12000], y_train[:12000], epochs=1, batch_size=64,
-            seed=0, progress=False)
+    h = fit(
+        model,
+        CrossEntropyLoss(),
+        opt,
+        x_train[:12000],
+        y_train[:12000],
+        epochs=1,
+        batch_size=64,
+        seed=0,
+        progress=False,
+    )
     loss, acc = evaluate(model, x_test[:2000], y_test[:2000])
     seconds = time.perf_counter() - t
     assert h.train_loss[0] < 1.0

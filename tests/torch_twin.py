@@ -1,5 +1,6 @@
 """A PyTorch copy of a fastcnn module tree (same structure, same weights), for the tests that
 compare against PyTorch when it is installed (it is optional, never a dependency)."""
+
 import numpy as np
 
 
@@ -40,23 +41,36 @@ def twin(model, torch):
             return Concat([build(c) for c in m.children()])
         if kind == "Conv2D":
             pad = cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"])
-            out = nn.Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]),
-                            tuple(cfg["stride"]), pad, tuple(cfg["dilation"]), bias=cfg["bias"],
-                            dtype=torch.float64)
+            out = nn.Conv2d(
+                cfg["in_channels"],
+                cfg["out_channels"],
+                tuple(cfg["kernel_size"]),
+                tuple(cfg["stride"]),
+                pad,
+                tuple(cfg["dilation"]),
+                bias=cfg["bias"],
+                dtype=torch.float64,
+            )
         elif kind == "Dense":
-            out = nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg["bias"],
-                            dtype=torch.float64)
+            out = nn.Linear(
+                cfg["in_features"], cfg["out_features"], bias=cfg["bias"], dtype=torch.float64
+            )
         elif kind == "BatchNorm2D":
-            out = nn.BatchNorm2d(cfg["num_features"], cfg["eps"], cfg["momentum"],
-                                 dtype=torch.float64)
+            out = nn.BatchNorm2d(
+                cfg["num_features"], cfg["eps"], cfg["momentum"], dtype=torch.float64
+            )
             out.running_mean.copy_(t(m.running_mean))
             out.running_var.copy_(t(m.running_var))
         elif kind == "GlobalAvgPool2D":
             return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         elif kind == "MaxPool2D":
-            return nn.MaxPool2d(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["padding"]))
+            return nn.MaxPool2d(
+                tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["padding"])
+            )
         elif kind == "AvgPool2D":
-            return nn.AvgPool2d(tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["padding"]))
+            return nn.AvgPool2d(
+                tuple(cfg["kernel_size"]), tuple(cfg["stride"]), tuple(cfg["padding"])
+            )
         else:
             return {"ReLU": nn.ReLU, "Tanh": nn.Tanh, "Flatten": nn.Flatten}[kind]()
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 ReLU: ``y = x`` where ``x > 0``, else 0 (a NaN stays NaN); the gradient passes where ``x > 0``.
 """
+
 import math
 
 import numpy as np

@@ -18,6 +18,7 @@ forward (the loss depends on x also through mean_c and var_c):
 Every function returns new arrays in the dtype of x; the arithmetic is done in Python floats
 (double precision) whatever the input dtype. Tests pass float64 inputs.
 """
+
 import math
 
 import numpy as np

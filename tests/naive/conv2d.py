@@ -15,6 +15,7 @@ from the same sum term by term, for the upstream gradient dy (N, F, OH, OW):
 and dx is dxp with the padding cut off. Sums are taken in Python floats (float64); results
 have the dtype of the inputs.
 """
+
 import numpy as np
 
 
@@ -71,5 +72,5 @@ def conv2d_backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=
                                 r, s = oh * sh + i * dh, ow * sw + j * dw_
                                 dxp[n, c, r, s] += float(w[f, c, i, j]) * g
                                 dw[f, c, i, j] += float(xp[n, c, r, s]) * g
-    dx = dxp[:, :, pt:pt + H, pl:pl + W]
+    dx = dxp[:, :, pt : pt + H, pl : pl + W]
     return dx.astype(dtype), dw.astype(dtype), db.astype(dtype)

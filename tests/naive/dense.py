@@ -2,6 +2,7 @@
 
 x is (N, in), w is (out, in) as PyTorch's nn.Linear, b is (out,) or None.
 """
+
 import numpy as np
 
 

@@ -12,6 +12,7 @@ Two textbook rewritings keep tiny losses accurate (a confidently right row has a
     log(sum_j exp(x_j - m)) = log1p(sum over j != argmax of exp(x_j - m))
     p_y - 1                 = expm1(log p_y)
 """
+
 import math
 
 import numpy as np

@@ -10,6 +10,7 @@ there are several). ``argmax`` is the flat index ``h * W + w`` in the unpadded i
 Average pooling divides by ``KH * KW`` whatever the number of padded cells in the window
 (PyTorch's ``count_include_pad=True``).
 """
+
 import math
 
 import numpy as np

@@ -7,6 +7,7 @@ gradient and a dict of every parameter's gradient under the model's dotted names
 the textbook ones: a chain backward in reverse, a residual sum's gradient given to both
 operands, a concatenation's gradient split by channels, branch gradients summed. Float64.
 """
+
 import numpy as np
 
 from . import activations, batchnorm, conv2d, dense, pool2d
@@ -33,9 +34,15 @@ def _leaf(module, cfg, x, name, grads):
     if kind == "Conv2D":
         w = module.weight.data.astype(np.float64)
         b = np.zeros(w.shape[0]) if module.bias is None else module.bias.data.astype(np.float64)
-        geom = (tuple(cfg["stride"]), _pads(cfg["padding"] if isinstance(cfg["padding"], str)
-                                            else tuple(cfg["padding"]), w.shape[2:],
-                                            tuple(cfg["dilation"])), tuple(cfg["dilation"]))
+        geom = (
+            tuple(cfg["stride"]),
+            _pads(
+                cfg["padding"] if isinstance(cfg["padding"], str) else tuple(cfg["padding"]),
+                w.shape[2:],
+                tuple(cfg["dilation"]),
+            ),
+            tuple(cfg["dilation"]),
+        )
         y = conv2d.conv2d_forward(x, w, b, *geom)
 
         def back(dy):
@@ -44,6 +51,7 @@ def _leaf(module, cfg, x, name, grads):
             if module.bias is not None:
                 put("bias", db)
             return dx
+
         return y, back
     if kind in ("BatchNorm2D", "BatchNorm1D"):
         x4 = x.reshape(x.shape + (1,) * (4 - x.ndim))
@@ -68,6 +76,7 @@ def _leaf(module, cfg, x, name, grads):
                 put("weight", (d4 * xhat).sum(axis=(0, 2, 3)))
                 put("bias", d4.sum(axis=(0, 2, 3)))
                 return (d4 * (g * inv)[None, :, None, None]).reshape(x.shape)
+
         return y.reshape(x.shape), back
     if kind == "Dense":
         w = module.weight.data.astype(np.float64)
@@ -80,6 +89,7 @@ def _leaf(module, cfg, x, name, grads):
             if b is not None:
                 put("bias", db)
             return dx
+
         return y, back
     if kind == "ReLU":
         return activations.relu_forward(x), lambda dy: activations.relu_backward(x, dy)
@@ -89,16 +99,20 @@ def _leaf(module, cfg, x, name, grads):
     if kind == "Flatten":
         return x.reshape(x.shape[0], -1), lambda dy: dy.reshape(x.shape)
     if kind == "GlobalAvgPool2D":
-        return (pool2d.global_avgpool2d_forward(x),
-                lambda dy: pool2d.global_avgpool2d_backward(x.shape, dy))
+        return (
+            pool2d.global_avgpool2d_forward(x),
+            lambda dy: pool2d.global_avgpool2d_backward(x.shape, dy),
+        )
     if kind in ("MaxPool2D", "AvgPool2D"):
         k, s, p = tuple(cfg["kernel_size"]), tuple(cfg["stride"]), cfg["padding"]
         pads = ((p[0], p[0]), (p[1], p[1]))
         if kind == "MaxPool2D":
             y, _ = pool2d.maxpool2d_forward(x, k, s, pads)
             return y, lambda dy: pool2d.maxpool2d_backward(x, dy, k, s, pads)
-        return (pool2d.avgpool2d_forward(x, k, s, pads),
-                lambda dy: pool2d.avgpool2d_backward(x.shape, dy, k, s, pads))
+        return (
+            pool2d.avgpool2d_forward(x, k, s, pads),
+            lambda dy: pool2d.avgpool2d_backward(x.shape, dy, k, s, pads),
+        )
     raise NotImplementedError(f"no naive reference for {kind}")
 
 
@@ -108,6 +122,7 @@ def _run(module, x, name, grads):
 
     def join(child):
         return f"{name}.{child}" if name else child
+
     if kind == "Sequential":
         backs = []
         for i, child in enumerate(module.children()):
@@ -118,6 +133,7 @@ def _run(module, x, name, grads):
             for b in reversed(backs):
                 dy = b(dy)
             return dy
+
         return x, back
     if kind == "Residual":
         a, back_body = _run(module.body, x, join("body"), grads)
@@ -133,9 +149,10 @@ def _run(module, x, name, grads):
         def back(dy):
             total, start = 0, 0
             for (o, b), w in zip(outs, widths):
-                total = total + b(dy[:, start:start + w])
+                total = total + b(dy[:, start : start + w])
                 start += w
             return total
+
         return np.concatenate([o for o, _ in outs], axis=1), back
     return _leaf(module, cfg, x, name, grads)
 
@@ -150,4 +167,5 @@ def forward(model, x):
         grads.clear()
         dx = back(np.asarray(dy, dtype=np.float64))
         return dx, dict(grads)
+
     return y, backward
