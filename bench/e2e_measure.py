@@ -86,7 +86,7 @@ class Contention:
         p1 = [process_ticks(p) for p in pids]
         if b0 is None or None in p0 or None in p1:
             return result, wall, float("nan")
-        ours = sum(b - a for a, b in zip(p0, p1))
+        ours = sum(b - a for a, b in zip(p0, p1, strict=True))
         return result, wall, max(0.0, (b1 - b0 - ours) / CLK_TCK / max(wall, 1e-9))
 
     def wait_quiet(self):
@@ -619,7 +619,7 @@ def memory_table(args, env):
                 stdout = proc.stdout.read()
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode = status
-                line = next((l for l in stdout.splitlines() if l.startswith(PROTOCOL)), None)
+                line = next((s for s in stdout.splitlines() if s.startswith(PROTOCOL)), None)
                 if status != 0 or line is None:
                     raise RuntimeError(f"memory child {fw} batch {batch} failed (status {status})")
                 rep = json.loads(line[len(PROTOCOL) :])
@@ -780,7 +780,7 @@ def startup_table(args, env):
         # (kernels/_parfor_link_only.py turned off): what that patch saves, side by side
         unpatched = "cold, wrappers compiled (FASTCNN_NUMBA_LINK_ONLY=0)"
         rows = {cold: [], warm: [], default: [], unpatched: []}
-        for i in range(runs):  # interleaved: cold, warm (the cold run's folder), in-tree, unpatched
+        for _ in range(runs):  # interleaved: cold, warm (the cold run's folder), in-tree, unpatched
             rows[cold].append(run_startup_quiet(fresh_cache_env, threads))
             folder = fresh_cache_env.last
             rows[warm].append(

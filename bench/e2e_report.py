@@ -135,7 +135,9 @@ def describe_workers(workers):
 def ratio_range(rates_a, rates_b, busy_a, busy_b):
     """min-max of the ratios of the blocks measured in the same round, leaving out rounds in which
     either block ran on a busy machine (then marked ')."""
-    pairs = [a / b for a, b, x, y in zip(rates_a, rates_b, busy_a, busy_b) if not (x or y)]
+    pairs = [
+        a / b for a, b, x, y in zip(rates_a, rates_b, busy_a, busy_b, strict=False) if not (x or y)
+    ]
     left_out = len(rates_a) - len(pairs)
     if not pairs:
         return "-"

@@ -351,7 +351,7 @@ class FastcnnRunner:
         opt_step = timed(("optimizer", "step"), opt.step)
 
         def instrument(on):
-            for row, st in zip(rows, plan):
+            for row, st in zip(rows, plan, strict=False):
                 for method in ("forward", "backward"):
                     if on:
                         bound = getattr(type(st), method).__get__(st)

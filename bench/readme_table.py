@@ -60,7 +60,9 @@ def parse(path):
             for row in lines[i + 2 :]:
                 if not row.startswith("|"):
                     break
-                rows.append(dict(zip(columns, (c.strip() for c in row.strip("|").split("|")))))
+                rows.append(
+                    dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=False))
+                )
             tables[malloc] = rows
     head["tables"] = tables
     return head

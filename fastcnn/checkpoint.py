@@ -554,7 +554,7 @@ def _first_difference(expected, got, where="config"):
     if isinstance(expected, list) and isinstance(got, list):
         if len(expected) != len(got):
             return f"{where}: {len(expected)} entries in the checkpoint, {len(got)} in the model"
-        for i, (e, g) in enumerate(zip(expected, got)):
+        for i, (e, g) in enumerate(zip(expected, got, strict=True)):
             if _canonical(e) != _canonical(g):
                 return _first_difference(e, g, f"{where}[{i}]")
     return (

@@ -327,7 +327,7 @@ class Concat(_ListContainer):
         shape, dtype, widths = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
         dx, start = None, 0
-        for b, width in zip(self.children(), widths):
+        for b, width in zip(self.children(), widths, strict=True):
             d = b.backward(dy[:, start : start + width], input_grad=input_grad)
             start += width
             if input_grad:

@@ -450,7 +450,7 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
         stride == (1, 1)
         and f <= _conv2d.FTN
         and c >= _conv2d.FTN
-        and all(p <= r for p, r in zip(pads, reach))
+        and all(p <= r for p, r in zip(pads, reach, strict=True))
         and bool(np.isfinite(weight).all())
     )
 

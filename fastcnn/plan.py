@@ -339,7 +339,9 @@ def make_plan(modules, fuse=None):
     while i < len(chain):
         for types, step in PATTERNS if fuse else ():
             run = chain[i : i + len(types)]
-            if len(run) == len(types) and all(type(m) is t for m, t in zip(run, types)):
+            if len(run) == len(types) and all(
+                type(m) is t for m, t in zip(run, types, strict=True)
+            ):
                 steps.append(step(run))
                 i += len(types)
                 break

@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import numpy as np
@@ -28,3 +29,21 @@ def data_dir():
         return root
     here = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
     return here if os.path.isdir(os.path.join(here, "mnist")) else None
+
+
+KERNEL_MODULES = ("conv2d", "pool2d", "activations", "batchnorm")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Replace every kernel with a function that fails the test if it is ever called."""
+    for name in KERNEL_MODULES:
+        module = importlib.import_module("fastcnn.kernels." + name)
+        for attr in dir(module):
+            fn = getattr(module, attr)
+            if callable(fn) and hasattr(fn, "py_func"):
+
+                def reached(*args, _name=f"{name}.{attr}", **kwargs):
+                    raise AssertionError(f"kernel {_name} reached despite invalid arguments")
+
+                monkeypatch.setattr(module, attr, reached)

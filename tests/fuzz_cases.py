@@ -28,6 +28,7 @@ JSON at the end of the module (tests/test_fuzz.py reads and reports them).
 import collections
 import functools
 import gzip
+import itertools
 import json
 import math
 import os
@@ -422,17 +423,20 @@ def test_conv2d(data):
     )
     bias = d(st.booleans())
     problems, k, s, dl, pads = oracle_conv_config(ks, stride, pad, dil)
-    make = lambda: layers.Conv2D(
-        cin,
-        cout,
-        ks,
-        stride=stride,
-        padding=pad,
-        dilation=dil,  # noqa: E731
-        bias=bias,
-        dtype=dtype,
-        rng=d(st.integers(0, 99)),
-    )
+
+    def make():
+        return layers.Conv2D(
+            cin,
+            cout,
+            ks,
+            stride=stride,
+            padding=pad,
+            dilation=dil,
+            bias=bias,
+            dtype=dtype,
+            rng=d(st.integers(0, 99)),
+        )
+
     if problems:
         expect_error(make, predicted(problems), "Conv2D")
         return tally("Conv2D.__init__", "invalid")
@@ -1092,7 +1096,7 @@ def test_sequential(data, spec, training):
             assert dx.dtype == expected[1].dtype
         else:
             assert dx is None
-        for g, h in zip(_grads(model), _grads(twin)):
+        for g, h in zip(_grads(model), _grads(twin), strict=True):
             assert np.array_equal(g, h, equal_nan=True)
         tally("Sequential.backward", "valid")
 
@@ -1340,7 +1344,7 @@ def _reference_steps(kind_, hyper, p0, grads):
     """Parameters after len(grads) steps, in float64 (torch.optim's formulas)."""
     p = [f64(a) for a in p0]
     state = [dict() for _ in p]
-    for step, gs in enumerate(grads, start=1):
+    for _step, gs in enumerate(grads, start=1):
         for i, g in enumerate(gs):
             if g is None:
                 continue
@@ -1379,11 +1383,14 @@ HYPER_BAD = (-0.1, float("nan"), float("inf"), "0.1", None, True)
 def test_optimizer(data, kind_):
     d = data.draw
     cls = getattr(optim, kind_)
-    val = lambda good: d(
-        st.sampled_from(good + list(HYPER_BAD))
-        if d(st.integers(0, 19)) == 0  # noqa: E731
-        else st.sampled_from(good)
-    )
+
+    def val(good):
+        return d(
+            st.sampled_from(good + list(HYPER_BAD))
+            if d(st.integers(0, 19)) == 0
+            else st.sampled_from(good)
+        )
+
     if kind_ == "SGD":
         hyper = dict(
             lr=val([0.1, 0.01, 1.0, 0.0]),
@@ -1469,7 +1476,7 @@ def test_optimizer(data, kind_):
         grads.append(gs)
     bad_grad = d(st.sampled_from([None] * 10 + ["shape", "dtype", "list"]))
     for gs in grads:
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = None if g is None else g.copy()
         if bad_grad is not None:
             p = params[0]
@@ -1482,7 +1489,8 @@ def test_optimizer(data, kind_):
             expect_error(opt.step, (ValueError, TypeError), kind_)
             # (parameters before the bad one may have been updated: the check is per parameter)
             assert all(
-                np.array_equal(q.data, b, equal_nan=True) for q, b in zip(params[:1], before[:1])
+                np.array_equal(q.data, b, equal_nan=True)
+                for q, b in zip(params[:1], before[:1], strict=True)
             )
             return tally(f"{kind_}.step", "invalid")
         opt.step()
@@ -1493,19 +1501,22 @@ def test_optimizer(data, kind_):
         grads,
     )
     with np.errstate(all="ignore"):
-        for p, r in zip(params, ref):
+        for p, r in zip(params, ref, strict=True):
             assert_close(p.data, r, dtype, f"{kind_} parameter")
     tally(f"{kind_}.step", "valid")
     # state_dict round trip into a fresh optimizer continues identically
     clone_params = [layers.Parameter(p.data) for p in params]
     clone = cls(clone_params, **hyper)
     clone.load_state_dict(opt.state_dict())
-    for p, q in zip(params, clone_params):
+    for p, q in zip(params, clone_params, strict=True):
         g = rng.standard_normal(p.shape).astype(dtype)
         p.grad, q.grad = g.copy(), g.copy()
     opt.step()
     clone.step()
-    assert all(np.array_equal(p.data, q.data, equal_nan=True) for p, q in zip(params, clone_params))
+    assert all(
+        np.array_equal(p.data, q.data, equal_nan=True)
+        for p, q in zip(params, clone_params, strict=True)
+    )
     tally(f"{kind_}.load_state_dict", "valid")
 
 
@@ -1859,7 +1870,7 @@ def test_cli(argv):
         if command == "evaluate"
         else set()
     )
-    bad = {o for o, v in zip(argv, argv[1:]) if o in known and _value_ok(o, v) is False}
+    bad = {o for o, v in itertools.pairwise(argv) if o in known and _value_ok(o, v) is False}
     # ("--" ends the options: what follows is positional, reported as unrecognized)
     if bad and not set(argv) & {"--help", "-h", "--version", "--"}:
         assert any(o in lines[0] for o in bad), (argv, lines[0])
@@ -2039,18 +2050,21 @@ def test_fit(data):
     ckpt_mod.save(path, model, opt, epoch=0)
     with open(path, "rb") as f:
         before = f.read()
-    call = lambda: fit(
-        model,
-        losses.CrossEntropyLoss(),
-        opt,
-        x,
-        y,
-        epochs=epochs,  # noqa: E731
-        batch_size=batch_size,
-        seed=seed,
-        progress=False,
-        checkpoint=path,
-    )
+
+    def call():
+        return fit(
+            model,
+            losses.CrossEntropyLoss(),
+            opt,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            progress=False,
+            checkpoint=path,
+        )
+
     xa, ya = np.asarray(x), np.asarray(y)
     names = ("fit",)
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or xa.dtype.kind != "f":
@@ -2077,7 +2091,7 @@ def test_fit(data):
     else:
         problem = None
     if problem:
-        exc = expect_error(call, problem, names[0])
+        expect_error(call, problem, names[0])
         tally("fit", "invalid")
     else:
         bad = ~np.isfinite(f64(xa)).all(axis=tuple(range(1, xa.ndim))) if n else np.zeros(0, bool)

@@ -136,7 +136,7 @@ def test_forward_train_matches_naive(case):
             refs = (y_ref32, mean_ref32, 1.0 / np.sqrt(var_ref32 + eps))
         else:
             refs = (y_ref, mean_ref, invstd_ref)
-        for got, ref in zip((out, mean, invstd), refs):
+        for got, ref in zip((out, mean, invstd), refs, strict=True):
             assert relative_error(got, ref) <= tol
 
 
@@ -291,7 +291,7 @@ def test_deterministic_across_calls_and_threads(shape, layout):
     arrays = [a.astype(np.float32) for a in make_inputs(shape, 9, loc=2.0)] + [layout]
     first = _all_outputs(*arrays)
     again = _all_outputs(*arrays)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert a.tobytes() == b.tobytes()
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs 2 Numba threads")
@@ -304,7 +304,7 @@ def test_deterministic_across_calls_and_threads(shape, layout):
     finally:
         numba.set_num_threads(saved)
     assert numba.get_num_threads() == saved
-    for a, b, c in zip(one, two, first):
+    for a, b, c in zip(one, two, first, strict=True):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 

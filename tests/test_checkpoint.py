@@ -415,9 +415,10 @@ def _train_steps(model, opt, seeds):
 def test_reference_model_round_trip_and_resume(tmp_path, which):
     model = models.reference(seed=0)
     if which == "sgd":
-        make = lambda params: optim.SGD(
-            params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
-        )  # noqa: E731
+
+        def make(params):
+            return optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
         make_sched = lambda o: optim.StepLR(o, step_size=2, gamma=0.5)  # noqa: E731
     else:
         make = lambda params: optim.Adam(params, lr=1e-3, betas=(0.8, 0.99))  # noqa: E731
@@ -472,7 +473,9 @@ def test_reference_model_round_trip_and_resume(tmp_path, which):
         _train_steps(m, o, [4, 5])
         s.step()
     assert opt.lr == opt2.lr
-    for (name, p), (name2, p2) in zip(model.named_parameters(), ckpt.model.named_parameters()):
+    for (name, p), (name2, p2) in zip(
+        model.named_parameters(), ckpt.model.named_parameters(), strict=True
+    ):
         assert name == name2
         np.testing.assert_array_equal(p.data, p2.data)
 

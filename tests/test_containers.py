@@ -122,7 +122,7 @@ def test_tree_matches_pytorch(tree_case):
     yt.backward(torch.tensor(dy))
     assert relative_error(y, yt.detach().numpy()) <= 1e-10
     assert relative_error(dx, xt.grad.numpy()) <= 1e-10
-    for (name, p), (_, q) in zip(model.named_parameters(), net.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), net.named_parameters(), strict=True):
         assert relative_error(p.grad, q.grad.numpy()) <= 1e-10, name
     buffers = dict(net.named_buffers())
     for name, b in model.named_buffers():
@@ -174,7 +174,7 @@ def test_resnet_architecture():
         with pytest.raises(ValueError, match="^resnet: expected a depth 6n\\+2"):
             resnet(bad)
     a, b = resnet(8, seed=1), resnet(8, seed=1)
-    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         np.testing.assert_array_equal(p.data, q.data)
 
 

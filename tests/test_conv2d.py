@@ -170,10 +170,10 @@ def test_backward_input_and_weight_match_naive(case):
     x, w, _, dy = random_inputs(case)
     geom = (case.stride, case.padding, case.dilation)
     expected = naive_backward(x, w, dy, *geom)
-    for actual, exp in zip(backward(x, w, dy, *geom), expected):
+    for actual, exp in zip(backward(x, w, dy, *geom), expected, strict=True):
         assert relative_error(actual, exp) <= F64_TOL
     f32 = [a.astype(np.float32) for a in (x, w, dy)]
-    for actual, exp in zip(backward(*f32, *geom), expected):
+    for actual, exp in zip(backward(*f32, *geom), expected, strict=True):
         assert actual.dtype == np.float32
         assert relative_error(actual, exp) <= F32_TOL
 

@@ -216,7 +216,7 @@ def _backward_both_ways(case, dtype, x_value=None, input_grad=True):
 def test_backward_through_maxpool_equals_the_separate_calls_bitwise(case):
     for dtype in (np.float32, np.float64):
         fast, slow = _backward_both_ways(case, dtype)
-        for a, b in zip(fast, slow):
+        for a, b in zip(fast, slow, strict=True):
             assert a.dtype == dtype
             np.testing.assert_array_equal(a, b)
 
@@ -229,7 +229,7 @@ def test_weight_gradient_through_maxpool_equals_the_separate_calls_bitwise(case)
     for dtype in (np.float32, np.float64):
         fast, slow = _backward_both_ways(case, dtype, input_grad=False)
         assert fast[0] is None
-        for a, b in zip(fast[1:], slow[1:]):
+        for a, b in zip(fast[1:], slow[1:], strict=True):
             assert a.dtype == dtype
             np.testing.assert_array_equal(a, b)
 
@@ -241,7 +241,7 @@ def test_backward_through_maxpool_with_non_finite_input(value):
         fast, slow = _backward_both_ways(
             dict(REFERENCE_LAYER, n=2, relu=True), np.float32, value, input_grad
         )
-        for a, b in zip(fast[1:], slow[1:]):
+        for a, b in zip(fast[1:], slow[1:], strict=True):
             np.testing.assert_array_equal(a, b)
         assert np.isnan(fast[1]).any()
         if input_grad:

@@ -52,7 +52,7 @@ def test_in_place_edits_after_forward_do_not_change_the_gradients(case):
     x = np.random.default_rng(1).random(shape, dtype=np.float32) - 0.3
     expected = gradients(make(), x.copy())
     got = gradients(make(), x.copy(), edit)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         np.testing.assert_array_equal(g, e)
 
 
@@ -61,5 +61,5 @@ def test_without_edits_the_gradients_are_reproducible(case):
     """The comparison above is meaningful: two unedited runs agree bitwise."""
     make, shape, _ = CASES[case]
     x = np.random.default_rng(1).random(shape, dtype=np.float32) - 0.3
-    for e, g in zip(gradients(make(), x.copy()), gradients(make(), x.copy())):
+    for e, g in zip(gradients(make(), x.copy()), gradients(make(), x.copy()), strict=True):
         np.testing.assert_array_equal(g, e)

@@ -132,7 +132,7 @@ def test_sigkill_at_random_moments_never_breaks_the_checkpoint(tmp_path):
         stats = {"kills": 0, "saves": 0, "no_save_completed": 0, "temp_left": 0, "A": 0, "B": 0}
         t0 = time.perf_counter()
         since_save = 0  # kills since the last one that came after a completed save
-        for k in range(KILLS):
+        for _k in range(KILLS):
             delay = rng.uniform(0, 3 * save_seconds)
             server.stdin.write(f"{delay}\n")
             server.stdin.flush()

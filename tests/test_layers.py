@@ -16,7 +16,6 @@ from naive import batchnorm as naive_bn
 from naive import conv2d as naive_conv
 from naive import dense as naive_dense
 from naive import pool2d as naive_pool
-from test_functional import no_kernels  # noqa: F401  (fixture)
 
 F64 = np.float64
 
@@ -104,7 +103,7 @@ def test_backward_accumulates(layer, shape, rng):
     once = [p.grad.copy() for p in layer.parameters()]
     layer.forward(x)
     layer.backward(g)
-    for p, first in zip(layer.parameters(), once):
+    for p, first in zip(layer.parameters(), once, strict=True):
         np.testing.assert_allclose(p.grad, 2 * first, rtol=1e-12)
     layer.zero_grad()
     assert all(not p.grad.any() for p in layer.parameters())
@@ -214,7 +213,7 @@ def test_batchnorm_layer_matches_naive(rng, dtype, tol):
     bn.bias.data[...] = rng.standard_normal(3)
     g64, b64 = bn.weight.data.astype(F64), bn.bias.data.astype(F64)
     expected_rm, expected_rv = np.zeros(3), np.ones(3)
-    for step in range(2):
+    for _step in range(2):
         x = (rng.standard_normal((4, 3, 3, 2)) * 2 + 1).astype(dtype)
         x64 = x.astype(F64)
         y = bn(x)

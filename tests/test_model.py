@@ -20,7 +20,6 @@ from naive import conv2d as naive_conv
 from naive import dense as naive_dense
 from naive import losses as naive_losses
 from naive import pool2d as naive_pool
-from test_functional import no_kernels  # noqa: F401  (fixture)
 
 NO_PAD = ((0, 0), (0, 0))
 PARAM_NAMES = [
@@ -226,7 +225,7 @@ def test_reference_architecture():
     assert all(p.dtype == np.float64 for p in reference(dtype=np.float64).parameters())
     a, b, c = reference(seed=0), reference(seed=0), reference(seed=1)
     for (_, p), (_, q), (_, r) in zip(
-        a.named_parameters(), b.named_parameters(), c.named_parameters()
+        a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True
     ):
         np.testing.assert_array_equal(p.data, q.data)
         assert not np.array_equal(p.data, r.data)

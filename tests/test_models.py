@@ -115,7 +115,7 @@ def test_parameters_shapes_and_summary(name, params):
     # other channel and class counts; the same seed gives the same weights
     assert BUILDERS[name](1, 7, 0)(np.zeros((1, 1, 32, 32), np.float32)).shape == (1, 7)
     a, b = BUILDERS[name](3, 10, 5), BUILDERS[name](3, 10, 5)
-    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         np.testing.assert_array_equal(p.data, q.data)
     # an input of the wrong size names the layer that does not fit
     error = (
@@ -192,7 +192,7 @@ def test_matches_pytorch(build, mode):
             model.load_state_dict(state)  # the running statistics as before, for the next pass
         assert y.dtype == F64 and relative_error(y, yt.detach().numpy()) <= 1e-10
         assert relative_error(dx, xt.grad.numpy()) <= 1e-10
-        for (name, p), (_, q) in zip(model.named_parameters(), net.named_parameters()):
+        for (name, p), (_, q) in zip(model.named_parameters(), net.named_parameters(), strict=True):
             assert np.abs(q.grad.numpy()).max() > 0, name
             assert relative_error(p.grad, q.grad.numpy()) <= 1e-10, name
         assert sorted(buffers) == sorted(torch_buffers)

@@ -114,7 +114,7 @@ def test_sgd_matches_formulas(config, seed):
         datas = [p.data for p in params]
         expected = ref_sgd([d.copy() for d in datas], 8, **config)
         run(SGD(params, **config), params, 8)
-        for p, d, e in zip(params, datas, expected):
+        for p, d, e in zip(params, datas, expected, strict=True):
             assert p.data is d and p.data.dtype == dtype  # in place, dtype kept
             assert relative_error(p.data, e) <= tol
 
@@ -131,7 +131,7 @@ def test_sgd_update_kernel_matches_the_formulas(config, seed):
         bufs = [np.empty_like(p.data) for p in params]
         for step in range(8):
             set_grads(params, step)
-            for p, buf in zip(params, bufs):
+            for p, buf in zip(params, bufs, strict=True):
                 sgd_update(
                     p.data.reshape(-1),
                     p.grad.reshape(-1),
@@ -144,7 +144,7 @@ def test_sgd_update_kernel_matches_the_formulas(config, seed):
                     config["nesterov"],
                     step == 0,
                 )
-        for p, e in zip(params, expected):
+        for p, e in zip(params, expected, strict=True):
             assert relative_error(p.data, e) <= tol
 
 
@@ -162,7 +162,7 @@ def test_sgd_kernel_equals_the_numpy_sequence_bitwise(config, seed):
         opt_fast, opt_slow = SGD(fast, **config), SGD(slow, **config)
         run(opt_fast, fast, 8)
         run(opt_slow, slow, 8)
-        for a, b in zip(fast, slow):
+        for a, b in zip(fast, slow, strict=True):
             np.testing.assert_array_equal(a.data, b.data)
         for i, state in opt_fast.state.items():
             if "momentum_buffer" in state:
@@ -180,7 +180,7 @@ def test_adam_matches_formulas(cls, config, seed):
         expected = ref_adam([d.copy() for d in datas], 8, decoupled=cls is AdamW, **config)
         opt = cls(params, **config)
         run(opt, params, 8)
-        for k, (p, d, e) in enumerate(zip(params, datas, expected)):
+        for k, (p, d, e) in enumerate(zip(params, datas, expected, strict=True)):
             assert p.data is d and p.data.dtype == dtype
             assert opt.state[k]["exp_avg"].dtype == dtype
             assert relative_error(p.data, e) <= tol
@@ -246,7 +246,7 @@ def test_matches_torch(name, kwargs):
             opt.lr = lr_changes[t]
         set_grads(params, t)
         opt.step()
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=True):
         assert relative_error(p.data, e) <= 1e-10
 
 
@@ -354,7 +354,7 @@ def test_state_dict_round_trip_is_bitwise(cls, kwargs, dtype, sched_cls, sched_k
     for t in range(4, 10):
         run(opt_b, params_b, 1, start=t)
         sched_b.step()
-    for p, q in zip(params, params_b):
+    for p, q in zip(params, params_b, strict=True):
         assert q.data.dtype == dtype
         np.testing.assert_array_equal(p.data, q.data)
     assert opt_b.lr == opt.lr and sched_b.get_last_lr() == sched.get_last_lr()
@@ -534,7 +534,7 @@ def test_zero_grad_and_skipped_parameters():
     set_grads(params, 0)
     grads = [p.grad for p in params]
     opt.zero_grad()
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         assert p.grad is g and not np.any(p.grad)
     params[1].grad = None  # a parameter without gradient is left alone, as in PyTorch
     before = params[1].data.copy()

@@ -52,7 +52,7 @@ def assert_fused_equals_unfused(model, x, dy=None, input_grad=True):
         assert fused[1].dtype == plain[1].dtype
     else:
         assert fused[1] is None and plain[1] is None
-    for a, b in zip(fused[2], plain[2]):
+    for a, b in zip(fused[2], plain[2], strict=True):
         np.testing.assert_array_equal(a, b)
     for key in fused[3]:
         np.testing.assert_array_equal(fused[3][key], plain[3][key], err_msg=key)

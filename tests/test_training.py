@@ -198,8 +198,8 @@ def test_shuffling_follows_the_seed_and_keeps_the_last_partial_batch():
             np.concatenate(batches[3 * e : 3 * e + 3]), rng.permutation(10)
         )
     again, other = shuffled_batches(7), shuffled_batches(8)
-    assert all(np.array_equal(p, q) for p, q in zip(batches, again))
-    assert not all(np.array_equal(p, q) for p, q in zip(batches, other))
+    assert all(np.array_equal(p, q) for p, q in zip(batches, again, strict=True))
+    assert not all(np.array_equal(p, q) for p, q in zip(batches, other, strict=True))
     # every epoch is a different order
     assert not np.array_equal(np.concatenate(batches[:3]), np.concatenate(batches[3:6]))
 
@@ -315,7 +315,7 @@ def test_resume_is_bitwise_identical_to_the_uninterrupted_run(tmp_path, kind):
         progress=False,
     )
     tail = rec_a.batches[-len(rec_b.batches) :]
-    assert all(np.array_equal(p, q) for p, q in zip(tail, rec_b.batches))
+    assert all(np.array_equal(p, q) for p, q in zip(tail, rec_b.batches, strict=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _run(module, x, name, grads):
 
         def back(dy):
             total, start = 0, 0
-            for (o, b), w in zip(outs, widths):
+            for (_o, b), w in zip(outs, widths, strict=True):
                 total = total + b(dy[:, start : start + w])
                 start += w
             return total
