@@ -7,6 +7,8 @@ opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
 history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
 """
 
+from __future__ import annotations
+
 import os as _os
 
 from . import _kernels_path

@@ -6,6 +6,8 @@ Installed, the top-level ``kernels/`` folder of the repository *is* the subpacka
 so ``python -m fastcnn`` and the tests behave the same before and after ``pip install``.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import os
 import sys

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import safetensors.numpy as _st
 
+from ._checks import is_int
+
 __all__ = [
     "save",
     "load",
@@ -167,7 +169,7 @@ def _serialise(
 ):
     """The bytes :func:`save` writes (everything checked, nothing written)."""
     if epoch is not None:
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+        if not is_int(epoch):
             raise TypeError(
                 f"checkpoint.save: epoch must be an int or None, got {type(epoch).__name__}"
             )
@@ -601,16 +603,10 @@ def _check_layout(fail, header, manifest, file_size, header_len):
                 f"corrupted safetensors header: tensor {name!r:.100} has dtype {dtype!r:.50}, "
                 f"expected one of {sorted(_DTYPES)}"
             )
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= 32
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
+        if not (isinstance(shape, list) and len(shape) <= 32 and all(is_int(d, 0) for d in shape)):
             fail(f"corrupted safetensors header: tensor {name!r:.100} has shape {shape!r:.100}")
         if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o, 0) for o in offsets)
         ):
             fail(f"corrupted safetensors header: tensor {name!r:.100} has offsets {offsets!r:.100}")
         nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
@@ -740,7 +736,7 @@ def _check_metadata(fail, header):
             f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})"
         )
     version = meta.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_int(version):
         fail(f"corrupted metadata: format_version {version!r:.100}")
     if version > FORMAT_VERSION:
         fail(
@@ -821,7 +817,7 @@ def load(path):
         scheduler_state, scheduler_class = sched["state"], sched["class"]
 
     epoch = meta.get("epoch")
-    if epoch is not None and not _is_int(epoch):
+    if epoch is not None and not is_int(epoch, 0):
         fail(f"corrupted metadata: epoch {epoch!r:.100}, expected an integer >= 0")
 
     try:
@@ -835,10 +831,7 @@ def load(path):
         if not (
             isinstance(input_shape, list)
             and 1 <= len(input_shape) <= 8
-            and all(
-                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**31 - 1
-                for v in input_shape
-            )
+            and all(is_int(v, 1) and v <= 2**31 - 1 for v in input_shape)
         ):
             fail(f"corrupted metadata: input_shape {input_shape!r:.100}")
         input_shape = tuple(input_shape)
@@ -856,10 +849,6 @@ def load(path):
         metadata=meta,
         input_shape=input_shape,
     )
-
-
-def _is_int(value, minimum=0):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _check_declared(fail, meta):

@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from ._checks import is_int
+
 DATASETS = ("mnist", "fashion-mnist")
 MODELS = ("reference", "lenet5", "resnet8", "resnet20")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -379,10 +381,6 @@ def _is_number(value, low=0.0, low_open=False):
     )
 
 
-def _is_count(value, minimum):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
 # What each saved setting may be (a checkpoint's metadata can be edited: checked before use).
 _SETTING_CHECKS = {
     "model": lambda v: v in MODELS,
@@ -393,11 +391,11 @@ _SETTING_CHECKS = {
     "momentum": _is_number,
     "nesterov": lambda v: isinstance(v, bool),
     "weight_decay": _is_number,
-    "batch_size": lambda v: _is_count(v, 1),
-    "seed": lambda v: _is_count(v, 0),
-    "val_split": lambda v: _is_count(v, 0) or (isinstance(v, float) and 0 <= v < 1),
-    "limit": lambda v: v is None or _is_count(v, 1),
-    "schedule_epochs": lambda v: _is_count(v, 1),
+    "batch_size": lambda v: is_int(v, 1),
+    "seed": lambda v: is_int(v, 0),
+    "val_split": lambda v: is_int(v, 0) or (isinstance(v, float) and 0 <= v < 1),
+    "limit": lambda v: v is None or is_int(v, 1),
+    "schedule_epochs": lambda v: is_int(v, 1),
 }
 _OPTIONAL_SETTINGS = ("model", "nesterov", "limit")  # absent from older checkpoints
 

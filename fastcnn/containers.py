@@ -12,12 +12,21 @@ Containers nest to any depth; each module may appear once in a tree (see fastcnn
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
 import numpy as np
 
 from . import functional as F
+from ._types import Array, Config, Rng, Shape
 from .layers import check_grad
 from .module import Module, module_from_config, register_module, state_spec_of, tree_version
-from .plan import fusion_enabled, make_plan
+from .plan import Step, fusion_enabled, make_plan
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .module import Visit
 
 __all__ = ["Sequential", "Residual", "Concat"]
 
@@ -26,10 +35,10 @@ def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check_unique(root):
+def _check_unique(root: Module) -> None:
     """No module twice in the tree under ``root`` (assignments are checked one container at a
     time; this catches a module added to an inner container that an outer one already held)."""
-    seen = {}
+    seen: dict[int, str] = {}
     for name, m in root.named_modules(remove_duplicate=False):
         if id(m) in seen:
             raise ValueError(
@@ -53,12 +62,17 @@ def _merged_specs(named_configs):
 class _Container(Module):
     """What the containers share: shapes and FLOPs by tracing their children."""
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         return self.trace_shapes(input_shape, lambda *args: {})
 
-    def flops(self, input_shape):
-        rows = []
-        self.trace_shapes(input_shape, lambda *args: rows.append({}) or rows[-1])
+    def flops(self, input_shape: Sequence[int]) -> int:
+        rows: list[dict[str, Any]] = []
+
+        def new_row(*args: object) -> dict[str, Any]:
+            rows.append({})
+            return rows[-1]
+
+        self.trace_shapes(input_shape, new_row)
         return sum(row["flops"] for row in rows)
 
 
@@ -66,16 +80,18 @@ class _ListContainer(_Container):
     """A container of a list of children named "0", "1", ...; its config is
     ``{"class": name, KEY: [child configs]}`` with KEY ``_key``."""
 
-    _key = _item = None  # the config key, and what a child is called in errors
+    # the config key, and what a child is called in errors
+    _key: str
+    _item: str
 
-    def __init__(self, modules):
+    def __init__(self, modules: Sequence[Any]) -> None:
         super().__init__()
         if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
             modules = modules[0]
         for m in modules:
-            self.append(m)
+            self.append(m)  # checks that m is a Module
 
-    def append(self, module):
+    def append(self, module: Module) -> Self:
         """Add ``module`` at the end; returns self."""
         if not isinstance(module, Module):
             raise TypeError(
@@ -84,20 +100,20 @@ class _ListContainer(_Container):
         setattr(self, str(len(self)), module)
         return self
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._child_names)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Module:
         return self.children()[index]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Module]:
         return iter(self.children())
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"class": self.name, self._key: [m.get_config() for m in self.children()]}
 
     @classmethod
-    def from_config(cls, config, rng=None):
+    def from_config(cls, config: Config, rng: Rng = None) -> Self:
         children = config.get(cls._key)
         if not isinstance(children, list) or set(config) != {"class", cls._key}:
             raise ValueError(
@@ -107,7 +123,7 @@ class _ListContainer(_Container):
         return cls([module_from_config(c, rng) for c in children])
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         children = config[cls._key]
         if not isinstance(children, list):
             raise ValueError(f"{cls.__name__}: expected '{cls._key}' to be a list")
@@ -120,17 +136,22 @@ class Sequential(_ListContainer):
     ``Sequential([m0, m1, ...])``; children named "0", "1", ..."""
 
     _key, _item = "layers", "module"
+    _ran: list[Step] | None  # the plan the last forward ran, for its backward
 
-    def __init__(self, *modules):
+    def __init__(self, *modules: Module | Sequence[Module]) -> None:
         super().__init__(modules)
         self.__dict__["_ran"] = None
 
     @property
-    def layers(self):
+    def layers(self) -> list[Module]:
         """The modules in order (a new list)."""
         return self.children()
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> Module: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequential: ...
+    def __getitem__(self, index: int | slice) -> Module | Sequential:
         if isinstance(index, slice):
             return Sequential(self.children()[index])
         return self.children()[index]
@@ -145,14 +166,14 @@ class Sequential(_ListContainer):
             cached = self.__dict__["_plan_cache"] = (key, make_plan(self.children(), key[1]))
         return cached[1]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         plan = self._plan()
         for step in plan:
             x = step.forward(x)
         self.__dict__["_ran"] = plan
         return x
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         """Backpropagate ``dy`` (the gradient of the loss with respect to the output) through
         the plan the last forward ran, accumulating parameter gradients; returns the gradient
         to the input. With ``input_grad=False`` (what ``fit`` does) the first step skips
@@ -164,10 +185,11 @@ class Sequential(_ListContainer):
         for step in plan:  # before any gradient is accumulated
             step.check()
         for i in range(len(plan) - 1, -1, -1):
-            dy = plan[i].backward(dy, input_grad or i > 0)
+            # None only from the first step, and only without input_grad
+            dy = plan[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
         return dy if input_grad else None
 
-    def trace_shapes(self, input_shape, visit, prefix=""):
+    def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:
         row = visit(prefix, self, tuple(input_shape))
         shape = tuple(int(s) for s in input_shape)
         for name, child in self.named_children():
@@ -175,7 +197,7 @@ class Sequential(_ListContainer):
         row.update(output_shape=shape, flops=0)
         return shape
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if not len(self):
             return "Sequential()"
         return super().__repr__()
@@ -187,7 +209,7 @@ class Residual(_Container):
     shape: ResNet's 1x1 convolution with stride 2). Both outputs must have the same shape and
     dtype. The backward sums the gradients reaching ``x`` through the body and the shortcut."""
 
-    def __init__(self, body, shortcut=None):
+    def __init__(self, body: Module, shortcut: Module | None = None) -> None:
         super().__init__()
         for what, m in (("body", body), ("shortcut", shortcut)):
             if not isinstance(m, Module) and not (what == "shortcut" and m is None):
@@ -200,7 +222,7 @@ class Residual(_Container):
         else:
             self.__dict__["shortcut"] = None
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         a = self.body.forward(x)
         s = (
             F.check_float(x, self.name, contiguous=False)
@@ -223,7 +245,7 @@ class Residual(_Container):
         self.save_for_backward(y.shape, y.dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
         d_body = self.body.backward(dy, input_grad=input_grad)
@@ -231,9 +253,10 @@ class Residual(_Container):
             d_short = dy
         else:
             d_short = self.shortcut.backward(dy, input_grad=input_grad)
-        return np.add(d_body, d_short) if input_grad else None
+        # with input_grad, every backward returns its input's gradient
+        return np.add(d_body, d_short) if input_grad else None  # type: ignore[arg-type]
 
-    def trace_shapes(self, input_shape, visit, prefix=""):
+    def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:
         row = visit(prefix, self, tuple(input_shape))
         a = self.body.trace_shapes(input_shape, visit, _join(prefix, "body"))
         s = (
@@ -250,7 +273,7 @@ class Residual(_Container):
         row.update(output_shape=a, flops=int(np.prod(a)))  # the addition
         return a
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "class": self.name,
             "body": self.body.get_config(),
@@ -258,7 +281,7 @@ class Residual(_Container):
         }
 
     @classmethod
-    def from_config(cls, config, rng=None):
+    def from_config(cls, config: Config, rng: Rng = None) -> Self:
         if set(config) != {"class", "body", "shortcut"}:
             raise ValueError(
                 f"Residual: expected a config with 'body' and 'shortcut', got {config!r:.200}"
@@ -268,7 +291,7 @@ class Residual(_Container):
         return cls(body, None if shortcut is None else module_from_config(shortcut, rng))
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         parts = [("body", config["body"])]
         if config["shortcut"] is not None:
             parts.append(("shortcut", config["shortcut"]))
@@ -283,7 +306,7 @@ class Concat(_ListContainer):
 
     _key, _item = "branches", "branch"
 
-    def __init__(self, *branches):
+    def __init__(self, *branches: Module | Sequence[Module]) -> None:
         if not branches or branches == ([],) or branches == ((),):
             raise ValueError("Concat: expected at least one branch")
         super().__init__(branches)
@@ -307,7 +330,7 @@ class Concat(_ListContainer):
                 )
         return first[:1] + (sum(s[1] for s in shapes),) + first[2:]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         outs = [b.forward(x) for b in self.children()]
         shape = self._check([o.shape for o in outs], [o.dtype for o in outs])
         if len(shape) == 4:  # channels-last, as the convolutions and poolings return
@@ -323,18 +346,19 @@ class Concat(_ListContainer):
         self.save_for_backward(y.shape, y.dtype, [o.shape[1] for o in outs])
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, dtype, widths = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
-        dx, start = None, 0
+        dx: Array | None = None
+        start = 0
         for b, width in zip(self.children(), widths, strict=True):
             d = b.backward(dy[:, start : start + width], input_grad=input_grad)
             start += width
             if input_grad:
-                dx = d if dx is None else np.add(dx, d)
+                dx = d if dx is None else np.add(dx, d)  # type: ignore[arg-type]
         return dx
 
-    def trace_shapes(self, input_shape, visit, prefix=""):
+    def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:
         row = visit(prefix, self, tuple(input_shape))
         shapes = [
             b.trace_shapes(input_shape, visit, _join(prefix, n)) for n, b in self.named_children()

@@ -23,10 +23,11 @@ C-ordered copy). Padding is resolved to ``(top, bottom, left, right)``; the kern
 the top/left offsets, the bottom/right padding being implied by the output's shape.
 """
 
-import numbers
+from __future__ import annotations
 
 import numpy as np
 
+from ._checks import is_int
 from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
@@ -148,7 +149,7 @@ MAX_SIZE = 2**31 - 1
 
 
 def _check_int(value, name, layer, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{layer}: expected {name} to be an int or a pair of ints, got {value!r}")
     value = int(value)
     if value < minimum:

@@ -16,13 +16,22 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)) from the ``r
 running mean 0 and running variance 1.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import functional as F
+from ._checks import is_int
+from ._types import Array, Config, Rng, Shape
 from .module import Module, Parameter, register_module
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "Parameter",
@@ -61,7 +70,7 @@ def _resolve_dtype(dtype, layer):
 
 
 def _positive_int(value, name, layer):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{layer}: expected {name} to be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{layer}: expected {name} >= 1, got {value}")
@@ -101,7 +110,7 @@ def _fmt_pair(p):
 # ---------------------------------------------------------------------------------------------
 
 
-def cast_input(x, dtype, layer):
+def cast_input(x: Array, dtype, layer):
     """``(x in dtype, x's own dtype)`` for a layer with parameters of ``dtype``: any floating
     input is cast to it (its gradient goes back in the input's dtype), else TypeError."""
     x = np.asarray(x)
@@ -113,7 +122,7 @@ def cast_input(x, dtype, layer):
     return (x if x.dtype == dtype else x.astype(dtype)), in_dtype
 
 
-def cast_grad(dy, dtype, layer, shape=None):
+def cast_grad(dy: Array, dtype, layer, shape=None):
     """The upstream gradient of a layer with parameters of ``dtype``: any floating dtype is
     cast to it; with ``shape``, checked to be of that shape."""
     dy = np.asarray(dy)
@@ -130,7 +139,7 @@ def cast_grad(dy, dtype, layer, shape=None):
     return dy if dy.dtype == dtype else dy.astype(dtype)
 
 
-def check_grad(dy, shape, dtype, layer):
+def check_grad(dy: Array, shape, dtype, layer):
     """The upstream gradient of a parameter-free layer: a float array of the forward output's
     shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
     dy = F.check_float(dy, layer, "gradient", contiguous=False)
@@ -174,8 +183,8 @@ class Conv2D(Module):
         dilation=1,
         bias=True,
         dtype=np.float32,
-        rng=None,
-    ):
+        rng: Rng = None,
+    ) -> None:
         super().__init__()
         name = self.name
         self.in_channels = _positive_int(in_channels, "in_channels", name)
@@ -203,7 +212,7 @@ class Conv2D(Module):
         )
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         name = cls.__name__
         f = _positive_int(config["out_channels"], "out_channels", name)
         c = _positive_int(config["in_channels"], "in_channels", name)
@@ -213,7 +222,7 @@ class Conv2D(Module):
             spec["bias"] = ((f,), dtype)
         return spec
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         y = F.conv2d_forward(
             x,
@@ -227,7 +236,7 @@ class Conv2D(Module):
         self.save_for_backward(x, in_dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         """Accumulates the parameter gradients; returns the gradient to the input, or None with
         ``input_grad=False`` (a network's first layer: its input needs none, and the kernel
         that computes it is skipped)."""
@@ -252,7 +261,7 @@ class Conv2D(Module):
         if self.bias is not None:
             self.bias.grad += dbias
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "class": self.name,
             "in_channels": self.in_channels,
@@ -265,7 +274,7 @@ class Conv2D(Module):
             "dtype": self.dtype.name,
         }
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         return F.conv2d_output_shape(
             input_shape,
             self.weight.shape,
@@ -275,11 +284,11 @@ class Conv2D(Module):
             layer=self.name,
         )[0]
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         n, f, oh, ow = self.output_shape(input_shape)
         return 2 * n * f * oh * ow * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={_fmt_pair(self.kernel_size)}"
         if self.stride != (1, 1):
             s += f", stride={_fmt_pair(self.stride)}"
@@ -300,7 +309,7 @@ class Conv2D(Module):
 
 
 class _Pool2D(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0) -> None:
         super().__init__()
         name = self.name
         self.kernel_size = F.pair(kernel_size, "kernel_size", name)
@@ -308,7 +317,7 @@ class _Pool2D(Module):
         pads = F.pool2d_padding(padding, self.kernel_size, name)
         self.padding = (pads[0], pads[2])
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "class": self.name,
             "kernel_size": list(self.kernel_size),
@@ -316,17 +325,17 @@ class _Pool2D(Module):
             "padding": list(self.padding),
         }
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         return F.pool2d_output_shape(
             input_shape, self.kernel_size, self.stride, self.padding, layer=self.name
         )[0]
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         return (
             int(np.prod(self.output_shape(input_shape))) * self.kernel_size[0] * self.kernel_size[1]
         )
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"kernel_size={_fmt_pair(self.kernel_size)}"
         if self.stride != self.kernel_size:
             s += f", stride={_fmt_pair(self.stride)}"
@@ -341,14 +350,14 @@ class MaxPool2D(_Pool2D):
 
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, argmax = F.max_pool2d_forward(
             x, self.kernel_size, self.stride, self.padding, layer=self.name
         )
         self.save_for_backward(np.shape(x), argmax, y.dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, argmax, dtype = self.saved_for_backward()
         dy = check_grad(dy, argmax.shape, dtype, self.name)
         return F.max_pool2d_backward(
@@ -362,12 +371,12 @@ class AvgPool2D(_Pool2D):
 
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.avg_pool2d_forward(x, self.kernel_size, self.stride, self.padding, layer=self.name)
         self.save_for_backward(np.shape(x), y.shape, y.dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, y_shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, y_shape, dtype, self.name)
         return F.avg_pool2d_backward(
@@ -382,20 +391,20 @@ class GlobalAvgPool2D(Module):
 
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.global_avg_pool2d_forward(x, layer=self.name)
         self.save_for_backward(np.shape(x), y.dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, shape[:2], dtype, self.name)
         return F.global_avg_pool2d_backward(dy, shape, layer=self.name)
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         return F.global_avg_pool2d_output_shape(input_shape, layer=self.name)
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         self.output_shape(input_shape)
         return int(np.prod(input_shape))
 
@@ -416,7 +425,7 @@ class BatchNorm2D(Module):
 
     _rank = 4
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32) -> None:
         super().__init__()
         name = self.name
         self.num_features = _positive_int(num_features, "num_features", name)
@@ -430,7 +439,7 @@ class BatchNorm2D(Module):
         self.register_buffer("running_var", np.ones(c, dtype=self.dtype))
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         c = (_positive_int(config["num_features"], "num_features", cls.__name__),)
         dtype = _resolve_dtype(config.get("dtype", "float32"), cls.__name__)
         return {k: (c, dtype) for k in ("weight", "bias", "running_mean", "running_var")}
@@ -451,7 +460,7 @@ class BatchNorm2D(Module):
         self._check_shape(x.shape)
         return x.reshape(x.shape + (1,) * (4 - x.ndim))
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         x4 = self._to4d(x)
         if self.training:
@@ -486,7 +495,7 @@ class BatchNorm2D(Module):
             )
         return y.reshape(x.shape)
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         mode, x4, a, b, x_shape, in_dtype = self.saved_for_backward()
         dy = cast_grad(dy, self.dtype, self.name, x_shape).reshape(x4.shape)
         if mode == "train":
@@ -501,7 +510,7 @@ class BatchNorm2D(Module):
         self.bias.grad += dbeta
         return _as_dtype(dx.reshape(x_shape), in_dtype)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "class": self.name,
             "num_features": self.num_features,
@@ -510,16 +519,16 @@ class BatchNorm2D(Module):
             "dtype": self.dtype.name,
         }
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         shape = tuple(int(s) for s in input_shape)
         self._check_shape(shape)
         return shape
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         # normalise and scale-shift folded: one multiply-add per element
         return 2 * int(np.prod(self.output_shape(input_shape)))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"{self.num_features}"
         if self.eps != 1e-5:
             s += f", eps={self.eps:g}"
@@ -546,7 +555,9 @@ class BatchNorm1D(BatchNorm2D):
 class Dense(Module):
     """Fully connected layer (PyTorch's nn.Linear): y = x @ weight.T + bias, weight (out, in)."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+    def __init__(
+        self, in_features, out_features, bias=True, dtype=np.float32, rng: Rng = None
+    ) -> None:
         super().__init__()
         name = self.name
         self.in_features = _positive_int(in_features, "in_features", name)
@@ -563,7 +574,7 @@ class Dense(Module):
         )
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         name = cls.__name__
         out = _positive_int(config["out_features"], "out_features", name)
         dtype = _resolve_dtype(config.get("dtype", "float32"), name)
@@ -572,7 +583,7 @@ class Dense(Module):
             spec["bias"] = ((out,), dtype)
         return spec
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         y = F.dense_forward(
             x, self.weight.data, None if self.bias is None else self.bias.data, layer=self.name
@@ -580,7 +591,7 @@ class Dense(Module):
         self.save_for_backward(x, in_dtype)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         """Accumulates the parameter gradients; returns the gradient to the input, or None with
         ``input_grad=False``."""
         x, in_dtype = self.saved_for_backward()
@@ -601,7 +612,7 @@ class Dense(Module):
         if self.bias is not None:
             self.bias.grad += dbias
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {
             "class": self.name,
             "in_features": self.in_features,
@@ -610,7 +621,7 @@ class Dense(Module):
             "dtype": self.dtype.name,
         }
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 2 or shape[1] != self.in_features:
             raise ValueError(
@@ -619,11 +630,11 @@ class Dense(Module):
             )
         return (shape[0], self.out_features)
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         n, _ = self.output_shape(input_shape)
         return 2 * n * self.in_features * self.out_features
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = f"{self.in_features}, {self.out_features}"
         if self.bias is None:
             s += ", bias=False"
@@ -643,12 +654,12 @@ class ReLU(Module):
 
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.relu_forward(x, layer=self.name)
         self.save_for_backward(y)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         (y,) = self.saved_for_backward()
         return F.relu_backward(dy, y, layer=self.name)
 
@@ -659,20 +670,20 @@ class LeakyReLU(Module):
 
     _stateless = True
 
-    def __init__(self, negative_slope=0.01):
+    def __init__(self, negative_slope=0.01) -> None:
         super().__init__()
         self.negative_slope = _number(negative_slope, "negative_slope", self.name)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x = F.check_float(x, self.name, contiguous=False)
         self.save_for_backward(x)
         return F.leaky_relu_forward(x, self.negative_slope, layer=self.name)
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         (x,) = self.saved_for_backward()
         return F.leaky_relu_backward(dy, x, self.negative_slope, layer=self.name)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"class": self.name, "negative_slope": self.negative_slope}
 
 
@@ -680,12 +691,12 @@ class LeakyReLU(Module):
 class Tanh(Module):
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.tanh_forward(x, layer=self.name)
         self.save_for_backward(y)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         (y,) = self.saved_for_backward()
         return F.tanh_backward(dy, y, layer=self.name)
 
@@ -694,12 +705,12 @@ class Tanh(Module):
 class Sigmoid(Module):
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.sigmoid_forward(x, layer=self.name)
         self.save_for_backward(y)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         (y,) = self.saved_for_backward()
         return F.sigmoid_backward(dy, y, layer=self.name)
 
@@ -710,25 +721,25 @@ class Softmax(Module):
 
     _stateless = True
 
-    def __init__(self, dim=1):
+    def __init__(self, dim=1) -> None:
         super().__init__()
-        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, numbers.Integral):
+        if not is_int(dim):
             raise TypeError(f"{self.name}: expected dim to be an int, got {dim!r}")
         self.dim = int(dim)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = F.softmax_forward(x, self.dim, layer=self.name)
         self.save_for_backward(y)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         (y,) = self.saved_for_backward()
         return F.softmax_backward(dy, y, self.dim, layer=self.name)
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"class": self.name, "dim": self.dim}
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         shape = tuple(int(s) for s in input_shape)
         if not -len(shape) <= self.dim < len(shape):
             raise ValueError(
@@ -737,7 +748,7 @@ class Softmax(Module):
             )
         return shape
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         return 3 * int(np.prod(self.output_shape(input_shape)))
 
 
@@ -752,17 +763,17 @@ class Flatten(Module):
 
     _stateless = True
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x = F.check_float(x, self.name)
         self.save_for_backward(x.shape, x.dtype)
         return x.reshape(self.output_shape(x.shape))
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, (shape[0], int(np.prod(shape[1:]))), dtype, self.name)
         return dy.reshape(shape)
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) < 2:
             raise ValueError(
@@ -771,7 +782,7 @@ class Flatten(Module):
             )
         return (shape[0], int(np.prod(shape[1:])))
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         self.output_shape(input_shape)
         return 0
 
@@ -789,7 +800,7 @@ class Dropout(Module):
     has_rng_state = True
     _stateless = True
 
-    def __init__(self, p=0.5, seed=None, rng=None):
+    def __init__(self, p=0.5, seed=None, rng: Rng = None) -> None:
         super().__init__()
         self.p = _number(p, "p", self.name, low=0, high=1)
         self.seed = None if seed is None else int(seed)
@@ -798,7 +809,7 @@ class Dropout(Module):
         else:
             self._rng = np.random.default_rng(self.seed)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         x = F.check_float(x, self.name)
         if not self.training or self.p == 0:
             self.save_for_backward(x.shape, x.dtype, None)
@@ -807,7 +818,7 @@ class Dropout(Module):
         self.save_for_backward(x.shape, x.dtype, mask)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         shape, dtype, mask = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
         if mask is None:
@@ -821,5 +832,5 @@ class Dropout(Module):
     def set_rng_state(self, state):
         self._rng.bit_generator.state = state
 
-    def get_config(self):
+    def get_config(self) -> Config:
         return {"class": self.name, "p": self.p, "seed": self.seed}

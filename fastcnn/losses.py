@@ -8,6 +8,8 @@ Computation stays in the input's dtype (float32 in, float32 out); these are smal
 (N x C), so plain vectorised numpy is used, no kernel.
 """
 
+from __future__ import annotations
+
 import numbers
 
 import numpy as np

@@ -1,6 +1,8 @@
 """Former home of ``Sequential`` and ``from_config``, kept so that old imports still work:
 the containers live in fastcnn/containers.py, the registry in fastcnn/module.py."""
 
+from __future__ import annotations
+
 from .containers import Sequential
 from .module import module_from_config
 

@@ -7,8 +7,11 @@ accepts, and the benchmark's networks) to a function of ``(in_channels, num_clas
 ``INPUT_SHAPES`` gives the (C, H, W) input each of them is built for.
 """
 
+from __future__ import annotations
+
 import numpy as np
 
+from ._checks import is_int
 from .containers import Residual, Sequential
 from .layers import (
     AvgPool2D,
@@ -109,12 +112,7 @@ def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
     num_classes). Convolutions followed by BatchNorm have no bias. One flat Sequential:
     [conv, bn, relu, Residual, ReLU, Residual, ReLU, ..., GlobalAvgPool2D, Dense], so the
     first block's body is ``model[3].body`` and its first weight "3.body.0.weight"."""
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, (int, np.integer))
-        or depth < 8
-        or (depth - 2) % 6
-    ):
+    if not is_int(depth, 8) or (depth - 2) % 6:
         raise ValueError(f"resnet: expected a depth 6n+2 >= 8 (8, 14, 20, 32, ...), got {depth!r}")
     n = (depth - 2) // 6
     rng = np.random.default_rng(seed)

@@ -25,10 +25,22 @@ after one forward is a RuntimeError, never a silently wrong gradient.
 from __future__ import annotations
 
 import inspect
-import numbers
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from ._checks import is_int
+from ._types import Array, Config, Rng, Shape
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+M = TypeVar("M", bound="Module")
+#: ``visit(name, module, input_shape)`` of :meth:`Module.trace_shapes`: the row to fill in
+Visit = Callable[[str, "Module", Shape], dict[str, Any]]
 
 __all__ = [
     "Parameter",
@@ -53,7 +65,7 @@ class Parameter:
 
     __slots__ = ("data", "grad")
 
-    def __init__(self, data):
+    def __init__(self, data: ArrayLike) -> None:
         data = np.array(data, order="C", copy=True)
         if data.dtype.kind != "f":
             raise TypeError(f"Parameter: expected floating-point data, got dtype {data.dtype}")
@@ -61,21 +73,21 @@ class Parameter:
         self.grad = np.zeros_like(data)
 
     @property
-    def shape(self):
+    def shape(self) -> Shape:
         return self.data.shape
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype[Any]:
         return self.data.dtype
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.data.size
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.grad[...] = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
@@ -83,7 +95,7 @@ _PREDICT_LOCK = threading.RLock()  # Module.predict: see there
 _TREE = {"version": 0}  # bumped whenever a module gains or loses a child: plans are rebuilt
 
 
-def tree_version():
+def tree_version() -> int:
     """A number that changes whenever any module gains, replaces or loses a child."""
     return _TREE["version"]
 
@@ -100,7 +112,13 @@ class Module:
     #: True for modules that draw random numbers (Dropout): their generator state is saved.
     has_rng_state = False
 
-    def __init__(self):
+    # set through __dict__ by __init__ and __setattr__
+    training: bool
+    _param_names: list[str]
+    _buffer_names: list[str]
+    _child_names: list[str]
+
+    def __init__(self) -> None:
         d = self.__dict__
         d["training"] = True
         d["_param_names"] = []
@@ -110,7 +128,7 @@ class Module:
         d["_saved_used"] = False
 
     # -- registration ---------------------------------------------------------------------------
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__
         if "_param_names" not in d:
             raise AttributeError(
@@ -146,11 +164,11 @@ class Module:
             _drop(d, name)
         d[name] = value
 
-    def __delattr__(self, name):
+    def __delattr__(self, name: str) -> None:
         _drop(self.__dict__, name)
         object.__delattr__(self, name)
 
-    def register_buffer(self, name, array):
+    def register_buffer(self, name: str, array: Array) -> None:
         """Register ``array`` as a buffer: saved in the state dict, never trained."""
         if not isinstance(array, np.ndarray):
             raise TypeError(
@@ -184,20 +202,23 @@ class Module:
 
     # -- what a tree holds ------------------------------------------------------------------------
     @property
-    def name(self):
+    def name(self) -> str:
         return type(self).__name__
 
-    def named_children(self):
+    def named_children(self) -> list[tuple[str, Module]]:
         d = self.__dict__
         return [(n, d[n]) for n in d["_child_names"]]
 
-    def children(self):
+    def children(self) -> list[Module]:
         return [m for _, m in self.named_children()]
 
-    def named_modules(self, prefix="", remove_duplicate=True):
+    def named_modules(
+        self, prefix: str = "", remove_duplicate: bool = True
+    ) -> list[tuple[str, Module]]:
         """(dotted name, module) for this module ("" or ``prefix``) and every descendant,
         depth-first, in construction order."""
-        out, seen = [], set()
+        out: list[tuple[str, Module]] = []
+        seen: set[int] = set()
 
         def walk(module, name):
             if remove_duplicate:
@@ -211,12 +232,13 @@ class Module:
         walk(self, prefix)
         return out
 
-    def modules(self):
+    def modules(self) -> list[Module]:
         return [m for _, m in self.named_modules()]
 
-    def named_parameters(self, prefix=""):
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
         """(dotted name, Parameter), depth-first in construction order, each Parameter once."""
-        out, seen = [], set()
+        out: list[tuple[str, Parameter]] = []
+        seen: set[int] = set()
         for mod_name, module in self.named_modules(prefix):
             d = module.__dict__
             for n in d["_param_names"]:
@@ -226,34 +248,34 @@ class Module:
                     out.append((f"{mod_name}.{n}" if mod_name else n, p))
         return out
 
-    def parameters(self):
+    def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def named_buffers(self, prefix=""):
-        out = []
+    def named_buffers(self, prefix: str = "") -> list[tuple[str, Array]]:
+        out: list[tuple[str, Array]] = []
         for mod_name, module in self.named_modules(prefix):
             d = module.__dict__
             out += [(f"{mod_name}.{n}" if mod_name else n, d[n]) for n in d["_buffer_names"]]
         return out
 
-    def num_parameters(self):
+    def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for p in self.parameters():
             p.zero_grad()
 
     # -- mode -------------------------------------------------------------------------------------
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Self:
         for m in self.modules():
             m.__dict__["training"] = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Self:
         return self.train(False)
 
     # -- computation ------------------------------------------------------------------------------
-    def __call__(self, x):
+    def __call__(self, x: Array) -> Array:
         """forward; in training mode on a copy of an array input, returning a copy of an array
         output: the backward then uses the arrays the forward saw and made, whatever the caller
         does to its batch buffer or to the result before calling it (issue: silent wrong
@@ -265,18 +287,20 @@ class Module:
         y = self.forward(x.copy(order="K") if isinstance(x, np.ndarray) else x)
         return y.copy(order="K") if isinstance(y, np.ndarray) else y
 
-    def forward(self, x):  # pragma: no cover - abstract
+    def forward(self, x: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name}: forward is not implemented")
 
-    def backward(self, dy, input_grad=True):  # pragma: no cover - abstract
+    def backward(
+        self, dy: Array, input_grad: bool = True
+    ) -> Array | None:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name}: backward is not implemented")
 
-    def save_for_backward(self, *values):
+    def save_for_backward(self, *values: Any) -> None:
         """Keep what this module's backward needs from the forward that just ran."""
         d = self.__dict__
         d["_saved"], d["_saved_used"] = values, False
 
-    def saved_for_backward(self):
+    def saved_for_backward(self) -> tuple[Any, ...]:
         """What the last forward kept, once: a second backward after one forward is an error
         (the state of the first use of a module called twice would be gone). The arrays stay
         referenced until the next forward replaces them: freed early, glibc's malloc hands
@@ -292,20 +316,20 @@ class Module:
         d["_saved_used"] = True
         return d["_saved"]
 
-    def forward_token(self):
+    def forward_token(self) -> object:
         """An opaque token of this module's last forward (what it saved for its backward, or
         None): a container compares it before the backward, to refuse the state of another
         call (the same module run meanwhile by another model sharing it)."""
         return self.__dict__["_saved"]
 
-    def predict(self, x, batch_size=256):
+    def predict(self, x: ArrayLike, batch_size: int = 256) -> Array:
         """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous
         modes are restored afterwards. Runs with the BLAS limited as in ``fit``/``evaluate``
         (``fastcnn.threads.compute_threads``), so the logits equal ``evaluate``'s."""
         from .threads import compute_threads
 
         what = f"{self.name}.predict"
-        if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+        if not is_int(batch_size):
             raise TypeError(f"{what}: expected batch_size to be an int, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"{what}: expected batch_size >= 1, got {batch_size}")
@@ -331,9 +355,9 @@ class Module:
                     m.__dict__["training"] = mode
 
     # -- state ------------------------------------------------------------------------------------
-    def _state_targets(self):
+    def _state_targets(self) -> dict[str, Array]:
         """name -> the array itself, parameters then buffers of each module, depth-first."""
-        targets = {}
+        targets: dict[str, Array] = {}
         for mod_name, module in self.named_modules():
             d = module.__dict__
             for n in d["_param_names"]:
@@ -343,23 +367,25 @@ class Module:
                 targets[f"{mod_name}.{n}" if mod_name else n] = d[n]
         return targets
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Array]:
         """name -> a copy of every parameter and buffer ("0.weight", "1.running_mean", ...)."""
         return {k: v.copy() for k, v in self._state_targets().items()}
 
-    def check_state_dict(self, state, strict=True):
+    def check_state_dict(
+        self, state: Mapping[str, ArrayLike], strict: bool = True
+    ) -> list[tuple[Array, Array]]:
         """Validate ``state`` (keys, shapes, dtypes) without assigning; returns the list of
         (target array, value) pairs to copy."""
         return check_state(self._state_targets(), state, strict, self.name)
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state: Mapping[str, ArrayLike], strict: bool = True) -> None:
         """Copy ``state`` into the parameters and buffers in place. Every key, shape and dtype is
         validated before anything is assigned; with ``strict``, missing or unexpected keys are a
         ValueError listing them (without, they are skipped)."""
         for target, value in self.check_state_dict(state, strict):
             np.copyto(target, value)
 
-    def get_rng_state(self):
+    def get_rng_state(self) -> dict[str, Any]:
         """{dotted name: state} for every module of the tree with its own generator (Dropout)."""
         return {
             n: m.get_rng_state()
@@ -367,7 +393,7 @@ class Module:
             if m is not self and m.has_rng_state
         }
 
-    def set_rng_state(self, states):
+    def set_rng_state(self, states: dict[str, Any]) -> None:
         modules = dict(self.named_modules())
         if not isinstance(states, dict):
             raise TypeError(
@@ -381,13 +407,13 @@ class Module:
             module.set_rng_state(state)
 
     # -- config -----------------------------------------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> Config:
         """{"class": registered name, **constructor arguments}: JSON-able, enough with
         :func:`module_from_config` to rebuild this module (with fresh parameters)."""
         return {"class": self.name}
 
     @classmethod
-    def state_spec(cls, config):
+    def state_spec(cls, config: Config) -> dict[str, tuple[Shape, Any]] | None:
         """{name: (shape, dtype)} of the parameters and buffers a module built from ``config``
         would hold, worked out without building it, or None when the class cannot tell
         (then it has to be built to know). A checkpoint's architecture is checked against its
@@ -397,22 +423,22 @@ class Module:
         return {} if cls.__dict__.get("_stateless") else None
 
     @classmethod
-    def from_config(cls, config, rng=None):
+    def from_config(cls, config: Config, rng: Rng = None) -> Self:
         kwargs = {k: v for k, v in config.items() if k != "class"}
         if "rng" in inspect.signature(cls).parameters:
             kwargs["rng"] = rng
         return cls(**kwargs)
 
     # -- shapes and summary -----------------------------------------------------------------------
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
         """The output shape for an input of this shape (validated): identity by default."""
         return tuple(int(s) for s in input_shape)
 
-    def flops(self, input_shape):
+    def flops(self, input_shape: Sequence[int]) -> int:
         """Forward floating-point operations (elementwise modules: one per element)."""
         return int(np.prod(self.output_shape(input_shape)))
 
-    def trace_shapes(self, input_shape, visit, prefix=""):
+    def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:
         """Walk the tree for an input of this shape, validating it on the way; returns the
         output shape. ``visit(name, module, input_shape)`` is called for every module,
         containers before their children, and returns a dict that is then given the module's
@@ -423,7 +449,9 @@ class Module:
         row.update(output_shape=out, flops=self.flops(input_shape))
         return out
 
-    def summary(self, input_shape, print_fn=print):
+    def summary(
+        self, input_shape: Sequence[int], print_fn: Callable[[str], object] | None = print
+    ) -> str:
         """A table of each module's output shape, parameter count and forward FLOPs, with
         totals, for an input of shape ``input_shape`` (batch dimension included, e.g.
         (1, 1, 28, 28)); checks on the way that the modules fit together. Returns the table
@@ -436,11 +464,11 @@ class Module:
         return text
 
     # -- repr ---------------------------------------------------------------------------------------
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         cfg = self.get_config()
         return ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "class")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         children = self.named_children()
         if not children:
             return f"{self.name}({self.extra_repr()})"
@@ -460,7 +488,9 @@ def _within(dotted, name):
     return dotted == name or dotted.startswith(name + ".")
 
 
-def check_state(targets, state, strict, owner):
+def check_state(
+    targets: dict[str, Array], state: Mapping[str, ArrayLike], strict: bool, owner: str
+) -> list[tuple[Array, Array]]:
     """Validate every key, shape and dtype of ``state`` against ``targets`` (name -> array);
     returns the (target, value) pairs to copy, or raises naming every problem."""
     if not hasattr(state, "keys"):
@@ -469,12 +499,12 @@ def check_state(targets, state, strict, owner):
         )
     missing = [k for k in targets if k not in state]
     unexpected = [k for k in state if k not in targets]
-    problems = []
+    problems: list[str] = []
     if strict and missing:
         problems.append(f"missing keys {missing}")
     if strict and unexpected:
         problems.append(f"unexpected keys {unexpected}")
-    pairs = []
+    pairs: list[tuple[Array, Array]] = []
     for key, target in targets.items():
         if key not in state:
             continue
@@ -496,7 +526,13 @@ def check_state(targets, state, strict, owner):
 _REGISTRY: dict[str, type] = {}
 
 
-def register_module(cls=None, *, name=None):
+@overload
+def register_module(cls: type[M], *, name: str | None = None) -> type[M]: ...
+@overload
+def register_module(
+    cls: None = None, *, name: str | None = None
+) -> Callable[[type[M]], type[M]]: ...
+def register_module(cls: type[M] | None = None, *, name: str | None = None) -> Any:
     """Register a Module subclass so that checkpoints holding it can be loaded; usable as a
     decorator (``@fastcnn.register_module``). ``name`` defaults to the class name, the
     ``"class"`` entry of its ``get_config()``. Registering another class under a taken name
@@ -508,7 +544,7 @@ def register_module(cls=None, *, name=None):
     them with :func:`module_from_config`.
     """
 
-    def register(c):
+    def register(c: type[M]) -> type[M]:
         if not (isinstance(c, type) and issubclass(c, Module)):
             raise TypeError(f"register_module: expected a fastcnn Module subclass, got {c!r}")
         key = c.__name__ if name is None else name
@@ -526,7 +562,7 @@ def register_module(cls=None, *, name=None):
     return register if cls is None else register(cls)
 
 
-def registered_modules():
+def registered_modules() -> dict[str, type]:
     """{name: class} of every registered module class (a copy)."""
     return dict(_REGISTRY)
 
@@ -557,7 +593,9 @@ def _nested(call):
         _nesting.depth = depth
 
 
-def state_spec_of(config, prefix=""):
+def state_spec_of(
+    config: Config, prefix: str = ""
+) -> dict[str, tuple[Shape, np.dtype[Any]]] | None:
     """{dotted name: (shape, dtype)} of the state the module tree ``config`` describes, without
     building it (``Module.state_spec``), or None if a class in it cannot tell."""
     cls = _registered_class(config)
@@ -570,7 +608,7 @@ def state_spec_of(config, prefix=""):
     }
 
 
-def module_from_config(config, rng=None):
+def module_from_config(config: Config, rng: Rng = None) -> Module:
     """Build a module from its ``get_config()`` dict, through the registry only (nothing is
     imported or called by a name that is not registered). Parameters are freshly initialised
     from ``rng`` (a Generator or a seed); load weights with ``load_state_dict``. Containers

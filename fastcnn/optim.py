@@ -19,10 +19,13 @@ every scalar is cast to that dtype, and the temporaries live in one or two scrat
 parameter allocated on the first step, so a step allocates nothing parameter-sized.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
 
+from ._checks import is_int
 from .kernels import optim as _kernels
 
 __all__ = [
@@ -223,7 +226,7 @@ class Optimizer:
             step = entry["step"]
             if isinstance(step, np.ndarray) and step.ndim == 0:
                 step = step.item()
-            if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            if not is_int(step, 0):
                 raise ValueError(
                     f"{name}: expected state entry {key} 'step' to be an int >= 0, got {step!r}"
                 )
@@ -498,7 +501,7 @@ class LRScheduler:
                 f"{name}: expected state dict keys {sorted(expected)}, got {sorted(state)}"
             )
         epoch = state["last_epoch"]
-        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+        if not is_int(epoch, 0):
             raise ValueError(f"{name}: expected last_epoch to be an int >= 0, got {epoch!r}")
         base_lr = _check_nonneg(name, "base_lr", state["base_lr"])
         last_lr = _check_nonneg(name, "last_lr", state["last_lr"])
@@ -528,11 +531,7 @@ class StepLR(LRScheduler):
 
     def _set_params(self, p):
         step_size, gamma = p["step_size"], p["gamma"]
-        if (
-            not isinstance(step_size, (int, np.integer))
-            or isinstance(step_size, bool)
-            or step_size < 1
-        ):
+        if not is_int(step_size, 1):
             raise ValueError(f"StepLR: expected step_size to be an int >= 1, got {step_size!r}")
         self.step_size = int(step_size)
         self.gamma = _check_nonneg("StepLR", "gamma", gamma)
@@ -554,7 +553,7 @@ class CosineAnnealingLR(LRScheduler):
 
     def _set_params(self, p):
         T_max, eta_min = p["T_max"], p["eta_min"]
-        if not isinstance(T_max, (int, np.integer)) or isinstance(T_max, bool) or T_max < 1:
+        if not is_int(T_max, 1):
             raise ValueError(f"CosineAnnealingLR: expected T_max to be an int >= 1, got {T_max!r}")
         self.T_max = int(T_max)
         self.eta_min = _check_nonneg("CosineAnnealingLR", "eta_min", eta_min)
@@ -628,7 +627,7 @@ class OneCycleLR(LRScheduler):
     def _set_params(self, p):
         name = "OneCycleLR"
         total = p["total_steps"]
-        if not isinstance(total, (int, np.integer)) or isinstance(total, bool) or total < 1:
+        if not is_int(total, 1):
             raise ValueError(f"{name}: expected total_steps to be an int >= 1, got {total!r}")
         pct = p["pct_start"]
         if not _is_number(pct) or not 0 <= pct <= 1:

@@ -27,27 +27,33 @@ The patterns (types matched exactly: a subclass may change what its forward does
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from . import functional as F
+from ._types import Array
 from .layers import Conv2D, Dense, MaxPool2D, ReLU, _as_dtype, cast_grad, cast_input, check_grad
+
+if TYPE_CHECKING:
+    from .module import Module
 
 __all__ = ["set_fusion", "fusion_enabled", "fusion", "make_plan", "Step", "ModuleStep", "PATTERNS"]
 
 _FUSION = {"enabled": True}
 
 
-def set_fusion(enabled):
+def set_fusion(enabled: bool) -> None:
     """Turn fusion on (the default) or off for every container, from its next forward on."""
     _FUSION["enabled"] = bool(enabled)
 
 
-def fusion_enabled():
+def fusion_enabled() -> bool:
     return _FUSION["enabled"]
 
 
 @contextmanager
-def fusion(enabled):
+def fusion(enabled: bool) -> Iterator[None]:
     """``with fastcnn.fusion(False): ...``: run a block with fusion on or off, then restore."""
     previous = _FUSION["enabled"]
     _FUSION["enabled"] = bool(enabled)
@@ -66,15 +72,22 @@ class Step:
     keeping between the two what the backward needs (once: a second backward is an error; the
     arrays stay until the next forward, as a layer's: see Module.saved_for_backward)."""
 
-    def __init__(self, modules):
-        self.modules = tuple(modules)
-        self._saved = None
+    def __init__(self, modules: Iterable[Module]) -> None:
+        # Any: each step reads the attributes of the layer types its pattern names
+        self.modules: tuple[Any, ...] = tuple(modules)
+        self._saved: tuple[Any, ...] | None = None
         self._used = False
 
     def _save(self, *values):
         self._saved, self._used = values, False
 
-    def check(self):
+    def forward(self, x: Array) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}: forward is not implemented")
+
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__}: backward is not implemented")
+
+    def check(self) -> None:
         """Raise if the backward would not pair with this plan's forward (ModuleStep)."""
 
     def _take(self):
@@ -89,28 +102,28 @@ class Step:
         self._used = True
         return self._saved
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(m.name for m in self.modules)})"
 
 
 class ModuleStep(Step):
     """One module, unfused: its own forward and backward."""
 
-    def __init__(self, module):
+    def __init__(self, module: Module) -> None:
         super().__init__([module])
         self.module = module
-        self._token = None
+        self._token: object = None
         params = inspect.signature(module.backward).parameters
         self._takes_input_grad = "input_grad" in params or any(
             p.kind is p.VAR_KEYWORD for p in params.values()
         )
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y = self.module.forward(x)
         self._token = self.module.forward_token()
         return y
 
-    def check(self):
+    def check(self) -> None:
         if self.module.forward_token() is not self._token:
             raise RuntimeError(
                 f"{self.module.name}: it ran forward again (called alone, or by another model "
@@ -118,7 +131,7 @@ class ModuleStep(Step):
                 "state; run this model's forward again first"
             )
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         if self._takes_input_grad:
             return self.module.backward(dy, input_grad=input_grad)
         dx = self.module.backward(dy)  # a user's module without the argument
@@ -183,7 +196,7 @@ def _dense_backward(dense, x, in_dtype, dy, input_grad):
 class ConvReLUMaxPool(Step):
     """Conv2D -> ReLU -> MaxPool2D (see the module docstring)."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         conv, relu, pool = self.modules
         x, in_dtype = cast_input(x, conv.dtype, conv.name)
         if _tiles(pool):
@@ -207,7 +220,7 @@ class ConvReLUMaxPool(Step):
         self._save(x, in_dtype, a, y, argmax, a.shape)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         conv, relu, pool = self.modules
         x, in_dtype, a, y, argmax, conv_shape = self._take()
         dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
@@ -248,16 +261,17 @@ class _ProductReLU(Step):
     """A layer with parameters -> ReLU: the ReLU applied as the product is stored; backward:
     the ReLU's mask, then the layer's own backward. Subclasses name the two functions."""
 
-    product = backward_of = None
+    product: Callable[..., Array]
+    backward_of: Callable[..., Array | None]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         layer, relu = self.modules
         x, in_dtype = cast_input(x, layer.dtype, layer.name)
         y = type(self).product(layer, x)
         self._save(x, in_dtype, y)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         layer, relu = self.modules
         x, in_dtype, y = self._take()
         da = F.relu_backward(dy, y, layer=relu.name)
@@ -279,7 +293,7 @@ class DenseReLU(_ProductReLU):
 class ReLUMaxPool(Step):
     """ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask."""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         relu, pool = self.modules
         a = F.relu_forward(x, layer=relu.name)
         y, argmax = F.max_pool2d_forward(
@@ -288,7 +302,7 @@ class ReLUMaxPool(Step):
         self._save(a.shape, y, argmax)
         return y
 
-    def backward(self, dy, input_grad=True):
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         relu, pool = self.modules
         shape, y, argmax = self._take()
         dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
@@ -317,11 +331,11 @@ PATTERNS = (
 # planning
 
 
-def leaves_of(modules):
+def leaves_of(modules: Iterable[Module]) -> list[Module]:
     """``modules`` with every nested plain Sequential opened up (a chain of chains is a chain)."""
     from .containers import Sequential
 
-    out = []
+    out: list[Module] = []
     for m in modules:
         if type(m) is Sequential:
             out += leaves_of(m.children())
@@ -330,12 +344,13 @@ def leaves_of(modules):
     return out
 
 
-def make_plan(modules, fuse=None):
+def make_plan(modules: Iterable[Module], fuse: bool | None = None) -> list[Step]:
     """The steps that run ``modules`` in order: fused where a pattern matches (``fuse``, by
     default the global switch), else one ``ModuleStep`` per module."""
     fuse = fusion_enabled() if fuse is None else fuse
     chain = leaves_of(modules)
-    steps, i = [], 0
+    steps: list[Step] = []
+    i = 0
     while i < len(chain):
         for types, step in PATTERNS if fuse else ():
             run = chain[i : i + len(types)]

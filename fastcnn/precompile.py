@@ -18,6 +18,8 @@ If the cache cannot be written (a read-only install without ``NUMBA_CACHE_DIR``)
 work is lost and this process compiles what it needs itself: slower, never wrong.
 """
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys

@@ -28,12 +28,13 @@ The measurements behind these choices are in docs/threads.md.
 
 from __future__ import annotations
 
-import numbers
 import sys
 import threading
 from contextlib import contextmanager
 
 import numba
+
+from ._checks import is_int
 
 __all__ = [
     "BLAS_THREADS_DURING_COMPUTE",
@@ -61,7 +62,7 @@ def get_num_threads() -> int:
 
 
 def _check_threads(n, what="set_num_threads") -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+    if not is_int(n):
         raise TypeError(f"{what}: expected an integer number of threads, got {n!r}")
     n = int(n)
     limit = max_threads()
@@ -112,7 +113,7 @@ def blas_limits(n: int | None):
     if n is None:
         yield
         return
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    if not is_int(n, 1):
         raise ValueError(f"blas_limits: expected a positive integer number of threads, got {n!r}")
     from threadpoolctl import threadpool_limits
 

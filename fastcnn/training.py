@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ._checks import is_int
 from .threads import compute_threads
 
 __all__ = ["History", "TrainingDiverged", "fit", "evaluate", "resume_kwargs"]
@@ -157,7 +158,7 @@ def _shape_of(a):
 
 
 def _check_positive_int(what, name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_int(value, minimum):
         raise ValueError(f"{what}: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -234,10 +235,10 @@ def resume_kwargs(ckpt) -> dict:
             f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed"
         )
     epoch = ckpt.epoch
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if not is_int(epoch, 0):
         fail(f"the epoch is {epoch!r:.50}, expected the number of completed epochs")
     seed = info["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+    if seed is not None and not is_int(seed, 0):
         fail(f"the seed is {seed!r:.50}, expected an integer >= 0")
     shuffle_state = info["shuffle_state"]
     try:

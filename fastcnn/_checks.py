@@ -1,0 +1,17 @@
+"""Argument checks shared by the API: the one spelling of "an integer, but not a bool"."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def is_int(value: object, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an integer, Python's or NumPy's, and at least ``minimum`` if given.
+
+    ``bool`` and ``numpy.bool_`` are not integers here: ``True`` passed as a count or a size is a
+    mistake to report, not the number 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        return False
+    return minimum is None or int(value) >= minimum
