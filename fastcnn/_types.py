@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,4 +14,8 @@ Shape = tuple[int, ...]
 #: A module's ``get_config()``: JSON-able constructor arguments plus its registered "class".
 Config = dict[str, Any]
 #: What seeds a layer's initialisation: a Generator, a seed, or None for fresh entropy.
-Rng = Union[np.random.Generator, int, None]
+Rng = np.random.Generator | int | None
+#: A size per spatial axis: one int for both, or (height, width).
+Size2 = int | tuple[int, int] | list[int]
+#: A convolution's or pooling's padding: a size, or "same" / "valid" (Conv2D).
+Padding = int | tuple[int, int] | list[int] | str

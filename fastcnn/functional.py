@@ -25,9 +25,13 @@ the top/left offsets, the bottom/right padding being implied by the output's sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._checks import is_int
+from ._types import Array, Padding, Shape, Size2
 from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
@@ -85,7 +89,7 @@ def _fmt_shape(shape):
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def check_float(x, layer, what="input", contiguous=True):
+def check_float(x: ArrayLike, layer: str, what: str = "input", contiguous: bool = True) -> Array:
     """``x`` as a float32/float64 ndarray in native byte order, else TypeError; C-contiguous
     unless ``contiguous`` is false (then in whatever layout it came)."""
     x = np.asarray(x)
@@ -159,7 +163,7 @@ def _check_int(value, name, layer, minimum):
     return value
 
 
-def pair(value, name, layer, minimum=1):
+def pair(value: Size2, name: str, layer: str, minimum: int = 1) -> tuple[int, int]:
     """An int or an ``(h, w)`` pair of ints, each >= ``minimum``, as a tuple of two Python ints."""
     if isinstance(value, (tuple, list, np.ndarray)):
         if len(value) != 2:
@@ -202,7 +206,13 @@ def _positive_spatial(shape, layer):
 # ---------------------------------------------------------------------------------------------
 
 
-def conv2d_padding(padding, kernel_size, stride, dilation, layer="Conv2D"):
+def conv2d_padding(
+    padding: Padding,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    layer: str = "Conv2D",
+) -> tuple[int, int, int, int]:
     """Resolve a convolution's padding to ``(top, bottom, left, right)``.
 
     ``padding`` is an int, an ``(h, w)`` pair (symmetric), ``'valid'`` (no padding) or ``'same'``
@@ -228,7 +238,9 @@ def conv2d_padding(padding, kernel_size, stride, dilation, layer="Conv2D"):
     return (ph, ph, pw, pw)
 
 
-def pool2d_padding(padding, kernel_size, layer="MaxPool2D"):
+def pool2d_padding(
+    padding: Padding, kernel_size: tuple[int, int], layer: str = "MaxPool2D"
+) -> tuple[int, int, int, int]:
     """A pooling's symmetric padding ``(top, bottom, left, right)``: int or pair, each at most
     half the kernel (as PyTorch)."""
     if isinstance(padding, str):
@@ -256,7 +268,14 @@ def _out_size(size, pad_a, pad_b, kernel, stride, dilation, layer, axis):
     return (padded - effective) // stride + 1
 
 
-def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation=1, layer="Conv2D"):
+def conv2d_output_shape(
+    input_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Size2 = 1,
+    padding: Padding = 0,
+    dilation: Size2 = 1,
+    layer: str = "Conv2D",
+) -> tuple[Shape, tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
     """Output shape of a convolution, validating every argument; returns
     ``(out_shape, stride, pads, dilation)`` with ``pads = (top, bottom, left, right)``."""
     input_shape = tuple(int(s) for s in input_shape)
@@ -277,7 +296,13 @@ def conv2d_output_shape(input_shape, weight_shape, stride=1, padding=0, dilation
     return (n, f, oh, ow), stride, pads, dilation
 
 
-def pool2d_output_shape(input_shape, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
+def pool2d_output_shape(
+    input_shape: Sequence[int],
+    kernel_size: Size2,
+    stride: Size2 | None = None,
+    padding: Padding = 0,
+    layer: str = "MaxPool2D",
+) -> tuple[Shape, tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
     """Output shape of a pooling, validating every argument; returns
     ``(out_shape, kernel, stride, pads)``. ``stride=None`` means the kernel size (PyTorch)."""
     input_shape = tuple(int(s) for s in input_shape)
@@ -316,8 +341,15 @@ def _conv_args(x, weight, bias, layer):
 
 
 def conv2d_forward(
-    x, weight, bias=None, stride=1, padding=0, dilation=1, relu=False, layer="Conv2D"
-):
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: Size2 = 1,
+    padding: Padding = 0,
+    dilation: Size2 = 1,
+    relu: bool = False,
+    layer: str = "Conv2D",
+) -> Array:
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
     bias (F,) or None -> y (N, F, OH, OW), channels-last in memory. ``relu=True`` returns
     ``relu(y)`` from the same pass (the ReLU applied as the kernel stores y)."""
@@ -337,17 +369,17 @@ def conv2d_forward(
 
 
 def conv2d_relu_max_pool2d_forward(
-    x,
-    weight,
-    bias,
-    stride,
-    padding,
-    dilation,
-    pool_kernel,
-    relu=True,
-    layer="Conv2D",
-    pool_layer="MaxPool2D",
-):
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Size2,
+    padding: Padding,
+    dilation: Size2,
+    pool_kernel: Size2,
+    relu: bool = True,
+    layer: str = "Conv2D",
+    pool_layer: str = "MaxPool2D",
+) -> tuple[Array, Array, Shape]:
     """``max_pool2d_forward(relu(conv2d_forward(x, ...)), pool_kernel)`` in one pass, for
     pooling windows that tile the convolution's output (stride = kernel, no padding): returns
     ``(y, argmax, conv_shape)``, y and argmax exactly (bitwise) as the two calls would give, and
@@ -386,8 +418,16 @@ def conv2d_relu_max_pool2d_forward(
 
 
 def conv2d_backward(
-    x, weight, dy, stride=1, padding=0, dilation=1, layer="Conv2D", bias=True, input_grad=True
-):
+    x: Array,
+    weight: Array,
+    dy: Array,
+    stride: Size2 = 1,
+    padding: Padding = 0,
+    dilation: Size2 = 1,
+    layer: str = "Conv2D",
+    bias: bool = True,
+    input_grad: bool = True,
+) -> tuple[Array | None, Array, Array | None]:
     """Gradients of ``conv2d_forward``: returns ``(dx, dweight, dbias)``; ``dx`` is None when
     ``input_grad`` is false (first layer of a network), ``dbias`` is None when ``bias`` is
     false."""
@@ -472,22 +512,22 @@ def _weight_gradient_in_pixel_order(weight_shape):
 
 
 def max_pool2d_conv2d_backward(
-    x,
-    weight,
-    dy,
-    argmax,
-    pooled,
-    conv_shape,
-    pool_kernel,
-    stride=1,
-    padding=0,
-    dilation=1,
-    relu=True,
-    bias=True,
-    input_grad=True,
-    layer="Conv2D",
-    pool_layer="MaxPool2D",
-):
+    x: Array,
+    weight: Array,
+    dy: Array,
+    argmax: Array,
+    pooled: Array,
+    conv_shape: Sequence[int],
+    pool_kernel: Size2,
+    stride: Size2 = 1,
+    padding: Padding = 0,
+    dilation: Size2 = 1,
+    relu: bool = True,
+    bias: bool = True,
+    input_grad: bool = True,
+    layer: str = "Conv2D",
+    pool_layer: str = "MaxPool2D",
+) -> tuple[Array | None, Array, Array | None]:
     """The convolution's gradients ``(dx, dweight, dbias)`` for the gradient ``dy`` of a max
     pooling (windows that tile: stride = kernel, no padding) of its output, through the ReLU
     between them if ``relu``: bitwise ``conv2d_backward(x, weight, max_pool2d_backward(dy,
@@ -584,7 +624,13 @@ def max_pool2d_conv2d_backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"):
+def max_pool2d_forward(
+    x: Array,
+    kernel_size: Size2,
+    stride: Size2 | None = None,
+    padding: Padding = 0,
+    layer: str = "MaxPool2D",
+) -> tuple[Array, Array]:
     """Max pooling: x (N, C, H, W) -> ``(y, argmax)``, argmax int64 = flat index ``h * W + w``
     of the selected cell in the unpadded input plane (PyTorch's return_indices); both
     channels-last in memory."""
@@ -600,15 +646,15 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="MaxPool2D"
 
 
 def max_pool2d_backward(
-    dy,
-    argmax,
-    input_shape,
-    kernel_size=None,
-    stride=None,
-    padding=0,
-    relu_output=None,
-    layer="MaxPool2D",
-):
+    dy: Array,
+    argmax: Array,
+    input_shape: Sequence[int],
+    kernel_size: Size2 | None = None,
+    stride: Size2 | None = None,
+    padding: Padding = 0,
+    relu_output: Array | None = None,
+    layer: str = "MaxPool2D",
+) -> Array:
     """Gradient of max pooling: dy added at ``argmax`` in a zero (N, C, H, W) array.
 
     With the forward's ``kernel_size`` (and ``stride``, ``padding``) given, windows that tile
@@ -652,7 +698,13 @@ def max_pool2d_backward(
     return _nchw(dx)
 
 
-def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"):
+def avg_pool2d_forward(
+    x: Array,
+    kernel_size: Size2,
+    stride: Size2 | None = None,
+    padding: Padding = 0,
+    layer: str = "AvgPool2D",
+) -> Array:
     """Average pooling, padded cells counting as zeros in the divisor (count_include_pad=True)."""
     x = check_float(x, layer, contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
@@ -664,7 +716,14 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, layer="AvgPool2D"
     return _nchw(y)
 
 
-def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, layer="AvgPool2D"):
+def avg_pool2d_backward(
+    dy: Array,
+    input_shape: Sequence[int],
+    kernel_size: Size2,
+    stride: Size2 | None = None,
+    padding: Padding = 0,
+    layer: str = "AvgPool2D",
+) -> Array:
     """Gradient of average pooling with respect to its (N, C, H, W) input."""
     dy = check_float(dy, layer, "gradient", contiguous=False)
     out_shape, (kh, kw), (sh, sw), pads = pool2d_output_shape(
@@ -678,7 +737,9 @@ def avg_pool2d_backward(dy, input_shape, kernel_size, stride=None, padding=0, la
     return _nchw(dx)
 
 
-def global_avg_pool2d_output_shape(input_shape, layer="GlobalAvgPool2D"):
+def global_avg_pool2d_output_shape(
+    input_shape: Sequence[int], layer: str = "GlobalAvgPool2D"
+) -> Shape:
     """(N, C, H, W) -> (N, C), validated (H, W >= 1)."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4:
@@ -689,7 +750,7 @@ def global_avg_pool2d_output_shape(input_shape, layer="GlobalAvgPool2D"):
     return input_shape[:2]
 
 
-def global_avg_pool2d_forward(x, layer="GlobalAvgPool2D"):
+def global_avg_pool2d_forward(x: Array, layer: str = "GlobalAvgPool2D") -> Array:
     """The mean of each channel over its plane: x (N, C, H, W) -> y (N, C)."""
     x = check_float(x, layer, contiguous=False)
     out_shape = global_avg_pool2d_output_shape(x.shape, layer)
@@ -698,7 +759,9 @@ def global_avg_pool2d_forward(x, layer="GlobalAvgPool2D"):
     return y
 
 
-def global_avg_pool2d_backward(dy, input_shape, layer="GlobalAvgPool2D"):
+def global_avg_pool2d_backward(
+    dy: Array, input_shape: Sequence[int], layer: str = "GlobalAvgPool2D"
+) -> Array:
     """Gradient of the global average pooling with respect to its (N, C, H, W) input:
     ``dy[n, c] / (H * W)`` in every cell, channels-last in memory."""
     dy = check_float(dy, layer, "gradient")
@@ -731,7 +794,7 @@ def _elementwise(kernel, a, b, layer, b_name, *args):
     return out
 
 
-def relu_forward(x, layer="ReLU"):
+def relu_forward(x: Array, layer: str = "ReLU") -> Array:
     """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
     channels-last activation stays channels-last)."""
     x = _one_block(check_float(x, layer, contiguous=False))
@@ -741,7 +804,7 @@ def relu_forward(x, layer="ReLU"):
     return y
 
 
-def relu_backward(dy, y, layer="ReLU"):
+def relu_backward(dy: Array, y: Array, layer: str = "ReLU") -> Array:
     """dy where the forward output y > 0, else 0; in y's memory layout."""
     return _elementwise(_activations.relu_backward, dy, y, layer, "forward output")
 
@@ -751,14 +814,16 @@ def relu_backward(dy, y, layer="ReLU"):
 # activation stays channels-last: a C-ordered copy per call was 8% of a LeNet-5 step).
 
 
-def leaky_relu_forward(x, negative_slope=0.01, layer="LeakyReLU"):
+def leaky_relu_forward(x: Array, negative_slope: float = 0.01, layer: str = "LeakyReLU") -> Array:
     x = _one_block(check_float(x, layer, contiguous=False))
     y = np.empty_like(x)
     _activations.leaky_relu_forward(_flat(x), x.dtype.type(negative_slope), _flat(y))
     return y
 
 
-def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
+def leaky_relu_backward(
+    dy: Array, x: Array, negative_slope: float = 0.01, layer: str = "LeakyReLU"
+) -> Array:
     """Gradient with respect to the forward *input* x (slope where x <= 0, as PyTorch)."""
     x = check_float(x, layer, "forward input", contiguous=False)
     return _elementwise(
@@ -771,17 +836,17 @@ def leaky_relu_backward(dy, x, negative_slope=0.01, layer="LeakyReLU"):
     )
 
 
-def tanh_forward(x, layer="Tanh"):
+def tanh_forward(x: Array, layer: str = "Tanh") -> Array:
     # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
     return np.asarray(np.tanh(check_float(x, layer, contiguous=False)))
 
 
-def tanh_backward(dy, y, layer="Tanh"):
+def tanh_backward(dy: Array, y: Array, layer: str = "Tanh") -> Array:
     """dy * (1 - y * y), y the forward output."""
     return _elementwise(_activations.tanh_backward, dy, y, layer, "forward output")
 
 
-def sigmoid_forward(x, layer="Sigmoid"):
+def sigmoid_forward(x: Array, layer: str = "Sigmoid") -> Array:
     """1 / (1 + exp(-x)) without overflow: exp is only taken of -|x|."""
     x = check_float(x, layer, contiguous=False)
     e = np.exp(-np.abs(x))
@@ -789,12 +854,12 @@ def sigmoid_forward(x, layer="Sigmoid"):
     return np.asarray(np.where(x >= 0, one / (one + e), e / (one + e)))
 
 
-def sigmoid_backward(dy, y, layer="Sigmoid"):
+def sigmoid_backward(dy: Array, y: Array, layer: str = "Sigmoid") -> Array:
     """dy * y * (1 - y), y the forward output."""
     return _elementwise(_activations.sigmoid_backward, dy, y, layer, "forward output")
 
 
-def softmax_forward(x, dim=1, layer="Softmax"):
+def softmax_forward(x: Array, dim: int = 1, layer: str = "Softmax") -> Array:
     x = check_float(x, layer)
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(
@@ -807,7 +872,7 @@ def softmax_forward(x, dim=1, layer="Softmax"):
     return np.asarray(e / np.sum(e, axis=dim, keepdims=True))
 
 
-def softmax_backward(dy, y, dim=1, layer="Softmax"):
+def softmax_backward(dy: Array, y: Array, dim: int = 1, layer: str = "Softmax") -> Array:
     """dx = y * (dy - sum(dy * y, dim))."""
     dy = _grad_like(dy, y, layer)
     return np.asarray(y * (dy - np.sum(dy * y, axis=dim, keepdims=True)))
@@ -849,7 +914,9 @@ def _pixels(a):
     return _nhwc(a).reshape(-1, a.shape[1])
 
 
-def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
+def batch_norm_forward_train(
+    x: Array, gamma: Array, beta: Array, eps: float = 1e-5, layer: str = "BatchNorm2D"
+) -> tuple[Array, Array, Array]:
     """Normalise with the batch statistics over (N, H, W): returns ``(y, mean, invstd)`` with
     ``invstd = 1 / sqrt(biased_var + eps)``."""
     x, (gamma, beta) = _bn_args(x, layer, ("weight", gamma), ("bias", beta))
@@ -873,8 +940,14 @@ def batch_norm_forward_train(x, gamma, beta, eps=1e-5, layer="BatchNorm2D"):
 
 
 def batch_norm_forward_eval(
-    x, gamma, beta, running_mean, running_var, eps=1e-5, layer="BatchNorm2D"
-):
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    running_mean: Array,
+    running_var: Array,
+    eps: float = 1e-5,
+    layer: str = "BatchNorm2D",
+) -> Array:
     """Normalise with the running statistics."""
     x, (gamma, beta, running_mean, running_var) = _bn_args(
         x,
@@ -898,7 +971,14 @@ def batch_norm_forward_eval(
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
+def batch_norm_backward(
+    dy: Array,
+    x: Array,
+    gamma: Array,
+    mean: Array,
+    invstd: Array,
+    layer: str = "BatchNorm2D",
+) -> tuple[Array, Array, Array]:
     """Gradients of the training-mode forward: ``(dx, dgamma, dbeta)``."""
     x, (gamma, mean, invstd) = _bn_args(
         x, layer, ("weight", gamma), ("mean", mean), ("invstd", invstd)
@@ -920,8 +1000,14 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, layer="BatchNorm2D"):
 
 
 def batch_norm_backward_eval(
-    dy, x, gamma, running_mean, running_var, eps=1e-5, layer="BatchNorm2D"
-):
+    dy: Array,
+    x: Array,
+    gamma: Array,
+    running_mean: Array,
+    running_var: Array,
+    eps: float = 1e-5,
+    layer: str = "BatchNorm2D",
+) -> tuple[Array, Array, Array]:
     """Gradients of the eval-mode forward (statistics are constants): ``(dx, dgamma, dbeta)``."""
     x, (gamma, running_mean, running_var) = _bn_args(
         x, layer, ("weight", gamma), ("running_mean", running_mean), ("running_var", running_var)
@@ -957,7 +1043,9 @@ def _dense_args(x, weight, bias, layer):
     return x, weight, bias
 
 
-def dense_forward(x, weight, bias=None, relu=False, layer="Dense"):
+def dense_forward(
+    x: Array, weight: Array, bias: Array | None = None, relu: bool = False, layer: str = "Dense"
+) -> Array:
     """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None; ``relu=True``
     returns relu(y), applied in place (a NaN stays NaN, as ReLU)."""
     x, weight, bias = _dense_args(x, weight, bias, layer)
@@ -970,7 +1058,14 @@ def dense_forward(x, weight, bias=None, relu=False, layer="Dense"):
     return y
 
 
-def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
+def dense_backward(
+    x: Array,
+    weight: Array,
+    dy: Array,
+    layer: str = "Dense",
+    bias: bool = True,
+    input_grad: bool = True,
+) -> tuple[Array | None, Array, Array | None]:
     """Gradients of ``dense_forward``: ``(dx, dweight, dbias)`` (dx None unless ``input_grad``,
     dbias None unless ``bias``)."""
     x, weight, _ = _dense_args(x, weight, None, layer)
@@ -989,7 +1084,9 @@ def dense_backward(x, weight, dy, layer="Dense", bias=True, input_grad=True):
 # ---------------------------------------------------------------------------------------------
 
 
-def dropout_forward(x, p, rng, layer="Dropout"):
+def dropout_forward(
+    x: Array, p: float, rng: np.random.Generator, layer: str = "Dropout"
+) -> tuple[Array, Array]:
     """Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
     Returns ``(y, mask)``, mask holding 0 or 1 / (1 - p) in x's dtype."""
     x = check_float(x, layer)
@@ -1002,6 +1099,6 @@ def dropout_forward(x, p, rng, layer="Dropout"):
     return np.asarray(x * mask), mask
 
 
-def dropout_backward(dy, mask, layer="Dropout"):
+def dropout_backward(dy: Array, mask: Array, layer: str = "Dropout") -> Array:
     dy = _grad_like(dy, mask, layer)
     return np.asarray(dy * mask)

@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import functional as F
 from ._checks import is_int
-from ._types import Array, Config, Rng, Shape
+from ._types import Array, Config, Padding, Rng, Shape, Size2
 from .module import Module, Parameter, register_module
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def _fmt_pair(p):
 # ---------------------------------------------------------------------------------------------
 
 
-def cast_input(x: Array, dtype, layer):
+def cast_input(x: ArrayLike, dtype: DTypeLike, layer: str) -> tuple[Array, np.dtype[Any]]:
     """``(x in dtype, x's own dtype)`` for a layer with parameters of ``dtype``: any floating
     input is cast to it (its gradient goes back in the input's dtype), else TypeError."""
     x = np.asarray(x)
@@ -122,7 +123,9 @@ def cast_input(x: Array, dtype, layer):
     return (x if x.dtype == dtype else x.astype(dtype)), in_dtype
 
 
-def cast_grad(dy: Array, dtype, layer, shape=None):
+def cast_grad(
+    dy: ArrayLike, dtype: DTypeLike, layer: str, shape: Sequence[int] | None = None
+) -> Array:
     """The upstream gradient of a layer with parameters of ``dtype``: any floating dtype is
     cast to it; with ``shape``, checked to be of that shape."""
     dy = np.asarray(dy)
@@ -139,7 +142,7 @@ def cast_grad(dy: Array, dtype, layer, shape=None):
     return dy if dy.dtype == dtype else dy.astype(dtype)
 
 
-def check_grad(dy: Array, shape, dtype, layer):
+def check_grad(dy: Array, shape: Sequence[int], dtype: DTypeLike, layer: str) -> Array:
     """The upstream gradient of a parameter-free layer: a float array of the forward output's
     shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
     dy = F.check_float(dy, layer, "gradient", contiguous=False)
@@ -175,14 +178,14 @@ class Conv2D(Module):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        bias=True,
-        dtype=np.float32,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Padding = 0,
+        dilation: Size2 = 1,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
         rng: Rng = None,
     ) -> None:
         super().__init__()
@@ -192,6 +195,7 @@ class Conv2D(Module):
         self.kernel_size = F.pair(kernel_size, "kernel_size", name)
         self.stride = F.pair(stride, "stride", name)
         self.dilation = F.pair(dilation, "dilation", name)
+        self.padding: str | tuple[int, int]
         if isinstance(padding, str):
             F.conv2d_padding(padding, self.kernel_size, self.stride, self.dilation, name)
             self.padding = padding
@@ -217,7 +221,9 @@ class Conv2D(Module):
         f = _positive_int(config["out_channels"], "out_channels", name)
         c = _positive_int(config["in_channels"], "in_channels", name)
         dtype = _resolve_dtype(config.get("dtype", "float32"), name)
-        spec = {"weight": ((f, c) + F.pair(config["kernel_size"], "kernel_size", name), dtype)}
+        spec: dict[str, tuple[Shape, Any]] = {
+            "weight": ((f, c) + F.pair(config["kernel_size"], "kernel_size", name), dtype)
+        }
         if config.get("bias", True):
             spec["bias"] = ((f,), dtype)
         return spec
@@ -255,7 +261,7 @@ class Conv2D(Module):
         self.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
-    def accumulate(self, dweight, dbias):
+    def accumulate(self, dweight: Array, dbias: Array | None) -> None:
         """Add a weight (and bias) gradient into the parameters' ``grad``."""
         self.weight.grad += dweight
         if self.bias is not None:
@@ -309,7 +315,7 @@ class Conv2D(Module):
 
 
 class _Pool2D(Module):
-    def __init__(self, kernel_size, stride=None, padding=0) -> None:
+    def __init__(self, kernel_size: Size2, stride: Size2 | None = None, padding: Size2 = 0) -> None:
         super().__init__()
         name = self.name
         self.kernel_size = F.pair(kernel_size, "kernel_size", name)
@@ -425,7 +431,16 @@ class BatchNorm2D(Module):
 
     _rank = 4
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32) -> None:
+    running_mean: Array  # buffers, registered in __init__
+    running_var: Array
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         super().__init__()
         name = self.name
         self.num_features = _positive_int(num_features, "num_features", name)
@@ -556,7 +571,12 @@ class Dense(Module):
     """Fully connected layer (PyTorch's nn.Linear): y = x @ weight.T + bias, weight (out, in)."""
 
     def __init__(
-        self, in_features, out_features, bias=True, dtype=np.float32, rng: Rng = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
+        rng: Rng = None,
     ) -> None:
         super().__init__()
         name = self.name
@@ -578,7 +598,9 @@ class Dense(Module):
         name = cls.__name__
         out = _positive_int(config["out_features"], "out_features", name)
         dtype = _resolve_dtype(config.get("dtype", "float32"), name)
-        spec = {"weight": ((out, _positive_int(config["in_features"], "in_features", name)), dtype)}
+        spec: dict[str, tuple[Shape, Any]] = {
+            "weight": ((out, _positive_int(config["in_features"], "in_features", name)), dtype)
+        }
         if config.get("bias", True):
             spec["bias"] = ((out,), dtype)
         return spec
@@ -606,7 +628,7 @@ class Dense(Module):
         self.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
 
-    def accumulate(self, dweight, dbias):
+    def accumulate(self, dweight: Array, dbias: Array | None) -> None:
         """Add a weight (and bias) gradient into the parameters' ``grad``."""
         self.weight.grad += dweight
         if self.bias is not None:
@@ -670,7 +692,7 @@ class LeakyReLU(Module):
 
     _stateless = True
 
-    def __init__(self, negative_slope=0.01) -> None:
+    def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
         self.negative_slope = _number(negative_slope, "negative_slope", self.name)
 
@@ -721,7 +743,7 @@ class Softmax(Module):
 
     _stateless = True
 
-    def __init__(self, dim=1) -> None:
+    def __init__(self, dim: int = 1) -> None:
         super().__init__()
         if not is_int(dim):
             raise TypeError(f"{self.name}: expected dim to be an int, got {dim!r}")
@@ -800,7 +822,7 @@ class Dropout(Module):
     has_rng_state = True
     _stateless = True
 
-    def __init__(self, p=0.5, seed=None, rng: Rng = None) -> None:
+    def __init__(self, p: float = 0.5, seed: int | None = None, rng: Rng = None) -> None:
         super().__init__()
         self.p = _number(p, "p", self.name, low=0, high=1)
         self.seed = None if seed is None else int(seed)
@@ -825,11 +847,11 @@ class Dropout(Module):
             return dy
         return F.dropout_backward(dy, mask, layer=self.name)
 
-    def get_rng_state(self):
+    def get_rng_state(self) -> dict[str, Any]:
         """The generator's state: a JSON-able dict."""
-        return self._rng.bit_generator.state
+        return self._rng.bit_generator.state  # type: ignore[return-value]  # a dict
 
-    def set_rng_state(self, state):
+    def set_rng_state(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state
 
     def get_config(self) -> Config:

@@ -24,13 +24,18 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
+
+from ._types import Array
 
 __all__ = ["start", "compile_forward", "compile_backward", "cache_is_cold"]
 
 
-def _pool_gradient(dtype):
+def _pool_gradient(dtype: DTypeLike) -> tuple[Array, Array, Array]:
     """A max pool's gradient, argmax and output (2x2 windows over a 4x4 conv output of 4
     filters), as the layers pass them: NCHW views of channels-last arrays."""
     from . import functional as F
@@ -39,13 +44,13 @@ def _pool_gradient(dtype):
     return pooled, F._nchw(np.zeros((2, 2, 2, 4), np.int64)), pooled
 
 
-def _conv_operands(channels, dtype):
+def _conv_operands(channels: int, dtype: DTypeLike) -> tuple[Array, Array]:
     from . import functional as F
 
     return F._nchw(np.ones((2, 6, 6, channels), dtype)), np.ones((4, channels, 3, 3), dtype)
 
 
-def compile_forward(dtype=np.float32):
+def compile_forward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the fused conv + ReLU + pool, ReLU's backward (the dense layers'),
     the SGD update and conv2's weight gradient: about half of the compile time."""
     from . import functional as F
@@ -58,7 +63,7 @@ def compile_forward(dtype=np.float32):
     dy = np.ones((2, 3), dtype)
     F.relu_backward(dy, dy)
     p = np.zeros(4, dtype)
-    t = dtype.type
+    t: Any = dtype.type  # the scalar type, float32 or float64
     kernels_optim.sgd_update(p, p, p, t(0.1), t(0.9), t(1.0), False, t(0.0), False, True)
     # 32 channels: the sparse weight gradient (input_grad=False: no input gradient here)
     gp, argmax, y = _pool_gradient(dtype)
@@ -67,7 +72,7 @@ def compile_forward(dtype=np.float32):
     )
 
 
-def compile_backward(dtype=np.float32):
+def compile_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the rest: conv1's weight gradient (1 channel: the dense product, dy
     rebuilt in cache from the pooled gradient) and conv2's input gradient from the pooled
     gradient (the kernel called as functional calls it, with the same argument types)."""
@@ -94,7 +99,7 @@ def _index_paths():
     return [k._cache._cache_file._index_path for k in kernels]  # numba's private cache layout
 
 
-def cache_is_cold():
+def cache_is_cold() -> bool:
     """True when the kernels compile_backward compiles have nothing in numba's cache yet.
     False, with a ``RuntimeWarning``, when numba's cache internals look different: then the
     first run compiles everything in this process (slower, never wrong)."""
@@ -111,13 +116,16 @@ def cache_is_cold():
     return not all(os.path.exists(p) for p in paths)
 
 
-def start(dtype=np.float32):
+def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
     """On a cold cache, start the helper process running compile_backward; returns a
     callable that runs compile_forward here and then waits for the helper (call it
     before training), or None when the cache is warm."""
     if os.environ.get("FASTCNN_NO_PRECOMPILE") or not cache_is_cold():
         return None
-    code = f"from fastcnn.precompile import compile_backward; compile_backward({np.dtype(dtype).name!r})"
+    code = (
+        "from fastcnn.precompile import compile_backward; "
+        f"compile_backward({np.dtype(dtype).name!r})"
+    )
     env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
     # the folder holding this fastcnn (an install or a source checkout) comes first
     env["PYTHONPATH"] = os.pathsep.join(
@@ -135,7 +143,7 @@ def start(dtype=np.float32):
     except OSError:
         return None
 
-    def finish():
+    def finish() -> None:
         try:
             compile_forward(dtype)
         except BaseException:  # Ctrl-C, SIGTERM, an error: the helper's work is not wanted
