@@ -22,11 +22,17 @@ parameter allocated on the first step, so a step allocates nothing parameter-siz
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._checks import is_int
+from ._types import Array
 from .kernels import optim as _kernels
+
+if TYPE_CHECKING:
+    from .module import Parameter
 
 __all__ = [
     "Optimizer",
@@ -55,11 +61,16 @@ class Optimizer:
     ``state_dict`` / ``load_state_dict``. Subclasses define ``_update`` (one parameter),
     ``_hyper`` / ``_set_hyper`` (hyperparameters) and ``_buffer_names`` (state arrays)."""
 
-    def __init__(self, params, lr):
+    # defined by the subclasses
+    _update: Callable[[int, Array, Array, dict[str, Any], Any], None]
+    _hyper: Callable[[], dict[str, Any]]
+    _set_hyper: Callable[[dict[str, Any]], None]
+
+    def __init__(self, params: Iterable[Parameter], lr: float) -> None:
         self.params = self._check_params(params)
         self.lr = lr
-        self.state = {}  # index -> {"step": int, buffer name: ndarray}
-        self._scratch = {}  # index -> list of scratch arrays like the parameter
+        self.state: dict[int, dict[str, Any]] = {}  # index -> {"step": int, buffer name: ndarray}
+        self._scratch: dict[int, list[Array]] = {}  # index -> scratch arrays like the parameter
 
     # -- construction checks ----------------------------------------------------------------
     def _check_params(self, params):
@@ -93,21 +104,21 @@ class Optimizer:
         return params
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         return self._lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._lr = _check_nonneg(type(self).__name__, "lr", value)
 
     # -- training step ----------------------------------------------------------------------
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Set every parameter's gradient to zero (in place; None gradients stay None)."""
         for p in self.params:
             if p.grad is not None:
                 p.grad.fill(0)
 
-    def step(self):
+    def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
         name = type(self).__name__
         for i, p in enumerate(self.params):
@@ -154,20 +165,20 @@ class Optimizer:
     def _buffer_names(self):
         return ()
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """{"hyper": JSON-able hyperparameters, "state": {str(index): {name: array copy, "step": int}}}."""
-        hyper = {"class": type(self).__name__, "num_params": len(self.params)}
+        hyper: dict[str, Any] = {"class": type(self).__name__, "num_params": len(self.params)}
         hyper.update(self._hyper())
         state = {}
         for i, s in sorted(self.state.items()):
-            entry = {"step": int(s["step"])}
+            entry: dict[str, Any] = {"step": int(s["step"])}
             for key in self._buffer_names():
                 if key in s:
                     entry[key] = s[key].copy()
             state[str(i)] = entry
         return {"hyper": hyper, "state": state}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore hyperparameters and per-parameter state; everything is checked (class,
         parameter count, names, shapes, dtypes, values) before anything is assigned."""
         name = type(self).__name__
@@ -237,7 +248,7 @@ class Optimizer:
                     f"got {sorted(names)}"
                 )
             data = self.params[i].data
-            loaded = {"step": int(step)}
+            loaded: dict[str, Any] = {"step": int(step)}
             for buf_name in sorted(names):
                 arr = entry[buf_name]
                 if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
@@ -258,7 +269,7 @@ class Optimizer:
     def _buffer_names_for(self, hyper):
         return self._buffer_names()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
         return f"{type(self).__name__}({len(self.params)} parameters, {args})"
 
@@ -267,7 +278,15 @@ class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and weight decay, as
     ``torch.optim.SGD``."""
 
-    def __init__(self, params, lr, momentum=0, dampening=0, nesterov=False, weight_decay=0):
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float,
+        momentum: float = 0,
+        dampening: float = 0,
+        nesterov: bool = False,
+        weight_decay: float = 0,
+    ) -> None:
         super().__init__(params, lr)
         self._set_hyper(
             dict(
@@ -360,7 +379,14 @@ class Adam(Optimizer):
 
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0):
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+    ) -> None:
         super().__init__(params, lr)
         self._set_hyper(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
@@ -434,7 +460,14 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(
+        self,
+        params: Iterable[Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
@@ -452,7 +485,10 @@ class LRScheduler:
     #: Whether ``fit`` steps this scheduler after every batch (else after every epoch).
     per_batch = False
 
-    def __init__(self, optimizer):
+    # defined by the subclasses: validate and set their own parameters
+    _set_params: Callable[[dict[str, Any]], None]
+
+    def __init__(self, optimizer: Optimizer) -> None:
         name = type(self).__name__
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -463,22 +499,22 @@ class LRScheduler:
         self.last_epoch = 0
         self._last_lr = optimizer.lr  # as PyTorch: the initial step leaves the lr unchanged
 
-    def _closed_form(self, epoch):
+    def _closed_form(self, epoch: int) -> float:
         raise NotImplementedError
 
-    def step(self):
+    def step(self) -> None:
         self.last_epoch += 1
         self._last_lr = self.optimizer.lr = self._closed_form(self.last_epoch)
 
-    def get_last_lr(self):
+    def get_last_lr(self) -> list[float]:
         """The learning rate set by the last step, as a one-element list (PyTorch's convention:
         one entry per parameter group)."""
         return [self._last_lr]
 
-    def _params(self):
+    def _params(self) -> dict[str, Any]:
         return {}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {
             "class": type(self).__name__,
             "base_lr": self.base_lr,
@@ -487,7 +523,7 @@ class LRScheduler:
             **self._params(),
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the scheduler (validated first) and set the optimizer's lr to its last lr."""
         name = type(self).__name__
         if not isinstance(state, dict):
@@ -514,7 +550,7 @@ class LRScheduler:
         self.base_lr, self.last_epoch = base_lr, int(epoch)
         self._last_lr = self.optimizer.lr = last_lr
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
         return f"{type(self).__name__}({args}, last_epoch={self.last_epoch})"
 
@@ -522,7 +558,7 @@ class LRScheduler:
 class StepLR(LRScheduler):
     """lr = base_lr * gamma ** (epoch // step_size), as ``torch.optim.lr_scheduler.StepLR``."""
 
-    def __init__(self, optimizer, step_size, gamma=0.1):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
         self._set_params({"step_size": step_size, "gamma": gamma})
         super().__init__(optimizer)
 
@@ -544,7 +580,7 @@ class CosineAnnealingLR(LRScheduler):
     """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2, PyTorch's closed
     form of ``torch.optim.lr_scheduler.CosineAnnealingLR`` (periodic past T_max, as PyTorch's)."""
 
-    def __init__(self, optimizer, T_max, eta_min=0):
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0) -> None:
         self._set_params({"T_max": T_max, "eta_min": eta_min})
         super().__init__(optimizer)
 
@@ -578,17 +614,17 @@ class OneCycleLR(LRScheduler):
 
     def __init__(
         self,
-        optimizer,
-        max_lr,
-        total_steps,
-        pct_start=0.3,
-        anneal_strategy="cos",
-        cycle_momentum=True,
-        base_momentum=0.85,
-        max_momentum=0.95,
-        div_factor=25.0,
-        final_div_factor=1e4,
-    ):
+        optimizer: Optimizer,
+        max_lr: float,
+        total_steps: int,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+    ) -> None:
         self._set_params(
             {
                 "max_lr": max_lr,
@@ -678,7 +714,7 @@ class OneCycleLR(LRScheduler):
                 self.max_momentum,
             ),
         )
-        start = 0
+        start: float = 0
         for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
             if step <= end or i == len(phases) - 1:
                 pct = (step - start) / (end - start)
@@ -692,9 +728,10 @@ class OneCycleLR(LRScheduler):
             if hasattr(self.optimizer, "momentum"):
                 self.optimizer.momentum = momentum
             else:
-                self.optimizer.betas = (momentum, self.optimizer.betas[1])
+                opt: Any = self.optimizer  # Adam, AdamW: checked at construction
+                opt.betas = (momentum, opt.betas[1])
 
-    def step(self):
+    def step(self) -> None:
         if self.last_epoch + 1 >= self.total_steps + 1:
             raise ValueError(
                 f"OneCycleLR: tried to step {self.last_epoch + 1} times; the "
@@ -703,6 +740,6 @@ class OneCycleLR(LRScheduler):
         self.last_epoch += 1
         self._apply(self.last_epoch)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._apply(self.last_epoch)
