@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import numbers
+from typing import TypeGuard
 
 import numpy as np
 
 
-def is_int(value: object, minimum: int | None = None) -> bool:
+def is_int(value: object, minimum: int | None = None) -> TypeGuard[int]:
     """Whether ``value`` is an integer, Python's or NumPy's, and at least ``minimum`` if given.
 
     ``bool`` and ``numpy.bool_`` are not integers here: ``True`` passed as a count or a size is a
-    mistake to report, not the number 1."""
+    mistake to report, not the number 1. (To a type checker a NumPy integer that passes is an
+    ``int``: it converts, compares and computes as one.)"""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         return False
     return minimum is None or int(value) >= minimum

@@ -11,8 +11,13 @@ Computation stays in the input's dtype (float32 in, float32 out); these are smal
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from ._types import Array
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
 
@@ -34,15 +39,17 @@ def _check_floating(name, what, x):
 class _Loss:
     """Common part: the reduction and the cache that ``backward`` reads."""
 
-    def __init__(self, reduction="mean"):
+    forward: Callable[..., float | Array]  # defined by the subclasses
+
+    def __init__(self, reduction: str = "mean") -> None:
         _check_reduction(type(self).__name__, reduction)
         self.reduction = reduction
-        self._cache = None
+        self._cache: Any = None
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> float | Array:
         return self.forward(*args)
 
-    def _reduce(self, per_item):
+    def _reduce(self, per_item: Array) -> float | Array:
         if self.reduction == "mean":
             return float(np.mean(per_item))
         if self.reduction == "sum":
@@ -57,7 +64,7 @@ class _Loss:
             )
         return self._cache
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
 
@@ -74,7 +81,7 @@ class CrossEntropyLoss(_Loss):
     extreme logits stay finite and tiny losses of confident rows keep their relative accuracy.
     """
 
-    def __init__(self, label_smoothing=0.0, reduction="mean"):
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
         super().__init__(reduction)
         # a number, not a string float() would parse ("0.1") nor a bool
         ok = (
@@ -106,7 +113,7 @@ class CrossEntropyLoss(_Loss):
             )
         return self.validate_targets(labels, c)
 
-    def validate_targets(self, labels, num_classes):
+    def validate_targets(self, labels: ArrayLike, num_classes: int) -> Array:
         """``labels`` as an integer array of class indices in [0, num_classes), else TypeError /
         ValueError naming the loss. ``fit`` checks a whole data set's labels with it before the
         first step, so that a bad label is reported at once, not after training up to it."""
@@ -125,7 +132,7 @@ class CrossEntropyLoss(_Loss):
                 )
         return labels
 
-    def forward(self, logits, labels):
+    def forward(self, logits: Array, labels: ArrayLike) -> float | Array:
         labels = self._validate(logits, labels)
         t = logits.dtype.type
         n, c = logits.shape
@@ -145,7 +152,7 @@ class CrossEntropyLoss(_Loss):
         self._cache = (shifted, lse, labels)
         return self._reduce(per_sample)
 
-    def backward(self):
+    def backward(self) -> Array:
         shifted, lse, labels = self._cached()
         n, c = shifted.shape
         t = shifted.dtype.type
@@ -161,7 +168,7 @@ class CrossEntropyLoss(_Loss):
             d /= t(n)
         return d
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"CrossEntropyLoss(label_smoothing={self.label_smoothing}, "
             f"reduction={self.reduction!r})"
@@ -174,7 +181,7 @@ class MSELoss(_Loss):
     The target is cast to the input's dtype (a float64 one-hot target does not promote a
     float32 network's gradient)."""
 
-    def forward(self, input, target):
+    def forward(self, input: Array, target: ArrayLike) -> float | Array:
         name = "MSELoss"
         _check_floating(name, "input", input)
         target = np.asarray(target)
@@ -192,7 +199,7 @@ class MSELoss(_Loss):
         self._cache = diff
         return self._reduce(np.square(diff))
 
-    def backward(self):
+    def backward(self) -> Array:
         diff = self._cached()
         d = np.asarray(diff * diff.dtype.type(2))  # (a 0-d input gives a numpy scalar)
         if self.reduction == "mean":

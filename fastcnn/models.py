@@ -9,7 +9,10 @@ accepts, and the benchmark's networks) to a function of ``(in_channels, num_clas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ._checks import is_int
 from .containers import Residual, Sequential
@@ -28,7 +31,7 @@ from .layers import (
 __all__ = ["reference", "lenet5", "resnet", "vgg_cifar", "allconv", "BUILDERS", "INPUT_SHAPES"]
 
 
-def reference(seed=0, dtype=np.float32):
+def reference(seed: int | None = 0, dtype: DTypeLike = np.float32) -> Sequential:
     """The reference MNIST network (225,034 parameters), for (N, 1, 28, 28) inputs:
     Conv2D(1,32,3) ReLU MaxPool2D(2) Conv2D(32,64,3) ReLU MaxPool2D(2) Flatten Dense(1600,128)
     ReLU Dense(128,10). One generator seeded with ``seed`` initialises the layers in order."""
@@ -49,7 +52,12 @@ def reference(seed=0, dtype=np.float32):
     )
 
 
-def lenet5(in_channels=1, num_classes=10, seed=0, dtype=np.float32):
+def lenet5(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    seed: int | None = 0,
+    dtype: DTypeLike = np.float32,
+) -> Sequential:
     """LeNet-5 (LeCun et al., 1998) for (N, C, 28, 28) inputs (61,706 parameters for MNIST):
     Conv2D(C,6,5,padding=2) Tanh AvgPool2D(2) Conv2D(6,16,5) Tanh AvgPool2D(2) Flatten
     Dense(400,120) Tanh Dense(120,84) Tanh Dense(84,num_classes). The padding of 2 makes a
@@ -104,7 +112,13 @@ def _basic_block(c_in, c_out, stride, dtype, rng):
     return [Residual(body, shortcut), ReLU()]
 
 
-def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
+def resnet(
+    depth: int = 20,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    seed: int | None = 0,
+    dtype: DTypeLike = np.float32,
+) -> Sequential:
     """The CIFAR-style ResNet of He et al. (2016), depth 6n+2 (8, 14, 20, 32, 44, 56, 110):
     a 3x3 convolution with 16 filters, BatchNorm and ReLU; three stages of n basic blocks at
     16, 32 and 64 channels, the first block of stages 2 and 3 with stride 2 and a projection
@@ -127,7 +141,12 @@ def resnet(depth=20, in_channels=1, num_classes=10, seed=0, dtype=np.float32):
     return Sequential(modules)
 
 
-def vgg_cifar(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
+def vgg_cifar(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    seed: int | None = 0,
+    dtype: DTypeLike = np.float32,
+) -> Sequential:
     """A VGG-style net for (N, C, 32, 32) inputs (666,858 parameters for CIFAR-10): five
     Conv2D(3x3, padding 1)-BatchNorm2D-ReLU at 32, 32, 64, 64 and 128 channels with a
     MaxPool2D(2) after the 2nd, 4th and 5th (32x32 -> 16x16 -> 8x8 -> 4x4), Flatten,
@@ -150,7 +169,12 @@ def vgg_cifar(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
     return Sequential(modules)
 
 
-def allconv(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
+def allconv(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    seed: int | None = 0,
+    dtype: DTypeLike = np.float32,
+) -> Sequential:
     """An all-convolutional net for (N, C, 32, 32) inputs (24,346 parameters for CIFAR-10):
     Conv2D(C,16,3,padding 1)-BatchNorm2D-ReLU at 32x32, Conv2D(16,32,3,stride 2,padding 1)-BN-ReLU
     (-> 16x16), Conv2D(32,64,3,stride 2,padding 1)-BN-ReLU (-> 8x8), AvgPool2D(8) (-> 64x1x1),
@@ -163,7 +187,8 @@ def allconv(in_channels=3, num_classes=10, seed=0, dtype=np.float32):
     return Sequential(modules)
 
 
-BUILDERS = {
+#: name -> builder(in_channels, num_classes, seed)
+BUILDERS: dict[str, Callable[[int, int, int | None], Sequential]] = {
     "reference": lambda in_channels, num_classes, seed: reference(seed=seed),
     "lenet5": lambda in_channels, num_classes, seed: lenet5(in_channels, num_classes, seed),
     "resnet8": lambda in_channels, num_classes, seed: resnet(8, in_channels, num_classes, seed),
@@ -174,7 +199,7 @@ BUILDERS = {
 
 # The (C, H, W) input each network of BUILDERS is built for: the Dense layers of the reference
 # network, LeNet-5 and the VGG-style net fix H and W; the ResNets pool globally (any size fits).
-INPUT_SHAPES = {
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "reference": (1, 28, 28),
     "lenet5": (1, 28, 28),
     "resnet8": (1, 28, 28),

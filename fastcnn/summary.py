@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .module import Module
+
 __all__ = ["summary_table"]
 
 
-def summary_table(model, input_shape):
+def summary_table(model: Module, input_shape: Sequence[int]) -> str:
     """The table for an input of shape ``input_shape`` (batch dimension included): one row per
     module, in tree order, named by its dotted path and indented by its depth (a root
     ``Sequential`` has no row of its own), then the totals. Shapes are validated on the way."""

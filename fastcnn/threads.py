@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import numba
 
@@ -61,7 +63,7 @@ def get_num_threads() -> int:
     return int(numba.get_num_threads())
 
 
-def _check_threads(n, what="set_num_threads") -> int:
+def _check_threads(n: object, what: str = "set_num_threads") -> int:
     if not is_int(n):
         raise TypeError(f"{what}: expected an integer number of threads, got {n!r}")
     n = int(n)
@@ -84,7 +86,7 @@ def set_num_threads(n: int) -> None:
 
 
 @contextmanager
-def threads(n: int | None):
+def threads(n: int | None) -> Iterator[int]:
     """Run a block with ``n`` Numba threads and restore the previous count afterwards.
 
     ``n=None`` keeps the current count. The count is restored on every exit, error included::
@@ -104,7 +106,7 @@ def threads(n: int | None):
 
 
 @contextmanager
-def blas_limits(n: int | None):
+def blas_limits(n: int | None) -> Iterator[None]:
     """Limit the BLAS libraries loaded by numpy (and SciPy) to ``n`` threads for a block.
 
     Uses threadpoolctl; the previous limits are restored afterwards. ``n=None`` leaves them alone.
@@ -132,14 +134,14 @@ class _OneBlasThread:
     Python threads in any order always restore what the user had.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
-        self._saved = []
-        self._libs = None
+        self._saved: list[tuple[Any, int]] = []
+        self._libs: list[Any] | None = None
         self._modules = -1  # len(sys.modules) at the last search
 
-    def _blas_libs(self):
+    def _blas_libs(self) -> list[Any]:
         if self._libs is None or len(sys.modules) != self._modules:
             self._modules = len(sys.modules)
             try:
@@ -152,7 +154,7 @@ class _OneBlasThread:
                 self._libs = []
         return self._libs
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         with self._lock:
             if self._depth == 0:
                 self._saved = [(lib, lib.get_num_threads()) for lib in self._blas_libs()]
@@ -161,7 +163,7 @@ class _OneBlasThread:
                         lib.set_num_threads(1)
             self._depth += 1
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
@@ -174,7 +176,7 @@ class _OneBlasThread:
 _ONE_BLAS_THREAD = _OneBlasThread()
 
 
-def one_blas_thread():
+def one_blas_thread() -> AbstractContextManager[None]:
     """A context in which the BLAS behind numpy runs on one thread, the user's setting restored
     on exit. fastcnn's Dense layers run their matrix products in it: a BLAS with idle worker
     threads that spin for ~0.1 s after every call steals the cores Numba's kernels run on (a
@@ -184,7 +186,9 @@ def one_blas_thread():
 
 
 @contextmanager
-def compute_threads(n: int | None = None, blas: int | None = BLAS_THREADS_DURING_COMPUTE):
+def compute_threads(
+    n: int | None = None, blas: int | None = BLAS_THREADS_DURING_COMPUTE
+) -> Iterator[int]:
     """The context fastcnn trains and evaluates in: ``n`` Numba threads, the BLAS at ``blas``.
 
     ``n=None`` keeps Numba's current count; ``blas`` defaults to one thread (measured fastest,

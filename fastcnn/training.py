@@ -14,11 +14,23 @@ import math
 import numbers
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._checks import is_int
+from ._types import Array
 from .threads import compute_threads
+
+if TYPE_CHECKING:
+    import os
+
+    from .checkpoint import Checkpoint
+    from .losses import CrossEntropyLoss, MSELoss
+    from .module import Module
+    from .optim import LRScheduler, Optimizer
+
+    Loss = CrossEntropyLoss | MSELoss
 
 __all__ = ["History", "TrainingDiverged", "fit", "evaluate", "resume_kwargs"]
 
@@ -29,7 +41,9 @@ class TrainingDiverged(RuntimeError):
     ``epoch`` and ``batch`` are 1-based, as printed. The last good checkpoint is left untouched.
     """
 
-    def __init__(self, epoch: int, batch: int, num_batches: int, loss: float, what: str = "loss"):
+    def __init__(
+        self, epoch: int, batch: int, num_batches: int, loss: float, what: str = "loss"
+    ) -> None:
         self.epoch = epoch
         self.batch = batch
         self.num_batches = num_batches
@@ -64,31 +78,41 @@ class History:
         "images_per_second",
         "lr",
     )
+    # one list per key, set by __init__
+    epoch: list[int]
+    train_loss: list[float]
+    train_accuracy: list[float]
+    val_loss: list[float | None]
+    val_accuracy: list[float | None]
+    seconds: list[float]
+    val_seconds: list[float | None]
+    images_per_second: list[float]
+    lr: list[float]
 
-    def __init__(self):
+    def __init__(self) -> None:
         for key in self.KEYS:
             setattr(self, key, [])
 
-    def append(self, **record):
+    def append(self, **record: Any) -> None:
         missing = set(self.KEYS) - set(record)
         if missing:
             raise ValueError(f"History.append: missing {sorted(missing)}")
         for key in self.KEYS:
             getattr(self, key).append(record[key])
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.epoch)
 
-    def last(self) -> dict:
+    def last(self) -> dict[str, Any]:
         """The last epoch's record as a dict."""
         return {key: getattr(self, key)[-1] for key in self.KEYS}
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, list[Any]]:
         """{key: list} (copies; JSON-able), e.g. ``plt.plot(h["epoch"], h["val_accuracy"])``."""
         return {key: list(getattr(self, key)) for key in self.KEYS}
 
     @classmethod
-    def from_dict(cls, data: dict) -> History:
+    def from_dict(cls, data: dict[str, list[Any]]) -> History:
         history = cls()
         lengths = {len(data.get(key, [])) for key in cls.KEYS}
         if len(lengths) != 1:
@@ -97,7 +121,7 @@ class History:
             setattr(history, key, list(data[key]))
         return history
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"History({len(self)} epochs)"
 
 
@@ -163,7 +187,7 @@ def _check_positive_int(what, name, value, minimum=1):
     return int(value)
 
 
-def _correct(logits, y) -> int:
+def _correct(logits: Array, y: Array) -> int:
     predicted = np.argmax(logits, axis=1)
     target = y if y.ndim == 1 else np.argmax(y, axis=1)
     return int(np.count_nonzero(predicted == target))
@@ -175,7 +199,7 @@ def _default_loss():
     return CrossEntropyLoss()
 
 
-def _all_finite(model) -> bool:
+def _all_finite(model: Module) -> bool:
     return all(np.isfinite(p.data).all() for p in model.parameters())
 
 
@@ -183,7 +207,14 @@ def _all_finite(model) -> bool:
 # evaluate
 
 
-def evaluate(model, x, y, batch_size: int = 256, loss_fn=None, threads: int | None = None):
+def evaluate(
+    model: Module,
+    x: Array,
+    y: Array,
+    batch_size: int = 256,
+    loss_fn: Loss | None = None,
+    threads: int | None = None,
+) -> tuple[float, float]:
     """Mean loss and accuracy (fraction 0..1) of ``model`` on ``(x, y)``, in eval mode.
 
     ``loss_fn`` defaults to ``CrossEntropyLoss()``. The model's train/eval mode is restored.
@@ -208,7 +239,7 @@ def evaluate(model, x, y, batch_size: int = 256, loss_fn=None, threads: int | No
 # fit
 
 
-def resume_kwargs(ckpt) -> dict:
+def resume_kwargs(ckpt: Checkpoint) -> dict[str, Any]:
     """Arguments for :func:`fit` that continue the run saved in checkpoint ``ckpt``.
 
     ``ckpt`` is a :func:`fastcnn.checkpoint.load` result written by ``fit``; returns
@@ -267,24 +298,24 @@ def resume_kwargs(ckpt) -> dict:
 
 
 def fit(
-    model,
-    loss_fn,
-    optimizer,
-    x_train,
-    y_train,
+    model: Module,
+    loss_fn: Loss,
+    optimizer: Optimizer,
+    x_train: Array,
+    y_train: Array,
     epochs: int,
     batch_size: int = 64,
-    val_data=None,
-    scheduler=None,
+    val_data: tuple[Array, Array] | None = None,
+    scheduler: LRScheduler | None = None,
     seed: int = 0,
     progress: bool | None = True,
-    checkpoint=None,
+    checkpoint: str | os.PathLike[str] | None = None,
     start_epoch: int = 0,
-    shuffle_state=None,
+    shuffle_state: dict[str, Any] | None = None,
     history: History | None = None,
     threads: int | None = None,
     verbose: bool = False,
-    checkpoint_extra: dict | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
     val_batch_size: int = 256,
 ) -> History:
     """Train ``model`` on shuffled mini-batches of ``(x_train, y_train)`` and return a History.
@@ -446,7 +477,7 @@ def fit(
                     else:  # a user's model whose backward takes no input_grad
                         model.backward(loss_fn.backward())
                     optimizer.step()
-                    if per_batch:
+                    if per_batch and scheduler is not None:  # per_batch implies one
                         scheduler.step()
 
                     loss_sum += loss * m
