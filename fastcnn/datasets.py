@@ -41,8 +41,12 @@ import time
 import urllib.request
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from ._types import Array
 
 __all__ = [
     "mnist",
@@ -87,7 +91,7 @@ class DownloadError(DatasetError, OSError):
 
 
 # Published sha256 of the official .gz files (as torchvision and zalandoresearch list them).
-DATASETS = {
+DATASETS: dict[str, dict[str, Any]] = {
     "mnist": {
         "folder": "mnist",
         "mirrors": [
@@ -124,7 +128,7 @@ _MAX_DOWNLOAD = 64 * 2**20
 _CHUNK = 1 << 20
 
 
-def default_root():
+def default_root() -> str:
     """The data folder used when root=None: $FASTCNN_DATA if set and non-empty, else ~/.cache/fastcnn."""
     env = os.environ.get("FASTCNN_DATA")
     return (
@@ -134,7 +138,11 @@ def default_root():
     )
 
 
-def mnist(root=None, download=True, mirrors=None):
+def mnist(
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    mirrors: str | Sequence[str] | None = None,
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """MNIST handwritten digits: ((x_train, y_train), (x_test, y_test)), 60000 + 10000 samples.
 
     x float32 (N, 1, 28, 28) in [0, 1], y int64 in 0..9. ``mirrors``: list of base URLs to
@@ -143,12 +151,21 @@ def mnist(root=None, download=True, mirrors=None):
     return load_dataset("mnist", root=root, download=download, mirrors=mirrors)
 
 
-def fashion_mnist(root=None, download=True, mirrors=None):
+def fashion_mnist(
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    mirrors: str | Sequence[str] | None = None,
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """Fashion-MNIST (Zalando): same shapes, dtypes and API as :func:`mnist`."""
     return load_dataset("fashion-mnist", root=root, download=download, mirrors=mirrors)
 
 
-def load_dataset(name, root=None, download=True, mirrors=None):
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    mirrors: str | Sequence[str] | None = None,
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """Load data set ``name`` ("mnist" or "fashion-mnist"); see :func:`mnist`."""
     if name not in DATASETS:
         raise ValueError(f"fastcnn.datasets: unknown data set {name!r}; known: {sorted(DATASETS)}")
@@ -160,7 +177,7 @@ def load_dataset(name, root=None, download=True, mirrors=None):
     elif isinstance(mirrors, str):
         mirrors = [mirrors]
     paths = _ensure_files(name, folder, spec["files"], download, list(mirrors))
-    out = []
+    out: list[tuple[Array, Array]] = []
     for split in ("train", "test"):
         image_name, label_name, count = _SPLITS[split]
         images = read_idx_images(paths[image_name], expected_count=count)
@@ -174,7 +191,7 @@ def load_dataset(name, root=None, download=True, mirrors=None):
         x = np.empty((len(images), 1, ROWS, COLS), dtype=np.float32)
         np.divide(images.reshape(x.shape), np.float32(255), out=x, dtype=np.float32)
         out.append((x, labels.astype(np.int64)))
-    return tuple(out)
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,12 +301,13 @@ def _fetch_verified(url, dest, sha256):
 # ---------------------------------------------------------------------------------------------
 # Reading IDX files
 
-_cache = OrderedDict()  # (path, size, mtime_ns) -> read-only uint8 array of the decoded payload
+# (path, size, mtime_ns, ctime_ns, inode, kind) -> read-only uint8 array of the decoded payload
+_cache: OrderedDict[tuple[str, int, int, int, int, str], Array] = OrderedDict()
 _cache_lock = threading.Lock()
 _CACHE_ENTRIES = 8
 
 
-def clear_cache():
+def clear_cache() -> None:
     """Forget the decoded files kept in memory (each load after this re-reads the disk)."""
     with _cache_lock:
         _cache.clear()
@@ -402,7 +420,7 @@ def _read_idx(path, kind, expected_count):
                     f"enough memory to hold them"
                 ) from None
             data[:header_size] = np.frombuffer(head, dtype=np.uint8)
-            got = header_size + _read_into(f, memoryview(data)[header_size:])
+            got = header_size + _read_into(f, memoryview(data)[header_size:])  # type: ignore[arg-type]
             if got == expected and f.read(1):
                 raise DatasetFileError(
                     f"fastcnn.datasets: {path} holds more than {expected} bytes of IDX data, expected "
@@ -459,7 +477,7 @@ def _check_count(path, array, expected_count):
     return array
 
 
-def read_idx_images(path, expected_count=None):
+def read_idx_images(path: str | os.PathLike[str], expected_count: int | None = None) -> Array:
     """uint8 array (N, 28, 28) from an IDX image file (gzipped if the name ends in .gz).
 
     Read-only view shared with the in-process cache: copy it before writing into it.
@@ -468,7 +486,7 @@ def read_idx_images(path, expected_count=None):
     return _check_count(path, _cached_idx(path, "images", expected_count), expected_count)
 
 
-def read_idx_labels(path, expected_count=None):
+def read_idx_labels(path: str | os.PathLike[str], expected_count: int | None = None) -> Array:
     """uint8 array (N,) of labels 0..9 from an IDX label file (read-only, cached)."""
     path = os.fspath(path)
     return _check_count(path, _cached_idx(path, "labels", expected_count), expected_count)
