@@ -52,12 +52,23 @@ import secrets
 import signal
 import stat
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import safetensors.numpy as _st
 
 from ._checks import is_int
+from ._types import Array
+
+if TYPE_CHECKING:
+    from .module import Module
+    from .optim import LRScheduler, Optimizer
+
+ModuleT = TypeVar("ModuleT", bound="Module")
+OptimizerT = TypeVar("OptimizerT", bound="Optimizer")
+SchedulerT = TypeVar("SchedulerT", bound="LRScheduler")
 
 __all__ = [
     "save",
@@ -111,7 +122,15 @@ def _from_config(config):
 # Saving
 
 
-def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, input_shape=None):
+def save(
+    path: str | os.PathLike[str],
+    model: Module,
+    optimizer: Optimizer | None = None,
+    scheduler: LRScheduler | None = None,
+    epoch: int | None = None,
+    extra: Any = None,
+    input_shape: Sequence[int] | None = None,
+) -> str:
     """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path`` atomically.
 
     ``input_shape``: the shape of one input the model takes, e.g. (1, 28, 28) (``fit`` records
@@ -127,7 +146,7 @@ def save(path, model, optimizer=None, scheduler=None, epoch=None, extra=None, in
     return path
 
 
-def check_destination(path):
+def check_destination(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     """``path`` as a str if :func:`save` can write there, else the error save would raise:
     ValueError for an empty name, FileNotFoundError for a missing folder, IsADirectoryError for
     a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
@@ -253,7 +272,8 @@ def _split_optimizer_state(optimizer):
         raise TypeError(
             "checkpoint.save: optimizer.state_dict() must be a dict with 'hyper' and 'state'"
         )
-    tensors, scalars = {}, {}
+    tensors: dict[str, Array] = {}
+    scalars: dict[str, dict[str, Any]] = {}
     for index, entry in sd["state"].items():
         index = str(index)
         if not index.isdigit():
@@ -280,6 +300,7 @@ def _json_depth(value, limit):
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, (list, tuple)):
@@ -374,8 +395,8 @@ def _signals_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending = []
-    held = {}
+    pending: list[int] = []
+    held: dict[signal.Signals, Any] = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(signum)
@@ -385,8 +406,8 @@ def _signals_deferred():
     finally:
         for signum, handler in held.items():
             signal.signal(signum, handler)
-        for signum in pending:
-            signal.raise_signal(signum)  # now, to the handler that was in place
+        for number in pending:
+            signal.raise_signal(number)  # now, to the handler that was in place
 
 
 def _atomic_write(path, data):
@@ -460,19 +481,19 @@ class Checkpoint:
     """What :func:`load` returns. ``model`` is ready to use; the rest restores a training run."""
 
     path: str
-    model: object
-    model_state: dict
-    config: dict
-    optimizer_state: dict | None
+    model: Module
+    model_state: dict[str, Array]
+    config: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
     optimizer_class: str | None
-    scheduler_state: dict | None
+    scheduler_state: dict[str, Any] | None
     scheduler_class: str | None
     epoch: int | None
-    extra: object
-    metadata: dict = field(repr=False)
-    input_shape: tuple | None = None
+    extra: Any
+    metadata: dict[str, Any] = field(repr=False)
+    input_shape: tuple[int, ...] | None = None
 
-    def restore_model(self, model):
+    def restore_model(self, model: ModuleT) -> ModuleT:
         """Load the saved weights into an existing ``model`` of the same architecture.
 
         Refused (CheckpointError, nothing loaded) when ``model.get_config()`` differs from the
@@ -496,7 +517,7 @@ class Checkpoint:
             ) from exc
         return model
 
-    def restore_optimizer(self, optimizer):
+    def restore_optimizer(self, optimizer: OptimizerT) -> OptimizerT:
         """Load the saved optimizer state into ``optimizer`` (built on ``self.model.parameters()``)."""
         if self.optimizer_state is None:
             raise CheckpointError(f"{self.path}: the checkpoint holds no optimizer state")
@@ -521,7 +542,7 @@ class Checkpoint:
             ) from exc
         return optimizer
 
-    def restore_scheduler(self, scheduler):
+    def restore_scheduler(self, scheduler: SchedulerT) -> SchedulerT:
         """Load the saved scheduler state into ``scheduler``."""
         if self.scheduler_state is None:
             raise CheckpointError(f"{self.path}: the checkpoint holds no scheduler state")
@@ -651,7 +672,10 @@ def _parse_json(fail, text, what):
     fail(f"corrupted {what} (JSON nested more than {_MAX_JSON_DEPTH} levels deep)")
 
 
-def read_file(path, before_data=None):
+def read_file(
+    path: str | os.PathLike[str],
+    before_data: Callable[[dict[str, Any]], object] | None = None,
+) -> tuple[dict[str, Array], dict[str, Any]]:
     """Read and validate a checkpoint file's container: (tensors, metadata). No model is built.
 
     Checks: safetensors header, fastcnn metadata, format name/version, tensor manifest (names,
@@ -758,7 +782,7 @@ def _check_metadata(fail, header):
     return meta
 
 
-def load(path):
+def load(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint written by :func:`save` and rebuild its model. Returns a :class:`Checkpoint`.
 
     Everything is validated before the weights are loaded; any problem raises CheckpointError
@@ -903,7 +927,7 @@ def _check_declared(fail, meta):
                     f"expects {dtype} {shape}"
                 )
     shapes = {shape for shape, _ in declared.values()}
-    per_index = {}
+    per_index: dict[str, Any] = {}
     for name, entry in manifest.items():
         if not name.startswith("optimizer."):
             continue
