@@ -13,7 +13,7 @@ import os
 import sys
 
 
-def register(package_dir):
+def register(package_dir: str) -> None:
     name = "fastcnn.kernels"
     if name in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")):
         return
@@ -22,6 +22,8 @@ def register(package_dir):
     if not os.path.isfile(init):
         raise ImportError(f"fastcnn: the kernels package was not found at {source}")
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[source])
+    if spec is None or spec.loader is None:  # pragma: no cover - a file location always has both
+        raise ImportError(f"fastcnn: cannot import the kernels package at {source}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

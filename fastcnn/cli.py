@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from ._checks import is_int
 
@@ -30,7 +31,7 @@ SCHEDULERS = ("none", "cosine", "onecycle")
 # Defaults of `fastcnn train`, chosen by measurement (see the report that added this file):
 # SGD with momentum 0.9 at lr 0.05 and cosine annealing reach >= 99.0% test accuracy on MNIST in
 # 3 epochs from seed 0.
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "model": "reference",
     "dataset": "mnist",
     "optimizer": "sgd",
@@ -45,7 +46,7 @@ DEFAULTS = {
 }
 # The ResNets' recipe (He et al. for CIFAR, shortened): SGD with Nesterov momentum 0.9, weight
 # decay 5e-4, a one-cycle schedule to lr 0.1 stepped per batch, batch 128.
-MODEL_DEFAULTS = {
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet8": {
         "lr": {"sgd": 0.1},
         "nesterov": True,
@@ -706,10 +707,17 @@ def cmd_summary(args):
 def _expected_errors():
     from . import checkpoint, datasets
 
-    errors = [CliError, FileNotFoundError, PermissionError, ValueError, TypeError, OSError]
+    errors: list[type[Exception]] = [
+        CliError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+        TypeError,
+        OSError,
+    ]
     for module, name in ((datasets, "DatasetError"), (checkpoint, "CheckpointError")):
         cls = getattr(module, name, None)
-        if isinstance(cls, type):
+        if isinstance(cls, type) and issubclass(cls, Exception):
             errors.append(cls)
     return tuple(errors)
 
