@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from ._checks import is_int
@@ -162,7 +163,7 @@ def _input_shape(text):
         ) from None
 
 
-def resolve_val_split(split, n):
+def resolve_val_split(split: int | float, n: int) -> int:
     """Number of validation images for a --val-split value (count or fraction) and n images."""
     count = int(round(split * n)) if isinstance(split, float) else int(split)
     if count >= n:
@@ -174,7 +175,7 @@ def resolve_val_split(split, n):
 # parser
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastcnn",
         description="Train convolutional networks fast on the CPU (Numba kernels).",
@@ -537,7 +538,7 @@ def _describe(settings):
 # commands
 
 
-def cmd_train(args):
+def cmd_train(args: argparse.Namespace) -> int:
     from . import models
     from .threads import get_num_threads
     from .training import TrainingDiverged, evaluate, fit, resume_kwargs
@@ -658,7 +659,7 @@ def _report_test(model, x, y, batch_size, threads, evaluate):
     print(f"test accuracy: {100 * accuracy:.2f}%", flush=True)
 
 
-def cmd_evaluate(args):
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import evaluate
 
     threads = _check_threads(args.threads)
@@ -683,7 +684,7 @@ def cmd_evaluate(args):
     return 0
 
 
-def cmd_summary(args):
+def cmd_summary(args: argparse.Namespace) -> int:
     from . import models
 
     shape = args.input_shape
@@ -722,7 +723,7 @@ def _expected_errors():
     return tuple(errors)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"fastcnn {args.command}"
@@ -759,7 +760,7 @@ def _message(exc):
     return str(exc).strip()
 
 
-def run():
+def run() -> None:
     """Console-script wrapper: exit with main()'s status."""
     sys.exit(main())
 
