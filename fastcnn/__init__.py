@@ -1,4 +1,5 @@
-"""fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like API.
+"""fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like
+API.
 
 import fastcnn
 model = fastcnn.models.reference()

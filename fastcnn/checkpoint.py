@@ -1,4 +1,5 @@
-"""Checkpoints: a model, its optimizer and scheduler state, the epoch and free-form extras in one file.
+"""Checkpoints: a model, its optimizer and scheduler state, the epoch and free-form extras in one
+file.
 
     fastcnn.checkpoint.save("run/epoch3.safetensors", model, optimizer, scheduler, epoch=3,
                             extra={"shuffle_rng": rng.bit_generator.state})
@@ -92,7 +93,8 @@ _MAX_OPTIMIZER_ARRAYS = 8  # per parameter (SGD keeps 1, Adam 2): bounds what a 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file cannot be read or does not fit: the message names the file and the problem."""
+    """A checkpoint file cannot be read or does not fit: the message names the file and the
+    problem."""
 
 
 def _fastcnn_version():
@@ -131,7 +133,8 @@ def save(
     extra: Any = None,
     input_shape: Sequence[int] | None = None,
 ) -> str:
-    """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path`` atomically.
+    """Write ``model`` (+ optional optimizer and scheduler state, epoch, extra) to ``path``
+    atomically.
 
     ``input_shape``: the shape of one input the model takes, e.g. (1, 28, 28) (``fit`` records
     it), for ``fastcnn summary``; read back as ``Checkpoint.input_shape``.
@@ -518,7 +521,8 @@ class Checkpoint:
         return model
 
     def restore_optimizer(self, optimizer: OptimizerT) -> OptimizerT:
-        """Load the saved optimizer state into ``optimizer`` (built on ``self.model.parameters()``)."""
+        """Load the saved optimizer state into ``optimizer`` (built on
+        ``self.model.parameters()``)."""
         if self.optimizer_state is None:
             raise CheckpointError(f"{self.path}: the checkpoint holds no optimizer state")
         if type(optimizer).__name__ != self.optimizer_class:
@@ -612,7 +616,8 @@ def _check_layout(fail, header, manifest, file_size, header_len):
         missing = sorted(set(manifest) - set(entries)) if isinstance(manifest, dict) else []
         unexpected = sorted(set(entries) - set(manifest)) if isinstance(manifest, dict) else []
         fail(
-            f"tensors do not match the manifest (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"tensors do not match the manifest (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
         )
     spans = []
     for name, entry in entries.items():
@@ -648,8 +653,8 @@ def _check_layout(fail, header, manifest, file_size, header_len):
     for a, b, name in sorted(spans):
         if a != end:
             fail(
-                f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the data, "
-                f"expected {end} (overlapping or with a gap)"
+                f"corrupted safetensors header: tensor {name!r:.100} starts at byte {a} of the "
+                f"data, expected {end} (overlapping or with a gap)"
             )
         end = b
     if 8 + header_len + end != file_size:
@@ -705,7 +710,8 @@ def read_file(
             header_len = int.from_bytes(prefix, "little")
             if header_len > _MAX_HEADER or 8 + header_len > size:
                 fail(
-                    f"truncated or not a safetensors file: header length {header_len}, file length {size}"
+                    f"truncated or not a safetensors file: header length {header_len}, file length "
+                    f"{size}"
                 )
             raw_header = f.read(header_len)
         except OSError as exc:
@@ -757,15 +763,17 @@ def _check_metadata(fail, header):
     meta = _parse_json(fail, raw_meta[_META_KEY], "fastcnn metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         fail(
-            f"not a fastcnn checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r:.100})"
+            "not a fastcnn checkpoint (format "
+            f"{meta.get('format') if isinstance(meta, dict) else meta!r:.100})"
         )
     version = meta.get("format_version")
     if not is_int(version):
         fail(f"corrupted metadata: format_version {version!r:.100}")
     if version > FORMAT_VERSION:
         fail(
-            f"written with checkpoint format {version} by fastcnn {meta.get('fastcnn_version')!r:.50}; this "
-            f"fastcnn ({_fastcnn_version()}) reads formats up to {FORMAT_VERSION}: upgrade fastcnn"
+            f"written with checkpoint format {version} by fastcnn "
+            f"{meta.get('fastcnn_version')!r:.50}; this fastcnn ({_fastcnn_version()}) reads "
+            f"formats up to {FORMAT_VERSION}: upgrade fastcnn"
         )
     if version < 1:
         fail(f"unknown checkpoint format version {version}")
@@ -777,13 +785,15 @@ def _check_metadata(fail, header):
             fail(f"corrupted metadata: no {key!r} entry")
     if not isinstance(meta["tensors"], dict):
         fail(
-            f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an object"
+            f"corrupted metadata: 'tensors' is a {type(meta['tensors']).__name__}, expected an "
+            "object"
         )
     return meta
 
 
 def load(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint written by :func:`save` and rebuild its model. Returns a :class:`Checkpoint`.
+    """Read a checkpoint written by :func:`save` and rebuild its model. Returns a
+    :class:`Checkpoint`.
 
     Everything is validated before the weights are loaded; any problem raises CheckpointError
     (a ValueError) naming the file and the problem.
@@ -895,7 +905,8 @@ def _check_declared(fail, meta):
         fail(f"corrupted metadata: the model keys {keys!r:.100} are not a list of distinct names")
     if not isinstance(model_meta.get("rng_state") or {}, dict):
         fail(
-            f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an object"
+            f"corrupted metadata: rng_state {model_meta.get('rng_state')!r:.100}, expected an "
+            "object"
         )
     manifest = meta["tensors"]
     declared = {}
@@ -923,8 +934,8 @@ def _check_declared(fail, meta):
         for key, (shape, dtype) in spec.items():
             if declared[key] != (shape, dtype):
                 fail(
-                    f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the architecture "
-                    f"expects {dtype} {shape}"
+                    f"tensor 'model.{key}' is {declared[key][1]} {declared[key][0]}, the "
+                    f"architecture expects {dtype} {shape}"
                 )
     shapes = {shape for shape, _ in declared.values()}
     per_index: dict[str, Any] = {}
@@ -937,8 +948,8 @@ def _check_declared(fail, meta):
         per_index[parts[1]] = per_index.get(parts[1], 0) + 1
         if tuple(entry["shape"]) not in shapes or per_index[parts[1]] > _MAX_OPTIMIZER_ARRAYS:
             fail(
-                f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter of "
-                f"the model"
+                f"tensor {name!r:.100} has shape {tuple(entry['shape'])}, which fits no parameter "
+                "of the model"
             )
 
 

@@ -1,6 +1,6 @@
 """The ``fastcnn`` command: ``train``, ``evaluate`` and ``summary``.
 
-    fastcnn train --epochs 3            # the reference network on MNIST, ends "test accuracy: NN.NN%"
+    fastcnn train --epochs 3            # reference network, MNIST: "test accuracy: NN.NN%"
     fastcnn train --model resnet20 --dataset fashion-mnist
     fastcnn train --out run.safetensors # checkpoint at the end of every epoch
     fastcnn train --resume run.safetensors --epochs 5
@@ -147,7 +147,8 @@ def _val_split(text):
         return value
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a count of images (e.g. 5000) or a fraction in [0, 1) (e.g. 0.1), got {text!r}"
+            "expected a count of images (e.g. 5000) or a fraction in [0, 1) (e.g. 0.1), got "
+            f"{text!r}"
         ) from None
 
 
@@ -486,7 +487,8 @@ def _settings(args, saved=None):
         ):
             raise CliError(
                 f"--epochs {args.epochs}: the resumed run schedules its learning rate over "
-                f"{settings['schedule_epochs']} epochs; resume it with --epochs {settings['schedule_epochs']}"
+                f"{settings['schedule_epochs']} epochs; resume it with --epochs "
+                f"{settings['schedule_epochs']}"
             )
         return settings
     settings = {k: v for k, v in given.items()}
@@ -599,8 +601,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     loss_fn = CrossEntropyLoss()
     nthreads = threads if threads is not None else get_num_threads()
     print(
-        f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}: {n_fit} training, "
-        f"{n_val} validation, {x_test.shape[0]} test images; {_describe(settings)}; "
+        f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}: "
+        f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
+        f"{_describe(settings)}; "
         f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads",
         flush=True,
     )

@@ -19,8 +19,8 @@ Errors (all name the file and say what to do):
 Downloads go to a temporary file in the destination folder, are checked against the published
 sha256 and only then renamed into place, so an interrupted or corrupted download never leaves a
 file that looks valid; a mirror sending more than 64 MB (the largest official file is 26.4 MB)
-is cut off and the next one tried. Files already present are not re-hashed: they are checked by their IDX
-header and exact length (and, for .gz, by gzip's own CRC32) when they are read.
+is cut off and the next one tried. Files already present are not re-hashed: they are checked by
+their IDX header and exact length (and, for .gz, by gzip's own CRC32) when they are read.
 
 Reading never takes more memory than the header declares: the header is read and checked first
 (magic, image size, and the sample count when the caller knows it, as ``mnist()`` does), an
@@ -79,7 +79,8 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 class DatasetFileError(DatasetError, ValueError):
-    """A data set file is present but unreadable: truncated, corrupt, or not the expected IDX file."""
+    """A data set file is present but unreadable: truncated, corrupt, or not the expected IDX
+    file."""
 
 
 class ChecksumError(DatasetFileError):
@@ -91,6 +92,18 @@ class DownloadError(DatasetError, OSError):
 
 
 # Published sha256 of the official .gz files (as torchvision and zalandoresearch list them).
+_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+_FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
 DATASETS: dict[str, dict[str, Any]] = {
     "mnist": {
         "folder": "mnist",
@@ -98,22 +111,12 @@ DATASETS: dict[str, dict[str, Any]] = {
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "http://yann.lecun.com/exdb/mnist/",
         ],
-        "files": {
-            "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-            "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-            "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-            "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        },
+        "files": _MNIST_SHA256,
     },
     "fashion-mnist": {
         "folder": "fashion-mnist",
         "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-        "files": {
-            "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-            "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-            "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-            "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-        },
+        "files": _FASHION_MNIST_SHA256,
     },
 }
 _SPLITS = {
@@ -129,7 +132,8 @@ _CHUNK = 1 << 20
 
 
 def default_root() -> str:
-    """The data folder used when root=None: $FASTCNN_DATA if set and non-empty, else ~/.cache/fastcnn."""
+    """The data folder used when root=None: $FASTCNN_DATA if set and non-empty, else
+    ~/.cache/fastcnn."""
     env = os.environ.get("FASTCNN_DATA")
     return (
         os.path.expanduser(env)
@@ -199,7 +203,8 @@ def load_dataset(
 
 
 def _existing(folder, base):
-    """Path of the file for `base` in `folder`: the uncompressed one if present (faster), else .gz."""
+    """Path of the file for `base` in `folder`: the uncompressed one if present (faster), else
+    .gz."""
     for candidate in (base, base + ".gz"):
         path = os.path.join(folder, candidate)
         if os.path.isfile(path):
@@ -314,7 +319,10 @@ def clear_cache() -> None:
 
 
 def _fix_hint(path):
-    return f"Delete {path} and re-run with download=True to fetch it again (or copy a good file there)."
+    return (
+        f"Delete {path} and re-run with download=True to fetch it again (or copy a good file "
+        "there)."
+    )
 
 
 # A file is cached only if it was last changed at least this long before it was read: a file
@@ -389,8 +397,8 @@ def _read_idx(path, kind, expected_count):
                 rows, cols = values[1:]
                 if (rows, cols) != (ROWS, COLS):
                     raise DatasetFileError(
-                        f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected {ROWS}x{COLS}. "
-                        f"{_fix_hint(path)}"
+                        f"fastcnn.datasets: {path} holds {rows}x{cols} images, expected "
+                        f"{ROWS}x{COLS}. {_fix_hint(path)}"
                     )
                 expected = header_size + count * rows * cols
                 what = f"{header_size}-byte header + {count} images of {rows}x{cols}"
@@ -404,13 +412,14 @@ def _read_idx(path, kind, expected_count):
                 )
             if not gz and file_size != expected:
                 raise DatasetFileError(
-                    f"fastcnn.datasets: {path} has {file_size} bytes of IDX data, expected {expected} "
-                    f"({what}): truncated or corrupt. {_fix_hint(path)}"
+                    f"fastcnn.datasets: {path} has {file_size} bytes of IDX data, expected "
+                    f"{expected} ({what}): truncated or corrupt. {_fix_hint(path)}"
                 )
             if gz and expected > _GZIP_MAX_RATIO * file_size + 1024:
                 raise DatasetFileError(
-                    f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}), more "
-                    f"than a gzip file of {file_size} bytes can hold: corrupt. {_fix_hint(path)}"
+                    f"fastcnn.datasets: {path} declares {expected} bytes of IDX data ({what}), "
+                    f"more than a gzip file of {file_size} bytes can hold: corrupt. "
+                    f"{_fix_hint(path)}"
                 )
             try:
                 data = np.empty(expected, dtype=np.uint8)
@@ -423,8 +432,9 @@ def _read_idx(path, kind, expected_count):
             got = header_size + _read_into(f, memoryview(data)[header_size:])  # type: ignore[arg-type]
             if got == expected and f.read(1):
                 raise DatasetFileError(
-                    f"fastcnn.datasets: {path} holds more than {expected} bytes of IDX data, expected "
-                    f"{expected} ({what}): corrupt (reading stopped there). {_fix_hint(path)}"
+                    f"fastcnn.datasets: {path} holds more than {expected} bytes of IDX data, "
+                    f"expected {expected} ({what}): corrupt (reading stopped there). "
+                    f"{_fix_hint(path)}"
                 )
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         if not gz:

@@ -1,4 +1,5 @@
-"""Layers: parameters, the caches backward needs, and each layer's forward and backward side by side.
+"""Layers: parameters, the caches backward needs, and each layer's forward and backward side by
+side.
 
 A layer's ``forward(x)`` computes its output through ``fastcnn.functional`` (which validates and
 calls the kernels) and keeps what its backward needs; ``backward(dy)`` returns the gradient with
@@ -299,7 +300,8 @@ class Conv2D(Module):
         if self.stride != (1, 1):
             s += f", stride={_fmt_pair(self.stride)}"
         if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding if isinstance(self.padding, str) else _fmt_pair(self.padding)}"
+            padding = self.padding if isinstance(self.padding, str) else _fmt_pair(self.padding)
+            s += f", padding={padding}"
         if self.dilation != (1, 1):
             s += f", dilation={_fmt_pair(self.dilation)}"
         if self.bias is None:

@@ -103,7 +103,8 @@ class CrossEntropyLoss(_Loss):
         n, c = logits.shape
         if n < 1 or c < 1:
             raise ValueError(
-                f"{name}: expected logits with at least one sample and one class, got {logits.shape}"
+                f"{name}: expected logits with at least one sample and one class, got "
+                f"{logits.shape}"
             )
         labels = np.asarray(labels)
         if labels.shape != (n,) and np.issubdtype(labels.dtype, np.integer):

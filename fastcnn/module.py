@@ -463,7 +463,7 @@ class Module:
             print_fn(text)
         return text
 
-    # -- repr ---------------------------------------------------------------------------------------
+    # -- repr -------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         cfg = self.get_config()
         return ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "class")

@@ -166,7 +166,8 @@ class Optimizer:
         return ()
 
     def state_dict(self) -> dict[str, Any]:
-        """{"hyper": JSON-able hyperparameters, "state": {str(index): {name: array copy, "step": int}}}."""
+        """{"hyper": JSON-able hyperparameters,
+        "state": {str(index): {name: array copy, "step": int}}}."""
         hyper: dict[str, Any] = {"class": type(self).__name__, "num_params": len(self.params)}
         hyper.update(self._hyper())
         state = {}
@@ -188,7 +189,8 @@ class Optimizer:
             or "state" not in state_dict
         ):
             raise ValueError(
-                f"{name}: expected a state dict with keys 'hyper' and 'state', got {state_dict!r:.200}"
+                f"{name}: expected a state dict with keys 'hyper' and 'state', got "
+                f"{state_dict!r:.200}"
             )
         hyper = dict(state_dict["hyper"])
         cls = hyper.pop("class", name)
@@ -197,7 +199,8 @@ class Optimizer:
         count = hyper.pop("num_params", len(self.params))
         if count != len(self.params):
             raise ValueError(
-                f"{name}: expected a state dict for {len(self.params)} parameters, got one for {count}"
+                f"{name}: expected a state dict for {len(self.params)} parameters, got one for "
+                f"{count}"
             )
         # validate the hyperparameters on a scratch copy of the current ones
         saved = self._hyper()

@@ -4,10 +4,11 @@ Numba compiles a kernel the first time it is called with new argument types and 
 disk (``cache=True``); later processes load it in milliseconds. The first run on a machine
 compiles every kernel of a training step, 30-40 s on one core, almost all of it in numba's and
 LLVM's passes, which hold the GIL (the wrappers numba builds around each parallel loop are
-linked without being compiled: ``fastcnn.kernels._parfor_link_only``). So on a cold cache ``fastcnn train`` starts a helper process
-that compiles about half of them (``compile_backward``) into the cache while this process loads
-the data and compiles the others (``compile_forward``), then waits for the helper: those
-kernels then load from the cache. With 2 cores the first run takes about half as long; with a
+linked without being compiled: ``fastcnn.kernels._parfor_link_only``). So on a cold cache
+``fastcnn train`` starts a helper process that compiles about half of them
+(``compile_backward``) into the cache while this process loads the data and compiles the
+others (``compile_forward``), then waits for the helper: those kernels then load from the
+cache. With 2 cores the first run takes about half as long; with a
 warm cache nothing is started. Kernels are reached through ``fastcnn.functional`` with tiny
 inputs (conv2's input gradient directly, as functional calls it: through functional it would
 compile conv2's weight gradient a second time, in both processes), so they compile with

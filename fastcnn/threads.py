@@ -54,7 +54,8 @@ BLAS_THREADS_DURING_COMPUTE = 1
 
 
 def max_threads() -> int:
-    """The size of Numba's thread pool (``NUMBA_NUM_THREADS``): the most threads a kernel can use."""
+    """The size of Numba's thread pool (``NUMBA_NUM_THREADS``): the most threads a kernel can
+    use."""
     return int(numba.config.NUMBA_NUM_THREADS)
 
 

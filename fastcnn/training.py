@@ -1,4 +1,5 @@
-"""The training loop: ``fit`` (shuffled mini-batches, validation, checkpoints, resume) and ``evaluate``.
+"""The training loop: ``fit`` (shuffled mini-batches, validation, checkpoints, resume) and
+``evaluate``.
 
 Reproducibility: the order of the samples comes from ``np.random.default_rng(seed)``, which
 draws one permutation per epoch and nothing else. Each end-of-epoch checkpoint stores the state
@@ -170,7 +171,8 @@ def _check_data(what, x, y):
         raise ValueError(f"{what}: expected images of shape (N, ...), got {x.shape}")
     if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
         raise ValueError(
-            f"{what}: expected labels of shape ({x.shape[0]},) (or one target row per image), got {y.shape}"
+            f"{what}: expected labels of shape ({x.shape[0]},) (or one target row per image), got "
+            f"{y.shape}"
         )
     if x.shape[0] == 0:
         raise ValueError(f"{what}: got no samples")
@@ -263,7 +265,8 @@ def resume_kwargs(ckpt: Checkpoint) -> dict[str, Any]:
 
     if not isinstance(info, dict) or not {"shuffle_state", "history", "seed"} <= set(info):
         fail(
-            f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and seed"
+            f"extra['fit'] is {info!r:.100}, expected an object with shuffle_state, history and "
+            "seed"
         )
     epoch = ckpt.epoch
     if not is_int(epoch, 0):
@@ -590,5 +593,8 @@ def format_epoch(record: dict, epochs: int | None = None) -> str:
         line += (
             f"  val_loss {record['val_loss']:.4f}  val_accuracy {100 * record['val_accuracy']:.2f}%"
         )
-    line += f"  {record['seconds']:.1f} s  {record['images_per_second']:.0f} images/s  lr {record['lr']:.4g}"
+    line += (
+        f"  {record['seconds']:.1f} s  {record['images_per_second']:.0f} images/s"
+        f"  lr {record['lr']:.4g}"
+    )
     return line

@@ -61,7 +61,8 @@ COUNTS = collections.Counter()
 
 
 def tally(case, outcome):
-    """Count one fuzzed case: ``outcome`` is "valid" (result checked) or "invalid" (error checked)."""
+    """Count one fuzzed case: ``outcome`` is "valid" (result checked) or "invalid" (error
+    checked)."""
     COUNTS[f"{case}:{outcome}"] += 1
 
 

@@ -32,7 +32,8 @@ def assert_gradient(forward, x, g, analytic, eps=1e-6, rtol=1e-5, atol=1e-7):
 
 
 def relative_error(actual, expected):
-    """max |actual - expected| / max(|expected|), the tolerance measure used against the naive loops."""
+    """max |actual - expected| / max(|expected|), the tolerance measure used against the naive
+    loops."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)

@@ -1,4 +1,5 @@
-"""kernels/activations.py against the naive loops (tests/naive/activations.py), finite differences."""
+"""kernels/activations.py against the naive loops (tests/naive/activations.py), finite
+differences."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""fastcnn.checkpoint: atomic writes, the safetensors container, validation, and real round trips."""
+"""fastcnn.checkpoint: atomic writes, the safetensors container, validation, and real round
+trips."""
 
 import json
 import os
@@ -22,7 +23,8 @@ class _P:
 
 
 class StubModel:
-    """Linear stub: config {"class": "Stub", "sizes": [in, out]} -> weight (out, in) f32, bias f64."""
+    """Linear stub: config {"class": "Stub", "sizes": [in, out]} -> weight (out, in) f32, bias
+    f64."""
 
     def __init__(self, sizes, seed=0):
         rng = np.random.default_rng(seed)

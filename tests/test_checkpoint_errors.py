@@ -1,4 +1,5 @@
-"""Every bad checkpoint is a CheckpointError naming the file, never a raw exception (issue 14, item 4).
+"""Every bad checkpoint is a CheckpointError naming the file, never a raw exception
+(issue 14, item 4).
 
 The files here have valid checksums (anyone can recompute them): deep JSON nesting, metadata of
 the wrong types, edited resume fields. Also: what ``save`` accepts, ``load`` reads back.
@@ -36,7 +37,8 @@ def saved(tmp_path):
 
 
 def rewrite(path, mutate, tensors_mutate=None):
-    """Change the metadata (and tensors) of `path`, recomputing both checksums as an attacker can."""
+    """Change the metadata (and tensors) of `path`, recomputing both checksums as an attacker
+    can."""
     data = path.read_bytes()
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     meta = json.loads(header["__metadata__"]["fastcnn"])

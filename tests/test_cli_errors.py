@@ -1,5 +1,5 @@
-"""The fastcnn command on bad checkpoints and options: a clear message and status 2, never a traceback
-(issue 14, items 4 and 8)."""
+"""The fastcnn command on bad checkpoints and options: a clear message and status 2, never a
+traceback (issue 14, items 4 and 8)."""
 
 import json
 import os

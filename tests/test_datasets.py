@@ -1,4 +1,5 @@
-"""fastcnn.datasets: the real MNIST / Fashion-MNIST files, corrupt files, and downloads from a local server.
+"""fastcnn.datasets: the real MNIST / Fashion-MNIST files, corrupt files, and downloads from a local
+server.
 
 No test touches the network except a local http.server on 127.0.0.1 started and stopped here;
 every download test passes mirrors= explicitly.

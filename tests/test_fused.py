@@ -159,8 +159,9 @@ def test_speedup_over_naive(rng):
 @st.composite
 def backward_cases(draw):
     """A conv + ReLU + pool whose backward takes the max pool shortcut (32 or 64 channels) or
-    the dense weight gradient / the separate calls (3 channels, 1 as conv1); strides, symmetric paddings (as the
-    functional API takes them), dilations, 1-40 filters, pools that tile the conv output."""
+    the dense weight gradient / the separate calls (3 channels, 1 as conv1); strides, symmetric
+    paddings (as the functional API takes them), dilations, 1-40 filters, pools that tile the
+    conv output."""
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))

@@ -1,4 +1,5 @@
-"""fastcnn.losses against the naive loops (tests/naive/losses.py), finite differences and PyTorch."""
+"""fastcnn.losses against the naive loops (tests/naive/losses.py), finite differences and
+PyTorch."""
 
 import numpy as np
 import pytest

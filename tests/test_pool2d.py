@@ -1,4 +1,5 @@
-"""kernels/pool2d.py against the naive loops (tests/naive/pool2d.py), finite differences, PyTorch."""
+"""kernels/pool2d.py against the naive loops (tests/naive/pool2d.py), finite differences,
+PyTorch."""
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ def nhwc(a):
 
 
 def nhwc_full(shape, value, dtype):
-    """An (N, H, W, C) array for the NCHW ``shape``, filled with garbage the kernel must overwrite."""
+    """An (N, H, W, C) array for the NCHW ``shape``, filled with garbage the kernel must
+    overwrite."""
     n, c, h, w = shape
     return np.full((n, h, w, c), value, dtype=dtype)
 
@@ -291,7 +293,8 @@ def test_avgpool_backward_finite_differences(kernel, stride, padding, rng):
 
 
 def test_speedup_over_naive(rng):
-    """2x2 max pool of the reference network, batch 8: forward and backward >= 20x the naive loops."""
+    """2x2 max pool of the reference network, batch 8: forward and backward >= 20x the naive
+    loops."""
     shape, kernel, stride, padding = (8, 32, 26, 26), (2, 2), (2, 2), ((0, 0), (0, 0))
     x = rng.standard_normal(shape).astype(np.float32)
     y, argmax = maxpool_fwd(x, kernel, stride, padding)

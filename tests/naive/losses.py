@@ -58,7 +58,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
 
 
 def mse(pred, target):
-    """Mean squared error over all elements: ``(mean_loss, dpred)`` with dpred = 2 (pred - target) / n."""
+    """Mean squared error over all elements: ``(mean_loss, dpred)`` with
+    dpred = 2 (pred - target) / n."""
     pred = np.asarray(pred, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     flat_p = pred.reshape(-1)
