@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Cold compilation with and without FASTCNN_NUMBA_LINK_ONLY: what kernels/_parfor_link_only.py saves.
+"""Cold compilation with and without FASTCNN_NUMBA_LINK_ONLY: what kernels/_parfor_link_only.py
+saves.
 
     python bench/bench_cold_compile.py [--runs 3] [--train]
 

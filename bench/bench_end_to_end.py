@@ -110,7 +110,8 @@ def parse_args(argv):
         "--steps",
         type=int,
         default=None,
-        help="steps per timed block [auto: 1024 images per training block, 2048 per inference block]",
+        help="steps per timed block "
+        "[auto: 1024 images per training block, 2048 per inference block]",
     )
     p.add_argument(
         "--repeats", type=int, default=5, help="timed blocks per framework and configuration [5]"
@@ -132,7 +133,8 @@ def parse_args(argv):
         "--max-other-load",
         type=float,
         default=0.25,
-        help="retry a timed block if other processes used more than this many cores during it [0.25]",
+        help="retry a timed block if other processes used more than this many cores during it "
+        "[0.25]",
     )
     p.add_argument(
         "--attempts",
@@ -150,7 +152,8 @@ def parse_args(argv):
         "--malloc",
         choices=("both", "default", "tuned"),
         default="both",
-        help="throughput with glibc malloc as is ('default'), 'tuned' (MALLOC_MMAP_THRESHOLD_=1 GiB and "
+        help="throughput with glibc malloc as is ('default'), "
+        "'tuned' (MALLOC_MMAP_THRESHOLD_=1 GiB and "
         "MALLOC_TRIM_THRESHOLD_=4 GiB in the workers: freed activations are reused without page "
         "faults), or 'both' interleaved [both]; 'tuned' also applies to every other section",
     )

@@ -315,7 +315,8 @@ def main(argv=None):
     print("|---:|" + "---:|---:|---:|" * len(workers))
     for e in range(args.epochs):
         cells = [
-            f"{results[fw][e]['images_per_second']:,.0f} | {100 * results[fw][e]['val_accuracy']:.2f} | "
+            f"{results[fw][e]['images_per_second']:,.0f} | "
+            f"{100 * results[fw][e]['val_accuracy']:.2f} | "
             f"{100 * results[fw][e]['test_accuracy']:.2f}"
             for fw in workers
         ]

@@ -44,7 +44,10 @@ def pytest_terminal_summary(terminalreporter):
     write = terminalreporter.write_line
     write("")
     write(f"fastcnn kernel benchmark: float32, {numba.get_num_threads()} threads, medians")
-    header = f"| {'op':<40} | {'impl':<7} | {'ms':>10} | {'GFLOP/s':>8} | {'vs naive':>9} | {'vs numpy':>8} |"
+    header = (
+        f"| {'op':<40} | {'impl':<7} | {'ms':>10} | {'GFLOP/s':>8} | {'vs naive':>9} "
+        f"| {'vs numpy':>8} |"
+    )
     write(header)
     write("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     groups = []
@@ -63,5 +66,6 @@ def pytest_terminal_summary(terminalreporter):
             vs_naive = f"{naive / sec:8.0f}x" if naive else f"{'-':>9}"
             vs_numpy = f"{numpy_sec / sec:7.1f}x" if numpy_sec else f"{'-':>8}"
             write(
-                f"| {group:<40} | {impl:<7} | {sec * 1e3:10.3f} | {gflops} | {vs_naive} | {vs_numpy} |"
+                f"| {group:<40} | {impl:<7} | {sec * 1e3:10.3f} | {gflops} | {vs_naive} | "
+                f"{vs_numpy} |"
             )

@@ -100,8 +100,8 @@ class Contention:
         return False
 
     def limit(self, threads=None):
-        """Other load allowed during a block on ``threads`` threads: the threshold plus the cores the
-        block leaves idle (a 1-thread block on 2 cores tolerates one other busy core)."""
+        """Other load allowed during a block on ``threads`` threads: the threshold plus the cores
+        the block leaves idle (a 1-thread block on 2 cores tolerates one other busy core)."""
         if threads is None:
             return self.threshold
         return self.threshold + max(0, CPUS - threads)
@@ -125,9 +125,8 @@ class Contention:
             return "contention monitor: /proc/stat not readable, no check"
         return (
             f"contention monitor: {self.calls} timed calls, {self.retried} retried because other "
-            f"processes used > {self.threshold} cores (+ the cores a block leaves idle) during them, "
-            f"{self.kept_busy} kept although "
-            f"busy after {self.attempts} attempts (marked *)"
+            f"processes used > {self.threshold} cores (+ the cores a block leaves idle) during "
+            f"them, {self.kept_busy} kept although busy after {self.attempts} attempts (marked *)"
         )
 
 
@@ -341,24 +340,26 @@ def throughput_table(args, env, with_torch, init):
             print(
                 "Tuned malloc ("
                 + ", ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
-                + " in both workers: freed activations are reused, no page faults; the frameworks' compute):"
+                + " in both workers: freed activations are reused, no page faults; "
+                "the frameworks' compute):"
             )
         else:
             print(
-                "Default malloc (glibc as installed, what a user gets; page faults per step depend on "
-                "the allocation history and vary between runs, PyTorch's most):"
+                "Default malloc (glibc as installed, what a user gets; page faults per step depend "
+                "on the allocation history and vary between runs, PyTorch's most):"
             )
         print()
         peer = PEER["name"]
         print(
-            f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | ratio range | "
-            f"page faults/step fastcnn, {peer} | other load |"
+            f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | "
+            f"ratio range | page faults/step fastcnn, {peer} | other load |"
         )
         print("|---:|---:|---|---:|---:|---:|---:|---|---|---:|")
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "-"
             print(
-                f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | {fmt_rate(r['fastcnn'])} | "
+                f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | "
+                f"{fmt_rate(r['fastcnn'])} | "
                 f"{fmt_rate(r['torch'])} | {ratio} | {r['spread']} | {r['faults']} | {r['load']} |"
             )
     sys.stdout.flush()
@@ -369,8 +370,8 @@ def kernel_tables(args, workers):
     calls = args.kernel_calls
     print()
     print(
-        f"## GEMM rate and conv kernels (float32, batch {KERNEL_BATCH}, median of {calls} calls, {args.kernel_repeats} rounds "
-        "interleaved)"
+        f"## GEMM rate and conv kernels (float32, batch {KERNEL_BATCH}, median of {calls} calls, "
+        f"{args.kernel_repeats} rounds interleaved)"
     )
     rows = {}
     for threads in args.threads:
@@ -391,8 +392,8 @@ def kernel_tables(args, workers):
         peak = square_flops / g["square"] / 1e9
         print()
         print(
-            f"{threads} thread(s): GEMM rate (numpy float32 matmul {SQUARE}x{SQUARE} @ {SQUARE}x{SQUARE}, "
-            f"OpenBLAS at {threads} threads): **{peak:.1f} GFLOP/s**"
+            f"{threads} thread(s): GEMM rate (numpy float32 matmul {SQUARE}x{SQUARE} @ "
+            f"{SQUARE}x{SQUARE}, OpenBLAS at {threads} threads): **{peak:.1f} GFLOP/s**"
         )
         print()
         print(
@@ -409,8 +410,8 @@ def kernel_tables(args, workers):
                 tms = f"{kt[key] * 1e3:.3f}" if key in kt else "-"
                 vs = f"{kt[key] / kf[key]:.2f}x" if key in kt else "-"
                 print(
-                    f"| {key} | {kf[key] * 1e3:.3f} | {fg:.1f} | {100 * fg / peak:.0f}% | {m}x{k}x{n} | "
-                    f"{gg:.1f} | {100 * fg / gg:.0f}% | {tms} | {vs} |"
+                    f"| {key} | {kf[key] * 1e3:.3f} | {fg:.1f} | {100 * fg / peak:.0f}% | "
+                    f"{m}x{k}x{n} | {gg:.1f} | {100 * fg / gg:.0f}% | {tms} | {vs} |"
                 )
                 rows[(threads, key)] = {
                     "ms": kf[key] * 1e3,
@@ -462,7 +463,8 @@ def epoch_table(args, workers, tmp):
             )
         if "torch" in res:
             print(
-                f"| {threads} | ratio | | {res['torch']['seconds'] / res['fastcnn']['seconds']:.2f}x | | | |"
+                f"| {threads} | ratio | | "
+                f"{res['torch']['seconds'] / res['fastcnn']['seconds']:.2f}x | | | |"
             )
         out.append(res)
     return out
@@ -491,8 +493,8 @@ def profile_table(args, workers):
         if row not in ("step", "optimizer", "faults") and row not in keys:
             keys.append(row)
     print(
-        "fastcnn, each step of the model's plan (a layer, or a fused run of layers) timed from outside (page faults: mean minor faults "
-        "during the call, i.e. fresh memory touched):"
+        "fastcnn, each step of the model's plan (a layer, or a fused run of layers) timed from "
+        "outside (page faults: mean minor faults during the call, i.e. fresh memory touched):"
     )
     print()
     print("| part | forward ms | backward ms | % of step | page faults forward, backward |")
@@ -502,7 +504,8 @@ def profile_table(args, workers):
         bw_ = f.get(f"{row}|backward", 0.0)
         pf = f"{f.get(f'faults|{row}|forward', 0):.0f}, {f.get(f'faults|{row}|backward', 0):.0f}"
         print(
-            f"| {row} | {fw_ * 1e3:.3f} | {bw_ * 1e3:.3f} | {100 * (fw_ + bw_) / total:.1f}% | {pf} |"
+            f"| {row} | {fw_ * 1e3:.3f} | {bw_ * 1e3:.3f} | {100 * (fw_ + bw_) / total:.1f}% | "
+            f"{pf} |"
         )
     for what in ("zero_grad", "step"):
         v = f.get(f"optimizer|{what}", 0.0)
@@ -516,14 +519,15 @@ def profile_table(args, workers):
     )
     print()
     print(
-        f"fastcnn step: {f['step|instrumented'] * 1e3:.2f} ms instrumented (the % column is of this), "
-        f"{f['step|plain'] * 1e3:.2f} ms uninstrumented (the two kinds of steps alternated)."
+        f"fastcnn step: {f['step|instrumented'] * 1e3:.2f} ms instrumented (the % column is of "
+        f"this), {f['step|plain'] * 1e3:.2f} ms uninstrumented (the two kinds of steps alternated)."
     )
     if "torch" in res:
         t = res["torch"]
         print()
         print(
-            f"PyTorch, torch.profiler over {args.profile_steps} steps (step {t['step_seconds'] * 1e3:.2f} ms "
+            f"PyTorch, torch.profiler over {args.profile_steps} steps (step "
+            f"{t['step_seconds'] * 1e3:.2f} ms "
             "without the profiler): the ops with the most self CPU time, per step:"
         )
         print()
@@ -541,12 +545,13 @@ def interference_table(args, env):
     ]  # tuned when asked for: no page-fault noise
     print()
     print(
-        f"## Thread-pool interference: alone in a process vs both frameworks in one process ({label})"
+        "## Thread-pool interference: alone in a process vs both frameworks in one process "
+        f"({label})"
     )
     print()
     print(
-        "| threads | batch | mode | fastcnn alone | fastcnn + torch in process | ratio | torch alone | "
-        "torch + fastcnn in process | ratio | page faults/step (same order) | other load |"
+        "| threads | batch | mode | fastcnn alone | fastcnn + torch in process | ratio | torch "
+        "alone | torch + fastcnn in process | ratio | page faults/step (same order) | other load |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
     out = []
@@ -568,9 +573,10 @@ def interference_table(args, env):
                     rates, _, _, loads = run_blocks(entries, args, mode, batch, threads)
                     m = {k: median(v) for k, v in rates.items()}
                     print(
-                        f"| {threads} | {batch} | {mode} | {fmt_rate(m['fa'])} | {fmt_rate(m['fm'])} | "
-                        f"{m['fm'] / m['fa']:.2f} | {fmt_rate(m['ta'])} | {fmt_rate(m['tm'])} | "
-                        f"{m['tm'] / m['ta']:.2f} | {fmt_faults(run_blocks.faults)} | {fmt_load(loads, threads)} |",
+                        f"| {threads} | {batch} | {mode} | {fmt_rate(m['fa'])} | "
+                        f"{fmt_rate(m['fm'])} | {m['fm'] / m['fa']:.2f} | {fmt_rate(m['ta'])} | "
+                        f"{fmt_rate(m['tm'])} | {m['tm'] / m['ta']:.2f} | "
+                        f"{fmt_faults(run_blocks.faults)} | {fmt_load(loads, threads)} |",
                         flush=True,
                     )
                     out.append(m)
@@ -591,8 +597,8 @@ def memory_table(args, env):
     )
     print()
     print(
-        "| batch | framework | RSS after import + model + batch | after the first step | peak RSS of the run | "
-        "peak during the steps | peak - RSS after import |"
+        "| batch | framework | RSS after import + model + batch | after the first step | peak RSS "
+        "of the run | peak during the steps | peak - RSS after import |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|")
     fws = ["fastcnn"] + (["torch"] if torch_available() else [])
@@ -820,9 +826,9 @@ def startup_table(args, env):
             f"cache), launch to exit: median {median(plain_runs):.2f} s over {runs} runs."
         )
         print(
-            "Times are from the parent's clock before launching (time.time(), shared with the child). "
-            "'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the main "
-            "process per run: a cold run loads only what fastcnn.precompile's helper process "
+            "Times are from the parent's clock before launching (time.time(), shared with the "
+            "child). 'kernels loaded / compiled' counts numba's NUMBA_DEBUG_CACHE messages of the "
+            "main process per run: a cold run loads only what fastcnn.precompile's helper process "
             "compiled meanwhile (the kernels of its compile_backward)."
         )
     finally:

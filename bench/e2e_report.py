@@ -127,8 +127,8 @@ def describe_workers(workers):
         for pool in info.get("threadpools", []):
             extra = f", {pool['threading_layer']}" if pool.get("threading_layer") else ""
             print(
-                f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} {pool['version'] or ''} "
-                f"{pool['num_threads']} threads{extra}: {pool['filepath']}"
+                f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} "
+                f"{pool['version'] or ''} {pool['num_threads']} threads{extra}: {pool['filepath']}"
             )
 
 
@@ -182,8 +182,8 @@ def print_targets(throughput, memory, startup):
         f, t = rep["wait4_kib"], memory[(batch, "torch")]["wait4_kib"]
         ok = "met" if f <= t else "NOT met"
         lines.append(
-            f"- peak RSS training batch {batch}: fastcnn {f / 1024:.0f} MiB vs PyTorch {t / 1024:.0f} MiB "
-            f"(target <=): {ok}"
+            f"- peak RSS training batch {batch}: fastcnn {f / 1024:.0f} MiB vs PyTorch "
+            f"{t / 1024:.0f} MiB (target <=): {ok}"
         )
     if startup:
         warm = startup.get("warm: default in-tree cache (kernels/__pycache__)", {}).get(

@@ -639,7 +639,8 @@ def worker_main(kind, data="random", network="reference"):
     import resource
 
     DATA["kind"], DATA["network"] = data, network
-    # The protocol gets its own copy of stdout; anything else printed (by a library too) goes to stderr.
+    # The protocol gets its own copy of stdout; anything else printed (by a library too) goes to
+    # stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     t0 = time.perf_counter()

@@ -102,7 +102,8 @@ def table(path):
     rows = [row for row in r["tables"]["default"] if int(row["batch"]) in BATCHES]
     rel = os.path.relpath(path, REPO)
     out = [
-        f"`{r['command']}`, {r['date'][:10]}, git {r['revision']}: {r['machine']}; {r['versions']}.",
+        f"`{r['command']}`, {r['date'][:10]}, git {r['revision']}: {r['machine']}; "
+        f"{r['versions']}.",
         "Images/s, medians of alternating blocks; the last column is the ratio with glibc's malloc",
         f"tuned (bench/README.md). Every table of the run: [`{rel}`]({rel}).",
         "",

@@ -1,7 +1,7 @@
 """Save what a benchmark prints as a dated results file under bench/results/.
 
     saved = results_file.start("end-to-end-reference")   # from here on stdout also goes to the file
-    ...                                                  # the benchmark prints its header and tables
+    ...                                                  # the benchmark prints header and tables
     saved.finish()                                       # appends the machine, renames, says where
 
 The file is written as the run goes, under a ``.partial`` name that nothing reads; ``finish``
