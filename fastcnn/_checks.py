@@ -17,3 +17,9 @@ def is_int(value: object, minimum: int | None = None) -> TypeGuard[int]:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         return False
     return minimum is None or int(value) >= minimum
+
+
+def is_real(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a real number, Python's or NumPy's (integers included), not a bool,
+    nor a string that ``float()`` would parse."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._checks import is_int
+from ._checks import is_int, is_real
 
 DATASETS = ("mnist", "fashion-mnist")
 MODELS = ("reference", "lenet5", "resnet8", "resnet20")
@@ -376,12 +376,7 @@ def _saved_settings(ckpt):
 
 
 def _is_number(value, low=0.0, low_open=False):
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and value < float("inf")
-        and (value > low if low_open else value >= low)
-    )
+    return is_real(value) and value < float("inf") and (value > low if low_open else value >= low)
 
 
 # What each saved setting may be (a checkpoint's metadata can be edited: checked before use).

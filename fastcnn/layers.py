@@ -20,7 +20,6 @@ running mean 0 and running variance 1.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import functional as F
-from ._checks import is_int
+from ._checks import is_int, is_real
 from ._types import Array, Config, Padding, Rng, Shape, Size2
 from .module import Module, Parameter, register_module
 
@@ -82,7 +81,7 @@ def _positive_int(value, name, layer):
 
 
 def _number(value, name, layer, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{layer}: expected {name} to be a number, got {value!r}")
     value = float(value)
     bad = not math.isfinite(value)

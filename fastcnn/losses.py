@@ -10,13 +10,13 @@ Computation stays in the input's dtype (float32 in, float32 out); these are smal
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._checks import is_real
 from ._types import Array
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
@@ -84,11 +84,7 @@ class CrossEntropyLoss(_Loss):
     def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
         super().__init__(reduction)
         # a number, not a string float() would parse ("0.1") nor a bool
-        ok = (
-            isinstance(label_smoothing, numbers.Real)
-            and not isinstance(label_smoothing, bool)
-            and 0.0 <= float(label_smoothing) <= 1.0
-        )
+        ok = is_real(label_smoothing) and 0.0 <= float(label_smoothing) <= 1.0
         if not ok:
             raise ValueError(
                 f"CrossEntropyLoss: expected label_smoothing in [0, 1], got {label_smoothing!r}"

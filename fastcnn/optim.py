@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._checks import is_int
+from ._checks import is_int, is_real
 from ._types import Array
 from .kernels import optim as _kernels
 
@@ -46,12 +46,8 @@ __all__ = [
 ]
 
 
-def _is_number(x):
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
 def _check_nonneg(name, what, value):
-    if not _is_number(value) or not math.isfinite(float(value)) or value < 0:
+    if not is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name}: expected {what} >= 0, got {value!r}")
     return float(value)
 
@@ -411,7 +407,7 @@ class Adam(Optimizer):
                 f"{name}: expected betas as a pair (beta1, beta2), got {betas!r}"
             ) from None
         for k, b in enumerate((beta1, beta2)):
-            if not _is_number(b) or not 0.0 <= b < 1.0:
+            if not is_real(b) or not 0.0 <= b < 1.0:
                 raise ValueError(f"{name}: expected betas[{k}] in [0, 1), got {b!r}")
         eps = _check_nonneg(name, "eps", h["eps"])
         weight_decay = _check_nonneg(name, "weight_decay", h["weight_decay"])
@@ -669,7 +665,7 @@ class OneCycleLR(LRScheduler):
         if not is_int(total, 1):
             raise ValueError(f"{name}: expected total_steps to be an int >= 1, got {total!r}")
         pct = p["pct_start"]
-        if not _is_number(pct) or not 0 <= pct <= 1:
+        if not is_real(pct) or not 0 <= pct <= 1:
             raise ValueError(f"{name}: expected 0 <= pct_start <= 1, got {pct!r}")
         if p["anneal_strategy"] not in ("cos", "linear"):
             raise ValueError(
@@ -680,7 +676,7 @@ class OneCycleLR(LRScheduler):
                 f"{name}: expected cycle_momentum to be True or False, got {p['cycle_momentum']!r}"
             )
         for key in ("max_lr", "div_factor", "final_div_factor"):
-            if not _is_number(p[key]) or not math.isfinite(p[key]) or p[key] <= 0:
+            if not is_real(p[key]) or not math.isfinite(p[key]) or p[key] <= 0:
                 raise ValueError(f"{name}: expected {key} > 0, got {p[key]!r}")
         self.max_lr = float(p["max_lr"])
         self.total_steps = int(total)
