@@ -5,6 +5,9 @@
     python bench/readme_table.py --check   # exit 1 if the README's table is not the generated one
     python bench/readme_table.py --results bench/results/FILE.md   # from that file instead
 
+A second table, between the suite-table markers, gives every network of the suite: per network
+the fastcnn / PyTorch ratios of its latest results file at 2 threads (default malloc).
+
 The latest results file is the one with the latest ``date:`` among those under bench/results/
 that ``bench/bench_end_to_end.py`` wrote for the reference network against PyTorch (no
 ``--baseline``, no other ``--network``) with a throughput table. The table shows the training
@@ -27,7 +30,10 @@ REPO = os.path.dirname(HERE)
 README = os.path.join(REPO, "README.md")
 RESULTS_DIR = os.path.join(HERE, "results")
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
+SUITE_BEGIN, SUITE_END = "<!-- suite-table:begin -->", "<!-- suite-table:end -->"
 BATCHES = (64, 128)
+#: The networks of the suite table, in its order (fastcnn.models.BUILDERS' names).
+SUITE = ("reference", "lenet5", "resnet8", "resnet20", "vgg", "allconv")
 
 
 def parse(path):
@@ -68,14 +74,49 @@ def parse(path):
     return head
 
 
-def is_headline(result):
-    """The reference network against PyTorch, with a throughput table to show."""
+def network_of(result):
+    """The network a results file measured against PyTorch (None: not an end-to-end run of
+    one, or an A/B run against another checkout)."""
     argv = shlex.split(result.get("command", ""))
     if "bench/bench_end_to_end.py" not in argv or "--baseline" in argv:
-        return False
-    if "--network" in argv and argv[argv.index("--network") + 1] != "reference":
+        return None
+    return argv[argv.index("--network") + 1] if "--network" in argv else "reference"
+
+
+def is_headline(result):
+    """The reference network against PyTorch, with a throughput table to show, from a run of
+    the benchmark's default threads and mallocs (the headline shows them all)."""
+    argv = shlex.split(result.get("command", ""))
+    if network_of(result) != "reference" or "--threads" in argv or "--malloc" in argv:
         return False
     return "default" in result["tables"] and "date" in result
+
+
+def suite_table(directory=RESULTS_DIR, threads="2"):
+    """The README's suite block: per network, the latest results file's fastcnn / PyTorch ratios
+    (default malloc, ``threads`` threads, batch 64 and 128, training and inference)."""
+    latest_of = {}
+    for path in glob.glob(os.path.join(directory, "*.md")):
+        r = parse(path)
+        net = network_of(r)
+        rows = [row for row in r["tables"].get("default", []) if row["threads"] == threads]
+        if net in SUITE and rows and "date" in r:
+            latest_of[net] = max(latest_of.get(net, ("", None, None)), (r["date"], path, rows))
+    keys = [(b, m) for m in ("train", "infer") for b in BATCHES]
+    out = [
+        f"| network | {' | '.join(f'{m} {b}' for b, m in keys)} | results file |",
+        "|---|" + "---:|" * len(keys) + "---|",
+    ]
+    for net in SUITE:
+        if net not in latest_of:
+            continue
+        date, path, rows = latest_of[net]
+        ratio = {(int(row["batch"]), row["mode"]): row["ratio"] for row in rows}
+        rel = os.path.relpath(path, REPO)
+        out.append(
+            f"| {net} | {' | '.join(ratio.get(k, '-') for k in keys)} | [{date[:10]}]({rel}) |"
+        )
+    return "\n".join(out)
 
 
 def latest(directory=RESULTS_DIR):
@@ -119,12 +160,12 @@ def table(path):
     return "\n".join(out)
 
 
-def rewrite(readme_text, block):
+def rewrite(readme_text, block, begin=BEGIN, end_marker=END):
     """``readme_text`` with ``block`` between the markers (ValueError if they are missing)."""
-    start, end = readme_text.find(BEGIN), readme_text.find(END)
+    start, end = readme_text.find(begin), readme_text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"README.md has no {BEGIN} ... {END} markers")
-    return readme_text[: start + len(BEGIN)] + "\n" + block + "\n" + readme_text[end:]
+        raise ValueError(f"README.md has no {begin} ... {end_marker} markers")
+    return readme_text[: start + len(begin)] + "\n" + block + "\n" + readme_text[end:]
 
 
 def main(argv=None):
@@ -137,6 +178,8 @@ def main(argv=None):
     with open(args.readme, encoding="utf-8") as fh:
         text = fh.read()
     new = rewrite(text, table(path))
+    if SUITE_BEGIN in new:
+        new = rewrite(new, suite_table(), SUITE_BEGIN, SUITE_END)
     if args.check:
         if new != text:
             print(
