@@ -351,7 +351,8 @@ class Concat(_ListContainer):
         dy = check_grad(dy, shape, dtype, self.name)
         dx: Array | None = None
         start = 0
-        for b, width in zip(self.children(), widths, strict=True):
+        # the branches the forward ran (strict=False: one appended since then gets nothing)
+        for b, width in zip(self.children(), widths, strict=False):
             d = b.backward(dy[:, start : start + width], input_grad=input_grad)
             start += width
             if input_grad:
