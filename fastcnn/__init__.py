@@ -1,11 +1,11 @@
 """fastcnn: train convolutional networks fast on the CPU, with Numba kernels under a PyTorch-like
 API.
 
-import fastcnn
-model = fastcnn.models.reference()
-(x, y), (x_test, y_test) = fastcnn.datasets.mnist()
-opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
-history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
+    import fastcnn
+    model = fastcnn.models.reference()
+    (x, y), (x_test, y_test) = fastcnn.datasets.mnist()
+    opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    history = fastcnn.fit(model, fastcnn.CrossEntropyLoss(), opt, x, y, epochs=3)
 """
 
 from __future__ import annotations
