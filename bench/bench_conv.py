@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastcnn import functional as F  # noqa: E402
+from fastcnn.kernels.gemm_tile import FTN, tile_shape  # noqa: E402
 from fastcnn.threads import threads  # noqa: E402
 
 #: (network, layer, C, F, H, kernel, stride, padding): the convolutions of the benchmark networks
@@ -64,6 +65,29 @@ def gemm_rate(nthreads, repeats):
     a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     with threadpool_limits(limits=nthreads, user_api="blas"):
         return 2 * 1024**3 / fastest(lambda: a @ a, repeats) / 1e9
+
+
+def vector_flags():
+    """The host's vector extensions the tiles' code can use (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "fma", "avx512f") if f in flags]
+
+
+def tiles(c, f, k, stride, padding):
+    """Which register tile a layer's forward and weight gradient run on, and its input
+    gradient's method (as fastcnn.functional and kernels/conv2d.py choose them)."""
+    rows, cols = tile_shape(f <= FTN)
+    weight = np.ones((f, c, k, k), np.float32)
+    pads = F.conv2d_padding(padding, (k, k), (stride, stride), (1, 1))
+    transposed = F._input_gradient_as_convolution(weight, (stride, stride), pads, (1, 1))
+    how = (
+        f"transposed, {'x'.join(map(str, tile_shape(c <= FTN)))}" if transposed else "col2im, 3x32"
+    )
+    return f"{rows}x{cols}; {how}"
 
 
 def layer_rates(c, f, h, k, stride, padding, batch, repeats):
@@ -119,14 +143,17 @@ def main(argv=None):
         lines.append("")
         lines.append(
             f"`python bench/bench_conv.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-            f" at git {rev}, {platform.processor() or platform.machine()}; numpy "
-            f"float32 GEMM 1024^3 on the same threads: {gemm:.0f} GFLOP/s."
+            f" at git {rev}, {platform.processor() or platform.machine()} "
+            f"({', '.join(vector_flags()) or 'no AVX'}); numpy float32 GEMM 1024^3 on "
+            f"the same threads: {gemm:.0f} GFLOP/s. Tiles: the register tile the forward "
+            "and weight gradient ran on, and how the input gradient was computed."
         )
         lines.append("")
         lines.append(
-            "| network | layer | C -> F, H, k, stride | forward | weight grad | input grad |"
+            "| network | layer | C -> F, H, k, stride | tiles | forward | weight grad | "
+            "input grad |"
         )
-        lines.append("|---|---|---|---:|---:|---:|")
+        lines.append("|---|---|---|---|---:|---:|---:|")
         for net, name, c, f, h, k, s, p in LAYERS:
             if net not in args.networks:
                 continue
@@ -135,7 +162,10 @@ def main(argv=None):
                 f"{r[key]:.0f} ({100 * r[key] / gemm:.0f}%)"
                 for key in ("forward", "weight grad", "input grad")
             )
-            lines.append(f"| {net} | {name} | {c} -> {f}, {h}, {k}x{k}, {s} | {cells} |")
+            lines.append(
+                f"| {net} | {name} | {c} -> {f}, {h}, {k}x{k}, {s} | "
+                f"{tiles(c, f, k, s, p)} | {cells} |"
+            )
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

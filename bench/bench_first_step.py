@@ -1,0 +1,95 @@
+"""Time to the first training step of each network of the suite: from an empty kernel cache
+(cold: everything compiles) and from a filled one (warm: the kernels load from numba's cache).
+
+    python bench/bench_first_step.py [--networks reference lenet5 ...] [--runs 3] [--batch 64]
+
+Each run is a fresh Python process (``NUMBA_CACHE_DIR`` a new folder for a cold run, a folder
+filled by a previous run for a warm one) that imports fastcnn, builds the network and runs one
+training step (zero_grad, forward, loss, backward, SGD step) and one inference in eval mode;
+the figure is the wall time from the process's start to the end of that, median of ``--runs``.
+The load average is printed with each run: wall time on a shared machine also measures the
+neighbours.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_STEP = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np, fastcnn
+net = {net!r}
+shape = fastcnn.models.INPUT_SHAPES[net]
+model = fastcnn.models.BUILDERS[net](shape[0], 10, 0)
+x = np.random.default_rng(0).standard_normal(({batch},) + shape).astype(np.float32)
+y = np.arange({batch}) % 10
+loss_fn = fastcnn.CrossEntropyLoss()
+opt = fastcnn.SGD(model.parameters(), lr=0.01, momentum=0.9)
+opt.zero_grad()
+loss_fn(model(x), y)
+model.backward(loss_fn.backward())
+opt.step()
+model.eval()
+model(x)
+"""
+
+
+def run(net, batch, cache):
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _STEP.format(repo=REPO, net=net, batch=batch)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{net}: {done.stderr.strip().splitlines()[-1]}")
+    return wall
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--networks",
+        nargs="+",
+        default=["reference", "lenet5", "resnet8", "resnet20", "vgg", "allconv"],
+    )
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args(argv)
+    print(f"`python bench/bench_first_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    rows = []
+    for net in args.networks:
+        cold, warm = [], []
+        for _ in range(args.runs):
+            cache = tempfile.mkdtemp(prefix="fastcnn-cold-")
+            try:
+                cold.append(run(net, args.batch, cache))
+                warm.append(run(net, args.batch, cache))
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            print(
+                f"{net}: cold {cold[-1]:.1f} s, warm {warm[-1]:.1f} s "
+                f"(load average {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+        rows.append((net, statistics.median(cold), statistics.median(warm)))
+    print()
+    print("| network | first step, empty cache | first step, warm cache |")
+    print("|---|---:|---:|")
+    for net, c, w in rows:
+        print(f"| {net} | {c:.1f} s | {w:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
