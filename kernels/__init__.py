@@ -14,6 +14,7 @@ Importing the package imports every kernel module and makes their kernels skip, 
 compile, the machine code of the wrappers numba builds around a parallel loop (never run):
 ``_parfor_link_only``, scoped to fastcnn's own compilations.
 """
+
 import hashlib
 import importlib
 import os
@@ -73,10 +74,14 @@ def _drop_stale_cache():
     try:
         folder = _cache_dir()
     except (ImportError, AttributeError, TypeError) as e:  # numba's caching internals changed
-        warnings.warn(f"fastcnn: cannot find numba's cache folder ({e!r}): cached kernels are not "
-                      "checked against the sources of fastcnn.kernels (after editing "
-                      "gemm_tile.py, clear the cache by hand); FASTCNN_DROP_STALE_CACHE=0 "
-                      "silences this warning", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fastcnn: cannot find numba's cache folder ({e!r}): cached kernels are not "
+            "checked against the sources of fastcnn.kernels (after editing "
+            "gemm_tile.py, clear the cache by hand); FASTCNN_DROP_STALE_CACHE=0 "
+            "silences this warning",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     if folder is None:
         return  # numba caches nothing here (no writable folder): nothing stale can load
@@ -88,9 +93,11 @@ def _drop_stale_cache():
 
 _drop_stale_cache()
 
-_KERNEL_MODULES = [importlib.import_module(f"{__name__}.{n[:-3]}")
-                   for n in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__))))
-                   if n.endswith(".py") and not n.startswith("_")]
+_KERNEL_MODULES = [
+    importlib.import_module(f"{__name__}.{n[:-3]}")
+    for n in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__))))
+    if n.endswith(".py") and not n.startswith("_")
+]
 
 from . import _parfor_link_only  # noqa: E402
 

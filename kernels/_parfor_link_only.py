@@ -20,6 +20,7 @@ Any other numba code in the process, before, after or between fastcnn's compilat
 as numba does. ``FASTCNN_NUMBA_LINK_ONLY=0`` turns it off; on a numba version it was not tested
 on, or whose internals look different, it stays off and says so in a ``RuntimeWarning``.
 """
+
 import contextlib
 import functools
 import os
@@ -165,9 +166,12 @@ def install(modules):
         return False
     why = _unusable()
     if why is not None:
-        warnings.warn(f"fastcnn: kernels compile as numba does (slower to start): {why}; "
-                      "FASTCNN_NUMBA_LINK_ONLY=0 silences this warning", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"fastcnn: kernels compile as numba does (slower to start): {why}; "
+            "FASTCNN_NUMBA_LINK_ONLY=0 silences this warning",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     from numba.core.dispatcher import Dispatcher
 

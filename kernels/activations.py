@@ -3,6 +3,7 @@
 The work is split into a few large chunks, one prange iteration each, so that every thread
 streams through long contiguous runs that LLVM vectorises.
 """
+
 from numba import njit, prange
 
 _CHUNK = 1 << 15  # elements: smallest chunk worth a thread
@@ -23,8 +24,8 @@ def relu_forward(x, out):
     for chunk in prange(count):
         # Slices, and a loop from 0: LLVM then knows the index is never negative (no
         # wraparound select) and vectorises; ``range(chunk * step, stop)`` stayed scalar.
-        xs = x[chunk * step:(chunk + 1) * step]
-        ys = out[chunk * step:(chunk + 1) * step]
+        xs = x[chunk * step : (chunk + 1) * step]
+        ys = out[chunk * step : (chunk + 1) * step]
         for i in range(xs.size):
             v = xs[i]
             ys[i] = zero if v <= zero else v
@@ -36,9 +37,9 @@ def relu_backward(dy, y, dx):
     count, step = _chunks(dy.size)
     zero = dx.dtype.type(0)
     for chunk in prange(count):
-        gs = dy[chunk * step:(chunk + 1) * step]
-        ys = y[chunk * step:(chunk + 1) * step]
-        ds = dx[chunk * step:(chunk + 1) * step]
+        gs = dy[chunk * step : (chunk + 1) * step]
+        ys = y[chunk * step : (chunk + 1) * step]
+        ds = dx[chunk * step : (chunk + 1) * step]
         for i in range(gs.size):
             ds[i] = gs[i] if ys[i] > zero else zero
 
@@ -47,15 +48,16 @@ def relu_backward(dy, y, dx):
 # where numpy's expressions made two or three, with their temporaries. Each computes numpy's
 # expression in numpy's order, so the results are those of the expressions, bitwise.
 
+
 @njit(parallel=True, cache=True)
 def tanh_backward(dy, y, dx):
     """dx = dy * (1 - y * y), y = tanh(x) the forward output. Contiguous 1-D, same size."""
     count, step = _chunks(dy.size)
     one = dx.dtype.type(1)
     for chunk in prange(count):
-        gs = dy[chunk * step:(chunk + 1) * step]
-        ys = y[chunk * step:(chunk + 1) * step]
-        ds = dx[chunk * step:(chunk + 1) * step]
+        gs = dy[chunk * step : (chunk + 1) * step]
+        ys = y[chunk * step : (chunk + 1) * step]
+        ds = dx[chunk * step : (chunk + 1) * step]
         for i in range(gs.size):
             v = ys[i]
             ds[i] = gs[i] * (one - v * v)
@@ -67,9 +69,9 @@ def sigmoid_backward(dy, y, dx):
     count, step = _chunks(dy.size)
     one = dx.dtype.type(1)
     for chunk in prange(count):
-        gs = dy[chunk * step:(chunk + 1) * step]
-        ys = y[chunk * step:(chunk + 1) * step]
-        ds = dx[chunk * step:(chunk + 1) * step]
+        gs = dy[chunk * step : (chunk + 1) * step]
+        ys = y[chunk * step : (chunk + 1) * step]
+        ds = dx[chunk * step : (chunk + 1) * step]
         for i in range(gs.size):
             v = ys[i]
             ds[i] = gs[i] * v * (one - v)
@@ -82,8 +84,8 @@ def leaky_relu_forward(x, slope, out):
     count, step = _chunks(x.size)
     zero = out.dtype.type(0)
     for chunk in prange(count):
-        xs = x[chunk * step:(chunk + 1) * step]
-        ys = out[chunk * step:(chunk + 1) * step]
+        xs = x[chunk * step : (chunk + 1) * step]
+        ys = out[chunk * step : (chunk + 1) * step]
         for i in range(xs.size):
             v = xs[i]
             ys[i] = v if v > zero else v * slope
@@ -95,9 +97,9 @@ def leaky_relu_backward(dy, x, slope, dx):
     count, step = _chunks(dy.size)
     zero = dx.dtype.type(0)
     for chunk in prange(count):
-        gs = dy[chunk * step:(chunk + 1) * step]
-        xs = x[chunk * step:(chunk + 1) * step]
-        ds = dx[chunk * step:(chunk + 1) * step]
+        gs = dy[chunk * step : (chunk + 1) * step]
+        xs = x[chunk * step : (chunk + 1) * step]
+        ds = dx[chunk * step : (chunk + 1) * step]
         for i in range(gs.size):
             g = gs[i]
             ds[i] = g if xs[i] > zero else g * slope

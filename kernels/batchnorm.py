@@ -29,6 +29,7 @@ measured). For H = W = 1 (BatchNorm1D) a channel is a column of an (N, C) matrix
 taken in blocks of ``_BLOCK`` and each block walks the rows, keeping memory access contiguous
 instead of striding C elements per value.
 """
+
 import numpy as np
 from numba import njit, prange
 
@@ -126,8 +127,9 @@ def _vec_dx(g, v, m, k, a, b, o):
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _stat_coefficients(mu64, squares, gamma, beta, inv_count, eps64, c0, c1, mean, invstd,
-                       scale, shift):
+def _stat_coefficients(
+    mu64, squares, gamma, beta, inv_count, eps64, c0, c1, mean, invstd, scale, shift
+):
     """For channels [c0, c1), from the float64 batch mean mu64 and sums of centred squares:
     mean, invstd, and the forward's scale and shift (the stored mean's rounding compensated)."""
     for c in range(c0, c1):
@@ -138,8 +140,9 @@ def _stat_coefficients(mu64, squares, gamma, beta, inv_count, eps64, c0, c1, mea
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _grad_coefficients(sum_g, sum_gd, sum_d, gamma, invstd, inv_count, c0, c1, dgamma, dbeta,
-                       coef_k, coef_a, coef_b):
+def _grad_coefficients(
+    sum_g, sum_gd, sum_d, gamma, invstd, inv_count, c0, c1, dgamma, dbeta, coef_k, coef_a, coef_b
+):
     """For channels [c0, c1), from the float64 sums of dy, dy * (x - mean), x - mean: dgamma,
     dbeta and the coefficients of dx = k * dy + a * (x - mean) + b (see batchnorm_backward)."""
     for c in range(c0, c1):
@@ -192,11 +195,11 @@ def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
                 a[j] = 0.0
             for n in range(n_batch):
                 _vec_sq_dev(a, x2[n, c0:c1], mu)
-            _stat_coefficients(mu64, acc, gamma, beta, inv_count, eps64, c0, c1, mean, invstd,
-                               scale, shift)
+            _stat_coefficients(
+                mu64, acc, gamma, beta, inv_count, eps64, c0, c1, mean, invstd, scale, shift
+            )
             for n in range(n_batch):
-                _vec_affine(x2[n, c0:c1], mean[c0:c1], scale[c0:c1], shift[c0:c1],
-                            out2[n, c0:c1])
+                _vec_affine(x2[n, c0:c1], mean[c0:c1], scale[c0:c1], shift[c0:c1], out2[n, c0:c1])
     else:
         x3 = x.reshape((n_batch, channels, hw))
         out3 = out.reshape((n_batch, channels, hw))
@@ -286,11 +289,31 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
             m = mean[c0:c1]
             for n in range(n_batch):
                 _vec_grad_sums(ag, agd, ad, dy2[n, c0:c1], x2[n, c0:c1], m)
-            _grad_coefficients(acc_g, acc_gd, acc_d, gamma, invstd, inv_count, c0, c1, dgamma,
-                               dbeta, coef_k, coef_a, coef_b)
+            _grad_coefficients(
+                acc_g,
+                acc_gd,
+                acc_d,
+                gamma,
+                invstd,
+                inv_count,
+                c0,
+                c1,
+                dgamma,
+                dbeta,
+                coef_k,
+                coef_a,
+                coef_b,
+            )
             for n in range(n_batch):
-                _vec_dx(dy2[n, c0:c1], x2[n, c0:c1], m, coef_k[c0:c1], coef_a[c0:c1],
-                        coef_b[c0:c1], dx2[n, c0:c1])
+                _vec_dx(
+                    dy2[n, c0:c1],
+                    x2[n, c0:c1],
+                    m,
+                    coef_k[c0:c1],
+                    coef_a[c0:c1],
+                    coef_b[c0:c1],
+                    dx2[n, c0:c1],
+                )
     else:
         x3 = x.reshape((n_batch, channels, hw))
         dy3 = dy.reshape((n_batch, channels, hw))
@@ -340,8 +363,9 @@ def _chunk_sum(x, acc):
     quads = x.shape[0] // 4
     for q in range(quads):
         for c in range(x.shape[1]):
-            acc[c] += ((np.float64(x[4 * q, c]) + np.float64(x[4 * q + 1, c]))
-                       + (np.float64(x[4 * q + 2, c]) + np.float64(x[4 * q + 3, c])))
+            acc[c] += (np.float64(x[4 * q, c]) + np.float64(x[4 * q + 1, c])) + (
+                np.float64(x[4 * q + 2, c]) + np.float64(x[4 * q + 3, c])
+            )
     for p in range(4 * quads, x.shape[0]):
         for c in range(x.shape[1]):
             acc[c] += x[p, c]
@@ -434,22 +458,28 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd):
     eps64 = np.float64(eps)
     part = np.empty((chunks, channels), dtype=np.float64)
     for k in prange(chunks):
-        _chunk_sum(x[k * _PIXELS:(k + 1) * _PIXELS], part[k])
+        _chunk_sum(x[k * _PIXELS : (k + 1) * _PIXELS], part[k])
     mu64 = np.empty(channels, dtype=np.float64)
     _add_rows(part, mu64)
     for c in range(channels):
         mu64[c] *= inv_count
     for k in prange(chunks):
-        _chunk_sq_dev(x[k * _PIXELS:(k + 1) * _PIXELS], mu64, part[k])
+        _chunk_sq_dev(x[k * _PIXELS : (k + 1) * _PIXELS], mu64, part[k])
     squares = np.empty(channels, dtype=np.float64)
     _add_rows(part, squares)
     scale = np.empty(channels, dtype=x.dtype)
     shift = np.empty(channels, dtype=x.dtype)
-    _stat_coefficients(mu64, squares, gamma, beta, inv_count, eps64, 0, channels, mean, invstd,
-                       scale, shift)
+    _stat_coefficients(
+        mu64, squares, gamma, beta, inv_count, eps64, 0, channels, mean, invstd, scale, shift
+    )
     for k in prange(chunks):
-        _chunk_affine(x[k * _PIXELS:(k + 1) * _PIXELS], mean, scale, shift,
-                      out[k * _PIXELS:(k + 1) * _PIXELS])
+        _chunk_affine(
+            x[k * _PIXELS : (k + 1) * _PIXELS],
+            mean,
+            scale,
+            shift,
+            out[k * _PIXELS : (k + 1) * _PIXELS],
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -462,8 +492,13 @@ def batchnorm_forward_eval_nhwc(x, gamma, beta, running_mean, running_var, eps, 
     for c in range(channels):
         scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
     for k in prange(chunks):
-        _chunk_affine(x[k * _PIXELS:(k + 1) * _PIXELS], running_mean, scale, beta,
-                      out[k * _PIXELS:(k + 1) * _PIXELS])
+        _chunk_affine(
+            x[k * _PIXELS : (k + 1) * _PIXELS],
+            running_mean,
+            scale,
+            beta,
+            out[k * _PIXELS : (k + 1) * _PIXELS],
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -478,8 +513,14 @@ def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     part_gd = np.empty((chunks, channels), dtype=np.float64)
     part_d = np.empty((chunks, channels), dtype=np.float64)
     for k in prange(chunks):
-        _chunk_grad_sums(dy[k * _PIXELS:(k + 1) * _PIXELS], x[k * _PIXELS:(k + 1) * _PIXELS],
-                         mean, part_g[k], part_gd[k], part_d[k])
+        _chunk_grad_sums(
+            dy[k * _PIXELS : (k + 1) * _PIXELS],
+            x[k * _PIXELS : (k + 1) * _PIXELS],
+            mean,
+            part_g[k],
+            part_gd[k],
+            part_d[k],
+        )
     sum_g = np.empty(channels, dtype=np.float64)
     sum_gd = np.empty(channels, dtype=np.float64)
     sum_d = np.empty(channels, dtype=np.float64)
@@ -489,8 +530,28 @@ def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     coef_k = np.empty(channels, dtype=x.dtype)
     coef_a = np.empty(channels, dtype=x.dtype)
     coef_b = np.empty(channels, dtype=x.dtype)
-    _grad_coefficients(sum_g, sum_gd, sum_d, gamma, invstd, inv_count, 0, channels, dgamma,
-                       dbeta, coef_k, coef_a, coef_b)
+    _grad_coefficients(
+        sum_g,
+        sum_gd,
+        sum_d,
+        gamma,
+        invstd,
+        inv_count,
+        0,
+        channels,
+        dgamma,
+        dbeta,
+        coef_k,
+        coef_a,
+        coef_b,
+    )
     for k in prange(chunks):
-        _chunk_dx(dy[k * _PIXELS:(k + 1) * _PIXELS], x[k * _PIXELS:(k + 1) * _PIXELS], mean,
-                  coef_k, coef_a, coef_b, dx[k * _PIXELS:(k + 1) * _PIXELS])
+        _chunk_dx(
+            dy[k * _PIXELS : (k + 1) * _PIXELS],
+            x[k * _PIXELS : (k + 1) * _PIXELS],
+            mean,
+            coef_k,
+            coef_a,
+            coef_b,
+            dx[k * _PIXELS : (k + 1) * _PIXELS],
+        )

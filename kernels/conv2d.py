@@ -1,4 +1,4 @@
-"""2-D convolution kernels over channels-last (NHWC) arrays (cross-correlation, as PyTorch's conv2d).
+"""2-D convolution kernels over channels-last (NHWC) arrays (cross-correlation, as PyTorch's).
 
 Shapes: x (N, H, W, C), weight (F, C, KH, KW) (PyTorch's layout), bias (F,), out / dy
 (N, OH, OW, F). ``fastcnn.functional`` hands the kernels NHWC views of the NCHW arrays users see
@@ -8,7 +8,8 @@ bottom/right padding is whatever the output array's shape implies. Output (oh, o
 tap (i, j) read input row ``oh*stride_h - pad_top + i*dil_h`` and column
 ``ow*stride_w - pad_left + j*dil_w``; positions outside the image are zeros:
 
-    out[n, oh, ow, f] = bias[f] + sum_{i, j, c} weight[f, c, i, j] * x[n, oh*sh - pt + i*dh, ow*sw - pl + j*dw, c]
+    out[n, oh, ow, f] = bias[f] + sum_{i, j, c} weight[f, c, i, j]
+                                    * x[n, oh*sh - pt + i*dh, ow*sw - pl + j*dw, c]
 
 Contract: the kernels trust their inputs (validation lives in fastcnn.functional). All arrays
 C-contiguous with the shapes above and one floating dtype (float32 or float64, compiled lazily,
@@ -35,10 +36,11 @@ tiles. No two iterations write the same element and no summation order depends o
 thread count or the scheduling: results are bitwise identical on repeated calls and for any
 number of threads. Scratch arrays are allocated once per call, outside every prange body.
 """
+
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, FTN, R, RN, gemm_tile, gemm_tile_bias, tile_shape
+from .gemm_tile import FT, FTN, RN, R, gemm_tile, gemm_tile_bias, tile_shape
 
 #: Pixel tiles per forward work item (48 output pixels).
 _TILES_PER_ITEM = 16
@@ -51,6 +53,7 @@ _WEIGHT_CHUNKS = 16
 
 
 # ---- operand preparation, done once per call before the tiles run ----
+
 
 @njit(cache=True)
 def _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w):
@@ -178,8 +181,9 @@ def _padded_bias(bias, Fp):
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile,
-                   narrow):
+def _forward_tiles(
+    xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile, narrow
+):
     """out[p*F + f] = biasp[f] + the convolution at pixel p (then max(., 0) if ``relu``), for
     the pixels of tiles [t0, t1) (tile_shape(narrow) rows, window corners shift + pix[p] in xf;
     rows from npix on are not stored). Whole tiles go straight from the registers into out, a
@@ -194,21 +198,37 @@ def _forward_tiles(xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F
             # one call site: the tile is inlined, and every call site would be a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
-            gemm_tile_bias(xf, np.uint64(shift), pix, p0, koff, 0, K, wf, np.uint64(f0),
-                           np.uint64(Fp), biasp, f0, relu, dst, np.uint64(o0),
-                           np.uint64(F if whole else cols), narrow)
+            gemm_tile_bias(
+                xf,
+                np.uint64(shift),
+                pix,
+                p0,
+                koff,
+                0,
+                K,
+                wf,
+                np.uint64(f0),
+                np.uint64(Fp),
+                biasp,
+                f0,
+                relu,
+                dst,
+                np.uint64(o0),
+                np.uint64(F if whole else cols),
+                narrow,
+            )
             if not whole:
                 for r in range(min(rows, npix - p0)):
-                    row = out[(p0 + r) * F + f0:(p0 + r) * F + f0 + nf]
+                    row = out[(p0 + r) * F + f0 : (p0 + r) * F + f0 + nf]
                     for f in range(nf):
                         row[f] = tile[r * cols + f]
 
 
 # ---- the kernels ----
 
+
 @njit(parallel=True, cache=True)
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu,
-                   out):
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c],
     then max(out, 0) if ``relu`` (a ReLU fused into the store: a NaN stays NaN).
 
@@ -245,8 +265,9 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     for item in prange(nitems):
         t0 = item * _TILES_PER_ITEM
         t1 = min(t0 + _TILES_PER_ITEM, ntiles)
-        _forward_tiles(xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item],
-                       narrow)
+        _forward_tiles(
+            xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item], narrow
+        )
 
 
 @njit(cache=True)
@@ -300,8 +321,9 @@ def _crop(img, XH, XW, pad_top, pad_left, dx, n):
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous,
-                  img, tile):
+def _col2im_image(
+    n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff, contiguous, img, tile
+):
     """img (the flat, padded gradient of image n) = zeros, then every tile of dcol = dy @ W^T
     of the image added at the cells its taps read (col2im). Serial: the body of
     conv2d_backward_input's prange."""
@@ -310,8 +332,21 @@ def _col2im_image(n, dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff,
     for cb in range(ncp // FT):
         c0 = cb * FT
         for t in range(ntl):
-            gemm_tile(dyf, rows, (n * ntl + t) * R, kidx, 0, F, wtf, np.uint64(c0),
-                      np.uint64(ncp), tile, 0, False, False)
+            gemm_tile(
+                dyf,
+                rows,
+                (n * ntl + t) * R,
+                kidx,
+                0,
+                F,
+                wtf,
+                np.uint64(c0),
+                np.uint64(ncp),
+                tile,
+                0,
+                False,
+                False,
+            )
             for r in range(min(R, P - t * R)):
                 base = pixoff[t * R + r]
                 if contiguous[cb]:
@@ -347,8 +382,9 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     XH, XW = (Hp, Wp) if padded else (H, W)
     image = XH * XW * C
     gx = np.empty(N * image, dtype=dt) if padded else dx.reshape(dx.size)
-    wt, coloff, contiguous, pixoff = _col2im_operands(weight, OH, OW, XW, stride_h, stride_w,
-                                                      dil_h, dil_w)
+    wt, coloff, contiguous, pixoff = _col2im_operands(
+        weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w
+    )
     rows = np.empty(N * ntl * R, dtype=np.uint64)  # dy offset of each tile row
     for n in range(N):
         for t in range(ntl):
@@ -362,11 +398,26 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     dyf = dy.reshape(dy.size)
     wtf = wt.reshape(wt.size)
     for n in prange(N):
-        img = gx[n * image:(n + 1) * image]
+        img = gx[n * image : (n + 1) * image]
         # np.int64(n): the prange index is int64 when numba types the loop and uint64 in the
         # parallel body it builds from it; passed as it is, each helper compiled twice (1-2 s)
-        _col2im_image(np.int64(n), dyf, rows, kidx, F, wtf, ncp, ncol, ntl, P, pixoff, coloff,
-                      contiguous, img, tiles[n])
+        _col2im_image(
+            np.int64(n),
+            dyf,
+            rows,
+            kidx,
+            F,
+            wtf,
+            ncp,
+            ncol,
+            ntl,
+            P,
+            pixoff,
+            coloff,
+            contiguous,
+            img,
+            tiles[n],
+        )
         if padded:
             _crop(img, XH, XW, pad_top, pad_left, dx, np.int64(n))
 
@@ -395,8 +446,7 @@ def _weight_plan(K, F, NP, narrow):
 
 
 @njit(cache=True)
-def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
-                     ntaps):
+def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, ntaps):
     """The weight gradient's tile operands: the (padded) input flat, the offsets of ``ntaps``
     taps (whole tap tiles, the padding rows repeating the last tap) and every pixel's window
     corner."""
@@ -424,14 +474,26 @@ def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP, cols):
 
 
 @njit(cache=True, inline="always")
-def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate,
-                  narrow):
+def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate, narrow):
     """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * R*FT]) (+)= the pixels [q0, q1)
     of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's columns of filters each."""
     rows = RN if narrow else R
     for kt in range(kt0, kt1):
-        gemm_tile(xf, koff, kt * rows, pix, q0, q1, b, b0, bstride, accf, (tile0 + kt) * R * FT,
-                  accumulate, narrow)
+        gemm_tile(
+            xf,
+            koff,
+            kt * rows,
+            pix,
+            q0,
+            q1,
+            b,
+            b0,
+            bstride,
+            accf,
+            (tile0 + kt) * R * FT,
+            accumulate,
+            narrow,
+        )
 
 
 @njit(cache=True)
@@ -452,15 +514,35 @@ def _bias_block(b, b0, bstride, count, bsum, ones, zoff, tile, narrow):
     for r in range(rows):
         for f in range(cols):
             tile[r * cols + f] = bsum[f]
-    gemm_tile(ones, zoff, 0, zoff, 0, count, b, np.uint64(b0), np.uint64(bstride), tile, 0, True,
-              narrow)
+    gemm_tile(
+        ones, zoff, 0, zoff, 0, count, b, np.uint64(b0), np.uint64(bstride), tile, 0, True, narrow
+    )
     for f in range(cols):
         bsum[f] = tile[f]
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile0, bsum,
-                 with_bias, ones, zoff, btile, narrow):
+def _weight_unit(
+    xf,
+    koff,
+    kt0,
+    kt1,
+    pix,
+    p0,
+    p1,
+    block,
+    dyf,
+    Fp,
+    f0,
+    accf,
+    tile0,
+    bsum,
+    with_bias,
+    ones,
+    zoff,
+    btile,
+    narrow,
+):
     """One unit of conv2d_backward_weight: tap tiles [kt0, kt1) of filter block f0 (tile kt
     at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
     block's x and dy stay in L1 for all the tiles), and the bias sums bsum (cols,) if
@@ -470,8 +552,22 @@ def _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf, tile
             bsum[f] = 0
     for q0 in range(p0, p1, block):
         q1 = min(q0 + block, p1)
-        _weight_block(xf, koff, kt0, kt1, pix, q0, q1, dyf, np.uint64(q0 * Fp + f0),
-                      np.uint64(Fp), accf, tile0, q0 > p0, narrow)
+        _weight_block(
+            xf,
+            koff,
+            kt0,
+            kt1,
+            pix,
+            q0,
+            q1,
+            dyf,
+            np.uint64(q0 * Fp + f0),
+            np.uint64(Fp),
+            accf,
+            tile0,
+            q0 > p0,
+            narrow,
+        )
         if with_bias:
             _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile, narrow)
 
@@ -502,8 +598,11 @@ def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias):
 
 
 @njit(parallel=True, cache=True)
-def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias):
-    """dweight[f,c,i,j] = sum_{n,oh,ow} dy[n,oh,ow,f] * x[n, window + (i, j), c], dbias[f] = sum dy[..., f].
+def conv2d_backward_weight(
+    x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias
+):
+    """dweight[f,c,i,j] = sum_{n,oh,ow} dy[n,oh,ow,f] * x[n, window + (i, j), c],
+    dbias[f] = sum dy[..., f].
 
     x (N, H, W, C), dy (N, OH, OW, F); dweight (F, C, KH, KW) and dbias (F,) overwritten.
 
@@ -524,8 +623,9 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     rows, cols = tile_shape(narrow)
     nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP, narrow)
     Fp = nfb * cols
-    xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                                     dil_h, dil_w, nkt * rows)
+    xf, koff, pix = _weight_operands(
+        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * rows
+    )
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
@@ -534,9 +634,28 @@ def conv2d_backward_weight(x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, 
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN))
     btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
     for unit in prange(chunks * nfb * groups):
-        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
-                                                         per_chunk, NP, cols)
-        _weight_unit(xf, koff, kt0, kt1, pix, p0, p1, block, dyf, Fp, f0, accf,
-                     (chunk * nfb + f0 // cols) * nkt, bsum[chunk, f0:f0 + cols], kt0 == 0,
-                     ones, zoff, btile[unit], narrow)
+        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
+            unit, nfb, groups, per_group, nkt, per_chunk, NP, cols
+        )
+        _weight_unit(
+            xf,
+            koff,
+            kt0,
+            kt1,
+            pix,
+            p0,
+            p1,
+            block,
+            dyf,
+            Fp,
+            f0,
+            accf,
+            (chunk * nfb + f0 // cols) * nkt,
+            bsum[chunk, f0 : f0 + cols],
+            kt0 == 0,
+            ones,
+            zoff,
+            btile[unit],
+            narrow,
+        )
     _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias)

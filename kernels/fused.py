@@ -17,13 +17,28 @@ pkh x pkw, no padding, so out and argmax are (N, OH // pkh, OW // pkw, F); argma
 index ``oh * OW + ow`` of the selected cell in the convolution's output plane, as the pooling
 alone would give.
 """
+
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import (_bias_block, _bias_operands, _col2im_operands, _crop, _forward_tiles,
-                     _needs_padding, _pack_weight, _padded_bias, _padded_input, _read_extent,
-                     _tap_offsets, _weight_block, _weight_operands, _weight_plan, _weight_result,
-                     _weight_unit_range)
+from .conv2d import (
+    _bias_block,
+    _bias_operands,
+    _col2im_operands,
+    _crop,
+    _forward_tiles,
+    _needs_padding,
+    _pack_weight,
+    _padded_bias,
+    _padded_input,
+    _read_extent,
+    _tap_offsets,
+    _weight_block,
+    _weight_operands,
+    _weight_plan,
+    _weight_result,
+    _weight_unit_range,
+)
 from .gemm_tile import FT, FTN, R, gather_tile, tile_shape
 from .pool2d import max4
 
@@ -55,6 +70,7 @@ def _operands(x, weight, pad_top, pad_left, Hp, Wp, dil_h, dil_w, Fp):
 
 # ---- one chunk of work items (serial helpers: a prange body is compiled twice, these once) ----
 
+
 @njit(cache=True)
 def _band_pixels(rows, band, BW, XW, C, stride_h, stride_w):
     """The offset of each band pixel's window corner from the band's first one (rows of whole
@@ -81,14 +97,24 @@ def _pool_bands(conv, i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu, m, a, out
             if pkh == 2 and pkw == 2:  # the common window: its 4 cells at once, in registers
                 q = (base + pw * 2) * F
                 r = q + BW * F
-                max4(conv[q:q + F], conv[q + F:q + 2 * F], conv[r:r + F], conv[r + F:r + 2 * F],
-                     relu, corner, corner + 1, corner + OW, corner + OW + 1, out[n, ph, pw],
-                     argmax[n, ph, pw])
+                max4(
+                    conv[q : q + F],
+                    conv[q + F : q + 2 * F],
+                    conv[r : r + F],
+                    conv[r + F : r + 2 * F],
+                    relu,
+                    corner,
+                    corner + 1,
+                    corner + OW,
+                    corner + OW + 1,
+                    out[n, ph, pw],
+                    argmax[n, ph, pw],
+                )
                 continue
             for i in range(pkh):
                 for j in range(pkw):
                     q = (base + i * BW + pw * pkw + j) * F
-                    src = conv[q:q + F]
+                    src = conv[q : q + F]
                     k = np.int32(i * OW + j)  # the cell, as an offset from the window's corner
                     first = i == 0 and j == 0
                     for f in range(F):
@@ -107,8 +133,24 @@ def _pool_bands(conv, i0, i1, PH, PW, rows, BW, pkh, pkw, OW, F, relu, m, a, out
 
 
 @njit(parallel=True, cache=True)
-def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h,
-                                  dil_w, OH, OW, relu, pkh, pkw, out, argmax):
+def conv2d_relu_maxpool2d_forward(
+    x,
+    weight,
+    bias,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    OH,
+    OW,
+    relu,
+    pkh,
+    pkw,
+    out,
+    argmax,
+):
     """out = maxpool(relu(conv2d(x))) (ReLU only if ``relu``), argmax its indices in the conv
     plane; out, argmax (N, PH, PW, F) overwritten. OH, OW: the convolution's output size."""
     N, H, W, C = x.shape
@@ -143,10 +185,42 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
             n = item // PH
             corner = n * XH * XW * C + (item - n * PH) * pkh * stride_h * XW * C
             # the band's padding rows are stored too: scratch has them
-            _forward_tiles(xf, corner, pix, koff, K, wf, Fp, biasp, False, 0, ntb, rows, F,
-                           scratch[chunk], tiles[chunk], narrow)
-            _pool_bands(scratch[chunk], item, item + 1, PH, PW, rows, BW, pkh, pkw, OW, F, relu,
-                        best[chunk], cell[chunk], out, argmax)
+            _forward_tiles(
+                xf,
+                corner,
+                pix,
+                koff,
+                K,
+                wf,
+                Fp,
+                biasp,
+                False,
+                0,
+                ntb,
+                rows,
+                F,
+                scratch[chunk],
+                tiles[chunk],
+                narrow,
+            )
+            _pool_bands(
+                scratch[chunk],
+                item,
+                item + 1,
+                PH,
+                PW,
+                rows,
+                BW,
+                pkh,
+                pkw,
+                OW,
+                F,
+                relu,
+                best[chunk],
+                cell[chunk],
+                out,
+                argmax,
+            )
 
 
 # ---- the backward through max pool (+ ReLU) into the convolution, from the pooled gradient ----
@@ -167,6 +241,7 @@ def conv2d_relu_maxpool2d_forward(x, weight, bias, stride_h, stride_w, pad_top, 
 # outside its window gives no gradient (as maxpool2d_backward for windows that tile): the
 # kernels index nothing with it.
 
+
 @njit(cache=True)
 def _block_offsets(tapoff, C, count):
     """uint64 x offset of each 32-channel column block (tap t, channels chunk) in tap order,
@@ -182,8 +257,31 @@ def _block_offsets(tapoff, C, count):
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _weight_from_pool(xf, blockoff, K, image, row_step, col_step, gpf, amf, yf, relu, N, PH, PW,
-                      F, pkh, pkw, OW, f0, f1, gl, pl, acc, bsum):
+def _weight_from_pool(
+    xf,
+    blockoff,
+    K,
+    image,
+    row_step,
+    col_step,
+    gpf,
+    amf,
+    yf,
+    relu,
+    N,
+    PH,
+    PW,
+    F,
+    pkh,
+    pkw,
+    OW,
+    f0,
+    f1,
+    gl,
+    pl,
+    acc,
+    bsum,
+):
     """acc (F, ntriples, R*FT) flat and bsum[f] for filters [f0, f1): image by image (its x
     stays in L1 while every filter of the group uses it; filter by filter over the whole batch,
     x streamed from L3 once per filter), per filter the list of its selected cells (weights gl,
@@ -218,8 +316,25 @@ def _weight_from_pool(xf, blockoff, K, image, row_step, col_step, gpf, amf, yf, 
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, stride_h,
-                                     stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias):
+def maxpool2d_conv2d_backward_weight(
+    x,
+    gp,
+    argmax,
+    y,
+    relu,
+    pkh,
+    pkw,
+    OH,
+    OW,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    dweight,
+    dbias,
+):
     """dweight (F, C, KH, KW) and dbias (F,) of the convolution, for the gradient that the
     max pool (and ReLU) backward would give for gp; needs C % 32 == 0. Bitwise
     conv2d_backward_weight's result when that kernel sums in pixel order (many output tiles,
@@ -245,9 +360,31 @@ def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, s
     xf = xp.reshape(xp.size)
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for u in prange(units):
-        _weight_from_pool(xf, blockoff, K, XH * XW * C, stride_h * XW * C, stride_w * C, gpf,
-                          amf, yf, relu, N, PH, PW, F, pkh, pkw, OW, u * per,
-                          min(u * per + per, F), gl[u], pl[u], acc, bsum)
+        _weight_from_pool(
+            xf,
+            blockoff,
+            K,
+            XH * XW * C,
+            stride_h * XW * C,
+            stride_w * C,
+            gpf,
+            amf,
+            yf,
+            relu,
+            N,
+            PH,
+            PW,
+            F,
+            pkh,
+            pkw,
+            OW,
+            u * per,
+            min(u * per + per, F),
+            gl[u],
+            pl[u],
+            acc,
+            bsum,
+        )
     for f in range(F):  # column col = (i*KW + j)*C + c of filter f's tiles
         for i in range(KH):
             for j in range(KW):
@@ -257,8 +394,9 @@ def maxpool2d_conv2d_backward_weight(x, gp, argmax, y, relu, pkh, pkw, OH, OW, s
 
 
 @njit(cache=True)
-def _pooled_band(gpf, amf, yf, relu, w0, PW, F, f0, pkh, pkw, OW, corner0, lo, hi, rows, gsel,
-                 code):
+def _pooled_band(
+    gpf, amf, yf, relu, w0, PW, F, f0, pkh, pkw, OW, corner0, lo, hi, rows, gsel, code
+):
     """rows[(q - lo) * FT + f] for the pixels q in [lo, hi) of one band of conv rows (the pkh
     rows of a row of windows, pkh * OW pixels, q = i * OW + column), f < FT: the gradient
     maxpool2d_backward (through the ReLU if ``relu``) gives the conv output there for filter
@@ -307,9 +445,37 @@ def _pooled_band(gpf, amf, yf, relu, w0, PW, F, f0, pkh, pkw, OW, corner0, lo, h
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH, PW,
-                        pkh, pkw, f0, rows, gsel, code, accf, tile0, bsum, with_bias, ones,
-                        zoff, btile):
+def _weight_unit_pooled(
+    xf,
+    koff,
+    kt0,
+    kt1,
+    pix,
+    p0,
+    p1,
+    gpf,
+    amf,
+    yf,
+    relu,
+    F,
+    OH,
+    OW,
+    PH,
+    PW,
+    pkh,
+    pkw,
+    f0,
+    rows,
+    gsel,
+    code,
+    accf,
+    tile0,
+    bsum,
+    with_bias,
+    ones,
+    zoff,
+    btile,
+):
     """conv2d_backward_weight's unit (conv2d._weight_unit) over pixels [p0, p1), with dy's
     rows rebuilt from the pooled gradient one band of conv rows at a time (its part in
     [p0, p1)) into ``rows`` ((pkh * OW) * FT,), an L1 scratch the band's tiles then read. The
@@ -326,23 +492,70 @@ def _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, 
         if ph < PH:
             band0 = n * P + ph * pkh * OW
             q1 = min(p1, band0 + pkh * OW)
-            _pooled_band(gpf, amf, yf, relu, (n * PH + ph) * PW * F, PW, F, f0, pkh, pkw, OW,
-                         ph * pkh * OW, q0 - band0, q1 - band0, rows, gsel, code)
+            _pooled_band(
+                gpf,
+                amf,
+                yf,
+                relu,
+                (n * PH + ph) * PW * F,
+                PW,
+                F,
+                f0,
+                pkh,
+                pkw,
+                OW,
+                ph * pkh * OW,
+                q0 - band0,
+                q1 - band0,
+                rows,
+                gsel,
+                code,
+            )
         else:
             q1 = min(p1, q0 + pkh * OW, (n + 1) * P)
             for e in range((q1 - q0) * FT):
                 rows[e] = 0
-        _weight_block(xf, koff, kt0, kt1, pix, q0, q1, rows, np.uint64(0), np.uint64(FT), accf,
-                      tile0, q0 > p0, False)
+        _weight_block(
+            xf,
+            koff,
+            kt0,
+            kt1,
+            pix,
+            q0,
+            q1,
+            rows,
+            np.uint64(0),
+            np.uint64(FT),
+            accf,
+            tile0,
+            q0 > p0,
+            False,
+        )
         if with_bias:
             _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile, False)
         q0 = q1
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH, OW, stride_h,
-                                           stride_w, pad_top, pad_left, dil_h, dil_w, dweight,
-                                           dbias):
+def maxpool2d_conv2d_backward_weight_dense(
+    x,
+    gp,
+    argmax,
+    y,
+    relu,
+    pkh,
+    pkw,
+    OH,
+    OW,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    dweight,
+    dbias,
+):
     """dweight (F, C, KH, KW) and dbias (F,) of the convolution, for the gradient that the max
     pool (and ReLU) backward would give for gp: conv2d_backward_weight's units, tiles and
     summation order, with each band of dy's rows rebuilt from gp, argmax and y in an L1
@@ -359,8 +572,9 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
     nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP, False)
     units = chunks * nfb * groups
-    xf, koff, pix = _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left,
-                                     dil_h, dil_w, nkt * R)
+    xf, koff, pix = _weight_operands(
+        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R
+    )
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
     rows = np.empty((units, pkh * OW * FT), dtype=x.dtype)
@@ -371,18 +585,71 @@ def maxpool2d_conv2d_backward_weight_dense(x, gp, argmax, y, relu, pkh, pkw, OH,
     btile = np.empty((units, R * FT), dtype=x.dtype)
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for unit in prange(units):
-        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(unit, nfb, groups, per_group, nkt,
-                                                         per_chunk, NP, FT)
-        _weight_unit_pooled(xf, koff, kt0, kt1, pix, p0, p1, gpf, amf, yf, relu, F, OH, OW, PH,
-                            PW, pkh, pkw, f0, rows[unit], gsel[unit], code[unit], accf,
-                            (chunk * nfb + f0 // FT) * nkt, bsum[chunk, f0:f0 + FT], kt0 == 0,
-                            ones, zoff, btile[unit])
+        chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
+            unit, nfb, groups, per_group, nkt, per_chunk, NP, FT
+        )
+        _weight_unit_pooled(
+            xf,
+            koff,
+            kt0,
+            kt1,
+            pix,
+            p0,
+            p1,
+            gpf,
+            amf,
+            yf,
+            relu,
+            F,
+            OH,
+            OW,
+            PH,
+            PW,
+            pkh,
+            pkw,
+            f0,
+            rows[unit],
+            gsel[unit],
+            code[unit],
+            accf,
+            (chunk * nfb + f0 // FT) * nkt,
+            bsum[chunk, f0 : f0 + FT],
+            kt0 == 0,
+            ones,
+            zoff,
+            btile[unit],
+        )
     _weight_result(acc, bsum, chunks, nfb, nkt, False, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, ncol, coloff,
-                     contiguous, pixoff, colblocks, gl, pl, counts, tile, dcol, touched, img):
+def _input_from_pool(
+    n,
+    gpf,
+    amf,
+    yf,
+    relu,
+    PH,
+    PW,
+    F,
+    pkh,
+    pkw,
+    OW,
+    wtf,
+    ncp,
+    ncol,
+    coloff,
+    contiguous,
+    pixoff,
+    colblocks,
+    gl,
+    pl,
+    counts,
+    tile,
+    dcol,
+    touched,
+    img,
+):
     """One image's input gradient into ``img`` (its padded NHWC gradient, zeroed here): per
     window, each cell's selected filters in filter order (weights gl, rows f * ncp of wt in pl,
     one list of up to F per cell), dcol[p] = gather_tile over the cell's list, 3 column blocks
@@ -423,10 +690,11 @@ def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, n
                 p = corner + (cell // pkw) * OW + cell % pkw
                 touched[p] = True
                 for b0 in range(0, ncb, R):
-                    gather_tile(gl, pl, cell * F, cell * F + count, wtf, colblocks, b0, tile, 0,
-                                False)
+                    gather_tile(
+                        gl, pl, cell * F, cell * F + count, wtf, colblocks, b0, tile, 0, False
+                    )
                     for r in range(min(R, ncb - b0)):
-                        dst = dcol[p * ncp + (b0 + r) * FT:p * ncp + (b0 + r + 1) * FT]
+                        dst = dcol[p * ncp + (b0 + r) * FT : p * ncp + (b0 + r + 1) * FT]
                         for c in range(min(FT, ncp)):  # = FT, a runtime bound: vectorised
                             dst[c] = tile[r * FT + c]
     for cb in range(ncb):
@@ -447,8 +715,24 @@ def _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, n
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_conv2d_backward_input(gp, argmax, y, relu, pkh, pkw, weight, stride_h, stride_w,
-                                    pad_top, pad_left, dil_h, dil_w, OH, OW, dx):
+def maxpool2d_conv2d_backward_input(
+    gp,
+    argmax,
+    y,
+    relu,
+    pkh,
+    pkw,
+    weight,
+    stride_h,
+    stride_w,
+    pad_top,
+    pad_left,
+    dil_h,
+    dil_w,
+    OH,
+    OW,
+    dx,
+):
     """dx (N, H, W, C) of the convolution, for the gradient that the max pool (and ReLU)
     backward would give for gp: bitwise conv2d_backward_input's result for a finite weight.
     Parallel over chunks of images (a chunk adds only into its own images)."""
@@ -459,8 +743,9 @@ def maxpool2d_conv2d_backward_input(gp, argmax, y, relu, pkh, pkw, weight, strid
     padded = _needs_padding(dx, pad_top, pad_left, Hp, Wp)
     XH, XW = (Hp, Wp) if padded else (H, W)
     image = XH * XW * C
-    wt, coloff, contiguous, pixoff = _col2im_operands(weight, OH, OW, XW, stride_h, stride_w,
-                                                      dil_h, dil_w)
+    wt, coloff, contiguous, pixoff = _col2im_operands(
+        weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w
+    )
     ncol = KH * KW * C
     ncp = wt.shape[1]
     ncb = ncp // FT
@@ -480,9 +765,33 @@ def maxpool2d_conv2d_backward_input(gp, argmax, y, relu, pkh, pkw, weight, strid
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for chunk in prange(nchunks):
         for n in range(chunk * step, min(chunk * step + step, N)):
-            img = gx[n * image:(n + 1) * image]
-            _input_from_pool(n, gpf, amf, yf, relu, PH, PW, F, pkh, pkw, OW, wtf, ncp, ncol,
-                             coloff, contiguous, pixoff, colblocks, gl[chunk], pl[chunk],
-                             counts[chunk], tiles[chunk], dcol[chunk], touched[chunk], img)
+            img = gx[n * image : (n + 1) * image]
+            _input_from_pool(
+                n,
+                gpf,
+                amf,
+                yf,
+                relu,
+                PH,
+                PW,
+                F,
+                pkh,
+                pkw,
+                OW,
+                wtf,
+                ncp,
+                ncol,
+                coloff,
+                contiguous,
+                pixoff,
+                colblocks,
+                gl[chunk],
+                pl[chunk],
+                counts[chunk],
+                tiles[chunk],
+                dcol[chunk],
+                touched[chunk],
+                img,
+            )
             if padded:
                 _crop(img, XH, XW, pad_top, pad_left, dx, n)

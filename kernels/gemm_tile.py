@@ -28,6 +28,7 @@ which cost more than a 9-tap tile's work. They take offsets (r0, t0, f0), not sl
 same reason. An inlined tile is compiled with the *caller's* flags: every caller carries
 ``fastmath={"contract"}``, without which the multiply-adds are not fused (and the tile spills).
 """
+
 import numba
 import numpy as np
 from numba import njit, types
@@ -141,7 +142,8 @@ def _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, narrow):
-    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f]
+    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]]
+                                                  * b[b0 + (k-k0)*bstride + f]
     for r < R, f < FT; if ``narrow``, the same with RN rows and FTN columns (tile_shape).
 
     a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= r0 + rows,) and aoff
@@ -164,9 +166,11 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, 
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0,
-                   ostride, narrow):
-    """out[o0 + r*ostride + f] = bias[f0 + f] + sum_{k0 <= k < k1} a[ashift + abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f],
+def gemm_tile_bias(
+    a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0, ostride, narrow
+):
+    """out[o0 + r*ostride + f] = bias[f0 + f]
+        + sum_{k0 <= k < k1} a[ashift + abase[r0 + r] + aoff[k]] * b[b0 + (k-k0)*bstride + f],
     then max(., 0) if ``relu`` (a NaN stays NaN); r < R, f < FT, or RN x FTN if ``narrow``.
 
     The forward's tile: ``gemm_tile`` with the accumulators started at the bias (bias
@@ -188,8 +192,19 @@ def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0,
         for r in range(R):
             for f in range(FT):
                 acc[r * FT + f] = bias[f0 + np.uint64(f)]
-        _product(acc, a, ashift + abase[r0], ashift + abase[r0 + 1], ashift + abase[r0 + 2],
-                 aoff, k0, k1, b, b0, bstride)
+        _product(
+            acc,
+            a,
+            ashift + abase[r0],
+            ashift + abase[r0 + 1],
+            ashift + abase[r0 + 2],
+            aoff,
+            k0,
+            k1,
+            b,
+            b0,
+            bstride,
+        )
     if relu:  # in place on the accumulators, before the store: written in the store, as one
         # select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
         for q in range(_RFT):
@@ -210,7 +225,8 @@ def gemm_tile_bias(a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0,
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def gather_tile(g, pos, k0, k1, x, offs, r0, tile, t0, accumulate):
-    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r0 + r] + f], r < R, f < FT.
+    """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} g[k] * x[pos[k] + offs[r0 + r] + f], r < R,
+    f < FT.
 
     The same register tile as ``gemm_tile`` for a sum over a *list* of terms: weights g (>= k1)
     and uint64 row offsets pos (>= k1) into the flat x, uint64 column offsets offs (>= r0 + R).

@@ -5,6 +5,7 @@ rounded to the parameter's dtype (no fused multiply-add: ``fastmath`` is off), s
 bitwise what the numpy expression sequence gives. Arrays are 1-D contiguous views of one
 parameter, its gradient and its buffers, one floating dtype; scalars are of that dtype.
 """
+
 from numba import njit
 
 

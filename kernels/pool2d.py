@@ -20,6 +20,7 @@ window wholly inside the input (the reference network's) takes its four cells at
 (``max4``): the running maximum stays in registers instead of making a round trip through the
 output per cell.
 """
+
 import numpy as np
 from numba import njit, prange
 
@@ -95,8 +96,19 @@ def maxpool2d_forward(x, kh, kw, stride_h, stride_w, pad_top, pad_left, out, arg
             a = argmax[n, oh, ow]
             if h1 - h0 == 2 and w1 - w0 == 2 and kh == 2 and kw == 2:
                 k = h0 * W + w0
-                max4(x[n, h0, w0], x[n, h0, w0 + 1], x[n, h0 + 1, w0], x[n, h0 + 1, w0 + 1],
-                     False, k, k + 1, k + W, k + W + 1, m, a)
+                max4(
+                    x[n, h0, w0],
+                    x[n, h0, w0 + 1],
+                    x[n, h0 + 1, w0],
+                    x[n, h0 + 1, w0 + 1],
+                    False,
+                    k,
+                    k + 1,
+                    k + W,
+                    k + W + 1,
+                    m,
+                    a,
+                )
                 continue
             if h0 >= h1 or w0 >= w1:
                 for c in range(C):
@@ -176,15 +188,24 @@ def maxpool2d_backward(dy, argmax, y, relu, kh, kw, stride_h, stride_w, pad_top,
     ReLU's own backward). Without ``relu``, y is not read (pass any array of dy's shape).
 
     Windows that do not overlap and lie inside the input (stride = kernel, no padding: the
-    reference network's 2x2 pools) write every cell they cover once, by comparing its index with argmax,
-    so dx needs no zeroing pass and no division; the cells no window covers are zeroed. Other
-    windows, or kh = kw = 0 (geometry not given): dx zeroed, then each dy added at its argmax.
+    reference network's 2x2 pools) write every cell they cover once, by comparing its index with
+    argmax, so dx needs no zeroing pass and no division; the cells no window covers are zeroed.
+    Other windows, or kh = kw = 0 (geometry not given): dx zeroed, then each dy added at its
+    argmax.
     Parallel over images (windows of one image may share cells).
     """
     N, OH, OW, C = dy.shape
     H, W = dx.shape[1], dx.shape[2]
-    tiled = (kh > 0 and kw > 0 and kh == stride_h and kw == stride_w and pad_top == 0 and pad_left == 0
-             and OH * kh <= H and OW * kw <= W)  # no window hangs over the bottom/right
+    tiled = (
+        kh > 0
+        and kw > 0
+        and kh == stride_h
+        and kw == stride_w
+        and pad_top == 0
+        and pad_left == 0
+        and OH * kh <= H
+        and OW * kw <= W
+    )  # no window hangs over the bottom/right
     for n in prange(N):  # np.int64: one signature of the helper (see conv2d_backward_input)
         _maxpool_backward_image(np.int64(n), dy, argmax, y, relu, kh, kw, tiled, dx)
 
