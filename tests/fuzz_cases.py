@@ -45,6 +45,7 @@ from fuzzing.layers import (
 )
 from fuzzing.losses import test_cross_entropy, test_mse
 from fuzzing.optim import test_optimizer, test_scheduler
+from fuzzing.threads import test_forked_children, test_predict_from_two_threads
 from fuzzing.training import test_fit
 
 __all__ = [
@@ -68,4 +69,6 @@ __all__ = [
     "test_checkpoint_corruption",
     "test_boundscheck_is_active",
     "test_fit",
+    "test_predict_from_two_threads",
+    "test_forked_children",
 ]
