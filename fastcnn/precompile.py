@@ -22,6 +22,7 @@ work is lost and this process compiles what it needs itself: slower, never wrong
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -117,6 +118,22 @@ def cache_is_cold() -> bool:
     return not all(os.path.exists(p) for p in paths)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """In the helper: be killed when the parent process dies (Linux's PR_SET_PDEATHSIG), so a
+    SIGTERM or SIGKILL of the parent, which runs no Python cleanup, leaves no helper compiling on.
+    Elsewhere, or if prctl is missing, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
     """On a cold cache, start the helper process running compile_backward; returns a
     callable that runs compile_forward here and then waits for the helper (call it
@@ -124,8 +141,8 @@ def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
     if os.environ.get("FASTCNN_NO_PRECOMPILE") or not cache_is_cold():
         return None
     code = (
-        "from fastcnn.precompile import compile_backward; "
-        f"compile_backward({np.dtype(dtype).name!r})"
+        "from fastcnn.precompile import compile_backward, die_with_parent; "
+        f"die_with_parent({os.getpid()}); compile_backward({np.dtype(dtype).name!r})"
     )
     env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
     # the folder holding this fastcnn (an install or a source checkout) comes first

@@ -135,3 +135,43 @@ def test_cache_is_cold_warns_when_numba_changed(monkeypatch):
 def test_index_paths_found_with_this_numba():
     paths = precompile._index_paths()
     assert len(paths) == 2 and all(p.endswith(".nbi") for p in paths)
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_helper_dies_with_its_parent(tmp_path):
+    """SIGTERM or SIGKILL of the parent runs no Python cleanup: the helper must not compile on
+    for its remaining ~18 s (it sets PR_SET_PDEATHSIG first)."""
+    pidfile = tmp_path / "helper.pid"
+    helper = (
+        "import os, time; from fastcnn.precompile import die_with_parent; "
+        "die_with_parent({parent}); "
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent_code = (
+        "import os, subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {helper!r}.format(parent=os.getpid())]); "
+        "time.sleep(60)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=root)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the helper did not start"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the helper outlived its parent"
+        time.sleep(0.05)
