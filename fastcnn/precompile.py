@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -162,12 +163,27 @@ def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
         return None
 
     def finish() -> None:
+        interrupted: list[int] = []
+
+        def on_sigint(signum: int, frame: object) -> None:
+            interrupted.append(signum)
+            # may be raised inside one of llvmlite's ctypes callbacks, which swallow it: the
+            # flag is checked when the compilation returns
+            raise KeyboardInterrupt
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
         try:
             compile_forward(dtype)
+            if interrupted:
+                raise KeyboardInterrupt
+            helper.wait()
         except BaseException:  # Ctrl-C, SIGTERM, an error: the helper's work is not wanted
             helper.kill()
             helper.wait()
             raise
-        helper.wait()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
     return finish

@@ -2,6 +2,7 @@
 of the reference network's training step (else the helper process would work in vain)."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,33 @@ def test_the_helper_dies_with_its_parent(tmp_path):
     while _alive(pid):
         assert time.monotonic() < deadline, "the helper outlived its parent"
         time.sleep(0.05)
+
+
+def test_a_ctrl_c_swallowed_while_compiling_still_interrupts(monkeypatch):
+    """A SIGINT that lands in one of llvmlite's ctypes callbacks during compilation raises
+    KeyboardInterrupt there, and ctypes swallows it ("Exception ignored on calling ctypes
+    callback function"): a cold `fastcnn train` then trained on. The interrupt is remembered and
+    raised when the compilation returns, and the helper is stopped."""
+    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(args, **kwargs):
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    def compile_swallowing_the_interrupt(dtype):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what ctypes does with an exception raised in a callback
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    monkeypatch.setattr(precompile, "compile_forward", compile_swallowing_the_interrupt)
+    finish = precompile.start()
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        finish()
+    assert started[0].poll() is not None
+    assert signal.getsignal(signal.SIGINT) is previous
