@@ -83,7 +83,7 @@ np.save(sys.argv[3], np.stack([first] + forked))
 """
 
 
-@fuzz(0.005)
+@fuzz(0.02)
 @given(data=st.data())
 def test_forked_children(data):
     """In a fresh interpreter (forking this multi-threaded test process could deadlock on a lock
