@@ -22,35 +22,16 @@ import sys
 import tempfile
 import time
 
+from e2e_measure import startup_args  # the start-up benchmark's first `fastcnn train`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = "from fastcnn.precompile import compile_backward; compile_backward()"
-
-
-def data_root():
-    return os.environ.get("FASTCNN_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 def command(train):
     if not train:
         return [sys.executable, "-c", CODE]
-    return [
-        sys.executable,
-        "-m",
-        "fastcnn",
-        "train",
-        "--epochs",
-        "1",
-        "--limit",
-        "64",
-        "--batch-size",
-        "64",
-        "--val-split",
-        "0",
-        "--no-progress",
-        "--data-dir",
-        data_root(),
-        "--no-download",
-    ]
+    return [sys.executable, "-m", "fastcnn", *startup_args()]
 
 
 def cold_run(link_only, train=False):
