@@ -159,7 +159,7 @@ class FastcnnRunner:
                     opt.zero_grad()
                     logits = model(x)
                     loss = loss_fn(logits, y)
-                    model.backward(loss_fn.backward(), input_grad=False)  # as fit does
+                    model.backward(loss_fn.backward())  # the README's step
                     opt.step()
                 seconds = _t.perf_counter() - t0
             else:
