@@ -214,6 +214,7 @@ class FastcnnRunner:
         """Seconds per call of fastcnn's conv kernels at the reference shapes (batch 64)."""
         import numpy as np
 
+        from fastcnn.functional import _no_bn
         from fastcnn.kernels import conv2d as kconv
         from fastcnn.kernels import fused as kfused
         from fastcnn.kernels import pool2d as kpool
@@ -230,7 +231,7 @@ class FastcnnRunner:
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)
                 # a 2x2 max pool of relu(conv) (its argmax and output) and a pooled gradient
                 n, oh, ow = dy.shape[:3]
-                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y)
+                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y, _no_bn(x))
                 pooled = np.empty((n, oh // 2, ow // 2, f), np.float32)
                 argmax = np.empty(pooled.shape, np.int64)
                 kpool.maxpool2d_forward(y, 2, 2, 2, 2, 0, 0, pooled, argmax)
@@ -243,7 +244,7 @@ class FastcnnRunner:
                 )
                 fns = {
                     "forward": lambda: kconv.conv2d_forward(
-                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y
+                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y, _no_bn(x)
                     ),
                     "backward-input": lambda: kconv.conv2d_backward_input(
                         dy, weight, 1, 1, 0, 0, 1, 1, dx
