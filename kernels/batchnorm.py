@@ -400,6 +400,15 @@ def eval_scale(gamma, running_var, eps, scale):
 
 
 @njit(cache=True, fastmath=_FASTMATH)
+def chunk_affine_inplace(x, m, s, b):
+    """x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]: _chunk_affine's arithmetic in place (with
+    out = x there, LLVM's runtime overlap check fails and the loop runs scalar)."""
+    for p in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
 def _chunk_affine(x, m, s, b, out):
     """out[p, c] = (x[p, c] - m[c]) * s[c] + b[c] over the chunk's pixels."""
     for p in range(x.shape[0]):

@@ -40,7 +40,7 @@ number of threads. Scratch arrays are allocated once per call, outside every pra
 import numpy as np
 from numba import njit, prange
 
-from .batchnorm import _chunk_affine
+from .batchnorm import chunk_affine_inplace
 from .gemm_tile import FT, FTN, RN, R, gemm_tile, gemm_tile_bias, tile_shape
 
 #: Pixel tiles per forward work item (48 output pixels).
@@ -231,7 +231,7 @@ def _batch_norm_rows(block, F, bn, relu):
     then the ReLU (activations.relu_forward's select) if ``relu``."""
     mean, scale, shift = bn
     rows2d = block.reshape((block.size // F, F))
-    _chunk_affine(rows2d, mean, scale, shift, rows2d)
+    chunk_affine_inplace(rows2d, mean, scale, shift)
     if relu:
         zero = block.dtype.type(0)
         for i in range(block.size):
@@ -253,9 +253,9 @@ def conv2d_forward(
 
     ``bn = (mean, scale, shift)``, each (F,), or three empty arrays: an evaluation-mode
     BatchNorm applied to each block of output pixels while it is still in cache,
-    ``out = (out - mean) * scale + shift`` (batchnorm._chunk_affine, the BatchNorm kernel's own
-    arithmetic), then the ReLU if ``relu``: bitwise the three layers run one by one, without
-    two passes over the output. (A flag, not an optional argument: one compiled kernel serves
+    ``out = (out - mean) * scale + shift`` (batchnorm.chunk_affine_inplace: the BatchNorm
+    kernel's arithmetic), then the ReLU if ``relu``: bitwise the three layers run one by one,
+    without two passes over the output. (Empty arrays, not None: one compiled kernel serves
     both, where None would compile a second one.)
     """
     N, H, W, C = x.shape
