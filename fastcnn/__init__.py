@@ -17,7 +17,8 @@ from . import _kernels_path
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
 from . import checkpoint, datasets, functional, losses, models, optim, plan, threads, training  # noqa: E402
-from . import data, transforms  # noqa: E402
+from . import data as data  # noqa: E402
+from . import transforms as transforms  # noqa: E402
 from .containers import Concat, Residual, Sequential  # noqa: E402
 from .data import ArrayDataset, DataLoader  # noqa: E402
 from .layers import (  # noqa: E402

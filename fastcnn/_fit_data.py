@@ -61,7 +61,9 @@ def training_loader(
             raise ValueError(f"{what}: the DataLoader's data set has no labels")
         return x, x.seed
     if y is None:
-        raise TypeError(f"{what}: expected labels y_train with the images x_train (or a DataLoader)")
+        raise TypeError(
+            f"{what}: expected labels y_train with the images x_train (or a DataLoader)"
+        )
     check_data(what, x, y)
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE
@@ -102,10 +104,10 @@ def validation_data(what: str, val_data: Any, loader: DataLoader) -> Any:
 
 def target_checker(
     what: str, loss_fn: Any, loader: DataLoader, val_data: Any
-) -> Callable[[Array, Array | None], None]:
-    """A function of (logits, labels of the batch), called after each forward of fit: checks
-    every label of the training and validation arrays once, when the class count is known (the
-    labels of a data set read item by item: each batch's)."""
+) -> Callable[[Array, Array | None], Array]:
+    """A function of (logits, labels of the batch) -> the labels, called after each forward of
+    fit: checks every label of the training and validation arrays once, when the class count is
+    known (the labels of a data set read item by item: each batch's)."""
     check = getattr(loss_fn, "validate_targets", None)
     done = False
 
@@ -115,12 +117,12 @@ def target_checker(
             return None if arrays is None else arrays[1]
         return data[1]
 
-    def run(logits: Array, yb: Array | None) -> None:
+    def run(logits: Array, yb: Array | None) -> Array:
         nonlocal done
         if yb is None:
             raise ValueError(f"{what}: the training data set has no labels")
         if done or check is None or logits.ndim != 2:
-            return
+            return yb
         classes = logits.shape[1]
         y_all = all_labels(loader)
         check(yb if y_all is None else y_all, classes)
@@ -132,6 +134,7 @@ def target_checker(
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"{what} (val_data): {exc}") from exc
         done = y_all is not None
+        return yb
 
     return run
 

@@ -94,6 +94,7 @@ def load(
             raise DataError(
                 f"--dataset {name}: test/ has the classes {te.classes}, train/ has {tr.classes}"
             )
+        assert tr.y is not None and te.y is not None
         return (tr.x, tr.y), (te.x, te.y), tr.classes
     from .data import random_split
 
@@ -207,9 +208,11 @@ def read_inputs(path: str, input_shape: tuple[int, ...] | None) -> tuple[Array, 
             paths += list_images(folder)
         if not paths:
             raise DataError(f"{path}: no images in this folder")
-        size = mode = None
+        size: tuple[int, int] | None = None
+        mode = None
         if input_shape is not None and len(input_shape) == 3:
-            size, mode = tuple(input_shape[1:]), ("L" if input_shape[0] == 1 else "RGB")
+            size = (int(input_shape[1]), int(input_shape[2]))
+            mode = "L" if input_shape[0] == 1 else "RGB"
         x = read_images(paths, size=size, mode=mode)
         return x, [os.path.relpath(p, path) for p in paths]
     if not os.path.isfile(path):

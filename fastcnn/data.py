@@ -71,8 +71,7 @@ def check_labels(y: Any, n: int, what: str) -> Array:
         raise TypeError(f"{what}: expected a numpy array of labels, got {type(y).__name__}")
     if y.ndim not in (1, 2) or y.shape[0] != n:
         raise ValueError(
-            f"{what}: expected labels of shape ({n},) (or one target row per image), got "
-            f"{y.shape}"
+            f"{what}: expected labels of shape ({n},) (or one target row per image), got {y.shape}"
         )
     return y
 
@@ -233,7 +232,7 @@ class DataLoader:
         return {
             "seed": self.seed,
             "epoch": self.epoch,
-            "shuffle_state": _rng_state_to_json(self._rng.bit_generator.state),
+            "shuffle_state": _rng_state_to_json(dict(self._rng.bit_generator.state)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,7 +299,11 @@ class DataLoader:
                             f_buf = np.empty(x_buf.shape, dtype=np.float32)
                     k = stop - start
                     xb = np.take(x, idx, axis=0, out=x_buf[:k])
-                    yb = None if y is None else np.take(y, idx, axis=0, out=y_buf[:k])
+                    yb = (
+                        None
+                        if y is None or y_buf is None
+                        else np.take(y, idx, axis=0, out=y_buf[:k])
+                    )
                     xb = to_float(xb, None if f_buf is None else f_buf[:k])
                 else:
                     xb = to_float(np.take(x, idx, axis=0))

@@ -341,18 +341,19 @@ class Module:
         if batch_size < 1:
             raise ValueError(f"{what}: expected batch_size >= 1, got {batch_size}")
         batches: Iterator[Array] | None = None
+        arr = np.empty(0)
         if isinstance(x, DataLoader):
             batches = (xb for xb, _ in x)
         elif isinstance(x, Iterator):
             batches = x
         else:
-            x = np.asarray(x)
-            if x.ndim < 1:
+            arr = np.asarray(x)
+            if arr.ndim < 1:
                 raise ValueError(
-                    f"{what}: expected a batch of inputs (N, ...), got shape {x.shape}"
+                    f"{what}: expected a batch of inputs (N, ...), got shape {arr.shape}"
                 )
-            if x.dtype == np.uint8:
-                pixels = x
+            if arr.dtype == np.uint8:
+                pixels = arr
                 batches = (
                     to_float(pixels[i : i + batch_size])
                     for i in range(0, pixels.shape[0], batch_size)
@@ -366,11 +367,11 @@ class Module:
                 with compute_threads():
                     if batches is not None:
                         return np.concatenate([self.forward(b) for b in batches], axis=0)
-                    if x.shape[0] <= batch_size:
-                        return self.forward(x)
+                    if arr.shape[0] <= batch_size:
+                        return self.forward(arr)
                     outs = [
-                        self.forward(x[i : i + batch_size])
-                        for i in range(0, x.shape[0], batch_size)
+                        self.forward(arr[i : i + batch_size])
+                        for i in range(0, arr.shape[0], batch_size)
                     ]
                     return np.concatenate(outs, axis=0)
             finally:

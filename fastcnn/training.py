@@ -226,16 +226,16 @@ def evaluate(
     try:
         with compute_threads(threads):
             if isinstance(x, DataLoader):
-                logits, y = predict_with_labels(model, x)
+                logits, labels = predict_with_labels(model, x)
             else:
-                logits = model.predict(x, batch_size=batch_size)
-            loss = float(loss_fn(logits, y))
+                logits, labels = model.predict(x, batch_size=batch_size), np.asarray(y)
+            loss = float(loss_fn(logits, labels))
     finally:
         if was_training:
             model.train()
         else:
             model.eval()
-    return loss, _correct(logits, y) / logits.shape[0]
+    return loss, _correct(logits, labels) / logits.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def fit(
     batch_size: int | None = None,
     val_data: tuple[Array, Array] | DataLoader | None = None,
     scheduler: LRScheduler | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = True,
     checkpoint: str | os.PathLike[str] | None = None,
     start_epoch: int = 0,
@@ -444,7 +444,7 @@ def fit(
                     m = xb.shape[0]
                     optimizer.zero_grad()
                     logits = model(xb)
-                    check_targets(logits, yb)  # every label, once the class count is known
+                    yb = check_targets(logits, yb)  # every label, once the class count is known
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)

@@ -66,7 +66,9 @@ def _size2(value: Any, what: str, name: str, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def shift_flip(x: Array, dy: Array, dx: Array, flip: Array, out_hw: tuple[int, int], fill: float) -> Array:
+def shift_flip(
+    x: Array, dy: Array, dx: Array, flip: Array, out_hw: tuple[int, int], fill: float
+) -> Array:
     """A new (N, C, OH, OW) batch: image n of ``x`` shifted by (dy[n], dx[n]) (the pixel at row
     i, column j of the output comes from row i + dy[n], column j + dx[n]), mirrored left-right
     where flip[n], ``fill`` outside ``x``. The one kernel behind the geometric transforms."""
@@ -134,8 +136,7 @@ class Normalize(Transform):
         values = list(value) if isinstance(value, (tuple, list, np.ndarray)) else [value]
         if not values or not all(is_real(v) and np.isfinite(v) for v in values):
             raise ValueError(
-                f"Normalize: expected {name} to be a finite number or a list of them, "
-                f"got {value!r}"
+                f"Normalize: expected {name} to be a finite number or a list of them, got {value!r}"
             )
         return [float(v) for v in values]
 
@@ -162,9 +163,7 @@ class RandomCrop(Transform):
     same for the columns. ``RandomCrop(32, padding=4)`` is the usual CIFAR augmentation.
     """
 
-    def __init__(
-        self, size: int | tuple[int, int], padding: int = 0, fill: float = 0.0
-    ) -> None:
+    def __init__(self, size: int | tuple[int, int], padding: int = 0, fill: float = 0.0) -> None:
         self.size = _size2(size, "RandomCrop", "size", 1)
         if not is_int(padding, 0):
             raise ValueError(f"RandomCrop: expected padding to be an integer >= 0, got {padding!r}")
@@ -225,6 +224,6 @@ class RandomHorizontalFlip(Transform):
         _check_batch(x, "RandomHorizontalFlip")
         _check_rng(rng, "RandomHorizontalFlip")
         n = x.shape[0]
-        flip = rng.random(n) < self.p
+        flip = np.less(rng.random(n), self.p)
         zero = np.zeros(n, dtype=np.int64)
         return shift_flip(x, zero, zero, flip, x.shape[2:], 0.0)

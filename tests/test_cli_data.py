@@ -70,7 +70,10 @@ def test_augmented_cli_run_resumes_bitwise(capsys, tmp_path, cifar_folder):
         capsys, "train", "--epochs", 2, "--out", plain, *[a for a in args if a != "--augment"]
     )
     assert status == 0, err
-    assert any(not np.array_equal(a, b) for a, b in zip(weights(whole).values(), weights(plain).values()))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(weights(whole).values(), weights(plain).values(), strict=True)
+    )
 
 
 def image_folder(root, seed=0, per_class=6, size=(12, 10)):

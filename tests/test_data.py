@@ -76,7 +76,7 @@ def test_item_by_item_data_sets_give_the_array_path_batches(dtype):
     for _ in range(2):  # two epochs: other orders, other augmentations
         a, b = collect(fast, reuse=True), collect(slow)
         assert len(a) == len(b) == 7
-        for (xa, ya), (xb, yb) in zip(a, b):
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
             np.testing.assert_array_equal(xa, xb)
             np.testing.assert_array_equal(ya, yb)
 
@@ -103,7 +103,7 @@ def test_seek_and_state_dict_position_the_loader_as_the_passes_would():
     restored = make()
     restored.load_state_dict(state)
     for other in (sought, restored):
-        for (xa, ya), (xb, yb) in zip(want, collect(other)):
+        for (xa, ya), (xb, yb) in zip(want, collect(other), strict=True):
             np.testing.assert_array_equal(xa, xb)
             np.testing.assert_array_equal(ya, yb)
     again = make()
@@ -225,10 +225,14 @@ def test_augmented_training_is_bitwise_reproducible_and_seeded():
     assert_same_weights(m1, m2)
     assert h1.train_loss == h2.train_loss
     m3, _ = train(augmented_loader(x, y, seed=4), epochs=3)
-    assert any(not np.array_equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(m1.state_dict().values(), m3.state_dict().values(), strict=True)
+    )
     plain, _ = train(data.DataLoader((x, y), 16, shuffle=True, seed=3), epochs=3)
     assert any(
-        not np.array_equal(a, b) for a, b in zip(m1.state_dict().values(), plain.state_dict().values())
+        not np.array_equal(a, b)
+        for a, b in zip(m1.state_dict().values(), plain.state_dict().values(), strict=True)
     )  # the augmentation changed the run
 
 

@@ -33,7 +33,7 @@ def test_classes_labels_and_pixels(tmp_path):
     ds = datasets.image_folder(tmp_path)
     assert ds.classes == ["cat", "dog"] and ds.y.tolist() == [0, 0, 0, 1, 1, 1]
     assert ds.x.shape == (6, 3, 6, 5) and ds.x.dtype == np.uint8
-    for img, path in zip(ds.x, ds.paths):
+    for img, path in zip(ds.x, ds.paths, strict=True):
         np.testing.assert_array_equal(img.transpose(1, 2, 0), written[path])  # NCHW
     xb, yb = next(iter(data.DataLoader(ds, batch_size=6)))
     np.testing.assert_array_equal(xb, ds.x / np.float32(255))

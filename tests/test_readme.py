@@ -111,5 +111,7 @@ def test_own_images_example_runs(monkeypatch, tmp_path):
     fresh = fastcnn.models.resnet(8, in_channels=3, num_classes=2)
     assert any(
         not np.array_equal(a, b)
-        for a, b in zip(scope["model"].state_dict().values(), fresh.state_dict().values())
+        for a, b in zip(
+            scope["model"].state_dict().values(), fresh.state_dict().values(), strict=True
+        )
     )

@@ -52,7 +52,7 @@ def test_random_horizontal_flip_equals_the_per_image_reference(p):
     got = T.RandomHorizontalFlip(p)(x.copy(), np.random.default_rng(2))
     want = naive.random_hflip(x, np.random.default_rng(2), p)
     np.testing.assert_array_equal(got, want)
-    flipped = sum(not np.array_equal(g, img) for g, img in zip(got, x))
+    flipped = sum(not np.array_equal(g, img) for g, img in zip(got, x, strict=True))
     assert flipped == {0.0: 0, 1.0: 33}.get(p, flipped) and (p != 0.5 or 0 < flipped < 33)
 
 

@@ -6,9 +6,7 @@ import numpy as np
 
 def crop(image, top, left, height, width, padding, fill):
     """The (height, width) window at (top, left) of ``image`` (C, H, W) padded by ``padding``."""
-    padded = np.pad(
-        image, ((0, 0), (padding, padding), (padding, padding)), constant_values=fill
-    )
+    padded = np.pad(image, ((0, 0), (padding, padding), (padding, padding)), constant_values=fill)
     return padded[:, top : top + height, left : left + width].copy()
 
 
@@ -41,7 +39,7 @@ def random_shift(x, rng, max_shift, fill=0.0):
 
 def random_hflip(x, rng, p):
     flips = rng.random(x.shape[0]) < p
-    return np.stack([hflip(img) if f else img.copy() for img, f in zip(x, flips)])
+    return np.stack([hflip(img) if f else img.copy() for img, f in zip(x, flips, strict=True)])
 
 
 def normalize(x, mean, std):
