@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--augment",
         action="store_true",
         default=None,
-        help="random shifts of up to 2 pixels (mnist, fashion-mnist), or random crops of the "
+        help="random shifts of up to 1 pixel (mnist, fashion-mnist), or random crops of the "
         "image padded by 1/8 of its size and horizontal flips (cifar10, folders)",
     )
     train.add_argument(
