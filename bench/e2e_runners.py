@@ -260,6 +260,39 @@ class FastcnnRunner:
                     out[f"{layer} {op}"] = _time_calls(fn, calls)
         return out
 
+    # -- data pipeline ---------------------------------------------------------------------
+    def data_pipeline(self, threads, batch, steps):
+        """Seconds per batch of fit's data pipeline (a DataLoader over uint8 images of the
+        network's input shape, read as fit reads it: reused buffers, scaled to float32), with
+        and without the augmentation of `fastcnn train --augment`, against a training step fed
+        by a prepared float32 batch. The images are random pixels; the cost does not depend on
+        their values."""
+        import numpy as np
+
+        from fastcnn import cli_data, data
+
+        c, h, w = self.input_shape
+        n = batch * steps
+        x = np.random.default_rng(0).integers(0, 256, (n, c, h, w), dtype=np.uint8)
+        y = np.random.default_rng(1).integers(0, 10, n).astype(np.int64)
+        kind = "mnist" if c == 1 else "cifar10"
+        out = {}
+        with self.compute_threads(threads):
+            for name, transform in (
+                ("loader", None),
+                ("loader + augment", cli_data.augmentation(kind, (c, h, w))),
+            ):
+                loader = data.DataLoader((x, y), batch, shuffle=True, transform=transform, seed=0)
+                for _ in loader.batches(reuse=True):  # compile, warm the caches
+                    pass
+                t0 = time.perf_counter()
+                for _ in loader.batches(reuse=True):
+                    pass
+                out[name] = (time.perf_counter() - t0) / steps
+        seconds, _ = self.block("train", batch, threads, steps)
+        out["train step"] = seconds / steps
+        return out
+
     # -- epoch -----------------------------------------------------------------------------
     def epoch(self, threads, batch, folder, init_path):
         import numpy as np
@@ -690,6 +723,10 @@ def worker_main(kind, data="random", network="reference"):
             elif op == "epoch":
                 result = runners[req["fw"]].epoch(
                     req["threads"], req["batch"], req["folder"], req["init"]
+                )
+            elif op == "data":
+                result = runners["fastcnn"].data_pipeline(
+                    req["threads"], req["batch"], req["steps"]
                 )
             elif op == "profile":
                 result = runners[req["fw"]].profile(req["threads"], req["batch"], req["steps"])

@@ -17,7 +17,10 @@ from . import _kernels_path
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
 from . import checkpoint, datasets, functional, losses, models, optim, plan, threads, training  # noqa: E402
+from . import data as data  # noqa: E402
+from . import transforms as transforms  # noqa: E402
 from .containers import Concat, Residual, Sequential  # noqa: E402
+from .data import ArrayDataset, DataLoader  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
     BatchNorm1D,
@@ -85,6 +88,10 @@ __all__ = [
     "fit",
     "set_num_threads",
     "checkpoint",
+    "data",
+    "transforms",
+    "ArrayDataset",
+    "DataLoader",
     "datasets",
     "functional",
     "losses",

@@ -413,7 +413,7 @@ def _signals_deferred():
             signal.raise_signal(number)  # now, to the handler that was in place
 
 
-def _atomic_write(path, data):
+def _atomic_write(path, data, what="checkpoint"):
     """Write ``data`` to ``path`` through a temporary file and a rename. A symbolic link at
     ``path`` is written through (its target is replaced, the link kept, as ``open(path, "w")``
     would do; replacing the link by a plain file would silently detach it from the file the user
@@ -453,7 +453,7 @@ def _atomic_write(path, data):
             where = path if target == path else f"{path} (a link to {target})"
             raise OSError(
                 exc.errno,
-                f"cannot write checkpoint {where}: "
+                f"cannot write {what} {where}: "
                 f"{exc.strerror or exc}; an existing file there is unchanged",
             ) from exc
         raise

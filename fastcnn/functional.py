@@ -185,8 +185,16 @@ def _check_input(x, rank_names, channels, layer):
         expected[1] = str(channels)
     if x.ndim != len(rank_names) or (channels is not None and x.shape[1] != channels):
         raise ValueError(
-            f"{layer}: expected input of shape ({', '.join(expected)}), got {_fmt_shape(x.shape)}"
+            f"{layer}: expected input of shape ({', '.join(expected)}), got "
+            f"{_fmt_shape(x.shape)}{_nhwc_hint(x.shape, channels)}"
         )
+
+
+def _nhwc_hint(shape, channels):
+    """A hint for images passed channels-last (N, H, W, C) where (N, C, H, W) was expected."""
+    if len(shape) == 4 and channels is not None and shape[1] != channels == shape[3]:
+        return " (channels last? fastcnn takes NCHW: pass x.transpose(0, 3, 1, 2))"
+    return ""
 
 
 def _check_shape_equal(a, shape, layer, what):
@@ -283,6 +291,7 @@ def conv2d_output_shape(
     if len(input_shape) != 4 or input_shape[1] != c:
         raise ValueError(
             f"{layer}: expected input of shape (N, {c}, H, W), got {_fmt_shape(input_shape)}"
+            f"{_nhwc_hint(input_shape, c)}"
         )
     _positive_spatial(input_shape, layer)
     if kh < 1 or kw < 1:
