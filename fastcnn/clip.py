@@ -101,6 +101,7 @@ def clip_grad_norm_(
     coef = float(max_norm) / (total + 1e-6)
     if coef >= 1:  # (a NaN factor scales, as PyTorch's clamp(max=1) passes NaN through)
         return total
-    for g in grads:
-        g *= g.dtype.type(coef)
+    with np.errstate(invalid="ignore"):  # an infinite gradient times 0 is NaN, as in PyTorch
+        for g in grads:
+            g *= g.dtype.type(coef)
     return total

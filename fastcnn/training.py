@@ -442,9 +442,9 @@ def fit(
             },
         )
         cbs.on_train_begin({})
-        if callback_states:  # a resumed run: after on_train_begin, which resets them
-            cbs.check_states(callback_states)
-            cbs.load_states(callback_states)
+    if callback_states:  # a resumed run: after on_train_begin, which resets the callbacks
+        cbs.check_states(callback_states)
+        cbs.load_states(callback_states)
     rng = np.random.default_rng(seed)
     if shuffle_state is not None:
         rng.bit_generator.state = _rng_state_from_json(shuffle_state)
