@@ -48,6 +48,7 @@ def test_progress_false_is_silent_and_verbose_true_prints(capsys, warm):
     assert len(out.splitlines()) == 2 and err == ""
 
 
+@pytest.mark.slow
 def test_in_a_log_file_from_a_subprocess_there_are_lines_and_no_frames(tmp_path):
     code = (
         "import numpy as np, fastcnn\n"
