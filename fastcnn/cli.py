@@ -754,9 +754,8 @@ def _report_confusion(model, x, y, args, threads, what):
     m = report["confusion_matrix"]
     confusion(m, args.confusion, title=f"{what}: accuracy {100 * report['accuracy']:.2f}%")
     print(f"confusion matrix: {args.confusion}")
-    per_class = "  ".join(
-        f"{c}: {100 * a:.1f}%" for c, a in enumerate(report["per_class_accuracy"]) if not np.isnan(a)
-    )
+    rates = report["per_class_accuracy"]
+    per_class = "  ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(rates) if not np.isnan(a))
     print(f"accuracy per class: {per_class}")
     print(f"test loss: {report['loss']:.4f}")
     print(f"test accuracy: {100 * report['accuracy']:.2f}%", flush=True)

@@ -366,7 +366,8 @@ def fit(
       (:func:`fastcnn.warmup`, which changes nothing of the model or optimizer).
     - ``callbacks``: :class:`fastcnn.callbacks.Callback` objects (EarlyStopping,
       ModelCheckpoint, ReduceLROnPlateau, CSVLogger, your own); their state is saved in the
-      checkpoint and ``resume_kwargs`` gives it back as ``callback_states``.
+      checkpoint and ``resume_kwargs`` gives it back as ``callback_states`` (which ``fit``
+      loads into the callbacks after their ``on_train_begin``).
     - ``clip_grad_norm``: scale the gradients of each batch to this total norm at most
       (:func:`fastcnn.clip_grad_norm_`) before the step; a non-finite norm is a TrainingDiverged.
     - ``threads``: Numba threads for the run (restored afterwards); the BLAS is limited to

@@ -336,3 +336,15 @@ def test_csv_logger_writes_the_history_and_continues_on_resume(tmp_path):
     run(mlp(), [CSVLogger(no_val, separator=";")], epochs=1, val=False)
     header, row = no_val.read_text().splitlines()
     assert header.split(";")[3] == "val_loss" and row.split(";")[3] == ""
+
+
+def test_model_checkpoint_best_survives_a_resume(tmp_path):
+    best, path = tmp_path / "best.safetensors", tmp_path / "run.safetensors"
+    run(mlp(), [ModelCheckpoint(best, save_best_only=True)], 2, 0.0, checkpoint=path)
+    saved_best = best.read_bytes()
+    ck = checkpoint.load(path)
+    kw = resume_kwargs(ck)
+    assert kw["callback_states"][0]["class"] == "ModelCheckpoint"
+    cb = ModelCheckpoint(best, save_best_only=True)
+    run(ck.model, [cb], epochs=3, lr=0.0, **kw)  # epoch 3 is no better than epoch 1
+    assert best.read_bytes() == saved_best and cb.best == kw["callback_states"][0]["state"]["best"]
