@@ -72,6 +72,7 @@ from e2e_measure import (
     CONTENTION,
     PEER,
     close_workers,
+    data_table,
     epoch_table,
     interference_table,
     kernel_tables,
@@ -181,6 +182,11 @@ def parse_args(argv):
     )
     p.add_argument("--epoch", action="store_true", help="one epoch of real MNIST per framework")
     p.add_argument(
+        "--data-pipeline",
+        action="store_true",
+        help="the DataLoader's cost per batch (with --augment's transform) against a step",
+    )
+    p.add_argument(
         "--startup", action="store_true", help="time to the first finished batch of `fastcnn train`"
     )
     p.add_argument(
@@ -278,7 +284,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="fastcnn-bench-")
     workers = {}
     throughput = memory = startup = None
-    needs_workers = not args.no_kernels or args.epoch or args.profile
+    needs_workers = not args.no_kernels or args.epoch or args.profile or args.data_pipeline
     init = os.path.join(tmp, "init.npz")
     try:
         if needs_workers:
@@ -289,6 +295,8 @@ def main(argv=None):
             profile_table(args, workers)
         if args.epoch:
             epoch_table(args, workers, tmp)
+        if args.data_pipeline:
+            data_table(args, workers)
         close_workers(workers)
         workers = {}
         if not args.no_throughput:

@@ -470,6 +470,33 @@ def epoch_table(args, workers, tmp):
     return out
 
 
+def data_table(args, workers, batch=64, steps=200):
+    """The data pipeline's cost per batch against a training step (issue 16: < 5%)."""
+    print()
+    print(
+        f"## Data pipeline: a DataLoader over uint8 images (fit's reused buffers, scaled to "
+        f"float32), with and without `fastcnn train --augment`'s transform, against a training "
+        f"step on a prepared batch ({args.network}, batch {batch}, {steps} batches, medians of 3)"
+    )
+    print()
+    print("| threads | loader ms | loader + augment ms | train step ms | loader + augment / step |")
+    print("|---:|---:|---:|---:|---:|")
+    out = []
+    for threads in args.threads:
+        runs = []
+        for _ in range(3):
+            CONTENTION.wait_quiet()
+            runs.append(workers["fastcnn"].call("data", threads=threads, batch=batch, steps=steps))
+        r = {k: median([run[k] for run in runs]) for k in runs[0]}
+        print(
+            f"| {threads} | {1e3 * r['loader']:.3f} | {1e3 * r['loader + augment']:.3f} | "
+            f"{1e3 * r['train step']:.2f} | {100 * r['loader + augment'] / r['train step']:.1f}% |",
+            flush=True,
+        )
+        out.append(r)
+    return out
+
+
 def profile_table(args, workers):
     threads = max(args.threads)
     batch = args.profile_batch

@@ -159,7 +159,7 @@ class FastcnnRunner:
                     opt.zero_grad()
                     logits = model(x)
                     loss = loss_fn(logits, y)
-                    model.backward(loss_fn.backward(), input_grad=False)  # as fit does
+                    model.backward(loss_fn.backward())  # the README's step
                     opt.step()
                 seconds = _t.perf_counter() - t0
             else:
@@ -214,6 +214,7 @@ class FastcnnRunner:
         """Seconds per call of fastcnn's conv kernels at the reference shapes (batch 64)."""
         import numpy as np
 
+        from fastcnn.functional import _no_bn
         from fastcnn.kernels import conv2d as kconv
         from fastcnn.kernels import fused as kfused
         from fastcnn.kernels import pool2d as kpool
@@ -230,7 +231,7 @@ class FastcnnRunner:
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)
                 # a 2x2 max pool of relu(conv) (its argmax and output) and a pooled gradient
                 n, oh, ow = dy.shape[:3]
-                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y)
+                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y, _no_bn(x))
                 pooled = np.empty((n, oh // 2, ow // 2, f), np.float32)
                 argmax = np.empty(pooled.shape, np.int64)
                 kpool.maxpool2d_forward(y, 2, 2, 2, 2, 0, 0, pooled, argmax)
@@ -243,7 +244,7 @@ class FastcnnRunner:
                 )
                 fns = {
                     "forward": lambda: kconv.conv2d_forward(
-                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y
+                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y, _no_bn(x)
                     ),
                     "backward-input": lambda: kconv.conv2d_backward_input(
                         dy, weight, 1, 1, 0, 0, 1, 1, dx
@@ -257,6 +258,39 @@ class FastcnnRunner:
                 }
                 for op, fn in fns.items():
                     out[f"{layer} {op}"] = _time_calls(fn, calls)
+        return out
+
+    # -- data pipeline ---------------------------------------------------------------------
+    def data_pipeline(self, threads, batch, steps):
+        """Seconds per batch of fit's data pipeline (a DataLoader over uint8 images of the
+        network's input shape, read as fit reads it: reused buffers, scaled to float32), with
+        and without the augmentation of `fastcnn train --augment`, against a training step fed
+        by a prepared float32 batch. The images are random pixels; the cost does not depend on
+        their values."""
+        import numpy as np
+
+        from fastcnn import cli_data, data
+
+        c, h, w = self.input_shape
+        n = batch * steps
+        x = np.random.default_rng(0).integers(0, 256, (n, c, h, w), dtype=np.uint8)
+        y = np.random.default_rng(1).integers(0, 10, n).astype(np.int64)
+        kind = "mnist" if c == 1 else "cifar10"
+        out = {}
+        with self.compute_threads(threads):
+            for name, transform in (
+                ("loader", None),
+                ("loader + augment", cli_data.augmentation(kind, (c, h, w))),
+            ):
+                loader = data.DataLoader((x, y), batch, shuffle=True, transform=transform, seed=0)
+                for _ in loader.batches(reuse=True):  # compile, warm the caches
+                    pass
+                t0 = time.perf_counter()
+                for _ in loader.batches(reuse=True):
+                    pass
+                out[name] = (time.perf_counter() - t0) / steps
+        seconds, _ = self.block("train", batch, threads, steps)
+        out["train step"] = seconds / steps
         return out
 
     # -- epoch -----------------------------------------------------------------------------
@@ -689,6 +723,10 @@ def worker_main(kind, data="random", network="reference"):
             elif op == "epoch":
                 result = runners[req["fw"]].epoch(
                     req["threads"], req["batch"], req["folder"], req["init"]
+                )
+            elif op == "data":
+                result = runners["fastcnn"].data_pipeline(
+                    req["threads"], req["batch"], req["steps"]
                 )
             elif op == "profile":
                 result = runners[req["fw"]].profile(req["threads"], req["batch"], req["steps"])

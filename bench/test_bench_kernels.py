@@ -14,6 +14,7 @@ import pytest
 
 import numpy_ops
 from conftest import torch
+from fastcnn.functional import _no_bn
 from fastcnn.kernels import activations as kact
 from fastcnn.kernels import batchnorm as kbn
 from fastcnn.kernels import conv2d as kconv
@@ -68,7 +69,9 @@ def test_conv2d_forward(record, shape, impl):
     fns = {
         "naive": lambda: naive_conv.conv2d_forward(x, weight, bias),
         "numpy": lambda: numpy_ops.conv2d_forward(x, weight, bias),
-        "fastcnn": lambda: kconv.conv2d_forward(xh, weight, bias, 1, 1, 0, 0, 1, 1, False, outh),
+        "fastcnn": lambda: kconv.conv2d_forward(
+            xh, weight, bias, 1, 1, 0, 0, 1, 1, False, outh, _no_bn(xh)
+        ),
     }
     if impl == "torch":
         _torch_threads()

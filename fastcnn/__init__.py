@@ -30,6 +30,8 @@ from . import (  # noqa: E402
     threads,
     training,
 )
+from . import data as data  # noqa: E402
+from . import transforms as transforms  # noqa: E402
 from .callbacks import (  # noqa: E402
     Callback,
     CSVLogger,
@@ -40,6 +42,7 @@ from .callbacks import (  # noqa: E402
 from .clip import clip_grad_norm_  # noqa: E402
 from .compile_ahead import warmup  # noqa: E402
 from .containers import Concat, Residual, Sequential  # noqa: E402
+from .data import ArrayDataset, DataLoader  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
     AvgPool2d,
@@ -132,6 +135,10 @@ __all__ = [
     "set_num_threads",
     "callbacks",
     "checkpoint",
+    "data",
+    "transforms",
+    "ArrayDataset",
+    "DataLoader",
     "datasets",
     "functional",
     "losses",

@@ -4,8 +4,10 @@
     fastcnn train --model resnet20 --dataset fashion-mnist
     fastcnn train --out run.safetensors # checkpoint at the end of every epoch
     fastcnn train --resume run.safetensors --epochs 5
+    fastcnn train --dataset cifar10 --augment   # or --dataset FOLDER (a sub-folder per class)
     fastcnn train --early-stopping 3 --plot curves.png
     fastcnn evaluate run.safetensors [--confusion confusion.png]
+    fastcnn predict run.safetensors images/   # or an IDX / .npy file of images
     fastcnn summary [--model resnet20 | CHECKPOINT]
 
 Exit statuses (also in ``fastcnn --help`` and docs/reliability-errors.md): 0 success; 1 the
@@ -23,10 +25,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import cli_data
 from ._checks import is_int, is_real
 
-DATASETS = ("mnist", "fashion-mnist")
-MODELS = ("reference", "lenet5", "resnet8", "resnet20")
+DATASETS = cli_data.NAMED  # or a folder: see fastcnn/cli_data.py
+MODELS = ("reference", "lenet5", "resnet8", "resnet20", "vgg", "allconv")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "onecycle")
 
@@ -58,8 +61,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 MODEL_DEFAULTS["resnet20"] = MODEL_DEFAULTS["resnet8"]
-INPUT_SHAPE = (1, 28, 28)  # both data sets' images
-NUM_CLASSES = 10  # and classes
+INPUT_SHAPE = (1, 28, 28)  # the digit sets' images
+NUM_CLASSES = 10  # and classes (the default of summary)
 
 
 EPILOG = """\
@@ -75,7 +78,7 @@ exit statuses:
 
 environment:
   FASTCNN_TRACEBACK=1  print the full Python traceback of any error instead of its message
-  FASTCNN_DATA=DIR     the folder holding mnist/ and fashion-mnist/ (as --data-dir)
+  FASTCNN_DATA=DIR     the folder holding mnist/, fashion-mnist/ and cifar10/ (as --data-dir)
 """
 
 
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(
-        dest="command", metavar="{train,evaluate,summary}", parser_class=_Parser
+        dest="command", metavar="{train,evaluate,predict,summary}", parser_class=_Parser
     )
     see = "exit statuses, FASTCNN_TRACEBACK=1 and FASTCNN_DATA: see 'fastcnn --help'"
     sub.required = True
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         epilog=see,
-        help="train a network on MNIST or Fashion-MNIST",
+        help="train a network on MNIST, Fashion-MNIST, CIFAR-10 or a folder of images",
         description="Train a network (fastcnn summary --model NAME shows it) and report the test "
         "accuracy. Prints one line per epoch and ends with 'test accuracy: NN.NN%%'. The ResNets "
         "default to their own recipe: sgd lr 0.1 with Nesterov momentum 0.9, weight decay 5e-4, "
@@ -241,12 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonneg_int,
         help="seed of the weights and of the shuffling, an integer >= 0 [0]",
     )
-    train.add_argument("--dataset", choices=DATASETS, help="[mnist]")
+    train.add_argument(
+        "--dataset",
+        type=cli_data.dataset_arg,
+        metavar="{mnist,fashion-mnist,cifar10,FOLDER}",
+        help="a data set, or a FOLDER of images (a sub-folder per class; train/ and test/ "
+        "inside, else 20%% of it is the test set) or of the CIFAR-10 binary files [mnist]",
+    )
+    train.add_argument(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="random shifts of up to 1 pixel (mnist, fashion-mnist), or random crops of the "
+        "image padded by 1/8 of its size and horizontal flips (cifar10, folders)",
+    )
+    train.add_argument(
+        "--image-size",
+        type=_positive_int,
+        metavar="N",
+        help="resize a folder's images to NxN [their own size, which must then be one]",
+    )
     train.add_argument(
         "--val-split",
         type=_val_split,
         help="validation images held out from the END of the training set: a count "
-        "(5000) or a fraction (0.1); 0 = no validation [5000]",
+        "(5000) or a fraction (0.1); 0 = no validation [5000; folders 0.1]",
     )
     train.add_argument(
         "--limit",
@@ -295,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint on the test set; ends with 'test accuracy: NN.NN%'.",
     )
     ev.add_argument("checkpoint", metavar="CHECKPOINT")
-    ev.add_argument("--dataset", choices=DATASETS, help="[the one it was trained on, else mnist]")
+    ev.add_argument(
+        "--dataset",
+        type=cli_data.dataset_arg,
+        metavar="{mnist,fashion-mnist,cifar10,FOLDER}",
+        help="[the one it was trained on, else mnist]",
+    )
     ev.add_argument("--batch-size", type=_positive_int, default=256, help="[256]")
     ev.add_argument(
         "--limit", type=_positive_int, metavar="N", help="use only the first N test images"
@@ -308,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    cli_data.add_predict_parser(sub, see)
 
     sm = sub.add_parser(
         "summary",
@@ -333,7 +362,8 @@ def _add_common(p):
     p.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="folder holding mnist/ and fashion-mnist/ [$FASTCNN_DATA, else ~/.cache/fastcnn]",
+        help="folder holding mnist/, fashion-mnist/ and cifar10/ "
+        "[$FASTCNN_DATA, else ~/.cache/fastcnn]",
     )
     p.add_argument(
         "--no-download", action="store_true", help="fail instead of downloading missing data"
@@ -345,11 +375,9 @@ def _add_common(p):
 # helpers
 
 
-def _load_data(name, data_dir, download):
-    from . import datasets
-
-    loader = {"mnist": datasets.mnist, "fashion-mnist": datasets.fashion_mnist}[name]
-    return loader(root=data_dir, download=download)
+def _load_data(name, data_dir, download, image_size=None):
+    """((x_train, y_train), (x_test, y_test), class names): cli_data.load."""
+    return cli_data.load(name, data_dir, download, image_size)
 
 
 def _check_threads(n):
@@ -402,7 +430,7 @@ def _is_number(value, low=0.0, low_open=False):
 # What each saved setting may be (a checkpoint's metadata can be edited: checked before use).
 _SETTING_CHECKS = {
     "model": lambda v: v in MODELS,
-    "dataset": lambda v: v in DATASETS,
+    "dataset": cli_data.is_dataset,
     "optimizer": lambda v: v in OPTIMIZERS,
     "scheduler": lambda v: v in SCHEDULERS,
     "lr": lambda v: _is_number(v, low_open=True),
@@ -414,9 +442,12 @@ _SETTING_CHECKS = {
     "val_split": lambda v: is_int(v, 0) or (isinstance(v, float) and 0 <= v < 1),
     "limit": lambda v: v is None or is_int(v, 1),
     "schedule_epochs": lambda v: is_int(v, 1),
+    "augment": lambda v: isinstance(v, bool),
+    "image_size": lambda v: v is None or is_int(v, 1),
     "early_stopping": lambda v: v is None or is_int(v, 1),
 }
-_OPTIONAL_SETTINGS = ("model", "nesterov", "limit", "early_stopping")  # absent from older ones
+# absent from older checkpoints
+_OPTIONAL_SETTINGS = ("model", "nesterov", "limit", "augment", "image_size", "early_stopping")
 
 
 def _check_saved_settings(path, saved):
@@ -486,10 +517,13 @@ def _settings(args, saved=None):
         "seed": args.seed,
         "val_split": args.val_split,
         "limit": args.limit,
+        "augment": args.augment,
+        "image_size": args.image_size,
         "early_stopping": args.early_stopping,
     }
-    if saved is not None:
-        saved = {"model": DEFAULTS["model"], "nesterov": False, **saved}  # older checkpoints
+    if saved is not None:  # (older checkpoints lack the newer settings)
+        saved = {"model": DEFAULTS["model"], "nesterov": False, "augment": False, **saved}
+        saved.setdefault("image_size", None)
         for key, value in given.items():
             if value is not None and value != saved.get(key):
                 option = "--" + key.replace("_", "-")
@@ -509,8 +543,13 @@ def _settings(args, saved=None):
             )
         return settings
     settings = {k: v for k, v in given.items()}
+    if settings["dataset"] is None:
+        settings["dataset"] = DEFAULTS["dataset"]
     if settings["model"] is None:
-        settings["model"] = DEFAULTS["model"]
+        settings["model"] = cli_data.default_model(settings["dataset"])
+    settings["augment"] = bool(settings["augment"])
+    if settings["image_size"] is not None and not cli_data.is_folder(settings["dataset"]):
+        raise CliError(f"--image-size applies to a folder of images, not to {settings['dataset']}")
     defaults = {**DEFAULTS}
     for key, value in MODEL_DEFAULTS.get(settings["model"], {}).items():
         defaults[key] = {**defaults[key], **value} if isinstance(value, dict) else value
@@ -533,7 +572,7 @@ def _settings(args, saved=None):
     if settings["nesterov"] and settings["momentum"] <= 0:
         raise CliError("--nesterov needs --momentum > 0")
     if settings["val_split"] is None:
-        settings["val_split"] = _val_split(DEFAULTS["val_split"])
+        settings["val_split"] = cli_data.default_val_split(settings["dataset"])
     settings["schedule_epochs"] = args.epochs
     return settings
 
@@ -592,9 +631,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # First run on this machine: the backward kernels compile in a helper process meanwhile.
     precompiled = precompile.start()
-    (x_train, y_train), (x_test, y_test) = _load_data(
-        settings["dataset"], args.data_dir, not args.no_download
+    (x_train, y_train), (x_test, y_test), classes = _load_data(
+        settings["dataset"], args.data_dir, not args.no_download, settings.get("image_size")
     )
+    if ckpt is None:
+        cli_data.check_model(settings["model"], settings["dataset"], x_train.shape[1:])
+        settings["classes"] = classes
     if settings.get("limit"):
         x_train, y_train = x_train[: settings["limit"]], y_train[: settings["limit"]]
         x_test, y_test = x_test[: settings["limit"]], y_test[: settings["limit"]]
@@ -606,7 +648,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ckpt is not None:
         model = ckpt.model
     else:
-        model = models.BUILDERS[settings["model"]](x_train.shape[1], NUM_CLASSES, settings["seed"])
+        model = models.BUILDERS[settings["model"]](x_train.shape[1], len(classes), settings["seed"])
         resume = {"seed": settings["seed"]}
     if settings.get("early_stopping") and not n_val:
         raise CliError(
@@ -625,7 +667,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     loss_fn = CrossEntropyLoss()
     nthreads = threads if threads is not None else get_num_threads()
     print(
-        f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}: "
+        f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}"
+        f"{' (augmented)' if settings.get('augment') else ''}: "
         f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
         f"{_describe(settings)}; "
         f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads",
@@ -645,8 +688,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model,
             loss_fn,
             optimizer,
-            x_fit,
-            y_fit,
+            *cli_data.train_data(x_fit, y_fit, settings),
             epochs=max(args.epochs, resume.get("start_epoch", 0)),
             batch_size=settings["batch_size"],
             val_data=val_data,
@@ -725,12 +767,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = saved.get("dataset") if isinstance(saved, dict) else None
         if dataset is None:
             dataset = DEFAULTS["dataset"]
-        elif dataset not in DATASETS:
+        elif not (dataset in DATASETS or (cli_data.is_dataset(dataset) and os.path.isdir(dataset))):
             raise CliError(
                 f"{args.checkpoint}: names the data set {dataset!r:.50}, which is not one "
-                f"of {', '.join(DATASETS)}; choose one with --dataset"
+                f"of {', '.join(DATASETS)} nor a folder; choose one with --dataset"
             )
-    _, (x_test, y_test) = _load_data(dataset, args.data_dir, not args.no_download)
+    image_size = saved.get("image_size") if isinstance(saved, dict) else None
+    _, (x_test, y_test), _ = _load_data(
+        dataset, args.data_dir, not args.no_download, image_size if is_int(image_size, 1) else None
+    )
     if args.limit:
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
     epoch = f" after epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
@@ -772,8 +817,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
         model = ckpt.model
         shape = shape or ckpt.input_shape or INPUT_SHAPE
     else:
-        shape = shape or INPUT_SHAPE
-        model = models.BUILDERS[args.model or DEFAULTS["model"]](shape[0], NUM_CLASSES, 0)
+        name = args.model or DEFAULTS["model"]
+        shape = shape or models.INPUT_SHAPES[name]
+        model = models.BUILDERS[name](shape[0], NUM_CLASSES, 0)
     print(model.summary((1,) + tuple(shape), print_fn=None))
     return 0
 
@@ -793,6 +839,7 @@ def _expected_errors():
         TypeError,
         OSError,
     ]
+    errors.append(cli_data.DataError)
     for module, name in ((datasets, "DatasetError"), (checkpoint, "CheckpointError")):
         cls = getattr(module, name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):

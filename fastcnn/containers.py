@@ -173,12 +173,14 @@ class Sequential(_ListContainer):
         self.__dict__["_ran"] = plan
         return x
 
-    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+    def backward(self, dy: Array, input_grad: bool = False) -> Array | None:
         """Backpropagate ``dy`` (the gradient of the loss with respect to the output) through
-        the plan the last forward ran, accumulating parameter gradients; returns the gradient
-        to the input. With ``input_grad=False`` (what ``fit`` does) the first step skips
-        computing it where it can, and None is returned, as PyTorch skips the gradient of an
-        input that does not require one."""
+        the plan the last forward ran, accumulating parameter gradients. The gradient to the
+        input is computed and returned only with ``input_grad=True``: by default the first step
+        skips it where it can and None is returned, as PyTorch skips the gradient of an input
+        that does not require one (a network's images need none). A container nested in
+        another is always asked explicitly; a single layer returns its input's gradient
+        unless told not to."""
         plan = self._ran
         if plan is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
@@ -245,7 +247,7 @@ class Residual(_Container):
         self.save_for_backward(y.shape, y.dtype)
         return y
 
-    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+    def backward(self, dy: Array, input_grad: bool = False) -> Array | None:
         shape, dtype = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
         d_body = self.body.backward(dy, input_grad=input_grad)
@@ -346,7 +348,7 @@ class Concat(_ListContainer):
         self.save_for_backward(y.shape, y.dtype, [o.shape[1] for o in outs])
         return y
 
-    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+    def backward(self, dy: Array, input_grad: bool = False) -> Array | None:
         shape, dtype, widths = self.saved_for_backward()
         dy = check_grad(dy, shape, dtype, self.name)
         dx: Array | None = None

@@ -1,4 +1,6 @@
 """MNIST and Fashion-MNIST loaders: the official IDX files, gzipped or not, downloaded on first use.
+(CIFAR-10: :func:`cifar10`, in datasets_cifar10.py; your own images: :func:`image_folder`, in
+datasets_folder.py.)
 
     (x_train, y_train), (x_test, y_test) = fastcnn.datasets.mnist()
 
@@ -51,6 +53,8 @@ from ._types import Array
 __all__ = [
     "mnist",
     "fashion_mnist",
+    "cifar10",
+    "image_folder",
     "load_dataset",
     "default_root",
     "clear_cache",
@@ -62,6 +66,8 @@ __all__ = [
     "ChecksumError",
     "DownloadError",
     "DATASETS",
+    "CIFAR10_CLASSES",
+    "ImageFolder",
 ]
 
 IMAGE_MAGIC = 2051
@@ -238,15 +244,15 @@ def _ensure_files(name, folder, files, download, mirrors):
     return paths
 
 
-def _download(filename, folder, sha256, mirrors):
-    """Fetch `filename` from the first mirror that delivers it with the right sha256."""
+def _download(filename, folder, sha256, mirrors, algorithm="sha256", max_bytes=None):
+    """Fetch `filename` from the first mirror that delivers it with the right digest."""
     dest = os.path.join(folder, filename)
     failures, bad_checksum = [], False
     for base in mirrors:
         url = base if base.endswith("/") else base + "/"
         url += filename
         try:
-            _fetch_verified(url, dest, sha256)
+            _fetch_verified(url, dest, sha256, algorithm, max_bytes)
             return dest
         except ChecksumError as exc:
             bad_checksum = True
@@ -266,11 +272,12 @@ def _download(filename, folder, sha256, mirrors):
     )
 
 
-def _fetch_verified(url, dest, sha256):
+def _fetch_verified(url, dest, sha256, algorithm="sha256", max_bytes=None):
+    max_bytes = _MAX_DOWNLOAD if max_bytes is None else max_bytes
     folder, filename = os.path.split(dest)
     tmp = os.path.join(folder, f".{filename}.{secrets.token_hex(6)}.part")
     request = urllib.request.Request(url, headers={"User-Agent": "fastcnn"})
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     try:
         with (
             urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT) as response,
@@ -282,9 +289,9 @@ def _fetch_verified(url, dest, sha256):
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > _MAX_DOWNLOAD:
+                if size > max_bytes:
                     raise DownloadError(
-                        f"{url}: sent more than {_MAX_DOWNLOAD} bytes, more than any official "
+                        f"{url}: sent more than {max_bytes} bytes, more than any official "
                         f"{filename}: stopped, the partial file deleted"
                     )
                 digest.update(chunk)
@@ -294,7 +301,7 @@ def _fetch_verified(url, dest, sha256):
         actual = digest.hexdigest()
         if actual != sha256:
             raise ChecksumError(
-                f"{url}: downloaded {filename} has sha256 {actual}, expected {sha256}; "
+                f"{url}: downloaded {filename} has {algorithm} {actual}, expected {sha256}; "
                 f"the file was deleted, not used"
             )
         os.replace(tmp, dest)
@@ -500,3 +507,9 @@ def read_idx_labels(path: str | os.PathLike[str], expected_count: int | None = N
     """uint8 array (N,) of labels 0..9 from an IDX label file (read-only, cached)."""
     path = os.fspath(path)
     return _check_count(path, _cached_idx(path, "labels", expected_count), expected_count)
+
+
+# The other data sets, in modules of their own (they use the errors and downloads above).
+from .datasets_cifar10 import CLASSES as CIFAR10_CLASSES  # noqa: E402
+from .datasets_cifar10 import cifar10  # noqa: E402
+from .datasets_folder import ImageFolder, image_folder  # noqa: E402

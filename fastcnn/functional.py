@@ -185,8 +185,16 @@ def _check_input(x, rank_names, channels, layer):
         expected[1] = str(channels)
     if x.ndim != len(rank_names) or (channels is not None and x.shape[1] != channels):
         raise ValueError(
-            f"{layer}: expected input of shape ({', '.join(expected)}), got {_fmt_shape(x.shape)}"
+            f"{layer}: expected input of shape ({', '.join(expected)}), got "
+            f"{_fmt_shape(x.shape)}{_nhwc_hint(x.shape, channels)}"
         )
+
+
+def _nhwc_hint(shape, channels):
+    """A hint for images passed channels-last (N, H, W, C) where (N, C, H, W) was expected."""
+    if len(shape) == 4 and channels is not None and shape[1] != channels == shape[3]:
+        return " (channels last? fastcnn takes NCHW: pass x.transpose(0, 3, 1, 2))"
+    return ""
 
 
 def _check_shape_equal(a, shape, layer, what):
@@ -283,6 +291,7 @@ def conv2d_output_shape(
     if len(input_shape) != 4 or input_shape[1] != c:
         raise ValueError(
             f"{layer}: expected input of shape (N, {c}, H, W), got {_fmt_shape(input_shape)}"
+            f"{_nhwc_hint(input_shape, c)}"
         )
     _positive_spatial(input_shape, layer)
     if kh < 1 or kw < 1:
@@ -363,7 +372,62 @@ def conv2d_forward(
     y = np.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv2d.conv2d_forward(
-            _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, bool(relu), y
+            _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, bool(relu), y, _no_bn(x)
+        )
+    return _nchw(y)
+
+
+def _no_bn(x):
+    """conv2d_forward's ``bn`` argument when no BatchNorm follows: three empty arrays."""
+    empty = np.empty(0, x.dtype)
+    return (empty, empty, empty)
+
+
+def conv2d_batch_norm_eval_forward(
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    stride: Size2,
+    padding: Padding,
+    dilation: Size2,
+    gamma: Array,
+    beta: Array,
+    running_mean: Array,
+    running_var: Array,
+    eps: float,
+    relu: bool = False,
+    layer: str = "Conv2D",
+    bn_layer: str = "BatchNorm2D",
+) -> Array:
+    """``batch_norm_forward_eval(conv2d_forward(x, ...), ...)``, then the ReLU if ``relu``, in
+    one pass: bitwise the same output (channels-last in memory), the BatchNorm applied to each
+    block of the convolution's output while it is in cache."""
+    x, weight, bias = _conv_args(x, weight, bias, layer)
+    out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer
+    )
+    n, f, oh, ow = out_shape
+    params = []
+    for name, p in (
+        ("weight", gamma),
+        ("bias", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        p = check_float(p, bn_layer, name)
+        _check_shape_equal(p, (f,), bn_layer, name)
+        _same_dtype(p, x, bn_layer, name)
+        params.append(p)
+    gamma, beta, running_mean, running_var = params
+    if bias is None:
+        bias = np.zeros(f, dtype=x.dtype)
+    y = np.empty((n, oh, ow, f), dtype=x.dtype)
+    if y.size:
+        scale = np.empty(f, dtype=x.dtype)
+        _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
+        bn = (running_mean, scale, beta)
+        _conv2d.conv2d_forward(
+            _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, bool(relu), y, bn
         )
     return _nchw(y)
 
@@ -466,6 +530,7 @@ def conv2d_backward(
                 dw,
                 False,
                 dx,
+                _no_bn(dx),
             )
         else:
             k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)

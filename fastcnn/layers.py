@@ -123,8 +123,15 @@ def cast_input(x: ArrayLike, dtype: DTypeLike, layer: str) -> tuple[Array, np.dt
     input is cast to it (its gradient goes back in the input's dtype), else TypeError."""
     x = np.asarray(x)
     if x.dtype.kind != "f":
+        hint = ""
+        if x.dtype == np.uint8:
+            hint = (
+                " (pixels 0..255: divide by 255, x.astype(np.float32) / 255, or pass them to "
+                "fit/evaluate/predict or a fastcnn.data.DataLoader, which scale them)"
+            )
         raise TypeError(
-            f"{layer}: expected a floating-point input (float32 or float64), got dtype {x.dtype}"
+            f"{layer}: expected a floating-point input (float32 or float64), got dtype "
+            f"{x.dtype}{hint}"
         )
     in_dtype = x.dtype.newbyteorder("=")  # gradients come back in native byte order
     return (x if x.dtype == dtype else x.astype(dtype)), in_dtype

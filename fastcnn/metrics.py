@@ -21,6 +21,7 @@ from ._checks import is_int
 from ._types import Array
 
 if TYPE_CHECKING:
+    from .data import DataLoader
     from .losses import CrossEntropyLoss, MSELoss
     from .module import Module
 
@@ -146,24 +147,31 @@ def per_class_accuracy(matrix_or_y_true: ArrayLike, y_pred: ArrayLike | None = N
 
 def evaluate_metrics(
     model: Module,
-    x: Array,
-    y: Array,
+    x: Array | DataLoader,
+    y: Array | None = None,
     k: int = 5,
     batch_size: int = 256,
     loss_fn: CrossEntropyLoss | MSELoss | None = None,
     threads: int | None = None,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
-    """Everything ``evaluate`` measures and more, in eval mode, in one pass:
+    """Everything ``evaluate`` measures and more, in eval mode, in one pass over ``(x, y)`` or
+    a DataLoader ``x`` (as ``evaluate``; uint8 images are scaled to [0, 1]):
     ``{"loss", "accuracy", "top_k_accuracy", "k", "per_class_accuracy", "confusion_matrix"}``
     (a Keras user's ``evaluate(return_dict=True)``). ``per_class_accuracy`` is a (C,) array,
     ``confusion_matrix`` a (C, C) int64 array (rows true, columns predicted), C the model's
     number of outputs (or ``num_classes``). The model's train/eval mode is restored."""
+    from ._fit_data import predict_with_labels
+    from .data import DataLoader
     from .threads import compute_threads
     from .training import _check_data, _check_positive_int, _default_loss
 
     what = "evaluate_metrics"
-    _check_data(what, x, y)
+    if isinstance(x, DataLoader):
+        if y is not None:
+            raise TypeError(f"{what}: got a DataLoader and y; the labels come from the loader")
+    else:
+        _check_data(what, x, y)
     batch_size = _check_positive_int(what, "batch_size", batch_size)
     if not is_int(k, 1):
         raise ValueError(f"{what}: expected k to be an integer >= 1, got {k!r}")
@@ -171,7 +179,10 @@ def evaluate_metrics(
     was_training = getattr(model, "training", True)
     try:
         with compute_threads(threads):
-            logits = model.predict(x, batch_size=batch_size)
+            if isinstance(x, DataLoader):
+                logits, y = predict_with_labels(model, x)
+            else:
+                logits, y = model.predict(x, batch_size=batch_size), np.asarray(y)
             loss = float(loss_fn(logits, y))
     finally:
         model.train(was_training)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
@@ -37,6 +37,8 @@ from ._types import Array, Config, Rng, Shape
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from .data import DataLoader
 
 M = TypeVar("M", bound="Module")
 #: ``visit(name, module, input_shape)`` of :meth:`Module.trace_shapes`: the row to fill in
@@ -322,10 +324,15 @@ class Module:
         call (the same module run meanwhile by another model sharing it)."""
         return self.__dict__["_saved"]
 
-    def predict(self, x: ArrayLike, batch_size: int = 256) -> Array:
+    def predict(self, x: ArrayLike | DataLoader | Iterator[Array], batch_size: int = 256) -> Array:
         """Outputs for ``x`` computed in eval mode in batches of ``batch_size``; the previous
         modes are restored afterwards. Runs with the BLAS limited as in ``fit``/``evaluate``
-        (``fastcnn.threads.compute_threads``), so the logits equal ``evaluate``'s."""
+        (``fastcnn.threads.compute_threads``), so the logits equal ``evaluate``'s.
+
+        ``x``: an array (uint8 pixels are scaled to [0, 1], pixel / 255, batch by batch), a
+        :class:`fastcnn.data.DataLoader` (its batches, labels ignored), or an iterator of
+        batches."""
+        from .data import DataLoader, to_float
         from .threads import compute_threads
 
         what = f"{self.name}.predict"
@@ -333,9 +340,24 @@ class Module:
             raise TypeError(f"{what}: expected batch_size to be an int, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"{what}: expected batch_size >= 1, got {batch_size}")
-        x = np.asarray(x)
-        if x.ndim < 1:
-            raise ValueError(f"{what}: expected a batch of inputs (N, ...), got shape {x.shape}")
+        batches: Iterator[Array] | None = None
+        arr = np.empty(0)
+        if isinstance(x, DataLoader):
+            batches = (xb for xb, _ in x)
+        elif isinstance(x, Iterator):
+            batches = x
+        else:
+            arr = np.asarray(x)
+            if arr.ndim < 1:
+                raise ValueError(
+                    f"{what}: expected a batch of inputs (N, ...), got shape {arr.shape}"
+                )
+            if arr.dtype == np.uint8:
+                pixels = arr
+                batches = (
+                    to_float(pixels[i : i + batch_size])
+                    for i in range(0, pixels.shape[0], batch_size)
+                )
         # one predict at a time: each saves the train/eval modes and restores them, and a second
         # thread's would save the first one's eval modes and restore those
         with _PREDICT_LOCK:
@@ -343,11 +365,13 @@ class Module:
             self.eval()
             try:
                 with compute_threads():
-                    if x.shape[0] <= batch_size:
-                        return self.forward(x)
+                    if batches is not None:
+                        return np.concatenate([self.forward(b) for b in batches], axis=0)
+                    if arr.shape[0] <= batch_size:
+                        return self.forward(arr)
                     outs = [
-                        self.forward(x[i : i + batch_size])
-                        for i in range(0, x.shape[0], batch_size)
+                        self.forward(arr[i : i + batch_size])
+                        for i in range(0, arr.shape[0], batch_size)
                     ]
                     return np.concatenate(outs, axis=0)
             finally:

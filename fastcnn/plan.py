@@ -21,19 +21,32 @@ The patterns (types matched exactly: a subclass may change what its forward does
   backward applies the ReLU's mask in the same pass;
 - Conv2D -> ReLU and Dense -> ReLU: the ReLU applied as the output is stored;
 - ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where the pooled
-  maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing.
+  maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing;
+- Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]]: in evaluation mode the BatchNorm (running
+  statistics) and the ReLU are applied by the convolution's kernel to each block of its output
+  while it is in cache; in training mode the plan the other patterns make of the same modules.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from . import functional as F
 from ._types import Array
-from .layers import Conv2D, Dense, MaxPool2D, ReLU, _as_dtype, cast_grad, cast_input, check_grad
+from .layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    MaxPool2D,
+    ReLU,
+    _as_dtype,
+    cast_grad,
+    cast_input,
+    check_grad,
+)
 
 if TYPE_CHECKING:
     from .module import Module
@@ -318,13 +331,87 @@ class ReLUMaxPool(Step):
         )
 
 
+class ConvBatchNorm(Step):
+    """Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]].
+
+    In training mode (the BatchNorm's flag) the modules run as the plan without this pattern
+    would run them (``self.inner``: the ReLU -> MaxPool2D fused there). In evaluation mode the
+    BatchNorm, with its running statistics, and the ReLU are applied by the convolution's
+    kernel to each block of its output while it is in cache (functional
+    .conv2d_batch_norm_eval_forward): bitwise the inner plan's output, without two passes
+    over it. A backward after such a forward (rare: gradients of a frozen network) runs the
+    inner plan's forward again from the saved input, then its backward."""
+
+    def __init__(self, modules: Iterable[Module]) -> None:
+        super().__init__(modules)
+        self.inner = _match(self.modules, _PATTERNS)
+        self._ran_inner = False
+
+    def _fusable(self) -> bool:
+        conv, bn = self.modules[:2]
+        # otherwise the inner plan runs, and raises what the layers raise
+        return not bn.training and bn.dtype == conv.dtype and bn.num_features == conv.out_channels
+
+    def forward(self, x: Array) -> Array:
+        if not self._fusable():
+            self._ran_inner = True
+            for step in self.inner:
+                x = step.forward(x)
+            return x
+        self._ran_inner = False
+        conv, bn = self.modules[:2]
+        xc, in_dtype = cast_input(x, conv.dtype, conv.name)
+        y = F.conv2d_batch_norm_eval_forward(
+            xc,
+            conv.weight.data,
+            _bias(conv),
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            bn.weight.data,
+            bn.bias.data,
+            bn.running_mean,
+            bn.running_var,
+            bn.eps,
+            relu=len(self.modules) > 2,
+            layer=conv.name,
+            bn_layer=bn.name,
+        )
+        if len(self.modules) == 4:
+            pool = self.modules[3]
+            y, _ = F.max_pool2d_forward(
+                y, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
+            )
+        self._save(x)
+        return y
+
+    def check(self) -> None:
+        if self._ran_inner:
+            for step in self.inner:
+                step.check()
+
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+        if not self._ran_inner:
+            (x,) = self._take()
+            for step in self.inner:
+                x = step.forward(x)
+        for i in range(len(self.inner) - 1, -1, -1):
+            dy = self.inner[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
+        return dy if input_grad else None
+
+
 #: (module types, step class), tried in this order at each position: longest first.
-PATTERNS = (
+_PATTERNS = (
     ((Conv2D, ReLU, MaxPool2D), ConvReLUMaxPool),
     ((Conv2D, ReLU), ConvReLU),
     ((Dense, ReLU), DenseReLU),
     ((ReLU, MaxPool2D), ReLUMaxPool),
 )
+PATTERNS = (
+    ((Conv2D, BatchNorm2D, ReLU, MaxPool2D), ConvBatchNorm),
+    ((Conv2D, BatchNorm2D, ReLU), ConvBatchNorm),
+    ((Conv2D, BatchNorm2D), ConvBatchNorm),
+) + _PATTERNS
 
 
 # -------------------------------------------------------------------------------------------------
@@ -348,11 +435,16 @@ def make_plan(modules: Iterable[Module], fuse: bool | None = None) -> list[Step]
     """The steps that run ``modules`` in order: fused where a pattern matches (``fuse``, by
     default the global switch), else one ``ModuleStep`` per module."""
     fuse = fusion_enabled() if fuse is None else fuse
-    chain = leaves_of(modules)
+    return _match(leaves_of(modules), PATTERNS if fuse else ())
+
+
+def _match(chain: Sequence[Module], patterns: Sequence[Any]) -> list[Step]:
+    """``chain`` as steps: each run matching one of ``patterns`` (left to right, the first
+    pattern that matches at a position wins) one fused step, every other module its own."""
     steps: list[Step] = []
     i = 0
     while i < len(chain):
-        for types, step in PATTERNS if fuse else ():
+        for types, step in patterns:
             run = chain[i : i + len(types)]
             if len(run) == len(types) and all(
                 type(m) is t for m, t in zip(run, types, strict=True)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from .callbacks import Callback
     from .checkpoint import Checkpoint
+    from .data import DataLoader
     from .losses import CrossEntropyLoss, MSELoss
     from .module import Module
     from .optim import LRScheduler, Optimizer
@@ -171,21 +172,9 @@ def _rng_state_from_json(data: dict) -> dict:
 
 
 def _check_data(what, x, y):
-    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise TypeError(
-            f"{what}: expected numpy arrays (x, y), got {type(x).__name__}, {type(y).__name__}"
-        )
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{what}: expected floating-point images, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{what}: expected images of shape (N, ...), got {x.shape}")
-    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{what}: expected labels of shape ({x.shape[0]},) (or one target row per image), got "
-            f"{y.shape}"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"{what}: got no samples")
+    from ._fit_data import check_data
+
+    check_data(what, x, y)
 
 
 def _shape_of(a):
@@ -221,30 +210,42 @@ def _all_finite(model: Module) -> bool:
 
 def evaluate(
     model: Module,
-    x: Array,
-    y: Array,
+    x: Array | DataLoader,
+    y: Array | None = None,
     batch_size: int = 256,
     loss_fn: Loss | None = None,
     threads: int | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and accuracy (fraction 0..1) of ``model`` on ``(x, y)``, in eval mode.
+    """Mean loss and accuracy (fraction 0..1) of ``model`` on ``(x, y)`` or on the batches of a
+    DataLoader ``x`` (then ``batch_size`` is the loader's), in eval mode. uint8 images are
+    scaled to [0, 1] (pixel / 255).
 
     ``loss_fn`` defaults to ``CrossEntropyLoss()``. The model's train/eval mode is restored.
     """
-    _check_data("evaluate", x, y)
+    from ._fit_data import predict_with_labels
+    from .data import DataLoader
+
+    if isinstance(x, DataLoader):
+        if y is not None:
+            raise TypeError("evaluate: got a DataLoader and y; the labels come from the loader")
+    else:
+        _check_data("evaluate", x, y)
     batch_size = _check_positive_int("evaluate", "batch_size", batch_size)
     loss_fn = _default_loss() if loss_fn is None else loss_fn
     was_training = getattr(model, "training", True)
     try:
         with compute_threads(threads):
-            logits = model.predict(x, batch_size=batch_size)
-            loss = float(loss_fn(logits, y))
+            if isinstance(x, DataLoader):
+                logits, labels = predict_with_labels(model, x)
+            else:
+                logits, labels = model.predict(x, batch_size=batch_size), np.asarray(y)
+            loss = float(loss_fn(logits, labels))
     finally:
         if was_training:
             model.train()
         else:
             model.eval()
-    return loss, _correct(logits, y) / x.shape[0]
+    return loss, _correct(logits, labels) / logits.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,13 +322,13 @@ def fit(
     model: Module,
     loss_fn: Loss,
     optimizer: Optimizer,
-    x_train: Array,
-    y_train: Array,
-    epochs: int,
-    batch_size: int = 64,
-    val_data: tuple[Array, Array] | None = None,
+    x_train: Array | DataLoader,
+    y_train: Array | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    val_data: tuple[Array, Array] | DataLoader | None = None,
     scheduler: LRScheduler | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     start_epoch: int = 0,
@@ -345,9 +346,14 @@ def fit(
 
     - ``epochs`` is the epoch to train up to (as Keras): epochs ``start_epoch+1 .. epochs`` run.
     - Each epoch draws a permutation from ``np.random.default_rng(seed)``; the last partial
-      batch is kept (PyTorch's ``drop_last=False``). ``loss_fn(logits, y)`` returns the mean loss
+      batch is kept (PyTorch's ``drop_last=False``); ``batch_size`` defaults to 64. uint8 images
+      are scaled to [0, 1] (pixel / 255) batch by batch.
+    - ``x_train`` may be a :class:`fastcnn.data.DataLoader` instead (``y_train`` left out): its
+      batches, order, seed and transforms are used, positioned at ``start_epoch``; the arrays
+      ``(x, y)`` are the same as ``DataLoader(ArrayDataset(x, y), batch_size, shuffle=True,
+      seed=seed)``. ``loss_fn(logits, y)`` returns the mean loss
       of a batch and ``loss_fn.backward()`` its gradient to the logits.
-    - ``val_data=(x, y)`` is evaluated (eval mode) after each epoch.
+    - ``val_data=(x, y)`` (or a DataLoader) is evaluated (eval mode) after each epoch.
     - ``scheduler.step()`` runs once at the end of each epoch, or after every batch for a
       scheduler with ``per_batch = True`` (``OneCycleLR``).
     - ``checkpoint``: a path written (atomically, via ``fastcnn.checkpoint.save``) at the end of
@@ -376,30 +382,17 @@ def fit(
       the data, ``val_data``'s shapes and labels, the checkpoint's folder and the checkpoint
       itself (serialised once in memory, so that a non-JSON-able ``checkpoint_extra`` is refused).
     """
+    from . import _fit_data
+
     what = "fit"
-    _check_data(what, x_train, y_train)
-    if val_data is not None:
-        if not (isinstance(val_data, (tuple, list)) and len(val_data) == 2):
-            raise ValueError(
-                f"{what}: val_data must be a pair (x_val, y_val), got {type(val_data).__name__}"
-            )
-        _check_data(f"{what} (val_data)", *val_data)
-        x_val, y_val = val_data
-        if x_val.shape[1:] != x_train.shape[1:]:
-            raise ValueError(
-                f"{what}: val_data images must have the training images' shape "
-                f"{_shape_of(x_train)}, got {x_val.shape}"
-            )
-        if y_val.shape[1:] != y_train.shape[1:]:
-            raise ValueError(
-                f"{what}: val_data labels must have the training labels' shape "
-                f"{_shape_of(y_train)}, got {y_val.shape}"
-            )
+    loader, seed = _fit_data.training_loader(what, x_train, y_train, batch_size, seed)
+    val_data = _fit_data.validation_data(what, val_data, loader)
+    if epochs is None:
+        raise TypeError(f"{what}: epochs is required (the epoch to train up to)")
     epochs = _check_positive_int(what, "epochs", epochs, minimum=0)
     start_epoch = _check_positive_int(what, "start_epoch", start_epoch, minimum=0)
     if start_epoch > epochs:
         raise ValueError(f"{what}: start_epoch ({start_epoch}) is beyond epochs ({epochs})")
-    batch_size = _check_positive_int(what, "batch_size", batch_size)
     val_batch_size = _check_positive_int(what, "val_batch_size", val_batch_size)
     if not callable(loss_fn) or not hasattr(loss_fn, "backward"):
         raise TypeError(
@@ -423,8 +416,8 @@ def fit(
             f"{what}: the history holds {len(history)} epochs but start_epoch is {start_epoch}"
         )
 
-    n = x_train.shape[0]
-    num_batches = -(-n // batch_size)
+    n = loader.num_samples
+    num_batches = len(loader)
     model.stop_training = False  # a callback sets it to True to stop (Keras's spelling)
     if cbs:
         cbs.set_context(
@@ -435,23 +428,22 @@ def fit(
             {
                 "epochs": epochs,
                 "start_epoch": start_epoch,
-                "batch_size": batch_size,
+                "batch_size": loader.batch_size,
                 "num_batches": num_batches,
                 "samples": n,
                 "has_validation": val_data is not None,
-                "input_shape": tuple(x_train.shape[1:]),
+                "input_shape": tuple(loader.sample_shape),
             },
         )
         cbs.on_train_begin({})
     if callback_states:  # a resumed run: after on_train_begin, which resets the callbacks
         cbs.check_states(callback_states)
         cbs.load_states(callback_states)
-    rng = np.random.default_rng(seed)
     if shuffle_state is not None:
-        rng.bit_generator.state = _rng_state_from_json(shuffle_state)
+        loader.set_position(start_epoch, shuffle_state)
     else:
-        for _ in range(start_epoch):  # replay the permutations of the epochs already done
-            rng.permutation(n)
+        loader.seek(start_epoch)  # replays the permutations of the epochs already done
+    rng = loader.shuffle_generator
     if checkpoint is not None:
         # Everything a checkpoint will hold, checked now rather than after the first epoch: the
         # destination, and the whole file serialised in memory (JSON-able extras and states).
@@ -477,15 +469,12 @@ def fit(
             seed,
             history,
             checkpoint_extra,
-            x_train.shape[1:],
+            loader.sample_shape,
             write=False,
             callback_states=cbs.states(),
         )
 
-    # Batch buffers, reused by every step (a view of the first m rows for the last batch).
-    xb_full = np.empty((min(batch_size, n),) + x_train.shape[1:], dtype=x_train.dtype)
-    yb_full = np.empty((min(batch_size, n),) + y_train.shape[1:], dtype=y_train.dtype)
-
+    check_targets = _fit_data.target_checker(what, loss_fn, loader, val_data)
     if verbose is None:
         verbose = progress is not False
     if progress is None:
@@ -493,7 +482,6 @@ def fit(
     if progress:
         from tqdm.auto import tqdm
 
-    targets_checked = False
     per_batch = scheduler is not None and getattr(scheduler, "per_batch", False)
     params = inspect.signature(model.backward).parameters
     skip_input_grad = "input_grad" in params or any(
@@ -502,15 +490,13 @@ def fit(
     params_list: list[Any] = model.parameters() if clip_grad_norm is not None else []
     batch_logs = cbs.wants_batch_logs
     stopped = False
-    with compute_threads(threads):
-        if start_epoch < epochs:
-            from .compile_ahead import announce_if_cold, warmup
+    from .compile_ahead import announce_if_cold, warmup
 
-            if announce_if_cold(announce=bool(verbose or progress)):
-                warmup(model, x_train.shape[1:], optimizer)  # before the first epoch's clock
+    cold = start_epoch < epochs and announce_if_cold(announce=bool(verbose or progress))
+    with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
-            order = rng.permutation(n)
+            batches = loader.batches(reuse=True)  # draws the epoch's order
             lr = float(optimizer.lr)
             if cbs:
                 cbs.on_epoch_begin(epoch, {"lr": lr})
@@ -529,28 +515,17 @@ def fit(
                 )
             t0 = time.perf_counter()
             try:
-                for b in range(num_batches):
-                    idx = order[b * batch_size : (b + 1) * batch_size]
-                    m = idx.shape[0]
-                    xb = xb_full[:m]
-                    yb = yb_full[:m]
-                    np.take(x_train, idx, axis=0, out=xb)
-                    np.take(y_train, idx, axis=0, out=yb)
-
+                for b, (xb, yb) in enumerate(batches):
+                    m = xb.shape[0]
+                    if cold:  # the first batch on a cold kernel cache: compile, then time
+                        cold = False
+                        warmup(model, xb.shape[1:], optimizer)
+                        t0 = time.perf_counter()
                     if batch_logs:
                         cbs.on_batch_begin(b, {"size": m})
                     optimizer.zero_grad()
                     logits = model(xb)
-                    if not targets_checked:  # every label, once the class count is known
-                        check = getattr(loss_fn, "validate_targets", None)
-                        if check is not None and logits.ndim == 2:
-                            check(y_train, logits.shape[1])
-                            if val_data is not None:
-                                try:
-                                    check(val_data[1], logits.shape[1])
-                                except (TypeError, ValueError) as exc:
-                                    raise type(exc)(f"{what} (val_data): {exc}") from exc
-                        targets_checked = True
+                    yb = check_targets(logits, yb)  # every label, once the class count is known
                     loss = float(loss_fn(logits, yb))
                     if not math.isfinite(loss):
                         raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
@@ -608,9 +583,7 @@ def fit(
             val_seconds = 0.0
             if val_data is not None:
                 t1 = time.perf_counter()
-                val_loss, val_accuracy = evaluate(
-                    model, val_data[0], val_data[1], val_batch_size, loss_fn
-                )
+                val_loss, val_accuracy = _evaluate_val(model, val_data, val_batch_size, loss_fn)
                 val_seconds = time.perf_counter() - t1
                 model.train()
 
@@ -642,7 +615,7 @@ def fit(
                     seed,
                     history,
                     checkpoint_extra,
-                    x_train.shape[1:],
+                    loader.sample_shape,
                     callback_states=cbs.states(),
                 )
             if getattr(model, "stop_training", False):
@@ -657,6 +630,14 @@ def _epoch_logs(record):
     logs = {k: v for k, v in record.items() if k != "epoch"}
     logs["loss"], logs["accuracy"] = record["train_loss"], record["train_accuracy"]
     return logs
+
+
+def _evaluate_val(model, val_data, batch_size, loss_fn):
+    from .data import DataLoader
+
+    if isinstance(val_data, DataLoader):
+        return evaluate(model, val_data, loss_fn=loss_fn)
+    return evaluate(model, val_data[0], val_data[1], batch_size, loss_fn)
 
 
 def _save_checkpoint(

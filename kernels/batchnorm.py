@@ -231,8 +231,7 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
     n_batch, channels, height, width = x.shape
     hw = height * width
     scale = np.empty(channels, dtype=x.dtype)
-    for c in range(channels):
-        scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
+    eval_scale(gamma, running_var, eps, scale)
     if hw == 1:
         x2 = x.reshape((n_batch, channels))
         out2 = out.reshape((n_batch, channels))
@@ -391,6 +390,24 @@ def _chunk_sq_dev(x, mu, acc):
             acc[c] += d * d
 
 
+@njit(cache=True)
+def eval_scale(gamma, running_var, eps, scale):
+    """scale[c] = gamma[c] / sqrt(running_var[c] + eps), in float64, stored in scale's dtype:
+    the evaluation-mode forward's per-channel factor (fused.conv2d_forward's BatchNorm epilogue
+    takes the same, so the two give bitwise the same output)."""
+    for c in range(scale.shape[0]):
+        scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def chunk_affine_inplace(x, m, s, b):
+    """x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]: _chunk_affine's arithmetic in place (with
+    out = x there, LLVM's runtime overlap check fails and the loop runs scalar)."""
+    for p in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]
+
+
 @njit(cache=True, fastmath=_FASTMATH)
 def _chunk_affine(x, m, s, b, out):
     """out[p, c] = (x[p, c] - m[c]) * s[c] + b[c] over the chunk's pixels."""
@@ -489,8 +506,7 @@ def batchnorm_forward_eval_nhwc(x, gamma, beta, running_mean, running_var, eps, 
     pixels, channels = x.shape
     chunks = (pixels + _PIXELS - 1) // _PIXELS
     scale = np.empty(channels, dtype=x.dtype)
-    for c in range(channels):
-        scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
+    eval_scale(gamma, running_var, eps, scale)
     for k in prange(chunks):
         _chunk_affine(
             x[k * _PIXELS : (k + 1) * _PIXELS],

@@ -40,6 +40,7 @@ number of threads. Scratch arrays are allocated once per call, outside every pra
 import numpy as np
 from numba import njit, prange
 
+from .batchnorm import chunk_affine_inplace
 from .gemm_tile import FT, FTN, RN, R, gemm_tile, gemm_tile_bias, tile_shape
 
 #: Pixel tiles per forward work item (48 output pixels).
@@ -224,15 +225,38 @@ def _forward_tiles(
                         row[f] = tile[r * cols + f]
 
 
+@njit(cache=True)
+def _batch_norm_rows(block, F, bn, relu):
+    """block (rows * F,), flat rows of F channels: BatchNorm's evaluation-mode affine in place,
+    then the ReLU (activations.relu_forward's select) if ``relu``."""
+    mean, scale, shift = bn
+    rows2d = block.reshape((block.size // F, F))
+    chunk_affine_inplace(rows2d, mean, scale, shift)
+    if relu:
+        zero = block.dtype.type(0)
+        for i in range(block.size):
+            v = block[i]
+            block[i] = zero if v <= zero else v
+
+
 # ---- the kernels ----
 
 
 @njit(parallel=True, cache=True)
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out):
+def conv2d_forward(
+    x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out, bn
+):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c],
     then max(out, 0) if ``relu`` (a ReLU fused into the store: a NaN stays NaN).
 
     x (N, H, W, C), weight (F, C, KH, KW), bias (F,); out (N, OH, OW, F) overwritten.
+
+    ``bn = (mean, scale, shift)``, each (F,), or three empty arrays: an evaluation-mode
+    BatchNorm applied to each block of output pixels while it is still in cache,
+    ``out = (out - mean) * scale + shift`` (batchnorm.chunk_affine_inplace: the BatchNorm
+    kernel's arithmetic), then the ReLU if ``relu``: bitwise the three layers run one by one,
+    without two passes over the output. (Empty arrays, not None: one compiled kernel serves
+    both, where None would compile a second one.)
     """
     N, H, W, C = x.shape
     F, _, KH, KW = weight.shape
@@ -262,12 +286,31 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h
     xf = xp.reshape(xp.size)
     wf = wp.reshape(wp.size)
     of = out.reshape(out.size)
+    affine = bn[1].size > 0
     for item in prange(nitems):
         t0 = item * _TILES_PER_ITEM
         t1 = min(t0 + _TILES_PER_ITEM, ntiles)
         _forward_tiles(
-            xf, 0, pix, koff, K, wf, Fp, biasp, relu, t0, t1, NP, F, of, tiles[item], narrow
+            xf,
+            0,
+            pix,
+            koff,
+            K,
+            wf,
+            Fp,
+            biasp,
+            relu and not affine,
+            t0,
+            t1,
+            NP,
+            F,
+            of,
+            tiles[item],
+            narrow,
         )
+        if affine:
+            p1 = min(t1 * rows, NP)
+            _batch_norm_rows(of[t0 * rows * F : p1 * F], F, bn, relu)
 
 
 @njit(cache=True)

@@ -348,3 +348,24 @@ def test_model_checkpoint_best_survives_a_resume(tmp_path):
     cb = ModelCheckpoint(best, save_best_only=True)
     run(ck.model, [cb], epochs=3, lr=0.0, **kw)  # epoch 3 is no better than epoch 1
     assert best.read_bytes() == saved_best and cb.best == kw["callback_states"][0]["state"]["best"]
+
+
+def test_callbacks_with_a_data_loader(tmp_path):
+    import fastcnn
+
+    x, y = blobs(96)
+    loader = fastcnn.DataLoader(fastcnn.ArrayDataset(x, y), batch_size=32, shuffle=True, seed=0)
+    rec, stop = Recording(), EarlyStopping(monitor="train_loss", mode="max", patience=1)
+    model = mlp()
+    h = fit(
+        model,
+        CrossEntropyLoss(),
+        SGD(model.parameters(), lr=0.1),
+        loader,
+        epochs=6,
+        progress=False,
+        callbacks=[rec, stop],
+    )
+    assert len(h) == 2 and stop.stopped_epoch == 1  # the loss falls: 'max' sees no improvement
+    assert rec.params["batch_size"] == 32 and rec.params["input_shape"] == (4,)
+    assert sum(e[2]["size"] for e in rec.events if e[0] == "batch_end") == 2 * 96

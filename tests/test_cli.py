@@ -107,7 +107,7 @@ def test_summary_prints_the_reference_network(capsys):
         (["train", "--lr", "-1"], "--lr"),
         (["train", "--optimizer", "rmsprop"], "--optimizer"),
         (["train", "--val-split", "1.5"], "--val-split"),
-        (["train", "--dataset", "cifar10"], "--dataset"),
+        (["train", "--dataset", "imagenet"], "--dataset"),  # neither a known set nor a folder
         (["train", "--seed", "-1"], "--seed"),  # numpy's generators refuse negative seeds
         (["evaluate"], "CHECKPOINT"),
         (["frobnicate"], "frobnicate"),

@@ -89,10 +89,10 @@ def test_evaluate_and_resume_a_checkpoint_whose_extra_is_a_list(capsys, tmp_path
 
 
 def test_evaluate_a_checkpoint_naming_an_unknown_data_set(capsys, tmp_path, real_root):
-    path = tmp_path / "cifar.safetensors"
-    checkpoint.save(path, models.reference(seed=0), extra={"cli": {"dataset": "cifar10"}})
+    path = tmp_path / "imagenet.safetensors"
+    checkpoint.save(path, models.reference(seed=0), extra={"cli": {"dataset": "imagenet"}})
     status, _, err = run_main(capsys, "evaluate", path, "--data-dir", real_root, "--no-download")
-    assert_error(status, err, str(path), "cifar10", "--dataset")
+    assert_error(status, err, str(path), "imagenet", "--dataset")
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ def test_tree_matches_naive_loops(tree_case):
             state = model.state_dict()
             model.zero_grad()
             y = model(x)
-            dx = model.backward(dy)
+            dx = model.backward(dy, input_grad=True)
             model.load_state_dict(state)  # the running statistics as before
         assert y.dtype == F64 and relative_error(y, y_naive) <= 1e-10
         assert relative_error(dx, dx_naive) <= 1e-10
@@ -116,7 +116,7 @@ def test_tree_matches_pytorch(tree_case):
     state = model.state_dict()
     model.zero_grad()
     y = model(x)
-    dx = model.backward(dy)
+    dx = model.backward(dy, input_grad=True)
     xt = torch.tensor(x, requires_grad=True)
     yt = net(xt)
     yt.backward(torch.tensor(dy))
@@ -145,7 +145,7 @@ def test_tree_gradients_by_finite_differences(name, rng):
     y = forward(x)
     g = rng.standard_normal(y.shape)
     model.zero_grad()
-    dx = model.backward(g)
+    dx = model.backward(g, input_grad=True)
     assert_gradient(forward, x.copy(), g, dx)
     first = model.parameters()[0]
     assert_gradient(lambda _: forward(x), first.data, g, first.grad.copy())
@@ -263,7 +263,7 @@ def test_residual_identity_and_projection(rng):
     np.testing.assert_array_equal(y, conv(x) + x)
     dy = rng.standard_normal(y.shape)
     block.zero_grad()
-    dx = block.backward(dy)
+    dx = block.backward(dy, input_grad=True)
     conv.zero_grad()
     conv(x)
     np.testing.assert_array_equal(dx, conv.backward(dy) + dy)

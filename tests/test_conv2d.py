@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fastcnn.functional import _no_bn
 from fastcnn.kernels.conv2d import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
 from fastcnn.threads import threads
 from gradcheck import assert_gradient, relative_error
@@ -53,7 +54,7 @@ def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), r
     N, F, OH, OW = output_shape(x.shape, w.shape, stride, padding, dilation)
     # NaN-filled outputs: a kernel that skips an element fails the comparison.
     out = np.full((N, OH, OW, F), np.nan, dtype=x.dtype)
-    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), relu, out)
+    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), relu, out, _no_bn(x))
     return nchw(out)
 
 

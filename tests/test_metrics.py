@@ -95,3 +95,14 @@ def test_evaluate_metrics_agrees_with_evaluate_and_restores_the_mode():
         fastcnn.evaluate_metrics(model, x, y, k=0)
     with pytest.raises(TypeError, match="evaluate_metrics"):
         fastcnn.evaluate_metrics(model, list(x), y)
+
+
+def test_evaluate_metrics_on_a_data_loader():
+    x, y = blobs(120)
+    model = mlp().eval()
+    loader = fastcnn.DataLoader(fastcnn.ArrayDataset(x, y), batch_size=50)
+    report = fastcnn.evaluate_metrics(model, loader)
+    assert (report["loss"], report["accuracy"]) == fastcnn.evaluate(model, x, y)
+    assert report["confusion_matrix"].sum() == 120
+    with pytest.raises(TypeError, match="evaluate_metrics: got a DataLoader and y"):
+        fastcnn.evaluate_metrics(model, loader, y)

@@ -92,7 +92,7 @@ def test_reference_forward_backward_matches_naive(key_case):
     # the loss from the logits, with the naive loss (its gradient checked in tests of losses)
     loss_fast, dlogits_fast = naive_losses.softmax_cross_entropy(out, labels)
     assert abs(loss_fast - loss) <= 1e-10 * abs(loss)
-    dx = model.backward(dlogits_fast)
+    dx = model.backward(dlogits_fast, input_grad=True)
     assert relative_error(dx, dx_naive) <= 1e-10
     named = dict(model.named_parameters())
     assert sorted(named) == sorted(grads)
@@ -114,7 +114,7 @@ def test_reference_float32_close_to_naive(key_case):
     assert out.dtype == np.float32
     assert relative_error(out, logits) <= 1e-4
     model.zero_grad()
-    dx = model.backward(dlogits.astype(np.float32))
+    dx = model.backward(dlogits.astype(np.float32), input_grad=True)
     assert relative_error(dx, dx_naive) <= 1e-4
     for name, p in model.named_parameters():
         assert p.grad.dtype == np.float32
@@ -153,7 +153,7 @@ def test_fused_pairs_equal_layer_by_layer(dtype, rng):
     expected = _grads(model)
     model.zero_grad()
     fused_out = model(x)
-    fused_dx = model.backward(dy)
+    fused_dx = model.backward(dy, input_grad=True)
     np.testing.assert_array_equal(fused_out, out)
     np.testing.assert_array_equal(fused_dx, dx)
     for name, g in _grads(model).items():
@@ -173,7 +173,7 @@ def test_fused_relu_pool_backward_blocks_nan_and_zero_maxima():
     block = Sequential(relu, pool)
     assert [type(s).__name__ for s in block._plan()] == ["ReLUMaxPool"]
     np.testing.assert_array_equal(block(x), y)
-    np.testing.assert_array_equal(block.backward(dy), unfused)
+    np.testing.assert_array_equal(block.backward(dy, input_grad=True), unfused)
     assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0
     assert unfused.sum() == 0
 
@@ -185,11 +185,17 @@ def test_backward_without_input_grad(rng):
     dy = rng.standard_normal((3, 10)).astype(np.float32)
     model.zero_grad()
     model(x)
-    assert model.backward(dy) is not None
+    assert model.backward(dy, input_grad=True) is not None
     expected = _grads(model)
     model.zero_grad()
     model(x)
     assert model.backward(dy, input_grad=False) is None
+    for name, g in _grads(model).items():
+        np.testing.assert_array_equal(g, expected[name], err_msg=name)
+    # a container's default, as PyTorch's loss.backward() for images that need no gradient
+    model.zero_grad()
+    model(x)
+    assert model.backward(dy) is None
     for name, g in _grads(model).items():
         np.testing.assert_array_equal(g, expected[name], err_msg=name)
 
@@ -441,7 +447,7 @@ def test_mode_zero_grad_and_backward(rng):
     assert model.train() is model and all(layer.training for layer in model)
     x = rng.standard_normal((4, 1, 8, 8))
     y = model(x)
-    dx = model.backward(rng.standard_normal(y.shape))
+    dx = model.backward(rng.standard_normal(y.shape), input_grad=True)
     assert dx.shape == x.shape
     assert all(np.abs(p.grad).max() > 0 for p in model.parameters())
     model.zero_grad()
@@ -454,9 +460,9 @@ def test_float32_model_casts_float64_input(rng):
     x = rng.random((2, 1, 28, 28))
     y = model(x)
     assert y.dtype == np.float32
-    assert model.backward(np.ones_like(y)).dtype == np.float64  # the input's dtype
+    assert model.backward(np.ones_like(y), input_grad=True).dtype == np.float64  # the input's dtype
     np.testing.assert_array_equal(y, model(x.astype(np.float32)))
-    assert model.backward(np.ones_like(y)).dtype == np.float32
+    assert model.backward(np.ones_like(y), input_grad=True).dtype == np.float32
 
 
 def test_validation_before_any_kernel(no_kernels):

@@ -187,7 +187,7 @@ def test_matches_pytorch(build, mode):
             state = model.state_dict()
             model.zero_grad()
             y = model(x)
-            dx = model.backward(dy)
+            dx = model.backward(dy, input_grad=True)
             buffers = {n: b.copy() for n, b in model.named_buffers()}
             model.load_state_dict(state)  # the running statistics as before, for the next pass
         assert y.dtype == F64 and relative_error(y, yt.detach().numpy()) <= 1e-10

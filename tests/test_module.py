@@ -294,7 +294,7 @@ def test_a_module_shared_by_two_models_cannot_mix_their_states(rng):
         model.backward(np.ones_like(y))
     assert not any(p.grad.any() for p in model.parameters())  # checked before anything ran
     model(x)
-    assert model.backward(np.ones_like(y)).shape == x.shape
+    assert model.backward(np.ones_like(y), input_grad=True).shape == x.shape
 
 
 def test_fit_trains_a_users_module_whose_backward_takes_only_dy(rng):

@@ -109,6 +109,53 @@ def test_each_pattern_is_bitwise_the_unfused_plan(dtype, index, rng):
             assert set(_steps(branch)) == {name}
 
 
+def _conv_bn_models(dtype, rng):
+    """Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]], running statistics and affine
+    parameters random (a fresh BatchNorm's are 0, 1, 1, 0: too kind to rounding)."""
+    models = []
+    for tail, (c, f, k, stride, pad, size) in [
+        (2, (3, 16, 3, 1, 1, 8)),  # 16 filters: the narrow tile
+        (1, (16, 40, 3, 2, 1, 9)),  # a partial filter tile, stride 2
+        (0, (8, 64, 1, 1, 0, 5)),
+        (1, (4, 8, 3, 1, 0, 3)),  # a 1 x 1 output: BatchNorm's NCHW path when unfused
+    ]:
+        conv = L.Conv2D(c, f, k, stride, padding=pad, dtype=dtype, rng=rng)
+        bn = L.BatchNorm2D(f, dtype=dtype)
+        bn.running_mean[...] = rng.standard_normal(f)
+        bn.running_var[...] = rng.random(f) + 0.1
+        bn.weight.data[...] = rng.standard_normal(f)
+        bn.bias.data[...] = rng.standard_normal(f)
+        models.append(
+            (Sequential(conv, bn, *[L.ReLU(), L.MaxPool2D(2)][:tail]), (3, c, size, size))
+        )
+    return models
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("index", range(4))
+def test_conv_batchnorm_is_bitwise_the_unfused_plan(dtype, index, rng):
+    """Evaluation mode: the BatchNorm (and ReLU) applied by the convolution's kernel; a
+    backward after it recomputes the inner plan. Training mode: the inner plan itself."""
+    model, shape = _conv_bn_models(dtype, rng)[index]
+    assert _steps(model) == ["ConvBatchNorm"]
+    x = rng.standard_normal(shape).astype(dtype)
+    for training in (False, True):
+        model.train(training)
+        for input_grad in (True, False):
+            assert_fused_equals_unfused(model, x, input_grad=input_grad)
+        assert_fused_equals_unfused(model, x.astype(np.float64))
+    model.eval()
+    wrapped = Residual(Sequential(_twin(model)), shortcut=Sequential(*_twin(model).children()))
+    assert_fused_equals_unfused(wrapped.eval(), x)
+    # eval forward, then a weight changed: the recomputed backward uses the weights it reads
+    step = model._plan()[0]
+    model(x)
+    assert not step._ran_inner
+    model.train()
+    model(x)
+    assert step._ran_inner
+
+
 def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
     model = reference(seed=3)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)
@@ -125,7 +172,10 @@ def test_plans_of_the_ready_made_networks():
         "ModuleStep",
     ]
     model = resnet(8)
-    assert len(_steps(model)) == len(model)  # conv-BN-ReLU and residuals do not fuse (yet)
+    # the stem's conv-BN-ReLU; each residual block's body two conv-BN(-ReLU) steps
+    assert _steps(model) == ["ConvBatchNorm"] + ["ModuleStep"] * 8
+    for block in (model[3], model[5], model[7]):
+        assert _steps(block.body) == ["ConvBatchNorm", "ConvBatchNorm"]
     # nested plain Sequentials are opened up: their runs fuse across the boundary
     chain = Sequential(Sequential(L.Conv2D(1, 2, 3), L.ReLU()), Sequential(L.MaxPool2D(2)))
     assert _steps(chain) == ["ConvReLUMaxPool"]
@@ -135,7 +185,7 @@ def test_plans_of_the_ready_made_networks():
         pass
 
     assert _steps(Sequential(L.Conv2D(1, 2, 3), MyReLU())) == ["ModuleStep", "ModuleStep"]
-    assert [t for t, _ in PATTERNS][0] == (L.Conv2D, L.ReLU, L.MaxPool2D)
+    assert (L.Conv2D, L.ReLU, L.MaxPool2D) in [t for t, _ in PATTERNS]
 
 
 def test_fusion_switch_and_its_context():

@@ -90,3 +90,28 @@ def test_docs_layer_example_runs(monkeypatch, tmp_path):
     fastcnn.checkpoint.save(tmp_path / "s.safetensors", model)
     loaded = fastcnn.checkpoint.load(tmp_path / "s.safetensors").model
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_own_images_example_runs(monkeypatch, tmp_path):
+    """The README's own-images example, on a photos/ folder of 2 classes written here."""
+    image = pytest.importorskip("PIL.Image")
+    block = next(b for b in python_blocks() if "image_folder(" in b)
+    assert len([line for line in block.splitlines() if line.strip()]) <= 8  # "a few lines"
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)  # sizes differ
+            image.fromarray(pixels, "RGB").save(tmp_path / "photos" / name / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["photos"].classes == ["cats", "dogs"] and scope["photos"].x.shape == (8, 3, 32, 32)
+    assert scope["loader"].epoch == 10  # trained its 10 epochs
+    fresh = fastcnn.models.resnet(8, in_channels=3, num_classes=2)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            scope["model"].state_dict().values(), fresh.state_dict().values(), strict=True
+        )
+    )
