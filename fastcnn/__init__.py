@@ -16,33 +16,63 @@ from . import _kernels_path
 
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
-from . import checkpoint, datasets, functional, losses, models, optim, plan, threads, training  # noqa: E402
+from . import (  # noqa: E402
+    callbacks,
+    checkpoint,
+    datasets,
+    functional,
+    losses,
+    metrics,
+    models,
+    optim,
+    plan,
+    plots,
+    threads,
+    training,
+)
 from . import data as data  # noqa: E402
 from . import transforms as transforms  # noqa: E402
+from .callbacks import (  # noqa: E402
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+)
+from .clip import clip_grad_norm_  # noqa: E402
+from .compile_ahead import warmup  # noqa: E402
 from .containers import Concat, Residual, Sequential  # noqa: E402
 from .data import ArrayDataset, DataLoader  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
+    AvgPool2d,
     BatchNorm1D,
+    BatchNorm1d,
     BatchNorm2D,
+    BatchNorm2d,
     Conv2D,
+    Conv2d,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool2D,
     Layer,
     LeakyReLU,
+    Linear,
     MaxPool2D,
+    MaxPool2d,
     ReLU,
     Sigmoid,
     Softmax,
     Tanh,
 )
 from .losses import CrossEntropyLoss, MSELoss  # noqa: E402
+from .metrics import evaluate_metrics  # noqa: E402
 from .model import from_config  # noqa: E402
 from .module import Module, Parameter, module_from_config, register_module  # noqa: E402
-from .optim import SGD, Adam, AdamW, CosineAnnealingLR, OneCycleLR, StepLR  # noqa: E402
+from .optim import SGD, Adam, AdamW, CosineAnnealingLR, LinearWarmup, OneCycleLR, StepLR  # noqa: E402
 from .plan import fusion, set_fusion  # noqa: E402
+from .seeding import manual_seed  # noqa: E402
 from .threads import set_num_threads  # noqa: E402
 from .training import History, TrainingDiverged, evaluate, fit  # noqa: E402
 
@@ -74,6 +104,12 @@ __all__ = [
     "Sigmoid",
     "Softmax",
     "Tanh",
+    "Conv2d",
+    "Linear",
+    "BatchNorm2d",
+    "BatchNorm1d",
+    "MaxPool2d",
+    "AvgPool2d",
     "CrossEntropyLoss",
     "MSELoss",
     "SGD",
@@ -82,11 +118,22 @@ __all__ = [
     "CosineAnnealingLR",
     "OneCycleLR",
     "StepLR",
+    "LinearWarmup",
+    "Callback",
+    "CSVLogger",
+    "EarlyStopping",
+    "ModelCheckpoint",
+    "ReduceLROnPlateau",
+    "clip_grad_norm_",
+    "evaluate_metrics",
+    "manual_seed",
+    "warmup",
     "History",
     "TrainingDiverged",
     "evaluate",
     "fit",
     "set_num_threads",
+    "callbacks",
     "checkpoint",
     "data",
     "transforms",
@@ -95,9 +142,11 @@ __all__ = [
     "datasets",
     "functional",
     "losses",
+    "metrics",
     "models",
     "optim",
     "plan",
+    "plots",
     "threads",
     "training",
 ]

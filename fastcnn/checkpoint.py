@@ -117,7 +117,9 @@ def _from_config(config):
     """Build a model from its architecture config (indirection so tests can stub the model)."""
     from .module import module_from_config
 
-    return module_from_config(config)
+    # a fixed seed: the fresh weights are overwritten, and loading a checkpoint must not
+    # advance the global generator of fastcnn.manual_seed
+    return module_from_config(config, rng=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,33 +151,36 @@ def save(
     return path
 
 
-def check_destination(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+def check_destination(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], what: str = "checkpoint"
+) -> str:
     """``path`` as a str if :func:`save` can write there, else the error save would raise:
     ValueError for an empty name, FileNotFoundError for a missing folder, IsADirectoryError for
     a folder, PermissionError for a folder that is not writable. ``fit`` calls it before its first
-    step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)"""
+    step so that a bad path does not cost an epoch. (A symbolic link is checked at its target.)
+    ``what`` names the kind of file in the messages (the callbacks and plots write others)."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(
-            f"checkpoint path: expected a file name (str or os.PathLike), got {type(path).__name__}"
+            f"{what} path: expected a file name (str or os.PathLike), got {type(path).__name__}"
         )
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     if path == "":
-        raise ValueError("checkpoint path is empty: expected a file name such as 'run.safetensors'")
+        raise ValueError(f"{what} path is empty: expected a file name such as 'run.safetensors'")
     target = _destination(path)
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         raise FileNotFoundError(
-            errno.ENOENT, f"cannot write checkpoint {path}: no such folder {folder}"
+            errno.ENOENT, f"cannot write {what} {path}: no such folder {folder}"
         )
     if os.path.isdir(target):
         raise IsADirectoryError(
-            errno.EISDIR, f"cannot write checkpoint {path}: it is a folder, expected a file name"
+            errno.EISDIR, f"cannot write {what} {path}: it is a folder, expected a file name"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(
-            errno.EACCES, f"cannot write checkpoint {path}: the folder {folder} is not writable"
+            errno.EACCES, f"cannot write {what} {path}: the folder {folder} is not writable"
         )
     return path
 

@@ -5,7 +5,8 @@
     fastcnn train --out run.safetensors # checkpoint at the end of every epoch
     fastcnn train --resume run.safetensors --epochs 5
     fastcnn train --dataset cifar10 --augment   # or --dataset FOLDER (a sub-folder per class)
-    fastcnn evaluate run.safetensors
+    fastcnn train --early-stopping 3 --plot curves.png
+    fastcnn evaluate run.safetensors [--confusion confusion.png]
     fastcnn predict run.safetensors images/   # or an IDX / .npy file of images
     fastcnn summary [--model resnet20 | CHECKPOINT]
 
@@ -290,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(same settings, same shuffling: bitwise the run that was not interrupted)",
     )
     train.add_argument(
+        "--early-stopping",
+        type=_positive_int,
+        metavar="N",
+        help="stop when the validation loss has not improved for N epochs (needs validation "
+        "images; kept by --resume) [off]",
+    )
+    train.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="draw the loss and accuracy curves (training vs validation) into this PNG "
+        "(needs matplotlib: pip install 'fastcnn[plot]')",
+    )
+    train.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar (it is shown only when stderr is a terminal anyway)",
@@ -312,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=256, help="[256]")
     ev.add_argument(
         "--limit", type=_positive_int, metavar="N", help="use only the first N test images"
+    )
+    ev.add_argument(
+        "--confusion",
+        metavar="PNG",
+        help="draw the confusion matrix of the test set into this PNG "
+        "(needs matplotlib: pip install 'fastcnn[plot]')",
     )
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -424,9 +444,10 @@ _SETTING_CHECKS = {
     "schedule_epochs": lambda v: is_int(v, 1),
     "augment": lambda v: isinstance(v, bool),
     "image_size": lambda v: v is None or is_int(v, 1),
+    "early_stopping": lambda v: v is None or is_int(v, 1),
 }
 # absent from older checkpoints
-_OPTIONAL_SETTINGS = ("model", "nesterov", "limit", "augment", "image_size")
+_OPTIONAL_SETTINGS = ("model", "nesterov", "limit", "augment", "image_size", "early_stopping")
 
 
 def _check_saved_settings(path, saved):
@@ -498,6 +519,7 @@ def _settings(args, saved=None):
         "limit": args.limit,
         "augment": args.augment,
         "image_size": args.image_size,
+        "early_stopping": args.early_stopping,
     }
     if saved is not None:  # (older checkpoints lack the newer settings)
         saved = {"model": DEFAULTS["model"], "nesterov": False, "augment": False, **saved}
@@ -602,6 +624,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.resume
     if out is not None:
         _check_out(out, "--out" if args.out is not None else "--resume")
+    if args.plot is not None:
+        _check_picture(args.plot, "--plot")
 
     from . import precompile
 
@@ -626,6 +650,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         model = models.BUILDERS[settings["model"]](x_train.shape[1], len(classes), settings["seed"])
         resume = {"seed": settings["seed"]}
+    if settings.get("early_stopping") and not n_val:
+        raise CliError(
+            "--early-stopping watches the validation loss: it needs validation images "
+            "(a --val-split above 0)"
+        )
     optimizer = _make_optimizer(settings, model.parameters())
     scheduler = _make_scheduler(settings, optimizer, -(-n_fit // settings["batch_size"]))
     if ckpt is not None:
@@ -650,8 +679,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if precompiled is not None:
         print("compiling the kernels (first run only; numba caches them)", flush=True)
         precompiled()
+    from .compile_ahead import mark_announced
+
+    mark_announced()  # (fit would say it once more where numba cannot write its cache)
     try:
-        _fit(
+        history = _fit(
             fit,
             model,
             loss_fn,
@@ -666,6 +698,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             threads=threads,
             verbose=True,
             checkpoint_extra={"cli": settings},
+            callbacks=_callbacks(settings),
             **resume,
         )
     except TrainingDiverged as exc:
@@ -673,8 +706,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if out is not None and args.epochs > resume.get("start_epoch", 0):  # (else nothing was written)
         print(f"checkpoint: {out}")
+    if args.plot is not None and len(history):
+        history.plot(args.plot)
+        print(f"curves: {args.plot}")
     _report_test(model, x_test, y_test, 256, threads, evaluate)
     return 0
+
+
+def _callbacks(settings):
+    from .callbacks import EarlyStopping
+
+    patience = settings.get("early_stopping")
+    return [EarlyStopping("val_loss", patience=patience, verbose=True)] if patience else []
+
+
+def _check_picture(path, option):
+    """A picture's destination and matplotlib, checked before any work is done."""
+    _check_out(path, option)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError(
+            f"{option} draws with matplotlib, which is not installed: pip install "
+            "'fastcnn[plot]' (or pip install matplotlib)"
+        ) from None
 
 
 class InternalError(RuntimeError):
@@ -703,6 +758,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import evaluate
 
     threads = _check_threads(args.threads)
+    if args.confusion is not None:
+        _check_picture(args.confusion, "--confusion")
     ckpt = _load_checkpoint(args.checkpoint)
     saved = _saved_settings(ckpt)
     dataset = args.dataset
@@ -723,8 +780,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         x_test, y_test = x_test[: args.limit], y_test[: args.limit]
     epoch = f" after epoch {ckpt.epoch}" if ckpt.epoch is not None else ""
     print(f"fastcnn evaluate: {args.checkpoint}{epoch} on {dataset}: {x_test.shape[0]} test images")
+    if args.confusion is not None:
+        _report_confusion(ckpt.model, x_test, y_test, args, threads, f"{dataset}{epoch}")
+        return 0
     _report_test(ckpt.model, x_test, y_test, args.batch_size, threads, evaluate)
     return 0
+
+
+def _report_confusion(model, x, y, args, threads, what):
+    """The test loss and accuracy (as _report_test) from one pass that also draws the
+    confusion matrix and prints the accuracy of each class."""
+    import numpy as np
+
+    from .metrics import evaluate_metrics
+    from .plots import confusion
+
+    report = evaluate_metrics(model, x, y, batch_size=args.batch_size, threads=threads)
+    m = report["confusion_matrix"]
+    confusion(m, args.confusion, title=f"{what}: accuracy {100 * report['accuracy']:.2f}%")
+    print(f"confusion matrix: {args.confusion}")
+    rates = report["per_class_accuracy"]
+    per_class = "  ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(rates) if not np.isnan(a))
+    print(f"accuracy per class: {per_class}")
+    print(f"test loss: {report['loss']:.4f}")
+    print(f"test accuracy: {100 * report['accuracy']:.2f}%", flush=True)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from . import functional as F
 from ._checks import is_int, is_real
 from ._types import Array, Config, Padding, Rng, Shape, Size2
 from .module import Module, Parameter, register_module
+from .seeding import default_rng, global_generator
 
 if TYPE_CHECKING:
     pass
@@ -51,6 +52,12 @@ __all__ = [
     "Dropout",
     "Flatten",
     "Softmax",
+    "Conv2d",
+    "Linear",
+    "BatchNorm2d",
+    "BatchNorm1d",
+    "MaxPool2d",
+    "AvgPool2d",
     "cast_input",
     "cast_grad",
     "check_grad",
@@ -209,7 +216,7 @@ class Conv2D(Module):
         else:
             self.padding = F.pair(padding, "padding", name, minimum=0)
         self.dtype = _resolve_dtype(dtype, name)
-        rng = np.random.default_rng(rng)
+        rng = default_rng(rng)  # rng=None: the global generator after fastcnn.manual_seed
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(
             _uniform_init(
@@ -591,7 +598,7 @@ class Dense(Module):
         self.in_features = _positive_int(in_features, "in_features", name)
         self.out_features = _positive_int(out_features, "out_features", name)
         self.dtype = _resolve_dtype(dtype, name)
-        rng = np.random.default_rng(rng)
+        rng = default_rng(rng)  # rng=None: the global generator after fastcnn.manual_seed
         self.weight = Parameter(
             _uniform_init(rng, (self.out_features, self.in_features), self.in_features, self.dtype)
         )
@@ -836,6 +843,8 @@ class Dropout(Module):
         self.seed = None if seed is None else int(seed)
         if rng is not None and seed is None:
             self._rng = np.random.default_rng(rng).spawn(1)[0]
+        elif seed is None and global_generator() is not None:  # after fastcnn.manual_seed
+            self._rng = default_rng(None).spawn(1)[0]
         else:
             self._rng = np.random.default_rng(self.seed)
 
@@ -864,3 +873,13 @@ class Dropout(Module):
 
     def get_config(self) -> Config:
         return {"class": self.name, "p": self.p, "seed": self.seed}
+
+
+# PyTorch's spellings: the same classes under a second name (a model saves and prints the
+# canonical names above, so checkpoints and configs do not depend on which spelling built it).
+Conv2d = Conv2D
+Linear = Dense
+BatchNorm2d = BatchNorm2D
+BatchNorm1d = BatchNorm1D
+MaxPool2d = MaxPool2D
+AvgPool2d = AvgPool2D

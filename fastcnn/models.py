@@ -2,7 +2,8 @@
 VGG-style CIFAR net and an all-convolutional net.
 
 Each takes ``seed`` (one generator initialises the layers in construction order, PyTorch's
-default initialisation) and ``dtype``. ``BUILDERS`` maps a name (those ``fastcnn train --model``
+default initialisation; ``seed=None``: the global generator of ``fastcnn.manual_seed``, else
+fresh entropy) and ``dtype``. ``BUILDERS`` maps a name (those ``fastcnn train --model``
 accepts, and the benchmark's networks) to a function of ``(in_channels, num_classes, seed)``;
 ``INPUT_SHAPES`` gives the (C, H, W) input each of them is built for.
 """
@@ -27,6 +28,7 @@ from .layers import (
     ReLU,
     Tanh,
 )
+from .seeding import default_rng
 
 __all__ = ["reference", "lenet5", "resnet", "vgg_cifar", "allconv", "BUILDERS", "INPUT_SHAPES"]
 
@@ -35,7 +37,7 @@ def reference(seed: int | None = 0, dtype: DTypeLike = np.float32) -> Sequential
     """The reference MNIST network (225,034 parameters), for (N, 1, 28, 28) inputs:
     Conv2D(1,32,3) ReLU MaxPool2D(2) Conv2D(32,64,3) ReLU MaxPool2D(2) Flatten Dense(1600,128)
     ReLU Dense(128,10). One generator seeded with ``seed`` initialises the layers in order."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return Sequential(
         [
             Conv2D(1, 32, 3, dtype=dtype, rng=rng),
@@ -62,7 +64,7 @@ def lenet5(
     Conv2D(C,6,5,padding=2) Tanh AvgPool2D(2) Conv2D(6,16,5) Tanh AvgPool2D(2) Flatten
     Dense(400,120) Tanh Dense(120,84) Tanh Dense(84,num_classes). The padding of 2 makes a
     28x28 image the 32x32 of the paper."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return Sequential(
         [
             Conv2D(in_channels, 6, 5, padding=2, dtype=dtype, rng=rng),
@@ -129,7 +131,7 @@ def resnet(
     if not is_int(depth, 8) or (depth - 2) % 6:
         raise ValueError(f"resnet: expected a depth 6n+2 >= 8 (8, 14, 20, 32, ...), got {depth!r}")
     n = (depth - 2) // 6
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     modules = _conv_bn(in_channels, 16, 3, 1, dtype, rng) + [ReLU()]
     c_in = 16
     for stage, width in enumerate((16, 32, 64)):
@@ -153,7 +155,7 @@ def vgg_cifar(
     Dense(2048,256) ReLU Dense(256,num_classes). The Flatten takes the (128, 4, 4) feature maps in
     NCHW order (feature c*16 + h*4 + w, as PyTorch's flatten), hence 128*4*4 = 2048 inputs.
     Convolutions have no bias (the BatchNorm after each has one)."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     modules, c_in = [], in_channels
     for width, pool in ((32, False), (32, True), (64, False), (64, True), (128, True)):
         modules += _conv_bn(c_in, width, 3, 1, dtype, rng) + [ReLU()]
@@ -179,7 +181,7 @@ def allconv(
     Conv2D(C,16,3,padding 1)-BatchNorm2D-ReLU at 32x32, Conv2D(16,32,3,stride 2,padding 1)-BN-ReLU
     (-> 16x16), Conv2D(32,64,3,stride 2,padding 1)-BN-ReLU (-> 8x8), AvgPool2D(8) (-> 64x1x1),
     Flatten, Dense(64,num_classes). Convolutions have no bias (the BatchNorm after each has one)."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     modules = []
     for c_in, c_out, stride in ((in_channels, 16, 1), (16, 32, 2), (32, 64, 2)):
         modules += _conv_bn(c_in, c_out, 3, stride, dtype, rng) + [ReLU()]

@@ -639,5 +639,8 @@ def module_from_config(config: Config, rng: Rng = None) -> Module:
     call this for their children: a config nested deeper than :data:`MAX_CONFIG_DEPTH` is a
     ValueError."""
     cls = _registered_class(config)
-    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if not isinstance(rng, np.random.Generator):
+        from .seeding import default_rng  # rng=None: the global generator of manual_seed
+
+        rng = default_rng(rng)
     return _nested(lambda: cls.from_config(config, rng=rng))

@@ -1,5 +1,5 @@
 """Optimizers (SGD, Adam, AdamW) and learning-rate schedulers (StepLR, CosineAnnealingLR,
-OneCycleLR).
+OneCycleLR, LinearWarmup).
 
 The update rules are PyTorch's (torch.optim), for one parameter group:
 
@@ -43,6 +43,7 @@ __all__ = [
     "StepLR",
     "CosineAnnealingLR",
     "OneCycleLR",
+    "LinearWarmup",
 ]
 
 
@@ -742,3 +743,123 @@ class OneCycleLR(LRScheduler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._apply(self.last_epoch)
+
+
+class LinearWarmup(LRScheduler):
+    """Linear warm-up over the first ``warmup_steps`` batches, optionally in front of another
+    scheduler ``after``; stepped once per BATCH (``per_batch``: ``fit`` does so).
+
+    The lr of step t is ``factor(t) * lr_after(t)`` with ``factor(t) = start_factor + (1 -
+    start_factor) * min(t, warmup_steps) / warmup_steps``: from ``start_factor`` times the
+    target to the target itself at step ``warmup_steps``, then the target alone. The target is
+    the optimizer's lr at construction (``after=None``: constant after the warm-up), or the lr
+    of ``after``, stepped by this scheduler at its own cadence from the first batch on: every
+    step for a per-batch scheduler, every ``steps_per_epoch`` steps for a per-epoch one (so a
+    ``StepLR``'s milestones still count epochs from the start of training). This is the
+    warm-up of Goyal et al. (2017) as timm's schedulers, Hugging Face's
+    ``get_linear_schedule_with_warmup`` (``start_factor=0``, their default) and Keras 3's
+    ``CosineDecay(warmup_steps=...)`` give it; PyTorch spells it
+    ``SequentialLR([LinearLR(...), ...])`` with every part stepped at one cadence, which a
+    warm-up in batches before a schedule in epochs cannot use. ``after`` must drive the same
+    optimizer; its state is saved inside this one's ``state_dict``. ::
+
+        cosine = fastcnn.CosineAnnealingLR(opt, T_max=epochs)
+        sched = fastcnn.LinearWarmup(opt, warmup_steps=500, after=cosine,
+                                     steps_per_epoch=-(-len(x) // batch_size))
+    """
+
+    per_batch = True
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int,
+        after: LRScheduler | None = None,
+        start_factor: float = 0.0,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        name = "LinearWarmup"
+        self.after = None
+        self._set_params(
+            {
+                "warmup_steps": warmup_steps,
+                "start_factor": start_factor,
+                "steps_per_epoch": steps_per_epoch,
+            }
+        )
+        if after is not None:
+            if not isinstance(after, LRScheduler):
+                raise TypeError(
+                    f"{name}: expected after to be a fastcnn.optim scheduler or None, got "
+                    f"{type(after).__name__}"
+                )
+            if after.optimizer is not optimizer:
+                raise ValueError(f"{name}: after drives another optimizer than this warm-up")
+            if not after.per_batch and self.steps_per_epoch is None:
+                raise ValueError(
+                    f"{name}: after ({type(after).__name__}) is stepped once per epoch: give "
+                    "steps_per_epoch (the number of batches in an epoch)"
+                )
+        super().__init__(optimizer)
+        self.after = after
+        self._apply()
+
+    def _params(self):
+        return {
+            "warmup_steps": self.warmup_steps,
+            "start_factor": self.start_factor,
+            "steps_per_epoch": self.steps_per_epoch,
+            "after": None if self.after is None else self.after.state_dict(),
+        }
+
+    def _set_params(self, p):
+        name = "LinearWarmup"
+        steps = p["warmup_steps"]
+        if not is_int(steps, 1):
+            raise ValueError(f"{name}: expected warmup_steps to be an int >= 1, got {steps!r}")
+        factor = p["start_factor"]
+        if not is_real(factor) or not 0 <= factor <= 1:
+            raise ValueError(f"{name}: expected 0 <= start_factor <= 1, got {factor!r}")
+        per_epoch = p["steps_per_epoch"]
+        if per_epoch is not None and not is_int(per_epoch, 1):
+            raise ValueError(
+                f"{name}: expected steps_per_epoch to be None or an int >= 1, got {per_epoch!r}"
+            )
+        if "after" in p:  # loading a state: after's own, validated by after
+            if (p["after"] is None) != (self.after is None):
+                raise ValueError(
+                    f"{name}: the state was saved "
+                    f"{'without' if p['after'] is None else 'with'} an after scheduler, this "
+                    f"warm-up has {'none' if self.after is None else type(self.after).__name__}"
+                )
+            if self.after is not None:
+                self.after.load_state_dict(p["after"])
+        self.warmup_steps = int(steps)
+        self.start_factor = float(factor)
+        self.steps_per_epoch = None if per_epoch is None else int(per_epoch)
+
+    def _apply(self):
+        target = self.base_lr if self.after is None else self.after.get_last_lr()[0]
+        done = min(self.last_epoch, self.warmup_steps) / self.warmup_steps
+        factor = self.start_factor + (1.0 - self.start_factor) * done
+        self._last_lr = self.optimizer.lr = factor * target
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        after = self.after
+        if after is not None and (
+            after.per_batch or self.last_epoch % (self.steps_per_epoch or 1) == 0
+        ):
+            after.step()
+        self._apply()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._apply()
+
+    def __repr__(self) -> str:
+        return (
+            f"LinearWarmup(warmup_steps={self.warmup_steps}, start_factor={self.start_factor}, "
+            f"after={self.after!r}, steps_per_epoch={self.steps_per_epoch}, "
+            f"last_epoch={self.last_epoch})"
+        )

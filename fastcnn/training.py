@@ -21,11 +21,13 @@ import numpy as np
 
 from ._checks import is_int
 from ._types import Array
+from .clip import clip_grad_norm_
 from .threads import compute_threads
 
 if TYPE_CHECKING:
     import os
 
+    from .callbacks import Callback
     from .checkpoint import Checkpoint
     from .data import DataLoader
     from .losses import CrossEntropyLoss, MSELoss
@@ -122,6 +124,14 @@ class History:
         for key in cls.KEYS:
             setattr(history, key, list(data[key]))
         return history
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Loss and accuracy per epoch, training vs validation, as a matplotlib Figure, also
+        written to ``path`` as a PNG if given (:func:`fastcnn.plots.curves`; needs matplotlib:
+        ``pip install 'fastcnn[plot]'``)."""
+        from .plots import curves
+
+        return curves(self, path)
 
     def __repr__(self) -> str:
         return f"History({len(self)} epochs)"
@@ -246,7 +256,8 @@ def resume_kwargs(ckpt: Checkpoint) -> dict[str, Any]:
     """Arguments for :func:`fit` that continue the run saved in checkpoint ``ckpt``.
 
     ``ckpt`` is a :func:`fastcnn.checkpoint.load` result written by ``fit``; returns
-    ``start_epoch``, ``shuffle_state``, ``history`` (and ``seed``). Restore the optimizer and
+    ``start_epoch``, ``shuffle_state``, ``history``, ``callback_states`` (the callbacks' state,
+    see fastcnn.callbacks; pass the same callbacks) and ``seed``. Restore the optimizer and
     scheduler from the checkpoint yourself (``ckpt.restore_optimizer(opt)``), then
     ``fit(ckpt.model, loss, opt, x, y, epochs, **resume_kwargs(ckpt))``.
     """
@@ -293,11 +304,17 @@ def resume_kwargs(ckpt: Checkpoint) -> dict[str, Any]:
         fail(f"the history {data!r:.100} is corrupted ({exc})")
     if len(history) != epoch:
         fail(f"the history holds {len(history)} epochs, the checkpoint says {epoch} were completed")
+    callback_states = info.get("callbacks", [])
+    if not isinstance(callback_states, list) or not all(
+        isinstance(c, dict) and set(c) == {"class", "state"} for c in callback_states
+    ):
+        fail(f"the callbacks' states {callback_states!r:.100} are corrupted")
     return {
         "start_epoch": epoch,
         "shuffle_state": shuffle_state,
         "history": history,
         "seed": seed,
+        "callback_states": callback_states,
     }
 
 
@@ -312,15 +329,18 @@ def fit(
     val_data: tuple[Array, Array] | DataLoader | None = None,
     scheduler: LRScheduler | None = None,
     seed: int | None = 0,
-    progress: bool | None = True,
+    progress: bool | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     start_epoch: int = 0,
     shuffle_state: dict[str, Any] | None = None,
     history: History | None = None,
     threads: int | None = None,
-    verbose: bool = False,
+    verbose: bool | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
     val_batch_size: int = 256,
+    callbacks: list[Callback] | None = None,
+    clip_grad_norm: float | None = None,
+    callback_states: list[dict[str, Any]] | None = None,
 ) -> History:
     """Train ``model`` on shuffled mini-batches of ``(x_train, y_train)`` and return a History.
 
@@ -342,8 +362,20 @@ def fit(
       next to it. Continue a run with ``fit(..., **resume_kwargs(fastcnn.checkpoint.load(path)))``.
     - A NaN or infinite loss stops training with :class:`TrainingDiverged` (epoch and batch named)
       before the step is applied; the last checkpoint is not overwritten.
-    - ``progress``: a tqdm bar per epoch (loss, images/s) on stderr; None = only on a terminal.
-      ``verbose``: print one summary line per epoch on stdout.
+    - ``progress``: a tqdm bar per epoch (loss, images/s) on stderr; None (default) = only when
+      stderr is a terminal. ``verbose``: one summary line per epoch on stdout (what ``fastcnn
+      train`` prints, :func:`format_epoch`); None (default) = unless ``progress=False``. So by
+      default a terminal shows a bar and a line per epoch, a log file a line per epoch and no
+      bar frames; ``progress=False`` is silent.
+    - On a cold kernel cache (the first use on a machine) ``fit`` says once per process that it
+      is compiling and compiles before the first epoch's clock starts
+      (:func:`fastcnn.warmup`, which changes nothing of the model or optimizer).
+    - ``callbacks``: :class:`fastcnn.callbacks.Callback` objects (EarlyStopping,
+      ModelCheckpoint, ReduceLROnPlateau, CSVLogger, your own); their state is saved in the
+      checkpoint and ``resume_kwargs`` gives it back as ``callback_states`` (which ``fit``
+      loads into the callbacks after their ``on_train_begin``).
+    - ``clip_grad_norm``: scale the gradients of each batch to this total norm at most
+      (:func:`fastcnn.clip_grad_norm_`) before the step; a non-finite norm is a TrainingDiverged.
     - ``threads``: Numba threads for the run (restored afterwards); the BLAS is limited to
       ``fastcnn.threads.BLAS_THREADS_DURING_COMPUTE`` meanwhile.
     - Every argument is checked before the first step (no epoch of work is lost to a bad one):
@@ -366,6 +398,17 @@ def fit(
         raise TypeError(
             f"{what}: loss_fn must be callable with a backward() method, got {loss_fn!r}"
         )
+    from .callbacks import CallbackList
+
+    cbs = CallbackList(callbacks)
+    if clip_grad_norm is not None and (
+        not isinstance(clip_grad_norm, numbers.Real)
+        or isinstance(clip_grad_norm, bool)
+        or not 0 < clip_grad_norm < math.inf
+    ):
+        raise ValueError(
+            f"{what}: clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}"
+        )
     if history is None:
         history = History()
     elif len(history) != start_epoch:
@@ -375,6 +418,27 @@ def fit(
 
     n = loader.num_samples
     num_batches = len(loader)
+    model.stop_training = False  # a callback sets it to True to stop (Keras's spelling)
+    if cbs:
+        cbs.set_context(
+            model,
+            optimizer,
+            scheduler,
+            history,
+            {
+                "epochs": epochs,
+                "start_epoch": start_epoch,
+                "batch_size": loader.batch_size,
+                "num_batches": num_batches,
+                "samples": n,
+                "has_validation": val_data is not None,
+                "input_shape": tuple(loader.sample_shape),
+            },
+        )
+        cbs.on_train_begin({})
+    if callback_states:  # a resumed run: after on_train_begin, which resets the callbacks
+        cbs.check_states(callback_states)
+        cbs.load_states(callback_states)
     if shuffle_state is not None:
         loader.set_position(start_epoch, shuffle_state)
     else:
@@ -407,9 +471,12 @@ def fit(
             checkpoint_extra,
             loader.sample_shape,
             write=False,
+            callback_states=cbs.states(),
         )
 
     check_targets = _fit_data.target_checker(what, loss_fn, loader, val_data)
+    if verbose is None:
+        verbose = progress is not False
     if progress is None:
         progress = sys.stderr.isatty()
     if progress:
@@ -420,11 +487,19 @@ def fit(
     skip_input_grad = "input_grad" in params or any(
         p.kind is p.VAR_KEYWORD for p in params.values()
     )
+    params_list: list[Any] = model.parameters() if clip_grad_norm is not None else []
+    batch_logs = cbs.wants_batch_logs
+    stopped = False
+    from .compile_ahead import announce_if_cold, warmup
+
+    cold = start_epoch < epochs and announce_if_cold(announce=bool(verbose or progress))
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
             batches = loader.batches(reuse=True)  # draws the epoch's order
             lr = float(optimizer.lr)
+            if cbs:
+                cbs.on_epoch_begin(epoch, {"lr": lr})
             loss_sum = 0.0
             correct = 0
             seen = 0
@@ -442,6 +517,12 @@ def fit(
             try:
                 for b, (xb, yb) in enumerate(batches):
                     m = xb.shape[0]
+                    if cold:  # the first batch on a cold kernel cache: compile, then time
+                        cold = False
+                        warmup(model, xb.shape[1:], optimizer)
+                        t0 = time.perf_counter()
+                    if batch_logs:
+                        cbs.on_batch_begin(b, {"size": m})
                     optimizer.zero_grad()
                     logits = model(xb)
                     yb = check_targets(logits, yb)  # every label, once the class count is known
@@ -452,13 +533,27 @@ def fit(
                         model.backward(loss_fn.backward(), input_grad=False)
                     else:  # a user's model whose backward takes no input_grad
                         model.backward(loss_fn.backward())
+                    if clip_grad_norm is not None:
+                        norm = clip_grad_norm_(params_list, clip_grad_norm)
+                        if not math.isfinite(norm):
+                            raise TrainingDiverged(
+                                epoch + 1, b + 1, num_batches, loss, f"the gradient norm is {norm}"
+                            )
+                    step_lr = optimizer.lr
                     optimizer.step()
                     if per_batch and scheduler is not None:  # per_batch implies one
                         scheduler.step()
 
+                    batch_correct = _correct(logits, yb)
                     loss_sum += loss * m
-                    correct += _correct(logits, yb)
+                    correct += batch_correct
                     seen += m
+                    if batch_logs:
+                        logs = {"loss": loss, "accuracy": batch_correct / m, "size": m}
+                        logs["lr"] = float(step_lr)
+                        if clip_grad_norm is not None:
+                            logs["grad_norm"] = norm
+                        cbs.on_batch_end(b, logs)
                     if bar is not None:
                         bar.update(1)
                         if b % 10 == 0 or b == num_batches - 1:
@@ -466,9 +561,14 @@ def fit(
                             bar.set_postfix_str(
                                 f"loss {loss_sum / seen:.4f}, {rate:.0f} images/s", refresh=False
                             )
+                    if b < num_batches - 1 and getattr(model, "stop_training", False):
+                        stopped = True  # mid-epoch: the partial epoch is not recorded
+                        break
             finally:
                 if bar is not None:
                     bar.close()
+            if stopped:
+                break
             seconds = time.perf_counter() - t0
             if not _all_finite(model):
                 raise TrainingDiverged(
@@ -500,6 +600,10 @@ def fit(
             )
             if scheduler is not None and not per_batch:
                 scheduler.step()
+            if verbose:
+                print(format_epoch(history.last(), epochs), flush=True)
+            if cbs:
+                cbs.on_epoch_end(epoch, _epoch_logs(history.last()))
             if checkpoint is not None:
                 _save_checkpoint(
                     checkpoint,
@@ -512,10 +616,20 @@ def fit(
                     history,
                     checkpoint_extra,
                     loader.sample_shape,
+                    callback_states=cbs.states(),
                 )
-            if verbose:
-                print(format_epoch(history.last(), epochs), flush=True)
+            if getattr(model, "stop_training", False):
+                break
+    if cbs:
+        cbs.on_train_end(_epoch_logs(history.last()) if len(history) else {})
     return history
+
+
+def _epoch_logs(record):
+    """The logs of on_epoch_end: a History record without its epoch, plus Keras's names."""
+    logs = {k: v for k, v in record.items() if k != "epoch"}
+    logs["loss"], logs["accuracy"] = record["train_loss"], record["train_accuracy"]
+    return logs
 
 
 def _evaluate_val(model, val_data, batch_size, loss_fn):
@@ -527,7 +641,18 @@ def _evaluate_val(model, val_data, batch_size, loss_fn):
 
 
 def _save_checkpoint(
-    path, model, optimizer, scheduler, epoch, rng, seed, history, extra, input_shape, write=True
+    path,
+    model,
+    optimizer,
+    scheduler,
+    epoch,
+    rng,
+    seed,
+    history,
+    extra,
+    input_shape,
+    write=True,
+    callback_states=None,
 ):
     """Save the end-of-epoch checkpoint (``write=False``: only serialise it, as a check)."""
     from . import checkpoint as ckpt
@@ -537,6 +662,8 @@ def _save_checkpoint(
         "seed": None if seed is None else int(seed),
         "history": history.as_dict(),
     }
+    if callback_states:
+        info["callbacks"] = callback_states
     payload = dict(extra or {})
     payload["fit"] = info
     if not write:
