@@ -250,7 +250,7 @@ class FastcnnRunner:
                         dy, weight, 1, 1, 0, 0, 1, 1, dx
                     ),
                     "backward-weight": lambda: kconv.conv2d_backward_weight(
-                        x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias
+                        x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias, threads
                     ),
                     "backward-weight from pool": lambda: from_pool(
                         x, gp, argmax, pooled, True, 2, 2, oh, ow, 1, 1, 0, 0, 1, 1, dweight, dbias

@@ -114,7 +114,9 @@ def test_conv2d_backward_weight(record, shape, impl):
     xh, dyh = _nhwc(x), _nhwc(dy)
     fns = {
         "numpy": lambda: numpy_ops.conv2d_backward_weight(x, dy),
-        "fastcnn": lambda: kconv.conv2d_backward_weight(xh, dyh, 1, 1, 0, 0, 1, 1, dweight, dbias),
+        "fastcnn": lambda: kconv.conv2d_backward_weight(
+            xh, dyh, 1, 1, 0, 0, 1, 1, dweight, dbias, numba.get_num_threads()
+        ),
     }
     if impl == "torch":
         _torch_threads()

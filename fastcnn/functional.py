@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -511,7 +512,9 @@ def conv2d_backward(
     dy = _nhwc(dy)
     dweight = np.empty_like(weight)
     dbias = np.empty(weight.shape[0], dtype=x.dtype)
-    k.conv2d_backward_weight(_nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias)
+    k.conv2d_backward_weight(
+        _nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, numba.get_num_threads()
+    )
     dx = None
     if input_grad:
         n, c, h, w = x.shape

@@ -466,19 +466,23 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
 
 
 @njit(cache=True)
-def _weight_plan(K, F, NP, narrow):
+def _weight_plan(K, F, NP, narrow, threads):
     """How the weight gradient splits its work into units (see conv2d_backward_weight): tap
     tiles nkt, filter blocks nfb, tap-tile groups and pixel chunks (groups * chunks * nfb
-    units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide it;
-    the pixel chunks (the only choice that changes a sum's order) are those of the wide tile
-    whatever ``narrow``, so both tiles give bitwise the same gradient."""
+    units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide the
+    pixel chunks (the only choice that changes a sum's order), those of the wide tile whatever
+    ``narrow``, so both tiles give bitwise the same gradient; ``threads`` (the caller's thread
+    count) only how many groups share the tap tiles."""
     rows, cols = tile_shape(narrow)
     wide_fb = (F + FT - 1) // FT
     per_fb = max(1, _WEIGHT_UNITS // wide_fb)  # units per filter block
     nkt = (K + rows - 1) // rows
     nfb = (F + cols - 1) // cols
     if (K + R - 1) // R >= per_fb:  # groups of tap tiles, each over all pixels, block by block
-        groups, chunks = min(max(1, _WEIGHT_UNITS // nfb), nkt), 1
+        # Each group streams all of x and dy, so as few as keep the threads busy; a tile's sum
+        # runs over every pixel in order whatever the grouping: the result is the same.
+        busy = max(1, min(_WEIGHT_UNITS, threads))
+        groups, chunks = min(max(1, busy // nfb), nkt), 1
         block = _PIXEL_BLOCK
     else:  # all tiles together, over chunks of pixels (each chunk's data stays in L2)
         groups = 1
@@ -642,21 +646,22 @@ def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias):
 
 @njit(parallel=True, cache=True)
 def conv2d_backward_weight(
-    x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias
+    x, dy, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dweight, dbias, threads
 ):
     """dweight[f,c,i,j] = sum_{n,oh,ow} dy[n,oh,ow,f] * x[n, window + (i, j), c],
     dbias[f] = sum dy[..., f].
 
     x (N, H, W, C), dy (N, OH, OW, F); dweight (F, C, KH, KW) and dbias (F,) overwritten.
 
-    A blocked matrix product over a fixed number of units of work, whatever the thread count.
-    With many output tiles (3 taps x 32 filters; conv2 of the reference network has 192) each
-    of ``_WEIGHT_UNITS`` units owns a group of them and sums every pixel into them, in blocks of
-    ``_PIXEL_BLOCK`` pixels whose x and dy stay in L1 while all the group's tiles use them. With
-    few (conv1 has 3) each of ``_WEIGHT_CHUNKS`` units takes all tiles over a fixed range of
-    pixels, and the partial sums are added in order afterwards. Every sum runs in an order fixed
-    by the shapes alone: the result is bitwise identical on repeated calls and for any number of
-    threads.
+    A blocked matrix product over units of work. With many output tiles (3 taps x 32 filters;
+    conv2 of the reference network has 192) each unit owns a group of them and sums every pixel
+    into them, in blocks of ``_PIXEL_BLOCK`` pixels whose x and dy stay in L1 while all the
+    group's tiles use them; there are as many groups per filter block as ``threads`` (at most
+    ``_WEIGHT_UNITS``), since each group streams all of x and dy (8 groups on one thread ran a
+    VGG-sized layer at 0.7x). With few (conv1 has 3) each of ``_WEIGHT_CHUNKS`` units takes all
+    tiles over a fixed range of pixels, and the partial sums are added in order afterwards.
+    Every sum runs in an order fixed by the shapes alone: the result is bitwise identical on
+    repeated calls and for any ``threads`` and number of threads.
     """
     N, OH, OW, F = dy.shape
     KH, KW = dweight.shape[2], dweight.shape[3]
@@ -664,7 +669,7 @@ def conv2d_backward_weight(
     K = KH * KW * x.shape[3]
     narrow = F <= FTN
     rows, cols = tile_shape(narrow)
-    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP, narrow)
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP, narrow, threads)
     Fp = nfb * cols
     xf, koff, pix = _weight_operands(
         x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * rows

@@ -570,7 +570,9 @@ def maxpool2d_conv2d_backward_weight_dense(
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
-    nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(KH * KW * C, F, NP, False)
+    nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(
+        KH * KW * C, F, NP, False, _WEIGHT_UNITS
+    )
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(
         x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R

@@ -64,7 +64,7 @@ def backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))
     dw = np.full(w.shape, np.nan, dtype=x.dtype)
     db = np.full(w.shape[0], np.nan, dtype=x.dtype)
     conv2d_backward_input(nhwc(dy), w, *_flat(stride, padding, dilation), dx)
-    conv2d_backward_weight(nhwc(x), nhwc(dy), *_flat(stride, padding, dilation), dw, db)
+    conv2d_backward_weight(nhwc(x), nhwc(dy), *_flat(stride, padding, dilation), dw, db, 2)
     return nchw(dx), dw, db
 
 
@@ -303,10 +303,10 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
     dy = rng.standard_normal(dy_shape).astype(np.float32)
     x, dy = nhwc(x), nhwc(dy)
 
-    def grads():
+    def grads(groups=2):
         dw = np.full(w_shape, np.nan, np.float32)
         db = np.full(w_shape[0], np.nan, np.float32)
-        conv2d_backward_weight(x, dy, *geom, dw, db)
+        conv2d_backward_weight(x, dy, *geom, dw, db, groups)
         return dw.tobytes() + db.tobytes()
 
     saved = numba.get_num_threads()
@@ -314,8 +314,11 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
         reference = grads()
         for _ in range(20):
             assert grads() == reference
+        for groups in (1, 3, 8, 100):  # how the tap tiles are grouped: never a sum's order
+            assert grads(groups) == reference
     with threads(1):
         assert grads() == reference
+        assert grads(1) == reference
     assert numba.get_num_threads() == saved
 
 
