@@ -320,6 +320,7 @@ def fit(
     verbose: bool = False,
     checkpoint_extra: dict[str, Any] | None = None,
     val_batch_size: int = 256,
+    distributed: bool | None = None,
 ) -> History:
     """Train ``model`` on shuffled mini-batches of ``(x_train, y_train)`` and return a History.
 
@@ -343,6 +344,10 @@ def fit(
     - Every argument is checked before the first step (no epoch of work is lost to a bad one):
       the data, ``val_data``'s shapes and labels, the checkpoint's folder and the checkpoint
       itself (serialised once in memory, so that a non-JSON-able ``checkpoint_extra`` is refused).
+    - ``distributed``: under ``mpiexec -n K`` (K > 1) every rank trains on its shard of each
+      global batch and the gradients are averaged (``fastcnn.distributed``; docs/distributed.md);
+      only rank 0 shows progress, prints, validates and writes checkpoints; every rank returns
+      the same History. None: so iff launched with K > 1; False: each process alone.
     """
     what = "fit"
     _check_data(what, x_train, y_train)
@@ -380,6 +385,12 @@ def fit(
             f"{what}: the history holds {len(history)} epochs but start_epoch is {start_epoch}"
         )
 
+    from .distributed import fit_sync
+
+    # K > 1 ranks: the sync does the distributed part (None on one process)
+    sync, optimizer, threads = fit_sync(distributed, model, optimizer, threads)
+    if sync is not None and not sync.root:
+        progress, verbose, checkpoint = False, False, None
     n = x_train.shape[0]
     num_batches = -(-n // batch_size)
     rng = np.random.default_rng(seed)
@@ -432,6 +443,8 @@ def fit(
     skip_input_grad = "input_grad" in params or any(
         p.kind is p.VAR_KEYWORD for p in params.values()
     )
+    if sync is not None:
+        sync.start(model)  # rank 0's weights and optimizer state everywhere
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -454,6 +467,8 @@ def fit(
             try:
                 for b in range(num_batches):
                     idx = order[b * batch_size : (b + 1) * batch_size]
+                    if sync is not None:
+                        idx = sync.shard(idx)  # this rank's part of the global batch
                     m = idx.shape[0]
                     xb = xb_full[:m]
                     yb = yb_full[:m]
@@ -461,30 +476,37 @@ def fit(
                     np.take(y_train, idx, axis=0, out=yb)
 
                     optimizer.zero_grad()
-                    logits = model(xb)
-                    if not targets_checked:  # every label, once the class count is known
-                        check = getattr(loss_fn, "validate_targets", None)
-                        if check is not None and logits.ndim == 2:
-                            check(y_train, logits.shape[1])
-                            if val_data is not None:
-                                try:
-                                    check(val_data[1], logits.shape[1])
-                                except (TypeError, ValueError) as exc:
-                                    raise type(exc)(f"{what} (val_data): {exc}") from exc
-                        targets_checked = True
-                    loss = float(loss_fn(logits, yb))
-                    if not math.isfinite(loss):
-                        raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
-                    if skip_input_grad:
-                        model.backward(loss_fn.backward(), input_grad=False)
-                    else:  # a user's model whose backward takes no input_grad
-                        model.backward(loss_fn.backward())
+                    loss, batch_correct = 0.0, 0
+                    if m:  # (empty only for a rank's shard of a batch smaller than the world)
+                        logits = model(xb)
+                        if not targets_checked:  # every label, once the class count is known
+                            check = getattr(loss_fn, "validate_targets", None)
+                            if check is not None and logits.ndim == 2:
+                                check(y_train, logits.shape[1])
+                                if val_data is not None:
+                                    try:
+                                        check(val_data[1], logits.shape[1])
+                                    except (TypeError, ValueError) as exc:
+                                        raise type(exc)(f"{what} (val_data): {exc}") from exc
+                            targets_checked = True
+                        loss = float(loss_fn(logits, yb))
+                        if not math.isfinite(loss) and sync is None:
+                            raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
+                        if skip_input_grad:
+                            model.backward(loss_fn.backward(), input_grad=False)
+                        else:  # a user's model whose backward takes no input_grad
+                            model.backward(loss_fn.backward())
+                        batch_correct = _correct(logits, yb)
+                    if sync is not None:  # gradients averaged over the ranks; the global batch
+                        loss, batch_correct, m = sync.reduce_step(m, loss, batch_correct)
+                        if not math.isfinite(loss):
+                            raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
                     optimizer.step()
                     if per_batch and scheduler is not None:  # per_batch implies one
                         scheduler.step()
 
                     loss_sum += loss * m
-                    correct += _correct(logits, yb)
+                    correct += batch_correct
                     seen += m
                     if bar is not None:
                         bar.update(1)
@@ -506,9 +528,11 @@ def fit(
                     what="a weight became NaN or infinite",
                 )
 
+            if sync is not None:
+                sync.end_epoch(model)  # BatchNorm's running statistics averaged over the ranks
             val_loss = val_accuracy = None
             val_seconds = 0.0
-            if val_data is not None:
+            if val_data is not None and (sync is None or sync.root):
                 t1 = time.perf_counter()
                 val_loss, val_accuracy = evaluate(
                     model, val_data[0], val_data[1], val_batch_size, loss_fn
@@ -527,6 +551,8 @@ def fit(
                 images_per_second=n / seconds,
                 lr=lr,
             )
+            if sync is not None:
+                sync.share_last(history)  # rank 0's validation and clock on every rank
             if scheduler is not None and not per_batch:
                 scheduler.step()
             if checkpoint is not None:
