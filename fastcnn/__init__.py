@@ -16,7 +16,18 @@ from . import _kernels_path
 
 _kernels_path.register(_os.path.dirname(_os.path.abspath(__file__)))
 
-from . import checkpoint, datasets, functional, losses, models, optim, plan, threads, training  # noqa: E402
+from . import (  # noqa: E402
+    checkpoint,
+    datasets,
+    distributed,
+    functional,
+    losses,
+    models,
+    optim,
+    plan,
+    threads,
+    training,
+)
 from .containers import Concat, Residual, Sequential  # noqa: E402
 from .layers import (  # noqa: E402
     AvgPool2D,
@@ -86,6 +97,7 @@ __all__ = [
     "set_num_threads",
     "checkpoint",
     "datasets",
+    "distributed",
     "functional",
     "losses",
     "models",

@@ -4,6 +4,7 @@
     fastcnn train --model resnet20 --dataset fashion-mnist
     fastcnn train --out run.safetensors # checkpoint at the end of every epoch
     fastcnn train --resume run.safetensors --epochs 5
+    mpiexec -n 2 fastcnn train --threads 1   # data-parallel on 2 ranks (docs/distributed.md)
     fastcnn evaluate run.safetensors
     fastcnn summary [--model resnet20 | CHECKPOINT]
 
@@ -75,6 +76,7 @@ exit statuses:
 environment:
   FASTCNN_TRACEBACK=1  print the full Python traceback of any error instead of its message
   FASTCNN_DATA=DIR     the folder holding mnist/ and fashion-mnist/ (as --data-dir)
+  FASTCNN_DIST_TIMEOUT=S  under mpiexec: seconds a rank waits for another before aborting
 """
 
 
@@ -537,10 +539,11 @@ def _describe(settings):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import models
+    from .distributed import default_threads, describe_world, is_root
     from .threads import get_num_threads
     from .training import TrainingDiverged, evaluate, fit, resume_kwargs
 
-    threads = _check_threads(args.threads)
+    threads = default_threads(_check_threads(args.threads))  # under mpiexec: cores per rank
     ckpt = None
     if args.resume is not None:
         ckpt = _load_checkpoint(args.resume)
@@ -599,7 +602,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}: "
         f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
         f"{_describe(settings)}; "
-        f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads",
+        f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads"
+        f"{describe_world()}",
         flush=True,
     )
     if ckpt is not None:
@@ -631,7 +635,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if out is not None and args.epochs > resume.get("start_epoch", 0):  # (else nothing was written)
         print(f"checkpoint: {out}")
-    _report_test(model, x_test, y_test, 256, threads, evaluate)
+    if is_root():
+        _report_test(model, x_test, y_test, 256, threads, evaluate)
     return 0
 
 
@@ -722,6 +727,14 @@ def _expected_errors():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import CliSession
+
+    # under mpiexec: only rank 0 prints; a rank that fails stops the others
+    with CliSession() as session:
+        return session.exit(_main(argv))
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"fastcnn {args.command}"

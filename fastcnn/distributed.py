@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -201,7 +201,9 @@ class World:
         return buf[:n]
 
     # -- the fixed-order sum ---------------------------------------------------------------
-    def sum_inplace(self, buf: Array, what: str = "allreduce", timeout: float | None = None) -> None:
+    def sum_inplace(
+        self, buf: Array, what: str = "allreduce", timeout: float | None = None
+    ) -> None:
         """Sum the contiguous 1-D ``buf`` over the ranks, in place, bitwise the same on every
         rank (``reduction="ring"``) or with MPI_Allreduce (``"mpi"``)."""
         if self.size == 1:
@@ -275,17 +277,22 @@ def _check_reduction(reduction: object) -> str:
 def init(
     timeout: float | None | str = "env", reduction: str = "ring", excepthook: bool = True
 ) -> World:
-    """Join the MPI world (once; later calls return the same :class:`World`).
+    """Join the MPI world (once; later calls return the same :class:`World`, with ``timeout``
+    and ``reduction`` updated if given).
 
-    Without ``mpi4py``, or in a process not started by ``mpiexec``, the world is this process
-    alone (K=1) and everything below runs as on one process. ``timeout``: seconds a training
-    step waits for another rank before the job is aborted (``"env"``: ``$FASTCNN_DIST_TIMEOUT``
-    or :data:`DEFAULT_TIMEOUT`; None or 0: no limit). ``reduction``: see :data:`REDUCTIONS`.
-    ``excepthook``: with K > 1, an uncaught exception prints its traceback and aborts the job
-    (otherwise the other ranks would wait for this one forever).
+    In a process not started by ``mpiexec -n K`` with K > 1, the world is this process alone
+    (K=1, MPI is not even imported) and everything runs as on one process.
+
+    - ``timeout``: seconds a training step waits for another rank before the job is aborted
+      (``"env"``: ``$FASTCNN_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`; None or 0: no limit).
+    - ``reduction``: see :data:`REDUCTIONS`.
+    - ``excepthook``: with K > 1, an uncaught exception prints its traceback and aborts the
+      job (otherwise the other ranks would wait for this one forever).
     """
     global _WORLD
     reduction = _check_reduction(reduction)
+    if _WORLD is not None and timeout == "env" and reduction == "ring":
+        return _WORLD  # (a later call with the defaults keeps the settings of the first)
     if timeout == "env":
         timeout = _timeout_from_env()
     elif timeout is not None:
@@ -299,6 +306,9 @@ def init(
         _WORLD.timeout, _WORLD.reduction = timeout, reduction
         return _WORLD
     launched = launched_size()
+    if launched == 1:  # not started by a launcher (or by one with a single rank): no MPI needed
+        _WORLD = World(None, 0, 1, 1, timeout, reduction)
+        return _WORLD
     try:
         import mpi4py
     except ImportError:
@@ -366,9 +376,9 @@ def barrier() -> None:
 
 
 def _check_root(what: str, root: object, world: World) -> int:
-    if not is_int(root, 0) or int(root) >= world.size:  # type: ignore[call-overload]
+    if not is_int(root, 0) or int(root) >= world.size:
         raise ValueError(f"{what}: root must be a rank 0 .. {world.size - 1}, got {root!r}")
-    return int(root)  # type: ignore[call-overload]
+    return int(root)
 
 
 def _check_array(what: str, array: object) -> Array:
@@ -560,7 +570,7 @@ def _check_count(what: str, count: object) -> int | None:
         return None
     if not is_int(count, 0):
         raise ValueError(f"{what}: count must be an int >= 0 (this rank's samples), got {count!r}")
-    return int(count)  # type: ignore[call-overload]
+    return int(count)
 
 
 def reduce_gradients(
@@ -621,7 +631,7 @@ def _inner_optimizer(what: str, optimizer: object) -> Optimizer:
         return optimizer.optimizer
     if not (hasattr(optimizer, "params") and hasattr(optimizer, "step")):
         raise TypeError(f"{what}: expected a fastcnn optimizer, got {type(optimizer).__name__}")
-    return optimizer  # type: ignore[return-value]
+    return cast("Optimizer", optimizer)
 
 
 class DistributedOptimizer:
@@ -814,4 +824,3 @@ def reduce_timing(reset: bool = False) -> tuple[float, int]:
     if reset:
         w.reduce_seconds, w.reduce_calls = 0.0, 0
     return out
-
