@@ -163,9 +163,10 @@ class World:
 
     # -- waiting, with a watchdog ---------------------------------------------------------
     def wait(self, requests: list[Any], what: str, peer: int | None, timeout: float | None) -> None:
-        """Complete ``requests``, polling: spin while the exchange is fast, sleep 1 ms between
-        polls once it has taken 50 ms (another rank is busy), and abort the job with a message
-        naming ``what`` and ``peer`` after ``timeout`` seconds (None: no limit)."""
+        """Complete ``requests``, polling: yield the core between polls while the exchange is
+        fast, sleep 1 ms between polls once it has taken 50 ms (another rank is busy), and
+        abort the job with a message naming ``what`` and ``peer`` after ``timeout`` seconds
+        (None: no limit)."""
         from mpi4py import MPI
 
         if MPI.Request.Testall(requests):
@@ -173,6 +174,9 @@ class World:
         start = time.monotonic()
         polls = 0
         while not MPI.Request.Testall(requests):
+            # give the core away between polls: on a busy machine the rank being waited for may
+            # need it (no cost on an idle core: sched_yield returns at once)
+            os.sched_yield()
             polls += 1
             if polls % 64:
                 continue
