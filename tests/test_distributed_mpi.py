@@ -136,6 +136,18 @@ def test_two_ranks_bitwise_equal_and_match_one_process(tmp_path):
 
 @requires_mpi
 @requires_mnist
+def test_three_ranks_ring(tmp_path):
+    # K = 2 swaps whole buffers; K > 2 runs the ring (reduce-scatter + allgather)
+    check_ok(worker("fit", tmp_path / "k3", "--n", 301, k=3))
+    states, records = results(tmp_path / "k3", k=3)
+    assert_bitwise(states[0], states[1])
+    assert_bitwise(states[0], states[2])
+    (single,), _ = one_process(tmp_path / "k1", "--n", 301)
+    assert max_diff(states[0], single) <= TOL
+
+
+@requires_mpi
+@requires_mnist
 def test_own_loop_with_shard_and_distributed_optimizer_equals_fit(tmp_path):
     check_ok(worker("fit", tmp_path / "fit", "--n", 533, "--batch-size", 50))
     check_ok(worker("loop", tmp_path / "loop", "--n", 533, "--batch-size", 50))
