@@ -596,9 +596,9 @@ def reduce_gradients(
     grads: Sequence[Array], count: int | None, what: str, timeout: float | None, stats: Array
 ) -> Array:
     """Sum ``count * grad`` over the ranks and divide by the total count (count None: 1 per
-    rank, a plain average), in place. ``stats`` (float64, 1-D, the last entry this rank's
-    count) is summed alongside in rank order and returned: the counts, losses, ... of every
-    rank. Bitwise the same on every rank."""
+    rank, a plain average), in place. ``stats`` (1-D, the last entry this rank's count) is
+    summed alongside, in the gradients' dtype, and returned as float64: the counts, losses,
+    ... of every rank. Bitwise the same on every rank."""
     w = _world()
     weight = 1 if count is None else count
     stats = np.asarray(stats, dtype=np.float64)
@@ -607,14 +607,30 @@ def reduce_gradients(
             raise ValueError(f"{what}: count is 0 on the only rank: there is no gradient")
         return stats
     t0 = time.perf_counter()
-    total = _sum_stats(w, stats, what, timeout)
+    groups = list(_by_dtype(grads).items())
+    if groups:
+        # the stats ride at the end of the first buffer: one exchange per step, not two (each
+        # one a meeting of the ranks); counts up to 2**24 are exact even in float32
+        dtype, group = groups[0]
+        n = sum(g.size for g in group)
+        flat = w.scratch(dtype, n + stats.size)
+        _pack(group, flat, dtype.type(weight))
+        flat[n:] = stats
+        w.sum_inplace(flat, what, timeout)
+        total = flat[n:].astype(np.float64)
+    else:
+        total = _sum_stats(w, stats, what, timeout)
     if not total[-1] > 0:
         raise DistributedError(f"{what}: the counts of all ranks add up to {total[-1]:g}")
-    for dtype, group in _by_dtype(grads).items():
-        flat = w.scratch(dtype, sum(g.size for g in group))
-        _pack(group, flat, dtype.type(weight))
-        w.sum_inplace(flat, what, timeout)
-        _unpack(flat, group, dtype.type(1.0 / total[-1]))
+    for i, (dtype, group) in enumerate(groups):
+        n = sum(g.size for g in group)
+        if i:  # (a model with parameters of several dtypes)
+            flat = w.scratch(dtype, n)
+            _pack(group, flat, dtype.type(weight))
+            w.sum_inplace(flat, what, timeout)
+        else:
+            flat = w.scratch(dtype, n + stats.size)
+        _unpack(flat[:n], group, dtype.type(1.0 / total[-1]))
     w.reduce_seconds += time.perf_counter() - t0
     w.reduce_calls += 1
     return total
