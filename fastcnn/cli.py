@@ -7,6 +7,7 @@
     fastcnn train --dataset cifar10 --augment   # or --dataset FOLDER (a sub-folder per class)
     fastcnn train --early-stopping 3 --plot curves.png
     fastcnn evaluate run.safetensors [--confusion confusion.png]
+    mpiexec -n 2 fastcnn train --threads 1   # data-parallel on 2 ranks (docs/distributed.md)
     fastcnn predict run.safetensors images/   # or an IDX / .npy file of images
     fastcnn summary [--model resnet20 | CHECKPOINT]
 
@@ -79,6 +80,7 @@ exit statuses:
 environment:
   FASTCNN_TRACEBACK=1  print the full Python traceback of any error instead of its message
   FASTCNN_DATA=DIR     the folder holding mnist/, fashion-mnist/ and cifar10/ (as --data-dir)
+  FASTCNN_DIST_TIMEOUT=S  under mpiexec: seconds a rank waits for another before aborting
 """
 
 
@@ -598,10 +600,11 @@ def _describe(settings):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import models
+    from .distributed import default_threads, describe_world, is_root
     from .threads import get_num_threads
     from .training import TrainingDiverged, evaluate, fit, resume_kwargs
 
-    threads = _check_threads(args.threads)
+    threads = default_threads(_check_threads(args.threads))  # under mpiexec: cores per rank
     ckpt = None
     if args.resume is not None:
         ckpt = _load_checkpoint(args.resume)
@@ -671,7 +674,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{' (augmented)' if settings.get('augment') else ''}: "
         f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
         f"{_describe(settings)}; "
-        f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads",
+        f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads"
+        f"{describe_world()}",
         flush=True,
     )
     if ckpt is not None:
@@ -706,10 +710,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if out is not None and args.epochs > resume.get("start_epoch", 0):  # (else nothing was written)
         print(f"checkpoint: {out}")
-    if args.plot is not None and len(history):
+    if args.plot is not None and len(history) and is_root():
         history.plot(args.plot)
         print(f"curves: {args.plot}")
-    _report_test(model, x_test, y_test, 256, threads, evaluate)
+    if is_root():
+        _report_test(model, x_test, y_test, 256, threads, evaluate)
     return 0
 
 
@@ -848,6 +853,14 @@ def _expected_errors():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .distributed import CliSession
+
+    # under mpiexec: only rank 0 prints; a rank that fails stops the others
+    with CliSession() as session:
+        return session.exit(_main(argv))
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"fastcnn {args.command}"

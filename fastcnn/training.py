@@ -341,6 +341,7 @@ def fit(
     callbacks: list[Callback] | None = None,
     clip_grad_norm: float | None = None,
     callback_states: list[dict[str, Any]] | None = None,
+    distributed: bool | None = None,
 ) -> History:
     """Train ``model`` on shuffled mini-batches of ``(x_train, y_train)`` and return a History.
 
@@ -381,6 +382,10 @@ def fit(
     - Every argument is checked before the first step (no epoch of work is lost to a bad one):
       the data, ``val_data``'s shapes and labels, the checkpoint's folder and the checkpoint
       itself (serialised once in memory, so that a non-JSON-able ``checkpoint_extra`` is refused).
+    - ``distributed``: under ``mpiexec -n K`` (K > 1) every rank trains on its shard of each
+      global batch and the gradients are averaged (``fastcnn.distributed``; docs/distributed.md);
+      only rank 0 shows progress, prints, validates and writes checkpoints; every rank returns
+      the same History. None: so iff launched with K > 1; False: each process alone.
     """
     from . import _fit_data
 
@@ -416,6 +421,13 @@ def fit(
             f"{what}: the history holds {len(history)} epochs but start_epoch is {start_epoch}"
         )
 
+    from .distributed import fit_sync, shard_bounds
+
+    # K > 1 ranks: the sync does the distributed part (None on one process); every rank runs
+    # the callbacks, on rank 0's records (so they stop together), each writer atomically
+    sync, optimizer, threads = fit_sync(distributed, model, optimizer, threads)
+    if sync is not None and not sync.root:
+        progress, verbose, checkpoint = False, False, None
     n = loader.num_samples
     num_batches = len(loader)
     model.stop_training = False  # a callback sets it to True to stop (Keras's spelling)
@@ -493,6 +505,8 @@ def fit(
     from .compile_ahead import announce_if_cold, warmup
 
     cold = start_epoch < epochs and announce_if_cold(announce=bool(verbose or progress))
+    if sync is not None:
+        sync.start(model)  # rank 0's weights and optimizer state everywhere
     with compute_threads(threads):
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -516,6 +530,9 @@ def fit(
             t0 = time.perf_counter()
             try:
                 for b, (xb, yb) in enumerate(batches):
+                    if sync is not None:  # this rank's contiguous part of the global batch
+                        lo, hi = shard_bounds(xb.shape[0], sync.world.size, sync.world.rank)
+                        xb, yb = xb[lo:hi], (None if yb is None else yb[lo:hi])
                     m = xb.shape[0]
                     if cold:  # the first batch on a cold kernel cache: compile, then time
                         cold = False
@@ -524,16 +541,23 @@ def fit(
                     if batch_logs:
                         cbs.on_batch_begin(b, {"size": m})
                     optimizer.zero_grad()
-                    logits = model(xb)
-                    yb = check_targets(logits, yb)  # every label, once the class count is known
-                    loss = float(loss_fn(logits, yb))
-                    if not math.isfinite(loss):
-                        raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
-                    if skip_input_grad:
-                        model.backward(loss_fn.backward(), input_grad=False)
-                    else:  # a user's model whose backward takes no input_grad
-                        model.backward(loss_fn.backward())
-                    if clip_grad_norm is not None:
+                    loss, batch_correct = 0.0, 0
+                    if m:  # (empty only for a rank's shard of a batch smaller than the world)
+                        logits = model(xb)
+                        yb = check_targets(logits, yb)  # every label, once the class count is known
+                        loss = float(loss_fn(logits, yb))
+                        if not math.isfinite(loss) and sync is None:
+                            raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
+                        if skip_input_grad:
+                            model.backward(loss_fn.backward(), input_grad=False)
+                        else:  # a user's model whose backward takes no input_grad
+                            model.backward(loss_fn.backward())
+                        batch_correct = _correct(logits, yb)
+                    if sync is not None:  # gradients averaged over the ranks; the global batch
+                        loss, batch_correct, m = sync.reduce_step(m, loss, batch_correct)
+                        if not math.isfinite(loss):
+                            raise TrainingDiverged(epoch + 1, b + 1, num_batches, loss)
+                    if clip_grad_norm is not None:  # after the reduction: the averaged gradient
                         norm = clip_grad_norm_(params_list, clip_grad_norm)
                         if not math.isfinite(norm):
                             raise TrainingDiverged(
@@ -544,7 +568,6 @@ def fit(
                     if per_batch and scheduler is not None:  # per_batch implies one
                         scheduler.step()
 
-                    batch_correct = _correct(logits, yb)
                     loss_sum += loss * m
                     correct += batch_correct
                     seen += m
@@ -579,9 +602,11 @@ def fit(
                     what="a weight became NaN or infinite",
                 )
 
+            if sync is not None:
+                sync.end_epoch(model)  # BatchNorm's running statistics averaged over the ranks
             val_loss = val_accuracy = None
             val_seconds = 0.0
-            if val_data is not None:
+            if val_data is not None and (sync is None or sync.root):
                 t1 = time.perf_counter()
                 val_loss, val_accuracy = _evaluate_val(model, val_data, val_batch_size, loss_fn)
                 val_seconds = time.perf_counter() - t1
@@ -598,6 +623,8 @@ def fit(
                 images_per_second=n / seconds,
                 lr=lr,
             )
+            if sync is not None:
+                sync.share_last(history)  # rank 0's validation and clock on every rank
             if scheduler is not None and not per_batch:
                 scheduler.step()
             if verbose:
