@@ -88,9 +88,7 @@ def twin(model, keras, input_shape, copy_weights=True):
             layer = layers.BatchNormalization(
                 axis=-1, momentum=1.0 - cfg["momentum"], epsilon=cfg["eps"]
             )
-            copies.append(
-                (layer, [m.weight.data, m.bias.data, m.running_mean, m.running_var])
-            )
+            copies.append((layer, [m.weight.data, m.bias.data, m.running_mean, m.running_var]))
             return layer(x), None
         if kind == "Flatten":
             shape = tuple(x.shape[1:])
