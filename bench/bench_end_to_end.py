@@ -71,6 +71,7 @@ import results_file
 from e2e_measure import (
     CONTENTION,
     PEER,
+    TENSORFLOW,
     close_workers,
     data_table,
     epoch_table,
@@ -85,6 +86,7 @@ from e2e_measure import (
 )
 from e2e_report import loadavg, print_header, print_targets
 from e2e_runners import DATA, MNIST_SHAPE, NETWORKS, TUNED_MALLOC, memory_child, worker_main
+from e2e_tensorflow import tensorflow_available
 
 DEFAULT_BATCHES = [32, 64, 128, 256]
 
@@ -166,6 +168,11 @@ def parse_args(argv):
     )
     p.add_argument(
         "--no-torch", action="store_true", help="fastcnn only, even if PyTorch is importable"
+    )
+    p.add_argument(
+        "--no-tensorflow",
+        action="store_true",
+        help="leave TensorFlow out of the throughput table, even if it is importable",
     )
     p.add_argument(
         "--network",
@@ -260,6 +267,8 @@ def main(argv=None):
     if args.malloc == "tuned":  # everything else (kernels, epoch, memory, start-up) too
         env.update(TUNED_MALLOC)
     with_torch = torch_available() and not args.no_torch
+    # TensorFlow: a second optional peer of the throughput table (not of an A/B of two commits)
+    TENSORFLOW["enabled"] = tensorflow_available() and not args.no_tensorflow and not args.baseline
     if args.baseline:
         with_torch = True  # the peer slot holds the baseline checkout instead
         PEER["baseline"] = os.path.abspath(args.baseline)
@@ -281,6 +290,9 @@ def main(argv=None):
     if not with_torch:
         why = "left out (--no-torch)" if args.no_torch else "not importable (it is optional)"
         print(f"PyTorch: {why} -- fastcnn figures only.")
+    if not TENSORFLOW["enabled"] and not args.baseline:
+        why = "left out (--no-tensorflow)" if args.no_tensorflow else "not importable (optional)"
+        print(f"TensorFlow: {why} -- no tensorflow column.")
     tmp = tempfile.mkdtemp(prefix="fastcnn-bench-")
     workers = {}
     throughput = memory = startup = None

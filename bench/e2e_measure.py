@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from e2e_report import describe_workers, fmt_faults, fmt_rate, ratio_range
+from e2e_report import describe_tensorflow, describe_workers, fmt_faults, fmt_rate, ratio_range
 from e2e_runners import (
     CONVS,
     DATA,
@@ -134,6 +134,8 @@ CONTENTION = Contention(0.25, 3, 10.0)
 # What the fastcnn column is compared with: PyTorch, or (--baseline PATH) fastcnn from another
 # checkout, in the same worker slot, for an interleaved A/B of two commits.
 PEER = {"name": "torch", "baseline": None}
+# TensorFlow, the optional second peer of the throughput table (bench/e2e_tensorflow.py)
+TENSORFLOW = {"enabled": False}
 
 
 class Worker:
@@ -279,7 +281,8 @@ def throughput_table(args, env, with_torch, init):
     depends on what a process allocated before and decides how many page faults a step takes, so
     each configuration is measured in processes that have run only it, as a training run would.
     With --malloc both, the default-malloc and tuned-malloc workers alternate in the same rounds."""
-    fws = ["fastcnn"] + (["torch"] if with_torch else [])
+    with_tf = TENSORFLOW["enabled"]
+    fws = ["fastcnn"] + (["torch"] if with_torch else []) + (["tensorflow"] if with_tf else [])
     envs = malloc_envs(args, env)
     print()
     print(f"## Throughput (images/s, median of {args.repeats} alternating blocks per framework)")
@@ -288,6 +291,11 @@ def throughput_table(args, env, with_torch, init):
     for threads in args.threads:
         for batch in args.batches:
             workers = {label: start_workers(args, e, with_torch, init) for label, e in envs.items()}
+            if with_tf:  # TensorFlow's threads are fixed when it starts: a worker per count
+                for label, e in envs.items():
+                    workers[label]["tensorflow"] = describe_tensorflow(
+                        Worker("tensorflow", dict(e, BENCH_TF_THREADS=str(threads)))
+                    )
             try:
                 for mode in args.modes:
                     entries = {
@@ -298,6 +306,7 @@ def throughput_table(args, env, with_torch, init):
                         f = median(rates[(label, "fastcnn")])
                         t = median(rates[(label, "torch")]) if with_torch else float("nan")
                         ratio = f / t if t == t else float("nan")
+                        tf_ = median(rates[(label, "tensorflow")]) if with_tf else float("nan")
                         if with_torch:
                             spread = ratio_range(
                                 rates[(label, "fastcnn")],
@@ -318,6 +327,8 @@ def throughput_table(args, env, with_torch, init):
                                 "fastcnn": f,
                                 "torch": t,
                                 "ratio": ratio,
+                                "tensorflow": tf_,
+                                "ratio_tf": f / tf_ if tf_ == tf_ else float("nan"),
                                 "steps": steps,
                                 "spread": spread + note,
                                 "faults": faults,
@@ -327,7 +338,8 @@ def throughput_table(args, env, with_torch, init):
                         )
                         print(
                             f"  measured ({label}): {threads} thread(s), batch {batch}, {mode}: "
-                            f"fastcnn {f:,.0f}, torch {t:,.0f} img/s, {ratio:.2f}x",
+                            f"fastcnn {f:,.0f}, torch {t:,.0f} img/s, {ratio:.2f}x"
+                            + (f", tensorflow {tf_:,.0f} img/s" if with_tf else ""),
                             file=sys.stderr,
                             flush=True,
                         )
@@ -350,17 +362,30 @@ def throughput_table(args, env, with_torch, init):
             )
         print()
         peer = PEER["name"]
-        print(
-            f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | ratio | "
-            f"ratio range | page faults/step fastcnn, {peer} | other load |"
+        # with TensorFlow: its img/s after the peer's, fastcnn / tensorflow after the ratio
+        tf_head = (
+            ("", "", "", "")
+            if not with_tf
+            else ("tensorflow img/s | ", "fastcnn / tensorflow | ", "---:|---:|", ", tensorflow")
         )
-        print("|---:|---:|---|---:|---:|---:|---:|---|---|---:|")
+        print(
+            f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | "
+            f"{tf_head[0]}ratio | {tf_head[1]}"
+            f"ratio range | page faults/step fastcnn, {peer}{tf_head[3]} | other load |"
+        )
+        print(f"|---:|---:|---|---:|---:|---:|{tf_head[2]}---:|---|---|---:|")
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "-"
+            tf_rate = tf_ratio = ""
+            if with_tf:
+                tf_rate = f"{fmt_rate(r['tensorflow'])} | "
+                tf_ratio = (
+                    f"{r['ratio_tf']:.2f}x" if r["ratio_tf"] == r["ratio_tf"] else "-"
+                ) + " | "
             print(
                 f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | "
-                f"{fmt_rate(r['fastcnn'])} | "
-                f"{fmt_rate(r['torch'])} | {ratio} | {r['spread']} | {r['faults']} | {r['load']} |"
+                f"{fmt_rate(r['fastcnn'])} | {fmt_rate(r['torch'])} | {tf_rate}{ratio} | "
+                f"{tf_ratio}{r['spread']} | {r['faults']} | {r['load']} |"
             )
     sys.stdout.flush()
     return [r for rows in results.values() for r in rows]

@@ -13,6 +13,10 @@ import time
 import results_file
 from e2e_runners import REPO, SCRIPT, TUNED_MALLOC
 
+# TensorFlow's distributions (the end-to-end benchmark's optional second peer): the header gives
+# the version of the one installed
+TF_DISTS = ("tensorflow", "tensorflow-cpu", "keras")
+
 
 def package_version(name):
     from importlib import metadata
@@ -73,6 +77,7 @@ def print_header(args, argv):
     print(
         f"python {platform.python_version()}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+        + "".join(f", {n} {v}" for n in TF_DISTS if (v := package_version(n)))
     )
     env = {
         k: v
@@ -130,6 +135,27 @@ def describe_workers(workers):
                 f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} "
                 f"{pool['version'] or ''} {pool['num_threads']} threads{extra}: {pool['filepath']}"
             )
+
+
+def describe_tensorflow(worker):
+    """Print the first TensorFlow worker's versions, threads and start-up (once); returns it."""
+    if not getattr(describe_tensorflow, "done", False):
+        describe_tensorflow.done = True
+        info = worker.call("info")
+        ready = ", ".join(f"{k.replace('_seconds', '')} {v:.2f} s" for k, v in worker.ready.items())
+        print()
+        print(
+            f"- tensorflow worker (pid {info['pid']}, one per thread count and batch): {ready} "
+            f"(not timed); TensorFlow {info['tensorflow_version']}, Keras "
+            f"{info['keras_version']}; threads {info['tensorflow_threads']}; "
+            f"{info['tensorflow_build']}"
+        )
+        for pool in info.get("threadpools", []):
+            print(
+                f"  pool (threads now): {pool['user_api']}/{pool['internal_api']} "
+                f"{pool['version'] or ''} {pool['num_threads']} threads: {pool['filepath']}"
+            )
+    return worker
 
 
 def ratio_range(rates_a, rates_b, busy_a, busy_b):

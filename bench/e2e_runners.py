@@ -666,7 +666,12 @@ def worker_info(runners):
             for line in torch.__config__.parallel_info().splitlines()
             if "backend" in line or "Library" in line or "MKL-DNN" in line
         ]
+    if "tensorflow" in runners:
+        info.update(runners["tensorflow"].info())
     return info
+
+
+RUNNERS = ("fastcnn", "torch")  # the worker kinds of one framework built here
 
 
 def worker_main(kind, data="random", network="reference"):
@@ -681,14 +686,19 @@ def worker_main(kind, data="random", network="reference"):
     runners = {}
     if kind == "baseline":  # --baseline: fastcnn from another checkout, in the peer's place
         runners["torch"] = FastcnnRunner(os.environ["BENCH_BASELINE"])
-    for name in ("fastcnn", "torch") if kind == "mixed" else (kind,) if kind != "baseline" else ():
+    if kind == "tensorflow":  # the optional second peer, one thread count per worker
+        from e2e_tensorflow import TensorflowRunner
+
+        runners["tensorflow"] = TensorflowRunner()
+    for name in ("fastcnn", "torch") if kind == "mixed" else (kind,) if kind in RUNNERS else ():
         runners[name] = FastcnnRunner() if name == "fastcnn" else TorchRunner()
     ready = {"import_seconds": time.perf_counter() - t0}
     # first steps: compilation (or cache load) and one-time set-up, reported, never timed
     for name, runner in runners.items():
         t1 = time.perf_counter()
-        runner.block("train", 32, 1, 1)
-        runner.block("infer", 32, 1, 1)
+        threads = getattr(runner, "threads", 1)  # TensorFlow's are fixed at its start
+        runner.block("train", 32, threads, 1)
+        runner.block("infer", 32, threads, 1)
         ready[f"{name}_first_steps_seconds"] = time.perf_counter() - t1
     proto.write(PROTOCOL + json.dumps(ready) + "\n")
     for line in sys.stdin:
