@@ -94,7 +94,8 @@ def is_headline(result):
 
 def suite_table(directory=RESULTS_DIR, threads="2"):
     """The README's suite block: per network, the latest results file's fastcnn / PyTorch ratios
-    (default malloc, ``threads`` threads, batch 64 and 128, training and inference)."""
+    (default malloc, ``threads`` threads, batch 64 and 128, training and inference), and
+    "/ TF" the fastcnn / TensorFlow ratio beside each where the file has one."""
     latest_of = {}
     for path in glob.glob(os.path.join(directory, "*.md")):
         r = parse(path)
@@ -111,7 +112,11 @@ def suite_table(directory=RESULTS_DIR, threads="2"):
         if net not in latest_of:
             continue
         date, path, rows = latest_of[net]
-        ratio = {(int(row["batch"]), row["mode"]): row["ratio"] for row in rows}
+        ratio = {
+            (int(row["batch"]), row["mode"]): row["ratio"]
+            + (f" / {row['fastcnn / tensorflow']}" if row.get("fastcnn / tensorflow") else "")
+            for row in rows
+        }
         rel = os.path.relpath(path, REPO)
         out.append(
             f"| {net} | {' | '.join(ratio.get(k, '-') for k in keys)} | [{date[:10]}]({rel}) |"
