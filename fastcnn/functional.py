@@ -31,6 +31,7 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _pool
 from ._checks import is_int
 from ._types import Array, Padding, Shape, Size2
 from .kernels import activations as _activations
@@ -138,7 +139,7 @@ def _layout_like(a, like):
     """``a`` with the memory layout of ``like`` (same shape): itself or a copy."""
     if a.strides == like.strides:
         return a
-    b = np.empty_like(like)
+    b = _pool.empty_like(like)
     b[...] = a
     return b
 
@@ -370,7 +371,7 @@ def conv2d_forward(
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     n, f, oh, ow = out_shape
-    y = np.empty((n, oh, ow, f), dtype=x.dtype)
+    y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv2d.conv2d_forward(
             _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, bool(relu), y, _no_bn(x)
@@ -422,9 +423,9 @@ def conv2d_batch_norm_eval_forward(
     gamma, beta, running_mean, running_var = params
     if bias is None:
         bias = np.zeros(f, dtype=x.dtype)
-    y = np.empty((n, oh, ow, f), dtype=x.dtype)
+    y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:
-        scale = np.empty(f, dtype=x.dtype)
+        scale = _pool.empty(f, dtype=x.dtype)
         _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
         bn = (running_mean, scale, beta)
         _conv2d.conv2d_forward(
@@ -458,8 +459,8 @@ def conv2d_relu_max_pool2d_forward(
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     n, f, ph, pw = out_shape
-    y = np.empty((n, ph, pw, f), dtype=x.dtype)
-    argmax = np.empty((n, ph, pw, f), dtype=np.int64)
+    y = _pool.empty((n, ph, pw, f), dtype=x.dtype)
+    argmax = _pool.empty((n, ph, pw, f), dtype=np.int64)
     if y.size:
         _fused.conv2d_relu_maxpool2d_forward(
             _nhwc(x),
@@ -510,15 +511,15 @@ def conv2d_backward(
         dx = np.zeros_like(x) if input_grad else None
         return dx, np.zeros_like(weight), (np.zeros(weight.shape[0], x.dtype) if bias else None)
     dy = _nhwc(dy)
-    dweight = np.empty_like(weight)
-    dbias = np.empty(weight.shape[0], dtype=x.dtype)
+    dweight = _pool.empty_like(weight)
+    dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     k.conv2d_backward_weight(
         _nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, numba.get_num_threads()
     )
     dx = None
     if input_grad:
         n, c, h, w = x.shape
-        dx = np.empty((n, h, w, c), dtype=x.dtype)
+        dx = _pool.empty((n, h, w, c), dtype=x.dtype)
         if _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)):
             kh, kw = weight.shape[2], weight.shape[3]
             k.conv2d_forward(
@@ -650,8 +651,8 @@ def max_pool2d_conv2d_backward(
         return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias, input_grad)
     dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)
     oh, ow = conv_shape[2], conv_shape[3]
-    dweight = np.empty_like(weight)
-    dbias = np.empty(weight.shape[0], dtype=x.dtype)
+    dweight = _pool.empty_like(weight)
+    dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     weight_kernel = (
         _fused.maxpool2d_conv2d_backward_weight
         if sparse
@@ -679,7 +680,7 @@ def max_pool2d_conv2d_backward(
     dx = None
     if input_grad:
         h, w = x.shape[2], x.shape[3]
-        dx = np.empty((n, h, w, c), dtype=x.dtype)
+        dx = _pool.empty((n, h, w, c), dtype=x.dtype)
         _fused.maxpool2d_conv2d_backward_input(
             dyh, amh, yh, bool(relu), pkh, pkw, weight, sh, sw, pads[0], pads[2], dh, dw, oh, ow, dx
         )
@@ -707,8 +708,8 @@ def max_pool2d_forward(
         x.shape, kernel_size, stride, padding, layer
     )
     n, c, oh, ow = out_shape
-    y = np.empty((n, oh, ow, c), dtype=x.dtype)
-    argmax = np.empty((n, oh, ow, c), dtype=np.int64)
+    y = _pool.empty((n, oh, ow, c), dtype=x.dtype)
+    argmax = _pool.empty((n, oh, ow, c), dtype=np.int64)
     _pool2d.maxpool2d_forward(_nhwc(x), kh, kw, sh, sw, pads[0], pads[2], y, argmax)
     return _nchw(y), _nchw(argmax)
 
@@ -761,7 +762,7 @@ def max_pool2d_backward(
         _check_shape_equal(relu_output, argmax.shape, layer, "relu_output")
         mask = _nhwc(relu_output)
     n, c, h, w = input_shape
-    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
     _pool2d.maxpool2d_backward(dy, _nhwc(argmax), mask, relu_output is not None, *geometry, dx)
     return _nchw(dx)
 
@@ -779,7 +780,7 @@ def avg_pool2d_forward(
         x.shape, kernel_size, stride, padding, layer
     )
     n, c, oh, ow = out_shape
-    y = np.empty((n, oh, ow, c), dtype=x.dtype)
+    y = _pool.empty((n, oh, ow, c), dtype=x.dtype)
     _pool2d.avgpool2d_forward(_nhwc(x), kh, kw, sh, sw, pads[0], pads[2], y)
     return _nchw(y)
 
@@ -800,7 +801,7 @@ def avg_pool2d_backward(
     _check_shape_equal(dy, out_shape, layer, "gradient")
     n, c = out_shape[:2]
     h, w = (int(s) for s in input_shape[2:])
-    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
     _pool2d.avgpool2d_backward(_nhwc(dy), kh, kw, sh, sw, pads[0], pads[2], dx)
     return _nchw(dx)
 
@@ -822,7 +823,7 @@ def global_avg_pool2d_forward(x: Array, layer: str = "GlobalAvgPool2D") -> Array
     """The mean of each channel over its plane: x (N, C, H, W) -> y (N, C)."""
     x = check_float(x, layer, contiguous=False)
     out_shape = global_avg_pool2d_output_shape(x.shape, layer)
-    y = np.empty(out_shape, dtype=x.dtype)
+    y = _pool.empty(out_shape, dtype=x.dtype)
     _pool2d.global_avgpool2d_forward(_nhwc(x), y)
     return y
 
@@ -836,7 +837,7 @@ def global_avg_pool2d_backward(
     out_shape = global_avg_pool2d_output_shape(input_shape, layer)
     _check_shape_equal(dy, out_shape, layer, "gradient")
     n, c, h, w = (int(s) for s in input_shape)
-    dx = np.empty((n, h, w, c), dtype=dy.dtype)
+    dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
     _pool2d.global_avgpool2d_backward(dy, dx)
     return _nchw(dx)
 
@@ -857,7 +858,7 @@ def _elementwise(kernel, a, b, layer, b_name, *args):
     """out = kernel(a, b, *args, out) over a and b of one shape, in b's memory layout."""
     b = _one_block(check_float(b, layer, b_name, contiguous=False))
     a = _layout_like(_grad_like(a, b, layer, contiguous=False), b)
-    out = np.empty_like(b)
+    out = _pool.empty_like(b)
     kernel(_flat(a), _flat(b), *args, _flat(out))
     return out
 
@@ -866,7 +867,7 @@ def relu_forward(x: Array, layer: str = "ReLU") -> Array:
     """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
     channels-last activation stays channels-last)."""
     x = _one_block(check_float(x, layer, contiguous=False))
-    y = np.empty_like(x)  # the same strides as x
+    y = _pool.empty_like(x)  # the same strides as x
     # 1-D views in memory order: one compiled signature per dtype whatever the rank.
     _activations.relu_forward(_flat(x), _flat(y))
     return y
@@ -884,7 +885,7 @@ def relu_backward(dy: Array, y: Array, layer: str = "ReLU") -> Array:
 
 def leaky_relu_forward(x: Array, negative_slope: float = 0.01, layer: str = "LeakyReLU") -> Array:
     x = _one_block(check_float(x, layer, contiguous=False))
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     _activations.leaky_relu_forward(_flat(x), x.dtype.type(negative_slope), _flat(y))
     return y
 
@@ -994,15 +995,15 @@ def batch_norm_forward_train(
             f"{layer}: expected more than 1 value per channel when training, "
             f"got input of shape {_fmt_shape(x.shape)}"
         )
-    mean = np.empty(c, dtype=x.dtype)
-    invstd = np.empty(c, dtype=x.dtype)
+    mean = _pool.empty(c, dtype=x.dtype)
+    invstd = _pool.empty(c, dtype=x.dtype)
     if _channels_last(x):  # a convolution's output: no layout conversion
-        y = np.empty((n, h, w, c), dtype=x.dtype)
+        y = _pool.empty((n, h, w, c), dtype=x.dtype)
         _batchnorm.batchnorm_forward_train_nhwc(
             _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd
         )
         return _nchw(y), mean, invstd
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean, invstd)
     return y, mean, invstd
 
@@ -1027,12 +1028,12 @@ def batch_norm_forward_eval(
     )
     if _channels_last(x):
         n, c, h, w = x.shape
-        y = np.empty((n, h, w, c), dtype=x.dtype)
+        y = _pool.empty((n, h, w, c), dtype=x.dtype)
         _batchnorm.batchnorm_forward_eval_nhwc(
             _pixels(x), gamma, beta, running_mean, running_var, x.dtype.type(eps), y.reshape(-1, c)
         )
         return _nchw(y)
-    y = np.empty_like(x)
+    y = _pool.empty_like(x)
     _batchnorm.batchnorm_forward_eval(
         x, gamma, beta, running_mean, running_var, x.dtype.type(eps), y
     )
@@ -1051,18 +1052,18 @@ def batch_norm_backward(
     x, (gamma, mean, invstd) = _bn_args(
         x, layer, ("weight", gamma), ("mean", mean), ("invstd", invstd)
     )
-    dgamma = np.empty_like(gamma)
-    dbeta = np.empty_like(gamma)
+    dgamma = _pool.empty_like(gamma)
+    dbeta = _pool.empty_like(gamma)
     if _channels_last(x):  # the forward's input: dy (the next layer's gradient) follows it
         dy = _grad_like(dy, x, layer, contiguous=False)
         n, c, h, w = x.shape
-        dx = np.empty((n, h, w, c), dtype=x.dtype)
+        dx = _pool.empty((n, h, w, c), dtype=x.dtype)
         _batchnorm.batchnorm_backward_nhwc(
             _pixels(dy), _pixels(x), gamma, mean, invstd, dx.reshape(-1, c), dgamma, dbeta
         )
         return _nchw(dx), dgamma, dbeta
     dy = _grad_like(dy, x, layer)
-    dx = np.empty_like(x)
+    dx = _pool.empty_like(x)
     _batchnorm.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
@@ -1118,7 +1119,7 @@ def dense_forward(
     returns relu(y), applied in place (a NaN stays NaN, as ReLU)."""
     x, weight, bias = _dense_args(x, weight, bias, layer)
     with one_blas_thread():
-        y = x @ weight.T
+        y = np.matmul(x, weight.T, out=_pool.empty((x.shape[0], weight.shape[0]), x.dtype))
     if bias is not None:
         y += bias
     if relu:
@@ -1141,8 +1142,8 @@ def dense_backward(
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
     with one_blas_thread():
-        dweight = dy.T @ x
-        dx = dy @ weight if input_grad else None
+        dweight = np.matmul(dy.T, x, out=_pool.empty(weight.shape, x.dtype))
+        dx = np.matmul(dy, weight, out=_pool.empty(x.shape, x.dtype)) if input_grad else None
     dbias = dy.sum(axis=0) if bias else None
     return dx, dweight, dbias
 

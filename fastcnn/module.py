@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _pool
 from ._checks import is_int
 from ._types import Array, Config, Rng, Shape
 
@@ -100,6 +101,13 @@ _TREE = {"version": 0}  # bumped whenever a module gains or loses a child: plans
 def tree_version() -> int:
     """A number that changes whenever any module gains, replaces or loses a child."""
     return _TREE["version"]
+
+
+def _pooled_copy(a: Array) -> Array:
+    """``a.copy(order="K")`` into a pooled buffer (fastcnn._pool)."""
+    out = _pool.empty_like(a)
+    np.copyto(out, a)
+    return out
 
 
 class Module:
@@ -285,9 +293,9 @@ class Module:
         their children's ``forward`` directly: only the outermost call copies."""
         if not self.training:
             return self.forward(x)
-        # order="K": a copy in the array's own memory layout (channels-last stays so)
-        y = self.forward(x.copy(order="K") if isinstance(x, np.ndarray) else x)
-        return y.copy(order="K") if isinstance(y, np.ndarray) else y
+        # copies in the array's own memory layout (channels-last stays so), from the pool
+        y = self.forward(_pooled_copy(x) if isinstance(x, np.ndarray) else x)
+        return _pooled_copy(y) if isinstance(y, np.ndarray) else y
 
     def forward(self, x: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name}: forward is not implemented")
