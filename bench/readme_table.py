@@ -146,6 +146,7 @@ def table(path):
         c for c in r["tables"]["default"][0] if c.endswith(" img/s") and c != "fastcnn img/s"
     )
     rows = [row for row in r["tables"]["default"] if int(row["batch"]) in BATCHES]
+    tf = "tensorflow img/s" in r["tables"]["default"][0]  # the second peer, when measured
     rel = os.path.relpath(path, REPO)
     out = [
         f"`{r['command']}`, {r['date'][:10]}, git {r['revision']}: {r['machine']}; "
@@ -153,14 +154,17 @@ def table(path):
         "Images/s, medians of alternating blocks; the last column is the ratio with glibc's malloc",
         f"tuned (bench/README.md). Every table of the run: [`{rel}`]({rel}).",
         "",
-        "| threads | batch | mode | fastcnn | PyTorch | fastcnn / PyTorch | same, tuned malloc |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| threads | batch | mode | fastcnn | PyTorch | fastcnn / PyTorch | "
+        + ("TensorFlow | fastcnn / TensorFlow | " if tf else "")
+        + "same as PyTorch, tuned malloc |",
+        "|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if tf else "") + "---:|",
     ]
     for row in rows:
         key = (row["threads"], row["batch"], row["mode"])
+        second = f"{row['tensorflow img/s']} | {row['fastcnn / tensorflow']} | " if tf else ""
         out.append(
             f"| {' | '.join(key)} | {row['fastcnn img/s']} | {row[peer]} | {row['ratio']} | "
-            f"{tuned.get(key, '-')} |"
+            f"{second}{tuned.get(key, '-')} |"
         )
     return "\n".join(out)
 
