@@ -37,6 +37,16 @@ _BUFFERS: dict[int, list[list[Any]]] = {}  # nbytes -> [[raw buffer, last use], 
 _TICK = [0]
 
 
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock would leave it held forever in the child."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _free_refcount() -> int:
     """sys.getrefcount of a pooled buffer no array refers to, seen from _take's loop (the
     entry's list, the loop's name, getrefcount's argument: measured, not assumed)."""

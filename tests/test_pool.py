@@ -137,3 +137,31 @@ def test_a_steady_training_step_takes_almost_no_page_faults(rng):
         step()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 200, f"{faults:.0f} page faults per step"
+
+
+def test_a_fork_while_another_thread_allocates_leaves_the_child_a_usable_pool():
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    with _pool._LOCK:  # as if another thread were inside _take when the process forks
+        pid = os.fork()
+        if pid == 0:  # the child: its pool must not be locked
+            try:
+                _pool.empty(BIG, np.float32)
+            finally:
+                os._exit(0)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's first allocation waited on a lock held at the fork")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
