@@ -326,3 +326,54 @@ def test_speedup_over_naive():
         naive.batchnorm_backward(x, gamma, dy, 1e-5)
 
     assert speedup(fast, slow) >= 20
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_scale_is_the_textbook_factor(dtype, rng):
+    """eval_scale: gamma / sqrt(running_var + eps), divided and rooted in float64 (IEEE, no
+    fastmath), rounded once to the array dtype: exactly numpy's float64 computation."""
+    c = 37
+    gamma = rng.standard_normal(c).astype(dtype)
+    var = (rng.random(c) * 3).astype(dtype)
+    var[0] = 0  # eps alone under the root
+    eps = dtype(1e-5)
+    scale = np.empty(c, dtype)
+    K.eval_scale(gamma, var, eps, scale)
+    expected = (
+        gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + np.float64(eps))
+    ).astype(dtype)
+    np.testing.assert_array_equal(scale, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (48, 16), (96, 40), (7, 129)])
+def test_chunk_affine_inplace_matches_the_naive_affine_and_its_out_of_place_twin(dtype, shape, rng):
+    """In place, x = (x - m) * s + b per channel: the naive eval BatchNorm's arithmetic within
+    rounding, and bitwise _chunk_affine's (the unfused BatchNorm kernel's)."""
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    m, s, b = (rng.standard_normal(shape[1]).astype(dtype) for _ in range(3))
+    out_of_place = np.empty_like(x)
+    K._chunk_affine(x, m, s, b, out_of_place)
+    naive_out = (x.astype(np.float64) - m) * s + b
+    inplace = x.copy()
+    K.chunk_affine_inplace(inplace, m, s, b)
+    np.testing.assert_array_equal(inplace, out_of_place)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert relative_error(inplace, naive_out) <= tol
+    # the naive eval BatchNorm, channels along axis 1 of an (N, C, 1, 1) batch
+    var = (rng.random(shape[1]) + 0.5).astype(dtype)
+    gamma = rng.standard_normal(shape[1]).astype(dtype)
+    eps = dtype(1e-5)
+    scale = np.empty(shape[1], dtype)
+    K.eval_scale(gamma, var, eps, scale)
+    y = x.copy()
+    K.chunk_affine_inplace(y, m, scale, b)
+    expected = naive.batchnorm_forward_eval(
+        x.astype(np.float64)[:, :, None, None],
+        gamma.astype(np.float64),
+        b.astype(np.float64),
+        m.astype(np.float64),
+        var.astype(np.float64),
+        float(eps),
+    )[:, :, 0, 0]
+    assert relative_error(y, expected) <= tol
