@@ -2,9 +2,9 @@
 
 Why: a training step allocates and frees the same large arrays every step. glibc's malloc hands
 freed memory at the top of its heap back to the system once more than its trim threshold is
-free there, and then every page of the next step's arrays is a page fault: 900-7,000 faults per
-step on the benchmark networks, up to half the time of an inference (docs/kernels.md has the
-measurements). Keeping the buffers here instead makes the next step's arrays reuse them.
+free there, and then every page of the next step's arrays is a page fault, thousands per step
+on the benchmark networks (docs/kernels.md has the measurements). Keeping the buffers here
+instead makes the next step's arrays reuse them.
 
 How: ``empty(shape, dtype)`` returns a view of a pooled byte buffer. A buffer is free again when
 no array refers to it any more, which its reference count tells (every view of a numpy array

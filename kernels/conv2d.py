@@ -657,8 +657,8 @@ def conv2d_backward_weight(
     conv2 of the reference network has 192) each unit owns a group of them and sums every pixel
     into them, in blocks of ``_PIXEL_BLOCK`` pixels whose x and dy stay in L1 while all the
     group's tiles use them; there are as many groups per filter block as ``threads`` (at most
-    ``_WEIGHT_UNITS``), since each group streams all of x and dy (8 groups on one thread ran a
-    VGG-sized layer at 0.7x). With few (conv1 has 3) each of ``_WEIGHT_CHUNKS`` units takes all
+    ``_WEIGHT_UNITS``), since each group streams all of x and dy (more groups than threads
+    only read them more often). With few (conv1 has 3) each of ``_WEIGHT_CHUNKS`` units takes all
     tiles over a fixed range of pixels, and the partial sums are added in order afterwards.
     Every sum runs in an order fixed by the shapes alone: the result is bitwise identical on
     repeated calls and for any ``threads`` and number of threads.

@@ -116,8 +116,8 @@ def test_fastcnn_pool_0_turns_it_off():
 
 
 def test_a_steady_training_step_takes_almost_no_page_faults(rng):
-    """The all-conv net at batch 64: 1,970 faults per step without the pool on the machine
-    that measured it, 0-2 with it (glibc's malloc returns freed activations to the system)."""
+    """The all-conv net at batch 64: without the pool glibc's malloc returns freed activations
+    to the system and each step faults them back in by the thousand (docs/kernels.md)."""
     model = fastcnn.models.allconv(3, 10, 0)
     x = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
     y = np.arange(64) % 10
