@@ -6,11 +6,13 @@
 
 Configurations, each a fresh process (or ``mpiexec -n 2``) training the reference network with
 ``fastcnn.fit`` on real MNIST (``$FASTCNN_DATA``), global batch 64: 1 rank x 1 thread, 1 rank x 2
-threads, 2 ranks x 1 thread with the fixed-order ring (the default) and 2 ranks x 1 thread with
-MPI_Allreduce. Each run trains a warm-up epoch of 20 steps (compiling, caches), then a timed
-epoch of ``--steps`` steps; images/s is rank 0's clock over the timed epoch. The rounds run the
-configurations in alternating order and the tables show medians, next to the machine's other
-load (1-minute load average before each run, and the busiest other processes).
+threads, 2 ranks x 1 thread with the fixed-order ring (the default: each plan step's gradients
+sent as soon as its backward is done), the same with one exchange after the whole backward
+(``FASTCNN_DIST_OVERLAP=0``), and 2 ranks x 1 thread with MPI_Allreduce. Each run trains a
+warm-up epoch of 20 steps (compiling, caches), then a timed epoch of ``--steps`` steps;
+images/s is rank 0's clock over the timed epoch. The rounds run the configurations in
+alternating order and the tables show medians, next to the machine's other load (1-minute
+load average before each run, and the busiest other processes).
 
 For 2 ranks it also reports the time a rank spends in the gradient exchange per step (waiting
 for the slower rank included) and, measured apart after the ranks meet at a barrier, the
@@ -30,11 +32,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = "@@bench@@ "
-CONFIGS = {  # name: (ranks, threads per rank, reduction)
-    "1 rank x 1 thread": (1, 1, "ring"),
-    "1 rank x 2 threads": (1, 2, "ring"),
-    "2 ranks x 1 thread (ring)": (2, 1, "ring"),
-    "2 ranks x 1 thread (MPI_Allreduce)": (2, 1, "mpi"),
+CONFIGS = {  # name: (ranks, threads per rank, reduction, FASTCNN_DIST_OVERLAP)
+    "1 rank x 1 thread": (1, 1, "ring", "1"),
+    "1 rank x 2 threads": (1, 2, "ring", "1"),
+    "2 ranks x 1 thread (ring)": (2, 1, "ring", "1"),
+    "2 ranks x 1 thread (ring, one exchange after the backward)": (2, 1, "ring", "0"),
+    "2 ranks x 1 thread (MPI_Allreduce)": (2, 1, "mpi", "1"),
 }
 
 
@@ -88,12 +91,13 @@ def other_load():
 
 
 def run(name, steps):
-    ranks, threads, reduction = CONFIGS[name]
+    ranks, threads, reduction, overlap = CONFIGS[name]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads)]
     cmd += ["--steps", str(steps), "--reduction", reduction]
     if ranks > 1:
         cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks)] + cmd
     env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE")
+    env["FASTCNN_DIST_OVERLAP"] = overlap
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -142,11 +146,19 @@ def main():
             )
     base = statistics.median(x[0]["images_per_second"] for x in results[names[0]])
     two = statistics.median(x[0]["images_per_second"] for x in results[names[1]])
-    print("\n| configuration | images/s | vs 1 rank x 1 thread | vs 1 rank x 2 threads |")
-    print("|---|---:|---:|---:|")
+    print(
+        "\n| configuration | images/s | vs 1 rank x 1 thread | vs 1 rank x 2 threads "
+        "| vs 1 rank x 1 thread, round by round |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         ips = statistics.median(x[0]["images_per_second"] for x in results[name])
-        print(f"| {name} | {ips:,.0f} | {ips / base:.2f}x | {ips / two:.2f}x |")
+        # each round's ratio to the same round's one-rank run: the machine's drift cancels
+        paired = statistics.median(
+            x[0]["images_per_second"] / b[0]["images_per_second"]
+            for x, b in zip(results[name], results[names[0]], strict=True)
+        )
+        print(f"| {name} | {ips:,.0f} | {ips / base:.2f}x | {ips / two:.2f}x | {paired:.2f}x |")
     print("\nPer step, 2 ranks (median over rounds; rank 0 / rank 1):\n")
     print(
         "| configuration | step ms | in the exchange ms | share | ring alone ms "

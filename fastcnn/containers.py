@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 
 __all__ = ["Sequential", "Residual", "Concat"]
 
+#: (model, callback) while a data-parallel step watches ``model``'s backward: ``callback(plan,
+#: i)`` runs as soon as step ``i`` of the model's plan has accumulated its parameters' gradients,
+#: so that they can travel while the earlier steps compute (fastcnn/distributed.py)
+_backward_watch: tuple[Module, Any] | None = None
+
+
+def watch_backward(model: Module | None, callback: Any = None) -> None:
+    """Call ``callback(plan, i)`` after each step of the top-level Sequential ``model``'s
+    backward (None: stop watching). One model at a time."""
+    global _backward_watch
+    _backward_watch = None if model is None else (model, callback)
+
 
 def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
@@ -186,9 +198,13 @@ class Sequential(_ListContainer):
             raise RuntimeError(f"{self.name}: backward called before forward")
         for step in plan:  # before any gradient is accumulated
             step.check()
+        watch = _backward_watch
+        notify = watch[1] if watch is not None and watch[0] is self else None
         for i in range(len(plan) - 1, -1, -1):
             # None only from the first step, and only without input_grad
             dy = plan[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
+            if notify is not None:
+                notify(plan, i)
         return dy if input_grad else None
 
     def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:

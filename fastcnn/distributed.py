@@ -154,6 +154,8 @@ class World:
         #: seconds spent in gradient exchanges since the last reset (for measurements)
         self.reduce_seconds = 0.0
         self.reduce_calls = 0
+        #: gradient buckets sent while the backward was still running (fit, 2 ranks)
+        self.early_sends = 0
 
     def __repr__(self) -> str:
         return (
@@ -723,6 +725,160 @@ def shard(batch_indices: Sequence[int] | Array) -> Array:
 # what fit does on K > 1 ranks
 
 
+def _overlap_enabled() -> bool:
+    return os.environ.get("FASTCNN_DIST_OVERLAP", "1").strip() not in ("0", "false", "no")
+
+
+class _Overlap:
+    """Two ranks, the ring reduction, a Sequential model: the gradients of each step of the
+    model's plan leave for the other rank as soon as that step's backward has accumulated them,
+    while the earlier steps still compute (DDP's buckets, one per plan step), instead of in one
+    buffer after the whole backward. Each element is still rank 0's weighted gradient plus
+    rank 1's: the weights are bitwise those of the one-buffer exchange."""
+
+    def __init__(self, world: World, params: list[Any], dtype: np.dtype[Any]) -> None:
+        self.world = world
+        self.params = params  # the optimizer's parameters that have a gradient
+        self.dtype = dtype
+        self.plan: Any = None  # the plan the layout below was made for
+        self.step_bucket: list[int | None] = []  # plan step -> its bucket
+        self.buckets: list[tuple[int, list[Any]]] = []  # (offset in the flat buffer, grads)
+        self.sent: list[bool] = []
+        self.requests: list[Any] = []
+        self.weight: Any = None
+        self.shared = False  # a parameter in two steps: one exchange after the backward
+
+    @staticmethod
+    def for_fit(world: World, model: Module, optimizer: Optimizer) -> _Overlap | None:
+        from .containers import Sequential
+
+        if world.size != 2 or world.reduction != "ring" or not _overlap_enabled():
+            return None
+        if not isinstance(model, Sequential):
+            return None
+        params = [p for p in optimizer.params if p.grad is not None]
+        dtypes = {p.grad.dtype for p in params}
+        if len(dtypes) != 1:
+            return None
+        return _Overlap(world, params, dtypes.pop())
+
+    def _layout(self, plan: Any) -> bool:
+        """One bucket per plan step that holds exchanged parameters, in backward order, and a
+        last one for parameters no step holds; False if a parameter is in two steps (shared:
+        its gradient is final only after both)."""
+        index = {id(p): k for k, p in enumerate(self.params)}
+        owner: dict[int, int] = {}
+        per_step: list[list[int]] = [[] for _ in plan]
+        for i, step in enumerate(plan):
+            for m in step.modules:
+                for p in m.parameters():
+                    k = index.get(id(p))
+                    if k is None:
+                        continue
+                    if owner.setdefault(k, i) != i:
+                        return False
+                    if k not in per_step[i]:
+                        per_step[i].append(k)
+        rest = [k for k in range(len(self.params)) if k not in owner]
+        self.step_bucket = [None] * len(plan)
+        self.buckets = []
+        offset = 0
+        for i, ks in [(i, per_step[i]) for i in range(len(plan) - 1, -1, -1)] + [(-1, rest)]:
+            if not ks:
+                continue
+            if i >= 0:
+                self.step_bucket[i] = len(self.buckets)
+            grads = [self.params[k].grad for k in ks]
+            self.buckets.append((offset, grads))
+            offset += sum(g.size for g in grads)
+        w = self.world
+        self.flat = np.empty(max(offset, 1), dtype=self.dtype)
+        self.recv = np.empty_like(self.flat)
+        # the two ranks must cut the buffer alike: compare the bucket sizes once
+        sizes = np.array([sum(g.size for g in grads) for _, grads in self.buckets], np.int64)
+        theirs = np.empty_like(sizes)
+        other = 1 - w.rank
+        reqs = [
+            w.comm.Irecv(theirs, source=other, tag=_TAG + 1),
+            w.comm.Isend(sizes, dest=other, tag=_TAG + 1),
+        ]
+        w.wait(reqs, "training step", other, None)
+        if not np.array_equal(sizes, theirs):
+            w.abort(f"fit: the ranks' models differ (gradient buckets {sizes} and {theirs})")
+        return True
+
+    def begin(self, model: Module, count: int) -> None:
+        from .containers import watch_backward
+
+        plan = model._plan()  # type: ignore[attr-defined]
+        if plan is not self.plan and not self.shared:
+            self.shared = not self._layout(plan)
+            self.plan = None if self.shared else plan
+        if self.plan is None:
+            return
+        self.weight = self.dtype.type(count)
+        self.sent = [False] * len(self.buckets)
+        self.requests = []
+        watch_backward(model, self._step_done)
+
+    def _send(self, b: int) -> None:
+        offset, grads = self.buckets[b]
+        n = sum(g.size for g in grads)
+        _pack(grads, self.flat[offset : offset + n], self.weight)
+        other, comm, tag = 1 - self.world.rank, self.world.comm, _TAG + 2 + b
+        self.requests.append(comm.Irecv(self.recv[offset : offset + n], source=other, tag=tag))
+        self.requests.append(comm.Isend(self.flat[offset : offset + n], dest=other, tag=tag))
+        self.sent[b] = True
+
+    def _step_done(self, plan: Any, i: int) -> None:
+        t0 = time.perf_counter()
+        b = self.step_bucket[i] if plan is self.plan else None
+        if b is not None and not self.sent[b]:
+            self._send(b)
+            self.world.early_sends += 1
+        from mpi4py import MPI
+
+        MPI.Request.Testall(self.requests)  # moves the messages already posted along
+        self.world.reduce_seconds += time.perf_counter() - t0
+
+    def stop_watching(self) -> None:
+        from .containers import watch_backward
+
+        watch_backward(None)
+
+    def finish(self, stats: Array, timeout: float | None) -> Array:
+        """The rest of the exchange after this rank's backward; the summed ``stats``."""
+        self.stop_watching()
+        w = self.world
+        t0 = time.perf_counter()
+        for b, sent in enumerate(self.sent):
+            if not sent:  # (a bucket whose step did not run: an empty shard, or no overlap)
+                self._send(b)
+        other = 1 - w.rank
+        theirs = np.empty_like(stats)
+        tag = _TAG + 2 + len(self.buckets)
+        self.requests.append(w.comm.Irecv(theirs, source=other, tag=tag))
+        self.requests.append(w.comm.Isend(stats, dest=other, tag=tag))
+        w.wait(self.requests, "training step", other, timeout)
+        self.requests = []
+        total = stats + theirs if w.rank == 0 else theirs + stats
+        if not total[-1] > 0:
+            raise DistributedError(f"fit: the counts of all ranks add up to {total[-1]:g}")
+        n = self.buckets[-1][0] + sum(g.size for g in self.buckets[-1][1]) if self.buckets else 0
+        flat, recv = self.flat[:n], self.recv[:n]
+        if w.rank == 0:  # rank 0's + rank 1's on both ranks
+            np.add(flat, recv, out=flat)
+        else:
+            np.add(recv, flat, out=flat)
+        scale = self.dtype.type(1.0 / total[-1])
+        for offset, grads in self.buckets:
+            size = sum(g.size for g in grads)
+            _unpack(flat[offset : offset + size], grads, scale)
+        w.reduce_seconds += time.perf_counter() - t0
+        w.reduce_calls += 1
+        return total
+
+
 class FitSync:
     """The K > 1 part of :func:`fastcnn.fit`: created by :func:`fit_sync`."""
 
@@ -733,6 +889,7 @@ class FitSync:
         self.grads = _grad_arrays("fit", optimizer)
         self.first = True
         self.step_seconds = 0.0
+        self.overlap = _Overlap.for_fit(world, model, optimizer)
 
     def start(self, model: Module) -> None:
         """Every rank from rank 0's weights, buffers and optimizer state; Dropout generators
@@ -757,9 +914,22 @@ class FitSync:
         timeout = None if self.first else self.world.timeout
         self.first = False
         stats = np.array([loss * count, correct, count], dtype=np.float64)
-        total = reduce_gradients(self.grads, count, "training step", timeout, stats)
+        if self.overlap is not None and self.overlap.plan is not None:
+            total = self.overlap.finish(stats, timeout)
+        else:
+            total = reduce_gradients(self.grads, count, "training step", timeout, stats)
         n = int(total[2])
         return float(total[0] / n), int(total[1]), n
+
+    def begin_step(self, model: Module, count: int) -> None:
+        """Before this rank's forward of ``count`` samples: the gradients of each step of the
+        model's plan will leave for the other rank as soon as its backward is done."""
+        if self.overlap is not None:
+            self.overlap.begin(model, count)
+
+    def stop_watching(self) -> None:
+        if self.overlap is not None:
+            self.overlap.stop_watching()
 
     def end_epoch(self, model: Module) -> None:
         average_buffers(model)

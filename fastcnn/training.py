@@ -533,6 +533,7 @@ def fit(
                     if sync is not None:  # this rank's contiguous part of the global batch
                         lo, hi = shard_bounds(xb.shape[0], sync.world.size, sync.world.rank)
                         xb, yb = xb[lo:hi], (None if yb is None else yb[lo:hi])
+                        sync.begin_step(model, hi - lo)
                     m = xb.shape[0]
                     if cold:  # the first batch on a cold kernel cache: compile, then time
                         cold = False
@@ -588,6 +589,8 @@ def fit(
                         stopped = True  # mid-epoch: the partial epoch is not recorded
                         break
             finally:
+                if sync is not None:
+                    sync.stop_watching()
                 if bar is not None:
                     bar.close()
             if stopped:

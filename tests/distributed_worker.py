@@ -41,9 +41,21 @@ def bn_model(seed):
     )
 
 
+def shared_model(seed):
+    """Two Dense layers sharing one weight: its gradient is final only after both."""
+    from fastcnn import Dense, Flatten, ReLU
+
+    rng = np.random.default_rng(seed)
+    first, second = Dense(784, 784, rng=rng), Dense(784, 784, rng=rng)
+    second.weight = first.weight
+    return fastcnn.Sequential(Flatten(), first, ReLU(), second, ReLU(), Dense(784, 10, rng=rng))
+
+
 def build(args):
     if args.model == "bn":
         return bn_model(args.seed)
+    if args.model == "shared":
+        return shared_model(args.seed)
     return fastcnn.models.reference(seed=args.seed)
 
 
@@ -88,7 +100,8 @@ def run_fit(args):
         val_data=(x[:200], y[:200]) if args.val else None,
         **kwargs,
     )
-    save(args.out, model, {"history": history.as_dict()})
+    record = {"history": history.as_dict(), "early_sends": dist.init().early_sends}
+    save(args.out, model, record)
 
 
 def run_loop(args, failure=None):
