@@ -297,6 +297,11 @@ def throughput_table(args, env, with_torch, init):
                         Worker("tensorflow", dict(e, BENCH_TF_THREADS=str(threads)))
                     )
             try:
+                # the machine's GEMM rate now, on these threads (numpy float32, the BLAS at
+                # ``threads``): each framework's step is also given as a share of it
+                fc = workers[next(iter(envs))]["fastcnn"]
+                flops = fc.call("flops")["flops"]
+                gemm_rate = 2 * SQUARE**3 / fc.timed("gemm", threads=threads, calls=5)[0]["square"]
                 for mode in args.modes:
                     entries = {
                         (label, fw): (workers[label][fw], fw) for label in envs for fw in fws
@@ -319,6 +324,11 @@ def throughput_table(args, env, with_torch, init):
                         bad = [v for v in losses if mode == "train" and not math.isfinite(v)]
                         note = " (non-finite loss!)" if bad else ""
                         faults = ", ".join(f"{run_blocks.faults[(label, fw)]:.0f}" for fw in fws)
+                        step_flops = flops * (3 if mode == "train" else 1)
+                        share = ", ".join(
+                            f"{100 * v * step_flops / gemm_rate:.0f}%" if v == v else "-"
+                            for v in (dict(fastcnn=f, torch=t, tensorflow=tf_)[fw] for fw in fws)
+                        )
                         results[label].append(
                             {
                                 "threads": threads,
@@ -332,6 +342,7 @@ def throughput_table(args, env, with_torch, init):
                                 "steps": steps,
                                 "spread": spread + note,
                                 "faults": faults,
+                                "gemm": f"{share} of {gemm_rate / 1e9:.0f}",
                                 "load": fmt_load(loads, threads),
                                 "malloc": label,
                             }
@@ -371,9 +382,10 @@ def throughput_table(args, env, with_torch, init):
         print(
             f"| threads | batch | mode | steps/block | fastcnn img/s | {peer} img/s | "
             f"{tf_head[0]}ratio | {tf_head[1]}"
-            f"ratio range | page faults/step fastcnn, {peer}{tf_head[3]} | other load |"
+            f"ratio range | page faults/step fastcnn, {peer}{tf_head[3]} | "
+            f"% of the GEMM rate (GFLOP/s) fastcnn, {peer}{tf_head[3]} | other load |"
         )
-        print(f"|---:|---:|---|---:|---:|---:|{tf_head[2]}---:|---|---|---:|")
+        print(f"|---:|---:|---|---:|---:|---:|{tf_head[2]}---:|---|---|---|---:|")
         for r in rows:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] == r["ratio"] else "-"
             tf_rate = tf_ratio = ""
@@ -385,7 +397,7 @@ def throughput_table(args, env, with_torch, init):
             print(
                 f"| {r['threads']} | {r['batch']} | {r['mode']} | {r['steps']} | "
                 f"{fmt_rate(r['fastcnn'])} | {fmt_rate(r['torch'])} | {tf_rate}{ratio} | "
-                f"{tf_ratio}{r['spread']} | {r['faults']} | {r['load']} |"
+                f"{tf_ratio}{r['spread']} | {r['faults']} | {r['gemm']} | {r['load']} |"
             )
     sys.stdout.flush()
     return [r for rows in results.values() for r in rows]

@@ -180,6 +180,18 @@ class FastcnnRunner:
         with np.load(path) as f:
             model.load_state_dict({k: f[k] for k in f.files})
 
+    def forward_flops(self):
+        """Floating-point operations of one image's forward pass through the benchmark's
+        network (``fastcnn summary``'s count; a training step counts 3x this)."""
+        rows = []
+
+        def visit(name, module, shape):
+            rows.append({})
+            return rows[-1]
+
+        _network(self.fastcnn).trace_shapes((1,) + input_shape(), visit)
+        return sum(r.get("flops", 0) for r in rows)
+
     # -- GEMM and kernels ------------------------------------------------------------------
     def gemm(self, threads, calls):
         """Seconds per float32 numpy matmul at each shape, the BLAS at ``threads`` threads."""
@@ -728,6 +740,8 @@ def worker_main(kind, data="random", network="reference"):
                 }
             elif op == "gemm":
                 result = runners["fastcnn"].gemm(req["threads"], req["calls"])
+            elif op == "flops":
+                result = {"flops": runners["fastcnn"].forward_flops()}
             elif op == "kernels":
                 result = runners[req["fw"]].kernels(req["threads"], req["calls"])
             elif op == "epoch":
