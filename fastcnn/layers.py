@@ -252,6 +252,7 @@ class Conv2D(Module):
             self.padding,
             self.dilation,
             layer=self.name,
+            winograd=not self.training,  # no gradient is taken in evaluation mode
         )
         self.save_for_backward(x, in_dtype)
         return y

@@ -169,7 +169,15 @@ def _conv_relu(conv, x):
         conv.dilation,
         relu=True,
         layer=conv.name,
+        winograd=not conv.training,
     )
+
+
+def _winograd(conv):
+    """The evaluation-mode forward of ``conv`` runs on the Winograd kernel (as the layer's
+    own forward would): the fused kernels then step aside, so that the plan's output stays
+    bitwise the layers' one by one."""
+    return not conv.training and F.winograd_applies(conv.weight.shape, conv.stride, conv.dilation)
 
 
 def _conv_backward(conv, x, in_dtype, dy, input_grad):
@@ -212,7 +220,7 @@ class ConvReLUMaxPool(Step):
     def forward(self, x: Array) -> Array:
         conv, relu, pool = self.modules
         x, in_dtype = cast_input(x, conv.dtype, conv.name)
-        if _tiles(pool):
+        if _tiles(pool) and not _winograd(conv):
             y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
                 x,
                 conv.weight.data,
@@ -376,6 +384,7 @@ class ConvBatchNorm(Step):
             relu=len(self.modules) > 2,
             layer=conv.name,
             bn_layer=bn.name,
+            winograd=not conv.training,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]

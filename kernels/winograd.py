@@ -1,0 +1,308 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016),
+over channels-last (NHWC) arrays: 16 multiplications per 2x2 outputs and input channel and
+filter where the direct product takes 36, so 2.25x fewer multiply-adds.
+
+Each 2x2 block of outputs ("tile") reads a 4x4 patch d of every input channel and computes
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, summed over the channels)
+
+    B^T = [[1, 0,-1, 0],    G = [[  1,    0,   0],    A^T = [[1, 1, 1, 0],
+           [0, 1, 1, 0],         [1/2,  1/2, 1/2],           [0, 1,-1,-1]]
+           [0,-1, 1, 0],         [1/2, -1/2, 1/2],
+           [0, 1, 0,-1]]         [  0,    0,   1]]
+
+so the sum over channels becomes 16 independent matrix products, one per position of the 4x4
+transformed patch: M[e] (tiles x F) = V[e] (tiles x C) @ U[e] (C x F). They run on the register
+tile of gemm_tile.py (rows = tiles, k = channels, columns = filters), a block of tiles at a
+time, so the transformed patches V and products M of a block stay in cache.
+
+Shapes and contract as kernels/conv2d.py: x (N, H, W, C), weight (F, C, 3, 3), bias (F,),
+out (N, OH, OW, F) overwritten; padding as top/left offsets, the bottom/right padding whatever
+OH = H + pad_top + pad_bottom - 2 implies. Float32 or float64; nothing validated here.
+
+The result is the convolution up to rounding (not bitwise the direct kernel's: the terms are
+added in another order, and the transforms round): tests/test_winograd.py bounds the error
+against the textbook loops. Deterministic: no sum's order depends on the thread count.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .batchnorm import chunk_affine_inplace
+from .gemm_tile import FTN, RN, gemm_tile_bias, stack_array
+
+#: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
+#: this many (its outputs are then whole rows of the image: one contiguous stretch of out).
+_BLOCK_TILES = 24
+
+
+# The transforms move 16 channels (or filters) at a time through small stack buffers, in
+# loops of constant length: loads into a buffer, arithmetic between buffers, stores out of
+# one. Numba tells LLVM nothing about which arrays may overlap, and a loop that reads one
+# array and writes another was left as scalar code; a loop between an array and a buffer on
+# the stack, or between two buffers, becomes vector code.
+
+
+@njit(cache=True)
+def weight_transform(weight, Fp):
+    """U (16, C, Fp): U[4*a + b, c, f] = (G weight[f, c] G^T)[a, b], computed in float64,
+    filters f >= F zero (the tile's padding columns)."""
+    F, C = weight.shape[0], weight.shape[1]
+    U = np.zeros((16, C, Fp), dtype=weight.dtype)
+    gg = np.empty((4, 3), dtype=np.float64)
+    for f in range(F):
+        for c in range(C):
+            for j in range(3):  # G g: rows of the 3x3 kernel combined
+                g0 = np.float64(weight[f, c, 0, j])
+                g1 = np.float64(weight[f, c, 1, j])
+                g2 = np.float64(weight[f, c, 2, j])
+                gg[0, j] = g0
+                gg[1, j] = (g0 + g1 + g2) * 0.5
+                gg[2, j] = (g0 - g1 + g2) * 0.5
+                gg[3, j] = g2
+            for a in range(4):  # (G g) G^T: its columns combined
+                h0, h1, h2 = gg[a, 0], gg[a, 1], gg[a, 2]
+                U[4 * a + 0, c, f] = h0
+                U[4 * a + 1, c, f] = (h0 + h1 + h2) * 0.5
+                U[4 * a + 2, c, f] = (h0 - h1 + h2) * 0.5
+                U[4 * a + 3, c, f] = h2
+    return U
+
+
+@njit(cache=True)
+def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp):
+    """V[e, t, :] = (B^T d B)[e] for the block's tiles t < nt (tile row ty0 + t // TW, column
+    t % TW of image n), d the tile's 4x4 input patch, every channel (C a multiple of 16);
+    positions outside the image read as zeros. xf: x (N, H, W, C) flat; V flat
+    (TBp, C // 16, 16, 16): V[t, c // 16, e, c % 16].
+
+    Written out position by position, 16 channels at a time, in three loops: the patch from
+    x into a stack buffer, the transform from buffer to buffer, the result from the buffer
+    into V. Numba tells LLVM nothing about which arrays may overlap, and one loop reading x
+    and writing V stayed scalar; loops with constant offsets between an array and the stack,
+    or within the stack, become vector code. No calls inside (even an inlined function adds
+    reference-counting calls, which LLVM cannot move loads across)."""
+    d = numba.carray(stack_array(256, V.dtype), (256,))  # the patch: 16 * (4 i + j) + lane
+    v = numba.carray(stack_array(256, V.dtype), (256,))  # B^T d B: 16 * e + lane
+    po = numba.carray(stack_array(16, np.uint64), (16,))  # each position's pixel in x
+    ok = numba.carray(stack_array(16, np.uint64), (16,))  # 1 inside the image, 0 outside
+    img = n * H * W * C
+    zero = V.dtype.type(0)
+    for t in range(nt):
+        y0 = 2 * (ty0 + t // TW) - pad_top
+        x0 = 2 * (t % TW) - pad_left
+        for i in range(4):
+            for j in range(4):
+                y, xx = y0 + i, x0 + j
+                inside = 0 <= y < H and 0 <= xx < W
+                # outside: read the patch's own corner pixel (clamped) and select a zero
+                yc, xc = min(max(y, 0), H - 1), min(max(xx, 0), W - 1)
+                po[4 * i + j] = np.uint64(img + (yc * W + xc) * C)
+                ok[4 * i + j] = np.uint64(1 if inside else 0)
+        p0, p1, p2, p3, p4, p5, p6, p7 = po[0], po[1], po[2], po[3], po[4], po[5], po[6], po[7]
+        p8, p9, p10, p11 = po[8], po[9], po[10], po[11]
+        p12, p13, p14, p15 = po[12], po[13], po[14], po[15]
+        k0, k1, k2, k3, k4, k5, k6, k7 = ok[0], ok[1], ok[2], ok[3], ok[4], ok[5], ok[6], ok[7]
+        k8, k9, k10, k11 = ok[8], ok[9], ok[10], ok[11]
+        k12, k13, k14, k15 = ok[12], ok[13], ok[14], ok[15]
+        for c0 in range(0, C, 16):
+            for lane in range(16):
+                u = np.uint64(c0 + lane)
+                g0, g1, g2, g3 = xf[p0 + u], xf[p1 + u], xf[p2 + u], xf[p3 + u]
+                g4, g5, g6, g7 = xf[p4 + u], xf[p5 + u], xf[p6 + u], xf[p7 + u]
+                g8, g9, g10, g11 = xf[p8 + u], xf[p9 + u], xf[p10 + u], xf[p11 + u]
+                g12, g13, g14, g15 = xf[p12 + u], xf[p13 + u], xf[p14 + u], xf[p15 + u]
+                d[lane] = g0 if k0 else zero
+                d[16 + lane] = g1 if k1 else zero
+                d[32 + lane] = g2 if k2 else zero
+                d[48 + lane] = g3 if k3 else zero
+                d[64 + lane] = g4 if k4 else zero
+                d[80 + lane] = g5 if k5 else zero
+                d[96 + lane] = g6 if k6 else zero
+                d[112 + lane] = g7 if k7 else zero
+                d[128 + lane] = g8 if k8 else zero
+                d[144 + lane] = g9 if k9 else zero
+                d[160 + lane] = g10 if k10 else zero
+                d[176 + lane] = g11 if k11 else zero
+                d[192 + lane] = g12 if k12 else zero
+                d[208 + lane] = g13 if k13 else zero
+                d[224 + lane] = g14 if k14 else zero
+                d[240 + lane] = g15 if k15 else zero
+            for lane in range(16):
+                d00, d01, d02, d03 = d[lane], d[16 + lane], d[32 + lane], d[48 + lane]
+                d10, d11, d12, d13 = d[64 + lane], d[80 + lane], d[96 + lane], d[112 + lane]
+                d20, d21, d22, d23 = d[128 + lane], d[144 + lane], d[160 + lane], d[176 + lane]
+                d30, d31, d32, d33 = d[192 + lane], d[208 + lane], d[224 + lane], d[240 + lane]
+                # B^T d: the patch's rows combined; then (B^T d) B: its columns
+                a0, a1, a2, a3 = d00 - d20, d01 - d21, d02 - d22, d03 - d23
+                b0, b1, b2, b3 = d10 + d20, d11 + d21, d12 + d22, d13 + d23
+                e0, e1, e2, e3 = d20 - d10, d21 - d11, d22 - d12, d23 - d13
+                h0, h1, h2, h3 = d10 - d30, d11 - d31, d12 - d32, d13 - d33
+                v[lane] = a0 - a2
+                v[16 + lane] = a1 + a2
+                v[32 + lane] = a2 - a1
+                v[48 + lane] = a1 - a3
+                v[64 + lane] = b0 - b2
+                v[80 + lane] = b1 + b2
+                v[96 + lane] = b2 - b1
+                v[112 + lane] = b1 - b3
+                v[128 + lane] = e0 - e2
+                v[144 + lane] = e1 + e2
+                v[160 + lane] = e2 - e1
+                v[176 + lane] = e1 - e3
+                v[192 + lane] = h0 - h2
+                v[208 + lane] = h1 + h2
+                v[224 + lane] = h2 - h1
+                v[240 + lane] = h1 - h3
+            q = np.uint64((t * C + c0) * 16)  # V[t, c0 // 16, e, lane]: one stretch of 256
+            for k in range(256):
+                V[q + np.uint64(k)] = v[k]
+
+
+@njit(cache=True)
+def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
+    """out[n, oy:oy+2, ox:ox+2, :] = A^T M A + bias for the block's tiles t < nt (only the
+    rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays NaN). M flat
+    (nfb, TBp, 16, 16): M[fb, t, e, lane]; F = 16 nfb; of: out (N, OH, OW, F) flat. Three
+    loops per 16 filters, as _input_block: M into the stack, the transform, the stack into
+    out."""
+    m = numba.carray(stack_array(256, M.dtype), (256,))  # M[e]: 16 * e + lane
+    y = numba.carray(stack_array(64, M.dtype), (64,))  # y00, y01, y10, y11: 16 * k + lane
+    zero = M.dtype.type(0)
+    for t in range(nt):
+        oy, ox = 2 * (ty0 + t // TW), 2 * (t % TW)
+        right, below = ox + 1 < OW, oy + 1 < OH
+        o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        for fb in range(nfb):
+            q = np.uint64((fb * TBp + t) * 256)  # M[fb, t, e, lane]: one stretch of 256
+            for k in range(256):
+                m[k] = M[q + np.uint64(k)]
+            f0 = np.uint64(fb * FTN)
+            for lane in range(16):
+                m0, m1, m2, m3 = m[lane], m[16 + lane], m[32 + lane], m[48 + lane]
+                m4, m5, m6, m7 = m[64 + lane], m[80 + lane], m[96 + lane], m[112 + lane]
+                m8, m9, m10, m11 = m[128 + lane], m[144 + lane], m[160 + lane], m[176 + lane]
+                m12, m13, m14, m15 = m[192 + lane], m[208 + lane], m[224 + lane], m[240 + lane]
+                # A^T M: rows combined; then (A^T M) A: columns
+                s0, s1, s2, s3 = m0 + m4 + m8, m1 + m5 + m9, m2 + m6 + m10, m3 + m7 + m11
+                r0, r1, r2, r3 = m4 - m8 - m12, m5 - m9 - m13, m6 - m10 - m14, m7 - m11 - m15
+                b = bias[f0 + np.uint64(lane)]
+                y00 = s0 + s1 + s2 + b
+                y01 = s1 - s2 - s3 + b
+                y10 = r0 + r1 + r2 + b
+                y11 = r1 - r2 - r3 + b
+                if relu:  # activations.relu_forward's select
+                    y00 = zero if y00 <= zero else y00
+                    y01 = zero if y01 <= zero else y01
+                    y10 = zero if y10 <= zero else y10
+                    y11 = zero if y11 <= zero else y11
+                y[lane] = y00
+                y[16 + lane] = y01
+                y[32 + lane] = y10
+                y[48 + lane] = y11
+            for k in range(4):
+                if (k & 1 and not right) or (k >= 2 and not below):
+                    continue
+                dst = o00 + np.uint64((k >> 1) * OW * F + (k & 1) * F) + f0
+                for lane in range(16):
+                    of[dst + np.uint64(lane)] = y[16 * k + lane]
+
+
+@njit(cache=True)
+def _batch_norm_rows(block, F, bn, relu):
+    """block (rows * F,): BatchNorm's evaluation-mode affine in place (its kernel's
+    arithmetic: bitwise the layer run after), then the ReLU if ``relu``."""
+    mean, scale, shift = bn
+    chunk_affine_inplace(block.reshape((block.size // F, F)), mean, scale, shift)
+    if relu:
+        zero = block.dtype.type(0)
+        for i in range(block.size):
+            v = block[i]
+            block[i] = zero if v <= zero else v
+
+
+@njit(parallel=True, cache=True)
+def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+    """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, oh - pt + i, ow - pl + j, c]
+    (3x3, stride 1, dilation 1), up to rounding, by F(2x2, 3x3); then max(out, 0) if ``relu``.
+
+    x (N, H, W, C), weight (F, C, 3, 3), bias (F,); out (N, OH, OW, F) overwritten.
+    ``bn = (mean, scale, shift)``, each (F,), or three empty arrays: as conv2d.conv2d_forward's,
+    an evaluation-mode BatchNorm applied to each block's outputs while they are in cache
+    (bitwise this kernel followed by the BatchNorm and ReLU layers), the ReLU after it.
+
+    Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles), dealt to ``threads``
+    workers in a fixed interleave, each with its own scratch (patches, V, M). Every output is
+    computed by one block alone: the result does not depend on ``threads``.
+    """
+    N, H, W, C = x.shape
+    F = weight.shape[0]
+    OH, OW = out.shape[1], out.shape[2]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    nfb = (F + FTN - 1) // FTN
+    Fp = nfb * FTN
+    U = weight_transform(weight, Fp)
+    k = min(TH, (_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
+    per_image = (TH + k - 1) // k
+    nblocks = N * per_image
+    TBp = (k * TW + RN - 1) // RN * RN
+    nthr = max(1, min(threads, nblocks))
+    dt = x.dtype
+    V = np.empty((nthr, 16 * TBp * C), dtype=dt)
+    M = np.empty((nthr, 16 * nfb * TBp * FTN), dtype=dt)
+    zb = np.zeros(FTN, dtype=dt)
+    # V[t, c // 16, e, c % 16]: row t of the e-th product starts at abase[e * TBp + t] and
+    # its channel c lies aoff[c] further
+    abase = np.empty(16 * TBp, dtype=np.uint64)
+    for e in range(16):
+        for t in range(TBp):
+            abase[e * TBp + t] = np.uint64(t * 16 * C + 16 * e)
+    aoff = np.empty(C, dtype=np.uint64)
+    for c in range(C):
+        aoff[c] = np.uint64(c // 16 * 256 + c % 16)
+    Uf = U.reshape(U.size)
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    ustride = np.uint64(Fp)
+    affine = bn[1].size > 0
+    for th in prange(nthr):
+        Vf = V[th]
+        Mf = M[th]
+        for blk in range(th, nblocks, nthr):
+            n = blk // per_image
+            ty0 = (blk % per_image) * k
+            ty1 = min(ty0 + k, TH)
+            nt = (ty1 - ty0) * TW
+            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf, TBp)
+            ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
+            for e in range(16):
+                for fb in range(nfb):
+                    b0 = np.uint64(e * C * Fp + fb * FTN)
+                    for t in range(0, ntp, RN):
+                        # M[fb, t, e, :]: row stride 256, so that a tile's 16 products
+                        # lie in one stretch (the tile with a zero bias, as the forward's)
+                        gemm_tile_bias(
+                            Vf,
+                            np.uint64(0),
+                            abase,
+                            e * TBp + t,
+                            aoff,
+                            0,
+                            C,
+                            Uf,
+                            b0,
+                            ustride,
+                            zb,
+                            0,
+                            False,
+                            Mf,
+                            np.uint64((fb * TBp + t) * 256 + 16 * e),
+                            np.uint64(256),
+                            True,
+                        )
+            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu and not affine)
+            if affine:
+                p0 = (n * OH + 2 * ty0) * OW * F
+                p1 = (n * OH + min(2 * ty1, OH)) * OW * F
+                _batch_norm_rows(of[p0:p1], F, bn, relu)

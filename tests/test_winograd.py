@@ -1,0 +1,163 @@
+"""The Winograd F(2x2, 3x3) convolution (kernels/winograd.py) against the textbook loops of the
+convolution (tests/naive/conv2d.py) and of the algorithm (tests/naive/winograd.py), its
+BatchNorm epilogue bitwise the layers one by one, its independence of the thread count, and
+where the layers use it (evaluation mode)."""
+
+import numba
+import numpy as np
+import pytest
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.functional import _no_bn
+from fastcnn.kernels.batchnorm import chunk_affine_inplace
+from fastcnn.kernels.winograd import conv2d_winograd_forward
+from fastcnn.threads import threads
+from naive.conv2d import conv2d_forward as naive_conv
+from naive.winograd import winograd_conv2d as naive_winograd
+
+# float32: the transforms round (values up to ~4x the input's); measured errors are
+# 1e-7..3e-7 of the largest output, a wrong coefficient gives 1e-1
+F32_REL = 2e-6
+F64_REL = 1e-12
+
+SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
+    (2, 16, 16, 7, 6, ((1, 1), (1, 1))),
+    (1, 16, 32, 8, 8, ((1, 1), (1, 1))),
+    (3, 32, 48, 9, 11, ((0, 2), (0, 2))),
+    (2, 16, 16, 5, 5, ((2, 0), (2, 0))),
+    (1, 48, 16, 4, 3, ((1, 1), (1, 1))),
+    (2, 16, 16, 3, 3, ((0, 0), (0, 0))),
+    (1, 32, 16, 1, 1, ((1, 1), (1, 1))),
+    (2, 64, 32, 16, 16, ((1, 1), (1, 1))),
+]
+
+
+def run(x, w, b, padding, relu=False, bn=None, n_threads=None):
+    """The kernel on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
+    N, C, H, W = x.shape
+    (pt, pb), (pl, pr) = padding
+    out = np.full((N, H + pt + pb - 2, W + pl + pr - 2, w.shape[0]), np.nan, dtype=x.dtype)
+    bn = _no_bn(x) if bn is None else bn
+    nt = numba.get_num_threads() if n_threads is None else n_threads
+    conv2d_winograd_forward(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt
+    )
+    return out.transpose(0, 3, 1, 2)
+
+
+def data(shape, dtype, seed=0):
+    N, C, Fn, H, W, padding = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Fn, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(Fn).astype(dtype)
+    return x, w, b, padding
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_the_textbook_convolution(shape, dtype):
+    x, w, b, padding = data(shape, dtype)
+    got = run(x, w, b, padding)
+    assert got.dtype == dtype and not np.isnan(got).any()
+    ref = naive_conv(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=padding
+    )
+    tol = (F32_REL if dtype == np.float32 else F64_REL) * max(1.0, float(np.abs(ref).max()))
+    assert float(np.abs(got - ref).max()) <= tol
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_forward_is_the_textbook_winograd(shape):
+    x, w, b, padding = data(shape, np.float64, seed=1)
+    ref = naive_winograd(x, w, b, padding)
+    np.testing.assert_allclose(run(x, w, b, padding), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_and_batch_norm_epilogue_bitwise_the_steps_apart(dtype):
+    x, w, b, padding = data((2, 32, 48, 9, 7, ((1, 1), (1, 1))), dtype, seed=2)
+    rng = np.random.default_rng(3)
+    mean, scale, shift = (rng.standard_normal(48).astype(dtype) for _ in range(3))
+    plain = run(x, w, b, padding)
+    relu = run(x, w, b, padding, relu=True)
+    assert np.array_equal(relu, np.where(plain <= 0, 0, plain).astype(dtype))
+    # BatchNorm's kernel on the plain output, then the ReLU's select
+    rows = np.ascontiguousarray(plain.transpose(0, 2, 3, 1)).reshape(-1, 48)
+    chunk_affine_inplace(rows, mean, scale, shift)
+    expect = np.where(rows <= 0, 0, rows).reshape(plain.shape[0], *plain.shape[2:], 48)
+    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift))
+    assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
+
+
+def test_nan_stays_nan_through_the_relu():
+    x, w, b, padding = data((1, 16, 16, 4, 4, ((1, 1), (1, 1))), np.float32, seed=4)
+    x[0, 3, 1, 1] = np.nan
+    got = run(x, w, b, padding, relu=True)
+    assert np.isnan(got[0, :, :3, :3]).all()  # every output whose window holds the NaN
+
+
+def test_same_bits_for_any_thread_count():
+    x, w, b, padding = data((5, 32, 32, 12, 10, ((1, 1), (1, 1))), np.float32, seed=5)
+    one = run(x, w, b, padding, n_threads=1)
+    for n in (2, 3, 7):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            assert np.array_equal(run(x, w, b, padding, n_threads=n), one)
+
+
+def test_where_it_applies():
+    assert F.winograd_applies((64, 32, 3, 3))
+    assert F.winograd_applies((16, 48, 3, 3), stride=(1, 1))
+    assert not F.winograd_applies((64, 16, 3, 3))  # 16 input channels: no gain
+    assert not F.winograd_applies((64, 24, 3, 3))  # channels not a multiple of 16
+    assert not F.winograd_applies((40, 32, 3, 3))
+    assert not F.winograd_applies((64, 32, 5, 5))
+    assert not F.winograd_applies((64, 32, 3, 3), stride=2)
+    assert not F.winograd_applies((64, 32, 3, 3), dilation=2)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
+    assert not F.winograd_applies((64, 32, 3, 3))
+
+
+def _conv(seed=6):
+    return fastcnn.Conv2D(32, 48, 3, padding=1, rng=np.random.default_rng(seed))
+
+
+def test_a_layer_uses_it_in_evaluation_mode_only(monkeypatch):
+    conv = _conv()
+    x = np.random.default_rng(7).standard_normal((3, 32, 10, 9)).astype(np.float32)
+    train = conv(x)  # the direct kernel: what the gradients are taken of
+    conv.eval()
+    ev = conv(x)
+    assert not np.array_equal(ev, train)  # another summation order
+    np.testing.assert_allclose(ev, train, rtol=0, atol=F32_REL * np.abs(train).max())
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
+    assert np.array_equal(conv(x), train)
+
+
+def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
+    rng = np.random.default_rng(8)
+    model = fastcnn.Sequential(
+        fastcnn.Conv2D(16, 32, 3, padding=1, rng=rng),
+        fastcnn.ReLU(),
+        fastcnn.Conv2D(32, 32, 3, padding=1, rng=rng),
+        fastcnn.ReLU(),
+        fastcnn.MaxPool2D(2),
+        fastcnn.Conv2D(32, 48, 3, padding=1, rng=rng),
+        fastcnn.BatchNorm2D(48),
+        fastcnn.ReLU(),
+        fastcnn.MaxPool2D(2),
+        fastcnn.Conv2D(48, 16, 3, padding=1, rng=rng),
+        fastcnn.BatchNorm2D(16),
+    )
+    x = rng.standard_normal((4, 16, 12, 12)).astype(np.float32)
+    model.train()
+    model(x)  # running statistics away from 0 and 1
+    model.eval()
+    fused = model(x)
+    with fastcnn.plan.fusion(False):
+        unfused = model(x)
+    assert np.array_equal(fused, unfused)
