@@ -77,8 +77,9 @@ def compile_forward(dtype: DTypeLike = np.float32) -> None:
 
 def compile_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the rest: conv1's weight gradient (1 channel: the dense product, dy
-    rebuilt in cache from the pooled gradient) and conv2's input gradient from the pooled
-    gradient (the kernel called as functional calls it, with the same argument types)."""
+    rebuilt in cache from the pooled gradient), conv2's input gradient from the pooled
+    gradient (the kernel called as functional calls it, with the same argument types) and
+    conv2's evaluation-mode forward (Winograd, then the pool)."""
     from . import functional as F
     from .kernels import fused
 
@@ -92,6 +93,10 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     fused.maxpool2d_conv2d_backward_input(
         F._nhwc(gp), F._nhwc(argmax), F._nhwc(y), True, 2, 2, w, 1, 1, 0, 0, 1, 1, 4, 4, dx
     )
+    # evaluation mode (validation, predict): conv2 on the Winograd kernel, then its max pool
+    x32, _ = _conv_operands(32, dtype)
+    a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)
+    F.max_pool2d_forward(a, 2, 2, 0)
 
 
 def _index_paths():

@@ -251,7 +251,9 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     dt = x.dtype
     V = np.empty((nthr, 16 * TBp * C), dtype=dt)
     M = np.empty((nthr, 16 * nfb * TBp * FTN), dtype=dt)
-    zb = np.zeros(FTN, dtype=dt)
+    zb = np.empty(FTN, dtype=dt)  # (np.zeros here would be a parallel loop of its own)
+    for f in range(FTN):
+        zb[f] = 0
     # V[t, c // 16, e, c % 16]: row t of the e-th product starts at abase[e * TBp + t] and
     # its channel c lies aoff[c] further
     abase = np.empty(16 * TBp, dtype=np.uint64)
