@@ -376,8 +376,13 @@ def winograd_applies(weight_shape: Shape, stride: Size2 = 1, dilation: Size2 = 1
 
 
 def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd):
-    """Run the direct kernel, or the Winograd one where ``winograd`` and it applies."""
-    if winograd and winograd_applies(weight.shape, strides, dilations):
+    """Run the direct kernel, or the Winograd one where ``winograd`` and it applies, and the
+    weights are finite (the transformed weights meet the zeros around the image: 0 * inf)."""
+    if (
+        winograd
+        and winograd_applies(weight.shape, strides, dilations)
+        and bool(np.isfinite(weight).all())
+    ):
         threads = numba.get_num_threads()
         _winograd.conv2d_winograd_forward(
             _nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, threads
@@ -404,7 +409,9 @@ def conv2d_forward(
 
     ``winograd=True`` computes it by Winograd's F(2x2, 3x3) where :func:`winograd_applies`
     (2.25x fewer multiply-adds; equal to the direct kernel up to float rounding, not bitwise):
-    the layers ask for it in evaluation mode, where no gradient is computed from it."""
+    the layers ask for it in evaluation mode, where no gradient is computed from it. A NaN or
+    infinity in x may then also reach outputs next to those whose window holds it (the
+    transforms mix a 4x4 patch), where the direct kernel gives finite values."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer

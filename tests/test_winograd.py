@@ -98,6 +98,17 @@ def test_nan_stays_nan_through_the_relu():
     assert np.isnan(got[0, :, :3, :3]).all()  # every output whose window holds the NaN
 
 
+def test_non_finite_weights_run_the_direct_kernel():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 32, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((16, 32, 3, 3)).astype(np.float32)
+    w[3, 5, 0, 0] = np.inf
+    direct = F.conv2d_forward(x, w, None, 1, 1)
+    got = F.conv2d_forward(x, w, None, 1, 1, winograd=True)
+    assert np.array_equal(got, direct, equal_nan=True)
+    assert np.isfinite(direct[:, :3]).all()  # the other filters' outputs stay finite
+
+
 def test_same_bits_for_any_thread_count():
     x, w, b, padding = data((5, 32, 32, 12, 10, ((1, 1), (1, 1))), np.float32, seed=5)
     one = run(x, w, b, padding, n_threads=1)
