@@ -38,6 +38,7 @@ from ._types import Array, Padding, Shape, Size2
 from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
+from .kernels import conv2d_c1 as _conv2d_c1
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 from .kernels import winograd as _winograd
@@ -376,8 +377,9 @@ def winograd_applies(weight_shape: Shape, stride: Size2 = 1, dilation: Size2 = 1
 
 
 def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd):
-    """Run the direct kernel, or the Winograd one where ``winograd`` and it applies, and the
-    weights are finite (the transformed weights meet the zeros around the image: 0 * inf)."""
+    """Run the direct kernel (or its one-channel variant, bitwise the same), or the Winograd
+    one where ``winograd`` and it applies, and the weights are finite (the transformed
+    weights meet the zeros around the image: 0 * inf)."""
     if (
         winograd
         and winograd_applies(weight.shape, strides, dilations)
@@ -389,6 +391,13 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         )
         return
     (sh, sw), (dh, dw) = strides, dilations
+    if weight.shape[1] == 1 and weight.shape[0] <= _conv2d_c1.RN and (sh, sw, dh, dw) == (1,) * 4:
+        # one channel, few filters (LeNet-5's first layer): pixels on the tile's columns,
+        # bitwise the direct kernel
+        _conv2d_c1.conv2d_c1_forward(
+            _nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads()
+        )
+        return
     _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn)
 
 

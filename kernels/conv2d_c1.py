@@ -1,0 +1,138 @@
+"""The forward of a convolution with ONE input channel and at most 6 filters (LeNet-5's first
+layer: 1 -> 6 at 5x5), stride 1, dilation 1, over channels-last arrays.
+
+The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
+columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
+start and store (13% of the GEMM rate, ``bench/bench_conv.py``). Here the same narrow tile of
+gemm_tile.py runs transposed: its 6 rows are the filters and its 16 columns 16 neighbouring
+output pixels of one row, which, with one channel, read 16 neighbouring floats of one padded
+input row per tap:
+
+    tile[f, l] = bias[f] + sum_{i, j} weight[f, 0, i, j] * xp[n, oh + i, ow0 + l + j]
+
+one tile call per kernel row i (its KW taps one stride apart), the sums carried between calls
+in the tile. The taps are added in the direct kernel's order (i, then j), one fused
+multiply-add each, from the bias: the output is bitwise the direct kernel's
+(tests/test_conv2d_c1.py). Shapes as conv2d.py: x (N, H, W, 1), weight (F, 1, KH, KW) with
+F <= 6, bias (F,), out (N, OH, OW, F) overwritten; padding as top/left offsets, the rest implied
+by out's shape; ``relu`` and ``bn`` as in conv2d.conv2d_forward.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .batchnorm import chunk_affine_inplace
+from .gemm_tile import FTN, RN, gemm_tile
+
+
+@njit(cache=True)
+def _padded_image(x, pad_top, pad_left, Hp, Wp):
+    """x[..., 0] zero-padded into (N, Hp, Wp), wide enough for whole tiles of FTN pixels.
+    Serial (as conv2d._padded_input: a parallel copy costs a parallel loop's compilation)."""
+    N, H, W = x.shape[0], x.shape[1], x.shape[2]
+    xp = np.empty((N, Hp, Wp), dtype=x.dtype)
+    for n in range(N):
+        for r in range(Hp):
+            for s in range(Wp):
+                h, w = r - pad_top, s - pad_left
+                xp[n, r, s] = x[n, h, w, 0] if 0 <= h < H and 0 <= w < W else 0
+    return xp
+
+
+@njit(cache=True)
+def _operands(weight, bias):
+    """The filters as RN rows of taps (zero rows past F) with their row and tap offsets, and
+    the bias padded to RN: wt (RN * K,), abase (RN,), aoff (K,), bias6 (RN,)."""
+    F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    K = KH * KW
+    wt = np.empty(RN * K, dtype=weight.dtype)
+    bias6 = np.empty(RN, dtype=weight.dtype)
+    abase = np.empty(RN, dtype=np.uint64)
+    aoff = np.empty(K, dtype=np.uint64)
+    for r in range(RN):
+        abase[r] = np.uint64(r * K)
+        bias6[r] = bias[r] if r < F else 0
+        for i in range(KH):
+            for j in range(KW):
+                wt[r * K + i * KW + j] = weight[r, 0, i, j] if r < F else 0
+    for k in range(K):
+        aoff[k] = np.uint64(k)
+    return wt, abase, aoff, bias6
+
+
+@njit(cache=True, fastmath={"contract"})
+def _output_row(xpf, Hp, Wp, n, oh, wt, abase, aoff, bias6, KH, KW, relu, of, OH, OW, F, tile):
+    """Row oh of image n's output (of: out flat), FTN pixels at a time, through ``tile``
+    (RN * FTN scratch: the filters' rows of 16 pixels), one tile call per kernel row."""
+    orow = (n * OH + oh) * OW * F
+    zero = of.dtype.type(0)
+    for ow0 in range(0, OW, FTN):
+        for r in range(RN):
+            for lane in range(FTN):
+                tile[r * FTN + lane] = bias6[r]
+        for i in range(KH):
+            b0 = np.uint64((n * Hp + oh + i) * Wp + ow0)
+            k0 = i * KW
+            gemm_tile(wt, abase, 0, aoff, k0, k0 + KW, xpf, b0, np.uint64(1), tile, 0, True, True)
+        for lane in range(min(FTN, OW - ow0)):
+            dst = orow + (ow0 + lane) * F
+            for f in range(F):
+                v = tile[f * FTN + lane]
+                if relu:  # the direct kernel's select
+                    u = v if v > 0 else zero
+                    v = v if v != v else u
+                of[dst + f] = v
+
+
+@njit(parallel=True, cache=True)
+def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+    """out[n, oh, ow, f] = bias[f] + sum_{i,j} weight[f,0,i,j] * x[n, oh - pt + i, ow - pl + j, 0],
+    then the BatchNorm (``bn`` = (mean, scale, shift), or three empty arrays) and the ReLU if
+    ``relu``: bitwise conv2d.conv2d_forward. x (N, H, W, 1), weight (F, 1, KH, KW), F <= 6.
+    Work: output rows, dealt to ``threads`` workers in a fixed interleave, each with its own
+    tile scratch (every output comes from one row alone: the result does not depend on it)."""
+    N = x.shape[0]
+    F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    OH, OW = out.shape[1], out.shape[2]
+    Hp = OH + KH - 1
+    Wp = (OW + FTN - 1) // FTN * FTN + KW - 1
+    xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
+    wt, abase, aoff, bias6 = _operands(weight, bias)
+    rows = N * OH
+    nthr = max(1, min(threads, rows))
+    tiles = np.empty((nthr, RN * FTN), dtype=x.dtype)
+    xpf = xp.reshape(xp.size)
+    of = out.reshape(out.size)
+    affine = bn[1].size > 0
+    for th in prange(nthr):
+        for row in range(th, rows, nthr):
+            n, oh = row // OH, row % OH
+            _output_row(
+                xpf,
+                Hp,
+                Wp,
+                n,
+                oh,
+                wt,
+                abase,
+                aoff,
+                bias6,
+                KH,
+                KW,
+                relu and not affine,
+                of,
+                OH,
+                OW,
+                F,
+                tiles[th],
+            )
+            if affine:
+                start = row * OW * F
+                block = of[start : start + OW * F].reshape((OW, F))
+                chunk_affine_inplace(block, bn[0], bn[1], bn[2])
+                if relu:
+                    zero = out.dtype.type(0)
+                    for p in range(OW):
+                        for f in range(F):
+                            v = block[p, f]
+                            block[p, f] = zero if v <= zero else v

@@ -1,0 +1,76 @@
+"""The one-channel forward (kernels/conv2d_c1.py: LeNet-5's first layer) is bitwise the direct
+kernel (kernels/conv2d.py), and the textbook convolution (tests/naive/conv2d.py) up to rounding,
+on random shapes, paddings, ReLU and BatchNorm epilogues, both dtypes, any thread count."""
+
+import numba
+import numpy as np
+import pytest
+
+from fastcnn import functional as F
+from fastcnn.functional import _no_bn
+from fastcnn.kernels.conv2d import conv2d_forward
+from fastcnn.kernels.conv2d_c1 import RN, conv2d_c1_forward
+from fastcnn.threads import threads
+from naive.conv2d import conv2d_forward as naive_conv
+
+SHAPES = [  # N, F, H, W, KH, KW, pad_top, pad_left (bottom/right: the same)
+    (4, 6, 28, 28, 5, 5, 2, 2),
+    (3, 1, 9, 7, 3, 3, 1, 1),
+    (2, 5, 33, 40, 3, 2, 2, 0),
+    (1, 6, 1, 1, 5, 5, 2, 2),
+    (2, 3, 17, 16, 2, 4, 0, 1),
+    (5, 4, 6, 35, 7, 1, 3, 0),
+]
+
+
+def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
+    N, Fn, H, W, KH, KW, pt, pl = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, H, W, 1)).astype(dtype)
+    w = rng.standard_normal((Fn, 1, KH, KW)).astype(dtype)
+    b = rng.standard_normal(Fn).astype(dtype)
+    OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
+    epi = _no_bn(x) if not bn else tuple(rng.standard_normal(Fn).astype(dtype) for _ in range(3))
+    got = np.full((N, OH, OW, Fn), np.nan, dtype)
+    ref = np.full_like(got, np.nan)
+    conv2d_c1_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
+    conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi)
+    return x, w, b, got, ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitwise_the_direct_kernel_and_close_to_the_textbook(shape, dtype):
+    for relu in (False, True):
+        x, w, b, got, ref = both(shape, dtype, relu=relu)
+        assert np.array_equal(got, ref)
+    x, w, b, got, _ = both(shape, dtype)
+    pt, pl = shape[6], shape[7]
+    naive = naive_conv(x.transpose(0, 3, 1, 2), w, b, padding=((pt, pt), (pl, pl)))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), naive, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_epilogue_bitwise_the_direct_kernel(dtype):
+    for relu in (False, True):
+        _, _, _, got, ref = both(SHAPES[0], dtype, relu=relu, bn=True, seed=1)
+        assert np.array_equal(got, ref)
+
+
+def test_same_bits_for_any_thread_count():
+    _, _, _, one, _ = both(SHAPES[0], np.float32, n_threads=1)
+    for n in (2, 3, 8):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            assert np.array_equal(both(SHAPES[0], np.float32, n_threads=n)[3], one)
+
+
+def test_functional_uses_it_for_one_channel_and_few_filters():
+    assert RN == 6
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
+    for filters in (1, 6, 7):  # 7: the direct kernel
+        w = rng.standard_normal((filters, 1, 5, 5)).astype(np.float32)
+        y = F.conv2d_forward(x, w, None, 1, 2)
+        ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
