@@ -567,9 +567,18 @@ def conv2d_backward(
     dy = _nhwc(dy)
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
-    k.conv2d_backward_weight(
-        _nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, numba.get_num_threads()
-    )
+    f, c, kh, kw = weight.shape
+    if c == 1 and f <= _conv2d_c1.RN and kw <= _conv2d_c1.FTN and (sh, sw, dh, dw) == (1,) * 4:
+        # one channel, few filters: bitwise the direct kernel, following its pixel chunks
+        n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
+        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, numba.get_num_threads())
+        _conv2d_c1.conv2d_c1_backward_weight(
+            _nhwc(x), dy, pads[0], pads[2], dweight, dbias, plan[3], plan[6]
+        )
+    else:
+        k.conv2d_backward_weight(
+            _nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, numba.get_num_threads()
+        )
     dx = None
     if input_grad:
         n, c, h, w = x.shape

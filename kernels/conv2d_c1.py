@@ -136,3 +136,93 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
                         for f in range(F):
                             v = block[p, f]
                             block[p, f] = zero if v <= zero else v
+
+
+# ---- the weight gradient ----
+
+
+@njit(cache=True, fastmath={"contract"})
+def _weight_unit(dyf, xpf, Hp, Wp, OH, OW, F, i, p0, p1, aoff, ab, tile):
+    """Kernel row i's tile (rows: the filters, columns: the taps j) summed over the pixels
+    [p0, p1) in order, one output row's stretch per tile call: tile[f, j] = sum_p dy[p, f] *
+    xp[n, oh + i, ow + j]. ab (RN,) scratch for the rows' offsets into dy."""
+    first = True
+    p = p0
+    while p < p1:
+        n = p // (OH * OW)
+        rem = p - n * OH * OW
+        oh = rem // OW
+        ow = rem - oh * OW
+        seg = min(OW - ow, p1 - p)
+        for r in range(RN):  # (rows past F repeat the last filter: computed, never read)
+            ab[r] = np.uint64(p * F + min(r, F - 1))
+        b0 = np.uint64((n * Hp + oh + i) * Wp + ow)
+        gemm_tile(dyf, ab, 0, aoff, 0, seg, xpf, b0, np.uint64(1), tile, 0, not first, True)
+        first = False
+        p += seg
+
+
+@njit(cache=True)
+def _bias_sums(dyf, F, p0, p1, out):
+    """out[f] = sum of dy[p, f] over the pixels [p0, p1), in order, from zero: the filters'
+    chains side by side in registers (F <= RN = 6)."""
+    z = dyf.dtype.type(0)
+    s0, s1, s2, s3, s4, s5 = z, z, z, z, z, z
+    for p in range(p0, p1):
+        q = p * F
+        s0 += dyf[q]
+        if F > 1:
+            s1 += dyf[q + 1]
+        if F > 2:
+            s2 += dyf[q + 2]
+        if F > 3:
+            s3 += dyf[q + 3]
+        if F > 4:
+            s4 += dyf[q + 4]
+        if F > 5:
+            s5 += dyf[q + 5]
+    sums = (s0, s1, s2, s3, s4, s5)
+    for f in range(F):
+        out[f] = sums[f]
+
+
+@njit(parallel=True, cache=True)
+def conv2d_c1_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, chunks, per_chunk):
+    """dweight[f, 0, i, j] = sum_{n,oh,ow} dy[n,oh,ow,f] * x[n, oh - pt + i, ow - pl + j, 0],
+    dbias[f] = sum dy[..., f]: bitwise conv2d.conv2d_backward_weight, whose pixel chunks
+    (``chunks`` of ``per_chunk`` pixels: conv2d._weight_plan's) this follows: each chunk's sums
+    run over its pixels in order from zero, one fused multiply-add per term, and the chunks
+    are added in order. x (N, H, W, 1), dy (N, OH, OW, F) with F <= 6, KW <= 16; dweight
+    (F, 1, KH, KW) and dbias (F,) overwritten. Units: (chunk, kernel row), each its own tile."""
+    N, OH, OW, F = dy.shape
+    KH, KW = dweight.shape[2], dweight.shape[3]
+    Hp, Wp = OH + KH - 1, OW + FTN
+    xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
+    NP = N * OH * OW
+    units = chunks * KH
+    acc = np.empty((units, RN * FTN), dtype=x.dtype)
+    bsum = np.empty((chunks, F), dtype=x.dtype)
+    ab = np.empty((units, RN), dtype=np.uint64)
+    aoff = np.empty(OW, dtype=np.uint64)
+    for k in range(OW):
+        aoff[k] = np.uint64(k * F)
+    xpf = xp.reshape(xp.size)
+    dyf = dy.reshape(dy.size)
+    for unit in prange(units):
+        chunk, i = unit // KH, unit % KH
+        p0 = chunk * per_chunk
+        p1 = min(p0 + per_chunk, NP)
+        _weight_unit(dyf, xpf, Hp, Wp, OH, OW, F, i, p0, p1, aoff, ab[unit], acc[unit])
+        if i == 0:  # the chunk's bias sums, in order (s + d: the direct kernel's fma(1, d, s))
+            _bias_sums(dyf, F, p0, p1, bsum[chunk])
+    for f in range(F):
+        for i in range(KH):
+            for j in range(KW):
+                v = acc[i, f * FTN + j]
+                for chunk in range(1, chunks):
+                    v += acc[chunk * KH + i, f * FTN + j]
+                dweight[f, 0, i, j] = v
+        v = bsum[0, f]
+        for chunk in range(1, chunks):
+            v += bsum[chunk, f]
+        dbias[f] = v

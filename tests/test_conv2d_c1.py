@@ -1,6 +1,7 @@
-"""The one-channel forward (kernels/conv2d_c1.py: LeNet-5's first layer) is bitwise the direct
-kernel (kernels/conv2d.py), and the textbook convolution (tests/naive/conv2d.py) up to rounding,
-on random shapes, paddings, ReLU and BatchNorm epilogues, both dtypes, any thread count."""
+"""The one-channel forward and weight gradient (kernels/conv2d_c1.py: LeNet-5's first layer) are
+bitwise the direct kernels (kernels/conv2d.py), and the textbook convolution
+(tests/naive/conv2d.py) up to rounding, on random shapes, paddings, ReLU and BatchNorm
+epilogues, both dtypes, any thread count."""
 
 import numba
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 
 from fastcnn import functional as F
 from fastcnn.functional import _no_bn
-from fastcnn.kernels.conv2d import conv2d_forward
-from fastcnn.kernels.conv2d_c1 import RN, conv2d_c1_forward
+from fastcnn.kernels.conv2d import FTN, _weight_plan, conv2d_backward_weight, conv2d_forward
+from fastcnn.kernels.conv2d_c1 import RN, conv2d_c1_backward_weight, conv2d_c1_forward
 from fastcnn.threads import threads
+from naive.conv2d import conv2d_backward as naive_backward
 from naive.conv2d import conv2d_forward as naive_conv
 
 SHAPES = [  # N, F, H, W, KH, KW, pad_top, pad_left (bottom/right: the same)
@@ -74,3 +76,50 @@ def test_functional_uses_it_for_one_channel_and_few_filters():
         y = F.conv2d_forward(x, w, None, 1, 2)
         ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def weight_grads(shape, dtype, seed=0, threads_=2):
+    N, Fn, H, W, KH, KW, pt, pl = shape
+    rng = np.random.default_rng(seed)
+    OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
+    x = rng.standard_normal((N, H, W, 1)).astype(dtype)
+    dy = rng.standard_normal((N, OH, OW, Fn)).astype(dtype)
+    plan = _weight_plan(KH * KW, Fn, N * OH * OW, Fn <= FTN, threads_)
+    got = (np.full((Fn, 1, KH, KW), np.nan, dtype), np.full(Fn, np.nan, dtype))
+    ref = (np.full_like(got[0], np.nan), np.full_like(got[1], np.nan))
+    conv2d_c1_backward_weight(x, dy, pt, pl, *got, plan[3], plan[6])
+    conv2d_backward_weight(x, dy, 1, 1, pt, pl, 1, 1, *ref, threads_)
+    return x, dy, got, ref, plan[3]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES + [(7, 4, 12, 11, 3, 3, 1, 1)])
+def test_weight_gradient_bitwise_the_direct_kernel(shape, dtype):
+    x, dy, (dw, db), (rw, rb), _ = weight_grads(shape, dtype)
+    assert np.array_equal(dw, rw) and np.array_equal(db, rb)
+    pt, pl = shape[6], shape[7]
+    _, naive_dw, naive_db = naive_backward(
+        x.transpose(0, 3, 1, 2),
+        np.zeros(dw.shape, dtype),
+        dy.transpose(0, 3, 1, 2),
+        padding=((pt, pt), (pl, pl)),
+    )
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(dw, naive_dw, rtol=tol, atol=tol)
+    np.testing.assert_allclose(db, naive_db, rtol=tol, atol=tol)
+
+
+def test_weight_gradient_follows_the_pixel_chunks():
+    # 3x3 taps: the direct kernel sums 14 chunks of pixels apart, then adds them in order
+    *_, (dw, db), (rw, rb), chunks = weight_grads((7, 4, 12, 11, 3, 3, 1, 1), np.float32)
+    assert chunks > 1 and np.array_equal(dw, rw) and np.array_equal(db, rb)
+    # 5x5 taps: one sum over every pixel
+    assert weight_grads(SHAPES[0], np.float32)[4] == 1
+
+
+def test_weight_gradient_same_bits_for_any_thread_count():
+    one = weight_grads(SHAPES[0], np.float32, threads_=1)[2]
+    for n in (2, 3):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            got = weight_grads(SHAPES[0], np.float32, threads_=n)[2]
+            assert np.array_equal(got[0], one[0]) and np.array_equal(got[1], one[1])
