@@ -21,7 +21,7 @@ by out's shape; ``relu`` and ``bn`` as in conv2d.conv2d_forward.
 import numpy as np
 from numba import njit, prange
 
-from .batchnorm import chunk_affine_inplace
+from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, gemm_tile
 
 
@@ -126,16 +126,8 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
                 F,
                 tiles[th],
             )
-            if affine:
-                start = row * OW * F
-                block = of[start : start + OW * F].reshape((OW, F))
-                chunk_affine_inplace(block, bn[0], bn[1], bn[2])
-                if relu:
-                    zero = out.dtype.type(0)
-                    for p in range(OW):
-                        for f in range(F):
-                            v = block[p, f]
-                            block[p, f] = zero if v <= zero else v
+            if affine:  # the direct kernel's epilogue, on the row
+                _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu)
 
 
 # ---- the weight gradient ----

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .batchnorm import chunk_affine_inplace
+from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, gemm_tile_bias, stack_array
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
@@ -207,19 +207,6 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                 dst = o00 + np.uint64((k >> 1) * OW * F + (k & 1) * F) + f0
                 for lane in range(16):
                     of[dst + np.uint64(lane)] = y[16 * k + lane]
-
-
-@njit(cache=True)
-def _batch_norm_rows(block, F, bn, relu):
-    """block (rows * F,): BatchNorm's evaluation-mode affine in place (its kernel's
-    arithmetic: bitwise the layer run after), then the ReLU if ``relu``."""
-    mean, scale, shift = bn
-    chunk_affine_inplace(block.reshape((block.size // F, F)), mean, scale, shift)
-    if relu:
-        zero = block.dtype.type(0)
-        for i in range(block.size):
-            v = block[i]
-            block[i] = zero if v <= zero else v
 
 
 @njit(parallel=True, cache=True)

@@ -11,9 +11,10 @@ import fastcnn
 from fastcnn import functional as F
 from fastcnn.functional import _no_bn
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
-from fastcnn.kernels.winograd import conv2d_winograd_forward
+from fastcnn.kernels.winograd import conv2d_winograd_forward, weight_transform
 from fastcnn.threads import threads
 from naive.conv2d import conv2d_forward as naive_conv
+from naive.winograd import G
 from naive.winograd import winograd_conv2d as naive_winograd
 
 # float32: the transforms round (values up to ~4x the input's); measured errors are
@@ -66,6 +67,16 @@ def test_forward_matches_the_textbook_convolution(shape, dtype):
     )
     tol = (F32_REL if dtype == np.float32 else F64_REL) * max(1.0, float(np.abs(ref).max()))
     assert float(np.abs(got - ref).max()) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_transform_is_g_g_gt(dtype):
+    w = np.random.default_rng(10).standard_normal((20, 3, 3, 3)).astype(dtype)
+    U = weight_transform(w, 32)  # (16, C, Fp), filters past 20 zero
+    ref = np.einsum("ai,fcij,bj->abcf", G, w.astype(np.float64), G).reshape(16, 3, 20)
+    assert U.shape == (16, 3, 32) and U.dtype == dtype and not U[:, :, 20:].any()
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(U[:, :, :20], ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4])
