@@ -533,7 +533,6 @@ def fit(
                     if sync is not None:  # this rank's contiguous part of the global batch
                         lo, hi = shard_bounds(xb.shape[0], sync.world.size, sync.world.rank)
                         xb, yb = xb[lo:hi], (None if yb is None else yb[lo:hi])
-                        sync.begin_step(model, hi - lo)
                     m = xb.shape[0]
                     if cold:  # the first batch on a cold kernel cache: compile, then time
                         cold = False
@@ -541,6 +540,8 @@ def fit(
                         t0 = time.perf_counter()
                     if batch_logs:
                         cbs.on_batch_begin(b, {"size": m})
+                    if sync is not None:  # (after the warm-up: its backward must send nothing)
+                        sync.begin_step(model, m)
                     optimizer.zero_grad()
                     loss, batch_correct = 0.0, 0
                     if m:  # (empty only for a rank's shard of a batch smaller than the world)

@@ -147,7 +147,12 @@ def main(argv=None):
     p.add_argument("--checkpoint")
     p.add_argument("--resume")
     p.add_argument("--val", action="store_true")
+    p.add_argument("--force-warmup", action="store_true", help="fit's cold-cache warm-up")
     args = p.parse_args(argv)
+    if args.force_warmup:  # as on a cold kernel cache: fit runs a warm-up step before the first
+        import fastcnn.compile_ahead
+
+        fastcnn.compile_ahead.announce_if_cold = lambda announce=True: True
     if args.mode == "fit":
         run_fit(args)
     elif args.mode == "loop":
