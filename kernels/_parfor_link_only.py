@@ -13,6 +13,15 @@ only*: ``finalize`` still links their dependencies and verifies them, and the ke
 then optimises and compiles their code once, as part of its own. The kernels give bitwise the
 same results at the same speed (docs/environment.md has the measurement).
 
+The same scope also makes numba's IR inlining (``inline="always"``: the register tiles of
+gemm_tile.py, the pooling's window helpers) copy each inlined function's IR once rather than
+once per block: numba 0.68's ``InlineWorker.inline_ir`` deep-copies every block of the callee
+separately, and each block's copy drags along a copy of the whole function's variable scope,
+so an inline costs blocks x variables (most of a tile's inlining time). Blocks that share a
+scope are copied here with one ``deepcopy`` memo, so they share one copy of it, as the blocks
+of the original IR do; the inlined IR, and so the kernel, is the same.
+(``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.)
+
 Scope: numba's classes are patched only while a kernel of fastcnn compiles (``patched``, entered
 by the ``compile`` method that ``scope`` gives each of fastcnn's dispatchers, under numba's
 compiler lock so no other thread compiles meanwhile) and restored as they were right after.
@@ -22,6 +31,7 @@ on, or whose internals look different, it stays off and says so in a ``RuntimeWa
 """
 
 import contextlib
+import copy
 import functools
 import os
 import threading
@@ -29,6 +39,7 @@ import warnings
 
 _TESTED = ((0, 68),)
 _LIBRARY_METHODS = ("__init__", "_optimize_final_module", "_finalize_final_module")
+_SHARED_COPY = os.environ.get("FASTCNN_NUMBA_SHARED_COPY", "1") != "0"
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -59,20 +70,71 @@ def _unusable():
     missing = [n for n in _LIBRARY_METHODS + ("_finalize_dynamic_globals",) if not hasattr(lib, n)]
     if not hasattr(parallel, "build_gufunc_wrapper"):
         missing.append("numba.np.ufunc.parallel.build_gufunc_wrapper")
+    from numba.core import inline_closurecall
+
+    if getattr(inline_closurecall, "copy", None) is not copy or "inline_ir" not in vars(
+        getattr(inline_closurecall, "InlineWorker", object)
+    ):
+        missing.append("numba.core.inline_closurecall's copy and InlineWorker.inline_ir")
     if missing:
         return f"numba {numba.__version__} lacks {', '.join(missing)}"
     return None
 
 
+class _SharedScopeCopy:
+    """Stands in for the ``copy`` module inside numba.core.inline_closurecall during one
+    ``InlineWorker.inline_ir`` call: ``deepcopy(block)`` (numba copies an inlined function's
+    IR block by block) copies the blocks of one scope with one memo, so they share one copy of
+    the scope; everything else is ``copy``'s. A fresh one per call: numba inlines a cached IR
+    more than once (``@overload(inline="always")``), and each inline needs its own copy."""
+
+    def __init__(self):
+        self._memos = {}  # id(scope) -> (scope, memo): the scope stays alive meanwhile
+
+    def deepcopy(self, x, memo=None):
+        from numba.core import ir
+
+        if memo is None and isinstance(x, ir.Block):
+            entry = self._memos.get(id(x.scope))
+            if entry is None:
+                entry = self._memos[id(x.scope)] = (x.scope, {})
+            memo = entry[1]
+        return copy.deepcopy(x, memo)
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+
+def _shared_copy_inline_ir(inline_ir):
+    """numba's ``InlineWorker.inline_ir`` with its block copies made by a fresh
+    ``_SharedScopeCopy`` (the module's ``copy`` put back afterwards, also when nested)."""
+    from numba.core import inline_closurecall
+
+    @functools.wraps(inline_ir)
+    def wrapper(self, *args, **kwargs):
+        previous = inline_closurecall.copy
+        inline_closurecall.copy = _SharedScopeCopy()
+        try:
+            return inline_ir(self, *args, **kwargs)
+        finally:
+            inline_closurecall.copy = previous
+
+    return wrapper
+
+
 def _apply():
     """Replace numba's methods by the link-only ones, keeping numba's own to restore."""
     global _saved
-    from numba.core import codegen
+    from numba.core import codegen, inline_closurecall
     from numba.np.ufunc import parallel
 
     lib = codegen.CPUCodeLibrary
     _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
     _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
+    if _SHARED_COPY:
+        worker = inline_closurecall.InlineWorker
+        _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
+        worker.inline_ir = _shared_copy_inline_ir(worker.inline_ir)
     init, optimize, finalize = (getattr(lib, n) for n in _LIBRARY_METHODS)
     build = parallel.build_gufunc_wrapper
 
