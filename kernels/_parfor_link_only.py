@@ -11,7 +11,11 @@ exist to be linked (numba builds them with ``is_parfors=True``: no pointer to th
 no cache entry made). So, while numba builds them, the libraries it creates are marked *link
 only*: ``finalize`` still links their dependencies and verifies them, and the kernel's library
 then optimises and compiles their code once, as part of its own. The kernels give bitwise the
-same results at the same speed (docs/environment.md has the measurement).
+same results at the same speed (docs/environment.md has the measurement). The loop body's own
+library (the gufunc, a function named ``__numba_parfor_gufunc_...``) is link only as well: it
+is only ever run as part of the kernel's library, which optimises and compiles it again
+anyway (numba takes a pointer to it, never called: 0 here; ``FASTCNN_NUMBA_GUFUNC_LINK_ONLY=0``
+compiles it as numba does).
 
 The same scope also makes numba's IR inlining (``inline="always"``: the register tiles of
 gemm_tile.py, the pooling's window helpers) copy each inlined function's IR once rather than
@@ -40,6 +44,9 @@ import warnings
 _TESTED = ((0, 68),)
 _LIBRARY_METHODS = ("__init__", "_optimize_final_module", "_finalize_final_module")
 _SHARED_COPY = os.environ.get("FASTCNN_NUMBA_SHARED_COPY", "1") != "0"
+#: The name numba 0.68 gives the function (and so the library) of a parallel loop's body.
+_GUFUNC = "__numba_parfor_gufunc_"
+_GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -68,6 +75,10 @@ def _unusable():
         return f"numba {numba.__version__} is not a version it was tested on ({tested})"
     lib = codegen.CPUCodeLibrary
     missing = [n for n in _LIBRARY_METHODS + ("_finalize_dynamic_globals",) if not hasattr(lib, n)]
+    from numba.core import cpu
+
+    if "get_executable" not in vars(cpu.CPUContext):
+        missing.append("numba.core.cpu.CPUContext.get_executable")
     if not hasattr(parallel, "build_gufunc_wrapper"):
         missing.append("numba.np.ufunc.parallel.build_gufunc_wrapper")
     from numba.core import inline_closurecall
@@ -122,15 +133,39 @@ def _shared_copy_inline_ir(inline_ir):
     return wrapper
 
 
+def _link_only_get_executable(get_executable):
+    """numba's ``CPUContext.get_executable``, which makes the machine code of a compiled
+    function and points its environment at it; for a link-only library (a parallel loop's
+    body, only ever run inside its kernel) a function object with no code (address 0, never
+    called) and no environment set: the kernel's copy of the body's environment is the one
+    that runs, and numba leaves it unset there too (and in every kernel loaded from its
+    cache)."""
+    from numba import _dynfunc
+
+    @functools.wraps(get_executable)
+    def wrapper(self, library, fndesc, env):
+        if not getattr(library, "_fastcnn_link_only", False):
+            return get_executable(self, library, fndesc, env)
+        library._ensure_finalized()
+        name = fndesc.qualname.split(".")[-1]
+        doc = f"link-only function {fndesc.qualname!r} (no machine code of its own)"
+        return _dynfunc.make_function(fndesc.lookup_module(), name, doc, 0, env, (library,))
+
+    return wrapper
+
+
 def _apply():
     """Replace numba's methods by the link-only ones, keeping numba's own to restore."""
     global _saved
-    from numba.core import codegen, inline_closurecall
+    from numba.core import codegen, cpu, inline_closurecall
     from numba.np.ufunc import parallel
 
     lib = codegen.CPUCodeLibrary
     _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
     _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
+    if _GUFUNC_LINK_ONLY:
+        _saved.append((cpu.CPUContext, "get_executable", vars(cpu.CPUContext)["get_executable"]))
+        cpu.CPUContext.get_executable = _link_only_get_executable(cpu.CPUContext.get_executable)
     if _SHARED_COPY:
         worker = inline_closurecall.InlineWorker
         _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
@@ -139,9 +174,11 @@ def _apply():
     build = parallel.build_gufunc_wrapper
 
     @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self._fastcnn_link_only = getattr(_state, "building", False)
+    def __init__(self, codegen, name, *args, **kwargs):
+        init(self, codegen, name, *args, **kwargs)
+        self._fastcnn_link_only = getattr(_state, "building", False) or (
+            _GUFUNC_LINK_ONLY and _GUFUNC in name
+        )
 
     @functools.wraps(optimize)
     def _optimize_final_module(self):
