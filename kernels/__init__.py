@@ -10,9 +10,11 @@ folder are hashed, and numba's cache files of its modules are dropped when the h
 (``FASTCNN_DROP_STALE_CACHE=0`` turns that off; numba's cache folder is found through numba's
 private cache locators: if they changed, a ``RuntimeWarning`` says so and nothing is dropped).
 
-Importing the package imports every kernel module and makes their kernels skip, while they
-compile, the machine code of the wrappers numba builds around a parallel loop (never run):
-``_parfor_link_only``, scoped to fastcnn's own compilations.
+Importing the package imports every kernel module, makes their kernels compile without a
+cfunc wrapper (``_without_cfunc_wrappers``) and makes them skip, while they compile, the
+machine code of a parallel loop's body and of the wrappers numba builds around it (never run
+on their own) and part of numba's IR inlining: ``_parfor_link_only``, scoped to fastcnn's own
+compilations.
 """
 
 import hashlib
@@ -98,6 +100,22 @@ _KERNEL_MODULES = [
     for n in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__))))
     if n.endswith(".py") and not n.startswith("_")
 ]
+
+
+
+def _without_cfunc_wrappers(modules):
+    """Every kernel and helper compiles without numba's cfunc wrapper (the C-callable entry
+    point behind ``.address`` and ctypes/cffi, which nothing here uses): one function less to
+    build, optimise and turn into machine code per compilation. Python calls are unchanged."""
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__:
+                obj.targetoptions["no_cfunc_wrapper"] = True
+
+
+_without_cfunc_wrappers(_KERNEL_MODULES)
 
 from . import _parfor_link_only  # noqa: E402
 
