@@ -102,7 +102,6 @@ _KERNEL_MODULES = [
 ]
 
 
-
 def _without_cfunc_wrappers(modules):
     """Every kernel and helper compiles without numba's cfunc wrapper (the C-callable entry
     point behind ``.address`` and ctypes/cffi, which nothing here uses): one function less to
