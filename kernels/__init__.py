@@ -17,10 +17,17 @@ on their own) and part of numba's IR inlining: ``_parfor_link_only``, scoped to 
 compilations.
 """
 
+import functools
 import hashlib
 import importlib
 import os
 import warnings
+
+#: Called as ``hook(dispatcher, argument_types)`` before each compilation or cache load of a
+#: kernel or helper of this package (numba's ``Dispatcher.compile``), outside numba's compiler
+#: lock: fastcnn.precompile's background compilation of the backward kernels. A hook must be
+#: cheap: it also runs on every cache load.
+compile_hooks = []
 
 
 def drop_stale_cache(source_dir, cache_dir):
@@ -116,6 +123,26 @@ def _without_cfunc_wrappers(modules):
 
 _without_cfunc_wrappers(_KERNEL_MODULES)
 
+
+def _with_compile_hooks(modules):
+    """Every dispatcher of ``modules`` runs ``compile_hooks`` before it compiles (or loads)."""
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in list(vars(module).values()):
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__:
+                compile_ = obj.compile
+
+                @functools.wraps(compile_)
+                def compile(sig, _dispatcher=obj, _compile=compile_):
+                    for hook in compile_hooks:
+                        hook(_dispatcher, sig)
+                    return _compile(sig)
+
+                obj.compile = compile
+
+
 from . import _parfor_link_only  # noqa: E402
 
 _parfor_link_only.install(_KERNEL_MODULES)
+_with_compile_hooks(_KERNEL_MODULES)  # outermost: a hook may wait, never under numba's lock
