@@ -2,13 +2,17 @@
 (cold: everything compiles) and from a filled one (warm: the kernels load from numba's cache).
 
     python bench/bench_first_step.py [--networks reference lenet5 ...] [--runs 3] [--batch 64]
+                                     [--no-background]
 
 Each run is a fresh Python process (``NUMBA_CACHE_DIR`` a new folder for a cold run, a folder
 filled by a previous run for a warm one) that imports fastcnn, builds the network and runs one
 training step (zero_grad, forward, loss, backward, SGD step) and one inference in eval mode;
 the figure is the wall time from the process's start to the end of that, median of ``--runs``.
 The load average is printed with each run: wall time on a shared machine also measures the
-neighbours.
+neighbours. On a cold cache fastcnn compiles the backward convolution kernels in a helper
+process while the forward ones compile (fastcnn.precompile's background compilation: the
+process's wall time covers both); ``--no-background`` sets FASTCNN_NO_PRECOMPILE=1, everything
+compiles in the one process, one core.
 """
 
 import argparse
@@ -42,8 +46,11 @@ model(x)
 """
 
 
-def run(net, batch, cache):
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+def run(net, batch, cache, background=True):
+    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
+    env["NUMBA_CACHE_DIR"] = cache
+    if not background:
+        env["FASTCNN_NO_PRECOMPILE"] = "1"
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _STEP.format(repo=REPO, net=net, batch=batch)],
@@ -66,16 +73,25 @@ def main(argv=None):
     )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument(
+        "--no-background",
+        action="store_true",
+        help="FASTCNN_NO_PRECOMPILE=1: no helper process, everything compiles in one",
+    )
     args = ap.parse_args(argv)
     print(f"`python bench/bench_first_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    sys.path.insert(0, REPO)
+    from e2e_report import git_revision, kernel_target
+
+    print(f"git {git_revision()}; kernels compiled for: {kernel_target()}")
     rows = []
     for net in args.networks:
         cold, warm = [], []
         for _ in range(args.runs):
             cache = tempfile.mkdtemp(prefix="fastcnn-cold-")
             try:
-                cold.append(run(net, args.batch, cache))
-                warm.append(run(net, args.batch, cache))
+                cold.append(run(net, args.batch, cache, not args.no_background))
+                warm.append(run(net, args.batch, cache, not args.no_background))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
             print(
