@@ -24,7 +24,7 @@ convolution's forward kernel starts a helper compiling that convolution's backwa
 (``compile_conv_backward``, or ``compile_backward`` for the fused reference network), and the
 first call of one of those waits for the helper and loads it from the cache. One helper per
 process at most; none when ``start`` ran, when the cache is warm, in the helpers themselves,
-or with ``FASTCNN_NO_PRECOMPILE=1``.
+when no second CPU is free at that moment (``_spare_cpu``), or with ``FASTCNN_NO_PRECOMPILE=1``.
 """
 
 from __future__ import annotations
@@ -203,6 +203,25 @@ def _spawn_helper(code: str) -> subprocess.Popen[bytes] | None:
         return None
 
 
+def _spare_cpu() -> bool:
+    """Whether a second CPU looks free for the helper: at least two usable, and (on Linux) fewer
+    tasks running right now than usable CPUs, this process's own included (/proc/loadavg). On a
+    machine whose other CPU is busy the helper only adds its start-up and the helpers both
+    processes compile (about 2 s of CPU) to the same core."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    if usable < 2:
+        return False
+    try:
+        with open("/proc/loadavg") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running < usable
+
+
 def _wait_for_helper() -> None:
     helper = _background["helper"]
     _background["waiting"] = frozenset()
@@ -238,6 +257,8 @@ def _on_compile(dispatcher: Any, argument_types: Any) -> None:
         return
     if dtype is None or all(os.path.exists(p) for p in paths):
         return  # warm (or nothing this helper would compile)
+    if not _spare_cpu():
+        return
     code = (
         f"from fastcnn.precompile import {function}, die_with_parent; "
         f"die_with_parent({os.getpid()}); {function}({dtype!r})"

@@ -215,6 +215,7 @@ _BACKGROUND_CHILD = textwrap.dedent("""
     from fastcnn import precompile
     from fastcnn.kernels import conv2d
 
+    precompile._spare_cpu = lambda: True  # whatever else runs on the machine meanwhile
     compiled = []
 
     class Listener(event.Listener):
@@ -284,3 +285,8 @@ def test_background_helper_off_with_the_switch(tmp_path):
     off = _background_child(tmp_path, FASTCNN_NO_PRECOMPILE="1")
     assert off["HELPER"] == "False" and off["HITS"] == "[0, 0]", off
     assert "conv2d_backward_weight" in off["COMPILED"], off
+
+
+def test_no_helper_without_a_spare_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert precompile._spare_cpu() is False
