@@ -35,6 +35,67 @@ def cpu_model():
     return f"{model} ({', '.join(simd) or 'no AVX2'})"
 
 
+def vector_width(features):
+    """The widest vector registers an LLVM feature string (``+avx2,-avx512f,...``) enables:
+    512, 256 or 128 bits (0 if none of AVX-512F, AVX, SSE2 is on)."""
+    on = {f[1:] for f in features.split(",") if f.startswith("+")}
+    for bits, flag in ((512, "avx512f"), (256, "avx"), (128, "sse2")):
+        if flag in on:
+            return bits
+    return 0
+
+
+def _tile_registers():
+    """{"zmm": n, "ymm": n, "xmm": n}: the vector registers the float32 register tile uses
+    when compiled here now (a probe function around gemm_tile, not cached: about 1 s)."""
+    import re
+
+    import numpy as np
+    from numba import njit
+
+    from fastcnn.kernels.gemm_tile import FT, R, gemm_tile
+
+    @njit(fastmath={"contract"})
+    def probe(a, abase, aoff, b, tile):
+        k = aoff.size
+        gemm_tile(a, abase, 0, aoff, 0, k, b, np.uint64(0), np.uint64(FT), tile, 0, False, False)
+
+    aoff = np.arange(4, dtype=np.uint64)
+    args = (np.ones(64, np.float32), np.zeros(R, np.uint64), aoff, np.ones(4 * FT, np.float32))
+    probe(*args, np.empty(R * FT, np.float32))
+    asm = probe.inspect_asm(probe.signatures[0])
+    return {r: len(re.findall(rf"%{r}\d+", asm)) for r in ("zmm", "ymm", "xmm")}
+
+
+def kernel_target():
+    """What numba compiles the kernels for here (its codegen's CPU name and features: the host
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise), the vector width those allow and
+    the registers the register tile actually uses (a CPU name alone keeps the host's features:
+    NUMBA_CPU_NAME=haswell still compiles AVX-512 code on an AVX-512 host)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        from fastcnn.kernels.gemm_tile import FT, FTN, RN, R
+
+        codegen = cpu_target.target_context.codegen()
+        name = codegen._get_host_cpu_name()  # numba's private codegen: what it really targets
+        features = codegen._get_host_cpu_features()
+        used = _tile_registers()
+    except Exception as e:  # a report line, never a failed benchmark
+        return f"unknown ({type(e).__name__}: {e})"
+    widest = next((b for b, r in ((512, "zmm"), (256, "ymm"), (128, "xmm")) if used[r]), 0)
+    source = ", ".join(
+        f"{k}={os.environ[k]}" for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES") if k in os.environ
+    )
+    bits = vector_width(features)  # 0: the features only adjust the CPU name's defaults
+    allowed = f"vectors up to {bits} bits" if bits else f"features {features}"
+    return (
+        f"{name} ({source or 'the host'}), {allowed}; register tiles "
+        f"{R}x{FT} and {RN}x{FTN}, float32 tile in {widest}-bit registers "
+        f"({used['zmm']} zmm, {used['ymm']} ymm, {used['xmm']} xmm operands)"
+    )
+
+
 def git_revision():
     try:
         rev = subprocess.run(
@@ -71,6 +132,7 @@ def print_header(args, argv):
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}   repo: {REPO} @ {git_revision()}")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {cpu_model()}, {cpus} CPUs usable, load average {loadavg()} (1/5/15 min)")
+    print(f"kernels compiled for: {kernel_target()}")
     versions = {
         n: package_version(n) for n in ("numba", "llvmlite", "numpy", "torch", "threadpoolctl")
     }

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from . import precompile
 from ._checks import is_int
 
 if TYPE_CHECKING:
@@ -37,6 +38,10 @@ MESSAGE = (
 )
 _STATE = {"checked": False}
 
+# On a cold cache a training step's backward convolution kernels compile in a helper process
+# while this one compiles the forward ones (fastcnn.precompile's background compilation).
+precompile.install_background()
+
 
 def mark_announced() -> None:
     """Record that this process has already said it is compiling (``fastcnn train`` does)."""
@@ -50,8 +55,6 @@ def announce_if_cold(file: IO[str] | None = None, announce: bool = True) -> bool
     if _STATE["checked"]:
         return False
     _STATE["checked"] = True
-    from . import precompile
-
     with warnings.catch_warnings():  # an unreadable cache layout counts as warm: nothing to say
         warnings.simplefilter("ignore", RuntimeWarning)
         cold = precompile.cache_is_cold()

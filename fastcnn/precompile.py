@@ -17,6 +17,14 @@ checks that the two groups leave nothing of a training step to compile.
 
 If the cache cannot be written (a read-only install without ``NUMBA_CACHE_DIR``), the helper's
 work is lost and this process compiles what it needs itself: slower, never wrong.
+
+Any other first training step (``fit``, or a loop of one's own) gets the same on a cold cache
+from ``install_background`` (registered when fastcnn is imported): the first compilation of a
+convolution's forward kernel starts a helper compiling that convolution's backward kernels
+(``compile_conv_backward``, or ``compile_backward`` for the fused reference network), and the
+first call of one of those waits for the helper and loads it from the cache. One helper per
+process at most; none when ``start`` ran, when the cache is warm, in the helpers themselves,
+when no second CPU is free at that moment (``_spare_cpu``), or with ``FASTCNN_NO_PRECOMPILE=1``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,14 @@ from numpy.typing import DTypeLike
 
 from ._types import Array
 
-__all__ = ["start", "compile_forward", "compile_backward", "cache_is_cold"]
+__all__ = [
+    "start",
+    "compile_forward",
+    "compile_backward",
+    "compile_conv_backward",
+    "cache_is_cold",
+    "install_background",
+]
 
 
 def _pool_gradient(dtype: DTypeLike) -> tuple[Array, Array, Array]:
@@ -99,6 +114,17 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     F.max_pool2d_forward(a, 2, 2, 0)
 
 
+def compile_conv_backward(dtype: DTypeLike = np.float32) -> None:
+    """Compile (or load) the unfused convolution's gradients, as ``functional.conv2d_backward``
+    calls them on channels-last activations: the weight gradient and the input gradient by
+    col2im (4 channels, stride 1: not computed as a convolution)."""
+    from . import functional as F
+
+    dtype = np.dtype(dtype)
+    x, _ = _conv_operands(4, dtype)
+    F.conv2d_backward(x, np.ones((8, 4, 3, 3), dtype), F._nchw(np.ones((2, 4, 4, 8), dtype)))
+
+
 def _index_paths():
     """The files numba's cache keeps the index of compile_backward's kernels in."""
     from .kernels import fused
@@ -124,6 +150,139 @@ def cache_is_cold() -> bool:
     return not all(os.path.exists(p) for p in paths)
 
 
+# ---- background compilation from a training step's first forward kernel ----
+#
+# A custom training loop (or ``fit``'s warm-up) compiles each kernel when first called: the
+# forward kernels, then the backward ones, one after another on one core. On a cold cache, the
+# first compilation of a convolution's forward kernel starts a helper process that compiles
+# that convolution's two backward kernels (about 40% of a training step's compilation) into
+# the cache meanwhile; when this process reaches one of them it waits for the helper and loads
+# it from the cache. Triggers and jobs: the forward kernel's name -> (the function of this
+# module the helper runs, the names of the kernels it compiles).
+_BACKGROUND = {
+    "conv2d_forward": (
+        "compile_conv_backward",
+        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input"),
+    ),
+    "conv2d_relu_maxpool2d_forward": (
+        "compile_backward",
+        ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input"),
+    ),
+}
+_HELPER_TIMEOUT = 600.0  # seconds a kernel waits for the helper before compiling it itself
+_background: dict[str, Any] = {"pid": None, "helper": None, "waiting": frozenset(), "off": False}
+
+
+def _kernel(name: str) -> Any:
+    from . import kernels
+
+    module, attr = name.split(".")
+    return getattr(getattr(kernels, module), attr)
+
+
+def _dtype_name(argument_types: Any) -> str | None:
+    """The dtype of a kernel's first array argument, as numpy names it (None if it has none)."""
+    for t in argument_types:
+        dtype = getattr(t, "dtype", None)
+        if dtype is not None and str(dtype) in ("float32", "float64"):
+            return str(dtype)
+    return None
+
+
+def _spawn_helper(code: str) -> subprocess.Popen[bytes] | None:
+    env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
+    # the folder holding this fastcnn (an install or a source checkout) comes first
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    except OSError:
+        return None
+
+
+def _spare_cpu() -> bool:
+    """Whether a second CPU looks free for the helper: at least two usable, and (on Linux) fewer
+    tasks running right now than usable CPUs, this process's own included (/proc/loadavg). On a
+    machine whose other CPU is busy the helper only adds its start-up and the helpers both
+    processes compile (about 2 s of CPU) to the same core."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    if usable < 2:
+        return False
+    try:
+        with open("/proc/loadavg") as fh:
+            running = int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running < usable
+
+
+def _wait_for_helper() -> None:
+    helper = _background["helper"]
+    _background["waiting"] = frozenset()
+    try:
+        helper.wait(timeout=_HELPER_TIMEOUT)
+    except subprocess.TimeoutExpired:  # stuck: this process compiles what it needs itself
+        helper.kill()
+        helper.wait()
+
+
+def _on_compile(dispatcher: Any, argument_types: Any) -> None:
+    """kernels.compile_hooks' hook: start the helper at the first compilation of a trigger,
+    wait for it at a kernel it compiles. Cheap when there is nothing to do (every cache load
+    of every kernel calls it)."""
+    state = _background
+    if state["pid"] != os.getpid():  # a fresh process, or a fork: nothing started here yet
+        state.update(pid=os.getpid(), helper=None, waiting=frozenset(), off=state["off"])
+    if state["waiting"] and dispatcher in state["waiting"]:
+        _wait_for_helper()
+        return
+    job = _BACKGROUND.get(dispatcher.py_func.__name__)
+    if job is None or state["off"] or state["helper"] is not None:
+        return
+    state["off"] = True  # one helper per process, started on the first trigger or never
+    if os.environ.get("FASTCNN_NO_PRECOMPILE"):
+        return
+    function, names = job
+    dtype = _dtype_name(argument_types)
+    try:
+        kernels = [_kernel(n) for n in names]
+        paths = [k._cache._cache_file._index_path for k in kernels]  # numba's private layout
+    except AttributeError:
+        return
+    if dtype is None or all(os.path.exists(p) for p in paths):
+        return  # warm (or nothing this helper would compile)
+    if not _spare_cpu():
+        return
+    code = (
+        f"from fastcnn.precompile import {function}, die_with_parent; "
+        f"die_with_parent({os.getpid()}); {function}({dtype!r})"
+    )
+    helper = _spawn_helper(code)
+    if helper is not None:
+        state["helper"] = helper
+        state["waiting"] = frozenset(kernels)
+
+
+def install_background() -> None:
+    """Register the background compilation's hook with fastcnn.kernels (idempotent);
+    ``FASTCNN_NO_PRECOMPILE=1`` in the environment when a kernel first compiles turns it off."""
+    from . import kernels
+
+    if _on_compile not in kernels.compile_hooks:
+        kernels.compile_hooks.append(_on_compile)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """In the helper: be killed when the parent process dies (Linux's PR_SET_PDEATHSIG), so a
     SIGTERM or SIGKILL of the parent, which runs no Python cleanup, leaves no helper compiling on.
@@ -144,27 +303,16 @@ def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
     """On a cold cache, start the helper process running compile_backward; returns a
     callable that runs compile_forward here and then waits for the helper (call it
     before training), or None when the cache is warm."""
+    _background["off"] = True  # this helper, or none: not a second one from the first kernel
+    _background["pid"] = os.getpid()
     if os.environ.get("FASTCNN_NO_PRECOMPILE") or not cache_is_cold():
         return None
     code = (
         "from fastcnn.precompile import compile_backward, die_with_parent; "
         f"die_with_parent({os.getpid()}); compile_backward({np.dtype(dtype).name!r})"
     )
-    env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
-    # the folder holding this fastcnn (an install or a source checkout) comes first
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    try:
-        helper = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-    except OSError:
+    helper = _spawn_helper(code)
+    if helper is None:
         return None
 
     def finish() -> None:

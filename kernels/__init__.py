@@ -10,15 +10,24 @@ folder are hashed, and numba's cache files of its modules are dropped when the h
 (``FASTCNN_DROP_STALE_CACHE=0`` turns that off; numba's cache folder is found through numba's
 private cache locators: if they changed, a ``RuntimeWarning`` says so and nothing is dropped).
 
-Importing the package imports every kernel module and makes their kernels skip, while they
-compile, the machine code of the wrappers numba builds around a parallel loop (never run):
-``_parfor_link_only``, scoped to fastcnn's own compilations.
+Importing the package imports every kernel module, makes their kernels compile without a
+cfunc wrapper (``_without_cfunc_wrappers``) and makes them skip, while they compile, the
+machine code of a parallel loop's body and of the wrappers numba builds around it (never run
+on their own) and part of numba's IR inlining: ``_parfor_link_only``, scoped to fastcnn's own
+compilations.
 """
 
+import functools
 import hashlib
 import importlib
 import os
 import warnings
+
+#: Called as ``hook(dispatcher, argument_types)`` before each compilation or cache load of a
+#: kernel or helper of this package (numba's ``Dispatcher.compile``), outside numba's compiler
+#: lock: fastcnn.precompile's background compilation of the backward kernels. A hook must be
+#: cheap: it also runs on every cache load.
+compile_hooks = []
 
 
 def drop_stale_cache(source_dir, cache_dir):
@@ -99,6 +108,41 @@ _KERNEL_MODULES = [
     if n.endswith(".py") and not n.startswith("_")
 ]
 
+
+def _without_cfunc_wrappers(modules):
+    """Every kernel and helper compiles without numba's cfunc wrapper (the C-callable entry
+    point behind ``.address`` and ctypes/cffi, which nothing here uses): one function less to
+    build, optimise and turn into machine code per compilation. Python calls are unchanged."""
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__:
+                obj.targetoptions["no_cfunc_wrapper"] = True
+
+
+_without_cfunc_wrappers(_KERNEL_MODULES)
+
+
+def _with_compile_hooks(modules):
+    """Every dispatcher of ``modules`` runs ``compile_hooks`` before it compiles (or loads)."""
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in list(vars(module).values()):
+            if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module.__name__:
+                compile_ = obj.compile
+
+                @functools.wraps(compile_)
+                def compile(sig, _dispatcher=obj, _compile=compile_):
+                    for hook in compile_hooks:
+                        hook(_dispatcher, sig)
+                    return _compile(sig)
+
+                obj.compile = compile
+
+
 from . import _parfor_link_only  # noqa: E402
 
 _parfor_link_only.install(_KERNEL_MODULES)
+_with_compile_hooks(_KERNEL_MODULES)  # outermost: a hook may wait, never under numba's lock

@@ -11,7 +11,20 @@ exist to be linked (numba builds them with ``is_parfors=True``: no pointer to th
 no cache entry made). So, while numba builds them, the libraries it creates are marked *link
 only*: ``finalize`` still links their dependencies and verifies them, and the kernel's library
 then optimises and compiles their code once, as part of its own. The kernels give bitwise the
-same results at the same speed (docs/environment.md has the measurement).
+same results at the same speed (docs/environment.md has the measurement). The loop body's own
+library (the gufunc, a function named ``__numba_parfor_gufunc_...``) is link only as well: it
+is only ever run as part of the kernel's library, which optimises and compiles it again
+anyway (numba takes a pointer to it, never called: 0 here; ``FASTCNN_NUMBA_GUFUNC_LINK_ONLY=0``
+compiles it as numba does).
+
+The same scope also makes numba's IR inlining (``inline="always"``: the register tiles of
+gemm_tile.py, the pooling's window helpers) copy each inlined function's IR once rather than
+once per block: numba 0.68's ``InlineWorker.inline_ir`` deep-copies every block of the callee
+separately, and each block's copy drags along a copy of the whole function's variable scope,
+so an inline costs blocks x variables (most of a tile's inlining time). Blocks that share a
+scope are copied here with one ``deepcopy`` memo, so they share one copy of it, as the blocks
+of the original IR do; the inlined IR, and so the kernel, is the same.
+(``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.)
 
 Scope: numba's classes are patched only while a kernel of fastcnn compiles (``patched``, entered
 by the ``compile`` method that ``scope`` gives each of fastcnn's dispatchers, under numba's
@@ -22,6 +35,7 @@ on, or whose internals look different, it stays off and says so in a ``RuntimeWa
 """
 
 import contextlib
+import copy
 import functools
 import os
 import threading
@@ -29,6 +43,10 @@ import warnings
 
 _TESTED = ((0, 68),)
 _LIBRARY_METHODS = ("__init__", "_optimize_final_module", "_finalize_final_module")
+_SHARED_COPY = os.environ.get("FASTCNN_NUMBA_SHARED_COPY", "1") != "0"
+#: The name numba 0.68 gives the function (and so the library) of a parallel loop's body.
+_GUFUNC = "__numba_parfor_gufunc_"
+_GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -57,29 +75,110 @@ def _unusable():
         return f"numba {numba.__version__} is not a version it was tested on ({tested})"
     lib = codegen.CPUCodeLibrary
     missing = [n for n in _LIBRARY_METHODS + ("_finalize_dynamic_globals",) if not hasattr(lib, n)]
+    from numba.core import cpu
+
+    if "get_executable" not in vars(cpu.CPUContext):
+        missing.append("numba.core.cpu.CPUContext.get_executable")
     if not hasattr(parallel, "build_gufunc_wrapper"):
         missing.append("numba.np.ufunc.parallel.build_gufunc_wrapper")
+    from numba.core import inline_closurecall
+
+    if getattr(inline_closurecall, "copy", None) is not copy or "inline_ir" not in vars(
+        getattr(inline_closurecall, "InlineWorker", object)
+    ):
+        missing.append("numba.core.inline_closurecall's copy and InlineWorker.inline_ir")
     if missing:
         return f"numba {numba.__version__} lacks {', '.join(missing)}"
     return None
 
 
+class _SharedScopeCopy:
+    """Stands in for the ``copy`` module inside numba.core.inline_closurecall during one
+    ``InlineWorker.inline_ir`` call: ``deepcopy(block)`` (numba copies an inlined function's
+    IR block by block) copies the blocks of one scope with one memo, so they share one copy of
+    the scope; everything else is ``copy``'s. A fresh one per call: numba inlines a cached IR
+    more than once (``@overload(inline="always")``), and each inline needs its own copy."""
+
+    def __init__(self):
+        self._memos = {}  # id(scope) -> (scope, memo): the scope stays alive meanwhile
+
+    def deepcopy(self, x, memo=None):
+        from numba.core import ir
+
+        if memo is None and isinstance(x, ir.Block):
+            entry = self._memos.get(id(x.scope))
+            if entry is None:
+                entry = self._memos[id(x.scope)] = (x.scope, {})
+            memo = entry[1]
+        return copy.deepcopy(x, memo)
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+
+def _shared_copy_inline_ir(inline_ir):
+    """numba's ``InlineWorker.inline_ir`` with its block copies made by a fresh
+    ``_SharedScopeCopy`` (the module's ``copy`` put back afterwards, also when nested)."""
+    from numba.core import inline_closurecall
+
+    @functools.wraps(inline_ir)
+    def wrapper(self, *args, **kwargs):
+        previous = inline_closurecall.copy
+        inline_closurecall.copy = _SharedScopeCopy()
+        try:
+            return inline_ir(self, *args, **kwargs)
+        finally:
+            inline_closurecall.copy = previous
+
+    return wrapper
+
+
+def _link_only_get_executable(get_executable):
+    """numba's ``CPUContext.get_executable``, which makes the machine code of a compiled
+    function and points its environment at it; for a link-only library (a parallel loop's
+    body, only ever run inside its kernel) a function object with no code (address 0, never
+    called) and no environment set: the kernel's copy of the body's environment is the one
+    that runs, and numba leaves it unset there too (and in every kernel loaded from its
+    cache)."""
+    from numba import _dynfunc
+
+    @functools.wraps(get_executable)
+    def wrapper(self, library, fndesc, env):
+        if not getattr(library, "_fastcnn_link_only", False):
+            return get_executable(self, library, fndesc, env)
+        library._ensure_finalized()
+        name = fndesc.qualname.split(".")[-1]
+        doc = f"link-only function {fndesc.qualname!r} (no machine code of its own)"
+        return _dynfunc.make_function(fndesc.lookup_module(), name, doc, 0, env, (library,))
+
+    return wrapper
+
+
 def _apply():
     """Replace numba's methods by the link-only ones, keeping numba's own to restore."""
     global _saved
-    from numba.core import codegen
+    from numba.core import codegen, cpu, inline_closurecall
     from numba.np.ufunc import parallel
 
     lib = codegen.CPUCodeLibrary
     _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
     _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
+    if _GUFUNC_LINK_ONLY:
+        _saved.append((cpu.CPUContext, "get_executable", vars(cpu.CPUContext)["get_executable"]))
+        cpu.CPUContext.get_executable = _link_only_get_executable(cpu.CPUContext.get_executable)
+    if _SHARED_COPY:
+        worker = inline_closurecall.InlineWorker
+        _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
+        worker.inline_ir = _shared_copy_inline_ir(worker.inline_ir)
     init, optimize, finalize = (getattr(lib, n) for n in _LIBRARY_METHODS)
     build = parallel.build_gufunc_wrapper
 
     @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self._fastcnn_link_only = getattr(_state, "building", False)
+    def __init__(self, codegen, name, *args, **kwargs):
+        init(self, codegen, name, *args, **kwargs)
+        self._fastcnn_link_only = getattr(_state, "building", False) or (
+            _GUFUNC_LINK_ONLY and _GUFUNC in name
+        )
 
     @functools.wraps(optimize)
     def _optimize_final_module(self):

@@ -344,7 +344,8 @@ def _col2im_operands(weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w):
                 run = False
         contiguous[cb] = run
     pixoff = np.empty(OH * OW, dtype=np.uint64)
-    _pixel_offsets(pixoff, 1, OH, OW, 0, stride_h * XW * C, stride_w * C)
+    # the constants as int64 values: literal 1 and 0 would compile a specialisation of their own
+    _pixel_offsets(pixoff, np.int64(1), OH, OW, np.int64(0), stride_h * XW * C, stride_w * C)
     return wt, coloff, contiguous, pixoff
 
 
@@ -682,8 +683,10 @@ def conv2d_backward_weight(
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN))
     btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
     for unit in prange(chunks * nfb * groups):
+        # np.int64(unit): the index is uint64 in the loop body numba builds (see
+        # conv2d_backward_input): passed as it is, the helper compiled a second time
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
-            unit, nfb, groups, per_group, nkt, per_chunk, NP, cols
+            np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, cols
         )
         _weight_unit(
             xf,

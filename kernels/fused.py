@@ -587,8 +587,10 @@ def maxpool2d_conv2d_backward_weight_dense(
     btile = np.empty((units, R * FT), dtype=x.dtype)
     gpf, amf, yf = gp.reshape(gp.size), argmax.reshape(argmax.size), y.reshape(y.size)
     for unit in prange(units):
+        # np.int64(unit): the index is uint64 in the loop body numba builds (see
+        # conv2d_backward_input): passed as it is, the helper compiled a second time
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
-            unit, nfb, groups, per_group, nkt, per_chunk, NP, FT
+            np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, FT
         )
         _weight_unit_pooled(
             xf,

@@ -78,58 +78,68 @@ def max4(c0, c1, c2, c3, relu, k0, k1, k2, k3, y, am):
             am[c] = a
 
 
+@njit(cache=True)
+def _maxpool_forward_row(t, x, kh, kw, stride_h, stride_w, pad_top, pad_left, out, argmax):
+    """maxpool2d_forward for output row t = (n, oh) (serial: the kernel's prange body, a
+    function of its own as _maxpool_backward_image is)."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    OH, OW = out.shape[1], out.shape[2]
+    n = t // OH
+    oh = t - n * OH
+    h0, h1 = _window(oh, stride_h, pad_top, kh, H)
+    for ow in range(OW):
+        w0, w1 = _window(ow, stride_w, pad_left, kw, W)
+        m = out[n, oh, ow]
+        a = argmax[n, oh, ow]
+        if h1 - h0 == 2 and w1 - w0 == 2 and kh == 2 and kw == 2:
+            k = h0 * W + w0
+            max4(
+                x[n, h0, w0],
+                x[n, h0, w0 + 1],
+                x[n, h0 + 1, w0],
+                x[n, h0 + 1, w0 + 1],
+                False,
+                k,
+                k + 1,
+                k + W,
+                k + W + 1,
+                m,
+                a,
+            )
+            continue
+        if h0 >= h1 or w0 >= w1:
+            for c in range(C):
+                m[c] = -np.inf
+                a[c] = -1
+            continue
+        first = x[n, h0, w0]
+        for c in range(C):
+            m[c] = first[c]
+            a[c] = h0 * W + w0
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                if h == h0 and w == w0:
+                    continue
+                v = x[n, h, w]
+                k = h * W + w
+                for c in range(C):
+                    # | not `or`: no branch per channel, the loop vectorises to selects
+                    take = (v[c] > m[c]) | (v[c] != v[c])
+                    m[c] = v[c] if take else m[c]
+                    a[c] = k if take else a[c]
+
+
 @njit(parallel=True, cache=True)
 def maxpool2d_forward(x, kh, kw, stride_h, stride_w, pad_top, pad_left, out, argmax):
     """out[n, oh, ow, c] = max of the window, argmax = its flat index h * W + w in the plane.
 
     prange over output rows (n, oh); per window the running maximum of all C channels at once.
     """
-    N, H, W, C = x.shape
-    OH, OW = out.shape[1], out.shape[2]
-    for t in prange(N * OH):
-        n = t // OH
-        oh = t - n * OH
-        h0, h1 = _window(oh, stride_h, pad_top, kh, H)
-        for ow in range(OW):
-            w0, w1 = _window(ow, stride_w, pad_left, kw, W)
-            m = out[n, oh, ow]
-            a = argmax[n, oh, ow]
-            if h1 - h0 == 2 and w1 - w0 == 2 and kh == 2 and kw == 2:
-                k = h0 * W + w0
-                max4(
-                    x[n, h0, w0],
-                    x[n, h0, w0 + 1],
-                    x[n, h0 + 1, w0],
-                    x[n, h0 + 1, w0 + 1],
-                    False,
-                    k,
-                    k + 1,
-                    k + W,
-                    k + W + 1,
-                    m,
-                    a,
-                )
-                continue
-            if h0 >= h1 or w0 >= w1:
-                for c in range(C):
-                    m[c] = -np.inf
-                    a[c] = -1
-                continue
-            first = x[n, h0, w0]
-            for c in range(C):
-                m[c] = first[c]
-                a[c] = h0 * W + w0
-            for h in range(h0, h1):
-                for w in range(w0, w1):
-                    if h == h0 and w == w0:
-                        continue
-                    v = x[n, h, w]
-                    k = h * W + w
-                    for c in range(C):
-                        # | not `or`: no branch per channel, the loop vectorises to selects
-                        take = (v[c] > m[c]) | (v[c] != v[c])
-                        m[c] = v[c] if take else m[c]
-                        a[c] = k if take else a[c]
+    N, OH = x.shape[0], out.shape[1]
+    for t in prange(N * OH):  # np.int64: one signature of the helper (see conv2d_backward_input)
+        _maxpool_forward_row(
+            np.int64(t), x, kh, kw, stride_h, stride_w, pad_top, pad_left, out, argmax
+        )
 
 
 @njit(cache=True)

@@ -4,6 +4,7 @@ unchanged; and numba's classes are numba's own whenever no kernel of fastcnn is 
 other numba code in the process compiles as numba does). Each check of a compilation runs in a
 child interpreter with an empty cache, so it sees the compile, not a cached kernel."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
-from numba.core import codegen
+from numba.core import codegen, inline_closurecall
 from numba.np.ufunc import parallel
 
 import fastcnn
@@ -32,8 +33,15 @@ _CHILD = textwrap.dedent("""
     from numba.core import codegen
     from numba.np.ufunc import parallel
 
+    from numba.core import inline_closurecall
+
     def numba_attributes():
-        return dict(vars(codegen.CPUCodeLibrary)), parallel.build_gufunc_wrapper
+        return (
+            dict(vars(codegen.CPUCodeLibrary)),
+            parallel.build_gufunc_wrapper,
+            inline_closurecall.InlineWorker.inline_ir,
+            inline_closurecall.copy,
+        )
 
     libraries = []  # every code library numba creates, and whether it was a fastcnn kernel's
     init = codegen.CPUCodeLibrary.__init__
@@ -50,7 +58,8 @@ _CHILD = textwrap.dedent("""
     def link_only():
         names = [lib.name for lib in libraries if getattr(lib, "_fastcnn_link_only", False)]
         libraries.clear()
-        return sorted(n.split(" ")[0].rsplit(".", 1)[-1] for n in names)
+        # the loop body's library is named after its function, __numba_parfor_gufunc_0x...
+        return sorted(n.split(" ")[0].rsplit(".", 1)[-1].split("_0x")[0] for n in names)
 
     @njit(parallel=True, cache=True)
     def scaled_sums(x, a):  # a user's parallel kernel: compiled as numba does
@@ -125,6 +134,8 @@ def test_numba_untouched_outside_fastcnns_compilations():
             vars(codegen.CPUCodeLibrary).get(name, getattr(codegen.CPUCodeLibrary, name))
         ), name
     assert _is_numbas(parallel.build_gufunc_wrapper)
+    assert _is_numbas(inline_closurecall.InlineWorker.inline_ir)
+    assert inline_closurecall.copy is copy
     assert _parfor_link_only._saved is None and _parfor_link_only._depth == 0
 
 
@@ -132,8 +143,10 @@ def test_numba_untouched_outside_fastcnns_compilations():
 def test_patched_only_inside_and_restored_even_on_errors():
     lib = codegen.CPUCodeLibrary
     before = dict(vars(lib)), parallel.build_gufunc_wrapper
+    inline_ir = inline_closurecall.InlineWorker.inline_ir
     with _parfor_link_only.patched():
         assert not _is_numbas(lib.__init__) and not _is_numbas(parallel.build_gufunc_wrapper)
+        assert not _is_numbas(inline_closurecall.InlineWorker.inline_ir)
         with _parfor_link_only.patched():  # nested: a kernel compiling the kernels it calls
             pass
         assert not _is_numbas(lib._finalize_final_module)
@@ -142,6 +155,30 @@ def test_patched_only_inside_and_restored_even_on_errors():
         with _parfor_link_only.patched():
             raise KeyError("a compilation error")
     assert (dict(vars(lib)), parallel.build_gufunc_wrapper) == before
+    assert inline_closurecall.InlineWorker.inline_ir is inline_ir
+
+
+def test_shared_scope_copy_copies_each_scope_once():
+    """The blocks of one IR copied one by one (as numba's inline_ir does) share one copy of
+    their scope, distinct from the original; another copy of the same blocks is a new one."""
+    from numba.core import ir
+
+    loc = ir.Loc("f", 1)
+    scope = ir.Scope(None, loc)
+    blocks = []
+    for name in ("a", "b"):
+        block = ir.Block(scope, loc)
+        block.append(ir.Assign(ir.Const(1, loc), scope.redefine(name, loc), loc))
+        blocks.append(block)
+    shared = _parfor_link_only._SharedScopeCopy()
+    first = [shared.deepcopy(b) for b in blocks]
+    assert first[0].scope is first[1].scope is not scope
+    assert first[0].scope == scope and [str(b.body[0]) for b in first] == [
+        str(b.body[0]) for b in blocks
+    ]
+    second = [_parfor_link_only._SharedScopeCopy().deepcopy(b) for b in blocks]
+    assert second[0].scope is not first[0].scope and second[0].body[0] is not first[0].body[0]
+    assert shared.copy is copy.copy  # everything else is the copy module's
 
 
 @_needs_tested_numba
@@ -174,8 +211,10 @@ def test_fastcnn_kernels_link_only_others_as_numba_does(tmp_path):
     assert first["UNCHANGED_BY_IMPORT"] == "True"
     assert first["UNCHANGED_AFTER_COMPILING"] == "True"
     assert first["USER_LINK_ONLY"] == "[]", first  # nor the guvectorize wrappers
-    # the two wrappers of relu_forward's one prange loop; not the gufunc
-    assert first["FASTCNN_LINK_ONLY"] == "['_GufuncWrapper', 'parallelgufuncwrapper']", first
+    # relu_forward's one prange loop: its body (the gufunc) and the two wrappers around it
+    assert first["FASTCNN_LINK_ONLY"] == (
+        "['_GufuncWrapper', '__numba_parfor_gufunc', 'parallelgufuncwrapper']"
+    ), first
     assert first["CACHE_HITS"] == "0"
     again = _child(tmp_path)  # the kernel compiled under the patch, loaded from the cache
     assert again["CACHE_HITS"] == "1" and again["FASTCNN_LINK_ONLY"] == "[]", again

@@ -206,3 +206,87 @@ def test_a_ctrl_c_swallowed_while_compiling_still_interrupts(monkeypatch):
         finish()
     assert started[0].poll() is not None
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+_BACKGROUND_CHILD = textwrap.dedent("""
+    import numpy as np
+    from numba.core import event
+    import fastcnn
+    from fastcnn import precompile
+    from fastcnn.kernels import conv2d
+
+    precompile._spare_cpu = lambda: True  # whatever else runs on the machine meanwhile
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__name__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    # two convolutions, the second with stride 2 (its input gradient by col2im), as layers
+    # call the kernels; input_grad: both gradients of both
+    model = fastcnn.Sequential(
+        fastcnn.Conv2D(3, 8, 3, padding=1),
+        fastcnn.ReLU(),
+        fastcnn.Conv2D(8, 4, 3, stride=2),
+        fastcnn.Flatten(),
+        fastcnn.Dense(4 * 3 * 3, 10),
+    )
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    y = np.arange(4) % 10
+    loss_fn = fastcnn.CrossEntropyLoss()
+    loss_fn(model(x), y)
+    helper = precompile._background["helper"]
+    print("HELPER", helper is not None)
+    model.backward(loss_fn.backward(), input_grad=True)
+    print("HELPER_EXIT", None if helper is None else helper.poll())
+    print("COMPILED", sorted(set(compiled)))
+    kernels = (conv2d.conv2d_backward_weight, conv2d.conv2d_backward_input)
+    print("HITS", [sum(k.stats.cache_hits.values()) for k in kernels])
+""")
+
+
+def _background_child(tmp_path, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env_extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _BACKGROUND_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+
+
+def test_background_helper_compiles_the_convolution_gradients_a_step_uses(tmp_path):
+    """Cold cache: the first forward convolution starts the helper, and the backward pass
+    waits for it and loads both gradient kernels from the cache (the helper compiled them with
+    the argument types the layers use: else they would compile here again)."""
+    first = _background_child(tmp_path)
+    assert first["HELPER"] == "True" and first["HELPER_EXIT"] == "0", first
+    assert "conv2d_backward_weight" not in first["COMPILED"], first
+    assert "conv2d_backward_input" not in first["COMPILED"], first
+    assert first["HITS"] == "[1, 1]", first
+    again = _background_child(tmp_path)  # warm: no helper
+    assert again["HELPER"] == "False" and again["COMPILED"] == "[]", again
+
+
+def test_background_helper_off_with_the_switch(tmp_path):
+    off = _background_child(tmp_path, FASTCNN_NO_PRECOMPILE="1")
+    assert off["HELPER"] == "False" and off["HITS"] == "[0, 0]", off
+    assert "conv2d_backward_weight" in off["COMPILED"], off
+
+
+def test_no_helper_without_a_spare_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert precompile._spare_cpu() is False
