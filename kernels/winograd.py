@@ -219,9 +219,10 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     an evaluation-mode BatchNorm applied to each block's outputs while they are in cache
     (bitwise this kernel followed by the BatchNorm and ReLU layers), the ReLU after it.
 
-    Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles), dealt to ``threads``
-    workers in a fixed interleave, each with its own scratch (patches, V, M). Every output is
-    computed by one block alone: the result does not depend on ``threads``.
+    Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles), ``threads`` workers
+    each a contiguous range of them (an interleave gave one worker every image's first, larger,
+    block), each with its own scratch (patches, V, M). Every output is computed by one block
+    alone: the result does not depend on ``threads``.
     """
     N, H, W, C = x.shape
     F = weight.shape[0]
@@ -258,7 +259,7 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     for th in prange(nthr):
         Vf = V[th]
         Mf = M[th]
-        for blk in range(th, nblocks, nthr):
+        for blk in range(th * nblocks // nthr, (th + 1) * nblocks // nthr):
             n = blk // per_image
             ty0 = (blk % per_image) * k
             ty1 = min(ty0 + k, TH)
