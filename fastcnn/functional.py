@@ -360,8 +360,8 @@ def winograd_enabled() -> bool:
 
 
 def winograd_applies(weight_shape: Shape, stride: Size2 = 1, dilation: Size2 = 1) -> bool:
-    """Whether a convolution of this shape runs on the Winograd kernel when asked (an
-    evaluation-mode forward): 3x3, stride 1, dilation 1, input channels a multiple of 16 and
+    """Whether a convolution of this shape runs on the Winograd kernel when asked (the
+    layers' forward): 3x3, stride 1, dilation 1, input channels a multiple of 16 and
     at least 32, filters a multiple of 16 (kernels/winograd.py; with 16 input channels the
     transforms cost what the products save). ``FASTCNN_WINOGRAD=0`` turns it off."""
     f, c, kh, kw = (int(v) for v in weight_shape)
@@ -418,7 +418,8 @@ def conv2d_forward(
 
     ``winograd=True`` computes it by Winograd's F(2x2, 3x3) where :func:`winograd_applies`
     (2.25x fewer multiply-adds; equal to the direct kernel up to float rounding, not bitwise):
-    the layers ask for it in evaluation mode, where no gradient is computed from it. A NaN or
+    the layers ask for it, in training too (the gradients are the convolution's, as cuDNN's
+    Winograd forward pairs with any backward). A NaN or
     infinity in x may then also reach outputs next to those whose window holds it (the
     transforms mix a 4x4 patch), where the direct kernel gives finite values."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
@@ -581,28 +582,67 @@ def conv2d_backward(
         )
     dx = None
     if input_grad:
-        n, c, h, w = x.shape
-        dx = _pool.empty((n, h, w, c), dtype=x.dtype)
-        if _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)):
-            kh, kw = weight.shape[2], weight.shape[3]
-            k.conv2d_forward(
-                dy,
-                _flipped_weight(weight),
-                np.zeros(c, x.dtype),
-                1,
-                1,
-                dh * (kh - 1) - pads[0],
-                dw * (kw - 1) - pads[2],
-                dh,
-                dw,
-                False,
-                dx,
-                _no_bn(dx),
-            )
-        else:
-            k.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
-        dx = _nchw(dx)
+        dx = _nchw(_input_gradient(x.shape, weight, dy, (sh, sw), pads, (dh, dw)))
     return dx, dweight, (dbias if bias else None)
+
+
+def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
+    """The input gradient (N, H, W, C) of a convolution from dy (N, OH, OW, F) channels-last:
+    the transposed convolution as a forward one where it pays (by Winograd, or the direct
+    kernel's tile), else col2im."""
+    n, c, h, w = x_shape
+    dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
+    (sh, sw), (dh, dw) = strides, dilations
+    kh, kw = weight.shape[2], weight.shape[3]
+    if _input_gradient_by_winograd(weight, strides, pads, dilations):
+        _winograd.conv2d_winograd_forward(
+            dy,
+            _flipped_weight(weight),
+            np.zeros(c, dy.dtype),
+            2 - pads[0],
+            2 - pads[2],
+            False,
+            dx,
+            _no_bn(dx),
+            numba.get_num_threads(),
+        )
+    elif _input_gradient_as_convolution(weight, strides, pads, dilations):
+        _conv2d.conv2d_forward(
+            dy,
+            _flipped_weight(weight),
+            np.zeros(c, dy.dtype),
+            1,
+            1,
+            dh * (kh - 1) - pads[0],
+            dw * (kw - 1) - pads[2],
+            dh,
+            dw,
+            False,
+            dx,
+            _no_bn(dx),
+        )
+    else:
+        _conv2d.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+    return dx
+
+
+def _input_gradient_by_winograd(weight, stride, pads, dilation):
+    """Whether a 3x3 stride-1 convolution's input gradient is computed by Winograd's F(2x2,
+    3x3): the transposed convolution is the 3x3 stride-1 convolution of dy (F channels) with
+    the flipped weights (C filters), padding ``2 - pad``, and runs where
+    :func:`winograd_applies` to that shape and the forward pads by 1 on every side, as
+    'same' does (1.35-2.3x col2im, bench/bench_conv.py). Not a 'valid' convolution: its
+    transposed one pads by 2, and only gained 1.12x, less than the pooled backward's sparse
+    input gradient (max_pool2d_conv2d_backward) that it would replace. Finite weights only,
+    as :func:`_input_gradient_as_convolution`."""
+    f, c, kh, kw = weight.shape
+    return (
+        stride == (1, 1)
+        and dilation == (1, 1)
+        and all(p == 1 for p in pads)
+        and winograd_applies((c, f, kh, kw))
+        and bool(np.isfinite(weight).all())
+    )
 
 
 def _input_gradient_as_convolution(weight, stride, pads, dilation):
@@ -692,15 +732,18 @@ def max_pool2d_conv2d_backward(
     _same_dtype(pooled, x, pool_layer, "pooled output")
     _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
     n, c = x.shape[0], x.shape[1]
-    # the sparse input gradient reproduces col2im's order: not where conv2d_backward takes the
-    # transposed convolution
     sparse = (
         n > 0
         and c % _conv2d.FT == 0
         and _weight_gradient_in_pixel_order(weight.shape)
         and np.isfinite(weight).all()
         and np.isfinite(x).all()
-        and not (input_grad and _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw)))
+    )
+    # the sparse input gradient reproduces col2im's order: where conv2d_backward takes the
+    # transposed convolution instead, the input gradient is that of the pooling's gradient
+    transposed = input_grad and (
+        _input_gradient_by_winograd(weight, (sh, sw), pads, (dh, dw))
+        or _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw))
     )
     if n == 0 or (input_grad and not sparse):
         dconv = max_pool2d_backward(
@@ -741,7 +784,17 @@ def max_pool2d_conv2d_backward(
         dbias,
     )
     dx = None
-    if input_grad:
+    if transposed:
+        dconv = max_pool2d_backward(
+            dy,
+            argmax,
+            conv_shape,
+            pool_kernel,
+            relu_output=pooled if relu else None,
+            layer=pool_layer,
+        )
+        dx = _nchw(_input_gradient(x.shape, weight, _nhwc(dconv), (sh, sw), pads, (dh, dw)))
+    elif input_grad:
         h, w = x.shape[2], x.shape[3]
         dx = _pool.empty((n, h, w, c), dtype=x.dtype)
         _fused.maxpool2d_conv2d_backward_input(

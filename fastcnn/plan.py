@@ -16,9 +16,10 @@ The patterns (types matched exactly: a subclass may change what its forward does
 
 - Conv2D -> ReLU -> MaxPool2D: forward with the ReLU applied as the convolution's output is
   stored; when the pool's windows tile (stride = kernel, no padding) the convolution's rows are
-  pooled as they are computed and never stored, and the backward forms the convolution's
-  gradients straight from the pooled gradient (kernels/fused.py); otherwise the pooling's
-  backward applies the ReLU's mask in the same pass;
+  pooled as they are computed and never stored (unless the convolution runs on the Winograd
+  kernel, as the layer's own forward would: then the pool runs after it), and the backward
+  forms the convolution's gradients straight from the pooled gradient (kernels/fused.py);
+  otherwise the pooling's backward applies the ReLU's mask in the same pass;
 - Conv2D -> ReLU and Dense -> ReLU: the ReLU applied as the output is stored;
 - ReLU -> MaxPool2D: the pooling's backward applies the ReLU's mask (zero where the pooled
   maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing;
@@ -169,15 +170,15 @@ def _conv_relu(conv, x):
         conv.dilation,
         relu=True,
         layer=conv.name,
-        winograd=not conv.training,
+        winograd=True,
     )
 
 
 def _winograd(conv):
-    """The evaluation-mode forward of ``conv`` runs on the Winograd kernel (as the layer's
-    own forward would): the fused kernels then step aside, so that the plan's output stays
+    """The forward of ``conv`` runs on the Winograd kernel (as the layer's own forward
+    would): the fused forward kernels then step aside, so that the plan's output stays
     bitwise the layers' one by one."""
-    return not conv.training and F.winograd_applies(conv.weight.shape, conv.stride, conv.dilation)
+    return F.winograd_applies(conv.weight.shape, conv.stride, conv.dilation)
 
 
 def _conv_backward(conv, x, in_dtype, dy, input_grad):
@@ -238,7 +239,8 @@ class ConvReLUMaxPool(Step):
         y, argmax = F.max_pool2d_forward(
             a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
         )
-        self._save(x, in_dtype, a, y, argmax, a.shape)
+        # windows that tile: the backward forms the gradients from the pooled ones all the same
+        self._save(x, in_dtype, None if _tiles(pool) else a, y, argmax, a.shape)
         return y
 
     def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
@@ -384,7 +386,7 @@ class ConvBatchNorm(Step):
             relu=len(self.modules) > 2,
             layer=conv.name,
             bn_layer=bn.name,
-            winograd=not conv.training,
+            winograd=True,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]

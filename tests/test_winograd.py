@@ -1,7 +1,8 @@
 """The Winograd F(2x2, 3x3) convolution (kernels/winograd.py) against the textbook loops of the
 convolution (tests/naive/conv2d.py) and of the algorithm (tests/naive/winograd.py), its
 BatchNorm epilogue bitwise the layers one by one, its independence of the thread count, and
-where the layers use it (evaluation mode)."""
+where the layers use it: the forward in both modes, and the input gradient (the transposed
+convolution, with the flipped weights) of a training step."""
 
 import numba
 import numpy as np
@@ -13,6 +14,7 @@ from fastcnn.functional import _no_bn
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
 from fastcnn.kernels.winograd import conv2d_winograd_forward, weight_transform
 from fastcnn.threads import threads
+from naive.conv2d import conv2d_backward as naive_conv_backward
 from naive.conv2d import conv2d_forward as naive_conv
 from naive.winograd import G
 from naive.winograd import winograd_conv2d as naive_winograd
@@ -148,16 +150,107 @@ def _conv(seed=6):
     return fastcnn.Conv2D(32, 48, 3, padding=1, rng=np.random.default_rng(seed))
 
 
-def test_a_layer_uses_it_in_evaluation_mode_only(monkeypatch):
+def test_a_layer_uses_it_in_both_modes(monkeypatch):
     conv = _conv()
     x = np.random.default_rng(7).standard_normal((3, 32, 10, 9)).astype(np.float32)
-    train = conv(x)  # the direct kernel: what the gradients are taken of
+    train = conv(x)
     conv.eval()
-    ev = conv(x)
-    assert not np.array_equal(ev, train)  # another summation order
-    np.testing.assert_allclose(ev, train, rtol=0, atol=F32_REL * np.abs(train).max())
-    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
     assert np.array_equal(conv(x), train)
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
+    direct = conv(x)
+    assert not np.array_equal(direct, train)  # another summation order
+    np.testing.assert_allclose(train, direct, rtol=0, atol=F32_REL * np.abs(direct).max())
+
+
+IG_SHAPES = [  # N, C, F, H, W: the forward pads by 1
+    (2, 16, 32, 7, 6),
+    (3, 32, 48, 9, 11),
+    (2, 48, 32, 6, 5),
+    (1, 32, 64, 4, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", IG_SHAPES)
+def test_input_gradient_matches_the_textbook_backward(shape, dtype):
+    N, C, Fn, H, W = shape
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Fn, C, 3, 3)).astype(dtype)
+    dy = rng.standard_normal((N, Fn, H, W)).astype(dtype)
+    assert F._input_gradient_by_winograd(w, (1, 1), (1, 1, 1, 1), (1, 1))
+    dx, _, _ = F.conv2d_backward(x, w, dy, 1, 1)
+    ref_dx, _, _ = naive_conv_backward(
+        x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64), padding=((1, 1), (1, 1))
+    )
+    assert dx.dtype == dtype
+    tol = (F32_REL if dtype == np.float32 else F64_REL) * float(np.abs(ref_dx).max())
+    assert float(np.abs(dx - ref_dx).max()) <= tol
+
+
+def test_a_layer_takes_its_input_gradient_by_it(monkeypatch):
+    conv = _conv()
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((3, 32, 10, 9)).astype(np.float32)
+    dy = rng.standard_normal((3, 48, 10, 9)).astype(np.float32)
+    conv(x)
+    dx = conv.backward(dy)
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
+    conv(x)
+    direct = conv.backward(dy)
+    assert not np.array_equal(dx, direct)
+    np.testing.assert_allclose(dx, direct, rtol=0, atol=F32_REL * np.abs(direct).max())
+
+
+def test_input_gradient_where_it_applies():
+    pads = (1, 1, 1, 1)
+    w = np.ones((48, 32, 3, 3), np.float32)  # 48 filters: dy's channels
+    assert F._input_gradient_by_winograd(w, (1, 1), pads, (1, 1))
+    assert not F._input_gradient_by_winograd(w[:16], (1, 1), pads, (1, 1))  # 16 in dy
+    assert not F._input_gradient_by_winograd(w[:, :24], (1, 1), pads, (1, 1))  # 24 out
+    assert not F._input_gradient_by_winograd(w, (2, 2), pads, (1, 1))
+    assert not F._input_gradient_by_winograd(w, (1, 1), (0, 0, 0, 0), (1, 1))  # 'valid'
+    assert not F._input_gradient_by_winograd(w, (1, 1), (2, 2, 2, 2), (1, 1))
+    w[1, 2, 0, 0] = np.nan
+    assert not F._input_gradient_by_winograd(w, (1, 1), pads, (1, 1))
+
+
+def _tree(rng, dtype):
+    def conv(c, f, padding=1):
+        return fastcnn.Conv2D(c, f, 3, padding=padding, dtype=dtype, rng=rng)
+
+    return fastcnn.Sequential(
+        conv(32, 32),
+        fastcnn.ReLU(),
+        fastcnn.MaxPool2D(2),  # 'same': the pooled backward's input gradient by Winograd
+        conv(32, 32, padding=0),  # 'valid': the pooled backward's sparse input gradient
+        fastcnn.ReLU(),
+        fastcnn.MaxPool2D(2),
+        conv(32, 48),
+        fastcnn.BatchNorm2D(48, dtype=dtype),
+        fastcnn.ReLU(),
+        fastcnn.MaxPool2D(2),
+        conv(48, 32),
+        fastcnn.ReLU(),
+        conv(32, 16),
+        fastcnn.BatchNorm2D(16, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_training_plans_stay_bitwise_the_layers_one_by_one(dtype):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 32, 20, 20)).astype(dtype)
+    results = []
+    for fuse in (True, False):
+        model = _tree(np.random.default_rng(13), dtype)
+        model.train()
+        with fastcnn.plan.fusion(fuse):
+            y = model(x)
+            dx = model.backward(np.cos(np.asarray(y)), input_grad=True)
+        results.append([y, dx] + [p.grad.copy() for p in model.parameters()])
+    for fused, unfused in zip(*results, strict=True):
+        assert np.array_equal(fused, unfused)
 
 
 def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
