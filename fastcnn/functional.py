@@ -569,7 +569,11 @@ def conv2d_backward(
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     f, c, kh, kw = weight.shape
-    if c == 1 and f <= _conv2d_c1.RN and kw <= _conv2d_c1.FTN and (sh, sw, dh, dw) == (1,) * 4:
+    if _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw)):
+        _winograd.conv2d_winograd_backward_weight(
+            _nhwc(x), dy, pads[0], pads[2], dweight, dbias, numba.get_num_threads()
+        )
+    elif c == 1 and f <= _conv2d_c1.RN and kw <= _conv2d_c1.FTN and (sh, sw, dh, dw) == (1,) * 4:
         # one channel, few filters: bitwise the direct kernel, following its pixel chunks
         n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
         plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, numba.get_num_threads())
@@ -624,6 +628,24 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
     else:
         _conv2d.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
     return dx
+
+
+def _weight_gradient_by_winograd(weight_shape, stride, pads, dilation):
+    """Whether a convolution's weight gradient is computed by Winograd's F(2x2, 3x3) run
+    backwards (kernels/winograd.py): 3x3, stride 1, dilation 1, padded by 1 on every side
+    (as 'same'; the rule of the input gradient), channels and filters multiples of 16
+    (1.25-2.3x the direct kernel, 16 channels included). ``FASTCNN_WINOGRAD=0`` turns it
+    off."""
+    f, c, kh, kw = (int(v) for v in weight_shape)
+    return (
+        (kh, kw) == (3, 3)
+        and stride == (1, 1)
+        and dilation == (1, 1)
+        and all(p == 1 for p in pads)
+        and c % 16 == 0
+        and f % 16 == 0
+        and winograd_enabled()
+    )
 
 
 def _input_gradient_by_winograd(weight, stride, pads, dilation):
@@ -745,7 +767,11 @@ def max_pool2d_conv2d_backward(
         _input_gradient_by_winograd(weight, (sh, sw), pads, (dh, dw))
         or _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw))
     )
-    if n == 0 or (input_grad and not sparse):
+    if (
+        n == 0
+        or (input_grad and not sparse)
+        or _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw))
+    ):
         dconv = max_pool2d_backward(
             dy,
             argmax,

@@ -48,6 +48,7 @@ __all__ = [
     "compile_forward",
     "compile_backward",
     "compile_conv_backward",
+    "compile_winograd_backward",
     "cache_is_cold",
     "install_background",
 ]
@@ -125,6 +126,18 @@ def compile_conv_backward(dtype: DTypeLike = np.float32) -> None:
     F.conv2d_backward(x, np.ones((8, 4, 3, 3), dtype), F._nchw(np.ones((2, 4, 4, 8), dtype)))
 
 
+def compile_winograd_backward(dtype: DTypeLike = np.float32) -> None:
+    """Compile (or load) the Winograd weight gradient of a 3x3 'same' convolution with 16
+    channels and filters, as ``functional.conv2d_backward`` calls it (its input gradient runs
+    on the Winograd forward, which the forward pass compiles)."""
+    from . import functional as F
+
+    dtype = np.dtype(dtype)
+    x = F._nchw(np.ones((2, 4, 4, 16), dtype))
+    w = np.ones((16, 16, 3, 3), dtype)
+    F.conv2d_backward(x, w, F._nchw(np.ones((2, 4, 4, 16), dtype)), 1, 1, input_grad=False)
+
+
 def _index_paths():
     """The files numba's cache keeps the index of compile_backward's kernels in."""
     from .kernels import fused
@@ -168,9 +181,23 @@ _BACKGROUND = {
         "compile_backward",
         ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input"),
     ),
+    # a second helper: the Winograd weight gradient (~7 s of CPU) while this process compiles
+    # the Winograd forward (~5 s)
+    "conv2d_winograd_forward": (
+        "compile_winograd_backward",
+        ("winograd.conv2d_winograd_backward_weight",),
+    ),
 }
+#: jobs that may run beside the first one's helper (each job once per process at most)
+_SECOND_JOBS = frozenset({"conv2d_winograd_forward"})
 _HELPER_TIMEOUT = 600.0  # seconds a kernel waits for the helper before compiling it itself
-_background: dict[str, Any] = {"pid": None, "helper": None, "waiting": frozenset(), "off": False}
+_background: dict[str, Any] = {
+    "pid": None,
+    "helper": None,
+    "waiting": frozenset(),
+    "off": False,
+    "second": None,  # the second job's helper and the kernels it compiles
+}
 
 
 def _kernel(name: str) -> Any:
@@ -227,14 +254,42 @@ def _spare_cpu() -> bool:
     return running < usable
 
 
-def _wait_for_helper() -> None:
-    helper = _background["helper"]
-    _background["waiting"] = frozenset()
+def _wait_for(helper: subprocess.Popen[bytes]) -> None:
     try:
         helper.wait(timeout=_HELPER_TIMEOUT)
     except subprocess.TimeoutExpired:  # stuck: this process compiles what it needs itself
         helper.kill()
         helper.wait()
+
+
+def _wait_for_helper() -> None:
+    _background["waiting"] = frozenset()
+    _wait_for(_background["helper"])
+
+
+def _start_job(
+    name: str, argument_types: Any, beside: bool = False
+) -> tuple[subprocess.Popen[bytes], Any] | None:
+    """The helper compiling job ``name``'s kernels for these argument types, and those
+    kernels; None when the cache is warm for them, or no helper could start. ``beside``: our
+    first helper still runs (the CPU it holds counts as spare)."""
+    function, names = _BACKGROUND[name]
+    dtype = _dtype_name(argument_types)
+    try:
+        kernels = [_kernel(n) for n in names]
+        paths = [k._cache._cache_file._index_path for k in kernels]  # numba's private layout
+    except AttributeError:
+        return None
+    if dtype is None or all(os.path.exists(p) for p in paths):
+        return None  # warm (or nothing this helper would compile)
+    if not (beside or _spare_cpu()):
+        return None
+    code = (
+        f"from fastcnn.precompile import {function}, die_with_parent; "
+        f"die_with_parent({os.getpid()}); {function}({dtype!r})"
+    )
+    helper = _spawn_helper(code)
+    return None if helper is None else (helper, frozenset(kernels))
 
 
 def _on_compile(dispatcher: Any, argument_types: Any) -> None:
@@ -243,35 +298,31 @@ def _on_compile(dispatcher: Any, argument_types: Any) -> None:
     of every kernel calls it)."""
     state = _background
     if state["pid"] != os.getpid():  # a fresh process, or a fork: nothing started here yet
-        state.update(pid=os.getpid(), helper=None, waiting=frozenset(), off=state["off"])
+        state.update(pid=os.getpid(), helper=None, waiting=frozenset(), second=None)
     if state["waiting"] and dispatcher in state["waiting"]:
         _wait_for_helper()
         return
-    job = _BACKGROUND.get(dispatcher.py_func.__name__)
-    if job is None or state["off"] or state["helper"] is not None:
+    second = state["second"]
+    if second is not None and second[1] and dispatcher in second[1]:
+        state["second"] = (second[0], frozenset())
+        _wait_for(second[0])
         return
-    state["off"] = True  # one helper per process, started on the first trigger or never
-    if os.environ.get("FASTCNN_NO_PRECOMPILE"):
+    name = dispatcher.py_func.__name__
+    if name not in _BACKGROUND or os.environ.get("FASTCNN_NO_PRECOMPILE"):
         return
-    function, names = job
-    dtype = _dtype_name(argument_types)
-    try:
-        kernels = [_kernel(n) for n in names]
-        paths = [k._cache._cache_file._index_path for k in kernels]  # numba's private layout
-    except AttributeError:
+    if name in _SECOND_JOBS:
+        if second is None:  # once per process, also beside the first helper
+            first = state["helper"]
+            beside = first is not None and first.poll() is None
+            started = _start_job(name, argument_types, beside)
+            state["second"] = (None, frozenset()) if started is None else started
         return
-    if dtype is None or all(os.path.exists(p) for p in paths):
-        return  # warm (or nothing this helper would compile)
-    if not _spare_cpu():
+    if state["off"] or state["helper"] is not None:
         return
-    code = (
-        f"from fastcnn.precompile import {function}, die_with_parent; "
-        f"die_with_parent({os.getpid()}); {function}({dtype!r})"
-    )
-    helper = _spawn_helper(code)
-    if helper is not None:
-        state["helper"] = helper
-        state["waiting"] = frozenset(kernels)
+    state["off"] = True  # one such helper per process, started on the first trigger or never
+    started = _start_job(name, argument_types)
+    if started is not None:
+        state["helper"], state["waiting"] = started
 
 
 def install_background() -> None:

@@ -70,6 +70,30 @@ def stack_array(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
+@intrinsic
+def copy16(typingctx, dst, d0, src, s0):
+    """dst[d0 : d0 + 16] = src[s0 : s0 + 16] for two flat arrays of one dtype (uint64 offsets,
+    in bounds: nothing is checked), as one llvm.memcpy of constant length, which LLVM writes
+    as vector moves in place. A loop of 16 stores into an array from a stack buffer was left
+    as 16 scalar moves when the next stores went elsewhere (Winograd's planes)."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
+        raise TypingError("copy16: expected two arrays")
+    if dst.dtype != src.dtype:
+        raise TypingError(f"copy16: dtypes differ, {dst.dtype} and {src.dtype}")
+
+    def codegen(context, builder, signature, args):
+        dst_v, d0_v, src_v, s0_v = args
+        dst_a = context.make_array(signature.args[0])(context, builder, dst_v)
+        src_a = context.make_array(signature.args[2])(context, builder, src_v)
+        dp = builder.gep(dst_a.data, [d0_v])
+        sp = builder.gep(src_a.data, [s0_v])
+        size = context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))
+        cgutils.raw_memcpy(builder, dp, sp, context.get_constant(types.intp, 16), size)
+        return context.get_dummy_value()
+
+    return types.none(dst, d0, src, s0), codegen
+
+
 @njit(cache=True, inline="always")
 def _start(acc, tile, t0, accumulate):
     """acc = tile[t0:t0 + R*FT] if ``accumulate`` else zeros: a tile's accumulators at start."""

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
-from .gemm_tile import FTN, RN, gemm_tile_bias, stack_array
+from .gemm_tile import FTN, RN, copy16, gemm_tile, gemm_tile_bias, stack_array
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
 #: this many (its outputs are then whole rows of the image: one contiguous stretch of out).
@@ -71,11 +71,13 @@ def weight_transform(weight, Fp):
 
 
 @njit(cache=True)
-def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp):
-    """V[e, t, :] = (B^T d B)[e] for the block's tiles t < nt (tile row ty0 + t // TW, column
-    t % TW of image n), d the tile's 4x4 input patch, every channel (C a multiple of 16);
-    positions outside the image read as zeros. xf: x (N, H, W, C) flat; V flat
-    (TBp, C // 16, 16, 16): V[t, c // 16, e, c % 16].
+def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp, t0, by_element):
+    """V[e, t0 + t, :] = (B^T d B)[e] for the block's tiles t < nt (tile row ty0 + t // TW,
+    column t % TW of image n), d the tile's 4x4 input patch, every channel (C a multiple of
+    16); positions outside the image read as zeros. xf: x (N, H, W, C) flat; V flat
+    (TBp, C // 16, 16, 16): V[t, c // 16, e, c % 16] (the forward's), or with ``by_element``
+    (16, C // 16, TBp, 16): V[e, c // 16, t, c % 16] (the weight gradient's: a product's
+    operand, one e and 16 channels, then runs over the tiles in one stretch).
 
     Written out position by position, 16 channels at a time, in three loops: the patch from
     x into a stack buffer, the transform from buffer to buffer, the result from the buffer
@@ -155,9 +157,14 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp):
                 v[208 + lane] = h1 + h2
                 v[224 + lane] = h2 - h1
                 v[240 + lane] = h1 - h3
-            q = np.uint64((t * C + c0) * 16)  # V[t, c0 // 16, e, lane]: one stretch of 256
-            for k in range(256):
-                V[q + np.uint64(k)] = v[k]
+            if by_element:
+                for e in range(16):
+                    q = np.uint64((e * C + c0) * TBp + (t0 + t) * 16)
+                    copy16(V, q, v, np.uint64(16 * e))
+            else:
+                q = np.uint64(((t0 + t) * C + c0) * 16)  # V[t, c0 // 16, e, lane]: one stretch
+                for k in range(256):
+                    V[q + np.uint64(k)] = v[k]
 
 
 @njit(cache=True)
@@ -264,7 +271,7 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
             ty0 = (blk % per_image) * k
             ty1 = min(ty0 + k, TH)
             nt = (ty1 - ty0) * TW
-            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf, TBp)
+            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf, TBp, 0, False)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             for e in range(16):
                 for fb in range(nfb):
@@ -296,3 +303,223 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
                 p0 = (n * OH + 2 * ty0) * OW * F
                 p1 = (n * OH + min(2 * ty1, OH)) * OW * F
                 _batch_norm_rows(of[p0:p1], F, bn, relu)
+
+
+# -------------------------------------------------------------------------------------------------
+# the weight gradient: the same algorithm run backwards
+#
+# The forward is linear in the kernel g: Y = A^T [(G g G^T) * V] A per tile, V = B^T d B. Its
+# adjoint gives the weight gradient from the tiles' gradients dY:
+#
+#     dg = G^T [ sum over tiles (A dY A^T) * V ] G          (* elementwise)
+#
+# so the sum over the batch's pixels becomes 16 matrix products, one per position e of the 4x4:
+# S[e] (F x C) = sum_t Z[t, e, :]^T V[t, e, :], Z = A dY A^T, a product whose k runs over the
+# tiles. 16 multiply-adds per tile, filter and channel where the direct gradient takes 36.
+
+#: The tiles' blocks are summed in this many chunks, fixed by the shapes alone, each into its
+#: own partial products, which are then added in order: the result does not depend on the
+#: thread count (and at most this many threads share the work).
+_WEIGHT_CHUNKS = 8
+
+#: Tiles per block of the weight gradient, at least: its products run over a block's tiles
+#: (k), their accumulators loaded and stored once per block.
+_WEIGHT_BLOCK_TILES = 96
+
+
+@njit(cache=True)
+def _gradient_block(dyf, OH, OW, F, n, ty0, nt, TW, Z, TBp, t0, bsum):
+    """Z[e, t0 + t, f] = (A dY A^T)[e] for the block's tiles t < nt, dY the tile's 2x2
+    gradient (zero past the output's last row or column), every filter (F a multiple of 16);
+    and bsum[f] += the tile's sum of dY. dyf: dy (N, OH, OW, F) flat; Z flat (16, TBp, F).
+    A = [[1, 0], [1, 1], [1, -1], [0, -1]]. Three loops per 16 filters, as _input_block."""
+    g = numba.carray(stack_array(64, Z.dtype), (64,))  # dY: 16 * (2 i + j) + lane
+    z = numba.carray(stack_array(256, Z.dtype), (256,))  # A dY A^T: 16 * e + lane
+    zero = Z.dtype.type(0)
+    for t in range(nt):
+        oy, ox = 2 * (ty0 + t // TW), 2 * (t % TW)
+        k1, k2 = ox + 1 < OW, oy + 1 < OH
+        k3 = k1 and k2
+        p0 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        # outside: read the tile's first pixel and select a zero
+        p1 = p0 + np.uint64(F if k1 else 0)
+        p2 = p0 + np.uint64(OW * F if k2 else 0)
+        p3 = p0 + np.uint64((OW + 1) * F if k3 else 0)
+        q = np.uint64((t0 + t) * F)
+        for f0 in range(0, F, 16):
+            if k3:  # a whole tile (selects here became masked scalar loads)
+                for lane in range(16):
+                    u = np.uint64(f0 + lane)
+                    g[lane] = dyf[p0 + u]
+                    g[16 + lane] = dyf[p1 + u]
+                    g[32 + lane] = dyf[p2 + u]
+                    g[48 + lane] = dyf[p3 + u]
+            else:
+                for lane in range(16):
+                    u = np.uint64(f0 + lane)
+                    a0, a1, a2, a3 = dyf[p0 + u], dyf[p1 + u], dyf[p2 + u], dyf[p3 + u]
+                    g[lane] = a0
+                    g[16 + lane] = a1 if k1 else zero
+                    g[32 + lane] = a2 if k2 else zero
+                    g[48 + lane] = a3 if k3 else zero
+            for lane in range(16):
+                g00, g01, g10, g11 = g[lane], g[16 + lane], g[32 + lane], g[48 + lane]
+                # A dY: rows g0, g0 + g1, g0 - g1, -g1; then (A dY) A^T: the same on columns
+                s0, s1 = g00 + g10, g01 + g11
+                d0, d1 = g00 - g10, g01 - g11
+                z[lane] = g00
+                z[16 + lane] = g00 + g01
+                z[32 + lane] = g00 - g01
+                z[48 + lane] = -g01
+                z[64 + lane] = s0
+                z[80 + lane] = s0 + s1
+                z[96 + lane] = s0 - s1
+                z[112 + lane] = -s1
+                z[128 + lane] = d0
+                z[144 + lane] = d0 + d1
+                z[160 + lane] = d0 - d1
+                z[176 + lane] = -d1
+                z[192 + lane] = -g10
+                z[208 + lane] = -g10 - g11
+                z[224 + lane] = g11 - g10
+                z[240 + lane] = g11
+            for lane in range(16):  # z[5] = (g00 + g10) + (g01 + g11): the tile's sum
+                bsum[f0 + lane] += z[80 + lane]
+            for e in range(16):
+                copy16(Z, q + np.uint64(e * TBp * F + f0), z, np.uint64(16 * e))
+
+
+@njit(cache=True)
+def _weight_from_products(S, nrb, ncb, F, C, dweight):
+    """dweight[f, c] = G^T s G, s the 4x4 of S[e, f, c] (e = 4 a + b), in float64, for the
+    16 channels of one column block at a time (loaded as 16 stretches); S flat
+    (16, nrb, ncb, RN, FTN) as the products' tiles."""
+    tile = RN * FTN
+    s = numba.carray(stack_array(256, np.float64), (256,))  # 16 * e + lane
+    h = numba.carray(stack_array(192, np.float64), (192,))  # G^T s: 16 * (4 i + b) + lane
+    for rb in range(nrb):
+        for r in range(min(RN, F - rb * RN)):
+            f = rb * RN + r
+            for cb in range(ncb):
+                for e in range(16):
+                    o = np.uint64(((e * nrb + rb) * ncb + cb) * tile + r * FTN)
+                    for lane in range(16):
+                        s[16 * e + lane] = np.float64(S[o + np.uint64(lane)])
+                for lane in range(16):
+                    for b in range(4):  # rows of the 4x4 combined: G^T s
+                        s0, s1 = s[16 * b + lane], s[16 * (4 + b) + lane]
+                        s2, s3 = s[16 * (8 + b) + lane], s[16 * (12 + b) + lane]
+                        h[16 * b + lane] = s0 + (s1 + s2) * 0.5
+                        h[16 * (4 + b) + lane] = (s1 - s2) * 0.5
+                        h[16 * (8 + b) + lane] = (s1 + s2) * 0.5 + s3
+                for i in range(3):  # then its columns: (G^T s) G
+                    for lane in range(16):
+                        h0, h1 = h[16 * (4 * i) + lane], h[16 * (4 * i + 1) + lane]
+                        h2, h3 = h[16 * (4 * i + 2) + lane], h[16 * (4 * i + 3) + lane]
+                        c = cb * FTN + lane
+                        dweight[f, c, i, 0] = h0 + (h1 + h2) * 0.5
+                        dweight[f, c, i, 1] = (h1 - h2) * 0.5
+                        dweight[f, c, i, 2] = (h1 + h2) * 0.5 + h3
+
+
+@njit(parallel=True, cache=True)
+def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, threads):
+    """dweight[f, c, i, j] = sum_{n, oh, ow} dy[n, oh, ow, f] * x[n, oh - pt + i, ow - pl + j, c]
+    (3x3, stride 1, dilation 1), up to rounding, by F(2x2, 3x3) run backwards (see above);
+    dbias[f] = sum dy[..., f].
+
+    x (N, H, W, C), dy (N, OH, OW, F), C and F multiples of 16; dweight (F, C, 3, 3) and
+    dbias (F,) overwritten; padding as conv2d_winograd_forward's.
+
+    Work: blocks of >= _WEIGHT_BLOCK_TILES tiles (tile rows of one image, or whole images),
+    in _WEIGHT_CHUNKS contiguous chunks fixed by the shapes, each summing its blocks in order
+    into its own S (rows = filters, columns = channels, the narrow tile accumulating over a
+    block's tiles); ``threads`` workers each take a contiguous range of chunks with their own
+    scratch (a block's V and Z). The chunks' S are then added in chunk order and G^T S G
+    taken in float64: deterministic for any thread count.
+    """
+    N, H, W, C = x.shape
+    OH, OW, F = dy.shape[1], dy.shape[2], dy.shape[3]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    # a block: tile rows ty0 <= ty < ty1 of images n0 <= n < n1 (whole images when an image
+    # has fewer tiles than a block should)
+    k = min(TH, (_WEIGHT_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
+    m = max(1, _WEIGHT_BLOCK_TILES // (TH * TW)) if k == TH else 1  # images per block
+    per_image = (TH + k - 1) // k
+    nblocks = ((N + m - 1) // m) * per_image
+    # tiles per block, rounded up to odd: a plane of V or Z (one e) is then no multiple of
+    # 4 KB, and the 16 planes' stores do not fall into one set of the L1 cache (3.3 -> ms)
+    TBp = (m * k * TW) | 1
+    nchunks = max(1, min(_WEIGHT_CHUNKS, nblocks))
+    nthr = max(1, min(threads, nchunks))
+    nrb = (F + RN - 1) // RN  # row blocks of filters (the last one's padding rows: filter 0)
+    ncb = C // FTN  # column blocks of channels
+    dt = x.dtype
+    tile = RN * FTN
+    ssize = 16 * nrb * ncb * tile
+    S = np.empty((nchunks, ssize), dtype=dt)
+    B = np.empty((nchunks, F), dtype=dt)
+    V = np.empty((nthr, 16 * TBp * C), dtype=dt)
+    Z = np.empty((nthr, 16 * TBp * F), dtype=dt)
+    # row r (a filter) of the e-th product starts at abase[e * nrb * RN + r], its tile t aoff[t]
+    # further (Z[e, t, f]); the rows past F repeat filter 0
+    abase = np.empty(16 * nrb * RN, dtype=np.uint64)
+    for e in range(16):
+        for r in range(nrb * RN):
+            abase[e * nrb * RN + r] = np.uint64(e * TBp * F + (r if r < F else 0))
+    aoff = np.empty(TBp, dtype=np.uint64)
+    for t in range(TBp):
+        aoff[t] = np.uint64(t * F)
+    xf = x.reshape(x.size)
+    dyf = dy.reshape(dy.size)
+    vstride = np.uint64(16)
+    for th in prange(nthr):
+        Vf = V[th]
+        Zf = Z[th]
+        for ch in range(th * nchunks // nthr, (th + 1) * nchunks // nthr):
+            Sf = S[ch]
+            bs = B[ch]
+            for i in range(ssize):
+                Sf[i] = 0
+            for f in range(F):
+                bs[f] = 0
+            for blk in range(ch * nblocks // nchunks, (ch + 1) * nblocks // nchunks):
+                n0 = blk // per_image * m
+                ty0 = (blk % per_image) * k
+                ty1 = min(ty0 + k, TH)
+                nt, per = 0, (ty1 - ty0) * TW
+                for n in range(n0, min(n0 + m, N)):
+                    _input_block(xf, H, W, C, n, ty0, per, TW, pad_top, pad_left, Vf, TBp, nt, True)
+                    _gradient_block(dyf, OH, OW, F, n, ty0, per, TW, Zf, TBp, nt, bs)
+                    nt += per
+                for e in range(16):
+                    for rb in range(nrb):
+                        for cb in range(ncb):
+                            gemm_tile(
+                                Zf,
+                                abase,
+                                (e * nrb + rb) * RN,
+                                aoff,
+                                0,
+                                nt,
+                                Vf,
+                                np.uint64((e * ncb + cb) * TBp * 16),
+                                vstride,
+                                Sf,
+                                np.uint64(((e * nrb + rb) * ncb + cb) * tile),
+                                True,
+                                True,
+                            )
+    # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
+    for th in prange(nthr):
+        S0 = S[0]
+        for ch in range(1, nchunks):
+            Sc = S[ch]
+            for i in range(th * ssize // nthr, (th + 1) * ssize // nthr):
+                S0[i] += Sc[i]
+    _weight_from_products(S[0], nrb, ncb, F, C, dweight)
+    for f in range(F):
+        b = B[0, f]
+        for ch in range(1, nchunks):
+            b += B[ch, f]
+        dbias[f] = b

@@ -290,3 +290,57 @@ def test_background_helper_off_with_the_switch(tmp_path):
 def test_no_helper_without_a_spare_cpu(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert precompile._spare_cpu() is False
+
+
+_WINOGRAD_CHILD = textwrap.dedent("""
+    import numpy as np
+    from numba.core import event
+    import fastcnn
+    from fastcnn import precompile
+    from fastcnn.kernels import winograd
+
+    precompile._spare_cpu = lambda: True
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__name__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    # a 3x3 'same' convolution of 32 channels: Winograd forward, input and weight gradients
+    model = fastcnn.Sequential(fastcnn.Conv2D(32, 32, 3, padding=1), fastcnn.ReLU())
+    x = np.random.default_rng(0).random((2, 32, 6, 6), dtype=np.float32)
+    y = model(x)
+    second = precompile._background["second"]
+    print("SECOND", second is not None and second[0] is not None)
+    model.backward(np.ones_like(y), input_grad=True)
+    print("COMPILED", sorted(set(compiled)))
+    print("HITS", sum(winograd.conv2d_winograd_backward_weight.stats.cache_hits.values()))
+""")
+
+
+def test_second_helper_compiles_the_winograd_weight_gradient(tmp_path):
+    """Cold cache: compiling the Winograd forward starts a second helper for the Winograd
+    weight gradient, which the backward then loads from the cache."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _WINOGRAD_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert out["SECOND"] == "True", out
+    assert "conv2d_winograd_backward_weight" not in out["COMPILED"], out
+    assert out["HITS"] == "1", out

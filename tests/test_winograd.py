@@ -1,8 +1,9 @@
 """The Winograd F(2x2, 3x3) convolution (kernels/winograd.py) against the textbook loops of the
 convolution (tests/naive/conv2d.py) and of the algorithm (tests/naive/winograd.py), its
 BatchNorm epilogue bitwise the layers one by one, its independence of the thread count, and
-where the layers use it: the forward in both modes, and the input gradient (the transposed
-convolution, with the flipped weights) of a training step."""
+where the layers use it: the forward in both modes, the input gradient (the transposed
+convolution, with the flipped weights) and the weight gradient (the algorithm run backwards)
+of a training step."""
 
 import numba
 import numpy as np
@@ -11,13 +12,16 @@ import pytest
 import fastcnn
 from fastcnn import functional as F
 from fastcnn.functional import _no_bn
+from fastcnn.kernels import winograd as _wk
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
 from fastcnn.kernels.winograd import conv2d_winograd_forward, weight_transform
 from fastcnn.threads import threads
+from gradcheck import assert_gradient
 from naive.conv2d import conv2d_backward as naive_conv_backward
 from naive.conv2d import conv2d_forward as naive_conv
 from naive.winograd import G
 from naive.winograd import winograd_conv2d as naive_winograd
+from naive.winograd import winograd_conv2d_backward_weight as naive_winograd_weight
 
 # float32: the transforms round (values up to ~4x the input's); measured errors are
 # 1e-7..3e-7 of the largest output, a wrong coefficient gives 1e-1
@@ -276,3 +280,123 @@ def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
     with fastcnn.plan.fusion(False):
         unfused = model(x)
     assert np.array_equal(fused, unfused)
+
+
+# ---- the weight gradient ----
+
+WG_SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
+    (2, 16, 16, 7, 6, ((1, 1), (1, 1))),  # odd rows: the last tiles half outside
+    (3, 32, 48, 9, 11, ((1, 1), (1, 1))),
+    (2, 16, 32, 5, 5, ((2, 0), (0, 2))),
+    (9, 16, 16, 4, 4, ((1, 1), (1, 1))),  # whole images per block, chunks of unequal size
+    (1, 48, 16, 40, 36, ((0, 0), (0, 0))),  # tile rows of one image per block
+    (1, 16, 16, 1, 1, ((1, 1), (1, 1))),
+]
+
+
+def run_weight(x, dy, padding, n_threads=None):
+    """The weight gradient kernel on NCHW arrays, NaN-filled outputs."""
+    (pt, _), (pl, _) = padding
+    F = dy.shape[1]
+    dw = np.full((F, x.shape[1], 3, 3), np.nan, dtype=x.dtype)
+    db = np.full(F, np.nan, dtype=x.dtype)
+    nt = numba.get_num_threads() if n_threads is None else n_threads
+    _wk.conv2d_winograd_backward_weight(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
+        np.ascontiguousarray(dy.transpose(0, 2, 3, 1)),
+        pt,
+        pl,
+        dw,
+        db,
+        nt,
+    )
+    return dw, db
+
+
+def weight_data(shape, dtype, seed=20):
+    N, C, Fn, H, W, padding = shape
+    (pt, pb), (pl, pr) = padding
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    dy = rng.standard_normal((N, Fn, H + pt + pb - 2, W + pl + pr - 2)).astype(dtype)
+    return x, dy, padding
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", WG_SHAPES)
+def test_weight_gradient_matches_the_textbook_backward(shape, dtype):
+    x, dy, padding = weight_data(shape, dtype)
+    dw, db = run_weight(x, dy, padding)
+    assert dw.dtype == dtype and not np.isnan(dw).any() and not np.isnan(db).any()
+    _, ref_dw, ref_db = naive_conv_backward(
+        x.astype(np.float64),
+        np.zeros(dw.shape),
+        dy.astype(np.float64),
+        padding=padding,
+    )
+    # float32: every S entry sums 4x-transformed terms over all tiles (measured 2e-6..1e-5
+    # of the largest gradient; a wrong coefficient gives 1e-1)
+    rel = 5e-5 if dtype == np.float32 else 1e-12
+    assert float(np.abs(dw - ref_dw).max()) <= rel * float(np.abs(ref_dw).max())
+    assert float(np.abs(db - ref_db).max()) <= rel * max(1.0, float(np.abs(ref_db).max()))
+
+
+@pytest.mark.parametrize("shape", WG_SHAPES[:3])
+def test_weight_gradient_is_the_textbook_winograd(shape):
+    x, dy, padding = weight_data(shape, np.float64, seed=21)
+    ref = naive_winograd_weight(x, dy, padding)
+    dw, _ = run_weight(x, dy, padding)
+    np.testing.assert_allclose(dw, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_weight_gradient_same_bits_for_any_thread_count():
+    x, dy, padding = weight_data((11, 16, 32, 6, 6, ((1, 1), (1, 1))), np.float32, seed=22)
+    one = run_weight(x, dy, padding, n_threads=1)
+    for n in (2, 3, 7):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            got = run_weight(x, dy, padding, n_threads=n)
+            assert np.array_equal(got[0], one[0]) and np.array_equal(got[1], one[1])
+
+
+def test_weight_gradient_by_finite_differences():
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((2, 16, 5, 4))
+    w = rng.standard_normal((16, 16, 3, 3))
+    g = rng.standard_normal((2, 16, 5, 4))
+    assert F._weight_gradient_by_winograd(w.shape, (1, 1), (1, 1, 1, 1), (1, 1))
+    _, dw, db = F.conv2d_backward(x, w, g, 1, 1)
+    with threads(1):
+        assert_gradient(lambda v: F.conv2d_forward(x, v, None, 1, 1), w, g, dw)
+        bias = np.zeros(16)
+        assert_gradient(lambda v: F.conv2d_forward(x, w, v, 1, 1), bias, g, db)
+
+
+def test_weight_gradient_where_it_applies(monkeypatch):
+    ok = (1, 1), (1, 1, 1, 1), (1, 1)
+    assert F._weight_gradient_by_winograd((16, 16, 3, 3), *ok)
+    assert F._weight_gradient_by_winograd((48, 32, 3, 3), *ok)
+    assert not F._weight_gradient_by_winograd((16, 8, 3, 3), *ok)
+    assert not F._weight_gradient_by_winograd((24, 16, 3, 3), *ok)
+    assert not F._weight_gradient_by_winograd((16, 16, 5, 5), *ok)
+    assert not F._weight_gradient_by_winograd((16, 16, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1))
+    assert not F._weight_gradient_by_winograd((16, 16, 3, 3), (1, 1), (0, 0, 0, 0), (1, 1))
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
+    assert not F._weight_gradient_by_winograd((16, 16, 3, 3), *ok)
+
+
+def test_a_layer_takes_its_weight_gradient_by_it(monkeypatch):
+    conv = fastcnn.Conv2D(16, 32, 3, padding=1, rng=np.random.default_rng(24))
+    rng = np.random.default_rng(25)
+    x = rng.standard_normal((3, 16, 10, 9)).astype(np.float32)
+    dy = rng.standard_normal((3, 32, 10, 9)).astype(np.float32)
+    grads = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_WINOGRAD", env)
+        conv.zero_grad()
+        conv(x)
+        conv.backward(dy)
+        grads.append((conv.weight.grad.copy(), conv.bias.grad.copy()))
+    (dw, db), (direct_dw, direct_db) = grads
+    assert not np.array_equal(dw, direct_dw)
+    np.testing.assert_allclose(dw, direct_dw, rtol=0, atol=5e-5 * np.abs(direct_dw).max())
+    np.testing.assert_allclose(db, direct_db, rtol=0, atol=5e-5 * np.abs(direct_db).max())

@@ -41,3 +41,28 @@ def winograd_conv2d(x, w, b, padding=((0, 0), (0, 0))):
                 )
     y += b.astype(np.float64)[None, :, None, None]
     return y[:, :, :OH, :OW].astype(x.dtype)
+
+
+def winograd_conv2d_backward_weight(x, dy, padding=((0, 0), (0, 0))):
+    """dw (F, C, 3, 3) of that cross-correlation from its gradient dy (N, F, OH, OW), by the
+    same algorithm run backwards (the adjoint of each step): per tile the 2x2 gradient is
+    spread to 4x4, A dy A^T, multiplied elementwise with the patch's B^T d B, summed over
+    every tile, and brought back to 3x3 by G^T (.) G."""
+    N, C, H, W = x.shape
+    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    (pt, pb), (pl, pr) = padding
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2))
+    xp[:, :, pt : pt + H, pl : pl + W] = x
+    dyp = np.zeros((N, F, 2 * TH, 2 * TW))  # outputs past OH, OW: no gradient
+    dyp[:, :, :OH, :OW] = dy
+    S = np.zeros((F, C, 4, 4))
+    for n in range(N):
+        for ty in range(TH):
+            for tx in range(TW):
+                d = xp[n, :, 2 * ty : 2 * ty + 4, 2 * tx : 2 * tx + 4]
+                V = np.einsum("ai,cij,bj->cab", BT, d, BT)
+                g = dyp[n, :, 2 * ty : 2 * ty + 2, 2 * tx : 2 * tx + 2]
+                Z = np.einsum("ia,fij,jb->fab", AT, g, AT)  # A dy A^T
+                S += np.einsum("fab,cab->fcab", Z, V)
+    return np.einsum("ai,fcab,bj->fcij", G, S, G).astype(x.dtype)
