@@ -137,7 +137,8 @@ def test_same_bits_for_any_thread_count():
 def test_where_it_applies():
     assert F.winograd_applies((64, 32, 3, 3))
     assert F.winograd_applies((16, 48, 3, 3), stride=(1, 1))
-    assert not F.winograd_applies((64, 16, 3, 3))  # 16 input channels: no gain
+    assert F.winograd_applies((64, 16, 3, 3))
+    assert not F.winograd_applies((64, 8, 3, 3))
     assert not F.winograd_applies((64, 24, 3, 3))  # channels not a multiple of 16
     assert not F.winograd_applies((40, 32, 3, 3))
     assert not F.winograd_applies((64, 32, 5, 5))
@@ -210,7 +211,7 @@ def test_input_gradient_where_it_applies():
     pads = (1, 1, 1, 1)
     w = np.ones((48, 32, 3, 3), np.float32)  # 48 filters: dy's channels
     assert F._input_gradient_by_winograd(w, (1, 1), pads, (1, 1))
-    assert not F._input_gradient_by_winograd(w[:16], (1, 1), pads, (1, 1))  # 16 in dy
+    assert not F._input_gradient_by_winograd(w[:8], (1, 1), pads, (1, 1))  # 8 in dy
     assert not F._input_gradient_by_winograd(w[:, :24], (1, 1), pads, (1, 1))  # 24 out
     assert not F._input_gradient_by_winograd(w, (2, 2), pads, (1, 1))
     assert not F._input_gradient_by_winograd(w, (1, 1), (0, 0, 0, 0), (1, 1))  # 'valid'
