@@ -30,6 +30,7 @@ from . import functional as F
 from ._checks import is_int, is_real
 from ._types import Array, Config, Padding, Rng, Shape, Size2
 from .module import Module, Parameter, register_module
+from .precompile import expect_winograd_weight_gradient
 from .seeding import default_rng, global_generator
 
 if TYPE_CHECKING:
@@ -244,6 +245,10 @@ class Conv2D(Module):
 
     def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
+        if self.training:
+            expect_winograd_weight_gradient(
+                self.weight.data, self.stride, self.padding, self.dilation
+            )
         y = F.conv2d_forward(
             x,
             self.weight.data,

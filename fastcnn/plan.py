@@ -48,6 +48,7 @@ from .layers import (
     cast_input,
     check_grad,
 )
+from .precompile import expect_winograd_weight_gradient
 
 if TYPE_CHECKING:
     from .module import Module
@@ -161,6 +162,8 @@ def _tiles(pool):
 
 
 def _conv_relu(conv, x):
+    if conv.training:
+        expect_winograd_weight_gradient(conv.weight.data, conv.stride, conv.padding, conv.dilation)
     return F.conv2d_forward(
         x,
         conv.weight.data,

@@ -25,6 +25,8 @@ convolution's forward kernel starts a helper compiling that convolution's backwa
 first call of one of those waits for the helper and loads it from the cache. One helper per
 process at most; none when ``start`` ran, when the cache is warm, in the helpers themselves,
 when no second CPU is free at that moment (``_spare_cpu``), or with ``FASTCNN_NO_PRECOMPILE=1``.
+A second helper compiles the Winograd weight gradient, started by the first training-mode
+forward of a convolution that will need it (``expect_winograd_weight_gradient``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "compile_backward",
     "compile_conv_backward",
     "compile_winograd_backward",
+    "expect_winograd_weight_gradient",
     "cache_is_cold",
     "install_background",
 ]
@@ -181,15 +184,10 @@ _BACKGROUND = {
         "compile_backward",
         ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input"),
     ),
-    # a second helper: the Winograd weight gradient (~7 s of CPU) while this process compiles
-    # the Winograd forward (~5 s)
-    "conv2d_winograd_forward": (
-        "compile_winograd_backward",
-        ("winograd.conv2d_winograd_backward_weight",),
-    ),
 }
-#: jobs that may run beside the first one's helper (each job once per process at most)
-_SECOND_JOBS = frozenset({"conv2d_winograd_forward"})
+#: The second helper's job, started by expect_winograd_weight_gradient (no kernel's compilation
+#: tells: the Winograd forward also runs where no such gradient follows).
+_WINOGRAD_JOB = ("compile_winograd_backward", ("winograd.conv2d_winograd_backward_weight",))
 _HELPER_TIMEOUT = 600.0  # seconds a kernel waits for the helper before compiling it itself
 _background: dict[str, Any] = {
     "pid": None,
@@ -268,13 +266,12 @@ def _wait_for_helper() -> None:
 
 
 def _start_job(
-    name: str, argument_types: Any, beside: bool = False
+    job: tuple[str, tuple[str, ...]], dtype: str | None, beside: bool = False
 ) -> tuple[subprocess.Popen[bytes], Any] | None:
-    """The helper compiling job ``name``'s kernels for these argument types, and those
-    kernels; None when the cache is warm for them, or no helper could start. ``beside``: our
-    first helper still runs (the CPU it holds counts as spare)."""
-    function, names = _BACKGROUND[name]
-    dtype = _dtype_name(argument_types)
+    """The helper running ``job`` (this module's function, the kernels it compiles) for
+    ``dtype``, and those kernels; None when the cache is warm for them, or no helper could
+    start. ``beside``: our first helper still runs (the CPU it holds counts as spare)."""
+    function, names = job
     try:
         kernels = [_kernel(n) for n in names]
         paths = [k._cache._cache_file._index_path for k in kernels]  # numba's private layout
@@ -310,19 +307,47 @@ def _on_compile(dispatcher: Any, argument_types: Any) -> None:
     name = dispatcher.py_func.__name__
     if name not in _BACKGROUND or os.environ.get("FASTCNN_NO_PRECOMPILE"):
         return
-    if name in _SECOND_JOBS:
-        if second is None:  # once per process, also beside the first helper
-            first = state["helper"]
-            beside = first is not None and first.poll() is None
-            started = _start_job(name, argument_types, beside)
-            state["second"] = (None, frozenset()) if started is None else started
-        return
     if state["off"] or state["helper"] is not None:
         return
     state["off"] = True  # one such helper per process, started on the first trigger or never
-    started = _start_job(name, argument_types)
+    started = _start_job(_BACKGROUND[name], _dtype_name(argument_types))
     if started is not None:
         state["helper"], state["waiting"] = started
+
+
+def expect_winograd_weight_gradient(
+    weight: Array, stride: Any, padding: Any, dilation: Any
+) -> None:
+    """Called by a convolution's training-mode forward: if its weight gradient will run on
+    the Winograd kernel and that kernel is not in the cache, start a second helper compiling
+    it (about 7 s of CPU) while this process goes on with the forward, beside the first
+    helper if that still runs (the two share the CPUs; the work is the same). Once per
+    process; nothing after the first call but a dictionary lookup."""
+    state = _background
+    if state["pid"] != os.getpid():
+        state.update(pid=os.getpid(), helper=None, waiting=frozenset(), second=None)
+    if state["second"] is not None:
+        return
+    shape = weight.shape
+    if shape[2:] != (3, 3) or shape[0] % 16 or shape[1] % 16:
+        return
+    from . import functional as F
+
+    k, s, d = (
+        F.pair(v, n, "Conv2D")
+        for v, n in ((shape[2:], "kernel"), (stride, "stride"), (dilation, "dilation"))
+    )
+    pads = F.conv2d_padding(padding, k, s, d)
+    if not F._weight_gradient_by_winograd(shape, s, pads, d):
+        return
+    state["second"] = (None, frozenset())  # decided: once per process
+    if os.environ.get("FASTCNN_NO_PRECOMPILE"):
+        return
+    first = state["helper"]
+    beside = first is not None and first.poll() is None
+    started = _start_job(_WINOGRAD_JOB, str(weight.dtype), beside)
+    if started is not None:
+        state["second"] = started
 
 
 def install_background() -> None:

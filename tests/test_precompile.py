@@ -9,6 +9,7 @@ import textwrap
 import time
 import warnings
 
+import numpy as np
 import pytest
 
 from fastcnn import precompile
@@ -323,8 +324,8 @@ _WINOGRAD_CHILD = textwrap.dedent("""
 
 
 def test_second_helper_compiles_the_winograd_weight_gradient(tmp_path):
-    """Cold cache: compiling the Winograd forward starts a second helper for the Winograd
-    weight gradient, which the backward then loads from the cache."""
+    """Cold cache: a training-mode forward whose weight gradient will run on the Winograd
+    kernel starts a second helper compiling it, and the backward loads it from the cache."""
     env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
     env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
@@ -344,3 +345,19 @@ def test_second_helper_compiles_the_winograd_weight_gradient(tmp_path):
     assert out["SECOND"] == "True", out
     assert "conv2d_winograd_backward_weight" not in out["COMPILED"], out
     assert out["HITS"] == "1", out
+
+
+def test_the_second_helper_only_for_a_winograd_weight_gradient(monkeypatch):
+    started = []
+    monkeypatch.setattr(precompile, "_start_job", lambda *a: started.append(a) or None)
+    monkeypatch.setitem(precompile._background, "pid", os.getpid())
+    monkeypatch.setitem(precompile._background, "second", None)
+    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
+    w = np.ones((32, 32, 3, 3), np.float32)
+    precompile.expect_winograd_weight_gradient(w, 1, 0, 1)  # 'valid': the direct kernel
+    precompile.expect_winograd_weight_gradient(np.ones((32, 32, 5, 5), np.float32), 1, 2, 1)
+    precompile.expect_winograd_weight_gradient(w, 2, 1, 1)  # stride 2
+    assert started == [] and precompile._background["second"] is None
+    precompile.expect_winograd_weight_gradient(w, 1, "same", 1)
+    precompile.expect_winograd_weight_gradient(w, 1, 1, 1)  # once per process
+    assert len(started) == 1 and started[0][1] == "float32"
