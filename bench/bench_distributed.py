@@ -8,7 +8,9 @@ Configurations, each a fresh process (or ``mpiexec -n 2``) training the referenc
 ``fastcnn.fit`` on real MNIST (``$FASTCNN_DATA``), global batch 64: 1 rank x 1 thread, 1 rank x 2
 threads, 2 ranks x 1 thread with the fixed-order ring (the default: each plan step's gradients
 sent as soon as its backward is done), the same with one exchange after the whole backward
-(``FASTCNN_DIST_OVERLAP=0``), and 2 ranks x 1 thread with MPI_Allreduce. Each run trains a
+(``FASTCNN_DIST_OVERLAP=0``), 2 ranks x 1 thread with MPI_Allreduce, and the ceiling: two
+independent 1-thread processes side by side at batch 32 each, no MPI (their timed epochs start
+together at a file barrier; images/s = both epochs' images over the longer one). Each run trains a
 warm-up epoch of 20 steps (compiling, caches), then a timed epoch of ``--steps`` steps;
 images/s is rank 0's clock over the timed epoch. The rounds run the configurations in
 alternating order and the tables show medians, next to the machine's other load (1-minute
@@ -28,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +41,14 @@ CONFIGS = {  # name: (ranks, threads per rank, reduction, FASTCNN_DIST_OVERLAP)
     "2 ranks x 1 thread (ring)": (2, 1, "ring", "1"),
     "2 ranks x 1 thread (ring, one exchange after the backward)": (2, 1, "ring", "0"),
     "2 ranks x 1 thread (MPI_Allreduce)": (2, 1, "mpi", "1"),
+    "2 independent processes x 1 thread, batch 32 each (no exchange: the ceiling)": (
+        2,
+        1,
+        "none",
+        "1",
+    ),
 }
+CEILING = list(CONFIGS)[-1]
 
 
 def worker(args):
@@ -48,19 +58,28 @@ def worker(args):
     import fastcnn
     from fastcnn import distributed as dist
 
-    world = dist.init(reduction=args.reduction)
+    alone = args.reduction == "none"  # one of the ceiling's two independent processes
+    world = None if alone else dist.init(reduction=args.reduction)
     (x, y), _ = fastcnn.datasets.mnist(download=False)
-    batch = 64
+    batch = args.batch
     model = fastcnn.models.reference(seed=0)
     opt = fastcnn.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss = fastcnn.CrossEntropyLoss()
     common = dict(batch_size=batch, progress=False, threads=args.threads)
     fastcnn.fit(model, loss, opt, x[: 20 * batch], y[: 20 * batch], epochs=1, **common)
     n = args.steps * batch
-    if world.size > 1:
+    if alone:  # both processes warm: start the timed epochs together
+        open(f"{args.barrier}.{args.rank}", "w").close()
+        other = f"{args.barrier}.{1 - args.rank}"
+        while not os.path.exists(other):
+            time.sleep(0.001)
+    elif world.size > 1:
         dist.reduce_timing(reset=True)
     xt, yt = x[20 * batch : 20 * batch + n], y[20 * batch : 20 * batch + n]
     h = fastcnn.fit(model, loss, opt, xt, yt, epochs=1, **common)
+    if alone:
+        print(PROTOCOL + json.dumps([{"rank": args.rank, "seconds": h.seconds[0]}]), flush=True)
+        return
     out = {"rank": world.rank, "seconds": h.seconds[0], "images_per_second": n / h.seconds[0]}
     if world.size > 1:
         seconds, calls = dist.reduce_timing()
@@ -90,19 +109,44 @@ def other_load():
     return load, "; ".join(" ".join(line.split()) for line in ps)
 
 
-def run(name, steps):
-    ranks, threads, reduction, overlap = CONFIGS[name]
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads)]
-    cmd += ["--steps", str(steps), "--reduction", reduction]
-    if ranks > 1:
-        cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks)] + cmd
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE")
-    env["FASTCNN_DIST_OVERLAP"] = overlap
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+def _rows(name, proc):
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(PROTOCOL))
     return sorted(json.loads(line[len(PROTOCOL) :]), key=lambda r: r["rank"])
+
+
+def run(name, steps):
+    ranks, threads, reduction, overlap = CONFIGS[name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads)]
+    cmd += ["--steps", str(steps), "--reduction", reduction]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE")
+    env["FASTCNN_DIST_OVERLAP"] = overlap
+    if reduction == "none":  # the ceiling: two processes, half the batch each, no MPI
+        with tempfile.TemporaryDirectory() as tmp:
+            barrier = os.path.join(tmp, "warm")
+            procs = [
+                subprocess.Popen(
+                    cmd + ["--batch", "32", "--rank", str(r), "--barrier", barrier],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=REPO,
+                )
+                for r in range(ranks)
+            ]
+            rows = []
+            for proc in procs:
+                out, err = proc.communicate()
+                rows += _rows(
+                    name, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+                )
+        seconds = max(r["seconds"] for r in rows)
+        return [{"rank": 0, "seconds": seconds, "images_per_second": ranks * steps * 32 / seconds}]
+    if ranks > 1:
+        cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks)] + cmd
+    return _rows(name, subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO))
 
 
 def main():
@@ -110,6 +154,9 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--reduction", default="ring", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--barrier", default="", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=150, help="timed steps per run [150]")
     p.add_argument("--rounds", type=int, default=5, help="rounds of all configurations [5]")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
@@ -166,6 +213,8 @@ def main():
     )
     print("|---|---:|---:|---:|---:|---:|")
     for name in names[2:]:
+        if name == CEILING:
+            continue
         runs = results[name]
         step = statistics.median(1e3 * x[0]["seconds"] / args.steps for x in runs)
         ex = [statistics.median(x[i]["exchange_ms_per_step"] for x in runs) for i in (0, 1)]
