@@ -1127,10 +1127,16 @@ def _pixels(a):
 
 
 def batch_norm_forward_train(
-    x: Array, gamma: Array, beta: Array, eps: float = 1e-5, layer: str = "BatchNorm2D"
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    eps: float = 1e-5,
+    layer: str = "BatchNorm2D",
+    relu: bool = False,
 ) -> tuple[Array, Array, Array]:
     """Normalise with the batch statistics over (N, H, W): returns ``(y, mean, invstd)`` with
-    ``invstd = 1 / sqrt(biased_var + eps)``."""
+    ``invstd = 1 / sqrt(biased_var + eps)``; ``relu=True`` returns ``relu(y)`` instead, bitwise
+    ``relu_forward(y)`` (on a convolution's channels-last output, in the same pass)."""
     x, (gamma, beta) = _bn_args(x, layer, ("weight", gamma), ("bias", beta))
     n, c, h, w = x.shape
     if n * h * w < 2:
@@ -1143,11 +1149,13 @@ def batch_norm_forward_train(
     if _channels_last(x):  # a convolution's output: no layout conversion
         y = _pool.empty((n, h, w, c), dtype=x.dtype)
         _batchnorm.batchnorm_forward_train_nhwc(
-            _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd
+            _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd, relu
         )
         return _nchw(y), mean, invstd
     y = _pool.empty_like(x)
     _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean, invstd)
+    if relu:
+        y = relu_forward(y, layer)
     return y, mean, invstd
 
 

@@ -496,25 +496,32 @@ class BatchNorm2D(Module):
         self._check_shape(x.shape)
         return x.reshape(x.shape + (1,) * (4 - x.ndim))
 
+    def _check_train_size(self, x):
+        if x.size < 2 * x.shape[1]:  # checked here to name the caller's shape, not x4's
+            raise ValueError(
+                f"{self.name}: expected more than 1 value per channel when "
+                f"training, got input of shape {F._fmt_shape(x.shape)}"
+            )
+
+    def update_running(self, x4: Array, mean: Array, invstd: Array) -> None:
+        """The running statistics' update after a training-mode forward over x4 (N, C, H, W)."""
+        count = x4.shape[0] * x4.shape[2] * x4.shape[3]
+        # biased variance back from invstd (in float64), then the unbiased one for the update
+        var = 1.0 / np.square(invstd.astype(np.float64)) - self.eps
+        unbiased = var * (count / (count - 1))
+        m = self.momentum
+        self.running_mean[...] = (1 - m) * self.running_mean + m * mean.astype(np.float64)
+        self.running_var[...] = (1 - m) * self.running_var + m * unbiased
+
     def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         x4 = self._to4d(x)
         if self.training:
-            if x.size < 2 * x.shape[1]:  # checked here to name the caller's shape, not x4's
-                raise ValueError(
-                    f"{self.name}: expected more than 1 value per channel when "
-                    f"training, got input of shape {F._fmt_shape(x.shape)}"
-                )
+            self._check_train_size(x)
             y, mean, invstd = F.batch_norm_forward_train(
                 x4, self.weight.data, self.bias.data, self.eps, layer=self.name
             )
-            count = x4.shape[0] * x4.shape[2] * x4.shape[3]
-            # biased variance back from invstd (in float64), then the unbiased one for the update
-            var = 1.0 / np.square(invstd.astype(np.float64)) - self.eps
-            unbiased = var * (count / (count - 1))
-            m = self.momentum
-            self.running_mean[...] = (1 - m) * self.running_mean + m * mean.astype(np.float64)
-            self.running_var[...] = (1 - m) * self.running_var + m * unbiased
+            self.update_running(x4, mean, invstd)
             self.save_for_backward("train", x4, mean, invstd, x.shape, in_dtype)
         else:
             y = F.batch_norm_forward_eval(

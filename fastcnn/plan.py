@@ -25,7 +25,10 @@ The patterns (types matched exactly: a subclass may change what its forward does
   maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing;
 - Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]]: in evaluation mode the BatchNorm (running
   statistics) and the ReLU are applied by the convolution's kernel to each block of its output
-  while it is in cache; in training mode the plan the other patterns make of the same modules.
+  while it is in cache; in training mode the plan the other patterns make of the same modules;
+- BatchNorm2D -> ReLU [-> MaxPool2D], in training mode: the ReLU applied by the BatchNorm's
+  kernel to each chunk of its output as it is written; the pool's backward applies the ReLU's
+  mask (as ReLU -> MaxPool2D).
 """
 
 from __future__ import annotations
@@ -344,6 +347,78 @@ class ReLUMaxPool(Step):
         )
 
 
+class BatchNormReLU(Step):
+    """BatchNorm2D -> ReLU [-> MaxPool2D] in training mode: the ReLU applied to each chunk of
+    the normalised output as the BatchNorm's kernel writes it, while it is in cache
+    (functional.batch_norm_forward_train with ``relu``), then the pool; backward: the pool's
+    with the ReLU's mask in it (as ReLUMaxPool) or the ReLU's, then the BatchNorm's. In
+    evaluation mode (the BatchNorm's flag) the plan without this pattern runs (``self.inner``)."""
+
+    def __init__(self, modules: Iterable[Module]) -> None:
+        super().__init__(modules)
+        self.inner = _match(self.modules, _PATTERNS[2:])  # the patterns after this one's
+        self._ran_inner = False
+
+    def forward(self, x: Array) -> Array:
+        bn = self.modules[0]
+        if not bn.training:
+            self._ran_inner = True
+            for step in self.inner:
+                x = step.forward(x)
+            return x
+        self._ran_inner = False
+        xc, in_dtype = cast_input(x, bn.dtype, bn.name)
+        x4 = bn._to4d(xc)
+        bn._check_train_size(xc)
+        a, mean, invstd = F.batch_norm_forward_train(
+            x4, bn.weight.data, bn.bias.data, bn.eps, layer=bn.name, relu=True
+        )
+        bn.update_running(x4, mean, invstd)
+        y, argmax = a, None
+        if len(self.modules) == 3:
+            pool = self.modules[2]
+            y, argmax = F.max_pool2d_forward(
+                a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
+            )
+        self._save(x4, mean, invstd, a, y, argmax, xc.shape, in_dtype)
+        return y
+
+    def check(self) -> None:
+        if self._ran_inner:
+            for step in self.inner:
+                step.check()
+
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+        if self._ran_inner:
+            for i in range(len(self.inner) - 1, -1, -1):
+                dy = self.inner[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
+            return dy
+        bn, relu = self.modules[:2]
+        x4, mean, invstd, a, y, argmax, x_shape, in_dtype = self._take()
+        if argmax is None:
+            g = F.relu_backward(dy, a, layer=relu.name)
+        else:
+            pool = self.modules[2]
+            dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
+            g = F.max_pool2d_backward(
+                dy,
+                argmax,
+                a.shape,
+                pool.kernel_size,
+                pool.stride,
+                pool.padding,
+                relu_output=y,
+                layer=pool.name,
+            )
+        g = cast_grad(g, bn.dtype, bn.name, x_shape).reshape(x4.shape)
+        dx, dgamma, dbeta = F.batch_norm_backward(
+            g, x4, bn.weight.data, mean, invstd, layer=bn.name
+        )
+        bn.weight.grad += dgamma
+        bn.bias.grad += dbeta
+        return _as_dtype(dx.reshape(x_shape), in_dtype)
+
+
 class ConvBatchNorm(Step):
     """Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]].
 
@@ -416,6 +491,8 @@ class ConvBatchNorm(Step):
 
 #: (module types, step class), tried in this order at each position: longest first.
 _PATTERNS = (
+    ((BatchNorm2D, ReLU, MaxPool2D), BatchNormReLU),
+    ((BatchNorm2D, ReLU), BatchNormReLU),
     ((Conv2D, ReLU, MaxPool2D), ConvReLUMaxPool),
     ((Conv2D, ReLU), ConvReLU),
     ((Dense, ReLU), DenseReLU),

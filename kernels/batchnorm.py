@@ -416,6 +416,17 @@ def _chunk_affine(x, m, s, b, out):
             out[p, c] = (x[p, c] - m[c]) * s[c] + b[c]
 
 
+@njit(cache=True)
+def _chunk_relu_inplace(y):
+    """y = y where y > 0, else 0 (a NaN stays NaN) over the chunk: activations.relu_forward's
+    select, compiled as there (without fastmath), on the chunk while it is in cache."""
+    zero = y.dtype.type(0)
+    for p in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            v = y[p, c]
+            y[p, c] = zero if v <= zero else v
+
+
 @njit(cache=True, fastmath=_FASTMATH)
 def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
     """Per channel over the chunk's pixels, in float64: sum(dy), sum(dy * (x - m)), sum(x - m)."""
@@ -462,12 +473,13 @@ def _add_rows(part, out):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd):
+def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu):
     """Training-mode forward over a channels-last activation seen as pixels x channels.
 
     x, out (P, C) C-contiguous, P = N*H*W; gamma, beta, mean, invstd (C,); the formulas of
     batchnorm_forward_train (two passes for the statistics, the rounded mean compensated in
-    the shift), the sums in pixel chunks added in chunk order.
+    the shift), the sums in pixel chunks added in chunk order. ``relu``: then max(out, 0),
+    chunk by chunk as it is written (bitwise the ReLU layer's kernel after this one).
     """
     pixels, channels = x.shape
     chunks = (pixels + _PIXELS - 1) // _PIXELS
@@ -497,6 +509,8 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd):
             shift,
             out[k * _PIXELS : (k + 1) * _PIXELS],
         )
+        if relu:
+            _chunk_relu_inplace(out[k * _PIXELS : (k + 1) * _PIXELS])
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)

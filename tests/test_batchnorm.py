@@ -37,7 +37,7 @@ def fast_train(x, gamma, beta, eps, layout="nchw"):
     if layout == "nhwc":
         out = _pixels(out)
         K.batchnorm_forward_train_nhwc(
-            _pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd
+            _pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd, False
         )
         return _unpixels(out, x.shape), mean, invstd
     K.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), out, mean, invstd)

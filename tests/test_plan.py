@@ -156,6 +156,33 @@ def test_conv_batchnorm_is_bitwise_the_unfused_plan(dtype, index, rng):
     assert step._ran_inner
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool", [False, True])
+def test_batchnorm_relu_is_bitwise_the_unfused_plan(dtype, pool, rng):
+    """Training mode: the ReLU applied by the BatchNorm's kernel (on a channels-last input,
+    a convolution's output; NCHW takes the layer's path and the ReLU after it), the pool's
+    backward with the ReLU's mask; evaluation mode: the modules one by one."""
+    bn = L.BatchNorm2D(6, dtype=dtype)
+    bn.running_mean[...] = rng.standard_normal(6)
+    bn.running_var[...] = rng.random(6) + 0.1
+    bn.weight.data[...] = rng.standard_normal(6)
+    bn.bias.data[...] = rng.standard_normal(6)
+    model = Sequential(bn, L.ReLU(), *([L.MaxPool2D(2)] if pool else []))
+    assert _steps(model) == ["BatchNormReLU"]
+    x = rng.standard_normal((3, 6, 8, 6)).astype(dtype)
+    x[1, 2] = np.nan  # a channel of NaN: the ReLU keeps them
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    for training in (True, False):
+        model.train(training)
+        for inp in (channels_last, x, channels_last.astype(np.float64)):
+            for input_grad in (True, False):
+                assert_fused_equals_unfused(model, inp, input_grad=input_grad)
+    model.train()
+    step = model._plan()[0]
+    model(channels_last)
+    assert not step._ran_inner
+
+
 def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
     model = reference(seed=3)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)
@@ -176,6 +203,11 @@ def test_plans_of_the_ready_made_networks():
     assert _steps(model) == ["ConvBatchNorm"] + ["ModuleStep"] * 8
     for block in (model[3], model[5], model[7]):
         assert _steps(block.body) == ["ConvBatchNorm", "ConvBatchNorm"]
+        # in training the first runs as Conv2D, then BatchNorm2D with the ReLU in its kernel
+        assert [type(s).__name__ for s in block.body._plan()[0].inner] == [
+            "ModuleStep",
+            "BatchNormReLU",
+        ]
     # nested plain Sequentials are opened up: their runs fuse across the boundary
     chain = Sequential(Sequential(L.Conv2D(1, 2, 3), L.ReLU()), Sequential(L.MaxPool2D(2)))
     assert _steps(chain) == ["ConvReLUMaxPool"]
