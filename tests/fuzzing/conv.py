@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from fastcnn import layers
 from fuzzing.common import (
     GOOD,
+    arrays,
     assert_close,
     errors_of,
     expect_error,
@@ -108,6 +109,43 @@ def test_conv2d(data):
     if bias:
         assert_close(layer.bias.grad, eb, dtype, "Conv2D dbias")
     tally("Conv2D.backward", "valid")
+
+
+@fuzz(0.5)
+@given(data=st.data())
+def test_conv2d_winograd(data):
+    """3x3 stride-1 convolutions of 16k channels and filters, which run on the Winograd kernels
+    (forward, input and weight gradients): odd and tiny sizes, every padding up to 'same'."""
+    d = data.draw
+    dtype = d(st.sampled_from(GOOD))
+    cin, cout = d(st.sampled_from([16, 32])), d(st.sampled_from([16, 32, 48]))
+    pad = d(st.sampled_from([0, 1, "same", (1, 1)]))
+    bias = d(st.booleans())
+    layer = layers.Conv2D(
+        cin, cout, 3, padding=pad, bias=bias, dtype=dtype, rng=d(st.integers(0, 99))
+    )
+    p = 0 if pad == 0 else 1
+    n, h, w = (
+        d(st.integers(1, 2)),
+        d(st.integers(max(1, 3 - 2 * p), 4)),
+        d(st.integers(max(1, 3 - 2 * p), 4)),
+    )
+    # finite values: a NaN or inf reaches a Winograd tile's neighbours (functional.conv2d_forward)
+    x = d(arrays((n, cin, h, w), dtypes=[dtype], special=False))
+    xa = np.asarray(x)
+    y = layer(x)
+    x64, w64 = f64(xa.astype(dtype)), f64(layer.weight.data)
+    b64 = f64(layer.bias.data) if bias else np.zeros(cout)
+    padding = ((p, p), (p, p))
+    assert_close(y, naive_conv.conv2d_forward(x64, w64, b64, (1, 1), padding), dtype, "Conv2D y")
+    dy = d(arrays(y.shape, dtypes=[dtype], special=False))
+    dx = layer.backward(dy)
+    ex, ew, eb = naive_conv.conv2d_backward(x64, w64, f64(np.asarray(dy)), (1, 1), padding)
+    assert_close(dx, ex, dtype, "Conv2D dx")
+    assert_close(layer.weight.grad, ew, dtype, "Conv2D dweight")
+    if bias:
+        assert_close(layer.bias.grad, eb, dtype, "Conv2D dbias")
+    tally("Conv2D (Winograd shapes)", "valid")
 
 
 # ---------------------------------------------------------------------------------------------
