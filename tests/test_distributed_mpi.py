@@ -202,13 +202,22 @@ def test_batchnorm_and_dropout_model(tmp_path):
 
 @requires_mpi
 @requires_mnist
-def test_checkpoint_resumes_with_another_number_of_ranks(tmp_path):
+def test_checkpoint_resumes_with_another_number_of_ranks(tmp_path, monkeypatch):
+    """Two epochs, the first with K ranks, the second with another K, against one process.
+    On the direct kernels (FASTCNN_WINOGRAD=0): with the Winograd forward of conv2 the runs
+    measured 3e-8 apart after the first epoch and 9.6e-5 after the second (the direct kernels
+    9e-8). conv2's outputs hold max-pool windows whose two largest values lie within 1e-6 of
+    each other under either kernel (83-94 per 256 MNIST images), where a difference of a few
+    ULPs can route a gradient elsewhere; when a trajectory meets one is a matter of the
+    trajectory, not of the exchange and the resume this test checks."""
+    monkeypatch.setenv("FASTCNN_WINOGRAD", "0")  # one_process runs in this process
+    direct = _env(FASTCNN_WINOGRAD="0")
     n = ["--n", 1001]
     (uninterrupted,), _ = one_process(tmp_path / "ref", *n, "--epochs", 2)
 
     # 2 ranks -> 1: only rank 0 writes the checkpoint
     c2 = tmp_path / "k2.safetensors"
-    check_ok(worker("fit", tmp_path / "a", *n, "--checkpoint", c2))
+    check_ok(worker("fit", tmp_path / "a", *n, "--checkpoint", c2, env=direct))
     assert c2.exists() and not list(tmp_path.glob("*.tmp*"))
     ckpt = fastcnn.checkpoint.load(c2)
     assert ckpt.epoch == 1
@@ -219,7 +228,7 @@ def test_checkpoint_resumes_with_another_number_of_ranks(tmp_path):
     # 1 rank -> 2
     c1 = tmp_path / "k1.safetensors"
     one_process(tmp_path / "c", *n, "--checkpoint", c1)
-    check_ok(worker("fit", tmp_path / "d", *n, "--epochs", 2, "--resume", c1))
+    check_ok(worker("fit", tmp_path / "d", *n, "--epochs", 2, "--resume", c1, env=direct))
     (s0, s1), (r0, _) = results(tmp_path / "d")
     assert_bitwise(s0, s1)
     assert r0["history"]["epoch"] == [1, 2]
