@@ -768,12 +768,9 @@ def max_pool2d_conv2d_backward(
         _input_gradient_by_winograd(weight, (sh, sw), pads, (dh, dw))
         or _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw))
     )
-    if (
-        n == 0
-        or (input_grad and not sparse)
-        or _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw))
-    ):
-        dconv = max_pool2d_backward(
+
+    def pool_gradient():  # the convolution's gradient, formed
+        return max_pool2d_backward(
             dy,
             argmax,
             conv_shape,
@@ -781,6 +778,13 @@ def max_pool2d_conv2d_backward(
             relu_output=pooled if relu else None,
             layer=pool_layer,
         )
+
+    if (
+        n == 0
+        or (input_grad and not sparse)
+        or _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw))
+    ):
+        dconv = pool_gradient()
         return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias, input_grad)
     dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)
     oh, ow = conv_shape[2], conv_shape[3]
@@ -812,15 +816,8 @@ def max_pool2d_conv2d_backward(
     )
     dx = None
     if transposed:
-        dconv = max_pool2d_backward(
-            dy,
-            argmax,
-            conv_shape,
-            pool_kernel,
-            relu_output=pooled if relu else None,
-            layer=pool_layer,
-        )
-        dx = _nchw(_input_gradient(x.shape, weight, _nhwc(dconv), (sh, sw), pads, (dh, dw)))
+        dconv = _nhwc(pool_gradient())
+        dx = _nchw(_input_gradient(x.shape, weight, dconv, (sh, sw), pads, (dh, dw)))
     elif input_grad:
         h, w = x.shape[2], x.shape[3]
         dx = _pool.empty((n, h, w, c), dtype=x.dtype)

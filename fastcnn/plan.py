@@ -347,7 +347,33 @@ class ReLUMaxPool(Step):
         )
 
 
-class BatchNormReLU(Step):
+class _WithInnerPlan(Step):
+    """A fused step that runs, where it cannot fuse, the plan the patterns ``patterns`` make
+    of its modules (``self.inner``)."""
+
+    def __init__(self, modules: Iterable[Module], patterns: Sequence[Any]) -> None:
+        super().__init__(modules)
+        self.inner = _match(self.modules, patterns)
+        self._ran_inner = False
+
+    def _forward_inner(self, x: Array) -> Array:
+        self._ran_inner = True
+        for step in self.inner:
+            x = step.forward(x)
+        return x
+
+    def _backward_inner(self, dy: Array, input_grad: bool) -> Array:
+        for i in range(len(self.inner) - 1, -1, -1):
+            dy = self.inner[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
+        return dy
+
+    def check(self) -> None:
+        if self._ran_inner:
+            for step in self.inner:
+                step.check()
+
+
+class BatchNormReLU(_WithInnerPlan):
     """BatchNorm2D -> ReLU [-> MaxPool2D] in training mode: the ReLU applied to each chunk of
     the normalised output as the BatchNorm's kernel writes it, while it is in cache
     (functional.batch_norm_forward_train with ``relu``), then the pool; backward: the pool's
@@ -355,17 +381,12 @@ class BatchNormReLU(Step):
     evaluation mode (the BatchNorm's flag) the plan without this pattern runs (``self.inner``)."""
 
     def __init__(self, modules: Iterable[Module]) -> None:
-        super().__init__(modules)
-        self.inner = _match(self.modules, _PATTERNS[2:])  # the patterns after this one's
-        self._ran_inner = False
+        super().__init__(modules, _PATTERNS[2:])  # the patterns after this one's
 
     def forward(self, x: Array) -> Array:
         bn = self.modules[0]
         if not bn.training:
-            self._ran_inner = True
-            for step in self.inner:
-                x = step.forward(x)
-            return x
+            return self._forward_inner(x)
         self._ran_inner = False
         xc, in_dtype = cast_input(x, bn.dtype, bn.name)
         x4 = bn._to4d(xc)
@@ -383,16 +404,9 @@ class BatchNormReLU(Step):
         self._save(x4, mean, invstd, a, y, argmax, xc.shape, in_dtype)
         return y
 
-    def check(self) -> None:
-        if self._ran_inner:
-            for step in self.inner:
-                step.check()
-
     def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         if self._ran_inner:
-            for i in range(len(self.inner) - 1, -1, -1):
-                dy = self.inner[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
-            return dy
+            return self._backward_inner(dy, input_grad)
         bn, relu = self.modules[:2]
         x4, mean, invstd, a, y, argmax, x_shape, in_dtype = self._take()
         if argmax is None:
@@ -419,7 +433,7 @@ class BatchNormReLU(Step):
         return _as_dtype(dx.reshape(x_shape), in_dtype)
 
 
-class ConvBatchNorm(Step):
+class ConvBatchNorm(_WithInnerPlan):
     """Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]].
 
     In training mode (the BatchNorm's flag) the modules run as the plan without this pattern
@@ -431,9 +445,7 @@ class ConvBatchNorm(Step):
     inner plan's forward again from the saved input, then its backward."""
 
     def __init__(self, modules: Iterable[Module]) -> None:
-        super().__init__(modules)
-        self.inner = _match(self.modules, _PATTERNS)
-        self._ran_inner = False
+        super().__init__(modules, _PATTERNS)
 
     def _fusable(self) -> bool:
         conv, bn = self.modules[:2]
@@ -442,10 +454,7 @@ class ConvBatchNorm(Step):
 
     def forward(self, x: Array) -> Array:
         if not self._fusable():
-            self._ran_inner = True
-            for step in self.inner:
-                x = step.forward(x)
-            return x
+            return self._forward_inner(x)
         self._ran_inner = False
         conv, bn = self.modules[:2]
         xc, in_dtype = cast_input(x, conv.dtype, conv.name)
@@ -474,18 +483,12 @@ class ConvBatchNorm(Step):
         self._save(x)
         return y
 
-    def check(self) -> None:
-        if self._ran_inner:
-            for step in self.inner:
-                step.check()
-
     def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
-        if not self._ran_inner:
+        if not self._ran_inner:  # the inner plan's forward again, from the saved input
             (x,) = self._take()
             for step in self.inner:
                 x = step.forward(x)
-        for i in range(len(self.inner) - 1, -1, -1):
-            dy = self.inner[i].backward(dy, input_grad or i > 0)  # type: ignore[assignment]
+        dy = self._backward_inner(dy, input_grad)
         return dy if input_grad else None
 
 

@@ -250,7 +250,7 @@ _BACKGROUND_CHILD = textwrap.dedent("""
 """)
 
 
-def _background_child(tmp_path, **env_extra):
+def _background_child(tmp_path, code=_BACKGROUND_CHILD, **env_extra):
     env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
     env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env_extra)
     root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
@@ -258,11 +258,11 @@ def _background_child(tmp_path, **env_extra):
         [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _BACKGROUND_CHILD],
+        [sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -326,22 +326,7 @@ _WINOGRAD_CHILD = textwrap.dedent("""
 def test_second_helper_compiles_the_winograd_weight_gradient(tmp_path):
     """Cold cache: a training-mode forward whose weight gradient will run on the Winograd
     kernel starts a second helper compiling it, and the backward loads it from the cache."""
-    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
-    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _WINOGRAD_CHILD],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    out = _background_child(tmp_path, _WINOGRAD_CHILD)
     assert out["SECOND"] == "True", out
     assert "conv2d_winograd_backward_weight" not in out["COMPILED"], out
     assert out["HITS"] == "1", out
