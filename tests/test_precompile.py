@@ -209,14 +209,16 @@ def test_a_ctrl_c_swallowed_while_compiling_still_interrupts(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-_BACKGROUND_CHILD = textwrap.dedent("""
+# The child scripts' start: the helper allowed whatever else runs on the machine, and the
+# names of the kernels this process compiles collected in ``compiled``.
+_CHILD_START = textwrap.dedent("""
     import numpy as np
     from numba.core import event
     import fastcnn
     from fastcnn import precompile
-    from fastcnn.kernels import conv2d
+    from fastcnn.kernels import conv2d, winograd
 
-    precompile._spare_cpu = lambda: True  # whatever else runs on the machine meanwhile
+    precompile._spare_cpu = lambda: True
     compiled = []
 
     class Listener(event.Listener):
@@ -227,6 +229,9 @@ _BACKGROUND_CHILD = textwrap.dedent("""
             pass
 
     event.register("numba:compile", Listener())
+""")
+
+_BACKGROUND_CHILD = _CHILD_START + textwrap.dedent("""
     # two convolutions, the second with stride 2 (its input gradient by col2im), as layers
     # call the kernels; input_grad: both gradients of both
     model = fastcnn.Sequential(
@@ -293,24 +298,7 @@ def test_no_helper_without_a_spare_cpu(monkeypatch):
     assert precompile._spare_cpu() is False
 
 
-_WINOGRAD_CHILD = textwrap.dedent("""
-    import numpy as np
-    from numba.core import event
-    import fastcnn
-    from fastcnn import precompile
-    from fastcnn.kernels import winograd
-
-    precompile._spare_cpu = lambda: True
-    compiled = []
-
-    class Listener(event.Listener):
-        def on_start(self, ev):
-            compiled.append(ev.data["dispatcher"].py_func.__name__)
-
-        def on_end(self, ev):
-            pass
-
-    event.register("numba:compile", Listener())
+_WINOGRAD_CHILD = _CHILD_START + textwrap.dedent("""
     # a 3x3 'same' convolution of 32 channels: Winograd forward, input and weight gradients
     model = fastcnn.Sequential(fastcnn.Conv2D(32, 32, 3, padding=1), fastcnn.ReLU())
     x = np.random.default_rng(0).random((2, 32, 6, 6), dtype=np.float32)
