@@ -6,9 +6,10 @@
 
 Configurations, each a fresh process (or ``mpiexec -n 2``) training the reference network with
 ``fastcnn.fit`` on real MNIST (``$FASTCNN_DATA``), global batch 64: 1 rank x 1 thread, 1 rank x 2
-threads, 2 ranks x 1 thread with the fixed-order ring (the default: each plan step's gradients
-sent as soon as its backward is done), the same with one exchange after the whole backward
-(``FASTCNN_DIST_OVERLAP=0``), 2 ranks x 1 thread with MPI_Allreduce, and the ceiling: two
+threads, 2 ranks x 1 thread summing through shared memory (the default on one host), the same
+with the fixed-order ring (each plan step's gradients sent as soon as its backward is done),
+the ring with one exchange after the whole backward (``FASTCNN_DIST_OVERLAP=0``), 2 ranks x 1
+thread with MPI_Allreduce, and the ceiling: two
 independent 1-thread processes side by side at batch 32 each, no MPI (their timed epochs start
 together at a file barrier; images/s = both epochs' images over the longer one). Each run trains a
 warm-up epoch of 20 steps (compiling, caches), then a timed epoch of ``--steps`` steps;
@@ -18,7 +19,8 @@ load average before each run, and the busiest other processes).
 
 For 2 ranks it also reports the time a rank spends in the gradient exchange per step (waiting
 for the slower rank included) and, measured apart after the ranks meet at a barrier, the
-exchange alone: the ring and MPI_Allreduce on the model's 225,034 float32 gradients.
+exchange alone: shared memory, the ring and MPI_Allreduce on the model's 225,034 float32
+gradients.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = "@@bench@@ "
 CONFIGS = {  # name: (ranks, threads per rank, reduction, FASTCNN_DIST_OVERLAP)
-    "1 rank x 1 thread": (1, 1, "ring", "1"),
-    "1 rank x 2 threads": (1, 2, "ring", "1"),
-    "2 ranks x 1 thread (ring)": (2, 1, "ring", "1"),
+    "1 rank x 1 thread": (1, 1, "auto", "1"),
+    "1 rank x 2 threads": (1, 2, "auto", "1"),
+    "2 ranks x 1 thread (shared memory: the default on one host)": (2, 1, "auto", "1"),
+    "2 ranks x 1 thread (ring, buckets during the backward)": (2, 1, "ring", "1"),
     "2 ranks x 1 thread (ring, one exchange after the backward)": (2, 1, "ring", "0"),
     "2 ranks x 1 thread (MPI_Allreduce)": (2, 1, "mpi", "1"),
     "2 independent processes x 1 thread, batch 32 each (no exchange: the ceiling)": (
@@ -49,6 +52,7 @@ CONFIGS = {  # name: (ranks, threads per rank, reduction, FASTCNN_DIST_OVERLAP)
     ),
 }
 CEILING = list(CONFIGS)[-1]
+ALONE = ("shared", "ring", "mpi")  # each timed alone on the model's gradients after a run
 
 
 def worker(args):
@@ -85,10 +89,11 @@ def worker(args):
         seconds, calls = dist.reduce_timing()
         out["exchange_ms_per_step"] = 1e3 * seconds / calls
         buf = np.ones(model.num_parameters(), dtype=np.float32)
-        for reduction in ("ring", "mpi"):
+        for reduction in ALONE:
             world.reduction = reduction
             times = []
             for _ in range(60):
+                buf[...] = 1  # (summed again and again it would overflow: inf is slow to add)
                 dist.barrier()
                 t0 = time.perf_counter()
                 world.sum_inplace(buf)
@@ -153,7 +158,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--reduction", default="ring", help=argparse.SUPPRESS)
+    p.add_argument("--reduction", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--barrier", default="", help=argparse.SUPPRESS)
@@ -208,21 +213,22 @@ def main():
         print(f"| {name} | {ips:,.0f} | {ips / base:.2f}x | {ips / two:.2f}x | {paired:.2f}x |")
     print("\nPer step, 2 ranks (median over rounds; rank 0 / rank 1):\n")
     print(
-        "| configuration | step ms | in the exchange ms | share | ring alone ms "
-        "| MPI_Allreduce alone ms |"
+        "| configuration | step ms | in the exchange ms | share | shared memory alone ms "
+        "| ring alone ms | MPI_Allreduce alone ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names[2:]:
         if name == CEILING:
             continue
         runs = results[name]
         step = statistics.median(1e3 * x[0]["seconds"] / args.steps for x in runs)
         ex = [statistics.median(x[i]["exchange_ms_per_step"] for x in runs) for i in (0, 1)]
-        ring = statistics.median(x[0]["alone_ring_ms"] for x in runs)
-        mpi = statistics.median(x[0]["alone_mpi_ms"] for x in runs)
+        alone = " | ".join(
+            f"{statistics.median(x[0][f'alone_{r}_ms'] for x in runs):.3f}" for r in ALONE
+        )
         print(
             f"| {name} | {step:.2f} | {ex[0]:.2f} / {ex[1]:.2f} | "
-            f"{100 * ex[0] / step:.0f}% / {100 * ex[1] / step:.0f}% | {ring:.3f} | {mpi:.3f} |"
+            f"{100 * ex[0] / step:.0f}% / {100 * ex[1] / step:.0f}% | {alone} |"
         )
     print(
         f"\nOther load: 1-minute load average before the runs {min(loads):.2f} .. "

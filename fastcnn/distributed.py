@@ -4,7 +4,8 @@ Every rank holds the whole model. Each global batch (the batch a one-process run
 same seed, same size) is split into K contiguous shards, one per rank; each rank computes the
 gradient of its shard's mean loss, and the gradients are summed over the ranks weighted by the
 shard sizes, ``g = sum_r m_r g_r / M``, which is the one-process gradient of the batch's mean
-loss even when the last batch is short. The sum runs in a FIXED order (a ring
+loss even when the last batch is short. The sum runs in a FIXED order (on one host through
+shared memory, every rank adding the K ranks' buffers in rank order; across hosts a ring
 reduce-scatter + allgather written here, every chunk added up by one rank in an order that
 depends only on K), so every rank holds bitwise the same gradient, hence the same weights after
 every step, and a rerun reproduces them. The API follows Horovod's names::
@@ -75,9 +76,11 @@ __all__ = [
     "DEFAULT_TIMEOUT",
 ]
 
-#: How gradients are summed: "ring" (fixed order, bitwise equal on every rank: the default) or
-#: "mpi" (MPI_Allreduce, whose order MPI does not promise; kept to measure against)
-REDUCTIONS = ("ring", "mpi")
+#: How gradients are summed: "auto" (the default: "shared" when every rank runs on this host,
+#: else "ring"), "shared" (through memory the ranks of one host share, added in rank order),
+#: "ring" (messages, a fixed-order ring), both bitwise equal on every rank, or "mpi"
+#: (MPI_Allreduce, whose order MPI does not promise; kept to measure against)
+REDUCTIONS = ("auto", "shared", "ring", "mpi")
 #: Seconds a rank waits for a training step's message before it declares another rank lost
 #: (``$FASTCNN_DIST_TIMEOUT`` overrides it). The first step (kernels compiling) and the
 #: end-of-epoch exchange (rank 0 validating, writing a checkpoint) wait without a limit.
@@ -143,14 +146,18 @@ class World:
         local_size: int,
         timeout: float | None,
         reduction: str,
+        node: Any = None,
     ) -> None:
         self.comm = comm
         self.rank = rank
         self.size = size
         self.local_size = local_size
         self.timeout = timeout
-        self.reduction = reduction
+        self._node = node  # the ranks of this host (the communicator "shared" works on)
+        self._windows: dict[str, _SharedSlots] = {}  # per dtype
         self._scratch: dict[tuple[str, int], Array] = {}
+        self.reduction = "ring"
+        self.use_reduction(reduction)
         #: seconds spent in gradient exchanges since the last reset (for measurements)
         self.reduce_seconds = 0.0
         self.reduce_calls = 0
@@ -162,6 +169,18 @@ class World:
             f"World(rank={self.rank}, size={self.size}, local_size={self.local_size}, "
             f"reduction={self.reduction!r}, timeout={self.timeout})"
         )
+
+    def use_reduction(self, reduction: str) -> None:
+        """Set :attr:`reduction` ("auto": "shared" if every rank runs on this host)."""
+        everyone_here = self.comm is not None and self.local_size == self.size
+        if reduction == "auto":
+            reduction = "shared" if everyone_here else "ring"
+        elif reduction == "shared" and self.comm is not None and not everyone_here:
+            raise DistributedError(
+                f"fastcnn.distributed.init: reduction='shared' needs every rank on one host; "
+                f"{self.local_size} of {self.size} run on this one"
+            )
+        self.reduction = reduction
 
     # -- waiting, with a watchdog ---------------------------------------------------------
     def wait(self, requests: list[Any], what: str, peer: int | None, timeout: float | None) -> None:
@@ -220,7 +239,40 @@ class World:
             req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             self.wait([req], what, None, timeout)
             return
+        if self.reduction == "shared":
+            self._shared_sum(buf, what, timeout)
+            return
         self._ring_sum(buf, what, timeout)
+
+    def _shared_sum(self, buf: Array, what: str, timeout: float | None) -> None:
+        """Each rank copies ``buf`` into its slot of memory the ranks of this host share (an
+        MPI-3 shared window), the ranks meet at a barrier, and each adds the K slots in rank
+        order, slot 0 + slot 1 + ...: the same bits on every rank (for K = 2 those of the
+        ring), one meeting per call, and no message carries the buffer."""
+        slots = self._windows.get(buf.dtype.str)
+        if slots is None or slots.capacity < buf.size:
+            if slots is not None:
+                slots.free()
+            try:
+                slots = self._windows[buf.dtype.str] = _SharedSlots(
+                    self, buf.dtype, buf.size, what, timeout
+                )
+            except (NotImplementedError, RuntimeError) as e:  # an MPI without shared windows
+                _say(f"rank {self.rank}: no shared memory ({e}); summing with the ring")
+                self.reduction = "ring"
+                self._ring_sum(buf, what, timeout)
+                return
+        mine, theirs = slots.next_call(buf.size)
+        mine[:] = buf
+        slots.win.Sync()  # (the stores visible before the barrier says so)
+        self.wait([self._node.Ibarrier()], what, None, timeout)
+        slots.win.Sync()
+        sizes = slots.sizes()
+        if any(n != buf.size for n in sizes):
+            self.abort(f"{what}: the ranks' buffers differ in size (rank by rank: {sizes})")
+        np.add(theirs[0], theirs[1], out=buf)
+        for other in theirs[2:]:
+            np.add(buf, other, out=buf)
 
     def _ring_sum(self, buf: Array, what: str, timeout: float | None) -> None:
         """Ring reduce-scatter then allgather (Patarasuk & Yuan's bandwidth-optimal allreduce):
@@ -276,6 +328,62 @@ class World:
         self.wait([req], what, None if self.rank == root else root, timeout)
 
 
+class _SharedSlots:
+    """Two slots per rank in a window of shared memory, taken in turn by successive calls: a
+    rank may write the next call's buffer while a slower one still adds up this one's. Each
+    slot starts with its length (int64), checked by every rank after the barrier."""
+
+    def __init__(
+        self, world: World, dtype: np.dtype[Any], n: int, what: str, timeout: float | None
+    ) -> None:
+        from mpi4py import MPI
+
+        # every rank allocates the largest size asked for (the allocation is collective)
+        ask = np.array([n, -n], dtype=np.int64)
+        req = world._node.Iallreduce(MPI.IN_PLACE, ask, op=MPI.MAX)
+        world.wait([req], what, None, timeout)
+        if ask[0] != -ask[1]:
+            world.abort(
+                f"{what}: the ranks' buffers differ in size (longest {ask[0]}, shortest {-ask[1]})"
+            )
+        self.capacity = int(ask[0])
+        self.dtype = dtype
+        # per slot: 8 bytes of length, then the values (rounded up to 8 bytes)
+        self.stride = 8 + -(-self.capacity * dtype.itemsize // 8) * 8
+        self.win = MPI.Win.Allocate_shared(2 * self.stride, 1, comm=world._node)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        k = world._node.Get_size()
+        self.rank = world._node.Get_rank()
+        self.memory = [
+            np.frombuffer(
+                cast(Any, self.win.Shared_query(q)[0]), dtype=np.uint8, count=2 * self.stride
+            )
+            for q in range(k)
+        ]
+        self.calls = 0
+
+    def _slot(self, q: int, half: int, n: int) -> tuple[Array, Array]:
+        start = half * self.stride
+        raw = self.memory[q][start : start + self.stride]
+        return raw[:8].view(np.int64), raw[8 : 8 + n * self.dtype.itemsize].view(self.dtype)
+
+    def next_call(self, n: int) -> tuple[Array, list[Array]]:
+        """(this rank's slot for this call, every rank's slot in rank order)."""
+        half = self.calls & 1
+        self.calls += 1
+        self._half = half
+        length, mine = self._slot(self.rank, half, n)
+        length[0] = n
+        return mine, [self._slot(q, half, n)[1] for q in range(len(self.memory))]
+
+    def sizes(self) -> list[int]:
+        return [int(self._slot(q, self._half, 0)[0][0]) for q in range(len(self.memory))]
+
+    def free(self) -> None:
+        self.win.Unlock_all()
+        self.win.Free()
+
+
 _WORLD: World | None = None
 
 
@@ -296,7 +404,7 @@ def _check_reduction(reduction: object) -> str:
 
 
 def init(
-    timeout: float | None | str = "env", reduction: str = "ring", excepthook: bool = True
+    timeout: float | None | str = "env", reduction: str = "auto", excepthook: bool = True
 ) -> World:
     """Join the MPI world (once; later calls return the same :class:`World`, with ``timeout``
     and ``reduction`` updated if given).
@@ -306,13 +414,13 @@ def init(
 
     - ``timeout``: seconds a training step waits for another rank before the job is aborted
       (``"env"``: ``$FASTCNN_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`; None or 0: no limit).
-    - ``reduction``: see :data:`REDUCTIONS`.
+    - ``reduction``: see :data:`REDUCTIONS` ("auto" resolves to "shared" or "ring" here).
     - ``excepthook``: with K > 1, an uncaught exception prints its traceback and aborts the
       job (otherwise the other ranks would wait for this one forever).
     """
     global _WORLD
     reduction = _check_reduction(reduction)
-    if _WORLD is not None and timeout == "env" and reduction == "ring":
+    if _WORLD is not None and timeout == "env" and reduction == "auto":
         return _WORLD  # (a later call with the defaults keeps the settings of the first)
     if timeout == "env":
         timeout = _timeout_from_env()
@@ -324,7 +432,8 @@ def init(
             )
         timeout = float(timeout) or None
     if _WORLD is not None:
-        _WORLD.timeout, _WORLD.reduction = timeout, reduction
+        _WORLD.timeout = timeout
+        _WORLD.use_reduction(reduction)
         return _WORLD
     launched = launched_size()
     if launched == 1:  # not started by a launcher (or by one with a single rank): no MPI needed
@@ -348,9 +457,11 @@ def init(
     world = MPI.COMM_WORLD
     comm = world.Dup() if world.Get_size() > 1 else None  # our messages apart from the user's
     local = max(1, _env_int(_LOCAL_SIZE_VARS, 1))
+    node = None
     if comm is not None:
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-    _WORLD = World(comm, world.Get_rank(), world.Get_size(), local, timeout, reduction)
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node.Get_size()
+    _WORLD = World(comm, world.Get_rank(), world.Get_size(), local, timeout, reduction, node)
     if comm is not None and excepthook:
         _install_excepthook(_WORLD)
     return _WORLD

@@ -8,6 +8,8 @@ Modes:
   ``--checkpoint`` / ``--resume`` as fit's.
 - ``loop``: the same training written as a user's own loop (``shard`` and
   ``DistributedOptimizer``), to compare with ``fit``.
+- ``sizes``: a user's bug, ranks that sum arrays of different lengths (``--n`` on rank 0, one
+  more on the others), after an ``allreduce`` of equal ones unless ``--n`` is 0.
 - ``die`` / ``raise`` / ``stop``: a user's loop in which rank 1 kills itself (SIGKILL), raises
   an exception, or stops itself (SIGSTOP) at step 3; the others must not wait forever.
 """
@@ -67,7 +69,7 @@ def data(args):
 def save(out, model, record):
     w = dist.init()
     np.savez(os.path.join(out, f"rank{w.rank}.npz"), **model.state_dict())
-    record.update(rank=w.rank, size=w.size)
+    record.update(rank=w.rank, size=w.size, reduction=w.reduction)
     with open(os.path.join(out, f"rank{w.rank}.json"), "w") as f:
         json.dump(record, f)
 
@@ -135,9 +137,17 @@ def run_loop(args, failure=None):
     save(args.out, model, {"steps": step})
 
 
+def run_sizes(args):
+    w = dist.init(reduction=args.reduction)
+    if args.n:
+        dist.allreduce(np.ones(args.n + 1, np.float32))
+    dist.allreduce(np.ones(args.n + (w.rank > 0), np.float32))
+    save(args.out, fastcnn.Sequential(), {})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["fit", "loop", "die", "raise", "stop"])
+    p.add_argument("mode", choices=["fit", "loop", "sizes", "die", "raise", "stop"])
     p.add_argument("out")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=1)
@@ -147,8 +157,10 @@ def main(argv=None):
     p.add_argument("--checkpoint")
     p.add_argument("--resume")
     p.add_argument("--val", action="store_true")
+    p.add_argument("--reduction", default="auto", help="dist.init's")
     p.add_argument("--force-warmup", action="store_true", help="fit's cold-cache warm-up")
     args = p.parse_args(argv)
+    dist.init(reduction=args.reduction)
     if args.force_warmup:  # as on a cold kernel cache: fit runs a warm-up step before the first
         import fastcnn.compile_ahead
 
@@ -157,6 +169,8 @@ def main(argv=None):
         run_fit(args)
     elif args.mode == "loop":
         run_loop(args)
+    elif args.mode == "sizes":
+        run_sizes(args)
     else:
         run_loop(args, failure=args.mode)
 

@@ -138,26 +138,49 @@ def test_two_ranks_bitwise_equal_and_match_one_process(tmp_path):
 @requires_mnist
 @pytest.mark.parametrize("model", ["reference", "shared"])
 def test_gradients_sent_during_backward_change_no_bit(tmp_path, model):
-    # fit on 2 ranks sends each plan step's gradients as soon as its backward is done; a
-    # parameter shared by two steps makes it wait for the whole backward instead
-    for overlap in ("1", "0"):
-        out = tmp_path / overlap
+    # fit on 2 ranks with the ring sends each plan step's gradients as soon as its backward is
+    # done; a parameter shared by two steps makes it wait for the whole backward instead; the
+    # shared-memory sum (the default on one host) adds rank 0's + rank 1's as the ring does
+    runs = {"1": ("ring", "1"), "0": ("ring", "0"), "shared": ("shared", "1")}
+    for name, (reduction, overlap) in runs.items():
         proc = worker(
-            "fit", out, "--n", 300, "--model", model, env=_env(FASTCNN_DIST_OVERLAP=overlap)
+            "fit",
+            tmp_path / name,
+            "--n",
+            300,
+            "--model",
+            model,
+            "--reduction",
+            reduction,
+            env=_env(FASTCNN_DIST_OVERLAP=overlap),
         )
         check_ok(proc)
     # fit's warm-up on a cold kernel cache runs a backward of its own: it must send nothing
-    proc = worker("fit", tmp_path / "w", "--n", 300, "--model", model, "--force-warmup")
+    proc = worker(
+        "fit",
+        tmp_path / "w",
+        "--n",
+        300,
+        "--model",
+        model,
+        "--reduction",
+        "ring",
+        "--force-warmup",
+    )
     check_ok(proc)
     (a0, a1), (r0, _) = results(tmp_path / "1")
     (b0, _), (q0, _) = results(tmp_path / "0")
     (w0, _), _ = results(tmp_path / "w")
+    (s0, s1), (t0, _) = results(tmp_path / "shared")
     assert_bitwise(a0, a1)
     assert_bitwise(a0, b0)
     assert_bitwise(a0, w0)
+    assert_bitwise(s0, s1)
+    assert_bitwise(a0, s0)
+    assert t0["reduction"] == "shared" and r0["reduction"] == "ring"
     # (the losses travel as float64 beside the buckets, as float32 in the one buffer)
     assert r0["history"]["train_loss"] == pytest.approx(q0["history"]["train_loss"], rel=1e-7)
-    assert q0["early_sends"] == 0
+    assert q0["early_sends"] == 0 and t0["early_sends"] == 0
     if model == "reference":  # 5 steps with parameters (conv, conv, dense, dense) x 5 batches
         assert r0["early_sends"] >= 5
     else:
@@ -166,14 +189,28 @@ def test_gradients_sent_during_backward_change_no_bit(tmp_path, model):
 
 @requires_mpi
 @requires_mnist
-def test_three_ranks_ring(tmp_path):
-    # K = 2 swaps whole buffers; K > 2 runs the ring (reduce-scatter + allgather)
-    check_ok(worker("fit", tmp_path / "k3", "--n", 301, k=3))
-    states, records = results(tmp_path / "k3", k=3)
+@pytest.mark.parametrize("reduction", ["ring", "shared"])
+def test_three_ranks(tmp_path, reduction):
+    # K > 2: the ring (reduce-scatter + allgather) or three slots of shared memory added in
+    # rank order; either way every rank holds the same bits
+    out = tmp_path / "k3"
+    check_ok(worker("fit", out, "--n", 301, "--reduction", reduction, k=3))
+    states, records = results(out, k=3)
+    assert records[0]["reduction"] == reduction
     assert_bitwise(states[0], states[1])
     assert_bitwise(states[0], states[2])
     (single,), _ = one_process(tmp_path / "k1", "--n", 301)
     assert max_diff(states[0], single) <= TOL
+
+
+@requires_mpi
+@pytest.mark.parametrize("first", [True, False], ids=["first-call", "later-call"])
+def test_ranks_summing_different_lengths_get_an_error(tmp_path, first):
+    # the shared-memory sum checks the lengths: when it allocates (the first call, or a longer
+    # buffer) and, from each slot's header, on every call
+    proc = worker("sizes", tmp_path, "--n", 0 if first else 50, "--reduction", "shared")
+    assert proc.returncode != 0
+    assert "buffers differ in size" in proc.stderr, proc.stderr[-2000:]
 
 
 @requires_mpi
