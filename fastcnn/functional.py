@@ -39,10 +39,10 @@ from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
 from .kernels import conv2d_c1 as _conv2d_c1
+from .kernels import dense as _dense
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 from .kernels import winograd as _winograd
-from .threads import one_blas_thread
 
 __all__ = [
     "check_float",
@@ -1237,9 +1237,8 @@ def batch_norm_backward_eval(
 
 
 # ---------------------------------------------------------------------------------------------
-# dense (numpy's matmul, on one BLAS thread whoever calls it: fastcnn.threads.one_blas_thread;
-# measured, a register-tiled Numba kernel only matched the 1-thread BLAS at the reference
-# Dense(1600, 128) once W.T was packed, and cost 7 s of first-run compilation)
+# dense (kernels/dense.py, on Numba's threads: numpy's matmul ran on one BLAS thread, 63-68
+# GFLOP/s at the reference network's Dense(1600, 128), whatever the threads)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1266,12 +1265,18 @@ def dense_forward(
     """y = x @ weight.T + bias: x (N, in), weight (out, in), bias (out,) or None; ``relu=True``
     returns relu(y), applied in place (a NaN stays NaN, as ReLU)."""
     x, weight, bias = _dense_args(x, weight, bias, layer)
-    with one_blas_thread():
-        y = np.matmul(x, weight.T, out=_pool.empty((x.shape[0], weight.shape[0]), x.dtype))
-    if bias is not None:
-        y += bias
-    if relu:
-        np.maximum(y, 0, out=y, where=~np.isnan(y))
+    n, (f, k) = x.shape[0], weight.shape
+    y = _pool.empty((n, f), x.dtype)
+    if y.size and k == 0:  # (no inputs: the bias alone)
+        y[...] = 0 if bias is None else bias
+        if relu:
+            np.maximum(y, 0, out=y, where=~np.isnan(y))
+    elif y.size:
+        if bias is None:
+            bias = np.zeros(f, x.dtype)
+        _dense.dense_forward(
+            np.ascontiguousarray(x), weight, bias, bool(relu), numba.get_num_threads(), y
+        )
     return y
 
 
@@ -1289,10 +1294,22 @@ def dense_backward(
     dy = check_float(dy, layer, "gradient")
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
-    with one_blas_thread():
-        dweight = np.matmul(dy.T, x, out=_pool.empty(weight.shape, x.dtype))
-        dx = np.matmul(dy, weight, out=_pool.empty(x.shape, x.dtype)) if input_grad else None
-    dbias = dy.sum(axis=0) if bias else None
+    x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    parts = numba.get_num_threads()
+    dweight = _pool.empty(weight.shape, x.dtype)
+    dbias = np.empty(weight.shape[0], x.dtype) if bias else None
+    dx = _pool.empty(x.shape, x.dtype) if input_grad else None
+    if x.shape[0] == 0:  # (an empty batch: no terms)
+        dweight[...] = 0
+        if dbias is not None:
+            dbias[...] = 0
+    elif dweight.size or dbias is not None:
+        _dense.dense_backward_weight(dy, x, parts, dweight, dbias)
+    if dx is not None and dx.size:
+        if weight.shape[0] == 0:
+            dx[...] = 0
+        else:
+            _dense.dense_backward_input(dy, weight, parts, dx)
     return dx, dweight, dbias
 
 

@@ -74,7 +74,8 @@ def _conv_operands(channels: int, dtype: DTypeLike) -> tuple[Array, Array]:
 
 def compile_forward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the fused conv + ReLU + pool, ReLU's backward (the dense layers'),
-    the SGD update and conv2's weight gradient: about half of the compile time."""
+    the SGD update, conv2's weight gradient and the Dense forward: about half of the compile
+    time."""
     from . import functional as F
     from .kernels import optim as kernels_optim
 
@@ -92,13 +93,14 @@ def compile_forward(dtype: DTypeLike = np.float32) -> None:
     F.max_pool2d_conv2d_backward(
         *_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
     )
+    F.dense_forward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.zeros(4, dtype), relu=True)
 
 
 def compile_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the rest: conv1's weight gradient (1 channel: the dense product, dy
     rebuilt in cache from the pooled gradient), conv2's input gradient from the pooled
-    gradient (the kernel called as functional calls it, with the same argument types) and
-    conv2's evaluation-mode forward (Winograd, then the pool)."""
+    gradient (the kernel called as functional calls it, with the same argument types),
+    conv2's evaluation-mode forward (Winograd, then the pool) and the Dense gradients."""
     from . import functional as F
     from .kernels import fused
 
@@ -116,17 +118,26 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     x32, _ = _conv_operands(32, dtype)
     a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)
     F.max_pool2d_forward(a, 2, 2, 0)
+    _dense_backward(dtype)
 
 
 def compile_conv_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the unfused convolution's gradients, as ``functional.conv2d_backward``
     calls them on channels-last activations: the weight gradient and the input gradient by
-    col2im (4 channels, stride 1: not computed as a convolution)."""
+    col2im (4 channels, stride 1: not computed as a convolution); the Dense gradients."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
     x, _ = _conv_operands(4, dtype)
     F.conv2d_backward(x, np.ones((8, 4, 3, 3), dtype), F._nchw(np.ones((2, 4, 4, 8), dtype)))
+    _dense_backward(dtype)
+
+
+def _dense_backward(dtype: np.dtype[Any]) -> None:
+    """The Dense layers' gradients (with a bias; input gradient too), as the layers ask."""
+    from . import functional as F
+
+    F.dense_backward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.ones((2, 4), dtype))
 
 
 def compile_winograd_backward(dtype: DTypeLike = np.float32) -> None:
@@ -175,14 +186,16 @@ def cache_is_cold() -> bool:
 # the cache meanwhile; when this process reaches one of them it waits for the helper and loads
 # it from the cache. Triggers and jobs: the forward kernel's name -> (the function of this
 # module the helper runs, the names of the kernels it compiles).
+_DENSE_BACKWARD = ("dense.dense_backward_input", "dense.dense_backward_weight")
 _BACKGROUND = {
     "conv2d_forward": (
         "compile_conv_backward",
-        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input"),
+        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE_BACKWARD,
     ),
     "conv2d_relu_maxpool2d_forward": (
         "compile_backward",
-        ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input"),
+        ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input")
+        + _DENSE_BACKWARD,
     ),
 }
 #: The second helper's job, started by expect_winograd_weight_gradient (no kernel's compilation

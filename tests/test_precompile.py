@@ -73,7 +73,8 @@ def test_groups_cover_a_training_step(tmp_path):
     # and array expressions in a parallel kernel into parallel loops of their own, each
     # compiled as a gufunc with its wrappers (conv1's weight gradient had two: 1-2 s)
     loops = eval([ln for ln in proc.stdout.splitlines() if ln.startswith("LOOPS")][-1][6:])
-    assert len(loops) == 7 and all(n == 1 for _, n in loops), loops  # (2: predict's)
+    # (2: predict's; 2: the Dense forward's and its gradients' shared product)
+    assert len(loops) == 9 and all(n == 1 for _, n in loops), loops
 
 
 def test_start_does_nothing_when_disabled(monkeypatch):

@@ -1,0 +1,209 @@
+"""The fully connected layer's three products, on Numba's threads instead of the BLAS.
+
+    forward          y[n, f]  = bias[f] + sum_k x[n, k] * w[f, k]      (then ReLU if asked)
+    input gradient   dx[n, k] = sum_f dy[n, f] * w[f, k]
+    weight gradient  dw[f, k] = sum_n dy[n, f] * x[n, k],   db[f] = sum_n dy[n, f]
+
+x (N, K), w (F, K) as PyTorch's nn.Linear, dy (N, F); every array C-contiguous, one float
+dtype. numpy's matmul ran these on one BLAS thread (two pools on two cores fight: see
+fastcnn/threads.py), at 63-68 GFLOP/s for the reference network's Dense(1600, 128).
+
+The forward multiplies rows of x by rows of w, both contiguous along k: a block of 4 rows of x
+and 4 of w keeps 16 accumulators of 16 lanes each (lane l sums the k = l mod 16 terms), 8 vector
+loads per 16 fused multiply-adds, and no transposed copy of w. The gradients are matrix
+products whose output rows are contiguous along k in one operand: gemm_tile's register tile,
+rows broadcast from dy.
+
+Every output element is summed by one tile in a fixed order (the forward: its 16 lanes over k,
+then bias + lane 0 + lane 1 + ... + lane 15; the gradients: over f, or over n, in order), so
+the results depend only on the inputs, not on the number of threads: ``parts`` (the threads)
+only splits the work.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .gemm_tile import FT, R, gemm_tile, stack_array
+
+#: the forward's block: RB rows of x by FB rows of w, L lanes along k
+RB = 4
+FB = 4
+L = 16
+_ACC = RB * FB * L
+#: bytes of x a row chunk of the forward reads while it stays in L2
+_CHUNK_BYTES = 131072
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def dense_forward(x, w, bias, relu, parts, out):
+    """out (N, F) = x (N, K) @ w (F, K).T + bias (F,), then max(., 0) if ``relu`` (a NaN stays
+    NaN); ``parts`` >= 1 splits the filters (the threads). K >= 1."""
+    N, K = x.shape
+    F = w.shape[0]
+    u = np.uint64
+    xf = x.reshape(-1)
+    wf = w.reshape(-1)
+    nrb = (N + RB - 1) // RB
+    nfb = (F + FB - 1) // FB
+    kfull = (K // L) * L
+    parts = max(1, min(parts, nfb))
+    # row chunks of ~128 KB of x: each part streams them from L2 against its own filters
+    rc_blocks = max(1, _CHUNK_BYTES // (RB * K * x.itemsize))
+    for part in prange(parts):
+        acc = numba.carray(stack_array(_ACC, x.dtype), (_ACC,))
+        for rc in range(0, nrb, rc_blocks):
+            for fb in range(part * nfb // parts, (part + 1) * nfb // parts):
+                # rows past the end repeat the last one (computed, never stored)
+                w0 = u(min(fb * FB, F - 1) * K)
+                w1 = u(min(fb * FB + 1, F - 1) * K)
+                w2 = u(min(fb * FB + 2, F - 1) * K)
+                w3 = u(min(fb * FB + 3, F - 1) * K)
+                for rb in range(rc, min(nrb, rc + rc_blocks)):
+                    x0 = u(min(rb * RB, N - 1) * K)
+                    x1 = u(min(rb * RB + 1, N - 1) * K)
+                    x2 = u(min(rb * RB + 2, N - 1) * K)
+                    x3 = u(min(rb * RB + 3, N - 1) * K)
+                    _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull)
+                    _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out)
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
+    """acc[(i*FB + j)*L + l] = sum over k < kfull, k = l mod L, of x_i[k] * w_j[k] (offsets x_i,
+    w_j of the block's rows). uint64 indices: a signed one is tested for wrap-around on every
+    load, and the loop is not vectorised."""
+    u = np.uint64
+    for q in range(_ACC):
+        acc[q] = 0
+    for kb in range(kfull // L):
+        k = u(kb * L)
+        for lane in range(L):
+            q = u(lane)
+            a0 = xf[x0 + k + q]
+            a1 = xf[x1 + k + q]
+            a2 = xf[x2 + k + q]
+            a3 = xf[x3 + k + q]
+            b0 = wf[w0 + k + q]
+            b1 = wf[w1 + k + q]
+            b2 = wf[w2 + k + q]
+            b3 = wf[w3 + k + q]
+            acc[q] += a0 * b0
+            acc[u(16) + q] += a0 * b1
+            acc[u(32) + q] += a0 * b2
+            acc[u(48) + q] += a0 * b3
+            acc[u(64) + q] += a1 * b0
+            acc[u(80) + q] += a1 * b1
+            acc[u(96) + q] += a1 * b2
+            acc[u(112) + q] += a1 * b3
+            acc[u(128) + q] += a2 * b0
+            acc[u(144) + q] += a2 * b1
+            acc[u(160) + q] += a2 * b2
+            acc[u(176) + q] += a2 * b3
+            acc[u(192) + q] += a3 * b0
+            acc[u(208) + q] += a3 * b1
+            acc[u(224) + q] += a3 * b2
+            acc[u(240) + q] += a3 * b3
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out):
+    """The block's outputs: the k >= kfull terms into lanes 0, 1, ..., then bias + the lanes in
+    order, the ReLU, stored (rows and filters past the end skipped)."""
+    for i in range(RB):
+        n = rb * RB + i
+        if n >= N:
+            break
+        for j in range(FB):
+            f = fb * FB + j
+            if f >= F:
+                break
+            q = (i * FB + j) * L
+            for k in range(kfull, K):
+                acc[q + k - kfull] += xf[n * K + k] * wf[f * K + k]
+            s = bias[f]
+            for lane in range(L):
+                s += acc[q + lane]
+            out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
+
+
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def _rows_times_columns(a, arow, aoff, nk, b, bstride, parts, out):
+    """out (M, C) = sum over k < nk of a[arow[m] + aoff[k]] * b[k * bstride + c], in order of k:
+    gemm_tile's R x FT tiles, FT columns of b at a time (C split between the ``parts``). Each
+    block of columns is first copied into a contiguous (nk, FT) panel, zero-padded past C: b's
+    rows are bstride apart, and at a power-of-two stride (2048 floats: VGG's Dense) every row of
+    the block fell into the same L1 sets. arow: M offsets padded to a multiple of R (copies of
+    the last); a, b flat; b holds nk rows of bstride >= C."""
+    M, C = out.shape
+    ncb = (C + FT - 1) // FT
+    nrt = (M + R - 1) // R
+    parts = max(1, min(parts, ncb))
+    tiles = np.empty((parts, R * FT), dtype=out.dtype)
+    panels = np.empty((parts, nk * FT), dtype=out.dtype)
+    for part in prange(parts):
+        tile = tiles[part]
+        panel = panels[part]
+        for cb in range(part * ncb // parts, (part + 1) * ncb // parts):
+            c0 = cb * FT
+            width = min(FT, C - c0)
+            for k in range(nk):
+                src = np.uint64(k) * bstride + np.uint64(c0)
+                for f in range(width):
+                    panel[k * FT + f] = b[src + np.uint64(f)]
+                for f in range(width, FT):
+                    panel[k * FT + f] = 0
+            for rt in range(nrt):
+                gemm_tile(
+                    a,
+                    arow,
+                    rt * R,
+                    aoff,
+                    0,
+                    nk,
+                    panel,
+                    np.uint64(0),
+                    np.uint64(FT),
+                    tile,
+                    0,
+                    False,
+                    False,
+                )
+                for r in range(min(R, M - rt * R)):
+                    for f in range(width):
+                        out[rt * R + r, c0 + f] = tile[r * FT + f]
+
+
+@njit(cache=True)
+def _offsets(count, step, padded):
+    """uint64 [0, step, 2 step, ...] of ``count`` entries, padded to ``padded`` with the last."""
+    out = np.empty(padded, dtype=np.uint64)
+    for i in range(padded):
+        out[i] = np.uint64(min(i, count - 1) * step)
+    return out
+
+
+@njit(cache=True)
+def dense_backward_input(dy, w, parts, dx):
+    """dx (N, K) = dy (N, F) @ w (F, K): rows of dy broadcast against rows of w."""
+    N, F = dy.shape
+    K = w.shape[1]
+    arow = _offsets(N, F, (N + R - 1) // R * R)
+    aoff = _offsets(F, 1, F)
+    _rows_times_columns(dy.reshape(-1), arow, aoff, F, w.reshape(-1), np.uint64(K), parts, dx)
+
+
+@njit(cache=True)
+def dense_backward_weight(dy, x, parts, dw, db):
+    """dw (F, K) = dy (N, F).T @ x (N, K); db (F,) = dy summed over n in order (db None: not
+    formed)."""
+    N, F = dy.shape
+    K = x.shape[1]
+    arow = _offsets(F, 1, (F + R - 1) // R * R)
+    aoff = _offsets(N, F, N)
+    _rows_times_columns(dy.reshape(-1), arow, aoff, N, x.reshape(-1), np.uint64(K), parts, dw)
+    if db is not None:
+        for f in range(F):
+            db[f] = 0
+            for n in range(N):
+                db[f] += dy[n, f]

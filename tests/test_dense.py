@@ -1,0 +1,110 @@
+"""kernels/dense.py against the textbook loops (tests/naive/dense.py): the forward (with and
+without ReLU), the input and the weight gradient, both dtypes, shapes that leave every edge of
+the blocks partial (rows, filters, the 16 lanes of the forward, the 32 columns of the
+gradients' tiles), bitwise the same for any number of threads, and the Dense layer's gradients
+by finite differences."""
+
+import numpy as np
+import pytest
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.kernels import dense as kernels_dense
+from gradcheck import assert_gradient, relative_error
+from naive import dense as naive_dense
+
+# (N, K, F): whole blocks; every edge partial; K < 16 (no full lane block); one of each;
+# VGG's power-of-two row stride (2048: the panels' reason)
+SHAPES = [(8, 64, 32), (13, 37, 7), (5, 9, 70), (1, 1, 1), (6, 2048, 5), (3, 100, 33)]
+
+
+def _naive(x, w, b, dy):
+    f64 = [a.astype(np.float64) for a in (x, w, b, dy)]
+    y = naive_dense.dense_forward(*f64[:3])
+    return (y, *naive_dense.dense_backward(f64[0], f64[1], f64[3]))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_the_textbook_loops(rng, dtype, tol, shape):
+    n, k, f = shape
+    x = rng.standard_normal((n, k)).astype(dtype)
+    w = rng.standard_normal((f, k)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    dy = rng.standard_normal((n, f)).astype(dtype)
+    y_ref, dx_ref, dw_ref, db_ref = _naive(x, w, b, dy)
+
+    y = np.empty((n, f), dtype)
+    kernels_dense.dense_forward(x, w, b, False, 2, y)
+    relu = np.empty((n, f), dtype)
+    kernels_dense.dense_forward(x, w, b, True, 2, relu)
+    dx = np.empty((n, k), dtype)
+    kernels_dense.dense_backward_input(dy, w, 2, dx)
+    dw, db = np.empty((f, k), dtype), np.empty(f, dtype)
+    kernels_dense.dense_backward_weight(dy, x, 2, dw, db)
+
+    assert relative_error(y, y_ref) <= tol
+    assert np.array_equal(relu, np.maximum(y, 0))  # the same sums, then the ReLU
+    assert relative_error(dx, dx_ref) <= tol
+    assert relative_error(dw, dw_ref) <= tol
+    assert relative_error(db, db_ref) <= tol
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_any_number_of_threads_gives_the_same_bits(rng, shape):
+    n, k, f = shape
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((f, k)).astype(np.float32)
+    b = rng.standard_normal(f).astype(np.float32)
+    dy = rng.standard_normal((n, f)).astype(np.float32)
+    runs = []
+    for parts in (1, 2, 3, 7):
+        y, dx = np.empty((n, f), np.float32), np.empty((n, k), np.float32)
+        dw, db = np.empty((f, k), np.float32), np.empty(f, np.float32)
+        kernels_dense.dense_forward(x, w, b, True, parts, y)
+        kernels_dense.dense_backward_input(dy, w, parts, dx)
+        kernels_dense.dense_backward_weight(dy, x, parts, dw, db)
+        runs.append((y, dx, dw, db))
+    for run in runs[1:]:
+        for a, b_ in zip(runs[0], run, strict=True):
+            assert np.array_equal(a, b_)
+
+
+def test_functional_through_the_threads_and_empty_shapes(rng):
+    x = rng.standard_normal((9, 40)).astype(np.float32)
+    w = rng.standard_normal((6, 40)).astype(np.float32)
+    dy = rng.standard_normal((9, 6)).astype(np.float32)
+    with fastcnn.threads.compute_threads(1):
+        one = (F.dense_forward(x, w, None, relu=True), *F.dense_backward(x, w, dy))
+    with fastcnn.threads.compute_threads(2):
+        two = (F.dense_forward(x, w, None, relu=True), *F.dense_backward(x, w, dy))
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    # no samples, no inputs, no outputs: what the matrix products give
+    for n, k, f in [(0, 4, 3), (2, 0, 3), (2, 4, 0)]:
+        x, w = np.ones((n, k), np.float32), np.ones((f, k), np.float32)
+        b = np.full(f, 0.5, np.float32)
+        assert np.array_equal(F.dense_forward(x, w, b), x @ w.T + b)
+        dx, dw, db = F.dense_backward(x, w, np.ones((n, f), np.float32))
+        assert np.array_equal(dx, np.ones((n, f)) @ w) and np.array_equal(dw, np.ones((n, f)).T @ x)
+        assert np.array_equal(db, np.full(f, n))
+
+
+def test_dense_layer_gradients_by_finite_differences(rng):
+    layer = fastcnn.Dense(21, 7, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((5, 21))
+    dy = rng.standard_normal((5, 7))
+    layer.forward(x)
+    dx = layer.backward(dy)
+    assert_gradient(layer.forward, x.copy(), dy, dx)
+    w = layer.weight.data
+    wgrad = layer.weight.grad.copy()
+
+    def with_weight(v):
+        saved = w.copy()
+        w[...] = v
+        out = layer.forward(x)
+        w[...] = saved
+        return out
+
+    assert_gradient(with_weight, w.copy(), dy, wgrad)
