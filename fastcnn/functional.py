@@ -1280,6 +1280,13 @@ def dense_forward(
     return y
 
 
+def _dense_offsets(count: int, step: int, pad: bool = True) -> Array:
+    """uint64 offsets [0, step, 2 step, ...] of ``count`` rows (or terms) for
+    kernels.dense.dense_product, padded with copies of the last to whole register tiles."""
+    size = -(-count // _dense.GR) * _dense.GR if pad else count
+    return np.minimum(np.arange(size, dtype=np.uint64), count - 1) * np.uint64(step)
+
+
 def dense_backward(
     x: Array,
     weight: Array,
@@ -1296,20 +1303,23 @@ def dense_backward(
     _check_shape_equal(dy, (x.shape[0], weight.shape[0]), layer, "gradient")
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
     parts = numba.get_num_threads()
+    (n, f), k = dy.shape, np.uint64(x.shape[1])
+    g = dy.reshape(-1)
     dweight = _pool.empty(weight.shape, x.dtype)
-    dbias = np.empty(weight.shape[0], x.dtype) if bias else None
+    dbias = dy.sum(axis=0) if bias else None
     dx = _pool.empty(x.shape, x.dtype) if input_grad else None
-    if x.shape[0] == 0:  # (an empty batch: no terms)
-        dweight[...] = 0
-        if dbias is not None:
-            dbias[...] = 0
-    elif dweight.size or dbias is not None:
-        _dense.dense_backward_weight(dy, x, parts, dweight, dbias)
-    if dx is not None and dx.size:
-        if weight.shape[0] == 0:
+    if dweight.size:  # dw = dy^T x: rows f of dy (offset f), terms n (offset n F)
+        if n == 0:
+            dweight[...] = 0
+        else:
+            rows, terms = _dense_offsets(f, 1), _dense_offsets(n, f, pad=False)
+            _dense.dense_product(g, rows, terms, n, x.reshape(-1), k, parts, dweight)
+    if dx is not None and dx.size:  # dx = dy w: rows n of dy (offset n F), terms f (offset f)
+        if f == 0:
             dx[...] = 0
         else:
-            _dense.dense_backward_input(dy, weight, parts, dx)
+            rows, terms = _dense_offsets(n, f), _dense_offsets(f, 1, pad=False)
+            _dense.dense_product(g, rows, terms, f, weight.reshape(-1), k, parts, dx)
     return dx, dweight, dbias
 
 

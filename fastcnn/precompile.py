@@ -186,7 +186,7 @@ def cache_is_cold() -> bool:
 # the cache meanwhile; when this process reaches one of them it waits for the helper and loads
 # it from the cache. Triggers and jobs: the forward kernel's name -> (the function of this
 # module the helper runs, the names of the kernels it compiles).
-_DENSE_BACKWARD = ("dense.dense_backward_input", "dense.dense_backward_weight")
+_DENSE_BACKWARD = ("dense.dense_product",)
 _BACKGROUND = {
     "conv2d_forward": (
         "compile_conv_backward",

@@ -1,19 +1,18 @@
 """Thread control: Numba's thread pool and the BLAS behind numpy, set for a block and restored.
 
-fastcnn's kernels run on Numba's thread pool; the Dense layers call ``numpy.matmul``, which runs
-on the BLAS's own pool (OpenBLAS here, built with pthreads). Both pools want every core, and an
-idle pool does not go to sleep at once: its threads keep spinning for a while in case more work
-arrives, stealing the cores the other pool is computing on.
+fastcnn's kernels run on Numba's thread pool, the Dense layers' products included
+(kernels/dense.py). numpy's BLAS has a pool of its own (OpenBLAS here, built with pthreads), and
+both pools want every core: an idle pool does not go to sleep at once, its threads keep spinning
+for a while in case more work arrives, stealing the cores the other pool is computing on (the
+Dense layers ran on ``numpy.matmul`` until 2026-12-05, and a user's own loop ran several times
+slower with numpy's default threads).
 
-So the BLAS runs on ONE thread whenever fastcnn multiplies matrices: the Dense layers wrap
-their products in :func:`one_blas_thread`, whatever loop drives them (``fit``, or a user's own
-loop, which ran several times slower with numpy's default threads), and
-``fit``/``evaluate``/``predict`` hold it for the whole run (:data:`BLAS_THREADS_DURING_COMPUTE`).
-With one thread the product runs in the calling thread, so no BLAS worker is left spinning
-against Numba's pool, and no environment variable is needed; the user's setting is back as soon
-as the product is done. Two BLAS threads win only when the pools are told not to spin, which
-takes a variable read when the library loads (before numpy is imported), out of reach of a
-library:
+So no layer calls the BLAS, and ``fit``/``evaluate``/``predict`` hold it at one thread for the
+whole run (:data:`BLAS_THREADS_DURING_COMPUTE`; ``clip_grad_norm``'s dot products run on it);
+:func:`one_blas_thread` holds it at one thread around a block of one's own. With one thread a
+product runs in the calling thread, so no BLAS worker is left spinning against Numba's pool.
+Two BLAS threads win only when the pools are told not to spin, which takes a variable read when
+the library loads (before numpy is imported), out of reach of a library:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` acts on libgomp, i.e. on *Numba's* workers (the ``omp`` threading
   layer), not on this OpenBLAS. It makes Numba's workers sleep after each kernel, so every kernel
@@ -21,7 +20,7 @@ library:
 - This OpenBLAS (pthreads) busy-waits (a ``sched_yield`` loop) for ``2**OPENBLAS_THREAD_TIMEOUT``
   cycles after each call (default 2**28, about 0.1 s), competing with Numba's threads.
   ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment stops that; then two BLAS threads can beat
-  one: set it and use ``compute_threads(n, blas=n)`` if Dense layers dominate your network.
+  one: set it and use ``compute_threads(n, blas=n)`` if your own matrix products dominate.
 
 The measurements behind these choices are in docs/threads.md.
 """

@@ -1,8 +1,8 @@
 """The fully connected layer's three products, on Numba's threads instead of the BLAS.
 
     forward          y[n, f]  = bias[f] + sum_k x[n, k] * w[f, k]      (then ReLU if asked)
-    input gradient   dx[n, k] = sum_f dy[n, f] * w[f, k]
-    weight gradient  dw[f, k] = sum_n dy[n, f] * x[n, k],   db[f] = sum_n dy[n, f]
+    input gradient   dx[n, k] = sum_f dy[n, f] * w[f, k]         (dense_product)
+    weight gradient  dw[f, k] = sum_n dy[n, f] * x[n, k]         (dense_product)
 
 x (N, K), w (F, K) as PyTorch's nn.Linear, dy (N, F); every array C-contiguous, one float
 dtype. numpy's matmul ran these on one BLAS thread (two pools on two cores fight: see
@@ -159,9 +159,11 @@ def _tile_rows(acc, a, a0, a1, a2, a3, a4, a5, aoff, nk, panel):
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
-def _rows_times_columns(a, arow, aoff, nk, b, bstride, parts, out):
+def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     """out (M, C) = sum over k < nk of a[arow[m] + aoff[k]] * b[k * bstride + c], in order of k:
-    GR x FT register tiles, FT columns of b at a time (C split between the ``parts``). Each
+    both gradients (input: a = dy, rows n at n F, terms f at f, b = w; weight: a = dy, rows f
+    at f, terms n at n F, b = x; functional.dense_backward makes the offsets). GR x FT
+    register tiles, FT columns of b at a time (C split between the ``parts``). Each
     block of columns is first copied into a contiguous (nk, FT) panel, zero-padded past C: b's
     rows are bstride apart, and at a power-of-two stride (2048 floats: VGG's Dense) every row of
     the block fell into the same L1 sets. arow: M offsets padded to a multiple of GR (copies
@@ -208,38 +210,3 @@ def _rows_times_columns(a, arow, aoff, nk, b, bstride, parts, out):
                 for r in range(min(GR, M - r0)):
                     for c in range(width):
                         out[r0 + r, c0 + c] = acc[r * FT + c]
-
-
-@njit(cache=True)
-def _offsets(count, step, padded):
-    """uint64 [0, step, 2 step, ...] of ``count`` entries, padded to ``padded`` with the last."""
-    out = np.empty(padded, dtype=np.uint64)
-    for i in range(padded):
-        out[i] = np.uint64(min(i, count - 1) * step)
-    return out
-
-
-@njit(cache=True)
-def dense_backward_input(dy, w, parts, dx):
-    """dx (N, K) = dy (N, F) @ w (F, K): rows of dy broadcast against rows of w."""
-    N, F = dy.shape
-    K = w.shape[1]
-    arow = _offsets(N, F, (N + GR - 1) // GR * GR)
-    aoff = _offsets(F, 1, F)
-    _rows_times_columns(dy.reshape(-1), arow, aoff, F, w.reshape(-1), np.uint64(K), parts, dx)
-
-
-@njit(cache=True)
-def dense_backward_weight(dy, x, parts, dw, db):
-    """dw (F, K) = dy (N, F).T @ x (N, K); db (F,) = dy summed over n in order (db None: not
-    formed)."""
-    N, F = dy.shape
-    K = x.shape[1]
-    arow = _offsets(F, 1, (F + GR - 1) // GR * GR)
-    aoff = _offsets(N, F, N)
-    _rows_times_columns(dy.reshape(-1), arow, aoff, N, x.reshape(-1), np.uint64(K), parts, dw)
-    if db is not None:
-        for f in range(F):
-            db[f] = 0
-            for n in range(N):
-                db[f] += dy[n, f]

@@ -18,6 +18,19 @@ from naive import dense as naive_dense
 SHAPES = [(8, 64, 32), (13, 37, 7), (5, 9, 70), (1, 1, 1), (6, 2048, 5), (3, 100, 33)]
 
 
+def _gradients(dy, x, w, parts, db=True):
+    """dx, dw (and db) through kernels.dense.dense_product, ``parts`` given (functional
+    passes Numba's thread count)."""
+    (n, f), k = dy.shape, x.shape[1]
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    u = np.uint64
+    rows, terms = F._dense_offsets(n, f), F._dense_offsets(f, 1, pad=False)
+    kernels_dense.dense_product(dy.reshape(-1), rows, terms, f, w.reshape(-1), u(k), parts, dx)
+    rows, terms = F._dense_offsets(f, 1), F._dense_offsets(n, f, pad=False)
+    kernels_dense.dense_product(dy.reshape(-1), rows, terms, n, x.reshape(-1), u(k), parts, dw)
+    return dx, dw
+
+
 def _naive(x, w, b, dy):
     f64 = [a.astype(np.float64) for a in (x, w, b, dy)]
     y = naive_dense.dense_forward(*f64[:3])
@@ -38,10 +51,8 @@ def test_kernels_match_the_textbook_loops(rng, dtype, tol, shape):
     kernels_dense.dense_forward(x, w, b, False, 2, y)
     relu = np.empty((n, f), dtype)
     kernels_dense.dense_forward(x, w, b, True, 2, relu)
-    dx = np.empty((n, k), dtype)
-    kernels_dense.dense_backward_input(dy, w, 2, dx)
-    dw, db = np.empty((f, k), dtype), np.empty(f, dtype)
-    kernels_dense.dense_backward_weight(dy, x, 2, dw, db)
+    dx, dw = _gradients(dy, x, w, 2)
+    db = F.dense_backward(x, w, dy)[2]
 
     assert relative_error(y, y_ref) <= tol
     assert np.array_equal(relu, np.maximum(y, 0))  # the same sums, then the ReLU
@@ -59,12 +70,9 @@ def test_any_number_of_threads_gives_the_same_bits(rng, shape):
     dy = rng.standard_normal((n, f)).astype(np.float32)
     runs = []
     for parts in (1, 2, 3, 7):
-        y, dx = np.empty((n, f), np.float32), np.empty((n, k), np.float32)
-        dw, db = np.empty((f, k), np.float32), np.empty(f, np.float32)
+        y = np.empty((n, f), np.float32)
         kernels_dense.dense_forward(x, w, b, True, parts, y)
-        kernels_dense.dense_backward_input(dy, w, parts, dx)
-        kernels_dense.dense_backward_weight(dy, x, parts, dw, db)
-        runs.append((y, dx, dw, db))
+        runs.append((y, *_gradients(dy, x, w, parts)))
     for run in runs[1:]:
         for a, b_ in zip(runs[0], run, strict=True):
             assert np.array_equal(a, b_)
