@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -74,8 +75,7 @@ def _conv_operands(channels: int, dtype: DTypeLike) -> tuple[Array, Array]:
 
 def compile_forward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the fused conv + ReLU + pool, ReLU's backward (the dense layers'),
-    the SGD update, conv2's weight gradient and the Dense forward: about half of the compile
-    time."""
+    the SGD update and conv2's weight gradient: about half of the compile time."""
     from . import functional as F
     from .kernels import optim as kernels_optim
 
@@ -93,7 +93,6 @@ def compile_forward(dtype: DTypeLike = np.float32) -> None:
     F.max_pool2d_conv2d_backward(
         *_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
     )
-    F.dense_forward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.zeros(4, dtype), relu=True)
 
 
 def compile_backward(dtype: DTypeLike = np.float32) -> None:
@@ -105,6 +104,7 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     from .kernels import fused
 
     dtype = np.dtype(dtype)
+    _dense_forward(dtype)
     gp, argmax, y = _pool_gradient(dtype)
     F.max_pool2d_conv2d_backward(
         *_conv_operands(1, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
@@ -128,9 +128,18 @@ def compile_conv_backward(dtype: DTypeLike = np.float32) -> None:
     from . import functional as F
 
     dtype = np.dtype(dtype)
+    _dense_forward(dtype)
     x, _ = _conv_operands(4, dtype)
     F.conv2d_backward(x, np.ones((8, 4, 3, 3), dtype), F._nchw(np.ones((2, 4, 4, 8), dtype)))
     _dense_backward(dtype)
+
+
+def _dense_forward(dtype: np.dtype[Any]) -> None:
+    """The Dense forward, first in either helper: the first forward reaches it after its
+    convolutions, and waits for this kernel alone (1.7 s of compilation, off this process)."""
+    from . import functional as F
+
+    F.dense_forward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.zeros(4, dtype), relu=True)
 
 
 def _dense_backward(dtype: np.dtype[Any]) -> None:
@@ -186,16 +195,16 @@ def cache_is_cold() -> bool:
 # the cache meanwhile; when this process reaches one of them it waits for the helper and loads
 # it from the cache. Triggers and jobs: the forward kernel's name -> (the function of this
 # module the helper runs, the names of the kernels it compiles).
-_DENSE_BACKWARD = ("dense.dense_product",)
+_DENSE = ("dense.dense_forward", "dense.dense_product")
 _BACKGROUND = {
     "conv2d_forward": (
         "compile_conv_backward",
-        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE_BACKWARD,
+        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE,
     ),
     "conv2d_relu_maxpool2d_forward": (
         "compile_backward",
         ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input")
-        + _DENSE_BACKWARD,
+        + _DENSE,
     ),
 }
 #: The second helper's job, started by expect_winograd_weight_gradient (no kernel's compilation
@@ -257,12 +266,39 @@ def _spare_cpu() -> bool:
         usable = os.cpu_count() or 1
     if usable < 2:
         return False
+    running = _running_tasks()
+    if running is None:
+        return True
+    # this process's own threads count once: Numba's workers, still running for a moment after
+    # a parallel kernel, kept LeNet-5's helper from ever starting (its first convolution runs
+    # before the second one, the trigger, compiles)
+    return running - max(0, _running_threads_here() - 1) < usable
+
+
+def _running_tasks() -> int | None:
+    """Threads running on the machine now (/proc/loadavg's fourth field), None if unknown."""
     try:
         with open("/proc/loadavg") as fh:
-            running = int(fh.read().split()[3].split("/")[0])
+            return int(fh.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
-        return True
-    return running < usable
+        return None
+
+
+def _running_threads_here() -> int:
+    """Threads of this process in state R (running) now, per /proc/self/task (0 if unknown)."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return count
 
 
 def _wait_for(helper: subprocess.Popen[bytes]) -> None:
@@ -273,9 +309,28 @@ def _wait_for(helper: subprocess.Popen[bytes]) -> None:
         helper.wait()
 
 
-def _wait_for_helper() -> None:
-    _background["waiting"] = frozenset()
-    _wait_for(_background["helper"])
+def _wait_for_kernel(dispatcher: Any) -> None:
+    """Wait until the helper has written ``dispatcher``'s kernel to the cache (its index file
+    appears: numba writes it after the data, each by an atomic rename) or has ended; then
+    numba loads it. Kernels a helper compiles early (the Dense forward) are thus ready long
+    before the helper's last one."""
+    state = _background
+    state["waiting"] = state["waiting"] - {dispatcher}
+    helper = state["helper"]
+    try:
+        path = dispatcher._cache._cache_file._index_path  # numba's private layout
+    except AttributeError:
+        path = None
+    start = time.monotonic()
+    while helper.poll() is None:
+        if path is not None and os.path.exists(path):
+            return
+        if time.monotonic() - start > _HELPER_TIMEOUT:  # stuck: compile here
+            helper.kill()
+            helper.wait()
+            state["waiting"] = frozenset()
+            return
+        time.sleep(0.02)
 
 
 def _start_job(
@@ -310,7 +365,7 @@ def _on_compile(dispatcher: Any, argument_types: Any) -> None:
     if state["pid"] != os.getpid():  # a fresh process, or a fork: nothing started here yet
         state.update(pid=os.getpid(), helper=None, waiting=frozenset(), second=None)
     if state["waiting"] and dispatcher in state["waiting"]:
-        _wait_for_helper()
+        _wait_for_kernel(dispatcher)
         return
     second = state["second"]
     if second is not None and second[1] and dispatcher in second[1]:

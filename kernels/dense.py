@@ -109,7 +109,7 @@ def _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
             acc[u(240) + q] += a3 * b3
 
 
-@njit(cache=True, fastmath={"contract"}, inline="always")
+@njit(cache=True, fastmath={"contract"})  # not inlined: 0.4 s less to compile, same speed
 def _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out):
     """The block's outputs: the k >= kfull terms into lanes 0, 1, ..., then bias + the lanes in
     order, the ReLU, stored (rows and filters past the end skipped)."""

@@ -217,7 +217,7 @@ _CHILD_START = textwrap.dedent("""
     from numba.core import event
     import fastcnn
     from fastcnn import precompile
-    from fastcnn.kernels import conv2d, winograd
+    from fastcnn.kernels import conv2d, dense, winograd
 
     precompile._spare_cpu = lambda: True
     compiled = []
@@ -252,6 +252,7 @@ _BACKGROUND_CHILD = _CHILD_START + textwrap.dedent("""
     print("HELPER_EXIT", None if helper is None else helper.poll())
     print("COMPILED", sorted(set(compiled)))
     kernels = (conv2d.conv2d_backward_weight, conv2d.conv2d_backward_input)
+    kernels += (dense.dense_forward, dense.dense_product)
     print("HITS", [sum(k.stats.cache_hits.values()) for k in kernels])
 """)
 
@@ -276,27 +277,42 @@ def _background_child(tmp_path, code=_BACKGROUND_CHILD, **env_extra):
 
 
 def test_background_helper_compiles_the_convolution_gradients_a_step_uses(tmp_path):
-    """Cold cache: the first forward convolution starts the helper, and the backward pass
-    waits for it and loads both gradient kernels from the cache (the helper compiled them with
-    the argument types the layers use: else they would compile here again)."""
+    """Cold cache: the first forward convolution starts the helper; the Dense forward, then the
+    backward pass, wait for it and load the Dense kernels and both convolution gradients from
+    the cache (the helper compiled them with the argument types the layers use: else they
+    would compile here again)."""
     first = _background_child(tmp_path)
-    assert first["HELPER"] == "True" and first["HELPER_EXIT"] == "0", first
+    # (each kernel is waited for alone: the helper may still be compiling others, the Dense
+    # ones this model has not)
+    assert first["HELPER"] == "True" and first["HELPER_EXIT"] in ("0", "None"), first
     assert "conv2d_backward_weight" not in first["COMPILED"], first
     assert "conv2d_backward_input" not in first["COMPILED"], first
-    assert first["HITS"] == "[1, 1]", first
+    assert "dense_forward" not in first["COMPILED"], first
+    assert first["HITS"] == "[1, 1, 1, 1]", first
     again = _background_child(tmp_path)  # warm: no helper
     assert again["HELPER"] == "False" and again["COMPILED"] == "[]", again
 
 
 def test_background_helper_off_with_the_switch(tmp_path):
     off = _background_child(tmp_path, FASTCNN_NO_PRECOMPILE="1")
-    assert off["HELPER"] == "False" and off["HITS"] == "[0, 0]", off
+    assert off["HELPER"] == "False" and off["HITS"] == "[0, 0, 0, 0]", off
     assert "conv2d_backward_weight" in off["COMPILED"], off
 
 
 def test_no_helper_without_a_spare_cpu(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert precompile._spare_cpu() is False
+
+
+def test_own_running_threads_count_once(monkeypatch):
+    # 2 CPUs, 2 threads running, both this process's (a Numba worker after a kernel)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(precompile, "_running_tasks", lambda: 2)
+    monkeypatch.setattr(precompile, "_running_threads_here", lambda: 2)
+    assert precompile._spare_cpu() is True
+    monkeypatch.setattr(precompile, "_running_threads_here", lambda: 1)  # another process
+    assert precompile._spare_cpu() is False
+    assert precompile._running_threads_here() >= 0  # the real one reads /proc/self/task
 
 
 _WINOGRAD_CHILD = _CHILD_START + textwrap.dedent("""
