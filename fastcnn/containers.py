@@ -19,9 +19,9 @@ import numpy as np
 
 from . import functional as F
 from ._types import Array, Config, Rng, Shape
-from .layers import check_grad
+from .layers import ReLU, check_grad
 from .module import Module, module_from_config, register_module, state_spec_of, tree_version
-from .plan import Step, fusion_enabled, make_plan
+from .plan import ResidualReLU, Step, add_pattern, fusion_enabled, make_plan
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -241,6 +241,12 @@ class Residual(_Container):
             self.__dict__["shortcut"] = None
 
     def forward(self, x: Array) -> Array:
+        return self.forward_sum(x)
+
+    def forward_sum(self, x: Array, relu: bool = False) -> Array:
+        """The forward; with ``relu``, relu(body(x) + shortcut(x)) in one pass (the plan's
+        Residual -> ReLU step: bitwise the two modules). The backward is the same either way
+        (the ReLU's is the caller's)."""
         a = self.body.forward(x)
         s = (
             F.check_float(x, self.name, contiguous=False)
@@ -259,7 +265,7 @@ class Residual(_Container):
                 f"{self.name}: the body's output shape {F._fmt_shape(a.shape)} "
                 f"differs from the {what} shape {F._fmt_shape(s.shape)}"
             )
-        y = np.add(a, s)
+        y = F.add_relu_forward(a, s, self.name) if relu else np.add(a, s)
         self.save_for_backward(y.shape, y.dtype)
         return y
 
@@ -385,3 +391,6 @@ class Concat(_ListContainer):
         out = self._check(shapes)
         row.update(output_shape=out, flops=0)
         return out
+
+
+add_pattern((Residual, ReLU), ResidualReLU)

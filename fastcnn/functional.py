@@ -1013,6 +1013,19 @@ def relu_forward(x: Array, layer: str = "ReLU") -> Array:
     return y
 
 
+def add_relu_forward(a: Array, b: Array, layer: str = "Residual") -> Array:
+    """relu(a + b) for two arrays of one shape and dtype, in one pass (bitwise ``np.add``
+    then ``relu_forward``); in a's memory layout (b copied to it if they differ)."""
+    a = _one_block(check_float(a, layer, contiguous=False))
+    b = check_float(b, layer, "second operand", contiguous=False)
+    _same_dtype(b, a, layer, "second operand")
+    _check_shape_equal(b, a.shape, layer, "second operand")
+    b = _layout_like(b, a)
+    y = _pool.empty_like(a)
+    _activations.add_relu_forward(_flat(a), _flat(b), _flat(y))
+    return y
+
+
 def relu_backward(dy: Array, y: Array, layer: str = "ReLU") -> Array:
     """dy where the forward output y > 0, else 0; in y's memory layout."""
     return _elementwise(_activations.relu_backward, dy, y, layer, "forward output")

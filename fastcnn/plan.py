@@ -347,6 +347,23 @@ class ReLUMaxPool(Step):
         )
 
 
+class ResidualReLU(Step):
+    """Residual -> ReLU: the block's sum and the ReLU in one pass over the activation
+    (Residual.forward_sum(relu=True)), bitwise the two modules; the backward is the ReLU's
+    mask, then the Residual's backward."""
+
+    def forward(self, x: Array) -> Array:
+        residual, _ = self.modules
+        y = residual.forward_sum(x, relu=True)
+        self._save(y)
+        return y
+
+    def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
+        residual, relu = self.modules
+        (y,) = self._take()
+        return residual.backward(F.relu_backward(dy, y, layer=relu.name), input_grad=input_grad)
+
+
 class _WithInnerPlan(Step):
     """A fused step that runs, where it cannot fuse, the plan the patterns ``patterns`` make
     of its modules (``self.inner``)."""
@@ -501,11 +518,19 @@ _PATTERNS = (
     ((Dense, ReLU), DenseReLU),
     ((ReLU, MaxPool2D), ReLUMaxPool),
 )
-PATTERNS = (
+PATTERNS: tuple[tuple[tuple[type, ...], Any], ...] = (
     ((Conv2D, BatchNorm2D, ReLU, MaxPool2D), ConvBatchNorm),
     ((Conv2D, BatchNorm2D, ReLU), ConvBatchNorm),
     ((Conv2D, BatchNorm2D), ConvBatchNorm),
 ) + _PATTERNS
+
+
+def add_pattern(types: tuple[type, ...], step: type[Step]) -> None:
+    """Add a pattern to PATTERNS: how containers.py adds (Residual, ReLU) -> ResidualReLU
+    (this module cannot import the containers, which import it)."""
+    global PATTERNS
+    if (types, step) not in PATTERNS:
+        PATTERNS = PATTERNS + ((types, step),)
 
 
 # -------------------------------------------------------------------------------------------------

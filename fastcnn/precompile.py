@@ -20,9 +20,10 @@ work is lost and this process compiles what it needs itself: slower, never wrong
 
 Any other first training step (``fit``, or a loop of one's own) gets the same on a cold cache
 from ``install_background`` (registered when fastcnn is imported): the first compilation of a
-convolution's forward kernel starts a helper compiling that convolution's backward kernels
-(``compile_conv_backward``, or ``compile_backward`` for the fused reference network), and the
-first call of one of those waits for the helper and loads it from the cache. One helper per
+convolution's forward kernel starts a helper compiling the Dense forward (first: the forward
+pass reaches it soon) and the backward kernels (``compile_conv_backward``, or
+``compile_backward`` for the fused reference network), and the first call of one of those
+waits until the helper has written that kernel to the cache, and loads it. One helper per
 process at most; none when ``start`` ran, when the cache is warm, in the helpers themselves,
 when no second CPU is free at that moment (``_spare_cpu``), or with ``FASTCNN_NO_PRECOMPILE=1``.
 A second helper compiles the Winograd weight gradient, started by the first training-mode

@@ -32,6 +32,22 @@ def relu_forward(x, out):
 
 
 @njit(parallel=True, cache=True)
+def add_relu_forward(a, b, out):
+    """out = relu(a + b): the sum as numpy adds it, then relu_forward's select (a NaN stays
+    NaN), in one pass: a residual block's sum and the ReLU after it. Contiguous 1-D, same
+    size."""
+    count, step = _chunks(a.size)
+    zero = out.dtype.type(0)
+    for chunk in prange(count):
+        xs = a[chunk * step : (chunk + 1) * step]
+        ss = b[chunk * step : (chunk + 1) * step]
+        ys = out[chunk * step : (chunk + 1) * step]
+        for i in range(xs.size):
+            v = xs[i] + ss[i]
+            ys[i] = zero if v <= zero else v
+
+
+@njit(parallel=True, cache=True)
 def relu_backward(dy, y, dx):
     """dx = dy where y > 0 (y is the forward output), else 0. Contiguous 1-D, same size."""
     count, step = _chunks(dy.size)

@@ -56,6 +56,24 @@ def test_relu_every_chunk_written(size, rng):
     assert np.all(dx[size:] == 7.0)
 
 
+@pytest.mark.parametrize("size", [1, 2**15 - 1, 2**15 + 1, 16 * 2**15 + 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_relu_matches_naive_bitwise(size, dtype, rng):
+    """relu(a + b) in one pass: bitwise the textbook sum then ReLU, NaN and infinities as
+    numpy adds them, every element written and none past the end."""
+    a = rng.standard_normal(size + 2).astype(dtype)
+    b = rng.standard_normal(size + 2).astype(dtype)
+    special = min(6, size)
+    a[:special] = [np.nan, np.inf, -np.inf, np.inf, 1.0, -2.0][:special]
+    b[:special] = [1.0, 1.0, 1.0, -np.inf, -1.0, 2.0][:special]
+    out = np.full(size + 2, 7.0, dtype=dtype)
+    with np.errstate(invalid="ignore"):
+        K.add_relu_forward(a[:size], b[:size], out[:size])
+        expected = naive.add_relu_forward(a[:size], b[:size])
+    np.testing.assert_array_equal(out[:size], expected)
+    assert out.dtype == dtype and np.all(out[size:] == 7.0)
+
+
 def test_relu_nan_propagates():
     x = np.array([np.nan, -1.0, 2.0, 0.0, -np.inf, np.inf], dtype=np.float32)
     y = relu_fwd(x)

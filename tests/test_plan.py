@@ -183,6 +183,30 @@ def test_batchnorm_relu_is_bitwise_the_unfused_plan(dtype, pool, rng):
     assert not step._ran_inner
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("projection", [False, True])
+def test_residual_relu_is_bitwise_the_unfused_plan(dtype, projection, rng):
+    """Residual -> ReLU: the sum and the ReLU in one pass, training and evaluation, the
+    identity shortcut (the block's input, NCHW or channels-last, beside the body's
+    channels-last output) and a projection; a NaN kept."""
+    body = Sequential(
+        L.Conv2D(4, 4 if not projection else 6, 3, padding=1, bias=False, dtype=dtype),
+        L.BatchNorm2D(4 if not projection else 6, dtype=dtype),
+        L.ReLU(),
+    )
+    shortcut = Sequential(L.Conv2D(4, 6, 1, dtype=dtype)) if projection else None
+    model = Sequential(Residual(body, shortcut), L.ReLU())
+    assert _steps(model) == ["ResidualReLU"]
+    x = rng.standard_normal((3, 4, 5, 6)).astype(dtype)
+    x[0, 1, 2, 3] = np.nan
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    for training in (True, False):
+        model.train(training)
+        for inp in (x, channels_last):
+            for input_grad in (True, False):
+                assert_fused_equals_unfused(model, inp, input_grad=input_grad)
+
+
 def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
     model = reference(seed=3)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)
@@ -199,8 +223,9 @@ def test_plans_of_the_ready_made_networks():
         "ModuleStep",
     ]
     model = resnet(8)
-    # the stem's conv-BN-ReLU; each residual block's body two conv-BN(-ReLU) steps
-    assert _steps(model) == ["ConvBatchNorm"] + ["ModuleStep"] * 8
+    # the stem's conv-BN-ReLU; each residual block with its ReLU; each block's body two
+    # conv-BN(-ReLU) steps
+    assert _steps(model) == ["ConvBatchNorm"] + ["ResidualReLU"] * 3 + ["ModuleStep"] * 2
     for block in (model[3], model[5], model[7]):
         assert _steps(block.body) == ["ConvBatchNorm", "ConvBatchNorm"]
         # in training the first runs as Conv2D, then BatchNorm2D with the ReLU in its kernel

@@ -20,6 +20,16 @@ def relu_forward(x):
     return y
 
 
+def add_relu_forward(a, b):
+    """relu(a + b), the sum of each pair of elements first (a residual block and its ReLU)."""
+    a, b = np.require(a, requirements="C"), np.require(b, requirements="C")
+    total = np.zeros(a.shape, dtype=a.dtype)
+    flat_a, flat_b, flat_t = a.reshape(-1), b.reshape(-1), total.reshape(-1)
+    for i in range(flat_a.size):
+        flat_t[i] = flat_a[i] + flat_b[i]
+    return relu_forward(total)
+
+
 def relu_backward(x, dy):
     x, dy = np.require(x, requirements="C"), np.require(dy, requirements="C")
     dx = np.zeros(dy.shape, dtype=dy.dtype)
