@@ -3,9 +3,9 @@
 fastcnn's kernels run on Numba's thread pool, the Dense layers' products included
 (kernels/dense.py). numpy's BLAS has a pool of its own (OpenBLAS here, built with pthreads), and
 both pools want every core: an idle pool does not go to sleep at once, its threads keep spinning
-for a while in case more work arrives, stealing the cores the other pool is computing on (the
-Dense layers ran on ``numpy.matmul`` until 2026-12-05, and a user's own loop ran several times
-slower with numpy's default threads).
+for a while in case more work arrives, stealing the cores the other pool is computing on (while
+the Dense layers ran on ``numpy.matmul``, a user's own loop ran several times slower with
+numpy's default threads).
 
 So no layer calls the BLAS, and ``fit``/``evaluate``/``predict`` hold it at one thread for the
 whole run (:data:`BLAS_THREADS_DURING_COMPUTE`; ``clip_grad_norm``'s dot products run on it);
