@@ -6,13 +6,13 @@
 
 x (N, K), w (F, K) as PyTorch's nn.Linear, dy (N, F); every array C-contiguous, one float
 dtype. numpy's matmul ran these on one BLAS thread (two pools on two cores fight: see
-fastcnn/threads.py), at 63-68 GFLOP/s for the reference network's Dense(1600, 128).
+fastcnn/threads.py), whatever the threads.
 
 The forward multiplies rows of x by rows of w, both contiguous along k: a block of 4 rows of x
 and 4 of w keeps 16 accumulators of 16 lanes each (lane l sums the k = l mod 16 terms), 8 vector
 loads per 16 fused multiply-adds, and no transposed copy of w. The gradients are matrix
-products whose output rows are contiguous along k in one operand: a register tile of 6 rows
-(broadcast from dy) by 32 columns, gemm_tile's loop with twice its rows.
+products whose output rows are contiguous along k in one operand: gemm_tile's register tile,
+rows broadcast from dy.
 
 Every output element is summed by one tile in a fixed order (the forward: its 16 lanes over k,
 then bias + lane 0 + lane 1 + ... + lane 15; the gradients: over f, or over n, in order), so
@@ -24,16 +24,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, stack_array
+from .gemm_tile import FT, R, gemm_tile, gemm_tile_bias, stack_array
 
 #: the forward's block: RB rows of x by FB rows of w, L lanes along k
 RB = 4
 FB = 4
 L = 16
 _ACC = RB * FB * L
-#: the gradients' register tile: GR rows of FT columns
-GR = 6
-_GACC = GR * FT
+#: rows of the gradients' register tile (gemm_tile's), to which their row offsets are padded
+GR = R
 #: bytes of x a row chunk of the forward reads while it stays in L2
 _CHUNK_BYTES = 131072
 
@@ -109,7 +108,7 @@ def _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
             acc[u(240) + q] += a3 * b3
 
 
-@njit(cache=True, fastmath={"contract"})  # not inlined: 0.4 s less to compile, same speed
+@njit(cache=True, fastmath={"contract"})  # not inlined: less to compile, no slower
 def _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out):
     """The block's outputs: the k >= kfull terms into lanes 0, 1, ..., then bias + the lanes in
     order, the ReLU, stored (rows and filters past the end skipped)."""
@@ -130,83 +129,62 @@ def _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out):
             out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
 
 
-@njit(cache=True, fastmath={"contract"}, inline="always")
-def _tile_rows(acc, a, a0, a1, a2, a3, a4, a5, aoff, nk, panel):
-    """acc[r*FT + c] = sum over k < nk of a[a_r + aoff[k]] * panel[k*FT + c], r < GR = 6 rows
-    (offsets a0..a5), c < FT: gemm_tile's loop with twice its rows, 12 vector accumulators
-    with AVX-512 (gemm_tile's 6 left the multiply-adds waiting on each other: the gradients
-    ran at 0.8x the BLAS on one thread)."""
-    for q in range(_GACC):
-        acc[q] = 0
-    u = np.uint64
-    for k in range(nk):
-        ko = aoff[k]
-        x0 = a[a0 + ko]
-        x1 = a[a1 + ko]
-        x2 = a[a2 + ko]
-        x3 = a[a3 + ko]
-        x4 = a[a4 + ko]
-        x5 = a[a5 + ko]
-        pb = u(k * FT)
-        for c in range(FT):
-            w = panel[pb + u(c)]
-            acc[c] += x0 * w
-            acc[FT + c] += x1 * w
-            acc[2 * FT + c] += x2 * w
-            acc[3 * FT + c] += x3 * w
-            acc[4 * FT + c] += x4 * w
-            acc[5 * FT + c] += x5 * w
-
-
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     """out (M, C) = sum over k < nk of a[arow[m] + aoff[k]] * b[k * bstride + c], in order of k:
     both gradients (input: a = dy, rows n at n F, terms f at f, b = w; weight: a = dy, rows f
-    at f, terms n at n F, b = x; functional.dense_backward makes the offsets). GR x FT
-    register tiles, FT columns of b at a time (C split between the ``parts``). Each
+    at f, terms n at n F, b = x; functional.dense_backward makes the offsets). gemm_tile's
+    R x FT register tiles, whole ones stored straight from the registers (gemm_tile_bias, a
+    zero bias), FT columns of b at a time (C split between the ``parts``). Each
     block of columns is first copied into a contiguous (nk, FT) panel, zero-padded past C: b's
     rows are bstride apart, and at a power-of-two stride (2048 floats: VGG's Dense) every row of
     the block fell into the same L1 sets. arow: M offsets padded to a multiple of GR (copies
     of the last); a, b flat; b holds nk rows of bstride >= C."""
     M, C = out.shape
     ncb = (C + FT - 1) // FT
-    nrt = (M + GR - 1) // GR
+    nrt = (M + R - 1) // R
     parts = max(1, min(parts, ncb))
     panels = np.empty((parts, nk * FT), dtype=out.dtype)
+    tiles = np.empty((parts, R * FT), dtype=out.dtype)
+    zeros = np.zeros(FT, dtype=out.dtype)  # gemm_tile_bias's bias
     flat = out.reshape(-1)
+    u = np.uint64
     for part in prange(parts):
-        acc = numba.carray(stack_array(_GACC, out.dtype), (_GACC,))
         panel = panels[part]
+        tile = tiles[part]
         for cb in range(part * ncb // parts, (part + 1) * ncb // parts):
             c0 = cb * FT
             width = min(FT, C - c0)
             for k in range(nk):
-                src = np.uint64(k) * bstride + np.uint64(c0)
+                src = u(k) * bstride + u(c0)
                 for c in range(width):
-                    panel[k * FT + c] = b[src + np.uint64(c)]
+                    panel[k * FT + c] = b[src + u(c)]
                 for c in range(width, FT):
                     panel[k * FT + c] = 0
             for rt in range(nrt):
-                r0 = rt * GR
-                _tile_rows(
-                    acc,
-                    a,
-                    arow[r0],
-                    arow[r0 + 1],
-                    arow[r0 + 2],
-                    arow[r0 + 3],
-                    arow[r0 + 4],
-                    arow[r0 + 5],
-                    aoff,
-                    nk,
-                    panel,
-                )
-                if width == FT and r0 + GR <= M:  # (constant bounds, uint64: vector stores)
-                    for r in range(GR):
-                        dst = np.uint64((r0 + r) * C + c0)
-                        for c in range(FT):
-                            flat[dst + np.uint64(c)] = acc[r * FT + c]
+                r0 = rt * R
+                if width == FT and r0 + R <= M:  # a whole tile: stored from the registers
+                    gemm_tile_bias(
+                        a,
+                        u(0),
+                        arow,
+                        r0,
+                        aoff,
+                        0,
+                        nk,
+                        panel,
+                        u(0),
+                        u(FT),
+                        zeros,
+                        0,
+                        False,
+                        flat,
+                        u(r0 * C + c0),
+                        u(C),
+                        False,
+                    )
                     continue
-                for r in range(min(GR, M - r0)):
+                gemm_tile(a, arow, r0, aoff, 0, nk, panel, u(0), u(FT), tile, 0, False, False)
+                for r in range(min(R, M - r0)):
                     for c in range(width):
-                        out[r0 + r, c0 + c] = acc[r * FT + c]
+                        out[r0 + r, c0 + c] = tile[r * FT + c]
