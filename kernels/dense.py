@@ -146,7 +146,9 @@ def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     parts = max(1, min(parts, ncb))
     panels = np.empty((parts, nk * FT), dtype=out.dtype)
     tiles = np.empty((parts, R * FT), dtype=out.dtype)
-    zeros = np.zeros(FT, dtype=out.dtype)  # gemm_tile_bias's bias
+    zeros = np.empty(FT, dtype=out.dtype)  # gemm_tile_bias's bias (np.zeros: a parallel loop)
+    for c in range(FT):
+        zeros[c] = 0
     flat = out.reshape(-1)
     u = np.uint64
     for part in prange(parts):
