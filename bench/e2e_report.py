@@ -75,6 +75,8 @@ def kernel_target():
     try:
         from numba.core.registry import cpu_target
 
+        from fastcnn.kernels.dense import FB, RB
+        from fastcnn.kernels.dense import L as LANES
         from fastcnn.kernels.gemm_tile import FT, FTN, RN, R
 
         codegen = cpu_target.target_context.codegen()
@@ -92,7 +94,8 @@ def kernel_target():
     return (
         f"{name} ({source or 'the host'}), {allowed}; register tiles "
         f"{R}x{FT} and {RN}x{FTN}, float32 tile in {widest}-bit registers "
-        f"({used['zmm']} zmm, {used['ymm']} ymm, {used['xmm']} xmm operands)"
+        f"({used['zmm']} zmm, {used['ymm']} ymm, {used['xmm']} xmm operands); "
+        f"Dense forward blocks {RB}x{FB} of {LANES} lanes"
     )
 
 

@@ -8,9 +8,10 @@ x (N, K), w (F, K) as PyTorch's nn.Linear, dy (N, F); every array C-contiguous, 
 dtype. numpy's matmul ran these on one BLAS thread (two pools on two cores fight: see
 fastcnn/threads.py), whatever the threads.
 
-The forward multiplies rows of x by rows of w, both contiguous along k: a block of 4 rows of x
-and 4 of w keeps 16 accumulators of 16 lanes each (lane l sums the k = l mod 16 terms), 8 vector
-loads per 16 fused multiply-adds, and no transposed copy of w. The gradients are matrix
+The forward multiplies rows of x by rows of w, both contiguous along k: a block of RB rows of x
+and FB of w keeps RB * FB accumulators of 16 lanes each (lane l sums the k = l mod 16 terms) in
+vector registers, and w needs no transposed copy. The block follows the vector registers numba
+compiles for (4 x 4 with AVX-512, 2 x 3 with AVX2: see RB, FB). The gradients are matrix
 products whose output rows are contiguous along k in one operand: gemm_tile's register tile,
 rows broadcast from dy.
 
@@ -24,11 +25,13 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, R, gemm_tile, gemm_tile_bias, stack_array
+from .gemm_tile import FT, R, compiles_for_avx512, gemm_tile, gemm_tile_bias, stack_array
 
-#: the forward's block: RB rows of x by FB rows of w, L lanes along k
-RB = 4
-FB = 4
+#: the forward's block: RB rows of x by FB rows of w, L lanes along k. AVX-512: 4 x 4, 16
+#: accumulators of 16 lanes in 16 of its 32 registers. AVX2: each accumulator takes two of its
+#: 16 registers, and 4 x 4 spilled (half the rate); 2 x 3 keeps 12. Only which outputs are
+#: computed together changes, never the order of any sum: the results are bitwise the same.
+RB, FB = (4, 4) if compiles_for_avx512() else (2, 3)
 L = 16
 _ACC = RB * FB * L
 #: rows of the gradients' register tile (gemm_tile's), to which their row offsets are padded
@@ -71,10 +74,10 @@ def dense_forward(x, w, bias, relu, parts, out):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
+def _products_4x4(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
     """acc[(i*FB + j)*L + l] = sum over k < kfull, k = l mod L, of x_i[k] * w_j[k] (offsets x_i,
-    w_j of the block's rows). uint64 indices: a signed one is tested for wrap-around on every
-    load, and the loop is not vectorised."""
+    w_j of the block's rows), for a 4 x 4 block. uint64 indices: a signed one is tested for
+    wrap-around on every load, and the loop is not vectorised."""
     u = np.uint64
     for q in range(_ACC):
         acc[q] = 0
@@ -106,6 +109,33 @@ def _block_products(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
             acc[u(208) + q] += a3 * b1
             acc[u(224) + q] += a3 * b2
             acc[u(240) + q] += a3 * b3
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _products_2x3(acc, xf, x0, x1, x2, x3, wf, w0, w1, w2, w3, kfull):
+    """_products_4x4 for a 2 x 3 block: rows x0, x1 by w0, w1, w2 (x2, x3, w3 unused)."""
+    u = np.uint64
+    for q in range(_ACC):
+        acc[q] = 0
+    for kb in range(kfull // L):
+        k = u(kb * L)
+        for lane in range(L):
+            q = u(lane)
+            a0 = xf[x0 + k + q]
+            a1 = xf[x1 + k + q]
+            b0 = wf[w0 + k + q]
+            b1 = wf[w1 + k + q]
+            b2 = wf[w2 + k + q]
+            acc[q] += a0 * b0
+            acc[u(16) + q] += a0 * b1
+            acc[u(32) + q] += a0 * b2
+            acc[u(48) + q] += a1 * b0
+            acc[u(64) + q] += a1 * b1
+            acc[u(80) + q] += a1 * b2
+
+
+#: the block shape's products (a global: numba compiles the one chosen, not both)
+_block_products = _products_4x4 if (RB, FB) == (4, 4) else _products_2x3
 
 
 @njit(cache=True, fastmath={"contract"})  # not inlined: less to compile, no slower

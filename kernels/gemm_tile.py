@@ -36,6 +36,19 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
+
+def compiles_for_avx512() -> bool:
+    """Whether numba compiles for AVX-512 here: its target's features (NUMBA_CPU_FEATURES if
+    set, else the host's) enable AVX-512F, so 32 vector registers of 16 float32 lanes. The
+    gemm tile below fits either target; blocks sized for AVX-512 (the Dense forward's) spill
+    on AVX2's 16 registers of 8 lanes."""
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return "+avx512f" in str(features).split(",")
+
+
 #: Rows and columns of the register tile. The row loop below is written out for R == 3.
 R = 3
 FT = 32

@@ -4,12 +4,17 @@ the blocks partial (rows, filters, the 16 lanes of the forward, the 32 columns o
 gradients' tiles), bitwise the same for any number of threads, and the Dense layer's gradients
 by finite differences."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import fastcnn
 from fastcnn import functional as F
 from fastcnn.kernels import dense as kernels_dense
+from fastcnn.kernels.gemm_tile import compiles_for_avx512
 from gradcheck import assert_gradient, relative_error
 from naive import dense as naive_dense
 
@@ -116,3 +121,56 @@ def test_dense_layer_gradients_by_finite_differences(rng):
         return out
 
     assert_gradient(with_weight, w.copy(), dy, wgrad)
+
+
+_FORWARD_BITS = """
+import hashlib, sys
+import numpy as np
+from fastcnn.kernels import dense
+print(dense.RB, dense.FB)
+for n, k, f in SHAPES:
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(n * 1000 + k + f)
+        x = rng.standard_normal((n, k)).astype(dtype)
+        w = rng.standard_normal((f, k)).astype(dtype)
+        b = rng.standard_normal(f).astype(dtype)
+        y = np.empty((n, f), dtype)
+        dense.dense_forward(x, w, b, False, 2, y)
+        print(hashlib.sha256(y.tobytes()).hexdigest())
+"""
+
+
+def _forward_bits(env=None):
+    """The forward's block shape and a hash of its results on SHAPES, both dtypes, computed in
+    a fresh process (``env``: numba's target there)."""
+    code = f"SHAPES = {SHAPES!r}\n{_FORWARD_BITS}"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
+    return tuple(int(v) for v in out[:2]), out[2:]
+
+
+def _host_flags():
+    with open("/proc/cpuinfo") as fh:
+        return next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+
+
+def test_the_block_follows_the_target_and_keeps_the_bits():
+    """4 x 4 blocks compiled for AVX-512, 2 x 3 for AVX2 (a block for one spills on the other),
+    and bitwise the same results: a block decides which outputs are computed together, never
+    the order of a sum. On an AVX-512 host the two shapes are compared; on an AVX2 host both
+    processes run 2 x 3."""
+    if not os.path.exists("/proc/cpuinfo") or "avx2" not in _host_flags():
+        pytest.skip("compiles for AVX2 (haswell): needs a host that runs it")
+    assert (kernels_dense.RB, kernels_dense.FB) == ((4, 4) if compiles_for_avx512() else (2, 3))
+    here, bits_here = _forward_bits()
+    avx2, bits_avx2 = _forward_bits({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "-avx512f"})
+    assert here == (kernels_dense.RB, kernels_dense.FB)
+    assert avx2 == (2, 3)
+    assert len(bits_here) == 2 * len(SHAPES)
+    assert bits_avx2 == bits_here

@@ -45,6 +45,8 @@ def test_host_target_uses_the_hosts_widest_vectors():
     assert "(the host)" in line or "NUMBA_CPU" in line, line
     if not any(k in os.environ for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")):
         assert f"float32 tile in {bits}-bit registers" in line, line
+        block = "4x4" if bits == 512 else "2x3"
+        assert line.endswith(f"Dense forward blocks {block} of 16 lanes"), line
 
 
 def test_avx2_target_on_any_host():
@@ -60,3 +62,4 @@ def test_avx2_target_on_any_host():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     ).stdout
     assert "float32 tile in 256-bit registers (0 zmm" in line, line
+    assert line.rstrip().endswith("Dense forward blocks 2x3 of 16 lanes"), line
