@@ -12,7 +12,7 @@ Containers nest to any depth; each module may appear once in a tree (see fastcnn
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -21,7 +21,7 @@ from . import functional as F
 from ._types import Array, Config, Rng, Shape
 from .layers import ReLU, check_grad
 from .module import Module, module_from_config, register_module, state_spec_of, tree_version
-from .plan import ResidualReLU, Step, add_pattern, fusion_enabled, make_plan
+from .plan import ConvBatchNorm, ResidualReLU, Step, add_pattern, fusion_enabled, make_plan
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -185,6 +185,28 @@ class Sequential(_ListContainer):
         self.__dict__["_ran"] = plan
         return x
 
+    def forward_add(
+        self, x: Array, other: Callable[[], Array], relu: bool, layer: str
+    ) -> tuple[Array, Array, bool]:
+        """``(y, s, fused)``: every step but the last runs, then ``s = other()``, then the last
+        step; where it can (plan.ConvBatchNorm in evaluation mode, ``s`` of its output's shape
+        and dtype) it returns ``y = relu(self(x) + s)`` (the sum without ``relu``) from its
+        kernel, bitwise the sum and ReLU done after it, and ``fused`` is True; otherwise
+        ``y = self(x)`` and the caller sums. A Residual's forward with its body's last
+        convolution doing the sum."""
+        plan = self._plan()
+        for step in plan[:-1]:
+            x = step.forward(x)
+        s = other()
+        last = plan[-1] if plan else None
+        fused = False
+        if isinstance(last, ConvBatchNorm) and last.can_add():
+            x, fused = last.forward_add(x, s, relu, layer)
+        elif last is not None:
+            x = last.forward(x)
+        self.__dict__["_ran"] = plan
+        return x, s, fused
+
     def backward(self, dy: Array, input_grad: bool = False) -> Array | None:
         """Backpropagate ``dy`` (the gradient of the loss with respect to the output) through
         the plan the last forward ran, accumulating parameter gradients. The gradient to the
@@ -247,12 +269,22 @@ class Residual(_Container):
         """The forward; with ``relu``, relu(body(x) + shortcut(x)) in one pass (the plan's
         Residual -> ReLU step: bitwise the two modules). The backward is the same either way
         (the ReLU's is the caller's)."""
-        a = self.body.forward(x)
-        s = (
-            F.check_float(x, self.name, contiguous=False)
-            if self.shortcut is None
-            else self.shortcut.forward(x)
-        )
+
+        def shortcut() -> Array:
+            if self.shortcut is None:
+                return F.check_float(x, self.name, contiguous=False)
+            return self.shortcut.forward(x)
+
+        # the sum in the body's last convolution, if it can (a body whose forward is its own:
+        # as written)
+        if isinstance(self.body, Sequential) and type(self.body).forward is Sequential.forward:
+            a, s, fused = self.body.forward_add(x, shortcut, relu, self.name)
+            if fused:
+                self.save_for_backward(a.shape, a.dtype)
+                return a
+        else:
+            a = self.body.forward(x)
+            s = shortcut()
         if a.dtype != s.dtype:
             what = "input" if self.shortcut is None else "shortcut's output"
             raise TypeError(

@@ -437,9 +437,9 @@ def conv2d_forward(
 
 
 def _no_bn(x):
-    """conv2d_forward's ``bn`` argument when no BatchNorm follows: three empty arrays."""
+    """conv2d_forward's ``bn`` argument when no BatchNorm follows: four empty arrays."""
     empty = np.empty(0, x.dtype)
-    return (empty, empty, empty)
+    return (empty, empty, empty, empty)
 
 
 def conv2d_batch_norm_eval_forward(
@@ -458,15 +458,30 @@ def conv2d_batch_norm_eval_forward(
     layer: str = "Conv2D",
     bn_layer: str = "BatchNorm2D",
     winograd: bool = False,
+    add: Array | None = None,
+    add_layer: str = "Residual",
 ) -> Array:
-    """``batch_norm_forward_eval(conv2d_forward(x, ..., winograd=winograd), ...)``, then the
-    ReLU if ``relu``, in one pass: bitwise the same output (channels-last in memory), the
-    BatchNorm applied to each block of the convolution's output while it is in cache."""
+    """``batch_norm_forward_eval(conv2d_forward(x, ..., winograd=winograd), ...)``, then
+    ``+ add`` if given (a residual block's sum: ``add`` has the output's shape and dtype),
+    then the ReLU if ``relu``, in one pass: bitwise the same output (channels-last in memory),
+    the BatchNorm and the sum applied to each block of the convolution's output while it is in
+    cache."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer
     )
     n, f, oh, ow = out_shape
+    if add is None:
+        add_flat = np.empty(0, x.dtype)
+    else:
+        add = check_float(add, add_layer, "input", contiguous=False)
+        _same_dtype(add, x, add_layer, "input")
+        if add.shape != tuple(out_shape):
+            raise ValueError(
+                f"{add_layer}: expected the sum's other term to have the convolution's output "
+                f"shape {_fmt_shape(tuple(out_shape))}, got {_fmt_shape(add.shape)}"
+            )
+        add_flat = _nhwc(add).reshape(-1)
     params = []
     for name, p in (
         ("weight", gamma),
@@ -485,7 +500,7 @@ def conv2d_batch_norm_eval_forward(
     if y.size:
         scale = _pool.empty(f, dtype=x.dtype)
         _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
-        bn = (running_mean, scale, beta)
+        bn = (running_mean, scale, beta, add_flat)
         _conv_kernel(x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd)
     return _nchw(y)
 

@@ -26,6 +26,9 @@ The patterns (types matched exactly: a subclass may change what its forward does
 - Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]]: in evaluation mode the BatchNorm (running
   statistics) and the ReLU are applied by the convolution's kernel to each block of its output
   while it is in cache; in training mode the plan the other patterns make of the same modules;
+  a Residual whose body ends in Conv2D -> BatchNorm2D has that kernel add the shortcut's
+  output, and apply the ReLU after the block, too (ConvBatchNorm.forward_add, called by
+  containers.Sequential.forward_add);
 - BatchNorm2D -> ReLU [-> MaxPool2D], in training mode: the ReLU applied by the BatchNorm's
   kernel to each chunk of its output as it is written; the pool's backward applies the ReLU's
   mask (as ReLU -> MaxPool2D).
@@ -37,6 +40,8 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import functional as F
 from ._types import Array
@@ -470,6 +475,38 @@ class ConvBatchNorm(_WithInnerPlan):
         return not bn.training and bn.dtype == conv.dtype and bn.num_features == conv.out_channels
 
     def forward(self, x: Array) -> Array:
+        return self._forward(x)
+
+    def can_add(self) -> bool:
+        """Whether :meth:`forward_add` may sum in the kernel: Conv2D -> BatchNorm2D alone, in
+        evaluation mode."""
+        return len(self.modules) == 2 and self._fusable()
+
+    def forward_add(self, x: Array, add: Array, relu: bool, layer: str) -> tuple[Array, bool]:
+        """``(relu(forward(x) + add), True)`` (without ``relu``: the sum), the sum and the ReLU
+        applied by the convolution's kernel to each block of its output (bitwise the
+        BatchNorm's output summed as numpy adds, then the ReLU's select), where :meth:`can_add`
+        and ``add`` has the output's shape and dtype; else ``(forward(x), False)``. The
+        backward is :meth:`backward`'s; the sum's and the ReLU's are the caller's."""
+        conv = self.modules[0]
+        ok = self.can_add() and isinstance(add, np.ndarray) and add.dtype == conv.dtype
+        if ok:  # raises what the forward would raise for a bad x
+            out_shape = F.conv2d_output_shape(
+                np.shape(x),
+                conv.weight.data.shape,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.name,
+            )[0]
+            ok = tuple(add.shape) == tuple(out_shape)
+        if not ok:
+            return self._forward(x), False
+        return self._forward(x, add, relu, layer), True
+
+    def _forward(
+        self, x: Array, add: Array | None = None, relu: bool = False, add_layer: str = ""
+    ) -> Array:
         if not self._fusable():
             return self._forward_inner(x)
         self._ran_inner = False
@@ -487,10 +524,12 @@ class ConvBatchNorm(_WithInnerPlan):
             bn.running_mean,
             bn.running_var,
             bn.eps,
-            relu=len(self.modules) > 2,
+            relu=len(self.modules) > 2 or relu,
             layer=conv.name,
             bn_layer=bn.name,
             winograd=True,
+            add=add,
+            add_layer=add_layer,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]

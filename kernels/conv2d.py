@@ -226,12 +226,17 @@ def _forward_tiles(
 
 
 @njit(cache=True)
-def _batch_norm_rows(block, F, bn, relu):
-    """block (rows * F,), flat rows of F channels: BatchNorm's evaluation-mode affine in place,
-    then the ReLU (activations.relu_forward's select) if ``relu``."""
-    mean, scale, shift = bn
+def _batch_norm_rows(block, F, bn, relu, start):
+    """block (rows * F,), flat rows of F channels, out[start:start + block.size]: BatchNorm's
+    evaluation-mode affine in place, then, if bn's fourth array is not empty, its elements
+    [start, start + block.size) added (a residual block's sum, as numpy adds), then the ReLU
+    (activations.relu_forward's select) if ``relu``."""
+    mean, scale, shift, add = bn
     rows2d = block.reshape((block.size // F, F))
     chunk_affine_inplace(rows2d, mean, scale, shift)
+    if add.size > 0:
+        for i in range(block.size):
+            block[i] = block[i] + add[start + i]
     if relu:
         zero = block.dtype.type(0)
         for i in range(block.size):
@@ -251,12 +256,13 @@ def conv2d_forward(
 
     x (N, H, W, C), weight (F, C, KH, KW), bias (F,); out (N, OH, OW, F) overwritten.
 
-    ``bn = (mean, scale, shift)``, each (F,), or three empty arrays: an evaluation-mode
-    BatchNorm applied to each block of output pixels while it is still in cache,
-    ``out = (out - mean) * scale + shift`` (batchnorm.chunk_affine_inplace: the BatchNorm
-    kernel's arithmetic), then the ReLU if ``relu``: bitwise the three layers run one by one,
-    without two passes over the output. (Empty arrays, not None: one compiled kernel serves
-    both, where None would compile a second one.)
+    ``bn = (mean, scale, shift, add)``, each (F,) but ``add`` (out.size,) or empty, or four
+    empty arrays: an evaluation-mode BatchNorm applied to each block of output pixels while it
+    is still in cache, ``out = (out - mean) * scale + shift`` (batchnorm.chunk_affine_inplace:
+    the BatchNorm kernel's arithmetic), then ``add`` added (a residual block's sum, flat in
+    out's order) if not empty, then the ReLU if ``relu``: bitwise the layers run one by one,
+    without more passes over the output. (Empty arrays, not None: one compiled kernel serves
+    every case, where None would compile another.)
     """
     N, H, W, C = x.shape
     F, _, KH, KW = weight.shape
@@ -310,7 +316,7 @@ def conv2d_forward(
         )
         if affine:
             p1 = min(t1 * rows, NP)
-            _batch_norm_rows(of[t0 * rows * F : p1 * F], F, bn, relu)
+            _batch_norm_rows(of[t0 * rows * F : p1 * F], F, bn, relu, t0 * rows * F)
 
 
 @njit(cache=True)

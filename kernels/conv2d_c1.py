@@ -87,7 +87,7 @@ def _output_row(xpf, Hp, Wp, n, oh, wt, abase, aoff, bias6, KH, KW, relu, of, OH
 @njit(parallel=True, cache=True)
 def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j} weight[f,0,i,j] * x[n, oh - pt + i, ow - pl + j, 0],
-    then the BatchNorm (``bn`` = (mean, scale, shift), or three empty arrays) and the ReLU if
+    then the BatchNorm (``bn`` = (mean, scale, shift, add), or four empty arrays) and the ReLU if
     ``relu``: bitwise conv2d.conv2d_forward. x (N, H, W, 1), weight (F, 1, KH, KW), F <= 6.
     Work: output rows, dealt to ``threads`` workers in a fixed interleave, each with its own
     tile scratch (every output comes from one row alone: the result does not depend on it)."""
@@ -127,7 +127,7 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
                 tiles[th],
             )
             if affine:  # the direct kernel's epilogue, on the row
-                _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu)
+                _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu, row * OW * F)
 
 
 # ---- the weight gradient ----

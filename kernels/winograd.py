@@ -222,9 +222,9 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     (3x3, stride 1, dilation 1), up to rounding, by F(2x2, 3x3); then max(out, 0) if ``relu``.
 
     x (N, H, W, C), weight (F, C, 3, 3), bias (F,); out (N, OH, OW, F) overwritten.
-    ``bn = (mean, scale, shift)``, each (F,), or three empty arrays: as conv2d.conv2d_forward's,
-    an evaluation-mode BatchNorm applied to each block's outputs while they are in cache
-    (bitwise this kernel followed by the BatchNorm and ReLU layers), the ReLU after it.
+    ``bn = (mean, scale, shift, add)`` or four empty arrays: as conv2d.conv2d_forward's, an
+    evaluation-mode BatchNorm applied to each block's outputs while they are in cache (bitwise
+    this kernel followed by the BatchNorm layer), then ``add`` (a residual), then the ReLU.
 
     Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles), ``threads`` workers
     each a contiguous range of them (an interleave gave one worker every image's first, larger,
@@ -302,7 +302,7 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
             if affine:
                 p0 = (n * OH + 2 * ty0) * OW * F
                 p1 = (n * OH + min(2 * ty1, OH)) * OW * F
-                _batch_norm_rows(of[p0:p1], F, bn, relu)
+                _batch_norm_rows(of[p0:p1], F, bn, relu, p0)
 
 
 # -------------------------------------------------------------------------------------------------

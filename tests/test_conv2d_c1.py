@@ -32,7 +32,11 @@ def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
     w = rng.standard_normal((Fn, 1, KH, KW)).astype(dtype)
     b = rng.standard_normal(Fn).astype(dtype)
     OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
-    epi = _no_bn(x) if not bn else tuple(rng.standard_normal(Fn).astype(dtype) for _ in range(3))
+    epi = _no_bn(x)
+    if bn:  # BatchNorm's (mean, scale, shift), and with "add" a residual summed after it
+        add = rng.standard_normal(N * OH * OW * Fn) if bn == "add" else np.empty(0)
+        params = [rng.standard_normal(Fn) for _ in range(3)]
+        epi = tuple(a.astype(dtype) for a in (*params, add))
     got = np.full((N, OH, OW, Fn), np.nan, dtype)
     ref = np.full_like(got, np.nan)
     conv2d_c1_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
@@ -56,8 +60,9 @@ def test_bitwise_the_direct_kernel_and_close_to_the_textbook(shape, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batch_norm_epilogue_bitwise_the_direct_kernel(dtype):
     for relu in (False, True):
-        _, _, _, got, ref = both(SHAPES[0], dtype, relu=relu, bn=True, seed=1)
-        assert np.array_equal(got, ref)
+        for bn in (True, "add"):
+            _, _, _, got, ref = both(SHAPES[0], dtype, relu=relu, bn=bn, seed=1)
+            assert np.array_equal(got, ref)
 
 
 def test_same_bits_for_any_thread_count():

@@ -458,3 +458,20 @@ def test_no_kernels_fixture_is_effective(no_kernels):
         F.relu_forward(X4)
     with pytest.raises(AssertionError, match="kernel batchnorm.batchnorm_forward_train reached"):
         F.batch_norm_forward_train(X4, np.ones(3), np.ones(3))
+
+
+def test_conv_batch_norm_sum_checks_its_other_term(no_kernels):
+    """conv2d_batch_norm_eval_forward's ``add`` (a residual's other term): the output's shape
+    and the input's dtype, else an error naming the layer that sums, before any kernel."""
+    p = np.ones(5)
+    args = (X4, W4, None, 1, 1, 1, p, p, p, p, 1e-5)
+    with pytest.raises(
+        ValueError, match=r"^block3: expected .* shape \(2, 5, 8, 8\), got \(2, 5, 6, 6\)"
+    ):
+        F.conv2d_batch_norm_eval_forward(*args, add=np.zeros((2, 5, 6, 6)), add_layer="block3")
+    with pytest.raises(TypeError, match=r"^block3: input dtype float32 does not match"):
+        F.conv2d_batch_norm_eval_forward(
+            *args, add=np.zeros((2, 5, 8, 8), np.float32), add_layer="block3"
+        )
+    with pytest.raises(TypeError, match=r"^Residual: expected a floating-point"):
+        F.conv2d_batch_norm_eval_forward(*args, add=np.zeros((2, 5, 8, 8), int))

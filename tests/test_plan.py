@@ -207,6 +207,84 @@ def test_residual_relu_is_bitwise_the_unfused_plan(dtype, projection, rng):
                 assert_fused_equals_unfused(model, inp, input_grad=input_grad)
 
 
+def _bn(f, dtype, rng):
+    bn = L.BatchNorm2D(f, dtype=dtype)
+    bn.running_mean[...] = rng.standard_normal(f)
+    bn.running_var[...] = rng.random(f) + 0.1
+    bn.weight.data[...] = rng.standard_normal(f)
+    bn.bias.data[...] = rng.standard_normal(f)
+    return bn
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "c, f, stride, relu",
+    [
+        (16, 16, 1, True),  # identity shortcut, the Winograd kernel, Residual -> ReLU
+        (4, 4, 1, False),  # the direct kernel, the Residual alone (its sum, no ReLU)
+        (1, 6, 1, True),  # one channel, few filters: the one-channel kernel
+        (8, 20, 2, True),  # a projection shortcut (1x1, stride 2, BatchNorm), partial tiles
+    ],
+)
+def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
+    dtype, c, f, stride, relu, rng, monkeypatch
+):
+    """Evaluation mode: the body's last Conv2D -> BatchNorm2D adds the shortcut (and applies
+    the block's ReLU) in its kernel: bitwise the sum and the ReLU after it, NaN kept, the
+    backward after it too; training mode and a body ending otherwise: the sum after it."""
+    from fastcnn import plan
+
+    fused = []
+    forward_add = plan.ConvBatchNorm.forward_add
+
+    def spy(step, *args):
+        result = forward_add(step, *args)
+        fused.append(result[1])
+        return result
+
+    monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
+    first = L.Conv2D(c, f, 3, stride, padding=1, bias=False, dtype=dtype, rng=rng)
+    # the second conv of the one-channel case reads one channel too
+    second_in = 1 if c == 1 else f
+    second = L.Conv2D(second_in, f, 3, padding=1, bias=c == 1, dtype=dtype, rng=rng)
+    body = [first, _bn(f, dtype, rng), L.ReLU(), second, _bn(f, dtype, rng)]
+    if c == 1:  # a 1 x 1 convolution down to one channel between them
+        body[3:3] = [L.Conv2D(f, 1, 1, dtype=dtype, rng=rng)]
+    shortcut = None
+    if stride > 1 or c != f:
+        shortcut = Sequential(L.Conv2D(c, f, 1, stride, dtype=dtype, rng=rng), _bn(f, dtype, rng))
+    model = Sequential(Residual(Sequential(*body), shortcut), *([L.ReLU()] if relu else []))
+    x = rng.standard_normal((3, c, 9, 8)).astype(dtype)
+    x[0, 0, 2, 3] = np.nan
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    for inp in (x, channels_last):
+        model.eval()
+        fused.clear()
+        for input_grad in (True, False):
+            assert_fused_equals_unfused(model, inp, input_grad=input_grad)
+        assert fused == [True] * 2  # the fused runs (the unfused twins have no such step)
+        model.train()
+        fused.clear()
+        assert_fused_equals_unfused(model, inp)
+        assert fused == []  # training: the BatchNorm's batch statistics, the sum after
+    # a float64 input beside a float32 body: the sum after it, and its error
+    if dtype == np.float32 and shortcut is None:
+        model.eval()
+        with pytest.raises(TypeError, match="Residual"):
+            model(x.astype(np.float64))
+
+
+def test_residual_sum_of_mismatched_shapes_is_the_residuals_error(rng):
+    """A shortcut whose output does not fit the body's: the same error fused or not."""
+    body = Sequential(L.Conv2D(4, 4, 3, padding=1, rng=rng), _bn(4, np.float32, rng))
+    model = Residual(body, Sequential(L.Conv2D(4, 4, 3, rng=rng), _bn(4, np.float32, rng)))
+    model.eval()
+    x = rng.standard_normal((2, 4, 7, 7)).astype(np.float32)
+    for fuse in (True, False):
+        with fastcnn.fusion(fuse), pytest.raises(ValueError, match="body's output shape"):
+            model(x)
+
+
 def test_non_finite_values_take_the_same_path_fused_and_unfused(rng):
     model = reference(seed=3)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)

@@ -104,7 +104,13 @@ def test_relu_and_batch_norm_epilogue_bitwise_the_steps_apart(dtype):
     rows = np.ascontiguousarray(plain.transpose(0, 2, 3, 1)).reshape(-1, 48)
     chunk_affine_inplace(rows, mean, scale, shift)
     expect = np.where(rows <= 0, 0, rows).reshape(plain.shape[0], *plain.shape[2:], 48)
-    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift))
+    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, np.empty(0, dtype)))
+    assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
+    # a residual's sum between the BatchNorm and the ReLU: numpy's sum, then the select
+    add = rng.standard_normal(rows.shape).astype(dtype)
+    summed = rows.reshape(-1, 48) + add
+    expect = np.where(summed <= 0, 0, summed).reshape(expect.shape)
+    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, add.reshape(-1)))
     assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
 
 
