@@ -234,11 +234,17 @@ def _batch_norm_rows(block, F, bn, relu, start):
     mean, scale, shift, add = bn
     rows2d = block.reshape((block.size // F, F))
     chunk_affine_inplace(rows2d, mean, scale, shift)
-    if add.size > 0:
-        for i in range(block.size):
-            block[i] = block[i] + add[start + i]
-    if relu:
-        zero = block.dtype.type(0)
+    zero = block.dtype.type(0)
+    if add.size > 0:  # a slice: an index start + i is tested for wrap-around, not vectorised
+        other = add[start : start + block.size]
+        if relu:
+            for i in range(block.size):
+                v = block[i] + other[i]
+                block[i] = zero if v <= zero else v
+        else:
+            for i in range(block.size):
+                block[i] = block[i] + other[i]
+    elif relu:
         for i in range(block.size):
             v = block[i]
             block[i] = zero if v <= zero else v
