@@ -18,11 +18,15 @@ F <= 6, bias (F,), out (N, OH, OW, F) overwritten; padding as top/left offsets, 
 by out's shape; ``relu`` and ``bn`` as in conv2d.conv2d_forward.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
-from .gemm_tile import FTN, RN, gemm_tile
+from .gemm_tile import FTN, RN, gemm_tile, stack_array
+
+assert RN == 6  # _taps is written out for 6 rows
+_ACC = RN * FTN
 
 
 @njit(cache=True)
@@ -60,27 +64,70 @@ def _operands(weight, bias):
     return wt, abase, aoff, bias6
 
 
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _taps(acc, wt, K, xpf, b0, boff):
+    """acc[r*FTN + l] += sum over the taps k < K, in order, of wt[r*K + k] * xpf[b0 + boff[k] + l]
+    for the RN filters' rows r and FTN pixels l: the tile of gemm_tile.py's _product_narrow
+    with the pixels' offsets per tap from boff (kernel row i, column j: i*Wp + j), so all the
+    taps run on accumulators that stay in registers. uint64 offsets (no wrap-around test)."""
+    u = np.uint64
+    K_ = u(K)
+    for k in range(K):
+        kk = u(k)
+        bo = b0 + boff[k]
+        w0 = wt[kk]
+        w1 = wt[K_ + kk]
+        w2 = wt[u(2) * K_ + kk]
+        w3 = wt[u(3) * K_ + kk]
+        w4 = wt[u(4) * K_ + kk]
+        w5 = wt[u(5) * K_ + kk]
+        for lane in range(FTN):
+            v = xpf[bo + u(lane)]
+            acc[lane] += w0 * v
+            acc[FTN + lane] += w1 * v
+            acc[2 * FTN + lane] += w2 * v
+            acc[3 * FTN + lane] += w3 * v
+            acc[4 * FTN + lane] += w4 * v
+            acc[5 * FTN + lane] += w5 * v
+
+
 @njit(cache=True, fastmath={"contract"})
-def _output_row(xpf, Hp, Wp, n, oh, wt, abase, aoff, bias6, KH, KW, relu, of, OH, OW, F, tile):
-    """Row oh of image n's output (of: out flat), FTN pixels at a time, through ``tile``
-    (RN * FTN scratch: the filters' rows of 16 pixels), one tile call per kernel row."""
+def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
+    """Row oh of image n's output (of: out flat), FTN pixels at a time: the RN filters' rows
+    of FTN pixels in registers from the bias through every tap, then stored pixel by pixel."""
+    acc = numba.carray(stack_array(_ACC, of.dtype), (_ACC,))
+    # acc is read only at constant indices (so it stays in registers); the stores, at indices
+    # known at run time, read this copy
+    tile = numba.carray(stack_array(_ACC, of.dtype), (_ACC,))
     orow = (n * OH + oh) * OW * F
     zero = of.dtype.type(0)
     for ow0 in range(0, OW, FTN):
         for r in range(RN):
             for lane in range(FTN):
-                tile[r * FTN + lane] = bias6[r]
-        for i in range(KH):
-            b0 = np.uint64((n * Hp + oh + i) * Wp + ow0)
-            k0 = i * KW
-            gemm_tile(wt, abase, 0, aoff, k0, k0 + KW, xpf, b0, np.uint64(1), tile, 0, True, True)
-        for lane in range(min(FTN, OW - ow0)):
+                acc[r * FTN + lane] = bias6[r]
+        _taps(acc, wt, K, xpf, np.uint64((n * Hp + oh) * Wp + ow0), boff)
+        for q in range(_ACC):
+            tile[q] = acc[q]
+        nl = min(FTN, OW - ow0)
+        if F == RN:  # pixels of RN filters: one stretch of out, constant indices (unrolled)
+            dst = np.uint64(orow + ow0 * F)
+            for lane in range(FTN):
+                if lane >= nl:
+                    break
+                for f in range(RN):
+                    v = tile[f * FTN + lane]
+                    if relu:  # the direct kernel's select
+                        w = v if v > 0 else zero
+                        v = v if v != v else w
+                    of[dst + np.uint64(lane * RN + f)] = v
+            continue
+        for lane in range(nl):
             dst = orow + (ow0 + lane) * F
             for f in range(F):
                 v = tile[f * FTN + lane]
                 if relu:  # the direct kernel's select
-                    u = v if v > 0 else zero
-                    v = v if v != v else u
+                    w = v if v > 0 else zero
+                    v = v if v != v else w
                 of[dst + f] = v
 
 
@@ -89,7 +136,7 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
     """out[n, oh, ow, f] = bias[f] + sum_{i,j} weight[f,0,i,j] * x[n, oh - pt + i, ow - pl + j, 0],
     then the BatchNorm (``bn`` = (mean, scale, shift, add), or four empty arrays) and the ReLU if
     ``relu``: bitwise conv2d.conv2d_forward. x (N, H, W, 1), weight (F, 1, KH, KW), F <= 6.
-    Work: output rows, dealt to ``threads`` workers in a fixed interleave, each with its own
+    Work: output rows, ``threads`` workers a contiguous range of them each, each with its own
     tile scratch (every output comes from one row alone: the result does not depend on it)."""
     N = x.shape[0]
     F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
@@ -97,34 +144,23 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
     Hp = OH + KH - 1
     Wp = (OW + FTN - 1) // FTN * FTN + KW - 1
     xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
-    wt, abase, aoff, bias6 = _operands(weight, bias)
+    wt, _, _, bias6 = _operands(weight, bias)
+    boff = np.empty(KH * KW, dtype=np.uint64)  # tap (i, j): i rows and j columns further
+    for i in range(KH):
+        for j in range(KW):
+            boff[i * KW + j] = np.uint64(i * Wp + j)
     rows = N * OH
     nthr = max(1, min(threads, rows))
-    tiles = np.empty((nthr, RN * FTN), dtype=x.dtype)
     xpf = xp.reshape(xp.size)
     of = out.reshape(out.size)
     affine = bn[1].size > 0
     for th in prange(nthr):
-        for row in range(th, rows, nthr):
+        # a contiguous range of rows each: rows dealt in turn shared the cache line where one
+        # row's output ends and the next begins, written by both workers (2.6x slower)
+        for row in range(th * rows // nthr, (th + 1) * rows // nthr):
             n, oh = row // OH, row % OH
             _output_row(
-                xpf,
-                Hp,
-                Wp,
-                n,
-                oh,
-                wt,
-                abase,
-                aoff,
-                bias6,
-                KH,
-                KW,
-                relu and not affine,
-                of,
-                OH,
-                OW,
-                F,
-                tiles[th],
+                xpf, Hp, Wp, n, oh, wt, boff, bias6, KH * KW, relu and not affine, of, OH, OW, F
             )
             if affine:  # the direct kernel's epilogue, on the row
                 _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu, row * OW * F)
