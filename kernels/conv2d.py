@@ -69,22 +69,23 @@ def _needs_padding(x, pad_top, pad_left, Hp, Wp):
 
 
 @njit(cache=True)
-def _pad_row(x, xp, n, r, pad_top, pad_left):
-    """xp[n, r, s, :] = x[n, r - pad_top, s - pad_left, :], zeros outside x: one row of the
-    zero-padded copy (N, Hp, Wp, C)."""
-    H, W = x.shape[1], x.shape[2]
-    Wp, C = xp.shape[2], xp.shape[3]
-    ih = r - pad_top
-    dst = xp[n, r]
-    for s in range(Wp):
-        iw = s - pad_left
-        if ih < 0 or ih >= H or iw < 0 or iw >= W:
-            for c in range(C):
-                dst[s, c] = 0
-        else:
-            src = x[n, ih, iw]
-            for c in range(C):
-                dst[s, c] = src[c]
+def _pad_row(xf, xpf, d0, s0, ih, H, row, a, b):
+    """One row of the zero-padded copy, flat: xpf[d0 : d0 + row] = zeros, then (if input row
+    ih lies in the image) xf[s0 : s0 + b - a] at [d0 + a, d0 + b). Flat runs with unsigned
+    offsets: a loop over each pixel's channels with its test, or a slice per row (reference
+    counting), ran 2-4x slower than numpy's copy."""
+    u = np.uint64
+    zero = xpf.dtype.type(0)
+    d0 = u(d0)
+    if ih < 0 or ih >= H:
+        a, b = row, row
+    for q in range(a):
+        xpf[d0 + u(q)] = zero
+    dd, ss = d0 + u(a), u(s0)
+    for q in range(b - a):
+        xpf[dd + u(q)] = xf[ss + u(q)]
+    for q in range(b, row):
+        xpf[d0 + u(q)] = zero
 
 
 @njit(cache=True)
@@ -99,10 +100,17 @@ def _padded_input(x, pad_top, pad_left, Hp, Wp):
     """
     if not _needs_padding(x, pad_top, pad_left, Hp, Wp):
         return x
-    N, C = x.shape[0], x.shape[3]
+    N, H, W, C = x.shape
     xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
+    xf = x.reshape(x.size)
+    xpf = xp.reshape(xp.size)
+    left = min(pad_left, Wp)  # padded columns before the image, then the image's that fit
+    inside = max(0, min(W, Wp - left))
     for t in range(N * Hp):
-        _pad_row(x, xp, t // Hp, t % Hp, pad_top, pad_left)
+        n, r = t // Hp, t % Hp
+        ih = r - pad_top
+        s0 = ((n * H + ih) * W) * C if 0 <= ih < H else 0
+        _pad_row(xf, xpf, t * Wp * C, s0, ih, H, Wp * C, left * C, (left + inside) * C)
     return xp
 
 
