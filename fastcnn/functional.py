@@ -43,6 +43,7 @@ from .kernels import dense as _dense
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 from .kernels import winograd as _winograd
+from .kernels import winograd4 as _winograd4
 
 __all__ = [
     "check_float",
@@ -377,7 +378,24 @@ def winograd_applies(weight_shape: Shape, stride: Size2 = 1, dilation: Size2 = 1
     )
 
 
-def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd):
+#: Outputs at least this many rows and columns run on F(4x4, 3x3), smaller ones on F(2x2, 3x3):
+#: below it the 4x4 tiles' share past the edge (7 -> 8, 14 -> 16) and the larger transformed
+#: weights (36 positions, not 16) cost what the products save.
+WINOGRAD4_MIN_SIZE = 16
+
+
+def _winograd_forward(x, weight, bias, pad_top, pad_left, relu, y, bn, f4=False):
+    """A Winograd kernel (x, y channels-last): with ``f4``, F(4x4, 3x3) where both output
+    dimensions are >= WINOGRAD4_MIN_SIZE; else F(2x2, 3x3)."""
+    threads = numba.get_num_threads()
+    if f4 and min(y.shape[1], y.shape[2]) >= WINOGRAD4_MIN_SIZE:
+        kernel = _winograd4.conv2d_winograd4_forward
+    else:
+        kernel = _winograd.conv2d_winograd_forward
+    kernel(x, weight, bias, pad_top, pad_left, relu, y, bn, threads)
+
+
+def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, winograd4=False):
     """Run the direct kernel (or its one-channel variant, bitwise the same), or the Winograd
     one where ``winograd`` and it applies, and the weights are finite (the transformed
     weights meet the zeros around the image: 0 * inf)."""
@@ -386,10 +404,7 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         and winograd_applies(weight.shape, strides, dilations)
         and bool(np.isfinite(weight).all())
     ):
-        threads = numba.get_num_threads()
-        _winograd.conv2d_winograd_forward(
-            _nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, threads
-        )
+        _winograd_forward(_nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, winograd4)
         return
     (sh, sw), (dh, dw) = strides, dilations
     if weight.shape[1] == 1 and weight.shape[0] <= _conv2d_c1.RN and (sh, sw, dh, dw) == (1,) * 4:
@@ -412,6 +427,7 @@ def conv2d_forward(
     relu: bool = False,
     layer: str = "Conv2D",
     winograd: bool = False,
+    winograd4: bool = False,
 ) -> Array:
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
     bias (F,) or None -> y (N, F, OH, OW), channels-last in memory. ``relu=True`` returns
@@ -422,7 +438,10 @@ def conv2d_forward(
     the layers ask for it, in training too (the gradients are the convolution's, as cuDNN's
     Winograd forward pairs with any backward). A NaN or
     infinity in x may then also reach outputs next to those whose window holds it (the
-    transforms mix a 4x4 patch), where the direct kernel gives finite values."""
+    transforms mix a 4x4 patch), where the direct kernel gives finite values.
+    ``winograd4=True`` (with ``winograd``) takes F(4x4, 3x3) instead where the output is at
+    least WINOGRAD4_MIN_SIZE square (kernels/winograd4.py: fewer operations, more rounding;
+    the layers ask for it in evaluation mode)."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer
@@ -432,7 +451,9 @@ def conv2d_forward(
     n, f, oh, ow = out_shape
     y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
-        _conv_kernel(x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd)
+        _conv_kernel(
+            x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd, winograd4
+        )
     return _nchw(y)
 
 
@@ -460,6 +481,7 @@ def conv2d_batch_norm_eval_forward(
     winograd: bool = False,
     add: Array | None = None,
     add_layer: str = "Residual",
+    winograd4: bool = False,
 ) -> Array:
     """``batch_norm_forward_eval(conv2d_forward(x, ..., winograd=winograd), ...)``, then
     ``+ add`` if given (a residual block's sum: ``add`` has the output's shape and dtype),
@@ -501,7 +523,9 @@ def conv2d_batch_norm_eval_forward(
         scale = _pool.empty(f, dtype=x.dtype)
         _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
         bn = (running_mean, scale, beta, add_flat)
-        _conv_kernel(x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd)
+        _conv_kernel(
+            x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd, winograd4
+        )
     return _nchw(y)
 
 
@@ -615,7 +639,7 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
     (sh, sw), (dh, dw) = strides, dilations
     kh, kw = weight.shape[2], weight.shape[3]
     if _input_gradient_by_winograd(weight, strides, pads, dilations):
-        _winograd.conv2d_winograd_forward(
+        _winograd_forward(
             dy,
             _flipped_weight(weight),
             np.zeros(c, dy.dtype),
@@ -624,7 +648,6 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
             False,
             dx,
             _no_bn(dx),
-            numba.get_num_threads(),
         )
     elif _input_gradient_as_convolution(weight, strides, pads, dilations):
         _conv2d.conv2d_forward(

@@ -258,6 +258,7 @@ class Conv2D(Module):
             self.dilation,
             layer=self.name,
             winograd=True,
+            winograd4=not self.training,
         )
         self.save_for_backward(x, in_dtype)
         return y

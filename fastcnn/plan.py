@@ -182,6 +182,7 @@ def _conv_relu(conv, x):
         relu=True,
         layer=conv.name,
         winograd=True,
+        winograd4=not conv.training,
     )
 
 
@@ -530,6 +531,7 @@ class ConvBatchNorm(_WithInnerPlan):
             winograd=True,
             add=add,
             add_layer=add_layer,
+            winograd4=not conv.training,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]

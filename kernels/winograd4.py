@@ -1,0 +1,290 @@
+"""3x3 stride-1 convolution by Winograd's F(4x4, 3x3) (Lavin & Gray, 2016), over channels-last
+(NHWC) arrays: 36 multiplications per 4x4 outputs and input channel and filter where the
+direct product takes 144 (4x fewer; F(2x2, 3x3) of winograd.py: 2.25x), and its transforms
+cost less per output too (a 6x6 patch per 16 outputs, against 4x4 per 4).
+
+Each 4x4 block of outputs ("tile") reads a 6x6 patch d of every input channel and computes
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, summed over the channels)
+
+    B^T = [[4,  0, -5,  0, 1, 0],     G = [[ 1/4,     0,    0],     A^T = [[1, 1,  1, 1,  1, 0],
+           [0, -4, -4,  1, 1, 0],          [-1/6,  -1/6, -1/6],            [0, 1, -1, 2, -2, 0],
+           [0,  4, -4, -1, 1, 0],          [-1/6,   1/6, -1/6],            [0, 1,  1, 4,  4, 0],
+           [0, -2, -1,  2, 1, 0],          [1/24,  1/12,  1/6],            [0, 1, -1, 8, -8, 1]]
+           [0,  2, -1, -2, 1, 0],          [1/24, -1/12,  1/6],
+           [0,  4,  0, -5, 0, 1]]          [   0,     0,    1]]
+
+so the sum over channels becomes 36 independent matrix products, one per position e of the
+6x6 transformed patch: M[e] (tiles x F) = V[e] (tiles x C) @ U[e] (C x F), on the narrow
+register tile of gemm_tile.py, a block of tiles at a time (winograd.py's scheme, 36 products
+where it has 16).
+
+Shapes, contract, ``relu`` and ``bn`` as winograd.conv2d_winograd_forward (C and F multiples
+of 16). The result is the convolution up to rounding: the transforms' larger coefficients
+round more than F(2x2, 3x3)'s (tests/test_winograd4.py bounds the error against the textbook
+loops). Deterministic: no sum's order depends on the thread count.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .conv2d import _batch_norm_rows
+from .gemm_tile import FTN, RN, copy16, gemm_tile_bias, stack_array
+
+#: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
+_BLOCK_TILES = 12
+#: Positions of the transformed 6x6 patch, and floats per tile and 16 channels (or filters).
+_E = 36
+_S = _E * 16
+
+
+@njit(cache=True)
+def weight_transform(weight, Fp):
+    """U (36, C, Fp): U[6*a + b, c, f] = (G weight[f, c] G^T)[a, b], in float64, filters
+    f >= F zero (the tile's padding columns)."""
+    F, C = weight.shape[0], weight.shape[1]
+    U = np.zeros((_E, C, Fp), dtype=weight.dtype)
+    gg = np.empty((6, 3), dtype=np.float64)
+    for f in range(F):
+        for c in range(C):
+            for j in range(3):  # G g: the kernel's rows combined
+                g0 = np.float64(weight[f, c, 0, j])
+                g1 = np.float64(weight[f, c, 1, j])
+                g2 = np.float64(weight[f, c, 2, j])
+                gg[0, j] = g0 / 4
+                gg[1, j] = -(g0 + g1 + g2) / 6
+                gg[2, j] = -(g0 - g1 + g2) / 6
+                gg[3, j] = g0 / 24 + g1 / 12 + g2 / 6
+                gg[4, j] = g0 / 24 - g1 / 12 + g2 / 6
+                gg[5, j] = g2
+            for a in range(6):  # (G g) G^T: its columns combined
+                h0, h1, h2 = gg[a, 0], gg[a, 1], gg[a, 2]
+                U[6 * a + 0, c, f] = h0 / 4
+                U[6 * a + 1, c, f] = -(h0 + h1 + h2) / 6
+                U[6 * a + 2, c, f] = -(h0 - h1 + h2) / 6
+                U[6 * a + 3, c, f] = h0 / 24 + h1 / 12 + h2 / 6
+                U[6 * a + 4, c, f] = h0 / 24 - h1 / 12 + h2 / 6
+                U[6 * a + 5, c, f] = h2
+    return U
+
+
+@njit(cache=True, inline="always")
+def _bt(src, dst, base, stride, lane):
+    """dst[base + e * stride + lane] = (B^T s)[e] for the 6 values s[k] = src[base + k * stride
+    + lane]: one row or column of the input transform (inlined with constant offsets)."""
+    d0 = src[base + lane]
+    d1 = src[base + stride + lane]
+    d2 = src[base + 2 * stride + lane]
+    d3 = src[base + 3 * stride + lane]
+    d4 = src[base + 4 * stride + lane]
+    d5 = src[base + 5 * stride + lane]
+    # constants of the arrays' dtype: an int literal makes float32 arithmetic float64
+    two, four, five = src.dtype.type(2), src.dtype.type(4), src.dtype.type(5)
+    dst[base + lane] = four * d0 - five * d2 + d4
+    dst[base + stride + lane] = d3 + d4 - four * (d1 + d2)
+    dst[base + 2 * stride + lane] = four * (d1 - d2) + d4 - d3
+    dst[base + 3 * stride + lane] = two * (d3 - d1) + d4 - d2
+    dst[base + 4 * stride + lane] = two * (d1 - d3) + d4 - d2
+    dst[base + 5 * stride + lane] = four * d1 - five * d3 + d5
+
+
+@njit(cache=True, inline="always")
+def _at(src, dst, sbase, sstride, dbase, dstride, lane):
+    """dst[dbase + i * dstride + lane] = (A^T s)[i], i < 4, for the 6 values s[k] =
+    src[sbase + k * sstride + lane]: one row or column of the output transform."""
+    m0 = src[sbase + lane]
+    m1 = src[sbase + sstride + lane]
+    m2 = src[sbase + 2 * sstride + lane]
+    m3 = src[sbase + 3 * sstride + lane]
+    m4 = src[sbase + 4 * sstride + lane]
+    m5 = src[sbase + 5 * sstride + lane]
+    a, b = m1 + m2, m1 - m2
+    c, e = m3 + m4, m3 - m4
+    two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
+    dst[dbase + lane] = m0 + a + c
+    dst[dbase + dstride + lane] = b + two * e
+    dst[dbase + 2 * dstride + lane] = a + four * c
+    dst[dbase + 3 * dstride + lane] = b + eight * e + m5
+
+
+@njit(cache=True)
+def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
+    """V[t, c // 16, e, c % 16] = (B^T d B)[e] for the block's tiles t < nt (tile row
+    ty0 + t // TW, column t % TW of image n), d the tile's 6x6 input patch, every channel
+    (C a multiple of 16); positions outside the image read as zeros. xf: x (N, H, W, C) flat;
+    V flat. As winograd.py: loops between one array and the stack, or within the stack,
+    16 channels at a time (LLVM makes those vector code; one loop from x to V stayed
+    scalar)."""
+    d = numba.carray(stack_array(_S, V.dtype), (_S,))  # the patch: 16 * (6 i + j) + lane
+    r = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d: 16 * (6 i + j) + lane
+    v = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d B: 16 * e + lane
+    po = numba.carray(stack_array(_E, np.uint64), (_E,))  # each position's pixel in x
+    ok = numba.carray(stack_array(_E, np.uint64), (_E,))  # 1 inside the image, 0 outside
+    zeros = numba.carray(stack_array(16, V.dtype), (16,))
+    for lane in range(16):
+        zeros[lane] = 0
+    img = n * H * W * C
+    for t in range(nt):
+        y0 = 4 * (ty0 + t // TW) - pad_top
+        x0 = 4 * (t % TW) - pad_left
+        for i in range(6):
+            for j in range(6):
+                y, xx = y0 + i, x0 + j
+                inside = 0 <= y < H and 0 <= xx < W
+                # outside: read the image's nearest pixel (clamped) and select a zero
+                yc, xc = min(max(y, 0), H - 1), min(max(xx, 0), W - 1)
+                po[6 * i + j] = np.uint64(img + (yc * W + xc) * C)
+                ok[6 * i + j] = np.uint64(1 if inside else 0)
+        for c0 in range(0, C, 16):
+            u0 = np.uint64(c0)
+            for p in range(_E):
+                # copy16: one vector move (a loop of 16 with its select ran scalar: too few
+                # iterations for the vectorised loop's unrolling)
+                if ok[p] != 0:
+                    copy16(d, np.uint64(16 * p), xf, po[p] + u0)
+                else:
+                    copy16(d, np.uint64(16 * p), zeros, np.uint64(0))
+            for lane in range(16):  # B^T d (each column's rows), then (B^T d) B (rows)
+                _bt(d, r, 0, 96, lane)
+                _bt(d, r, 16, 96, lane)
+                _bt(d, r, 32, 96, lane)
+                _bt(d, r, 48, 96, lane)
+                _bt(d, r, 64, 96, lane)
+                _bt(d, r, 80, 96, lane)
+                _bt(r, v, 0, 16, lane)
+                _bt(r, v, 96, 16, lane)
+                _bt(r, v, 192, 16, lane)
+                _bt(r, v, 288, 16, lane)
+                _bt(r, v, 384, 16, lane)
+                _bt(r, v, 480, 16, lane)
+            q = np.uint64((t * C + c0) * _E)  # V[t, c0 // 16, e, lane]: one stretch
+            for k in range(_S):
+                V[q + np.uint64(k)] = v[k]
+
+
+@njit(cache=True)
+def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
+    """out[n, oy:oy+4, ox:ox+4, :] = A^T M A + bias for the block's tiles t < nt (only the
+    rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays NaN). M flat
+    (nfb, TBp, 36, 16): M[fb, t, e, lane]; of: out (N, OH, OW, F) flat."""
+    m = numba.carray(stack_array(_S, M.dtype), (_S,))  # M[e]: 16 * e + lane
+    s = numba.carray(stack_array(384, M.dtype), (384,))  # A^T M: 16 * (6 i + j) + lane, i < 4
+    y = numba.carray(stack_array(256, M.dtype), (256,))  # Y: 16 * (4 i + j) + lane
+    zero = M.dtype.type(0)
+    for t in range(nt):
+        oy, ox = 4 * (ty0 + t // TW), 4 * (t % TW)
+        rows, cols = min(4, OH - oy), min(4, OW - ox)
+        o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        for fb in range(nfb):
+            q = np.uint64((fb * TBp + t) * _S)  # M[fb, t, e, lane]: one stretch
+            for k in range(_S):
+                m[k] = M[q + np.uint64(k)]
+            f0 = np.uint64(fb * FTN)
+            for lane in range(16):  # A^T M (each column's rows), then (A^T M) A (rows)
+                _at(m, s, 0, 96, 0, 96, lane)
+                _at(m, s, 16, 96, 16, 96, lane)
+                _at(m, s, 32, 96, 32, 96, lane)
+                _at(m, s, 48, 96, 48, 96, lane)
+                _at(m, s, 64, 96, 64, 96, lane)
+                _at(m, s, 80, 96, 80, 96, lane)
+                _at(s, y, 0, 16, 0, 16, lane)
+                _at(s, y, 96, 16, 64, 16, lane)
+                _at(s, y, 192, 16, 128, 16, lane)
+                _at(s, y, 288, 16, 192, 16, lane)
+                bb = bias[f0 + np.uint64(lane)]
+                for q in range(16):
+                    v = y[16 * q + lane] + bb
+                    if relu:  # activations.relu_forward's select
+                        v = zero if v <= zero else v
+                    y[16 * q + lane] = v
+            for i in range(rows):
+                for j in range(cols):
+                    dst = o00 + np.uint64((i * OW + j) * F) + f0
+                    src = 16 * (4 * i + j)
+                    for lane in range(16):
+                        of[dst + np.uint64(lane)] = y[src + lane]
+
+
+@njit(parallel=True, cache=True)
+def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+    """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, oh - pt + i, ow - pl + j, c]
+    (3x3, stride 1, dilation 1), up to rounding, by F(4x4, 3x3); then the BatchNorm ``bn``
+    (mean, scale, shift, add: winograd.conv2d_winograd_forward's) and max(out, 0) if ``relu``.
+
+    x (N, H, W, C), weight (F, C, 3, 3), bias (F,), C and F multiples of 16; out (N, OH, OW, F)
+    overwritten. Work: blocks of whole tile rows of one image, ``threads`` workers each a
+    contiguous range of them, each with its own scratch (V, M). Every output is computed by
+    one block alone: the result does not depend on ``threads``.
+    """
+    N, H, W, C = x.shape
+    F = weight.shape[0]
+    OH, OW = out.shape[1], out.shape[2]
+    TH, TW = (OH + 3) // 4, (OW + 3) // 4
+    nfb = (F + FTN - 1) // FTN
+    Fp = nfb * FTN
+    U = weight_transform(weight, Fp)
+    k = min(TH, (_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
+    per_image = (TH + k - 1) // k
+    nblocks = N * per_image
+    TBp = (k * TW + RN - 1) // RN * RN
+    nthr = max(1, min(threads, nblocks))
+    dt = x.dtype
+    V = np.empty((nthr, TBp * C * _E), dtype=dt)
+    M = np.empty((nthr, nfb * TBp * _S), dtype=dt)
+    zb = np.empty(FTN, dtype=dt)  # (np.zeros here would be a parallel loop of its own)
+    for f in range(FTN):
+        zb[f] = 0
+    # V[t, c // 16, e, c % 16]: row t of the e-th product starts at abase[e * TBp + t] and
+    # its channel c lies aoff[c] further
+    abase = np.empty(_E * TBp, dtype=np.uint64)
+    for e in range(_E):
+        for t in range(TBp):
+            abase[e * TBp + t] = np.uint64(t * _E * C + 16 * e)
+    aoff = np.empty(C, dtype=np.uint64)
+    for c in range(C):
+        aoff[c] = np.uint64(c // 16 * _S + c % 16)
+    Uf = U.reshape(U.size)
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    ustride = np.uint64(Fp)
+    affine = bn[1].size > 0
+    for th in prange(nthr):
+        Vf = V[th]
+        Mf = M[th]
+        for blk in range(th * nblocks // nthr, (th + 1) * nblocks // nthr):
+            n = blk // per_image
+            ty0 = (blk % per_image) * k
+            ty1 = min(ty0 + k, TH)
+            nt = (ty1 - ty0) * TW
+            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf)
+            ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
+            for e in range(_E):
+                for fb in range(nfb):
+                    b0 = np.uint64(e * C * Fp + fb * FTN)
+                    for t in range(0, ntp, RN):
+                        # M[fb, t, e, :]: a tile's 36 products in one stretch (zero bias)
+                        gemm_tile_bias(
+                            Vf,
+                            np.uint64(0),
+                            abase,
+                            e * TBp + t,
+                            aoff,
+                            0,
+                            C,
+                            Uf,
+                            b0,
+                            ustride,
+                            zb,
+                            0,
+                            False,
+                            Mf,
+                            np.uint64((fb * TBp + t) * _S + 16 * e),
+                            np.uint64(_S),
+                            True,
+                        )
+            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu and not affine)
+            if affine:
+                p0 = (n * OH + 4 * ty0) * OW * F
+                p1 = (n * OH + min(4 * ty1, OH)) * OW * F
+                _batch_norm_rows(of[p0:p1], F, bn, relu, p0)

@@ -1,0 +1,159 @@
+"""The Winograd F(4x4, 3x3) forward (kernels/winograd4.py) against the textbook convolution
+(tests/naive/conv2d.py), its weight transform against G g G^T, its BatchNorm / residual / ReLU
+epilogue bitwise the steps apart, its independence of the thread count, and where the layers
+use it: evaluation mode, outputs of at least functional.WINOGRAD4_MIN_SIZE rows and columns."""
+
+import numba
+import numpy as np
+import pytest
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.functional import _no_bn
+from fastcnn.kernels.batchnorm import chunk_affine_inplace
+from fastcnn.kernels.winograd4 import conv2d_winograd4_forward, weight_transform
+from fastcnn.threads import threads
+from naive.conv2d import conv2d_forward as naive_conv
+
+# float32: the transforms' coefficients (up to 8, and 1/24 in G) round more than F(2x2)'s;
+# measured errors are 2e-7..6e-6 of the largest output, a wrong coefficient gives 1e-1
+F32_REL = 2e-5
+F64_REL = 5e-14
+
+G = np.array(
+    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+     [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+)  # fmt: skip
+
+SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right)): partial tiles, every padding
+    (2, 16, 16, 7, 6, ((1, 1), (1, 1))),
+    (1, 16, 32, 8, 8, ((1, 1), (1, 1))),
+    (3, 32, 48, 9, 11, ((0, 2), (0, 2))),
+    (2, 16, 16, 5, 5, ((2, 0), (2, 0))),
+    (1, 48, 16, 4, 3, ((1, 1), (1, 1))),
+    (2, 16, 16, 3, 3, ((0, 0), (0, 0))),
+    (1, 32, 16, 1, 1, ((1, 1), (1, 1))),
+    (2, 64, 32, 18, 17, ((1, 1), (1, 1))),
+]
+
+
+def run(x, w, b, padding, relu=False, bn=None, n_threads=None):
+    """The kernel on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
+    N, C, H, W = x.shape
+    (pt, pb), (pl, pr) = padding
+    out = np.full((N, H + pt + pb - 2, W + pl + pr - 2, w.shape[0]), np.nan, dtype=x.dtype)
+    bn = _no_bn(x) if bn is None else bn
+    nt = numba.get_num_threads() if n_threads is None else n_threads
+    conv2d_winograd4_forward(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt
+    )
+    return out.transpose(0, 3, 1, 2)
+
+
+def data(shape, dtype, seed=0):
+    N, C, Fn, H, W, padding = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Fn, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(Fn).astype(dtype)
+    return x, w, b, padding
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_the_textbook_convolution(shape, dtype):
+    x, w, b, padding = data(shape, dtype)
+    got = run(x, w, b, padding)
+    assert got.dtype == dtype and not np.isnan(got).any()
+    ref = naive_conv(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=padding
+    )
+    tol = (F32_REL if dtype == np.float32 else F64_REL) * max(1.0, float(np.abs(ref).max()))
+    assert float(np.abs(got - ref).max()) <= tol
+    relu = run(x, w, b, padding, relu=True)
+    assert np.array_equal(relu, np.where(got <= 0, 0, got).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_transform_is_g_g_gt(dtype):
+    w = np.random.default_rng(10).standard_normal((20, 3, 3, 3)).astype(dtype)
+    U = weight_transform(w, 32)  # (36, C, Fp), filters past 20 zero
+    ref = np.einsum("ai,fcij,bj->abcf", G, w.astype(np.float64), G).reshape(36, 3, 20)
+    assert U.shape == (36, 3, 32) and U.dtype == dtype and not U[:, :, 20:].any()
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(U[:, :, :20], ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_residual_and_relu_epilogue_bitwise_the_steps_apart(dtype):
+    x, w, b, padding = data((2, 32, 48, 17, 19, ((1, 1), (1, 1))), dtype, seed=2)
+    rng = np.random.default_rng(3)
+    mean, scale, shift = (rng.standard_normal(48).astype(dtype) for _ in range(3))
+    plain = run(x, w, b, padding)
+    rows = np.ascontiguousarray(plain.transpose(0, 2, 3, 1)).reshape(-1, 48)
+    chunk_affine_inplace(rows, mean, scale, shift)
+    expect = np.where(rows <= 0, 0, rows).reshape(plain.shape[0], *plain.shape[2:], 48)
+    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, np.empty(0, dtype)))
+    assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
+    add = rng.standard_normal(rows.shape).astype(dtype)
+    summed = rows + add
+    expect = np.where(summed <= 0, 0, summed).reshape(expect.shape)
+    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, add.reshape(-1)))
+    assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
+
+
+def test_nan_stays_nan_through_the_relu():
+    x, w, b, padding = data((1, 16, 16, 8, 8, ((1, 1), (1, 1))), np.float32, seed=4)
+    x[0, 3, 1, 1] = np.nan
+    got = run(x, w, b, padding, relu=True)
+    assert np.isnan(got[0, :, :3, :3]).all()  # every output whose window holds the NaN
+
+
+def test_same_bits_for_any_thread_count():
+    x, w, b, padding = data((5, 32, 32, 18, 16, ((1, 1), (1, 1))), np.float32, seed=5)
+    one = run(x, w, b, padding, n_threads=1)
+    for n in (2, 3, 7):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            assert np.array_equal(run(x, w, b, padding, n_threads=n), one)
+
+
+def test_a_layer_uses_it_in_evaluation_mode_on_large_outputs(monkeypatch):
+    """Evaluation mode, output >= WINOGRAD4_MIN_SIZE: F(4x4, 3x3); training mode and smaller
+    outputs: F(2x2, 3x3) (which rounds less: the two differ)."""
+    conv = fastcnn.Conv2D(16, 32, 3, padding=1, rng=np.random.default_rng(6))
+    rng = np.random.default_rng(7)
+    size = F.WINOGRAD4_MIN_SIZE
+    big = rng.standard_normal((2, 16, size, size + 1)).astype(np.float32)
+    small = rng.standard_normal((2, 16, size - 1, size + 4)).astype(np.float32)
+    w, bias = conv.weight.data, conv.bias.data
+    f4 = run(big, w, bias, ((1, 1), (1, 1)))
+    train = conv(big)
+    conv.eval()
+    assert np.array_equal(conv(big), f4)
+    assert not np.array_equal(train, f4)
+    np.testing.assert_allclose(train, f4, rtol=0, atol=F32_REL * np.abs(f4).max())
+    small_eval = conv(small)
+    conv.train()
+    assert np.array_equal(conv(small), small_eval)  # F(2x2, 3x3) in both modes
+
+
+def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
+    """Conv2D -> BatchNorm2D -> ReLU and a residual block, evaluation mode, on outputs large
+    enough for F(4x4, 3x3): the fused plan's kernels and the layers one by one agree."""
+    rng = np.random.default_rng(8)
+
+    def conv_bn(c, f):
+        bn = fastcnn.BatchNorm2D(f)
+        bn.running_mean[...] = rng.standard_normal(f)
+        bn.running_var[...] = rng.random(f) + 0.1
+        return [fastcnn.Conv2D(c, f, 3, padding=1, bias=False, rng=rng), bn]
+
+    body = fastcnn.Sequential(*conv_bn(16, 16), fastcnn.ReLU(), *conv_bn(16, 16))
+    model = fastcnn.Sequential(
+        *conv_bn(16, 16), fastcnn.ReLU(), fastcnn.Residual(body), fastcnn.ReLU()
+    ).eval()
+    x = rng.standard_normal((2, 16, 20, 18)).astype(np.float32)
+    fused = model(x)
+    with fastcnn.fusion(False):
+        plain = model(x)
+    assert np.array_equal(fused, plain)
