@@ -153,19 +153,13 @@ def _dense_backward(dtype: np.dtype[Any]) -> None:
 def compile_winograd_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the Winograd weight gradient of a 3x3 'same' convolution with 16
     channels and filters, as ``functional.conv2d_backward`` calls it (its input gradient runs
-    on the Winograd forward, which the forward pass compiles), then the F(4x4, 3x3) forward
-    evaluation mode runs on large outputs (validation, after the training steps)."""
+    on the Winograd forward, which the forward pass compiles)."""
     from . import functional as F
-    from .kernels import winograd4
 
     dtype = np.dtype(dtype)
     x = F._nchw(np.ones((2, 4, 4, 16), dtype))
     w = np.ones((16, 16, 3, 3), dtype)
     F.conv2d_backward(x, w, F._nchw(np.ones((2, 4, 4, 16), dtype)), 1, 1, input_grad=False)
-    y = np.empty((2, 4, 4, 16), dtype)
-    winograd4.conv2d_winograd4_forward(
-        F._nhwc(x), w, np.zeros(16, dtype), 1, 1, True, y, F._no_bn(y), 1
-    )
 
 
 def _index_paths():
@@ -216,10 +210,7 @@ _BACKGROUND = {
 }
 #: The second helper's job, started by expect_winograd_weight_gradient (no kernel's compilation
 #: tells: the Winograd forward also runs where no such gradient follows).
-_WINOGRAD_JOB = (
-    "compile_winograd_backward",
-    ("winograd.conv2d_winograd_backward_weight", "winograd4.conv2d_winograd4_forward"),
-)
+_WINOGRAD_JOB = ("compile_winograd_backward", ("winograd.conv2d_winograd_backward_weight",))
 _HELPER_TIMEOUT = 600.0  # seconds a kernel waits for the helper before compiling it itself
 _background: dict[str, Any] = {
     "pid": None,
