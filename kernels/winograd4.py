@@ -145,19 +145,12 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
                     copy16(d, np.uint64(16 * p), xf, po[p] + u0)
                 else:
                     copy16(d, np.uint64(16 * p), zeros, np.uint64(0))
-            for lane in range(16):  # B^T d (each column's rows), then (B^T d) B (rows)
-                _bt(d, r, 0, 96, lane)
-                _bt(d, r, 16, 96, lane)
-                _bt(d, r, 32, 96, lane)
-                _bt(d, r, 48, 96, lane)
-                _bt(d, r, 64, 96, lane)
-                _bt(d, r, 80, 96, lane)
-                _bt(r, v, 0, 16, lane)
-                _bt(r, v, 96, 16, lane)
-                _bt(r, v, 192, 16, lane)
-                _bt(r, v, 288, 16, lane)
-                _bt(r, v, 384, 16, lane)
-                _bt(r, v, 480, 16, lane)
+            for j in range(6):  # B^T d: each column's 6 rows combined
+                for lane in range(16):
+                    _bt(d, r, 16 * j, 96, lane)
+            for i in range(6):  # (B^T d) B: each row's 6 columns combined
+                for lane in range(16):
+                    _bt(r, v, 96 * i, 16, lane)
             q = np.uint64((t * C + c0) * _E)  # V[t, c0 // 16, e, lane]: one stretch
             for k in range(_S):
                 V[q + np.uint64(k)] = v[k]
@@ -181,17 +174,13 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
             for k in range(_S):
                 m[k] = M[q + np.uint64(k)]
             f0 = np.uint64(fb * FTN)
-            for lane in range(16):  # A^T M (each column's rows), then (A^T M) A (rows)
-                _at(m, s, 0, 96, 0, 96, lane)
-                _at(m, s, 16, 96, 16, 96, lane)
-                _at(m, s, 32, 96, 32, 96, lane)
-                _at(m, s, 48, 96, 48, 96, lane)
-                _at(m, s, 64, 96, 64, 96, lane)
-                _at(m, s, 80, 96, 80, 96, lane)
-                _at(s, y, 0, 16, 0, 16, lane)
-                _at(s, y, 96, 16, 64, 16, lane)
-                _at(s, y, 192, 16, 128, 16, lane)
-                _at(s, y, 288, 16, 192, 16, lane)
+            for j in range(6):  # A^T M: each column's 6 rows combined
+                for lane in range(16):
+                    _at(m, s, 16 * j, 96, 16 * j, 96, lane)
+            for i in range(4):  # (A^T M) A: each row's 6 columns combined
+                for lane in range(16):
+                    _at(s, y, 96 * i, 16, 64 * i, 16, lane)
+            for lane in range(16):
                 bb = bias[f0 + np.uint64(lane)]
                 for q in range(16):
                     v = y[16 * q + lane] + bb
