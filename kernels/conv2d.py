@@ -73,7 +73,7 @@ def _pad_row(xf, xpf, d0, s0, ih, H, row, a, b):
     """One row of the zero-padded copy, flat: xpf[d0 : d0 + row] = zeros, then (if input row
     ih lies in the image) xf[s0 : s0 + b - a] at [d0 + a, d0 + b). Flat runs with unsigned
     offsets: a loop over each pixel's channels with its test, or a slice per row (reference
-    counting), ran 2-4x slower than numpy's copy."""
+    counting), ran several times slower than numpy's copy."""
     u = np.uint64
     zero = xpf.dtype.type(0)
     d0 = u(d0)

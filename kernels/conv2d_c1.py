@@ -156,7 +156,7 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
     affine = bn[1].size > 0
     for th in prange(nthr):
         # a contiguous range of rows each: rows dealt in turn shared the cache line where one
-        # row's output ends and the next begins, written by both workers (2.6x slower)
+        # row's output ends and the next begins, written by both workers
         for row in range(th * rows // nthr, (th + 1) * rows // nthr):
             n, oh = row // OH, row % OH
             _output_row(

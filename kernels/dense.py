@@ -29,7 +29,7 @@ from .gemm_tile import FT, R, compiles_for_avx512, gemm_tile, gemm_tile_bias, st
 
 #: the forward's block: RB rows of x by FB rows of w, L lanes along k. AVX-512: 4 x 4, 16
 #: accumulators of 16 lanes in 16 of its 32 registers. AVX2: each accumulator takes two of its
-#: 16 registers, and 4 x 4 spilled (half the rate); 2 x 3 keeps 12. Only which outputs are
+#: 16 registers, and 4 x 4 spilled; 2 x 3 keeps 12. Only which outputs are
 #: computed together changes, never the order of any sum: the results are bitwise the same.
 RB, FB = (4, 4) if compiles_for_avx512() else (2, 3)
 L = 16

@@ -224,8 +224,8 @@ def maxpool2d_backward(dy, argmax, y, relu, kh, kw, stride_h, stride_w, pad_top,
 def _avg_row(xf, of, n, oh, H, W, C, OH, OW, h0, h1, kw, stride_w, pad_left, divisor):
     """Output row oh of image n: of[(n, oh, ow, c)] = the window's in-bounds cells summed in
     order (rows, then columns) from zero, / divisor. x and out flat, NHWC. The row is summed
-    one window cell (h, j) at a time across all its pixels: summing window by window, each
-    output's chain of additions through memory ran at 6 GB/s."""
+    one window cell (h, j) at a time across all its pixels: window by window (a short loop
+    over the channels per cell) ran slower."""
     u = np.uint64
     zero = of.dtype.type(0)
     o = u((n * OH + oh) * OW * C)
