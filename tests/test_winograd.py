@@ -40,16 +40,15 @@ SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
 ]
 
 
-def run(x, w, b, padding, relu=False, bn=None, n_threads=None):
-    """The kernel on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
+def run(x, w, b, padding, relu=False, bn=None, n_threads=None, kernel=conv2d_winograd_forward):
+    """The kernel (this F(2x2, 3x3) one, or another of its signature: tests/test_winograd4.py's)
+    on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
     N, C, H, W = x.shape
     (pt, pb), (pl, pr) = padding
     out = np.full((N, H + pt + pb - 2, W + pl + pr - 2, w.shape[0]), np.nan, dtype=x.dtype)
     bn = _no_bn(x) if bn is None else bn
     nt = numba.get_num_threads() if n_threads is None else n_threads
-    conv2d_winograd_forward(
-        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt
-    )
+    kernel(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt)
     return out.transpose(0, 3, 1, 2)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import fastcnn
+import test_winograd
 from fastcnn import functional as F
-from fastcnn.functional import _no_bn
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
 from fastcnn.kernels.winograd4 import conv2d_winograd4_forward, weight_transform
 from fastcnn.threads import threads
@@ -25,38 +25,14 @@ G = np.array(
      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 )  # fmt: skip
 
-SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right)): partial tiles, every padding
-    (2, 16, 16, 7, 6, ((1, 1), (1, 1))),
-    (1, 16, 32, 8, 8, ((1, 1), (1, 1))),
-    (3, 32, 48, 9, 11, ((0, 2), (0, 2))),
-    (2, 16, 16, 5, 5, ((2, 0), (2, 0))),
-    (1, 48, 16, 4, 3, ((1, 1), (1, 1))),
-    (2, 16, 16, 3, 3, ((0, 0), (0, 0))),
-    (1, 32, 16, 1, 1, ((1, 1), (1, 1))),
-    (2, 64, 32, 18, 17, ((1, 1), (1, 1))),
-]
+# test_winograd.py's shapes (partial tiles, every padding), the last with outputs past 16
+SHAPES = test_winograd.SHAPES[:-1] + [(2, 64, 32, 18, 17, ((1, 1), (1, 1)))]
+data = test_winograd.data
 
 
-def run(x, w, b, padding, relu=False, bn=None, n_threads=None):
-    """The kernel on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
-    N, C, H, W = x.shape
-    (pt, pb), (pl, pr) = padding
-    out = np.full((N, H + pt + pb - 2, W + pl + pr - 2, w.shape[0]), np.nan, dtype=x.dtype)
-    bn = _no_bn(x) if bn is None else bn
-    nt = numba.get_num_threads() if n_threads is None else n_threads
-    conv2d_winograd4_forward(
-        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt
-    )
-    return out.transpose(0, 3, 1, 2)
-
-
-def data(shape, dtype, seed=0):
-    N, C, Fn, H, W, padding = shape
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    w = rng.standard_normal((Fn, C, 3, 3)).astype(dtype)
-    b = rng.standard_normal(Fn).astype(dtype)
-    return x, w, b, padding
+def run(*args, **kwargs):
+    """test_winograd.run on this kernel."""
+    return test_winograd.run(*args, **kwargs, kernel=conv2d_winograd4_forward)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
