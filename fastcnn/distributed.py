@@ -244,35 +244,48 @@ class World:
             return
         self._ring_sum(buf, what, timeout)
 
-    def _shared_sum(self, buf: Array, what: str, timeout: float | None) -> None:
-        """Each rank copies ``buf`` into its slot of memory the ranks of this host share (an
-        MPI-3 shared window), the ranks meet at a barrier, and each adds the K slots in rank
-        order, slot 0 + slot 1 + ...: the same bits on every rank (for K = 2 those of the
-        ring), one meeting per call, and no message carries the buffer."""
-        slots = self._windows.get(buf.dtype.str)
-        if slots is None or slots.capacity < buf.size:
+    def shared_slots(
+        self, dtype: np.dtype[Any], n: int, what: str, timeout: float | None
+    ) -> tuple[Array, list[Array]] | None:
+        """For ``reduction="shared"``: this call's slot of ``n`` values in memory the ranks of
+        this host share (an MPI-3 shared window) and every rank's slot in rank order, to be
+        filled and then read after :meth:`shared_meet`; None if this MPI has no shared windows
+        (the ring is used from then on)."""
+        key = np.dtype(dtype).str
+        slots = self._windows.get(key)
+        if slots is None or slots.capacity < n:
             if slots is not None:
                 slots.free()
             try:
-                slots = self._windows[buf.dtype.str] = _SharedSlots(
-                    self, buf.dtype, buf.size, what, timeout
-                )
+                slots = self._windows[key] = _SharedSlots(self, np.dtype(dtype), n, what, timeout)
             except (NotImplementedError, RuntimeError) as e:  # an MPI without shared windows
                 _say(f"rank {self.rank}: no shared memory ({e}); summing with the ring")
                 self.reduction = "ring"
-                self._ring_sum(buf, what, timeout)
-                return
-        mine, theirs = slots.next_call(buf.size)
-        mine[:] = buf
+                return None
+        return slots.next_call(n)
+
+    def shared_meet(self, dtype: np.dtype[Any], n: int, what: str, timeout: float | None) -> None:
+        """Wait until every rank has filled its slot of this call (from :meth:`shared_slots`)."""
+        slots = self._windows[np.dtype(dtype).str]
         slots.win.Sync()  # (the stores visible before the barrier says so)
         self.wait([self._node.Ibarrier()], what, None, timeout)
         slots.win.Sync()
         sizes = slots.sizes()
-        if any(n != buf.size for n in sizes):
+        if any(k != n for k in sizes):
             self.abort(f"{what}: the ranks' buffers differ in size (rank by rank: {sizes})")
-        np.add(theirs[0], theirs[1], out=buf)
-        for other in theirs[2:]:
-            np.add(buf, other, out=buf)
+
+    def _shared_sum(self, buf: Array, what: str, timeout: float | None) -> None:
+        """Each rank copies ``buf`` into its shared slot, the ranks meet at a barrier, and each
+        adds the K slots in rank order, slot 0 + slot 1 + ...: the same bits on every rank (for
+        K = 2 those of the ring), one meeting per call, and no message carries the buffer."""
+        got = self.shared_slots(buf.dtype, buf.size, what, timeout)
+        if got is None:
+            self._ring_sum(buf, what, timeout)
+            return
+        mine, theirs = got
+        mine[:] = buf
+        self.shared_meet(buf.dtype, buf.size, what, timeout)
+        _add_slots(theirs, buf)
 
     def _ring_sum(self, buf: Array, what: str, timeout: float | None) -> None:
         """Ring reduce-scatter then allgather (Patarasuk & Yuan's bandwidth-optimal allreduce):
@@ -600,6 +613,14 @@ def _unpack(flat: Array, arrays: Sequence[Array], scale: Any = None) -> None:
         i = j
 
 
+def _add_slots(slots: Sequence[Array], out: Array, start: int = 0) -> None:
+    """``out`` = slots[0][start:] + slots[1][start:] + ..., added in rank order."""
+    stop = start + out.size
+    np.add(slots[0][start:stop], slots[1][start:stop], out=out)
+    for other in slots[2:]:
+        np.add(out, other[start:stop], out=out)
+
+
 def _by_dtype(arrays: Iterable[Array]) -> dict[np.dtype[Any], list[Array]]:
     groups: dict[np.dtype[Any], list[Array]] = {}
     for a in arrays:
@@ -721,6 +742,12 @@ def reduce_gradients(
         return stats
     t0 = time.perf_counter()
     groups = list(_by_dtype(grads).items())
+    if groups and w.reduction == "shared" and len(groups) == 1:
+        total = _reduce_shared(w, groups[0][1], weight, what, timeout, stats)
+        if total is not None:
+            w.reduce_seconds += time.perf_counter() - t0
+            w.reduce_calls += 1
+            return total
     if groups:
         # the stats ride at the end of the first buffer: one exchange per step, not two (each
         # one a meeting of the ranks); counts up to 2**24 are exact even in float32
@@ -746,6 +773,37 @@ def reduce_gradients(
         _unpack(flat[:n], group, dtype.type(1.0 / total[-1]))
     w.reduce_seconds += time.perf_counter() - t0
     w.reduce_calls += 1
+    return total
+
+
+def _reduce_shared(
+    w: World, grads: Sequence[Array], weight: int, what: str, timeout: float | None, stats: Array
+) -> Array | None:
+    """:func:`reduce_gradients` through shared memory, without a buffer of its own: each rank
+    writes ``weight * grad`` and its stats straight into its slot, and after the meeting adds
+    the slots into the gradients and scales them there. The same operations on the same values
+    as packing, summing and unpacking a buffer: the same bits. None: no shared memory here."""
+    dtype = grads[0].dtype
+    n = sum(g.size for g in grads)
+    got = w.shared_slots(dtype, n + stats.size, what, timeout)
+    if got is None:
+        return None
+    mine, theirs = got
+    _pack(grads, mine, dtype.type(weight))
+    mine[n:] = stats
+    w.shared_meet(dtype, n + stats.size, what, timeout)
+    summed = np.empty(stats.size, dtype=dtype)
+    _add_slots(theirs, summed, n)
+    total = summed.astype(np.float64)
+    if not total[-1] > 0:
+        raise DistributedError(f"{what}: the counts of all ranks add up to {total[-1]:g}")
+    scale = dtype.type(1.0 / total[-1])
+    i = 0
+    for g in grads:
+        view = g.reshape(-1)
+        _add_slots(theirs, view, i)
+        np.multiply(view, scale, out=view)
+        i += g.size
     return total
 
 
