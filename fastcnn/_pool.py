@@ -17,6 +17,7 @@ malloc. ``FASTCNN_POOL=0`` turns the pool off (every array from numpy, as before
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -90,8 +91,12 @@ def _drop_idle(tick: int) -> None:
 def empty(shape: Any, dtype: Any = np.float64) -> Array:
     """``np.empty(shape, dtype)`` (C order), from the pool when large enough."""
     dtype = np.dtype(dtype)
-    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # (plain Python here: np.ndim and np.prod cost more than the rest of the call)
+    if isinstance(shape, (int, np.integer)) or (isinstance(shape, np.ndarray) and shape.ndim == 0):
+        shape = (int(shape),)
+    else:
+        shape = tuple(map(int, shape))
+    nbytes = math.prod(shape) * dtype.itemsize
     if not _ENABLED or nbytes < MIN_BYTES or dtype.hasobject:
         return np.empty(shape, dtype)
     return _take(nbytes).view(dtype).reshape(shape)
@@ -103,6 +108,8 @@ def empty_like(a: Array, dtype: Any = None) -> Array:
     dtype = a.dtype if dtype is None else np.dtype(dtype)
     if a.ndim == 0 or a.size == 0:
         return np.empty_like(a, dtype=dtype)
+    if a.flags.c_contiguous:
+        return empty(a.shape, dtype)
     # the axes from the largest stride to the smallest: a's memory order (numpy's order="K")
     order = sorted(range(a.ndim), key=lambda i: (-abs(a.strides[i]), i))
     out = empty(tuple(a.shape[i] for i in order), dtype)

@@ -297,7 +297,7 @@ class Residual(_Container):
                 f"{self.name}: the body's output shape {F._fmt_shape(a.shape)} "
                 f"differs from the {what} shape {F._fmt_shape(s.shape)}"
             )
-        y = F.add_relu_forward(a, s, self.name) if relu else np.add(a, s)
+        y = F.add_relu_forward(a, s, self.name) if relu else F.add(a, s, self.name)
         self.save_for_backward(y.shape, y.dtype)
         return y
 
@@ -310,7 +310,7 @@ class Residual(_Container):
         else:
             d_short = self.shortcut.backward(dy, input_grad=input_grad)
         # with input_grad, every backward returns its input's gradient
-        return np.add(d_body, d_short) if input_grad else None  # type: ignore[arg-type]
+        return F.add(d_body, d_short, self.name) if input_grad else None  # type: ignore[arg-type]
 
     def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:
         row = visit(prefix, self, tuple(input_shape))
@@ -412,7 +412,7 @@ class Concat(_ListContainer):
             d = b.backward(dy[:, start : start + width], input_grad=input_grad)
             start += width
             if input_grad:
-                dx = d if dx is None else np.add(dx, d)  # type: ignore[arg-type]
+                dx = d if dx is None else F.add(dx, d, self.name)  # type: ignore[arg-type]
         return dx
 
     def trace_shapes(self, input_shape: Sequence[int], visit: Visit, prefix: str = "") -> Shape:

@@ -129,6 +129,8 @@ def _flat(a):
     """A 1-D view of ``a`` in memory order if its elements fill one contiguous block (C order,
     channels-last, any axis order), else None. Two arrays with the same strides give flat views
     whose elements correspond one to one."""
+    if a.flags.c_contiguous:  # (the common case, without the sort)
+        return a.reshape(-1)
     order = sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
     v = a.transpose(order)
     return v.reshape(-1) if v.flags.c_contiguous else None
@@ -1051,17 +1053,27 @@ def relu_forward(x: Array, layer: str = "ReLU") -> Array:
     return y
 
 
-def add_relu_forward(a: Array, b: Array, layer: str = "Residual") -> Array:
-    """relu(a + b) for two arrays of one shape and dtype, in one pass (bitwise ``np.add``
-    then ``relu_forward``); in a's memory layout (b copied to it if they differ)."""
+def add(a: Array, b: Array, layer: str = "Residual") -> Array:
+    """a + b for two arrays of one shape and dtype (bitwise ``np.add``), on every thread; in
+    a's memory layout (b copied to it if they differ)."""
+    return _add(_activations.add, a, b, layer)
+
+
+def _add(kernel, a, b, layer):
     a = _one_block(check_float(a, layer, contiguous=False))
     b = check_float(b, layer, "second operand", contiguous=False)
     _same_dtype(b, a, layer, "second operand")
     _check_shape_equal(b, a.shape, layer, "second operand")
     b = _layout_like(b, a)
     y = _pool.empty_like(a)
-    _activations.add_relu_forward(_flat(a), _flat(b), _flat(y))
+    kernel(_flat(a), _flat(b), _flat(y))
     return y
+
+
+def add_relu_forward(a: Array, b: Array, layer: str = "Residual") -> Array:
+    """relu(a + b) for two arrays of one shape and dtype, in one pass (bitwise ``np.add``
+    then ``relu_forward``); in a's memory layout (b copied to it if they differ)."""
+    return _add(_activations.add_relu_forward, a, b, layer)
 
 
 def relu_backward(dy: Array, y: Array, layer: str = "ReLU") -> Array:

@@ -32,6 +32,20 @@ def relu_forward(x, out):
 
 
 @njit(parallel=True, cache=True)
+def add(a, b, out):
+    """out = a + b, as numpy adds it: a residual block's sum (forward) and the sum of the
+    gradients reaching its input through the body and the shortcut (backward), on every
+    thread. Contiguous 1-D, same size."""
+    count, step = _chunks(a.size)
+    for chunk in prange(count):
+        xs = a[chunk * step : (chunk + 1) * step]
+        ss = b[chunk * step : (chunk + 1) * step]
+        ys = out[chunk * step : (chunk + 1) * step]
+        for i in range(xs.size):
+            ys[i] = xs[i] + ss[i]
+
+
+@njit(parallel=True, cache=True)
 def add_relu_forward(a, b, out):
     """out = relu(a + b): the sum as numpy adds it, then relu_forward's select (a NaN stays
     NaN), in one pass: a residual block's sum and the ReLU after it. Contiguous 1-D, same

@@ -58,9 +58,10 @@ def test_relu_every_chunk_written(size, rng):
 
 @pytest.mark.parametrize("size", [1, 2**15 - 1, 2**15 + 1, 16 * 2**15 + 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_add_relu_matches_naive_bitwise(size, dtype, rng):
-    """relu(a + b) in one pass: bitwise the textbook sum then ReLU, NaN and infinities as
-    numpy adds them, every element written and none past the end."""
+@pytest.mark.parametrize("name", ["add_relu_forward", "add"])
+def test_add_matches_naive_bitwise(name, size, dtype, rng):
+    """a + b, and relu(a + b) in one pass: bitwise the textbook sum (then ReLU), NaN and
+    infinities as numpy adds them, every element written and none past the end."""
     a = rng.standard_normal(size + 2).astype(dtype)
     b = rng.standard_normal(size + 2).astype(dtype)
     special = min(6, size)
@@ -68,9 +69,11 @@ def test_add_relu_matches_naive_bitwise(size, dtype, rng):
     b[:special] = [1.0, 1.0, 1.0, -np.inf, -1.0, 2.0][:special]
     out = np.full(size + 2, 7.0, dtype=dtype)
     with np.errstate(invalid="ignore"):
-        K.add_relu_forward(a[:size], b[:size], out[:size])
-        expected = naive.add_relu_forward(a[:size], b[:size])
+        getattr(K, name)(a[:size], b[:size], out[:size])
+        expected = getattr(naive, name)(a[:size], b[:size])
     np.testing.assert_array_equal(out[:size], expected)
+    if name == "add":  # (Residual's sums were np.add's: the same bits, sign of zero included)
+        assert out[:size].tobytes() == np.add(a[:size], b[:size]).tobytes()
     assert out.dtype == dtype and np.all(out[size:] == 7.0)
 
 

@@ -20,14 +20,19 @@ def relu_forward(x):
     return y
 
 
-def add_relu_forward(a, b):
-    """relu(a + b), the sum of each pair of elements first (a residual block and its ReLU)."""
+def add(a, b):
+    """a + b, element by element (a residual block's sum; the gradients reaching its input)."""
     a, b = np.require(a, requirements="C"), np.require(b, requirements="C")
     total = np.zeros(a.shape, dtype=a.dtype)
     flat_a, flat_b, flat_t = a.reshape(-1), b.reshape(-1), total.reshape(-1)
     for i in range(flat_a.size):
         flat_t[i] = flat_a[i] + flat_b[i]
-    return relu_forward(total)
+    return total
+
+
+def add_relu_forward(a, b):
+    """relu(a + b), the sum of each pair of elements first (a residual block and its ReLU)."""
+    return relu_forward(add(a, b))
 
 
 def relu_backward(x, dy):
