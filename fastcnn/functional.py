@@ -228,24 +228,33 @@ def conv2d_padding(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     layer: str = "Conv2D",
+    input_size: tuple[int, int] | None = None,
 ) -> tuple[int, int, int, int]:
     """Resolve a convolution's padding to ``(top, bottom, left, right)``.
 
     ``padding`` is an int, an ``(h, w)`` pair (symmetric), ``'valid'`` (no padding) or ``'same'``
-    (PyTorch: stride must be 1; total padding ``dilation * (kernel - 1)``, ``top = total // 2``,
-    bottom the rest, so an even kernel pads one more at the bottom/right).
+    as Keras/TensorFlow pad: an output of ceil(size / stride) along each axis, the total padding
+    ``max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)``, ``top = total // 2``
+    and the rest at the bottom (an even kernel pads one more at the bottom/right). At stride 1
+    that is ``dilation * (kernel - 1)`` whatever the size (PyTorch's 'same'); at other strides
+    it depends on the input's ``input_size = (H, W)``, which must then be given.
     """
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0, 0, 0)
         if padding == "same":
-            if stride != (1, 1):
+            if stride != (1, 1) and input_size is None:
                 raise ValueError(
-                    f"{layer}: padding='same' needs stride 1 (as PyTorch), got stride {stride}"
+                    f"{layer}: padding='same' at stride {stride} depends on the input's size: "
+                    "pass input_size=(H, W)"
                 )
-            th = dilation[0] * (kernel_size[0] - 1)
-            tw = dilation[1] * (kernel_size[1] - 1)
-            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            sizes = (1, 1) if input_size is None else input_size
+            pads = []
+            for size, k, s, d in zip(sizes, kernel_size, stride, dilation, strict=True):
+                out = -(-int(size) // s)
+                total = max((out - 1) * s + d * (k - 1) + 1 - int(size), 0)
+                pads += [total // 2, total - total // 2]
+            return (pads[0], pads[1], pads[2], pads[3])
         raise ValueError(
             f"{layer}: expected padding to be an int, a pair (h, w), 'same' or "
             f"'valid', got {padding!r}"
@@ -306,8 +315,8 @@ def conv2d_output_shape(
         raise ValueError(f"{layer}: expected kernel_size >= 1, got {(kh, kw)}")
     stride = pair(stride, "stride", layer)
     dilation = pair(dilation, "dilation", layer)
-    pads = conv2d_padding(padding, (kh, kw), stride, dilation, layer)
     n, _, h, w = input_shape
+    pads = conv2d_padding(padding, (kh, kw), stride, dilation, layer, (h, w))
     oh = _out_size(h, pads[0], pads[1], kh, stride[0], dilation[0], layer, "H")
     ow = _out_size(w, pads[2], pads[3], kw, stride[1], dilation[1], layer, "W")
     return (n, f, oh, ow), stride, pads, dilation

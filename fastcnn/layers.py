@@ -188,7 +188,9 @@ class Conv2D(Module):
     """2-D convolution (cross-correlation, as PyTorch's nn.Conv2d): (N, C, H, W) -> (N, F, OH, OW).
 
     ``kernel_size``, ``stride``, ``dilation``: int or (h, w); ``padding``: int, (h, w), 'same'
-    (stride 1 only) or 'valid'. weight (F, C, KH, KW), bias (F,).
+    (at any stride, as Keras pads: ceil(H / stride) x ceil(W / stride) outputs, one more row or
+    column of padding at the bottom or right where the total is odd) or 'valid'. weight (F, C,
+    KH, KW), bias (F,).
     """
 
     def __init__(
@@ -212,7 +214,8 @@ class Conv2D(Module):
         self.dilation = F.pair(dilation, "dilation", name)
         self.padding: str | tuple[int, int]
         if isinstance(padding, str):
-            F.conv2d_padding(padding, self.kernel_size, self.stride, self.dilation, name)
+            if padding not in ("same", "valid"):  # (the pads of 'same' depend on the input)
+                F.conv2d_padding(padding, self.kernel_size, self.stride, self.dilation, name)
             self.padding = padding
         else:
             self.padding = F.pair(padding, "padding", name, minimum=0)

@@ -59,12 +59,33 @@ def test_conv2d_padding_forms():
     # dilation: total padding dil * (k - 1)
     assert F.conv2d_padding("same", (2, 5), one, (3, 1)) == (1, 2, 2, 2)
     assert F.conv2d_padding("same", (1, 1), one, one) == (0, 0, 0, 0)
+    # at stride 1 the input's size changes nothing
+    assert F.conv2d_padding("same", (4, 2), one, one, input_size=(9, 2)) == (1, 2, 0, 1)
+
+
+@pytest.mark.parametrize("size", range(1, 12))
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 2, 1), (2, 2, 1), (5, 3, 1), (3, 2, 2)])
+def test_conv2d_padding_same_at_any_stride_as_keras(size, kernel, stride, dilation):
+    """'same' at stride s gives ceil(size / s) outputs, with the least padding that does, its
+    odd row at the bottom (TensorFlow's rule, written out here on its own)."""
+    top, bottom, left, right = F.conv2d_padding(
+        "same", (kernel, 1), (stride, 1), (dilation, 1), input_size=(size, 4)
+    )
+    reach = dilation * (kernel - 1) + 1
+    out = (size + top + bottom - reach) // stride + 1
+    assert out == -(-size // stride)
+    assert bottom - top in (0, 1) and (left, right) == (0, 0)
+    assert top + bottom == max(0, (out - 1) * stride + reach - size)
+
+
+def test_conv2d_padding_same_at_stride_2_needs_the_size():
+    with pytest.raises(ValueError, match="^Conv2D: padding='same' at stride .*input_size"):
+        F.conv2d_padding("same", (3, 3), (2, 2), (1, 1), layer="Conv2D")
 
 
 @pytest.mark.parametrize(
     "padding, stride, error, match",
     [
-        ("same", (2, 1), ValueError, "stride 1"),
         ("full", (1, 1), ValueError, "'same' or 'valid'"),
         ("SAME", (1, 1), ValueError, "'same' or 'valid'"),
         (-1, (1, 1), ValueError, "padding >= 0"),
@@ -328,7 +349,6 @@ def test_error_message_format(no_kernels):
         (lambda: F.conv2d_forward(X4, W4, dilation=0), ValueError, "dilation >= 1"),
         (lambda: F.conv2d_forward(X4, W4, padding=-1), ValueError, "padding >= 0"),
         (lambda: F.conv2d_forward(X4, W4, padding="full"), ValueError, "got 'full'"),
-        (lambda: F.conv2d_forward(X4, W4, stride=2, padding="same"), ValueError, "stride 1"),
         (lambda: F.conv2d_forward(X4[:, :, :2], W4), ValueError, "larger than the padded input"),
         (lambda: F.conv2d_forward(X4, W4, dilation=4), ValueError, "dilation 4, effectively 9"),
         (

@@ -27,6 +27,7 @@ def _make_layers():
         (L.Conv2D(2, 3, 3, dtype=F64, rng=rng), (2, 2, 5, 6)),
         (L.Conv2D(2, 3, (2, 3), stride=(2, 1), padding=1, dtype=F64, rng=rng), (2, 2, 5, 4)),
         (L.Conv2D(1, 2, 4, padding="same", dtype=F64, rng=rng), (2, 1, 5, 5)),
+        (L.Conv2D(2, 2, 3, stride=2, padding="same", dtype=F64, rng=rng), (1, 2, 6, 5)),
         (L.Conv2D(2, 2, 2, dilation=2, bias=False, dtype=F64, rng=rng), (1, 2, 5, 5)),
         (L.MaxPool2D(2), (2, 2, 5, 4)),
         (L.MaxPool2D(3, stride=2, padding=1), (2, 2, 5, 5)),
@@ -135,6 +136,16 @@ def test_conv2d_layer_matches_naive(rng, dtype, tol):
     for kwargs, shape, pads in [
         (dict(kernel_size=3), (2, 3, 7, 6), ((0, 0), (0, 0))),
         (dict(kernel_size=(4, 2), padding="same"), (1, 3, 5, 6), ((1, 2), (0, 1))),
+        # 'same' at stride 2, as Keras pads: ceil(7 / 2) = 4 rows need (4-1)*2 + 3 - 7 = 2 rows
+        # of padding (1 + 1); ceil(8 / 2) = 4 columns need 1 (0 left, 1 right)
+        (dict(kernel_size=3, stride=2, padding="same"), (2, 3, 7, 8), ((1, 1), (0, 1))),
+        # stride 3, an even kernel, dilation 2: H 10 -> 4 outputs, total 3*3 + 2*3 + 1 - 10 = 6
+        # (3 + 3); W 5 -> 2 outputs, total 3 + 2 + 1 - 5 = 1 (0 + 1)
+        (
+            dict(kernel_size=(4, 2), stride=3, padding="same", dilation=(2, 2)),
+            (1, 3, 10, 5),
+            ((3, 3), (0, 1)),
+        ),
         (
             dict(kernel_size=3, stride=2, padding=(1, 2), dilation=(1, 2)),
             (2, 3, 7, 8),
@@ -548,7 +559,6 @@ CONSTRUCTOR_ERRORS = [
     (lambda: L.Conv2D(3, 4, 3, dilation=0), ValueError, "Conv2D", "dilation >= 1"),
     (lambda: L.Conv2D(3, 4, 3, padding=-1), ValueError, "Conv2D", "padding >= 0"),
     (lambda: L.Conv2D(3, 4, 3, padding="full"), ValueError, "Conv2D", "got 'full'"),
-    (lambda: L.Conv2D(3, 4, 3, stride=2, padding="same"), ValueError, "Conv2D", "stride 1"),
     (lambda: L.Conv2D(3, 4, 2.5), TypeError, "Conv2D", "kernel_size"),
     (lambda: L.Conv2D(0, 4, 3), ValueError, "Conv2D", "in_channels >= 1"),
     (lambda: L.Conv2D(3, -4, 3), ValueError, "Conv2D", "out_channels >= 1"),
