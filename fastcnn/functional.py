@@ -40,6 +40,7 @@ from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
 from .kernels import conv2d_c1 as _conv2d_c1
 from .kernels import dense as _dense
+from .kernels import depthwise as _depthwise
 from .kernels import fused as _fused
 from .kernels import pool2d as _pool2d
 from .kernels import winograd as _winograd
@@ -300,11 +301,16 @@ def conv2d_output_shape(
     padding: Padding = 0,
     dilation: Size2 = 1,
     layer: str = "Conv2D",
+    groups: int = 1,
 ) -> tuple[Shape, tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
     """Output shape of a convolution, validating every argument; returns
-    ``(out_shape, stride, pads, dilation)`` with ``pads = (top, bottom, left, right)``."""
+    ``(out_shape, stride, pads, dilation)`` with ``pads = (top, bottom, left, right)``.
+    ``groups``: the input's channels are ``groups * weight_shape[1]``, and the filters a
+    multiple of ``groups``."""
     input_shape = tuple(int(s) for s in input_shape)
-    f, c, kh, kw = weight_shape
+    f, cg, kh, kw = weight_shape
+    groups = _check_groups(groups, f, layer)
+    c = cg * groups
     if len(input_shape) != 4 or input_shape[1] != c:
         raise ValueError(
             f"{layer}: expected input of shape (N, {c}, H, W), got {_fmt_shape(input_shape)}"
@@ -320,6 +326,19 @@ def conv2d_output_shape(
     oh = _out_size(h, pads[0], pads[1], kh, stride[0], dilation[0], layer, "H")
     ow = _out_size(w, pads[2], pads[3], kw, stride[1], dilation[1], layer, "W")
     return (n, f, oh, ow), stride, pads, dilation
+
+
+def _check_groups(groups, filters, layer):
+    if not is_int(groups):
+        raise TypeError(f"{layer}: expected groups to be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"{layer}: expected groups >= 1, got {groups}")
+    if filters % groups:
+        raise ValueError(
+            f"{layer}: the filters ({filters}) must be a multiple of groups ({groups}), as the "
+            "input channels must"
+        )
+    return int(groups)
 
 
 def pool2d_output_shape(
@@ -439,10 +458,15 @@ def conv2d_forward(
     layer: str = "Conv2D",
     winograd: bool = False,
     winograd4: bool = False,
+    groups: int = 1,
 ) -> Array:
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
     bias (F,) or None -> y (N, F, OH, OW), channels-last in memory. ``relu=True`` returns
     ``relu(y)`` from the same pass (the ReLU applied as the kernel stores y).
+
+    ``groups`` (PyTorch's): weight (F, C / groups, KH, KW); group g's F / groups filters see
+    its C / groups channels only. groups = C is the depthwise convolution
+    (kernels/depthwise.py); other groups run the dense kernels group by group.
 
     ``winograd=True`` computes it by Winograd's F(2x2, 3x3) where :func:`winograd_applies`
     (2.25x fewer multiply-adds; equal to the direct kernel up to float rounding, not bitwise):
@@ -455,17 +479,102 @@ def conv2d_forward(
     the layers ask for it in evaluation mode)."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer
+        x.shape, weight.shape, stride, padding, dilation, layer, groups
     )
     if bias is None:
         bias = np.zeros(weight.shape[0], dtype=x.dtype)
     n, f, oh, ow = out_shape
     y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
+    if y.size and groups != 1:
+        _grouped_forward(x, weight, bias, strides, pads, dilations, bool(relu), y, groups)
+        return _nchw(y)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv_kernel(
             x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd, winograd4
         )
     return _nchw(y)
+
+
+def _depthwise_weight(weight):
+    """(F, 1, KH, KW) -> (KH, KW, F) C-contiguous: a tap's weights side by side, as the
+    depthwise kernels read them."""
+    return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+
+
+def _depthwise_input(x, multiplier):
+    """x (N, C, H, W) as the (N, H, W, C * multiplier) input of a depthwise kernel: channel c
+    repeated ``multiplier`` times side by side (filter c * multiplier + m reads channel c)."""
+    xh = _nhwc(x)
+    return xh if multiplier == 1 else np.repeat(xh, multiplier, axis=3)
+
+
+def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups):
+    """y (N, OH, OW, F) of a grouped convolution: the depthwise kernel where each group has one
+    channel, else the dense kernels run on each group's channels and filters in turn."""
+    (sh, sw), (dh, dw) = strides, dilations
+    f, cg = weight.shape[0], weight.shape[1]
+    if cg == 1:
+        xd = _depthwise_input(x, f // groups)
+        _depthwise.depthwise_forward(
+            xd, _depthwise_weight(weight), bias, sh, sw, pads[0], pads[2], dh, dw, relu, y
+        )
+        return
+    fg = f // groups
+    part = _pool.empty(y.shape[:3] + (fg,), dtype=y.dtype)
+    for g in range(groups):
+        _conv_kernel(
+            x[:, g * cg : (g + 1) * cg],
+            np.ascontiguousarray(weight[g * fg : (g + 1) * fg]),
+            bias[g * fg : (g + 1) * fg],
+            strides,
+            pads,
+            dilations,
+            relu,
+            part,
+            _no_bn(part),
+            False,
+        )
+        y[..., g * fg : (g + 1) * fg] = part
+
+
+def _grouped_backward(x, weight, dy, strides, pads, dilations, input_grad, groups):
+    """(dx (N, H, W, C) or None, dweight, dbias) of a grouped convolution, dy (N, OH, OW, F)
+    channels-last: the depthwise kernels, or the dense gradients group by group."""
+    (sh, sw), (dh, dw) = strides, dilations
+    f, cg, kh, kw = weight.shape
+    n, c, h, w = x.shape
+    if cg == 1:
+        m = f // groups
+        xd = _depthwise_input(x, m)
+        dwt = np.empty((kh, kw, f), dtype=x.dtype)
+        dbias = _pool.empty(f, dtype=x.dtype)
+        part_w = np.empty((n, kh, kw, f), dtype=x.dtype)
+        part_b = np.empty((n, f), dtype=x.dtype)
+        _depthwise.depthwise_backward_weight(
+            xd, dy, sh, sw, pads[0], pads[2], dh, dw, part_w, part_b, dwt, dbias
+        )
+        dweight = np.ascontiguousarray(dwt.transpose(2, 0, 1))[:, None]
+        dx = None
+        if input_grad:
+            dxd = _pool.empty((n, h, w, f), dtype=x.dtype)
+            _depthwise.depthwise_backward_input(
+                dy, _depthwise_weight(weight), sh, sw, pads[0], pads[2], dh, dw, dxd
+            )
+            dx = dxd if m == 1 else dxd.reshape(n, h, w, c, m).sum(axis=4)
+        return dx, dweight, dbias
+    fg = f // groups
+    dweight = _pool.empty_like(weight)
+    dbias = _pool.empty(f, dtype=x.dtype)
+    dx = _pool.empty((n, h, w, c), dtype=x.dtype) if input_grad else None
+    for g in range(groups):
+        wg = np.ascontiguousarray(weight[g * fg : (g + 1) * fg])
+        dyg = np.ascontiguousarray(dy[..., g * fg : (g + 1) * fg])
+        dxg, dweight[g * fg : (g + 1) * fg], dbias[g * fg : (g + 1) * fg] = _dense_backward(
+            x[:, g * cg : (g + 1) * cg], wg, dyg, strides, pads, dilations, input_grad
+        )
+        if dx is not None:
+            dx[..., g * cg : (g + 1) * cg] = dxg
+    return dx, dweight, dbias
 
 
 def _no_bn(x):
@@ -599,24 +708,38 @@ def conv2d_backward(
     layer: str = "Conv2D",
     bias: bool = True,
     input_grad: bool = True,
+    groups: int = 1,
 ) -> tuple[Array | None, Array, Array | None]:
     """Gradients of ``conv2d_forward``: returns ``(dx, dweight, dbias)``; ``dx`` is None when
     ``input_grad`` is false (first layer of a network), ``dbias`` is None when ``bias`` is
-    false."""
+    false. ``groups`` as the forward's."""
     x, weight, _ = _conv_args(x, weight, None, layer)
-    out_shape, (sh, sw), pads, (dh, dw) = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer
+    out_shape, strides, pads, dilations = conv2d_output_shape(
+        x.shape, weight.shape, stride, padding, dilation, layer, groups
     )
     dy = check_float(dy, layer, "gradient", contiguous=False)
     _same_dtype(dy, x, layer, "gradient")
     _check_shape_equal(dy, out_shape, layer, "gradient")
-    k = _conv2d
     if x.shape[0] == 0:
         # An empty batch: zero gradients. (The kernels would write nothing into their outputs:
         # their loops run over the images.)
         dx = np.zeros_like(x) if input_grad else None
         return dx, np.zeros_like(weight), (np.zeros(weight.shape[0], x.dtype) if bias else None)
     dy = _nhwc(dy)
+    if groups != 1:
+        dxh, dweight, dbias = _grouped_backward(
+            x, weight, dy, strides, pads, dilations, input_grad, groups
+        )
+    else:
+        dxh, dweight, dbias = _dense_backward(x, weight, dy, strides, pads, dilations, input_grad)
+    return (None if dxh is None else _nchw(dxh)), dweight, (dbias if bias else None)
+
+
+def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
+    """(dx (N, H, W, C) or None, dweight, dbias) of a convolution with one group, dy
+    (N, OH, OW, F) channels-last."""
+    k = _conv2d
+    (sh, sw), (dh, dw) = strides, dilations
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     f, c, kh, kw = weight.shape
@@ -637,8 +760,8 @@ def conv2d_backward(
         )
     dx = None
     if input_grad:
-        dx = _nchw(_input_gradient(x.shape, weight, dy, (sh, sw), pads, (dh, dw)))
-    return dx, dweight, (dbias if bias else None)
+        dx = _input_gradient(x.shape, weight, dy, (sh, sw), pads, (dh, dw))
+    return dx, dweight, dbias
 
 
 def _input_gradient(x_shape, weight, dy, strides, pads, dilations):

@@ -189,8 +189,12 @@ class Conv2D(Module):
 
     ``kernel_size``, ``stride``, ``dilation``: int or (h, w); ``padding``: int, (h, w), 'same'
     (at any stride, as Keras pads: ceil(H / stride) x ceil(W / stride) outputs, one more row or
-    column of padding at the bottom or right where the total is odd) or 'valid'. weight (F, C,
-    KH, KW), bias (F,).
+    column of padding at the bottom or right where the total is odd) or 'valid'. weight (F,
+    C / groups, KH, KW), bias (F,).
+
+    ``groups`` (PyTorch's): the channels and the filters in ``groups`` groups, each group's
+    filters seeing its own channels only; ``groups=in_channels`` is the depthwise convolution
+    (MobileNet's), with ``out_channels`` a multiple of it.
     """
 
     def __init__(
@@ -204,11 +208,13 @@ class Conv2D(Module):
         bias: bool = True,
         dtype: DTypeLike = np.float32,
         rng: Rng = None,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         name = self.name
         self.in_channels = _positive_int(in_channels, "in_channels", name)
         self.out_channels = _positive_int(out_channels, "out_channels", name)
+        self.groups = _groups(groups, self.in_channels, self.out_channels, name)
         self.kernel_size = F.pair(kernel_size, "kernel_size", name)
         self.stride = F.pair(stride, "stride", name)
         self.dilation = F.pair(dilation, "dilation", name)
@@ -221,11 +227,10 @@ class Conv2D(Module):
             self.padding = F.pair(padding, "padding", name, minimum=0)
         self.dtype = _resolve_dtype(dtype, name)
         rng = default_rng(rng)  # rng=None: the global generator after fastcnn.manual_seed
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        cg = self.in_channels // self.groups
+        fan_in = cg * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(
-            _uniform_init(
-                rng, (self.out_channels, self.in_channels) + self.kernel_size, fan_in, self.dtype
-            )
+            _uniform_init(rng, (self.out_channels, cg) + self.kernel_size, fan_in, self.dtype)
         )
         self.bias = (
             Parameter(_uniform_init(rng, (self.out_channels,), fan_in, self.dtype))
@@ -238,6 +243,7 @@ class Conv2D(Module):
         name = cls.__name__
         f = _positive_int(config["out_channels"], "out_channels", name)
         c = _positive_int(config["in_channels"], "in_channels", name)
+        c //= _groups(config.get("groups", 1), c, f, name)
         dtype = _resolve_dtype(config.get("dtype", "float32"), name)
         spec: dict[str, tuple[Shape, Any]] = {
             "weight": ((f, c) + F.pair(config["kernel_size"], "kernel_size", name), dtype)
@@ -248,7 +254,7 @@ class Conv2D(Module):
 
     def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
-        if self.training:
+        if self.training and self.groups == 1:
             expect_winograd_weight_gradient(
                 self.weight.data, self.stride, self.padding, self.dilation
             )
@@ -262,6 +268,7 @@ class Conv2D(Module):
             layer=self.name,
             winograd=True,
             winograd4=not self.training,
+            groups=self.groups,
         )
         self.save_for_backward(x, in_dtype)
         return y
@@ -281,6 +288,7 @@ class Conv2D(Module):
             layer=self.name,
             bias=self.bias is not None,
             input_grad=input_grad,
+            groups=self.groups,
         )
         self.accumulate(dw, db)
         return _as_dtype(dx, in_dtype)
@@ -292,7 +300,7 @@ class Conv2D(Module):
             self.bias.grad += dbias
 
     def get_config(self) -> Config:
-        return {
+        config: Config = {
             "class": self.name,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -303,6 +311,9 @@ class Conv2D(Module):
             "bias": self.bias is not None,
             "dtype": self.dtype.name,
         }
+        if self.groups != 1:  # (configs saved before groups existed read as 1)
+            config["groups"] = self.groups
+        return config
 
     def output_shape(self, input_shape: Sequence[int]) -> Shape:
         return F.conv2d_output_shape(
@@ -312,11 +323,13 @@ class Conv2D(Module):
             self.padding,
             self.dilation,
             layer=self.name,
+            groups=self.groups,
         )[0]
 
     def flops(self, input_shape: Sequence[int]) -> int:
         n, f, oh, ow = self.output_shape(input_shape)
-        return 2 * n * f * oh * ow * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        cg = self.in_channels // self.groups
+        return 2 * n * f * oh * ow * cg * self.kernel_size[0] * self.kernel_size[1]
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={_fmt_pair(self.kernel_size)}"
@@ -327,11 +340,22 @@ class Conv2D(Module):
             s += f", padding={padding}"
         if self.dilation != (1, 1):
             s += f", dilation={_fmt_pair(self.dilation)}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
         if self.dtype != np.float32:
             s += f", dtype={self.dtype.name}"
         return s
+
+
+def _groups(groups: object, in_channels: int, out_channels: int, layer: str) -> int:
+    """``groups`` checked: an int >= 1 dividing both channel counts (PyTorch's rule)."""
+    g = _positive_int(groups, "groups", layer)
+    for what, n in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if n % g:
+            raise ValueError(f"{layer}: {what} ({n}) must be a multiple of groups ({g})")
+    return g
 
 
 # =============================================================================================

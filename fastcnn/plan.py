@@ -12,7 +12,8 @@ Every fused step gives bitwise the results of its modules run one by one (tests/
 per pattern, and the fuzz suite on random trees). :func:`set_fusion` (or ``with
 fastcnn.fusion(False):``) runs the unfused plan, one step per leaf, to compare or debug.
 
-The patterns (types matched exactly: a subclass may change what its forward does):
+The patterns (types matched exactly: a subclass may change what its forward does; a grouped
+convolution, ``groups > 1``, matches none: it runs its own forward, on its own kernels):
 
 - Conv2D -> ReLU -> MaxPool2D: forward with the ReLU applied as the convolution's output is
   stored; when the pool's windows tile (stride = kernel, no padding) the convolution's rows are
@@ -607,7 +608,8 @@ def _match(chain: Sequence[Module], patterns: Sequence[Any]) -> list[Step]:
         for types, step in patterns:
             run = chain[i : i + len(types)]
             if len(run) == len(types) and all(
-                type(m) is t for m, t in zip(run, types, strict=True)
+                type(m) is t and getattr(m, "groups", 1) == 1
+                for m, t in zip(run, types, strict=True)
             ):
                 steps.append(step(run))
                 i += len(types)

@@ -27,7 +27,6 @@ def _make_layers():
         (L.Conv2D(2, 3, 3, dtype=F64, rng=rng), (2, 2, 5, 6)),
         (L.Conv2D(2, 3, (2, 3), stride=(2, 1), padding=1, dtype=F64, rng=rng), (2, 2, 5, 4)),
         (L.Conv2D(1, 2, 4, padding="same", dtype=F64, rng=rng), (2, 1, 5, 5)),
-        (L.Conv2D(2, 2, 3, stride=2, padding="same", dtype=F64, rng=rng), (1, 2, 6, 5)),
         (L.Conv2D(2, 2, 2, dilation=2, bias=False, dtype=F64, rng=rng), (1, 2, 5, 5)),
         (L.MaxPool2D(2), (2, 2, 5, 4)),
         (L.MaxPool2D(3, stride=2, padding=1), (2, 2, 5, 5)),
@@ -46,6 +45,13 @@ def _make_layers():
         (L.Softmax(dim=-1), (2, 2, 2, 3)),
         (L.Flatten(), (2, 3, 2, 2)),
         (L.Dropout(0.4, seed=3), (4, 6)),
+        (L.Conv2D(2, 2, 3, stride=2, padding="same", dtype=F64, rng=rng), (1, 2, 6, 5)),
+        (L.Conv2D(4, 4, 3, padding=1, groups=4, dtype=F64, rng=rng), (2, 4, 5, 4)),
+        (L.Conv2D(3, 6, (2, 3), stride=2, groups=3, dtype=F64, rng=rng), (1, 3, 5, 7)),
+        (
+            L.Conv2D(4, 6, 3, dilation=(1, 2), groups=2, bias=False, dtype=F64, rng=rng),
+            (2, 4, 5, 7),
+        ),
     ]
 
 

@@ -333,9 +333,8 @@ def oracle_conv_config(kernel_size, stride, padding, dilation):
         if padding == "valid":
             pads = (0, 0, 0, 0)
         elif padding == "same":
-            if not isinstance(s, type) and s != (1, 1):
-                problems.append(ValueError)
-            elif not problems:
+            # at stride 1 the pads do not depend on the input (None: see oracle_same_pads)
+            if not problems and s == (1, 1):
                 th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
                 pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
         else:
@@ -347,6 +346,17 @@ def oracle_conv_config(kernel_size, stride, padding, dilation):
         else:
             pads = (p[0], p[0], p[1], p[1])
     return problems, k, s, d, pads
+
+
+def oracle_same_pads(h, w, k, s, d):
+    """'same' as TensorFlow pads an (h, w) input: ceil(size / stride) outputs, the total
+    padding the least that gives them, its odd row or column after."""
+    pads = []
+    for size, kk, ss, dd in ((h, k[0], s[0], d[0]), (w, k[1], s[1], d[1])):
+        out = (size + ss - 1) // ss
+        total = max(0, (out - 1) * ss + dd * (kk - 1) + 1 - size)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
 
 
 def out_size(size, before, after, kernel, stride, dilation=1):

@@ -20,6 +20,7 @@ from fuzzing.common import (
     native,
     oracle_conv_config,
     oracle_pair,
+    oracle_same_pads,
     out_size,
     padding_args,
     predicted,
@@ -75,6 +76,8 @@ def test_conv2d(data):
     elif xa.ndim != 4 or xa.shape[1] != cin or xa.shape[2] < 1 or xa.shape[3] < 1:
         problems = [ValueError]
     else:
+        if pads is None:  # 'same' at a stride > 1: the pads follow the input's size
+            pads = oracle_same_pads(xa.shape[2], xa.shape[3], k, s, dl)
         oh = out_size(xa.shape[2], pads[0], pads[1], k[0], s[0], dl[0])
         ow = out_size(xa.shape[3], pads[2], pads[3], k[1], s[1], dl[1])
         if oh is None or ow is None:

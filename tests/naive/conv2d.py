@@ -14,6 +14,10 @@ from the same sum term by term, for the upstream gradient dy (N, F, OH, OW):
 
 and dx is dxp with the padding cut off. Sums are taken in Python floats (float64); results
 have the dtype of the inputs.
+
+With ``groups`` (PyTorch's), w is (F, C / groups, KH, KW) and filter f sees only the channels
+of its group: its c-th weight channel multiplies input channel ``(f // (F / groups)) *
+(C / groups) + c``.
 """
 
 import numpy as np
@@ -23,10 +27,10 @@ def _output_size(size, pad_before, pad_after, kernel, stride, dilation):
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def conv2d_forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     """y (N, F, OH, OW) of the convolution above."""
-    N, C, H, W = x.shape
-    F, _, KH, KW = w.shape
+    N, _, H, W = x.shape
+    F, C, KH, KW = w.shape
     (sh, sw), (dh, dw) = stride, dilation
     (pt, pb), (pl, pr) = padding
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
@@ -39,19 +43,20 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1
                 for ow in range(OW):
                     s = float(b[f])
                     for c in range(C):
+                        ci = f // (F // groups) * C + c  # the input channel (groups)
                         for i in range(KH):
                             for j in range(KW):
                                 s += float(w[f, c, i, j]) * float(
-                                    xp[n, c, oh * sh + i * dh, ow * sw + j * dw]
+                                    xp[n, ci, oh * sh + i * dh, ow * sw + j * dw]
                                 )
                     y[n, f, oh, ow] = s
     return y
 
 
-def conv2d_backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+def conv2d_backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
     """(dx, dw, db): gradients of ``sum(y * dy)`` for y = conv2d_forward(x, w, b, ...)."""
-    N, C, H, W = x.shape
-    F, _, KH, KW = w.shape
+    N, _, H, W = x.shape
+    F, C, KH, KW = w.shape
     (sh, sw), (dh, dw_) = stride, dilation
     (pt, pb), (pl, pr) = padding
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
@@ -67,10 +72,11 @@ def conv2d_backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=
                     g = float(dy[n, f, oh, ow])
                     db[f] += g
                     for c in range(C):
+                        ci = f // (F // groups) * C + c  # the input channel (groups)
                         for i in range(KH):
                             for j in range(KW):
                                 r, s = oh * sh + i * dh, ow * sw + j * dw_
-                                dxp[n, c, r, s] += float(w[f, c, i, j]) * g
-                                dw[f, c, i, j] += float(xp[n, c, r, s]) * g
+                                dxp[n, ci, r, s] += float(w[f, c, i, j]) * g
+                                dw[f, c, i, j] += float(xp[n, ci, r, s]) * g
     dx = dxp[:, :, pt : pt + H, pl : pl + W]
     return dx.astype(dtype), dw.astype(dtype), db.astype(dtype)
