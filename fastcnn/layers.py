@@ -215,6 +215,11 @@ class Conv2D(Module):
         self.in_channels = _positive_int(in_channels, "in_channels", name)
         self.out_channels = _positive_int(out_channels, "out_channels", name)
         self.groups = _groups(groups, self.in_channels, self.out_channels, name)
+        if not isinstance(bias, (bool, np.bool_)):  # (PyTorch's 7th argument is groups)
+            raise TypeError(
+                f"{name}: expected bias to be True or False, got {bias!r} (PyTorch's Conv2d "
+                "takes groups before bias; here pass groups=... by name)"
+            )
         self.kernel_size = F.pair(kernel_size, "kernel_size", name)
         self.stride = F.pair(stride, "stride", name)
         self.dilation = F.pair(dilation, "dilation", name)

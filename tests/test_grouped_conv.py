@@ -149,6 +149,16 @@ def test_layer_rejects_bad_groups(kwargs, error, match):
         L.Conv2D(4, out, 3, **kwargs)
 
 
+def test_pytorch_positional_groups_is_an_error_not_a_bias():
+    """nn.Conv2d(in, out, k, stride, padding, dilation, groups): here the 7th argument is
+    bias, and a number there must not quietly make a dense convolution."""
+    with pytest.raises(
+        TypeError, match=r"^Conv2D: expected bias to be True or False, got 4 .*groups"
+    ):
+        fastcnn.Conv2d(4, 4, 3, 1, 1, 1, 4)
+    assert fastcnn.Conv2d(4, 4, 3, 1, 1, 1, groups=4).weight.shape == (4, 1, 3, 3)
+
+
 def test_functional_rejects_mismatched_shapes():
     x = np.zeros((1, 4, 5, 5), np.float32)
     with pytest.raises(ValueError, match=r"^Conv2D: expected input of shape \(N, 6, H, W\)"):
