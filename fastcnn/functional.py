@@ -486,7 +486,9 @@ def conv2d_forward(
     n, f, oh, ow = out_shape
     y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size and groups != 1:
-        _grouped_forward(x, weight, bias, strides, pads, dilations, bool(relu), y, groups)
+        _grouped_forward(
+            x, weight, bias, strides, pads, dilations, bool(relu), y, groups, winograd, winograd4
+        )
         return _nchw(y)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv_kernel(
@@ -508,9 +510,10 @@ def _depthwise_input(x, multiplier):
     return xh if multiplier == 1 else np.repeat(xh, multiplier, axis=3)
 
 
-def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups):
+def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, w4):
     """y (N, OH, OW, F) of a grouped convolution: the depthwise kernel where each group has one
-    channel, else the dense kernels run on each group's channels and filters in turn."""
+    channel, else the dense kernels (Winograd's where ``winograd`` and they apply) run on each
+    group's channels and filters in turn."""
     (sh, sw), (dh, dw) = strides, dilations
     f, cg = weight.shape[0], weight.shape[1]
     if cg == 1:
@@ -532,7 +535,8 @@ def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups)
             relu,
             part,
             _no_bn(part),
-            False,
+            winograd,
+            w4,
         )
         y[..., g * fg : (g + 1) * fg] = part
 

@@ -68,6 +68,26 @@ def test_matches_naive_forward_and_backward(case, seed):
             assert relative_error(got, ref) <= tol
 
 
+@pytest.mark.parametrize("winograd4", [False, True])
+def test_groups_of_16_channels_on_winograd(winograd4):
+    """Groups of 16 channels and filters, 3x3, stride 1: each group on the Winograd kernels
+    (forward as the layers ask for it; the weight and input gradients where they apply)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 32, 16, 16))
+    w = rng.standard_normal((32, 16, 3, 3))
+    b = rng.standard_normal(32)
+    pads = ((1, 1), (1, 1))
+    y_ref = naive.conv2d_forward(x, w, b, (1, 1), pads, (1, 1), 2)
+    dy = rng.standard_normal(y_ref.shape)
+    refs = naive.conv2d_backward(x, w, dy, (1, 1), pads, (1, 1), 2)
+    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+    y = F.conv2d_forward(x32, w32, b32, 1, 1, winograd=True, winograd4=winograd4, groups=2)
+    assert relative_error(y, y_ref) <= 2e-5
+    grads = F.conv2d_backward(x32, w32, dy.astype(np.float32), 1, 1, groups=2)
+    for got, ref in zip(grads, refs, strict=True):
+        assert relative_error(got, ref) <= 2e-5
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_depthwise_kernels_write_every_element(dtype):
     """The kernels called directly on outputs full of NaN: every element is written (an
