@@ -7,6 +7,7 @@ is not channels-last) or by the batch norm's NCHW path; this counts both.
 """
 
 import numpy as np
+import pytest
 
 import fastcnn
 from fastcnn import functional as F
@@ -45,3 +46,16 @@ def test_a_resnet_training_step_converts_no_layout(monkeypatch):
     model = fastcnn.models.resnet(8, in_channels=3)
     model(np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32))
     assert counts["nhwc copies"] == 1
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 8, 9, 16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_nhwc_copy_is_the_transpose(channels, strided):
+    """_nhwc's copy of an NCHW array (channel by channel up to _FEW_CHANNELS, numpy's
+    transposing copy above): the transpose's values, C-contiguous, whatever x's strides."""
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((3, 2 * channels, 5, 9)).astype(np.float32)
+    x = x[:, ::2, :, 1::2] if strided else x[:, :channels]
+    got = F._nhwc(x)
+    assert got.flags.c_contiguous and got.shape == (3, 5, x.shape[3], channels)
+    assert got.tobytes() == np.ascontiguousarray(x.transpose(0, 2, 3, 1)).tobytes()
