@@ -45,6 +45,19 @@ def test_a_released_buffer_is_reused_and_a_kept_one_is_not():
     del b, c, e, f
 
 
+def test_pooled_arrays_start_on_a_cache_line_and_views_keep_them_in_use():
+    kept = [_pool.empty(shape, np.float32) for shape in (BIG, (3, 5, 7, 331), (64, 28, 28, 16))]
+    kept += [_pool.empty_like(np.empty((4, 8, 8, 100), np.float64))]
+    assert all(_address(a) % _pool.ALIGN == 0 for a in kept)
+    # only a view survives: its buffer must not be handed out again
+    view = kept[0][1:]
+    where = _address(kept[0])
+    del kept
+    again = _pool.empty(BIG, np.float32)
+    assert _address(again) != where and _address(again) % _pool.ALIGN == 0
+    del view, again
+
+
 def test_small_arrays_and_object_dtypes_come_from_numpy():
     small = _pool.empty((3, 4), np.float32)
     assert small.flags.owndata and small.shape == (3, 4)
