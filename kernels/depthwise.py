@@ -40,48 +40,115 @@ def _out_range(offset, stride, count, size):
     return o0, max(o0, o1)
 
 
+@njit(cache=True, inline="always")
+def _pixel_by_taps(xr, wt, bias, o, b, n, oh, p, H, W, C, sh, sw, pt, pl, dh, dw):
+    """o[b : b + C] = output pixel p of row (n, oh): the bias, then every tap inside the image
+    in (i, j) order."""
+    KH, KW = wt.shape[0], wt.shape[1]
+    for c in range(C):
+        cu = np.uint64(c)
+        o[b + cu] = bias[cu]
+    i0, i1 = _tap_range(oh, sh, pt, dh, KH, H)
+    j0, j1 = _tap_range(p, sw, pl, dw, KW, W)
+    for i in range(i0, i1):
+        xs = xr[n * H + oh * sh - pt + i * dh]
+        for j in range(j0, j1):
+            ws = wt[i, j]
+            a = np.uint64((p * sw - pl + j * dw) * C)
+            for c in range(C):
+                cu = np.uint64(c)
+                o[b + cu] += xs[a + cu] * ws[cu]
+
+
 @njit(parallel=True, cache=True)
 def depthwise_forward(x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out):
     """out[n, oh, ow, c] = bias[c] + sum_{i,j} wt[i, j, c] * x[n, oh*sh - pt + i*dh,
-    ow*sw - pl + j*dw, c] (taps outside the image add nothing; the taps in (i, j) order),
-    then max(out, 0) if ``relu`` (a NaN stays NaN).
+    ow*sw - pl + j*dw, c] (taps outside the image add nothing; from the bias, the taps in (i, j)
+    order), then max(out, 0) if ``relu`` (a NaN stays NaN).
 
     x (N, H, W, C), wt (KH, KW, C), bias (C,), out (N, OH, OW, C): C-contiguous, one dtype.
-    Work: output rows (n, oh), split over the threads; a row is built one tap at a time, each
-    tap a pass over the row's pixels (contiguous runs of C channels).
+    Work: output rows (n, oh), split over the threads. A pixel of a 3x3 convolution whose
+    window lies inside the image sums its nine taps over its channels in one pass, nine terms
+    written out (one store per output, where a loop over the taps would load and store the
+    output once per tap); other pixels, and every pixel of other kernel sizes, a tap at a time.
+    Both add the same terms in the same order: the path a pixel takes does not change its bits.
     """
     N, H, W, C = x.shape
     KH, KW = wt.shape[0], wt.shape[1]
     OH, OW = out.shape[1], out.shape[2]
     xr = x.reshape((N * H, W * C))
+    xf = x.reshape(x.size)
+    wf = wt.reshape(wt.size)
     orow = out.reshape((N * OH, OW * C))
     zero = out.dtype.type(0)
+    Cu = np.uint64(C)
+    # flat offsets: numba types int64 * uint64 as float64, so every product here is unsigned
+    w1, w2, w3, w4 = Cu, np.uint64(2) * Cu, np.uint64(3) * Cu, np.uint64(4) * Cu
+    w5, w6, w7, w8 = np.uint64(5) * Cu, np.uint64(6) * Cu, np.uint64(7) * Cu, np.uint64(8) * Cu
+    dc = np.uint64(dil_w * C)
+    rs = np.uint64(dil_h * W * C)
+    three = KH == 3 and KW == 3
+    # the pixels whose three columns of taps lie inside the image: [pa, pb)
+    qa, qb = _out_range(-pad_left, stride_w, OW, W)
+    ra, rb = _out_range(2 * dil_w - pad_left, stride_w, OW, W)
+    pa = max(qa, ra)
+    pb = max(pa, min(qb, rb))
     for row in prange(N * OH):
         n = row // OH
         oh = row % OH
         o = orow[row]
-        for p in range(OW):
-            for c in range(C):
-                o[p * C + c] = bias[c]
         i0, i1 = _tap_range(oh, stride_h, pad_top, dil_h, KH, H)
-        for i in range(i0, i1):
-            xs = xr[n * H + oh * stride_h - pad_top + i * dil_h]
-            for j in range(KW):
-                ws = wt[i, j]
-                shift = j * dil_w - pad_left
-                p0, p1 = _out_range(shift, stride_w, OW, W)
-                for p in range(p0, p1):
-                    # unsigned offsets: a signed index is tested for wrap-around per element,
-                    # and that loop stayed scalar
-                    a = np.uint64((p * stride_w + shift) * C)
-                    b = np.uint64(p * C)
-                    for c in range(C):
-                        cu = np.uint64(c)
-                        o[b + cu] += xs[a + cu] * ws[c]
+        inside = three and i0 == 0 and i1 == 3
+        a_row = np.uint64((n * H + oh * stride_h - pad_top) * W * C) if inside else np.uint64(0)
+        for p in range(OW):
+            b = np.uint64(p * C)
+            if inside and pa <= p < pb:
+                a0 = a_row + np.uint64((p * stride_w - pad_left) * C)
+                a1 = a0 + dc
+                a2 = a1 + dc
+                a3 = a0 + rs
+                a4 = a1 + rs
+                a5 = a2 + rs
+                a6 = a3 + rs
+                a7 = a4 + rs
+                a8 = a5 + rs
+                for c in range(C):
+                    cu = np.uint64(c)
+                    acc = bias[cu]
+                    acc += xf[a0 + cu] * wf[cu]
+                    acc += xf[a1 + cu] * wf[w1 + cu]
+                    acc += xf[a2 + cu] * wf[w2 + cu]
+                    acc += xf[a3 + cu] * wf[w3 + cu]
+                    acc += xf[a4 + cu] * wf[w4 + cu]
+                    acc += xf[a5 + cu] * wf[w5 + cu]
+                    acc += xf[a6 + cu] * wf[w6 + cu]
+                    acc += xf[a7 + cu] * wf[w7 + cu]
+                    acc += xf[a8 + cu] * wf[w8 + cu]
+                    o[b + cu] = acc
+            else:
+                _pixel_by_taps(
+                    xr,
+                    wt,
+                    bias,
+                    o,
+                    b,
+                    n,
+                    oh,
+                    p,
+                    H,
+                    W,
+                    C,
+                    stride_h,
+                    stride_w,
+                    pad_top,
+                    pad_left,
+                    dil_h,
+                    dil_w,
+                )
         if relu:
             for q in range(OW * C):
-                v = o[q]
-                o[q] = zero if v <= zero else v
+                v = o[np.uint64(q)]
+                o[np.uint64(q)] = zero if v <= zero else v
 
 
 @njit(parallel=True, cache=True)

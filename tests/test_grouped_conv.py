@@ -122,6 +122,27 @@ def test_depthwise_kernels_write_every_element(dtype):
     assert relative_error(dbias, db_ref) <= tol
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride, dilation, channels", [(1, 1, 37), (2, 1, 16), (1, 2, 5)])
+def test_depthwise_forward_same_bits_inside_and_at_the_border(dtype, stride, dilation, channels):
+    """A 3x3 depthwise forward sums a pixel whose window lies inside the image in one pass and
+    a border pixel a tap at a time: padded by the kernel or by hand (every window inside, the
+    missing taps adding exact zeros), the outputs are the same bits."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 9, 11, channels)).astype(dtype)
+    wt = rng.standard_normal((3, 3, channels)).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    d = dilation
+    xp = np.zeros((2, 9 + 2 * d, 11 + 2 * d, channels), dtype)
+    xp[:, d:-d, d:-d] = x
+    oh, ow = (9 - 1) // stride + 1, (11 - 1) // stride + 1
+    by_kernel, by_hand = np.empty((2, 2, oh, ow, channels), dtype)
+    for relu in (False, True):
+        K.depthwise_forward(x, wt, bias, stride, stride, d, d, d, d, relu, by_kernel)
+        K.depthwise_forward(xp, wt, bias, stride, stride, 0, 0, d, d, relu, by_hand)
+        assert by_kernel.tobytes() == by_hand.tobytes()
+
+
 @pytest.mark.parametrize("groups, c, f", [(8, 8, 8), (8, 8, 16), (2, 8, 6)])
 def test_same_bits_for_any_thread_count(groups, c, f):
     if numba.config.NUMBA_NUM_THREADS < 2:
