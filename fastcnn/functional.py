@@ -451,12 +451,20 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         _winograd_forward(_nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, winograd4)
         return
     (sh, sw), (dh, dw) = strides, dilations
-    if weight.shape[1] == 1 and weight.shape[0] <= _conv2d_c1.RN and (sh, sw, dh, dw) == (1,) * 4:
-        # one channel, few filters (LeNet-5's first layer): pixels on the tile's columns,
-        # bitwise the direct kernel
-        _conv2d_c1.conv2d_c1_forward(
-            _nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads()
+    f, c = weight.shape[0], weight.shape[1]
+    if (
+        c == 1
+        and (sh, sw, dh, dw) == (1,) * 4
+        and (f <= _conv2d_c1.RN or f % _conv2d_c1.LANES == 0)
+    ):
+        # one channel (an MNIST network's first layer), bitwise the direct kernel: few filters
+        # (LeNet-5's) on the tile's rows, whole vectors of them (a ResNet stem's) on the lanes
+        kernel = (
+            _conv2d_c1.conv2d_c1_forward
+            if f <= _conv2d_c1.RN
+            else _conv2d_c1.conv2d_c1_lanes_forward
         )
+        kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
         return
     _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn)
 

@@ -1,5 +1,7 @@
-"""The forward of a convolution with ONE input channel and at most 6 filters (LeNet-5's first
-layer: 1 -> 6 at 5x5), stride 1, dilation 1, over channels-last arrays.
+"""The forward of a convolution with ONE input channel, stride 1, dilation 1, over channels-last
+arrays: at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5) here, whole vectors of 16
+filters in conv2d_c1_lanes_forward below (a ResNet stem: 1 -> 16 at 3x3); its weight gradient
+for at most 6 filters at the end.
 
 The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
 columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
@@ -164,6 +166,113 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
             )
             if affine:  # the direct kernel's epilogue, on the row
                 _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu, row * OW * F)
+
+
+# ---- the forward for filters in whole vectors (a ResNet stem: 1 -> 16 at 3x3) ----
+
+#: Filters per block of the lanes forward (one 512-bit vector of float32), and its pixels per
+#: register block.
+LANES = 16
+_PIX = 4
+_LACC = _PIX * LANES
+#: Output rows per BatchNorm epilogue call (one row per call cost as much as the convolution).
+_EPILOGUE_ROWS = 8
+
+
+@njit(cache=True, fastmath={"contract"})
+def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
+    """One output row (flat at of[o0:], F filters per pixel) of the lanes forward: for each
+    block of LANES filters, _PIX pixels at a time, their accumulators in registers from the
+    bias through every tap (each tap: _PIX broadcasts of the input, the block's weight vector,
+    _PIX fused multiply-adds), then the ReLU select and the stores; the last OW % _PIX pixels
+    one at a time, the same terms in the same order."""
+    acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
+    u = np.uint64
+    Fu = u(F)
+    for fb in range(0, F, LANES):
+        fbu = u(fb)
+        for ow0 in range(0, OW - _PIX + 1, _PIX):
+            for p in range(_PIX):
+                for f in range(LANES):
+                    acc[p * LANES + f] = bias[fbu + u(f)]
+            b0 = rb + u(ow0)
+            for k in range(K):
+                bo = b0 + boff[k]
+                x0 = xpf[bo]
+                x1 = xpf[bo + u(1)]
+                x2 = xpf[bo + u(2)]
+                x3 = xpf[bo + u(3)]
+                kk = u(k) * Fu + fbu
+                for f in range(LANES):
+                    w = wl[kk + u(f)]
+                    acc[f] += x0 * w
+                    acc[LANES + f] += x1 * w
+                    acc[2 * LANES + f] += x2 * w
+                    acc[3 * LANES + f] += x3 * w
+            if relu:  # the direct kernel's select
+                for q in range(_LACC):
+                    v = acc[q]
+                    z = v if v > 0 else 0
+                    acc[q] = v if v != v else z
+            for p in range(_PIX):
+                d = o0 + u(ow0 + p) * Fu + fbu
+                for f in range(LANES):
+                    of[d + u(f)] = acc[p * LANES + f]
+        for ow in range(OW - OW % _PIX, OW):
+            for f in range(LANES):
+                acc[f] = bias[fbu + u(f)]
+            for k in range(K):
+                v = xpf[rb + u(ow) + boff[k]]
+                kk = u(k) * Fu + fbu
+                for f in range(LANES):
+                    acc[f] += v * wl[kk + u(f)]
+            d = o0 + u(ow) * Fu + fbu
+            for f in range(LANES):
+                v = acc[f]
+                if relu:
+                    z = v if v > 0 else 0
+                    v = v if v != v else z
+                of[d + u(f)] = v
+
+
+@njit(parallel=True, cache=True)
+def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+    """conv2d_c1_forward for F a multiple of LANES filters (any number of them): the same
+    output, bitwise conv2d.conv2d_forward. The direct kernel's tile holds 6 pixels x 16 filters
+    and reads each pixel's taps through a table of offsets: with one channel a tile has 9
+    taps of work for its start and store. Here the filters lie on the vector lanes and 4
+    neighbouring pixels of one row are the tile's rows, read straight from the padded image.
+    x (N, H, W, 1), weight (F, 1, KH, KW), bias (F,), out (N, OH, OW, F); stride 1."""
+    N = x.shape[0]
+    F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    OH, OW = out.shape[1], out.shape[2]
+    Hp = OH + KH - 1
+    Wp = OW + KW - 1
+    xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
+    K = KH * KW
+    wl = np.empty(K * F, dtype=x.dtype)  # (tap, filter)
+    boff = np.empty(K, dtype=np.uint64)  # tap (i, j): i rows and j columns further
+    for i in range(KH):
+        for j in range(KW):
+            boff[i * KW + j] = np.uint64(i * Wp + j)
+            for f in range(F):
+                wl[(i * KW + j) * F + f] = weight[f, 0, i, j]
+    rows = N * OH
+    nthr = max(1, min(threads, rows))
+    xpf = xp.reshape(xp.size)
+    of = out.reshape(out.size)
+    affine = bn[1].size > 0
+    for th in prange(nthr):
+        r1 = (th + 1) * rows // nthr
+        for r0 in range(th * rows // nthr, r1, _EPILOGUE_ROWS):
+            r2 = min(r0 + _EPILOGUE_ROWS, r1)
+            for row in range(r0, r2):
+                n, oh = row // OH, row % OH
+                rb = np.uint64((n * Hp + oh) * Wp)
+                o0 = np.uint64(row * OW * F)
+                _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu and not affine)
+            if affine:  # the direct kernel's epilogue, on rows still in cache
+                _batch_norm_rows(of[r0 * OW * F : r2 * OW * F], F, bn, relu, r0 * OW * F)
 
 
 # ---- the weight gradient ----

@@ -10,7 +10,13 @@ import pytest
 from fastcnn import functional as F
 from fastcnn.functional import _no_bn
 from fastcnn.kernels.conv2d import FTN, _weight_plan, conv2d_backward_weight, conv2d_forward
-from fastcnn.kernels.conv2d_c1 import RN, conv2d_c1_backward_weight, conv2d_c1_forward
+from fastcnn.kernels.conv2d_c1 import (
+    LANES,
+    RN,
+    conv2d_c1_backward_weight,
+    conv2d_c1_forward,
+    conv2d_c1_lanes_forward,
+)
 from fastcnn.threads import threads
 from naive.conv2d import conv2d_backward as naive_backward
 from naive.conv2d import conv2d_forward as naive_conv
@@ -22,6 +28,16 @@ SHAPES = [  # N, F, H, W, KH, KW, pad_top, pad_left (bottom/right: the same)
     (1, 6, 1, 1, 5, 5, 2, 2),
     (2, 3, 17, 16, 2, 4, 0, 1),
     (5, 4, 6, 35, 7, 1, 3, 0),
+]
+# whole vectors of filters: conv2d_c1_lanes_forward (a ResNet stem; the reference network's
+# first layer, unpadded; a width that leaves 1-3 pixels past the 4-pixel blocks)
+LANES_SHAPES = [
+    (3, 16, 28, 28, 3, 3, 1, 1),
+    (2, 32, 26, 26, 3, 3, 0, 0),
+    (2, 48, 9, 7, 5, 5, 2, 2),
+    (1, 16, 1, 1, 3, 3, 1, 1),
+    (3, 16, 6, 35, 7, 1, 3, 0),
+    (2, 32, 5, 6, 2, 4, 0, 1),
 ]
 
 
@@ -39,13 +55,14 @@ def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
         epi = tuple(a.astype(dtype) for a in (*params, add))
     got = np.full((N, OH, OW, Fn), np.nan, dtype)
     ref = np.full_like(got, np.nan)
-    conv2d_c1_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
+    kernel = conv2d_c1_forward if Fn <= RN else conv2d_c1_lanes_forward
+    kernel(x, w, b, pt, pl, relu, got, epi, n_threads)
     conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi)
     return x, w, b, got, ref
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + LANES_SHAPES)
 def test_bitwise_the_direct_kernel_and_close_to_the_textbook(shape, dtype):
     for relu in (False, True):
         x, w, b, got, ref = both(shape, dtype, relu=relu)
@@ -58,25 +75,27 @@ def test_bitwise_the_direct_kernel_and_close_to_the_textbook(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batch_norm_epilogue_bitwise_the_direct_kernel(dtype):
+@pytest.mark.parametrize("shape", [SHAPES[0], LANES_SHAPES[0], LANES_SHAPES[2]])
+def test_batch_norm_epilogue_bitwise_the_direct_kernel(dtype, shape):
     for relu in (False, True):
         for bn in (True, "add"):
-            _, _, _, got, ref = both(SHAPES[0], dtype, relu=relu, bn=bn, seed=1)
+            _, _, _, got, ref = both(shape, dtype, relu=relu, bn=bn, seed=1)
             assert np.array_equal(got, ref)
 
 
-def test_same_bits_for_any_thread_count():
-    _, _, _, one, _ = both(SHAPES[0], np.float32, n_threads=1)
+@pytest.mark.parametrize("shape", [SHAPES[0], LANES_SHAPES[1]])
+def test_same_bits_for_any_thread_count(shape):
+    _, _, _, one, _ = both(shape, np.float32, n_threads=1)
     for n in (2, 3, 8):
         with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
-            assert np.array_equal(both(SHAPES[0], np.float32, n_threads=n)[3], one)
+            assert np.array_equal(both(shape, np.float32, n_threads=n)[3], one)
 
 
 def test_functional_uses_it_for_one_channel_and_few_filters():
-    assert RN == 6
+    assert RN == 6 and LANES == 16
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
-    for filters in (1, 6, 7):  # 7: the direct kernel
+    for filters in (1, 6, 7, 16, 24, 32):  # 7 and 24: the direct kernel
         w = rng.standard_normal((filters, 1, 5, 5)).astype(np.float32)
         y = F.conv2d_forward(x, w, None, 1, 2)
         ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
