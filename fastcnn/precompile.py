@@ -197,11 +197,16 @@ def cache_is_cold() -> bool:
 # it from the cache. Triggers and jobs: the forward kernel's name -> (the function of this
 # module the helper runs, the names of the kernels it compiles).
 _DENSE = ("dense.dense_forward", "dense.dense_product")
+_CONV_JOB = (
+    "compile_conv_backward",
+    ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE,
+)
 _BACKGROUND = {
-    "conv2d_forward": (
-        "compile_conv_backward",
-        ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE,
-    ),
+    # a network's first convolution starts it: the direct kernel, or the one-channel ones
+    # (an MNIST network's first layer, where they apply)
+    "conv2d_forward": _CONV_JOB,
+    "conv2d_c1_forward": _CONV_JOB,
+    "conv2d_c1_lanes_forward": _CONV_JOB,
     "conv2d_relu_maxpool2d_forward": (
         "compile_backward",
         ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input")

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import _batch_norm_rows
+from .conv2d import _batch_norm_rows, _padded_input
 from .gemm_tile import FTN, RN, gemm_tile, stack_array
 
 assert RN == 6  # _taps is written out for 6 rows
@@ -184,14 +184,14 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
     """One output row (flat at of[o0:], F filters per pixel) of the lanes forward: for each
     block of LANES filters, _PIX pixels at a time, their accumulators in registers from the
     bias through every tap (each tap: _PIX broadcasts of the input, the block's weight vector,
-    _PIX fused multiply-adds), then the ReLU select and the stores; the last OW % _PIX pixels
-    one at a time, the same terms in the same order."""
+    _PIX fused multiply-adds), then the ReLU select and the stores of the pixels < OW (the
+    padded input is wide enough for a whole last block)."""
     acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
     u = np.uint64
     Fu = u(F)
     for fb in range(0, F, LANES):
         fbu = u(fb)
-        for ow0 in range(0, OW - _PIX + 1, _PIX):
+        for ow0 in range(0, OW, _PIX):
             for p in range(_PIX):
                 for f in range(LANES):
                     acc[p * LANES + f] = bias[fbu + u(f)]
@@ -215,24 +215,10 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
                     z = v if v > 0 else 0
                     acc[q] = v if v != v else z
             for p in range(_PIX):
-                d = o0 + u(ow0 + p) * Fu + fbu
-                for f in range(LANES):
-                    of[d + u(f)] = acc[p * LANES + f]
-        for ow in range(OW - OW % _PIX, OW):
-            for f in range(LANES):
-                acc[f] = bias[fbu + u(f)]
-            for k in range(K):
-                v = xpf[rb + u(ow) + boff[k]]
-                kk = u(k) * Fu + fbu
-                for f in range(LANES):
-                    acc[f] += v * wl[kk + u(f)]
-            d = o0 + u(ow) * Fu + fbu
-            for f in range(LANES):
-                v = acc[f]
-                if relu:
-                    z = v if v > 0 else 0
-                    v = v if v != v else z
-                of[d + u(f)] = v
+                if ow0 + p < OW:
+                    d = o0 + u(ow0 + p) * Fu + fbu
+                    for f in range(LANES):
+                        of[d + u(f)] = acc[p * LANES + f]
 
 
 @njit(parallel=True, cache=True)
@@ -243,21 +229,20 @@ def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     taps of work for its start and store. Here the filters lie on the vector lanes and 4
     neighbouring pixels of one row are the tile's rows, read straight from the padded image.
     x (N, H, W, 1), weight (F, 1, KH, KW), bias (F,), out (N, OH, OW, F); stride 1."""
-    N = x.shape[0]
     F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
     OH, OW = out.shape[1], out.shape[2]
-    Hp = OH + KH - 1
-    Wp = OW + KW - 1
-    xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
+    # the direct kernel's padded copy (compiled already), wide enough for whole pixel blocks
+    xp = _padded_input(x, pad_top, pad_left, OH + KH - 1, (OW + _PIX - 1) // _PIX * _PIX + KW - 1)
+    XH, XW = xp.shape[1], xp.shape[2]
     K = KH * KW
     wl = np.empty(K * F, dtype=x.dtype)  # (tap, filter)
     boff = np.empty(K, dtype=np.uint64)  # tap (i, j): i rows and j columns further
     for i in range(KH):
         for j in range(KW):
-            boff[i * KW + j] = np.uint64(i * Wp + j)
+            boff[i * KW + j] = np.uint64(i * XW + j)
             for f in range(F):
                 wl[(i * KW + j) * F + f] = weight[f, 0, i, j]
-    rows = N * OH
+    rows = x.shape[0] * OH
     nthr = max(1, min(threads, rows))
     xpf = xp.reshape(xp.size)
     of = out.reshape(out.size)
@@ -268,7 +253,7 @@ def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
             r2 = min(r0 + _EPILOGUE_ROWS, r1)
             for row in range(r0, r2):
                 n, oh = row // OH, row % OH
-                rb = np.uint64((n * Hp + oh) * Wp)
+                rb = np.uint64((n * XH + oh) * XW)
                 o0 = np.uint64(row * OW * F)
                 _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu and not affine)
             if affine:  # the direct kernel's epilogue, on rows still in cache
