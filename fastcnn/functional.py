@@ -440,9 +440,10 @@ def _winograd_forward(x, weight, bias, pad_top, pad_left, relu, y, bn, f4=False)
 
 
 def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, winograd4=False):
-    """Run the direct kernel (or its one-channel variant, bitwise the same), or the Winograd
+    """Run the direct kernel (or its one-channel variants, bitwise the same), or the Winograd
     one where ``winograd`` and it applies, and the weights are finite (the transformed
-    weights meet the zeros around the image: 0 * inf)."""
+    weights meet the zeros around the image: 0 * inf). ``winograd4``: the layers' evaluation
+    mode, where F(4x4) and the one-channel lanes kernel may run."""
     if (
         winograd
         and winograd_applies(weight.shape, strides, dilations)
@@ -452,20 +453,19 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         return
     (sh, sw), (dh, dw) = strides, dilations
     f, c = weight.shape[0], weight.shape[1]
-    if (
-        c == 1
-        and (sh, sw, dh, dw) == (1,) * 4
-        and (f <= _conv2d_c1.RN or f % _conv2d_c1.LANES == 0)
-    ):
+    if c == 1 and (sh, sw, dh, dw) == (1,) * 4:
         # one channel (an MNIST network's first layer), bitwise the direct kernel: few filters
-        # (LeNet-5's) on the tile's rows, whole vectors of them (a ResNet stem's) on the lanes
-        kernel = (
-            _conv2d_c1.conv2d_c1_forward
-            if f <= _conv2d_c1.RN
-            else _conv2d_c1.conv2d_c1_lanes_forward
-        )
-        kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
-        return
+        # (LeNet-5's) on the tile's rows; whole vectors of them (a ResNet stem's) on the lanes,
+        # where F(4x4) is asked for (evaluation mode), which keeps its ~2 s of compilation out
+        # of the first training step, as F(4x4)'s (the stem is 0.5% of a training step)
+        kernel = None
+        if f <= _conv2d_c1.RN:
+            kernel = _conv2d_c1.conv2d_c1_forward
+        elif winograd4 and f % _conv2d_c1.LANES == 0:
+            kernel = _conv2d_c1.conv2d_c1_lanes_forward
+        if kernel is not None:
+            kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
+            return
     _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn)
 
 

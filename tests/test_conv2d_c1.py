@@ -100,6 +100,28 @@ def test_functional_uses_it_for_one_channel_and_few_filters():
         y = F.conv2d_forward(x, w, None, 1, 2)
         ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        # evaluation mode (the lanes kernel for 16 and 32 filters): the same bits
+        y_eval = F.conv2d_forward(x, w, None, 1, 2, winograd=True, winograd4=True)
+        assert y_eval.tobytes() == y.tobytes()
+
+
+def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
+    """Its compilation stays out of the first training step: a training-mode layer runs the
+    direct kernel, an evaluation-mode one the lanes kernel."""
+    import fastcnn
+    from fastcnn.kernels import conv2d_c1
+
+    calls = []
+    lanes = conv2d_c1.conv2d_c1_lanes_forward
+    monkeypatch.setattr(
+        conv2d_c1, "conv2d_c1_lanes_forward", lambda *a: calls.append(1) or lanes(*a)
+    )
+    layer = fastcnn.Conv2D(1, 16, 3, padding=1)
+    x = np.random.default_rng(0).standard_normal((2, 1, 9, 9)).astype(np.float32)
+    y_train = layer(x)
+    assert not calls
+    layer.eval()
+    assert layer(x).tobytes() == y_train.tobytes() and calls
 
 
 def weight_grads(shape, dtype, seed=0, threads_=2):
