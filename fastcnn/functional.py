@@ -453,13 +453,13 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         return
     (sh, sw), (dh, dw) = strides, dilations
     f, c = weight.shape[0], weight.shape[1]
-    if c == 1 and (sh, sw, dh, dw) == (1,) * 4:
-        # one channel (an MNIST network's first layer), bitwise the direct kernel: few filters
-        # (LeNet-5's) on the tile's rows; whole vectors of them (a ResNet stem's) on the lanes,
-        # where F(4x4) is asked for (evaluation mode), which keeps its ~2 s of compilation out
-        # of the first training step, as F(4x4)'s (the stem is 0.5% of a training step)
+    if c <= _conv2d_c1.LANES_MAX_CHANNELS and (sh, sw, dh, dw) == (1,) * 4:
+        # an image's few channels (a network's first layer), bitwise the direct kernel: one
+        # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
+        # ResNet stem's, VGG's) on the lanes, where F(4x4) is asked for (evaluation mode),
+        # which keeps its ~2 s of compilation out of the first training step, as F(4x4)'s
         kernel = None
-        if f <= _conv2d_c1.RN:
+        if c == 1 and f <= _conv2d_c1.RN:
             kernel = _conv2d_c1.conv2d_c1_forward
         elif winograd4 and f % _conv2d_c1.LANES == 0:
             kernel = _conv2d_c1.conv2d_c1_lanes_forward

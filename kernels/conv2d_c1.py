@@ -175,33 +175,39 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
 LANES = 16
 _PIX = 4
 _LACC = _PIX * LANES
+#: The most input channels it takes (a first layer's: with more, the direct kernel's tile has
+#: taps enough to pay for itself).
+LANES_MAX_CHANNELS = 4
 #: Output rows per BatchNorm epilogue call (one row per call cost as much as the convolution).
 _EPILOGUE_ROWS = 8
 
 
 @njit(cache=True, fastmath={"contract"})
-def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
+def _lanes_row(xpf, rb, boff, K, C, wl, bias, of, o0, OW, F, relu):
     """One output row (flat at of[o0:], F filters per pixel) of the lanes forward: for each
     block of LANES filters, _PIX pixels at a time, their accumulators in registers from the
     bias through every tap (each tap: _PIX broadcasts of the input, the block's weight vector,
     _PIX fused multiply-adds), then the ReLU select and the stores of the pixels < OW (the
-    padded input is wide enough for a whole last block)."""
+    padded input is wide enough for a whole last block). Neighbouring pixels lie C apart."""
     acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
     u = np.uint64
     Fu = u(F)
+    c1 = u(C)
+    c2 = c1 + c1  # (2 * c1 would be a float64: numba types int64 * uint64 so)
+    c3 = c2 + c1
     for fb in range(0, F, LANES):
         fbu = u(fb)
         for ow0 in range(0, OW, _PIX):
             for p in range(_PIX):
                 for f in range(LANES):
                     acc[p * LANES + f] = bias[fbu + u(f)]
-            b0 = rb + u(ow0)
+            b0 = rb + u(ow0) * c1
             for k in range(K):
                 bo = b0 + boff[k]
                 x0 = xpf[bo]
-                x1 = xpf[bo + u(1)]
-                x2 = xpf[bo + u(2)]
-                x3 = xpf[bo + u(3)]
+                x1 = xpf[bo + c1]
+                x2 = xpf[bo + c2]
+                x3 = xpf[bo + c3]
                 kk = u(k) * Fu + fbu
                 for f in range(LANES):
                     w = wl[kk + u(f)]
@@ -223,25 +229,29 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
 
 @njit(parallel=True, cache=True)
 def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
-    """conv2d_c1_forward for F a multiple of LANES filters (any number of them): the same
-    output, bitwise conv2d.conv2d_forward. The direct kernel's tile holds 6 pixels x 16 filters
-    and reads each pixel's taps through a table of offsets: with one channel a tile has 9
-    taps of work for its start and store. Here the filters lie on the vector lanes and 4
-    neighbouring pixels of one row are the tile's rows, read straight from the padded image.
-    x (N, H, W, 1), weight (F, 1, KH, KW), bias (F,), out (N, OH, OW, F); stride 1."""
+    """conv2d.conv2d_forward, bitwise, for a few channels (an image's: 1 to LANES_MAX_CHANNELS)
+    and F a multiple of LANES filters, stride 1 and dilation 1. The direct kernel's tile holds
+    6 pixels x 16 filters and reads each pixel's taps through a table of offsets: with 1-3
+    channels a tile has 9-27 taps of work for its start and store. Here the filters lie on the
+    vector lanes and 4 neighbouring pixels of one row are the tile's rows, read straight from
+    the padded image, the taps (i, j, c) in the direct kernel's order.
+    x (N, H, W, C), weight (F, C, KH, KW), bias (F,), out (N, OH, OW, F)."""
+    C = x.shape[3]
     F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
     OH, OW = out.shape[1], out.shape[2]
     # the direct kernel's padded copy (compiled already), wide enough for whole pixel blocks
     xp = _padded_input(x, pad_top, pad_left, OH + KH - 1, (OW + _PIX - 1) // _PIX * _PIX + KW - 1)
     XH, XW = xp.shape[1], xp.shape[2]
-    K = KH * KW
+    K = KH * KW * C
     wl = np.empty(K * F, dtype=x.dtype)  # (tap, filter)
-    boff = np.empty(K, dtype=np.uint64)  # tap (i, j): i rows and j columns further
+    boff = np.empty(K, dtype=np.uint64)  # tap (i, j, c): i rows, j columns and c channels on
     for i in range(KH):
         for j in range(KW):
-            boff[i * KW + j] = np.uint64(i * XW + j)
-            for f in range(F):
-                wl[(i * KW + j) * F + f] = weight[f, 0, i, j]
+            for c in range(C):
+                k = (i * KW + j) * C + c
+                boff[k] = np.uint64((i * XW + j) * C + c)
+                for f in range(F):
+                    wl[k * F + f] = weight[f, c, i, j]
     rows = x.shape[0] * OH
     nthr = max(1, min(threads, rows))
     xpf = xp.reshape(xp.size)
@@ -253,9 +263,9 @@ def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
             r2 = min(r0 + _EPILOGUE_ROWS, r1)
             for row in range(r0, r2):
                 n, oh = row // OH, row % OH
-                rb = np.uint64((n * XH + oh) * XW)
+                rb = np.uint64((n * XH + oh) * XW * C)
                 o0 = np.uint64(row * OW * F)
-                _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu and not affine)
+                _lanes_row(xpf, rb, boff, K, C, wl, bias, of, o0, OW, F, relu and not affine)
             if affine:  # the direct kernel's epilogue, on rows still in cache
                 _batch_norm_rows(of[r0 * OW * F : r2 * OW * F], F, bn, relu, r0 * OW * F)
 

@@ -124,6 +124,41 @@ def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
     assert layer(x).tobytes() == y_train.tobytes() and calls
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "channels, shape",
+    [
+        (3, (2, 16, 32, 32, 3, 3, 1, 1)),
+        (2, (3, 32, 9, 7, 5, 5, 2, 2)),
+        (4, (1, 48, 6, 13, 1, 3, 0, 1)),
+    ],
+)
+def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, shape, dtype):
+    """An RGB image's first layer (VGG's, the all-conv net's) on the lanes: the taps (i, j, c)
+    in the direct kernel's order, with and without the epilogues, any thread count."""
+    N, Fn, H, W, KH, KW, pt, pl = shape
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((N, H, W, channels)).astype(dtype)
+    w = rng.standard_normal((Fn, channels, KH, KW)).astype(dtype)
+    b = rng.standard_normal(Fn).astype(dtype)
+    OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
+    add = rng.standard_normal(N * OH * OW * Fn).astype(dtype)
+    bn = tuple(rng.standard_normal(Fn).astype(dtype) for _ in range(3))
+    for relu in (False, True):
+        for epi in (_no_bn(x), (*bn, np.empty(0, dtype)), (*bn, add)):
+            ref = np.full((N, OH, OW, Fn), np.nan, dtype)
+            conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi)
+            for n_threads in (1, 2, 3):
+                got = np.full_like(ref, np.nan)
+                conv2d_c1_lanes_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
+                assert got.tobytes() == ref.tobytes()
+    naive = naive_conv(x.transpose(0, 3, 1, 2), w, b, padding=((pt, pt), (pl, pl)))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    got = np.empty((N, OH, OW, Fn), dtype)
+    conv2d_c1_lanes_forward(x, w, b, pt, pl, False, got, _no_bn(x), 2)
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), naive, rtol=tol, atol=tol)
+
+
 def weight_grads(shape, dtype, seed=0, threads_=2):
     N, Fn, H, W, KH, KW, pt, pl = shape
     rng = np.random.default_rng(seed)
