@@ -1,7 +1,7 @@
-"""The forward of a convolution with ONE input channel, stride 1, dilation 1, over channels-last
-arrays: at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5) here, whole vectors of 16
-filters in conv2d_c1_lanes_forward below (a ResNet stem: 1 -> 16 at 3x3); its weight gradient
-for at most 6 filters at the end.
+"""A network's first convolution, over an image's few channels, stride 1, dilation 1, over
+channels-last arrays: ONE channel and at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5)
+here and its weight gradient at the end; 1-4 channels and whole vectors of 16 filters in
+conv2d_c1_lanes_forward below (a ResNet stem on MNIST: 1 -> 16 at 3x3; VGG's: 3 -> 32).
 
 The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
 columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
@@ -168,7 +168,7 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
                 _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu, row * OW * F)
 
 
-# ---- the forward for filters in whole vectors (a ResNet stem: 1 -> 16 at 3x3) ----
+# ---- the forward for filters in whole vectors (a ResNet stem: 1 -> 16 at 3x3; VGG's 3 -> 32) ----
 
 #: Filters per block of the lanes forward (one 512-bit vector of float32), and its pixels per
 #: register block.
