@@ -457,7 +457,7 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         # an image's few channels (a network's first layer), bitwise the direct kernel: one
         # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
         # ResNet stem's, VGG's) on the lanes, where F(4x4) is asked for (evaluation mode),
-        # which keeps its ~2 s of compilation out of the first training step, as F(4x4)'s
+        # which keeps its compilation out of the first training step, as F(4x4)'s
         kernel = None
         if c == 1 and f <= _conv2d_c1.RN:
             kernel = _conv2d_c1.conv2d_c1_forward

@@ -202,11 +202,10 @@ _CONV_JOB = (
     ("conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input") + _DENSE,
 )
 _BACKGROUND = {
-    # a network's first convolution starts it: the direct kernel, or the one-channel ones
-    # (an MNIST network's first layer, where they apply)
+    # a network's first convolution in training starts it: the direct kernel, or LeNet-5's
+    # one-channel one (the lanes kernel runs in evaluation mode only: no backward follows)
     "conv2d_forward": _CONV_JOB,
     "conv2d_c1_forward": _CONV_JOB,
-    "conv2d_c1_lanes_forward": _CONV_JOB,
     "conv2d_relu_maxpool2d_forward": (
         "compile_backward",
         ("fused.maxpool2d_conv2d_backward_weight_dense", "fused.maxpool2d_conv2d_backward_input")

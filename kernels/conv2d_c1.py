@@ -175,10 +175,9 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
 LANES = 16
 _PIX = 4
 _LACC = _PIX * LANES
-#: The most input channels it takes (a first layer's: with more, the direct kernel's tile has
-#: taps enough to pay for itself).
+#: The most input channels it takes: an image's (RGB, RGBA).
 LANES_MAX_CHANNELS = 4
-#: Output rows per BatchNorm epilogue call (one row per call cost as much as the convolution).
+#: Output rows per BatchNorm epilogue call: a few rows, still in cache, per call.
 _EPILOGUE_ROWS = 8
 
 
