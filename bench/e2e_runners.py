@@ -243,7 +243,7 @@ class FastcnnRunner:
                 dweight, dbias = np.empty_like(weight), np.empty_like(bias)
                 # a 2x2 max pool of relu(conv) (its argmax and output) and a pooled gradient
                 n, oh, ow = dy.shape[:3]
-                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y, _no_bn(x))
+                kconv.conv2d_forward(x, weight, bias, 1, 1, 0, 0, 1, 1, True, y, _no_bn(x), threads)
                 pooled = np.empty((n, oh // 2, ow // 2, f), np.float32)
                 argmax = np.empty(pooled.shape, np.int64)
                 kpool.maxpool2d_forward(y, 2, 2, 2, 2, 0, 0, pooled, argmax)
@@ -256,7 +256,7 @@ class FastcnnRunner:
                 )
                 fns = {
                     "forward": lambda: kconv.conv2d_forward(
-                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y, _no_bn(x)
+                        x, weight, bias, 1, 1, 0, 0, 1, 1, False, y, _no_bn(x), threads
                     ),
                     "backward-input": lambda: kconv.conv2d_backward_input(
                         dy, weight, 1, 1, 0, 0, 1, 1, dx

@@ -70,7 +70,7 @@ def test_conv2d_forward(record, shape, impl):
         "naive": lambda: naive_conv.conv2d_forward(x, weight, bias),
         "numpy": lambda: numpy_ops.conv2d_forward(x, weight, bias),
         "fastcnn": lambda: kconv.conv2d_forward(
-            xh, weight, bias, 1, 1, 0, 0, 1, 1, False, outh, _no_bn(xh)
+            xh, weight, bias, 1, 1, 0, 0, 1, 1, False, outh, _no_bn(xh), numba.get_num_threads()
         ),
     }
     if impl == "torch":

@@ -466,7 +466,21 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         if kernel is not None:
             kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
             return
-    _conv2d.conv2d_forward(_nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn)
+    _conv2d.conv2d_forward(
+        _nhwc(x),
+        weight,
+        bias,
+        sh,
+        sw,
+        pads[0],
+        pads[2],
+        dh,
+        dw,
+        relu,
+        y,
+        bn,
+        numba.get_num_threads(),
+    )
 
 
 def conv2d_forward(
@@ -823,6 +837,7 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
             False,
             dx,
             _no_bn(dx),
+            numba.get_num_threads(),
         )
     else:
         _conv2d.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)

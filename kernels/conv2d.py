@@ -89,8 +89,34 @@ def _pad_row(xf, xpf, d0, s0, ih, H, row, a, b):
 
 
 @njit(cache=True)
-def _padded_input(x, pad_top, pad_left, Hp, Wp):
-    """x itself when every window lies inside it, else its zero-padded copy (N, Hp, Wp, C).
+def _pad_rows(xf, xpf, t0, t1, x_shape, Hp, Wp, pad_top, pad_left):
+    """Rows t0 <= t < t1 of x's zero-padded copy (N, Hp, Wp, C), row t = n*Hp + r, written flat
+    from xpf[0] on: the whole copy (t0 = 0, t1 = N*Hp), or the rows one work item reads."""
+    N, H, W, C = x_shape
+    left = min(pad_left, Wp)  # padded columns before the image, then the image's that fit
+    inside = max(0, min(W, Wp - left))
+    for t in range(t0, t1):
+        n, r = t // Hp, t % Hp
+        ih = r - pad_top
+        s0 = ((n * H + ih) * W) * C if 0 <= ih < H else 0
+        _pad_row(xf, xpf, (t - t0) * Wp * C, s0, ih, H, Wp * C, left * C, (left + inside) * C)
+
+
+@njit(cache=True)
+def _item_rows(pix, koff, item, ntiles, rows, row):
+    """(first, count): the rows of the padded input that forward work item ``item``'s windows
+    read (corners pix, taps koff, ``row`` values per padded row; pix is non-decreasing)."""
+    t0 = item * _TILES_PER_ITEM
+    t1 = min(t0 + _TILES_PER_ITEM, ntiles)
+    first = pix[t0 * rows] // row
+    last = (pix[t1 * rows - 1] + koff[koff.size - 1]) // row
+    return np.int64(first), np.int64(last - first) + 1
+
+
+@njit(cache=True)
+def _padded_input(x, pad_top, pad_left, Hp, Wp, pad=True):
+    """x itself when every window lies inside it (or ``pad`` is False), else its zero-padded
+    copy (N, Hp, Wp, C).
 
     A function of its own on purpose: written inline in a kernel (``xp = x``, then in a branch
     ``xp = np.empty(...)`` filled by a prange), numba 0.68.1 computed the kernel with the
@@ -98,19 +124,11 @@ def _padded_input(x, pad_top, pad_left, Hp, Wp):
     as a parallel function it cost 2 s of compilation in every kernel's first run (the
     reference network has no padding).
     """
-    if not _needs_padding(x, pad_top, pad_left, Hp, Wp):
+    if not (pad and _needs_padding(x, pad_top, pad_left, Hp, Wp)):
         return x
     N, H, W, C = x.shape
     xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
-    xf = x.reshape(x.size)
-    xpf = xp.reshape(xp.size)
-    left = min(pad_left, Wp)  # padded columns before the image, then the image's that fit
-    inside = max(0, min(W, Wp - left))
-    for t in range(N * Hp):
-        n, r = t // Hp, t % Hp
-        ih = r - pad_top
-        s0 = ((n * H + ih) * W) * C if 0 <= ih < H else 0
-        _pad_row(xf, xpf, t * Wp * C, s0, ih, H, Wp * C, left * C, (left + inside) * C)
+    _pad_rows(x.reshape(x.size), xp.reshape(xp.size), 0, N * Hp, x.shape, Hp, Wp, pad_top, pad_left)
     return xp
 
 
@@ -263,7 +281,7 @@ def _batch_norm_rows(block, F, bn, relu, start):
 
 @njit(parallel=True, cache=True)
 def conv2d_forward(
-    x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out, bn
+    x, weight, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out, bn, threads
 ):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, window + (i, j), c],
     then max(out, 0) if ``relu`` (a ReLU fused into the store: a NaN stays NaN).
@@ -277,6 +295,10 @@ def conv2d_forward(
     out's order) if not empty, then the ReLU if ``relu``: bitwise the layers run one by one,
     without more passes over the output. (Empty arrays, not None: one compiled kernel serves
     every case, where None would compile another.)
+
+    ``threads``: the workers that pad a strided convolution's input rows, each into a buffer of
+    its own (numba.get_num_threads() in the caller: read in here it would keep numba from
+    caching the kernel); the result does not depend on it.
     """
     N, H, W, C = x.shape
     F, _, KH, KW = weight.shape
@@ -292,8 +314,12 @@ def conv2d_forward(
     nitems = (ntiles + _TILES_PER_ITEM - 1) // _TILES_PER_ITEM
     dt = x.dtype
 
-    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
-    XH, XW = xp.shape[1], xp.shape[2]
+    # a strided convolution's padded rows are copied by each worker, item by item, into a
+    # buffer of its own (in parallel, and in cache when its tiles read them); otherwise the
+    # windows read x itself, or its padded copy made here
+    by_item = stride_h > 1 and _needs_padding(x, pad_top, pad_left, Hp, Wp)
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp, not by_item)
+    XH, XW = (Hp, Wp) if by_item else (xp.shape[1], xp.shape[2])
     wp = np.empty((K, Fp), dtype=dt)
     _pack_weight(weight, wp, 0, K)
     koff = np.empty(K, dtype=np.uint64)
@@ -302,35 +328,49 @@ def conv2d_forward(
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     tiles = np.empty((nitems, R * FT), dtype=dt)
     biasp = _padded_bias(bias, Fp)
+    row = np.uint64(XW * C)
+    parts = max(1, min(threads, nitems)) if by_item else nitems
+    most = 0  # the most padded rows an item reads
+    for item in range(nitems if by_item else 0):
+        first, count = _item_rows(pix, koff, item, ntiles, rows, row)
+        most = max(most, count)
+    buffers = np.empty((parts if by_item else 0, most * XW * C), dtype=dt)
 
     xf = xp.reshape(xp.size)
     wf = wp.reshape(wp.size)
     of = out.reshape(out.size)
     affine = bn[1].size > 0
-    for item in prange(nitems):
-        t0 = item * _TILES_PER_ITEM
-        t1 = min(t0 + _TILES_PER_ITEM, ntiles)
-        _forward_tiles(
-            xf,
-            0,
-            pix,
-            koff,
-            K,
-            wf,
-            Fp,
-            biasp,
-            relu and not affine,
-            t0,
-            t1,
-            NP,
-            F,
-            of,
-            tiles[item],
-            narrow,
-        )
-        if affine:
-            p1 = min(t1 * rows, NP)
-            _batch_norm_rows(of[t0 * rows * F : p1 * F], F, bn, relu, t0 * rows * F)
+    for part in prange(parts):
+        for item in range(part * nitems // parts, (part + 1) * nitems // parts):
+            t0 = item * _TILES_PER_ITEM
+            t1 = min(t0 + _TILES_PER_ITEM, ntiles)
+            src, shift = xf, np.uint64(0)
+            if by_item:
+                first, count = _item_rows(pix, koff, item, ntiles, rows, row)
+                src = buffers[part]
+                _pad_rows(xf, src, first, first + count, x.shape, Hp, Wp, pad_top, pad_left)
+                shift = np.uint64(0) - np.uint64(first) * row  # wraps: pix - first row's start
+            _forward_tiles(
+                src,
+                shift,
+                pix,
+                koff,
+                K,
+                wf,
+                Fp,
+                biasp,
+                relu and not affine,
+                t0,
+                t1,
+                NP,
+                F,
+                of,
+                tiles[item],
+                narrow,
+            )
+            if affine:
+                p1 = min(t1 * rows, NP)
+                _batch_norm_rows(of[t0 * rows * F : p1 * F], F, bn, relu, t0 * rows * F)
 
 
 @njit(cache=True)

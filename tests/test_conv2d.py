@@ -54,7 +54,7 @@ def forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), r
     N, F, OH, OW = output_shape(x.shape, w.shape, stride, padding, dilation)
     # NaN-filled outputs: a kernel that skips an element fails the comparison.
     out = np.full((N, OH, OW, F), np.nan, dtype=x.dtype)
-    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), relu, out, _no_bn(x))
+    conv2d_forward(nhwc(x), w, b, *_flat(stride, padding, dilation), relu, out, _no_bn(x), 2)
     return nchw(out)
 
 
@@ -320,6 +320,40 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
         assert grads() == reference
         assert grads(1) == reference
     assert numba.get_num_threads() == saved
+
+
+# (N, C, F, H, W, KH, KW, stride, (pad top, left, bottom, right), dilation)
+STRIDED_PADDED_CASES = [
+    (3, 16, 32, 32, 32, 3, 3, (2, 2), (1, 1, 0, 0), (1, 1)),  # the all-conv net's conv2
+    (2, 5, 7, 9, 11, 3, 2, (2, 3), (2, 1, 1, 2), (1, 2)),  # partial tiles, both paddings
+    (1, 3, 40, 7, 6, 5, 5, (3, 2), (3, 3, 3, 3), (1, 1)),  # windows in the padding only
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", STRIDED_PADDED_CASES)
+def test_strided_forward_pads_rows_per_worker_bitwise(case, dtype):
+    """A strided convolution's workers each pad the input rows their windows read: bitwise the
+    kernel on an input padded by hand (whose windows need no padding), for any number of
+    workers (the buffers they fill), with the BatchNorm epilogue too."""
+    N, C, F, H, W, KH, KW, stride, (pt, pl, pb, pr), dil = case
+    rng = np.random.default_rng(H * W + C)
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    w = rng.standard_normal((F, C, KH, KW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    padded = np.zeros((N, H + pt + pb, W + pl + pr, C), dtype)
+    padded[:, pt : pt + H, pl : pl + W] = x
+    OH = output_size(H, pt, pb, KH, stride[0], dil[0])
+    OW = output_size(W, pl, pr, KW, stride[1], dil[1])
+    bn = tuple(rng.standard_normal(F).astype(dtype) for _ in range(3)) + (np.empty(0, dtype),)
+    for epilogue in (_no_bn(x), bn):
+        by_hand = np.full((N, OH, OW, F), np.nan, dtype)
+        conv2d_forward(padded, w, b, *stride, 0, 0, *dil, True, by_hand, epilogue, 1)
+        assert not np.isnan(by_hand).any()
+        for workers in (1, 2, 3, 64):
+            out = np.full_like(by_hand, np.nan)
+            conv2d_forward(x, w, b, *stride, pt, pl, *dil, True, out, epilogue, workers)
+            assert out.tobytes() == by_hand.tobytes(), workers
 
 
 # ---- speedup over the naive loops ----

@@ -57,7 +57,7 @@ def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
     ref = np.full_like(got, np.nan)
     kernel = conv2d_c1_forward if Fn <= RN else conv2d_c1_lanes_forward
     kernel(x, w, b, pt, pl, relu, got, epi, n_threads)
-    conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi)
+    conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi, 2)
     return x, w, b, got, ref
 
 
@@ -147,7 +147,7 @@ def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, sh
     for relu in (False, True):
         for epi in (_no_bn(x), (*bn, np.empty(0, dtype)), (*bn, add)):
             ref = np.full((N, OH, OW, Fn), np.nan, dtype)
-            conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi)
+            conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi, 2)
             for n_threads in (1, 2, 3):
                 got = np.full_like(ref, np.nan)
                 conv2d_c1_lanes_forward(x, w, b, pt, pl, relu, got, epi, n_threads)

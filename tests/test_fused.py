@@ -81,7 +81,7 @@ def _run(case, dtype):
     oh = _size(case["h"], kh, sh, pt, pb, dh)
     ow = _size(case["w"], kw, sw, pl, pr, dw)
     y = np.empty((n, oh, ow, f), dtype)
-    kconv.conv2d_forward(x, weight, bias, sh, sw, pt, pl, dh, dw, case["relu"], y, F._no_bn(x))
+    kconv.conv2d_forward(x, weight, bias, sh, sw, pt, pl, dh, dw, case["relu"], y, F._no_bn(x), 2)
     shape = (n, oh // pkh, ow // pkw, f)
     expected, expected_argmax = np.empty(shape, dtype), np.empty(shape, np.int64)
     kpool.maxpool2d_forward(y, pkh, pkw, pkh, pkw, 0, 0, expected, expected_argmax)
