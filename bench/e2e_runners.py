@@ -259,7 +259,7 @@ class FastcnnRunner:
                         x, weight, bias, 1, 1, 0, 0, 1, 1, False, y, _no_bn(x), threads
                     ),
                     "backward-input": lambda: kconv.conv2d_backward_input(
-                        dy, weight, 1, 1, 0, 0, 1, 1, dx
+                        dy, weight, 1, 1, 0, 0, 1, 1, dx, threads
                     ),
                     "backward-weight": lambda: kconv.conv2d_backward_weight(
                         x, dy, 1, 1, 0, 0, 1, 1, dweight, dbias, threads

@@ -92,7 +92,9 @@ def test_conv2d_backward_input(record, shape, impl):
         # the textbook computes dx, dw and db in one pass: timed under backward-input
         "naive": lambda: naive_conv.conv2d_backward(x, weight, dy),
         "numpy": lambda: numpy_ops.conv2d_backward_input(dy, weight),
-        "fastcnn": lambda: kconv.conv2d_backward_input(dyh, weight, 1, 1, 0, 0, 1, 1, dxh),
+        "fastcnn": lambda: kconv.conv2d_backward_input(
+            dyh, weight, 1, 1, 0, 0, 1, 1, dxh, numba.get_num_threads()
+        ),
     }
     if impl == "torch":
         _torch_threads()

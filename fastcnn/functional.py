@@ -840,7 +840,9 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
             numba.get_num_threads(),
         )
     else:
-        _conv2d.conv2d_backward_input(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx)
+        _conv2d.conv2d_backward_input(
+            dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx, numba.get_num_threads()
+        )
     return dx
 
 

@@ -463,13 +463,17 @@ def _col2im_image(
 
 
 @njit(parallel=True, cache=True)
-def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dx):
+def conv2d_backward_input(
+    dy, weight, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, dx, threads
+):
     """dx = gradient of sum(out * dy) with respect to x; dx (N, H, W, C) overwritten.
 
     dy (N, OH, OW, F), weight (F, C, KH, KW). Per image, dcol = dy @ W^T in tiles (rows = output
     pixels, columns = taps (i, j, c)); each tile is added into the image's gradient at the
     pixels its taps read in the forward (col2im): directly into dx when the forward read x
-    itself, else into a padded scratch image that is then cropped into dx.
+    itself, else into a padded scratch image that is then cropped into dx. ``threads``
+    workers each take a contiguous range of images, with one scratch image of their own
+    (it stays in cache from image to image); the result does not depend on it.
     """
     N, OH, OW, F = dy.shape
     _, C, KH, KW = weight.shape
@@ -485,7 +489,8 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     padded = _needs_padding(dx, pad_top, pad_left, Hp, Wp)
     XH, XW = (Hp, Wp) if padded else (H, W)
     image = XH * XW * C
-    gx = np.empty(N * image, dtype=dt) if padded else dx.reshape(dx.size)
+    workers = max(1, min(threads, N))
+    gx = np.empty(workers * image, dtype=dt) if padded else dx.reshape(dx.size)
     wt, coloff, contiguous, pixoff = _col2im_operands(
         weight, OH, OW, XW, stride_h, stride_w, dil_h, dil_w
     )
@@ -497,33 +502,36 @@ def conv2d_backward_input(dy, weight, stride_h, stride_w, pad_top, pad_left, dil
     kidx = np.empty(F, dtype=np.uint64)  # a loop: np.arange here would be a parallel loop
     for f in range(F):
         kidx[f] = f
-    tiles = np.empty((N, R * FT), dtype=dt)
+    tiles = np.empty((workers, R * FT), dtype=dt)
 
     dyf = dy.reshape(dy.size)
     wtf = wt.reshape(wt.size)
-    for n in prange(N):
-        img = gx[n * image : (n + 1) * image]
-        # np.int64(n): the prange index is int64 when numba types the loop and uint64 in the
+    for part in prange(workers):
+        # np.int64: the prange index is int64 when numba types the loop and uint64 in the
         # parallel body it builds from it; passed as it is, each helper compiled twice (1-2 s)
-        _col2im_image(
-            np.int64(n),
-            dyf,
-            rows,
-            kidx,
-            F,
-            wtf,
-            ncp,
-            ncol,
-            ntl,
-            P,
-            pixoff,
-            coloff,
-            contiguous,
-            img,
-            tiles[n],
-        )
-        if padded:
-            _crop(img, XH, XW, pad_top, pad_left, dx, np.int64(n))
+        w = np.int64(part)
+        for n in range(w * N // workers, (w + 1) * N // workers):
+            slot = w if padded else n
+            img = gx[slot * image : (slot + 1) * image]
+            _col2im_image(
+                n,
+                dyf,
+                rows,
+                kidx,
+                F,
+                wtf,
+                ncp,
+                ncol,
+                ntl,
+                P,
+                pixoff,
+                coloff,
+                contiguous,
+                img,
+                tiles[w],
+            )
+            if padded:
+                _crop(img, XH, XW, pad_top, pad_left, dx, n)
 
 
 @njit(cache=True)

@@ -63,7 +63,7 @@ def backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1))
     dx = np.full((N, H, W, C), np.nan, dtype=x.dtype)
     dw = np.full(w.shape, np.nan, dtype=x.dtype)
     db = np.full(w.shape[0], np.nan, dtype=x.dtype)
-    conv2d_backward_input(nhwc(dy), w, *_flat(stride, padding, dilation), dx)
+    conv2d_backward_input(nhwc(dy), w, *_flat(stride, padding, dilation), dx, 2)
     conv2d_backward_weight(nhwc(x), nhwc(dy), *_flat(stride, padding, dilation), dw, db, 2)
     return nchw(dx), dw, db
 
@@ -354,6 +354,26 @@ def test_strided_forward_pads_rows_per_worker_bitwise(case, dtype):
             out = np.full_like(by_hand, np.nan)
             conv2d_forward(x, w, b, *stride, pt, pl, *dil, True, out, epilogue, workers)
             assert out.tobytes() == by_hand.tobytes(), workers
+
+
+@pytest.mark.parametrize("case", STRIDED_PADDED_CASES)
+def test_input_gradient_is_bitwise_the_same_for_any_number_of_workers(case):
+    """The input gradient's workers each add their images' tiles into a padded scratch image of
+    their own: the result does not depend on how many there are (nor on reusing the scratch:
+    a worker whose scratch kept the previous image's sums fails with 2 or fewer workers)."""
+    N, C, F, H, W, KH, KW, stride, (pt, pl, pb, pr), dil = case
+    rng = np.random.default_rng(N + C + F)
+    w = rng.standard_normal((F, C, KH, KW)).astype(np.float32)
+    OH = output_size(H, pt, pb, KH, stride[0], dil[0])
+    OW = output_size(W, pl, pr, KW, stride[1], dil[1])
+    dy = rng.standard_normal((N, OH, OW, F)).astype(np.float32)
+    results = []
+    for workers in (1, 2, 3, 64):
+        dx = np.full((N, H, W, C), np.nan, np.float32)
+        conv2d_backward_input(dy, w, *stride, pt, pl, *dil, dx, workers)
+        results.append(dx.tobytes())
+    assert not np.isnan(dx).any()
+    assert results[1:] == results[:1] * 3
 
 
 # ---- speedup over the naive loops ----
