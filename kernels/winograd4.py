@@ -42,24 +42,29 @@ _S = _E * 16
 @njit(cache=True)
 def weight_transform(weight, Fp):
     """U (36, C, Fp): U[6*a + b, c, f] = (G weight[f, c] G^T)[a, b], in float64, filters
-    f >= F zero (the tile's padding columns)."""
+    f >= F zero (the tile's padding columns). One channel at a time, the filters innermost
+    (see winograd.weight_transform)."""
     F, C = weight.shape[0], weight.shape[1]
     U = np.zeros((_E, C, Fp), dtype=weight.dtype)
-    gg = np.empty((6, 3), dtype=np.float64)
-    for f in range(F):
-        for c in range(C):
-            for j in range(3):  # G g: the kernel's rows combined
-                g0 = np.float64(weight[f, c, 0, j])
-                g1 = np.float64(weight[f, c, 1, j])
-                g2 = np.float64(weight[f, c, 2, j])
-                gg[0, j] = g0 / 4
-                gg[1, j] = -(g0 + g1 + g2) / 6
-                gg[2, j] = -(g0 - g1 + g2) / 6
-                gg[3, j] = g0 / 24 + g1 / 12 + g2 / 6
-                gg[4, j] = g0 / 24 - g1 / 12 + g2 / 6
-                gg[5, j] = g2
-            for a in range(6):  # (G g) G^T: its columns combined
-                h0, h1, h2 = gg[a, 0], gg[a, 1], gg[a, 2]
+    g = np.empty((9, F), dtype=np.float64)  # one channel's kernels: tap (i, j) in row 3i + j
+    gg = np.empty((18, F), dtype=np.float64)  # G g: (a, j) in row 3a + j
+    for c in range(C):
+        for f in range(F):
+            for i in range(3):
+                for j in range(3):
+                    g[3 * i + j, f] = np.float64(weight[f, c, i, j])
+        for j in range(3):  # G g: the kernel's rows combined
+            for f in range(F):
+                g0, g1, g2 = g[j, f], g[3 + j, f], g[6 + j, f]
+                gg[j, f] = g0 / 4
+                gg[3 + j, f] = -(g0 + g1 + g2) / 6
+                gg[6 + j, f] = -(g0 - g1 + g2) / 6
+                gg[9 + j, f] = g0 / 24 + g1 / 12 + g2 / 6
+                gg[12 + j, f] = g0 / 24 - g1 / 12 + g2 / 6
+                gg[15 + j, f] = g2
+        for a in range(6):  # (G g) G^T: its columns combined
+            for f in range(F):
+                h0, h1, h2 = gg[3 * a, f], gg[3 * a + 1, f], gg[3 * a + 2, f]
                 U[6 * a + 0, c, f] = h0 / 4
                 U[6 * a + 1, c, f] = -(h0 + h1 + h2) / 6
                 U[6 * a + 2, c, f] = -(h0 - h1 + h2) / 6
