@@ -488,11 +488,10 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
         for ch in range(th * nchunks // nthr, (th + 1) * nchunks // nthr):
             Sf = S[ch]
             bs = B[ch]
-            for i in range(ssize):
-                Sf[i] = 0
             for f in range(F):
                 bs[f] = 0
-            for blk in range(ch * nblocks // nchunks, (ch + 1) * nblocks // nchunks):
+            b0 = ch * nblocks // nchunks
+            for blk in range(b0, (ch + 1) * nblocks // nchunks):
                 n0 = blk // per_image * m
                 ty0 = (blk % per_image) * k
                 ty1 = min(ty0 + k, TH)
@@ -516,7 +515,7 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
                                 vstride,
                                 Sf,
                                 np.uint64(((e * nrb + rb) * ncb + cb) * tile),
-                                True,
+                                blk > b0,  # the chunk's first block starts its sums at 0
                                 True,
                             )
     # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
