@@ -95,15 +95,17 @@ def is_headline(result):
 def suite_table(directory=RESULTS_DIR, threads="2"):
     """The README's suite block: per network, the latest results file's fastcnn / PyTorch ratios
     (default malloc, ``threads`` threads, batch 64 and 128, training and inference), and
-    "/ TF" the fastcnn / TensorFlow ratio beside each where the file has one."""
+    "/ TF" the fastcnn / TensorFlow ratio beside each where the file has one. Only files with
+    every one of those columns count (not, e.g., a run of one batch at 1 and 2 threads)."""
+    keys = [(b, m) for m in ("train", "infer") for b in BATCHES]
     latest_of = {}
     for path in glob.glob(os.path.join(directory, "*.md")):
         r = parse(path)
         net = network_of(r)
         rows = [row for row in r["tables"].get("default", []) if row["threads"] == threads]
-        if net in SUITE and rows and "date" in r:
+        covered = {(int(row["batch"]), row["mode"]) for row in rows}
+        if net in SUITE and set(keys) <= covered and "date" in r:
             latest_of[net] = max(latest_of.get(net, ("", None, None)), (r["date"], path, rows))
-    keys = [(b, m) for m in ("train", "infer") for b in BATCHES]
     out = [
         f"| network | {' | '.join(f'{m} {b}' for b, m in keys)} | results file |",
         "|---|" + "---:|" * len(keys) + "---|",

@@ -67,6 +67,32 @@ def test_latest_skips_ab_runs_and_other_networks(tmp_path):
     assert readme_table.latest(str(tmp_path)) == str(tmp_path / "e-reference.md")
 
 
+def test_suite_table_takes_only_runs_with_every_column(tmp_path):
+    """A later run of one network that lacks some of the table's columns (one batch size at
+    1 and 2 threads, say) does not replace that network's row."""
+    suite_runs = [p for p in sorted(os.listdir(readme_table.RESULTS_DIR)) if "-end-to-end-" in p]
+    full = next(
+        os.path.join(readme_table.RESULTS_DIR, p)
+        for p in reversed(suite_runs)
+        if readme_table.network_of(readme_table.parse(os.path.join(readme_table.RESULTS_DIR, p)))
+        == "allconv"
+    )
+    with open(full, encoding="utf-8") as fh:
+        text = fh.read()
+    (tmp_path / "a-allconv.md").write_text(text)
+    old_date = readme_table.parse(full)["date"]
+    partial = "\n".join(
+        line
+        for line in text.replace(old_date, "2099" + old_date[4:]).splitlines()
+        if not line.startswith("| 2 | 64 |")
+    )
+    (tmp_path / "b-allconv.md").write_text(partial)
+    table = readme_table.suite_table(str(tmp_path))
+    assert "a-allconv.md" in table and "b-allconv.md" not in table
+    (tmp_path / "c-allconv.md").write_text(text.replace(old_date, "2099" + old_date[4:]))
+    assert "c-allconv.md" in readme_table.suite_table(str(tmp_path))
+
+
 def test_results_file_copies_stdout(tmp_path, capsys):
     saved = results_file.start("end-to-end-reference", str(tmp_path))
     assert os.listdir(tmp_path) == [os.path.basename(saved.partial)]  # not read until finished
