@@ -177,12 +177,12 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp, t0, by_
 
 
 @njit(cache=True)
-def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
-    """out[n, oy:oy+2, ox:ox+2, :] = A^T M A + bias for the block's tiles t < nt (only the
-    rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays NaN). M flat
-    (nfb, TBp, 16, 16): M[fb, t, e, lane]; F = 16 nfb; of: out (N, OH, OW, F) flat. Three
-    loops per 16 filters, as _input_block: M into the stack, the transform, the stack into
-    out."""
+def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
+    """out[n, oy:oy+2, ox:ox+2, :] = A^T M A + bias for image n's tiles t < nt, M's rows
+    t0 + t (only the rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays
+    NaN). M flat (nfb, TBp, 16, 16): M[fb, t, e, lane]; F = 16 nfb; of: out (N, OH, OW, F)
+    flat. Three loops per 16 filters, as _input_block: M into the stack, the transform, the
+    stack into out."""
     m = numba.carray(stack_array(256, M.dtype), (256,))  # M[e]: 16 * e + lane
     y = numba.carray(stack_array(64, M.dtype), (64,))  # y00, y01, y10, y11: 16 * k + lane
     zero = M.dtype.type(0)
@@ -191,7 +191,7 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
         right, below = ox + 1 < OW, oy + 1 < OH
         o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
         for fb in range(nfb):
-            q = np.uint64((fb * TBp + t) * 256)  # M[fb, t, e, lane]: one stretch of 256
+            q = np.uint64((fb * TBp + t0 + t) * 256)  # M[fb, t, e, lane]: one stretch of 256
             for k in range(256):
                 m[k] = M[q + np.uint64(k)]
             f0 = np.uint64(fb * FTN)
@@ -225,6 +225,21 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                     of[dst + np.uint64(lane)] = y[16 * k + lane]
 
 
+@njit(cache=True)
+def _images_per_block(T, whole):
+    """Images per forward block: 1, unless a block holds whole images (``whole``) of fewer than
+    _BLOCK_TILES tiles (T each); then enough images for _BLOCK_TILES tiles, or up to RN - 1
+    more where that makes the block's tiles a multiple of RN (the tile's rows: no product row
+    computed in vain; 16-tile images waste 2 of every 18 rows one at a time)."""
+    if not whole or T >= _BLOCK_TILES:
+        return 1
+    m = (_BLOCK_TILES + T - 1) // T
+    for extra in range(RN):
+        if (m + extra) * T % RN == 0:
+            return m + extra
+    return m
+
+
 @njit(parallel=True, cache=True)
 def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, oh - pt + i, ow - pl + j, c]
@@ -235,7 +250,8 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     evaluation-mode BatchNorm applied to each block's outputs while they are in cache (bitwise
     this kernel followed by the BatchNorm layer), then ``add`` (a residual), then the ReLU.
 
-    Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles), ``threads`` workers
+    Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles; or of several whole
+    images, where one has fewer: _images_per_block), ``threads`` workers
     each a contiguous range of them (an interleave gave one worker every image's first, larger,
     block), each with its own scratch (patches, V, M). Every output is computed by one block
     alone: the result does not depend on ``threads``.
@@ -249,8 +265,9 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     U = weight_transform(weight, Fp)
     k = min(TH, (_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
     per_image = (TH + k - 1) // k
-    nblocks = N * per_image
-    TBp = (k * TW + RN - 1) // RN * RN
+    m = _images_per_block(TH * TW, k == TH)  # images per block
+    nblocks = (N + m - 1) // m * per_image
+    TBp = (m * k * TW + RN - 1) // RN * RN
     nthr = max(1, min(threads, nblocks))
     dt = x.dtype
     V = np.empty((nthr, 16 * TBp * C), dtype=dt)
@@ -276,11 +293,16 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
         Vf = V[th]
         Mf = M[th]
         for blk in range(th * nblocks // nthr, (th + 1) * nblocks // nthr):
-            n = blk // per_image
+            n0 = blk // per_image * m
             ty0 = (blk % per_image) * k
             ty1 = min(ty0 + k, TH)
-            nt = (ty1 - ty0) * TW
-            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf, TBp, 0, False)
+            per = (ty1 - ty0) * TW  # tiles per image in this block
+            images = min(m, N - n0)
+            for j in range(images):
+                _input_block(
+                    xf, H, W, C, n0 + j, ty0, per, TW, pad_top, pad_left, Vf, TBp, j * per, False
+                )
+            nt = images * per
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             for e in range(16):
                 for fb in range(nfb):
@@ -307,11 +329,15 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
                             np.uint64(256),
                             True,
                         )
-            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu and not affine)
-            if affine:
-                p0 = (n * OH + 2 * ty0) * OW * F
-                p1 = (n * OH + min(2 * ty1, OH)) * OW * F
-                _batch_norm_rows(of[p0:p1], F, bn, relu, p0)
+            for j in range(images):
+                n = n0 + j
+                _output_block(
+                    Mf, TBp, j * per, nfb, per, TW, ty0, bias, of, n, OH, OW, F, relu and not affine
+                )
+                if affine:
+                    p0 = (n * OH + 2 * ty0) * OW * F
+                    p1 = (n * OH + min(2 * ty1, OH)) * OW * F
+                    _batch_norm_rows(of[p0:p1], F, bn, relu, p0)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -139,6 +139,34 @@ def test_same_bits_for_any_thread_count():
             assert np.array_equal(run(x, w, b, padding, n_threads=n), one)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [  # images of 16, 9, 4 and 1 tiles: blocks of 3, 4, 6 and 24 images, the last one short
+        (7, 64, 16, 7, 7, ((1, 1), (1, 1))),
+        (5, 16, 32, 6, 5, ((1, 1), (1, 1))),
+        (8, 16, 16, 3, 4, ((1, 1), (1, 1))),
+        (25, 16, 16, 2, 2, ((1, 1), (1, 1))),
+    ],
+)
+def test_blocks_of_several_small_images_are_bitwise_image_by_image(shape, dtype):
+    """Small images share a block (_images_per_block): a tile's products and transforms never
+    depend on its neighbours, so the batch is bitwise the images run one at a time, with the
+    BatchNorm + residual + ReLU epilogue too."""
+    x, w, b, padding = data(shape, dtype, seed=7)
+    (pt, pb), (pl, pr) = padding
+    OH, OW = x.shape[2] + pt + pb - 2, x.shape[3] + pl + pr - 2
+    assert _wk._images_per_block(((OH + 1) // 2) * ((OW + 1) // 2), True) > 1
+    rng = np.random.default_rng(3)
+    add = rng.standard_normal((x.shape[0], OH, OW, w.shape[0])).astype(dtype)
+    params = [rng.standard_normal(w.shape[0]).astype(dtype) for _ in range(3)]
+    batch = run(x, w, b, padding, True, tuple(params) + (add.reshape(-1),), n_threads=2)
+    assert not np.isnan(batch).any()
+    for n in range(x.shape[0]):
+        one = run(x[n : n + 1], w, b, padding, True, tuple(params) + (add[n].reshape(-1),), 1)
+        assert one.tobytes() == np.ascontiguousarray(batch[n : n + 1]).tobytes(), n
+
+
 def test_where_it_applies():
     assert F.winograd_applies((64, 32, 3, 3))
     assert F.winograd_applies((16, 48, 3, 3), stride=(1, 1))
