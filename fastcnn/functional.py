@@ -466,20 +466,9 @@ def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winogra
         if kernel is not None:
             kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
             return
+    nt = numba.get_num_threads()
     _conv2d.conv2d_forward(
-        _nhwc(x),
-        weight,
-        bias,
-        sh,
-        sw,
-        pads[0],
-        pads[2],
-        dh,
-        dw,
-        relu,
-        y,
-        bn,
-        numba.get_num_threads(),
+        _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn, nt
     )
 
 

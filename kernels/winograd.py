@@ -45,6 +45,16 @@ _BLOCK_TILES = 24
 
 
 @njit(cache=True)
+def kernels_by_tap(weight, c, g):
+    """g[3*i + j, f] = weight[f, c, i, j] in float64: channel c's 3x3 kernels, a tap per row
+    and the filters along it (the weight transforms' loops then run over the filters)."""
+    for f in range(weight.shape[0]):
+        for i in range(3):
+            for j in range(3):
+                g[3 * i + j, f] = np.float64(weight[f, c, i, j])
+
+
+@njit(cache=True)
 def weight_transform(weight, Fp):
     """U (16, C, Fp): U[4*a + b, c, f] = (G weight[f, c] G^T)[a, b], computed in float64,
     filters f >= F zero (the tile's padding columns).
@@ -58,10 +68,7 @@ def weight_transform(weight, Fp):
     g = np.empty((9, F), dtype=np.float64)  # one channel's kernels: tap (i, j) in row 3i + j
     gg = np.empty((12, F), dtype=np.float64)  # G g: (a, j) in row 3a + j
     for c in range(C):
-        for f in range(F):
-            for i in range(3):
-                for j in range(3):
-                    g[3 * i + j, f] = np.float64(weight[f, c, i, j])
+        kernels_by_tap(weight, c, g)
         for j in range(3):  # G g: rows of the 3x3 kernel combined
             for f in range(F):
                 g0, g1, g2 = g[j, f], g[3 + j, f], g[6 + j, f]

@@ -31,6 +31,7 @@ from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, copy16, gemm_tile_bias, stack_array
+from .winograd import kernels_by_tap
 
 #: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
 _BLOCK_TILES = 12
@@ -49,10 +50,7 @@ def weight_transform(weight, Fp):
     g = np.empty((9, F), dtype=np.float64)  # one channel's kernels: tap (i, j) in row 3i + j
     gg = np.empty((18, F), dtype=np.float64)  # G g: (a, j) in row 3a + j
     for c in range(C):
-        for f in range(F):
-            for i in range(3):
-                for j in range(3):
-                    g[3 * i + j, f] = np.float64(weight[f, c, i, j])
+        kernels_by_tap(weight, c, g)
         for j in range(3):  # G g: the kernel's rows combined
             for f in range(F):
                 g0, g1, g2 = g[j, f], g[3 + j, f], g[6 + j, f]

@@ -167,6 +167,28 @@ def test_blocks_of_several_small_images_are_bitwise_image_by_image(shape, dtype)
         assert one.tobytes() == np.ascontiguousarray(batch[n : n + 1]).tobytes(), n
 
 
+def test_rows_per_block_wastes_the_fewest_rows():
+    """Against every allowed block height, counted by hand: the blocks' tiles rounded up to the
+    register tile's rows, the fewest such rows, the lowest height on a tie."""
+    from fastcnn.kernels.gemm_tile import RN
+
+    def wasted(TH, TW, k):
+        blocks = [min(k, TH - r) * TW for r in range(0, TH, k)]
+        return sum(-(-t // RN) * RN for t in blocks)
+
+    for least in (12, 24):
+        for TH in range(1, 20):
+            for TW in range(1, 20):
+                k = _wk.rows_per_block(TH, TW, least, 4 * least)
+                k0 = min(TH, -(-least // TW))
+                allowed = [h for h in range(k0, TH + 1) if h == k0 or h * TW <= 4 * least]
+                best = min(wasted(TH, TW, h) for h in allowed)
+                assert k in allowed and wasted(TH, TW, k) == best, (TH, TW, least, k)
+                assert k == min(h for h in allowed if wasted(TH, TW, h) == best)
+    assert _wk.rows_per_block(14, 14, 24, 96) == 3  # 28x28 outputs: 42 tiles, 7 register tiles
+    assert _wk.rows_per_block(16, 16, 24, 96) == 3  # 32x32: 48 tiles, 8 register tiles
+
+
 def test_where_it_applies():
     assert F.winograd_applies((64, 32, 3, 3))
     assert F.winograd_applies((16, 48, 3, 3), stride=(1, 1))
