@@ -167,6 +167,16 @@ def test_blocks_of_several_small_images_are_bitwise_image_by_image(shape, dtype)
         assert one.tobytes() == np.ascontiguousarray(batch[n : n + 1]).tobytes(), n
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_by_tap_is_a_channels_kernels_transposed(dtype):
+    """The weight transforms' gather: row 3i + j holds tap (i, j) of every filter, in float64."""
+    w = np.random.default_rng(1).standard_normal((5, 3, 3, 3)).astype(dtype)
+    for c in range(3):
+        g = np.full((9, 5), np.nan)
+        _wk.kernels_by_tap(w, c, g)
+        assert np.array_equal(g, w[:, c].reshape(5, 9).T.astype(np.float64))
+
+
 def test_rows_per_block_wastes_the_fewest_rows():
     """Against every allowed block height, counted by hand: the blocks' tiles rounded up to the
     register tile's rows, the fewest such rows, the lowest height on a tie."""
