@@ -122,8 +122,8 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
     d = numba.carray(stack_array(_S, V.dtype), (_S,))  # the patch: 16 * (6 i + j) + lane
     r = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d: 16 * (6 i + j) + lane
     v = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d B: 16 * e + lane
-    po = numba.carray(stack_array(_E, np.uint64), (_E,))  # each position's pixel in x
-    ok = numba.carray(stack_array(_E, np.uint64), (_E,))  # 1 inside the image, 0 outside
+    po = numba.carray(stack_array(12, np.uint64), (12,))  # each row's, then column's offset in x
+    ok = numba.carray(stack_array(12, np.uint64), (12,))  # 1 inside the image, 0 outside
     zeros = numba.carray(stack_array(16, V.dtype), (16,))
     for lane in range(16):
         zeros[lane] = 0
@@ -131,23 +131,35 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
     for t in range(nt):
         y0 = 4 * (ty0 + t // TW) - pad_top
         x0 = 4 * (t % TW) - pad_left
-        for i in range(6):
+        inner = 0 <= y0 and y0 + 6 <= H and 0 <= x0 and x0 + 6 <= W
+        if not inner:  # each row's and column's pixel (clamped) and whether it is inside
+            for i in range(6):
+                y = y0 + i
+                po[i] = np.uint64(img + min(max(y, 0), H - 1) * W * C)
+                ok[i] = np.uint64(1 if 0 <= y < H else 0)
             for j in range(6):
-                y, xx = y0 + i, x0 + j
-                inside = 0 <= y < H and 0 <= xx < W
-                # outside: read the image's nearest pixel (clamped) and select a zero
-                yc, xc = min(max(y, 0), H - 1), min(max(xx, 0), W - 1)
-                po[6 * i + j] = np.uint64(img + (yc * W + xc) * C)
-                ok[6 * i + j] = np.uint64(1 if inside else 0)
+                xx = x0 + j
+                po[6 + j] = np.uint64(min(max(xx, 0), W - 1) * C)
+                ok[6 + j] = np.uint64(1 if 0 <= xx < W else 0)
+        corner = np.uint64(img + (y0 * W + x0) * C) if inner else np.uint64(0)
         for c0 in range(0, C, 16):
             u0 = np.uint64(c0)
-            for p in range(_E):
-                # copy16: one vector move (a loop of 16 with its select ran scalar: too few
-                # iterations for the vectorised loop's unrolling)
-                if ok[p] != 0:
-                    copy16(d, np.uint64(16 * p), xf, po[p] + u0)
-                else:
-                    copy16(d, np.uint64(16 * p), zeros, np.uint64(0))
+            if inner:  # the whole patch inside: its pixels at fixed offsets from the corner,
+                # no table (filling one cost as much as the transform)
+                for i in range(6):
+                    for j in range(6):
+                        src = corner + np.uint64((i * W + j) * C) + u0
+                        copy16(d, np.uint64(16 * (6 * i + j)), xf, src)
+            else:
+                for i in range(6):
+                    for j in range(6):
+                        # copy16: one vector move (a loop of 16 with its select ran scalar:
+                        # too few iterations for the vectorised loop's unrolling)
+                        p = np.uint64(16 * (6 * i + j))
+                        if ok[i] & ok[6 + j]:
+                            copy16(d, p, xf, po[i] + po[6 + j] + u0)
+                        else:
+                            copy16(d, p, zeros, np.uint64(0))
             for j in range(6):  # B^T d: each column's 6 rows combined
                 for lane in range(16):
                     _bt(d, r, 16 * j, 96, lane)
@@ -190,12 +202,16 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                     if relu:  # activations.relu_forward's select
                         v = zero if v <= zero else v
                     y[16 * q + lane] = v
-            for i in range(rows):
-                for j in range(cols):
-                    dst = o00 + np.uint64((i * OW + j) * F) + f0
-                    src = 16 * (4 * i + j)
-                    for lane in range(16):
-                        of[dst + np.uint64(lane)] = y[src + lane]
+            if rows == 4 and cols == 4:  # a whole tile: constant trip counts, unrolled
+                for i in range(4):
+                    for j in range(4):
+                        dst = o00 + np.uint64((i * OW + j) * F) + f0
+                        copy16(of, dst, y, np.uint64(16 * (4 * i + j)))
+            else:
+                for i in range(rows):
+                    for j in range(cols):
+                        dst = o00 + np.uint64((i * OW + j) * F) + f0
+                        copy16(of, dst, y, np.uint64(16 * (4 * i + j)))
 
 
 @njit(parallel=True, cache=True)
