@@ -572,10 +572,12 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
                             )
     # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
     for th in prange(nthr):
-        S0 = S[0]
+        i0, i1 = th * ssize // nthr, (th + 1) * ssize // nthr
+        S0 = S[0, i0:i1]
         for ch in range(1, nchunks):
-            Sc = S[ch]
-            for i in range(th * ssize // nthr, (th + 1) * ssize // nthr):
+            # slices and a loop from 0 (activations.py's reason): range(i0, i1) stayed scalar
+            Sc = S[ch, i0:i1]
+            for i in range(S0.size):
                 S0[i] += Sc[i]
     _weight_from_products(S[0], nrb, ncb, F, C, dweight)
     for f in range(F):
