@@ -30,8 +30,11 @@ taken in blocks of ``_BLOCK`` and each block walks the rows, keeping memory acce
 instead of striding C elements per value.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+from .gemm_tile import stack_array
 
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 _BLOCK = 128  # channels per task on the H = W = 1 path (the block size fixes no summation order)
@@ -374,6 +377,9 @@ def _chunk_sum(x, acc):
 def _chunk_sq_dev(x, mu, acc):
     """acc[c] = sum of (x[p, c] - mu[c])**2 over the chunk's pixels, in float64, four pixels
     at a time."""
+    if x.shape[1] == 16:
+        _chunk_sq_dev16(x, mu, acc)
+        return
     for c in range(x.shape[1]):
         acc[c] = 0.0
     quads = x.shape[0] // 4
@@ -388,6 +394,31 @@ def _chunk_sq_dev(x, mu, acc):
         for c in range(x.shape[1]):
             d = x[p, c] - mu[c]
             acc[c] += d * d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _chunk_sq_dev16(x, mu, acc):
+    """_chunk_sq_dev for 16 channels, the sums and the mean in stack memory (as
+    _chunk_grad_sums16, and for its reason: 1.4x here)."""
+    s = numba.carray(stack_array(16, np.float64), (16,))
+    mm = numba.carray(stack_array(16, np.float64), (16,))
+    for c in range(16):
+        s[c] = 0.0
+        mm[c] = mu[c]
+    quads = x.shape[0] // 4
+    for q in range(quads):
+        for c in range(16):
+            d0 = x[4 * q, c] - mm[c]
+            d1 = x[4 * q + 1, c] - mm[c]
+            d2 = x[4 * q + 2, c] - mm[c]
+            d3 = x[4 * q + 3, c] - mm[c]
+            s[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for p in range(4 * quads, x.shape[0]):
+        for c in range(16):
+            d = x[p, c] - mm[c]
+            s[c] += d * d
+    for c in range(16):
+        acc[c] = s[c]
 
 
 @njit(cache=True)
@@ -430,6 +461,9 @@ def _chunk_relu_inplace(y):
 @njit(cache=True, fastmath=_FASTMATH)
 def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
     """Per channel over the chunk's pixels, in float64: sum(dy), sum(dy * (x - m)), sum(x - m)."""
+    if x.shape[1] == 16:
+        _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d)
+        return
     for c in range(x.shape[1]):
         acc_g[c] = 0.0
         acc_gd[c] = 0.0
@@ -452,6 +486,44 @@ def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
             acc_g[c] += gv
             acc_gd[c] += gv * d
             acc_d[c] += d
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
+    """_chunk_grad_sums for 16 channels, the same sums in the same order with the sums and
+    the mean in stack memory: with them in the arrays, this width ran 4x slower per value
+    than 32 or 64 channels."""
+    sg = numba.carray(stack_array(16, np.float64), (16,))
+    sgd = numba.carray(stack_array(16, np.float64), (16,))
+    sd = numba.carray(stack_array(16, np.float64), (16,))
+    mm = numba.carray(stack_array(16, np.float64), (16,))
+    for c in range(16):
+        sg[c] = 0.0
+        sgd[c] = 0.0
+        sd[c] = 0.0
+        mm[c] = np.float64(m[c])
+    quads = x.shape[0] // 4
+    for q in range(quads):
+        for c in range(16):
+            m64 = mm[c]
+            g0, g1 = np.float64(g[4 * q, c]), np.float64(g[4 * q + 1, c])
+            g2, g3 = np.float64(g[4 * q + 2, c]), np.float64(g[4 * q + 3, c])
+            d0, d1 = np.float64(x[4 * q, c]) - m64, np.float64(x[4 * q + 1, c]) - m64
+            d2, d3 = np.float64(x[4 * q + 2, c]) - m64, np.float64(x[4 * q + 3, c]) - m64
+            sg[c] += (g0 + g1) + (g2 + g3)
+            sgd[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+            sd[c] += (d0 + d1) + (d2 + d3)
+    for p in range(4 * quads, x.shape[0]):
+        for c in range(16):
+            gv = np.float64(g[p, c])
+            d = np.float64(x[p, c]) - mm[c]
+            sg[c] += gv
+            sgd[c] += gv * d
+            sd[c] += d
+    for c in range(16):
+        acc_g[c] = sg[c]
+        acc_gd[c] = sgd[c]
+        acc_d[c] = sd[c]
 
 
 @njit(cache=True, fastmath=_FASTMATH)

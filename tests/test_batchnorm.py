@@ -179,6 +179,25 @@ def test_backward_matches_naive(case):
 
 
 # ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("shape", [(3, 16, 13, 11), (1, 16, 1, 3), (2, 16, 8, 16)])
+def test_sixteen_channels_match_naive(shape):
+    """16 channels take their own sums (_chunk_grad_sums16, _chunk_sq_dev16): here with a chunk
+    of 256 pixels, a last chunk whose pixels are no multiple of 4, and a lone short chunk."""
+    x, gamma, beta, dy, _, _ = make_inputs(shape, 7, loc=50.0, scale=2.0)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        xd, gd, bd, dyd = (a.astype(dtype) for a in (x, gamma, beta, dy))
+        x64, g64, b64, dy64 = (a.astype(np.float64) for a in (xd, gd, bd, dyd))
+        out, mean, invstd = fast_train(xd, gd, bd, 1e-5, "nhwc")
+        y_ref, mean_ref, var_ref = naive.batchnorm_forward_train(x64, g64, b64, 1e-5)
+        assert relative_error(out, y_ref) <= tol
+        assert relative_error(mean, mean_ref) <= tol
+        assert relative_error(invstd, 1.0 / np.sqrt(var_ref + 1e-5)) <= tol
+        dx, dgamma, dbeta = fast_backward(dyd, xd, gd, mean, invstd, "nhwc")
+        refs = naive.batchnorm_backward(x64, g64, dy64, 1e-5)
+        for got, ref in zip((dx, dgamma, dbeta), refs, strict=True):
+            assert relative_error(got, ref) <= tol
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 3, 4), (1, 2, 2, 3), (5, 3, 1, 1)])
 def test_backward_finite_differences(shape):
     eps = 1e-3
