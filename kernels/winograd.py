@@ -232,6 +232,40 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                     of[dst + np.uint64(lane)] = y[16 * k + lane]
 
 
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S):
+    """M[fb, t, e, :] = V[t, :, e] @ U[e][:, 16 fb : 16 fb + 16] for the block's rows t < ntp
+    (a multiple of RN) and the E positions e of the transformed patch: the forward's products,
+    on the narrow tile with a zero bias, M flat (nfb, TBp, E, 16) (a tile's E products in one
+    stretch of S = 16 E), V's rows at abase[e * TBp + t] + aoff[c], U flat (E, C, Fp).
+    Serial, called from the forward kernels' parallel bodies: inlined there, the tile was
+    compiled without fused multiply-adds (a prange body does not take the function's
+    fastmath) and ran at 0.75x."""
+    for e in range(E):
+        for fb in range(nfb):
+            b0 = np.uint64(e * C * Fp + fb * FTN)
+            for t in range(0, ntp, RN):
+                gemm_tile_bias(
+                    Vf,
+                    np.uint64(0),
+                    abase,
+                    e * TBp + t,
+                    aoff,
+                    0,
+                    C,
+                    Uf,
+                    b0,
+                    np.uint64(Fp),
+                    zb,
+                    0,
+                    False,
+                    Mf,
+                    np.uint64((fb * TBp + t) * S + 16 * e),
+                    np.uint64(S),
+                    True,
+                )
+
+
 @njit(cache=True)
 def rows_per_block(TH, TW, least, most):
     """Tile rows per block of a forward (whole tile rows of one image: at least ``least``
@@ -313,7 +347,6 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     Uf = U.reshape(U.size)
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
-    ustride = np.uint64(Fp)
     affine = bn[1].size > 0
     for th in prange(nthr):
         Vf = V[th]
@@ -330,31 +363,8 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
                 )
             nt = images * per
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
-            for e in range(16):
-                for fb in range(nfb):
-                    b0 = np.uint64(e * C * Fp + fb * FTN)
-                    for t in range(0, ntp, RN):
-                        # M[fb, t, e, :]: row stride 256, so that a tile's 16 products
-                        # lie in one stretch (the tile with a zero bias, as the forward's)
-                        gemm_tile_bias(
-                            Vf,
-                            np.uint64(0),
-                            abase,
-                            e * TBp + t,
-                            aoff,
-                            0,
-                            C,
-                            Uf,
-                            b0,
-                            ustride,
-                            zb,
-                            0,
-                            False,
-                            Mf,
-                            np.uint64((fb * TBp + t) * 256 + 16 * e),
-                            np.uint64(256),
-                            True,
-                        )
+            # M[fb, t, e, :]: row stride 256, so that a tile's 16 products lie in one stretch
+            block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, 16, 256)
             for j in range(images):
                 n = n0 + j
                 _output_block(

@@ -30,8 +30,8 @@ import numpy as np
 from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
-from .gemm_tile import FTN, RN, copy16, gemm_tile_bias, stack_array
-from .winograd import kernels_by_tap
+from .gemm_tile import FTN, RN, copy16, stack_array
+from .winograd import block_products, kernels_by_tap
 
 #: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
 _BLOCK_TILES = 12
@@ -255,7 +255,6 @@ def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, 
     Uf = U.reshape(U.size)
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
-    ustride = np.uint64(Fp)
     affine = bn[1].size > 0
     for th in prange(nthr):
         Vf = V[th]
@@ -267,30 +266,8 @@ def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, 
             nt = (ty1 - ty0) * TW
             _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
-            for e in range(_E):
-                for fb in range(nfb):
-                    b0 = np.uint64(e * C * Fp + fb * FTN)
-                    for t in range(0, ntp, RN):
-                        # M[fb, t, e, :]: a tile's 36 products in one stretch (zero bias)
-                        gemm_tile_bias(
-                            Vf,
-                            np.uint64(0),
-                            abase,
-                            e * TBp + t,
-                            aoff,
-                            0,
-                            C,
-                            Uf,
-                            b0,
-                            ustride,
-                            zb,
-                            0,
-                            False,
-                            Mf,
-                            np.uint64((fb * TBp + t) * _S + 16 * e),
-                            np.uint64(_S),
-                            True,
-                        )
+            # M[fb, t, e, :]: a tile's 36 products in one stretch
+            block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
             _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu and not affine)
             if affine:
                 p0 = (n * OH + 4 * ty0) * OW * F
