@@ -26,7 +26,9 @@ The tiles are inlined into their callers (``inline="always"``, numba's IR inlini
 passes every array argument with an atomic reference-count increment and decrement around it,
 which cost more than a 9-tap tile's work. They take offsets (r0, t0, f0), not slices, for the
 same reason. An inlined tile is compiled with the *caller's* flags: every caller carries
-``fastmath={"contract"}``, without which the multiply-adds are not fused (and the tile spills).
+``fastmath={"contract"}``, without which the multiply-adds are not fused (and the tile spills),
+and is a serial function called from the parallel kernel: inlined straight into a prange body,
+the same products ran at 0.75-0.78x.
 """
 
 import numba
