@@ -177,6 +177,36 @@ def test_kernels_by_tap_is_a_channels_kernels_transposed(dtype):
         assert np.array_equal(g, w[:, c].reshape(5, 9).T.astype(np.float64))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("positions", [16, 36])  # F(2x2)'s patch, F(4x4)'s
+@pytest.mark.parametrize("channels, filters", [(16, 16), (32, 48)])
+def test_block_products_are_the_matrix_products(positions, channels, filters, dtype):
+    """The forwards' products over one block, V and U laid out as the kernels lay them out:
+    M[fb, t, e, f] = sum_c V[t, c // 16, e, c % 16] U[e, c, 16 fb + f], against numpy in
+    float64; only the block's first ntp rows are written."""
+    from fastcnn.kernels.gemm_tile import RN
+
+    rng = np.random.default_rng(positions + channels)
+    E, C, Fp, TBp, ntp = positions, channels, filters, 3 * RN, 2 * RN
+    S = 16 * E
+    nfb = Fp // 16
+    V = rng.standard_normal((TBp, C // 16, E, 16)).astype(dtype)
+    U = rng.standard_normal((E, C, Fp)).astype(dtype)
+    abase = np.array([t * E * C + 16 * e for e in range(E) for t in range(TBp)], np.uint64)
+    aoff = np.array([c // 16 * S + c % 16 for c in range(C)], np.uint64)
+    M = np.full(nfb * TBp * S, np.nan, dtype)
+    zb = np.zeros(16, dtype)
+    _wk.block_products(V.reshape(-1), abase, aoff, C, U.reshape(-1), Fp, zb, M, TBp, nfb, ntp, E, S)
+    M = M.reshape(nfb, TBp, E, 16)
+    v = V.transpose(0, 2, 1, 3).reshape(TBp, E, C).astype(np.float64)  # [t, e, c]
+    ref = np.einsum("tec,ecf->tef", v, U.astype(np.float64))  # [t, e, f]
+    ref = ref.reshape(TBp, E, nfb, 16).transpose(2, 0, 1, 3)
+    tol = F64_REL if dtype == np.float64 else F32_REL
+    scale = np.abs(ref[:, :ntp]).max()
+    assert np.abs(M[:, :ntp] - ref[:, :ntp]).max() <= tol * scale
+    assert np.isnan(M[:, ntp:]).all()
+
+
 def test_rows_per_block_wastes_the_fewest_rows():
     """Against every allowed block height, counted by hand: the blocks' tiles rounded up to the
     register tile's rows, the fewest such rows, the lowest height on a tie."""
