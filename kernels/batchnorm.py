@@ -36,12 +36,12 @@ from numba import njit, prange
 
 from .gemm_tile import stack_array
 
-_FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+BN_FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 _BLOCK = 128  # channels per task on the H = W = 1 path (the block size fixes no summation order)
 
 
 # ---------------------------------------------------------------- helpers over 1-D views
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _row_sum(v):
     """sum(v) in float64."""
     total = 0.0
@@ -50,7 +50,7 @@ def _row_sum(v):
     return total
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _row_sq_dev(v, mu):
     """sum((v - mu)**2) in float64; mu is float64."""
     total = 0.0
@@ -60,14 +60,14 @@ def _row_sq_dev(v, mu):
     return total
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _row_affine(v, m, s, b, o):
     """o = (v - m) * s + b, scalars m, s, b of the array dtype."""
     for i in range(v.shape[0]):
         o[i] = (v[i] - m) * s + b
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _row_grad_sums(g, v, m64):
     """(sum(g), sum(g * (v - m64)), sum(v - m64)), all in float64 (v - m64 is exact there)."""
     sum_g = 0.0
@@ -82,21 +82,21 @@ def _row_grad_sums(g, v, m64):
     return sum_g, sum_gd, sum_d
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _row_dx(g, v, m, k, a, b, o):
     """o = k * g + a * (v - m) + b, scalars of the array dtype."""
     for i in range(v.shape[0]):
         o[i] = k * g[i] + a * (v[i] - m) + b
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _vec_add(acc, v):
     """acc += v elementwise (acc float64)."""
     for j in range(v.shape[0]):
         acc[j] += v[j]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _vec_sq_dev(acc, v, mu):
     """acc += (v - mu)**2 elementwise (acc, mu float64)."""
     for j in range(v.shape[0]):
@@ -104,14 +104,14 @@ def _vec_sq_dev(acc, v, mu):
         acc[j] += d * d
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _vec_affine(v, m, s, b, o):
     """o = (v - m) * s + b elementwise, vectors of the array dtype."""
     for j in range(v.shape[0]):
         o[j] = (v[j] - m[j]) * s[j] + b[j]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _vec_grad_sums(acc_g, acc_gd, acc_d, g, v, m):
     """acc_g += g; acc_gd += g * (v - m); acc_d += v - m, elementwise, in float64."""
     for j in range(v.shape[0]):
@@ -122,14 +122,14 @@ def _vec_grad_sums(acc_g, acc_gd, acc_d, g, v, m):
         acc_d[j] += d
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _vec_dx(g, v, m, k, a, b, o):
     """o = k * g + a * (v - m) + b elementwise, vectors of the array dtype."""
     for j in range(v.shape[0]):
         o[j] = k[j] * g[j] + a[j] * (v[j] - m[j]) + b[j]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _stat_coefficients(
     mu64, squares, gamma, beta, inv_count, eps64, c0, c1, mean, invstd, scale, shift
 ):
@@ -142,7 +142,7 @@ def _stat_coefficients(
         shift[c] = beta[c] - (mu64[c] - np.float64(mean[c])) * np.float64(scale[c])
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _grad_coefficients(
     sum_g, sum_gd, sum_d, gamma, invstd, inv_count, c0, c1, dgamma, dbeta, coef_k, coef_a, coef_b
 ):
@@ -162,7 +162,7 @@ def _grad_coefficients(
 
 
 # ---------------------------------------------------------------- kernels
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
     """Training-mode forward with batch statistics.
 
@@ -223,7 +223,7 @@ def batchnorm_forward_train(x, gamma, beta, eps, out, mean, invstd):
                 _row_affine(x3[n, c], m, s, b, out3[n, c])
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
     """Evaluation-mode forward with running statistics.
 
@@ -248,7 +248,7 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, out):
                 _row_affine(x3[n, c], running_mean[c], scale[c], beta[c], out3[n, c])
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     """Backward of the training-mode forward.
 
@@ -356,7 +356,7 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
 _PIXELS = 256  # pixels per chunk: fixes the summation order
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_sum(x, acc):
     """acc[c] = sum of x[p, c] over the chunk's pixels p, in float64, four pixels at a time
     (each add into acc is a load and a store: a quarter of them)."""
@@ -373,7 +373,7 @@ def _chunk_sum(x, acc):
             acc[c] += x[p, c]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_sq_dev(x, mu, acc):
     """acc[c] = sum of (x[p, c] - mu[c])**2 over the chunk's pixels, in float64, four pixels
     at a time."""
@@ -396,7 +396,7 @@ def _chunk_sq_dev(x, mu, acc):
             acc[c] += d * d
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_sq_dev16(x, mu, acc):
     """_chunk_sq_dev for 16 channels, the sums and the mean in stack memory (as
     _chunk_grad_sums16, and for its reason: 1.4x here)."""
@@ -430,7 +430,7 @@ def eval_scale(gamma, running_var, eps, scale):
         scale[c] = gamma[c] / np.sqrt(np.float64(running_var[c]) + np.float64(eps))
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def chunk_affine_inplace(x, m, s, b):
     """x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]: _chunk_affine's arithmetic in place (with
     out = x there, LLVM's runtime overlap check fails and the loop runs scalar)."""
@@ -439,7 +439,7 @@ def chunk_affine_inplace(x, m, s, b):
             x[p, c] = (x[p, c] - m[c]) * s[c] + b[c]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_affine(x, m, s, b, out):
     """out[p, c] = (x[p, c] - m[c]) * s[c] + b[c] over the chunk's pixels."""
     for p in range(x.shape[0]):
@@ -458,7 +458,7 @@ def _chunk_relu_inplace(y):
             y[p, c] = zero if v <= zero else v
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
     """Per channel over the chunk's pixels, in float64: sum(dy), sum(dy * (x - m)), sum(x - m)."""
     if x.shape[1] == 16:
@@ -488,7 +488,7 @@ def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
             acc_d[c] += d
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
     """_chunk_grad_sums for 16 channels, the same sums in the same order with the sums and
     the mean in stack memory: with them in the arrays, this width ran 4x slower per value
@@ -526,7 +526,7 @@ def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
         acc_d[c] = sd[c]
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_dx(g, x, m, k, a, b, out):
     """dx[p, c] = k[c] * dy[p, c] + a[c] * (x[p, c] - m[c]) + b[c] over the chunk's pixels."""
     for p in range(x.shape[0]):
@@ -544,7 +544,7 @@ def _add_rows(part, out):
             out[c] += part[k, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu):
     """Training-mode forward over a channels-last activation seen as pixels x channels.
 
@@ -585,7 +585,7 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu):
             _chunk_relu_inplace(out[k * _PIXELS : (k + 1) * _PIXELS])
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_forward_eval_nhwc(x, gamma, beta, running_mean, running_var, eps, out):
     """Evaluation-mode forward over a channels-last activation: x, out (P, C) C-contiguous;
     out = (x - running_mean) * (gamma / sqrt(running_var + eps)) + beta."""
@@ -603,7 +603,7 @@ def batchnorm_forward_eval_nhwc(x, gamma, beta, running_mean, running_var, eps, 
         )
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
 def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     """Backward of the training-mode forward over channels-last activations: dy, x, dx (P, C)
     C-contiguous; the formulas of batchnorm_backward (the stored mean's rounding corrected), the

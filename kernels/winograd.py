@@ -29,8 +29,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, copy16, gemm_tile, gemm_tile_bias, stack_array
+from .lanes import add16, affine16, relu16
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
 #: this many (its outputs are then whole rows of the image: one contiguous stretch of out).
@@ -184,15 +184,20 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V, TBp, t0, by_
 
 
 @njit(cache=True)
-def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
+def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
     """out[n, oy:oy+2, ox:ox+2, :] = A^T M A + bias for image n's tiles t < nt, M's rows
-    t0 + t (only the rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays
-    NaN). M flat (nfb, TBp, 16, 16): M[fb, t, e, lane]; F = 16 nfb; of: out (N, OH, OW, F)
-    flat. Three loops per 16 filters, as _input_block: M into the stack, the transform, the
-    stack into out."""
+    t0 + t (only the rows and columns inside out), then the BatchNorm ``bn`` and its residual
+    sum (see conv2d_winograd_forward), then max(., 0) if ``relu`` (a NaN stays NaN). M flat
+    (nfb, TBp, 16, 16): M[fb, t, e, lane]; F = 16 nfb; of: out (N, OH, OW, F) flat. Three
+    loops per 16 filters, as _input_block: M into the stack, the transform (and the
+    BatchNorm's steps, on the tile in the stack), the stack into out."""
     m = numba.carray(stack_array(256, M.dtype), (256,))  # M[e]: 16 * e + lane
     y = numba.carray(stack_array(64, M.dtype), (64,))  # y00, y01, y10, y11: 16 * k + lane
     zero = M.dtype.type(0)
+    mean, scale, shift, add = bn
+    affine = scale.size > 0
+    summed = affine and add.size > 0  # a residual block's sum
+    bias_relu = relu and not affine  # else the ReLU comes after the BatchNorm
     for t in range(nt):
         oy, ox = 2 * (ty0 + t // TW), 2 * (t % TW)
         right, below = ox + 1 < OW, oy + 1 < OH
@@ -215,7 +220,7 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                 y01 = s1 - s2 - s3 + b
                 y10 = r0 + r1 + r2 + b
                 y11 = r1 - r2 - r3 + b
-                if relu:  # activations.relu_forward's select
+                if bias_relu:  # activations.relu_forward's select
                     y00 = zero if y00 <= zero else y00
                     y01 = zero if y01 <= zero else y01
                     y10 = zero if y10 <= zero else y10
@@ -224,6 +229,14 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
                 y[16 + lane] = y01
                 y[32 + lane] = y10
                 y[48 + lane] = y11
+            if affine:  # conv2d._batch_norm_rows' steps, all before the stores (see winograd4)
+                for k in range(4):
+                    p = np.uint64(16 * k)
+                    affine16(y, p, mean, scale, shift, f0)
+                    if summed and (k & 1 == 0 or right) and (k < 2 or below):
+                        add16(y, p, add, o00 + np.uint64((k >> 1) * OW * F + (k & 1) * F) + f0)
+                    if relu:
+                        relu16(y, p)
             for k in range(4):
                 if (k & 1 and not right) or (k >= 2 and not below):
                     continue
@@ -306,8 +319,9 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
 
     x (N, H, W, C), weight (F, C, 3, 3), bias (F,); out (N, OH, OW, F) overwritten.
     ``bn = (mean, scale, shift, add)`` or four empty arrays: as conv2d.conv2d_forward's, an
-    evaluation-mode BatchNorm applied to each block's outputs while they are in cache (bitwise
-    this kernel followed by the BatchNorm layer), then ``add`` (a residual), then the ReLU.
+    evaluation-mode BatchNorm applied to each output tile in the stack before it is stored
+    (kernels/lanes.py; bitwise this kernel followed by the BatchNorm layer), then ``add`` (a
+    residual), then the ReLU.
 
     Work: blocks of whole tile rows of one image (>= _BLOCK_TILES tiles; or of several whole
     images, where one has fewer: _images_per_block), ``threads`` workers
@@ -346,7 +360,6 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     Uf = U.reshape(U.size)
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
-    affine = bn[1].size > 0
     for th in prange(nthr):
         Vf = V[th]
         Mf = M[th]
@@ -366,13 +379,7 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
             block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, 16, 256)
             for j in range(images):
                 n = n0 + j
-                _output_block(
-                    Mf, TBp, j * per, nfb, per, TW, ty0, bias, of, n, OH, OW, F, relu and not affine
-                )
-                if affine:
-                    p0 = (n * OH + 2 * ty0) * OW * F
-                    p1 = (n * OH + min(2 * ty1, OH)) * OW * F
-                    _batch_norm_rows(of[p0:p1], F, bn, relu, p0)
+                _output_block(Mf, TBp, j * per, nfb, per, TW, ty0, bias, of, n, OH, OW, F, relu, bn)
 
 
 # -------------------------------------------------------------------------------------------------

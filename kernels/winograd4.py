@@ -29,8 +29,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, copy16, stack_array
+from .lanes import add16, affine16, relu16
 from .winograd import block_products, kernels_by_tap
 
 #: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
@@ -172,14 +172,18 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
 
 
 @njit(cache=True)
-def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
+def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
     """out[n, oy:oy+4, ox:ox+4, :] = A^T M A + bias for the block's tiles t < nt (only the
-    rows and columns inside out), then max(., 0) if ``relu`` (a NaN stays NaN). M flat
-    (nfb, TBp, 36, 16): M[fb, t, e, lane]; of: out (N, OH, OW, F) flat."""
+    rows and columns inside out), then the BatchNorm ``bn`` and its residual sum (see
+    conv2d_winograd4_forward), then max(., 0) if ``relu`` (a NaN stays NaN), each tile in the
+    stack before it is stored. M flat (nfb, TBp, 36, 16): M[fb, t, e, lane]; of: out
+    (N, OH, OW, F) flat."""
     m = numba.carray(stack_array(_S, M.dtype), (_S,))  # M[e]: 16 * e + lane
     s = numba.carray(stack_array(384, M.dtype), (384,))  # A^T M: 16 * (6 i + j) + lane, i < 4
     y = numba.carray(stack_array(256, M.dtype), (256,))  # Y: 16 * (4 i + j) + lane
-    zero = M.dtype.type(0)
+    mean, scale, shift, add = bn
+    affine = scale.size > 0
+    summed = affine and add.size > 0  # a residual block's sum
     for t in range(nt):
         oy, ox = 4 * (ty0 + t // TW), 4 * (t % TW)
         rows, cols = min(4, OH - oy), min(4, OW - ox)
@@ -195,13 +199,19 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu):
             for i in range(4):  # (A^T M) A: each row's 6 columns combined
                 for lane in range(16):
                     _at(s, y, 96 * i, 16, 64 * i, 16, lane)
-            for lane in range(16):
-                bb = bias[f0 + np.uint64(lane)]
-                for q in range(16):
-                    v = y[16 * q + lane] + bb
-                    if relu:  # activations.relu_forward's select
-                        v = zero if v <= zero else v
-                    y[16 * q + lane] = v
+            # the bias, the BatchNorm, the residual sum (conv2d._batch_norm_rows' steps), the
+            # ReLU: all on the tile in the stack, and only then the stores (a store right
+            # after a vector op on the same pixel waited on that op)
+            for i in range(4):
+                for j in range(4):
+                    p = np.uint64(16 * (4 * i + j))
+                    add16(y, p, bias, f0)
+                    if affine:
+                        affine16(y, p, mean, scale, shift, f0)
+                    if summed and i < rows and j < cols:
+                        add16(y, p, add, o00 + np.uint64((i * OW + j) * F) + f0)
+                    if relu:
+                        relu16(y, p)
             if rows == 4 and cols == 4:  # a whole tile: constant trip counts, unrolled
                 for i in range(4):
                     for j in range(4):
@@ -255,7 +265,6 @@ def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, 
     Uf = U.reshape(U.size)
     xf = x.reshape(x.size)
     of = out.reshape(out.size)
-    affine = bn[1].size > 0
     for th in prange(nthr):
         Vf = V[th]
         Mf = M[th]
@@ -268,8 +277,4 @@ def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, 
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: a tile's 36 products in one stretch
             block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
-            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu and not affine)
-            if affine:
-                p0 = (n * OH + 4 * ty0) * OW * F
-                p1 = (n * OH + min(4 * ty1, OH)) * OW * F
-                _batch_norm_rows(of[p0:p1], F, bn, relu, p0)
+            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn)

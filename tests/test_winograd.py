@@ -91,25 +91,28 @@ def test_forward_is_the_textbook_winograd(shape):
     np.testing.assert_allclose(run(x, w, b, padding), ref, rtol=0, atol=1e-12 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_relu_and_batch_norm_epilogue_bitwise_the_steps_apart(dtype):
+def test_relu_and_batch_norm_epilogue_bitwise_the_steps_apart(dtype, relu):
     x, w, b, padding = data((2, 32, 48, 9, 7, ((1, 1), (1, 1))), dtype, seed=2)
     rng = np.random.default_rng(3)
     mean, scale, shift = (rng.standard_normal(48).astype(dtype) for _ in range(3))
     plain = run(x, w, b, padding)
-    relu = run(x, w, b, padding, relu=True)
-    assert np.array_equal(relu, np.where(plain <= 0, 0, plain).astype(dtype))
+    relued = run(x, w, b, padding, relu=True)
+    assert np.array_equal(relued, np.where(plain <= 0, 0, plain).astype(dtype))
     # BatchNorm's kernel on the plain output, then the ReLU's select
     rows = np.ascontiguousarray(plain.transpose(0, 2, 3, 1)).reshape(-1, 48)
     chunk_affine_inplace(rows, mean, scale, shift)
-    expect = np.where(rows <= 0, 0, rows).reshape(plain.shape[0], *plain.shape[2:], 48)
-    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, np.empty(0, dtype)))
+    expect = (np.where(rows <= 0, 0, rows) if relu else rows).reshape(
+        plain.shape[0], *plain.shape[2:], 48
+    )
+    got = run(x, w, b, padding, relu=relu, bn=(mean, scale, shift, np.empty(0, dtype)))
     assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
     # a residual's sum between the BatchNorm and the ReLU: numpy's sum, then the select
     add = rng.standard_normal(rows.shape).astype(dtype)
     summed = rows.reshape(-1, 48) + add
-    expect = np.where(summed <= 0, 0, summed).reshape(expect.shape)
-    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, add.reshape(-1)))
+    expect = (np.where(summed <= 0, 0, summed) if relu else summed).reshape(expect.shape)
+    got = run(x, w, b, padding, relu=relu, bn=(mean, scale, shift, add.reshape(-1)))
     assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
 
 

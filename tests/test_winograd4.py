@@ -60,21 +60,24 @@ def test_weight_transform_is_g_g_gt(dtype):
     np.testing.assert_allclose(U[:, :, :20], ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batch_norm_residual_and_relu_epilogue_bitwise_the_steps_apart(dtype):
+def test_batch_norm_residual_and_relu_epilogue_bitwise_the_steps_apart(dtype, relu):
     x, w, b, padding = data((2, 32, 48, 17, 19, ((1, 1), (1, 1))), dtype, seed=2)
     rng = np.random.default_rng(3)
     mean, scale, shift = (rng.standard_normal(48).astype(dtype) for _ in range(3))
     plain = run(x, w, b, padding)
     rows = np.ascontiguousarray(plain.transpose(0, 2, 3, 1)).reshape(-1, 48)
     chunk_affine_inplace(rows, mean, scale, shift)
-    expect = np.where(rows <= 0, 0, rows).reshape(plain.shape[0], *plain.shape[2:], 48)
-    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, np.empty(0, dtype)))
+    expect = (np.where(rows <= 0, 0, rows) if relu else rows).reshape(
+        plain.shape[0], *plain.shape[2:], 48
+    )
+    got = run(x, w, b, padding, relu=relu, bn=(mean, scale, shift, np.empty(0, dtype)))
     assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
     add = rng.standard_normal(rows.shape).astype(dtype)
     summed = rows + add
-    expect = np.where(summed <= 0, 0, summed).reshape(expect.shape)
-    got = run(x, w, b, padding, relu=True, bn=(mean, scale, shift, add.reshape(-1)))
+    expect = (np.where(summed <= 0, 0, summed) if relu else summed).reshape(expect.shape)
+    got = run(x, w, b, padding, relu=relu, bn=(mean, scale, shift, add.reshape(-1)))
     assert np.array_equal(got.transpose(0, 2, 3, 1), expect)
 
 

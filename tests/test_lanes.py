@@ -1,0 +1,44 @@
+"""kernels/lanes.py: the 16-lane vector steps of the Winograd kernels' epilogue, against the
+loops they replace (bitwise) on random values with NaNs, zeros of both signs and ties."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastcnn.kernels.batchnorm import chunk_affine_inplace
+from fastcnn.kernels.lanes import add16, affine16, relu16
+
+
+@njit(cache=False)
+def _steps(y, mean, scale, shift, add, f0):
+    for p in range(y.size // 16):
+        o = np.uint64(16 * p)
+        affine16(y, o, mean, scale, shift, np.uint64(f0))
+        add16(y, o, add, o)
+        relu16(y, o)
+
+
+def _values(rng, n, dtype):
+    v = rng.standard_normal(n).astype(dtype)
+    v[::7] = 0.0
+    v[1::11] = -0.0
+    v[2::13] = np.nan
+    return v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("f0", [0, 16])
+def test_steps_are_bitwise_the_loops_they_replace(dtype, f0):
+    rng = np.random.default_rng(f0)
+    y = _values(rng, 16 * 40, dtype)
+    add = _values(rng, y.size, dtype)
+    mean, scale, shift = (rng.standard_normal(32).astype(dtype) for _ in range(3))
+    rows = y.reshape(-1, 16).copy()
+    chunk_affine_inplace(rows, mean[f0 : f0 + 16], scale[f0 : f0 + 16], shift[f0 : f0 + 16])
+    summed = rows.reshape(-1) + add
+    with np.errstate(invalid="ignore"):
+        expect = np.where(summed <= 0, dtype(0), summed)
+    got = y.copy()
+    _steps(got, mean, scale, shift, add, f0)
+    assert np.array_equal(got.view(np.uint8), expect.view(np.uint8))  # NaNs and zeros' signs
+    assert np.isnan(got).sum() > 0 and (np.signbit(got) & (got == 0)).sum() == 0
