@@ -313,11 +313,13 @@ def _images_per_block(T, whole):
 
 
 @njit(parallel=True, cache=True)
-def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+def conv2d_winograd_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threads):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, oh - pt + i, ow - pl + j, c]
     (3x3, stride 1, dilation 1), up to rounding, by F(2x2, 3x3); then max(out, 0) if ``relu``.
 
-    x (N, H, W, C), weight (F, C, 3, 3), bias (F,); out (N, OH, OW, F) overwritten.
+    x (N, H, W, C); U (16, C, F) = weight_transform(weight, F), weight (F, C, 3, 3) (the
+    caller transforms the weights: evaluation reuses them, functional._transformed_weight);
+    bias (F,); out (N, OH, OW, F) overwritten; C and F multiples of 16.
     ``bn = (mean, scale, shift, add)`` or four empty arrays: as conv2d.conv2d_forward's, an
     evaluation-mode BatchNorm applied to each output tile in the stack before it is stored
     (kernels/lanes.py; bitwise this kernel followed by the BatchNorm layer), then ``add`` (a
@@ -330,12 +332,11 @@ def conv2d_winograd_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, t
     alone: the result does not depend on ``threads``.
     """
     N, H, W, C = x.shape
-    F = weight.shape[0]
+    F = out.shape[3]
     OH, OW = out.shape[1], out.shape[2]
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    nfb = (F + FTN - 1) // FTN
-    Fp = nfb * FTN
-    U = weight_transform(weight, Fp)
+    Fp = U.shape[2]
+    nfb = Fp // FTN
     k = rows_per_block(TH, TW, _BLOCK_TILES, 4 * _BLOCK_TILES)  # tile rows per block
     per_image = (TH + k - 1) // k
     m = _images_per_block(TH * TW, k == TH)  # images per block

@@ -225,23 +225,23 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
 
 
 @njit(parallel=True, cache=True)
-def conv2d_winograd4_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threads):
     """out[n, oh, ow, f] = bias[f] + sum_{i,j,c} weight[f,c,i,j] * x[n, oh - pt + i, ow - pl + j, c]
     (3x3, stride 1, dilation 1), up to rounding, by F(4x4, 3x3); then the BatchNorm ``bn``
     (mean, scale, shift, add: winograd.conv2d_winograd_forward's) and max(out, 0) if ``relu``.
 
-    x (N, H, W, C), weight (F, C, 3, 3), bias (F,), C and F multiples of 16; out (N, OH, OW, F)
-    overwritten. Work: blocks of whole tile rows of one image, ``threads`` workers each a
+    x (N, H, W, C); U (36, C, F) = weight_transform(weight, F), weight (F, C, 3, 3) (as
+    winograd.conv2d_winograd_forward's U); bias (F,), C and F multiples of 16; out (N, OH, OW,
+    F) overwritten. Work: blocks of whole tile rows of one image, ``threads`` workers each a
     contiguous range of them, each with its own scratch (V, M). Every output is computed by
     one block alone: the result does not depend on ``threads``.
     """
     N, H, W, C = x.shape
-    F = weight.shape[0]
+    F = out.shape[3]
     OH, OW = out.shape[1], out.shape[2]
     TH, TW = (OH + 3) // 4, (OW + 3) // 4
-    nfb = (F + FTN - 1) // FTN
-    Fp = nfb * FTN
-    U = weight_transform(weight, Fp)
+    Fp = U.shape[2]
+    nfb = Fp // FTN
     k = min(TH, (_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
     per_image = (TH + k - 1) // k
     nblocks = N * per_image

@@ -13,6 +13,7 @@ import fastcnn
 from fastcnn import functional as F
 from fastcnn.functional import _no_bn
 from fastcnn.kernels import winograd as _wk
+from fastcnn.kernels import winograd4 as _wk4
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
 from fastcnn.kernels.winograd import conv2d_winograd_forward, weight_transform
 from fastcnn.threads import threads
@@ -40,15 +41,27 @@ SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
 ]
 
 
-def run(x, w, b, padding, relu=False, bn=None, n_threads=None, kernel=conv2d_winograd_forward):
-    """The kernel (this F(2x2, 3x3) one, or another of its signature: tests/test_winograd4.py's)
-    on NCHW arrays (converted to and from its NHWC layout), NaN-filled output."""
+def run(
+    x,
+    w,
+    b,
+    padding,
+    relu=False,
+    bn=None,
+    n_threads=None,
+    kernel=conv2d_winograd_forward,
+    transform=weight_transform,
+):
+    """The kernel (this F(2x2, 3x3) one, or another of its signature with its weight
+    transform: tests/test_winograd4.py's) on NCHW arrays (converted to and from its NHWC
+    layout), NaN-filled output."""
     N, C, H, W = x.shape
     (pt, pb), (pl, pr) = padding
     out = np.full((N, H + pt + pb - 2, W + pl + pr - 2, w.shape[0]), np.nan, dtype=x.dtype)
     bn = _no_bn(x) if bn is None else bn
     nt = numba.get_num_threads() if n_threads is None else n_threads
-    kernel(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b, pt, pl, relu, out, bn, nt)
+    u = transform(w, w.shape[0])
+    kernel(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), u, b, pt, pl, relu, out, bn, nt)
     return out.transpose(0, 3, 1, 2)
 
 
@@ -499,3 +512,44 @@ def test_a_layer_takes_its_weight_gradient_by_it(monkeypatch):
     assert not np.array_equal(dw, direct_dw)
     np.testing.assert_allclose(dw, direct_dw, rtol=0, atol=5e-5 * np.abs(direct_dw).max())
     np.testing.assert_allclose(db, direct_db, rtol=0, atol=5e-5 * np.abs(direct_db).max())
+
+
+@pytest.mark.parametrize("size", [8, 20])  # F(2x2, 3x3) and, in evaluation mode, F(4x4, 3x3)
+def test_evaluation_reuses_the_transformed_weights_until_they_change(size):
+    """Evaluation mode transforms a layer's weights once (functional._transformed_weight) and
+    sees every change to them: an edit in place, an optimizer's step, a new array; the output
+    is always the freshly transformed weights' (the kernel run here with its own transform)."""
+    conv = fastcnn.Conv2D(16, 32, 3, padding=1, rng=np.random.default_rng(11)).eval()
+    x = np.random.default_rng(12).standard_normal((2, 16, size, size)).astype(np.float32)
+    four = size >= F.WINOGRAD4_MIN_SIZE
+    module = _wk4 if four else _wk
+    kernel = _wk4.conv2d_winograd4_forward if four else conv2d_winograd_forward
+    key = (id(conv.weight.data), module.__name__)
+
+    def fresh():
+        w = conv.weight.data
+        return run(
+            x, w, conv.bias.data, ((1, 1), (1, 1)), kernel=kernel, transform=module.weight_transform
+        )
+
+    first = conv(x)
+    assert np.array_equal(first, fresh())
+    kept = F._TRANSFORMED[key][2]
+    assert np.array_equal(conv(x), first) and F._TRANSFORMED[key][2] is kept  # reused
+    conv.weight.data[3, 5, 1, 2] += 0.5  # in place
+    edited = conv(x)
+    assert not np.array_equal(edited, first) and np.array_equal(edited, fresh())
+    assert F._TRANSFORMED[key][2] is not kept
+    opt = fastcnn.SGD(conv.parameters(), lr=0.1)
+    conv.weight.grad[...] = 1.0
+    opt.step()
+    stepped = conv(x)
+    assert not np.array_equal(stepped, edited) and np.array_equal(stepped, fresh())
+    conv.weight.data = conv.weight.data * 2  # a new array: the old one's entry goes with it
+    doubled = conv(x)
+    assert np.array_equal(doubled, fresh())
+    assert key not in F._TRANSFORMED or F._TRANSFORMED[key][0]() is conv.weight.data
+    conv.train()  # training transforms on every call and keeps nothing
+    F._TRANSFORMED.clear()
+    assert np.array_equal(conv(x), run(x, conv.weight.data, conv.bias.data, ((1, 1), (1, 1))))
+    assert not F._TRANSFORMED

@@ -32,7 +32,9 @@ data = test_winograd.data
 
 def run(*args, **kwargs):
     """test_winograd.run on this kernel."""
-    return test_winograd.run(*args, **kwargs, kernel=conv2d_winograd4_forward)
+    return test_winograd.run(
+        *args, **kwargs, kernel=conv2d_winograd4_forward, transform=weight_transform
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
