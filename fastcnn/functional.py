@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Sequence
+from types import ModuleType
 
 import numba
 import numpy as np
@@ -448,14 +449,14 @@ def _winograd_forward(x, weight, bias, pad_top, pad_left, relu, y, bn, f4=False)
 _TRANSFORMED: dict[tuple[int, str], tuple[weakref.ref, Array, Array]] = {}
 
 
-def _transformed_weight(weight, module, reuse):
+def _transformed_weight(weight: Array, module: ModuleType, reuse: bool) -> Array:
     """``module.weight_transform(weight, F)`` (module: kernels.winograd or winograd4), the
     transformed weights the Winograd forward multiplies by. With ``reuse`` (evaluation mode:
     the weights stay as they are between calls) the result is kept with a copy of the weights
     and returned again while the array still holds those values, compared in full (an edit
     in place, or an optimizer's step, is seen): inference then transforms each layer's weights
-    once, not once per batch (F(4x4)'s transform at 64 channels cost a third of a 7x7 layer's
-    forward at batch 64)."""
+    once, not once per batch (at small batches and 64 channels the transform costs as much as
+    the products)."""
     if not reuse:
         return module.weight_transform(weight, weight.shape[0])
     key = (id(weight), module.__name__)
@@ -463,11 +464,11 @@ def _transformed_weight(weight, module, reuse):
     if kept is not None and kept[0]() is weight and np.array_equal(kept[1], weight):
         return kept[2]
     u = module.weight_transform(weight, weight.shape[0])
-    _TRANSFORMED[key] = (
-        weakref.ref(weight, lambda _, key=key: _TRANSFORMED.pop(key, None)),
-        weight.copy(),
-        u,
-    )
+
+    def forget(_: weakref.ref) -> None:
+        _TRANSFORMED.pop(key, None)
+
+    _TRANSFORMED[key] = (weakref.ref(weight, forget), weight.copy(), u)
     return u
 
 
