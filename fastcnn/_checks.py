@@ -14,6 +14,8 @@ def is_int(value: object, minimum: int | None = None) -> TypeGuard[int]:
     ``bool`` and ``numpy.bool_`` are not integers here: ``True`` passed as a count or a size is a
     mistake to report, not the number 1. (To a type checker a NumPy integer that passes is an
     ``int``: it converts, compares and computes as one.)"""
+    if type(value) is int:  # the common case, without the ABC's isinstance (a bool is no int)
+        return minimum is None or value >= minimum
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         return False
     return minimum is None or int(value) >= minimum

@@ -101,6 +101,9 @@ def _fmt_shape(shape):
 def check_float(x: ArrayLike, layer: str, what: str = "input", contiguous: bool = True) -> Array:
     """``x`` as a float32/float64 ndarray in native byte order, else TypeError; C-contiguous
     unless ``contiguous`` is false (then in whatever layout it came)."""
+    if type(x) is np.ndarray and x.dtype in _FLOAT_DTYPES:  # the common case, at once
+        if not contiguous or x.flags.c_contiguous:
+            return x
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(
@@ -190,6 +193,15 @@ def _check_int(value, name, layer, minimum):
 
 def pair(value: Size2, name: str, layer: str, minimum: int = 1) -> tuple[int, int]:
     """An int or an ``(h, w)`` pair of ints, each >= ``minimum``, as a tuple of two Python ints."""
+    if type(value) is tuple and len(value) == 2:  # the layers' own pairs, checked at once
+        h, w = value
+        if (
+            type(h) is int
+            and type(w) is int
+            and minimum <= h <= MAX_SIZE
+            and minimum <= w <= MAX_SIZE
+        ):
+            return value
     if isinstance(value, (tuple, list, np.ndarray)):
         if len(value) != 2:
             raise ValueError(
