@@ -42,6 +42,7 @@ from numba import njit, prange
 
 from .batchnorm import chunk_affine_inplace
 from .gemm_tile import FT, FTN, RN, R, gemm_tile, gemm_tile_bias, tile_shape
+from .lanes import batch_norm16
 
 #: Pixel tiles per forward work item (48 output pixels).
 _TILES_PER_ITEM = 16
@@ -258,6 +259,14 @@ def _batch_norm_rows(block, F, bn, relu, start):
     [start, start + block.size) added (a residual block's sum, as numpy adds), then the ReLU
     (activations.relu_forward's select) if ``relu``."""
     mean, scale, shift, add = bn
+    if F % 16 == 0:  # 16 channels at a time, one vector each (a loop over 16 ran scalar)
+        npix = block.size // F
+        a0 = np.uint64(start)
+        for p in range(npix):
+            for c0 in range(0, F, 16):
+                o = np.uint64(p * F + c0)
+                batch_norm16(block, o, mean, scale, shift, np.uint64(c0), add, a0 + o, relu)
+        return
     rows2d = block.reshape((block.size // F, F))
     chunk_affine_inplace(rows2d, mean, scale, shift)
     zero = block.dtype.type(0)

@@ -95,3 +95,37 @@ def relu16(typingctx, y, p):
         return context.get_dummy_value()
 
     return types.none(y, p), codegen
+
+
+@intrinsic
+def batch_norm16(typingctx, y, p, mean, scale, shift, f, add, a, relu):
+    """The steps of affine16, then add16 with ``add`` where it is not empty, then relu16 if
+    ``relu`` (a boolean), in one load and one store of y[p : p + 16] (three steps in a row
+    on one address wait for each other's stores)."""
+    _check_arrays("batch_norm16", getattr(y, "dtype", None), y, mean, scale, shift, add)
+
+    def codegen(context, builder, sig, args):
+        yv, pv, mv, sv, bv, fv, av, aov, rv = args
+        yt, _, mt, st, bt, _, at, _, rt = sig.args
+        x, yptr, align = _load(context, builder, yt, yv, pv)
+        m = _load(context, builder, mt, mv, fv)[0]
+        s = _load(context, builder, st, sv, fv)[0]
+        b = _load(context, builder, bt, bv, fv)[0]
+        d = builder.fsub(x, m, flags=_AFFINE_FLAGS)
+        v = builder.fadd(builder.fmul(d, s, flags=_AFFINE_FLAGS), b, flags=_AFFINE_FLAGS)
+        nitems = context.make_array(at)(context, builder, av).nitems
+        summed = builder.icmp_signed(">", nitems, ir.Constant(nitems.type, 0))
+        before = builder.basic_block
+        with builder.if_then(summed):
+            with_add = builder.fadd(v, _load(context, builder, at, av, aov)[0])
+            after_add = builder.basic_block
+        v2 = builder.phi(v.type)
+        v2.add_incoming(v, before)
+        v2.add_incoming(with_add, after_add)
+        zero = ir.Constant(v.type, None)
+        clipped = builder.select(builder.fcmp_ordered("<=", v2, zero), zero, v2)
+        relu_bit = context.cast(builder, rv, rt, types.boolean)
+        builder.store(builder.select(relu_bit, clipped, v2), yptr, align=align)
+        return context.get_dummy_value()
+
+    return types.none(y, p, mean, scale, shift, f, add, a, relu), codegen

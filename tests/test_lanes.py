@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
-from fastcnn.kernels.lanes import add16, affine16, relu16
+from fastcnn.kernels.lanes import add16, affine16, batch_norm16, relu16
 
 
 @njit(cache=False)
@@ -42,3 +42,29 @@ def test_steps_are_bitwise_the_loops_they_replace(dtype, f0):
     _steps(got, mean, scale, shift, add, f0)
     assert np.array_equal(got.view(np.uint8), expect.view(np.uint8))  # NaNs and zeros' signs
     assert np.isnan(got).sum() > 0 and (np.signbit(got) & (got == 0)).sum() == 0
+
+
+@njit(cache=False)
+def _fused(y, mean, scale, shift, add, f0, relu):
+    for p in range(y.size // 16):
+        o = np.uint64(16 * p)
+        batch_norm16(y, o, mean, scale, shift, np.uint64(f0), add, o, relu)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("summed", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm16_is_the_three_steps(dtype, summed, relu):
+    rng = np.random.default_rng(int(summed) + 2 * int(relu))
+    y = _values(rng, 16 * 40, dtype)
+    add = _values(rng, y.size, dtype) if summed else np.empty(0, dtype)
+    mean, scale, shift = (rng.standard_normal(32).astype(dtype) for _ in range(3))
+    rows = y.reshape(-1, 16).copy()
+    chunk_affine_inplace(rows, mean[16:], scale[16:], shift[16:])
+    expect = rows.reshape(-1) + add if summed else rows.reshape(-1)
+    if relu:
+        with np.errstate(invalid="ignore"):
+            expect = np.where(expect <= 0, dtype(0), expect)
+    got = y.copy()
+    _fused(got, mean, scale, shift, add, 16, relu)
+    assert np.array_equal(got.view(np.uint8), expect.view(np.uint8))

@@ -218,22 +218,27 @@ def _bn(f, dtype, rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    "c, f, stride, relu",
+    "c, f, stride, relu, winograd",
     [
-        (16, 16, 1, True),  # identity shortcut, the Winograd kernel, Residual -> ReLU
-        (4, 4, 1, False),  # the direct kernel, the Residual alone (its sum, no ReLU)
-        (1, 6, 1, True),  # one channel, few filters: the one-channel kernel
-        (8, 20, 2, True),  # a projection shortcut (1x1, stride 2, BatchNorm), partial tiles
+        (16, 16, 1, True, True),  # identity shortcut, the Winograd kernel, Residual -> ReLU
+        (4, 4, 1, False, True),  # the direct kernel, the Residual alone (its sum, no ReLU)
+        (1, 6, 1, True, True),  # one channel, few filters: the one-channel kernel
+        (8, 20, 2, True, True),  # a projection shortcut (1x1, stride 2, BatchNorm), partial tiles
+        # the direct kernel's sum 16 filters at a time (lanes.batch_norm16), over work items
+        (16, 32, 2, True, False),
+        (16, 32, 1, False, False),
     ],
 )
 def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
-    dtype, c, f, stride, relu, rng, monkeypatch
+    dtype, c, f, stride, relu, winograd, rng, monkeypatch
 ):
     """Evaluation mode: the body's last Conv2D -> BatchNorm2D adds the shortcut (and applies
     the block's ReLU) in its kernel: bitwise the sum and the ReLU after it, NaN kept, the
     backward after it too; training mode and a body ending otherwise: the sum after it."""
     from fastcnn import plan
 
+    if not winograd:
+        monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
     fused = []
     forward_add = plan.ConvBatchNorm.forward_add
 
