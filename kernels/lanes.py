@@ -5,7 +5,9 @@ epilogue (an evaluation-mode BatchNorm, a residual sum, a ReLU) runs on those ro
 they are stored. Written as Python loops over the 16 lanes, LLVM unrolled the lane loop and
 vectorised the loop over the rows instead, with gathers and scatters (slower than a second
 pass over the stored rows); these intrinsics are one vector instruction per step, whatever
-loops surround them. Offsets are uint64 and in bounds: nothing is checked.
+loops surround them. The direct kernels' pass over their stored rows (conv2d._batch_norm_rows)
+takes batch_norm16, all three steps in one: its loops over 16 channels had stayed scalar.
+Offsets are uint64 and in bounds: nothing is checked.
 """
 
 from llvmlite import ir
