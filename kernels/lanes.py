@@ -46,28 +46,6 @@ def _load(context, builder, arrty, arr, offset):
 
 
 @intrinsic
-def affine16(typingctx, y, p, mean, scale, shift, f):
-    """y[p + l] = (y[p + l] - mean[f + l]) * scale[f + l] + shift[f + l] for l < 16: an
-    evaluation-mode BatchNorm on one pixel's 16 channels, with
-    batchnorm.chunk_affine_inplace's arithmetic and fastmath flags (bitwise its result)."""
-    _check_arrays("affine16", getattr(y, "dtype", None), y, mean, scale, shift)
-
-    def codegen(context, builder, sig, args):
-        yv, pv, mv, sv, bv, fv = args
-        yt, _, mt, st, bt, _ = sig.args
-        x, yptr, align = _load(context, builder, yt, yv, pv)
-        m = _load(context, builder, mt, mv, fv)[0]
-        s = _load(context, builder, st, sv, fv)[0]
-        b = _load(context, builder, bt, bv, fv)[0]
-        d = builder.fsub(x, m, flags=_AFFINE_FLAGS)
-        r = builder.fadd(builder.fmul(d, s, flags=_AFFINE_FLAGS), b, flags=_AFFINE_FLAGS)
-        builder.store(r, yptr, align=align)
-        return context.get_dummy_value()
-
-    return types.none(y, p, mean, scale, shift, f), codegen
-
-
-@intrinsic
 def add16(typingctx, y, p, a, o):
     """y[p + l] = y[p + l] + a[o + l] for l < 16, as numpy adds (a bias, a residual sum)."""
     _check_arrays("add16", getattr(y, "dtype", None), y, a)
@@ -101,9 +79,12 @@ def relu16(typingctx, y, p):
 
 @intrinsic
 def batch_norm16(typingctx, y, p, mean, scale, shift, f, add, a, relu):
-    """The steps of affine16, then add16 with ``add`` where it is not empty, then relu16 if
-    ``relu`` (a boolean), in one load and one store of y[p : p + 16] (three steps in a row
-    on one address wait for each other's stores)."""
+    """y[p + l] = (y[p + l] - mean[f + l]) * scale[f + l] + shift[f + l] for l < 16 (an
+    evaluation-mode BatchNorm on one pixel's 16 channels, with batchnorm.chunk_affine_inplace's
+    arithmetic and fastmath flags: bitwise its result), then + add[a + l] where ``add`` is not
+    empty (a residual block's sum, as numpy adds), then relu16's select if ``relu`` (a
+    boolean): one load and one store of y[p : p + 16] (steps in a row on one address wait for
+    each other's stores)."""
     _check_arrays("batch_norm16", getattr(y, "dtype", None), y, mean, scale, shift, add)
 
     def codegen(context, builder, sig, args):

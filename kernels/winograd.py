@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from .gemm_tile import FTN, RN, copy16, gemm_tile, gemm_tile_bias, stack_array
-from .lanes import add16, affine16, relu16
+from .lanes import batch_norm16
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
 #: this many (its outputs are then whole rows of the image: one contiguous stretch of out).
@@ -196,7 +196,7 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn
     zero = M.dtype.type(0)
     mean, scale, shift, add = bn
     affine = scale.size > 0
-    summed = affine and add.size > 0  # a residual block's sum
+    nothing = add[:0]  # no residual sum (past the output's edge)
     bias_relu = relu and not affine  # else the ReLU comes after the BatchNorm
     for t in range(nt):
         oy, ox = 2 * (ty0 + t // TW), 2 * (t % TW)
@@ -231,12 +231,19 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn
                 y[48 + lane] = y11
             if affine:  # conv2d._batch_norm_rows' steps, all before the stores (see winograd4)
                 for k in range(4):
-                    p = np.uint64(16 * k)
-                    affine16(y, p, mean, scale, shift, f0)
-                    if summed and (k & 1 == 0 or right) and (k < 2 or below):
-                        add16(y, p, add, o00 + np.uint64((k >> 1) * OW * F + (k & 1) * F) + f0)
-                    if relu:
-                        relu16(y, p)
+                    dst = o00 + np.uint64((k >> 1) * OW * F + (k & 1) * F) + f0
+                    inside = (k & 1 == 0 or right) and (k < 2 or below)
+                    batch_norm16(
+                        y,
+                        np.uint64(16 * k),
+                        mean,
+                        scale,
+                        shift,
+                        f0,
+                        add if inside else nothing,
+                        dst,
+                        relu,
+                    )
             for k in range(4):
                 if (k & 1 and not right) or (k >= 2 and not below):
                     continue

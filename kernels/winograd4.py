@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from .gemm_tile import FTN, RN, copy16, stack_array
-from .lanes import add16, affine16, relu16
+from .lanes import add16, batch_norm16, relu16
 from .winograd import block_products, kernels_by_tap
 
 #: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
@@ -183,7 +183,7 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
     y = numba.carray(stack_array(256, M.dtype), (256,))  # Y: 16 * (4 i + j) + lane
     mean, scale, shift, add = bn
     affine = scale.size > 0
-    summed = affine and add.size > 0  # a residual block's sum
+    nothing = add[:0]  # no residual sum (past the output's edge)
     for t in range(nt):
         oy, ox = 4 * (ty0 + t // TW), 4 * (t % TW)
         rows, cols = min(4, OH - oy), min(4, OW - ox)
@@ -207,10 +207,12 @@ def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
                     p = np.uint64(16 * (4 * i + j))
                     add16(y, p, bias, f0)
                     if affine:
-                        affine16(y, p, mean, scale, shift, f0)
-                    if summed and i < rows and j < cols:
-                        add16(y, p, add, o00 + np.uint64((i * OW + j) * F) + f0)
-                    if relu:
+                        dst = o00 + np.uint64((i * OW + j) * F) + f0
+                        inside = i < rows and j < cols
+                        batch_norm16(
+                            y, p, mean, scale, shift, f0, add if inside else nothing, dst, relu
+                        )
+                    elif relu:
                         relu16(y, p)
             if rows == 4 and cols == 4:  # a whole tile: constant trip counts, unrolled
                 for i in range(4):
