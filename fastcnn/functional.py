@@ -468,8 +468,9 @@ def _transformed_weight(weight: Array, module: ModuleType, reuse: bool) -> Array
     and returned again while the array still holds those values, compared in full (an edit
     in place, or an optimizer's step, is seen): inference then transforms each layer's weights
     once, not once per batch (at small batches and 64 channels the transform costs as much as
-    the products)."""
-    if not reuse:
+    the products). A view (a grouped convolution's group of filters) is a new object on every
+    call and is never kept."""
+    if not reuse or weight.base is not None:
         return module.weight_transform(weight, weight.shape[0])
     key = (id(weight), module.__name__)
     kept = _TRANSFORMED.get(key)

@@ -553,3 +553,24 @@ def test_evaluation_reuses_the_transformed_weights_until_they_change(size):
     F._TRANSFORMED.clear()
     assert np.array_equal(conv(x), run(x, conv.weight.data, conv.bias.data, ((1, 1), (1, 1))))
     assert not F._TRANSFORMED
+
+
+def test_a_grouped_convolution_keeps_no_transformed_weights(monkeypatch):
+    """Its groups' weights are views made anew on every call: transformed, never kept (a copy
+    per group and call, gone with the view, would be work for nothing)."""
+    kept = []
+
+    class Recording(dict):
+        def __setitem__(self, key, value):
+            kept.append(key)
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(F, "_TRANSFORMED", Recording())
+    conv = fastcnn.Conv2D(32, 32, 3, padding=1, groups=2, rng=np.random.default_rng(13)).eval()
+    x = np.random.default_rng(14).standard_normal((2, 32, 8, 8)).astype(np.float32)
+    first = conv(x)
+    assert np.array_equal(conv(x), first)
+    assert kept == []
+    plain = fastcnn.Conv2D(32, 32, 3, padding=1, rng=np.random.default_rng(13)).eval()
+    plain(x)
+    assert len(kept) == 1  # a layer's own weight array is kept
