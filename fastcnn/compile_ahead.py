@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from . import precompile
+from . import compile_helper, precompile
 from ._checks import is_int
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ MESSAGE = (
 )
 _STATE = {"checked": False}
 
-# On a cold cache a training step's backward convolution kernels compile in a helper process
-# while this one compiles the forward ones (fastcnn.precompile's background compilation).
-precompile.install_background()
+# On a cold cache a training step's later kernels compile in a helper process while this one
+# compiles the ones it reaches first (fastcnn.compile_helper).
+compile_helper.install()
 
 
 def mark_announced() -> None:

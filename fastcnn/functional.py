@@ -822,7 +822,7 @@ def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
         _winograd.conv2d_winograd_backward_weight(
             _nhwc(x), dy, pads[0], pads[2], dweight, dbias, numba.get_num_threads()
         )
-    elif c == 1 and f <= _conv2d_c1.RN and kw <= _conv2d_c1.FTN and (sh, sw, dh, dw) == (1,) * 4:
+    elif _weight_gradient_by_c1(weight.shape, (sh, sw), (dh, dw)):
         # one channel, few filters: bitwise the direct kernel, following its pixel chunks
         n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
         plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, numba.get_num_threads())
@@ -896,6 +896,20 @@ def _weight_gradient_by_winograd(weight_shape, stride, pads, dilation):
         and c % 16 == 0
         and f % 16 == 0
         and winograd_enabled()
+    )
+
+
+def _weight_gradient_by_c1(weight_shape, stride, dilation):
+    """Whether a convolution's weight gradient runs on the one-channel kernel
+    (kernels/conv2d_c1.py): one channel, at most its RN filters and FTN columns, stride and
+    dilation 1."""
+    f, c, kh, kw = (int(v) for v in weight_shape)
+    return (
+        c == 1
+        and f <= _conv2d_c1.RN
+        and kw <= _conv2d_c1.FTN
+        and tuple(stride) == (1, 1)
+        and tuple(dilation) == (1, 1)
     )
 
 

@@ -29,8 +29,8 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import functional as F
 from ._checks import is_int, is_real
 from ._types import Array, Config, Padding, Rng, Shape, Size2
+from .compile_helper import expect_convolution_gradients
 from .module import Module, Parameter, register_module
-from .precompile import expect_winograd_weight_gradient
 from .seeding import default_rng, global_generator
 
 if TYPE_CHECKING:
@@ -260,8 +260,8 @@ class Conv2D(Module):
     def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         if self.training and self.groups == 1:
-            expect_winograd_weight_gradient(
-                self.weight.data, self.stride, self.padding, self.dilation
+            expect_convolution_gradients(
+                self.weight.data, self.stride, self.padding, self.dilation, x.shape[2:]
             )
         y = F.conv2d_forward(
             x,

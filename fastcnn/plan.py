@@ -46,6 +46,7 @@ import numpy as np
 
 from . import functional as F
 from ._types import Array
+from .compile_helper import expect_convolution_gradients
 from .layers import (
     BatchNorm2D,
     Conv2D,
@@ -57,7 +58,6 @@ from .layers import (
     cast_input,
     check_grad,
 )
-from .precompile import expect_winograd_weight_gradient
 
 if TYPE_CHECKING:
     from .module import Module
@@ -172,7 +172,9 @@ def _tiles(pool):
 
 def _conv_relu(conv, x):
     if conv.training:
-        expect_winograd_weight_gradient(conv.weight.data, conv.stride, conv.padding, conv.dilation)
+        expect_convolution_gradients(
+            conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:]
+        )
     return F.conv2d_forward(
         x,
         conv.weight.data,

@@ -9,10 +9,9 @@ import textwrap
 import time
 import warnings
 
-import numpy as np
 import pytest
 
-from fastcnn import precompile
+from fastcnn import compile_helper, precompile
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,7 @@ def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
     def interrupted(dtype):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
     monkeypatch.setattr(precompile, "compile_forward", interrupted)
     finish = precompile.start()
     assert finish is not None and len(started) == 1
@@ -200,7 +199,7 @@ def test_a_ctrl_c_swallowed_while_compiling_still_interrupts(monkeypatch):
         except KeyboardInterrupt:
             pass  # what ctypes does with an exception raised in a callback
 
-    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
     monkeypatch.setattr(precompile, "compile_forward", compile_swallowing_the_interrupt)
     finish = precompile.start()
     previous = signal.getsignal(signal.SIGINT)
@@ -208,146 +207,3 @@ def test_a_ctrl_c_swallowed_while_compiling_still_interrupts(monkeypatch):
         finish()
     assert started[0].poll() is not None
     assert signal.getsignal(signal.SIGINT) is previous
-
-
-# The child scripts' start: the helper allowed whatever else runs on the machine, and the
-# names of the kernels this process compiles collected in ``compiled``.
-_CHILD_START = textwrap.dedent("""
-    import numpy as np
-    from numba.core import event
-    import fastcnn
-    from fastcnn import precompile
-    from fastcnn.kernels import conv2d, dense, winograd
-
-    precompile._spare_cpu = lambda: True
-    compiled = []
-
-    class Listener(event.Listener):
-        def on_start(self, ev):
-            compiled.append(ev.data["dispatcher"].py_func.__name__)
-
-        def on_end(self, ev):
-            pass
-
-    event.register("numba:compile", Listener())
-""")
-
-_BACKGROUND_CHILD = _CHILD_START + textwrap.dedent("""
-    # two convolutions, the second with stride 2 (its input gradient by col2im), as layers
-    # call the kernels; input_grad: both gradients of both
-    model = fastcnn.Sequential(
-        fastcnn.Conv2D(3, 8, 3, padding=1),
-        fastcnn.ReLU(),
-        fastcnn.Conv2D(8, 4, 3, stride=2),
-        fastcnn.Flatten(),
-        fastcnn.Dense(4 * 3 * 3, 10),
-    )
-    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
-    y = np.arange(4) % 10
-    loss_fn = fastcnn.CrossEntropyLoss()
-    loss_fn(model(x), y)
-    helper = precompile._background["helper"]
-    print("HELPER", helper is not None)
-    model.backward(loss_fn.backward(), input_grad=True)
-    print("HELPER_EXIT", None if helper is None else helper.poll())
-    print("COMPILED", sorted(set(compiled)))
-    kernels = (conv2d.conv2d_backward_weight, conv2d.conv2d_backward_input)
-    kernels += (dense.dense_forward, dense.dense_product)
-    print("HITS", [sum(k.stats.cache_hits.values()) for k in kernels])
-""")
-
-
-def _background_child(tmp_path, code=_BACKGROUND_CHILD, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
-    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env_extra)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-
-
-def test_background_helper_compiles_the_convolution_gradients_a_step_uses(tmp_path):
-    """Cold cache: the first forward convolution starts the helper; the Dense forward, then the
-    backward pass, wait for it and load the Dense kernels and both convolution gradients from
-    the cache (the helper compiled them with the argument types the layers use: else they
-    would compile here again)."""
-    first = _background_child(tmp_path)
-    # (each kernel is waited for alone: the helper may still be compiling others, the Dense
-    # ones this model has not)
-    assert first["HELPER"] == "True" and first["HELPER_EXIT"] in ("0", "None"), first
-    assert "conv2d_backward_weight" not in first["COMPILED"], first
-    assert "conv2d_backward_input" not in first["COMPILED"], first
-    assert "dense_forward" not in first["COMPILED"], first
-    assert first["HITS"] == "[1, 1, 1, 1]", first
-    again = _background_child(tmp_path)  # warm: no helper
-    assert again["HELPER"] == "False" and again["COMPILED"] == "[]", again
-
-
-def test_background_helper_off_with_the_switch(tmp_path):
-    off = _background_child(tmp_path, FASTCNN_NO_PRECOMPILE="1")
-    assert off["HELPER"] == "False" and off["HITS"] == "[0, 0, 0, 0]", off
-    assert "conv2d_backward_weight" in off["COMPILED"], off
-
-
-def test_no_helper_without_a_spare_cpu(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert precompile._spare_cpu() is False
-
-
-def test_own_running_threads_count_once(monkeypatch):
-    # 2 CPUs, 2 threads running, both this process's (a Numba worker after a kernel)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(precompile, "_running_tasks", lambda: 2)
-    monkeypatch.setattr(precompile, "_running_threads_here", lambda: 2)
-    assert precompile._spare_cpu() is True
-    monkeypatch.setattr(precompile, "_running_threads_here", lambda: 1)  # another process
-    assert precompile._spare_cpu() is False
-    assert precompile._running_threads_here() >= 0  # the real one reads /proc/self/task
-
-
-_WINOGRAD_CHILD = _CHILD_START + textwrap.dedent("""
-    # a 3x3 'same' convolution of 32 channels: Winograd forward, input and weight gradients
-    model = fastcnn.Sequential(fastcnn.Conv2D(32, 32, 3, padding=1), fastcnn.ReLU())
-    x = np.random.default_rng(0).random((2, 32, 6, 6), dtype=np.float32)
-    y = model(x)
-    second = precompile._background["second"]
-    print("SECOND", second is not None and second[0] is not None)
-    model.backward(np.ones_like(y), input_grad=True)
-    print("COMPILED", sorted(set(compiled)))
-    print("HITS", sum(winograd.conv2d_winograd_backward_weight.stats.cache_hits.values()))
-""")
-
-
-def test_second_helper_compiles_the_winograd_weight_gradient(tmp_path):
-    """Cold cache: a training-mode forward whose weight gradient will run on the Winograd
-    kernel starts a second helper compiling it, and the backward loads it from the cache."""
-    out = _background_child(tmp_path, _WINOGRAD_CHILD)
-    assert out["SECOND"] == "True", out
-    assert "conv2d_winograd_backward_weight" not in out["COMPILED"], out
-    assert out["HITS"] == "1", out
-
-
-def test_the_second_helper_only_for_a_winograd_weight_gradient(monkeypatch):
-    started = []
-    monkeypatch.setattr(precompile, "_start_job", lambda *a: started.append(a) or None)
-    monkeypatch.setitem(precompile._background, "pid", os.getpid())
-    monkeypatch.setitem(precompile._background, "second", None)
-    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
-    w = np.ones((32, 32, 3, 3), np.float32)
-    precompile.expect_winograd_weight_gradient(w, 1, 0, 1)  # 'valid': the direct kernel
-    precompile.expect_winograd_weight_gradient(np.ones((32, 32, 5, 5), np.float32), 1, 2, 1)
-    precompile.expect_winograd_weight_gradient(w, 2, 1, 1)  # stride 2
-    assert started == [] and precompile._background["second"] is None
-    precompile.expect_winograd_weight_gradient(w, 1, "same", 1)
-    precompile.expect_winograd_weight_gradient(w, 1, 1, 1)  # once per process
-    assert len(started) == 1 and started[0][1] == "float32"

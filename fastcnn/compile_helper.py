@@ -1,0 +1,459 @@
+"""A first training step on a cold kernel cache compiles in two processes: this one compiles
+the kernels in the order it reaches them, a helper compiles the ones it will reach later.
+
+Numba compiles a kernel on its first call, holding the GIL, and caches it on disk: on a
+machine where nothing is cached yet a training step compiles for 30-40 s on one core. When a
+forward kernel first compiles (or loads) here, the kernels that follow it in a training step
+are requested from a helper process (``FOLLOWERS``: the Dense layers', BatchNorm's, the pools'
+gradients), and a convolution layer's training forward requests its own gradients
+(``expect_convolution_gradients``). The helper compiles the requests in
+the order they came (the early layers' gradients, which the backward pass reaches last, come
+first), each through ``fastcnn.precompile.RECIPES`` (tiny inputs with the layers' argument
+types), into numba's cache. Whoever starts a kernel first claims it, by creating a file in a
+folder the two processes share: when this process reaches a kernel the helper has claimed, it
+waits until the helper has finished it and loads it from the cache; a requested kernel the
+helper has not started yet, this process claims and compiles itself, and the helper skips it.
+While this process waits for the helper, it compiles requested kernels nobody has started yet
+(the last requested first). So neither process waits on work the other has not begun, and no
+kernel compiles twice.
+
+One helper per process, started by the first request on a cold cache when a second CPU is free
+(``_spare_cpu``); it ends when this process does, or after ``_IDLE`` seconds without a request.
+None in the helpers themselves, after ``fastcnn.precompile.start`` (``fastcnn train``'s own
+split), or with ``FASTCNN_NO_PRECOMPILE=1``. If the cache cannot be written, the helper's work
+is lost and this process compiles what it needs: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+__all__ = [
+    "FOLLOWERS",
+    "request",
+    "expect_convolution_gradients",
+    "install",
+    "disable",
+    "spawn",
+    "serve",
+]
+
+_DENSE = (("dense.dense_forward", 0), ("dense.dense_product", 0))
+_RELU = ("activations.relu_backward", 0)
+
+#: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
+#: helper takes the lowest priority first, each in the order requested. A convolution kernel
+#: requests the Dense layers' (the forward pass reaches the Dense forward soon); a convolution
+#: layer requests its own gradients (``expect_convolution_gradients``: they depend on its
+#: shape).
+FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
+    "conv2d_forward": _DENSE,
+    "conv2d_c1_forward": _DENSE,
+    "conv2d_relu_maxpool2d_forward": (  # the reference network's fused steps
+        _DENSE[0],
+        ("fused.maxpool2d_conv2d_backward_weight_dense", 0),
+        _DENSE[1],
+        ("fused.maxpool2d_conv2d_backward_input", 0),
+        ("fused.maxpool2d_conv2d_backward_weight", 0),
+    ),
+    "dense_forward": (_DENSE[1],),
+    "batchnorm_forward_train_nhwc": (("batchnorm.batchnorm_backward_nhwc", 0),),
+    "maxpool2d_forward": (("pool2d.maxpool2d_backward", 0),),
+    "avgpool2d_forward": (("pool2d.avgpool2d_backward", 0),),
+    "global_avgpool2d_forward": (("pool2d.global_avgpool2d_backward", 0),),
+    "relu_forward": (_RELU,),
+    "add_relu_forward": (_RELU, ("activations.add", 0)),
+}
+#: Up to this many input channels a convolution is taken for a network's first layer (an
+#: image's channels), whose input gradient no training step computes: not requested.
+_IMAGE_CHANNELS = 4
+
+_HELPER_TIMEOUT = 600.0  # seconds this process waits for one kernel before compiling it itself
+_IDLE = 30.0  # seconds the helper waits for a request before it ends
+
+_state: dict[str, Any] = {}
+_order = itertools.count()  # the order of the requests
+_lock = threading.Lock()
+
+
+def _reset() -> None:
+    """This process's state: fresh in a new process and after a fork (nothing started here)."""
+    _state.update(
+        pid=os.getpid(),
+        helper=None,  # the helper's Popen, once started
+        tried=False,  # a helper was started or refused: never a second one
+        claims=None,  # the folder of claim files shared with the helper
+        # (dispatcher, dtype) -> [kernel name, priority, order, claimed by the helper], sent
+        # and not yet reached here
+        requested={},
+        convolutions=set(),  # the convolutions expect_convolution_gradients has seen
+        stealing=False,  # compiling a requested kernel while waiting for the helper
+    )
+
+
+_reset()
+
+
+def disable() -> None:
+    """No helper from this process (``fastcnn.precompile.start`` runs one of its own)."""
+    with _lock:
+        if _state["pid"] != os.getpid():
+            _reset()
+        _state["tried"] = True
+
+
+def _kernel(name: str) -> Any:
+    from . import kernels
+
+    module, attr = name.split(".")
+    return getattr(getattr(kernels, module), attr)
+
+
+def _cached(dispatcher: Any) -> bool:
+    """Whether numba's cache has an index for the kernel (False if its layout is unknown)."""
+    try:
+        return os.path.exists(dispatcher._cache._cache_file._index_path)  # numba's private layout
+    except AttributeError:
+        return False
+
+
+def _dtype_name(argument_types: Any) -> str | None:
+    """The dtype of a kernel's first floating array argument, as numpy names it."""
+    for t in argument_types:
+        dtype = getattr(t, "dtype", None)
+        if dtype is not None and str(dtype) in ("float32", "float64"):
+            return str(dtype)
+    return None
+
+
+def _claim_path(claims: str, name: str, dtype: str) -> str:
+    return os.path.join(claims, f"{name}-{dtype}")
+
+
+def _claim(claims: str, name: str, dtype: str) -> bool:
+    """Claim the kernel for the calling process: True if no process had (or the folder is
+    gone: then compile it anyway)."""
+    try:
+        os.close(os.open(_claim_path(claims, name, dtype), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ---- this process: requests, claims, waits ----
+
+
+def spawn(code: str, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes] | None:
+    """A Python process running ``code`` with this fastcnn first on its path, without a helper
+    of its own (None if it cannot start)."""
+    env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
+    # the folder holding this fastcnn (an install or a source checkout) comes first
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    except OSError:
+        return None
+
+
+def _spare_cpu() -> bool:
+    """Whether a second CPU looks free for the helper: at least two usable, and (on Linux) fewer
+    tasks running right now than usable CPUs, this process's own included (/proc/loadavg). On a
+    machine whose other CPU is busy the helper only adds its start-up and the helpers both
+    processes compile (about 2 s of CPU) to the same core."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    if usable < 2:
+        return False
+    running = _running_tasks()
+    if running is None:
+        return True
+    # this process's own threads count once: Numba's workers, still running for a moment after
+    # a parallel kernel, kept LeNet-5's helper from ever starting (its first convolution runs
+    # before the second one, the trigger, compiles)
+    return running - max(0, _running_threads_here() - 1) < usable
+
+
+def _running_tasks() -> int | None:
+    """Threads running on the machine now (/proc/loadavg's fourth field), None if unknown."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running_threads_here() -> int:
+    """Threads of this process in state R (running) now, per /proc/self/task (0 if unknown)."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return count
+
+
+def _helper() -> subprocess.Popen[bytes] | None:
+    """The running helper, started on the first call if allowed (under ``_lock``)."""
+    state = _state
+    if not state["tried"]:
+        state["tried"] = True
+        if os.environ.get("FASTCNN_NO_PRECOMPILE") or not _spare_cpu():
+            return None
+        claims = tempfile.mkdtemp(prefix="fastcnn-compile-")
+        code = f"from fastcnn.compile_helper import serve; serve({os.getpid()}, {claims!r})"
+        helper = spawn(code, stdin=subprocess.PIPE)
+        if helper is None:
+            shutil.rmtree(claims, ignore_errors=True)
+            return None
+        atexit.register(_stop, helper, claims)
+        state["helper"], state["claims"] = helper, claims
+    helper = state["helper"]
+    return helper if helper is not None and helper.poll() is None else None
+
+
+def _stop(helper: subprocess.Popen[bytes], claims: str) -> None:
+    """At exit: end the helper (it may be compiling what nothing will use) and its folder."""
+    if helper.poll() is None:
+        helper.kill()
+        helper.wait()
+    shutil.rmtree(claims, ignore_errors=True)
+
+
+def request(kernels: Any, dtype: str | None, start: bool = True) -> None:
+    """Ask the helper to compile ``kernels`` ((name, priority) pairs, names as in
+    ``fastcnn.precompile.RECIPES``) for ``dtype``, those not cached or requested yet; with
+    ``start``, starts the helper on the first request. Nothing when no helper runs or can."""
+    if dtype is None:
+        return
+    with _lock:
+        state = _state
+        if state["pid"] != os.getpid():
+            _reset()
+        if state["tried"] and state["helper"] is None or not (start or state["tried"]):
+            return  # refused, disabled, or not to be started for this
+        for name, priority in kernels:
+            dispatcher = _kernel(name)
+            key = (dispatcher, dtype)
+            if key in state["requested"] or _cached(dispatcher):
+                continue
+            helper = _helper()
+            if helper is None or helper.stdin is None:
+                return
+            try:
+                helper.stdin.write(f"{priority} {name} {dtype}\n".encode())
+                helper.stdin.flush()
+            except OSError:  # it ended (idle, or killed): this process compiles the rest
+                return
+            state["requested"][key] = [name, priority, next(_order), False]
+
+
+def _steal() -> bool:
+    """While waiting for the helper: compile here the kernel requested last that
+    neither process has started (the helper would reach it last). False if there is none."""
+    import numpy as np
+
+    from . import precompile
+
+    with _lock:
+        state = _state
+        if state["stealing"]:
+            return False
+        entries = sorted((e[2], key) for key, e in state["requested"].items() if not e[3])
+        for _, key in reversed(entries):
+            entry = state["requested"][key]
+            if _claim(state["claims"], entry[0], key[1]):
+                del state["requested"][key]
+                name, dtype = entry[0], key[1]
+                break
+            entry[3] = True  # the helper's: waited for when reached
+        else:
+            return False
+        state["stealing"] = True
+    try:
+        precompile.RECIPES[name](np.dtype(dtype))
+    except Exception:
+        pass  # compiled again when the step reaches it, which meets the error if it is one
+    finally:
+        state["stealing"] = False
+    return True
+
+
+def _wait_for(name: str, dtype: str) -> None:
+    """Wait until the helper has finished the kernel it claimed (a file says so), or ended;
+    meanwhile compile here what it has not started (``_steal``)."""
+    helper, claims = _state["helper"], _state["claims"]
+    done = _claim_path(claims, name, dtype) + ".done"
+    start = time.monotonic()
+    while helper.poll() is None and not os.path.exists(done):
+        if time.monotonic() - start > _HELPER_TIMEOUT:  # stuck: compile it here
+            helper.kill()
+            helper.wait()
+            return
+        if not _steal():
+            time.sleep(0.02)
+
+
+def _on_compile(dispatcher: Any, argument_types: Any) -> None:
+    """fastcnn.kernels.compile_hooks' hook, before each compilation or cache load of a kernel
+    here: a requested kernel is claimed (and compiled here) or waited for; a forward kernel
+    requests its followers. Cheap when there is nothing to do (every cache load calls it)."""
+    state = _state
+    if state["pid"] != os.getpid():
+        with _lock:
+            _reset()
+    if state["requested"]:
+        dtype = _dtype_name(argument_types)
+        with _lock:
+            entry = state["requested"].pop((dispatcher, dtype), None)
+            wait = entry is not None and not _claim(state["claims"], entry[0], str(dtype))
+        if wait:
+            _wait_for(entry[0], str(dtype))
+    followers = FOLLOWERS.get(dispatcher.py_func.__name__)
+    if followers is not None and not (state["tried"] and state["helper"] is None):
+        # a helper starts for a kernel that compiles here, never for one loaded from the
+        # cache: its followers may be kernels a step never runs (an evaluation's, a fusion's)
+        request(followers, _dtype_name(argument_types), start=not _cached(dispatcher))
+
+
+def expect_convolution_gradients(
+    weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
+) -> None:
+    """Called by a convolution's training-mode forward (one group) before its kernel: request
+    the kernels of its weight gradient (the Winograd one is about 7 s of compilation) and of
+    its input gradient where that is not a forward kernel (col2im) nor the image's (a first
+    layer's). After the first call for a convolution, a set lookup."""
+    state = _state
+    if state["pid"] != os.getpid():
+        with _lock:
+            _reset()
+    try:
+        key = (weight.shape, weight.dtype, stride, padding, dilation, tuple(input_size))
+        if key in state["convolutions"]:
+            return
+        state["convolutions"].add(key)
+    except TypeError:  # an unhashable argument (the layer checks them): nothing to request
+        return
+    if state["tried"] and state["helper"] is None:
+        return
+    try:
+        kernels = _convolution_gradients(weight, stride, padding, dilation, input_size)
+    except (ValueError, TypeError, IndexError):  # bad arguments: the layer's checks say which
+        return
+    # a helper starts only if the weight gradient, which a training step surely runs, is cold
+    request(kernels, weight.dtype.name, start=not _cached(_kernel(kernels[0][0])))
+
+
+def _convolution_gradients(
+    weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
+) -> tuple[tuple[str, int], ...]:
+    """The (kernel, priority) pairs of a convolution's gradients, as functional picks them."""
+    from . import functional as F
+
+    shape = weight.shape
+    layer = "Conv2D"
+    k, s, d = (
+        F.pair(v, n, layer)
+        for v, n in ((shape[2:], "kernel"), (stride, "stride"), (dilation, "dilation"))
+    )
+    pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
+    if F._weight_gradient_by_winograd(shape, s, pads, d):
+        # the longest compilation of a step (6-7 s): first, or this process waits for it last
+        kernels = [("winograd.conv2d_winograd_backward_weight", -1)]
+    elif F._weight_gradient_by_c1(shape, s, d):
+        kernels = [("conv2d_c1.conv2d_c1_backward_weight", 0)]
+    else:
+        kernels = [("conv2d.conv2d_backward_weight", 0)]
+    if (
+        not (
+            F._input_gradient_by_winograd(weight, s, pads, d)
+            or F._input_gradient_as_convolution(weight, s, pads, d)
+        )
+        and shape[1] > _IMAGE_CHANNELS
+    ):
+        kernels.append(("conv2d.conv2d_backward_input", 0))
+    return tuple(kernels)
+
+
+def install() -> None:
+    """Register the hook with fastcnn.kernels (idempotent)."""
+    from . import kernels
+
+    if _on_compile not in kernels.compile_hooks:
+        kernels.compile_hooks.append(_on_compile)
+
+
+# ---- the helper ----
+
+
+def serve(parent_pid: int, claims: str) -> None:
+    """The helper's loop: read ``priority name dtype`` lines from stdin, compile each kernel
+    not claimed yet (lowest priority first, then in the order received), mark it done; end at
+    the end of stdin or after ``_IDLE`` seconds without work."""
+    import numpy as np
+
+    from . import precompile
+
+    precompile.die_with_parent(parent_pid)
+    pending: list[tuple[int, int, str, str]] = []
+    order = itertools.count()
+    arrived = threading.Condition()
+    closed = []
+
+    def read() -> None:
+        for line in sys.stdin:
+            fields = line.split()
+            if len(fields) == 3 and fields[1] in precompile.RECIPES:
+                with arrived:
+                    heapq.heappush(pending, (int(fields[0]), next(order), fields[1], fields[2]))
+                    arrived.notify()
+        with arrived:
+            closed.append(True)
+            arrived.notify()
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        with arrived:
+            if not pending and not closed:
+                arrived.wait(timeout=_IDLE)
+            if not pending:
+                return
+            _, _, name, dtype = heapq.heappop(pending)
+        if not _claim(claims, name, dtype):
+            continue  # the parent got there first
+        try:
+            precompile.RECIPES[name](np.dtype(dtype))
+        except Exception:
+            pass  # the parent compiles it itself, and meets the error there if it is one
+        finally:
+            with open(_claim_path(claims, name, dtype) + ".done", "w"):
+                pass

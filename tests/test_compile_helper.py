@@ -1,0 +1,316 @@
+"""fastcnn.compile_helper: on a cold cache a helper process compiles the kernels a training step
+reaches later; each kernel compiles once, in one of the two processes, with the argument types
+the layers pass (else the step would compile it again)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from fastcnn import compile_helper, precompile
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(precompile.__file__)))
+
+
+def _child(tmp_path, code, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "FASTCNN_NO_PRECOMPILE"}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+
+
+# Networks whose training steps reach every kernel of RECIPES, with their inputs.
+_NETWORKS = textwrap.dedent("""
+    import numpy as np
+    import fastcnn
+    from fastcnn import models
+
+    def networks():
+        yield models.reference(seed=0), (2, 1, 28, 28)
+        yield models.BUILDERS["lenet5"](1, 10, 0), (2, 1, 28, 28)  # one channel, tanh, avg pool
+        yield models.BUILDERS["resnet8"](3, 10, 0), (2, 3, 32, 32)  # BN, residual, stride 2
+        yield fastcnn.Sequential(  # Winograd (32 channels), max pool, 'valid' col2im
+            fastcnn.Conv2D(3, 32, 3, padding=1),
+            fastcnn.ReLU(),
+            fastcnn.Conv2D(32, 32, 3, padding=1),
+            fastcnn.BatchNorm2D(32),
+            fastcnn.ReLU(),
+            fastcnn.MaxPool2D(2),
+            fastcnn.Conv2D(32, 8, 3),
+            fastcnn.AvgPool2D(2),
+            fastcnn.Flatten(),
+            fastcnn.Dense(8, 10),
+        ), (2, 3, 8, 8)
+
+    def step(model, shape):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        loss_fn = fastcnn.CrossEntropyLoss()
+        loss_fn(model(x), np.arange(shape[0]) % 10)
+        model.backward(loss_fn.backward())
+""")
+
+_RECIPES_CHILD = _NETWORKS + textwrap.dedent("""
+    from numba.core import event
+    from fastcnn import precompile
+
+    for recipe in precompile.RECIPES.values():
+        recipe(np.dtype("float32"))
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            d = ev.data["dispatcher"]
+            compiled.append(d.py_func.__module__.rsplit(".", 1)[-1] + "." + d.py_func.__name__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    for model, shape in networks():
+        step(model, shape)
+    print("AGAIN", sorted(set(compiled) & set(precompile.RECIPES)))
+    print("REACHED", sorted(set(compiled)))
+""")
+
+
+@pytest.mark.slow
+def test_recipes_compile_the_kernels_with_the_layers_argument_types(tmp_path):
+    """Every recipe compiles its kernel as the layers call it: after all recipes, training
+    steps of networks that reach every one of those kernels compile none of them again."""
+    out = _child(tmp_path, _RECIPES_CHILD, FASTCNN_NO_PRECOMPILE="1")
+    assert out["AGAIN"] == "[]", out
+
+
+_SCHEDULE_CHILD = _NETWORKS + textwrap.dedent("""
+    import os
+    from numba.core import event
+    from fastcnn import compile_helper, precompile
+
+    compile_helper._spare_cpu = lambda: True
+    compiled = []
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            d = ev.data["dispatcher"]
+            compiled.append(d.py_func.__module__.rsplit(".", 1)[-1] + "." + d.py_func.__name__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    model, shape = list(networks())[{index}]
+    step(model, shape)
+    state = compile_helper._state
+    print("HELPER", state["helper"] is not None)
+    claims = os.listdir(state["claims"]) if state["claims"] else []
+    done = sorted(n[: -len("-float32.done")] for n in claims if n.endswith(".done"))
+    print("HELPER_DID", done)
+    print("HERE", sorted(set(compiled) & set(precompile.RECIPES)))
+    print("BOTH", sorted(set(compiled) & set(done)))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [2, 3])
+def test_each_kernel_compiles_once_in_one_of_the_two_processes(tmp_path, index):
+    """Cold cache, a spare CPU: the helper starts and compiles some of the step's kernels,
+    this process the others; none compiles in both (the claims), and what the helper
+    compiled loads here from the cache."""
+    out = _child(tmp_path, _SCHEDULE_CHILD.format(index=index))
+    assert out["HELPER"] == "True", out
+    assert out["HELPER_DID"] != "[]", out
+    assert out["BOTH"] == "[]", out
+    again = _child(tmp_path, _SCHEDULE_CHILD.format(index=index))  # warm: no helper
+    assert again["HELPER"] == "False" and again["HERE"] == "[]", again
+
+
+@pytest.mark.slow
+def test_no_helper_with_the_switch(tmp_path):
+    out = _child(tmp_path, _SCHEDULE_CHILD.format(index=3), FASTCNN_NO_PRECOMPILE="1")
+    assert out["HELPER"] == "False", out
+    assert "winograd.conv2d_winograd_backward_weight" in out["HERE"], out
+
+
+def test_no_helper_without_a_spare_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert compile_helper._spare_cpu() is False
+
+
+def test_own_running_threads_count_once(monkeypatch):
+    # 2 CPUs, 2 threads running, both this process's (a Numba worker after a kernel)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(compile_helper, "_running_tasks", lambda: 2)
+    monkeypatch.setattr(compile_helper, "_running_threads_here", lambda: 2)
+    assert compile_helper._spare_cpu() is True
+    monkeypatch.setattr(compile_helper, "_running_threads_here", lambda: 1)  # another process
+    assert compile_helper._spare_cpu() is False
+    assert compile_helper._running_threads_here() >= 0  # the real one reads /proc/self/task
+
+
+@pytest.mark.parametrize(
+    "shape, stride, padding, size, expected",
+    [
+        # 3x3 'same' at 32 channels: Winograd weight gradient first, input gradient by Winograd
+        ((32, 32, 3, 3), 1, "same", (8, 8), [("winograd.conv2d_winograd_backward_weight", -1)]),
+        # stride 2: the direct kernel's gradients, col2im needed
+        (
+            (32, 16, 3, 3),
+            2,
+            1,
+            (8, 8),
+            [("conv2d.conv2d_backward_weight", 0), ("conv2d.conv2d_backward_input", 0)],
+        ),
+        # an image's 3 channels: a first layer, whose input gradient no step computes
+        ((16, 3, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", 0)]),
+        # one channel, 6 filters of 5x5 (LeNet-5's first)
+        (
+            (6, 1, 5, 5),
+            1,
+            0,
+            (28, 28),
+            [("conv2d_c1.conv2d_c1_backward_weight", 0)],
+        ),
+        # 16 channels to 8 filters, stride 1: the input gradient is a forward convolution
+        ((8, 16, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", 0)]),
+    ],
+)
+def test_a_convolution_requests_the_kernels_its_backward_runs(
+    shape, stride, padding, size, expected
+):
+    w = np.ones(shape, np.float32)
+    got = compile_helper._convolution_gradients(w, stride, padding, 1, size)
+    assert list(got) == expected
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A clean state with a claims folder and a stand-in helper that reads nothing."""
+    saved = dict(compile_helper._state)
+    compile_helper._reset()
+    sent = []
+
+    class Pipe:
+        def write(self, data):
+            sent.append(data.decode().split())
+
+        def flush(self):
+            pass
+
+    class Helper:
+        stdin = Pipe()
+
+        def poll(self):
+            return None
+
+    compile_helper._state.update(tried=True, helper=Helper(), claims=str(tmp_path))
+    monkeypatch.setattr(compile_helper, "_cached", lambda dispatcher: False)
+    yield sent
+    compile_helper._state.clear()
+    compile_helper._state.update(saved)
+
+
+def test_a_request_is_sent_once(fresh_state):
+    sent = fresh_state
+    compile_helper.request([("conv2d.conv2d_backward_input", 0)], "float32")
+    compile_helper.request([("conv2d.conv2d_backward_input", 0)], "float32")
+    compile_helper.request([("conv2d.conv2d_backward_input", 0)], "float64")
+    assert sent == [
+        ["0", "conv2d.conv2d_backward_input", "float32"],
+        ["0", "conv2d.conv2d_backward_input", "float64"],
+    ]
+
+
+def test_no_helper_starts_for_the_followers_of_a_cached_kernel(monkeypatch):
+    """A forward kernel loaded from the cache requests nothing: its followers may be kernels
+    a step never runs, which would start a helper on every run."""
+    saved = dict(compile_helper._state)
+    compile_helper._reset()
+    started = []
+    monkeypatch.setattr(compile_helper, "_helper", lambda: started.append(1))
+    monkeypatch.setattr(compile_helper, "_cached", lambda dispatcher: False)
+    try:
+        compile_helper.request([("dense.dense_product", 0)], "float32", start=False)
+        assert started == [] and compile_helper._state["requested"] == {}
+        compile_helper.request([("dense.dense_product", 0)], "float32")
+        assert started == [1]
+    finally:
+        compile_helper._state.clear()
+        compile_helper._state.update(saved)
+
+
+def test_the_first_to_claim_a_kernel_compiles_it(tmp_path):
+    assert compile_helper._claim(str(tmp_path), "dense.dense_product", "float32")
+    assert not compile_helper._claim(str(tmp_path), "dense.dense_product", "float32")
+    assert compile_helper._claim(str(tmp_path), "dense.dense_product", "float64")
+
+
+def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, monkeypatch):
+    """While the helper compiles a kernel this process waits for, this process takes the
+    request sent last (the helper would reach it last), skipping what the helper claimed."""
+    ran = []
+    monkeypatch.setattr(
+        precompile,
+        "RECIPES",
+        {n: (lambda dtype, n=n: ran.append(n)) for n in precompile.RECIPES},
+    )
+    compile_helper.request(
+        [
+            ("dense.dense_product", 0),
+            ("pool2d.maxpool2d_backward", 0),
+            ("activations.add", 0),
+        ],
+        "float32",
+    )
+    claims = compile_helper._state["claims"]
+    compile_helper._claim(claims, "activations.add", "float32")  # the helper's
+    assert compile_helper._steal() and ran == ["pool2d.maxpool2d_backward"]
+    assert compile_helper._steal() and ran[-1] == "dense.dense_product"
+    assert not compile_helper._steal() and len(ran) == 2
+    assert [e[0] for e in compile_helper._state["requested"].values()] == ["activations.add"]
+
+
+@pytest.mark.slow
+def test_the_helper_compiles_requests_and_ends_with_its_input(tmp_path):
+    """The helper's loop: a request it can claim is compiled and marked done; one already
+    claimed is skipped; the end of its input ends it."""
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    compile_helper._claim(str(claims), "activations.relu_backward", "float32")  # taken
+    code = f"from fastcnn.compile_helper import serve; serve({os.getpid()}, {str(claims)!r})"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [env.get("PYTHONPATH", "")])
+    helper = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, env=env, cwd=tmp_path
+    )
+    assert helper.stdin is not None
+    helper.stdin.write(
+        b"0 activations.add float32\n0 no.such_kernel float32\n"
+        b"0 activations.relu_backward float32\n"
+    )
+    helper.stdin.flush()
+    deadline = time.monotonic() + 120
+    while not (claims / "activations.add-float32.done").exists():
+        assert time.monotonic() < deadline and helper.poll() is None
+        time.sleep(0.05)
+    helper.stdin.close()
+    assert helper.wait(timeout=60) == 0
+    assert sorted(os.listdir(claims)) == [
+        "activations.add-float32",
+        "activations.add-float32.done",
+        "activations.relu_backward-float32",
+    ]
