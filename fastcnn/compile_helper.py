@@ -229,20 +229,26 @@ def _helper() -> subprocess.Popen[bytes] | None:
         state["tried"] = True
         if os.environ.get("FASTCNN_NO_PRECOMPILE") or not _spare_cpu():
             return None
-        claims = tempfile.mkdtemp(prefix="fastcnn-compile-")
+        try:
+            claims = tempfile.mkdtemp(prefix="fastcnn-compile-")
+        except OSError:  # no writable temporary folder: compile everything here
+            return None
         code = f"from fastcnn.compile_helper import serve; serve({os.getpid()}, {claims!r})"
         helper = spawn(code, stdin=subprocess.PIPE)
         if helper is None:
             shutil.rmtree(claims, ignore_errors=True)
             return None
-        atexit.register(_stop, helper, claims)
+        atexit.register(_stop, helper, claims, os.getpid())
         state["helper"], state["claims"] = helper, claims
     helper = state["helper"]
     return helper if helper is not None and helper.poll() is None else None
 
 
-def _stop(helper: subprocess.Popen[bytes], claims: str) -> None:
-    """At exit: end the helper (it may be compiling what nothing will use) and its folder."""
+def _stop(helper: subprocess.Popen[bytes], claims: str, pid: int) -> None:
+    """At exit: end the helper (it may be compiling what nothing will use) and its folder;
+    nothing in a forked child that exits through Python (the helper is its parent's)."""
+    if os.getpid() != pid:
+        return
     if helper.poll() is None:
         helper.kill()
         helper.wait()

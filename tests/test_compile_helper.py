@@ -314,3 +314,42 @@ def test_the_helper_compiles_requests_and_ends_with_its_input(tmp_path):
         "activations.add-float32.done",
         "activations.relu_backward-float32",
     ]
+
+
+def test_only_the_process_that_started_the_helper_stops_it(tmp_path):
+    """At exit the helper is killed and its folder removed, but not by a forked child that
+    exits through Python: the helper and the folder are its parent's."""
+    killed = []
+
+    class Helper:
+        def poll(self):
+            return None
+
+        def kill(self):
+            killed.append(True)
+
+        def wait(self):
+            return -9
+
+    compile_helper._stop(Helper(), str(tmp_path), os.getpid() + 1)
+    assert killed == [] and tmp_path.exists()
+    compile_helper._stop(Helper(), str(tmp_path), os.getpid())
+    assert killed == [True] and not tmp_path.exists()
+
+
+def test_no_helper_without_a_temporary_folder(monkeypatch):
+    saved = dict(compile_helper._state)
+    compile_helper._reset()
+    monkeypatch.setattr(compile_helper, "_spare_cpu", lambda: True)
+    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
+
+    def unwritable(prefix):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(compile_helper.tempfile, "mkdtemp", unwritable)
+    try:
+        assert compile_helper._helper() is None
+        assert compile_helper._state["tried"] and compile_helper._state["helper"] is None
+    finally:
+        compile_helper._state.clear()
+        compile_helper._state.update(saved)
