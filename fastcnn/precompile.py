@@ -208,6 +208,14 @@ def _batch_norm_gradient(dtype: np.dtype[Any]) -> None:
     F.batch_norm_backward(_channels_last(dtype, 2, 4, 3, 3), x, p, p, p)
 
 
+def _batch_norm_training(dtype: np.dtype[Any]) -> None:
+    """BatchNorm's training forward on a convolution's channels-last output, ReLU fused."""
+    from . import functional as F
+
+    p = np.ones(4, dtype)
+    F.batch_norm_forward_train(_channels_last(dtype, 2, 4, 3, 3), p, p, relu=True)
+
+
 def _max_pool_gradient(dtype: np.dtype[Any]) -> None:
     from . import functional as F
 
@@ -254,6 +262,7 @@ RECIPES: dict[str, Callable[[np.dtype[Any]], None]] = {
     "fused.maxpool2d_conv2d_backward_weight": lambda dtype: _fused_weight_gradient(dtype, 32),
     "fused.maxpool2d_conv2d_backward_weight_dense": lambda dtype: _fused_weight_gradient(dtype, 1),
     "fused.maxpool2d_conv2d_backward_input": _fused_input_gradient,
+    "batchnorm.batchnorm_forward_train_nhwc": _batch_norm_training,
     "batchnorm.batchnorm_backward_nhwc": _batch_norm_gradient,
     "pool2d.maxpool2d_backward": _max_pool_gradient,
     "pool2d.avgpool2d_backward": _avg_pool_gradient,
