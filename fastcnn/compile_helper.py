@@ -42,6 +42,7 @@ __all__ = [
     "FOLLOWERS",
     "request",
     "expect_convolution_gradients",
+    "expect_batch_norm",
     "install",
     "disable",
     "spawn",
@@ -57,10 +58,7 @@ _RELU = ("activations.relu_backward", 0)
 #: layer requests its own gradients (``expect_convolution_gradients``: they depend on its
 #: shape).
 FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
-    # a BatchNorm after a convolution, in most CNNs: its training forward (2.5 s of CPU) first,
-    # while this process compiles the convolution's (a network without one wastes the helper's
-    # time, once per cache)
-    "conv2d_forward": (("batchnorm.batchnorm_forward_train_nhwc", -2),) + _DENSE,
+    "conv2d_forward": _DENSE,
     "conv2d_c1_forward": _DENSE,
     "conv2d_relu_maxpool2d_forward": (  # the reference network's fused steps
         _DENSE[0],
@@ -77,6 +75,10 @@ FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
     "relu_forward": (_RELU,),
     "add_relu_forward": (_RELU, ("activations.add", 0)),
 }
+_BATCH_NORM = (
+    ("batchnorm.batchnorm_forward_train_nhwc", -2),
+    ("batchnorm.batchnorm_backward_nhwc", 0),
+)
 #: Up to this many input channels a convolution is taken for a network's first layer (an
 #: image's channels), whose input gradient no training step computes: not requested.
 _IMAGE_CHANNELS = 4
@@ -381,6 +383,19 @@ def expect_convolution_gradients(
         return
     # a helper starts only if the weight gradient, which a training step surely runs, is cold
     request(kernels, weight.dtype.name, start=not _cached(_kernel(kernels[0][0])))
+
+
+def expect_batch_norm(layers: Any) -> None:
+    """Called by a Sequential's first training forward with its layers: if one is a
+    BatchNorm2D, request its training forward first (2.5 s of compilation, which this process
+    would reach right after the first convolution's 5 s) and its gradient."""
+    from .layers import BatchNorm2D
+
+    norms = [m for m in layers if isinstance(m, BatchNorm2D)]
+    if not norms:
+        return
+    dispatcher = _kernel(_BATCH_NORM[0][0])
+    request(_BATCH_NORM, norms[0].weight.data.dtype.name, start=not _cached(dispatcher))
 
 
 def _convolution_gradients(

@@ -353,3 +353,41 @@ def test_no_helper_without_a_temporary_folder(monkeypatch):
     finally:
         compile_helper._state.clear()
         compile_helper._state.update(saved)
+
+
+def test_a_sequential_with_a_batch_norm_asks_for_its_training_kernels_first(fresh_state):
+    """A Sequential's first training forward requests BatchNorm's training forward ahead of
+    everything (priority -2) when it holds a BatchNorm2D; one without asks for nothing."""
+    import fastcnn
+
+    sent = fresh_state
+    plain = fastcnn.Sequential(fastcnn.Conv2D(1, 4, 3), fastcnn.ReLU(), fastcnn.Flatten())
+    compile_helper.expect_batch_norm(plain.children())
+    assert sent == []
+    model = fastcnn.Sequential(fastcnn.Conv2D(3, 16, 3), fastcnn.BatchNorm2D(16), fastcnn.ReLU())
+    compile_helper.expect_batch_norm(model.children())
+    assert sent == [
+        ["-2", "batchnorm.batchnorm_forward_train_nhwc", "float32"],
+        ["0", "batchnorm.batchnorm_backward_nhwc", "float32"],
+    ]
+
+
+def test_a_sequential_asks_once_and_only_in_training(monkeypatch):
+    import fastcnn
+    from fastcnn import containers
+
+    calls = []
+    monkeypatch.setattr(containers, "expect_batch_norm", lambda layers: calls.append(layers))
+    model = fastcnn.Sequential(fastcnn.Conv2D(3, 16, 3), fastcnn.BatchNorm2D(16), fastcnn.ReLU())
+    x = np.ones((2, 3, 6, 6), np.float32)
+    model.eval()
+    model(x)
+    assert calls == []
+    model.train()
+    model(x)
+    model(x)
+    assert len(calls) == 1 and [type(m).__name__ for m in calls[0]] == [
+        "Conv2D",
+        "BatchNorm2D",
+        "ReLU",
+    ]
