@@ -220,7 +220,11 @@ def test_global_avg_pool_matches_naive(n, c, h, w, dtype, channels_last, seed):
     y = layer(x)
     tol = 1e-10 if dtype == np.float64 else 1e-5
     assert y.dtype == dtype and y.shape == (n, c)
-    assert relative_error(y, naive_pool.global_avgpool2d_forward(x.astype(F64))) <= tol
+    ref = naive_pool.global_avgpool2d_forward(x.astype(F64))
+    # the sum rounds relative to the magnitudes it adds, not to a mean they cancel down to
+    # (5 values whose mean was 6e-4 of them missed 1e-5 against the mean itself)
+    scale = np.maximum(naive_pool.global_avgpool2d_forward(np.abs(x).astype(F64)), 1e-30)
+    assert np.max(np.abs(y - ref) / scale, initial=0.0) <= tol
     dy = rng.standard_normal((n, c)).astype(dtype)
     dx = layer.backward(dy)
     assert dx.dtype == dtype and dx.shape == x.shape
