@@ -74,16 +74,11 @@ def compile_forward(dtype: DTypeLike = np.float32) -> None:
     x = np.ones((2, 1, 6, 6), dtype)
     w = np.ones((4, 1, 3, 3), dtype)
     F.conv2d_relu_max_pool2d_forward(x, w, np.zeros(4, dtype), 1, 0, 1, (2, 2))
-    dy = np.ones((2, 3), dtype)
-    F.relu_backward(dy, dy)
+    _relu_gradient(dtype)
     p = np.zeros(4, dtype)
     t: Any = dtype.type  # the scalar type, float32 or float64
     kernels_optim.sgd_update(p, p, p, t(0.1), t(0.9), t(1.0), False, t(0.0), False, True)
-    # 32 channels: the sparse weight gradient (input_grad=False: no input gradient here)
-    gp, argmax, y = _pool_gradient(dtype)
-    F.max_pool2d_conv2d_backward(
-        *_conv_operands(32, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
-    )
+    _fused_weight_gradient(dtype, 32)  # the sparse one (input_grad=False: no input gradient)
 
 
 def compile_backward(dtype: DTypeLike = np.float32) -> None:
@@ -92,19 +87,11 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     gradient (the kernel called as functional calls it, with the same argument types),
     conv2's evaluation-mode forward (Winograd, then the pool) and the Dense gradients."""
     from . import functional as F
-    from .kernels import fused
 
     dtype = np.dtype(dtype)
     _dense_forward(dtype)
-    gp, argmax, y = _pool_gradient(dtype)
-    F.max_pool2d_conv2d_backward(
-        *_conv_operands(1, dtype), gp, argmax, y, (2, 4, 4, 4), 2, input_grad=False
-    )
-    w = np.ones((4, 32, 3, 3), dtype)
-    dx = np.empty((2, 6, 6, 32), dtype)
-    fused.maxpool2d_conv2d_backward_input(
-        F._nhwc(gp), F._nhwc(argmax), F._nhwc(y), True, 2, 2, w, 1, 1, 0, 0, 1, 1, 4, 4, dx
-    )
+    _fused_weight_gradient(dtype, 1)  # the dense one
+    _fused_input_gradient(dtype)
     # evaluation mode (validation, predict): conv2 on the Winograd kernel, then its max pool
     x32, _ = _conv_operands(32, dtype)
     a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)

@@ -57,6 +57,24 @@ _NETWORKS = textwrap.dedent("""
             fastcnn.Dense(8, 10),
         ), (2, 3, 8, 8)
 
+    def record_compilations():
+        # the kernels numba compiles from now on, as module.function (a list that grows)
+        from numba.core import event
+
+        compiled = []
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                d = ev.data["dispatcher"]
+                name = d.py_func.__module__.rsplit(".", 1)[-1] + "." + d.py_func.__name__
+                compiled.append(name)
+
+            def on_end(self, ev):
+                pass
+
+        event.register("numba:compile", Listener())
+        return compiled
+
     def step(model, shape):
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         loss_fn = fastcnn.CrossEntropyLoss()
@@ -65,26 +83,14 @@ _NETWORKS = textwrap.dedent("""
 """)
 
 _RECIPES_CHILD = _NETWORKS + textwrap.dedent("""
-    from numba.core import event
     from fastcnn import precompile
 
     for recipe in precompile.RECIPES.values():
         recipe(np.dtype("float32"))
-    compiled = []
-
-    class Listener(event.Listener):
-        def on_start(self, ev):
-            d = ev.data["dispatcher"]
-            compiled.append(d.py_func.__module__.rsplit(".", 1)[-1] + "." + d.py_func.__name__)
-
-        def on_end(self, ev):
-            pass
-
-    event.register("numba:compile", Listener())
+    compiled = record_compilations()
     for model, shape in networks():
         step(model, shape)
     print("AGAIN", sorted(set(compiled) & set(precompile.RECIPES)))
-    print("REACHED", sorted(set(compiled)))
 """)
 
 
@@ -98,21 +104,10 @@ def test_recipes_compile_the_kernels_with_the_layers_argument_types(tmp_path):
 
 _SCHEDULE_CHILD = _NETWORKS + textwrap.dedent("""
     import os
-    from numba.core import event
     from fastcnn import compile_helper, precompile
 
     compile_helper._spare_cpu = lambda: True
-    compiled = []
-
-    class Listener(event.Listener):
-        def on_start(self, ev):
-            d = ev.data["dispatcher"]
-            compiled.append(d.py_func.__module__.rsplit(".", 1)[-1] + "." + d.py_func.__name__)
-
-        def on_end(self, ev):
-            pass
-
-    event.register("numba:compile", Listener())
+    compiled = record_compilations()
     model, shape = list(networks())[{index}]
     step(model, shape)
     state = compile_helper._state
