@@ -361,7 +361,7 @@ def expect_convolution_gradients(
     weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
 ) -> None:
     """Called by a convolution's training-mode forward (one group) before its kernel: request
-    the kernels of its weight gradient (the Winograd one is about 7 s of compilation) and of
+    the kernels of its weight gradient (the Winograd one compiles longest of a step) and of
     its input gradient where that is not a forward kernel (col2im) nor the image's (a first
     layer's). After the first call for a convolution, a set lookup."""
     state = _state
@@ -387,8 +387,8 @@ def expect_convolution_gradients(
 
 def expect_batch_norm(layers: Any) -> None:
     """Called by a Sequential's first training forward with its layers: if one is a
-    BatchNorm2D, request its training forward first (2.5 s of compilation, which this process
-    would reach right after the first convolution's 5 s) and its gradient."""
+    BatchNorm2D, request its training forward first (this process would reach it right after
+    the first convolution's, one long compilation after another) and its gradient."""
     from .layers import BatchNorm2D
 
     norms = [m for m in layers if isinstance(m, BatchNorm2D)]
@@ -412,7 +412,7 @@ def _convolution_gradients(
     )
     pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
     if F._weight_gradient_by_winograd(shape, s, pads, d):
-        # the longest compilation of a step (6-7 s): first, or this process waits for it last
+        # the longest compilation of a step: first, or this process waits for it last
         kernels = [("winograd.conv2d_winograd_backward_weight", -1)]
     elif F._weight_gradient_by_c1(shape, s, d):
         kernels = [("conv2d_c1.conv2d_c1_backward_weight", 0)]
