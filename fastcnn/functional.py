@@ -437,22 +437,22 @@ def winograd_applies(weight_shape: Shape, stride: Size2 = 1, dilation: Size2 = 1
 
 
 #: Outputs at least this many rows and columns run on F(4x4, 3x3), smaller ones on F(2x2, 3x3):
-#: below it the 4x4 tiles' share past the edge (7 -> 8, 14 -> 16) and the larger transformed
-#: weights (36 positions, not 16) cost what the products save.
-WINOGRAD4_MIN_SIZE = 16
+#: from 7 on, the 4x4 tiles' pixels past the edge (7 -> 8, as 2x2 tiles; 14 -> 16) cost less
+#: than their 36 products per 16 outputs (F(2x2): 64) save; at 5 and 6 (-> 8) they cost more.
+WINOGRAD4_MIN_SIZE = 7
 
 
-def _winograd_forward(x, weight, bias, pad_top, pad_left, relu, y, bn, f4=False):
-    """A Winograd kernel (x, y channels-last): with ``f4`` (the layers' evaluation mode),
-    F(4x4, 3x3) where both output dimensions are >= WINOGRAD4_MIN_SIZE, else F(2x2, 3x3); the
-    weights transformed by :func:`_transformed_weight`, reused across calls with ``f4``."""
+def _winograd_forward(x, weight, bias, pad_top, pad_left, relu, y, bn, reuse=False):
+    """A Winograd kernel (x, y channels-last): F(4x4, 3x3) where both output dimensions are
+    >= WINOGRAD4_MIN_SIZE, else F(2x2, 3x3); the weights transformed by
+    :func:`_transformed_weight`, reused across calls with ``reuse`` (evaluation mode)."""
     threads = numba.get_num_threads()
-    if f4 and min(y.shape[1], y.shape[2]) >= WINOGRAD4_MIN_SIZE:
+    if min(y.shape[1], y.shape[2]) >= WINOGRAD4_MIN_SIZE:
         kernel, module = _winograd4.conv2d_winograd4_forward, _winograd4
     else:
         kernel, module = _winograd.conv2d_winograd_forward, _winograd
     kernel(
-        x, _transformed_weight(weight, module, f4), bias, pad_top, pad_left, relu, y, bn, threads
+        x, _transformed_weight(weight, module, reuse), bias, pad_top, pad_left, relu, y, bn, threads
     )
 
 
@@ -485,29 +485,29 @@ def _transformed_weight(weight: Array, module: ModuleType, reuse: bool) -> Array
     return u
 
 
-def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, winograd4=False):
+def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, evaluation=False):
     """Run the direct kernel (or its one-channel variants, bitwise the same), or the Winograd
     one where ``winograd`` and it applies, and the weights are finite (the transformed
-    weights meet the zeros around the image: 0 * inf). ``winograd4``: the layers' evaluation
-    mode, where F(4x4) and the one-channel lanes kernel may run."""
+    weights meet the zeros around the image: 0 * inf). ``evaluation``: the layers' evaluation
+    mode, where the transformed weights are reused and the one-channel lanes kernel may run."""
     if (
         winograd
         and winograd_applies(weight.shape, strides, dilations)
         and bool(np.isfinite(weight).all())
     ):
-        _winograd_forward(_nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, winograd4)
+        _winograd_forward(_nhwc(x), weight, bias, pads[0], pads[2], bool(relu), y, bn, evaluation)
         return
     (sh, sw), (dh, dw) = strides, dilations
     f, c = weight.shape[0], weight.shape[1]
     if c <= _conv2d_c1.LANES_MAX_CHANNELS and (sh, sw, dh, dw) == (1,) * 4:
         # an image's few channels (a network's first layer), bitwise the direct kernel: one
         # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
-        # ResNet stem's, VGG's) on the lanes, where F(4x4) is asked for (evaluation mode),
-        # which keeps its compilation out of the first training step, as F(4x4)'s
+        # ResNet stem's, VGG's) on the lanes in evaluation mode only, which keeps its
+        # compilation out of the first training step
         kernel = None
         if c == 1 and f <= _conv2d_c1.RN:
             kernel = _conv2d_c1.conv2d_c1_forward
-        elif winograd4 and f % _conv2d_c1.LANES == 0:
+        elif evaluation and f % _conv2d_c1.LANES == 0:
             kernel = _conv2d_c1.conv2d_c1_lanes_forward
         if kernel is not None:
             kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
@@ -528,7 +528,7 @@ def conv2d_forward(
     relu: bool = False,
     layer: str = "Conv2D",
     winograd: bool = False,
-    winograd4: bool = False,
+    evaluation: bool = False,
     groups: int = 1,
 ) -> Array:
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (F, C, KH, KW),
@@ -539,15 +539,16 @@ def conv2d_forward(
     its C / groups channels only. groups = C is the depthwise convolution
     (kernels/depthwise.py); other groups run the dense kernels group by group.
 
-    ``winograd=True`` computes it by Winograd's F(2x2, 3x3) where :func:`winograd_applies`
-    (2.25x fewer multiply-adds; equal to the direct kernel up to float rounding, not bitwise):
-    the layers ask for it, in training too (the gradients are the convolution's, as cuDNN's
-    Winograd forward pairs with any backward). A NaN or
-    infinity in x may then also reach outputs next to those whose window holds it (the
-    transforms mix a 4x4 patch), where the direct kernel gives finite values.
-    ``winograd4=True`` (with ``winograd``) takes F(4x4, 3x3) instead where the output is at
-    least WINOGRAD4_MIN_SIZE square (kernels/winograd4.py: fewer operations, more rounding;
-    the layers ask for it in evaluation mode)."""
+    ``winograd=True`` computes it by Winograd's F(4x4, 3x3) where :func:`winograd_applies` and
+    the output is at least WINOGRAD4_MIN_SIZE square, else F(2x2, 3x3) (4x and 2.25x fewer
+    multiply-adds; equal to the direct kernel up to float rounding, not bitwise,
+    kernels/winograd4.py's more than winograd.py's): the layers ask for it, in training too
+    (the gradients are the convolution's, as cuDNN's Winograd forward pairs with any
+    backward). A NaN or infinity in x may then also reach outputs next to those whose window
+    holds it (the transforms mix a 6x6 or 4x4 patch), where the direct kernel gives finite
+    values. ``evaluation=True`` (the layers' evaluation mode: the weights stay as they are
+    between calls) keeps the Winograd kernels' transformed weights for the next call, and
+    lets the one-channel lanes kernel run."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
         x.shape, weight.shape, stride, padding, dilation, layer, groups
@@ -558,12 +559,12 @@ def conv2d_forward(
     y = _pool.empty((n, oh, ow, f), dtype=x.dtype)
     if y.size and groups != 1:
         _grouped_forward(
-            x, weight, bias, strides, pads, dilations, bool(relu), y, groups, winograd, winograd4
+            x, weight, bias, strides, pads, dilations, bool(relu), y, groups, winograd, evaluation
         )
         return _nchw(y)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv_kernel(
-            x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd, winograd4
+            x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd, evaluation
         )
     return _nchw(y)
 
@@ -581,7 +582,7 @@ def _depthwise_input(x, multiplier):
     return xh if multiplier == 1 else np.repeat(xh, multiplier, axis=3)
 
 
-def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, w4):
+def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, ev):
     """y (N, OH, OW, F) of a grouped convolution: the depthwise kernel where each group has one
     channel, else the dense kernels (Winograd's where ``winograd`` and they apply) run on each
     group's channels and filters in turn."""
@@ -607,7 +608,7 @@ def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups,
             part,
             _no_bn(part),
             winograd,
-            w4,
+            ev,
         )
         y[..., g * fg : (g + 1) * fg] = part
 
@@ -676,7 +677,7 @@ def conv2d_batch_norm_eval_forward(
     winograd: bool = False,
     add: Array | None = None,
     add_layer: str = "Residual",
-    winograd4: bool = False,
+    evaluation: bool = False,
 ) -> Array:
     """``batch_norm_forward_eval(conv2d_forward(x, ..., winograd=winograd), ...)``, then
     ``+ add`` if given (a residual block's sum: ``add`` has the output's shape and dtype),
@@ -719,7 +720,7 @@ def conv2d_batch_norm_eval_forward(
         _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
         bn = (running_mean, scale, beta, add_flat)
         _conv_kernel(
-            x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd, winograd4
+            x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd, evaluation
         )
     return _nchw(y)
 
@@ -914,9 +915,10 @@ def _weight_gradient_by_c1(weight_shape, stride, dilation):
 
 
 def _input_gradient_by_winograd(weight, stride, pads, dilation):
-    """Whether a 3x3 stride-1 convolution's input gradient is computed by Winograd's F(2x2,
-    3x3): the transposed convolution is the 3x3 stride-1 convolution of dy (F channels) with
-    the flipped weights (C filters), padding ``2 - pad``, and runs where
+    """Whether a 3x3 stride-1 convolution's input gradient is computed by Winograd (the forward
+    kernels, F(4x4) or F(2x2) by the size as :func:`_winograd_forward` picks): the transposed
+    convolution is the 3x3 stride-1 convolution of dy (F channels) with the flipped weights
+    (C filters), padding ``2 - pad``, and runs where
     :func:`winograd_applies` to that shape and the forward pads by 1 on every side, as
     'same' does (1.35-2.3x col2im). Not a 'valid' convolution: its
     transposed one pads by 2, and only gained 1.12x, less than the pooled backward's sparse

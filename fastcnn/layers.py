@@ -272,7 +272,7 @@ class Conv2D(Module):
             self.dilation,
             layer=self.name,
             winograd=True,
-            winograd4=not self.training,
+            evaluation=not self.training,
             groups=self.groups,
         )
         self.save_for_backward(x, in_dtype)

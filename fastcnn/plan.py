@@ -185,7 +185,7 @@ def _conv_relu(conv, x):
         relu=True,
         layer=conv.name,
         winograd=True,
-        winograd4=not conv.training,
+        evaluation=not conv.training,
     )
 
 
@@ -534,7 +534,7 @@ class ConvBatchNorm(_WithInnerPlan):
             winograd=True,
             add=add,
             add_layer=add_layer,
-            winograd4=not conv.training,
+            evaluation=not conv.training,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]

@@ -85,15 +85,17 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     """Compile (or load) the rest: conv1's weight gradient (1 channel: the dense product, dy
     rebuilt in cache from the pooled gradient), conv2's input gradient from the pooled
     gradient (the kernel called as functional calls it, with the same argument types),
-    conv2's evaluation-mode forward (Winograd, then the pool) and the Dense gradients."""
+    conv2's forward (Winograd's F(4x4): its output is past WINOGRAD4_MIN_SIZE; in training
+    and evaluation mode alike), its max pool and the Dense gradients."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
     _dense_forward(dtype)
     _fused_weight_gradient(dtype, 1)  # the dense one
     _fused_input_gradient(dtype)
-    # evaluation mode (validation, predict): conv2 on the Winograd kernel, then its max pool
-    x32, _ = _conv_operands(32, dtype)
+    # conv2 on the Winograd kernel its output's size picks, then its max pool
+    size = F.WINOGRAD4_MIN_SIZE + 2
+    x32 = F._nchw(np.ones((2, size, size, 32), dtype))
     a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)
     F.max_pool2d_forward(a, 2, 2, 0)
     _dense_backward(dtype)

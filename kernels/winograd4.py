@@ -44,31 +44,35 @@ _S = _E * 16
 def weight_transform(weight, Fp):
     """U (36, C, Fp): U[6*a + b, c, f] = (G weight[f, c] G^T)[a, b], in float64, filters
     f >= F zero (the tile's padding columns). One channel at a time, the filters innermost
-    (see winograd.weight_transform)."""
+    (see winograd.weight_transform). Computed as (24 G) g (24 G)^T / 576: 24 G has small
+    integer entries, so the float64 sums are exact for float32 weights of similar magnitude
+    and one multiplication rounds, where G's own entries (1/6, 1/12, 1/24) took a float64
+    division each (most of the transform's time)."""
     F, C = weight.shape[0], weight.shape[1]
     U = np.zeros((_E, C, Fp), dtype=weight.dtype)
     g = np.empty((9, F), dtype=np.float64)  # one channel's kernels: tap (i, j) in row 3i + j
-    gg = np.empty((18, F), dtype=np.float64)  # G g: (a, j) in row 3a + j
+    gg = np.empty((18, F), dtype=np.float64)  # (24 G) g: (a, j) in row 3a + j
+    scale = 1.0 / 576.0
     for c in range(C):
         kernels_by_tap(weight, c, g)
-        for j in range(3):  # G g: the kernel's rows combined
+        for j in range(3):  # (24 G) g: the kernel's rows combined
             for f in range(F):
                 g0, g1, g2 = g[j, f], g[3 + j, f], g[6 + j, f]
-                gg[j, f] = g0 / 4
-                gg[3 + j, f] = -(g0 + g1 + g2) / 6
-                gg[6 + j, f] = -(g0 - g1 + g2) / 6
-                gg[9 + j, f] = g0 / 24 + g1 / 12 + g2 / 6
-                gg[12 + j, f] = g0 / 24 - g1 / 12 + g2 / 6
-                gg[15 + j, f] = g2
-        for a in range(6):  # (G g) G^T: its columns combined
+                gg[j, f] = 6.0 * g0
+                gg[3 + j, f] = -4.0 * (g0 + g1 + g2)
+                gg[6 + j, f] = -4.0 * (g0 - g1 + g2)
+                gg[9 + j, f] = g0 + 2.0 * g1 + 4.0 * g2
+                gg[12 + j, f] = g0 - 2.0 * g1 + 4.0 * g2
+                gg[15 + j, f] = 24.0 * g2
+        for a in range(6):  # ((24 G) g) (24 G)^T / 576: its columns combined
             for f in range(F):
                 h0, h1, h2 = gg[3 * a, f], gg[3 * a + 1, f], gg[3 * a + 2, f]
-                U[6 * a + 0, c, f] = h0 / 4
-                U[6 * a + 1, c, f] = -(h0 + h1 + h2) / 6
-                U[6 * a + 2, c, f] = -(h0 - h1 + h2) / 6
-                U[6 * a + 3, c, f] = h0 / 24 + h1 / 12 + h2 / 6
-                U[6 * a + 4, c, f] = h0 / 24 - h1 / 12 + h2 / 6
-                U[6 * a + 5, c, f] = h2
+                U[6 * a + 0, c, f] = 6.0 * h0 * scale
+                U[6 * a + 1, c, f] = -4.0 * (h0 + h1 + h2) * scale
+                U[6 * a + 2, c, f] = -4.0 * (h0 - h1 + h2) * scale
+                U[6 * a + 3, c, f] = (h0 + 2.0 * h1 + 4.0 * h2) * scale
+                U[6 * a + 4, c, f] = (h0 - 2.0 * h1 + 4.0 * h2) * scale
+                U[6 * a + 5, c, f] = 24.0 * h2 * scale
     return U
 
 

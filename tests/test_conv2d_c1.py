@@ -101,7 +101,7 @@ def test_functional_uses_it_for_one_channel_and_few_filters():
         ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
         # evaluation mode (the lanes kernel for 16 and 32 filters): the same bits
-        y_eval = F.conv2d_forward(x, w, None, 1, 2, winograd=True, winograd4=True)
+        y_eval = F.conv2d_forward(x, w, None, 1, 2, winograd=True, evaluation=True)
         assert y_eval.tobytes() == y.tobytes()
 
 

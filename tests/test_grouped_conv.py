@@ -68,12 +68,13 @@ def test_matches_naive_forward_and_backward(case, seed):
             assert relative_error(got, ref) <= tol
 
 
-@pytest.mark.parametrize("winograd4", [False, True])
-def test_groups_of_16_channels_on_winograd(winograd4):
+@pytest.mark.parametrize("size, evaluation", [(6, False), (16, False), (16, True)])
+def test_groups_of_16_channels_on_winograd(size, evaluation):
     """Groups of 16 channels and filters, 3x3, stride 1: each group on the Winograd kernels
-    (forward as the layers ask for it; the weight and input gradients where they apply)."""
+    (forward as the layers ask for it: F(2x2) at 6x6, F(4x4) at 16x16; the weight and input
+    gradients where they apply)."""
     rng = np.random.default_rng(8)
-    x = rng.standard_normal((2, 32, 16, 16))
+    x = rng.standard_normal((2, 32, size, size))
     w = rng.standard_normal((32, 16, 3, 3))
     b = rng.standard_normal(32)
     pads = ((1, 1), (1, 1))
@@ -81,7 +82,7 @@ def test_groups_of_16_channels_on_winograd(winograd4):
     dy = rng.standard_normal(y_ref.shape)
     refs = naive.conv2d_backward(x, w, dy, (1, 1), pads, (1, 1), 2)
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
-    y = F.conv2d_forward(x32, w32, b32, 1, 1, winograd=True, winograd4=winograd4, groups=2)
+    y = F.conv2d_forward(x32, w32, b32, 1, 1, winograd=True, evaluation=evaluation, groups=2)
     assert relative_error(y, y_ref) <= 2e-5
     grads = F.conv2d_backward(x32, w32, dy.astype(np.float32), 1, 1, groups=2)
     for got, ref in zip(grads, refs, strict=True):

@@ -28,6 +28,14 @@ from naive.winograd import winograd_conv2d_backward_weight as naive_winograd_wei
 # 1e-7..3e-7 of the largest output, a wrong coefficient gives 1e-1
 F32_REL = 2e-6
 F64_REL = 1e-12
+# F(4x4, 3x3)'s float32: its coefficients (up to 8, and 1/24 in G) round more; measured errors
+# are 2e-7..6e-6 of the largest output, a wrong coefficient gives 1e-1
+F4_F32_REL = 2e-5
+
+
+def f32_rel(height, width):
+    """The float32 tolerance of the Winograd kernel the layers pick for an output this size."""
+    return F4_F32_REL if min(height, width) >= F.WINOGRAD4_MIN_SIZE else F32_REL
 
 SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
     (2, 16, 16, 7, 6, ((1, 1), (1, 1))),
@@ -268,7 +276,7 @@ def _conv(seed=6):
 
 def test_a_layer_uses_it_in_both_modes(monkeypatch):
     conv = _conv()
-    x = np.random.default_rng(7).standard_normal((3, 32, 10, 9)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((3, 32, 6, 5)).astype(np.float32)  # F(2x2)
     train = conv(x)
     conv.eval()
     assert np.array_equal(conv(x), train)
@@ -300,7 +308,7 @@ def test_input_gradient_matches_the_textbook_backward(shape, dtype):
         x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64), padding=((1, 1), (1, 1))
     )
     assert dx.dtype == dtype
-    tol = (F32_REL if dtype == np.float32 else F64_REL) * float(np.abs(ref_dx).max())
+    tol = (f32_rel(H, W) if dtype == np.float32 else F64_REL) * float(np.abs(ref_dx).max())
     assert float(np.abs(dx - ref_dx).max()) <= tol
 
 
@@ -315,7 +323,7 @@ def test_a_layer_takes_its_input_gradient_by_it(monkeypatch):
     conv(x)
     direct = conv.backward(dy)
     assert not np.array_equal(dx, direct)
-    np.testing.assert_allclose(dx, direct, rtol=0, atol=F32_REL * np.abs(direct).max())
+    np.testing.assert_allclose(dx, direct, rtol=0, atol=f32_rel(10, 9) * np.abs(direct).max())
 
 
 def test_input_gradient_where_it_applies():
@@ -514,7 +522,7 @@ def test_a_layer_takes_its_weight_gradient_by_it(monkeypatch):
     np.testing.assert_allclose(db, direct_db, rtol=0, atol=5e-5 * np.abs(direct_db).max())
 
 
-@pytest.mark.parametrize("size", [8, 20])  # F(2x2, 3x3) and, in evaluation mode, F(4x4, 3x3)
+@pytest.mark.parametrize("size", [6, 20])  # F(2x2, 3x3) and F(4x4, 3x3)
 def test_evaluation_reuses_the_transformed_weights_until_they_change(size):
     """Evaluation mode transforms a layer's weights once (functional._transformed_weight) and
     sees every change to them: an edit in place, an optimizer's step, a new array; the output
@@ -551,7 +559,7 @@ def test_evaluation_reuses_the_transformed_weights_until_they_change(size):
     assert key not in F._TRANSFORMED or F._TRANSFORMED[key][0]() is conv.weight.data
     conv.train()  # training transforms on every call and keeps nothing
     F._TRANSFORMED.clear()
-    assert np.array_equal(conv(x), run(x, conv.weight.data, conv.bias.data, ((1, 1), (1, 1))))
+    assert np.array_equal(conv(x), fresh())
     assert not F._TRANSFORMED
 
 

@@ -1,7 +1,7 @@
 """The Winograd F(4x4, 3x3) forward (kernels/winograd4.py) against the textbook convolution
 (tests/naive/conv2d.py), its weight transform against G g G^T, its BatchNorm / residual / ReLU
 epilogue bitwise the steps apart, its independence of the thread count, and where the layers
-use it: evaluation mode, outputs of at least functional.WINOGRAD4_MIN_SIZE rows and columns."""
+use it: outputs of at least functional.WINOGRAD4_MIN_SIZE rows and columns, in either mode."""
 
 import numba
 import numpy as np
@@ -15,9 +15,7 @@ from fastcnn.kernels.winograd4 import conv2d_winograd4_forward, weight_transform
 from fastcnn.threads import threads
 from naive.conv2d import conv2d_forward as naive_conv
 
-# float32: the transforms' coefficients (up to 8, and 1/24 in G) round more than F(2x2)'s;
-# measured errors are 2e-7..6e-6 of the largest output, a wrong coefficient gives 1e-1
-F32_REL = 2e-5
+F32_REL = test_winograd.F4_F32_REL
 F64_REL = 5e-14
 
 G = np.array(
@@ -98,24 +96,24 @@ def test_same_bits_for_any_thread_count():
             assert np.array_equal(run(x, w, b, padding, n_threads=n), one)
 
 
-def test_a_layer_uses_it_in_evaluation_mode_on_large_outputs(monkeypatch):
-    """Evaluation mode, output >= WINOGRAD4_MIN_SIZE: F(4x4, 3x3); training mode and smaller
-    outputs: F(2x2, 3x3) (which rounds less: the two differ)."""
+def test_a_layer_uses_it_on_outputs_from_the_threshold_on():
+    """Outputs of at least WINOGRAD4_MIN_SIZE rows and columns: F(4x4, 3x3), in training and
+    evaluation mode alike; smaller outputs: F(2x2, 3x3) (which rounds otherwise: the two
+    differ), in both modes too."""
     conv = fastcnn.Conv2D(16, 32, 3, padding=1, rng=np.random.default_rng(6))
     rng = np.random.default_rng(7)
     size = F.WINOGRAD4_MIN_SIZE
     big = rng.standard_normal((2, 16, size, size + 1)).astype(np.float32)
     small = rng.standard_normal((2, 16, size - 1, size + 4)).astype(np.float32)
-    w, bias = conv.weight.data, conv.bias.data
-    f4 = run(big, w, bias, ((1, 1), (1, 1)))
-    train = conv(big)
+    w, bias, pads = conv.weight.data, conv.bias.data, ((1, 1), (1, 1))
+    f4 = run(big, w, bias, pads)
+    assert np.array_equal(conv(big), f4)
+    small_f2 = test_winograd.run(small, w, bias, pads)
+    assert np.array_equal(conv(small), small_f2)
+    assert not np.array_equal(run(small, w, bias, pads), small_f2)
     conv.eval()
     assert np.array_equal(conv(big), f4)
-    assert not np.array_equal(train, f4)
-    np.testing.assert_allclose(train, f4, rtol=0, atol=F32_REL * np.abs(f4).max())
-    small_eval = conv(small)
-    conv.train()
-    assert np.array_equal(conv(small), small_eval)  # F(2x2, 3x3) in both modes
+    assert np.array_equal(conv(small), small_f2)
 
 
 def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
