@@ -42,7 +42,7 @@ __all__ = [
     "FOLLOWERS",
     "request",
     "expect_convolution_gradients",
-    "expect_batch_norm",
+    "expect_layers",
     "install",
     "disable",
     "spawn",
@@ -50,24 +50,22 @@ __all__ = [
 ]
 
 _DENSE = (("dense.dense_forward", 0), ("dense.dense_product", 0))
+_DENSE_SMALL = (("dense.dense_forward_small", 0), ("dense.dense_backward_small", 0))
 _RELU = ("activations.relu_backward", 0)
 
 #: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
-#: helper takes the lowest priority first, each in the order requested. A convolution kernel
-#: requests the Dense layers' (the forward pass reaches the Dense forward soon); a convolution
-#: layer requests its own gradients (``expect_convolution_gradients``: they depend on its
-#: shape).
+#: helper takes the lowest priority first, each in the order requested. A convolution layer
+#: requests its own gradients (``expect_convolution_gradients``: they depend on its shape), a
+#: Sequential the kernels of its BatchNorm and Dense layers (``expect_layers``: the Dense
+#: layers' depend on their size).
 FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
-    "conv2d_forward": _DENSE,
-    "conv2d_c1_forward": _DENSE,
     "conv2d_relu_maxpool2d_forward": (  # the reference network's fused steps
-        _DENSE[0],
         ("fused.maxpool2d_conv2d_backward_weight_dense", 0),
-        _DENSE[1],
         ("fused.maxpool2d_conv2d_backward_input", 0),
         ("fused.maxpool2d_conv2d_backward_weight", 0),
     ),
     "dense_forward": (_DENSE[1],),
+    "dense_forward_small": (_DENSE_SMALL[1],),
     "batchnorm_forward_train_nhwc": (("batchnorm.batchnorm_backward_nhwc", 0),),
     "maxpool2d_forward": (("pool2d.maxpool2d_backward", 0),),
     "avgpool2d_forward": (("pool2d.avgpool2d_backward", 0),),
@@ -385,17 +383,28 @@ def expect_convolution_gradients(
     request(kernels, weight.dtype.name, start=not _cached(_kernel(kernels[0][0])))
 
 
-def expect_batch_norm(layers: Any) -> None:
-    """Called by a Sequential's first training forward with its layers: if one is a
-    BatchNorm2D, request its training forward first (this process would reach it right after
-    the first convolution's, one long compilation after another) and its gradient."""
-    from .layers import BatchNorm2D
+def expect_layers(layers: Any) -> None:
+    """Called by a Sequential's first training forward with its layers: request BatchNorm's
+    training forward first, if one is a BatchNorm2D (this process would reach it right after
+    the first convolution's, one long compilation after another), and its gradient; then the
+    kernels of its Dense layers, by their size (the parallel ones, or the small layers'
+    serial ones), in the layers' order."""
+    from .kernels import dense
+    from .layers import BatchNorm2D, Dense
 
-    norms = [m for m in layers if isinstance(m, BatchNorm2D)]
-    if not norms:
-        return
-    dispatcher = _kernel(_BATCH_NORM[0][0])
-    request(_BATCH_NORM, norms[0].weight.data.dtype.name, start=not _cached(dispatcher))
+    wanted: list[tuple[str, int]] = []
+    dtype = None
+    for m in layers:
+        if isinstance(m, BatchNorm2D) and _BATCH_NORM[0] not in wanted:
+            wanted[:0] = _BATCH_NORM
+        elif isinstance(m, Dense):
+            small = m.weight.data.size <= dense.SMALL_WEIGHTS
+            wanted += [k for k in (_DENSE_SMALL if small else _DENSE) if k not in wanted]
+        else:
+            continue
+        dtype = dtype or m.weight.data.dtype.name
+    if wanted:
+        request(wanted, dtype, start=not _cached(_kernel(wanted[0][0])))
 
 
 def _convolution_gradients(

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import functional as F
 from ._types import Array, Config, Rng, Shape
-from .compile_helper import expect_batch_norm
+from .compile_helper import expect_layers
 from .layers import ReLU, check_grad
 from .module import Module, module_from_config, register_module, state_spec_of, tree_version
 from .plan import ConvBatchNorm, ResidualReLU, Step, add_pattern, fusion_enabled, make_plan
@@ -183,7 +183,7 @@ class Sequential(_ListContainer):
         plan = self._plan()
         if self.training and "_expected" not in self.__dict__:
             self.__dict__["_expected"] = True  # once: kernels a cold cache should compile ahead
-            expect_batch_norm(self.children())
+            expect_layers(self.children())
         for step in plan:
             x = step.forward(x)
         self.__dict__["_ran"] = plan

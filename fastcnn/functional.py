@@ -485,7 +485,9 @@ def _transformed_weight(weight: Array, module: ModuleType, reuse: bool) -> Array
     return u
 
 
-def _conv_kernel(x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, evaluation=False):
+def _conv_kernel(
+    x, weight, bias, strides, pads, dilations, relu, y, bn, winograd, evaluation=False
+):
     """Run the direct kernel (or its one-channel variants, bitwise the same), or the Winograd
     one where ``winograd`` and it applies, and the weights are finite (the transformed
     weights meet the zeros around the image: 0 * inf). ``evaluation``: the layers' evaluation
@@ -564,7 +566,17 @@ def conv2d_forward(
         return _nchw(y)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
         _conv_kernel(
-            x, weight, bias, strides, pads, dilations, bool(relu), y, _no_bn(x), winograd, evaluation
+            x,
+            weight,
+            bias,
+            strides,
+            pads,
+            dilations,
+            bool(relu),
+            y,
+            _no_bn(x),
+            winograd,
+            evaluation,
         )
     return _nchw(y)
 
@@ -1563,9 +1575,12 @@ def dense_forward(
     elif y.size:
         if bias is None:
             bias = np.zeros(f, x.dtype)
-        _dense.dense_forward(
-            np.ascontiguousarray(x), weight, bias, bool(relu), numba.get_num_threads(), y
-        )
+        if weight.size <= _dense.SMALL_WEIGHTS:
+            _dense.dense_forward_small(np.ascontiguousarray(x), weight, bias, bool(relu), y)
+        else:
+            _dense.dense_forward(
+                np.ascontiguousarray(x), weight, bias, bool(relu), numba.get_num_threads(), y
+            )
     return y
 
 
@@ -1597,6 +1612,9 @@ def dense_backward(
     dweight = _pool.empty(weight.shape, x.dtype)
     dbias = dy.sum(axis=0) if bias else None
     dx = _pool.empty(x.shape, x.dtype) if input_grad else None
+    if weight.size <= _dense.SMALL_WEIGHTS:
+        _dense.dense_backward_small(x, weight, dy, dweight, input_grad, x if dx is None else dx)
+        return dx, dweight, dbias
     if dweight.size:  # dw = dy^T x: rows f of dy (offset f), terms n (offset n F)
         if n == 0:
             dweight[...] = 0

@@ -86,11 +86,13 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     rebuilt in cache from the pooled gradient), conv2's input gradient from the pooled
     gradient (the kernel called as functional calls it, with the same argument types),
     conv2's forward (Winograd's F(4x4): its output is past WINOGRAD4_MIN_SIZE; in training
-    and evaluation mode alike), its max pool and the Dense gradients."""
+    and evaluation mode alike), its max pool and the Dense layers' kernels (Dense(1600, 128)
+    on the parallel ones, Dense(128, 10) on the small layers' serial ones)."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
     _dense_forward(dtype)
+    _dense_forward(dtype, small=True)
     _fused_weight_gradient(dtype, 1)  # the dense one
     _fused_input_gradient(dtype)
     # conv2 on the Winograd kernel its output's size picks, then its max pool
@@ -99,21 +101,32 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)
     F.max_pool2d_forward(a, 2, 2, 0)
     _dense_backward(dtype)
+    _dense_backward(dtype, small=True)
 
 
-def _dense_forward(dtype: np.dtype[Any]) -> None:
-    """The Dense forward, first in either helper: the first forward reaches it after its
-    convolutions, and waits for this kernel alone (1.7 s of compilation, off this process)."""
+def _dense_operands(dtype: np.dtype[Any], small: bool) -> tuple[Array, Array]:
+    """x (2, K) and weight (F, K) of a Dense layer on the serial kernels (``small``: at most
+    kernels.dense.SMALL_WEIGHTS weights) or on the parallel ones."""
+    from .kernels import dense
+
+    k = 3 if small else dense.SMALL_WEIGHTS // 4 + 1
+    return np.ones((2, k), dtype), np.ones((4, k), dtype)
+
+
+def _dense_forward(dtype: np.dtype[Any], small: bool = False) -> None:
+    """The Dense forward (the parallel kernel, or the small layers' serial one)."""
     from . import functional as F
 
-    F.dense_forward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.zeros(4, dtype), relu=True)
+    x, w = _dense_operands(dtype, small)
+    F.dense_forward(x, w, np.zeros(4, dtype), relu=True)
 
 
-def _dense_backward(dtype: np.dtype[Any]) -> None:
+def _dense_backward(dtype: np.dtype[Any], small: bool = False) -> None:
     """The Dense layers' gradients (with a bias; input gradient too), as the layers ask."""
     from . import functional as F
 
-    F.dense_backward(np.ones((2, 3), dtype), np.ones((4, 3), dtype), np.ones((2, 4), dtype))
+    x, w = _dense_operands(dtype, small)
+    F.dense_backward(x, w, np.ones((2, 4), dtype))
 
 
 def compile_winograd_backward(dtype: DTypeLike = np.float32) -> None:
@@ -244,6 +257,8 @@ def _sum(dtype: np.dtype[Any]) -> None:
 RECIPES: dict[str, Callable[[np.dtype[Any]], None]] = {
     "dense.dense_forward": _dense_forward,
     "dense.dense_product": _dense_backward,
+    "dense.dense_forward_small": lambda dtype: _dense_forward(dtype, small=True),
+    "dense.dense_backward_small": lambda dtype: _dense_backward(dtype, small=True),
     "conv2d.conv2d_backward_weight": _conv_weight_gradient,
     "conv2d.conv2d_backward_input": _conv_input_gradient,
     "conv2d_c1.conv2d_c1_backward_weight": _conv_c1_weight_gradient,

@@ -15,6 +15,11 @@ compiles for (4 x 4 with AVX-512, 2 x 3 with AVX2: see RB, FB). The gradients ar
 products whose output rows are contiguous along k in one operand: gemm_tile's register tile,
 rows broadcast from dy.
 
+Layers of at most SMALL_WEIGHTS weights (a classifier's last layer, 64 -> 10) run on serial
+kernels instead (dense_forward_small, dense_backward_small): their few microseconds of work are
+less than a parallel kernel's start, and they compile in a fraction of the parallel kernels'
+time, which a first training step waits for.
+
 Every output element is summed by one tile in a fixed order (the forward: its 16 lanes over k,
 then bias + lane 0 + lane 1 + ... + lane 15; the gradients: over f, or over n, in order), so
 the results depend only on the inputs, not on the number of threads: ``parts`` (the threads)
@@ -38,6 +43,8 @@ _ACC = RB * FB * L
 GR = R
 #: bytes of x a row chunk of the forward reads while it stays in L2
 _CHUNK_BYTES = 131072
+#: Layers of at most this many weights (out x in) run on the serial kernels
+SMALL_WEIGHTS = 4096
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
@@ -220,3 +227,53 @@ def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
                 for r in range(min(R, M - r0)):
                     for c in range(width):
                         out[r0 + r, c0 + c] = tile[r * FT + c]
+
+
+@njit(cache=True, fastmath={"contract"})
+def dense_forward_small(x, w, bias, relu, out):
+    """out (N, F) = x (N, K) @ w (F, K).T + bias (F,), then max(., 0) if ``relu`` (a NaN stays
+    NaN), on the calling thread (layers of at most SMALL_WEIGHTS weights): each output is its
+    bias plus the terms in order of k, the F outputs of a row side by side (w transposed into
+    a (K, F) copy, so the innermost loop runs along contiguous filters)."""
+    N, K = x.shape
+    F = w.shape[0]
+    wt = np.empty((K, F), dtype=w.dtype)
+    for f in range(F):
+        for k in range(K):
+            wt[k, f] = w[f, k]
+    acc = np.empty(F, dtype=out.dtype)
+    for n in range(N):
+        for f in range(F):
+            acc[f] = bias[f]
+        for k in range(K):
+            v = x[n, k]
+            for f in range(F):
+                acc[f] += v * wt[k, f]
+        for f in range(F):
+            s = acc[f]
+            out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
+
+
+@njit(cache=True, fastmath={"contract"})
+def dense_backward_small(x, w, dy, dw, input_grad, dx):
+    """The weight gradient dw (F, K) = dy (N, F).T @ x (N, K), the terms in order of n, and
+    with ``input_grad`` the input gradient dx (N, K) = dy @ w (F, K), the terms in order of f,
+    on the calling thread (layers of at most SMALL_WEIGHTS weights); the innermost loops run
+    along contiguous k. dx is not touched without ``input_grad``."""
+    N, K = x.shape
+    F = w.shape[0]
+    for f in range(F):
+        for k in range(K):
+            dw[f, k] = 0
+        for n in range(N):
+            d = dy[n, f]
+            for k in range(K):
+                dw[f, k] += d * x[n, k]
+    if input_grad:
+        for n in range(N):
+            for k in range(K):
+                dx[n, k] = 0
+            for f in range(F):
+                d = dy[n, f]
+                for k in range(K):
+                    dx[n, k] += d * w[f, k]

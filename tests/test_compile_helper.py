@@ -350,20 +350,36 @@ def test_no_helper_without_a_temporary_folder(monkeypatch):
         compile_helper._state.update(saved)
 
 
-def test_a_sequential_with_a_batch_norm_asks_for_its_training_kernels_first(fresh_state):
+def test_a_sequential_asks_for_its_batch_norm_and_dense_kernels(fresh_state):
     """A Sequential's first training forward requests BatchNorm's training forward ahead of
-    everything (priority -2) when it holds a BatchNorm2D; one without asks for nothing."""
+    everything (priority -2) when it holds a BatchNorm2D, then the kernels of its Dense layers
+    by their size (the serial ones up to SMALL_WEIGHTS weights), each once; one without
+    either asks for nothing."""
     import fastcnn
+    from fastcnn.kernels import dense
 
     sent = fresh_state
     plain = fastcnn.Sequential(fastcnn.Conv2D(1, 4, 3), fastcnn.ReLU(), fastcnn.Flatten())
-    compile_helper.expect_batch_norm(plain.children())
+    compile_helper.expect_layers(plain.children())
     assert sent == []
-    model = fastcnn.Sequential(fastcnn.Conv2D(3, 16, 3), fastcnn.BatchNorm2D(16), fastcnn.ReLU())
-    compile_helper.expect_batch_norm(model.children())
+    big = dense.SMALL_WEIGHTS // 64 + 1
+    model = fastcnn.Sequential(
+        fastcnn.Conv2D(3, 16, 3),
+        fastcnn.ReLU(),
+        fastcnn.Flatten(),
+        fastcnn.Dense(64, 10),
+        fastcnn.BatchNorm2D(16),
+        fastcnn.Dense(64, big),
+        fastcnn.Dense(64, 10),
+    )
+    compile_helper.expect_layers(model.children())
     assert sent == [
         ["-2", "batchnorm.batchnorm_forward_train_nhwc", "float32"],
         ["0", "batchnorm.batchnorm_backward_nhwc", "float32"],
+        ["0", "dense.dense_forward_small", "float32"],
+        ["0", "dense.dense_backward_small", "float32"],
+        ["0", "dense.dense_forward", "float32"],
+        ["0", "dense.dense_product", "float32"],
     ]
 
 
@@ -372,7 +388,7 @@ def test_a_sequential_asks_once_and_only_in_training(monkeypatch):
     from fastcnn import containers
 
     calls = []
-    monkeypatch.setattr(containers, "expect_batch_norm", lambda layers: calls.append(layers))
+    monkeypatch.setattr(containers, "expect_layers", lambda layers: calls.append(layers))
     model = fastcnn.Sequential(fastcnn.Conv2D(3, 16, 3), fastcnn.BatchNorm2D(16), fastcnn.ReLU())
     x = np.ones((2, 3, 6, 6), np.float32)
     model.eval()

@@ -1,8 +1,9 @@
 """kernels/dense.py against the textbook loops (tests/naive/dense.py): the forward (with and
 without ReLU), the input and the weight gradient, both dtypes, shapes that leave every edge of
 the blocks partial (rows, filters, the 16 lanes of the forward, the 32 columns of the
-gradients' tiles), bitwise the same for any number of threads, and the Dense layer's gradients
-by finite differences."""
+gradients' tiles), bitwise the same for any number of threads; the serial kernels of small
+layers likewise, and which layers take them; the Dense layer's gradients by finite
+differences on both."""
 
 import os
 import subprocess
@@ -83,10 +84,11 @@ def test_any_number_of_threads_gives_the_same_bits(rng, shape):
             assert np.array_equal(a, b_)
 
 
-def test_functional_through_the_threads_and_empty_shapes(rng):
+@pytest.mark.parametrize("f", [6, 120])  # the serial kernels, the parallel ones
+def test_functional_through_the_threads_and_empty_shapes(rng, f):
     x = rng.standard_normal((9, 40)).astype(np.float32)
-    w = rng.standard_normal((6, 40)).astype(np.float32)
-    dy = rng.standard_normal((9, 6)).astype(np.float32)
+    w = rng.standard_normal((f, 40)).astype(np.float32)
+    dy = rng.standard_normal((9, f)).astype(np.float32)
     with fastcnn.threads.compute_threads(1):
         one = (F.dense_forward(x, w, None, relu=True), *F.dense_backward(x, w, dy))
     with fastcnn.threads.compute_threads(2):
@@ -103,10 +105,68 @@ def test_functional_through_the_threads_and_empty_shapes(rng):
         assert np.array_equal(db, np.full(f, n))
 
 
-def test_dense_layer_gradients_by_finite_differences(rng):
-    layer = fastcnn.Dense(21, 7, dtype=np.float64, rng=rng)
-    x = rng.standard_normal((5, 21))
-    dy = rng.standard_normal((5, 7))
+# (N, K, F) of the serial kernels (at most SMALL_WEIGHTS weights): a classifier's last layer,
+# edges of one, and the largest size they take
+SMALL_SHAPES = [(64, 64, 10), (13, 37, 7), (1, 1, 1), (3, 1, 9), (5, 4096, 1), (2, 64, 64)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_small_kernels_match_the_textbook_loops(rng, dtype, tol, shape):
+    n, k, f = shape
+    assert f * k <= kernels_dense.SMALL_WEIGHTS
+    x = rng.standard_normal((n, k)).astype(dtype)
+    w = rng.standard_normal((f, k)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    dy = rng.standard_normal((n, f)).astype(dtype)
+    y_ref, dx_ref, dw_ref, _ = _naive(x, w, b, dy)
+    y, relu = np.full((n, f), np.nan, dtype), np.full((n, f), np.nan, dtype)
+    kernels_dense.dense_forward_small(x, w, b, False, y)
+    kernels_dense.dense_forward_small(x, w, b, True, relu)
+    dx, dw = np.full((n, k), np.nan, dtype), np.full((f, k), np.nan, dtype)
+    kernels_dense.dense_backward_small(x, w, dy, dw, True, dx)
+    assert relative_error(y, y_ref) <= tol
+    assert np.array_equal(relu, np.maximum(y, 0))  # the same sums, then the ReLU
+    assert relative_error(dx, dx_ref) <= tol
+    assert relative_error(dw, dw_ref) <= tol
+    untouched = np.full((n, k), np.nan, dtype)
+    kernels_dense.dense_backward_small(x, w, dy, dw, False, untouched)
+    assert np.isnan(untouched).all()  # no input gradient asked: dx not written
+
+
+def test_small_relu_keeps_nan(rng):
+    x = np.array([[np.nan, 1.0], [-1.0, -2.0]], np.float32)
+    w, b, y = np.ones((1, 2), np.float32), np.zeros(1, np.float32), np.empty((2, 1), np.float32)
+    kernels_dense.dense_forward_small(x, w, b, True, y)
+    assert np.isnan(y[0, 0]) and y[1, 0] == 0
+
+
+def test_the_layers_pick_the_kernels_by_the_weights_count(rng, monkeypatch):
+    """Up to SMALL_WEIGHTS weights the serial kernels, above them the parallel ones."""
+    called = []
+    for name in ("dense_forward", "dense_product", "dense_forward_small", "dense_backward_small"):
+        kernel = getattr(kernels_dense, name)
+        monkeypatch.setattr(
+            kernels_dense, name, lambda *a, _k=kernel, _n=name: called.append(_n) or _k(*a)
+        )
+    limit = kernels_dense.SMALL_WEIGHTS
+    for f, k in ((limit // 64, 64), (limit // 64 + 1, 64)):
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        w = rng.standard_normal((f, k)).astype(np.float32)
+        F.dense_forward(x, w)
+        F.dense_backward(x, w, rng.standard_normal((3, f)).astype(np.float32))
+    assert called == ["dense_forward_small", "dense_backward_small"] + [
+        "dense_forward",
+        "dense_product",
+        "dense_product",
+    ]
+
+
+@pytest.mark.parametrize("features", [(21, 7), (80, 60)])  # the serial kernels, the parallel
+def test_dense_layer_gradients_by_finite_differences(rng, features):
+    layer = fastcnn.Dense(*features, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((5, features[0]))
+    dy = rng.standard_normal((5, features[1]))
     layer.forward(x)
     dx = layer.backward(dy)
     assert_gradient(layer.forward, x.copy(), dy, dx)

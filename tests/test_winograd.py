@@ -37,6 +37,7 @@ def f32_rel(height, width):
     """The float32 tolerance of the Winograd kernel the layers pick for an output this size."""
     return F4_F32_REL if min(height, width) >= F.WINOGRAD4_MIN_SIZE else F32_REL
 
+
 SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
     (2, 16, 16, 7, 6, ((1, 1), (1, 1))),
     (1, 16, 32, 8, 8, ((1, 1), (1, 1))),
