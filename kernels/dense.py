@@ -16,9 +16,9 @@ products whose output rows are contiguous along k in one operand: gemm_tile's re
 rows broadcast from dy.
 
 Layers of at most SMALL_WEIGHTS weights (a classifier's last layer, 64 -> 10) run on serial
-kernels instead (dense_forward_small, dense_backward_small): their few microseconds of work are
-less than a parallel kernel's start, and they compile in a fraction of the parallel kernels'
-time, which a first training step waits for.
+kernels instead (dense_forward_small, dense_backward_small), which sum in the same order
+(bitwise the same results): their work is a few microseconds, and they compile in a fraction
+of the parallel kernels' time, which a first training step waits for.
 
 Every output element is summed by one tile in a fixed order (the forward: its 16 lanes over k,
 then bias + lane 0 + lane 1 + ... + lane 15; the gradients: over f, or over n, in order), so
@@ -232,25 +232,25 @@ def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
 @njit(cache=True, fastmath={"contract"})
 def dense_forward_small(x, w, bias, relu, out):
     """out (N, F) = x (N, K) @ w (F, K).T + bias (F,), then max(., 0) if ``relu`` (a NaN stays
-    NaN), on the calling thread (layers of at most SMALL_WEIGHTS weights): each output is its
-    bias plus the terms in order of k, the F outputs of a row side by side (w transposed into
-    a (K, F) copy, so the innermost loop runs along contiguous filters)."""
+    NaN), on the calling thread (layers of at most SMALL_WEIGHTS weights), each output summed
+    as dense_forward sums it: lane l of L the k = l mod L terms (the k >= K // L * L ones
+    into lanes 0, 1, ...), then bias + lane 0 + ... + lane L-1; bitwise dense_forward's."""
     N, K = x.shape
     F = w.shape[0]
-    wt = np.empty((K, F), dtype=w.dtype)
-    for f in range(F):
-        for k in range(K):
-            wt[k, f] = w[f, k]
-    acc = np.empty(F, dtype=out.dtype)
+    kfull = (K // L) * L
+    lanes = numba.carray(stack_array(L, x.dtype), (L,))  # in registers: no aliasing with x, w
     for n in range(N):
         for f in range(F):
-            acc[f] = bias[f]
-        for k in range(K):
-            v = x[n, k]
-            for f in range(F):
-                acc[f] += v * wt[k, f]
-        for f in range(F):
-            s = acc[f]
+            for lane in range(L):
+                lanes[lane] = 0
+            for k0 in range(0, kfull, L):
+                for lane in range(L):
+                    lanes[lane] += x[n, k0 + lane] * w[f, k0 + lane]
+            for k in range(kfull, K):
+                lanes[k - kfull] += x[n, k] * w[f, k]
+            s = bias[f]
+            for lane in range(L):
+                s += lanes[lane]
             out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
 
 
@@ -258,8 +258,9 @@ def dense_forward_small(x, w, bias, relu, out):
 def dense_backward_small(x, w, dy, dw, input_grad, dx):
     """The weight gradient dw (F, K) = dy (N, F).T @ x (N, K), the terms in order of n, and
     with ``input_grad`` the input gradient dx (N, K) = dy @ w (F, K), the terms in order of f,
-    on the calling thread (layers of at most SMALL_WEIGHTS weights); the innermost loops run
-    along contiguous k. dx is not touched without ``input_grad``."""
+    on the calling thread (layers of at most SMALL_WEIGHTS weights): dense_product's sums, in
+    its order, bitwise its results; the innermost loops run along contiguous k. dx is not
+    touched without ``input_grad``."""
     N, K = x.shape
     F = w.shape[0]
     for f in range(F):

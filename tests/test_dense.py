@@ -2,8 +2,8 @@
 without ReLU), the input and the weight gradient, both dtypes, shapes that leave every edge of
 the blocks partial (rows, filters, the 16 lanes of the forward, the 32 columns of the
 gradients' tiles), bitwise the same for any number of threads; the serial kernels of small
-layers likewise, and which layers take them; the Dense layer's gradients by finite
-differences on both."""
+layers likewise, bitwise the parallel ones, and which layers take them; the Dense layer's
+gradients by finite differences on both."""
 
 import os
 import subprocess
@@ -129,6 +129,11 @@ def test_small_kernels_match_the_textbook_loops(rng, dtype, tol, shape):
     assert np.array_equal(relu, np.maximum(y, 0))  # the same sums, then the ReLU
     assert relative_error(dx, dx_ref) <= tol
     assert relative_error(dw, dw_ref) <= tol
+    parallel = np.empty((n, f), dtype)
+    kernels_dense.dense_forward(x, w, b, True, 2, parallel)
+    assert np.array_equal(relu, parallel)  # the parallel kernels' sums, in their order
+    for got, ref in zip((dx, dw), _gradients(dy, x, w, 2), strict=True):
+        assert np.array_equal(got, ref)
     untouched = np.full((n, k), np.nan, dtype)
     kernels_dense.dense_backward_small(x, w, dy, dw, False, untouched)
     assert np.isnan(untouched).all()  # no input gradient asked: dx not written
