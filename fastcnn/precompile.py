@@ -86,13 +86,12 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     rebuilt in cache from the pooled gradient), conv2's input gradient from the pooled
     gradient (the kernel called as functional calls it, with the same argument types),
     conv2's forward (Winograd's F(4x4): its output is past WINOGRAD4_MIN_SIZE; in training
-    and evaluation mode alike), its max pool and the Dense layers' kernels (Dense(1600, 128)
-    on the parallel ones, Dense(128, 10) on the small layers' serial ones)."""
+    and evaluation mode alike), its max pool and the Dense layers' kernels (the parallel
+    ones: both layers have more than kernels.dense.SMALL_WEIGHTS weights)."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
     _dense_forward(dtype)
-    _dense_forward(dtype, small=True)
     _fused_weight_gradient(dtype, 1)  # the dense one
     _fused_input_gradient(dtype)
     # conv2 on the Winograd kernel its output's size picks, then its max pool
@@ -101,7 +100,6 @@ def compile_backward(dtype: DTypeLike = np.float32) -> None:
     a = F.conv2d_forward(x32, np.ones((16, 32, 3, 3), dtype), None, 1, 0, relu=True, winograd=True)
     F.max_pool2d_forward(a, 2, 2, 0)
     _dense_backward(dtype)
-    _dense_backward(dtype, small=True)
 
 
 def _dense_operands(dtype: np.dtype[Any], small: bool) -> tuple[Array, Array]:

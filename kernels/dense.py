@@ -44,7 +44,7 @@ GR = R
 #: bytes of x a row chunk of the forward reads while it stays in L2
 _CHUNK_BYTES = 131072
 #: Layers of at most this many weights (out x in) run on the serial kernels
-SMALL_WEIGHTS = 4096
+SMALL_WEIGHTS = 1024
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
