@@ -565,18 +565,9 @@ def conv2d_forward(
         )
         return _nchw(y)
     if y.size:  # an empty batch: nothing to compute (PyTorch returns the empty output too)
+        no_bn = _no_bn(x)
         _conv_kernel(
-            x,
-            weight,
-            bias,
-            strides,
-            pads,
-            dilations,
-            bool(relu),
-            y,
-            _no_bn(x),
-            winograd,
-            evaluation,
+            x, weight, bias, strides, pads, dilations, bool(relu), y, no_bn, winograd, evaluation
         )
     return _nchw(y)
 
@@ -594,7 +585,9 @@ def _depthwise_input(x, multiplier):
     return xh if multiplier == 1 else np.repeat(xh, multiplier, axis=3)
 
 
-def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, ev):
+def _grouped_forward(
+    x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, evaluation
+):
     """y (N, OH, OW, F) of a grouped convolution: the depthwise kernel where each group has one
     channel, else the dense kernels (Winograd's where ``winograd`` and they apply) run on each
     group's channels and filters in turn."""
@@ -620,7 +613,7 @@ def _grouped_forward(x, weight, bias, strides, pads, dilations, relu, y, groups,
             part,
             _no_bn(part),
             winograd,
-            ev,
+            evaluation,
         )
         y[..., g * fg : (g + 1) * fg] = part
 
