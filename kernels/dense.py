@@ -254,6 +254,18 @@ def dense_forward_small(x, w, bias, relu, out):
             out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
 
 
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _weighted_rows(weights, rows, out):
+    """out (K,) = the sum over m of weights[m] * rows[m] (rows (M, K)), from zero, in order of
+    m: one row of either gradient."""
+    for k in range(out.shape[0]):
+        out[k] = 0
+    for m in range(rows.shape[0]):
+        d = weights[m]
+        for k in range(out.shape[0]):
+            out[k] += d * rows[m, k]
+
+
 @njit(cache=True, fastmath={"contract"})
 def dense_backward_small(x, w, dy, dw, input_grad, dx):
     """The weight gradient dw (F, K) = dy (N, F).T @ x (N, K), the terms in order of n, and
@@ -261,20 +273,8 @@ def dense_backward_small(x, w, dy, dw, input_grad, dx):
     on the calling thread (layers of at most SMALL_WEIGHTS weights): dense_product's sums, in
     its order, bitwise its results; the innermost loops run along contiguous k. dx is not
     touched without ``input_grad``."""
-    N, K = x.shape
-    F = w.shape[0]
-    for f in range(F):
-        for k in range(K):
-            dw[f, k] = 0
-        for n in range(N):
-            d = dy[n, f]
-            for k in range(K):
-                dw[f, k] += d * x[n, k]
+    for f in range(w.shape[0]):
+        _weighted_rows(dy[:, f], x, dw[f])
     if input_grad:
-        for n in range(N):
-            for k in range(K):
-                dx[n, k] = 0
-            for f in range(F):
-                d = dy[n, f]
-                for k in range(K):
-                    dx[n, k] += d * w[f, k]
+        for n in range(x.shape[0]):
+            _weighted_rows(dy[n], w, dx[n])
