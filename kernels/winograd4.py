@@ -33,7 +33,7 @@ from .gemm_tile import FTN, RN, copy16, stack_array
 from .lanes import add16, batch_norm16, relu16
 from .winograd import block_products, kernels_by_tap
 
-#: Tiles per block, at least: whole rows of tiles of one image (winograd.py's rule).
+#: Tiles per block (a multiple of the register tile's RN rows).
 _BLOCK_TILES = 12
 #: Positions of the transformed 6x6 patch, and floats per tile and 16 channels (or filters).
 _E = 36
@@ -115,14 +115,25 @@ def _at(src, dst, sbase, sstride, dbase, dstride, lane):
     dst[dbase + 3 * dstride + lane] = b + eight * e + m5
 
 
+@njit(cache=True, inline="always")
+def _next_tile(n, ty, tx, TH, TW):
+    """(image, tile row, tile column) of the tile after (n, ty, tx), tiles numbered image by
+    image and row by row."""
+    if tx + 1 < TW:
+        return n, ty, tx + 1
+    if ty + 1 < TH:
+        return n, ty + 1, 0
+    return n + 1, 0, 0
+
+
 @njit(cache=True)
-def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
-    """V[t, c // 16, e, c % 16] = (B^T d B)[e] for the block's tiles t < nt (tile row
-    ty0 + t // TW, column t % TW of image n), d the tile's 6x6 input patch, every channel
-    (C a multiple of 16); positions outside the image read as zeros. xf: x (N, H, W, C) flat;
-    V flat. As winograd.py: loops between one array and the stack, or within the stack,
-    16 channels at a time (LLVM makes those vector code; one loop from x to V stayed
-    scalar)."""
+def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V):
+    """V[t, c // 16, e, c % 16] = (B^T d B)[e] for the block's tiles t < nt, d the 6x6 input
+    patch of tile g0 + t (tiles numbered image by image, row by row: TH rows of TW per image),
+    every channel (C a multiple of 16); positions outside the image read as zeros. xf: x (N,
+    H, W, C) flat; V flat. As winograd.py: loops between one array and the stack, or within
+    the stack, 16 channels at a time (LLVM makes those vector code; one loop from x to V
+    stayed scalar)."""
     d = numba.carray(stack_array(_S, V.dtype), (_S,))  # the patch: 16 * (6 i + j) + lane
     r = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d: 16 * (6 i + j) + lane
     v = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d B: 16 * e + lane
@@ -131,10 +142,14 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
     zeros = numba.carray(stack_array(16, V.dtype), (16,))
     for lane in range(16):
         zeros[lane] = 0
-    img = n * H * W * C
+    n, k = divmod(g0, TH * TW)  # tile t: image n, tile row ty, column tx (no division per tile)
+    ty, tx = divmod(k, TW)
     for t in range(nt):
-        y0 = 4 * (ty0 + t // TW) - pad_top
-        x0 = 4 * (t % TW) - pad_left
+        if t > 0:
+            n, ty, tx = _next_tile(n, ty, tx, TH, TW)
+        img = n * H * W * C
+        y0 = 4 * ty - pad_top
+        x0 = 4 * tx - pad_left
         inner = 0 <= y0 and y0 + 6 <= H and 0 <= x0 and x0 + 6 <= W
         if not inner:  # each row's and column's pixel (clamped) and whether it is inside
             for i in range(6):
@@ -176,20 +191,24 @@ def _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, V):
 
 
 @njit(cache=True)
-def _output_block(M, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn):
-    """out[n, oy:oy+4, ox:ox+4, :] = A^T M A + bias for the block's tiles t < nt (only the
-    rows and columns inside out), then the BatchNorm ``bn`` and its residual sum (see
-    conv2d_winograd4_forward), then max(., 0) if ``relu`` (a NaN stays NaN), each tile in the
-    stack before it is stored. M flat (nfb, TBp, 36, 16): M[fb, t, e, lane]; of: out
-    (N, OH, OW, F) flat."""
+def _output_block(M, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn):
+    """out[n, oy:oy+4, ox:ox+4, :] = A^T M A + bias for the block's tiles t < nt, tile g0 + t
+    numbered as in _input_block (only the rows and columns inside out), then the BatchNorm
+    ``bn`` and its residual sum (see conv2d_winograd4_forward), then max(., 0) if ``relu`` (a
+    NaN stays NaN), each tile in the stack before it is stored. M flat (nfb, TBp, 36, 16):
+    M[fb, t, e, lane]; of: out (N, OH, OW, F) flat."""
     m = numba.carray(stack_array(_S, M.dtype), (_S,))  # M[e]: 16 * e + lane
     s = numba.carray(stack_array(384, M.dtype), (384,))  # A^T M: 16 * (6 i + j) + lane, i < 4
     y = numba.carray(stack_array(256, M.dtype), (256,))  # Y: 16 * (4 i + j) + lane
     mean, scale, shift, add = bn
     affine = scale.size > 0
     nothing = add[:0]  # no residual sum (past the output's edge)
+    n, k = divmod(g0, TH * TW)  # as in _input_block
+    ty, tx = divmod(k, TW)
     for t in range(nt):
-        oy, ox = 4 * (ty0 + t // TW), 4 * (t % TW)
+        if t > 0:
+            n, ty, tx = _next_tile(n, ty, tx, TH, TW)
+        oy, ox = 4 * ty, 4 * tx
         rows, cols = min(4, OH - oy), min(4, OW - ox)
         o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
         for fb in range(nfb):
@@ -238,20 +257,24 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
 
     x (N, H, W, C); U (36, C, F) = weight_transform(weight, F), weight (F, C, 3, 3) (as
     winograd.conv2d_winograd_forward's U); bias (F,), C and F multiples of 16; out (N, OH, OW,
-    F) overwritten. Work: blocks of whole tile rows of one image, ``threads`` workers each a
-    contiguous range of them, each with its own scratch (V, M). Every output is computed by
-    one block alone: the result does not depend on ``threads``.
+    F) overwritten. Work: the batch's tiles, numbered image by image and row by row, in blocks
+    of consecutive tiles (a multiple of the register tile's RN rows, across images and tile
+    rows: no product row is computed in vain but in the last block), ``threads`` workers each
+    a contiguous range of blocks, each with its own scratch (V, M). Every output is computed
+    by one block alone, and each product row sums its terms in the same order whatever block
+    holds it: the result depends neither on ``threads`` nor on the blocking.
     """
     N, H, W, C = x.shape
     F = out.shape[3]
     OH, OW = out.shape[1], out.shape[2]
     TH, TW = (OH + 3) // 4, (OW + 3) // 4
+    T = TH * TW  # tiles per image
+    NT = N * T
     Fp = U.shape[2]
     nfb = Fp // FTN
-    k = min(TH, (_BLOCK_TILES + TW - 1) // TW)  # tile rows per block
-    per_image = (TH + k - 1) // k
-    nblocks = N * per_image
-    TBp = (k * TW + RN - 1) // RN * RN
+    # tiles per block: _BLOCK_TILES, or fewer where that leaves a thread without a block
+    TBp = max(RN, min(_BLOCK_TILES, ((NT + threads - 1) // threads + RN - 1) // RN * RN))
+    nblocks = (NT + TBp - 1) // TBp
     nthr = max(1, min(threads, nblocks))
     dt = x.dtype
     V = np.empty((nthr, TBp * C * _E), dtype=dt)
@@ -275,12 +298,10 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
         Vf = V[th]
         Mf = M[th]
         for blk in range(th * nblocks // nthr, (th + 1) * nblocks // nthr):
-            n = blk // per_image
-            ty0 = (blk % per_image) * k
-            ty1 = min(ty0 + k, TH)
-            nt = (ty1 - ty0) * TW
-            _input_block(xf, H, W, C, n, ty0, nt, TW, pad_top, pad_left, Vf)
+            g0 = blk * TBp
+            nt = min(TBp, NT - g0)
+            _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: a tile's 36 products in one stretch
             block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
-            _output_block(Mf, TBp, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn)
+            _output_block(Mf, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn)

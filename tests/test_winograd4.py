@@ -96,6 +96,16 @@ def test_same_bits_for_any_thread_count():
             assert np.array_equal(run(x, w, b, padding, n_threads=n), one)
 
 
+@pytest.mark.parametrize("size", [7, 9, 17])
+def test_an_image_gets_the_same_bits_alone_as_in_a_batch(size):
+    """Blocks of tiles run across images and tile rows: an image's outputs must not depend on
+    which block holds its tiles, nor on the images beside it."""
+    x, w, b, padding = data((7, 16, 32, size, size, ((1, 1), (1, 1))), np.float32, seed=6)
+    batch = run(x, w, b, padding, n_threads=2)
+    for n in range(x.shape[0]):
+        assert np.array_equal(run(x[n : n + 1], w, b, padding, n_threads=1), batch[n : n + 1])
+
+
 def test_a_layer_uses_it_on_outputs_from_the_threshold_on():
     """Outputs of at least WINOGRAD4_MIN_SIZE rows and columns: F(4x4, 3x3), in training and
     evaluation mode alike; smaller outputs: F(2x2, 3x3) (which rounds otherwise: the two
