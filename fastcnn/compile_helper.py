@@ -421,8 +421,12 @@ def _convolution_gradients(
     )
     pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
     if F._weight_gradient_by_winograd(shape, s, pads, d):
-        # the longest compilation of a step: first, or this process waits for it last
-        kernels = [("winograd.conv2d_winograd_backward_weight", -1)]
+        # the longest compilation of a step: first, or this process waits for it last (its
+        # output is the input's size: 3x3, stride 1, padding 1)
+        if F._weight_gradient_by_winograd4(tuple(input_size)):
+            kernels = [("winograd4.conv2d_winograd4_backward_weight", -1)]
+        else:
+            kernels = [("winograd.conv2d_winograd_backward_weight", -1)]
     elif F._weight_gradient_by_c1(shape, s, d):
         kernels = [("conv2d_c1.conv2d_c1_backward_weight", 0)]
     else:

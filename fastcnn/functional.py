@@ -825,9 +825,12 @@ def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     f, c, kh, kw = weight.shape
     if _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw)):
-        _winograd.conv2d_winograd_backward_weight(
-            _nhwc(x), dy, pads[0], pads[2], dweight, dbias, numba.get_num_threads()
+        kernel = (
+            _winograd4.conv2d_winograd4_backward_weight
+            if _weight_gradient_by_winograd4(dy.shape[1:3])
+            else _winograd.conv2d_winograd_backward_weight
         )
+        kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, numba.get_num_threads())
     elif _weight_gradient_by_c1(weight.shape, (sh, sw), (dh, dw)):
         # one channel, few filters: bitwise the direct kernel, following its pixel chunks
         n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
@@ -903,6 +906,15 @@ def _weight_gradient_by_winograd(weight_shape, stride, pads, dilation):
         and f % 16 == 0
         and winograd_enabled()
     )
+
+
+def _weight_gradient_by_winograd4(out_size):
+    """Whether a Winograd weight gradient (``_weight_gradient_by_winograd``) runs on F(4x4,
+    3x3) (kernels/winograd4.py) rather than F(2x2, 3x3), for outputs of ``out_size`` (rows,
+    columns): both at least WINOGRAD4_MIN_SIZE, and covered by 4x4 tiles with no more pixels
+    past the edge than 2x2 tiles leave (each 0 or 3 modulo 4: 7, 8, 16, 28, 32; at 14 the 4x4
+    tiles' two rows and columns past the edge cost more than their fewer products save)."""
+    return all(n >= WINOGRAD4_MIN_SIZE and (n + 3) // 4 * 4 == (n + 1) // 2 * 2 for n in out_size)
 
 
 def _weight_gradient_by_c1(weight_shape, stride, dilation):

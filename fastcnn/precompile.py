@@ -127,16 +127,19 @@ def _dense_backward(dtype: np.dtype[Any], small: bool = False) -> None:
     F.dense_backward(x, w, np.ones((2, 4), dtype))
 
 
-def compile_winograd_backward(dtype: DTypeLike = np.float32) -> None:
+def compile_winograd_backward(dtype: DTypeLike = np.float32, size: int = 4) -> None:
     """Compile (or load) the Winograd weight gradient of a 3x3 'same' convolution with 16
-    channels and filters, as ``functional.conv2d_backward`` calls it (its input gradient runs
-    on the Winograd forward, which the forward pass compiles)."""
+    channels and filters on ``size`` x ``size`` images, as ``functional.conv2d_backward``
+    calls it: F(2x2)'s at the default size, F(4x4)'s where the size picks it
+    (``functional._weight_gradient_by_winograd4``). Its input gradient runs on the Winograd
+    forward, which the forward pass compiles."""
     from . import functional as F
 
     dtype = np.dtype(dtype)
-    x = F._nchw(np.ones((2, 4, 4, 16), dtype))
+    x = F._nchw(np.ones((2, size, size, 16), dtype))
     w = np.ones((16, 16, 3, 3), dtype)
-    F.conv2d_backward(x, w, F._nchw(np.ones((2, 4, 4, 16), dtype)), 1, 1, input_grad=False)
+    dy = F._nchw(np.ones((2, size, size, 16), dtype))
+    F.conv2d_backward(x, w, dy, 1, 1, input_grad=False)
 
 
 # ---- one kernel alone, as the layers call it: what fastcnn.compile_helper's helper compiles ----
@@ -261,6 +264,9 @@ RECIPES: dict[str, Callable[[np.dtype[Any]], None]] = {
     "conv2d.conv2d_backward_input": _conv_input_gradient,
     "conv2d_c1.conv2d_c1_backward_weight": _conv_c1_weight_gradient,
     "winograd.conv2d_winograd_backward_weight": compile_winograd_backward,
+    "winograd4.conv2d_winograd4_backward_weight": lambda dtype: compile_winograd_backward(
+        dtype, size=8
+    ),
     "fused.maxpool2d_conv2d_backward_weight": lambda dtype: _fused_weight_gradient(dtype, 32),
     "fused.maxpool2d_conv2d_backward_weight_dense": lambda dtype: _fused_weight_gradient(dtype, 1),
     "fused.maxpool2d_conv2d_backward_input": _fused_input_gradient,

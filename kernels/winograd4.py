@@ -29,9 +29,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FTN, RN, copy16, stack_array
+from .gemm_tile import FTN, RN, copy16, gemm_tile, stack_array
 from .lanes import add16, batch_norm16, relu16
-from .winograd import block_products, kernels_by_tap
+from .winograd import _WEIGHT_CHUNKS, block_products, kernels_by_tap
 
 #: Tiles per block (a multiple of the register tile's RN rows).
 _BLOCK_TILES = 12
@@ -127,13 +127,14 @@ def _next_tile(n, ty, tx, TH, TW):
 
 
 @njit(cache=True)
-def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V):
+def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V, TBp, by_element):
     """V[t, c // 16, e, c % 16] = (B^T d B)[e] for the block's tiles t < nt, d the 6x6 input
     patch of tile g0 + t (tiles numbered image by image, row by row: TH rows of TW per image),
-    every channel (C a multiple of 16); positions outside the image read as zeros. xf: x (N,
-    H, W, C) flat; V flat. As winograd.py: loops between one array and the stack, or within
-    the stack, 16 channels at a time (LLVM makes those vector code; one loop from x to V
-    stayed scalar)."""
+    every channel (C a multiple of 16); positions outside the image read as zeros; with
+    ``by_element``, V[e, c // 16, t, c % 16] (the weight gradient's layout, TBp tiles per
+    plane: winograd._input_block's). xf: x (N, H, W, C) flat; V flat. As winograd.py: loops
+    between one array and the stack, or within the stack, 16 channels at a time (LLVM makes
+    those vector code; one loop from x to V stayed scalar)."""
     d = numba.carray(stack_array(_S, V.dtype), (_S,))  # the patch: 16 * (6 i + j) + lane
     r = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d: 16 * (6 i + j) + lane
     v = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d B: 16 * e + lane
@@ -185,9 +186,13 @@ def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V):
             for i in range(6):  # (B^T d) B: each row's 6 columns combined
                 for lane in range(16):
                     _bt(r, v, 96 * i, 16, lane)
-            q = np.uint64((t * C + c0) * _E)  # V[t, c0 // 16, e, lane]: one stretch
-            for k in range(_S):
-                V[q + np.uint64(k)] = v[k]
+            if by_element:
+                for e in range(_E):
+                    copy16(V, np.uint64((e * C + c0) * TBp + t * 16), v, np.uint64(16 * e))
+            else:
+                q = np.uint64((t * C + c0) * _E)  # V[t, c0 // 16, e, lane]: one stretch
+                for k in range(_S):
+                    V[q + np.uint64(k)] = v[k]
 
 
 @njit(cache=True)
@@ -300,8 +305,216 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
         for blk in range(th * nblocks // nthr, (th + 1) * nblocks // nthr):
             g0 = blk * TBp
             nt = min(TBp, NT - g0)
-            _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf)
+            _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf, TBp, False)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: a tile's 36 products in one stretch
             block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
             _output_block(Mf, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn)
+
+
+# -------------------------------------------------------------------------------------------------
+# the weight gradient: F(4x4, 3x3) run backwards, as winograd.py's F(2x2, 3x3) one
+#
+#     dg = G^T [ sum over tiles (A dY A^T) * (B^T d B) ] G          (* elementwise)
+#
+# 36 matrix products, one per position e of the 6x6, S[e] (F x C) = sum_t Z[t, e, :]^T V[t, e, :]
+# with Z = A dY A^T: 36 multiply-adds per 16 gradients, filter and channel where F(2x2) takes 64
+# and the direct gradient 144.
+
+#: Tiles per block of the weight gradient (odd: see winograd.py's TBp), its products' k.
+_WEIGHT_BLOCK_TILES = 47
+
+
+@njit(cache=True, inline="always")
+def _a(src, dst, sbase, sstride, dbase, dstride, lane):
+    """dst[dbase + e * dstride + lane] = (A s)[e], e < 6, for the 4 values s[i] = src[sbase +
+    i * sstride + lane], A = (A^T)^T: one row or column of the gradient's transform."""
+    g0 = src[sbase + lane]
+    g1 = src[sbase + sstride + lane]
+    g2 = src[sbase + 2 * sstride + lane]
+    g3 = src[sbase + 3 * sstride + lane]
+    two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
+    even, odd = g0 + g2, g1 + g3
+    even4, odd8 = g0 + four * g2, two * g1 + eight * g3
+    dst[dbase + lane] = g0
+    dst[dbase + dstride + lane] = even + odd
+    dst[dbase + 2 * dstride + lane] = even - odd
+    dst[dbase + 3 * dstride + lane] = even4 + odd8
+    dst[dbase + 4 * dstride + lane] = even4 - odd8
+    dst[dbase + 5 * dstride + lane] = g3
+
+
+@njit(cache=True)
+def _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Z, TBp, bsum):
+    """Z[e, t, f] = (A dY A^T)[e] for the block's tiles t < nt (tile g0 + t, numbered as in
+    _input_block), dY the tile's 4x4 gradient (zero past the output's last row or column),
+    every filter (F a multiple of 16); and bsum[f] += the tile's sum of dY ((A dY A^T)[1, 1]
+    is that sum). dyf: dy (N, OH, OW, F) flat; Z flat (36, TBp, F)."""
+    g = numba.carray(stack_array(256, Z.dtype), (256,))  # dY: 16 * (4 i + j) + lane
+    s = numba.carray(stack_array(384, Z.dtype), (384,))  # A dY: 16 * (4 a + j) + lane
+    z = numba.carray(stack_array(_S, Z.dtype), (_S,))  # A dY A^T: 16 * e + lane
+    zeros = numba.carray(stack_array(16, Z.dtype), (16,))
+    for lane in range(16):
+        zeros[lane] = 0
+    n, k = divmod(g0, TH * TW)  # as in _input_block
+    ty, tx = divmod(k, TW)
+    for t in range(nt):
+        if t > 0:
+            n, ty, tx = _next_tile(n, ty, tx, TH, TW)
+        oy, ox = 4 * ty, 4 * tx
+        rows, cols = min(4, OH - oy), min(4, OW - ox)
+        o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        for f0 in range(0, F, 16):
+            u0 = np.uint64(f0)
+            if rows == 4 and cols == 4:  # a whole tile: constant trip counts, unrolled
+                for i in range(4):
+                    for j in range(4):
+                        src = o00 + np.uint64((i * OW + j) * F) + u0
+                        copy16(g, np.uint64(16 * (4 * i + j)), dyf, src)
+            else:
+                for i in range(4):
+                    for j in range(4):
+                        p = np.uint64(16 * (4 * i + j))
+                        if i < rows and j < cols:
+                            copy16(g, p, dyf, o00 + np.uint64((i * OW + j) * F) + u0)
+                        else:
+                            copy16(g, p, zeros, np.uint64(0))
+            for j in range(4):  # A dY: each column's 4 rows combined
+                for lane in range(16):
+                    _a(g, s, 16 * j, 64, 16 * j, 64, lane)
+            for a in range(6):  # (A dY) A^T: each row's 4 columns combined
+                for lane in range(16):
+                    _a(s, z, 64 * a, 16, 96 * a, 16, lane)
+            for lane in range(16):
+                bsum[f0 + lane] += z[16 * 7 + lane]
+            for e in range(_E):
+                copy16(Z, np.uint64((e * TBp + t) * F + f0), z, np.uint64(16 * e))
+
+
+@njit(cache=True)
+def _weight_from_products(S, nrb, ncb, F, C, dweight):
+    """dweight[f, c] = G^T s G, s the 6x6 of S[e, f, c] (e = 6 a + b), in float64, as
+    (24 G)^T s (24 G) / 576 (weight_transform's reason), 16 channels of one column block at a
+    time; S flat (36, nrb, ncb, RN, FTN) as the products' tiles."""
+    tile = RN * FTN
+    s = numba.carray(stack_array(_S, np.float64), (_S,))  # 16 * e + lane
+    h = numba.carray(stack_array(288, np.float64), (288,))  # (24 G)^T s: 16 * (6 i + b) + lane
+    scale = 1.0 / 576.0
+    for rb in range(nrb):
+        for r in range(min(RN, F - rb * RN)):
+            f = rb * RN + r
+            for cb in range(ncb):
+                for e in range(_E):
+                    o = np.uint64(((e * nrb + rb) * ncb + cb) * tile + r * FTN)
+                    for lane in range(16):
+                        s[16 * e + lane] = np.float64(S[o + np.uint64(lane)])
+                for b in range(6):  # (24 G)^T s: each column's 6 rows combined
+                    for lane in range(16):
+                        s0, s1 = s[16 * b + lane], s[16 * (6 + b) + lane]
+                        s2, s3 = s[16 * (12 + b) + lane], s[16 * (18 + b) + lane]
+                        s4, s5 = s[16 * (24 + b) + lane], s[16 * (30 + b) + lane]
+                        h[16 * b + lane] = 6.0 * s0 - 4.0 * (s1 + s2) + s3 + s4
+                        h[16 * (6 + b) + lane] = 4.0 * (s2 - s1) + 2.0 * (s3 - s4)
+                        h[16 * (12 + b) + lane] = 4.0 * (s3 + s4 - s1 - s2) + 24.0 * s5
+                for i in range(3):  # then its rows: ((24 G)^T s) (24 G) / 576
+                    for lane in range(16):
+                        h0, h1 = h[16 * (6 * i) + lane], h[16 * (6 * i + 1) + lane]
+                        h2, h3 = h[16 * (6 * i + 2) + lane], h[16 * (6 * i + 3) + lane]
+                        h4, h5 = h[16 * (6 * i + 4) + lane], h[16 * (6 * i + 5) + lane]
+                        c = cb * FTN + lane
+                        dweight[f, c, i, 0] = (6.0 * h0 - 4.0 * (h1 + h2) + h3 + h4) * scale
+                        dweight[f, c, i, 1] = (4.0 * (h2 - h1) + 2.0 * (h3 - h4)) * scale
+                        dweight[f, c, i, 2] = (4.0 * (h3 + h4 - h1 - h2) + 24.0 * h5) * scale
+
+
+# fastmath: the products' tile, inlined in the parallel body, fuses its multiply-adds only
+# with the flag on this function
+@njit(parallel=True, cache=True, fastmath={"contract"})
+def conv2d_winograd4_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, threads):
+    """dweight[f, c, i, j] = sum_{n, oh, ow} dy[n, oh, ow, f] * x[n, oh - pt + i, ow - pl + j, c]
+    (3x3, stride 1, dilation 1), up to rounding, by F(4x4, 3x3) run backwards (see above);
+    dbias[f] = sum dy[..., f]. Shapes, contract and padding as
+    winograd.conv2d_winograd_backward_weight's.
+
+    Work: the batch's tiles, numbered as the forward's, in blocks of _WEIGHT_BLOCK_TILES
+    consecutive ones, in _WEIGHT_CHUNKS contiguous chunks fixed by the shapes, each summing
+    its tiles in order into its own S (rows = filters, columns = channels); ``threads``
+    workers each take a contiguous range of chunks with their own scratch (a block's V and
+    Z). The chunks' S are then added in chunk order and G^T S G taken in float64:
+    deterministic for any thread count.
+    """
+    N, H, W, C = x.shape
+    OH, OW, F = dy.shape[1], dy.shape[2], dy.shape[3]
+    TH, TW = (OH + 3) // 4, (OW + 3) // 4
+    NT = N * TH * TW
+    TBp = _WEIGHT_BLOCK_TILES
+    nblocks = (NT + TBp - 1) // TBp
+    nchunks = max(1, min(_WEIGHT_CHUNKS, nblocks))
+    nthr = max(1, min(threads, nchunks))
+    nrb = (F + RN - 1) // RN  # row blocks of filters (the last one's padding rows: filter 0)
+    ncb = C // FTN  # column blocks of channels
+    dt = x.dtype
+    tile = RN * FTN
+    ssize = _E * nrb * ncb * tile
+    S = np.empty((nchunks, ssize), dtype=dt)
+    B = np.empty((nchunks, F), dtype=dt)
+    V = np.empty((nthr, _E * TBp * C), dtype=dt)
+    Z = np.empty((nthr, _E * TBp * F), dtype=dt)
+    # row r (a filter) of the e-th product starts at abase[e * nrb * RN + r], its tile t aoff[t]
+    # further (Z[e, t, f]); the rows past F repeat filter 0
+    abase = np.empty(_E * nrb * RN, dtype=np.uint64)
+    for e in range(_E):
+        for r in range(nrb * RN):
+            abase[e * nrb * RN + r] = np.uint64(e * TBp * F + (r if r < F else 0))
+    aoff = np.empty(TBp, dtype=np.uint64)
+    for t in range(TBp):
+        aoff[t] = np.uint64(t * F)
+    xf = x.reshape(x.size)
+    dyf = dy.reshape(dy.size)
+    vstride = np.uint64(16)
+    for th in prange(nthr):
+        Vf = V[th]
+        Zf = Z[th]
+        for ch in range(th * nchunks // nthr, (th + 1) * nchunks // nthr):
+            Sf = S[ch]
+            bs = B[ch]
+            for f in range(F):
+                bs[f] = 0
+            b0 = ch * nblocks // nchunks
+            for blk in range(b0, (ch + 1) * nblocks // nchunks):
+                g0 = blk * TBp
+                nt = min(TBp, NT - g0)
+                _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf, TBp, True)
+                _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Zf, TBp, bs)
+                for e in range(_E):
+                    for rb in range(nrb):
+                        for cb in range(ncb):
+                            gemm_tile(
+                                Zf,
+                                abase,
+                                (e * nrb + rb) * RN,
+                                aoff,
+                                0,
+                                nt,
+                                Vf,
+                                np.uint64((e * ncb + cb) * TBp * 16),
+                                vstride,
+                                Sf,
+                                np.uint64(((e * nrb + rb) * ncb + cb) * tile),
+                                blk > b0,  # the chunk's first block starts its sums at 0
+                                True,
+                            )
+    # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
+    for th in prange(nthr):
+        i0, i1 = th * ssize // nthr, (th + 1) * ssize // nthr
+        S0 = S[0, i0:i1]
+        for ch in range(1, nchunks):
+            Sc = S[ch, i0:i1]  # slices and a loop from 0: winograd.py's reason
+            for i in range(S0.size):
+                S0[i] += Sc[i]
+    _weight_from_products(S[0], nrb, ncb, F, C, dweight)
+    for f in range(F):
+        b = B[0, f]
+        for ch in range(1, nchunks):
+            b += B[ch, f]
+        dbias[f] = b

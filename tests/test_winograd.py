@@ -415,14 +415,16 @@ WG_SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
 ]
 
 
-def run_weight(x, dy, padding, n_threads=None):
-    """The weight gradient kernel on NCHW arrays, NaN-filled outputs."""
+def run_weight(x, dy, padding, n_threads=None, kernel=None):
+    """The weight gradient kernel (this F(2x2, 3x3) one, or ``kernel`` of its signature:
+    tests/test_winograd4.py's) on NCHW arrays, NaN-filled outputs."""
     (pt, _), (pl, _) = padding
     F = dy.shape[1]
     dw = np.full((F, x.shape[1], 3, 3), np.nan, dtype=x.dtype)
     db = np.full(F, np.nan, dtype=x.dtype)
     nt = numba.get_num_threads() if n_threads is None else n_threads
-    _wk.conv2d_winograd_backward_weight(
+    kernel = _wk.conv2d_winograd_backward_weight if kernel is None else kernel
+    kernel(
         np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
         np.ascontiguousarray(dy.transpose(0, 2, 3, 1)),
         pt,

@@ -1,7 +1,9 @@
 """The Winograd F(4x4, 3x3) forward (kernels/winograd4.py) against the textbook convolution
 (tests/naive/conv2d.py), its weight transform against G g G^T, its BatchNorm / residual / ReLU
 epilogue bitwise the steps apart, its independence of the thread count, and where the layers
-use it: outputs of at least functional.WINOGRAD4_MIN_SIZE rows and columns, in either mode."""
+use it: outputs of at least functional.WINOGRAD4_MIN_SIZE rows and columns, in either mode.
+Its weight gradient against the textbook backward and the textbook F(4x4) algorithm
+(tests/naive/winograd.py), by finite differences, and where the layers use it."""
 
 import numba
 import numpy as np
@@ -11,9 +13,17 @@ import fastcnn
 import test_winograd
 from fastcnn import functional as F
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
-from fastcnn.kernels.winograd4 import conv2d_winograd4_forward, weight_transform
+from fastcnn.kernels.winograd4 import (
+    conv2d_winograd4_backward_weight,
+    conv2d_winograd4_forward,
+    weight_transform,
+)
 from fastcnn.threads import threads
+from gradcheck import assert_gradient
+from naive.conv2d import conv2d_backward as naive_conv_backward
 from naive.conv2d import conv2d_forward as naive_conv
+from naive.winograd import F4 as F4_MATRICES
+from naive.winograd import winograd_conv2d_backward_weight as naive_winograd_weight
 
 F32_REL = test_winograd.F4_F32_REL
 F64_REL = 5e-14
@@ -146,3 +156,94 @@ def test_fused_evaluation_plans_stay_bitwise_the_layers_one_by_one():
     with fastcnn.fusion(False):
         plain = model(x)
     assert np.array_equal(fused, plain)
+
+
+# ---- the weight gradient ----
+
+WG_SHAPES = [  # N, C, F, H, W, ((top, bottom), (left, right))
+    (2, 16, 16, 7, 8, ((1, 1), (1, 1))),  # 7 rows: the last tiles partly outside
+    (3, 32, 48, 9, 11, ((1, 1), (1, 1))),
+    (2, 16, 32, 5, 5, ((2, 0), (0, 2))),
+    (100, 16, 16, 4, 4, ((1, 1), (1, 1))),  # blocks across images, chunks of unequal size
+    (1, 48, 16, 30, 26, ((0, 0), (0, 0))),
+    (1, 16, 16, 1, 1, ((1, 1), (1, 1))),
+]
+
+
+def run_weight(x, dy, padding, n_threads=None):
+    """test_winograd.run_weight on this kernel."""
+    return test_winograd.run_weight(
+        x, dy, padding, n_threads, kernel=conv2d_winograd4_backward_weight
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", WG_SHAPES)
+def test_weight_gradient_matches_the_textbook_backward(shape, dtype):
+    x, dy, padding = test_winograd.weight_data(shape, dtype)
+    dw, db = run_weight(x, dy, padding)
+    assert dw.dtype == dtype and not np.isnan(dw).any() and not np.isnan(db).any()
+    _, ref_dw, ref_db = naive_conv_backward(
+        x.astype(np.float64), np.zeros(dw.shape), dy.astype(np.float64), padding=padding
+    )
+    # float32: every S entry sums transformed terms up to 100x larger over all tiles
+    # (measured 1e-6..8e-6 of the largest gradient, F(2x2) 1e-7..1e-6; a wrong coefficient
+    # gives 1e-1)
+    rel = 5e-5 if dtype == np.float32 else 1e-12
+    assert float(np.abs(dw - ref_dw).max()) <= rel * float(np.abs(ref_dw).max())
+    assert float(np.abs(db - ref_db).max()) <= rel * max(1.0, float(np.abs(ref_db).max()))
+
+
+@pytest.mark.parametrize("shape", WG_SHAPES[:3])
+def test_weight_gradient_is_the_textbook_winograd(shape):
+    x, dy, padding = test_winograd.weight_data(shape, np.float64, seed=21)
+    ref = naive_winograd_weight(x, dy, padding, matrices=F4_MATRICES)
+    dw, _ = run_weight(x, dy, padding)
+    np.testing.assert_allclose(dw, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_weight_gradient_same_bits_for_any_thread_count():
+    x, dy, padding = test_winograd.weight_data(
+        (61, 16, 32, 6, 7, ((1, 1), (1, 1))), np.float32, seed=22
+    )
+    one = run_weight(x, dy, padding, n_threads=1)
+    for n in (2, 3, 7):
+        with threads(min(n, numba.config.NUMBA_NUM_THREADS)):
+            got = run_weight(x, dy, padding, n_threads=n)
+            assert np.array_equal(got[0], one[0]) and np.array_equal(got[1], one[1])
+
+
+def test_weight_gradient_by_finite_differences():
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((2, 16, 8, 7))
+    w = rng.standard_normal((16, 16, 3, 3))
+    g = rng.standard_normal((2, 16, 8, 7))
+    assert F._weight_gradient_by_winograd4(g.shape[2:])
+    _, dw, db = F.conv2d_backward(x, w, g, 1, 1)
+    with threads(1):
+        assert_gradient(lambda v: F.conv2d_forward(x, v, None, 1, 1), w, g, dw)
+        assert_gradient(lambda v: F.conv2d_forward(x, w, v, 1, 1), np.zeros(16), g, db)
+
+
+def test_a_layer_takes_its_weight_gradient_by_the_output_size():
+    """F(4x4, 3x3) on outputs of at least WINOGRAD4_MIN_SIZE whose 4x4 tiles cover no more
+    than 2x2 tiles do (0 or 3 modulo 4), else F(2x2, 3x3): each layer's gradient is bitwise
+    its kernel's."""
+    assert [n for n in range(1, 30) if F._weight_gradient_by_winograd4((n, n))] == [
+        7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 27, 28
+    ]  # fmt: skip
+    assert not F._weight_gradient_by_winograd4((28, 14))
+    conv = fastcnn.Conv2D(16, 32, 3, padding=1, bias=True, rng=np.random.default_rng(26))
+    rng = np.random.default_rng(27)
+    for size, four in ((8, True), (14, False)):
+        x = rng.standard_normal((3, 16, size, size)).astype(np.float32)
+        dy = rng.standard_normal((3, 32, size, size)).astype(np.float32)
+        conv.zero_grad()
+        conv(x)
+        conv.backward(dy)
+        pads = ((1, 1), (1, 1))
+        f4 = run_weight(x, dy, pads)
+        f2 = test_winograd.run_weight(x, dy, pads)
+        assert not np.array_equal(f4[0], f2[0])
+        dw, db = f4 if four else f2
+        assert np.array_equal(conv.weight.grad, dw) and np.array_equal(conv.bias.grad, db)

@@ -1,5 +1,6 @@
 """Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
 Neural Networks", 2016), the textbook way: the matrices, one 2x2 output tile at a time. NCHW.
+The weight gradient also by F(4x4, 3x3) (``F4``: a 6x6 patch per 4x4 outputs).
 
 For a 4x4 input patch d of channel c and the 3x3 kernel g of filter f and channel c,
 
@@ -15,6 +16,21 @@ import numpy as np
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+F2 = (BT, G, AT)
+F4 = (
+    np.array(
+        [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64
+    ),
+    np.array(
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=np.float64
+    ),
+    np.array(
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+        dtype=np.float64,
+    ),
+)  # fmt: skip
 
 
 def winograd_conv2d(x, w, b, padding=((0, 0), (0, 0))):
@@ -43,26 +59,29 @@ def winograd_conv2d(x, w, b, padding=((0, 0), (0, 0))):
     return y[:, :, :OH, :OW].astype(x.dtype)
 
 
-def winograd_conv2d_backward_weight(x, dy, padding=((0, 0), (0, 0))):
+def winograd_conv2d_backward_weight(x, dy, padding=((0, 0), (0, 0)), matrices=F2):
     """dw (F, C, 3, 3) of that cross-correlation from its gradient dy (N, F, OH, OW), by the
-    same algorithm run backwards (the adjoint of each step): per tile the 2x2 gradient is
-    spread to 4x4, A dy A^T, multiplied elementwise with the patch's B^T d B, summed over
-    every tile, and brought back to 3x3 by G^T (.) G."""
+    same algorithm run backwards (the adjoint of each step): per tile the m x m gradient is
+    spread to the patch's size, A dy A^T, multiplied elementwise with the patch's B^T d B,
+    summed over every tile, and brought back to 3x3 by G^T (.) G. ``matrices``: (B^T, G,
+    A^T) of F(2x2, 3x3) (``F2``, m = 2) or F(4x4, 3x3) (``F4``, m = 4)."""
+    BTm, Gm, ATm = matrices
+    m, a = ATm.shape
     N, C, H, W = x.shape
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     (pt, pb), (pl, pr) = padding
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    xp = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2))
+    TH, TW = (OH + m - 1) // m, (OW + m - 1) // m
+    xp = np.zeros((N, C, m * TH + a - m, m * TW + a - m))
     xp[:, :, pt : pt + H, pl : pl + W] = x
-    dyp = np.zeros((N, F, 2 * TH, 2 * TW))  # outputs past OH, OW: no gradient
+    dyp = np.zeros((N, F, m * TH, m * TW))  # outputs past OH, OW: no gradient
     dyp[:, :, :OH, :OW] = dy
-    S = np.zeros((F, C, 4, 4))
+    S = np.zeros((F, C, a, a))
     for n in range(N):
         for ty in range(TH):
             for tx in range(TW):
-                d = xp[n, :, 2 * ty : 2 * ty + 4, 2 * tx : 2 * tx + 4]
-                V = np.einsum("ai,cij,bj->cab", BT, d, BT)
-                g = dyp[n, :, 2 * ty : 2 * ty + 2, 2 * tx : 2 * tx + 2]
-                Z = np.einsum("ia,fij,jb->fab", AT, g, AT)  # A dy A^T
+                d = xp[n, :, m * ty : m * ty + a, m * tx : m * tx + a]
+                V = np.einsum("ai,cij,bj->cab", BTm, d, BTm)
+                g = dyp[n, :, m * ty : m * ty + m, m * tx : m * tx + m]
+                Z = np.einsum("ia,fij,jb->fab", ATm, g, ATm)  # A dy A^T
                 S += np.einsum("fab,cab->fcab", Z, V)
-    return np.einsum("ai,fcab,bj->fcij", G, S, G).astype(x.dtype)
+    return np.einsum("ai,fcab,bj->fcij", Gm, S, Gm).astype(x.dtype)
