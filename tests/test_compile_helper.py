@@ -44,7 +44,7 @@ _NETWORKS = textwrap.dedent("""
         yield models.reference(seed=0), (2, 1, 28, 28)
         yield models.BUILDERS["lenet5"](1, 10, 0), (2, 1, 28, 28)  # one channel, tanh, avg pool
         yield models.BUILDERS["resnet8"](3, 10, 0), (2, 3, 32, 32)  # BN, residual, stride 2
-        # F(2x2)'s weight gradient (10x10 outputs; the ResNet's sizes pick F(4x4)'s), max
+        # F(2x2)'s weight gradient (6x6 outputs; the ResNet's sizes pick F(4x4)'s), max
         # pool, 'valid' col2im
         yield fastcnn.Sequential(
             fastcnn.Conv2D(3, 32, 3, padding=1),
@@ -53,11 +53,11 @@ _NETWORKS = textwrap.dedent("""
             fastcnn.BatchNorm2D(32),
             fastcnn.ReLU(),
             fastcnn.MaxPool2D(2),
-            fastcnn.Conv2D(32, 8, 3),
+            fastcnn.Conv2D(32, 8, 2),
             fastcnn.AvgPool2D(2),
             fastcnn.Flatten(),
             fastcnn.Dense(8, 10),
-        ), (2, 3, 10, 10)
+        ), (2, 3, 6, 6)
 
     def record_compilations():
         # the kernels numba compiles from now on, as module.function (a list that grows)
@@ -163,9 +163,9 @@ def test_own_running_threads_count_once(monkeypatch):
     "shape, stride, padding, size, expected",
     [
         # 3x3 'same' at 32 channels: Winograd weight gradient first (F(4x4) at 8x8, F(2x2) at
-        # 10x10), input gradient by Winograd
+        # 6x8), input gradient by Winograd
         ((32, 32, 3, 3), 1, "same", (8, 8), [("winograd4.conv2d_winograd4_backward_weight", -1)]),
-        ((32, 32, 3, 3), 1, "same", (10, 8), [("winograd.conv2d_winograd_backward_weight", -1)]),
+        ((32, 32, 3, 3), 1, "same", (6, 8), [("winograd.conv2d_winograd_backward_weight", -1)]),
         # stride 2: the direct kernel's gradients, col2im needed
         (
             (32, 16, 3, 3),
