@@ -41,7 +41,18 @@ import numpy as np
 from numba import njit, prange
 
 from .batchnorm import chunk_affine_inplace
-from .gemm_tile import FT, FTN, RN, R, gemm_tile, gemm_tile_bias, tile_shape
+from .gemm_tile import (
+    FT,
+    FTN,
+    RN,
+    RT,
+    TALL,
+    R,
+    gemm_tile,
+    gemm_tile_bias,
+    gemm_tile_bias_tall,
+    tile_shape,
+)
 from .lanes import batch_norm16
 
 #: Pixel tiles per forward work item (48 output pixels).
@@ -208,43 +219,75 @@ def _padded_bias(bias, Fp):
     return out
 
 
+#: Taps from which a forward of more than FTN filters runs on the tall tile where the host has
+#: it (gemm_tile.TALL): shorter sums lose more to its larger start and store than they gain.
+TALL_MIN_TAPS = 256
+
+
+@njit(cache=True, inline="always")
+def _forward_shape(narrow, tall):
+    """(rows, columns) of the forward's tile: the tall one, else tile_shape(narrow)."""
+    return (RT, FT) if tall else tile_shape(narrow)
+
+
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _forward_tiles(
-    xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile, narrow
+    xf, shift, pix, koff, K, wf, Fp, biasp, relu, t0, t1, npix, F, out, tile, narrow, tall
 ):
     """out[p*F + f] = biasp[f] + the convolution at pixel p (then max(., 0) if ``relu``), for
     the pixels of tiles [t0, t1) (tile_shape(narrow) rows, window corners shift + pix[p] in xf;
     rows from npix on are not stored). Whole tiles go straight from the registers into out, a
     partial one (the last filters or pixels) through the scratch ``tile`` (R*FT,).
     Serial: called from the parallel kernels' bodies."""
-    rows, cols = tile_shape(narrow)
+    rows, cols = _forward_shape(narrow, tall)
     for f0 in range(0, F, cols):
         nf = min(cols, F - f0)
         for t in range(t0, t1):
             p0 = t * rows
             whole = nf == cols and p0 + rows <= npix
-            # one call site: the tile is inlined, and every call site would be a copy of it
+            # one call site per tile shape: the tile is inlined, and every call site would be
+            # a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
-            gemm_tile_bias(
-                xf,
-                np.uint64(shift),
-                pix,
-                p0,
-                koff,
-                0,
-                K,
-                wf,
-                np.uint64(f0),
-                np.uint64(Fp),
-                biasp,
-                f0,
-                relu,
-                dst,
-                np.uint64(o0),
-                np.uint64(F if whole else cols),
-                narrow,
-            )
+            if tall:
+                gemm_tile_bias_tall(
+                    xf,
+                    np.uint64(shift),
+                    pix,
+                    p0,
+                    koff,
+                    0,
+                    K,
+                    wf,
+                    np.uint64(f0),
+                    np.uint64(Fp),
+                    biasp,
+                    f0,
+                    relu,
+                    dst,
+                    np.uint64(o0),
+                    np.uint64(F if whole else cols),
+                )
+            else:
+                gemm_tile_bias(
+                    xf,
+                    np.uint64(shift),
+                    pix,
+                    p0,
+                    koff,
+                    0,
+                    K,
+                    wf,
+                    np.uint64(f0),
+                    np.uint64(Fp),
+                    biasp,
+                    f0,
+                    relu,
+                    dst,
+                    np.uint64(o0),
+                    np.uint64(F if whole else cols),
+                    narrow,
+                )
             if not whole:
                 for r in range(min(rows, npix - p0)):
                     row = out[(p0 + r) * F + f0 : (p0 + r) * F + f0 + nf]
@@ -315,7 +358,8 @@ def conv2d_forward(
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
     K = KH * KW * C
     narrow = F <= FTN
-    rows, cols = tile_shape(narrow)
+    tall = TALL and not narrow and K >= TALL_MIN_TAPS
+    rows, cols = _forward_shape(narrow, tall)
     nfb = (F + cols - 1) // cols
     Fp = nfb * cols
     NP = N * OH * OW
@@ -335,7 +379,7 @@ def conv2d_forward(
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(ntiles * rows, dtype=np.uint64)
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
-    tiles = np.empty((nitems, R * FT), dtype=dt)
+    tiles = np.empty((nitems, RT * FT), dtype=dt)
     biasp = _padded_bias(bias, Fp)
     row = np.uint64(XW * C)
     parts = max(1, min(threads, nitems)) if by_item else nitems
@@ -376,6 +420,7 @@ def conv2d_forward(
                 of,
                 tiles[item],
                 narrow,
+                tall,
             )
             if affine:
                 p1 = min(t1 * rows, NP)

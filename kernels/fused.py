@@ -202,6 +202,7 @@ def conv2d_relu_maxpool2d_forward(
                 scratch[chunk],
                 tiles[chunk],
                 narrow,
+                False,  # its conv1-like shapes have short sums: the tall tile never pays
             )
             _pool_bands(
                 scratch[chunk],

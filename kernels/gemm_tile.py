@@ -62,6 +62,15 @@ FTN = 16
 assert RN * FTN == _RFT
 
 
+#: The tall tile, for forwards with long sums on hosts with AVX-512's 32 vector registers: RT
+#: rows of FT columns, 12 accumulator registers; per k 6 broadcasts and 2 vector loads feed 12
+#: fused multiply-adds, where the wide tile's 3 and 2 feed 6 (AVX2's 16 registers would spill).
+RT = 6
+_RTFT = RT * FT
+#: Whether this host's kernels have the tall tile (NUMBA_CPU_FEATURES or the host's).
+TALL = compiles_for_avx512()
+
+
 @njit(cache=True, inline="always")
 def tile_shape(narrow):
     """(rows, columns) of the tile ``narrow`` selects."""
@@ -180,6 +189,36 @@ def _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
+def _product_tall(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
+    """_product for the tall tile: acc[r*FT + f] += sum_k a[ashift + abase[r0 + r] + aoff[k]]
+    * b[b0 + (k-k0)*bstride + f] for r < RT = 6, f < FT."""
+    a0 = ashift + abase[r0]
+    a1 = ashift + abase[r0 + 1]
+    a2 = ashift + abase[r0 + 2]
+    a3 = ashift + abase[r0 + 3]
+    a4 = ashift + abase[r0 + 4]
+    a5 = ashift + abase[r0 + 5]
+    bb = b0
+    for k in range(k0, k1):
+        ko = aoff[k]
+        x0 = a[a0 + ko]
+        x1 = a[a1 + ko]
+        x2 = a[a2 + ko]
+        x3 = a[a3 + ko]
+        x4 = a[a4 + ko]
+        x5 = a[a5 + ko]
+        for f in range(FT):
+            w = b[bb + np.uint64(f)]
+            acc[f] += x0 * w
+            acc[FT + f] += x1 * w
+            acc[2 * FT + f] += x2 * w
+            acc[3 * FT + f] += x3 * w
+            acc[4 * FT + f] += x4 * w
+            acc[5 * FT + f] += x5 * w
+        bb += bstride
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
 def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, narrow):
     """tile[t0 + r*FT + f] (+)= sum_{k0 <= k < k1} a[abase[r0 + r] + aoff[k]]
                                                   * b[b0 + (k-k0)*bstride + f]
@@ -260,6 +299,29 @@ def gemm_tile_bias(
             dst = o0 + np.uint64(r) * ostride
             for f in range(FT):
                 out[dst + np.uint64(f)] = acc[r * FT + f]
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def gemm_tile_bias_tall(
+    a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0, ostride
+):
+    """gemm_tile_bias (not narrow) on the tall tile: RT x FT, the same sums in the same order
+    (bitwise the wide tile's outputs, row by row)."""
+    acc = numba.carray(stack_array(_RTFT, out.dtype), (_RTFT,))
+    f0 = np.uint64(f0)
+    for r in range(RT):
+        for f in range(FT):
+            acc[r * FT + f] = bias[f0 + np.uint64(f)]
+    _product_tall(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride)
+    if relu:  # gemm_tile_bias's select
+        for q in range(_RTFT):
+            v = acc[q]
+            u = v if v > 0 else 0
+            acc[q] = v if v != v else u
+    for r in range(RT):
+        dst = o0 + np.uint64(r) * ostride
+        for f in range(FT):
+            out[dst + np.uint64(f)] = acc[r * FT + f]
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")

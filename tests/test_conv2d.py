@@ -10,7 +10,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fastcnn.functional import _no_bn
-from fastcnn.kernels.conv2d import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from fastcnn.kernels.conv2d import (
+    TALL_MIN_TAPS,
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    conv2d_forward,
+)
 from fastcnn.threads import threads
 from gradcheck import assert_gradient, relative_error
 from naive.conv2d import conv2d_backward as naive_backward
@@ -162,6 +167,26 @@ def test_forward_matches_naive(case):
     assert actual.dtype == np.float32
     assert relative_error(actual, expected) <= F32_TOL
     # the fused ReLU: exactly max(., 0) of the same sums
+    np.testing.assert_array_equal(forward(*f32, *geom, relu=True), np.maximum(actual, 0))
+
+
+@pytest.mark.parametrize("F, stride", [(33, 1), (48, 2), (64, 2)])
+def test_forward_of_long_sums_matches_naive(F, stride):
+    """Sums of at least TALL_MIN_TAPS terms over more than 16 filters: on hosts with AVX-512
+    the tall tile (gemm_tile.TALL), its partial column blocks (F = 33, 48) and partial pixel
+    tiles (14 and 4 pixels per image: never a multiple of its 6 rows) through the scratch."""
+    C = 32  # 3x3: 288 taps
+    assert 9 * C >= TALL_MIN_TAPS
+    rng = np.random.default_rng(F)
+    x = rng.standard_normal((2, C, 7, 2 * stride))
+    w = rng.standard_normal((F, C, 3, 3))
+    b = rng.standard_normal(F)
+    geom = ((stride, stride), ((1, 1), (1, 1)), (1, 1))
+    expected = naive_forward(x, w, b, *geom)
+    assert relative_error(forward(x, w, b, *geom), expected) <= F64_TOL
+    f32 = [a.astype(np.float32) for a in (x, w, b)]
+    actual = forward(*f32, *geom)
+    assert relative_error(actual, expected) <= F32_TOL
     np.testing.assert_array_equal(forward(*f32, *geom, relu=True), np.maximum(actual, 0))
 
 

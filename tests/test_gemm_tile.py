@@ -190,3 +190,27 @@ def test_both_tiles_sum_bitwise_alike(k1, seed):
         for narrow, got in rows_of.items():
             for r in range(got.shape[0]):
                 np.testing.assert_array_equal(got[r], first, err_msg=f"narrow {narrow}, row {r}")
+
+
+@given(st.integers(1, 40), st.integers(0, 2**32 - 1), st.booleans())
+def test_tall_tile_sums_bitwise_as_the_wide_one(k1, seed, relu):
+    """gemm_tile_bias_tall's 6 rows are bitwise the wide tile's sums of the same rows (two
+    wide tiles of 3): a forward gives the same bits on either (AVX-512 hosts take the tall
+    one for long sums, conv2d.TALL_MIN_TAPS)."""
+    from fastcnn.kernels.gemm_tile import RT, gemm_tile_bias, gemm_tile_bias_tall
+
+    rng = np.random.default_rng(seed)
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal(300).astype(dtype)
+        abase = rng.integers(0, 100, RT).astype(np.uint64)
+        aoff = rng.integers(0, 200, k1).astype(np.uint64)
+        b = rng.standard_normal(k1 * FT + 3).astype(dtype)
+        bias = rng.standard_normal(FT).astype(dtype)
+        args = (aoff, 0, k1, b, np.uint64(3), np.uint64(FT), bias, 0, relu)
+        tall = np.full(RT * FT, np.nan, dtype)
+        gemm_tile_bias_tall(a, np.uint64(0), abase, 0, *args, tall, np.uint64(0), np.uint64(FT))
+        wide = np.full(RT * FT, np.nan, dtype)
+        for r0 in range(0, RT, R):
+            o0 = np.uint64(r0 * FT)
+            gemm_tile_bias(a, np.uint64(0), abase, r0, *args, wide, o0, np.uint64(FT), False)
+        np.testing.assert_array_equal(tall, wide)
