@@ -47,6 +47,7 @@ def test_host_target_uses_the_hosts_widest_vectors():
         assert f"float32 tile in {bits}-bit registers" in line, line
         block = "4x4" if bits == 512 else "2x3"
         assert line.endswith(f"Dense forward blocks {block} of 16 lanes"), line
+        assert ("6x32 for forwards" in line) == (bits == 512), line  # the tall tile
 
 
 def test_avx2_target_on_any_host():
@@ -63,3 +64,4 @@ def test_avx2_target_on_any_host():
     ).stdout
     assert "float32 tile in 256-bit registers (0 zmm" in line, line
     assert line.rstrip().endswith("Dense forward blocks 2x3 of 16 lanes"), line
+    assert "6x32" not in line, line  # no tall tile: AVX2's 16 registers would spill it
