@@ -507,9 +507,37 @@ def _weight_from_products(S, nrb, ncb, F, C, dweight):
                         dweight[f, c, i, 2] = (h1 + h2) * 0.5 + h3
 
 
-# fastmath: the products' tile, inlined in the parallel body, fuses its multiply-adds only
-# with the flag on this function
-@njit(parallel=True, cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
+def weight_products(Zf, abase, aoff, nt, Vf, TBp, Sf, E, nrb, ncb, accumulate):
+    """S[e, rb, cb] (+)= Z[e, :nt, rows of rb]^T V[e, cb, :nt] for the E positions e of the
+    transformed patch: the weight gradients' products over a block's nt tiles, on the narrow
+    tile (rows = filters, 6 per row block rb; columns = 16 channels of column block cb). Z flat
+    (E, TBp, F) with row r of the e-th product at abase[e * nrb * RN + r] and tile t aoff[t]
+    further; V flat (E, ncb, TBp, 16); S flat (E, nrb, ncb, RN, FTN), its sums started at 0
+    unless ``accumulate``. Serial, called from the weight-gradient kernels' parallel bodies
+    (F(2x2)'s and F(4x4)'s), as block_products for the forwards."""
+    tile = RN * FTN
+    for e in range(E):
+        for rb in range(nrb):
+            for cb in range(ncb):
+                gemm_tile(
+                    Zf,
+                    abase,
+                    (e * nrb + rb) * RN,
+                    aoff,
+                    0,
+                    nt,
+                    Vf,
+                    np.uint64((e * ncb + cb) * TBp * 16),
+                    np.uint64(16),
+                    Sf,
+                    np.uint64(((e * nrb + rb) * ncb + cb) * tile),
+                    accumulate,
+                    True,
+                )
+
+
+@njit(parallel=True, cache=True)
 def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, threads):
     """dweight[f, c, i, j] = sum_{n, oh, ow} dy[n, oh, ow, f] * x[n, oh - pt + i, ow - pl + j, c]
     (3x3, stride 1, dilation 1), up to rounding, by F(2x2, 3x3) run backwards (see above);
@@ -559,7 +587,6 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
         aoff[t] = np.uint64(t * F)
     xf = x.reshape(x.size)
     dyf = dy.reshape(dy.size)
-    vstride = np.uint64(16)
     for th in prange(nthr):
         Vf = V[th]
         Zf = Z[th]
@@ -578,24 +605,8 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
                     _input_block(xf, H, W, C, n, ty0, per, TW, pad_top, pad_left, Vf, TBp, nt, True)
                     _gradient_block(dyf, OH, OW, F, n, ty0, per, TW, Zf, TBp, nt, bs)
                     nt += per
-                for e in range(16):
-                    for rb in range(nrb):
-                        for cb in range(ncb):
-                            gemm_tile(
-                                Zf,
-                                abase,
-                                (e * nrb + rb) * RN,
-                                aoff,
-                                0,
-                                nt,
-                                Vf,
-                                np.uint64((e * ncb + cb) * TBp * 16),
-                                vstride,
-                                Sf,
-                                np.uint64(((e * nrb + rb) * ncb + cb) * tile),
-                                blk > b0,  # the chunk's first block starts its sums at 0
-                                True,
-                            )
+                # the chunk's first block starts its sums at 0
+                weight_products(Zf, abase, aoff, nt, Vf, TBp, Sf, 16, nrb, ncb, blk > b0)
     # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
     for th in prange(nthr):
         i0, i1 = th * ssize // nthr, (th + 1) * ssize // nthr

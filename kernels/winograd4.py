@@ -29,9 +29,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FTN, RN, copy16, gemm_tile, stack_array
+from .gemm_tile import FTN, RN, copy16, stack_array
 from .lanes import add16, batch_norm16, relu16
-from .winograd import _WEIGHT_CHUNKS, block_products, kernels_by_tap
+from .winograd import _WEIGHT_CHUNKS, block_products, kernels_by_tap, weight_products
 
 #: Tiles per block (a multiple of the register tile's RN rows).
 _BLOCK_TILES = 12
@@ -433,9 +433,7 @@ def _weight_from_products(S, nrb, ncb, F, C, dweight):
                         dweight[f, c, i, 2] = (4.0 * (h3 + h4 - h1 - h2) + 24.0 * h5) * scale
 
 
-# fastmath: the products' tile, inlined in the parallel body, fuses its multiply-adds only
-# with the flag on this function
-@njit(parallel=True, cache=True, fastmath={"contract"})
+@njit(parallel=True, cache=True)
 def conv2d_winograd4_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, threads):
     """dweight[f, c, i, j] = sum_{n, oh, ow} dy[n, oh, ow, f] * x[n, oh - pt + i, ow - pl + j, c]
     (3x3, stride 1, dilation 1), up to rounding, by F(4x4, 3x3) run backwards (see above);
@@ -477,7 +475,6 @@ def conv2d_winograd4_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, t
         aoff[t] = np.uint64(t * F)
     xf = x.reshape(x.size)
     dyf = dy.reshape(dy.size)
-    vstride = np.uint64(16)
     for th in prange(nthr):
         Vf = V[th]
         Zf = Z[th]
@@ -492,24 +489,8 @@ def conv2d_winograd4_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, t
                 nt = min(TBp, NT - g0)
                 _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf, TBp, True)
                 _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Zf, TBp, bs)
-                for e in range(_E):
-                    for rb in range(nrb):
-                        for cb in range(ncb):
-                            gemm_tile(
-                                Zf,
-                                abase,
-                                (e * nrb + rb) * RN,
-                                aoff,
-                                0,
-                                nt,
-                                Vf,
-                                np.uint64((e * ncb + cb) * TBp * 16),
-                                vstride,
-                                Sf,
-                                np.uint64(((e * nrb + rb) * ncb + cb) * tile),
-                                blk > b0,  # the chunk's first block starts its sums at 0
-                                True,
-                            )
+                # the chunk's first block starts its sums at 0
+                weight_products(Zf, abase, aoff, nt, Vf, TBp, Sf, _E, nrb, ncb, blk > b0)
     # the chunks' products added in chunk order (into chunk 0's), a range of S per worker
     for th in prange(nthr):
         i0, i1 = th * ssize // nthr, (th + 1) * ssize // nthr
