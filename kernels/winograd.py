@@ -507,15 +507,30 @@ def _weight_from_products(S, nrb, ncb, F, C, dweight):
                         dweight[f, c, i, 2] = (h1 + h2) * 0.5 + h3
 
 
+@njit(cache=True)
+def weight_operands(E, nrb, TBp, F):
+    """(abase, aoff) of weight_products' Z operand, flat (E, TBp, F): row r (a filter) of the
+    e-th product starts at abase[e * nrb * RN + r], its tile t aoff[t] further; the rows past
+    F (the last row block's padding) repeat filter 0."""
+    abase = np.empty(E * nrb * RN, dtype=np.uint64)
+    for e in range(E):
+        for r in range(nrb * RN):
+            abase[e * nrb * RN + r] = np.uint64(e * TBp * F + (r if r < F else 0))
+    aoff = np.empty(TBp, dtype=np.uint64)
+    for t in range(TBp):
+        aoff[t] = np.uint64(t * F)
+    return abase, aoff
+
+
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def weight_products(Zf, abase, aoff, nt, Vf, TBp, Sf, E, nrb, ncb, accumulate):
     """S[e, rb, cb] (+)= Z[e, :nt, rows of rb]^T V[e, cb, :nt] for the E positions e of the
     transformed patch: the weight gradients' products over a block's nt tiles, on the narrow
     tile (rows = filters, 6 per row block rb; columns = 16 channels of column block cb). Z flat
-    (E, TBp, F) with row r of the e-th product at abase[e * nrb * RN + r] and tile t aoff[t]
-    further; V flat (E, ncb, TBp, 16); S flat (E, nrb, ncb, RN, FTN), its sums started at 0
-    unless ``accumulate``. Serial, called from the weight-gradient kernels' parallel bodies
-    (F(2x2)'s and F(4x4)'s), as block_products for the forwards."""
+    (E, TBp, F), its rows and tiles at weight_operands' offsets; V flat (E, ncb, TBp, 16); S
+    flat (E, nrb, ncb, RN, FTN), its sums started at 0 unless ``accumulate``. Serial, called
+    from the weight-gradient kernels' parallel bodies (F(2x2)'s and F(4x4)'s), as
+    block_products for the forwards."""
     tile = RN * FTN
     for e in range(E):
         for rb in range(nrb):
@@ -576,15 +591,7 @@ def conv2d_winograd_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, th
     B = np.empty((nchunks, F), dtype=dt)
     V = np.empty((nthr, 16 * TBp * C), dtype=dt)
     Z = np.empty((nthr, 16 * TBp * F), dtype=dt)
-    # row r (a filter) of the e-th product starts at abase[e * nrb * RN + r], its tile t aoff[t]
-    # further (Z[e, t, f]); the rows past F repeat filter 0
-    abase = np.empty(16 * nrb * RN, dtype=np.uint64)
-    for e in range(16):
-        for r in range(nrb * RN):
-            abase[e * nrb * RN + r] = np.uint64(e * TBp * F + (r if r < F else 0))
-    aoff = np.empty(TBp, dtype=np.uint64)
-    for t in range(TBp):
-        aoff[t] = np.uint64(t * F)
+    abase, aoff = weight_operands(16, nrb, TBp, F)
     xf = x.reshape(x.size)
     dyf = dy.reshape(dy.size)
     for th in prange(nthr):

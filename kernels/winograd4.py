@@ -31,7 +31,13 @@ from numba import njit, prange
 
 from .gemm_tile import FTN, RN, copy16, stack_array
 from .lanes import add16, batch_norm16, relu16
-from .winograd import _WEIGHT_CHUNKS, block_products, kernels_by_tap, weight_products
+from .winograd import (
+    _WEIGHT_CHUNKS,
+    block_products,
+    kernels_by_tap,
+    weight_operands,
+    weight_products,
+)
 
 #: Tiles per block (a multiple of the register tile's RN rows).
 _BLOCK_TILES = 12
@@ -464,15 +470,7 @@ def conv2d_winograd4_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, t
     B = np.empty((nchunks, F), dtype=dt)
     V = np.empty((nthr, _E * TBp * C), dtype=dt)
     Z = np.empty((nthr, _E * TBp * F), dtype=dt)
-    # row r (a filter) of the e-th product starts at abase[e * nrb * RN + r], its tile t aoff[t]
-    # further (Z[e, t, f]); the rows past F repeat filter 0
-    abase = np.empty(_E * nrb * RN, dtype=np.uint64)
-    for e in range(_E):
-        for r in range(nrb * RN):
-            abase[e * nrb * RN + r] = np.uint64(e * TBp * F + (r if r < F else 0))
-    aoff = np.empty(TBp, dtype=np.uint64)
-    for t in range(TBp):
-        aoff[t] = np.uint64(t * F)
+    abase, aoff = weight_operands(_E, nrb, TBp, F)
     xf = x.reshape(x.size)
     dyf = dy.reshape(dy.size)
     for th in prange(nthr):

@@ -15,6 +15,7 @@ from fastcnn.functional import _no_bn
 from fastcnn.kernels import winograd as _wk
 from fastcnn.kernels import winograd4 as _wk4
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
+from fastcnn.kernels.gemm_tile import RN
 from fastcnn.kernels.winograd import conv2d_winograd_forward, weight_transform
 from fastcnn.threads import threads
 from gradcheck import assert_gradient
@@ -209,8 +210,6 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
     """The forwards' products over one block, V and U laid out as the kernels lay them out:
     M[fb, t, e, f] = sum_c V[t, c // 16, e, c % 16] U[e, c, 16 fb + f], against numpy in
     float64; only the block's first ntp rows are written."""
-    from fastcnn.kernels.gemm_tile import RN
-
     rng = np.random.default_rng(positions + channels)
     E, C, Fp, TBp, ntp = positions, channels, filters, 3 * RN, 2 * RN
     S = 16 * E
@@ -235,7 +234,6 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
 def test_rows_per_block_wastes_the_fewest_rows():
     """Against every allowed block height, counted by hand: the blocks' tiles rounded up to the
     register tile's rows, the fewest such rows, the lowest height on a tie."""
-    from fastcnn.kernels.gemm_tile import RN
 
     def wasted(TH, TW, k):
         blocks = [min(k, TH - r) * TW for r in range(0, TH, k)]
@@ -443,6 +441,33 @@ def weight_data(shape, dtype, seed=20):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     dy = rng.standard_normal((N, Fn, H + pt + pb - 2, W + pl + pr - 2)).astype(dtype)
     return x, dy, padding
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("E, F, C, nt", [(16, 16, 16, 1), (36, 20, 32, 47), (16, 48, 16, 9)])
+def test_weight_products_are_the_textbook_sums(E, F, C, nt, accumulate):
+    """winograd.weight_products (both weight gradients' products): S[e, f, c] (+)= sum over the
+    block's nt tiles t of Z[e, t, f] * V[e, c, t], in the narrow tile's layout, for filter
+    counts that leave padding rows (20: 4 of 24); weight_operands' offsets."""
+    TBp = nt + 2  # planes longer than the tiles used
+    nrb, ncb = (F + RN - 1) // RN, C // 16
+    rng = np.random.default_rng(F + nt)
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        Z = rng.standard_normal((E, TBp, F)).astype(dtype)
+        V = rng.standard_normal((E, ncb, TBp, 16)).astype(dtype)
+        start = rng.standard_normal((E, nrb, ncb, RN, 16)).astype(dtype)
+        S = start.copy() if accumulate else np.full_like(start, np.nan)
+        abase, aoff = _wk.weight_operands(E, nrb, TBp, F)
+        _wk.weight_products(
+            Z.reshape(-1), abase, aoff, nt, V.reshape(-1), TBp, S.reshape(-1), E, nrb, ncb,
+            accumulate,
+        )  # fmt: skip
+        zp = np.concatenate([Z, np.repeat(Z[:, :, :1], nrb * RN - F, axis=2)], axis=2)
+        ref = np.einsum("etf,ectl->efcl", zp[:, :nt].astype(np.float64), V[:, :, :nt])
+        ref = ref.reshape(E, nrb, RN, ncb, 16).transpose(0, 1, 3, 2, 4)
+        if accumulate:
+            ref = ref + start
+        assert np.abs(S - ref).max() <= tol * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
