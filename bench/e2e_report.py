@@ -75,7 +75,6 @@ def kernel_target():
     try:
         from numba.core.registry import cpu_target
 
-        from fastcnn.kernels.conv2d import TALL_MIN_TAPS
         from fastcnn.kernels.dense import FB, RB
         from fastcnn.kernels.dense import L as LANES
         from fastcnn.kernels.gemm_tile import FT, FTN, RN, RT, TALL, R
@@ -92,7 +91,7 @@ def kernel_target():
     )
     bits = vector_width(features)  # 0: the features only adjust the CPU name's defaults
     allowed = f"vectors up to {bits} bits" if bits else f"features {features}"
-    tall = f", {RT}x{FT} for forwards of >= {TALL_MIN_TAPS} taps" if TALL else ""
+    tall = f", {RT}x{FT} for forwards of more than {FTN} filters" if TALL else ""
     return (
         f"{name} ({source or 'the host'}), {allowed}; register tiles "
         f"{R}x{FT} and {RN}x{FTN}{tall}, float32 tile in {widest}-bit registers "

@@ -219,11 +219,6 @@ def _padded_bias(bias, Fp):
     return out
 
 
-#: Taps from which a forward of more than FTN filters runs on the tall tile where the host has
-#: it (gemm_tile.TALL): shorter sums lose more to its larger start and store than they gain.
-TALL_MIN_TAPS = 256
-
-
 @njit(cache=True, inline="always")
 def _forward_shape(narrow, tall):
     """(rows, columns) of the forward's tile: the tall one, else tile_shape(narrow)."""
@@ -358,7 +353,7 @@ def conv2d_forward(
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
     K = KH * KW * C
     narrow = F <= FTN
-    tall = TALL and not narrow and K >= TALL_MIN_TAPS
+    tall = TALL and not narrow  # more than FTN filters: the tall tile where the host has it
     rows, cols = _forward_shape(narrow, tall)
     nfb = (F + cols - 1) // cols
     Fp = nfb * cols

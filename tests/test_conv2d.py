@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from fastcnn.functional import _no_bn
 from fastcnn.kernels.conv2d import (
-    TALL_MIN_TAPS,
     conv2d_backward_input,
     conv2d_backward_weight,
     conv2d_forward,
@@ -170,18 +169,19 @@ def test_forward_matches_naive(case):
     np.testing.assert_array_equal(forward(*f32, *geom, relu=True), np.maximum(actual, 0))
 
 
-@pytest.mark.parametrize("F, stride", [(33, 1), (48, 2), (64, 2)])
-def test_forward_of_long_sums_matches_naive(F, stride):
-    """Sums of at least TALL_MIN_TAPS terms over more than 16 filters: on hosts with AVX-512
-    the tall tile (gemm_tile.TALL), its partial column blocks (F = 33, 48) and partial pixel
-    tiles (14 and 4 pixels per image: never a multiple of its 6 rows) through the scratch."""
-    C = 32  # 3x3: 288 taps
-    assert 9 * C >= TALL_MIN_TAPS
-    rng = np.random.default_rng(F)
+@pytest.mark.parametrize(
+    "C, K, F, stride",
+    [(32, 3, 33, 1), (32, 3, 48, 2), (32, 3, 64, 2), (3, 3, 32, 1), (16, 1, 40, 2)],
+)
+def test_forward_of_more_than_16_filters_matches_naive(C, K, F, stride):
+    """More than 16 filters, long sums (288 taps) and short ones (27, 16): on hosts with AVX-512
+    the tall tile (gemm_tile.TALL), its partial column blocks (F = 33, 40, 48) and partial pixel
+    tiles (14 and 8 pixels per image: never a multiple of its 6 rows) through the scratch."""
+    rng = np.random.default_rng(F + C)
     x = rng.standard_normal((2, C, 7, 2 * stride))
-    w = rng.standard_normal((F, C, 3, 3))
+    w = rng.standard_normal((F, C, K, K))
     b = rng.standard_normal(F)
-    geom = ((stride, stride), ((1, 1), (1, 1)), (1, 1))
+    geom = ((stride, stride), ((K // 2, K // 2), (K // 2, K // 2)), (1, 1))
     expected = naive_forward(x, w, b, *geom)
     assert relative_error(forward(x, w, b, *geom), expected) <= F64_TOL
     f32 = [a.astype(np.float32) for a in (x, w, b)]

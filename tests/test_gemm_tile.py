@@ -196,7 +196,7 @@ def test_both_tiles_sum_bitwise_alike(k1, seed):
 def test_tall_tile_sums_bitwise_as_the_wide_one(k1, seed, relu):
     """gemm_tile_bias_tall's 6 rows are bitwise the wide tile's sums of the same rows (two
     wide tiles of 3): a forward gives the same bits on either (AVX-512 hosts take the tall
-    one for long sums, conv2d.TALL_MIN_TAPS)."""
+    one for forwards of more than FTN filters)."""
     from fastcnn.kernels.gemm_tile import RT, gemm_tile_bias, gemm_tile_bias_tall
 
     rng = np.random.default_rng(seed)
