@@ -30,7 +30,16 @@ import numpy as np
 from numba import njit, prange
 
 from .gemm_tile import FTN, RN, copy16, stack_array
-from .lanes import add16, batch_norm16, relu16
+from .lanes import (
+    add16,
+    batch_norm16,
+    f4_gradient16,
+    f4_gradient16_masked,
+    f4_input16,
+    f4_input16_masked,
+    f4_output16,
+    relu16,
+)
 from .winograd import (
     _WEIGHT_CHUNKS,
     block_products,
@@ -83,51 +92,6 @@ def weight_transform(weight, Fp):
 
 
 @njit(cache=True, inline="always")
-def _bt(src, dst, base, stride, lane):
-    """dst[base + e * stride + lane] = (B^T s)[e] for the 6 values s[k] = src[base + k * stride
-    + lane]: one row or column of the input transform (inlined with constant offsets)."""
-    d0 = src[base + lane]
-    d1 = src[base + stride + lane]
-    d2 = src[base + 2 * stride + lane]
-    d3 = src[base + 3 * stride + lane]
-    d4 = src[base + 4 * stride + lane]
-    d5 = src[base + 5 * stride + lane]
-    # constants of the arrays' dtype: an int literal makes float32 arithmetic float64
-    two, four = src.dtype.type(2), src.dtype.type(4)
-    # B^T's rows share terms: rows 1 and 2 are t0 +- t1, rows 3 and 4 t2 +- t3 (14 operations
-    # with the caller's fused multiply-adds, where each row on its own took 24)
-    t0 = d4 - four * d2
-    t1 = d3 - four * d1
-    t2 = d4 - d2
-    t3 = two * (d3 - d1)
-    dst[base + lane] = four * (d0 - d2) + t2
-    dst[base + stride + lane] = t0 + t1
-    dst[base + 2 * stride + lane] = t0 - t1
-    dst[base + 3 * stride + lane] = t2 + t3
-    dst[base + 4 * stride + lane] = t2 - t3
-    dst[base + 5 * stride + lane] = four * (d1 - d3) + (d5 - d3)
-
-
-@njit(cache=True, inline="always")
-def _at(src, dst, sbase, sstride, dbase, dstride, lane):
-    """dst[dbase + i * dstride + lane] = (A^T s)[i], i < 4, for the 6 values s[k] =
-    src[sbase + k * sstride + lane]: one row or column of the output transform."""
-    m0 = src[sbase + lane]
-    m1 = src[sbase + sstride + lane]
-    m2 = src[sbase + 2 * sstride + lane]
-    m3 = src[sbase + 3 * sstride + lane]
-    m4 = src[sbase + 4 * sstride + lane]
-    m5 = src[sbase + 5 * sstride + lane]
-    a, b = m1 + m2, m1 - m2
-    c, e = m3 + m4, m3 - m4
-    two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
-    dst[dbase + lane] = m0 + a + c
-    dst[dbase + dstride + lane] = b + two * e
-    dst[dbase + 2 * dstride + lane] = a + four * c
-    dst[dbase + 3 * dstride + lane] = b + eight * e + m5
-
-
-@njit(cache=True, inline="always")
 def _next_tile(n, ty, tx, TH, TW):
     """(image, tile row, tile column) of the tile after (n, ty, tx), tiles numbered image by
     image and row by row."""
@@ -138,25 +102,21 @@ def _next_tile(n, ty, tx, TH, TW):
     return n + 1, 0, 0
 
 
-@njit(cache=True, fastmath={"contract"})  # _bt's multiply-adds fused
+@njit(cache=True)
 def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V, TBp, by_element):
     """V[t, c // 16, e, c % 16] = (B^T d B)[e] for the block's tiles t < nt, d the 6x6 input
     patch of tile g0 + t (tiles numbered image by image, row by row: TH rows of TW per image),
     every channel (C a multiple of 16); positions outside the image read as zeros; with
     ``by_element``, V[e, c // 16, t, c % 16] (the weight gradient's layout, TBp tiles per
-    plane: winograd._input_block's). xf: x (N, H, W, C) flat; V flat. As winograd.py: loops
-    between one array and the stack, or within the stack, 16 channels at a time (LLVM makes
-    those vector code; one loop from x to V stayed scalar)."""
-    d = numba.carray(stack_array(_S, V.dtype), (_S,))  # the patch: 16 * (6 i + j) + lane
+    plane: winograd._input_block's). xf: x (N, H, W, C) flat; V flat. 16 channels at a time:
+    B^T d from x into the stack, then (B^T d) B from the stack into V (lanes.f4_input16)."""
     r = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d: 16 * (6 i + j) + lane
-    v = numba.carray(stack_array(_S, V.dtype), (_S,))  # B^T d B: 16 * e + lane
     po = numba.carray(stack_array(12, np.uint64), (12,))  # each row's, then column's offset in x
-    ok = numba.carray(stack_array(12, np.uint64), (12,))  # 1 inside the image, 0 outside
-    zeros = numba.carray(stack_array(16, V.dtype), (16,))
-    for lane in range(16):
-        zeros[lane] = 0
+    cols = numba.carray(stack_array(6, np.uint64), (6,))  # all ones: column j inside the image
+    rows_inside = np.uint64(0)  # bit i: row i of an edge patch inside the image
     n, k = divmod(g0, TH * TW)  # tile t: image n, tile row ty, column tx (no division per tile)
     ty, tx = divmod(k, TW)
+    row = np.uint64(W * C)
     for t in range(nt):
         if t > 0:
             n, ty, tx = _next_tile(n, ty, tx, TH, TW)
@@ -165,46 +125,34 @@ def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V, TBp, by_elem
         x0 = 4 * tx - pad_left
         inner = 0 <= y0 and y0 + 6 <= H and 0 <= x0 and x0 + 6 <= W
         if not inner:  # each row's and column's pixel (clamped) and whether it is inside
+            rows_inside = np.uint64(0)
             for i in range(6):
                 y = y0 + i
                 po[i] = np.uint64(img + min(max(y, 0), H - 1) * W * C)
-                ok[i] = np.uint64(1 if 0 <= y < H else 0)
+                if 0 <= y < H:
+                    rows_inside |= np.uint64(1) << np.uint64(i)
             for j in range(6):
                 xx = x0 + j
                 po[6 + j] = np.uint64(min(max(xx, 0), W - 1) * C)
-                ok[6 + j] = np.uint64(1 if 0 <= xx < W else 0)
+                cols[j] = np.uint64(0b111111 if 0 <= xx < W else 0)
         corner = np.uint64(img + (y0 * W + x0) * C) if inner else np.uint64(0)
         for c0 in range(0, C, 16):
             u0 = np.uint64(c0)
-            if inner:  # the whole patch inside: its pixels at fixed offsets from the corner,
-                # no table (filling one cost as much as the transform)
-                for i in range(6):
-                    for j in range(6):
-                        src = corner + np.uint64((i * W + j) * C) + u0
-                        copy16(d, np.uint64(16 * (6 * i + j)), xf, src)
-            else:
-                for i in range(6):
-                    for j in range(6):
-                        # copy16: one vector move (a loop of 16 with its select ran scalar:
-                        # too few iterations for the vectorised loop's unrolling)
-                        p = np.uint64(16 * (6 * i + j))
-                        if ok[i] & ok[6 + j]:
-                            copy16(d, p, xf, po[i] + po[6 + j] + u0)
-                        else:
-                            copy16(d, p, zeros, np.uint64(0))
             for j in range(6):  # B^T d: each column's 6 rows combined
-                for lane in range(16):
-                    _bt(d, r, 16 * j, 96, lane)
-            for i in range(6):  # (B^T d) B: each row's 6 columns combined
-                for lane in range(16):
-                    _bt(r, v, 96 * i, 16, lane)
-            if by_element:
-                for e in range(_E):
-                    copy16(V, np.uint64((e * C + c0) * TBp + t * 16), v, np.uint64(16 * e))
-            else:
-                q = np.uint64((t * C + c0) * _E)  # V[t, c0 // 16, e, lane]: one stretch
-                for k in range(_S):
-                    V[q + np.uint64(k)] = v[k]
+                dst = np.uint64(16 * j)
+                if inner:  # the whole patch inside: fixed offsets from its corner, no table
+                    f4_input16(xf, corner + np.uint64(j * C) + u0, row, r, dst, np.uint64(96))
+                else:
+                    col, mask = po[6 + j] + u0, rows_inside & cols[j]
+                    f4_input16_masked(xf, po, col, mask, r, dst, np.uint64(96))
+            for i in range(6):  # (B^T d) B: each row's 6 columns combined, into V
+                src = np.uint64(96 * i)
+                if by_element:  # e = 6 i + b at V[e, c // 16, t]
+                    dst = np.uint64((6 * i * C + c0) * TBp + t * 16)
+                    f4_input16(r, src, np.uint64(16), V, dst, np.uint64(C * TBp))
+                else:  # V[t, c // 16, e]: one stretch
+                    dst = np.uint64((t * C + c0) * _E + 96 * i)
+                    f4_input16(r, src, np.uint64(16), V, dst, np.uint64(16))
 
 
 @njit(cache=True)
@@ -214,7 +162,6 @@ def _output_block(M, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn):
     ``bn`` and its residual sum (see conv2d_winograd4_forward), then max(., 0) if ``relu`` (a
     NaN stays NaN), each tile in the stack before it is stored. M flat (nfb, TBp, 36, 16):
     M[fb, t, e, lane]; of: out (N, OH, OW, F) flat."""
-    m = numba.carray(stack_array(_S, M.dtype), (_S,))  # M[e]: 16 * e + lane
     s = numba.carray(stack_array(384, M.dtype), (384,))  # A^T M: 16 * (6 i + j) + lane, i < 4
     y = numba.carray(stack_array(256, M.dtype), (256,))  # Y: 16 * (4 i + j) + lane
     mean, scale, shift, add = bn
@@ -230,15 +177,15 @@ def _output_block(M, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn):
         o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
         for fb in range(nfb):
             q = np.uint64((fb * TBp + t) * _S)  # M[fb, t, e, lane]: one stretch
-            for k in range(_S):
-                m[k] = M[q + np.uint64(k)]
             f0 = np.uint64(fb * FTN)
-            for j in range(6):  # A^T M: each column's 6 rows combined
-                for lane in range(16):
-                    _at(m, s, 16 * j, 96, 16 * j, 96, lane)
+            for j in range(6):  # A^T M: each column's 6 rows combined, from M
+                f4_output16(
+                    M, q + np.uint64(16 * j), np.uint64(96), s, np.uint64(16 * j), np.uint64(96)
+                )
             for i in range(4):  # (A^T M) A: each row's 6 columns combined
-                for lane in range(16):
-                    _at(s, y, 96 * i, 16, 64 * i, 16, lane)
+                f4_output16(
+                    s, np.uint64(96 * i), np.uint64(16), y, np.uint64(64 * i), np.uint64(16)
+                )
             # the bias, the BatchNorm, the residual sum (conv2d._batch_norm_rows' steps), the
             # ReLU: all on the tile in the stack, and only then the stores (a store right
             # after a vector op on the same pixel waited on that op)
@@ -337,37 +284,16 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
 _WEIGHT_BLOCK_TILES = 47
 
 
-@njit(cache=True, inline="always")
-def _a(src, dst, sbase, sstride, dbase, dstride, lane):
-    """dst[dbase + e * dstride + lane] = (A s)[e], e < 6, for the 4 values s[i] = src[sbase +
-    i * sstride + lane], A = (A^T)^T: one row or column of the gradient's transform."""
-    g0 = src[sbase + lane]
-    g1 = src[sbase + sstride + lane]
-    g2 = src[sbase + 2 * sstride + lane]
-    g3 = src[sbase + 3 * sstride + lane]
-    two, four, eight = src.dtype.type(2), src.dtype.type(4), src.dtype.type(8)
-    even, odd = g0 + g2, g1 + g3
-    even4, odd8 = g0 + four * g2, two * g1 + eight * g3
-    dst[dbase + lane] = g0
-    dst[dbase + dstride + lane] = even + odd
-    dst[dbase + 2 * dstride + lane] = even - odd
-    dst[dbase + 3 * dstride + lane] = even4 + odd8
-    dst[dbase + 4 * dstride + lane] = even4 - odd8
-    dst[dbase + 5 * dstride + lane] = g3
-
-
 @njit(cache=True)
 def _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Z, TBp, bsum):
     """Z[e, t, f] = (A dY A^T)[e] for the block's tiles t < nt (tile g0 + t, numbered as in
     _input_block), dY the tile's 4x4 gradient (zero past the output's last row or column),
     every filter (F a multiple of 16); and bsum[f] += the tile's sum of dY ((A dY A^T)[1, 1]
-    is that sum). dyf: dy (N, OH, OW, F) flat; Z flat (36, TBp, F)."""
-    g = numba.carray(stack_array(256, Z.dtype), (256,))  # dY: 16 * (4 i + j) + lane
+    is that sum). dyf: dy (N, OH, OW, F) flat; Z flat (36, TBp, F). 16 filters at a time: A dY
+    from dy into the stack, then (A dY) A^T from the stack into Z (lanes.f4_gradient16)."""
     s = numba.carray(stack_array(384, Z.dtype), (384,))  # A dY: 16 * (4 a + j) + lane
-    z = numba.carray(stack_array(_S, Z.dtype), (_S,))  # A dY A^T: 16 * e + lane
-    zeros = numba.carray(stack_array(16, Z.dtype), (16,))
-    for lane in range(16):
-        zeros[lane] = 0
+    po = numba.carray(stack_array(4, np.uint64), (4,))  # an edge tile's rows in dy (clamped)
+    row = np.uint64(OW * F)
     n, k = divmod(g0, TH * TW)  # as in _input_block
     ty, tx = divmod(k, TW)
     for t in range(nt):
@@ -376,31 +302,24 @@ def _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Z, TBp, bsum):
         oy, ox = 4 * ty, 4 * tx
         rows, cols = min(4, OH - oy), min(4, OW - ox)
         o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        whole = rows == 4 and cols == 4
+        for i in range(4):
+            po[i] = o00 + np.uint64(min(i, rows - 1)) * row
+        rows_inside = np.uint64((1 << rows) - 1)
         for f0 in range(0, F, 16):
             u0 = np.uint64(f0)
-            if rows == 4 and cols == 4:  # a whole tile: constant trip counts, unrolled
-                for i in range(4):
-                    for j in range(4):
-                        src = o00 + np.uint64((i * OW + j) * F) + u0
-                        copy16(g, np.uint64(16 * (4 * i + j)), dyf, src)
-            else:
-                for i in range(4):
-                    for j in range(4):
-                        p = np.uint64(16 * (4 * i + j))
-                        if i < rows and j < cols:
-                            copy16(g, p, dyf, o00 + np.uint64((i * OW + j) * F) + u0)
-                        else:
-                            copy16(g, p, zeros, np.uint64(0))
             for j in range(4):  # A dY: each column's 4 rows combined
-                for lane in range(16):
-                    _a(g, s, 16 * j, 64, 16 * j, 64, lane)
-            for a in range(6):  # (A dY) A^T: each row's 4 columns combined
-                for lane in range(16):
-                    _a(s, z, 64 * a, 16, 96 * a, 16, lane)
-            for lane in range(16):
-                bsum[f0 + lane] += z[16 * 7 + lane]
-            for e in range(_E):
-                copy16(Z, np.uint64((e * TBp + t) * F + f0), z, np.uint64(16 * e))
+                dst = np.uint64(16 * j)
+                if whole:
+                    f4_gradient16(dyf, o00 + np.uint64(j * F) + u0, row, s, dst, np.uint64(64))
+                else:
+                    col = np.uint64(min(j, cols - 1) * F) + u0
+                    mask = rows_inside if j < cols else np.uint64(0)
+                    f4_gradient16_masked(dyf, po, col, mask, s, dst, np.uint64(64))
+            for a in range(6):  # (A dY) A^T: each row's 4 columns combined, into Z
+                dst = np.uint64((6 * a * TBp + t) * F + f0)
+                f4_gradient16(s, np.uint64(64 * a), np.uint64(16), Z, dst, np.uint64(TBp * F))
+            add16(bsum, u0, Z, np.uint64((7 * TBp + t) * F) + u0)
 
 
 @njit(cache=True)

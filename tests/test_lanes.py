@@ -1,12 +1,24 @@
 """kernels/lanes.py: the 16-lane vector steps of the convolutions' epilogues, against the
-loops and kernels they replace (bitwise) on random values with NaNs and zeros of both signs."""
+loops and kernels they replace (bitwise) on random values with NaNs and zeros of both signs;
+the Winograd transforms against the formulas they replaced (bitwise) and the textbook
+matrices."""
 
 import numpy as np
 import pytest
 from numba import njit
 
 from fastcnn.kernels.batchnorm import chunk_affine_inplace
-from fastcnn.kernels.lanes import add16, batch_norm16, relu16
+from fastcnn.kernels.lanes import (
+    add16,
+    batch_norm16,
+    f4_gradient16,
+    f4_gradient16_masked,
+    f4_input16,
+    f4_input16_masked,
+    f4_output16,
+    relu16,
+)
+from naive.winograd import F4
 
 
 @njit(cache=False)
@@ -64,3 +76,91 @@ def test_batch_norm16_is_the_three_steps(dtype, summed, relu):
     got = y.copy()
     _fused(got, mean, scale, shift, add, 16, relu)
     assert np.array_equal(got.view(np.uint8), expect.view(np.uint8))
+
+
+# ---- the Winograd transforms ----
+
+
+def _formulas(kind, s):
+    """The transforms as the kernels' loops computed them (numpy, operation by operation)."""
+    if kind == "input":
+        d0, d1, d2, d3, d4, d5 = s
+        t0, t1, t2, t3 = d4 - 4 * d2, d3 - 4 * d1, d4 - d2, 2 * (d3 - d1)
+        return [4 * (d0 - d2) + t2, t0 + t1, t0 - t1, t2 + t3, t2 - t3, 4 * (d1 - d3) + (d5 - d3)]
+    if kind == "output":
+        m0, m1, m2, m3, m4, m5 = s
+        a, b, c, e = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+        return [m0 + a + c, b + 2 * e, a + 4 * c, b + 8 * e + m5]
+    g0, g1, g2, g3 = s
+    even, odd, even4, odd8 = g0 + g2, g1 + g3, g0 + 4 * g2, 2 * g1 + 8 * g3
+    return [g0, even + odd, even - odd, even4 + odd8, even4 - odd8, g3]
+
+
+_BT4, _, _AT4 = F4
+#: kind -> (intrinsic, its masked form, inputs, the textbook matrix)
+_TRANSFORMS = {
+    "input": (f4_input16, f4_input16_masked, 6, _BT4),
+    "output": (f4_output16, None, 6, _AT4),
+    "gradient": (f4_gradient16, f4_gradient16_masked, 4, _AT4.T),
+}
+
+
+@njit(cache=False)
+def _strided(kind, src, sbase, sstride, dst, dbase, dstride):
+    sb, ss, db, ds = np.uint64(sbase), np.uint64(sstride), np.uint64(dbase), np.uint64(dstride)
+    if kind == 0:
+        f4_input16(src, sb, ss, dst, db, ds)
+    elif kind == 1:
+        f4_output16(src, sb, ss, dst, db, ds)
+    else:
+        f4_gradient16(src, sb, ss, dst, db, ds)
+
+
+@njit(cache=False)
+def _masked(kind, src, rows, col, mask, dst, dbase, dstride):
+    c, m, db, ds = np.uint64(col), np.uint64(mask), np.uint64(dbase), np.uint64(dstride)
+    if kind == 0:
+        f4_input16_masked(src, rows, c, m, dst, db, ds)
+    else:
+        f4_gradient16_masked(src, rows, c, m, dst, db, ds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", list(_TRANSFORMS))
+def test_winograd_transforms_are_the_formulas_and_the_matrices(dtype, kind):
+    """Strided reads and writes (offsets and strides as the kernels use them): bitwise the
+    loops' formulas, and the textbook matrix product up to rounding; nothing else written."""
+    rng = np.random.default_rng(len(kind))
+    _, _, n, matrix = _TRANSFORMS[kind]
+    sbase, sstride, dbase, dstride = 5, 37, 3, 21
+    src = rng.standard_normal(sbase + (n - 1) * sstride + 16 + 7).astype(dtype)
+    dst = np.full(dbase + (matrix.shape[0] - 1) * dstride + 16 + 9, np.nan, dtype)
+    _strided(list(_TRANSFORMS).index(kind), src, sbase, sstride, dst, dbase, dstride)
+    s = [src[sbase + k * sstride :][:16] for k in range(n)]
+    got = np.array([dst[dbase + i * dstride :][:16] for i in range(matrix.shape[0])])
+    assert np.array_equal(got, np.array(_formulas(kind, s)))
+    exact = matrix @ np.array(s, dtype=np.float64)
+    tol = 1e-14 if dtype == np.float64 else 2e-6
+    assert np.abs(got - exact).max() <= tol * np.abs(exact).max()
+    written = np.zeros(dst.size, bool)
+    for i in range(matrix.shape[0]):
+        written[dbase + i * dstride :][:16] = True
+    assert np.isnan(dst[~written]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["input", "gradient"])
+@pytest.mark.parametrize("mask", [0, 0b101101, 0b111111, 0b000110])
+def test_masked_winograd_transforms_read_zeros_outside(dtype, kind, mask):
+    """The edge patches' form: row k from rows[k] + col where bit k of the mask is set, else
+    zeros (rows outside still point in bounds, as the kernels clamp them)."""
+    rng = np.random.default_rng(mask)
+    strided, masked, n, matrix = _TRANSFORMS[kind]
+    src = rng.standard_normal(400).astype(dtype)
+    rows = rng.permutation(np.arange(0, 360, 40))[:n].astype(np.uint64)
+    col = 9
+    dst = np.full(6 * 16, np.nan, dtype)
+    _masked(list(_TRANSFORMS).index(kind) // 2, src, rows, col, mask, dst, 0, 16)
+    s = [src[int(rows[k]) + col :][:16] if mask >> k & 1 else np.zeros(16, dtype) for k in range(n)]
+    got = dst.reshape(6, 16)[: matrix.shape[0]]
+    assert np.array_equal(got, np.array(_formulas(kind, s)))
