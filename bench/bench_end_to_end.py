@@ -32,6 +32,9 @@ What it measures (bench/README.md explains how to read each table):
 - ``--profile``: time in each step's forward and backward (a step: a layer, or a run of layers
   the model's plan fuses), the loss and the optimizer step.
 - ``--interference``: each framework alone in its process against both in one process.
+- ``--scaling``: 1 thread against the most threads asked for, blocks alternating in one worker
+  per framework, and fastcnn's loop outside ``compute_threads`` (a user's own loop) against it
+  inside (as ``fit`` runs).
 
 How the measurement is kept honest on a small shared machine:
 
@@ -79,6 +82,7 @@ from e2e_measure import (
     kernel_tables,
     memory_table,
     profile_table,
+    scaling_table,
     start_workers,
     startup_table,
     throughput_table,
@@ -217,6 +221,12 @@ def parse_args(argv):
         help="compare each framework alone in its process with both in one process",
     )
     p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="1 thread against the most threads, and the loop outside compute_threads, "
+        "alternating in one worker per framework",
+    )
+    p.add_argument(
         "--results-dir",
         default=results_file.RESULTS_DIR,
         help="folder of the dated results file the run saves [bench/results]",
@@ -295,7 +305,7 @@ def main(argv=None):
         print(f"TensorFlow: {why} -- no tensorflow column.")
     tmp = tempfile.mkdtemp(prefix="fastcnn-bench-")
     workers = {}
-    throughput = memory = startup = None
+    throughput = memory = startup = scaling = None
     needs_workers = not args.no_kernels or args.epoch or args.profile or args.data_pipeline
     init = os.path.join(tmp, "init.npz")
     try:
@@ -315,12 +325,14 @@ def main(argv=None):
             throughput = throughput_table(args, env, with_torch, init)
         if args.interference and with_torch:
             interference_table(args, env)
+        if args.scaling:
+            scaling = scaling_table(args, env, with_torch)
         if args.memory:
             memory = memory_table(args, env)
         if args.startup:
             startup = startup_table(args, env)
         if not PEER["baseline"]:  # the targets are against PyTorch
-            print_targets(throughput, memory, startup)
+            print_targets(throughput, memory, startup, scaling)
         print()
         print(CONTENTION.summary())
         print(f"load average at the end: {loadavg()}")

@@ -201,15 +201,17 @@ def auto_steps(args, mode, batch):
 
 
 def run_blocks(entries, args, mode, batch, threads):
-    """Alternate timed blocks of the entries (label -> (worker, framework)) after one warm-up
-    block each; returns (label -> list of images/s, steps per block, losses, other loads). The
-    median page faults per step of each entry are left in ``run_blocks.faults`` and, per entry,
-    whether each block ran on a busy machine in ``run_blocks.busy``."""
+    """Alternate timed blocks of the entries (label -> (worker, framework), or (worker,
+    framework, threads) for an entry on threads of its own) after one warm-up block each;
+    returns (label -> list of images/s, steps per block, losses, other loads). The median page
+    faults per step of each entry are left in ``run_blocks.faults`` and, per entry, whether
+    each block ran on a busy machine in ``run_blocks.busy``."""
     steps = auto_steps(args, mode, batch)
     labels = list(entries)
+    entries = {k: (v + (threads,))[:3] for k, v in entries.items()}
     for label in labels:
-        worker, fw = entries[label]
-        worker.call("block", fw=fw, mode=mode, batch=batch, threads=threads, steps=min(steps, 3))
+        worker, fw, t = entries[label]
+        worker.call("block", fw=fw, mode=mode, batch=batch, threads=t, steps=min(steps, 3))
     rates = {label: [] for label in labels}
     faults = {label: [] for label in labels}
     busy = {label: [] for label in labels}
@@ -220,13 +222,11 @@ def run_blocks(entries, args, mode, batch, threads):
         else:
             order = labels if r % 2 == 0 else labels[::-1]
         for label in order:
-            worker, fw = entries[label]
-            res, load = worker.timed(
-                "block", fw=fw, mode=mode, batch=batch, threads=threads, steps=steps
-            )
+            worker, fw, t = entries[label]
+            res, load = worker.timed("block", fw=fw, mode=mode, batch=batch, threads=t, steps=steps)
             rates[label].append(batch * steps / res["seconds"])
             faults[label].append(res["faults_per_step"])
-            busy[label].append(load > CONTENTION.limit(threads))
+            busy[label].append(load > CONTENTION.limit(t))
             losses.append(res["loss"])
             loads.append(load)
     run_blocks.faults = {label: median(v) for label, v in faults.items()}
@@ -647,6 +647,62 @@ def interference_table(args, env):
             finally:
                 for w in (pure_f, pure_t, mixed):
                     w.close()
+    return out
+
+
+def scaling_table(args, env, with_torch):
+    """Each framework at 1 thread and at the most threads asked for, blocks alternating in one
+    worker (the throughput table measures thread counts in different workers minutes apart,
+    and the machine's speed drifts between them), and fastcnn's loop outside compute_threads
+    (numba's and the BLAS's defaults: a user's own loop) against the same loop inside it (as
+    fit runs its steps)."""
+    top = max(args.threads)
+    label, env = list(malloc_envs(args, env).items())[-1]
+    print()
+    print(f"## Thread scaling, and the default environment ({label}; blocks alternate in a worker)")
+    print()
+    print(
+        f"| batch | mode | fastcnn 1 thread | fastcnn {top} threads | ratio | ratio range | "
+        f"fastcnn, no compute_threads | / {top} threads | torch 1 thread | torch {top} threads | "
+        "ratio | other load |"
+    )
+    print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    out = []
+    for batch in args.batches:
+        workers = [Worker("fastcnn", env)] + ([Worker("torch", env)] if with_torch else [])
+        try:
+            for mode in args.modes:
+                entries = {
+                    "f1": (workers[0], "fastcnn", 1),
+                    "fN": (workers[0], "fastcnn", top),
+                    "fd": (workers[0], "fastcnn", None),
+                }
+                if with_torch:
+                    entries.update(t1=(workers[1], "torch", 1), tN=(workers[1], "torch", top))
+                rates, _, _, loads = run_blocks(entries, args, mode, batch, top)
+                m = {k: median(v) for k, v in rates.items()}
+                busy = run_blocks.busy
+                spread = ratio_range(rates["fN"], rates["f1"], busy["fN"], busy["f1"])
+                t1, tn = m.get("t1", float("nan")), m.get("tN", float("nan"))
+                print(
+                    f"| {batch} | {mode} | {fmt_rate(m['f1'])} | {fmt_rate(m['fN'])} | "
+                    f"{m['fN'] / m['f1']:.2f}x | {spread} | "
+                    f"{fmt_rate(m['fd'])} | {m['fd'] / m['fN']:.2f} | {fmt_rate(t1)} | "
+                    f"{fmt_rate(tn)} | {tn / t1:.2f}x | {fmt_load(loads)} |",
+                    flush=True,
+                )
+                out.append(
+                    {
+                        "batch": batch,
+                        "mode": mode,
+                        "threads": top,
+                        "scaling": m["fN"] / m["f1"],
+                        "default": m["fd"] / m["fN"],
+                    }
+                )
+        finally:
+            for w in workers:
+                w.close()
     return out
 
 

@@ -249,11 +249,24 @@ def fmt_rate(v):
 # -- targets -----------------------------------------------------------------------------------
 
 
-def print_targets(throughput, memory, startup):
+def print_targets(throughput, memory, startup, scaling=None):
     print()
     print("## Targets of the performance issue")
     print()
     lines = []
+    for r in scaling or []:
+        if r["threads"] == 2 and r["batch"] == 128:
+            ok = "met" if r["scaling"] >= 1.6 else "NOT met"
+            lines.append(
+                f"- {r['mode']} batch 128, 2 threads against 1 (one worker, alternating): "
+                f"{r['scaling']:.2f}x (target >= 1.6x): {ok}"
+            )
+        if r["threads"] == 2 and r["mode"] == "train":
+            ok = "met" if r["default"] >= 0.95 else "NOT met"
+            lines.append(
+                f"- train batch {r['batch']}, the loop outside compute_threads against inside "
+                f"(fit's): {r['default']:.2f} (target >= 0.95): {ok}"
+            )
     for r in throughput or []:
         if r["ratio"] != r["ratio"]:
             continue

@@ -6,6 +6,7 @@ the suite's networks and their input batch, the convolution shapes of the kernel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -151,7 +152,10 @@ class FastcnnRunner:
         x, y = self.batch(batch)
         model, loss_fn, opt = self.model, self.loss_fn, self.opt
         loss = float("nan")
-        with self.compute_threads(threads):  # entered once per block, as fit() does per run
+        # entered once per block, as fit() does per run; threads None: the process's defaults
+        # (numba's threads, the BLAS's), as a user's own loop without compute_threads runs
+        pinned = self.compute_threads(threads) if threads else contextlib.nullcontext()
+        with pinned:
             if mode == "train":
                 model.train()
                 t0 = _t.perf_counter()
