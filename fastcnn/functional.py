@@ -1352,8 +1352,16 @@ def leaky_relu_backward(
 
 
 def tanh_forward(x: Array, layer: str = "Tanh") -> Array:
-    # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
-    return np.asarray(np.tanh(check_float(x, layer, contiguous=False)))
+    """tanh(x), any shape, in x's memory layout. float32 on every thread by Eigen's rational
+    function (kernels/activations.py: within 6 ulp, as TensorFlow's); float64 by numpy."""
+    x = check_float(x, layer, contiguous=False)
+    if x.dtype != np.float32 or x.ndim == 0:
+        # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
+        return np.asarray(np.tanh(x))
+    x = _one_block(x)
+    y = _pool.empty_like(x)  # the same strides as x
+    _activations.tanh_forward(_flat(x), _flat(y))
+    return y
 
 
 def tanh_backward(dy: Array, y: Array, layer: str = "Tanh") -> Array:

@@ -146,3 +146,41 @@ def test_tanh_sigmoid_leaky_kernels_are_the_expressions_bitwise(size, seed, chan
             assert got.dtype == dtype and got.shape == x.shape
             np.testing.assert_array_equal(got, expected)  # NaN where expected has NaN
             np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+
+
+# ---- Tanh's float32 forward: Eigen's rational function ----
+
+
+def test_tanh_forward_float32_within_6_ulp():
+    """Against tanh in float64 on every float32 of [-1, 1] spaced 2^-20, a million normal
+    values (x 3), the range to +-12 and the special values: at most 6 ulp (numpy's float32 tanh:
+    about 1.4), exact at 0, +-1 from +-9 on, a NaN stays NaN, -0 stays -0, tiny x stays x."""
+    from fastcnn import functional as F
+
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e-30, 1e-45, 3e-4, -3.9e-4, 9.0]
+    x = np.concatenate(
+        [
+            np.arange(-(1 << 20), (1 << 20) + 1) / np.float32(1 << 20),
+            rng.standard_normal(1_000_000) * 3,
+            np.linspace(-12, 12, 400_001),
+            specials,
+        ]
+    ).astype(np.float32)
+    y = np.full_like(x, 7.0)
+    K.tanh_forward(x, y)
+    exact = np.tanh(x.astype(np.float64))
+    finite = np.isfinite(exact)
+    ulp = np.spacing(np.abs(exact[finite]).astype(np.float32)).astype(np.float64)
+    assert (np.abs(y[finite] - exact[finite]) / ulp).max() <= 6
+    tail = y[-len(specials) :]
+    assert tail[0] == 0 and np.signbit(tail[1]) and tail[1] == 0
+    assert tail[2] == 1 and tail[3] == -1 and np.isnan(tail[4]) and tail[10] == 1
+    assert list(tail[5:10]) == list(np.float32(specials[5:10]))
+    assert (y[np.abs(x) >= 9] == np.sign(x[np.abs(x) >= 9])).all()
+    # the layer's path: float32 on the kernel in the input's layout, float64 on numpy
+    v = rng.standard_normal((2, 3, 4, 5)).astype(np.float32).transpose(0, 2, 3, 1)
+    got = F.tanh_forward(v)
+    assert got.strides == v.strides and np.abs(got - np.tanh(v)).max() <= 6e-7
+    w = rng.standard_normal((3, 4))
+    assert np.array_equal(F.tanh_forward(w), np.tanh(w))
