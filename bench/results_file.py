@@ -6,8 +6,9 @@
 
 The file is written as the run goes, under a ``.partial`` name that nothing reads; ``finish``
 appends the CPU model with all its flags and the platform, then gives it its final name
-``YYYY-MM-DD-HHMM-<name>.md``. A run that crashes or is interrupted leaves only the ``.partial``
-file. ``bench/readme_table.py`` reads the latest complete end-to-end file.
+``YYYY-MM-DD-HHMM-<name>.md`` (``...-<name>-2.md`` and on when a run of the same minute has
+that name: a results file is never overwritten). A run that crashes or is interrupted leaves
+only the ``.partial`` file. ``bench/readme_table.py`` reads the latest complete end-to-end file.
 """
 
 from __future__ import annotations
@@ -52,10 +53,21 @@ def cpu_description():
     return model, flags
 
 
+def _unused(stem):
+    """``stem.md``, else ``stem-2.md``, ``stem-3.md``, ...: the first name no file (complete
+    or partial) has."""
+    path, n = f"{stem}.md", 1
+    while os.path.exists(path) or os.path.exists(path + ".partial"):
+        n += 1
+        path = f"{stem}-{n}.md"
+    return path
+
+
 class Results:
     def __init__(self, name, directory):
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, f"{time.strftime('%Y-%m-%d-%H%M')}-{name}.md")
+        self.stem = os.path.join(directory, f"{time.strftime('%Y-%m-%d-%H%M')}-{name}")
+        self.path = _unused(self.stem)
         self.partial = self.path + ".partial"
         self.file = open(self.partial, "w", encoding="utf-8")
         self.stdout = sys.stdout
@@ -71,6 +83,8 @@ class Results:
             f"platform: {platform.platform()}\n"
         )
         self.file.close()
+        if os.path.exists(self.path):  # another run of the same minute finished first
+            self.path = _unused(self.stem)
         os.replace(self.partial, self.path)
         print(f"results saved to {os.path.relpath(self.path)}", file=sys.stderr)
         return self.path

@@ -106,3 +106,19 @@ def test_results_file_copies_stdout(tmp_path, capsys):
         text = fh.read()
     assert text.startswith("# fastcnn end-to-end benchmark\n") and "\n## Machine\n" in text
     assert "after" not in text
+
+
+def test_results_files_of_one_minute_never_overwrite_each_other(tmp_path, capsys):
+    """Two runs started (or finished) in the same minute keep both files: -2, -3, ..."""
+    first = results_file.start("end-to-end-lenet5", str(tmp_path))
+    second = results_file.start("end-to-end-lenet5", str(tmp_path))
+    print("b")
+    b = second.finish()
+    print("a")
+    a = first.finish()
+    third = results_file.start("end-to-end-lenet5", str(tmp_path))
+    c = third.finish()
+    assert len({a, b, c}) == 3 and sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(p) for p in (a, b, c)
+    )
+    capsys.readouterr()
