@@ -92,6 +92,23 @@ def weight_transform(weight, Fp):
 
 
 @njit(cache=True, inline="always")
+def _tile(g, TH, TW):
+    """(image, tile row, tile column) of tile g, tiles numbered image by image and row by row
+    (TH rows of TW per image): a block's first; _next_tile steps on without a division."""
+    n, k = divmod(g, TH * TW)
+    ty, tx = divmod(k, TW)
+    return n, ty, tx
+
+
+@njit(cache=True, inline="always")
+def _output_tile(n, ty, tx, OH, OW, F):
+    """(rows, columns, offset of its first pixel in the flat (N, OH, OW, F) output) of output
+    tile (n, ty, tx): 4 x 4 but at the output's last rows and columns."""
+    oy, ox = 4 * ty, 4 * tx
+    return min(4, OH - oy), min(4, OW - ox), np.uint64(((n * OH + oy) * OW + ox) * F)
+
+
+@njit(cache=True, inline="always")
 def _next_tile(n, ty, tx, TH, TW):
     """(image, tile row, tile column) of the tile after (n, ty, tx), tiles numbered image by
     image and row by row."""
@@ -114,8 +131,7 @@ def _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, V, TBp, by_elem
     po = numba.carray(stack_array(12, np.uint64), (12,))  # each row's, then column's offset in x
     cols = numba.carray(stack_array(6, np.uint64), (6,))  # all ones: column j inside the image
     rows_inside = np.uint64(0)  # bit i: row i of an edge patch inside the image
-    n, k = divmod(g0, TH * TW)  # tile t: image n, tile row ty, column tx (no division per tile)
-    ty, tx = divmod(k, TW)
+    n, ty, tx = _tile(g0, TH, TW)  # tile t: image n, tile row ty, column tx
     row = np.uint64(W * C)
     for t in range(nt):
         if t > 0:
@@ -167,14 +183,11 @@ def _output_block(M, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn):
     mean, scale, shift, add = bn
     affine = scale.size > 0
     nothing = add[:0]  # no residual sum (past the output's edge)
-    n, k = divmod(g0, TH * TW)  # as in _input_block
-    ty, tx = divmod(k, TW)
+    n, ty, tx = _tile(g0, TH, TW)
     for t in range(nt):
         if t > 0:
             n, ty, tx = _next_tile(n, ty, tx, TH, TW)
-        oy, ox = 4 * ty, 4 * tx
-        rows, cols = min(4, OH - oy), min(4, OW - ox)
-        o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        rows, cols, o00 = _output_tile(n, ty, tx, OH, OW, F)
         for fb in range(nfb):
             q = np.uint64((fb * TBp + t) * _S)  # M[fb, t, e, lane]: one stretch
             f0 = np.uint64(fb * FTN)
@@ -294,14 +307,11 @@ def _gradient_block(dyf, OH, OW, F, TH, TW, g0, nt, Z, TBp, bsum):
     s = numba.carray(stack_array(384, Z.dtype), (384,))  # A dY: 16 * (4 a + j) + lane
     po = numba.carray(stack_array(4, np.uint64), (4,))  # an edge tile's rows in dy (clamped)
     row = np.uint64(OW * F)
-    n, k = divmod(g0, TH * TW)  # as in _input_block
-    ty, tx = divmod(k, TW)
+    n, ty, tx = _tile(g0, TH, TW)
     for t in range(nt):
         if t > 0:
             n, ty, tx = _next_tile(n, ty, tx, TH, TW)
-        oy, ox = 4 * ty, 4 * tx
-        rows, cols = min(4, OH - oy), min(4, OW - ox)
-        o00 = np.uint64(((n * OH + oy) * OW + ox) * F)
+        rows, cols, o00 = _output_tile(n, ty, tx, OH, OW, F)
         whole = rows == 4 and cols == 4
         for i in range(4):
             po[i] = o00 + np.uint64(min(i, rows - 1)) * row
