@@ -77,8 +77,7 @@ def relu_backward(dy, y, dx):
 # Tanh's float32 forward: Eigen's rational function (TensorFlow's and XLA's float32 tanh on the
 # CPU), odd numerator of degree 13 over even denominator of degree 6 in x clamped to [-9, 9]
 # (beyond, tanh rounds to +-1 in float32), x itself where |x| < 0.0004. Multiply-adds and one
-# division vectorise; numpy's tanh ran on one thread (LeNet-5's four Tanh layers: a fifth of
-# its inference step).
+# division vectorise and run on every thread, where numpy's tanh runs on one.
 _TANH_NUMERATOR = (  # x^1, x^3, ..., x^13
     4.89352455891786e-03,
     6.37261928875436e-04,
