@@ -146,6 +146,13 @@ class _Lanes:
         return _Lanes(self.builder, self.builder.fmul(k, self.value, flags=_CONTRACT))
 
 
+def _check_offsets(name, *offsets):
+    """The transforms add their offsets as 64-bit integers (uint64 in the kernels)."""
+    for o in offsets:
+        if not (isinstance(o, types.Integer) and o.bitwidth == 64):
+            raise TypingError(f"{name}: expected 64-bit integer offsets, got {o}")
+
+
 def _store_all(context, builder, arrty, arr, base, stride, vectors):
     """arr[base + i * stride : + 16] = vectors[i]."""
     offset = base
@@ -162,6 +169,7 @@ def _strided(rule, n_in, n_out):
 
     def transform(typingctx, src, sbase, sstride, dst, dbase, dstride):
         _check_arrays(rule.__name__, getattr(src, "dtype", None), src, dst)
+        _check_offsets(rule.__name__, sbase, sstride, dbase, dstride)
 
         def codegen(context, builder, sig, args):
             srcv, sb, ss, dstv, db, ds = args
@@ -188,6 +196,10 @@ def _masked(rule, n_in, n_out):
 
     def transform(typingctx, src, rows, col, mask, dst, dbase, dstride):
         _check_arrays(rule.__name__, getattr(src, "dtype", None), src, dst)
+        _check_offsets(rule.__name__, col, mask, dbase, dstride)
+        if not (isinstance(rows, types.Array) and rows.ndim == 1):
+            raise TypingError(f"{rule.__name__}: expected a 1-D array of row offsets, got {rows}")
+        _check_offsets(rule.__name__, rows.dtype)
 
         def codegen(context, builder, sig, args):
             srcv, rowsv, colv, maskv, dstv, db, ds = args
@@ -203,7 +215,9 @@ def _masked(rule, n_in, n_out):
                 )
                 inside = builder.icmp_unsigned("!=", bit, ir.Constant(maskv.type, 0))
                 s.append(_Lanes(builder, builder.select(inside, v, zero)))
-            _store_all(context, builder, sig.args[4], dstv, db, ds, rule(*s))
+            out = rule(*s)
+            assert len(out) == n_out
+            _store_all(context, builder, sig.args[4], dstv, db, ds, out)
             return context.get_dummy_value()
 
         return types.none(src, rows, col, mask, dst, dbase, dstride), codegen

@@ -164,3 +164,17 @@ def test_masked_winograd_transforms_read_zeros_outside(dtype, kind, mask):
     s = [src[int(rows[k]) + col :][:16] if mask >> k & 1 else np.zeros(16, dtype) for k in range(n)]
     got = dst.reshape(6, 16)[: matrix.shape[0]]
     assert np.array_equal(got, np.array(_formulas(kind, s)))
+
+
+def test_winograd_transforms_refuse_offsets_they_would_misread():
+    """Offsets and the rows table are added as 64-bit integers in the generated code: anything
+    else is a typing error, never a misread."""
+    from numba.core.errors import TypingError
+
+    src, dst = np.zeros(200, np.float32), np.zeros(96, np.float32)
+    with pytest.raises(TypingError, match="64-bit integer"):
+        _masked(0, src, np.zeros(6, np.int32), 0, 1, dst, 0, 16)
+    with pytest.raises(TypingError, match="64-bit integer"):
+        njit(
+            lambda a, b: f4_output16(a, np.uint32(0), np.uint64(16), b, np.uint64(0), np.uint64(16))
+        )(src, dst)
