@@ -834,7 +834,7 @@ def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
     elif _weight_gradient_by_c1(weight.shape, (sh, sw), (dh, dw)):
         # one channel, few filters: bitwise the direct kernel, following its pixel chunks
         n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
-        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, numba.get_num_threads())
+        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, False, numba.get_num_threads())
         _conv2d_c1.conv2d_c1_backward_weight(
             _nhwc(x), dy, pads[0], pads[2], dweight, dbias, plan[3], plan[6]
         )
@@ -983,10 +983,8 @@ def _flipped_weight(weight):
 def _weight_gradient_in_pixel_order(weight_shape):
     """Whether conv2d_backward_weight sums every pixel in order for this weight shape (many
     output tiles: kernels/conv2d.py), the order the max pool shortcut reproduces."""
-    f, c, kh, kw = weight_shape
-    tiles = -(-(kh * kw * c) // _conv2d.R)
-    per_block = max(1, _conv2d._WEIGHT_UNITS // -(-f // _conv2d.FT))
-    return tiles >= per_block
+    f, c, kh, kw = (int(v) for v in weight_shape)
+    return bool(_conv2d._weight_in_pixel_order(kh * kw * c, f))
 
 
 def max_pool2d_conv2d_backward(

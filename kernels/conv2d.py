@@ -51,6 +51,7 @@ from .gemm_tile import (
     gemm_tile,
     gemm_tile_bias,
     gemm_tile_bias_tall,
+    gemm_tile_tall,
     tile_shape,
 )
 from .lanes import batch_norm16
@@ -63,6 +64,9 @@ _TILES_PER_ITEM = 16
 _WEIGHT_UNITS = 8
 _PIXEL_BLOCK = 64
 _WEIGHT_CHUNKS = 16
+#: Weight gradient: at most FT filters and at most this many terms per pixel (taps x channels)
+#: sum over pixel chunks, however many tap tiles (see _weight_in_pixel_order).
+_CHUNKED_MAX_TERMS = 160
 
 
 # ---- operand preparation, done once per call before the tiles run ----
@@ -220,8 +224,8 @@ def _padded_bias(bias, Fp):
 
 
 @njit(cache=True, inline="always")
-def _forward_shape(narrow, tall):
-    """(rows, columns) of the forward's tile: the tall one, else tile_shape(narrow)."""
+def _kernel_tile_shape(narrow, tall):
+    """(rows, columns) of a kernel's tile: the tall one, else tile_shape(narrow)."""
     return (RT, FT) if tall else tile_shape(narrow)
 
 
@@ -234,7 +238,7 @@ def _forward_tiles(
     rows from npix on are not stored). Whole tiles go straight from the registers into out, a
     partial one (the last filters or pixels) through the scratch ``tile`` (R*FT,).
     Serial: called from the parallel kernels' bodies."""
-    rows, cols = _forward_shape(narrow, tall)
+    rows, cols = _kernel_tile_shape(narrow, tall)
     for f0 in range(0, F, cols):
         nf = min(cols, F - f0)
         for t in range(t0, t1):
@@ -354,7 +358,7 @@ def conv2d_forward(
     K = KH * KW * C
     narrow = F <= FTN
     tall = TALL and not narrow  # more than FTN filters: the tall tile where the host has it
-    rows, cols = _forward_shape(narrow, tall)
+    rows, cols = _kernel_tile_shape(narrow, tall)
     nfb = (F + cols - 1) // cols
     Fp = nfb * cols
     NP = N * OH * OW
@@ -584,19 +588,37 @@ def conv2d_backward_input(
 
 
 @njit(cache=True)
-def _weight_plan(K, F, NP, narrow, threads):
+def _weight_in_pixel_order(K, F):
+    """Whether the weight gradient of K terms per pixel (taps x channels) and F filters sums
+    every pixel in order (groups of tap tiles, each over all pixels in L1-sized blocks), else
+    over pixel chunks added afterwards (all tiles over one chunk, its data in L2). The groups
+    pay where a filter block has many tap tiles, each block in L1 serving them all; not with at
+    most FT filters and short sums, where every group's pass over all of x and dy (one group
+    per thread, one filter block) costs more than the blocks save. Shapes alone decide."""
+    per_fb = max(1, _WEIGHT_UNITS // ((F + FT - 1) // FT))  # units per filter block
+    return (K + R - 1) // R >= per_fb and not (F <= FT and K <= _CHUNKED_MAX_TERMS)
+
+
+@njit(cache=True)
+def _weight_tall(K, F):
+    """Whether the weight gradient of K terms per pixel and F filters runs on the tall tile:
+    where the host has it, for more than FTN filters, unless its 6-row tap tiles would pad K
+    to more rows than the wide tile's 3 (27 terms: 30 rows, not 27)."""
+    return TALL and F > FTN and (K + RT - 1) // RT * RT <= (K + R - 1) // R * R
+
+
+@njit(cache=True)
+def _weight_plan(K, F, NP, narrow, tall, threads):
     """How the weight gradient splits its work into units (see conv2d_backward_weight): tap
     tiles nkt, filter blocks nfb, tap-tile groups and pixel chunks (groups * chunks * nfb
     units), the pixels per block, tiles per group, pixels per chunk. Shapes alone decide the
     pixel chunks (the only choice that changes a sum's order), those of the wide tile whatever
-    ``narrow``, so both tiles give bitwise the same gradient; ``threads`` (the caller's thread
-    count) only how many groups share the tap tiles."""
-    rows, cols = tile_shape(narrow)
-    wide_fb = (F + FT - 1) // FT
-    per_fb = max(1, _WEIGHT_UNITS // wide_fb)  # units per filter block
+    ``narrow`` and ``tall``, so every tile gives bitwise the same gradient; ``threads`` (the
+    caller's thread count) only how many groups share the tap tiles."""
+    rows, cols = _kernel_tile_shape(narrow, tall)
     nkt = (K + rows - 1) // rows
     nfb = (F + cols - 1) // cols
-    if (K + R - 1) // R >= per_fb:  # groups of tap tiles, each over all pixels, block by block
+    if _weight_in_pixel_order(K, F):  # groups of tap tiles, each over all pixels, block by block
         # Each group streams all of x and dy, so as few as keep the threads busy; a tile's sum
         # runs over every pixel in order whatever the grouping: the result is the same.
         busy = max(1, min(_WEIGHT_UNITS, threads))
@@ -639,11 +661,30 @@ def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP, cols):
 
 
 @njit(cache=True, inline="always")
-def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate, narrow):
-    """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * R*FT]) (+)= the pixels [q0, q1)
-    of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's columns of filters each."""
-    rows = RN if narrow else R
+def _weight_block(
+    xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate, narrow, tall
+):
+    """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * rows*cols], _kernel_tile_shape)
+    (+)= the pixels [q0, q1) of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's
+    columns of filters each."""
+    rows, cols = _kernel_tile_shape(narrow, tall)
     for kt in range(kt0, kt1):
+        if tall:
+            gemm_tile_tall(
+                xf,
+                koff,
+                kt * rows,
+                pix,
+                q0,
+                q1,
+                b,
+                b0,
+                bstride,
+                accf,
+                (tile0 + kt) * rows * cols,
+                accumulate,
+            )
+            continue
         gemm_tile(
             xf,
             koff,
@@ -687,31 +728,28 @@ def _bias_block(b, b0, bstride, count, bsum, ones, zoff, tile, narrow):
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _weight_unit(
-    xf,
-    koff,
-    kt0,
-    kt1,
-    pix,
-    p0,
-    p1,
-    block,
-    dyf,
-    Fp,
-    f0,
-    accf,
-    tile0,
-    bsum,
-    with_bias,
-    ones,
-    zoff,
-    btile,
-    narrow,
-):
+def _weight_unit(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow):
+    """One unit of conv2d_backward_weight on the wide or the narrow tile (``narrow``)."""
+    _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow, False)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile):
+    """One unit of conv2d_backward_weight on the tall tile. A function of its own: with the
+    tall tile's code beside the others in one function, the wide and narrow tiles ran
+    0.85-0.9x."""
+    _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, False, True)
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow, tall):
     """One unit of conv2d_backward_weight: tap tiles [kt0, kt1) of filter block f0 (tile kt
-    at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
+    at accf[(tile0 + kt) * rows*cols]) summed over pixels [p0, p1), ``block`` pixels at a time (a
     block's x and dy stay in L1 for all the tiles), and the bias sums bsum (cols,) if
-    ``with_bias``. Serial: the body of the kernel's prange."""
+    ``with_bias``; ``operands`` = (xf, koff, pix, block, dyf, Fp, accf, ones, zoff), the
+    kernel's. Serial: the body of the kernel's prange (through the two functions above, each
+    with its ``tall`` a constant)."""
+    xf, koff, pix, block, dyf, Fp, accf, ones, zoff = operands
     if with_bias:
         for f in range(bsum.size):
             bsum[f] = 0
@@ -732,17 +770,18 @@ def _weight_unit(
             tile0,
             q0 > p0,
             narrow,
+            tall,
         )
         if with_bias:
             _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile, narrow)
 
 
 @njit(cache=True)
-def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias):
-    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, R*FT)
-    and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
+def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, dweight, dbias):
+    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt,
+    rows*cols) and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
     F, C, KH, KW = dweight.shape
-    rows, cols = tile_shape(narrow)
+    rows, cols = _kernel_tile_shape(narrow, tall)
     for f in range(F):
         fb = f // cols
         col = f - fb * cols
@@ -786,44 +825,33 @@ def conv2d_backward_weight(
     NP = N * OH * OW
     K = KH * KW * x.shape[3]
     narrow = F <= FTN
-    rows, cols = tile_shape(narrow)
-    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(K, F, NP, narrow, threads)
+    tall = _weight_tall(K, F)
+    rows, cols = _kernel_tile_shape(narrow, tall)
+    nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(
+        K, F, NP, narrow, tall, threads
+    )
     Fp = nfb * cols
     xf, koff, pix = _weight_operands(
         x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * rows
     )
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
-    acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
+    acc = np.empty((chunks, nfb * nkt, rows * cols), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN))
     btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
+    operands = (xf, koff, pix, block, dyf, Fp, accf, ones, zoff)
     for unit in prange(chunks * nfb * groups):
         # np.int64(unit): the index is uint64 in the loop body numba builds (see
         # conv2d_backward_input): passed as it is, the helper compiled a second time
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
             np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, cols
         )
-        _weight_unit(
-            xf,
-            koff,
-            kt0,
-            kt1,
-            pix,
-            p0,
-            p1,
-            block,
-            dyf,
-            Fp,
-            f0,
-            accf,
-            (chunk * nfb + f0 // cols) * nkt,
-            bsum[chunk, f0 : f0 + cols],
-            kt0 == 0,
-            ones,
-            zoff,
-            btile[unit],
-            narrow,
-        )
-    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, dweight, dbias)
+        tile0 = (chunk * nfb + f0 // cols) * nkt
+        sums = bsum[chunk, f0 : f0 + cols]
+        if tall:
+            _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit])
+        else:
+            _weight_unit(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit], narrow)
+    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, dweight, dbias)

@@ -531,6 +531,7 @@ def _weight_unit_pooled(
             tile0,
             q0 > p0,
             False,
+            False,
         )
         if with_bias:
             _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile, False)
@@ -572,7 +573,7 @@ def maxpool2d_conv2d_backward_weight_dense(
     NP = N * OH * OW
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
     nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(
-        KH * KW * C, F, NP, False, _WEIGHT_UNITS
+        KH * KW * C, F, NP, False, False, _WEIGHT_UNITS
     )
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(
@@ -624,7 +625,7 @@ def maxpool2d_conv2d_backward_weight_dense(
             zoff,
             btile[unit],
         )
-    _weight_result(acc, bsum, chunks, nfb, nkt, False, dweight, dbias)
+    _weight_result(acc, bsum, chunks, nfb, nkt, False, False, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here

@@ -244,6 +244,23 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, 
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
+def gemm_tile_tall(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate):
+    """gemm_tile (not narrow) on the tall tile: tile[t0 + r*FT + f] (+)= the same sums for
+    r < RT, f < FT (RT*FT results from t0 on), each in the same order as the wide tile's."""
+    acc = numba.carray(stack_array(_RTFT, tile.dtype), (_RTFT,))
+    t0 = np.uint64(t0)
+    if accumulate:
+        for q in range(_RTFT):
+            acc[q] = tile[t0 + np.uint64(q)]
+    else:
+        for q in range(_RTFT):
+            acc[q] = 0
+    _product_tall(acc, a, np.uint64(0), abase, r0, aoff, k0, k1, b, b0, bstride)
+    for q in range(_RTFT):
+        tile[t0 + np.uint64(q)] = acc[q]
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
 def gemm_tile_bias(
     a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride, bias, f0, relu, out, o0, ostride, narrow
 ):

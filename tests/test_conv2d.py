@@ -190,6 +190,28 @@ def test_forward_of_more_than_16_filters_matches_naive(C, K, F, stride):
     np.testing.assert_array_equal(forward(*f32, *geom, relu=True), np.maximum(actual, 0))
 
 
+@pytest.mark.parametrize(
+    "C, K, F, stride",
+    [(32, 3, 33, 1), (32, 3, 48, 2), (16, 3, 32, 2), (3, 3, 32, 1), (16, 1, 40, 2), (32, 1, 64, 2)],
+)
+def test_weight_gradient_of_more_than_16_filters_matches_naive(C, K, F, stride):
+    """The weight gradient's tiles for more than 16 filters: tap tiles in groups over every
+    pixel (288 and 16 terms a pixel, 33 to 64 filters) and over pixel chunks (at most 32
+    filters, at most 160 terms: 144, 27); on AVX-512 hosts the tall tile, unless it would pad
+    the taps to more rows than the wide one (27 and 32 terms: the wide tile)."""
+    rng = np.random.default_rng(F + C + K)
+    x = rng.standard_normal((3, C, 17, 8 * stride))
+    w = rng.standard_normal((F, C, K, K))
+    geom = ((stride, stride), ((K // 2, K // 2), (K // 2, K // 2)), (1, 1))
+    dy = rng.standard_normal(output_shape(x.shape, w.shape, *geom))
+    expected = naive_backward(x, w, dy, *geom)
+    for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
+        got = backward(x.astype(dtype), w.astype(dtype), dy.astype(dtype), *geom)
+        for actual, exp in zip(got[1:], expected[1:], strict=True):
+            assert actual.dtype == dtype
+            assert relative_error(actual, exp) <= tol
+
+
 @with_examples
 @given(conv_cases())
 def test_backward_input_and_weight_match_naive(case):

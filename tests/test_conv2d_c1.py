@@ -165,7 +165,7 @@ def weight_grads(shape, dtype, seed=0, threads_=2):
     OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
     x = rng.standard_normal((N, H, W, 1)).astype(dtype)
     dy = rng.standard_normal((N, OH, OW, Fn)).astype(dtype)
-    plan = _weight_plan(KH * KW, Fn, N * OH * OW, Fn <= FTN, threads_)
+    plan = _weight_plan(KH * KW, Fn, N * OH * OW, Fn <= FTN, False, threads_)
     got = (np.full((Fn, 1, KH, KW), np.nan, dtype), np.full(Fn, np.nan, dtype))
     ref = (np.full_like(got[0], np.nan), np.full_like(got[1], np.nan))
     conv2d_c1_backward_weight(x, dy, pt, pl, *got, plan[3], plan[6])
@@ -173,8 +173,12 @@ def weight_grads(shape, dtype, seed=0, threads_=2):
     return x, dy, got, ref, plan[3]
 
 
+#: 11 x 15 taps: more terms than conv2d._CHUNKED_MAX_TERMS, so one sum over every pixel
+LONG_SUMS = (2, 3, 20, 24, 11, 15, 5, 7)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", SHAPES + [(7, 4, 12, 11, 3, 3, 1, 1)])
+@pytest.mark.parametrize("shape", SHAPES + [(7, 4, 12, 11, 3, 3, 1, 1), LONG_SUMS])
 def test_weight_gradient_bitwise_the_direct_kernel(shape, dtype):
     x, dy, (dw, db), (rw, rb), _ = weight_grads(shape, dtype)
     assert np.array_equal(dw, rw) and np.array_equal(db, rb)
@@ -194,8 +198,12 @@ def test_weight_gradient_follows_the_pixel_chunks():
     # 3x3 taps: the direct kernel sums 14 chunks of pixels apart, then adds them in order
     *_, (dw, db), (rw, rb), chunks = weight_grads((7, 4, 12, 11, 3, 3, 1, 1), np.float32)
     assert chunks > 1 and np.array_equal(dw, rw) and np.array_equal(db, rb)
-    # 5x5 taps: one sum over every pixel
-    assert weight_grads(SHAPES[0], np.float32)[4] == 1
+    # 5x5 taps (LeNet-5's first layer): chunks too
+    *_, (dw, db), (rw, rb), chunks = weight_grads(SHAPES[0], np.float32)
+    assert chunks > 1 and np.array_equal(dw, rw) and np.array_equal(db, rb)
+    # 11x15 taps: one sum over every pixel
+    *_, (dw, db), (rw, rb), chunks = weight_grads(LONG_SUMS, np.float32)
+    assert chunks == 1 and np.array_equal(dw, rw) and np.array_equal(db, rb)
 
 
 def test_weight_gradient_same_bits_for_any_thread_count():
