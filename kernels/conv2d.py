@@ -600,14 +600,6 @@ def _weight_in_pixel_order(K, F):
 
 
 @njit(cache=True)
-def _weight_tall(K, F):
-    """Whether the weight gradient of K terms per pixel and F filters runs on the tall tile:
-    where the host has it, for more than FTN filters, unless its 6-row tap tiles would pad K
-    to more rows than the wide tile's 3 (27 terms: 30 rows, not 27)."""
-    return TALL and F > FTN and (K + RT - 1) // RT * RT <= (K + R - 1) // R * R
-
-
-@njit(cache=True)
 def _weight_plan(K, F, NP, narrow, tall, threads):
     """How the weight gradient splits its work into units (see conv2d_backward_weight): tap
     tiles nkt, filter blocks nfb, tap-tile groups and pixel chunks (groups * chunks * nfb
@@ -661,30 +653,11 @@ def _weight_unit_range(unit, nfb, groups, per_group, nkt, per_chunk, NP, cols):
 
 
 @njit(cache=True, inline="always")
-def _weight_block(
-    xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate, narrow, tall
-):
-    """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * rows*cols], _kernel_tile_shape)
-    (+)= the pixels [q0, q1) of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's
-    columns of filters each."""
-    rows, cols = _kernel_tile_shape(narrow, tall)
+def _weight_block(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate, narrow):
+    """Tap tiles [kt0, kt1) (tile kt at accf[(tile0 + kt) * R*FT]) (+)= the pixels [q0, q1)
+    of one block: dy's rows at b[b0 + (q - q0) * bstride], a tile's columns of filters each."""
+    rows = RN if narrow else R
     for kt in range(kt0, kt1):
-        if tall:
-            gemm_tile_tall(
-                xf,
-                koff,
-                kt * rows,
-                pix,
-                q0,
-                q1,
-                b,
-                b0,
-                bstride,
-                accf,
-                (tile0 + kt) * rows * cols,
-                accumulate,
-            )
-            continue
         gemm_tile(
             xf,
             koff,
@@ -700,6 +673,14 @@ def _weight_block(
             accumulate,
             narrow,
         )
+
+
+@njit(cache=True, inline="always")
+def _weight_block_tall(xf, koff, kt0, kt1, pix, q0, q1, b, b0, bstride, accf, tile0, accumulate):
+    """_weight_block on the tall tile (tile kt at accf[(tile0 + kt) * RT*FT])."""
+    for kt in range(kt0, kt1):
+        t0 = (tile0 + kt) * RT * FT
+        gemm_tile_tall(xf, koff, kt * RT, pix, q0, q1, b, b0, bstride, accf, t0, accumulate)
 
 
 @njit(cache=True)
@@ -727,53 +708,54 @@ def _bias_block(b, b0, bstride, count, bsum, ones, zoff, tile, narrow):
         bsum[f] = tile[f]
 
 
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _bias_block_tall(b, b0, bstride, count, bsum, ones, zoff, tile):
+    """_bias_block on the tall tile (zoff >= max(count, RT) zeros; tile (RT*FT,) scratch)."""
+    for r in range(RT):
+        for f in range(FT):
+            tile[r * FT + f] = bsum[f]
+    u = np.uint64
+    gemm_tile_tall(ones, zoff, 0, zoff, 0, count, b, u(b0), u(bstride), tile, 0, True)
+    for f in range(FT):
+        bsum[f] = tile[f]
+
+
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
 def _weight_unit(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow):
-    """One unit of conv2d_backward_weight on the wide or the narrow tile (``narrow``)."""
-    _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow, False)
-
-
-@njit(cache=True, fastmath={"contract"})
-def _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile):
-    """One unit of conv2d_backward_weight on the tall tile. A function of its own: with the
-    tall tile's code beside the others in one function, the wide and narrow tiles ran
-    0.85-0.9x."""
-    _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, False, True)
-
-
-@njit(cache=True, fastmath={"contract"}, inline="always")
-def _weight_unit_body(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile, narrow, tall):
     """One unit of conv2d_backward_weight: tap tiles [kt0, kt1) of filter block f0 (tile kt
-    at accf[(tile0 + kt) * rows*cols]) summed over pixels [p0, p1), ``block`` pixels at a time (a
+    at accf[(tile0 + kt) * R*FT]) summed over pixels [p0, p1), ``block`` pixels at a time (a
     block's x and dy stay in L1 for all the tiles), and the bias sums bsum (cols,) if
     ``with_bias``; ``operands`` = (xf, koff, pix, block, dyf, Fp, accf, ones, zoff), the
-    kernel's. Serial: the body of the kernel's prange (through the two functions above, each
-    with its ``tall`` a constant)."""
+    kernel's. Serial: the body of the kernel's prange."""
     xf, koff, pix, block, dyf, Fp, accf, ones, zoff = operands
     if with_bias:
         for f in range(bsum.size):
             bsum[f] = 0
     for q0 in range(p0, p1, block):
         q1 = min(q0 + block, p1)
-        _weight_block(
-            xf,
-            koff,
-            kt0,
-            kt1,
-            pix,
-            q0,
-            q1,
-            dyf,
-            np.uint64(q0 * Fp + f0),
-            np.uint64(Fp),
-            accf,
-            tile0,
-            q0 > p0,
-            narrow,
-            tall,
-        )
+        b0, step = np.uint64(q0 * Fp + f0), np.uint64(Fp)
+        acc = q0 > p0
+        _weight_block(xf, koff, kt0, kt1, pix, q0, q1, dyf, b0, step, accf, tile0, acc, narrow)
         if with_bias:
             _bias_block(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile, narrow)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, btile):
+    """_weight_unit on the tall tile (tile kt at accf[(tile0 + kt) * RT*FT]). A function of
+    its own, no other tile's code beside it: in one function with the others, the tall tile ran
+    0.9x, the wide and narrow ones 0.85-0.9x, and the kernel took 2-4 s longer to compile."""
+    xf, koff, pix, block, dyf, Fp, accf, ones, zoff = operands
+    if with_bias:
+        for f in range(bsum.size):
+            bsum[f] = 0
+    for q0 in range(p0, p1, block):
+        q1 = min(q0 + block, p1)
+        b0, step = np.uint64(q0 * Fp + f0), np.uint64(Fp)
+        acc = q0 > p0
+        _weight_block_tall(xf, koff, kt0, kt1, pix, q0, q1, dyf, b0, step, accf, tile0, acc)
+        if with_bias:
+            _bias_block_tall(dyf, q0 * Fp + f0, Fp, q1 - q0, bsum, ones, zoff, btile)
 
 
 @njit(cache=True)
@@ -825,7 +807,7 @@ def conv2d_backward_weight(
     NP = N * OH * OW
     K = KH * KW * x.shape[3]
     narrow = F <= FTN
-    tall = _weight_tall(K, F)
+    tall = TALL and not narrow  # more than FTN filters: the tall tile where the host has it
     rows, cols = _kernel_tile_shape(narrow, tall)
     nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(
         K, F, NP, narrow, tall, threads
@@ -839,8 +821,8 @@ def conv2d_backward_weight(
     acc = np.empty((chunks, nfb * nkt, rows * cols), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
-    ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN))
-    btile = np.empty((chunks * nfb * groups, R * FT), dtype=x.dtype)
+    ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN, RT))
+    btile = np.empty((chunks * nfb * groups, rows * cols), dtype=x.dtype)
     operands = (xf, koff, pix, block, dyf, Fp, accf, ones, zoff)
     for unit in prange(chunks * nfb * groups):
         # np.int64(unit): the index is uint64 in the loop body numba builds (see

@@ -531,7 +531,6 @@ def _weight_unit_pooled(
             tile0,
             q0 > p0,
             False,
-            False,
         )
         if with_bias:
             _bias_block(rows, 0, FT, q1 - q0, bsum, ones, zoff, btile, False)

@@ -197,8 +197,8 @@ def test_forward_of_more_than_16_filters_matches_naive(C, K, F, stride):
 def test_weight_gradient_of_more_than_16_filters_matches_naive(C, K, F, stride):
     """The weight gradient's tiles for more than 16 filters: tap tiles in groups over every
     pixel (288 and 16 terms a pixel, 33 to 64 filters) and over pixel chunks (at most 32
-    filters, at most 160 terms: 144, 27); on AVX-512 hosts the tall tile, unless it would pad
-    the taps to more rows than the wide one (27 and 32 terms: the wide tile)."""
+    filters, at most 160 terms: 144, 27); on AVX-512 hosts the tall tile, its tap tiles padded
+    (27, 16 and 32 terms: 30, 18 and 36 rows)."""
     rng = np.random.default_rng(F + C + K)
     x = rng.standard_normal((3, C, 17, 8 * stride))
     w = rng.standard_normal((F, C, K, K))
