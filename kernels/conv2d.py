@@ -625,19 +625,34 @@ def _weight_plan(K, F, NP, narrow, tall, threads):
 
 
 @njit(cache=True)
-def _weight_operands(x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, ntaps):
+def _weight_operands(
+    x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, ntaps, pad
+):
     """The weight gradient's tile operands: the (padded) input flat, the offsets of ``ntaps``
     taps (whole tap tiles, the padding rows repeating the last tap) and every pixel's window
-    corner."""
+    corner. With ``pad`` False, x itself even where the windows need padding, the offsets those
+    of its padded layout: each pixel chunk's rows are then padded by its unit."""
     N, C = x.shape[0], x.shape[3]
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
-    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
-    XH, XW = xp.shape[1], xp.shape[2]
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp, pad)
+    padded = _needs_padding(x, pad_top, pad_left, Hp, Wp)
+    XH, XW = (Hp, Wp) if padded else (x.shape[1], x.shape[2])
     koff = np.empty(ntaps, dtype=np.uint64)
     _tap_offsets(koff, KH * KW * C, KH, KW, C, dil_h * XW * C, dil_w * C)
     pix = np.empty(N * OH * OW, dtype=np.uint64)
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     return xp.reshape(xp.size), koff, pix
+
+
+@njit(cache=True)
+def _chunk_rows(pix, koff, K, p0, p1, row):
+    """(first, count): the rows of the padded input that pixels [p0, p1) read (window corners
+    pix, the last of the K taps at koff[K - 1], ``row`` values per padded row)."""
+    if p1 <= p0:
+        return np.int64(0), np.int64(0)
+    first = pix[p0] // row
+    last = (pix[p1 - 1] + koff[K - 1]) // row
+    return np.int64(first), np.int64(last - first) + 1
 
 
 @njit(cache=True)
@@ -813,18 +828,43 @@ def conv2d_backward_weight(
         K, F, NP, narrow, tall, threads
     )
     Fp = nfb * cols
+    units = chunks * nfb * groups
+    # pixel chunks of one filter block each pad the rows they read into a buffer of their own
+    # (in parallel, and in cache when its tiles read them), not all of x first, serially
+    Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
+    by_chunk = chunks > 1 and nfb == 1 and _needs_padding(x, pad_top, pad_left, Hp, Wp)
     xf, koff, pix = _weight_operands(
-        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * rows
+        x,
+        OH,
+        OW,
+        KH,
+        KW,
+        stride_h,
+        stride_w,
+        pad_top,
+        pad_left,
+        dil_h,
+        dil_w,
+        nkt * rows,
+        not by_chunk,
     )
+    row = np.uint64(Wp * x.shape[3])
+    most = 0  # the most padded rows a chunk reads
+    for unit in range(units if by_chunk else 0):
+        _, p0, p1, _, _, _ = _weight_unit_range(
+            unit, nfb, groups, per_group, nkt, per_chunk, NP, cols
+        )
+        most = max(most, _chunk_rows(pix, koff, K, p0, p1, row)[1])
+    buffers = np.empty((units if by_chunk else 0, most * Wp * x.shape[3]), dtype=x.dtype)
+    koffs = np.empty((units if by_chunk else 0, nkt * rows), dtype=np.uint64)
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     acc = np.empty((chunks, nfb * nkt, rows * cols), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN, RT))
-    btile = np.empty((chunks * nfb * groups, rows * cols), dtype=x.dtype)
-    operands = (xf, koff, pix, block, dyf, Fp, accf, ones, zoff)
-    for unit in prange(chunks * nfb * groups):
+    btile = np.empty((units, rows * cols), dtype=x.dtype)
+    for unit in prange(units):
         # np.int64(unit): the index is uint64 in the loop body numba builds (see
         # conv2d_backward_input): passed as it is, the helper compiled a second time
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
@@ -832,6 +872,15 @@ def conv2d_backward_weight(
         )
         tile0 = (chunk * nfb + f0 // cols) * nkt
         sums = bsum[chunk, f0 : f0 + cols]
+        src, kof = xf, koff
+        if by_chunk:
+            first, count = _chunk_rows(pix, koff, K, p0, p1, row)
+            src, kof = buffers[unit], koffs[unit]
+            _pad_rows(xf, src, first, first + count, x.shape, Hp, Wp, pad_top, pad_left)
+            shift = np.uint64(0) - np.uint64(first) * row  # wraps: pix - the first row's start
+            for t in range(kof.size):
+                kof[t] = koff[t] + shift
+        operands = (src, kof, pix, block, dyf, Fp, accf, ones, zoff)
         if tall:
             _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit])
         else:

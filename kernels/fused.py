@@ -576,7 +576,7 @@ def maxpool2d_conv2d_backward_weight_dense(
     )
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(
-        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R
+        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R, True
     )
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
