@@ -44,6 +44,7 @@ from .batchnorm import chunk_affine_inplace
 from .gemm_tile import (
     FT,
     FTN,
+    LINE,
     RN,
     RT,
     TALL,
@@ -555,7 +556,7 @@ def conv2d_backward_input(
     kidx = np.empty(F, dtype=np.uint64)  # a loop: np.arange here would be a parallel loop
     for f in range(F):
         kidx[f] = f
-    tiles = np.empty((workers, R * FT), dtype=dt)
+    tiles = np.empty((workers, R * FT + LINE), dtype=dt)  # see LINE
 
     dyf = dy.reshape(dy.size)
     wtf = wt.reshape(wt.size)
@@ -581,7 +582,7 @@ def conv2d_backward_input(
                 coloff,
                 contiguous,
                 img,
-                tiles[w],
+                tiles[w, : R * FT],
             )
             if padded:
                 _crop(img, XH, XW, pad_top, pad_left, dx, n)

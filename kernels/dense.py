@@ -30,7 +30,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, R, compiles_for_avx512, gemm_tile, gemm_tile_bias, stack_array
+from .gemm_tile import (
+    FT,
+    LINE,
+    R,
+    compiles_for_avx512,
+    gemm_tile,
+    gemm_tile_bias,
+    stack_array,
+)
 
 #: the forward's block: RB rows of x by FB rows of w, L lanes along k. AVX-512: 4 x 4, 16
 #: accumulators of 16 lanes in 16 of its 32 registers. AVX2: each accumulator takes two of its
@@ -181,16 +189,16 @@ def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     ncb = (C + FT - 1) // FT
     nrt = (M + R - 1) // R
     parts = max(1, min(parts, ncb))
-    panels = np.empty((parts, nk * FT), dtype=out.dtype)
-    tiles = np.empty((parts, R * FT), dtype=out.dtype)
+    panels = np.empty((parts, nk * FT + LINE), dtype=out.dtype)  # see LINE
+    tiles = np.empty((parts, R * FT + LINE), dtype=out.dtype)
     zeros = np.empty(FT, dtype=out.dtype)  # gemm_tile_bias's bias (np.zeros: a parallel loop)
     for c in range(FT):
         zeros[c] = 0
     flat = out.reshape(-1)
     u = np.uint64
     for part in prange(parts):
-        panel = panels[part]
-        tile = tiles[part]
+        panel = panels[part, : nk * FT]
+        tile = tiles[part, : R * FT]
         for cb in range(part * ncb // parts, (part + 1) * ncb // parts):
             c0 = cb * FT
             width = min(FT, C - c0)

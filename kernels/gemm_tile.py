@@ -69,6 +69,10 @@ RT = 6
 _RTFT = RT * FT
 #: Whether this host's kernels have the tall tile (NUMBA_CPU_FEATURES or the host's).
 TALL = compiles_for_avx512()
+#: Elements between two threads' rows of a scratch array (a 64-byte cache line of float32, two
+#: of float64): numba starts a small array 32 bytes into a cache line, so rows of whole lines
+#: still shared one with the next row, and each store there moved the line between the cores.
+LINE = 16
 
 
 @njit(cache=True, inline="always")
