@@ -332,7 +332,7 @@ def main(argv=None):
         if args.startup:
             startup = startup_table(args, env)
         if not PEER["baseline"]:  # the targets are against PyTorch
-            print_targets(throughput, memory, startup, scaling)
+            print_targets(throughput, memory, startup, scaling, args.network)
         print()
         print(CONTENTION.summary())
         print(f"load average at the end: {loadavg()}")
