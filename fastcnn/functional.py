@@ -79,6 +79,8 @@ __all__ = [
     "batch_norm_forward_train",
     "batch_norm_forward_eval",
     "batch_norm_backward",
+    "batch_norm_relu_forward_train",
+    "batch_norm_relu_backward",
     "batch_norm_backward_eval",
     "dense_forward",
     "dense_backward",
@@ -1446,6 +1448,10 @@ def batch_norm_forward_train(
     """Normalise with the batch statistics over (N, H, W): returns ``(y, mean, invstd)`` with
     ``invstd = 1 / sqrt(biased_var + eps)``; ``relu=True`` returns ``relu(y)`` instead, bitwise
     ``relu_forward(y)`` (on a convolution's channels-last output, in the same pass)."""
+    return _batch_norm_forward_train(x, gamma, beta, eps, layer, relu)[:3]
+
+
+def _batch_norm_forward_train(x, gamma, beta, eps, layer, relu):
     x, (gamma, beta) = _bn_args(x, layer, ("weight", gamma), ("bias", beta))
     n, c, h, w = x.shape
     if n * h * w < 2:
@@ -1457,15 +1463,45 @@ def batch_norm_forward_train(
     invstd = _pool.empty(c, dtype=x.dtype)
     if _channels_last(x):  # a convolution's output: no layout conversion
         y = _pool.empty((n, h, w, c), dtype=x.dtype)
+        affine = np.empty((2, c), dtype=x.dtype)
         _batchnorm.batchnorm_forward_train_nhwc(
-            _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd, relu
+            _pixels(x), gamma, beta, x.dtype.type(eps), y.reshape(-1, c), mean, invstd, relu, affine
         )
-        return _nchw(y), mean, invstd
+        return _nchw(y), mean, invstd, affine
     y = _pool.empty_like(x)
     _batchnorm.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), y, mean, invstd)
     if relu:
         y = relu_forward(y, layer)
-    return y, mean, invstd
+    return y, mean, invstd, None
+
+
+def batch_norm_relu_forward_train(
+    x: Array, gamma: Array, beta: Array, eps: float = 1e-5, layer: str = "BatchNorm2D"
+) -> tuple[Array, Array, Array, Array | None]:
+    """``batch_norm_forward_train(x, ..., relu=True)`` and what :func:`batch_norm_relu_backward`
+    needs besides: returns ``(y, mean, invstd, affine)``, ``affine`` the normalisation's (2, C)
+    scale and shift (None unless x is channels-last, as a convolution's output)."""
+    return _batch_norm_forward_train(x, gamma, beta, eps, layer, True)
+
+
+def batch_norm_relu_backward(
+    dy: Array,
+    x: Array,
+    y: Array,
+    gamma: Array,
+    mean: Array,
+    invstd: Array,
+    affine: Array | None,
+    layer: str = "BatchNorm2D",
+) -> tuple[Array, Array, Array]:
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`batch_norm_relu_forward_train` from dy, the
+    gradient of its output y: bitwise ``batch_norm_backward(relu_backward(dy, y), ...)``. With
+    ``affine`` (a channels-last x) the BatchNorm's kernel recomputes the ReLU's mask from x as
+    it reads it, and the ReLU's own pass over memory (read dy and y, write its gradient) is
+    saved."""
+    if affine is None or not _channels_last(x):
+        return batch_norm_backward(relu_backward(dy, y, layer), x, gamma, mean, invstd, layer)
+    return _batch_norm_backward(dy, x, gamma, mean, invstd, layer, affine)
 
 
 def batch_norm_forward_eval(
@@ -1509,6 +1545,21 @@ def batch_norm_backward(
     layer: str = "BatchNorm2D",
 ) -> tuple[Array, Array, Array]:
     """Gradients of the training-mode forward: ``(dx, dgamma, dbeta)``."""
+    return _batch_norm_backward(dy, x, gamma, mean, invstd, layer, None)
+
+
+def _checked_affine(affine, x, layer):
+    """batch_norm_relu_forward_train's (2, C) affine for x (N, C, H, W): C-contiguous, in x's
+    dtype, else TypeError/ValueError naming the layer."""
+    affine = check_float(affine, layer, "affine")
+    _same_dtype(affine, x, layer, "affine")
+    _check_shape_equal(affine, (2, x.shape[1]), layer, "affine")
+    return affine
+
+
+def _batch_norm_backward(dy, x, gamma, mean, invstd, layer, relu_affine):
+    """batch_norm_backward; with ``relu_affine`` (channels-last x only) dy is the gradient of
+    relu(forward), the ReLU's mask recomputed from x (batchnorm_backward_nhwc)."""
     x, (gamma, mean, invstd) = _bn_args(
         x, layer, ("weight", gamma), ("mean", mean), ("invstd", invstd)
     )
@@ -1518,8 +1569,20 @@ def batch_norm_backward(
         dy = _grad_like(dy, x, layer, contiguous=False)
         n, c, h, w = x.shape
         dx = _pool.empty((n, h, w, c), dtype=x.dtype)
+        relu = relu_affine is not None
+        # without the ReLU the kernel reads (2, C) values and does not use them
+        affine = _checked_affine(relu_affine, x, layer) if relu else np.zeros((2, c), x.dtype)
         _batchnorm.batchnorm_backward_nhwc(
-            _pixels(dy), _pixels(x), gamma, mean, invstd, dx.reshape(-1, c), dgamma, dbeta
+            _pixels(dy),
+            _pixels(x),
+            gamma,
+            mean,
+            invstd,
+            dx.reshape(-1, c),
+            dgamma,
+            dbeta,
+            relu,
+            affine,
         )
         return _nchw(dx), dgamma, dbeta
     dy = _grad_like(dy, x, layer)

@@ -403,7 +403,8 @@ class BatchNormReLU(_WithInnerPlan):
     """BatchNorm2D -> ReLU [-> MaxPool2D] in training mode: the ReLU applied to each chunk of
     the normalised output as the BatchNorm's kernel writes it, while it is in cache
     (functional.batch_norm_forward_train with ``relu``), then the pool; backward: the pool's
-    with the ReLU's mask in it (as ReLUMaxPool) or the ReLU's, then the BatchNorm's. In
+    with the ReLU's mask in it (as ReLUMaxPool) then the BatchNorm's, or without a pool the
+    BatchNorm's with the ReLU's mask recomputed in it (functional.batch_norm_relu_backward). In
     evaluation mode (the BatchNorm's flag) the plan without this pattern runs (``self.inner``)."""
 
     def __init__(self, modules: Iterable[Module]) -> None:
@@ -417,8 +418,8 @@ class BatchNormReLU(_WithInnerPlan):
         xc, in_dtype = cast_input(x, bn.dtype, bn.name)
         x4 = bn._to4d(xc)
         bn._check_train_size(xc)
-        a, mean, invstd = F.batch_norm_forward_train(
-            x4, bn.weight.data, bn.bias.data, bn.eps, layer=bn.name, relu=True
+        a, mean, invstd, affine = F.batch_norm_relu_forward_train(
+            x4, bn.weight.data, bn.bias.data, bn.eps, layer=bn.name
         )
         bn.update_running(x4, mean, invstd)
         y, argmax = a, None
@@ -427,16 +428,20 @@ class BatchNormReLU(_WithInnerPlan):
             y, argmax = F.max_pool2d_forward(
                 a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
             )
-        self._save(x4, mean, invstd, a, y, argmax, xc.shape, in_dtype)
+        self._save(x4, mean, invstd, affine, a, y, argmax, xc.shape, in_dtype)
         return y
 
     def backward(self, dy: Array, input_grad: bool = True) -> Array | None:
         if self._ran_inner:
             return self._backward_inner(dy, input_grad)
         bn, relu = self.modules[:2]
-        x4, mean, invstd, a, y, argmax, x_shape, in_dtype = self._take()
-        if argmax is None:
-            g = F.relu_backward(dy, a, layer=relu.name)
+        x4, mean, invstd, affine, a, y, argmax, x_shape, in_dtype = self._take()
+        if argmax is None:  # the ReLU's backward inside the BatchNorm's
+            dy = check_grad(dy, a.shape, a.dtype, relu.name)
+            dy = cast_grad(dy, bn.dtype, bn.name, x_shape).reshape(x4.shape)
+            dx, dgamma, dbeta = F.batch_norm_relu_backward(
+                dy, x4, a, bn.weight.data, mean, invstd, affine, layer=bn.name
+            )
         else:
             pool = self.modules[2]
             dy = check_grad(dy, argmax.shape, y.dtype, pool.name)
@@ -450,10 +455,10 @@ class BatchNormReLU(_WithInnerPlan):
                 relu_output=y,
                 layer=pool.name,
             )
-        g = cast_grad(g, bn.dtype, bn.name, x_shape).reshape(x4.shape)
-        dx, dgamma, dbeta = F.batch_norm_backward(
-            g, x4, bn.weight.data, mean, invstd, layer=bn.name
-        )
+            g = cast_grad(g, bn.dtype, bn.name, x_shape).reshape(x4.shape)
+            dx, dgamma, dbeta = F.batch_norm_backward(
+                g, x4, bn.weight.data, mean, invstd, layer=bn.name
+            )
         bn.weight.grad += dgamma
         bn.bias.grad += dbeta
         return _as_dtype(dx.reshape(x_shape), in_dtype)

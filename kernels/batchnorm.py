@@ -37,6 +37,11 @@ from numba import njit, prange
 from .gemm_tile import stack_array
 
 BN_FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+#: The channels-last backward's sums: IEEE arithmetic in the written order. With BN_FASTMATH's
+#: flags, or multiply-adds fused alone, LLVM arranged them differently when dy arrived through
+#: the ReLU's gate (batchnorm_backward_nhwc's ``relu``) than when it was loaded: up to 8 ulp in
+#: float64. In exact order the gated value, the same number, gives the same bits.
+BN_GRAD_FASTMATH = False
 _BLOCK = 128  # channels per task on the H = W = 1 path (the block size fixes no summation order)
 
 
@@ -459,11 +464,31 @@ def _chunk_relu_inplace(y):
 
 
 @njit(cache=True, fastmath=BN_FASTMATH)
-def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
-    """Per channel over the chunk's pixels, in float64: sum(dy), sum(dy * (x - m)), sum(x - m)."""
+def _relu_passed(x, m, s, b):
+    """Whether the forward's ReLU passed this value: its output recomputed from x as
+    _chunk_affine computed it, the same expression under the same flags (a function of its
+    own, so the backward's flags do not apply to it), tested as _chunk_relu_inplace tests it."""
+    return (x - m) * s + b > 0
+
+
+@njit(cache=True, inline="always", fastmath=BN_GRAD_FASTMATH)
+def _gate(g, x, m, s, b, relu, zero):
+    """g, or with ``relu`` ``zero`` where the forward's ReLU zeroed its output
+    (activations.relu_backward's mask y > 0, without reading y)."""
+    if relu and not _relu_passed(x, m, s, b):
+        return zero
+    return g
+
+
+@njit(cache=True, fastmath=BN_GRAD_FASTMATH)
+def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d, relu, affine):
+    """Per channel over the chunk's pixels, in float64: sum(dy), sum(dy * (x - m)), sum(x - m);
+    with ``relu`` dy gated by the forward's ReLU (affine: see batchnorm_backward_nhwc)."""
     if x.shape[1] == 16:
-        _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d)
+        _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d, relu, affine)
         return
+    s, b = affine[0], affine[1]
+    zero = g.dtype.type(0)
     for c in range(x.shape[1]):
         acc_g[c] = 0.0
         acc_gd[c] = 0.0
@@ -472,8 +497,11 @@ def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
     for q in range(quads):  # four pixels at a time, as _chunk_sum
         for c in range(x.shape[1]):
             m64 = np.float64(m[c])
-            g0, g1 = np.float64(g[4 * q, c]), np.float64(g[4 * q + 1, c])
-            g2, g3 = np.float64(g[4 * q + 2, c]), np.float64(g[4 * q + 3, c])
+            mc, sc, bc = m[c], s[c], b[c]
+            g0 = np.float64(_gate(g[4 * q, c], x[4 * q, c], mc, sc, bc, relu, zero))
+            g1 = np.float64(_gate(g[4 * q + 1, c], x[4 * q + 1, c], mc, sc, bc, relu, zero))
+            g2 = np.float64(_gate(g[4 * q + 2, c], x[4 * q + 2, c], mc, sc, bc, relu, zero))
+            g3 = np.float64(_gate(g[4 * q + 3, c], x[4 * q + 3, c], mc, sc, bc, relu, zero))
             d0, d1 = np.float64(x[4 * q, c]) - m64, np.float64(x[4 * q + 1, c]) - m64
             d2, d3 = np.float64(x[4 * q + 2, c]) - m64, np.float64(x[4 * q + 3, c]) - m64
             acc_g[c] += (g0 + g1) + (g2 + g3)
@@ -481,15 +509,15 @@ def _chunk_grad_sums(g, x, m, acc_g, acc_gd, acc_d):
             acc_d[c] += (d0 + d1) + (d2 + d3)
     for p in range(4 * quads, x.shape[0]):
         for c in range(x.shape[1]):
-            gv = np.float64(g[p, c])
+            gv = np.float64(_gate(g[p, c], x[p, c], m[c], s[c], b[c], relu, zero))
             d = np.float64(x[p, c]) - np.float64(m[c])
             acc_g[c] += gv
             acc_gd[c] += gv * d
             acc_d[c] += d
 
 
-@njit(cache=True, fastmath=BN_FASTMATH)
-def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
+@njit(cache=True, fastmath=BN_GRAD_FASTMATH)
+def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d, relu, affine):
     """_chunk_grad_sums for 16 channels, the same sums in the same order with the sums and
     the mean in stack memory: with them in the arrays, this width ran 4x slower per value
     than 32 or 64 channels."""
@@ -497,6 +525,8 @@ def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
     sgd = numba.carray(stack_array(16, np.float64), (16,))
     sd = numba.carray(stack_array(16, np.float64), (16,))
     mm = numba.carray(stack_array(16, np.float64), (16,))
+    s, b = affine[0], affine[1]
+    zero = g.dtype.type(0)
     for c in range(16):
         sg[c] = 0.0
         sgd[c] = 0.0
@@ -506,8 +536,11 @@ def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
     for q in range(quads):
         for c in range(16):
             m64 = mm[c]
-            g0, g1 = np.float64(g[4 * q, c]), np.float64(g[4 * q + 1, c])
-            g2, g3 = np.float64(g[4 * q + 2, c]), np.float64(g[4 * q + 3, c])
+            mc, sc, bc = m[c], s[c], b[c]
+            g0 = np.float64(_gate(g[4 * q, c], x[4 * q, c], mc, sc, bc, relu, zero))
+            g1 = np.float64(_gate(g[4 * q + 1, c], x[4 * q + 1, c], mc, sc, bc, relu, zero))
+            g2 = np.float64(_gate(g[4 * q + 2, c], x[4 * q + 2, c], mc, sc, bc, relu, zero))
+            g3 = np.float64(_gate(g[4 * q + 3, c], x[4 * q + 3, c], mc, sc, bc, relu, zero))
             d0, d1 = np.float64(x[4 * q, c]) - m64, np.float64(x[4 * q + 1, c]) - m64
             d2, d3 = np.float64(x[4 * q + 2, c]) - m64, np.float64(x[4 * q + 3, c]) - m64
             sg[c] += (g0 + g1) + (g2 + g3)
@@ -515,7 +548,7 @@ def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
             sd[c] += (d0 + d1) + (d2 + d3)
     for p in range(4 * quads, x.shape[0]):
         for c in range(16):
-            gv = np.float64(g[p, c])
+            gv = np.float64(_gate(g[p, c], x[p, c], m[c], s[c], b[c], relu, zero))
             d = np.float64(x[p, c]) - mm[c]
             sg[c] += gv
             sgd[c] += gv * d
@@ -526,12 +559,18 @@ def _chunk_grad_sums16(g, x, m, acc_g, acc_gd, acc_d):
         acc_d[c] = sd[c]
 
 
-@njit(cache=True, fastmath=BN_FASTMATH)
-def _chunk_dx(g, x, m, k, a, b, out):
-    """dx[p, c] = k[c] * dy[p, c] + a[c] * (x[p, c] - m[c]) + b[c] over the chunk's pixels."""
+@njit(cache=True, fastmath={"contract"})
+def _chunk_dx(g, x, m, k, a, b, out, relu, affine):
+    """dx[p, c] = k[c] * dy[p, c] + a[c] * (x[p, c] - m[c]) + b[c] over the chunk's pixels; with
+    ``relu`` dy gated by the forward's ReLU (affine: see batchnorm_backward_nhwc)."""
+    rs, rb = affine[0], affine[1]
+    zero = g.dtype.type(0)
     for p in range(x.shape[0]):
         for c in range(x.shape[1]):
-            out[p, c] = k[c] * g[p, c] + a[c] * (x[p, c] - m[c]) + b[c]
+            gv = _gate(g[p, c], x[p, c], m[c], rs[c], rb[c], relu, zero)
+            # bracketed, each add has one product to fuse with: the same multiply-adds whether
+            # dy was loaded or gated (left to LLVM, k * dy + a * (x - m) fused either way, 1 ulp)
+            out[p, c] = k[c] * gv + (a[c] * (x[p, c] - m[c]) + b[c])
 
 
 @njit(cache=True)
@@ -545,13 +584,15 @@ def _add_rows(part, out):
 
 
 @njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
-def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu):
+def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu, affine):
     """Training-mode forward over a channels-last activation seen as pixels x channels.
 
     x, out (P, C) C-contiguous, P = N*H*W; gamma, beta, mean, invstd (C,); the formulas of
     batchnorm_forward_train (two passes for the statistics, the rounded mean compensated in
     the shift), the sums in pixel chunks added in chunk order. ``relu``: then max(out, 0),
     chunk by chunk as it is written (bitwise the ReLU layer's kernel after this one).
+    affine (2, C) receives the scale and shift of out = (x - mean) * scale + shift, from which
+    batchnorm_backward_nhwc recomputes the ReLU's mask.
     """
     pixels, channels = x.shape
     chunks = (pixels + _PIXELS - 1) // _PIXELS
@@ -568,8 +609,8 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu):
         _chunk_sq_dev(x[k * _PIXELS : (k + 1) * _PIXELS], mu64, part[k])
     squares = np.empty(channels, dtype=np.float64)
     _add_rows(part, squares)
-    scale = np.empty(channels, dtype=x.dtype)
-    shift = np.empty(channels, dtype=x.dtype)
+    scale = affine[0]
+    shift = affine[1]
     _stat_coefficients(
         mu64, squares, gamma, beta, inv_count, eps64, 0, channels, mean, invstd, scale, shift
     )
@@ -603,11 +644,17 @@ def batchnorm_forward_eval_nhwc(x, gamma, beta, running_mean, running_var, eps, 
         )
 
 
-@njit(parallel=True, cache=True, fastmath=BN_FASTMATH)
-def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
+@njit(parallel=True, cache=True, fastmath=BN_GRAD_FASTMATH)
+def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, relu, affine):
     """Backward of the training-mode forward over channels-last activations: dy, x, dx (P, C)
     C-contiguous; the formulas of batchnorm_backward (the stored mean's rounding corrected), the
-    sums in pixel chunks added in chunk order."""
+    sums in pixel chunks added in chunk order.
+
+    ``relu``: dy is the gradient of the ReLU after the forward (batchnorm_forward_train_nhwc
+    with ``relu``, which wrote ``affine``), gated by the ReLU's mask as it is read: bitwise
+    activations.relu_backward first, without its pass over memory (the mask is recomputed
+    from x and the forward's scale and shift). Without ``relu`` affine (2, C) is read, not
+    used."""
     pixels, channels = x.shape
     chunks = (pixels + _PIXELS - 1) // _PIXELS
     inv_count = 1.0 / pixels
@@ -622,6 +669,8 @@ def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
             part_g[k],
             part_gd[k],
             part_d[k],
+            relu,
+            affine,
         )
     sum_g = np.empty(channels, dtype=np.float64)
     sum_gd = np.empty(channels, dtype=np.float64)
@@ -656,4 +705,6 @@ def batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
             coef_a,
             coef_b,
             dx[k * _PIXELS : (k + 1) * _PIXELS],
+            relu,
+            affine,
         )

@@ -36,8 +36,9 @@ def fast_train(x, gamma, beta, eps, layout="nchw"):
     invstd = np.full(c, np.nan, dtype=x.dtype)
     if layout == "nhwc":
         out = _pixels(out)
+        affine = np.empty((2, c), dtype=x.dtype)
         K.batchnorm_forward_train_nhwc(
-            _pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd, False
+            _pixels(x), gamma, beta, x.dtype.type(eps), out, mean, invstd, False, affine
         )
         return _unpixels(out, x.shape), mean, invstd
     K.batchnorm_forward_train(x, gamma, beta, x.dtype.type(eps), out, mean, invstd)
@@ -63,7 +64,10 @@ def fast_backward(dy, x, gamma, mean, invstd, layout="nchw"):
     dbeta = np.full(c, np.nan, dtype=x.dtype)
     if layout == "nhwc":
         dx = _pixels(dx)
-        K.batchnorm_backward_nhwc(_pixels(dy), _pixels(x), gamma, mean, invstd, dx, dgamma, dbeta)
+        affine = np.full((2, c), np.nan, dtype=x.dtype)  # read without the ReLU, never used
+        K.batchnorm_backward_nhwc(
+            _pixels(dy), _pixels(x), gamma, mean, invstd, dx, dgamma, dbeta, False, affine
+        )
         return _unpixels(dx, x.shape), dgamma, dbeta
     K.batchnorm_backward(dy, x, gamma, mean, invstd, dx, dgamma, dbeta)
     return dx, dgamma, dbeta
@@ -396,3 +400,71 @@ def test_chunk_affine_inplace_matches_the_naive_affine_and_its_out_of_place_twin
         float(eps),
     )[:, :, 0, 0]
     assert relative_error(y, expected) <= tol
+
+
+# ---------------------------------------------------------------- the ReLU's backward fused in
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 16, 8, 8), (3, 32, 5, 7), (2, 64, 4, 4), (5, 3, 9, 9), (1, 16, 1, 3), (2, 130, 5, 5)],
+)
+def test_backward_with_the_relu_is_bitwise_relu_backward_then_batchnorm_backward(dtype, shape, rng):
+    """batchnorm_backward_nhwc with ``relu`` (the mask recomputed from x and the forward's
+    scale and shift) against activations.relu_backward on the forward's output, then the
+    kernel without it: the same bits, for 16 channels (their own sums), other counts, pixels
+    in several 256-pixel chunks and a remainder of fewer than 4, NaN and infinities in x (the
+    forward keeps a NaN, the ReLU's backward blocks it) and in dy."""
+    from fastcnn.kernels import activations
+
+    n, c, h, w = shape
+    x = (rng.standard_normal((n * h * w, c)) * 2 + 0.3).astype(dtype)
+    x[1, 0] = np.nan  # channel 0: NaN statistics, NaN everywhere after the forward
+    x[2, 0] = np.inf
+    x[min(3, len(x) - 1), 0] = -np.inf
+    gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+    y = np.empty_like(x)
+    mean, invstd = np.empty(c, dtype), np.empty(c, dtype)
+    affine = np.full((2, c), np.nan, dtype)
+    K.batchnorm_forward_train_nhwc(x, gamma, beta, dtype(1e-5), y, mean, invstd, True, affine)
+    assert np.isfinite(affine[:, 1:]).all()
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dy[min(4, len(x) - 1), 1 % c] = np.inf
+    masked = np.empty_like(dy)
+    activations.relu_backward(dy.reshape(-1), y.reshape(-1), masked.reshape(-1))
+    expected = [np.full_like(x, np.nan), np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)]
+    got = [np.full_like(x, np.nan), np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)]
+    unused = np.full((2, c), np.nan, dtype)
+    K.batchnorm_backward_nhwc(masked, x, gamma, mean, invstd, *expected, False, unused)
+    K.batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, *got, True, affine)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+    assert (y[:, 1:] > 0).any() and (y[:, 1:] == 0).any()  # both sides of the mask taken
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_relu_backward_is_the_unfused_pair_and_checks_affine(dtype, rng):
+    """functional.batch_norm_relu_backward: bitwise relu_backward then batch_norm_backward on
+    a channels-last input and on an NCHW one (no affine there: the unfused pair itself); an
+    affine of the wrong shape or dtype is an error naming the layer."""
+    from fastcnn import functional as F
+
+    xl = (rng.standard_normal((3, 6, 5, 16)) + 0.2).astype(dtype)
+    gamma, beta = (rng.standard_normal(16).astype(dtype) for _ in range(2))
+    for x in (xl.transpose(0, 3, 1, 2), np.ascontiguousarray(xl.transpose(0, 3, 1, 2))):
+        y, mean, invstd, affine = F.batch_norm_relu_forward_train(x, gamma, beta)
+        assert (affine is None) == x.flags.c_contiguous
+        y2, mean2, invstd2 = F.batch_norm_forward_train(x, gamma, beta, relu=True)
+        for a, b in ((y, y2), (mean, mean2), (invstd, invstd2)):
+            np.testing.assert_array_equal(a, b)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        got = F.batch_norm_relu_backward(dy, x, y, gamma, mean, invstd, affine, layer="bn")
+        expected = F.batch_norm_backward(F.relu_backward(dy, y), x, gamma, mean, invstd)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e)
+    x = xl.transpose(0, 3, 1, 2)
+    y, mean, invstd, affine = F.batch_norm_relu_forward_train(x, gamma, beta)
+    with pytest.raises(ValueError, match="bn.*affine"):
+        F.batch_norm_relu_backward(y, x, y, gamma, mean, invstd, affine[:, :8], layer="bn")
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(TypeError, match="bn"):
+        F.batch_norm_relu_backward(y, x, y, gamma, mean, invstd, affine.astype(other), layer="bn")

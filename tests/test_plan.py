@@ -157,19 +157,20 @@ def test_conv_batchnorm_is_bitwise_the_unfused_plan(dtype, index, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("pool", [False, True])
-def test_batchnorm_relu_is_bitwise_the_unfused_plan(dtype, pool, rng):
+@pytest.mark.parametrize("pool, c", [(False, 6), (True, 6), (False, 16), (False, 33)])
+def test_batchnorm_relu_is_bitwise_the_unfused_plan(dtype, pool, c, rng):
     """Training mode: the ReLU applied by the BatchNorm's kernel (on a channels-last input,
     a convolution's output; NCHW takes the layer's path and the ReLU after it), the pool's
-    backward with the ReLU's mask; evaluation mode: the modules one by one."""
-    bn = L.BatchNorm2D(6, dtype=dtype)
-    bn.running_mean[...] = rng.standard_normal(6)
-    bn.running_var[...] = rng.random(6) + 0.1
-    bn.weight.data[...] = rng.standard_normal(6)
-    bn.bias.data[...] = rng.standard_normal(6)
+    backward with the ReLU's mask, or without a pool the ReLU's backward inside the
+    BatchNorm's (16 channels: sums of their own); evaluation mode: the modules one by one."""
+    bn = L.BatchNorm2D(c, dtype=dtype)
+    bn.running_mean[...] = rng.standard_normal(c)
+    bn.running_var[...] = rng.random(c) + 0.1
+    bn.weight.data[...] = rng.standard_normal(c)
+    bn.bias.data[...] = rng.standard_normal(c)
     model = Sequential(bn, L.ReLU(), *([L.MaxPool2D(2)] if pool else []))
     assert _steps(model) == ["BatchNormReLU"]
-    x = rng.standard_normal((3, 6, 8, 6)).astype(dtype)
+    x = rng.standard_normal((3, c, 8, 6)).astype(dtype)
     x[1, 2] = np.nan  # a channel of NaN: the ReLU keeps them
     channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     for training in (True, False):
