@@ -66,17 +66,17 @@ FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
     ),
     "dense_forward": (_DENSE[1],),
     "dense_forward_small": (_DENSE_SMALL[1],),
-    "batchnorm_forward_train_nhwc": (("batchnorm.batchnorm_backward_nhwc", 0),),
     "maxpool2d_forward": (("pool2d.maxpool2d_backward", 0),),
     "avgpool2d_forward": (("pool2d.avgpool2d_backward", 0),),
     "global_avgpool2d_forward": (("pool2d.global_avgpool2d_backward", 0),),
     "relu_forward": (_RELU,),
     "add_relu_forward": (_RELU, ("activations.add", 0)),
 }
-_BATCH_NORM = (
-    ("batchnorm.batchnorm_forward_train_nhwc", -2),
-    ("batchnorm.batchnorm_backward_nhwc", 0),
-)
+#: BatchNorm's training forward; not its gradient: this process compiles that one itself when
+#: the backward reaches it, while the helper still compiles the convolutions' gradients (asked
+#: of the helper, it lengthened the helper's queue: first steps 1-1.5 s longer, VGG and
+#: ResNet-20, when the gradient took the ReLU's backward in, git 8def3d0)
+_BATCH_NORM = (("batchnorm.batchnorm_forward_train_nhwc", -2),)
 #: Up to this many input channels a convolution is taken for a network's first layer (an
 #: image's channels), whose input gradient no training step computes: not requested.
 _IMAGE_CHANNELS = 4
@@ -386,7 +386,7 @@ def expect_convolution_gradients(
 def expect_layers(layers: Any) -> None:
     """Called by a Sequential's first training forward with its layers: request BatchNorm's
     training forward first, if one is a BatchNorm2D (this process would reach it right after
-    the first convolution's, one long compilation after another), and its gradient; then the
+    the first convolution's, one long compilation after another; see _BATCH_NORM); then the
     kernels of its Dense layers, by their size (the parallel ones, or the small layers'
     serial ones), in the layers' order."""
     from .kernels import dense
