@@ -74,8 +74,8 @@ FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
 }
 #: BatchNorm's training forward; not its gradient: this process compiles that one itself when
 #: the backward reaches it, while the helper still compiles the convolutions' gradients (asked
-#: of the helper, it lengthened the helper's queue: first steps 1-1.5 s longer, VGG and
-#: ResNet-20, when the gradient took the ReLU's backward in, git 8def3d0)
+#: of the helper, it lengthened the helper's queue: first steps about 1 s longer, VGG and
+#: ResNet-20, once the gradient took the ReLU's backward in)
 _BATCH_NORM = (("batchnorm.batchnorm_forward_train_nhwc", -2),)
 #: Up to this many input channels a convolution is taken for a network's first layer (an
 #: image's channels), whose input gradient no training step computes: not requested.
