@@ -437,8 +437,7 @@ class BatchNormReLU(_WithInnerPlan):
         bn, relu = self.modules[:2]
         x4, mean, invstd, affine, a, y, argmax, x_shape, in_dtype = self._take()
         if argmax is None:  # the ReLU's backward inside the BatchNorm's
-            dy = check_grad(dy, a.shape, a.dtype, relu.name)
-            dy = cast_grad(dy, bn.dtype, bn.name, x_shape).reshape(x4.shape)
+            dy = check_grad(dy, a.shape, a.dtype, relu.name)  # a: x4's shape, the layer's dtype
             dx, dgamma, dbeta = F.batch_norm_relu_backward(
                 dy, x4, a, bn.weight.data, mean, invstd, affine, layer=bn.name
             )
