@@ -413,7 +413,7 @@ def test_backward_with_the_relu_is_bitwise_relu_backward_then_batchnorm_backward
     scale and shift) against activations.relu_backward on the forward's output, then the
     kernel without it: the same bits, for 16 channels (their own sums), other counts, pixels
     in several 256-pixel chunks and a remainder of fewer than 4, NaN and infinities in x (the
-    forward keeps a NaN, the ReLU's backward blocks it) and in dy."""
+    forward keeps a NaN, the ReLU's backward blocks it) and in dy; on 1 thread and on all."""
     from fastcnn.kernels import activations
 
     n, c, h, w = shape
@@ -435,9 +435,15 @@ def test_backward_with_the_relu_is_bitwise_relu_backward_then_batchnorm_backward
     got = [np.full_like(x, np.nan), np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)]
     unused = np.full((2, c), np.nan, dtype)
     K.batchnorm_backward_nhwc(masked, x, gamma, mean, invstd, *expected, False, unused)
-    K.batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, *got, True, affine)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(g, e)
+    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            K.batchnorm_backward_nhwc(dy, x, gamma, mean, invstd, *got, True, affine)
+        finally:
+            numba.set_num_threads(before)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e)
     assert (y[:, 1:] > 0).any() and (y[:, 1:] == 0).any()  # both sides of the mask taken
 
 
