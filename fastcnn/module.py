@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _pool
+from . import functional as F
 from ._checks import is_int
 from ._types import Array, Config, Rng, Shape
 
@@ -103,8 +104,20 @@ def tree_version() -> int:
     return _TREE["version"]
 
 
-def _pooled_copy(a: Array) -> Array:
-    """``a.copy(order="K")`` into a pooled buffer (fastcnn._pool)."""
+def _pooled_copy(a: Array, images: bool = False) -> Array:
+    """``a.copy(order="K")`` into a pooled buffer (fastcnn._pool). With ``images`` (a model's
+    input), a C-ordered (N, C, H, W) batch of 2 to F._FEW_CHANNELS channels is copied
+    channels-last instead, the layout the kernels read: one copy, where the first convolution
+    would convert it again in the forward and once more in the backward."""
+    if (
+        images
+        and a.ndim == 4
+        and 1 < a.shape[1] <= F._FEW_CHANNELS
+        and a.shape[2] * a.shape[3] > 1
+        and a.dtype in (np.float32, np.float64)
+        and a.flags.c_contiguous
+    ):
+        return F._nchw(F._nhwc(a))
     out = _pool.empty_like(a)
     np.copyto(out, a)
     return out
@@ -293,8 +306,9 @@ class Module:
         their children's ``forward`` directly: only the outermost call copies."""
         if not self.training:
             return self.forward(x)
-        # copies in the array's own memory layout (channels-last stays so), from the pool
-        y = self.forward(_pooled_copy(x) if isinstance(x, np.ndarray) else x)
+        # copies from the pool, in the array's own memory layout (channels-last stays so; an
+        # NCHW batch of images becomes channels-last)
+        y = self.forward(_pooled_copy(x, images=True) if isinstance(x, np.ndarray) else x)
         return _pooled_copy(y) if isinstance(y, np.ndarray) else y
 
     def forward(self, x: Array) -> Array:  # pragma: no cover - abstract

@@ -33,6 +33,12 @@ def scale_logits(x, out):
 
 CASES = {
     "reference network, input refilled": (lambda: models.reference(seed=0), (8, 1, 28, 28), refill),
+    # a 3-channel NCHW batch: the call's copy is channels-last memory, what the layers keep
+    "all-conv net (RGB), input refilled": (
+        lambda: models.allconv(3, 10, seed=0),
+        (4, 3, 32, 32),
+        refill,
+    ),
     "dense-sigmoid, input refilled": (
         lambda: Sequential([Dense(6, 5, rng=np.random.default_rng(0)), Sigmoid()]),
         (8, 6),

@@ -59,3 +59,30 @@ def test_nhwc_copy_is_the_transpose(channels, strided):
     got = F._nhwc(x)
     assert got.flags.c_contiguous and got.shape == (3, 5, x.shape[3], channels)
     assert got.tobytes() == np.ascontiguousarray(x.transpose(0, 2, 3, 1)).tobytes()
+
+
+def test_an_image_batch_is_converted_once_per_training_step(monkeypatch):
+    """An NCHW batch of 3 channels: the model's call copies it channels-last (the copy it makes
+    anyway, so that in-place edits cannot reach the backward), and neither the first
+    convolution's forward nor its backward converts it again. The gradients are bitwise those
+    of the same batch handed over channels-last."""
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    y = np.array([1, 2, 3, 4])
+
+    def step(batch):
+        model = fastcnn.models.allconv(3, 10, seed=0)
+        loss = fastcnn.CrossEntropyLoss()
+        logits = model(batch)
+        loss(logits, y)
+        model.backward(loss.backward())
+        return [logits] + [p.grad.copy() for p in model.parameters()]
+
+    channels_last = F._nchw(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    expected = step(channels_last)
+    counts = count_conversions(monkeypatch)
+    got = step(x)
+    assert counts == {"nhwc copies": 1, "batchnorm nchw": 0}
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(g, e)
+    # the caller's array is left as it was, C-ordered
+    assert x.flags.c_contiguous
