@@ -84,9 +84,14 @@ def tiles(c, f, k, stride, padding):
     weight = np.ones((f, c, k, k), np.float32)
     pads = F.conv2d_padding(padding, (k, k), (stride, stride), (1, 1))
     transposed = F._input_gradient_as_convolution(weight, (stride, stride), pads, (1, 1))
-    how = (
-        f"transposed, {'x'.join(map(str, tile_shape(c <= FTN)))}" if transposed else "col2im, 3x32"
-    )
+    if F._input_gradient_by_winograd(weight, (stride, stride), pads, (1, 1)):
+        how = "Winograd"
+    elif transposed:
+        how = f"transposed, {'x'.join(map(str, tile_shape(c <= FTN)))}"
+    elif F._input_gradient_by_phases(weight, (stride, stride), (1, 1)):
+        how = f"phases, {'x'.join(map(str, tile_shape(True)))}"
+    else:
+        how = "col2im, 3x32"
     return f"{rows}x{cols}; {how}"
 
 

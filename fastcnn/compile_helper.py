@@ -360,8 +360,8 @@ def expect_convolution_gradients(
 ) -> None:
     """Called by a convolution's training-mode forward (one group) before its kernel: request
     the kernels of its weight gradient (the Winograd one compiles longest of a step) and of
-    its input gradient where that is not a forward kernel (col2im) nor the image's (a first
-    layer's). After the first call for a convolution, a set lookup."""
+    its input gradient where that is not a forward kernel (col2im, or phase by phase) nor the
+    image's (a first layer's). After the first call for a convolution, a set lookup."""
     state = _state
     if state["pid"] != os.getpid():
         with _lock:
@@ -438,7 +438,10 @@ def _convolution_gradients(
         )
         and shape[1] > _IMAGE_CHANNELS
     ):
-        kernels.append(("conv2d.conv2d_backward_input", 0))
+        if F._input_gradient_by_phases(weight, s, d):
+            kernels.append(("conv2d_phases.conv2d_backward_input_phases", 0))
+        else:
+            kernels.append(("conv2d.conv2d_backward_input", 0))
     return tuple(kernels)
 
 

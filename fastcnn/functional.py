@@ -41,6 +41,7 @@ from .kernels import activations as _activations
 from .kernels import batchnorm as _batchnorm
 from .kernels import conv2d as _conv2d
 from .kernels import conv2d_c1 as _conv2d_c1
+from .kernels import conv2d_phases as _conv2d_phases
 from .kernels import dense as _dense
 from .kernels import depthwise as _depthwise
 from .kernels import fused as _fused
@@ -885,6 +886,10 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
             _no_bn(dx),
             numba.get_num_threads(),
         )
+    elif _input_gradient_by_phases(weight, strides, dilations):
+        _conv2d_phases.conv2d_backward_input_phases(
+            dy, weight, sh, sw, pads[0], pads[2], dx, numba.get_num_threads()
+        )
     else:
         _conv2d.conv2d_backward_input(
             dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx, numba.get_num_threads()
@@ -976,6 +981,24 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
     )
 
 
+def _input_gradient_by_phases(weight, stride, dilation):
+    """Whether a strided convolution's input gradient is computed phase by phase
+    (kernels/conv2d_phases.py) instead of col2im: dilation 1 and channels that fill the
+    narrow tile's 16 columns (8 to 16, or whole blocks of 16). It measured 1.0-2.0x col2im
+    at 3x3 stride 2 (``bench/bench_conv.py``), 0.9-1.4x at 1x1 (a ResNet's shortcuts, taken
+    all the same: such a network then compiles one of the two kernels, not both); 24
+    channels 0.93-1.05x, 3 channels 0.3x (col2im). Finite weights only, as
+    :func:`_input_gradient_as_convolution` (the zeros around dy meet every weight)."""
+    f, c, kh, kw = weight.shape
+    return (
+        stride != (1, 1)
+        and dilation == (1, 1)
+        and c >= 8
+        and (c <= _conv2d.FTN or c % _conv2d.FTN == 0)
+        and bool(np.isfinite(weight).all())
+    )
+
+
 def _flipped_weight(weight):
     """(C, F, KH, KW): weight with filters and channels swapped and the kernel turned by 180
     degrees, the weights of the transposed (input-gradient) convolution."""
@@ -1046,10 +1069,12 @@ def max_pool2d_conv2d_backward(
         and np.isfinite(x).all()
     )
     # the sparse input gradient reproduces col2im's order: where conv2d_backward takes the
-    # transposed convolution instead, the input gradient is that of the pooling's gradient
+    # transposed convolution or the phases instead, the input gradient is that of the
+    # pooling's gradient
     transposed = input_grad and (
         _input_gradient_by_winograd(weight, (sh, sw), pads, (dh, dw))
         or _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw))
+        or _input_gradient_by_phases(weight, (sh, sw), (dh, dw))
     )
 
     def pool_gradient():  # the convolution's gradient, formed

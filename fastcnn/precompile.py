@@ -162,6 +162,15 @@ def _conv_input_gradient(dtype: np.dtype[Any]) -> None:
     F._input_gradient(x.shape, w, np.ones((2, 4, 4, 4), dtype), strides, pads, dilations)
 
 
+def _conv_phases_input_gradient(dtype: np.dtype[Any]) -> None:
+    """The input gradient phase by phase (16 channels, 3x3, stride 2)."""
+    from . import functional as F
+
+    x, w = np.ones((2, 16, 8, 8), dtype), np.ones((4, 16, 3, 3), dtype)
+    _, strides, pads, dilations = F.conv2d_output_shape(x.shape, w.shape, 2, 1, 1, "Conv2D")
+    F._input_gradient(x.shape, w, np.ones((2, 4, 4, 4), dtype), strides, pads, dilations)
+
+
 def _conv_c1_weight_gradient(dtype: np.dtype[Any]) -> None:
     """The one-channel weight gradient (LeNet-5's first convolution: 6 filters of 5x5)."""
     from . import functional as F
@@ -262,6 +271,7 @@ RECIPES: dict[str, Callable[[np.dtype[Any]], None]] = {
     "dense.dense_backward_small": lambda dtype: _dense_backward(dtype, small=True),
     "conv2d.conv2d_backward_weight": _conv_weight_gradient,
     "conv2d.conv2d_backward_input": _conv_input_gradient,
+    "conv2d_phases.conv2d_backward_input_phases": _conv_phases_input_gradient,
     "conv2d_c1.conv2d_c1_backward_weight": _conv_c1_weight_gradient,
     "winograd.conv2d_winograd_backward_weight": compile_winograd_backward,
     "winograd4.conv2d_winograd4_backward_weight": lambda dtype: compile_winograd_backward(

@@ -166,9 +166,20 @@ def test_own_running_threads_count_once(monkeypatch):
         # 6x8), input gradient by Winograd
         ((32, 32, 3, 3), 1, "same", (8, 8), [("winograd4.conv2d_winograd4_backward_weight", -1)]),
         ((32, 32, 3, 3), 1, "same", (6, 8), [("winograd.conv2d_winograd_backward_weight", -1)]),
-        # stride 2: the direct kernel's gradients, col2im needed
+        # stride 2: the direct kernel's weight gradient, the input gradient phase by phase (16
+        # channels), or col2im (24: a partial column block)
         (
             (32, 16, 3, 3),
+            2,
+            1,
+            (8, 8),
+            [
+                ("conv2d.conv2d_backward_weight", 0),
+                ("conv2d_phases.conv2d_backward_input_phases", 0),
+            ],
+        ),
+        (
+            (32, 24, 3, 3),
             2,
             1,
             (8, 8),
