@@ -170,6 +170,11 @@ class Sequential(_ListContainer):
         return self.children()[index]
 
     # -- computation ---------------------------------------------------------------------------
+    def _reads_channels_last(self) -> bool:
+        """Its first module's answer: that module alone reads the input."""
+        children = self.children()
+        return bool(children) and children[0]._reads_channels_last()
+
     def _plan(self):
         """The plan for the current tree and fusion switch, built once and cached."""
         key = (tree_version(), fusion_enabled())

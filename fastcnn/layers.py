@@ -257,6 +257,9 @@ class Conv2D(Module):
             spec["bias"] = ((f,), dtype)
         return spec
 
+    def _reads_channels_last(self) -> bool:
+        return True
+
     def forward(self, x: Array) -> Array:
         x, in_dtype = cast_input(x, self.dtype, self.name)
         if self.training and self.groups == 1:

@@ -105,10 +105,10 @@ def tree_version() -> int:
 
 
 def _pooled_copy(a: Array, images: bool = False) -> Array:
-    """``a.copy(order="K")`` into a pooled buffer (fastcnn._pool). With ``images`` (a model's
-    input), a C-ordered (N, C, H, W) batch of 2 to F._FEW_CHANNELS channels is copied
-    channels-last instead, the layout the kernels read: one copy, where the first convolution
-    would convert it again in the forward and once more in the backward."""
+    """``a.copy(order="K")`` into a pooled buffer (fastcnn._pool). With ``images`` (the input
+    of a model whose first module reads it channels-last), a C-ordered (N, C, H, W) batch of
+    2 to F._FEW_CHANNELS channels is copied channels-last instead: one copy, where the first
+    convolution would convert it again in the forward and once more in the backward."""
     if (
         images
         and a.ndim == 4
@@ -307,9 +307,18 @@ class Module:
         if not self.training:
             return self.forward(x)
         # copies from the pool, in the array's own memory layout (channels-last stays so; an
-        # NCHW batch of images becomes channels-last)
-        y = self.forward(_pooled_copy(x, images=True) if isinstance(x, np.ndarray) else x)
+        # NCHW batch of images becomes channels-last where the first module reads it so)
+        if isinstance(x, np.ndarray):
+            x = _pooled_copy(x, images=self._reads_channels_last())
+        y = self.forward(x)
         return _pooled_copy(y) if isinstance(y, np.ndarray) else y
+
+    def _reads_channels_last(self) -> bool:
+        """Whether this module's forward reads its input channels-last, converting an NCHW
+        array itself (a convolution): then a call may hand it the batch in that layout, which
+        changes none of its results. Other modules (BatchNorm's NCHW path, say) may sum in
+        another order on another layout."""
+        return False
 
     def forward(self, x: Array) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError(f"{self.name}: forward is not implemented")

@@ -86,3 +86,30 @@ def test_an_image_batch_is_converted_once_per_training_step(monkeypatch):
         np.testing.assert_array_equal(g, e)
     # the caller's array is left as it was, C-ordered
     assert x.flags.c_contiguous
+
+
+def test_an_image_batch_stays_nchw_where_the_first_module_is_no_convolution():
+    """A BatchNorm first: its NCHW and channels-last paths may sum in different orders, so the
+    call's copy keeps the caller's layout, and the model's output and gradients are bitwise
+    those of its layers called one by one (what the fuzz suite's twin does)."""
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 5)).astype(np.float32)
+
+    def build():
+        return fastcnn.Sequential(
+            fastcnn.BatchNorm2D(3), fastcnn.ReLU(), fastcnn.Conv2D(3, 4, 3, padding=1)
+        )
+
+    model, twin = build(), build()
+    twin.load_state_dict(model.state_dict())
+    assert not model._reads_channels_last() and twin[2]._reads_channels_last()
+    y = model(x)
+    dy = np.random.default_rng(4).standard_normal(y.shape).astype(np.float32)
+    dx = model.backward(dy, input_grad=True)
+    h = x
+    for layer in twin.layers:
+        h = layer.forward(h)
+    g = dy
+    for layer in reversed(twin.layers):
+        g = layer.backward(g)
+    np.testing.assert_array_equal(y, h)
+    np.testing.assert_array_equal(dx, g)
