@@ -171,9 +171,10 @@ class Sequential(_ListContainer):
 
     # -- computation ---------------------------------------------------------------------------
     def _reads_channels_last(self) -> bool:
-        """Its first module's answer: that module alone reads the input."""
+        """Its first module's answer (that module alone reads the input); a subclass's forward
+        may read x itself first, so only for this class (the planner's rule)."""
         children = self.children()
-        return bool(children) and children[0]._reads_channels_last()
+        return type(self) is Sequential and bool(children) and children[0]._reads_channels_last()
 
     def _plan(self):
         """The plan for the current tree and fusion switch, built once and cached."""

@@ -983,11 +983,12 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
 
 def _input_gradient_by_phases(weight, stride, dilation):
     """Whether a strided convolution's input gradient is computed phase by phase
-    (kernels/conv2d_phases.py) instead of col2im: dilation 1 and channels that fill the
-    narrow tile's 16 columns (8 to 16, or whole blocks of 16). It measured 1.0-2.0x col2im
-    at 3x3 stride 2 (``bench/bench_conv.py``), 0.9-1.4x at 1x1 (a ResNet's shortcuts, taken
-    all the same: such a network then compiles one of the two kernels, not both); 24
-    channels 0.93-1.05x, 3 channels 0.3x (col2im). Finite weights only, as
+    (kernels/conv2d_phases.py) instead of col2im: dilation 1, and 8 to 16 channels (one column
+    block of the narrow tile, 8 of them padded) or whole blocks of 16. Against col2im (2
+    threads, commit eb827d6's measurements): 3x3 stride 2 with 16-128 channels 1.14-1.61x, 8
+    channels 1.52x, 1x1 0.9-1.4x (a ResNet's shortcuts, taken all the same: such a network then
+    compiles one of the two kernels, not both); 24 channels (a partial block) 0.93-1.05x and 3
+    channels 0.31x stay on col2im. Finite weights only, as
     :func:`_input_gradient_as_convolution` (the zeros around dy meet every weight)."""
     f, c, kh, kw = weight.shape
     return (

@@ -111,6 +111,7 @@ def _pooled_copy(a: Array, images: bool = False) -> Array:
     convolution would convert it again in the forward and once more in the backward."""
     if (
         images
+        and a.size > 0
         and a.ndim == 4
         and 1 < a.shape[1] <= F._FEW_CHANNELS
         and a.shape[2] * a.shape[3] > 1

@@ -10,14 +10,15 @@ a + q(i) with q(i) = (py + pad - i) / s, and likewise for columns. Per phase (py
 
 (dy outside its extent read as zero): a stride-1 correlation of dy with a sub-kernel, every
 term one that the convolution has. col2im (conv2d.conv2d_backward_input) computes the same sums
-as dcol = dy @ W^T, whose products are only F terms long, then scatters and adds 9 cells per
-tap; here each tile of dx pixels sums its taps x filters terms in registers and is stored once.
+as dcol = dy @ W^T, whose products are only F terms long, then scatters each output pixel's
+KH x KW taps into the image, one addition per tap; here each tile of dx pixels sums its taps x
+filters terms in registers and is stored once.
 For a 3x3 stride-2 kernel the phases have 4, 2, 2 and 1 taps (of F terms each). The tile is
 gemm_tile's narrow one, 6 pixels x 16 channels, for any channel count (blocks of 16): with 32
 and more channels it ran as fast as the tall 6 x 32 one, and one tile compiles faster.
 
 Each worker takes a contiguous range of images; per image it copies dy into a zero-bordered
-buffer of its own (in cache for all four phases), then runs every phase's tiles. Every dx
+buffer of its own (in cache for all the phases), then runs every phase's tiles. Every dx
 value is one tile row's sum in a fixed order: the result depends on the shapes alone, not on
 ``threads``.
 """

@@ -108,7 +108,7 @@ def test_network_shapes_match_naive_and_any_number_of_workers_bitwise(shape, dty
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_dy_reaches_the_cells_its_windows_cover(bad):
     """A NaN or infinity in dy reaches exactly the dx cells the naive loops give it (those its
-    output pixel's window covers through a nonzero weight), no other."""
+    output pixel's window covers), no other: the zeros around dy add only finite terms."""
     N, C, F, H, W, KH, KW, stride, pads = 1, 16, 4, 9, 9, 3, 3, (2, 2), ((1, 1), (1, 1))
     x, w, dy = random_case((N, C, F, H, W, KH, KW, stride, pads, 5))
     dy[0, 2, 1, 3] = bad
@@ -133,7 +133,7 @@ def test_functional_takes_it_where_it_pays():
 
     assert takes(16) and takes(8) and takes(32) and takes(64) and takes(48)
     assert not takes(3) and not takes(24)  # few channels, a partial column block: col2im
-    assert takes(16, k=1)  # a ResNet's shortcut: one tap per phase, three without
+    assert takes(16, k=1)  # a ResNet's shortcut: one phase of one tap, three of none
     assert not takes(16, stride=(1, 1)) and not takes(16, dilation=(2, 2))
     w = np.ones((8, 16, 3, 3))
     w[0, 0, 1, 1] = np.inf  # zeros around dy would meet it: 0 * inf

@@ -113,3 +113,26 @@ def test_an_image_batch_stays_nchw_where_the_first_module_is_no_convolution():
         g = layer.backward(g)
     np.testing.assert_array_equal(y, h)
     np.testing.assert_array_equal(dx, g)
+
+
+def test_a_subclass_keeps_the_callers_layout():
+    """A subclass of Conv2D or Sequential may read x itself before the convolution (a mean, a
+    sum: numpy reduces in memory order), so the call's copy keeps the caller's layout for it,
+    as the planner matches exact types: the model equals its forward on a plain copy, bitwise."""
+
+    class Centered(fastcnn.Sequential):
+        def forward(self, x):
+            return super().forward(x - x.mean(axis=(0, 2, 3), keepdims=True))
+
+    class Scaled(fastcnn.Conv2D):
+        def forward(self, x):
+            return super().forward(x / (1 + np.abs(x.sum(axis=(2, 3), keepdims=True))))
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 3, 31, 29)).astype(np.float32)
+    for model in (
+        Centered(fastcnn.Conv2D(3, 8, 3, rng=rng), fastcnn.ReLU()),
+        fastcnn.Sequential(Scaled(3, 8, 3, rng=rng), fastcnn.ReLU()),
+    ):
+        assert not model._reads_channels_last()
+        np.testing.assert_array_equal(model(x), model.forward(x.copy()))
