@@ -985,7 +985,7 @@ def _input_gradient_by_phases(weight, stride, dilation):
     """Whether a strided convolution's input gradient is computed phase by phase
     (kernels/conv2d_phases.py) instead of col2im: dilation 1, and 8 to 16 channels (one column
     block of the narrow tile, 8 of them padded) or whole blocks of 16. Against col2im (2
-    threads, commit eb827d6's measurements): 3x3 stride 2 with 16-128 channels 1.14-1.97x, 8
+    threads, docs/kernels.md): 3x3 stride 2 with 16-128 channels 1.14-1.97x, 8
     channels 1.52x, 1x1 0.9-1.4x (a ResNet's shortcuts, taken all the same: such a network then
     compiles one of the two kernels, not both); 24 channels (a partial block) 0.93-1.05x and 3
     channels 0.31x stay on col2im. Finite weights only, as
