@@ -143,6 +143,18 @@ def _nhwc(x):
 _FEW_CHANNELS = 8
 
 
+def _image_as_given(x):
+    """(x, False) if x (N, C, H, W) is C-contiguous, (its (N, H, W, C) view, True) if its
+    memory is channels-last, else (a C-contiguous copy, False): the two layouts the lanes
+    forward reads without a copy of the batch first."""
+    if x.flags.c_contiguous:
+        return x, False
+    v = x.transpose(0, 2, 3, 1)
+    if v.flags.c_contiguous:
+        return v, True
+    return np.ascontiguousarray(x), False
+
+
 def _nchw(v):
     """An NHWC kernel result as the (N, C, H, W) array users see (a view, channels-last memory)."""
     return v.transpose(0, 3, 1, 2)
@@ -509,13 +521,15 @@ def _conv_kernel(
         # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
         # ResNet stem's, VGG's) on the lanes in evaluation mode only, which keeps its
         # compilation out of the first training step
-        kernel = None
+        nt = numba.get_num_threads()
         if c == 1 and f <= _conv2d_c1.RN:
-            kernel = _conv2d_c1.conv2d_c1_forward
-        elif evaluation and f % _conv2d_c1.LANES == 0:
-            kernel = _conv2d_c1.conv2d_c1_lanes_forward
-        if kernel is not None:
-            kernel(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, numba.get_num_threads())
+            _conv2d_c1.conv2d_c1_forward(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, nt)
+            return
+        if evaluation and f % _conv2d_c1.LANES == 0:
+            image, channels_last = _image_as_given(x)
+            _conv2d_c1.conv2d_c1_lanes_forward(
+                image, channels_last, weight, bias, pads[0], pads[2], relu, y, bn, nt
+            )
             return
     nt = numba.get_num_threads()
     _conv2d.conv2d_forward(

@@ -1,7 +1,8 @@
-"""A network's first convolution, over an image's few channels, stride 1, dilation 1, over
-channels-last arrays: ONE channel and at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5)
-here and its weight gradient at the end; 1-4 channels and whole vectors of 16 filters in
-conv2d_c1_lanes_forward below (a ResNet stem on MNIST: 1 -> 16 at 3x3; VGG's: 3 -> 32).
+"""A network's first convolution, over an image's few channels, stride 1, dilation 1: ONE
+channel and at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5) here and its weight
+gradient at the end, over channels-last arrays; 1-4 channels and whole vectors of 16 filters in
+conv2d_c1_lanes_forward below (a ResNet stem on MNIST: 1 -> 16 at 3x3; VGG's: 3 -> 32), which
+reads the image NCHW as users pass it, or channels-last.
 
 The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
 columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
@@ -24,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv2d import _batch_norm_rows, _padded_input
+from .conv2d import _batch_norm_rows
 from .gemm_tile import FTN, RN, gemm_tile, stack_array
 
 assert RN == 6  # _taps is written out for 6 rows
@@ -182,31 +183,28 @@ _EPILOGUE_ROWS = 8
 
 
 @njit(cache=True, fastmath={"contract"})
-def _lanes_row(xpf, rb, boff, K, C, wl, bias, of, o0, OW, F, relu):
+def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
     """One output row (flat at of[o0:], F filters per pixel) of the lanes forward: for each
     block of LANES filters, _PIX pixels at a time, their accumulators in registers from the
     bias through every tap (each tap: _PIX broadcasts of the input, the block's weight vector,
     _PIX fused multiply-adds), then the ReLU select and the stores of the pixels < OW (the
-    padded input is wide enough for a whole last block). Neighbouring pixels lie C apart."""
+    padded image is wide enough for a whole last block). Neighbouring pixels lie 1 apart."""
     acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
     u = np.uint64
     Fu = u(F)
-    c1 = u(C)
-    c2 = c1 + c1  # (2 * c1 would be a float64: numba types int64 * uint64 so)
-    c3 = c2 + c1
     for fb in range(0, F, LANES):
         fbu = u(fb)
         for ow0 in range(0, OW, _PIX):
             for p in range(_PIX):
                 for f in range(LANES):
                     acc[p * LANES + f] = bias[fbu + u(f)]
-            b0 = rb + u(ow0) * c1
+            b0 = rb + u(ow0)
             for k in range(K):
                 bo = b0 + boff[k]
                 x0 = xpf[bo]
-                x1 = xpf[bo + c1]
-                x2 = xpf[bo + c2]
-                x3 = xpf[bo + c3]
+                x1 = xpf[bo + u(1)]
+                x2 = xpf[bo + u(2)]
+                x3 = xpf[bo + u(3)]
                 kk = u(k) * Fu + fbu
                 for f in range(LANES):
                     w = wl[kk + u(f)]
@@ -226,45 +224,83 @@ def _lanes_row(xpf, rb, boff, K, C, wl, bias, of, o0, OW, F, relu):
                         of[d + u(f)] = acc[p * LANES + f]
 
 
+@njit(cache=True)
+def _planar_image(x, channels_last, n, pad_top, pad_left, XH, XW, buf):
+    """Image n of x into buf (C, XH, XW) flat at the same places every time: its zeros around
+    the image (written once, by the caller) stay. x as conv2d_c1_lanes_forward takes it; the
+    rows are copied with uint64 indices, so that an NCHW row is one vectorised copy."""
+    u = np.uint64
+    if channels_last:
+        H, W, C = x.shape[1], x.shape[2], x.shape[3]
+        sc, sh, sw = 1, W * C, C
+    else:
+        C, H, W = x.shape[1], x.shape[2], x.shape[3]
+        sc, sh, sw = H * W, W, 1
+    xf = x.reshape(x.size)
+    base = n * C * H * W
+    for c in range(C):
+        for h in range(min(H, XH - pad_top)):
+            src = u(base + c * sc + h * sh)
+            dst = u((c * XH + h + pad_top) * XW + pad_left)
+            if sw == 1:
+                for w in range(min(W, XW - pad_left)):
+                    buf[dst + u(w)] = xf[src + u(w)]
+            else:
+                for w in range(min(W, XW - pad_left)):
+                    buf[dst + u(w)] = xf[src + u(w) * u(sw)]
+
+
 @njit(parallel=True, cache=True)
-def conv2d_c1_lanes_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads):
+def conv2d_c1_lanes_forward(
+    x, channels_last, weight, bias, pad_top, pad_left, relu, out, bn, threads
+):
     """conv2d.conv2d_forward, bitwise, for a few channels (an image's: 1 to LANES_MAX_CHANNELS)
     and F a multiple of LANES filters, stride 1 and dilation 1. The direct kernel's tile holds
     6 pixels x 16 filters and reads each pixel's taps through a table of offsets: with 1-3
     channels a tile has 9-27 taps of work for its start and store. Here the filters lie on the
-    vector lanes and 4 neighbouring pixels of one row are the tile's rows, read straight from
-    the padded image, the taps (i, j, c) in the direct kernel's order.
-    x (N, H, W, C), weight (F, C, KH, KW), bias (F,), out (N, OH, OW, F)."""
-    C = x.shape[3]
+    vector lanes and 4 neighbouring pixels of one row are the tile's rows, the taps (i, j, c)
+    in the direct kernel's order. The image comes as the user gave it: each worker copies the
+    image it is at into a zero-padded planar buffer of its own (C, padded rows, padded
+    columns), so neither a channels-last copy of the batch nor a serial padded one comes first.
+    x C-contiguous, (N, H, W, C) if ``channels_last`` else (N, C, H, W); weight (F, C, KH, KW),
+    bias (F,), out (N, OH, OW, F)."""
+    if channels_last:
+        N, C = x.shape[0], x.shape[3]
+    else:
+        N, C = x.shape[0], x.shape[1]
     F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
     OH, OW = out.shape[1], out.shape[2]
-    # the direct kernel's padded copy (compiled already), wide enough for whole pixel blocks
-    xp = _padded_input(x, pad_top, pad_left, OH + KH - 1, (OW + _PIX - 1) // _PIX * _PIX + KW - 1)
-    XH, XW = xp.shape[1], xp.shape[2]
+    XH, XW = OH + KH - 1, (OW + _PIX - 1) // _PIX * _PIX + KW - 1
     K = KH * KW * C
-    wl = np.empty(K * F, dtype=x.dtype)  # (tap, filter)
-    boff = np.empty(K, dtype=np.uint64)  # tap (i, j, c): i rows, j columns and c channels on
+    wl = np.empty(K * F, dtype=out.dtype)  # (tap, filter)
+    boff = np.empty(K, dtype=np.uint64)  # tap (i, j, c): plane c, i rows and j columns on
     for i in range(KH):
         for j in range(KW):
             for c in range(C):
                 k = (i * KW + j) * C + c
-                boff[k] = np.uint64((i * XW + j) * C + c)
+                boff[k] = np.uint64((c * XH + i) * XW + j)
                 for f in range(F):
                     wl[k * F + f] = weight[f, c, i, j]
-    rows = x.shape[0] * OH
+    rows = N * OH
     nthr = max(1, min(threads, rows))
-    xpf = xp.reshape(xp.size)
+    # a worker's planar image; rows a whole number of cache lines apart (the workers' stores)
+    stride = (C * XH * XW + 15) // 16 * 16
+    images = np.zeros((nthr, stride), dtype=out.dtype)
     of = out.reshape(out.size)
     affine = bn[1].size > 0
     for th in prange(nthr):
+        xpf = images[th]
+        at = -1  # the image in xpf
         r1 = (th + 1) * rows // nthr
         for r0 in range(th * rows // nthr, r1, _EPILOGUE_ROWS):
             r2 = min(r0 + _EPILOGUE_ROWS, r1)
             for row in range(r0, r2):
                 n, oh = row // OH, row % OH
-                rb = np.uint64((n * XH + oh) * XW * C)
-                o0 = np.uint64(row * OW * F)
-                _lanes_row(xpf, rb, boff, K, C, wl, bias, of, o0, OW, F, relu and not affine)
+                if n != at:
+                    _planar_image(x, channels_last, n, pad_top, pad_left, XH, XW, xpf)
+                    at = n
+                rb, o0 = np.uint64(oh * XW), np.uint64(row * OW * F)
+                _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu and not affine)
             if affine:  # the direct kernel's epilogue, on rows still in cache
                 _batch_norm_rows(of[r0 * OW * F : r2 * OW * F], F, bn, relu, r0 * OW * F)
 

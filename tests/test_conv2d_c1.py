@@ -55,8 +55,10 @@ def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
         epi = tuple(a.astype(dtype) for a in (*params, add))
     got = np.full((N, OH, OW, Fn), np.nan, dtype)
     ref = np.full_like(got, np.nan)
-    kernel = conv2d_c1_forward if Fn <= RN else conv2d_c1_lanes_forward
-    kernel(x, w, b, pt, pl, relu, got, epi, n_threads)
+    if Fn <= RN:
+        conv2d_c1_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
+    else:
+        conv2d_c1_lanes_forward(x, True, w, b, pt, pl, relu, got, epi, n_threads)
     conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi, 2)
     return x, w, b, got, ref
 
@@ -105,6 +107,25 @@ def test_functional_uses_it_for_one_channel_and_few_filters():
         assert y_eval.tobytes() == y.tobytes()
 
 
+def test_functional_lanes_forward_takes_the_image_in_any_layout():
+    """An RGB batch in evaluation mode as users pass it (NCHW), channels-last in memory, or
+    strided (a slice): the same bits as the direct kernel in training mode."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((4, 3, 13, 22)).astype(np.float32)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    ref = F.conv2d_forward(base[:, :, :, ::2], w, None, 1, 1)
+    images = {
+        "nchw": np.ascontiguousarray(base[:, :, :, ::2]),
+        "channels-last": np.ascontiguousarray(base[:, :, :, ::2].transpose(0, 2, 3, 1)).transpose(
+            0, 3, 1, 2
+        ),
+        "strided": base[:, :, :, ::2],
+    }
+    for name, x in images.items():
+        y = F.conv2d_forward(x, w, None, 1, 1, evaluation=True)
+        assert y.tobytes() == ref.tobytes(), name
+
+
 def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
     """Its compilation stays out of the first training step: a training-mode layer runs the
     direct kernel, an evaluation-mode one the lanes kernel."""
@@ -135,7 +156,8 @@ def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
 )
 def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, shape, dtype):
     """An RGB image's first layer (VGG's, the all-conv net's) on the lanes: the taps (i, j, c)
-    in the direct kernel's order, with and without the epilogues, any thread count."""
+    in the direct kernel's order, with and without the epilogues, any thread count, the image
+    NCHW or channels-last."""
     N, Fn, H, W, KH, KW, pt, pl = shape
     rng = np.random.default_rng(channels)
     x = rng.standard_normal((N, H, W, channels)).astype(dtype)
@@ -144,18 +166,23 @@ def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, sh
     OH, OW = H + 2 * pt - KH + 1, W + 2 * pl - KW + 1
     add = rng.standard_normal(N * OH * OW * Fn).astype(dtype)
     bn = tuple(rng.standard_normal(Fn).astype(dtype) for _ in range(3))
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     for relu in (False, True):
         for epi in (_no_bn(x), (*bn, np.empty(0, dtype)), (*bn, add)):
             ref = np.full((N, OH, OW, Fn), np.nan, dtype)
             conv2d_forward(x, w, b, 1, 1, pt, pl, 1, 1, relu, ref, epi, 2)
             for n_threads in (1, 2, 3):
-                got = np.full_like(ref, np.nan)
-                conv2d_c1_lanes_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
-                assert got.tobytes() == ref.tobytes()
+                # the image as users pass it (NCHW) and channels-last
+                for image, channels_last in ((x_nchw, False), (x, True)):
+                    got = np.full_like(ref, np.nan)
+                    conv2d_c1_lanes_forward(
+                        image, channels_last, w, b, pt, pl, relu, got, epi, n_threads
+                    )
+                    assert got.tobytes() == ref.tobytes()
     naive = naive_conv(x.transpose(0, 3, 1, 2), w, b, padding=((pt, pt), (pl, pl)))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     got = np.empty((N, OH, OW, Fn), dtype)
-    conv2d_c1_lanes_forward(x, w, b, pt, pl, False, got, _no_bn(x), 2)
+    conv2d_c1_lanes_forward(x, True, w, b, pt, pl, False, got, _no_bn(x), 2)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), naive, rtol=tol, atol=tol)
 
 
