@@ -34,7 +34,13 @@ from fuzzing.checkpoint import test_checkpoint_corruption
 from fuzzing.cli import test_cli
 from fuzzing.common import _report_counts  # the autouse fixture that writes the report
 from fuzzing.containers import test_load_state_dict, test_sequential
-from fuzzing.conv import test_conv2d, test_conv2d_winograd, test_pool2d
+from fuzzing.conv import (
+    test_conv2d,
+    test_conv2d_first_layer_evaluation,
+    test_conv2d_strided_gradients,
+    test_conv2d_winograd,
+    test_pool2d,
+)
 from fuzzing.datasets import test_idx_files, test_load_dataset_folder
 from fuzzing.layers import (
     test_activations,
@@ -52,6 +58,8 @@ __all__ = [
     "_report_counts",
     "test_conv2d",
     "test_conv2d_winograd",
+    "test_conv2d_strided_gradients",
+    "test_conv2d_first_layer_evaluation",
     "test_pool2d",
     "test_batchnorm",
     "test_dense",

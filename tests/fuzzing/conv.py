@@ -155,6 +155,78 @@ def test_conv2d_winograd(data):
 # pooling
 
 
+@fuzz(0.5)
+@given(data=st.data())
+def test_conv2d_strided_gradients(data):
+    """Strided convolutions of 8-16 or 32 input channels, whose input gradient runs phase by
+    phase (kernels/conv2d_phases.py): kernels 1-3, strides 2-3, any padding, tiny sizes."""
+    d = data.draw
+    dtype = d(st.sampled_from(GOOD))
+    cin, cout = d(st.sampled_from([8, 12, 16, 32])), d(st.sampled_from([1, 5, 16]))
+    k, stride = d(st.integers(1, 3)), d(st.sampled_from([2, 3, (2, 3)]))
+    pad = d(st.sampled_from([0, 1, (1, 0), "same"]))
+    bias = d(st.booleans())
+    layer = layers.Conv2D(
+        cin, cout, k, stride=stride, padding=pad, bias=bias, dtype=dtype, rng=d(st.integers(0, 99))
+    )
+    n, h, w = d(st.integers(1, 2)), d(st.integers(k, 7)), d(st.integers(k, 7))
+    x = d(arrays((n, cin, h, w), dtypes=[dtype], special=False))
+    xa = np.asarray(x)
+    s = oracle_pair(stride, 1)
+    pads = oracle_same_pads(h, w, (k, k), s, (1, 1)) if pad == "same" else None
+    if pads is None:
+        p = oracle_pair(pad, 0)
+        pads = (p[0], p[0], p[1], p[1])
+    padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+    y = layer(x)
+    x64, w64 = f64(xa.astype(dtype)), f64(layer.weight.data)
+    b64 = f64(layer.bias.data) if bias else np.zeros(cout)
+    assert_close(y, naive_conv.conv2d_forward(x64, w64, b64, s, padding), dtype, "Conv2D y")
+    # dy may hold NaN and inf: the phases kernel meets them as col2im does
+    dy = d(arrays(y.shape, dtypes=[dtype], layouts=["c"]))
+    dx = layer.backward(dy)
+    ex, ew, eb = naive_conv.conv2d_backward(x64, w64, f64(np.asarray(dy)), s, padding)
+    assert_close(dx, ex, xa.dtype, "Conv2D dx", dtype, loose=True)
+    assert_close(layer.weight.grad, ew, dtype, "Conv2D dweight", loose=True)
+    tally("Conv2D strided backward", "valid")
+
+
+@fuzz(0.5)
+@given(data=st.data())
+def test_conv2d_first_layer_evaluation(data):
+    """An image's few channels and whole vectors of filters in evaluation mode, the lanes
+    forward (kernels/conv2d_c1.py), which reads the batch in the layout it comes in: C order,
+    Fortran, strided, reversed; NaN and inf included."""
+    d = data.draw
+    dtype = d(st.sampled_from(GOOD))
+    cin, cout = d(st.integers(1, 4)), d(st.sampled_from([16, 32]))
+    k = (d(st.integers(1, 3)), d(st.integers(1, 3)))
+    pad = d(st.sampled_from([0, 1, (0, 2), "same"]))
+    bias = d(st.booleans())
+    layer = layers.Conv2D(
+        cin, cout, k, padding=pad, bias=bias, dtype=dtype, rng=d(st.integers(0, 99))
+    )
+    layer.eval()
+    n, h, w = d(st.integers(1, 2)), d(st.integers(k[0], 6)), d(st.integers(k[1], 6))
+    x = d(arrays((n, cin, h, w), dtypes=[dtype]))
+    snap = snapshot(x)
+    xa = np.asarray(x)
+    if pad == "same":
+        th, tw = k[0] - 1, k[1] - 1
+        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        p = oracle_pair(pad, 0)
+        pads = (p[0], p[0], p[1], p[1])
+    y = layer(x)
+    assert unchanged(x, snap), "Conv2D.forward modified its input"
+    b64 = f64(layer.bias.data) if bias else np.zeros(cout)
+    padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+    x64, w64 = f64(xa.astype(dtype)), f64(layer.weight.data)
+    expected = naive_conv.conv2d_forward(x64, w64, b64, (1, 1), padding)
+    assert_close(y, expected, dtype, "Conv2D y (evaluation)")
+    tally("Conv2D evaluation forward", "valid")
+
+
 @fuzz(1.5)
 @given(data=st.data(), cls=st.sampled_from([layers.MaxPool2D, layers.AvgPool2D]))
 def test_pool2d(data, cls):
