@@ -776,7 +776,7 @@ def _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, bt
 
 @njit(cache=True)
 def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, dweight, dbias):
-    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt,
+    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, >=
     rows*cols) and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
     F, C, KH, KW = dweight.shape
     rows, cols = _kernel_tile_shape(narrow, tall)
@@ -860,7 +860,8 @@ def conv2d_backward_weight(
     koffs = np.empty((units if by_chunk else 0, nkt * rows), dtype=np.uint64)
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
-    acc = np.empty((chunks, nfb * nkt, rows * cols), dtype=x.dtype)
+    # (a narrow tile's accumulators at a wide tile's places, as _weight_block puts them)
+    acc = np.empty((chunks, nfb * nkt, max(rows * cols, R * FT)), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN, RT))

@@ -6,8 +6,8 @@ reads the image NCHW as users pass it, or channels-last.
 
 The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
 columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
-start and store (13% of the GEMM rate, ``bench/bench_conv.py``). Here the same narrow tile of
-gemm_tile.py runs transposed: its 6 rows are the filters and its 16 columns 16 neighbouring
+start and store (13% of the GEMM rate, ``bench/bench_conv.py``). Here a tile like gemm_tile.py's
+narrow one runs transposed: its 6 rows are the filters and its 16 columns 16 neighbouring
 output pixels of one row, which, with one channel, read 16 neighbouring floats of one padded
 input row per tap:
 
@@ -26,10 +26,15 @@ import numpy as np
 from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
-from .gemm_tile import FTN, RN, gemm_tile, stack_array
+from .gemm_tile import FTN, gemm_tile, stack_array
+from .gemm_tile import RN as _NARROW_ROWS
 
-assert RN == 6  # _taps is written out for 6 rows
+#: The most filters of the one-channel kernels: the rows of this module's own tile (_taps is
+#: written out for 6), whatever gemm_tile's narrow tile has on this host.
+RN = 6
 _ACC = RN * FTN
+#: The weight gradient's filter rows: RN in whole narrow tiles of gemm_tile (6, or 8 of 4).
+_WEIGHT_ROWS = (RN + _NARROW_ROWS - 1) // _NARROW_ROWS * _NARROW_ROWS
 
 
 @njit(cache=True)
@@ -312,7 +317,8 @@ def conv2d_c1_lanes_forward(
 def _weight_unit(dyf, xpf, Hp, Wp, OH, OW, F, i, p0, p1, aoff, ab, tile):
     """Kernel row i's tile (rows: the filters, columns: the taps j) summed over the pixels
     [p0, p1) in order, one output row's stretch per tile call: tile[f, j] = sum_p dy[p, f] *
-    xp[n, oh + i, ow + j]. ab (RN,) scratch for the rows' offsets into dy."""
+    xp[n, oh + i, ow + j]. ab (_WEIGHT_ROWS,) scratch for the rows' offsets into dy; tile
+    (_WEIGHT_ROWS * FTN,), the narrow tiles' rows one after the other."""
     first = True
     p = p0
     while p < p1:
@@ -321,10 +327,12 @@ def _weight_unit(dyf, xpf, Hp, Wp, OH, OW, F, i, p0, p1, aoff, ab, tile):
         oh = rem // OW
         ow = rem - oh * OW
         seg = min(OW - ow, p1 - p)
-        for r in range(RN):  # (rows past F repeat the last filter: computed, never read)
+        for r in range(_WEIGHT_ROWS):  # (rows past F repeat the last filter: never read)
             ab[r] = np.uint64(p * F + min(r, F - 1))
         b0 = np.uint64((n * Hp + oh + i) * Wp + ow)
-        gemm_tile(dyf, ab, 0, aoff, 0, seg, xpf, b0, np.uint64(1), tile, 0, not first, True)
+        for r0 in range(0, _WEIGHT_ROWS, _NARROW_ROWS):
+            t0 = r0 * FTN
+            gemm_tile(dyf, ab, r0, aoff, 0, seg, xpf, b0, np.uint64(1), tile, t0, not first, True)
         first = False
         p += seg
 
@@ -367,9 +375,9 @@ def conv2d_c1_backward_weight(x, dy, pad_top, pad_left, dweight, dbias, chunks, 
     xp = _padded_image(x, pad_top, pad_left, Hp, Wp)
     NP = N * OH * OW
     units = chunks * KH
-    acc = np.empty((units, RN * FTN), dtype=x.dtype)
+    acc = np.empty((units, _WEIGHT_ROWS * FTN), dtype=x.dtype)
     bsum = np.empty((chunks, F), dtype=x.dtype)
-    ab = np.empty((units, RN), dtype=np.uint64)
+    ab = np.empty((units, _WEIGHT_ROWS), dtype=np.uint64)
     aoff = np.empty(OW, dtype=np.uint64)
     for k in range(OW):
         aoff[k] = np.uint64(k * F)

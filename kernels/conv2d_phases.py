@@ -14,7 +14,7 @@ as dcol = dy @ W^T, whose products are only F terms long, then scatters each out
 KH x KW taps into the image, one addition per tap; here each tile of dx pixels sums its taps x
 filters terms in registers and is stored once.
 For a 3x3 stride-2 kernel the phases have 4, 2, 2 and 1 taps (of F terms each). The tile is
-gemm_tile's narrow one, 6 pixels x 16 channels, for any channel count (blocks of 16): with 32
+gemm_tile's narrow one, RN pixels x 16 channels, for any channel count (blocks of 16): with 32
 and more channels it ran as fast as the tall 6 x 32 one, and one tile compiles faster.
 
 Each worker takes a contiguous range of images; per image it copies dy into a zero-bordered
@@ -72,7 +72,7 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
     _, C, KH, KW = weight.shape
     H, W = dx.shape[1], dx.shape[2]
     sh, sw = stride_h, stride_w
-    rows, cols = RN, FTN  # the narrow tile: 6 pixels x 16 channels
+    rows, cols = RN, FTN  # the narrow tile: RN pixels x 16 channels
     Cp = (C + cols - 1) // cols * cols
     top, PH = _padding(H, OH, pad_top, KH, sh)
     left, PW = _padding(W, OW, pad_left, KW, sw)

@@ -55,11 +55,18 @@ def compiles_for_avx512() -> bool:
 R = 3
 FT = 32
 _RFT = R * FT
-#: The narrow tile, for convolutions of at most FTN filters: the same R*FT accumulators as RN
-#: rows of FTN columns (16 filters padded to 32 would waste half of every multiply-add).
-RN = 6
+#: Whether this host's kernels have AVX-512's 32 vector registers (NUMBA_CPU_FEATURES or the
+#: host's): the tall tile, and the narrow tile's 6 rows.
+TALL = compiles_for_avx512()
+#: The narrow tile, for convolutions of at most FTN filters: RN rows of FTN columns (16 filters
+#: padded to 32 would waste half of every multiply-add). 6 rows with AVX-512's 32 registers (the
+#: wide tile's 96 accumulators); 4 with AVX2's 16: there 6 rows held 12 accumulator registers
+#: and their 6 broadcasts, LLVM moved accumulators to the stack and back on every k, and the
+#: products ran at 0.6x the 4-row tile's rate (Winograd's products, bench/bench_tile_shapes.py).
+RN = 6 if TALL else 4
 FTN = 16
-assert RN * FTN == _RFT
+_NFT = RN * FTN
+assert _NFT <= _RFT
 
 
 #: The tall tile, for forwards with long sums on hosts with AVX-512's 32 vector registers: RT
@@ -67,8 +74,6 @@ assert RN * FTN == _RFT
 #: fused multiply-adds, where the wide tile's 3 and 2 feed 6 (AVX2's 16 registers would spill).
 RT = 6
 _RTFT = RT * FT
-#: Whether this host's kernels have the tall tile (NUMBA_CPU_FEATURES or the host's).
-TALL = compiles_for_avx512()
 #: Elements between two threads' rows of a scratch array (a 64-byte cache line of float32, two
 #: of float64): numba starts a small array 32 bytes into a cache line, so rows of whole lines
 #: still shared one with the next row, and each store there moved the line between the cores.
@@ -142,6 +147,26 @@ def _finish(acc, tile, t0):
         tile[t0 + np.uint64(q)] = acc[q]
 
 
+@njit(cache=True, inline="always")
+def _start_narrow(acc, tile, t0, accumulate):
+    """_start for the narrow tile's RN*FTN accumulators (constant trip counts, as _start's)."""
+    t0 = np.uint64(t0)
+    if accumulate:
+        for q in range(_NFT):
+            acc[q] = tile[t0 + np.uint64(q)]
+    else:
+        for q in range(_NFT):
+            acc[q] = 0
+
+
+@njit(cache=True, inline="always")
+def _finish_narrow(acc, tile, t0):
+    """tile[t0:t0 + RN*FTN] = acc: the narrow tile's accumulators stored."""
+    t0 = np.uint64(t0)
+    for q in range(_NFT):
+        tile[t0 + np.uint64(q)] = acc[q]
+
+
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def _product(acc, a, a0, a1, a2, aoff, k0, k1, b, b0, bstride):
     """acc[r*FT + f] += sum_{k0 <= k < k1} a[a_r + aoff[k]] * b[b0 + (k-k0)*bstride + f] for the
@@ -162,10 +187,10 @@ def _product(acc, a, a0, a1, a2, aoff, k0, k1, b, b0, bstride):
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
-def _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
-    """_product for the narrow tile: acc[r*FTN + f] += sum_k a[ashift + abase[r0 + r] + aoff[k]]
-    * b[b0 + (k-k0)*bstride + f] for r < RN = 6, f < FTN = 16 (per k: 6 broadcasts, the same
-    multiply-adds as the wide tile, half its loads of b)."""
+def _product_narrow6(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
+    """_product for the narrow tile of 6 rows: acc[r*FTN + f] += sum_k a[ashift + abase[r0 + r]
+    + aoff[k]] * b[b0 + (k-k0)*bstride + f] for r < 6, f < FTN = 16 (per k: 6 broadcasts, the
+    same multiply-adds as the wide tile, half its loads of b)."""
     a0 = ashift + abase[r0]
     a1 = ashift + abase[r0 + 1]
     a2 = ashift + abase[r0 + 2]
@@ -190,6 +215,33 @@ def _product_narrow(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
             acc[4 * FTN + f] += x4 * w
             acc[5 * FTN + f] += x5 * w
         bb += bstride
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _product_narrow4(acc, a, ashift, abase, r0, aoff, k0, k1, b, b0, bstride):
+    """_product_narrow6 for 4 rows (RN on AVX2 hosts)."""
+    a0 = ashift + abase[r0]
+    a1 = ashift + abase[r0 + 1]
+    a2 = ashift + abase[r0 + 2]
+    a3 = ashift + abase[r0 + 3]
+    bb = b0
+    for k in range(k0, k1):
+        ko = aoff[k]
+        x0 = a[a0 + ko]
+        x1 = a[a1 + ko]
+        x2 = a[a2 + ko]
+        x3 = a[a3 + ko]
+        for f in range(FTN):
+            w = b[bb + np.uint64(f)]
+            acc[f] += x0 * w
+            acc[FTN + f] += x1 * w
+            acc[2 * FTN + f] += x2 * w
+            acc[3 * FTN + f] += x3 * w
+        bb += bstride
+
+
+#: The narrow tile's inner loop for this host's RN rows.
+_product_narrow = _product_narrow6 if RN == 6 else _product_narrow4
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
@@ -229,22 +281,24 @@ def gemm_tile(a, abase, r0, aoff, k0, k1, b, b0, bstride, tile, t0, accumulate, 
     for r < R, f < FT; if ``narrow``, the same with RN rows and FTN columns (tile_shape).
 
     a, b: flat (1-d, contiguous) arrays of one floating dtype; abase (>= r0 + rows,) and aoff
-    (>= k1,) uint64 offsets into a; b0, bstride uint64; tile flat, R*FT results from t0 on,
-    overwritten, or added to when ``accumulate``. Every index must be in bounds: nothing is
-    checked here. The sum over k runs in order, one fused multiply-add per term: the result
-    depends only on the inputs.
+    (>= k1,) uint64 offsets into a; b0, bstride uint64; tile flat, R*FT results (RN*FTN if
+    ``narrow``) from t0 on, overwritten, or added to when ``accumulate``. Every index must be
+    in bounds: nothing is checked here. The sum over k runs in order, one fused multiply-add
+    per term: the result depends only on the inputs.
 
     Offsets (r0, t0), not slices: a slice made per call is a new array view, and numba
     counts its references with atomic increments and decrements around the call (more than
     the 9 taps' work at conv1).
     """
     acc = numba.carray(stack_array(_RFT, tile.dtype), (_RFT,))
-    _start(acc, tile, t0, accumulate)
     if narrow:
+        _start_narrow(acc, tile, t0, accumulate)
         _product_narrow(acc, a, np.uint64(0), abase, r0, aoff, k0, k1, b, b0, bstride)
+        _finish_narrow(acc, tile, t0)
     else:
+        _start(acc, tile, t0, accumulate)
         _product(acc, a, abase[r0], abase[r0 + 1], abase[r0 + 2], aoff, k0, k1, b, b0, bstride)
-    _finish(acc, tile, t0)
+        _finish(acc, tile, t0)
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
