@@ -35,6 +35,10 @@ RN = 6
 _ACC = RN * FTN
 #: The weight gradient's filter rows: RN in whole narrow tiles of gemm_tile (6, or 8 of 4).
 _WEIGHT_ROWS = (RN + _NARROW_ROWS - 1) // _NARROW_ROWS * _NARROW_ROWS
+#: The forward's filter rows, likewise: its 6 at once where gemm_tile's narrow tile has 6 rows
+#: (AVX-512), else two passes of 4 over the taps (AVX2: 6 rows of 16 lanes spill, as there)
+_FORWARD_ROWS = _WEIGHT_ROWS
+_ACC4 = 4 * FTN
 
 
 @njit(cache=True)
@@ -53,15 +57,16 @@ def _padded_image(x, pad_top, pad_left, Hp, Wp):
 
 @njit(cache=True)
 def _operands(weight, bias):
-    """The filters as RN rows of taps (zero rows past F) with their row and tap offsets, and
-    the bias padded to RN: wt (RN * K,), abase (RN,), aoff (K,), bias6 (RN,)."""
+    """The filters as _FORWARD_ROWS rows of taps (zero rows past F) with their row and tap
+    offsets, and the bias padded likewise: wt (rows * K,), abase (rows,), aoff (K,), bias6
+    (rows,)."""
     F, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
     K = KH * KW
-    wt = np.empty(RN * K, dtype=weight.dtype)
-    bias6 = np.empty(RN, dtype=weight.dtype)
-    abase = np.empty(RN, dtype=np.uint64)
+    wt = np.empty(_FORWARD_ROWS * K, dtype=weight.dtype)
+    bias6 = np.empty(_FORWARD_ROWS, dtype=weight.dtype)
+    abase = np.empty(_FORWARD_ROWS, dtype=np.uint64)
     aoff = np.empty(K, dtype=np.uint64)
-    for r in range(RN):
+    for r in range(_FORWARD_ROWS):
         abase[r] = np.uint64(r * K)
         bias6[r] = bias[r] if r < F else 0
         for i in range(KH):
@@ -99,6 +104,27 @@ def _taps(acc, wt, K, xpf, b0, boff):
             acc[5 * FTN + lane] += w5 * v
 
 
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _taps4(acc, wt, K, xpf, b0, boff, r0):
+    """_taps for the 4 filter rows r0 .. r0 + 3 (acc: their 4 * FTN accumulators)."""
+    u = np.uint64
+    K_ = u(K)
+    w0_ = u(r0) * K_
+    for k in range(K):
+        kk = w0_ + u(k)
+        bo = b0 + boff[k]
+        w0 = wt[kk]
+        w1 = wt[K_ + kk]
+        w2 = wt[u(2) * K_ + kk]
+        w3 = wt[u(3) * K_ + kk]
+        for lane in range(FTN):
+            v = xpf[bo + u(lane)]
+            acc[lane] += w0 * v
+            acc[FTN + lane] += w1 * v
+            acc[2 * FTN + lane] += w2 * v
+            acc[3 * FTN + lane] += w3 * v
+
+
 @njit(cache=True, fastmath={"contract"})
 def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
     """Row oh of image n's output (of: out flat), FTN pixels at a time: the RN filters' rows
@@ -109,13 +135,24 @@ def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
     tile = numba.carray(stack_array(_ACC, of.dtype), (_ACC,))
     orow = (n * OH + oh) * OW * F
     zero = of.dtype.type(0)
+    acc4 = numba.carray(stack_array(_ACC4, of.dtype), (_ACC4,))
     for ow0 in range(0, OW, FTN):
-        for r in range(RN):
-            for lane in range(FTN):
-                acc[r * FTN + lane] = bias6[r]
-        _taps(acc, wt, K, xpf, np.uint64((n * Hp + oh) * Wp + ow0), boff)
-        for q in range(_ACC):
-            tile[q] = acc[q]
+        b0 = np.uint64((n * Hp + oh) * Wp + ow0)
+        if _FORWARD_ROWS == RN:
+            for r in range(RN):
+                for lane in range(FTN):
+                    acc[r * FTN + lane] = bias6[r]
+            _taps(acc, wt, K, xpf, b0, boff)
+            for q in range(_ACC):
+                tile[q] = acc[q]
+        else:  # two passes of 4 rows, the second's last two (zero filters) not kept
+            for r0 in range(0, _FORWARD_ROWS, 4):
+                for r in range(4):
+                    for lane in range(FTN):
+                        acc4[r * FTN + lane] = bias6[r0 + r]
+                _taps4(acc4, wt, K, xpf, b0, boff, r0)
+                for q in range(min(4, RN - r0) * FTN):
+                    tile[r0 * FTN + q] = acc4[q]
         nl = min(FTN, OW - ow0)
         if F == RN:  # pixels of RN filters: one stretch of out, constant indices (unrolled)
             dst = np.uint64(orow + ow0 * F)
