@@ -146,7 +146,10 @@ _FEW_CHANNELS = 8
 def _image_as_given(x):
     """(x, False) if x (N, C, H, W) is C-contiguous, (its (N, H, W, C) view, True) if its
     memory is channels-last, else (a C-contiguous copy, False): the two layouts the lanes
-    forward reads without a copy of the batch first."""
+    forward reads without a copy of the batch first. A read-only batch is copied (numba would
+    compile the kernel again for read-only arrays)."""
+    if not x.flags.writeable:
+        return np.ascontiguousarray(x).copy(), False
     if x.flags.c_contiguous:
         return x, False
     v = x.transpose(0, 2, 3, 1)
@@ -516,13 +519,13 @@ def _conv_kernel(
         return
     (sh, sw), (dh, dw) = strides, dilations
     f, c = weight.shape[0], weight.shape[1]
+    nt = numba.get_num_threads()
     if c <= _conv2d_c1.LANES_MAX_CHANNELS and (sh, sw, dh, dw) == (1,) * 4:
         # an image's few channels (a network's first layer), bitwise the direct kernel: one
         # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
         # ResNet stem's, VGG's) on the lanes in evaluation mode only, which keeps its
         # compilation out of the first training step
-        nt = numba.get_num_threads()
-        if c == 1 and f <= _conv2d_c1.RN:
+        if c == 1 and f <= _conv2d_c1.MAX_FILTERS:
             _conv2d_c1.conv2d_c1_forward(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, nt)
             return
         if evaluation and f % _conv2d_c1.LANES == 0:
@@ -531,7 +534,6 @@ def _conv_kernel(
                 image, channels_last, weight, bias, pads[0], pads[2], relu, y, bn, nt
             )
             return
-    nt = numba.get_num_threads()
     _conv2d.conv2d_forward(
         _nhwc(x), weight, bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn, nt
     )
@@ -940,12 +942,12 @@ def _weight_gradient_by_winograd4(out_size):
 
 def _weight_gradient_by_c1(weight_shape, stride, dilation):
     """Whether a convolution's weight gradient runs on the one-channel kernel
-    (kernels/conv2d_c1.py): one channel, at most its RN filters and FTN columns, stride and
+    (kernels/conv2d_c1.py): one channel, at most its MAX_FILTERS filters and FTN columns, stride and
     dilation 1."""
     f, c, kh, kw = (int(v) for v in weight_shape)
     return (
         c == 1
-        and f <= _conv2d_c1.RN
+        and f <= _conv2d_c1.MAX_FILTERS
         and kw <= _conv2d_c1.FTN
         and tuple(stride) == (1, 1)
         and tuple(dilation) == (1, 1)

@@ -31,10 +31,12 @@ from .gemm_tile import RN as _NARROW_ROWS
 
 #: The most filters of the one-channel kernels: the rows of this module's own tile (_taps is
 #: written out for 6), whatever gemm_tile's narrow tile has on this host.
-RN = 6
-_ACC = RN * FTN
-#: The weight gradient's filter rows: RN in whole narrow tiles of gemm_tile (6, or 8 of 4).
-_WEIGHT_ROWS = (RN + _NARROW_ROWS - 1) // _NARROW_ROWS * _NARROW_ROWS
+MAX_FILTERS = 6
+_ACC = MAX_FILTERS * FTN
+assert _NARROW_ROWS in (4, 6)  # _taps4 is written out for 4 rows, _taps for 6
+#: The weight gradient's filter rows: MAX_FILTERS in whole narrow tiles of gemm_tile (6, or 8
+#: in two tiles of 4).
+_WEIGHT_ROWS = (MAX_FILTERS + _NARROW_ROWS - 1) // _NARROW_ROWS * _NARROW_ROWS
 #: The forward's filter rows, likewise: its 6 at once where gemm_tile's narrow tile has 6 rows
 #: (AVX-512), else two passes of 4 over the taps (AVX2: 6 rows of 16 lanes spill, as there)
 _FORWARD_ROWS = _WEIGHT_ROWS
@@ -80,7 +82,7 @@ def _operands(weight, bias):
 @njit(cache=True, fastmath={"contract"}, inline="always")
 def _taps(acc, wt, K, xpf, b0, boff):
     """acc[r*FTN + l] += sum over the taps k < K, in order, of wt[r*K + k] * xpf[b0 + boff[k] + l]
-    for the RN filters' rows r and FTN pixels l: the tile of gemm_tile.py's _product_narrow
+    for the 6 filters' rows r and FTN pixels l: the tile of gemm_tile.py's _product_narrow6
     with the pixels' offsets per tap from boff (kernel row i, column j: i*Wp + j), so all the
     taps run on accumulators that stay in registers. uint64 offsets (no wrap-around test)."""
     u = np.uint64
@@ -127,7 +129,7 @@ def _taps4(acc, wt, K, xpf, b0, boff, r0):
 
 @njit(cache=True, fastmath={"contract"})
 def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
-    """Row oh of image n's output (of: out flat), FTN pixels at a time: the RN filters' rows
+    """Row oh of image n's output (of: out flat), FTN pixels at a time: the 6 filters' rows
     of FTN pixels in registers from the bias through every tap, then stored pixel by pixel."""
     acc = numba.carray(stack_array(_ACC, of.dtype), (_ACC,))
     # acc is read only at constant indices (so it stays in registers); the stores, at indices
@@ -138,8 +140,8 @@ def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
     acc4 = numba.carray(stack_array(_ACC4, of.dtype), (_ACC4,))
     for ow0 in range(0, OW, FTN):
         b0 = np.uint64((n * Hp + oh) * Wp + ow0)
-        if _FORWARD_ROWS == RN:
-            for r in range(RN):
+        if _FORWARD_ROWS == MAX_FILTERS:
+            for r in range(MAX_FILTERS):
                 for lane in range(FTN):
                     acc[r * FTN + lane] = bias6[r]
             _taps(acc, wt, K, xpf, b0, boff)
@@ -151,20 +153,20 @@ def _output_row(xpf, Hp, Wp, n, oh, wt, boff, bias6, K, relu, of, OH, OW, F):
                     for lane in range(FTN):
                         acc4[r * FTN + lane] = bias6[r0 + r]
                 _taps4(acc4, wt, K, xpf, b0, boff, r0)
-                for q in range(min(4, RN - r0) * FTN):
+                for q in range(min(4, MAX_FILTERS - r0) * FTN):
                     tile[r0 * FTN + q] = acc4[q]
         nl = min(FTN, OW - ow0)
-        if F == RN:  # pixels of RN filters: one stretch of out, constant indices (unrolled)
+        if F == MAX_FILTERS:  # pixels of 6 filters: one stretch of out, constant indices
             dst = np.uint64(orow + ow0 * F)
             for lane in range(FTN):
                 if lane >= nl:
                     break
-                for f in range(RN):
+                for f in range(MAX_FILTERS):
                     v = tile[f * FTN + lane]
                     if relu:  # the direct kernel's select
                         w = v if v > 0 else zero
                         v = v if v != v else w
-                    of[dst + np.uint64(lane * RN + f)] = v
+                    of[dst + np.uint64(lane * MAX_FILTERS + f)] = v
             continue
         for lane in range(nl):
             dst = orow + (ow0 + lane) * F
@@ -298,7 +300,7 @@ def conv2d_c1_lanes_forward(
 ):
     """conv2d.conv2d_forward, bitwise, for a few channels (an image's: 1 to LANES_MAX_CHANNELS)
     and F a multiple of LANES filters, stride 1 and dilation 1. The direct kernel's tile holds
-    6 pixels x 16 filters and reads each pixel's taps through a table of offsets: with 1-3
+    4-6 pixels x 16 filters and reads each pixel's taps through a table of offsets: with 1-3
     channels a tile has 9-27 taps of work for its start and store. Here the filters lie on the
     vector lanes and 4 neighbouring pixels of one row are the tile's rows, the taps (i, j, c)
     in the direct kernel's order. The image comes as the user gave it: each worker copies the
@@ -327,11 +329,13 @@ def conv2d_c1_lanes_forward(
     nthr = max(1, min(threads, rows))
     # a worker's planar image; rows a whole number of cache lines apart (the workers' stores)
     stride = (C * XH * XW + 15) // 16 * 16
-    images = np.zeros((nthr, stride), dtype=out.dtype)
+    images = np.empty((nthr, stride), dtype=out.dtype)  # (np.zeros: a parallel loop of its own)
     of = out.reshape(out.size)
     affine = bn[1].size > 0
     for th in prange(nthr):
         xpf = images[th]
+        for q in range(stride):  # the zeros around the image, written once
+            xpf[q] = 0
         at = -1  # the image in xpf
         r1 = (th + 1) * rows // nthr
         for r0 in range(th * rows // nthr, r1, _EPILOGUE_ROWS):
@@ -377,7 +381,7 @@ def _weight_unit(dyf, xpf, Hp, Wp, OH, OW, F, i, p0, p1, aoff, ab, tile):
 @njit(cache=True)
 def _bias_sums(dyf, F, p0, p1, out):
     """out[f] = sum of dy[p, f] over the pixels [p0, p1), in order, from zero: the filters'
-    chains side by side in registers (F <= RN = 6)."""
+    chains side by side in registers (F <= MAX_FILTERS = 6)."""
     z = dyf.dtype.type(0)
     s0, s1, s2, s3, s4, s5 = z, z, z, z, z, z
     for p in range(p0, p1):

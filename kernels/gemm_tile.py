@@ -360,8 +360,13 @@ def gemm_tile_bias(
             b0,
             bstride,
         )
-    if relu:  # in place on the accumulators, before the store: written in the store, as one
-        # select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
+    if relu and narrow:  # in place on the accumulators, before the store: written in the
+        # store, as one select, LLVM gave up vectorising the tile's store (2.5x the tile's time)
+        for q in range(_NFT):
+            v = acc[q]
+            u = v if v > 0 else 0
+            acc[q] = v if v != v else u
+    elif relu:
         for q in range(_RFT):
             v = acc[q]
             u = v if v > 0 else 0

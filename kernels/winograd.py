@@ -290,8 +290,8 @@ def rows_per_block(TH, TW, least, most):
     """Tile rows per block of a forward (whole tile rows of one image: at least ``least``
     tiles where the image has them, at most ``most`` unless the least is more): the count
     whose blocks leave the fewest product rows computed in vain, each block's tiles rounded up
-    to the register tile's RN rows; the smallest such count on a tie. (F(2x2) at 28x28: 3 rows
-    of 14 tiles fill 7 tiles of 6 rows, where 2 rows of 14 left 2 of every 30 rows idle.)"""
+    to the register tile's RN rows; the smallest such count on a tie. (F(2x2) at 28x28, 6-row
+    tiles: 3 rows of 14 tiles fill 7 tiles, where 2 rows of 14 left 2 of every 30 rows idle.)"""
     k0 = min(TH, (least + TW - 1) // TW)
     best, fewest = k0, -1
     for k in range(k0, TH + 1):
@@ -526,7 +526,7 @@ def weight_operands(E, nrb, TBp, F):
 def weight_products(Zf, abase, aoff, nt, Vf, TBp, Sf, E, nrb, ncb, accumulate):
     """S[e, rb, cb] (+)= Z[e, :nt, rows of rb]^T V[e, cb, :nt] for the E positions e of the
     transformed patch: the weight gradients' products over a block's nt tiles, on the narrow
-    tile (rows = filters, 6 per row block rb; columns = 16 channels of column block cb). Z flat
+    tile (rows = filters, RN per row block rb; columns = 16 channels of column block cb). Z flat
     (E, TBp, F), its rows and tiles at weight_operands' offsets; V flat (E, ncb, TBp, 16); S
     flat (E, nrb, ncb, RN, FTN), its sums started at 0 unless ``accumulate``. Serial, called
     from the weight-gradient kernels' parallel bodies (F(2x2)'s and F(4x4)'s), as

@@ -12,7 +12,7 @@ from fastcnn.functional import _no_bn
 from fastcnn.kernels.conv2d import FTN, _weight_plan, conv2d_backward_weight, conv2d_forward
 from fastcnn.kernels.conv2d_c1 import (
     LANES,
-    RN,
+    MAX_FILTERS,
     conv2d_c1_backward_weight,
     conv2d_c1_forward,
     conv2d_c1_lanes_forward,
@@ -55,7 +55,7 @@ def both(shape, dtype, relu=False, bn=False, seed=0, n_threads=2):
         epi = tuple(a.astype(dtype) for a in (*params, add))
     got = np.full((N, OH, OW, Fn), np.nan, dtype)
     ref = np.full_like(got, np.nan)
-    if Fn <= RN:
+    if Fn <= MAX_FILTERS:
         conv2d_c1_forward(x, w, b, pt, pl, relu, got, epi, n_threads)
     else:
         conv2d_c1_lanes_forward(x, True, w, b, pt, pl, relu, got, epi, n_threads)
@@ -94,7 +94,7 @@ def test_same_bits_for_any_thread_count(shape):
 
 
 def test_functional_uses_it_for_one_channel_and_few_filters():
-    assert RN == 6 and LANES == 16
+    assert MAX_FILTERS == 6 and LANES == 16
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
     for filters in (1, 6, 7, 16, 24, 32):  # 7 and 24: the direct kernel

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -65,3 +66,65 @@ def test_avx2_target_on_any_host():
     assert "float32 tile in 256-bit registers (0 zmm" in line, line
     assert line.rstrip().endswith("Dense forward blocks 2x3 of 16 lanes"), line
     assert "6x32" not in line, line  # no tall tile: AVX2's 16 registers would spill it
+
+
+_NARROW_TILE_CASES = """
+import sys
+import numpy as np
+from fastcnn import functional as F
+from fastcnn.kernels.gemm_tile import RN
+
+rng = np.random.default_rng(7)
+out = {"rn": np.array(RN)}
+# a Winograd layer of 16 filters (its products on the narrow tile), forward and gradients
+x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+y = F.conv2d_forward(x, w, None, 1, 1, winograd=True)
+out["winograd_y"] = np.ascontiguousarray(y)
+for i, g in enumerate(F.conv2d_backward(x, w, np.ascontiguousarray(y), 1, 1, 1, "c", True, True)):
+    out[f"winograd_g{i}"] = np.ascontiguousarray(g)
+# a strided layer of 16 channels (the phases input gradient) and LeNet-5's first layer
+w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+y2 = F.conv2d_forward(x, w2, None, 2, 1)
+for i, g in enumerate(F.conv2d_backward(x, w2, np.ascontiguousarray(y2), 2, 1, 1, "c", True, True)):
+    out[f"strided_g{i}"] = np.ascontiguousarray(g)
+x1 = rng.standard_normal((2, 1, 12, 12)).astype(np.float32)
+w1 = rng.standard_normal((6, 1, 5, 5)).astype(np.float32)
+y1 = F.conv2d_forward(x1, w1, None, 1, 2)
+out["c1_y"] = np.ascontiguousarray(y1)
+_, dw1, db1 = F.conv2d_backward(x1, w1, np.ascontiguousarray(y1), 1, 2, 1, "c", True, False)
+out["c1_dw"], out["c1_db"] = dw1, db1
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_narrow_tile_gives_the_same_bits_on_avx2(tmp_path):
+    """The narrow tile has 6 rows on AVX-512 hosts and 4 on AVX2 (gemm_tile.RN): a Winograd
+    layer of 16 filters, a strided input gradient and LeNet-5's first layer give the same bits
+    compiled for an AVX2 target (a child process) as for this AVX-512 host (another child). On
+    an AVX2 host both would run the 4-row tile: skipped there (two cold compilations, about
+    2 minutes of CI on such a host, for nothing)."""
+    if "avx512f" not in _host_flags():
+        pytest.skip("needs an AVX-512 host: its 6-row tile against AVX2's 4 rows")
+    root = os.path.dirname(BENCH)
+    results = {}
+    for name, extra in (("host", {}), ("avx2", {"NUMBA_CPU_NAME": "haswell"})):
+        env = dict(os.environ, **extra)
+        if extra:
+            env["NUMBA_CPU_FEATURES"] = "-avx512f"
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+        path = tmp_path / f"{name}.npz"
+        proc = subprocess.run(
+            [sys.executable, "-c", _NARROW_TILE_CASES, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = dict(np.load(path))
+    assert int(results["avx2"]["rn"]) == 4
+    assert results["host"].keys() == results["avx2"].keys()
+    for key, host in results["host"].items():
+        if key != "rn":
+            assert host.tobytes() == results["avx2"][key].tobytes(), key
