@@ -6,14 +6,14 @@ the child's death, non-zero exit or timeout is a test failure that shows the chi
 (pytest's faulthandler prints the Python stack of a crash or, after ``faulthandler_timeout``,
 of a hang).
 
-Two runs:
+Two runs, side by side (each is mostly one core's work):
 - the normal build (parallel kernels, cached), every fuzz case, FASTCNN_FUZZ_EXAMPLES examples
-  per case (weighted per case; 1000 -> about 23,000 examples in about a minute on 2 cores);
+  per case (weighted per case; 1000 -> about 25,000 examples);
 - the kernels recompiled with ``parallel=False, boundscheck=True`` and tiny tile/chunk sizes
   (tests/fuzz_boundscheck.py), the cases that reach a kernel, fewer examples: an out-of-bounds
   index then raises IndexError, which the fuzz cases do not accept, and the small fuzz shapes
   also run the multi-group / multi-chunk paths of large inputs. (``NUMBA_BOUNDSCHECK=1`` alone
-  does not check inside ``prange`` bodies.) About 20 s of compilation.
+  does not check inside ``prange`` bodies.) Mostly compilation, every kernel serially.
 
 Each run writes its example counts to a JSON file; the test reports them
 (``pytest -s tests/test_fuzz.py`` prints them) and checks that the cases really ran.
@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -49,62 +50,99 @@ BOUNDSCHECK_EXAMPLES = int(os.environ.get("FASTCNN_FUZZ_BOUNDSCHECK_EXAMPLES", "
 KERNEL_CASES = "conv2d or pool2d or batchnorm or activations or sequential or boundscheck"
 
 
-def run_checked(cmd, env=None, timeout=600):
-    """Run ``cmd``; a death by signal, a timeout or a non-zero exit fails the test with the
-    child's output. Returns the completed process."""
+def start_child(cmd, env=None):
+    """Start ``cmd`` with its output in a temporary file (a pipe left unread would fill and block
+    a child that runs beside this process)."""
+    out = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+def finish_checked(proc, out, timeout=600):
+    """Wait for a child of ``start_child``; a death by signal, a timeout or a non-zero exit fails
+    the test with the child's output. Returns that output."""
+
+    def output():
+        out.seek(0)
+        return out.read()[-12000:]
+
     try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = (
-            exc.stdout.decode(errors="replace")
-            if isinstance(exc.stdout, bytes)
-            else (exc.stdout or "")
-        )
-        pytest.fail(f"the child hung: no result after {timeout} s\n{out[-6000:]}")
-    output = (proc.stdout + proc.stderr)[-12000:]
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the child hung: no result after {timeout} s\n{output()[-6000:]}")
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
-        pytest.fail(f"the child interpreter died with {name}\n{output}")
+        pytest.fail(f"the child interpreter died with {name}\n{output()}")
     if proc.returncode != 0:
-        pytest.fail(f"the child failed (exit status {proc.returncode}):\n{output}")
-    return proc
+        pytest.fail(f"the child failed (exit status {proc.returncode}):\n{output()}")
+    return output()
 
 
-def run_child(tmp_path, examples, extra_args=(), timeout=600):
-    """Run tests/fuzz_cases.py in a fresh interpreter; returns the report it writes."""
-    report = tmp_path / "fuzz-report.json"
-    env = dict(
-        os.environ,
-        FASTCNN_FUZZ_EXAMPLES=str(examples),
-        FASTCNN_FUZZ_REPORT=str(report),
-        PYTHONPATH=os.pathsep.join(
-            filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])
-        ),
+def run_checked(cmd, env=None, timeout=600):
+    """``start_child`` and ``finish_checked`` in one; returns the child's output."""
+    return finish_checked(*start_child(cmd, env), timeout)
+
+
+class Child:
+    """tests/fuzz_cases.py running in a fresh interpreter; ``report()`` waits for it and returns
+    the report it wrote."""
+
+    def __init__(self, report, examples, extra_args=()):
+        self.report_path = report
+        env = dict(
+            os.environ,
+            FASTCNN_FUZZ_EXAMPLES=str(examples),
+            FASTCNN_FUZZ_REPORT=str(report),
+            PYTHONPATH=os.pathsep.join(
+                filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])
+            ),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            os.path.join(ROOT, "tests", "fuzz_cases.py"),
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            ROOT,
+            "-o",
+            "faulthandler_timeout=240",
+            "-W",
+            "ignore::RuntimeWarning",
+            "-W",
+            "ignore::DeprecationWarning",
+            *extra_args,
+        ]
+        self.proc, self.out = start_child(cmd, env)
+
+    def report(self, timeout=600):
+        output = finish_checked(self.proc, self.out, timeout)
+        assert self.report_path.exists(), f"the fuzz run wrote no report:\n{output[-6000:]}"
+        return json.loads(self.report_path.read_text())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+
+
+@pytest.fixture(scope="module")
+def bounds_checked_child(tmp_path_factory):
+    """The bounds-checked run, started with the normal run: its kernels compile serially (minutes
+    on a slow CI machine) while the normal run fuzzes on the other core."""
+    child = Child(
+        tmp_path_factory.mktemp("boundscheck") / "fuzz-report.json",
+        BOUNDSCHECK_EXAMPLES,
+        ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES],
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        os.path.join(ROOT, "tests", "fuzz_cases.py"),
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "--rootdir",
-        ROOT,
-        "-o",
-        "faulthandler_timeout=240",
-        "-W",
-        "ignore::RuntimeWarning",
-        "-W",
-        "ignore::DeprecationWarning",
-        *extra_args,
-    ]
-    proc = run_checked(cmd, env, timeout)
-    assert report.exists(), f"the fuzz run wrote no report:\n{proc.stdout[-6000:]}"
-    return json.loads(report.read_text())
+    yield child
+    child.stop()
 
 
 def test_a_crash_or_hang_of_the_child_is_a_test_failure():
@@ -125,8 +163,8 @@ def summarize(counts):
 
 
 @pytest.mark.slow
-def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
-    result = run_child(tmp_path, EXAMPLES)
+def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property, bounds_checked_child):
+    result = Child(tmp_path / "fuzz-report.json", EXAMPLES).report()
     assert result["boundscheck"] is False
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_examples", total)
@@ -164,10 +202,8 @@ def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
 
 
 @pytest.mark.slow
-def test_fuzz_kernels_with_bounds_checks(tmp_path, record_property):
-    result = run_child(
-        tmp_path, BOUNDSCHECK_EXAMPLES, ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES]
-    )
+def test_fuzz_kernels_with_bounds_checks(record_property, bounds_checked_child):
+    result = bounds_checked_child.report()
     assert result["boundscheck"] is True
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_boundscheck_examples", total)

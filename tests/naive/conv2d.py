@@ -37,18 +37,18 @@ def conv2d_forward(x, w, b, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1
     OH = _output_size(H, pt, pb, KH, sh, dh)
     OW = _output_size(W, pl, pr, KW, sw, dw)
     y = np.zeros((N, F, OH, OW), dtype=np.result_type(x, w))
+    # Python lists of Python floats: the same sums, read without numpy's per-element overhead
+    xl, wl, bl = xp.tolist(), w.tolist(), np.asarray(b).tolist()
     for n in range(N):
         for f in range(F):
             for oh in range(OH):
                 for ow in range(OW):
-                    s = float(b[f])
+                    s = float(bl[f])
                     for c in range(C):
                         ci = f // (F // groups) * C + c  # the input channel (groups)
                         for i in range(KH):
                             for j in range(KW):
-                                s += float(w[f, c, i, j]) * float(
-                                    xp[n, ci, oh * sh + i * dh, ow * sw + j * dw]
-                                )
+                                s += wl[f][c][i][j] * xl[n][ci][oh * sh + i * dh][ow * sw + j * dw]
                     y[n, f, oh, ow] = s
     return y
 
@@ -62,21 +62,26 @@ def conv2d_backward(x, w, dy, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     OH, OW = dy.shape[2], dy.shape[3]
     dtype = np.result_type(x, w, dy)
-    dxp = np.zeros(xp.shape, dtype=np.float64)
-    dw = np.zeros(w.shape, dtype=np.float64)
-    db = np.zeros(F, dtype=np.float64)
+    # Python lists of Python floats: the same sums, without numpy's per-element overhead
+    xl, wl, dyl = xp.tolist(), w.tolist(), dy.tolist()
+    dxp = np.zeros(xp.shape, dtype=np.float64).tolist()
+    dw = np.zeros(w.shape, dtype=np.float64).tolist()
+    db = [0.0] * F
     for n in range(N):
         for f in range(F):
             for oh in range(OH):
                 for ow in range(OW):
-                    g = float(dy[n, f, oh, ow])
+                    g = float(dyl[n][f][oh][ow])
                     db[f] += g
                     for c in range(C):
                         ci = f // (F // groups) * C + c  # the input channel (groups)
                         for i in range(KH):
                             for j in range(KW):
                                 r, s = oh * sh + i * dh, ow * sw + j * dw_
-                                dxp[n, ci, r, s] += float(w[f, c, i, j]) * g
-                                dw[f, c, i, j] += float(xp[n, ci, r, s]) * g
+                                dxp[n][ci][r][s] += wl[f][c][i][j] * g
+                                dw[f][c][i][j] += xl[n][ci][r][s] * g
+    dxp = np.array(dxp, dtype=np.float64).reshape(xp.shape)  # (empty axes survive tolist)
+    dw = np.array(dw, dtype=np.float64).reshape(w.shape)
+    db = np.array(db, dtype=np.float64)
     dx = dxp[:, :, pt : pt + H, pl : pl + W]
     return dx.astype(dtype), dw.astype(dtype), db.astype(dtype)
