@@ -58,6 +58,13 @@ _NETWORKS = textwrap.dedent("""
             fastcnn.Flatten(),
             fastcnn.Dense(8, 10),
         ), (2, 3, 6, 6)
+        # the smallest step with a Winograd weight gradient (a cold compilation of few kernels)
+        yield fastcnn.Sequential(
+            fastcnn.Conv2D(32, 32, 3, padding=1),
+            fastcnn.AvgPool2D(6),
+            fastcnn.Flatten(),
+            fastcnn.Dense(32, 10),
+        ), (2, 32, 6, 6)
 
     def record_compilations():
         # the kernels numba compiles from now on, as module.function (a list that grows)
@@ -138,7 +145,7 @@ def test_each_kernel_compiles_once_in_one_of_the_two_processes(tmp_path, index):
 
 @pytest.mark.slow
 def test_no_helper_with_the_switch(tmp_path):
-    out = _child(tmp_path, _SCHEDULE_CHILD.format(index=3), FASTCNN_NO_PRECOMPILE="1")
+    out = _child(tmp_path, _SCHEDULE_CHILD.format(index=4), FASTCNN_NO_PRECOMPILE="1")
     assert out["HELPER"] == "False", out
     assert "winograd.conv2d_winograd_backward_weight" in out["HERE"], out
 
