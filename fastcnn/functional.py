@@ -149,7 +149,7 @@ def _image_as_given(x):
     forward reads without a copy of the batch first. A read-only batch is copied (numba would
     compile the kernel again for read-only arrays)."""
     if not x.flags.writeable:
-        return np.ascontiguousarray(x).copy(), False
+        return np.array(x, order="C"), False  # one copy, C-contiguous and writeable
     if x.flags.c_contiguous:
         return x, False
     v = x.transpose(0, 2, 3, 1)
