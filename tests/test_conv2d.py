@@ -428,7 +428,7 @@ def test_input_gradient_is_bitwise_the_same_for_any_number_of_workers(case):
 
 def test_speedup_over_naive(rng):
     """The reference network's second conv layer (32 -> 64 channels, 13x13, 3x3) at batch 1
-    (the naive loops take about 0.5 s forward and 1.2 s backward there), on one Numba thread:
+    (the naive loops take tenths of a second there), on one Numba thread:
     the per-core speedup. With 2 threads on a machine where another process keeps a core busy,
     every parallel region waits for a descheduled thread (measured: ~16 ms per call instead of
     ~0.1 ms), which says nothing about the kernels and would make the ratio flaky."""
