@@ -6,7 +6,8 @@ the child's death, non-zero exit or timeout is a test failure that shows the chi
 (pytest's faulthandler prints the Python stack of a crash or, after ``faulthandler_timeout``,
 of a hang).
 
-Two runs, side by side (each is mostly one core's work):
+Two runs, side by side: the bounds-checked one starts with the first of the two tests, so that
+its serial compilation uses one core while the normal run fuzzes (its kernels run on both):
 - the normal build (parallel kernels, cached), every fuzz case, FASTCNN_FUZZ_EXAMPLES examples
   per case (weighted per case; 1000 -> about 25,000 examples);
 - the kernels recompiled with ``parallel=False, boundscheck=True`` and tiny tile/chunk sizes
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -50,99 +52,119 @@ BOUNDSCHECK_EXAMPLES = int(os.environ.get("FASTCNN_FUZZ_BOUNDSCHECK_EXAMPLES", "
 KERNEL_CASES = "conv2d or pool2d or batchnorm or activations or sequential or boundscheck"
 
 
-def start_child(cmd, env=None):
-    """Start ``cmd`` with its output in a temporary file (a pipe left unread would fill and block
-    a child that runs beside this process)."""
-    out = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    return proc, out
-
-
-def finish_checked(proc, out, timeout=600):
-    """Wait for a child of ``start_child``; a death by signal, a timeout or a non-zero exit fails
-    the test with the child's output. Returns that output."""
-
-    def output():
-        out.seek(0)
-        return out.read()[-12000:]
-
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"the child hung: no result after {timeout} s\n{output()[-6000:]}")
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        pytest.fail(f"the child interpreter died with {name}\n{output()}")
-    if proc.returncode != 0:
-        pytest.fail(f"the child failed (exit status {proc.returncode}):\n{output()}")
-    return output()
-
-
-def run_checked(cmd, env=None, timeout=600):
-    """``start_child`` and ``finish_checked`` in one; returns the child's output."""
-    return finish_checked(*start_child(cmd, env), timeout)
+def start_child(cmd, env=None, timeout=600):
+    """Start ``cmd``, its output in a temporary file (a pipe left unread would fill and block a
+    child that runs beside this process); ``timeout`` seconds from now on. Returns a Child."""
+    return Child(cmd, env, timeout)
 
 
 class Child:
-    """tests/fuzz_cases.py running in a fresh interpreter; ``report()`` waits for it and returns
-    the report it wrote."""
+    """A child interpreter, its output file and its deadline."""
 
-    def __init__(self, report, examples, extra_args=()):
-        self.report_path = report
-        env = dict(
-            os.environ,
-            FASTCNN_FUZZ_EXAMPLES=str(examples),
-            FASTCNN_FUZZ_REPORT=str(report),
-            PYTHONPATH=os.pathsep.join(
-                filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])
-            ),
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            os.path.join(ROOT, "tests", "fuzz_cases.py"),
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            ROOT,
-            "-o",
-            "faulthandler_timeout=240",
-            "-W",
-            "ignore::RuntimeWarning",
-            "-W",
-            "ignore::DeprecationWarning",
-            *extra_args,
-        ]
-        self.proc, self.out = start_child(cmd, env)
+    def __init__(self, cmd, env, timeout):
+        self.out = tempfile.TemporaryFile("w+b")
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")  # (a kill loses
+        # no buffered output)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.out, stderr=self.out)
 
-    def report(self, timeout=600):
-        output = finish_checked(self.proc, self.out, timeout)
-        assert self.report_path.exists(), f"the fuzz run wrote no report:\n{output[-6000:]}"
-        return json.loads(self.report_path.read_text())
+    def output(self, chars=12000):
+        self.out.seek(0)
+        return self.out.read().decode(errors="replace")[-chars:]
+
+    def finish(self):
+        """Wait for the child until its deadline; a death by signal, a timeout or a non-zero
+        exit fails the test with its output. Returns that output; the child has ended either way
+        (a KeyboardInterrupt or failure here kills it) and its file is closed."""
+        try:
+            try:
+                self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                pytest.fail(
+                    f"the child hung: no result after {self.timeout} s\n{self.output(6000)}"
+                )
+            if self.proc.returncode < 0:
+                name = signal.Signals(-self.proc.returncode).name
+                pytest.fail(f"the child interpreter died with {name}\n{self.output()}")
+            if self.proc.returncode != 0:
+                pytest.fail(
+                    f"the child failed (exit status {self.proc.returncode}):\n{self.output()}"
+                )
+            return self.output()
+        finally:
+            self.close()
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self):
+        self.stop()
         self.out.close()
 
 
-@pytest.fixture(scope="module")
-def bounds_checked_child(tmp_path_factory):
-    """The bounds-checked run, started with the normal run: its kernels compile serially (minutes
-    on a slow CI machine) while the normal run fuzzes on the other core."""
-    child = Child(
-        tmp_path_factory.mktemp("boundscheck") / "fuzz-report.json",
-        BOUNDSCHECK_EXAMPLES,
-        ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES],
+def run_checked(cmd, env=None, timeout=600):
+    """``start_child(...).finish()``: the child's output."""
+    return start_child(cmd, env, timeout).finish()
+
+
+def start_fuzz(report, examples, extra_args=()):
+    """tests/fuzz_cases.py started in a fresh interpreter (a Child) that writes ``report``."""
+    env = dict(
+        os.environ,
+        FASTCNN_FUZZ_EXAMPLES=str(examples),
+        FASTCNN_FUZZ_REPORT=str(report),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])
+        ),
     )
-    yield child
-    child.stop()
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        os.path.join(ROOT, "tests", "fuzz_cases.py"),
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        ROOT,
+        "-o",
+        "faulthandler_timeout=240",
+        "-W",
+        "ignore::RuntimeWarning",
+        "-W",
+        "ignore::DeprecationWarning",
+        *extra_args,
+    ]
+    return start_child(cmd, env)
+
+
+def fuzz_report(child, report):
+    """Wait for a start_fuzz child; the report it wrote."""
+    output = child.finish()
+    assert report.exists(), f"the fuzz run wrote no report:\n{output[-6000:]}"
+    return json.loads(report.read_text())
+
+
+_BOUNDS_TEST = "test_fuzz_kernels_with_bounds_checks"
+
+
+@pytest.fixture(scope="module")
+def bounds_checked_child(request, tmp_path_factory):
+    """(child, report path) of the bounds-checked run, or None when its test is not selected:
+    started with the first fuzz test of this module, so that its kernels compile (serially,
+    minutes on a slow CI machine) while the normal run fuzzes."""
+    if not any(item.name == _BOUNDS_TEST for item in request.session.items):
+        yield None
+        return
+    report = tmp_path_factory.mktemp("boundscheck") / "fuzz-report.json"
+    child = start_fuzz(report, BOUNDSCHECK_EXAMPLES, ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES])
+    yield child, report
+    child.close()
 
 
 def test_a_crash_or_hang_of_the_child_is_a_test_failure():
@@ -163,8 +185,10 @@ def summarize(counts):
 
 
 @pytest.mark.slow
-def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property, bounds_checked_child):
-    result = Child(tmp_path / "fuzz-report.json", EXAMPLES).report()
+@pytest.mark.usefixtures("bounds_checked_child")  # (started beside this run)
+def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property):
+    report = tmp_path / "fuzz-report.json"
+    result = fuzz_report(start_fuzz(report, EXAMPLES), report)
     assert result["boundscheck"] is False
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_examples", total)
@@ -203,7 +227,7 @@ def test_fuzz_cases_in_a_child_interpreter(tmp_path, record_property, bounds_che
 
 @pytest.mark.slow
 def test_fuzz_kernels_with_bounds_checks(record_property, bounds_checked_child):
-    result = bounds_checked_child.report()
+    result = fuzz_report(*bounds_checked_child)
     assert result["boundscheck"] is True
     total, calls, per_case = summarize(result["counts"])
     record_property("fuzz_boundscheck_examples", total)
