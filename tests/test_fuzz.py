@@ -111,7 +111,7 @@ def run_checked(cmd, env=None, timeout=600):
     return start_child(cmd, env, timeout).finish()
 
 
-def start_fuzz(report, examples, extra_args=()):
+def start_fuzz(report, examples, extra_args=(), timeout=600):
     """tests/fuzz_cases.py started in a fresh interpreter (a Child) that writes ``report``."""
     env = dict(
         os.environ,
@@ -140,7 +140,7 @@ def start_fuzz(report, examples, extra_args=()):
         "ignore::DeprecationWarning",
         *extra_args,
     ]
-    return start_child(cmd, env)
+    return start_child(cmd, env, timeout)
 
 
 def fuzz_report(child, report):
@@ -162,7 +162,10 @@ def bounds_checked_child(request, tmp_path_factory):
         yield None
         return
     report = tmp_path_factory.mktemp("boundscheck") / "fuzz-report.json"
-    child = start_fuzz(report, BOUNDSCHECK_EXAMPLES, ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES])
+    # 900 s: it shares the machine with the normal run from its start
+    child = start_fuzz(
+        report, BOUNDSCHECK_EXAMPLES, ["-p", "fuzz_boundscheck", "-k", KERNEL_CASES], timeout=900
+    )
     yield child, report
     child.close()
 
