@@ -52,21 +52,16 @@ BOUNDSCHECK_EXAMPLES = int(os.environ.get("FASTCNN_FUZZ_BOUNDSCHECK_EXAMPLES", "
 KERNEL_CASES = "conv2d or pool2d or batchnorm or activations or sequential or boundscheck"
 
 
-def start_child(cmd, env=None, timeout=600):
-    """Start ``cmd``, its output in a temporary file (a pipe left unread would fill and block a
-    child that runs beside this process); ``timeout`` seconds from now on. Returns a Child."""
-    return Child(cmd, env, timeout)
-
-
 class Child:
-    """A child interpreter, its output file and its deadline."""
+    """A child interpreter started now, its output in a temporary file (a pipe left unread would
+    fill and block a child that runs beside this process), and its deadline ``timeout`` s on."""
 
-    def __init__(self, cmd, env, timeout):
+    def __init__(self, cmd, env=None, timeout=600):
         self.out = tempfile.TemporaryFile("w+b")
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")  # (a kill loses
-        # no buffered output)
+        # unbuffered: a kill loses none of its output
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.out, stderr=self.out)
 
     def output(self, chars=12000):
@@ -107,8 +102,8 @@ class Child:
 
 
 def run_checked(cmd, env=None, timeout=600):
-    """``start_child(...).finish()``: the child's output."""
-    return start_child(cmd, env, timeout).finish()
+    """``Child(...).finish()``: the child's output."""
+    return Child(cmd, env, timeout).finish()
 
 
 def start_fuzz(report, examples, extra_args=(), timeout=600):
@@ -140,7 +135,7 @@ def start_fuzz(report, examples, extra_args=(), timeout=600):
         "ignore::DeprecationWarning",
         *extra_args,
     ]
-    return start_child(cmd, env, timeout)
+    return Child(cmd, env, timeout)
 
 
 def fuzz_report(child, report):
