@@ -23,12 +23,14 @@ offset], with tap offset ``(i*dh*W + j*dw)*C + c``. Padding, if any, is a zero-p
 holding exactly the rows and columns the windows read, so no tile tests bounds.
 
 - Forward: rows = output pixels, k = taps, columns = filters (weights packed as (tap, filter),
-  filters padded to the tile's 32 columns); the tile's sums start at the bias and are stored
-  straight from the registers (ReLU applied there).
+  filters padded to the tile's 32 columns; a last block of at most 16 filters, as 48's, runs
+  on the narrow tile); the tile's sums start at the bias and are stored straight from the
+  registers (ReLU applied there).
 - Backward-input: rows = output pixels, k = filters, columns = taps: the col2im product
   dy @ W, each tile added into the (padded) gradient of its own image at the pixels its taps read.
-- Backward-weight: rows = taps, k = pixels, columns = filters; the output tiles split among
-  a fixed number of units, each summing all pixels in order, block by block.
+- Backward-weight: rows = taps, k = pixels, columns = filters (a last block of at most 16
+  filters on the narrow tile, as the forward's); the output tiles split among a fixed number
+  of units, each summing all pixels in order, block by block.
 
 Parallelism and determinism: forward over chunks of pixel tiles, backward-input over images (a
 tile adds only into its own image), backward-weight over a fixed number of units of output
@@ -236,20 +238,25 @@ def _forward_tiles(
 ):
     """out[p*F + f] = biasp[f] + the convolution at pixel p (then max(., 0) if ``relu``), for
     the pixels of tiles [t0, t1) (tile_shape(narrow) rows, window corners shift + pix[p] in xf;
-    rows from npix on are not stored). Whole tiles go straight from the registers into out, a
-    partial one (the last filters or pixels) through the scratch ``tile`` (R*FT,).
-    Serial: called from the parallel kernels' bodies."""
+    rows from npix on are not stored). A last block of at most FTN filters (48 = 32 + 16) runs
+    on the narrow tile over the same pixels, RN rows at a time (pix holds RN entries past the
+    last tile's rows): the wide tile there would spend half its multiply-adds on zero columns.
+    Whole tiles go straight from the registers into out, a partial one (the last filters or
+    pixels) through the scratch ``tile`` (R*FT,). Serial: called from the parallel kernels'
+    bodies."""
     rows, cols = _kernel_tile_shape(narrow, tall)
+    p_end = min(t1 * rows, npix)
     for f0 in range(0, F, cols):
         nf = min(cols, F - f0)
-        for t in range(t0, t1):
-            p0 = t * rows
-            whole = nf == cols and p0 + rows <= npix
+        thin = narrow or nf <= FTN  # the narrow tile for these filters
+        trows, tcols = tile_shape(True) if thin else (rows, cols)
+        for p0 in range(t0 * rows, p_end, trows):
+            whole = nf == tcols and p0 + trows <= p_end
             # one call site per tile shape: the tile is inlined, and every call site would be
             # a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
-            if tall:
+            if tall and not thin:
                 gemm_tile_bias_tall(
                     xf,
                     np.uint64(shift),
@@ -285,14 +292,14 @@ def _forward_tiles(
                     relu,
                     dst,
                     np.uint64(o0),
-                    np.uint64(F if whole else cols),
-                    narrow,
+                    np.uint64(F if whole else tcols),
+                    thin,
                 )
             if not whole:
-                for r in range(min(rows, npix - p0)):
+                for r in range(min(trows, p_end - p0)):
                     row = out[(p0 + r) * F + f0 : (p0 + r) * F + f0 + nf]
                     for f in range(nf):
-                        row[f] = tile[r * cols + f]
+                        row[f] = tile[r * tcols + f]
 
 
 @njit(cache=True)
@@ -377,7 +384,7 @@ def conv2d_forward(
     _pack_weight(weight, wp, 0, K)
     koff = np.empty(K, dtype=np.uint64)
     _tap_offsets(koff, K, KH, KW, C, dil_h * XW * C, dil_w * C)
-    pix = np.empty(ntiles * rows, dtype=np.uint64)
+    pix = np.empty(ntiles * rows + RN, dtype=np.uint64)  # + RN: _forward_tiles' narrow tiles
     _pixel_offsets(pix, N, OH, OW, XH * XW * C, stride_h * XW * C, stride_w * C)
     tiles = np.empty((nitems, RT * FT), dtype=dt)
     biasp = _padded_bias(bias, Fp)
@@ -775,23 +782,30 @@ def _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, bsum, with_bias, bt
 
 
 @njit(cache=True)
-def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, dweight, dbias):
-    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, >=
-    rows*cols) and bias sums bsum (chunks, Fp): the chunks added in order (little work)."""
+def _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, thin, dweight, dbias):
+    """dweight (F, C, KH, KW) and dbias from the units' tiles acc (chunks, nfb * nkt, slot >=
+    rows*cols) and bias sums bsum (chunks, >= F): the chunks added in order (little work).
+    With ``thin``, the last filter block ran on the narrow tile (conv2d_backward_weight): its
+    tile kt at R*FT * kt from the block's first slot, RN taps x FTN filters."""
     F, C, KH, KW = dweight.shape
     rows, cols = _kernel_tile_shape(narrow, tall)
+    slot = acc.shape[2]
+    flat = acc.reshape((chunks, acc.shape[1] * slot))
     for f in range(F):
         fb = f // cols
         col = f - fb * cols
+        last = thin and fb == nfb - 1
+        trows, tcols = tile_shape(True) if last else (rows, cols)
+        step = R * FT if last else slot
         for i in range(KH):
             for j in range(KW):
                 for c in range(C):
                     k = (i * KW + j) * C + c
-                    kt = k // rows
-                    e = (k - kt * rows) * cols + col
-                    v = acc[0, fb * nkt + kt, e]
+                    kt = k // trows
+                    e = fb * nkt * slot + kt * step + (k - kt * trows) * tcols + col
+                    v = flat[0, e]
                     for chunk in range(1, chunks):
-                        v += acc[chunk, fb * nkt + kt, e]
+                        v += flat[chunk, e]
                     dweight[f, c, i, j] = v
         v = bsum[0, f]
         for chunk in range(1, chunks):
@@ -828,7 +842,12 @@ def conv2d_backward_weight(
     nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(
         K, F, NP, narrow, tall, threads
     )
-    Fp = nfb * cols
+    # a last block of at most FTN filters (48 = 32 + 16) on the narrow tile: RN taps per tile,
+    # nkt_thin tiles (they fit in the block's nkt slots), dy's rows read FTN columns there
+    thin = not narrow and F - (nfb - 1) * cols <= FTN
+    nkt_thin = (K + RN - 1) // RN if thin else 0
+    per_group_thin = (nkt_thin + groups - 1) // groups
+    Fp = (nfb - 1) * cols + FTN if thin else nfb * cols
     units = chunks * nfb * groups
     # pixel chunks of one filter block each pad the rows they read into a buffer of their own
     # (in parallel, and in cache when its tiles read them), not all of x first, serially
@@ -846,7 +865,7 @@ def conv2d_backward_weight(
         pad_left,
         dil_h,
         dil_w,
-        nkt * rows,
+        max(nkt * rows, nkt_thin * RN),
         not by_chunk,
     )
     row = np.uint64(Wp * x.shape[3])
@@ -861,7 +880,8 @@ def conv2d_backward_weight(
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     # (a narrow tile's accumulators at a wide tile's places, as _weight_block puts them)
-    acc = np.empty((chunks, nfb * nkt, max(rows * cols, R * FT)), dtype=x.dtype)
+    slot = max(rows * cols, R * FT)
+    acc = np.empty((chunks, nfb * nkt, slot), dtype=x.dtype)
     bsum = np.empty((chunks, Fp), dtype=x.dtype)
     accf = acc.reshape(acc.size)
     ones, zoff = _bias_operands(x, max(min(block, per_chunk), RN, RT))
@@ -872,8 +892,15 @@ def conv2d_backward_weight(
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
             np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, cols
         )
-        tile0 = (chunk * nfb + f0 // cols) * nkt
-        sums = bsum[chunk, f0 : f0 + cols]
+        fb = f0 // cols
+        tile0 = (chunk * nfb + fb) * nkt
+        last = thin and fb == nfb - 1
+        if last:  # the narrow tiles from the block's first slot on, R*FT apart
+            tile0 = tile0 * (slot // (R * FT))
+            g = kt0 // per_group
+            kt0 = g * per_group_thin
+            kt1 = min(kt0 + per_group_thin, nkt_thin)
+        sums = bsum[chunk, f0 : f0 + (FTN if last else cols)]
         src, kof = xf, koff
         if by_chunk:
             first, count = _chunk_rows(pix, koff, K, p0, p1, row)
@@ -883,8 +910,11 @@ def conv2d_backward_weight(
             for t in range(kof.size):
                 kof[t] = koff[t] + shift
         operands = (src, kof, pix, block, dyf, Fp, accf, ones, zoff)
-        if tall:
+        if tall and not last:
             _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit])
         else:
-            _weight_unit(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit], narrow)
-    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, dweight, dbias)
+            bias = kt0 == 0
+            _weight_unit(
+                operands, kt0, kt1, p0, p1, f0, tile0, sums, bias, btile[unit], narrow or last
+            )
+    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, thin, dweight, dbias)

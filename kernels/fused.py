@@ -39,7 +39,7 @@ from .conv2d import (
     _weight_result,
     _weight_unit_range,
 )
-from .gemm_tile import FT, FTN, R, gather_tile, tile_shape
+from .gemm_tile import FT, FTN, RN, R, gather_tile, tile_shape
 from .pool2d import max4
 
 #: Scratch buffers (one per chunk of work items): enough chunks to keep 2 threads balanced.
@@ -172,7 +172,8 @@ def conv2d_relu_maxpool2d_forward(
     dt = x.dtype
 
     xf, wf, koff, XH, XW = _operands(x, weight, pad_top, pad_left, Hp, Wp, dil_h, dil_w, Fp)
-    pix = _band_pixels(rows, band, BW, XW, C, stride_h, stride_w)
+    # RN more: _forward_tiles' narrow tiles over the last filters may reach past the band's rows
+    pix = _band_pixels(rows + RN, band, BW, XW, C, stride_h, stride_w)
     # one band at a time (6.9 KB at conv1: stays in L1; a chunk's bands at once were 5.7 MB
     # allocated per call, 140 page faults)
     scratch = np.empty((nchunks, rows * F), dtype=dt)  # (band pixel, filter)
@@ -624,7 +625,7 @@ def maxpool2d_conv2d_backward_weight_dense(
             zoff,
             btile[unit],
         )
-    _weight_result(acc, bsum, chunks, nfb, nkt, False, False, dweight, dbias)
+    _weight_result(acc, bsum, chunks, nfb, nkt, False, False, False, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here

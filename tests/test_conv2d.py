@@ -174,9 +174,10 @@ def test_forward_matches_naive(case):
     [(32, 3, 33, 1), (32, 3, 48, 2), (32, 3, 64, 2), (3, 3, 32, 1), (16, 1, 40, 2)],
 )
 def test_forward_of_more_than_16_filters_matches_naive(C, K, F, stride):
-    """More than 16 filters, long sums (288 taps) and short ones (27, 16): on hosts with AVX-512
-    the tall tile (gemm_tile.TALL), its partial column blocks (F = 33, 40, 48) and partial pixel
-    tiles (14 and 8 pixels per image: never a multiple of its 6 rows) through the scratch."""
+    """More than 16 filters, long sums (288 taps) and short ones (27, 16): a last block of at
+    most 16 filters on the narrow tile (F = 33, 40, 48), pixels past the work item's end through
+    the scratch; on hosts with AVX-512 the tall tile (gemm_tile.TALL) and its partial pixel
+    tiles (14 and 8 pixels per image: never a multiple of its 6 rows)."""
     rng = np.random.default_rng(F + C)
     x = rng.standard_normal((2, C, 7, 2 * stride))
     w = rng.standard_normal((F, C, K, K))
@@ -367,6 +368,30 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
         assert grads() == reference
         assert grads(1) == reference
     assert numba.get_num_threads() == saved
+
+
+@pytest.mark.parametrize("F", [48, 40, 80])
+def test_weight_gradient_of_a_narrow_last_filter_block_for_any_grouping(F, rng):
+    """A last block of at most 16 filters (48 = 32 + 16, 40, 80) runs on the narrow tile, RN
+    taps a tile where the other blocks take 3 (or 6): its tap tiles are split among the same
+    groups. Every grouping and thread count gives bitwise one gradient, the textbook's."""
+    x = rng.standard_normal((4, 24, 9, 9))
+    w_shape = (F, 24, 3, 3)
+    geom = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    dy = rng.standard_normal(output_shape(x.shape, w_shape, *geom))
+    expected = naive_backward(x, np.zeros(w_shape), dy, *geom)
+    flat = _flat(*geom)
+    for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
+        xn, dyn = nhwc(x.astype(dtype)), nhwc(dy.astype(dtype))
+        results = set()
+        for groups in (1, 2, 3, 8, 100):
+            dw = np.full(w_shape, np.nan, dtype)
+            db = np.full(F, np.nan, dtype)
+            conv2d_backward_weight(xn, dyn, *flat, dw, db, groups)
+            assert relative_error(dw, expected[1]) <= tol
+            assert relative_error(db, expected[2]) <= tol
+            results.add(dw.tobytes() + db.tobytes())
+        assert len(results) == 1
 
 
 # (N, C, F, H, W, KH, KW, stride, (pad top, left, bottom, right), dilation)
