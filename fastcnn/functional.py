@@ -605,19 +605,23 @@ def _depthwise_input(x, multiplier):
 
 
 def _grouped_forward(
-    x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, evaluation
+    x, weight, bias, strides, pads, dilations, relu, y, groups, winograd, evaluation, bn=None
 ):
     """y (N, OH, OW, F) of a grouped convolution: the depthwise kernel where each group has one
-    channel, else the dense kernels (Winograd's where ``winograd`` and they apply) run on each
-    group's channels and filters in turn."""
+    channel (with ``bn``, conv2d_forward's, applied to its rows), else the dense kernels
+    (Winograd's where ``winograd`` and they apply) run on each group's channels and filters in
+    turn (no ``bn`` there)."""
     (sh, sw), (dh, dw) = strides, dilations
     f, cg = weight.shape[0], weight.shape[1]
     if cg == 1:
         xd = _depthwise_input(x, f // groups)
+        bn = _no_bn(y) if bn is None else bn
         _depthwise.depthwise_forward(
-            xd, _depthwise_weight(weight), bias, sh, sw, pads[0], pads[2], dh, dw, relu, y
+            xd, _depthwise_weight(weight), bias, sh, sw, pads[0], pads[2], dh, dw, relu, y, bn
         )
         return
+    if bn is not None:
+        raise ValueError("a BatchNorm is applied in the kernel of a depthwise convolution only")
     fg = f // groups
     part = _pool.empty(y.shape[:3] + (fg,), dtype=y.dtype)
     for g in range(groups):
@@ -702,16 +706,24 @@ def conv2d_batch_norm_eval_forward(
     add: Array | None = None,
     add_layer: str = "Residual",
     evaluation: bool = False,
+    groups: int = 1,
 ) -> Array:
     """``batch_norm_forward_eval(conv2d_forward(x, ..., winograd=winograd), ...)``, then
     ``+ add`` if given (a residual block's sum: ``add`` has the output's shape and dtype),
     then the ReLU if ``relu``, in one pass: bitwise the same output (channels-last in memory),
     the BatchNorm and the sum applied to each block of the convolution's output while it is in
-    cache."""
+    cache. ``groups``: 1, or the input's channels (the depthwise convolution: weight (F, 1,
+    KH, KW))."""
     x, weight, bias = _conv_args(x, weight, bias, layer)
     out_shape, strides, pads, dilations = conv2d_output_shape(
-        x.shape, weight.shape, stride, padding, dilation, layer
+        x.shape, weight.shape, stride, padding, dilation, layer, groups
     )
+    if groups != 1 and weight.shape[1] != 1:
+        raise ValueError(
+            f"{layer}: a BatchNorm is applied in the convolution's kernel for groups=1 or the "
+            f"depthwise convolution (groups = in_channels), got groups={groups} with "
+            f"{weight.shape[1]} channels a group"
+        )
     n, f, oh, ow = out_shape
     if add is None:
         add_flat = np.empty(0, x.dtype)
@@ -743,9 +755,14 @@ def conv2d_batch_norm_eval_forward(
         scale = _pool.empty(f, dtype=x.dtype)
         _batchnorm.eval_scale(gamma, running_var, x.dtype.type(eps), scale)
         bn = (running_mean, scale, beta, add_flat)
-        _conv_kernel(
-            x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd, evaluation
-        )
+        if groups != 1:
+            _grouped_forward(
+                x, weight, bias, strides, pads, dilations, bool(relu), y, groups, False, False, bn
+            )
+        else:
+            _conv_kernel(
+                x, weight, bias, strides, pads, dilations, bool(relu), y, bn, winograd, evaluation
+            )
     return _nchw(y)
 
 

@@ -13,7 +13,8 @@ per pattern, and the fuzz suite on random trees). :func:`set_fusion` (or ``with
 fastcnn.fusion(False):``) runs the unfused plan, one step per leaf, to compare or debug.
 
 The patterns (types matched exactly: a subclass may change what its forward does; a grouped
-convolution, ``groups > 1``, matches none: it runs its own forward, on its own kernels):
+convolution, ``groups > 1``, matches none but Conv2D -> BatchNorm2D's when it is depthwise: it
+runs its own forward, on its own kernels):
 
 - Conv2D -> ReLU -> MaxPool2D: forward with the ReLU applied as the convolution's output is
   stored; when the pool's windows tile (stride = kernel, no padding) the convolution's rows are
@@ -26,7 +27,8 @@ convolution, ``groups > 1``, matches none: it runs its own forward, on its own k
   maximum is <= 0 or NaN), after which the ReLU's own backward would change nothing;
 - Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]]: in evaluation mode the BatchNorm (running
   statistics) and the ReLU are applied by the convolution's kernel to each block of its output
-  while it is in cache; in training mode the plan the other patterns make of the same modules;
+  while it is in cache (the depthwise kernel's too: MobileNet's blocks); in training mode the
+  plan the other patterns make of the same modules;
   a Residual whose body ends in Conv2D -> BatchNorm2D has that kernel add the shortcut's
   output, and apply the ReLU after the block, too (ConvBatchNorm.forward_add, called by
   containers.Sequential.forward_add);
@@ -95,6 +97,10 @@ class Step:
     """One unit of a plan over ``modules``: ``forward(x)`` and ``backward(dy, input_grad)``,
     keeping between the two what the backward needs (once: a second backward is an error; the
     arrays stay until the next forward, as a layer's: see Module.saved_for_backward)."""
+
+    #: whether the step's pattern may match a depthwise Conv2D (groups = in_channels); other
+    #: grouped convolutions match no pattern
+    depthwise = False
 
     def __init__(self, modules: Iterable[Module]) -> None:
         # Any: each step reads the attributes of the layer types its pattern names
@@ -474,6 +480,10 @@ class ConvBatchNorm(_WithInnerPlan):
     over it. A backward after such a forward (rare: gradients of a frozen network) runs the
     inner plan's forward again from the saved input, then its backward."""
 
+    #: its convolution may be depthwise (groups = in_channels): the depthwise kernel applies the
+    #: BatchNorm and the ReLU to its rows as conv2d_forward does to its blocks
+    depthwise = True
+
     def __init__(self, modules: Iterable[Module]) -> None:
         super().__init__(modules, _PATTERNS)
 
@@ -506,6 +516,7 @@ class ConvBatchNorm(_WithInnerPlan):
                 conv.padding,
                 conv.dilation,
                 conv.name,
+                conv.groups,
             )[0]
             ok = tuple(add.shape) == tuple(out_shape)
         if not ok:
@@ -539,6 +550,7 @@ class ConvBatchNorm(_WithInnerPlan):
             add=add,
             add_layer=add_layer,
             evaluation=not conv.training,
+            groups=conv.groups,
         )
         if len(self.modules) == 4:
             pool = self.modules[3]
@@ -605,6 +617,11 @@ def make_plan(modules: Iterable[Module], fuse: bool | None = None) -> list[Step]
     return _match(leaves_of(modules), PATTERNS if fuse else ())
 
 
+def _depthwise(m: Module) -> bool:
+    """Whether ``m`` is a depthwise convolution (one input channel per group)."""
+    return getattr(m, "groups", 1) == getattr(m, "in_channels", None)
+
+
 def _match(chain: Sequence[Module], patterns: Sequence[Any]) -> list[Step]:
     """``chain`` as steps: each run matching one of ``patterns`` (left to right, the first
     pattern that matches at a position wins) one fused step, every other module its own."""
@@ -614,7 +631,11 @@ def _match(chain: Sequence[Module], patterns: Sequence[Any]) -> list[Step]:
         for types, step in patterns:
             run = chain[i : i + len(types)]
             if len(run) == len(types) and all(
-                type(m) is t and getattr(m, "groups", 1) == 1
+                type(m) is t
+                and (
+                    getattr(m, "groups", 1) == 1
+                    or (getattr(step, "depthwise", False) and _depthwise(m))
+                )
                 for m, t in zip(run, types, strict=True)
             ):
                 steps.append(step(run))

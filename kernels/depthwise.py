@@ -18,6 +18,8 @@ of threads.
 import numpy as np
 from numba import njit, prange
 
+from .conv2d import _batch_norm_rows
+
 
 @njit(cache=True)
 def _tap_range(o, stride, pad, dil, k, size):
@@ -61,10 +63,16 @@ def _pixel_by_taps(xr, wt, bias, o, b, n, oh, p, H, W, C, sh, sw, pt, pl, dh, dw
 
 
 @njit(parallel=True, cache=True)
-def depthwise_forward(x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out):
+def depthwise_forward(
+    x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out, bn
+):
     """out[n, oh, ow, c] = bias[c] + sum_{i,j} wt[i, j, c] * x[n, oh*sh - pt + i*dh,
     ow*sw - pl + j*dw, c] (taps outside the image add nothing; from the bias, the taps in (i, j)
     order), then max(out, 0) if ``relu`` (a NaN stays NaN).
+
+    ``bn``: conv2d.conv2d_forward's (an evaluation-mode BatchNorm, a residual sum, or four
+    empty arrays), applied to each output row while it is in cache, before the ReLU: bitwise
+    the layers run one by one.
 
     x (N, H, W, C), wt (KH, KW, C), bias (C,), out (N, OH, OW, C): C-contiguous, one dtype.
     Work: output rows (n, oh), split over the threads. A pixel of a 3x3 convolution whose
@@ -80,6 +88,8 @@ def depthwise_forward(x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h,
     xf = x.reshape(x.size)
     wf = wt.reshape(wt.size)
     orow = out.reshape((N * OH, OW * C))
+    of = out.reshape(out.size)
+    affine = bn[1].size > 0
     zero = out.dtype.type(0)
     Cu = np.uint64(C)
     # flat offsets: numba types int64 * uint64 as float64, so every product here is unsigned
@@ -145,7 +155,9 @@ def depthwise_forward(x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h,
                     dil_h,
                     dil_w,
                 )
-        if relu:
+        if affine:
+            _batch_norm_rows(of[row * OW * C : (row + 1) * OW * C], C, bn, relu, row * OW * C)
+        elif relu:
             for q in range(OW * C):
                 v = o[np.uint64(q)]
                 o[np.uint64(q)] = zero if v <= zero else v

@@ -14,6 +14,7 @@ import fastcnn
 from fastcnn import checkpoint
 from fastcnn import functional as F
 from fastcnn import layers as L
+from fastcnn.functional import _no_bn
 from fastcnn.kernels import depthwise as K
 from gradcheck import relative_error
 from naive import conv2d as naive
@@ -98,7 +99,7 @@ def test_depthwise_kernels_write_every_element(dtype):
     wt = rng.standard_normal((3, 3, 5)).astype(dtype)
     bias = rng.standard_normal(5).astype(dtype)
     out = np.full((2, 4, 3, 5), np.nan, dtype)
-    K.depthwise_forward(x, wt, bias, 2, 2, 1, 1, 1, 1, False, out)
+    K.depthwise_forward(x, wt, bias, 2, 2, 1, 1, 1, 1, False, out, _no_bn(x))
     dy = rng.standard_normal(out.shape).astype(dtype)
     dx = np.full(x.shape, np.nan, dtype)
     K.depthwise_backward_input(dy, wt, 2, 2, 1, 1, 1, 1, dx)
@@ -139,8 +140,8 @@ def test_depthwise_forward_same_bits_inside_and_at_the_border(dtype, stride, dil
     oh, ow = (9 - 1) // stride + 1, (11 - 1) // stride + 1
     by_kernel, by_hand = np.empty((2, 2, oh, ow, channels), dtype)
     for relu in (False, True):
-        K.depthwise_forward(x, wt, bias, stride, stride, d, d, d, d, relu, by_kernel)
-        K.depthwise_forward(xp, wt, bias, stride, stride, 0, 0, d, d, relu, by_hand)
+        K.depthwise_forward(x, wt, bias, stride, stride, d, d, d, d, relu, by_kernel, _no_bn(x))
+        K.depthwise_forward(xp, wt, bias, stride, stride, 0, 0, d, d, relu, by_hand, _no_bn(x))
         assert by_kernel.tobytes() == by_hand.tobytes()
 
 

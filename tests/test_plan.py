@@ -113,13 +113,15 @@ def _conv_bn_models(dtype, rng):
     """Conv2D -> BatchNorm2D [-> ReLU [-> MaxPool2D]], running statistics and affine
     parameters random (a fresh BatchNorm's are 0, 1, 1, 0: too kind to rounding)."""
     models = []
-    for tail, (c, f, k, stride, pad, size) in [
-        (2, (3, 16, 3, 1, 1, 8)),  # 16 filters: the narrow tile
-        (1, (16, 40, 3, 2, 1, 9)),  # a partial filter tile, stride 2
-        (0, (8, 64, 1, 1, 0, 5)),
-        (1, (4, 8, 3, 1, 0, 3)),  # a 1 x 1 output: BatchNorm's NCHW path when unfused
+    for tail, (c, f, k, stride, pad, size, groups) in [
+        (2, (3, 16, 3, 1, 1, 8, 1)),  # 16 filters: the narrow tile
+        (1, (16, 40, 3, 2, 1, 9, 1)),  # a partial filter tile, stride 2
+        (0, (8, 64, 1, 1, 0, 5, 1)),
+        (1, (4, 8, 3, 1, 0, 3, 1)),  # a 1 x 1 output: BatchNorm's NCHW path when unfused
+        (1, (24, 24, 3, 1, 1, 9, 24)),  # depthwise (MobileNet's), 24 channels: not 16 at a time
+        (2, (8, 16, 3, 2, 1, 10, 8)),  # depthwise, two filters a channel, stride 2
     ]:
-        conv = L.Conv2D(c, f, k, stride, padding=pad, dtype=dtype, rng=rng)
+        conv = L.Conv2D(c, f, k, stride, padding=pad, dtype=dtype, rng=rng, groups=groups)
         bn = L.BatchNorm2D(f, dtype=dtype)
         bn.running_mean[...] = rng.standard_normal(f)
         bn.running_var[...] = rng.random(f) + 0.1
@@ -132,10 +134,11 @@ def _conv_bn_models(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(6))
 def test_conv_batchnorm_is_bitwise_the_unfused_plan(dtype, index, rng):
-    """Evaluation mode: the BatchNorm (and ReLU) applied by the convolution's kernel; a
-    backward after it recomputes the inner plan. Training mode: the inner plan itself."""
+    """Evaluation mode: the BatchNorm (and ReLU) applied by the convolution's kernel (the
+    direct, Winograd or depthwise one); a backward after it recomputes the inner plan.
+    Training mode: the inner plan itself."""
     model, shape = _conv_bn_models(dtype, rng)[index]
     assert _steps(model) == ["ConvBatchNorm"]
     x = rng.standard_normal(shape).astype(dtype)
@@ -278,6 +281,41 @@ def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
         model.eval()
         with pytest.raises(TypeError, match="Residual"):
             model(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_residual_sum_in_a_depthwise_convolution_is_bitwise_the_unfused_plan(
+    dtype, rng, monkeypatch
+):
+    """A MobileNet-style block ending in a depthwise Conv2D -> BatchNorm2D: in evaluation mode
+    the depthwise kernel adds the shortcut and applies the ReLU, bitwise the sum after it (NaN
+    kept); a grouped convolution of more channels a group matches no pattern."""
+    from fastcnn import plan
+
+    fused = []
+    forward_add = plan.ConvBatchNorm.forward_add
+
+    def spy(step, *args):
+        result = forward_add(step, *args)
+        fused.append(result[1])
+        return result
+
+    monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
+    body = [
+        L.Conv2D(12, 12, 1, dtype=dtype, rng=rng),
+        _bn(12, dtype, rng),
+        L.ReLU(),
+        L.Conv2D(12, 12, 3, padding=1, groups=12, dtype=dtype, rng=rng),
+        _bn(12, dtype, rng),
+    ]
+    model = Sequential(Residual(Sequential(*body)), L.ReLU()).eval()
+    x = rng.standard_normal((3, 12, 7, 9)).astype(dtype)
+    x[1, 4, 3, 3] = np.nan
+    for input_grad in (True, False):
+        assert_fused_equals_unfused(model, x, input_grad=input_grad)
+    assert fused == [True] * 2
+    grouped = Sequential(L.Conv2D(12, 12, 3, groups=4, dtype=dtype, rng=rng), _bn(12, dtype, rng))
+    assert _steps(grouped) == ["ModuleStep", "ModuleStep"]
 
 
 def test_residual_sum_of_mismatched_shapes_is_the_residuals_error(rng):
