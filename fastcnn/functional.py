@@ -996,8 +996,11 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
     of dy with the flipped weights (``_flipped_weight``, padding ``dilation * (k - 1) - pad``)
     instead of col2im: with at most 16 filters col2im's products are only 16 terms long, the
     forward's are taps x filters long (``bench/bench_conv.py`` times both), and 16 or more
-    channels fill the forward's tile columns. Finite weights only: the forward also
-    multiplies the zeros around dy by every weight, and 0 * inf is NaN."""
+    channels fill the forward's tile columns. An unpadded 1x1 convolution's too, whatever its
+    channels: there col2im's scatter is a copy into a zeroed gradient, the forward stores its
+    tiles once (MobileNet's pointwise layers, weight and input gradient together, 2 threads:
+    1.01-1.16x). Finite weights only: the forward also multiplies the zeros around dy by every
+    weight, and 0 * inf is NaN."""
     f, c, kh, kw = weight.shape
     reach = (
         dilation[0] * (kh - 1),
@@ -1007,8 +1010,7 @@ def _input_gradient_as_convolution(weight, stride, pads, dilation):
     )
     return (
         stride == (1, 1)
-        and f <= _conv2d.FTN
-        and c >= _conv2d.FTN
+        and ((f <= _conv2d.FTN and c >= _conv2d.FTN) or kh == kw == 1)
         and all(p <= r for p, r in zip(pads, reach, strict=True))
         and bool(np.isfinite(weight).all())
     )

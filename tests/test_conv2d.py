@@ -271,6 +271,25 @@ def test_input_gradient_as_transposed_convolution_matches_naive(case):
         assert relative_error(dx, expected) <= tol
 
 
+@pytest.mark.parametrize("C, F", [(24, 48), (8, 40), (48, 8), (3, 96)])
+def test_input_gradient_of_a_1x1_convolution_as_the_forward_matches_naive(C, F, rng):
+    """An unpadded 1x1 stride-1 convolution's input gradient is the forward convolution of dy
+    whatever its channels and filters (MobileNet's pointwise layers); padded, col2im's."""
+    from fastcnn import functional as F_
+
+    x = rng.standard_normal((3, C, 7, 5))
+    w = rng.standard_normal((F, C, 1, 1))
+    assert F_._input_gradient_as_convolution(w, (1, 1), (0, 0, 0, 0), (1, 1))
+    assert not F_._input_gradient_as_convolution(w, (1, 1), (1, 1, 1, 1), (1, 1))
+    geom = ((1, 1), ((0, 0), (0, 0)), (1, 1))
+    dy = rng.standard_normal(output_shape(x.shape, w.shape, *geom))
+    expected = naive_backward(x, w, dy, *geom)[0]
+    for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
+        dx = F_.conv2d_backward(x.astype(dtype), w.astype(dtype), dy.astype(dtype), 1, 0)[0]
+        assert dx.dtype == dtype and dx.shape == x.shape
+        assert relative_error(dx, expected) <= tol
+
+
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 def test_input_gradient_with_non_finite_weights_takes_col2im(bad, rng):
     """The transposed convolution would multiply the zeros around dy by the non-finite weight
