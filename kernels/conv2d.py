@@ -61,6 +61,9 @@ from .lanes import batch_norm16
 
 #: Pixel tiles per forward work item (48 output pixels).
 _TILES_PER_ITEM = 16
+# an item's pixels are whole narrow tiles too (_forward_tiles' last filters): else its last
+# narrow tile would read the next item's rows, outside the worker's padded buffer
+assert _TILES_PER_ITEM * R % RN == 0 and _TILES_PER_ITEM * RT % RN == 0
 #: Weight gradient: units of work (fixed numbers, so results do not depend on the thread count)
 #: when the output has many tiles, pixels per cache block then (64: 1.55x faster than 128-512
 #: at conv2's shape, measured A/B), and pixel chunks when it has few.
@@ -876,7 +879,7 @@ def conv2d_backward_weight(
         )
         most = max(most, _chunk_rows(pix, koff, K, p0, p1, row)[1])
     buffers = np.empty((units if by_chunk else 0, most * Wp * x.shape[3]), dtype=x.dtype)
-    koffs = np.empty((units if by_chunk else 0, nkt * rows), dtype=np.uint64)
+    koffs = np.empty((units if by_chunk else 0, koff.size), dtype=np.uint64)
     dyf = _padded_rows(dy, Fp)
     # per pixel chunk, tile (fb, kt): rows = taps, columns = filters; and the bias sums
     # (a narrow tile's accumulators at a wide tile's places, as _weight_block puts them)

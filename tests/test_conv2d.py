@@ -389,24 +389,25 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
     assert numba.get_num_threads() == saved
 
 
-@pytest.mark.parametrize("F", [48, 40, 80])
-def test_weight_gradient_of_a_narrow_last_filter_block_for_any_grouping(F, rng):
+@pytest.mark.parametrize("C, K, F", [(24, 3, 48), (24, 3, 40), (24, 3, 80), (8, 1, 48)])
+def test_weight_gradient_of_a_narrow_last_filter_block_for_any_grouping(C, K, F, rng):
     """A last block of at most 16 filters (48 = 32 + 16, 40, 80) runs on the narrow tile, RN
     taps a tile where the other blocks take 3 (or 6): its tap tiles are split among the same
-    groups. Every grouping and thread count gives bitwise one gradient, the textbook's."""
-    x = rng.standard_normal((4, 24, 9, 9))
-    w_shape = (F, 24, 3, 3)
-    geom = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    groups (216 terms a pixel), or it sums pixel chunks (8 terms: 1x1 over 8 channels). Every
+    grouping and thread count gives bitwise one gradient, the textbook's."""
+    x = rng.standard_normal((4, C, 9, 9))
+    w_shape = (F, C, K, K)
+    geom = ((1, 1), ((K // 2, K // 2), (K // 2, K // 2)), (1, 1))
     dy = rng.standard_normal(output_shape(x.shape, w_shape, *geom))
     expected = naive_backward(x, np.zeros(w_shape), dy, *geom)
     flat = _flat(*geom)
     for dtype, tol in ((np.float64, F64_TOL), (np.float32, F32_TOL)):
         xn, dyn = nhwc(x.astype(dtype)), nhwc(dy.astype(dtype))
         results = set()
-        for groups in (1, 2, 3, 8, 100):
+        for workers in (1, 2, 3, 8, 100):  # the kernel's ``threads``: the groups of tap tiles
             dw = np.full(w_shape, np.nan, dtype)
             db = np.full(F, np.nan, dtype)
-            conv2d_backward_weight(xn, dyn, *flat, dw, db, groups)
+            conv2d_backward_weight(xn, dyn, *flat, dw, db, workers)
             assert relative_error(dw, expected[1]) <= tol
             assert relative_error(db, expected[2]) <= tol
             results.add(dw.tobytes() + db.tobytes())

@@ -237,10 +237,11 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fused_plans_leave_grouped_convolutions_alone(mode):
-    """Conv2D(groups) -> BatchNorm2D -> ReLU -> MaxPool2D: the plan fuses none of them into the
-    dense convolution's kernels (which know no groups); with fusion on or off, the same bits,
-    forward and backward."""
+def test_fused_plans_of_grouped_convolutions_are_bitwise_the_unfused(mode):
+    """A depthwise Conv2D (two filters a channel) -> BatchNorm2D -> ReLU -> MaxPool2D: one
+    ConvBatchNorm step (the depthwise kernel applies the BatchNorm and the ReLU in evaluation
+    mode); a grouped Conv2D of 4 channels a group -> ReLU: no pattern (the dense convolution's
+    kernels know no groups). With fusion on or off, the same bits, forward and backward."""
     rng = np.random.default_rng(2)
 
     def build():
@@ -264,6 +265,9 @@ def test_fused_plans_leave_grouped_convolutions_alone(mode):
         with fastcnn.fusion(fuse):
             y = model(x)
             dx = model.backward(np.ones_like(y), input_grad=True)
+            steps = [type(s).__name__ for s in model._plan()]
+        expected = ["ConvBatchNorm", "ModuleStep", "ModuleStep"] if fuse else ["ModuleStep"] * 6
+        assert steps == expected
         outs.append([y.tobytes(), dx.tobytes()] + [p.grad.tobytes() for p in model.parameters()])
     assert outs[0] == outs[1]
 

@@ -284,8 +284,9 @@ def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [12, 16])  # 16: the BatchNorm 16 channels at a time, with the sum
 def test_residual_sum_in_a_depthwise_convolution_is_bitwise_the_unfused_plan(
-    dtype, rng, monkeypatch
+    dtype, c, rng, monkeypatch
 ):
     """A MobileNet-style block ending in a depthwise Conv2D -> BatchNorm2D: in evaluation mode
     the depthwise kernel adds the shortcut and applies the ReLU, bitwise the sum after it (NaN
@@ -302,14 +303,14 @@ def test_residual_sum_in_a_depthwise_convolution_is_bitwise_the_unfused_plan(
 
     monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
     body = [
-        L.Conv2D(12, 12, 1, dtype=dtype, rng=rng),
-        _bn(12, dtype, rng),
+        L.Conv2D(c, c, 1, dtype=dtype, rng=rng),
+        _bn(c, dtype, rng),
         L.ReLU(),
-        L.Conv2D(12, 12, 3, padding=1, groups=12, dtype=dtype, rng=rng),
-        _bn(12, dtype, rng),
+        L.Conv2D(c, c, 3, padding=1, groups=c, dtype=dtype, rng=rng),
+        _bn(c, dtype, rng),
     ]
     model = Sequential(Residual(Sequential(*body)), L.ReLU()).eval()
-    x = rng.standard_normal((3, 12, 7, 9)).astype(dtype)
+    x = rng.standard_normal((3, c, 7, 9)).astype(dtype)
     x[1, 4, 3, 3] = np.nan
     for input_grad in (True, False):
         assert_fused_equals_unfused(model, x, input_grad=input_grad)
