@@ -13,7 +13,6 @@ for the GEMM row only, the BLAS's (threadpoolctl, restored afterwards).
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -23,6 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastcnn import functional as F  # noqa: E402
 from fastcnn.kernels.gemm_tile import FTN, tile_shape  # noqa: E402
 from fastcnn.threads import threads  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_report import git_revision  # noqa: E402
 
 #: (network, layer, C, F, H, kernel, stride, padding): the convolutions of the benchmark networks
 #: (ResNet's stride-2 shortcut convolutions aside), at their input size.
@@ -138,12 +140,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     lines = []
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__)),
-    ).stdout.strip()
+    rev = git_revision()
     with threads(args.threads):
         gemm = gemm_rate(args.threads, args.repeats)
         lines.append(

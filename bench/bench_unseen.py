@@ -19,7 +19,6 @@ dependency: without it only fastcnn's images/s are printed.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,6 +31,7 @@ from fastcnn import layers as L  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_file  # noqa: E402
+from e2e_report import git_revision  # noqa: E402
 
 #: name -> (input (C, H, W), layers): ("conv", in, out, k, stride, groups, batch norm, ReLU),
 #: ("pool", k, stride) a max pool (padding 1 for k = 3), ("gap",), ("flat",),
@@ -220,12 +220,7 @@ def main(argv=None):
     except ImportError:
         torch = None
     saved = None if args.no_save else results_file.start("unseen", args.results_dir)
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__)),
-    ).stdout.strip()
+    rev = git_revision()
     cmd = " ".join(sys.argv[1:] if argv is None else argv)
     print("# Networks outside the suite: fastcnn and PyTorch in one process\n")
     print(f"`python bench/bench_unseen.py {cmd}` at git {rev}; batch {args.batch}; images/s,")

@@ -916,8 +916,7 @@ def conv2d_backward_weight(
         if tall and not last:
             _weight_unit_tall(operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit])
         else:
-            bias = kt0 == 0
             _weight_unit(
-                operands, kt0, kt1, p0, p1, f0, tile0, sums, bias, btile[unit], narrow or last
+                operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit], narrow or last
             )
     _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, thin, dweight, dbias)

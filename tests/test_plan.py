@@ -220,6 +220,23 @@ def _bn(f, dtype, rng):
     return bn
 
 
+@pytest.fixture
+def fused_sums(monkeypatch):
+    """A list that gets, for each ConvBatchNorm.forward_add call, whether its kernel summed."""
+    from fastcnn import plan
+
+    fused = []
+    forward_add = plan.ConvBatchNorm.forward_add
+
+    def spy(step, *args):
+        result = forward_add(step, *args)
+        fused.append(result[1])
+        return result
+
+    monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
+    return fused
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "c, f, stride, relu, winograd",
@@ -234,24 +251,14 @@ def _bn(f, dtype, rng):
     ],
 )
 def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
-    dtype, c, f, stride, relu, winograd, rng, monkeypatch
+    dtype, c, f, stride, relu, winograd, rng, monkeypatch, fused_sums
 ):
     """Evaluation mode: the body's last Conv2D -> BatchNorm2D adds the shortcut (and applies
     the block's ReLU) in its kernel: bitwise the sum and the ReLU after it, NaN kept, the
     backward after it too; training mode and a body ending otherwise: the sum after it."""
-    from fastcnn import plan
-
     if not winograd:
         monkeypatch.setenv("FASTCNN_WINOGRAD", "0")
-    fused = []
-    forward_add = plan.ConvBatchNorm.forward_add
-
-    def spy(step, *args):
-        result = forward_add(step, *args)
-        fused.append(result[1])
-        return result
-
-    monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
+    fused = fused_sums
     first = L.Conv2D(c, f, 3, stride, padding=1, bias=False, dtype=dtype, rng=rng)
     # the second conv of the one-channel case reads one channel too
     second_in = 1 if c == 1 else f
@@ -286,22 +293,12 @@ def test_residual_sum_in_the_last_convolution_is_bitwise_the_unfused_plan(
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("c", [12, 16])  # 16: the BatchNorm 16 channels at a time, with the sum
 def test_residual_sum_in_a_depthwise_convolution_is_bitwise_the_unfused_plan(
-    dtype, c, rng, monkeypatch
+    dtype, c, rng, fused_sums
 ):
     """A MobileNet-style block ending in a depthwise Conv2D -> BatchNorm2D: in evaluation mode
     the depthwise kernel adds the shortcut and applies the ReLU, bitwise the sum after it (NaN
     kept); a grouped convolution of more channels a group matches no pattern."""
-    from fastcnn import plan
-
-    fused = []
-    forward_add = plan.ConvBatchNorm.forward_add
-
-    def spy(step, *args):
-        result = forward_add(step, *args)
-        fused.append(result[1])
-        return result
-
-    monkeypatch.setattr(plan.ConvBatchNorm, "forward_add", spy)
+    fused = fused_sums
     body = [
         L.Conv2D(c, c, 1, dtype=dtype, rng=rng),
         _bn(c, dtype, rng),
