@@ -402,6 +402,39 @@ def test_chunk_affine_inplace_matches_the_naive_affine_and_its_out_of_place_twin
     assert relative_error(y, expected) <= tol
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 32, 5, 7), (5, 5, 9, 9), (2, 130, 5, 5)])
+def test_forward_with_the_relu_is_bitwise_the_forward_then_relu_forward(dtype, shape, rng):
+    """batchnorm_forward_train_nhwc with ``relu`` (the select in the loop that writes the
+    output) against the kernel without it followed by activations.relu_forward: the same bits,
+    with NaN and infinities in x, outputs of both signs and a channel whose normalised values
+    are zeros (constant x, gamma < 0, beta = -0.0)."""
+    from fastcnn.kernels import activations
+
+    n, c, h, w = shape
+    x = (rng.standard_normal((n * h * w, c)) * 2 + 0.3).astype(dtype)
+    x[1, 0] = np.nan  # channels 0 and 1 all NaN after the forward
+    x[2, 1] = np.inf
+    x[3, 1] = -np.inf
+    x[:, c - 1] = dtype(0.75)  # var 0: (x - mean) is +-0 before the shift
+    gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+    gamma[c - 1], beta[c - 1] = -1.5, -0.0
+    outs = []
+    for relu in (False, True):
+        y = np.full_like(x, np.nan)
+        mean, invstd = np.empty(c, dtype), np.empty(c, dtype)
+        affine = np.empty((2, c), dtype)
+        K.batchnorm_forward_train_nhwc(x, gamma, beta, dtype(1e-5), y, mean, invstd, relu, affine)
+        outs.append((y, mean, invstd, affine))
+    (y, *stats), (got, *got_stats) = outs
+    expected = np.empty_like(y)
+    activations.relu_forward(y.reshape(-1), expected.reshape(-1))
+    assert np.array_equal(got.view(f"u{got.itemsize}"), expected.view(f"u{got.itemsize}"))
+    for a, b in zip(got_stats, stats, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (expected > 0).any() and (expected == 0).any() and np.isnan(expected).any()
+
+
 # ---------------------------------------------------------------- the ReLU's backward fused in
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
