@@ -473,7 +473,7 @@ def _chunk_affine_relu(x, m, s, b, out):
 @njit(cache=True, fastmath=BN_FASTMATH)
 def _relu_passed(x, m, s, b):
     """Whether the forward's ReLU passed this value: its output recomputed from x as
-    _chunk_affine computed it, the same expression under the same flags (a function of its
+    _chunk_affine_relu computed it, the same expression under the same flags (a function of its
     own, so the backward's flags do not apply to it), tested as _relu_select tests it."""
     return (x - m) * s + b > 0
 

@@ -639,12 +639,13 @@ def _weight_plan(K, F, NP, narrow, tall, threads):
 def _chunk_in_blocks(chunks, narrow, tall, stride_area, taps):
     """Whether the pixel chunks of a weight gradient (_weight_plan's ``chunks`` > 1) are summed
     in blocks of _PIXEL_BLOCK pixels, each block's x and dy in L1 for all the tap tiles, rather
-    than each tap tile streaming the whole chunk from L2: on the wide tile, where windows
-    do not overlap (stride > 1, or 1x1), so that the chunk's x is as large as its dy. The sums
-    run over the pixels in the same order either way (bitwise the same gradient). AVX2, 2
-    threads, against the whole chunk: 16->32 3x3/2 1.2-1.5x, 64->32 1x1 1.2-1.4x; 3x3 and 5x5
-    stride 1 over 3-8 channels, whose x stays in L1 anyway, 0.85-1.15x; the narrow tile
-    0.85-1.05x; the tall tile not measured."""
+    than each tap tile streaming the whole chunk from L2 (conv2d_backward_weight then overrides
+    _weight_plan's block): for more than FTN filters off the tall tile (a thin last block
+    included), where neighbouring windows share little of x (stride > 1, or 1x1), so that the
+    chunk's x is about as large as its dy. The sums run over the pixels in the same order
+    either way (bitwise the same gradient). AVX2, 2 threads, against the whole chunk: 16->32
+    3x3/2 1.2-1.5x, 64->32 1x1 1.2-1.4x; 3x3 and 5x5 stride 1 over 3-8 channels, whose x stays
+    in L1 anyway, 0.85-1.15x; the narrow tile 0.85-1.05x; the tall tile not measured."""
     return chunks > 1 and not narrow and not tall and (stride_area > 1 or taps == 1)
 
 

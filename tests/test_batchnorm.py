@@ -406,9 +406,9 @@ def test_chunk_affine_inplace_matches_the_naive_affine_and_its_out_of_place_twin
 @pytest.mark.parametrize("shape", [(4, 16, 8, 8), (3, 32, 5, 7), (5, 5, 9, 9), (2, 130, 5, 5)])
 def test_forward_with_the_relu_is_bitwise_the_forward_then_relu_forward(dtype, shape, rng):
     """batchnorm_forward_train_nhwc with ``relu`` (the select in the loop that writes the
-    output) against the kernel without it followed by activations.relu_forward: the same bits,
-    with NaN and infinities in x, outputs of both signs and a channel whose normalised values
-    are zeros (constant x, gamma < 0, beta = -0.0)."""
+    output) against the kernel without it followed by activations.relu_forward: the same bits
+    and statistics, with NaN and infinities in x (channels of NaN statistics), outputs of both
+    signs and a constant channel (normalised values at or next to zero)."""
     from fastcnn.kernels import activations
 
     n, c, h, w = shape
@@ -416,7 +416,7 @@ def test_forward_with_the_relu_is_bitwise_the_forward_then_relu_forward(dtype, s
     x[1, 0] = np.nan  # channels 0 and 1 all NaN after the forward
     x[2, 1] = np.inf
     x[3, 1] = -np.inf
-    x[:, c - 1] = dtype(0.75)  # var 0: (x - mean) is +-0 before the shift
+    x[:, c - 1] = dtype(0.75)  # var 0
     gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
     gamma[c - 1], beta[c - 1] = -1.5, -0.0
     outs = []
@@ -433,6 +433,30 @@ def test_forward_with_the_relu_is_bitwise_the_forward_then_relu_forward(dtype, s
     for a, b in zip(got_stats, stats, strict=True):
         np.testing.assert_array_equal(a, b)
     assert (expected > 0).any() and (expected == 0).any() and np.isnan(expected).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_relu_chunk_is_bitwise_the_affine_then_the_relu_select(dtype, rng):
+    """batchnorm._chunk_affine_relu against _chunk_affine followed by activations.relu_forward,
+    on values made to hit the select's edges: -0.0 (x = m, s < 0, b = -0.0; the select must
+    give +0.0), +-infinity, NaN (passes), and random values either side of zero."""
+    from fastcnn.kernels import activations
+
+    x = rng.standard_normal((37, 6)).astype(dtype)
+    m, s, b = (rng.standard_normal(6).astype(dtype) for _ in range(3))
+    x[:, 0], m[0], s[0], b[0] = 0.0, 0.0, -1.0, -0.0
+    x[::2, 1], x[1::2, 1], m[1], s[1] = np.inf, -np.inf, 0.0, 1.0
+    x[::3, 2] = np.nan
+    affine = np.empty_like(x)
+    K._chunk_affine(x, m, s, b, affine)
+    assert np.signbit(affine[:, 0]).all() and np.isinf(affine[:, 1]).all()
+    expected = np.empty_like(x)
+    activations.relu_forward(affine.reshape(-1), expected.reshape(-1))
+    got = np.full_like(x, np.nan)
+    K._chunk_affine_relu(x, m, s, b, got)
+    bits = f"u{x.itemsize}"
+    assert np.array_equal(got.view(bits), expected.view(bits))
+    assert not np.signbit(got[:, 0]).any() and (got[:, 0] == 0).all()
 
 
 # ---------------------------------------------------------------- the ReLU's backward fused in

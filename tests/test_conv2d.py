@@ -389,6 +389,34 @@ def test_weight_gradient_is_bitwise_deterministic_across_calls_and_threads(cfg, 
     assert numba.get_num_threads() == saved
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C, K, stride", [(16, 3, 2), (24, 1, 1), (5, 1, 2)])
+def test_weight_gradient_summed_in_blocks_is_bitwise_the_whole_chunk(C, K, stride, dtype, rng):
+    """Pixel chunks summed in 64-pixel blocks (the wide tile, stride > 1 or 1x1:
+    _chunk_in_blocks) against the same chunks each summed whole (16 filters, the narrow
+    tile, not in blocks; the chunks are the wide tile's for both): 17 filters, the 17th's dy
+    zero, give the 16 filters' gradients bit for bit. 189-198 pixels: two chunks, each a
+    64-pixel block and a partial one. (Where the host has the tall tile, the 17 filters run on
+    it, whole chunks: the two tiles' sums are compared.)"""
+    x = rng.standard_normal((3, C, 18, 14) if stride == 2 else (2, C, 11, 9))
+    padding = ((K // 2, K // 2), (K // 2, K // 2))
+    dy_shape = output_shape(x.shape, (16, C, K, K), (stride, stride), padding, (1, 1))
+    dy = rng.standard_normal(dy_shape)
+    npix = dy_shape[0] * dy_shape[2] * dy_shape[3]
+    assert npix % 64 and npix // 64 >= 2
+    x, dy = nhwc(x.astype(dtype)), nhwc(dy.astype(dtype))
+    dy17 = np.concatenate([dy, np.zeros(dy.shape[:3] + (1,), dtype)], axis=3)
+    geom = _flat((stride, stride), padding, (1, 1))
+    got = []
+    for g in (dy, dy17):
+        f = g.shape[3]
+        dw, db = np.full((f, C, K, K), np.nan, dtype), np.full(f, np.nan, dtype)
+        conv2d_backward_weight(x, g, *geom, dw, db, numba.get_num_threads())
+        got.append((dw[:16], db[:16]))
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("C, K, F", [(24, 3, 48), (24, 3, 40), (24, 3, 80), (8, 1, 48)])
 def test_weight_gradient_of_a_narrow_last_filter_block_for_any_grouping(C, K, F, rng):
     """A last block of at most 16 filters (48 = 32 + 16, 40, 80) runs on the narrow tile, RN
