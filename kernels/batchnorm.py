@@ -445,6 +445,18 @@ def chunk_affine_inplace(x, m, s, b):
 
 
 @njit(cache=True, fastmath=BN_FASTMATH)
+def chunk_affine_relu_inplace(x, m, s, b):
+    """x[p, c] = relu((x[p, c] - m[c]) * s[c] + b[c]) in place: chunk_affine_inplace's values
+    through _relu_select in the same loop (bitwise the two; a select pass of its own over the
+    rows stayed scalar: the convolutions' evaluation-mode BatchNorm + ReLU epilogue at 24 or
+    40 filters took 20-35% longer with the ReLU than without)."""
+    zero = x.dtype.type(0)
+    for p in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            x[p, c] = _relu_select((x[p, c] - m[c]) * s[c] + b[c], zero)
+
+
+@njit(cache=True, fastmath=BN_FASTMATH)
 def _chunk_affine(x, m, s, b, out):
     """out[p, c] = (x[p, c] - m[c]) * s[c] + b[c] over the chunk's pixels."""
     for p in range(x.shape[0]):

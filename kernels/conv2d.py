@@ -42,7 +42,7 @@ number of threads. Scratch arrays are allocated once per call, outside every pra
 import numpy as np
 from numba import njit, prange
 
-from .batchnorm import chunk_affine_inplace
+from .batchnorm import chunk_affine_inplace, chunk_affine_relu_inplace
 from .gemm_tile import (
     FT,
     FTN,
@@ -321,6 +321,9 @@ def _batch_norm_rows(block, F, bn, relu, start):
                 batch_norm16(block, o, mean, scale, shift, np.uint64(c0), add, a0 + o, relu)
         return
     rows2d = block.reshape((block.size // F, F))
+    if relu and add.size == 0:  # the ReLU's select in the affine's loop
+        chunk_affine_relu_inplace(rows2d, mean, scale, shift)
+        return
     chunk_affine_inplace(rows2d, mean, scale, shift)
     zero = block.dtype.type(0)
     if add.size > 0:  # a slice: an index start + i is tested for wrap-around, not vectorised

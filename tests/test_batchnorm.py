@@ -437,9 +437,10 @@ def test_forward_with_the_relu_is_bitwise_the_forward_then_relu_forward(dtype, s
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_affine_relu_chunk_is_bitwise_the_affine_then_the_relu_select(dtype, rng):
-    """batchnorm._chunk_affine_relu against _chunk_affine followed by activations.relu_forward,
-    on values made to hit the select's edges: -0.0 (x = m, s < 0, b = -0.0; the select must
-    give +0.0), +-infinity, NaN (passes), and random values either side of zero."""
+    """batchnorm._chunk_affine_relu and chunk_affine_relu_inplace against _chunk_affine
+    followed by activations.relu_forward, on values made to hit the select's edges: -0.0
+    (x = m, s < 0, b = -0.0; the select must give +0.0), +-infinity, NaN (passes), and random
+    values either side of zero."""
     from fastcnn.kernels import activations
 
     x = rng.standard_normal((37, 6)).astype(dtype)
@@ -454,9 +455,12 @@ def test_affine_relu_chunk_is_bitwise_the_affine_then_the_relu_select(dtype, rng
     activations.relu_forward(affine.reshape(-1), expected.reshape(-1))
     got = np.full_like(x, np.nan)
     K._chunk_affine_relu(x, m, s, b, got)
+    in_place = x.copy()
+    K.chunk_affine_relu_inplace(in_place, m, s, b)  # the convolutions' epilogue's
     bits = f"u{x.itemsize}"
-    assert np.array_equal(got.view(bits), expected.view(bits))
-    assert not np.signbit(got[:, 0]).any() and (got[:, 0] == 0).all()
+    for result in (got, in_place):
+        assert np.array_equal(result.view(bits), expected.view(bits))
+        assert not np.signbit(result[:, 0]).any() and (result[:, 0] == 0).all()
 
 
 # ---------------------------------------------------------------- the ReLU's backward fused in
