@@ -327,6 +327,7 @@ def _batch_norm_rows(block, F, bn, relu, start):
     chunk_affine_inplace(rows2d, mean, scale, shift)
     zero = block.dtype.type(0)
     if add.size > 0:  # a slice: an index start + i is tested for wrap-around, not vectorised
+        # (with the sum in it this loop vectorises, select included; the select alone did not)
         other = add[start : start + block.size]
         if relu:
             for i in range(block.size):
@@ -335,10 +336,6 @@ def _batch_norm_rows(block, F, bn, relu, start):
         else:
             for i in range(block.size):
                 block[i] = block[i] + other[i]
-    elif relu:
-        for i in range(block.size):
-            v = block[i]
-            block[i] = zero if v <= zero else v
 
 
 # ---- the kernels ----
