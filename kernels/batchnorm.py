@@ -448,8 +448,8 @@ def chunk_affine_inplace(x, m, s, b):
 def chunk_affine_relu_inplace(x, m, s, b):
     """x[p, c] = relu((x[p, c] - m[c]) * s[c] + b[c]) in place: chunk_affine_inplace's values
     through _relu_select in the same loop (bitwise the two; a select pass of its own over the
-    rows stayed scalar: the convolutions' evaluation-mode BatchNorm + ReLU epilogue at 24 or
-    40 filters took 20-35% longer with the ReLU than without)."""
+    rows stayed scalar: the convolutions' evaluation-mode epilogue at filter counts that are not
+    multiples of 16 cost markedly more with the ReLU than without)."""
     zero = x.dtype.type(0)
     for p in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -475,7 +475,7 @@ def _relu_select(v, zero):
 def _chunk_affine_relu(x, m, s, b, out):
     """out[p, c] = relu((x[p, c] - m[c]) * s[c] + b[c]): _chunk_affine's values through the
     ReLU's select in the same loop (bitwise the two one after the other; a pass of its own over
-    the chunk, even in cache, stayed scalar and took 2-3x the affine's time)."""
+    the chunk, even in cache, stayed scalar and cost more than the affine itself)."""
     zero = out.dtype.type(0)
     for p in range(x.shape[0]):
         for c in range(x.shape[1]):

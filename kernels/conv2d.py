@@ -643,9 +643,8 @@ def _chunk_in_blocks(chunks, narrow, tall, stride_area, taps):
     _weight_plan's block): for more than FTN filters off the tall tile (a thin last block
     included), where neighbouring windows share little of x (stride > 1, or 1x1), so that the
     chunk's x is about as large as its dy. The sums run over the pixels in the same order
-    either way (bitwise the same gradient). AVX2, 2 threads, against the whole chunk: 16->32
-    3x3/2 1.2-1.5x, 64->32 1x1 1.2-1.4x; 3x3 and 5x5 stride 1 over 3-8 channels, whose x stays
-    in L1 anyway, 0.85-1.15x; the narrow tile 0.85-1.05x; the tall tile not measured."""
+    either way (bitwise the same gradient). Stride 1 over few channels (x stays in L1 anyway)
+    and the narrow tile gained nothing; the tall tile is unmeasured (docs/kernels.md)."""
     return chunks > 1 and not narrow and not tall and (stride_area > 1 or taps == 1)
 
 
