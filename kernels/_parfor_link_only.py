@@ -47,6 +47,9 @@ _SHARED_COPY = os.environ.get("FASTCNN_NUMBA_SHARED_COPY", "1") != "0"
 #: The name numba 0.68 gives the function (and so the library) of a parallel loop's body.
 _GUFUNC = "__numba_parfor_gufunc_"
 _GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
+#: A helper (a serial dispatcher of fastcnn) compiled because a kernel being compiled calls it
+#: is built link only: no CPython wrapper, no machine code, no cache entry (see _compile_helper).
+_HELPER_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_HELPER_LINK_ONLY", "1") != "0"
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -144,7 +147,10 @@ def _link_only_get_executable(get_executable):
 
     @functools.wraps(get_executable)
     def wrapper(self, library, fndesc, env):
-        if not getattr(library, "_fastcnn_link_only", False):
+        if not (
+            getattr(library, "_fastcnn_link_only", False)
+            or getattr(library, "_fastcnn_no_code", False)
+        ):
             return get_executable(self, library, fndesc, env)
         library._ensure_finalized()
         name = fndesc.qualname.split(".")[-1]
@@ -163,7 +169,7 @@ def _apply():
     lib = codegen.CPUCodeLibrary
     _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
     _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
-    if _GUFUNC_LINK_ONLY:
+    if _GUFUNC_LINK_ONLY or _HELPER_LINK_ONLY:
         _saved.append((cpu.CPUContext, "get_executable", vars(cpu.CPUContext)["get_executable"]))
         cpu.CPUContext.get_executable = _link_only_get_executable(cpu.CPUContext.get_executable)
     if _SHARED_COPY:
@@ -179,6 +185,10 @@ def _apply():
         self._fastcnn_link_only = getattr(_state, "building", False) or (
             _GUFUNC_LINK_ONLY and _GUFUNC in name
         )
+        helpers = getattr(_state, "helpers", None)
+        # a helper's own library (numba names it after the function): optimised as numba does
+        # (the same IR is linked into its callers), no machine code of its own
+        self._fastcnn_no_code = bool(helpers) and name == helpers[-1]
 
     @functools.wraps(optimize)
     def _optimize_final_module(self):
@@ -187,7 +197,7 @@ def _apply():
 
     @functools.wraps(finalize)
     def _finalize_final_module(self):
-        if getattr(self, "_fastcnn_link_only", False):
+        if getattr(self, "_fastcnn_link_only", False) or getattr(self, "_fastcnn_no_code", False):
             self._finalize_dynamic_globals()  # what the kernel's library inherits on linking
             self._finalized = True
         else:
@@ -237,6 +247,81 @@ def patched():
                 _restore()
 
 
+class _NoSaveCache:
+    """A dispatcher's cache that loads as numba's does and saves nothing (``loaded`` records
+    whether the last load found the function)."""
+
+    def __init__(self, cache):
+        self._cache = cache
+        self.loaded = False
+
+    def load_overload(self, *args, **kwargs):
+        cres = self._cache.load_overload(*args, **kwargs)
+        self.loaded = cres is not None
+        return cres
+
+    def save_overload(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+def _compile_helper(dispatcher, compile_, sig):
+    """Compile ``dispatcher`` for ``sig`` *link only*: it is being compiled because a kernel
+    that calls it is (``_depth`` > 1), and only its LLVM IR, linked into that kernel, is ever
+    run. So no CPython wrapper (numba's ``no_cpython_wrapper``), no machine code of its own
+    (``_fastcnn_no_code``: its module is optimised as numba's, then only linked), no cache entry,
+    and no entry in the dispatcher's table of Python calls (the entry point's address is 0). A
+    later call from Python, or a compilation outside a kernel's, compiles it again as numba
+    does (``_forget_link_only``). A version in numba's cache loads as usual."""
+    from numba.core import sigutils
+
+    args = tuple(sigutils.normalize_signature(sig)[0])
+    if args in dispatcher.overloads:
+        return compile_(sig)  # numba returns the existing entry point
+    options = dispatcher.targetoptions
+    wrapper = options.get("no_cpython_wrapper", _MISSING)
+    cache = _NoSaveCache(dispatcher._cache)
+    insert = dispatcher._insert
+
+    def _insert(*a, **k):
+        if cache.loaded:  # a cached version has its wrapper and machine code
+            insert(*a, **k)
+
+    helpers = _state.__dict__.setdefault("helpers", [])
+    helpers.append(dispatcher.py_func.__qualname__)
+    dispatcher._cache, dispatcher._insert = cache, _insert
+    options["no_cpython_wrapper"] = True
+    try:
+        entry = compile_(sig)
+    finally:
+        helpers.pop()
+        dispatcher._cache = cache._cache
+        del dispatcher._insert
+        if wrapper is _MISSING:
+            del options["no_cpython_wrapper"]
+        else:
+            options["no_cpython_wrapper"] = wrapper
+    if not cache.loaded:
+        dispatcher.__dict__.setdefault("_fastcnn_link_only_sigs", set()).add(args)
+    return entry
+
+
+def _forget_link_only(dispatcher, sig):
+    """Drop ``dispatcher``'s link-only version for ``sig`` (if any): it is to compile as numba
+    does (a call from Python, or an explicit ``compile``)."""
+    sigs = dispatcher.__dict__.get("_fastcnn_link_only_sigs")
+    if not sigs:
+        return
+    from numba.core import sigutils
+
+    args = tuple(sigutils.normalize_signature(sig)[0])
+    if args in sigs:
+        sigs.discard(args)
+        dispatcher.overloads.pop(args, None)
+
+
 def scope(dispatcher):
     """Make ``dispatcher`` (a numba ``@njit`` function) compile under ``patched``: its own
     ``compile`` attribute wraps its class's, which every compilation and cache load of it goes
@@ -249,6 +334,9 @@ def scope(dispatcher):
     @functools.wraps(compile_)
     def compile(sig):
         with patched():
+            if _HELPER_LINK_ONLY and _depth > 1 and not dispatcher.targetoptions.get("parallel"):
+                return _compile_helper(dispatcher, compile_, sig)
+            _forget_link_only(dispatcher, sig)
             return compile_(sig)
 
     compile._fastcnn_link_only = True

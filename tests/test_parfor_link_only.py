@@ -253,3 +253,47 @@ def test_warns_when_numba_does_not_fit(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _parfor_link_only.install([module]) is False
+
+
+_HELPER_CHILD = textwrap.dedent("""
+    import numpy as np
+    import fastcnn
+    from fastcnn.kernels import conv2d
+
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    out = np.empty((2, 6, 6, 16), np.float32)
+    e = np.empty(0, np.float32)
+    conv2d.conv2d_forward(x, w, np.zeros(16, np.float32), 1, 1, 1, 1, 1, 1, False, out, (e,) * 4, 2)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.einsum("nhwc,fc->nhwf", xp[:, :6, :6], w[:, :, 0, 0])
+    for i in range(3):
+        for j in range(3):
+            if i or j:
+                want += np.einsum("nhwc,fc->nhwf", xp[:, i:i + 6, j:j + 6], w[:, :, i, j])
+    print("KERNEL_OK", bool(np.allclose(out, want, atol=1e-4)))
+    helper = conv2d._padded_input  # compiled for the kernel above: link only
+    print("LINK_ONLY", len(helper.__dict__.get("_fastcnn_link_only_sigs", ())))
+    got = helper(x, 1, 1, 8, 8, True)  # from Python: compiled again, as numba does
+    print("PYTHON_CALL_OK", bool(np.array_equal(got, xp)))
+    print("LINK_ONLY_AFTER", len(helper.__dict__.get("_fastcnn_link_only_sigs", ())))
+""")
+
+
+@pytest.mark.slow
+@_needs_tested_numba
+def test_helper_compiled_for_a_kernel_is_link_only_until_called_from_python(tmp_path):
+    """A helper compiled because a kernel calls it has no machine code of its own; called from
+    Python afterwards it compiles as numba does, and runs."""
+    global _CHILD
+    child, _CHILD = _CHILD, _HELPER_CHILD
+    try:
+        got = _child(tmp_path)
+    finally:
+        _CHILD = child
+    assert got == {
+        "KERNEL_OK": "True",
+        "LINK_ONLY": "1",
+        "PYTHON_CALL_OK": "True",
+        "LINK_ONLY_AFTER": "0",
+    }, got
