@@ -256,7 +256,17 @@ class _NoSaveCache:
         self.loaded = False
 
     def load_overload(self, *args, **kwargs):
-        cres = self._cache.load_overload(*args, **kwargs)
+        # a cached version is whole (its machine code and wrapper): the libraries its load
+        # rebuilds must not be taken for the link-only helper's (they bear its name)
+        helpers = _state.__dict__.get("helpers")
+        saved = list(helpers) if helpers else None
+        if helpers:
+            helpers.clear()
+        try:
+            cres = self._cache.load_overload(*args, **kwargs)
+        finally:
+            if saved is not None:
+                helpers.extend(saved)
         self.loaded = cres is not None
         return cres
 
@@ -274,7 +284,9 @@ def _compile_helper(dispatcher, compile_, sig):
     (``_fastcnn_no_code``: its module is optimised as numba's, then only linked), no cache entry,
     and no entry in the dispatcher's table of Python calls (the entry point's address is 0). A
     later call from Python, or a compilation outside a kernel's, compiles it again as numba
-    does (``_forget_link_only``). A version in numba's cache loads as usual."""
+    does (``_forget_link_only``). A version in numba's cache loads whole, as numba loads it
+    (its libraries are not marked while they load: tests/test_parfor_link_only.py, a helper
+    cached from Python by one process and loaded inside a kernel's compilation by the next)."""
     from numba.core import sigutils
 
     args = tuple(sigutils.normalize_signature(sig)[0])
@@ -284,6 +296,7 @@ def _compile_helper(dispatcher, compile_, sig):
     wrapper = options.get("no_cpython_wrapper", _MISSING)
     cache = _NoSaveCache(dispatcher._cache)
     insert = dispatcher._insert
+    own = vars(dispatcher).get("_insert", _MISSING)  # set by an outer compilation of this one
 
     def _insert(*a, **k):
         if cache.loaded:  # a cached version has its wrapper and machine code
@@ -298,7 +311,10 @@ def _compile_helper(dispatcher, compile_, sig):
     finally:
         helpers.pop()
         dispatcher._cache = cache._cache
-        del dispatcher._insert
+        if own is _MISSING:
+            del dispatcher._insert
+        else:
+            dispatcher._insert = own
         if wrapper is _MISSING:
             del options["no_cpython_wrapper"]
         else:

@@ -297,3 +297,51 @@ def test_helper_compiled_for_a_kernel_is_link_only_until_called_from_python(tmp_
         "PYTHON_CALL_OK": "True",
         "LINK_ONLY_AFTER": "0",
     }, got
+
+
+_WARM_FIRST = textwrap.dedent("""
+    import fastcnn
+    from fastcnn.kernels import conv2d
+
+    # from Python: compiled as numba does, and saved to the cache
+    print("PLAN", conv2d._weight_in_pixel_order(144, 32))
+""")
+
+_WARM_SECOND = textwrap.dedent("""
+    import numpy as np
+    import fastcnn
+    from fastcnn.kernels import conv2d
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 9, 9, 16)).astype(np.float32)
+    dy = rng.standard_normal((2, 5, 5, 32)).astype(np.float32)
+    dw, db = np.empty((32, 16, 3, 3), np.float32), np.empty(32, np.float32)
+    # the kernel compiles and calls the helper the first process cached
+    conv2d.conv2d_backward_weight(x, dy, 2, 2, 1, 1, 1, 1, dw, db, 2)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((32, 16, 3, 3))
+    for i in range(3):
+        for j in range(3):
+            want[:, :, i, j] = np.einsum("nhwf,nhwc->fc", dy, xp[:, i:i + 9:2, j:j + 9:2])
+    print("KERNEL_OK", bool(np.allclose(dw, want, atol=1e-3)))
+    print("PLAN", conv2d._weight_in_pixel_order(144, 32))  # and from Python again
+""")
+
+
+@pytest.mark.slow
+@_needs_tested_numba
+def test_a_helper_cached_from_python_loads_whole_inside_a_kernel_compilation(tmp_path):
+    """A helper compiled from Python and cached by one process, loaded from the cache by the
+    next while a kernel that calls it compiles (depth > 1): it must load with its machine code
+    (no crash), the kernel must be right, and the helper callable from Python."""
+    global _CHILD
+    child = _CHILD
+    try:
+        _CHILD = _WARM_FIRST
+        first = _child(tmp_path)
+        _CHILD = _WARM_SECOND
+        second = _child(tmp_path)
+    finally:
+        _CHILD = child
+    assert first == {"PLAN": "False"}, first  # 144 terms, 32 filters: pixel chunks
+    assert second == {"KERNEL_OK": "True", "PLAN": "False"}, second
