@@ -26,6 +26,12 @@ scope are copied here with one ``deepcopy`` memo, so they share one copy of it, 
 of the original IR do; the inlined IR, and so the kernel, is the same.
 (``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.)
 
+And one level down: a serial helper of fastcnn compiled because a kernel being compiled calls it
+is only ever run as IR linked into that kernel, so it is built link only too (no machine code,
+no CPython wrapper, no cache entry: ``_compile_helper``); a call from Python compiles it again
+as numba does, and a version in numba's cache loads whole. (``FASTCNN_NUMBA_HELPER_LINK_ONLY=0``
+turns this part off.)
+
 Scope: numba's classes are patched only while a kernel of fastcnn compiles (``patched``, entered
 by the ``compile`` method that ``scope`` gives each of fastcnn's dispatchers, under numba's
 compiler lock so no other thread compiles meanwhile) and restored as they were right after.
