@@ -174,6 +174,51 @@ def _block_store(acc, xf, wf, bias, relu, rb, fb, N, F, K, kfull, out):
             out[n, f] = s if (not relu) | (s > 0) | (s != s) else 0
 
 
+@njit(cache=True, fastmath={"contract"})  # a serial helper: the prange body stays small
+def _product_columns(a, arow, aoff, nk, b, bstride, cb, panel, tile, zeros, out):
+    """dense_product's columns cb * FT ... (cb + 1) * FT (those below C) of out (M, C): the
+    block of b copied into the (nk, FT) panel, zero-padded past C, then every R-row tile of
+    out over it (whole tiles stored from the registers; the rest through ``tile``)."""
+    M, C = out.shape
+    flat = out.reshape(-1)
+    u = np.uint64
+    c0 = cb * FT
+    width = min(FT, C - c0)
+    for k in range(nk):
+        src = u(k) * bstride + u(c0)
+        for c in range(width):
+            panel[k * FT + c] = b[src + u(c)]
+        for c in range(width, FT):
+            panel[k * FT + c] = 0
+    for rt in range((M + R - 1) // R):
+        r0 = rt * R
+        if width == FT and r0 + R <= M:  # a whole tile: stored from the registers
+            gemm_tile_bias(
+                a,
+                u(0),
+                arow,
+                r0,
+                aoff,
+                0,
+                nk,
+                panel,
+                u(0),
+                u(FT),
+                zeros,
+                0,
+                False,
+                flat,
+                u(r0 * C + c0),
+                u(C),
+                False,
+            )
+            continue
+        gemm_tile(a, arow, r0, aoff, 0, nk, panel, u(0), u(FT), tile, 0, False, False)
+        for r in range(min(R, M - r0)):
+            for c in range(width):
+                out[r0 + r, c0 + c] = tile[r * FT + c]
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     """out (M, C) = sum over k < nk of a[arow[m] + aoff[k]] * b[k * bstride + c], in order of k:
@@ -185,56 +230,19 @@ def dense_product(a, arow, aoff, nk, b, bstride, parts, out):
     rows are bstride apart, and at a power-of-two stride (2048 floats: VGG's Dense) every row of
     the block fell into the same L1 sets. arow: M offsets padded to a multiple of GR (copies
     of the last); a, b flat; b holds nk rows of bstride >= C."""
-    M, C = out.shape
+    C = out.shape[1]
     ncb = (C + FT - 1) // FT
-    nrt = (M + R - 1) // R
     parts = max(1, min(parts, ncb))
     panels = np.empty((parts, nk * FT + LINE), dtype=out.dtype)  # see LINE
     tiles = np.empty((parts, R * FT + LINE), dtype=out.dtype)
     zeros = np.empty(FT, dtype=out.dtype)  # gemm_tile_bias's bias (np.zeros: a parallel loop)
     for c in range(FT):
         zeros[c] = 0
-    flat = out.reshape(-1)
-    u = np.uint64
     for part in prange(parts):
         panel = panels[part, : nk * FT]
         tile = tiles[part, : R * FT]
         for cb in range(part * ncb // parts, (part + 1) * ncb // parts):
-            c0 = cb * FT
-            width = min(FT, C - c0)
-            for k in range(nk):
-                src = u(k) * bstride + u(c0)
-                for c in range(width):
-                    panel[k * FT + c] = b[src + u(c)]
-                for c in range(width, FT):
-                    panel[k * FT + c] = 0
-            for rt in range(nrt):
-                r0 = rt * R
-                if width == FT and r0 + R <= M:  # a whole tile: stored from the registers
-                    gemm_tile_bias(
-                        a,
-                        u(0),
-                        arow,
-                        r0,
-                        aoff,
-                        0,
-                        nk,
-                        panel,
-                        u(0),
-                        u(FT),
-                        zeros,
-                        0,
-                        False,
-                        flat,
-                        u(r0 * C + c0),
-                        u(C),
-                        False,
-                    )
-                    continue
-                gemm_tile(a, arow, r0, aoff, 0, nk, panel, u(0), u(FT), tile, 0, False, False)
-                for r in range(min(R, M - r0)):
-                    for c in range(width):
-                        out[r0 + r, c0 + c] = tile[r * FT + c]
+            _product_columns(a, arow, aoff, nk, b, bstride, cb, panel, tile, zeros, out)
 
 
 @njit(cache=True, fastmath={"contract"})
