@@ -259,7 +259,7 @@ def _forward_tiles(
             # a copy of it
             dst = out if whole else tile
             o0 = p0 * F + f0 if whole else 0
-            if tall and not thin:
+            if TALL and tall and not thin:  # TALL: numba drops the tile where it is False
                 gemm_tile_bias_tall(
                     xf,
                     np.uint64(shift),
