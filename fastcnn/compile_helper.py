@@ -6,16 +6,16 @@ machine where nothing is cached yet a training step compiles for 30-40 s on one 
 forward kernel first compiles (or loads) here, the kernels that follow it in a training step
 are requested from a helper process (``FOLLOWERS``: the Dense layers', BatchNorm's, the pools'
 gradients), and a convolution layer's training forward requests its own gradients
-(``expect_convolution_gradients``). The helper compiles the requests in
-the order they came (the early layers' gradients, which the backward pass reaches last, come
-first), each through ``fastcnn.precompile.RECIPES`` (tiny inputs with the layers' argument
+(``expect_convolution_gradients``). The helper compiles the requests the
+longest first (``_SECONDS``; BatchNorm's training forward, which this process needs next, before
+them all), each through ``fastcnn.precompile.RECIPES`` (tiny inputs with the layers' argument
 types), into numba's cache. Whoever starts a kernel first claims it, by creating a file in a
 folder the two processes share: when this process reaches a kernel the helper has claimed, it
 waits until the helper has finished it and loads it from the cache; a requested kernel the
 helper has not started yet, this process claims and compiles itself, and the helper skips it.
 While this process waits for the helper, it compiles requested kernels nobody has started yet
-(the last requested first). So neither process waits on work the other has not begun, and no
-kernel compiles twice.
+(those the helper would reach last first). So neither process waits on work the other has not
+begun, and no kernel compiles twice.
 
 One helper per process, started by the first request on a cold cache when a second CPU is free
 (``_spare_cpu``); it ends when this process does, or after ``_IDLE`` seconds without a request.
@@ -49,9 +49,37 @@ __all__ = [
     "serve",
 ]
 
-_DENSE = (("dense.dense_forward", 0), ("dense.dense_product", 0))
-_DENSE_SMALL = (("dense.dense_forward_small", 0), ("dense.dense_backward_small", 0))
-_RELU = ("activations.relu_backward", 0)
+#: Seconds a kernel takes to compile in the helper from an empty cache (AVX2, 2026-12-07: the
+#: first-step timelines of the suite's networks), rounded; the helper takes the longest first
+#: (its priority is minus these): a long one started late decided the step's wall time, while
+#: this process, out of work of its own, waited for it (LeNet-5 3.8 s, VGG 2.8 s). This process
+#: then takes the short ones the helper has not started (``_steal``). Unlisted: 0.
+_SECONDS = {
+    "conv2d.conv2d_backward_weight": 8,
+    "fused.maxpool2d_conv2d_backward_weight_dense": 9,
+    "fused.maxpool2d_conv2d_backward_input": 5,
+    "winograd4.conv2d_winograd4_backward_weight": 5,
+    "winograd.conv2d_winograd_backward_weight": 5,
+    "conv2d_phases.conv2d_backward_input_phases": 4,
+    "batchnorm.batchnorm_backward_nhwc": 4,
+    "conv2d.conv2d_backward_input": 3,
+    "fused.maxpool2d_conv2d_backward_weight": 3,
+    "dense.dense_product": 2,
+    "dense.dense_forward": 2,
+    "conv2d_c1.conv2d_c1_backward_weight": 2,
+    "pool2d.maxpool2d_backward": 1,
+    "pool2d.avgpool2d_backward": 1,
+}
+
+
+def _longest_first(*names: str) -> tuple[tuple[str, int], ...]:
+    """(name, priority) pairs: the helper takes the lowest priority first."""
+    return tuple((name, -_SECONDS.get(name, 0)) for name in names)
+
+
+_DENSE = _longest_first("dense.dense_forward", "dense.dense_product")
+_DENSE_SMALL = _longest_first("dense.dense_forward_small", "dense.dense_backward_small")
+(_RELU,) = _longest_first("activations.relu_backward")
 
 #: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
 #: helper takes the lowest priority first, each in the order requested. A convolution layer
@@ -59,24 +87,25 @@ _RELU = ("activations.relu_backward", 0)
 #: Sequential the kernels of its BatchNorm and Dense layers (``expect_layers``: the Dense
 #: layers' depend on their size).
 FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
-    "conv2d_relu_maxpool2d_forward": (  # the reference network's fused steps
-        ("fused.maxpool2d_conv2d_backward_weight_dense", 0),
-        ("fused.maxpool2d_conv2d_backward_input", 0),
-        ("fused.maxpool2d_conv2d_backward_weight", 0),
+    "conv2d_relu_maxpool2d_forward": _longest_first(  # the reference network's fused steps
+        "fused.maxpool2d_conv2d_backward_weight_dense",
+        "fused.maxpool2d_conv2d_backward_input",
+        "fused.maxpool2d_conv2d_backward_weight",
     ),
     "dense_forward": (_DENSE[1],),
     "dense_forward_small": (_DENSE_SMALL[1],),
-    "maxpool2d_forward": (("pool2d.maxpool2d_backward", 0),),
-    "avgpool2d_forward": (("pool2d.avgpool2d_backward", 0),),
-    "global_avgpool2d_forward": (("pool2d.global_avgpool2d_backward", 0),),
+    "maxpool2d_forward": _longest_first("pool2d.maxpool2d_backward"),
+    "avgpool2d_forward": _longest_first("pool2d.avgpool2d_backward"),
+    "global_avgpool2d_forward": _longest_first("pool2d.global_avgpool2d_backward"),
     "relu_forward": (_RELU,),
-    "add_relu_forward": (_RELU, ("activations.add", 0)),
+    "add_relu_forward": (_RELU, *_longest_first("activations.add")),
 }
-#: BatchNorm's training forward; not its gradient: this process compiles that one itself when
-#: the backward reaches it, while the helper still compiles the convolutions' gradients (asked
-#: of the helper, it lengthened the helper's queue: first steps about 1 s longer, VGG and
-#: ResNet-20, once the gradient took the ReLU's backward in)
-_BATCH_NORM = (("batchnorm.batchnorm_forward_train_nhwc", -2),)
+#: BatchNorm's training forward, ahead of everything (this process needs it right after the
+#: first convolution's forward), and its gradient by its length like the rest
+_BATCH_NORM = (
+    ("batchnorm.batchnorm_forward_train_nhwc", -100),
+    *_longest_first("batchnorm.batchnorm_backward_nhwc"),
+)
 #: Up to this many input channels a convolution is taken for a network's first layer (an
 #: image's channels), whose input gradient no training step computes: not requested.
 _IMAGE_CHANNELS = 4
@@ -288,8 +317,8 @@ def request(kernels: Any, dtype: str | None, start: bool = True) -> None:
 
 
 def _steal() -> bool:
-    """While waiting for the helper: compile here the kernel requested last that
-    neither process has started (the helper would reach it last). False if there is none."""
+    """While waiting for the helper: compile here the kernel neither process has started that
+    the helper would reach last (the shortest, requested last). False if there is none."""
     import numpy as np
 
     from . import precompile
@@ -298,8 +327,8 @@ def _steal() -> bool:
         state = _state
         if state["stealing"]:
             return False
-        entries = sorted((e[2], key) for key, e in state["requested"].items() if not e[3])
-        for _, key in reversed(entries):
+        entries = sorted((e[1], e[2], key) for key, e in state["requested"].items() if not e[3])
+        for _, _, key in reversed(entries):
             entry = state["requested"][key]
             if _claim(state["claims"], entry[0], key[1]):
                 del state["requested"][key]
@@ -359,7 +388,7 @@ def expect_convolution_gradients(
     weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
 ) -> None:
     """Called by a convolution's training-mode forward (one group) before its kernel: request
-    the kernels of its weight gradient (the Winograd one compiles longest of a step) and of
+    the kernels of its weight gradient and of
     its input gradient where that is not a forward kernel (col2im, or phase by phase) nor the
     image's (a first layer's). After the first call for a convolution, a set lookup."""
     state = _state
@@ -421,16 +450,14 @@ def _convolution_gradients(
     )
     pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
     if F._weight_gradient_by_winograd(shape, s, pads, d):
-        # the longest compilation of a step: first, or this process waits for it last (its
-        # output is the input's size: 3x3, stride 1, padding 1)
         if F._weight_gradient_by_winograd4(tuple(input_size)):
-            kernels = [("winograd4.conv2d_winograd4_backward_weight", -1)]
+            names = ["winograd4.conv2d_winograd4_backward_weight"]
         else:
-            kernels = [("winograd.conv2d_winograd_backward_weight", -1)]
+            names = ["winograd.conv2d_winograd_backward_weight"]
     elif F._weight_gradient_by_c1(shape, s, d):
-        kernels = [("conv2d_c1.conv2d_c1_backward_weight", 0)]
+        names = ["conv2d_c1.conv2d_c1_backward_weight"]
     else:
-        kernels = [("conv2d.conv2d_backward_weight", 0)]
+        names = ["conv2d.conv2d_backward_weight"]
     if (
         not (
             F._input_gradient_by_winograd(weight, s, pads, d)
@@ -439,9 +466,10 @@ def _convolution_gradients(
         and shape[1] > _IMAGE_CHANNELS
     ):
         if F._input_gradient_by_phases(weight, s, d):
-            kernels.append(("conv2d_phases.conv2d_backward_input_phases", 0))
+            names.append("conv2d_phases.conv2d_backward_input_phases")
         else:
-            kernels.append(("conv2d.conv2d_backward_input", 0))
+            names.append("conv2d.conv2d_backward_input")
+    kernels = _longest_first(*names)
     return tuple(kernels)
 
 

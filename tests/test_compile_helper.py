@@ -169,10 +169,10 @@ def test_own_running_threads_count_once(monkeypatch):
 @pytest.mark.parametrize(
     "shape, stride, padding, size, expected",
     [
-        # 3x3 'same' at 32 channels: Winograd weight gradient first (F(4x4) at 8x8, F(2x2) at
-        # 6x8), input gradient by Winograd
-        ((32, 32, 3, 3), 1, "same", (8, 8), [("winograd4.conv2d_winograd4_backward_weight", -1)]),
-        ((32, 32, 3, 3), 1, "same", (6, 8), [("winograd.conv2d_winograd_backward_weight", -1)]),
+        # 3x3 'same' at 32 channels: Winograd weight gradient (F(4x4) at 8x8, F(2x2) at 6x8),
+        # input gradient by Winograd; priorities: minus the seconds each takes to compile
+        ((32, 32, 3, 3), 1, "same", (8, 8), [("winograd4.conv2d_winograd4_backward_weight", -5)]),
+        ((32, 32, 3, 3), 1, "same", (6, 8), [("winograd.conv2d_winograd_backward_weight", -5)]),
         # stride 2: the direct kernel's weight gradient, the input gradient phase by phase (16
         # channels), or col2im (24: a partial column block)
         (
@@ -181,8 +181,8 @@ def test_own_running_threads_count_once(monkeypatch):
             1,
             (8, 8),
             [
-                ("conv2d.conv2d_backward_weight", 0),
-                ("conv2d_phases.conv2d_backward_input_phases", 0),
+                ("conv2d.conv2d_backward_weight", -8),
+                ("conv2d_phases.conv2d_backward_input_phases", -4),
             ],
         ),
         (
@@ -190,20 +190,20 @@ def test_own_running_threads_count_once(monkeypatch):
             2,
             1,
             (8, 8),
-            [("conv2d.conv2d_backward_weight", 0), ("conv2d.conv2d_backward_input", 0)],
+            [("conv2d.conv2d_backward_weight", -8), ("conv2d.conv2d_backward_input", -3)],
         ),
         # an image's 3 channels: a first layer, whose input gradient no step computes
-        ((16, 3, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", 0)]),
+        ((16, 3, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", -8)]),
         # one channel, 6 filters of 5x5 (LeNet-5's first)
         (
             (6, 1, 5, 5),
             1,
             0,
             (28, 28),
-            [("conv2d_c1.conv2d_c1_backward_weight", 0)],
+            [("conv2d_c1.conv2d_c1_backward_weight", -2)],
         ),
         # 16 channels to 8 filters, stride 1: the input gradient is a forward convolution
-        ((8, 16, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", 0)]),
+        ((8, 16, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", -8)]),
     ],
 )
 def test_a_convolution_requests_the_kernels_its_backward_runs(
@@ -301,6 +301,28 @@ def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, mo
     assert [e[0] for e in compile_helper._state["requested"].values()] == ["activations.add"]
 
 
+def test_waiting_compiles_what_the_helper_would_reach_last(fresh_state, monkeypatch):
+    """The helper takes the longest compilations first (the lowest priority), so this process,
+    waiting, takes the shortest (the highest priority), whatever the order they came in."""
+    ran = []
+    monkeypatch.setattr(
+        precompile,
+        "RECIPES",
+        {n: (lambda dtype, n=n: ran.append(n)) for n in precompile.RECIPES},
+    )
+    compile_helper.request(
+        [
+            ("activations.add", 0),
+            ("conv2d.conv2d_backward_weight", -8),
+            ("dense.dense_product", -2),
+        ],
+        "float32",
+    )
+    while compile_helper._steal():
+        pass
+    assert ran == ["activations.add", "dense.dense_product", "conv2d.conv2d_backward_weight"]
+
+
 @pytest.mark.slow
 def test_the_helper_compiles_requests_and_ends_with_its_input(tmp_path):
     """The helper's loop: a request it can claim is compiled and marked done; one already
@@ -374,8 +396,8 @@ def test_no_helper_without_a_temporary_folder(monkeypatch):
 
 def test_a_sequential_asks_for_its_batch_norm_and_dense_kernels(fresh_state):
     """A Sequential's first training forward requests BatchNorm's training forward ahead of
-    everything (priority -2) when it holds a BatchNorm2D (not its gradient: this process
-    compiles that one while the helper works), then the kernels of its Dense layers
+    everything (priority -100) when it holds a BatchNorm2D, and its gradient by its compile
+    time like the rest (whoever is free first takes it), then the kernels of its Dense layers
     by their size (the serial ones up to SMALL_WEIGHTS weights), each once; one without
     either asks for nothing."""
     import fastcnn
@@ -397,11 +419,12 @@ def test_a_sequential_asks_for_its_batch_norm_and_dense_kernels(fresh_state):
     )
     compile_helper.expect_layers(model.children())
     assert sent == [
-        ["-2", "batchnorm.batchnorm_forward_train_nhwc", "float32"],
+        ["-100", "batchnorm.batchnorm_forward_train_nhwc", "float32"],
+        ["-4", "batchnorm.batchnorm_backward_nhwc", "float32"],
         ["0", "dense.dense_forward_small", "float32"],
         ["0", "dense.dense_backward_small", "float32"],
-        ["0", "dense.dense_forward", "float32"],
-        ["0", "dense.dense_product", "float32"],
+        ["-2", "dense.dense_forward", "float32"],
+        ["-2", "dense.dense_product", "float32"],
     ]
 
 
