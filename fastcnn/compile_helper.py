@@ -1,21 +1,22 @@
 """A first training step on a cold kernel cache compiles in two processes: this one compiles
 the kernels in the order it reaches them, a helper compiles the ones it will reach later.
 
-Numba compiles a kernel on its first call, holding the GIL, and caches it on disk: on a
-machine where nothing is cached yet a training step compiles for 30-40 s on one core. When a
-forward kernel first compiles (or loads) here, the kernels that follow it in a training step
-are requested from a helper process (``FOLLOWERS``: the Dense layers', BatchNorm's, the pools'
-gradients), and a convolution layer's training forward requests its own gradients
-(``expect_convolution_gradients``). The helper compiles the requests the
-longest first (``_SECONDS``; BatchNorm's training forward, which this process needs next, before
-them all), each through ``fastcnn.precompile.RECIPES`` (tiny inputs with the layers' argument
-types), into numba's cache. Whoever starts a kernel first claims it, by creating a file in a
-folder the two processes share: when this process reaches a kernel the helper has claimed, it
-waits until the helper has finished it and loads it from the cache; a requested kernel the
-helper has not started yet, this process claims and compiles itself, and the helper skips it.
-While this process waits for the helper, it compiles requested kernels nobody has started yet
-(those the helper would reach last first). So neither process waits on work the other has not
-begun, and no kernel compiles twice.
+Numba compiles a kernel on its first call, holding the GIL, and caches it on disk: on a machine
+where nothing is cached yet a training step compiles for 30-40 s on one core. When a forward
+kernel first compiles (or loads) here, the kernels that follow it in a training step are
+requested from a helper process (``FOLLOWERS``: the pools' and activations' gradients, the
+Dense layers'), a Sequential's first training forward requests its BatchNorm and Dense layers'
+kernels (``expect_layers``), and a convolution layer's training forward requests its own
+gradients (``expect_convolution_gradients``). The helper compiles the requests the longest
+first (``_SECONDS``; BatchNorm's training forward, which this process needs right after the
+first convolution's forward, before them all), each through ``fastcnn.precompile.RECIPES``
+(tiny inputs with the layers' argument types), into numba's cache. Whoever starts a kernel
+first claims it, by creating a file in a folder the two processes share: when this process
+reaches a kernel the helper has claimed, it waits until the helper has finished it and loads it
+from the cache; a requested kernel the helper has not started yet, this process claims and
+compiles itself, and the helper skips it. While this process waits for the helper, it compiles
+requested kernels nobody has started yet (those the helper would reach last first). So neither
+process waits on work the other has not begun, and no kernel compiles twice.
 
 One helper per process, started by the first request on a cold cache when a second CPU is free
 (``_spare_cpu``); it ends when this process does, or after ``_IDLE`` seconds without a request.
@@ -49,11 +50,11 @@ __all__ = [
     "serve",
 ]
 
-#: Seconds a kernel takes to compile in the helper from an empty cache (AVX2, 2026-12-07: the
-#: first-step timelines of the suite's networks), rounded; the helper takes the longest first
-#: (its priority is minus these): a long one started late decided the step's wall time, while
-#: this process, out of work of its own, waited for it (LeNet-5 3.8 s, VGG 2.8 s). This process
-#: then takes the short ones the helper has not started (``_steal``). Unlisted: 0.
+#: Seconds a kernel takes to compile in the helper from an empty cache, rounded (AVX2; the
+#: first-step timelines in the commit that added this): the helper takes the longest first
+#: (its priority is minus these), since a long one started late decided the step's wall time
+#: while this process, out of work of its own, waited for it; this process takes the short
+#: ones the helper has not started (``_steal``). Unlisted: 0.
 _SECONDS = {
     "conv2d.conv2d_backward_weight": 8,
     "fused.maxpool2d_conv2d_backward_weight_dense": 9,
@@ -82,10 +83,10 @@ _DENSE_SMALL = _longest_first("dense.dense_forward_small", "dense.dense_backward
 (_RELU,) = _longest_first("activations.relu_backward")
 
 #: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
-#: helper takes the lowest priority first, each in the order requested. A convolution layer
-#: requests its own gradients (``expect_convolution_gradients``: they depend on its shape), a
-#: Sequential the kernels of its BatchNorm and Dense layers (``expect_layers``: the Dense
-#: layers' depend on their size).
+#: helper takes the lowest priority first, equal priorities in the order requested. A
+#: convolution layer requests its own gradients (``expect_convolution_gradients``: they depend
+#: on its shape), a Sequential the kernels of its BatchNorm and Dense layers
+#: (``expect_layers``: the Dense layers' depend on their size).
 FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
     "conv2d_relu_maxpool2d_forward": _longest_first(  # the reference network's fused steps
         "fused.maxpool2d_conv2d_backward_weight_dense",
@@ -100,10 +101,12 @@ FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
     "relu_forward": (_RELU,),
     "add_relu_forward": (_RELU, *_longest_first("activations.add")),
 }
+#: A priority ahead of every compile time
+_FIRST = -(max(_SECONDS.values()) + 1)
 #: BatchNorm's training forward, ahead of everything (this process needs it right after the
 #: first convolution's forward), and its gradient by its length like the rest
 _BATCH_NORM = (
-    ("batchnorm.batchnorm_forward_train_nhwc", -100),
+    ("batchnorm.batchnorm_forward_train_nhwc", _FIRST),
     *_longest_first("batchnorm.batchnorm_backward_nhwc"),
 )
 #: Up to this many input channels a convolution is taken for a network's first layer (an
@@ -385,18 +388,25 @@ def _on_compile(dispatcher: Any, argument_types: Any) -> None:
 
 
 def expect_convolution_gradients(
-    weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
+    weight: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    input_size: Any,
+    pooled: bool = False,
 ) -> None:
     """Called by a convolution's training-mode forward (one group) before its kernel: request
-    the kernels of its weight gradient and of
-    its input gradient where that is not a forward kernel (col2im, or phase by phase) nor the
-    image's (a first layer's). After the first call for a convolution, a set lookup."""
+    the kernels of its weight gradient and of its input gradient where that is not a forward
+    kernel (col2im, or phase by phase) nor the image's (a first layer's); ``pooled``: a
+    convolution + ReLU whose max pool's windows tile, whose backward forms the gradients from
+    the pooled ones where it can (``_convolution_gradients``). After the first call for a
+    convolution, a set lookup."""
     state = _state
     if state["pid"] != os.getpid():
         with _lock:
             _reset()
     try:
-        key = (weight.shape, weight.dtype, stride, padding, dilation, tuple(input_size))
+        key = (weight.shape, weight.dtype, stride, padding, dilation, tuple(input_size), pooled)
         if key in state["convolutions"]:
             return
         state["convolutions"].add(key)
@@ -405,7 +415,7 @@ def expect_convolution_gradients(
     if state["tried"] and state["helper"] is None:
         return
     try:
-        kernels = _convolution_gradients(weight, stride, padding, dilation, input_size)
+        kernels = _convolution_gradients(weight, stride, padding, dilation, input_size, pooled)
     except (ValueError, TypeError, IndexError):  # bad arguments: the layer's checks say which
         return
     # a helper starts only if the weight gradient, which a training step surely runs, is cold
@@ -414,10 +424,10 @@ def expect_convolution_gradients(
 
 def expect_layers(layers: Any) -> None:
     """Called by a Sequential's first training forward with its layers: request BatchNorm's
-    training forward first, if one is a BatchNorm2D (this process would reach it right after
-    the first convolution's, one long compilation after another; see _BATCH_NORM); then the
-    kernels of its Dense layers, by their size (the parallel ones, or the small layers'
-    serial ones), in the layers' order."""
+    training forward ahead of everything and its gradient, if one is a BatchNorm2D (this
+    process would reach the forward right after the first convolution's, one long
+    compilation after another; see _BATCH_NORM); then the kernels of its Dense layers, by
+    their size (the parallel ones, or the small layers' serial ones), in the layers' order."""
     from .kernels import dense
     from .layers import BatchNorm2D, Dense
 
@@ -437,9 +447,10 @@ def expect_layers(layers: Any) -> None:
 
 
 def _convolution_gradients(
-    weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any
+    weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any, pooled: bool = False
 ) -> tuple[tuple[str, int], ...]:
-    """The (kernel, priority) pairs of a convolution's gradients, as functional picks them."""
+    """The (kernel, priority) pairs of a convolution's gradients, as functional picks them;
+    ``pooled`` as ``functional.max_pool2d_conv2d_backward`` picks them (finite inputs taken)."""
     from . import functional as F
 
     shape = weight.shape
@@ -449,7 +460,27 @@ def _convolution_gradients(
         for v, n in ((shape[2:], "kernel"), (stride, "stride"), (dilation, "dilation"))
     )
     pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
-    if F._weight_gradient_by_winograd(shape, s, pads, d):
+    winograd_weight = F._weight_gradient_by_winograd(shape, s, pads, d)
+    transposed = F._input_gradient_by_winograd(
+        weight, s, pads, d
+    ) or F._input_gradient_as_convolution(weight, s, pads, d)
+    input_grad = shape[1] > _IMAGE_CHANNELS
+    names = []
+    if pooled and not winograd_weight:
+        sparse = shape[1] % F._conv2d.FT == 0 and F._weight_gradient_in_pixel_order(shape)
+        if sparse or not input_grad:  # else the backward is conv2d_backward's, as below
+            names.append(
+                "fused.maxpool2d_conv2d_backward_weight"
+                if sparse
+                else "fused.maxpool2d_conv2d_backward_weight_dense"
+            )
+            phases = F._input_gradient_by_phases(weight, s, d)
+            if input_grad and not (transposed or phases):
+                names.append("fused.maxpool2d_conv2d_backward_input")
+            elif input_grad and phases and not transposed:
+                names.append("conv2d_phases.conv2d_backward_input_phases")
+            return _longest_first(*names)
+    if winograd_weight:
         if F._weight_gradient_by_winograd4(tuple(input_size)):
             names = ["winograd4.conv2d_winograd4_backward_weight"]
         else:
@@ -458,19 +489,12 @@ def _convolution_gradients(
         names = ["conv2d_c1.conv2d_c1_backward_weight"]
     else:
         names = ["conv2d.conv2d_backward_weight"]
-    if (
-        not (
-            F._input_gradient_by_winograd(weight, s, pads, d)
-            or F._input_gradient_as_convolution(weight, s, pads, d)
-        )
-        and shape[1] > _IMAGE_CHANNELS
-    ):
+    if not transposed and input_grad:
         if F._input_gradient_by_phases(weight, s, d):
             names.append("conv2d_phases.conv2d_backward_input_phases")
         else:
             names.append("conv2d.conv2d_backward_input")
-    kernels = _longest_first(*names)
-    return tuple(kernels)
+    return _longest_first(*names)
 
 
 def install() -> None:

@@ -176,12 +176,12 @@ def _tiles(pool):
     return pool.stride == pool.kernel_size and pool.padding == (0, 0)
 
 
-def _conv_relu(conv, x, gradients=True):
+def _conv_relu(conv, x, pooled=False):
     """The convolution with its ReLU; in training its gradients' kernels requested from the
-    compile helper, unless not ``gradients`` (a fused backward runs kernels of its own)."""
-    if conv.training and gradients:
+    compile helper (``pooled``: those of the fused max-pool backward where it applies)."""
+    if conv.training:
         expect_convolution_gradients(
-            conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:]
+            conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:], pooled
         )
     return F.conv2d_forward(
         x,
@@ -258,9 +258,7 @@ class ConvReLUMaxPool(Step):
             )
             self._save(x, in_dtype, None, y, argmax, conv_shape)
             return y
-        # windows that tile: the fused backward's kernels, requested after the fused forward
-        # (compile_helper.FOLLOWERS), not the convolution's own
-        a = _conv_relu(conv, x, gradients=not _tiles(pool))
+        a = _conv_relu(conv, x, pooled=_tiles(pool))
         y, argmax = F.max_pool2d_forward(
             a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
         )

@@ -24,7 +24,9 @@ separately, and each block's copy drags along a copy of the whole function's var
 so an inline costs blocks x variables (most of a tile's inlining time). Blocks that share a
 scope are copied here with one ``deepcopy`` memo, so they share one copy of it, as the blocks
 of the original IR do; the inlined IR, and so the kernel, is the same.
-(``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.)
+(``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.) And the
+compiler's flags compare by their values at once, not option by option (``_flag_methods``;
+``FASTCNN_NUMBA_FAST_FLAGS=0`` turns this part off).
 
 And one level down: a serial helper of fastcnn compiled because a kernel being compiled calls it
 is only ever run as IR linked into that kernel, so it is built link only too (no machine code,
@@ -50,6 +52,7 @@ import warnings
 _TESTED = ((0, 68),)
 _LIBRARY_METHODS = ("__init__", "_optimize_final_module", "_finalize_final_module")
 _SHARED_COPY = os.environ.get("FASTCNN_NUMBA_SHARED_COPY", "1") != "0"
+_FAST_FLAGS = os.environ.get("FASTCNN_NUMBA_FAST_FLAGS", "1") != "0"
 #: The name numba 0.68 gives the function (and so the library) of a parallel loop's body.
 _GUFUNC = "__numba_parfor_gufunc_"
 _GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
@@ -96,6 +99,11 @@ def _unusable():
         getattr(inline_closurecall, "InlineWorker", object)
     ):
         missing.append("numba.core.inline_closurecall's copy and InlineWorker.inline_ir")
+    from numba.core import targetconfig
+
+    config = targetconfig.TargetConfig
+    if _FAST_FLAGS and ("_values" not in config.__slots__ or "values" not in vars(config)):
+        missing.append("numba.core.targetconfig.TargetConfig's _values and values")
     if missing:
         return f"numba {numba.__version__} lacks {', '.join(missing)}"
     return None
@@ -166,6 +174,43 @@ def _link_only_get_executable(get_executable):
     return wrapper
 
 
+def _flag_methods():
+    """numba's ``TargetConfig.values``, ``__hash__`` and ``__eq__`` (the compiler's flags) with
+    the same results, read from the stored values and the options' defaults at once instead of
+    option by option through their properties: typing looks every overload up in a cache
+    keyed by the flags (``_OverloadFunctionTemplate._get_impl``), so often that numba's took
+    a noticeable share of a cold compilation (docs/environment.md has the count)."""
+    from numba.core import targetconfig
+
+    tables = {}  # class -> (the options' defaults, numba's hash: that of the sorted names)
+
+    def table(cls):
+        entry = tables.get(cls)
+        if entry is None:
+            defaults = {name: option.default for name, option in cls.options.items()}
+            entry = tables[cls] = (defaults, hash(tuple(sorted(defaults))))
+        return entry
+
+    def values(self):
+        defaults = table(type(self))[0]
+        stored = self._values
+        if stored.keys() - defaults.keys():  # copied from another kind of config: its options
+            return {name: stored.get(name, value) for name, value in defaults.items()}
+        out = dict(defaults)
+        out.update(stored)
+        return out
+
+    def __hash__(self):
+        return table(type(self))[1]
+
+    def __eq__(self, other):
+        if isinstance(other, targetconfig.TargetConfig):
+            return values(self) == values(other)
+        return NotImplemented
+
+    return targetconfig.TargetConfig, {"values": values, "__hash__": __hash__, "__eq__": __eq__}
+
+
 def _apply():
     """Replace numba's methods by the link-only ones, keeping numba's own to restore."""
     global _saved
@@ -178,6 +223,11 @@ def _apply():
     if _GUFUNC_LINK_ONLY or _HELPER_LINK_ONLY:
         _saved.append((cpu.CPUContext, "get_executable", vars(cpu.CPUContext)["get_executable"]))
         cpu.CPUContext.get_executable = _link_only_get_executable(cpu.CPUContext.get_executable)
+    if _FAST_FLAGS:
+        owner, methods = _flag_methods()
+        for name, method in methods.items():
+            _saved.append((owner, name, vars(owner).get(name, _MISSING)))
+            setattr(owner, name, method)
     if _SHARED_COPY:
         worker = inline_closurecall.InlineWorker
         _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
@@ -243,7 +293,12 @@ def patched():
 
     with global_compiler_lock:
         if _depth == 0:
-            _apply()
+            try:
+                _apply()
+            except BaseException:  # numba's own put back, not left half patched
+                if _saved is not None:
+                    _restore()
+                raise
         _depth += 1
         try:
             yield

@@ -214,6 +214,45 @@ def test_a_convolution_requests_the_kernels_its_backward_runs(
     assert list(got) == expected
 
 
+@pytest.mark.parametrize(
+    "shape, padding, size, expected",
+    [
+        # 32 channels, 'valid': both gradients formed from the pooled ones (the reference
+        # network's conv2)
+        (
+            (64, 32, 3, 3),
+            0,
+            (13, 13),
+            ["fused.maxpool2d_conv2d_backward_weight", "fused.maxpool2d_conv2d_backward_input"],
+        ),
+        # a first layer of one channel: the dense weight gradient only
+        ((32, 1, 3, 3), 0, (28, 28), ["fused.maxpool2d_conv2d_backward_weight_dense"]),
+        # 'same': the Winograd weight gradient, the pool's gradient formed first
+        ((32, 16, 3, 3), "same", (8, 8), ["winograd4.conv2d_winograd4_backward_weight"]),
+        # 16 channels (not whole tiles) with an input gradient: conv2d_backward's kernels
+        (
+            (32, 16, 3, 3),
+            0,
+            (10, 10),
+            ["conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input"],
+        ),
+    ],
+)
+def test_a_pooled_convolution_requests_the_kernels_its_fused_backward_runs(
+    shape, padding, size, expected
+):
+    """Conv -> ReLU -> MaxPool whose windows tile: the kernels
+    functional.max_pool2d_conv2d_backward runs for these shapes (finite inputs)."""
+    w = np.ones(shape, np.float32)
+    got = compile_helper._convolution_gradients(w, 1, padding, 1, size, pooled=True)
+    assert [name for name, _ in got] == expected
+    assert all(priority == -compile_helper._SECONDS.get(n, 0) for n, priority in got)
+
+
+def test_every_compile_time_names_a_recipe():
+    assert set(compile_helper._SECONDS) <= set(precompile.RECIPES)
+
+
 @pytest.fixture
 def fresh_state(monkeypatch, tmp_path):
     """A clean state with a claims folder and a stand-in helper that reads nothing."""
@@ -277,8 +316,9 @@ def test_the_first_to_claim_a_kernel_compiles_it(tmp_path):
 
 
 def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, monkeypatch):
-    """While the helper compiles a kernel this process waits for, this process takes the
-    request sent last (the helper would reach it last), skipping what the helper claimed."""
+    """While the helper compiles a kernel this process waits for, this process takes, among
+    equal priorities, the request sent last (the helper would reach it last), skipping what
+    the helper claimed."""
     ran = []
     monkeypatch.setattr(
         precompile,

@@ -13,7 +13,7 @@ import textwrap
 import numba
 import numpy as np
 import pytest
-from numba.core import codegen, inline_closurecall
+from numba.core import codegen, inline_closurecall, targetconfig
 from numba.np.ufunc import parallel
 
 import fastcnn
@@ -33,7 +33,7 @@ _CHILD = textwrap.dedent("""
     from numba.core import codegen
     from numba.np.ufunc import parallel
 
-    from numba.core import inline_closurecall
+    from numba.core import inline_closurecall, targetconfig
 
     def numba_attributes():
         return (
@@ -41,6 +41,7 @@ _CHILD = textwrap.dedent("""
             parallel.build_gufunc_wrapper,
             inline_closurecall.InlineWorker.inline_ir,
             inline_closurecall.copy,
+            dict(vars(targetconfig.TargetConfig)),
         )
 
     libraries = []  # every code library numba creates, and whether it was a fastcnn kernel's
@@ -136,6 +137,8 @@ def test_numba_untouched_outside_fastcnns_compilations():
     assert _is_numbas(parallel.build_gufunc_wrapper)
     assert _is_numbas(inline_closurecall.InlineWorker.inline_ir)
     assert inline_closurecall.copy is copy
+    for name in ("values", "__hash__", "__eq__"):
+        assert _is_numbas(vars(targetconfig.TargetConfig)[name]), name
     assert _parfor_link_only._saved is None and _parfor_link_only._depth == 0
 
 
@@ -144,9 +147,12 @@ def test_patched_only_inside_and_restored_even_on_errors():
     lib = codegen.CPUCodeLibrary
     before = dict(vars(lib)), parallel.build_gufunc_wrapper
     inline_ir = inline_closurecall.InlineWorker.inline_ir
+    flag_methods = dict(vars(targetconfig.TargetConfig))
     with _parfor_link_only.patched():
         assert not _is_numbas(lib.__init__) and not _is_numbas(parallel.build_gufunc_wrapper)
         assert not _is_numbas(inline_closurecall.InlineWorker.inline_ir)
+        for name in ("values", "__hash__", "__eq__"):
+            assert not _is_numbas(vars(targetconfig.TargetConfig)[name]), name
         with _parfor_link_only.patched():  # nested: a kernel compiling the kernels it calls
             pass
         assert not _is_numbas(lib._finalize_final_module)
@@ -156,6 +162,7 @@ def test_patched_only_inside_and_restored_even_on_errors():
             raise KeyError("a compilation error")
     assert (dict(vars(lib)), parallel.build_gufunc_wrapper) == before
     assert inline_closurecall.InlineWorker.inline_ir is inline_ir
+    assert dict(vars(targetconfig.TargetConfig)) == flag_methods
 
 
 def test_shared_scope_copy_copies_each_scope_once():
@@ -179,6 +186,39 @@ def test_shared_scope_copy_copies_each_scope_once():
     second = [_parfor_link_only._SharedScopeCopy().deepcopy(b) for b in blocks]
     assert second[0].scope is not first[0].scope and second[0].body[0] is not first[0].body[0]
     assert shared.copy is copy.copy  # everything else is the copy module's
+
+
+def test_fast_flag_methods_give_numbas_results():
+    """The compiler's flags' values, hash and equality as numba computes them, for flags at
+    their defaults, set, copied and compared with another kind of object."""
+    from numba.core.compiler import Flags
+    from numba.core.targetconfig import Option
+
+    class Other(Flags):  # another kind of config, whose own option a copy carries along
+        extra = Option(type=int, default=0, doc="an option Flags does not have")
+
+    other = Other()
+    other.extra = 3
+    other.nrt = True
+    owner, fast = _parfor_link_only._flag_methods()
+    assert owner is targetconfig.TargetConfig
+    plain = Flags()
+    changed = Flags()
+    changed.nrt = True
+    changed.fastmath = {"contract"}
+    changed.auto_parallel = True
+    copied = Flags(changed)
+    back = Flags(changed)
+    back.nrt = False
+    flags = (plain, changed, copied, back, Flags(plain), other, Flags(other))
+    for a in flags:
+        assert fast["values"](a) == a.values()
+        assert list(fast["values"](a)) == list(a.values())  # the options' order too
+        assert fast["__hash__"](a) == hash(a)
+        for b in flags:
+            assert fast["__eq__"](a, b) == (a == b)
+        assert fast["__eq__"](a, 1) is NotImplemented
+    assert fast["__eq__"](changed, copied) and not fast["__eq__"](changed, back)
 
 
 @_needs_tested_numba
