@@ -436,7 +436,7 @@ def test_no_helper_without_a_temporary_folder(monkeypatch):
 
 def test_a_sequential_asks_for_its_batch_norm_and_dense_kernels(fresh_state):
     """A Sequential's first training forward requests BatchNorm's training forward ahead of
-    everything (priority -100) when it holds a BatchNorm2D, and its gradient by its compile
+    everything (priority _FIRST) when it holds a BatchNorm2D, and its gradient by its compile
     time like the rest (whoever is free first takes it), then the kernels of its Dense layers
     by their size (the serial ones up to SMALL_WEIGHTS weights), each once; one without
     either asks for nothing."""
@@ -458,13 +458,21 @@ def test_a_sequential_asks_for_its_batch_norm_and_dense_kernels(fresh_state):
         fastcnn.Dense(64, 10),
     )
     compile_helper.expect_layers(model.children())
+
+    def seconds(name):
+        return str(-compile_helper._SECONDS[name])
+
     assert sent == [
-        ["-100", "batchnorm.batchnorm_forward_train_nhwc", "float32"],
-        ["-4", "batchnorm.batchnorm_backward_nhwc", "float32"],
+        [str(compile_helper._FIRST), "batchnorm.batchnorm_forward_train_nhwc", "float32"],
+        [
+            seconds("batchnorm.batchnorm_backward_nhwc"),
+            "batchnorm.batchnorm_backward_nhwc",
+            "float32",
+        ],
         ["0", "dense.dense_forward_small", "float32"],
         ["0", "dense.dense_backward_small", "float32"],
-        ["-2", "dense.dense_forward", "float32"],
-        ["-2", "dense.dense_product", "float32"],
+        [seconds("dense.dense_forward"), "dense.dense_forward", "float32"],
+        [seconds("dense.dense_product"), "dense.dense_product", "float32"],
     ]
 
 
