@@ -2,6 +2,7 @@
 reaches later; each kernel compiles once, in one of the two processes, with the argument types
 the layers pass (else the step would compile it again)."""
 
+import heapq
 import os
 import subprocess
 import sys
@@ -315,16 +316,23 @@ def test_the_first_to_claim_a_kernel_compiles_it(tmp_path):
     assert compile_helper._claim(str(tmp_path), "dense.dense_product", "float64")
 
 
-def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, monkeypatch):
-    """While the helper compiles a kernel this process waits for, this process takes, among
-    equal priorities, the request sent last (the helper would reach it last), skipping what
-    the helper claimed."""
+@pytest.fixture
+def recipes_ran(monkeypatch):
+    """Every recipe replaced by one that records its name, in the list this returns."""
     ran = []
     monkeypatch.setattr(
         precompile,
         "RECIPES",
         {n: (lambda dtype, n=n: ran.append(n)) for n in precompile.RECIPES},
     )
+    return ran
+
+
+def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, recipes_ran):
+    """While the helper compiles a kernel this process waits for, this process takes, among
+    equal priorities, the request sent last (the helper would reach it last), skipping what
+    the helper claimed."""
+    ran = recipes_ran
     compile_helper.request(
         [
             ("dense.dense_product", 0),
@@ -341,26 +349,26 @@ def test_waiting_compiles_the_last_needed_request_nobody_started(fresh_state, mo
     assert [e[0] for e in compile_helper._state["requested"].values()] == ["activations.add"]
 
 
-def test_waiting_compiles_what_the_helper_would_reach_last(fresh_state, monkeypatch):
+def test_waiting_compiles_what_the_helper_would_reach_last(fresh_state, recipes_ran):
     """The helper takes the longest compilations first (the lowest priority), so this process,
     waiting, takes the shortest (the highest priority), whatever the order they came in."""
-    ran = []
-    monkeypatch.setattr(
-        precompile,
-        "RECIPES",
-        {n: (lambda dtype, n=n: ran.append(n)) for n in precompile.RECIPES},
-    )
-    compile_helper.request(
-        [
-            ("activations.add", 0),
-            ("conv2d.conv2d_backward_weight", -8),
-            ("dense.dense_product", -2),
-        ],
-        "float32",
-    )
+    ran = recipes_ran
+    requests = [
+        ("activations.add", 0),
+        ("conv2d.conv2d_backward_weight", -8),
+        ("pool2d.maxpool2d_backward", -1),
+        ("dense.dense_product", -2),
+        ("activations.relu_backward", 0),
+    ]
+    compile_helper.request(requests, "float32")
     while compile_helper._steal():
         pass
-    assert ran == ["activations.add", "dense.dense_product", "conv2d.conv2d_backward_weight"]
+    # the helper's own order: serve's heap of (priority, order received)
+    heap = [(priority, order, name) for order, (name, priority) in enumerate(requests)]
+    heapq.heapify(heap)
+    helper_order = [heapq.heappop(heap)[2] for _ in requests]
+    assert ran == helper_order[::-1]
+    assert ran[0] == "activations.relu_backward" and ran[-1] == "conv2d.conv2d_backward_weight"
 
 
 @pytest.mark.slow
