@@ -85,12 +85,12 @@ def tiles(c, f, k, stride, padding):
     rows, cols = tile_shape(f <= FTN)
     weight = np.ones((f, c, k, k), np.float32)
     pads = F.conv2d_padding(padding, (k, k), (stride, stride), (1, 1))
-    transposed = F._input_gradient_as_convolution(weight, (stride, stride), pads, (1, 1))
-    if F._input_gradient_by_winograd(weight, (stride, stride), pads, (1, 1)):
+    kernel = F._input_gradient_kernel(weight, (stride, stride), pads, (1, 1))
+    if kernel is F._winograd_forward:
         how = "Winograd"
-    elif transposed:
+    elif kernel is F._conv2d.conv2d_forward:
         how = f"transposed, {'x'.join(map(str, tile_shape(c <= FTN)))}"
-    elif F._input_gradient_by_phases(weight, (stride, stride), (1, 1)):
+    elif kernel is F._conv2d_phases.conv2d_backward_input_phases:
         how = f"phases, {'x'.join(map(str, tile_shape(True)))}"
     else:
         how = "col2im, 3x32"

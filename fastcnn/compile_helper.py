@@ -449,52 +449,30 @@ def expect_layers(layers: Any) -> None:
 def _convolution_gradients(
     weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any, pooled: bool = False
 ) -> tuple[tuple[str, int], ...]:
-    """The (kernel, priority) pairs of a convolution's gradients, as functional picks them;
-    ``pooled`` as ``functional.max_pool2d_conv2d_backward`` picks them (finite inputs taken)."""
+    """The (kernel, priority) pairs of a convolution's gradients that a recipe compiles, as
+    ``functional.convolution_backward`` picks them (the forward kernels of a transposed
+    convolution excepted: the forward compiled them); an input gradient for more than an
+    image's channels (a first layer's is never asked for); finite inputs taken."""
     from . import functional as F
+    from .precompile import RECIPES
 
-    shape = weight.shape
-    layer = "Conv2D"
-    k, s, d = (
-        F.pair(v, n, layer)
-        for v, n in ((shape[2:], "kernel"), (stride, "stride"), (dilation, "dilation"))
+    x_shape = (1, weight.shape[1], *input_size)
+    out_shape, strides, pads, dilations = F.conv2d_output_shape(
+        x_shape, weight.shape, stride, padding, dilation, "Conv2D"
     )
-    pads = F.conv2d_padding(padding, k, s, d, layer, tuple(input_size))
-    winograd_weight = F._weight_gradient_by_winograd(shape, s, pads, d)
-    transposed = F._input_gradient_by_winograd(
-        weight, s, pads, d
-    ) or F._input_gradient_as_convolution(weight, s, pads, d)
-    input_grad = shape[1] > _IMAGE_CHANNELS
-    names = []
-    if pooled and not winograd_weight:
-        sparse = shape[1] % F._conv2d.FT == 0 and F._weight_gradient_in_pixel_order(shape)
-        if sparse or not input_grad:  # else the backward is conv2d_backward's, as below
-            names.append(
-                "fused.maxpool2d_conv2d_backward_weight"
-                if sparse
-                else "fused.maxpool2d_conv2d_backward_weight_dense"
-            )
-            phases = F._input_gradient_by_phases(weight, s, d)
-            if input_grad and not (transposed or phases):
-                names.append("fused.maxpool2d_conv2d_backward_input")
-            elif input_grad and phases and not transposed:
-                names.append("conv2d_phases.conv2d_backward_input_phases")
-            return _longest_first(*names)
-    if winograd_weight:
-        if F._weight_gradient_by_winograd4(tuple(input_size)):
-            names = ["winograd4.conv2d_winograd4_backward_weight"]
-        else:
-            names = ["winograd.conv2d_winograd_backward_weight"]
-    elif F._weight_gradient_by_c1(shape, s, d):
-        names = ["conv2d_c1.conv2d_c1_backward_weight"]
-    else:
-        names = ["conv2d.conv2d_backward_weight"]
-    if not transposed and input_grad:
-        if F._input_gradient_by_phases(weight, s, d):
-            names.append("conv2d_phases.conv2d_backward_input_phases")
-        else:
-            names.append("conv2d.conv2d_backward_input")
-    return _longest_first(*names)
+    input_grad = weight.shape[1] > _IMAGE_CHANNELS
+    kernels = F.convolution_backward(
+        weight, strides, pads, dilations, out_shape[2:], input_grad, pooled
+    )
+    names = [_name(k) for k in (kernels.weight, kernels.input) if k is not None]
+    return _longest_first(*(n for n in names if n in RECIPES))
+
+
+def _name(kernel: Any) -> str:
+    """A kernel's name as RECIPES and _SECONDS spell it: its module in kernels/, a dot, its
+    function's name."""
+    module = kernel.__module__.rsplit(".", 1)[-1]
+    return f"{module}.{kernel.__name__}"
 
 
 def install() -> None:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -852,59 +853,126 @@ def conv2d_backward(
     return (None if dxh is None else _nchw(dxh)), dweight, (dbias if bias else None)
 
 
+class ConvolutionBackward(NamedTuple):
+    """The kernels of a convolution's backward (one group), as :func:`convolution_backward`
+    picks them for its shapes."""
+
+    #: the weight gradient's kernel
+    weight: Callable[..., Any]
+    #: the input gradient's: a forward kernel's (the transposed convolution, by
+    #: ``_winograd_forward`` or ``conv2d_forward``), the phases', col2im's or the fused one
+    #: through a max pool; None without an input gradient
+    input: Callable[..., Any] | None
+    #: through a max pool: whether its gradient is formed and conv2d_backward's kernels run
+    #: on it (else the fused kernels take the pooled gradient)
+    pool_gradient: bool
+
+
+def convolution_backward(
+    weight: Array,
+    strides: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    dilations: tuple[int, int],
+    out_size: Sequence[int],
+    input_grad: bool,
+    pooled: bool = False,
+    x: Array | None = None,
+) -> ConvolutionBackward:
+    """The kernels :func:`conv2d_backward` runs for a convolution of one group (``pooled``:
+    :func:`max_pool2d_conv2d_backward`, for a max pool whose windows tile) with outputs of
+    ``out_size`` (rows, columns): the one rule the backward passes follow and the compile
+    helper asks (fastcnn/compile_helper.py). ``x``: the input, whose values decide the fused
+    kernels' sparse sums (0 * inf would count); None takes it finite."""
+    winograd_weight = _weight_gradient_by_winograd(weight.shape, strides, pads, dilations)
+    input_kernel = _input_gradient_kernel(weight, strides, pads, dilations) if input_grad else None
+    if pooled and not winograd_weight:
+        sparse = (
+            weight.shape[1] % _conv2d.FT == 0
+            and _weight_gradient_in_pixel_order(weight.shape)
+            and bool(np.isfinite(weight).all())
+            and (x is None or bool(np.isfinite(x).all()))
+        )
+        if sparse or not input_grad:
+            # the sparse input gradient reproduces col2im's order: where conv2d_backward takes
+            # the transposed convolution or the phases instead, it is that of the pool's gradient
+            if input_kernel is _conv2d.conv2d_backward_input:
+                input_kernel = _fused.maxpool2d_conv2d_backward_input
+            weight_kernel = (
+                _fused.maxpool2d_conv2d_backward_weight
+                if sparse
+                else _fused.maxpool2d_conv2d_backward_weight_dense
+            )
+            return ConvolutionBackward(weight_kernel, input_kernel, False)
+    if winograd_weight:
+        weight_kernel = (
+            _winograd4.conv2d_winograd4_backward_weight
+            if _weight_gradient_by_winograd4(out_size)
+            else _winograd.conv2d_winograd_backward_weight
+        )
+    elif _weight_gradient_by_c1(weight.shape, strides, dilations):
+        weight_kernel = _conv2d_c1.conv2d_c1_backward_weight
+    else:
+        weight_kernel = _conv2d.conv2d_backward_weight
+    return ConvolutionBackward(weight_kernel, input_kernel, pooled)
+
+
+def _input_gradient_kernel(weight, strides, pads, dilations):
+    """The input gradient's kernel for conv2d_backward: the transposed convolution as a forward
+    one where it pays (by Winograd, or the direct kernel's tile), else phase by phase, else
+    col2im."""
+    if _input_gradient_by_winograd(weight, strides, pads, dilations):
+        return _winograd_forward
+    if _input_gradient_as_convolution(weight, strides, pads, dilations):
+        return _conv2d.conv2d_forward
+    if _input_gradient_by_phases(weight, strides, dilations):
+        return _conv2d_phases.conv2d_backward_input_phases
+    return _conv2d.conv2d_backward_input
+
+
 def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
     """(dx (N, H, W, C) or None, dweight, dbias) of a convolution with one group, dy
     (N, OH, OW, F) channels-last."""
-    k = _conv2d
-    (sh, sw), (dh, dw) = strides, dilations
+    kernels = convolution_backward(weight, strides, pads, dilations, dy.shape[1:3], input_grad)
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
-    f, c, kh, kw = weight.shape
-    if _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw)):
-        kernel = (
-            _winograd4.conv2d_winograd4_backward_weight
-            if _weight_gradient_by_winograd4(dy.shape[1:3])
-            else _winograd.conv2d_winograd_backward_weight
-        )
-        kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, numba.get_num_threads())
-    elif _weight_gradient_by_c1(weight.shape, (sh, sw), (dh, dw)):
-        # one channel, few filters: bitwise the direct kernel, following its pixel chunks
-        n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
-        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, False, numba.get_num_threads())
-        _conv2d_c1.conv2d_c1_backward_weight(
-            _nhwc(x), dy, pads[0], pads[2], dweight, dbias, plan[3], plan[6]
-        )
-    else:
-        k.conv2d_backward_weight(
-            _nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, numba.get_num_threads()
-        )
+    _weight_gradient(kernels.weight, x, weight, dy, strides, pads, dilations, dweight, dbias)
     dx = None
-    if input_grad:
-        dx = _input_gradient(x.shape, weight, dy, (sh, sw), pads, (dh, dw))
+    if kernels.input is not None:
+        dx = _input_gradient(kernels.input, x.shape, weight, dy, strides, pads, dilations)
     return dx, dweight, dbias
 
 
-def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
-    """The input gradient (N, H, W, C) of a convolution from dy (N, OH, OW, F) channels-last:
-    the transposed convolution as a forward one where it pays (by Winograd, or the direct
-    kernel's tile), else col2im."""
+def _weight_gradient(kernel, x, weight, dy, strides, pads, dilations, dweight, dbias):
+    """Run ``kernel``, one of convolution_backward's weight gradients (not the fused ones):
+    dweight and dbias from x (N, C, H, W) and dy (N, OH, OW, F) channels-last."""
+    (sh, sw), (dh, dw) = strides, dilations
+    threads = numba.get_num_threads()
+    if kernel is _conv2d.conv2d_backward_weight:
+        kernel(_nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, threads)
+    elif kernel is _conv2d_c1.conv2d_c1_backward_weight:
+        # one channel, few filters: bitwise the direct kernel, following its pixel chunks
+        f, c, kh, kw = weight.shape
+        n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
+        k = _conv2d
+        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, False, threads)
+        kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, plan[3], plan[6])
+    else:  # by Winograd, F(4x4) or F(2x2)
+        kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, threads)
+
+
+def _input_gradient(kernel, x_shape, weight, dy, strides, pads, dilations):
+    """The input gradient (N, H, W, C) of a convolution from dy (N, OH, OW, F) channels-last by
+    ``kernel``, one of convolution_backward's input gradients (not the fused one)."""
     n, c, h, w = x_shape
     dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
     (sh, sw), (dh, dw) = strides, dilations
     kh, kw = weight.shape[2], weight.shape[3]
-    if _input_gradient_by_winograd(weight, strides, pads, dilations):
-        _winograd_forward(
-            dy,
-            _flipped_weight(weight),
-            np.zeros(c, dy.dtype),
-            2 - pads[0],
-            2 - pads[2],
-            False,
-            dx,
-            _no_bn(dx),
-        )
-    elif _input_gradient_as_convolution(weight, strides, pads, dilations):
-        _conv2d.conv2d_forward(
+    threads = numba.get_num_threads()
+    if kernel is _winograd_forward:
+        zeros = np.zeros(c, dy.dtype)
+        kernel(dy, _flipped_weight(weight), zeros, 2 - pads[0], 2 - pads[2], False, dx, _no_bn(dx))
+    elif kernel is _conv2d.conv2d_forward:
+        kernel(
             dy,
             _flipped_weight(weight),
             np.zeros(c, dy.dtype),
@@ -917,16 +985,12 @@ def _input_gradient(x_shape, weight, dy, strides, pads, dilations):
             False,
             dx,
             _no_bn(dx),
-            numba.get_num_threads(),
+            threads,
         )
-    elif _input_gradient_by_phases(weight, strides, dilations):
-        _conv2d_phases.conv2d_backward_input_phases(
-            dy, weight, sh, sw, pads[0], pads[2], dx, numba.get_num_threads()
-        )
+    elif kernel is _conv2d_phases.conv2d_backward_input_phases:
+        kernel(dy, weight, sh, sw, pads[0], pads[2], dx, threads)
     else:
-        _conv2d.conv2d_backward_input(
-            dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx, numba.get_num_threads()
-        )
+        kernel(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx, threads)
     return dx
 
 
@@ -1097,20 +1161,8 @@ def max_pool2d_conv2d_backward(
     _same_dtype(pooled, x, pool_layer, "pooled output")
     _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
     n, c = x.shape[0], x.shape[1]
-    sparse = (
-        n > 0
-        and c % _conv2d.FT == 0
-        and _weight_gradient_in_pixel_order(weight.shape)
-        and np.isfinite(weight).all()
-        and np.isfinite(x).all()
-    )
-    # the sparse input gradient reproduces col2im's order: where conv2d_backward takes the
-    # transposed convolution or the phases instead, the input gradient is that of the
-    # pooling's gradient
-    transposed = input_grad and (
-        _input_gradient_by_winograd(weight, (sh, sw), pads, (dh, dw))
-        or _input_gradient_as_convolution(weight, (sh, sw), pads, (dh, dw))
-        or _input_gradient_by_phases(weight, (sh, sw), (dh, dw))
+    kernels = convolution_backward(
+        weight, (sh, sw), pads, (dh, dw), shape[2:], input_grad, pooled=True, x=x
     )
 
     def pool_gradient():  # the convolution's gradient, formed
@@ -1123,23 +1175,14 @@ def max_pool2d_conv2d_backward(
             layer=pool_layer,
         )
 
-    if (
-        n == 0
-        or (input_grad and not sparse)
-        or _weight_gradient_by_winograd(weight.shape, (sh, sw), pads, (dh, dw))
-    ):
+    if n == 0 or kernels.pool_gradient:
         dconv = pool_gradient()
         return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias, input_grad)
     dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)
     oh, ow = conv_shape[2], conv_shape[3]
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
-    weight_kernel = (
-        _fused.maxpool2d_conv2d_backward_weight
-        if sparse
-        else _fused.maxpool2d_conv2d_backward_weight_dense
-    )
-    weight_kernel(
+    kernels.weight(
         _nhwc(x),
         dyh,
         amh,
@@ -1159,16 +1202,16 @@ def max_pool2d_conv2d_backward(
         dbias,
     )
     dx = None
-    if transposed:
-        dconv = _nhwc(pool_gradient())
-        dx = _nchw(_input_gradient(x.shape, weight, dconv, (sh, sw), pads, (dh, dw)))
-    elif input_grad:
+    if kernels.input is _fused.maxpool2d_conv2d_backward_input:
         h, w = x.shape[2], x.shape[3]
         dx = _pool.empty((n, h, w, c), dtype=x.dtype)
-        _fused.maxpool2d_conv2d_backward_input(
+        kernels.input(
             dyh, amh, yh, bool(relu), pkh, pkw, weight, sh, sw, pads[0], pads[2], dh, dw, oh, ow, dx
         )
         dx = _nchw(dx)
+    elif kernels.input is not None:
+        dconv = _nhwc(pool_gradient())
+        dx = _nchw(_input_gradient(kernels.input, x.shape, weight, dconv, (sh, sw), pads, (dh, dw)))
     return dx, dweight, (dbias if bias else None)
 
 

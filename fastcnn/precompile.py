@@ -159,7 +159,9 @@ def _conv_input_gradient(dtype: np.dtype[Any]) -> None:
 
     x, w = _conv_operands(4, dtype)
     _, strides, pads, dilations = F.conv2d_output_shape(x.shape, w.shape, 1, 0, 1, "Conv2D")
-    F._input_gradient(x.shape, w, np.ones((2, 4, 4, 4), dtype), strides, pads, dilations)
+    dy = np.ones((2, 4, 4, 4), dtype)
+    kernel = F._conv2d.conv2d_backward_input
+    F._input_gradient(kernel, x.shape, w, dy, strides, pads, dilations)
 
 
 def _conv_phases_input_gradient(dtype: np.dtype[Any]) -> None:
@@ -168,7 +170,9 @@ def _conv_phases_input_gradient(dtype: np.dtype[Any]) -> None:
 
     x, w = np.ones((2, 16, 8, 8), dtype), np.ones((4, 16, 3, 3), dtype)
     _, strides, pads, dilations = F.conv2d_output_shape(x.shape, w.shape, 2, 1, 1, "Conv2D")
-    F._input_gradient(x.shape, w, np.ones((2, 4, 4, 4), dtype), strides, pads, dilations)
+    dy = np.ones((2, 4, 4, 4), dtype)
+    kernel = F._conv2d_phases.conv2d_backward_input_phases
+    F._input_gradient(kernel, x.shape, w, dy, strides, pads, dilations)
 
 
 def _conv_c1_weight_gradient(dtype: np.dtype[Any]) -> None:

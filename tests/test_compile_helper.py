@@ -250,6 +250,63 @@ def test_a_pooled_convolution_requests_the_kernels_its_fused_backward_runs(
     assert all(priority == -compile_helper._SECONDS.get(n, 0) for n, priority in got)
 
 
+_CONVOLUTION_CASES = [
+    # (weight shape, stride, padding, input size, pooled)
+    ((32, 32, 3, 3), 1, "same", (8, 8), False),
+    ((32, 32, 3, 3), 1, "same", (6, 8), False),
+    ((32, 16, 3, 3), 2, 1, (8, 8), False),
+    ((32, 24, 3, 3), 2, 1, (8, 8), False),
+    ((16, 3, 3, 3), 1, 1, (8, 8), False),
+    ((6, 1, 5, 5), 1, 0, (12, 12), False),
+    ((8, 16, 3, 3), 1, 1, (8, 8), False),
+    ((64, 32, 3, 3), 1, 0, (9, 9), True),
+    ((32, 1, 3, 3), 1, 0, (10, 10), True),
+    ((32, 16, 3, 3), 1, "same", (8, 8), True),
+    ((32, 16, 3, 3), 1, 0, (10, 10), True),
+    ((16, 32, 3, 3), 2, 1, (8, 8), True),
+]
+
+
+@pytest.mark.parametrize("shape, stride, padding, size, pooled", _CONVOLUTION_CASES)
+def test_a_convolution_requests_what_its_backward_then_runs(
+    monkeypatch, shape, stride, padding, size, pooled
+):
+    """Run the backward with every recipe's kernel recording its calls: the convolution
+    kernels it ran are those requested."""
+    from fastcnn import functional as F
+    from fastcnn import kernels
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape).astype(np.float32)
+    requested = {
+        n for n, _ in compile_helper._convolution_gradients(w, stride, padding, 1, size, pooled)
+    }
+    ran = set()
+    for name in precompile.RECIPES:
+        module, function = name.split(".")
+        kernel = getattr(getattr(kernels, module), function)
+
+        def record(*args, _name=name, _kernel=kernel):
+            ran.add(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(getattr(kernels, module), function, record)
+    x = rng.standard_normal((2, shape[1], *size)).astype(np.float32)
+    input_grad = shape[1] > compile_helper._IMAGE_CHANNELS
+    y = F.conv2d_forward(x, w, None, stride, padding, relu=pooled)
+    if pooled:
+        p, argmax = F.max_pool2d_forward(y, 2)
+        dp = rng.standard_normal(p.shape).astype(np.float32)
+        F.max_pool2d_conv2d_backward(
+            x, w, dp, argmax, p, y.shape, 2, stride, padding, input_grad=input_grad
+        )
+    else:
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        F.conv2d_backward(x, w, dy, stride, padding, input_grad=input_grad)
+    convolution_kernels = {n for n in ran if not n.startswith(("pool2d.", "activations."))}
+    assert convolution_kernels == requested
+
+
 def test_every_compile_time_names_a_recipe():
     assert set(compile_helper._SECONDS) <= set(precompile.RECIPES)
 
