@@ -155,6 +155,17 @@ def _kernel(name: str) -> Any:
     return getattr(getattr(kernels, module), attr)
 
 
+def _kernel_name(kernel: Any) -> str:
+    """The name in RECIPES of a kernel (``_kernel``'s inverse); a KeyError for one without a
+    recipe, which the helper could not compile."""
+    from .precompile import RECIPES
+
+    for name in RECIPES:
+        if _kernel(name) is kernel:
+            return name
+    raise KeyError(f"no recipe compiles {kernel}")
+
+
 def _cached(dispatcher: Any) -> bool:
     """Whether numba's cache has an index for the kernel (False if its layout is unknown)."""
     try:
@@ -396,11 +407,10 @@ def expect_convolution_gradients(
     pooled: bool = False,
 ) -> None:
     """Called by a convolution's training-mode forward (one group) before its kernel: request
-    the kernels of its weight gradient and of its input gradient where that is not a forward
-    kernel (col2im, or phase by phase) nor the image's (a first layer's); ``pooled``: a
-    convolution + ReLU whose max pool's windows tile, whose backward forms the gradients from
-    the pooled ones where it can (``_convolution_gradients``). After the first call for a
-    convolution, a set lookup."""
+    the kernels of its weight gradient and, but for a first layer's, of its input gradient
+    (``_convolution_gradients``); ``pooled``: a convolution + ReLU whose max pool's windows
+    tile, whose backward forms the gradients from the pooled ones where it can. After the
+    first call for a convolution, a set lookup."""
     state = _state
     if state["pid"] != os.getpid():
         with _lock:
@@ -449,30 +459,25 @@ def expect_layers(layers: Any) -> None:
 def _convolution_gradients(
     weight: Any, stride: Any, padding: Any, dilation: Any, input_size: Any, pooled: bool = False
 ) -> tuple[tuple[str, int], ...]:
-    """The (kernel, priority) pairs of a convolution's gradients that a recipe compiles, as
-    ``functional.convolution_backward`` picks them (the forward kernels of a transposed
-    convolution excepted: the forward compiled them); an input gradient for more than an
-    image's channels (a first layer's is never asked for); finite inputs taken."""
+    """The (kernel, priority) pairs of a convolution's gradients, as
+    ``functional._backward_kernels`` picks them (finite inputs taken), but for an input
+    gradient by Winograd: its kernel is the forward's of the same layer, compiled by then
+    (both run where 3x3 'same' convolutions have channels and filters in multiples of 16, at
+    the same size). Whether the layer is a network's first one, whose input gradient no step
+    computes, is guessed from its channels (at most an image's); a wrong guess costs compile
+    time, never a result."""
     from . import functional as F
-    from .precompile import RECIPES
 
     x_shape = (1, weight.shape[1], *input_size)
     out_shape, strides, pads, dilations = F.conv2d_output_shape(
         x_shape, weight.shape, stride, padding, dilation, "Conv2D"
     )
     input_grad = weight.shape[1] > _IMAGE_CHANNELS
-    kernels = F.convolution_backward(
+    kernels = F._backward_kernels(
         weight, strides, pads, dilations, out_shape[2:], input_grad, pooled
     )
-    names = [_name(k) for k in (kernels.weight, kernels.input) if k is not None]
-    return _longest_first(*(n for n in names if n in RECIPES))
-
-
-def _name(kernel: Any) -> str:
-    """A kernel's name as RECIPES and _SECONDS spell it: its module in kernels/, a dot, its
-    function's name."""
-    module = kernel.__module__.rsplit(".", 1)[-1]
-    return f"{module}.{kernel.__name__}"
+    wanted = (k for k in (kernels.weight, kernels.input) if k not in (None, F._winograd_forward))
+    return _longest_first(*(_kernel_name(k) for k in wanted))
 
 
 def install() -> None:

@@ -853,22 +853,22 @@ def conv2d_backward(
     return (None if dxh is None else _nchw(dxh)), dweight, (dbias if bias else None)
 
 
-class ConvolutionBackward(NamedTuple):
-    """The kernels of a convolution's backward (one group), as :func:`convolution_backward`
+class BackwardKernels(NamedTuple):
+    """The kernels of a convolution's backward (one group), as :func:`_backward_kernels`
     picks them for its shapes."""
 
     #: the weight gradient's kernel
     weight: Callable[..., Any]
     #: the input gradient's: a forward kernel's (the transposed convolution, by
-    #: ``_winograd_forward`` or ``conv2d_forward``), the phases', col2im's or the fused one
-    #: through a max pool; None without an input gradient
+    #: ``_winograd_forward`` or ``conv2d_forward``), the phases', col2im's or, through a max
+    #: pool, the fused one; None without an input gradient
     input: Callable[..., Any] | None
-    #: through a max pool: whether its gradient is formed and conv2d_backward's kernels run
-    #: on it (else the fused kernels take the pooled gradient)
-    pool_gradient: bool
+    #: through a max pool: max_pool2d_conv2d_backward forms the pool's gradient and hands the
+    #: whole backward to conv2d_backward (these kernels are then conv2d_backward's)
+    unfused: bool
 
 
-def convolution_backward(
+def _backward_kernels(
     weight: Array,
     strides: tuple[int, int],
     pads: tuple[int, int, int, int],
@@ -877,33 +877,18 @@ def convolution_backward(
     input_grad: bool,
     pooled: bool = False,
     x: Array | None = None,
-) -> ConvolutionBackward:
+) -> BackwardKernels:
     """The kernels :func:`conv2d_backward` runs for a convolution of one group (``pooled``:
     :func:`max_pool2d_conv2d_backward`, for a max pool whose windows tile) with outputs of
     ``out_size`` (rows, columns): the one rule the backward passes follow and the compile
     helper asks (fastcnn/compile_helper.py). ``x``: the input, whose values decide the fused
     kernels' sparse sums (0 * inf would count); None takes it finite."""
-    winograd_weight = _weight_gradient_by_winograd(weight.shape, strides, pads, dilations)
     input_kernel = _input_gradient_kernel(weight, strides, pads, dilations) if input_grad else None
-    if pooled and not winograd_weight:
-        sparse = (
-            weight.shape[1] % _conv2d.FT == 0
-            and _weight_gradient_in_pixel_order(weight.shape)
-            and bool(np.isfinite(weight).all())
-            and (x is None or bool(np.isfinite(x).all()))
-        )
-        if sparse or not input_grad:
-            # the sparse input gradient reproduces col2im's order: where conv2d_backward takes
-            # the transposed convolution or the phases instead, it is that of the pool's gradient
-            if input_kernel is _conv2d.conv2d_backward_input:
-                input_kernel = _fused.maxpool2d_conv2d_backward_input
-            weight_kernel = (
-                _fused.maxpool2d_conv2d_backward_weight
-                if sparse
-                else _fused.maxpool2d_conv2d_backward_weight_dense
-            )
-            return ConvolutionBackward(weight_kernel, input_kernel, False)
-    if winograd_weight:
+    if pooled:
+        fused = _fused_backward_kernels(weight, strides, pads, dilations, input_kernel, x)
+        if fused is not None:
+            return fused
+    if _weight_gradient_by_winograd(weight.shape, strides, pads, dilations):
         weight_kernel = (
             _winograd4.conv2d_winograd4_backward_weight
             if _weight_gradient_by_winograd4(out_size)
@@ -913,7 +898,35 @@ def convolution_backward(
         weight_kernel = _conv2d_c1.conv2d_c1_backward_weight
     else:
         weight_kernel = _conv2d.conv2d_backward_weight
-    return ConvolutionBackward(weight_kernel, input_kernel, pooled)
+    return BackwardKernels(weight_kernel, input_kernel, pooled)
+
+
+def _fused_backward_kernels(weight, strides, pads, dilations, input_kernel, x):
+    """The fused kernels of max_pool2d_conv2d_backward (``input_kernel``: conv2d_backward's
+    choice, or None), or None where it runs conv2d_backward on the pool's gradient instead: a
+    weight gradient by Winograd, or an input gradient asked for where the sparse sums cannot
+    keep the dense kernels' order (channels not whole tiles, a weight gradient summed in
+    chunks, x or the weights not finite)."""
+    if _weight_gradient_by_winograd(weight.shape, strides, pads, dilations):
+        return None
+    sparse = (
+        weight.shape[1] % _conv2d.FT == 0
+        and _weight_gradient_in_pixel_order(weight.shape)
+        and bool(np.isfinite(weight).all())
+        and (x is None or bool(np.isfinite(x).all()))
+    )
+    if input_kernel is not None and not sparse:
+        return None
+    # the sparse input gradient reproduces col2im's order: where conv2d_backward takes the
+    # transposed convolution or the phases instead, it is that of the pool's gradient
+    if input_kernel is _conv2d.conv2d_backward_input:
+        input_kernel = _fused.maxpool2d_conv2d_backward_input
+    weight_kernel = (
+        _fused.maxpool2d_conv2d_backward_weight
+        if sparse
+        else _fused.maxpool2d_conv2d_backward_weight_dense
+    )
+    return BackwardKernels(weight_kernel, input_kernel, False)
 
 
 def _input_gradient_kernel(weight, strides, pads, dilations):
@@ -932,7 +945,7 @@ def _input_gradient_kernel(weight, strides, pads, dilations):
 def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
     """(dx (N, H, W, C) or None, dweight, dbias) of a convolution with one group, dy
     (N, OH, OW, F) channels-last."""
-    kernels = convolution_backward(weight, strides, pads, dilations, dy.shape[1:3], input_grad)
+    kernels = _backward_kernels(weight, strides, pads, dilations, dy.shape[1:3], input_grad)
     dweight = _pool.empty_like(weight)
     dbias = _pool.empty(weight.shape[0], dtype=x.dtype)
     _weight_gradient(kernels.weight, x, weight, dy, strides, pads, dilations, dweight, dbias)
@@ -943,7 +956,7 @@ def _dense_backward(x, weight, dy, strides, pads, dilations, input_grad):
 
 
 def _weight_gradient(kernel, x, weight, dy, strides, pads, dilations, dweight, dbias):
-    """Run ``kernel``, one of convolution_backward's weight gradients (not the fused ones):
+    """Run ``kernel``, one of _backward_kernels' weight gradients (not the fused ones):
     dweight and dbias from x (N, C, H, W) and dy (N, OH, OW, F) channels-last."""
     (sh, sw), (dh, dw) = strides, dilations
     threads = numba.get_num_threads()
@@ -951,18 +964,22 @@ def _weight_gradient(kernel, x, weight, dy, strides, pads, dilations, dweight, d
         kernel(_nhwc(x), dy, sh, sw, pads[0], pads[2], dh, dw, dweight, dbias, threads)
     elif kernel is _conv2d_c1.conv2d_c1_backward_weight:
         # one channel, few filters: bitwise the direct kernel, following its pixel chunks
-        f, c, kh, kw = weight.shape
+        f, _, kh, kw = weight.shape
         n_pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
-        k = _conv2d
-        plan = k._weight_plan(kh * kw, f, n_pixels, f <= k.FTN, False, threads)
+        plan = _conv2d._weight_plan(kh * kw, f, n_pixels, f <= _conv2d.FTN, False, threads)
         kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, plan[3], plan[6])
-    else:  # by Winograd, F(4x4) or F(2x2)
+    elif kernel in (
+        _winograd4.conv2d_winograd4_backward_weight,
+        _winograd.conv2d_winograd_backward_weight,
+    ):
         kernel(_nhwc(x), dy, pads[0], pads[2], dweight, dbias, threads)
+    else:
+        raise AssertionError(f"not a weight gradient of conv2d_backward: {kernel}")
 
 
 def _input_gradient(kernel, x_shape, weight, dy, strides, pads, dilations):
     """The input gradient (N, H, W, C) of a convolution from dy (N, OH, OW, F) channels-last by
-    ``kernel``, one of convolution_backward's input gradients (not the fused one)."""
+    ``kernel``, one of _backward_kernels' input gradients (not the fused one)."""
     n, c, h, w = x_shape
     dx = _pool.empty((n, h, w, c), dtype=dy.dtype)
     (sh, sw), (dh, dw) = strides, dilations
@@ -989,8 +1006,10 @@ def _input_gradient(kernel, x_shape, weight, dy, strides, pads, dilations):
         )
     elif kernel is _conv2d_phases.conv2d_backward_input_phases:
         kernel(dy, weight, sh, sw, pads[0], pads[2], dx, threads)
-    else:
+    elif kernel is _conv2d.conv2d_backward_input:
         kernel(dy, weight, sh, sw, pads[0], pads[2], dh, dw, dx, threads)
+    else:
+        raise AssertionError(f"not an input gradient of conv2d_backward: {kernel}")
     return dx
 
 
@@ -1161,7 +1180,7 @@ def max_pool2d_conv2d_backward(
     _same_dtype(pooled, x, pool_layer, "pooled output")
     _check_shape_equal(pooled, out_shape, pool_layer, "pooled output")
     n, c = x.shape[0], x.shape[1]
-    kernels = convolution_backward(
+    kernels = _backward_kernels(
         weight, (sh, sw), pads, (dh, dw), shape[2:], input_grad, pooled=True, x=x
     )
 
@@ -1175,7 +1194,7 @@ def max_pool2d_conv2d_backward(
             layer=pool_layer,
         )
 
-    if n == 0 or kernels.pool_gradient:
+    if n == 0 or kernels.unfused:
         dconv = pool_gradient()
         return conv2d_backward(x, weight, dconv, stride, padding, dilation, layer, bias, input_grad)
     dyh, amh, yh = _nhwc(dy), _nhwc(argmax), _nhwc(pooled)

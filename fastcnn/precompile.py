@@ -154,7 +154,7 @@ def _conv_weight_gradient(dtype: np.dtype[Any]) -> None:
 
 
 def _conv_input_gradient(dtype: np.dtype[Any]) -> None:
-    """The input gradient by col2im (4 channels, stride 1: not computed as a convolution)."""
+    """The input gradient by col2im."""
     from . import functional as F
 
     x, w = _conv_operands(4, dtype)
@@ -162,6 +162,14 @@ def _conv_input_gradient(dtype: np.dtype[Any]) -> None:
     dy = np.ones((2, 4, 4, 4), dtype)
     kernel = F._conv2d.conv2d_backward_input
     F._input_gradient(kernel, x.shape, w, dy, strides, pads, dilations)
+
+
+def _conv_forward(dtype: np.dtype[Any]) -> None:
+    """The direct kernel's forward (4 channels: not by Winograd), also a stride-1 input
+    gradient's (the transposed convolution)."""
+    from . import functional as F
+
+    F.conv2d_forward(*_conv_operands(4, dtype), relu=True, winograd=True)
 
 
 def _conv_phases_input_gradient(dtype: np.dtype[Any]) -> None:
@@ -275,6 +283,7 @@ RECIPES: dict[str, Callable[[np.dtype[Any]], None]] = {
     "dense.dense_backward_small": lambda dtype: _dense_backward(dtype, small=True),
     "conv2d.conv2d_backward_weight": _conv_weight_gradient,
     "conv2d.conv2d_backward_input": _conv_input_gradient,
+    "conv2d.conv2d_forward": _conv_forward,
     "conv2d_phases.conv2d_backward_input_phases": _conv_phases_input_gradient,
     "conv2d_c1.conv2d_c1_backward_weight": _conv_c1_weight_gradient,
     "winograd.conv2d_winograd_backward_weight": compile_winograd_backward,

@@ -204,7 +204,14 @@ def test_own_running_threads_count_once(monkeypatch):
             [("conv2d_c1.conv2d_c1_backward_weight", -2)],
         ),
         # 16 channels to 8 filters, stride 1: the input gradient is a forward convolution
-        ((8, 16, 3, 3), 1, 1, (8, 8), [("conv2d.conv2d_backward_weight", -8)]),
+        # (requested too: in cache by then if the layer's own forward ran on it)
+        (
+            (8, 16, 3, 3),
+            1,
+            1,
+            (8, 8),
+            [("conv2d.conv2d_backward_weight", -8), ("conv2d.conv2d_forward", 0)],
+        ),
     ],
 )
 def test_a_convolution_requests_the_kernels_its_backward_runs(
@@ -260,42 +267,58 @@ _CONVOLUTION_CASES = [
     ((6, 1, 5, 5), 1, 0, (12, 12), False),
     ((8, 16, 3, 3), 1, 1, (8, 8), False),
     ((64, 32, 3, 3), 1, 0, (9, 9), True),
-    ((32, 1, 3, 3), 1, 0, (10, 10), True),
     ((32, 16, 3, 3), 1, "same", (8, 8), True),
     ((32, 16, 3, 3), 1, 0, (10, 10), True),
+    # the forward by Winograd, the input gradient by the direct forward kernel
+    ((16, 32, 3, 3), 1, 0, (10, 10), True),
+    # the rule's other pooled cases, which a network's plan runs on the fused forward and
+    # backward without asking (a first layer of one channel; stride 2)
+    ((32, 1, 3, 3), 1, 0, (10, 10), True),
     ((16, 32, 3, 3), 2, 1, (8, 8), True),
 ]
+
+
+def _record_kernel_calls(monkeypatch, calls):
+    """Every kernel of fastcnn.kernels, called from Python, adds its name to ``calls``."""
+    import importlib
+    import pkgutil
+
+    from fastcnn import kernels
+
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"fastcnn.kernels.{info.name}")
+        for attr, kernel in vars(module).items():
+            if hasattr(kernel, "py_func") and kernel.__module__ == module.__name__:
+
+                def record(*args, _name=f"{info.name}.{attr}", _kernel=kernel):
+                    calls.append(_name)
+                    return _kernel(*args)
+
+                monkeypatch.setattr(module, attr, record)
 
 
 @pytest.mark.parametrize("shape, stride, padding, size, pooled", _CONVOLUTION_CASES)
 def test_a_convolution_requests_what_its_backward_then_runs(
     monkeypatch, shape, stride, padding, size, pooled
 ):
-    """Run the backward with every recipe's kernel recording its calls: the convolution
-    kernels it ran are those requested."""
+    """Run a layer's forward and backward with every kernel recording its calls: the helper
+    is asked for every convolution kernel the backward runs that the forward did not (the
+    pool's gradient is the pool's follower), and for nothing else."""
     from fastcnn import functional as F
-    from fastcnn import kernels
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal(shape).astype(np.float32)
-    requested = {
-        n for n, _ in compile_helper._convolution_gradients(w, stride, padding, 1, size, pooled)
-    }
-    ran = set()
-    for name in precompile.RECIPES:
-        module, function = name.split(".")
-        kernel = getattr(getattr(kernels, module), function)
-
-        def record(*args, _name=name, _kernel=kernel):
-            ran.add(_name)
-            return _kernel(*args)
-
-        monkeypatch.setattr(getattr(kernels, module), function, record)
+    asked = compile_helper._convolution_gradients(w, stride, padding, 1, size, pooled)
+    requested = {name for name, _ in asked}
     x = rng.standard_normal((2, shape[1], *size)).astype(np.float32)
     input_grad = shape[1] > compile_helper._IMAGE_CHANNELS
-    y = F.conv2d_forward(x, w, None, stride, padding, relu=pooled)
+    forward, backward = [], []
+    _record_kernel_calls(monkeypatch, forward)
+    y = F.conv2d_forward(x, w, None, stride, padding, relu=pooled, winograd=True)
+    p, argmax = F.max_pool2d_forward(y, 2) if pooled else (None, None)
+    monkeypatch.undo()
+    _record_kernel_calls(monkeypatch, backward)
     if pooled:
-        p, argmax = F.max_pool2d_forward(y, 2)
         dp = rng.standard_normal(p.shape).astype(np.float32)
         F.max_pool2d_conv2d_backward(
             x, w, dp, argmax, p, y.shape, 2, stride, padding, input_grad=input_grad
@@ -303,8 +326,14 @@ def test_a_convolution_requests_what_its_backward_then_runs(
     else:
         dy = rng.standard_normal(y.shape).astype(np.float32)
         F.conv2d_backward(x, w, dy, stride, padding, input_grad=input_grad)
-    convolution_kernels = {n for n in ran if not n.startswith(("pool2d.", "activations."))}
-    assert convolution_kernels == requested
+    # the kernels proper (kernels/' helpers called from Python, as _weight_plan, are small)
+    ran = {
+        n
+        for n in backward
+        if not n.startswith(("pool2d.", "activations.")) and not n.split(".")[1].startswith("_")
+    }
+    assert ran - set(forward) <= requested <= ran
+    assert all(n in precompile.RECIPES for n in requested)
 
 
 def test_every_compile_time_names_a_recipe():
