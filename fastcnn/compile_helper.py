@@ -4,10 +4,11 @@ the kernels in the order it reaches them, a helper compiles the ones it will rea
 Numba compiles a kernel on its first call, holding the GIL, and caches it on disk: on a machine
 where nothing is cached yet a training step compiles for 30-40 s on one core. When a forward
 kernel first compiles (or loads) here, the kernels that follow it in a training step are
-requested from a helper process (``FOLLOWERS``: the pools' and activations' gradients, the
-Dense layers'), a Sequential's first training forward requests its BatchNorm and Dense layers'
-kernels (``expect_layers``), and a convolution layer's training forward requests its own
-gradients (``expect_convolution_gradients``). The helper compiles the requests the longest
+requested from a helper process (``FOLLOWERS``: the average pools' and activations'
+gradients, the Dense layers'), a Sequential's first training forward requests its BatchNorm
+and Dense layers' kernels (``expect_layers``), a convolution layer's training forward its own
+gradients (``expect_convolution_gradients``), and a max pool's the pool's gradient where its
+backward runs it (``expect_pool_gradient``). The helper compiles the requests the longest
 first (``_SECONDS``; BatchNorm's training forward, which this process needs right after the
 first convolution's forward, before them all), each through ``fastcnn.precompile.RECIPES``
 (tiny inputs with the layers' argument types), into numba's cache. Whoever starts a kernel
@@ -44,6 +45,7 @@ __all__ = [
     "request",
     "expect_convolution_gradients",
     "expect_layers",
+    "expect_pool_gradient",
     "install",
     "disable",
     "spawn",
@@ -81,21 +83,17 @@ def _longest_first(*names: str) -> tuple[tuple[str, int], ...]:
 _DENSE = _longest_first("dense.dense_forward", "dense.dense_product")
 _DENSE_SMALL = _longest_first("dense.dense_forward_small", "dense.dense_backward_small")
 (_RELU,) = _longest_first("activations.relu_backward")
+_MAX_POOL_GRADIENT = _longest_first("pool2d.maxpool2d_backward")
 
 #: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
 #: helper takes the lowest priority first, equal priorities in the order requested. A
 #: convolution layer requests its own gradients (``expect_convolution_gradients``: they depend
-#: on its shape), a Sequential the kernels of its BatchNorm and Dense layers
+#: on its shape, and through a max pool on the fusion), a max pool its gradient where that runs
+#: (``expect_pool_gradient``), a Sequential the kernels of its BatchNorm and Dense layers
 #: (``expect_layers``: the Dense layers' depend on their size).
 FOLLOWERS: dict[str, tuple[tuple[str, int], ...]] = {
-    "conv2d_relu_maxpool2d_forward": _longest_first(  # the reference network's fused steps
-        "fused.maxpool2d_conv2d_backward_weight_dense",
-        "fused.maxpool2d_conv2d_backward_input",
-        "fused.maxpool2d_conv2d_backward_weight",
-    ),
     "dense_forward": (_DENSE[1],),
     "dense_forward_small": (_DENSE_SMALL[1],),
-    "maxpool2d_forward": _longest_first("pool2d.maxpool2d_backward"),
     "avgpool2d_forward": _longest_first("pool2d.avgpool2d_backward"),
     "global_avgpool2d_forward": _longest_first("pool2d.global_avgpool2d_backward"),
     "relu_forward": (_RELU,),
@@ -133,6 +131,7 @@ def _reset() -> None:
         # and not yet reached here
         requested={},
         convolutions=set(),  # the convolutions expect_convolution_gradients has seen
+        pools=set(),  # the dtypes expect_pool_gradient has seen
         stealing=False,  # compiling a requested kernel while waiting for the helper
     )
 
@@ -432,6 +431,25 @@ def expect_convolution_gradients(
     request(kernels, weight.dtype.name, start=not _cached(_kernel(kernels[0][0])))
 
 
+def expect_pool_gradient(dtype: Any) -> None:
+    """Called by a max pool's training forward whose backward runs the pool's gradient (the
+    layer's, or a plan step's): request its kernel. Not a follower of the pool's forward
+    kernel: a Conv2D -> ReLU -> MaxPool2D whose windows tile forms the convolution's gradients
+    from the pooled ones and mostly never runs it (``_convolution_gradients`` asks for it where
+    it does). After the first call, a set lookup."""
+    state = _state
+    if state["pid"] != os.getpid():
+        with _lock:
+            _reset()
+    name = getattr(dtype, "name", None)
+    if name is None or name in state["pools"]:
+        return
+    state["pools"].add(name)
+    if state["tried"] and state["helper"] is None:
+        return
+    request(_MAX_POOL_GRADIENT, name, start=not _cached(_kernel(_MAX_POOL_GRADIENT[0][0])))
+
+
 def expect_layers(layers: Any) -> None:
     """Called by a Sequential's first training forward with its layers: request BatchNorm's
     training forward ahead of everything and its gradient, if one is a BatchNorm2D (this
@@ -465,7 +483,8 @@ def _convolution_gradients(
     (both run where 3x3 'same' convolutions have channels and filters in multiples of 16, at
     the same size). Whether the layer is a network's first one, whose input gradient no step
     computes, is guessed from its channels (at most an image's); a wrong guess costs compile
-    time, never a result."""
+    time, never a result. ``pooled``: with the max pool's gradient where the backward forms
+    it."""
     from . import functional as F
 
     x_shape = (1, weight.shape[1], *input_size)
@@ -476,8 +495,12 @@ def _convolution_gradients(
     kernels = F._backward_kernels(
         weight, strides, pads, dilations, out_shape[2:], input_grad, pooled
     )
-    wanted = (k for k in (kernels.weight, kernels.input) if k not in (None, F._winograd_forward))
-    return _longest_first(*(_kernel_name(k) for k in wanted))
+    wanted = [k for k in (kernels.weight, kernels.input) if k not in (None, F._winograd_forward)]
+    names = [_kernel_name(k) for k in wanted]
+    fused_input = kernels.input in (None, F._fused.maxpool2d_conv2d_backward_input)
+    if pooled and (kernels.unfused or not fused_input):  # the pool's gradient is formed
+        names.append(_MAX_POOL_GRADIENT[0][0])
+    return _longest_first(*names)
 
 
 def install() -> None:

@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import functional as F
 from ._checks import is_int, is_real
 from ._types import Array, Config, Padding, Rng, Shape, Size2
-from .compile_helper import expect_convolution_gradients
+from .compile_helper import expect_convolution_gradients, expect_pool_gradient
 from .module import Module, Parameter, register_module
 from .seeding import default_rng, global_generator
 
@@ -418,6 +418,8 @@ class MaxPool2D(_Pool2D):
         y, argmax = F.max_pool2d_forward(
             x, self.kernel_size, self.stride, self.padding, layer=self.name
         )
+        if self.training:
+            expect_pool_gradient(y.dtype)
         self.save_for_backward(np.shape(x), argmax, y.dtype)
         return y
 

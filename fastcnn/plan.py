@@ -48,7 +48,7 @@ import numpy as np
 
 from . import functional as F
 from ._types import Array
-from .compile_helper import expect_convolution_gradients
+from .compile_helper import expect_convolution_gradients, expect_pool_gradient
 from .layers import (
     BatchNorm2D,
     Conv2D,
@@ -245,6 +245,10 @@ class ConvReLUMaxPool(Step):
         conv, relu, pool = self.modules
         x, in_dtype = cast_input(x, conv.dtype, conv.name)
         if _tiles(pool) and not _winograd(conv):
+            if conv.training:
+                expect_convolution_gradients(
+                    conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:], True
+                )
             y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
                 x,
                 conv.weight.data,
@@ -262,6 +266,8 @@ class ConvReLUMaxPool(Step):
         y, argmax = F.max_pool2d_forward(
             a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
         )
+        if conv.training and not _tiles(pool):  # (tiling: _conv_relu asked where it runs)
+            expect_pool_gradient(y.dtype)
         # windows that tile: the backward forms the gradients from the pooled ones all the same
         self._save(x, in_dtype, None if _tiles(pool) else a, y, argmax, a.shape)
         return y
@@ -345,6 +351,8 @@ class ReLUMaxPool(Step):
         y, argmax = F.max_pool2d_forward(
             a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
         )
+        if pool.training:
+            expect_pool_gradient(y.dtype)
         self._save(a.shape, y, argmax)
         return y
 
@@ -436,6 +444,7 @@ class BatchNormReLU(_WithInnerPlan):
             y, argmax = F.max_pool2d_forward(
                 a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
             )
+            expect_pool_gradient(y.dtype)  # (a BatchNorm in training: this step's backward)
         self._save(x4, mean, invstd, affine, a, y, argmax, xc.shape, in_dtype)
         return y
 

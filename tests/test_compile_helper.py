@@ -236,13 +236,23 @@ def test_a_convolution_requests_the_kernels_its_backward_runs(
         # a first layer of one channel: the dense weight gradient only
         ((32, 1, 3, 3), 0, (28, 28), ["fused.maxpool2d_conv2d_backward_weight_dense"]),
         # 'same': the Winograd weight gradient, the pool's gradient formed first
-        ((32, 16, 3, 3), "same", (8, 8), ["winograd4.conv2d_winograd4_backward_weight"]),
-        # 16 channels (not whole tiles) with an input gradient: conv2d_backward's kernels
+        (
+            (32, 16, 3, 3),
+            "same",
+            (8, 8),
+            ["winograd4.conv2d_winograd4_backward_weight", "pool2d.maxpool2d_backward"],
+        ),
+        # 16 channels (not whole tiles) with an input gradient: conv2d_backward's kernels on
+        # the pool's gradient
         (
             (32, 16, 3, 3),
             0,
             (10, 10),
-            ["conv2d.conv2d_backward_weight", "conv2d.conv2d_backward_input"],
+            [
+                "conv2d.conv2d_backward_weight",
+                "conv2d.conv2d_backward_input",
+                "pool2d.maxpool2d_backward",
+            ],
         ),
     ],
 )
@@ -302,8 +312,9 @@ def test_a_convolution_requests_what_its_backward_then_runs(
     monkeypatch, shape, stride, padding, size, pooled
 ):
     """Run a layer's forward and backward with every kernel recording its calls: the helper
-    is asked for every convolution kernel the backward runs that the forward did not (the
-    pool's gradient is the pool's follower), and for nothing else."""
+    is asked for every convolution kernel the backward runs that the forward did not, and
+    through a max pool for the pool's gradient where the backward forms it, and for nothing
+    else."""
     from fastcnn import functional as F
 
     rng = np.random.default_rng(0)
@@ -330,7 +341,7 @@ def test_a_convolution_requests_what_its_backward_then_runs(
     ran = {
         n
         for n in backward
-        if not n.startswith(("pool2d.", "activations.")) and not n.split(".")[1].startswith("_")
+        if not n.startswith("activations.") and not n.split(".")[1].startswith("_")
     }
     assert ran - set(forward) <= requested <= ran
     assert all(n in precompile.RECIPES for n in requested)
@@ -394,6 +405,34 @@ def test_no_helper_starts_for_the_followers_of_a_cached_kernel(monkeypatch):
     finally:
         compile_helper._state.clear()
         compile_helper._state.update(saved)
+
+
+def test_a_pool_asks_for_its_gradient_where_its_backward_runs_it(fresh_state):
+    """A MaxPool2D's training forward asks once for the pool's gradient; evaluation asks
+    nothing; the reference network, whose fused Conv2D -> ReLU -> MaxPool2D backward forms
+    the convolutions' gradients from the pooled ones, asks for the fused kernels only."""
+    import fastcnn
+    from fastcnn import models
+
+    sent = fresh_state
+    x = np.ones((2, 4, 6, 6), np.float32)
+    pool = fastcnn.MaxPool2D(2)
+    pool.eval()
+    pool(x)
+    assert sent == []
+    pool.train()
+    pool(x)
+    pool(x)
+    assert sent == [["-1", "pool2d.maxpool2d_backward", "float32"]]
+    compile_helper._state["pools"].clear()
+    compile_helper._state["requested"].clear()
+    sent.clear()
+    model = models.reference(seed=0)
+    model(np.ones((2, 1, 28, 28), np.float32))
+    names = {name for _, name, _ in sent}
+    assert "pool2d.maxpool2d_backward" not in names
+    assert "fused.maxpool2d_conv2d_backward_weight_dense" in names  # conv1's
+    assert "fused.maxpool2d_conv2d_backward_weight" in names  # conv2's, through Winograd
 
 
 def test_the_first_to_claim_a_kernel_compiles_it(tmp_path):
