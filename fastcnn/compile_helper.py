@@ -7,8 +7,8 @@ kernel first compiles (or loads) here, the kernels that follow it in a training 
 requested from a helper process (``FOLLOWERS``: the average pools' and activations'
 gradients, the Dense layers'), a Sequential's first training forward requests its BatchNorm
 and Dense layers' kernels (``expect_layers``), a convolution layer's training forward its own
-gradients (``expect_convolution_gradients``), and a max pool's the pool's gradient where its
-backward runs it (``expect_pool_gradient``). The helper compiles the requests the longest
+gradients (``expect_convolution_gradients``), and a max pool's training forward its gradient
+where its backward runs it (``expect_pool_gradient``). The helper compiles the requests the longest
 first (``_SECONDS``; BatchNorm's training forward, which this process needs right after the
 first convolution's forward, before them all), each through ``fastcnn.precompile.RECIPES``
 (tiny inputs with the layers' argument types), into numba's cache. Whoever starts a kernel
@@ -38,7 +38,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "FOLLOWERS",
@@ -83,7 +86,7 @@ def _longest_first(*names: str) -> tuple[tuple[str, int], ...]:
 _DENSE = _longest_first("dense.dense_forward", "dense.dense_product")
 _DENSE_SMALL = _longest_first("dense.dense_forward_small", "dense.dense_backward_small")
 (_RELU,) = _longest_first("activations.relu_backward")
-_MAX_POOL_GRADIENT = _longest_first("pool2d.maxpool2d_backward")
+(_MAX_POOL_GRADIENT,) = _longest_first("pool2d.maxpool2d_backward")
 
 #: A forward kernel's name -> the kernels a training step runs after it, (name, priority): the
 #: helper takes the lowest priority first, equal priorities in the order requested. A
@@ -431,7 +434,7 @@ def expect_convolution_gradients(
     request(kernels, weight.dtype.name, start=not _cached(_kernel(kernels[0][0])))
 
 
-def expect_pool_gradient(dtype: Any) -> None:
+def expect_pool_gradient(dtype: np.dtype[Any]) -> None:
     """Called by a max pool's training forward whose backward runs the pool's gradient (the
     layer's, or a plan step's): request its kernel. Not a follower of the pool's forward
     kernel: a Conv2D -> ReLU -> MaxPool2D whose windows tile forms the convolution's gradients
@@ -441,13 +444,13 @@ def expect_pool_gradient(dtype: Any) -> None:
     if state["pid"] != os.getpid():
         with _lock:
             _reset()
-    name = getattr(dtype, "name", None)
-    if name is None or name in state["pools"]:
+    name = dtype.name
+    if name in state["pools"]:
         return
     state["pools"].add(name)
     if state["tried"] and state["helper"] is None:
         return
-    request(_MAX_POOL_GRADIENT, name, start=not _cached(_kernel(_MAX_POOL_GRADIENT[0][0])))
+    request((_MAX_POOL_GRADIENT,), name, start=not _cached(_kernel(_MAX_POOL_GRADIENT[0])))
 
 
 def expect_layers(layers: Any) -> None:
@@ -483,8 +486,10 @@ def _convolution_gradients(
     (both run where 3x3 'same' convolutions have channels and filters in multiples of 16, at
     the same size). Whether the layer is a network's first one, whose input gradient no step
     computes, is guessed from its channels (at most an image's); a wrong guess costs compile
-    time, never a result. ``pooled``: with the max pool's gradient where the backward forms
-    it."""
+    time, never a result (through a max pool whose channels are not whole tiles, a first
+    layer's fused weight gradient differs from a later one's unfused kernels; a first layer
+    of more than an image's channels has the unrequested one compiled here). ``pooled``:
+    with the max pool's gradient where the backward forms it."""
     from . import functional as F
 
     x_shape = (1, weight.shape[1], *input_size)
@@ -499,7 +504,7 @@ def _convolution_gradients(
     names = [_kernel_name(k) for k in wanted]
     fused_input = kernels.input in (None, F._fused.maxpool2d_conv2d_backward_input)
     if pooled and (kernels.unfused or not fused_input):  # the pool's gradient is formed
-        names.append(_MAX_POOL_GRADIENT[0][0])
+        names.append(_MAX_POOL_GRADIENT[0])
     return _longest_first(*names)
 
 

@@ -176,13 +176,18 @@ def _tiles(pool):
     return pool.stride == pool.kernel_size and pool.padding == (0, 0)
 
 
-def _conv_relu(conv, x, pooled=False):
-    """The convolution with its ReLU; in training its gradients' kernels requested from the
-    compile helper (``pooled``: those of the fused max-pool backward where it applies)."""
+def _expect_gradients(conv, x, pooled=False):
+    """In training, the convolution's gradients' kernels requested from the compile helper
+    (``pooled``: those of the fused max-pool backward where it applies)."""
     if conv.training:
         expect_convolution_gradients(
             conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:], pooled
         )
+
+
+def _conv_relu(conv, x, pooled=False):
+    """The convolution with its ReLU (``pooled``: as _expect_gradients's)."""
+    _expect_gradients(conv, x, pooled)
     return F.conv2d_forward(
         x,
         conv.weight.data,
@@ -245,10 +250,7 @@ class ConvReLUMaxPool(Step):
         conv, relu, pool = self.modules
         x, in_dtype = cast_input(x, conv.dtype, conv.name)
         if _tiles(pool) and not _winograd(conv):
-            if conv.training:
-                expect_convolution_gradients(
-                    conv.weight.data, conv.stride, conv.padding, conv.dilation, x.shape[2:], True
-                )
+            _expect_gradients(conv, x, pooled=True)
             y, argmax, conv_shape = F.conv2d_relu_max_pool2d_forward(
                 x,
                 conv.weight.data,
@@ -266,7 +268,7 @@ class ConvReLUMaxPool(Step):
         y, argmax = F.max_pool2d_forward(
             a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
         )
-        if conv.training and not _tiles(pool):  # (tiling: _conv_relu asked where it runs)
+        if pool.training and not _tiles(pool):  # (tiling: _conv_relu asked where it runs)
             expect_pool_gradient(y.dtype)
         # windows that tile: the backward forms the gradients from the pooled ones all the same
         self._save(x, in_dtype, None if _tiles(pool) else a, y, argmax, a.shape)
@@ -444,7 +446,8 @@ class BatchNormReLU(_WithInnerPlan):
             y, argmax = F.max_pool2d_forward(
                 a, pool.kernel_size, pool.stride, pool.padding, layer=pool.name
             )
-            expect_pool_gradient(y.dtype)  # (a BatchNorm in training: this step's backward)
+            if pool.training:  # (the BatchNorm is: this step's backward runs the pool's)
+                expect_pool_gradient(y.dtype)
         self._save(x4, mean, invstd, affine, a, y, argmax, xc.shape, in_dtype)
         return y
 

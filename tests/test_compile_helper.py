@@ -281,8 +281,11 @@ _CONVOLUTION_CASES = [
     ((32, 16, 3, 3), 1, 0, (10, 10), True),
     # the forward by Winograd, the input gradient by the direct forward kernel
     ((16, 32, 3, 3), 1, 0, (10, 10), True),
+    # channels not whole tiles, an input gradient: conv2d_backward's kernels on the pool's
+    # gradient (as a first layer, without one: the dense fused weight gradient)
+    ((16, 8, 3, 3), 1, 0, (10, 10), True),
     # the rule's other pooled cases, which a network's plan runs on the fused forward and
-    # backward without asking (a first layer of one channel; stride 2)
+    # backward (a first layer of one channel; stride 2)
     ((32, 1, 3, 3), 1, 0, (10, 10), True),
     ((16, 32, 3, 3), 2, 1, (8, 8), True),
 ]
@@ -298,7 +301,9 @@ def _record_kernel_calls(monkeypatch, calls):
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"fastcnn.kernels.{info.name}")
         for attr, kernel in vars(module).items():
-            if hasattr(kernel, "py_func") and kernel.__module__ == module.__name__:
+            # the kernels proper (kernels/' helpers called from Python, as _weight_plan, are small)
+            public = not attr.startswith("_")
+            if public and hasattr(kernel, "py_func") and kernel.__module__ == module.__name__:
 
                 def record(*args, _name=f"{info.name}.{attr}", _kernel=kernel):
                     calls.append(_name)
@@ -323,27 +328,34 @@ def test_a_convolution_requests_what_its_backward_then_runs(
     requested = {name for name, _ in asked}
     x = rng.standard_normal((2, shape[1], *size)).astype(np.float32)
     input_grad = shape[1] > compile_helper._IMAGE_CHANNELS
-    forward, backward = [], []
-    _record_kernel_calls(monkeypatch, forward)
-    y = F.conv2d_forward(x, w, None, stride, padding, relu=pooled, winograd=True)
-    p, argmax = F.max_pool2d_forward(y, 2) if pooled else (None, None)
+
+    def forward():
+        y = F.conv2d_forward(x, w, None, stride, padding, relu=pooled, winograd=True)
+        p, argmax = F.max_pool2d_forward(y, 2) if pooled else (None, None)
+        return y, p, argmax
+
+    def backward(y, p, argmax):
+        if pooled:
+            dp = np.ones(p.shape, np.float32)
+            F.max_pool2d_conv2d_backward(
+                x, w, dp, argmax, p, y.shape, 2, stride, padding, input_grad=input_grad
+            )
+        else:
+            F.conv2d_backward(
+                x, w, np.ones(y.shape, np.float32), stride, padding, input_grad=input_grad
+            )
+
+    # once unrecorded, which compiles what the case runs: a kernel typed while its module's
+    # functions are recorders would not find them
+    backward(*forward())
+    forward_ran, backward_ran = [], []
+    _record_kernel_calls(monkeypatch, forward_ran)
+    out = forward()
     monkeypatch.undo()
-    _record_kernel_calls(monkeypatch, backward)
-    if pooled:
-        dp = rng.standard_normal(p.shape).astype(np.float32)
-        F.max_pool2d_conv2d_backward(
-            x, w, dp, argmax, p, y.shape, 2, stride, padding, input_grad=input_grad
-        )
-    else:
-        dy = rng.standard_normal(y.shape).astype(np.float32)
-        F.conv2d_backward(x, w, dy, stride, padding, input_grad=input_grad)
-    # the kernels proper (kernels/' helpers called from Python, as _weight_plan, are small)
-    ran = {
-        n
-        for n in backward
-        if not n.startswith("activations.") and not n.split(".")[1].startswith("_")
-    }
-    assert ran - set(forward) <= requested <= ran
+    _record_kernel_calls(monkeypatch, backward_ran)
+    backward(*out)
+    ran = {n for n in backward_ran if not n.startswith("activations.")}
+    assert ran - set(forward_ran) <= requested <= ran
     assert all(n in precompile.RECIPES for n in requested)
 
 
@@ -411,10 +423,16 @@ def test_a_pool_asks_for_its_gradient_where_its_backward_runs_it(fresh_state):
     """A MaxPool2D's training forward asks once for the pool's gradient; evaluation asks
     nothing; the reference network, whose fused Conv2D -> ReLU -> MaxPool2D backward forms
     the convolutions' gradients from the pooled ones, asks for the fused kernels only."""
+    from numba import types
+
     import fastcnn
     from fastcnn import models
+    from fastcnn.kernels import pool2d
 
     sent = fresh_state
+    # the pool's forward kernel compiling (or loading) asks for nothing itself
+    compile_helper._on_compile(pool2d.maxpool2d_forward, (types.float32[:, :, :, ::1],))
+    assert sent == []
     x = np.ones((2, 4, 6, 6), np.float32)
     pool = fastcnn.MaxPool2D(2)
     pool.eval()
@@ -433,6 +451,31 @@ def test_a_pool_asks_for_its_gradient_where_its_backward_runs_it(fresh_state):
     assert "pool2d.maxpool2d_backward" not in names
     assert "fused.maxpool2d_conv2d_backward_weight_dense" in names  # conv1's
     assert "fused.maxpool2d_conv2d_backward_weight" in names  # conv2's, through Winograd
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        # ConvReLUMaxPool on windows that do not tile; BatchNormReLU with a pool, alone and
+        # in a ConvBatchNorm's training plan; ReLUMaxPool
+        lambda f: [f.Conv2D(8, 8, 3, padding=1), f.ReLU(), f.MaxPool2D(3, stride=2)],
+        lambda f: [f.BatchNorm2D(8), f.ReLU(), f.MaxPool2D(2)],
+        lambda f: [f.Conv2D(8, 8, 3, padding=1), f.BatchNorm2D(8), f.ReLU(), f.MaxPool2D(2)],
+        lambda f: [f.Conv2D(8, 8, 3, padding=1), f.Tanh(), f.ReLU(), f.MaxPool2D(2)],
+    ],
+)
+def test_a_plan_step_that_runs_the_pools_gradient_asks_for_it_in_training(fresh_state, layers):
+    import fastcnn
+
+    sent = fresh_state
+    model = fastcnn.Sequential(*layers(fastcnn))
+    x = np.ones((2, 8, 8, 8), np.float32)
+    model.eval()
+    model(x)
+    assert ["-1", "pool2d.maxpool2d_backward", "float32"] not in sent
+    model.train()
+    model(x)
+    assert ["-1", "pool2d.maxpool2d_backward", "float32"] in sent
 
 
 def test_the_first_to_claim_a_kernel_compiles_it(tmp_path):
