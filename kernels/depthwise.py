@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from .conv2d import _batch_norm_rows
+from .gemm_tile import TALL
 
 
 @njit(cache=True)
@@ -62,6 +63,66 @@ def _pixel_by_taps(xr, wt, bias, o, b, n, oh, p, H, W, C, sh, sw, pt, pl, dh, dw
                 o[b + cu] += xs[a + cu] * ws[cu]
 
 
+#: Elements (whole pixels' channels) per run of the stride-1 forward's interior (below).
+_RUN = 128
+#: float32 lanes of the target's vectors. The per-pixel loop over the channels runs scalar
+#: below 3 vectors (LLVM's vector loop has a minimum trip count) and its remainder scalar: the
+#: forward sums in runs there (measured with AVX2; the rule in AVX-512's width is a guess).
+_VECTOR = 16 if TALL else 8
+
+
+@njit(cache=True)
+def _run_operands(wf, bias, C, run_pixels):
+    """The stride-1 forward's repeated operands, (10, run_pixels * C) flat: row 0 the bias,
+    row 1 + k tap k's weights (wt's (i, j) order), each repeated run_pixels times."""
+    L = run_pixels * C
+    rep = np.empty(10 * L, dtype=wf.dtype)
+    for t in range(L):
+        c = t % C
+        rep[t] = bias[c]
+        for k in range(9):
+            rep[(k + 1) * L + t] = wf[k * C + c]
+    return rep
+
+
+@njit(cache=True, inline="always")
+def _interior_run(xf, rep, L, o, b, a0, dc, rs, count):
+    """o[b : b + count] = the outputs of consecutive stride-1 pixels whose 3x3 windows lie
+    inside the image, as one run of (pixel, channel) elements: element t reads its taps at
+    a0 + t (+ dc per column, + rs per row), the weights and bias at t mod L of ``rep``
+    (_run_operands; runs of L). The same terms in the same order as the per-pixel loop."""
+    u = np.uint64
+    s = 0
+    while s < count:
+        n = min(L, count - s)
+        su = u(s)
+        x0 = a0 + su
+        x1 = x0 + dc
+        x2 = x1 + dc
+        x3 = x0 + rs
+        x4 = x1 + rs
+        x5 = x2 + rs
+        x6 = x3 + rs
+        x7 = x4 + rs
+        x8 = x5 + rs
+        ob = b + su
+        Lu = u(L)
+        for t in range(n):
+            tu = u(t)
+            acc = rep[tu]
+            acc += xf[x0 + tu] * rep[Lu + tu]
+            acc += xf[x1 + tu] * rep[u(2) * Lu + tu]
+            acc += xf[x2 + tu] * rep[u(3) * Lu + tu]
+            acc += xf[x3 + tu] * rep[u(4) * Lu + tu]
+            acc += xf[x4 + tu] * rep[u(5) * Lu + tu]
+            acc += xf[x5 + tu] * rep[u(6) * Lu + tu]
+            acc += xf[x6 + tu] * rep[u(7) * Lu + tu]
+            acc += xf[x7 + tu] * rep[u(8) * Lu + tu]
+            acc += xf[x8 + tu] * rep[u(9) * Lu + tu]
+            o[ob + tu] = acc
+        s += L
+
+
 @njit(parallel=True, cache=True)
 def depthwise_forward(
     x, wt, bias, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, relu, out, bn
@@ -80,6 +141,9 @@ def depthwise_forward(
     written out (one store per output, where a loop over the taps would load and store the
     output once per tap); other pixels, and every pixel of other kernel sizes, a tap at a time.
     Both add the same terms in the same order: the path a pixel takes does not change its bits.
+    At stride 1, with few channels or not whole vectors of them (_VECTOR), those inside pixels
+    of a row are one run of (pixel, channel) elements, summed in runs of about _RUN elements
+    over weights repeated to that length: a pixel's own loop was too short to vectorise.
     """
     N, H, W, C = x.shape
     KH, KW = wt.shape[0], wt.shape[1]
@@ -103,6 +167,10 @@ def depthwise_forward(
     ra, rb = _out_range(2 * dil_w - pad_left, stride_w, OW, W)
     pa = max(qa, ra)
     pb = max(pa, min(qb, rb))
+    few = C < 3 * _VECTOR or (C < 8 * _VECTOR and C % _VECTOR != 0)
+    runs = three and stride_w == 1 and pb > pa and few
+    run_pixels = max(1, min(pb - pa, _RUN // C)) if runs else 1
+    rep = _run_operands(wf, bias, C, run_pixels) if runs else np.empty(0, dtype=wf.dtype)
     for row in prange(N * OH):
         n = row // OH
         oh = row % OH
@@ -110,8 +178,15 @@ def depthwise_forward(
         i0, i1 = _tap_range(oh, stride_h, pad_top, dil_h, KH, H)
         inside = three and i0 == 0 and i1 == 3
         a_row = np.uint64((n * H + oh * stride_h - pad_top) * W * C) if inside else np.uint64(0)
+        run = inside and runs
+        if run:  # (stride 1: pa - pad_left >= 0)
+            a0 = a_row + np.uint64((pa - pad_left) * C)
+            count = (pb - pa) * C
+            _interior_run(xf, rep, run_pixels * C, o, np.uint64(pa * C), a0, dc, rs, count)
         for p in range(OW):
             b = np.uint64(p * C)
+            if run and pa <= p < pb:
+                continue
             if inside and pa <= p < pb:
                 a0 = a_row + np.uint64((p * stride_w - pad_left) * C)
                 a1 = a0 + dc

@@ -125,7 +125,9 @@ def test_depthwise_kernels_write_every_element(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("stride, dilation, channels", [(1, 1, 37), (2, 1, 16), (1, 2, 5)])
+@pytest.mark.parametrize(
+    "stride, dilation, channels", [(1, 1, 37), (2, 1, 16), (1, 2, 5), (1, 1, 16), (1, 1, 60)]
+)
 def test_depthwise_forward_same_bits_inside_and_at_the_border(dtype, stride, dilation, channels):
     """A 3x3 depthwise forward sums a pixel whose window lies inside the image in one pass and
     a border pixel a tap at a time: padded by the kernel or by hand (every window inside, the
@@ -143,6 +145,25 @@ def test_depthwise_forward_same_bits_inside_and_at_the_border(dtype, stride, dil
         K.depthwise_forward(x, wt, bias, stride, stride, d, d, d, d, relu, by_kernel, _no_bn(x))
         K.depthwise_forward(xp, wt, bias, stride, stride, 0, 0, d, d, relu, by_hand, _no_bn(x))
         assert by_kernel.tobytes() == by_hand.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [3, 16, 28, 60])
+def test_depthwise_forward_runs_of_stride_one(dtype, channels):
+    """At stride 1, with few channels or not whole vectors of them, the inside pixels of a row
+    are summed as runs of (pixel, channel) elements (several runs a row here: 35 inside
+    pixels): against the textbook loops, with and without the ReLU."""
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((2, channels, 6, 37))
+    w = rng.standard_normal((channels, 1, 3, 3))
+    b = rng.standard_normal(channels)
+    y_ref = naive.conv2d_forward(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), channels)
+    y = F.conv2d_forward(*(a.astype(dtype) for a in (x, w, b)), 1, 1, groups=channels)
+    assert relative_error(y, y_ref) <= TOL[dtype]
+    y_relu = F.conv2d_forward(
+        *(a.astype(dtype) for a in (x, w, b)), 1, 1, relu=True, groups=channels
+    )
+    assert relative_error(y_relu, np.maximum(y_ref, 0)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("groups, c, f", [(8, 8, 8), (8, 8, 16), (2, 8, 6)])
