@@ -523,13 +523,13 @@ def _conv_kernel(
     nt = numba.get_num_threads()
     if c <= _conv2d_c1.LANES_MAX_CHANNELS and (sh, sw, dh, dw) == (1,) * 4:
         # an image's few channels (a network's first layer), bitwise the direct kernel: one
-        # channel and few filters (LeNet-5's) on the tile's rows; whole vectors of filters (a
-        # ResNet stem's, VGG's) on the lanes in evaluation mode only, which keeps its
-        # compilation out of the first training step
+        # channel and few filters (LeNet-5's) on the tile's rows; a multiple of 8 filters (a
+        # ResNet stem's, VGG's, a 3 -> 24 stem's) on the lanes in evaluation mode only, which
+        # keeps its compilation out of the first training step
         if c == 1 and f <= _conv2d_c1.MAX_FILTERS:
             _conv2d_c1.conv2d_c1_forward(_nhwc(x), weight, bias, pads[0], pads[2], relu, y, bn, nt)
             return
-        if evaluation and f % _conv2d_c1.LANES == 0:
+        if evaluation and f % _conv2d_c1.HALF == 0:
             image, channels_last = _image_as_given(x)
             _conv2d_c1.conv2d_c1_lanes_forward(
                 image, channels_last, weight, bias, pads[0], pads[2], relu, y, bn, nt

@@ -1,8 +1,8 @@
 """A network's first convolution, over an image's few channels, stride 1, dilation 1: ONE
 channel and at most 6 filters (LeNet-5's first layer: 1 -> 6 at 5x5) here and its weight
-gradient at the end, over channels-last arrays; 1-4 channels and whole vectors of 16 filters in
-conv2d_c1_lanes_forward below (a ResNet stem on MNIST: 1 -> 16 at 3x3; VGG's: 3 -> 32), which
-reads the image NCHW as users pass it, or channels-last.
+gradient at the end, over channels-last arrays; 1-4 channels and a multiple of 8 filters in
+conv2d_c1_lanes_forward below (a ResNet stem on MNIST: 1 -> 16 at 3x3; VGG's: 3 -> 32; 3 -> 24),
+which reads the image NCHW as users pass it, or channels-last.
 
 The direct kernel (conv2d.py) puts the filters on the tile's 16 columns: with 6 filters, 10
 columns compute nothing, and the 25 taps of a 5x5 window are too few to pay for the tile's
@@ -215,9 +215,10 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
 
 # ---- the forward for filters in whole vectors (a ResNet stem: 1 -> 16 at 3x3; VGG's 3 -> 32) ----
 
-#: Filters per block of the lanes forward (one 512-bit vector of float32), and its pixels per
-#: register block.
+#: Filters per block of the lanes forward (one 512-bit vector of float32; F may end in a
+#: half one), and its pixels per register block.
 LANES = 16
+HALF = LANES // 2
 _PIX = 4
 _LACC = _PIX * LANES
 #: The most input channels it takes: an image's (RGB, RGBA).
@@ -227,17 +228,20 @@ _EPILOGUE_ROWS = 8
 
 
 @njit(cache=True, fastmath={"contract"})
-def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
+def _lanes_row(xpf, rb, boff, K, wl, bias, Fp, of, o0, OW, F, relu):
     """One output row (flat at of[o0:], F filters per pixel) of the lanes forward: for each
     block of LANES filters, _PIX pixels at a time, their accumulators in registers from the
     bias through every tap (each tap: _PIX broadcasts of the input, the block's weight vector,
     _PIX fused multiply-adds), then the ReLU select and the stores of the pixels < OW (the
-    padded image is wide enough for a whole last block). Neighbouring pixels lie 1 apart."""
+    padded image is wide enough for a whole last block). Neighbouring pixels lie 1 apart. The
+    weights and bias come padded to Fp filters (whole blocks): a last half block computes a
+    whole one and stores its HALF filters (a loop over 8 lanes stayed scalar: 3x slower)."""
     acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
     u = np.uint64
-    Fu = u(F)
-    for fb in range(0, F, LANES):
+    Fu, Fpu = u(F), u(Fp)
+    for fb in range(0, Fp, LANES):
         fbu = u(fb)
+        whole = fb + LANES <= F
         for ow0 in range(0, OW, _PIX):
             for p in range(_PIX):
                 for f in range(LANES):
@@ -249,7 +253,7 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
                 x1 = xpf[bo + u(1)]
                 x2 = xpf[bo + u(2)]
                 x3 = xpf[bo + u(3)]
-                kk = u(k) * Fu + fbu
+                kk = u(k) * Fpu + fbu
                 for f in range(LANES):
                     w = wl[kk + u(f)]
                     acc[f] += x0 * w
@@ -264,8 +268,12 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu):
             for p in range(_PIX):
                 if ow0 + p < OW:
                     d = o0 + u(ow0 + p) * Fu + fbu
-                    for f in range(LANES):
-                        of[d + u(f)] = acc[p * LANES + f]
+                    if whole:
+                        for f in range(LANES):
+                            of[d + u(f)] = acc[p * LANES + f]
+                    else:
+                        for f in range(HALF):
+                            of[d + u(f)] = acc[p * LANES + f]
 
 
 @njit(cache=True)
@@ -299,7 +307,7 @@ def conv2d_c1_lanes_forward(
     x, channels_last, weight, bias, pad_top, pad_left, relu, out, bn, threads
 ):
     """conv2d.conv2d_forward, bitwise, for a few channels (an image's: 1 to LANES_MAX_CHANNELS)
-    and F a multiple of LANES filters, stride 1 and dilation 1. The direct kernel's tile holds
+    and F a multiple of HALF filters, stride 1 and dilation 1. The direct kernel's tile holds
     4-6 pixels x 16 filters and reads each pixel's taps through a table of offsets: with 1-3
     channels a tile has 9-27 taps of work for its start and store. Here the filters lie on the
     vector lanes and 4 neighbouring pixels of one row are the tile's rows, the taps (i, j, c)
@@ -316,15 +324,19 @@ def conv2d_c1_lanes_forward(
     OH, OW = out.shape[1], out.shape[2]
     XH, XW = OH + KH - 1, (OW + _PIX - 1) // _PIX * _PIX + KW - 1
     K = KH * KW * C
-    wl = np.empty(K * F, dtype=out.dtype)  # (tap, filter)
+    Fp = (F + LANES - 1) // LANES * LANES
+    wl = np.empty(K * Fp, dtype=out.dtype)  # (tap, filter), filters past F zero
+    bp = np.empty(Fp, dtype=out.dtype)
+    for f in range(Fp):
+        bp[f] = bias[f] if f < F else 0
     boff = np.empty(K, dtype=np.uint64)  # tap (i, j, c): plane c, i rows and j columns on
     for i in range(KH):
         for j in range(KW):
             for c in range(C):
                 k = (i * KW + j) * C + c
                 boff[k] = np.uint64((c * XH + i) * XW + j)
-                for f in range(F):
-                    wl[k * F + f] = weight[f, c, i, j]
+                for f in range(Fp):
+                    wl[k * Fp + f] = weight[f, c, i, j] if f < F else 0
     rows = N * OH
     nthr = max(1, min(threads, rows))
     # a worker's planar image; rows a whole number of cache lines apart (the workers' stores)
@@ -346,7 +358,7 @@ def conv2d_c1_lanes_forward(
                     _planar_image(x, channels_last, n, pad_top, pad_left, XH, XW, xpf)
                     at = n
                 rb, o0 = np.uint64(oh * XW), np.uint64(row * OW * F)
-                _lanes_row(xpf, rb, boff, K, wl, bias, of, o0, OW, F, relu and not affine)
+                _lanes_row(xpf, rb, boff, K, wl, bp, Fp, of, o0, OW, F, relu and not affine)
             if affine:  # the direct kernel's epilogue, on rows still in cache
                 _batch_norm_rows(of[r0 * OW * F : r2 * OW * F], F, bn, relu, r0 * OW * F)
 

@@ -29,8 +29,9 @@ SHAPES = [  # N, F, H, W, KH, KW, pad_top, pad_left (bottom/right: the same)
     (2, 3, 17, 16, 2, 4, 0, 1),
     (5, 4, 6, 35, 7, 1, 3, 0),
 ]
-# whole vectors of filters: conv2d_c1_lanes_forward (a ResNet stem; the reference network's
-# first layer, unpadded; a width that leaves 1-3 pixels past the 4-pixel blocks)
+# a multiple of 8 filters: conv2d_c1_lanes_forward (a ResNet stem; the reference network's
+# first layer, unpadded; a width that leaves 1-3 pixels past the 4-pixel blocks; a last half
+# block of 8 filters after none, one or two whole ones)
 LANES_SHAPES = [
     (3, 16, 28, 28, 3, 3, 1, 1),
     (2, 32, 26, 26, 3, 3, 0, 0),
@@ -38,6 +39,9 @@ LANES_SHAPES = [
     (1, 16, 1, 1, 3, 3, 1, 1),
     (3, 16, 6, 35, 7, 1, 3, 0),
     (2, 32, 5, 6, 2, 4, 0, 1),
+    (2, 8, 9, 10, 3, 3, 1, 1),
+    (2, 24, 11, 13, 3, 3, 1, 1),
+    (1, 40, 7, 6, 5, 5, 2, 2),
 ]
 
 
@@ -97,12 +101,12 @@ def test_functional_uses_it_for_one_channel_and_few_filters():
     assert MAX_FILTERS == 6 and LANES == 16
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
-    for filters in (1, 6, 7, 16, 24, 32):  # 7 and 24: the direct kernel
+    for filters in (1, 6, 7, 16, 24, 32):  # 7: the direct kernel
         w = rng.standard_normal((filters, 1, 5, 5)).astype(np.float32)
         y = F.conv2d_forward(x, w, None, 1, 2)
         ref = naive_conv(x, w, np.zeros(filters, np.float32), padding=((2, 2), (2, 2)))
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-        # evaluation mode (the lanes kernel for 16 and 32 filters): the same bits
+        # evaluation mode (the lanes kernel for 16, 24 and 32 filters): the same bits
         y_eval = F.conv2d_forward(x, w, None, 1, 2, winograd=True, evaluation=True)
         assert y_eval.tobytes() == y.tobytes()
 
@@ -126,9 +130,10 @@ def test_functional_lanes_forward_takes_the_image_in_any_layout():
         assert y.tobytes() == ref.tobytes(), name
 
 
-def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
+@pytest.mark.parametrize("filters", [16, 24])
+def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch, filters):
     """Its compilation stays out of the first training step: a training-mode layer runs the
-    direct kernel, an evaluation-mode one the lanes kernel."""
+    direct kernel, an evaluation-mode one the lanes kernel (16 filters, or 24: a half block)."""
     import fastcnn
     from fastcnn.kernels import conv2d_c1
 
@@ -137,7 +142,7 @@ def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
     monkeypatch.setattr(
         conv2d_c1, "conv2d_c1_lanes_forward", lambda *a: calls.append(1) or lanes(*a)
     )
-    layer = fastcnn.Conv2D(1, 16, 3, padding=1)
+    layer = fastcnn.Conv2D(1, filters, 3, padding=1)
     x = np.random.default_rng(0).standard_normal((2, 1, 9, 9)).astype(np.float32)
     y_train = layer(x)
     assert not calls
@@ -152,6 +157,7 @@ def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch):
         (3, (2, 16, 32, 32, 3, 3, 1, 1)),
         (2, (3, 32, 9, 7, 5, 5, 2, 2)),
         (4, (1, 48, 6, 13, 1, 3, 0, 1)),
+        (3, (2, 24, 10, 9, 3, 3, 1, 1)),
     ],
 )
 def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, shape, dtype):
