@@ -213,7 +213,7 @@ def conv2d_c1_forward(x, weight, bias, pad_top, pad_left, relu, out, bn, threads
                 _batch_norm_rows(of[row * OW * F : (row + 1) * OW * F], F, bn, relu, row * OW * F)
 
 
-# ---- the forward for filters in whole vectors (a ResNet stem: 1 -> 16 at 3x3; VGG's 3 -> 32) ----
+# ---- the forward for a multiple of 8 filters (a ResNet stem: 1 -> 16 at 3x3; VGG's 3 -> 32) ----
 
 #: Filters per block of the lanes forward (one 512-bit vector of float32; F may end in a
 #: half one), and its pixels per register block.
@@ -235,7 +235,7 @@ def _lanes_row(xpf, rb, boff, K, wl, bias, Fp, of, o0, OW, F, relu):
     _PIX fused multiply-adds), then the ReLU select and the stores of the pixels < OW (the
     padded image is wide enough for a whole last block). Neighbouring pixels lie 1 apart. The
     weights and bias come padded to Fp filters (whole blocks): a last half block computes a
-    whole one and stores its HALF filters (a loop over 8 lanes stayed scalar: 3x slower)."""
+    whole one and stores its HALF filters (a block written for 8 lanes stayed scalar)."""
     acc = numba.carray(stack_array(_LACC, of.dtype), (_LACC,))
     u = np.uint64
     Fu, Fpu = u(F), u(Fp)
@@ -316,6 +316,8 @@ def conv2d_c1_lanes_forward(
     columns), so neither a channels-last copy of the batch nor a serial padded one comes first.
     x C-contiguous, (N, H, W, C) if ``channels_last`` else (N, C, H, W); weight (F, C, KH, KW),
     bias (F,), out (N, OH, OW, F)."""
+    if weight.shape[0] % HALF != 0:  # the stores of a last half block would pass out's end
+        raise ValueError("conv2d_c1_lanes_forward: the filters must be a multiple of HALF")
     if channels_last:
         N, C = x.shape[0], x.shape[3]
     else:

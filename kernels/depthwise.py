@@ -65,9 +65,10 @@ def _pixel_by_taps(xr, wt, bias, o, b, n, oh, p, H, W, C, sh, sw, pt, pl, dh, dw
 
 #: Elements (whole pixels' channels) per run of the stride-1 forward's interior (below).
 _RUN = 128
-#: float32 lanes of the target's vectors. The per-pixel loop over the channels runs scalar
-#: below 3 vectors (LLVM's vector loop has a minimum trip count) and its remainder scalar: the
-#: forward sums in runs there (measured with AVX2; the rule in AVX-512's width is a guess).
+#: float32 lanes of the target's vectors (float64: half as many). The per-pixel loop over the
+#: channels runs scalar below 3 vectors (LLVM's vector loop has a minimum trip count) and its
+#: remainder scalar: the forward sums in runs there (measured in float32 with AVX2; the rule at
+#: other widths is the same rule, unmeasured).
 _VECTOR = 16 if TALL else 8
 
 
@@ -141,9 +142,10 @@ def depthwise_forward(
     written out (one store per output, where a loop over the taps would load and store the
     output once per tap); other pixels, and every pixel of other kernel sizes, a tap at a time.
     Both add the same terms in the same order: the path a pixel takes does not change its bits.
-    At stride 1, with few channels or not whole vectors of them (_VECTOR), those inside pixels
-    of a row are one run of (pixel, channel) elements, summed in runs of about _RUN elements
-    over weights repeated to that length: a pixel's own loop was too short to vectorise.
+    At a horizontal stride of 1, with few channels or not whole vectors of them (_VECTOR),
+    those inside pixels of a row are one run of (pixel, channel) elements, summed in runs of
+    about _RUN elements over weights repeated to that length: a pixel's own loop was too
+    short to vectorise.
     """
     N, H, W, C = x.shape
     KH, KW = wt.shape[0], wt.shape[1]
@@ -167,7 +169,8 @@ def depthwise_forward(
     ra, rb = _out_range(2 * dil_w - pad_left, stride_w, OW, W)
     pa = max(qa, ra)
     pb = max(pa, min(qb, rb))
-    few = C < 3 * _VECTOR or (C < 8 * _VECTOR and C % _VECTOR != 0)
+    lanes = _VECTOR * 4 // x.itemsize
+    few = C < 3 * lanes or (C < 8 * lanes and C % lanes != 0)
     runs = three and stride_w == 1 and pb > pa and few
     run_pixels = max(1, min(pb - pa, _RUN // C)) if runs else 1
     rep = _run_operands(wf, bias, C, run_pixels) if runs else np.empty(0, dtype=wf.dtype)

@@ -81,7 +81,7 @@ def test_bitwise_the_direct_kernel_and_close_to_the_textbook(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [SHAPES[0], LANES_SHAPES[0], LANES_SHAPES[2]])
+@pytest.mark.parametrize("shape", [SHAPES[0], LANES_SHAPES[0], LANES_SHAPES[2], LANES_SHAPES[7]])
 def test_batch_norm_epilogue_bitwise_the_direct_kernel(dtype, shape):
     for relu in (False, True):
         for bn in (True, "add"):
@@ -158,6 +158,7 @@ def test_the_lanes_kernel_runs_in_evaluation_mode_only(monkeypatch, filters):
         (2, (3, 32, 9, 7, 5, 5, 2, 2)),
         (4, (1, 48, 6, 13, 1, 3, 0, 1)),
         (3, (2, 24, 10, 9, 3, 3, 1, 1)),
+        (2, (1, 40, 7, 5, 3, 3, 1, 1)),
     ],
 )
 def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, shape, dtype):
@@ -190,6 +191,45 @@ def test_lanes_kernel_with_a_few_channels_bitwise_the_direct_kernel(channels, sh
     got = np.empty((N, OH, OW, Fn), dtype)
     conv2d_c1_lanes_forward(x, True, w, b, pt, pl, False, got, _no_bn(x), 2)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), naive, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("filters", [8, 24, 40])
+def test_lanes_kernel_writes_its_output_only(filters):
+    """The output inside a larger buffer (sentinels before and after it): a last half block,
+    computed whole, stores its 8 filters only; every output is written. Filters not a multiple
+    of 8 are refused."""
+    rng = np.random.default_rng(filters)
+    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((filters, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(filters).astype(np.float32)
+    size, guard = 2 * 9 * 10 * filters, 1024
+    buf = np.full(size + 2 * guard, 12345.0, np.float32)
+    out = buf[guard : guard + size].reshape(2, 9, 10, filters)
+    out[...] = np.nan
+    conv2d_c1_lanes_forward(x, False, w, b, 1, 1, True, out, _no_bn(x), 2)
+    assert (buf[:guard] == 12345.0).all() and (buf[guard + size :] == 12345.0).all()
+    assert not np.isnan(out).any()
+    ref = np.empty_like(out)
+    conv2d_forward(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)),
+        w,
+        b,
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        True,
+        ref,
+        _no_bn(x),
+        2,
+    )
+    assert out.tobytes() == ref.tobytes()
+    with pytest.raises(ValueError, match="multiple of HALF"):
+        conv2d_c1_lanes_forward(
+            x, False, w[:4], b[:4], 1, 1, True, out[..., :4].copy(), _no_bn(x), 2
+        )
 
 
 def weight_grads(shape, dtype, seed=0, threads_=2):

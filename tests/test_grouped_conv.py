@@ -151,10 +151,10 @@ def test_depthwise_forward_same_bits_inside_and_at_the_border(dtype, stride, dil
 @pytest.mark.parametrize("channels", [3, 16, 28, 60])
 def test_depthwise_forward_runs_of_stride_one(dtype, channels):
     """At stride 1, with few channels or not whole vectors of them, the inside pixels of a row
-    are summed as runs of (pixel, channel) elements (several runs a row here: 35 inside
+    are summed as runs of (pixel, channel) elements (several runs a row here: 48 inside
     pixels): against the textbook loops, with and without the ReLU."""
     rng = np.random.default_rng(channels)
-    x = rng.standard_normal((2, channels, 6, 37))
+    x = rng.standard_normal((2, channels, 6, 50))
     w = rng.standard_normal((channels, 1, 3, 3))
     b = rng.standard_normal(channels)
     y_ref = naive.conv2d_forward(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), channels)
@@ -164,6 +164,33 @@ def test_depthwise_forward_runs_of_stride_one(dtype, channels):
         *(a.astype(dtype) for a in (x, w, b)), 1, 1, relu=True, groups=channels
     )
     assert relative_error(y_relu, np.maximum(y_ref, 0)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "stride, channels, width", [(1, 3, 50), (1, 16, 11), (1, 60, 9), (2, 5, 9)]
+)
+def test_depthwise_forward_writes_its_output_only(dtype, stride, channels, width):
+    """The output inside a larger buffer (sentinels before and after it), no padding at the
+    top and bottom so that the last row is summed in runs too: the runs and their last,
+    shorter segment store nothing past the output, and every output is written."""
+    rng = np.random.default_rng(channels)
+    x = rng.standard_normal((2, 5, width, channels)).astype(dtype)
+    wt = rng.standard_normal((3, 3, channels)).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    oh, ow = (5 - 3) // stride + 1, (width - 1) // stride + 1
+    size, guard = 2 * oh * ow * channels, 1024
+    buf = np.full(size + 2 * guard, 12345.0, dtype)
+    out = buf[guard : guard + size].reshape(2, oh, ow, channels)
+    out[...] = np.nan
+    K.depthwise_forward(x, wt, bias, stride, stride, 0, 1, 1, 1, False, out, _no_bn(x))
+    assert (buf[:guard] == 12345.0).all() and (buf[guard + size :] == 12345.0).all()
+    assert not np.isnan(out).any()
+    w = wt.transpose(2, 0, 1)[:, None]
+    ref = naive.conv2d_forward(
+        x.transpose(0, 3, 1, 2), w, bias, (stride, stride), ((0, 0), (1, 1)), (1, 1), channels
+    )
+    assert relative_error(out.transpose(0, 3, 1, 2), ref) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("groups, c, f", [(8, 8, 8), (8, 8, 16), (2, 8, 6)])
