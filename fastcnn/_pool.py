@@ -63,11 +63,11 @@ def _free_refcount() -> int:
 _FREE = _free_refcount()
 
 
-def _take(nbytes: int) -> Any:
-    """A free pooled buffer of ``nbytes`` bytes starting on an ALIGN-byte boundary, or a new
-    one: a slice of the raw buffer, whose base is the raw buffer itself (numpy points every
-    view at the array owning the memory), so the raw buffer's reference count tells whether
-    any array still uses it."""
+def _take(nbytes: int) -> tuple[Any, int]:
+    """(raw buffer, offset) of a free pooled buffer of ``nbytes`` bytes from an ALIGN-byte
+    boundary on, or of a new one. The arrays made over it have the raw buffer as their base
+    (numpy points every view at the array owning the memory), so its reference count tells
+    whether any array still uses it."""
     with _LOCK:
         _TICK[0] += 1
         tick = _TICK[0]
@@ -77,11 +77,11 @@ def _take(nbytes: int) -> Any:
         for e in entries:
             if sys.getrefcount(e[0]) == _FREE:
                 e[1] = tick
-                return e[0][e[2] : e[2] + nbytes]
+                return e[0], e[2]
         raw = np.empty(nbytes + ALIGN, np.uint8)
         offset = -raw.ctypes.data % ALIGN
         entries.append([raw, tick, offset])
-        return raw[offset : offset + nbytes]
+        return raw, offset
 
 
 def _drop_idle(tick: int) -> None:
@@ -106,7 +106,8 @@ def empty(shape: Any, dtype: Any = np.float64) -> Array:
     nbytes = math.prod(shape) * dtype.itemsize
     if not _ENABLED or nbytes < MIN_BYTES or dtype.hasobject:
         return np.empty(shape, dtype)
-    return _take(nbytes).view(dtype).reshape(shape)
+    raw, offset = _take(nbytes)
+    return np.ndarray(shape, dtype, raw, offset)  # (one call: a slice, view, reshape cost 2x)
 
 
 def empty_like(a: Array, dtype: Any = None) -> Array:
@@ -117,6 +118,10 @@ def empty_like(a: Array, dtype: Any = None) -> Array:
         return np.empty_like(a, dtype=dtype)
     if a.flags.c_contiguous:
         return empty(a.shape, dtype)
+    if a.ndim == 4 and a.transpose(0, 2, 3, 1).flags.c_contiguous:
+        # channels-last memory (the activations fastcnn returns), without the general sort
+        n, c, h, w = a.shape
+        return empty((n, h, w, c), dtype).transpose(0, 3, 1, 2)
     # the axes from the largest stride to the smallest: a's memory order (numpy's order="K")
     order = sorted(range(a.ndim), key=lambda i: (-abs(a.strides[i]), i))
     out = empty(tuple(a.shape[i] for i in order), dtype)

@@ -168,8 +168,12 @@ def _flat(a):
     """A 1-D view of ``a`` in memory order if its elements fill one contiguous block (C order,
     channels-last, any axis order), else None. Two arrays with the same strides give flat views
     whose elements correspond one to one."""
-    if a.flags.c_contiguous:  # (the common case, without the sort)
+    if a.flags.c_contiguous:  # (the two common cases first, without the sort)
         return a.reshape(-1)
+    if a.ndim == 4:  # channels-last memory
+        v = a.transpose(0, 2, 3, 1)
+        if v.flags.c_contiguous:
+            return v.reshape(-1)
     order = sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
     v = a.transpose(order)
     return v.reshape(-1) if v.flags.c_contiguous else None
