@@ -87,6 +87,18 @@ def _run_operands(wf, bias, C, run_pixels):
 
 
 @njit(cache=True, inline="always")
+def _window3(a0, dc, rs):
+    """The offsets of a 3x3 window's nine taps in (i, j) order, its first at a0: dc apart
+    along a row, rs from one row to the next."""
+    a1 = a0 + dc
+    a2 = a1 + dc
+    a3 = a0 + rs
+    a4 = a1 + rs
+    a5 = a2 + rs
+    return a0, a1, a2, a3, a4, a5, a3 + rs, a4 + rs, a5 + rs
+
+
+@njit(cache=True, inline="always")
 def _interior_run(xf, rep, L, o, b, a0, dc, rs, count):
     """o[b : b + count] = the outputs of consecutive stride-1 pixels whose 3x3 windows lie
     inside the image, as one run of (pixel, channel) elements: element t reads its taps at
@@ -97,15 +109,7 @@ def _interior_run(xf, rep, L, o, b, a0, dc, rs, count):
     while s < count:
         n = min(L, count - s)
         su = u(s)
-        x0 = a0 + su
-        x1 = x0 + dc
-        x2 = x1 + dc
-        x3 = x0 + rs
-        x4 = x1 + rs
-        x5 = x2 + rs
-        x6 = x3 + rs
-        x7 = x4 + rs
-        x8 = x5 + rs
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = _window3(a0 + su, dc, rs)
         ob = b + su
         Lu = u(L)
         for t in range(n):
@@ -191,15 +195,8 @@ def depthwise_forward(
             if run and pa <= p < pb:
                 continue
             if inside and pa <= p < pb:
-                a0 = a_row + np.uint64((p * stride_w - pad_left) * C)
-                a1 = a0 + dc
-                a2 = a1 + dc
-                a3 = a0 + rs
-                a4 = a1 + rs
-                a5 = a2 + rs
-                a6 = a3 + rs
-                a7 = a4 + rs
-                a8 = a5 + rs
+                a = a_row + np.uint64((p * stride_w - pad_left) * C)
+                a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window3(a, dc, rs)
                 for c in range(C):
                     cu = np.uint64(c)
                     acc = bias[cu]
