@@ -1417,7 +1417,7 @@ def relu_forward(x: Array, layer: str = "ReLU") -> Array:
     """max(x, 0), any shape; NaN propagates. The result has x's memory layout (a
     channels-last activation stays channels-last)."""
     x = _one_block(check_float(x, layer, contiguous=False))
-    y = _pool.empty_like(x)  # the same strides as x
+    y = _pool.empty_like(x)  # the same memory order as x
     # 1-D views in memory order: one compiled signature per dtype whatever the rank.
     _activations.relu_forward(_flat(x), _flat(y))
     return y
@@ -1486,7 +1486,7 @@ def tanh_forward(x: Array, layer: str = "Tanh") -> Array:
         # np.asarray: a ufunc returns a numpy scalar, not a 0-d array, for a 0-d input
         return np.asarray(np.tanh(x))
     x = _one_block(x)
-    y = _pool.empty_like(x)  # the same strides as x
+    y = _pool.empty_like(x)  # the same memory order as x
     _activations.tanh_forward(_flat(x), _flat(y))
     return y
 

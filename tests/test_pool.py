@@ -5,6 +5,7 @@ import resource
 import subprocess
 import sys
 import threading
+from itertools import permutations
 
 import numpy as np
 import pytest
@@ -74,6 +75,44 @@ def test_empty_like_keeps_the_memory_order():
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous
     z = _pool.empty_like(np.zeros((64, 100, 40), np.float64), np.float32)
     assert z.dtype == np.float32 and z.flags.c_contiguous
+
+
+def test_a_pooled_array_refers_to_its_raw_buffer():
+    """What tells a buffer is in use: the array's base is the pool's raw buffer itself."""
+    a = _pool.empty(BIG, np.float32)
+    raws = [e[0] for entries in _pool._BUFFERS.values() for e in entries]
+    assert any(a.base is raw for raw in raws)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda z: z((8, 12, 12, 64)).transpose(0, 3, 1, 2),  # channels-last
+        lambda z: z((8, 1, 12, 64)).transpose(0, 3, 1, 2),  # channels-last, H = 1
+        lambda z: z((1, 12, 12, 64)).transpose(0, 3, 1, 2),  # channels-last, N = 1
+        lambda z: z((8, 12, 1, 64)).transpose(0, 3, 1, 2),  # channels-last, W = 1
+        lambda z: z((8, 64, 12, 12)).transpose(0, 1, 3, 2),  # another axis order
+        lambda z: z((8, 12, 12, 64)).transpose(0, 3, 1, 2)[:, :, ::-1],  # a reversed axis
+        lambda z: z((8, 12, 12, 64)).transpose(0, 3, 1, 2)[:, :32],  # not one block
+    ],
+)
+def test_empty_like_and_flat_views_pair_element_by_element(make):
+    """For every layout: empty_like gives numpy's order "K", and where x's memory is one block
+    the flat views of x and of its empty_like pair the same elements (the elementwise kernels'
+    contract); other layouts give no flat view."""
+    from fastcnn.functional import _flat
+
+    rng = np.random.default_rng(0)
+    x = make(lambda shape: rng.standard_normal(shape).astype(np.float32))
+    y = _pool.empty_like(x)
+    assert y.shape == x.shape and y.strides == np.empty_like(x, order="K").strides
+    fx, fy = _flat(x), _flat(y)
+    if fx is None:  # only where no axis order makes x's memory one block
+        assert not any(x.transpose(p).flags.c_contiguous for p in permutations(range(4)))
+        return
+    y[...] = np.nan
+    fy[...] = fx
+    assert np.array_equal(y, x)
 
 
 def test_buffers_of_shapes_no_longer_used_are_dropped():
