@@ -26,7 +26,11 @@ scope are copied here with one ``deepcopy`` memo, so they share one copy of it, 
 of the original IR do; the inlined IR, and so the kernel, is the same.
 (``_SharedScopeCopy``; ``FASTCNN_NUMBA_SHARED_COPY=0`` turns this part off.) And the
 compiler's flags compare by their values at once, not option by option (``_flag_methods``;
-``FASTCNN_NUMBA_FAST_FLAGS=0`` turns this part off).
+``FASTCNN_NUMBA_FAST_FLAGS=0`` turns this part off). And numba's error messages, made by the
+thousand for overload templates that fail to type and are dropped, are plain text: with
+colorama installed numba initialises and tears down colorama's stream wrappers for every
+highlighted fragment (``_plain_markup``; ``FASTCNN_NUMBA_PLAIN_ERRORS=0`` turns this part
+off).
 
 And one level down: a serial helper of fastcnn compiled because a kernel being compiled calls it
 is only ever run as IR linked into that kernel, so it is built link only too (no machine code,
@@ -59,6 +63,7 @@ _GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
 #: A helper (a serial dispatcher of fastcnn) compiled because a kernel being compiled calls it
 #: is built link only: no CPython wrapper, no machine code, no cache entry (see _compile_helper).
 _HELPER_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_HELPER_LINK_ONLY", "1") != "0"
+_PLAIN_ERRORS = os.environ.get("FASTCNN_NUMBA_PLAIN_ERRORS", "1") != "0"
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -104,6 +109,10 @@ def _unusable():
     config = targetconfig.TargetConfig
     if _FAST_FLAGS and ("_values" not in config.__slots__ or "values" not in vars(config)):
         missing.append("numba.core.targetconfig.TargetConfig's _values and values")
+    from numba.core import errors
+
+    if _PLAIN_ERRORS and not callable(getattr(errors, "termcolor", None)):
+        missing.append("numba.core.errors.termcolor")
     if missing:
         return f"numba {numba.__version__} lacks {', '.join(missing)}"
     return None
@@ -232,6 +241,10 @@ def _apply():
         worker = inline_closurecall.InlineWorker
         _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
         worker.inline_ir = _shared_copy_inline_ir(worker.inline_ir)
+    scheme = _highlighting_scheme()
+    if scheme is not None:  # the one instance numba's modules format their messages with
+        _saved.append((scheme, "_markup", vars(scheme).get("_markup", _MISSING)))
+        scheme._markup = _plain_markup
     init, optimize, finalize = (getattr(lib, n) for n in _LIBRARY_METHODS)
     build = parallel.build_gufunc_wrapper
 
@@ -272,6 +285,23 @@ def _apply():
     lib._optimize_final_module = _optimize_final_module
     lib._finalize_final_module = _finalize_final_module
     parallel.build_gufunc_wrapper = build_gufunc_wrapper
+
+
+def _plain_markup(msg, color=None, style=None):
+    """The message as it is (numba's highlighting colour scheme's ``_markup`` wraps it in
+    colorama's escape codes, setting colorama up and tearing it down each time)."""
+    return msg
+
+
+def _highlighting_scheme():
+    """numba's colour scheme instance if it highlights through colorama (``_markup``), else
+    None (colorama absent, or NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING set: already plain)."""
+    if not _PLAIN_ERRORS:
+        return None
+    from numba.core import errors
+
+    scheme = errors.termcolor()
+    return scheme if hasattr(type(scheme), "_markup") else None
 
 
 def _restore():

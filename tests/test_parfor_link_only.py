@@ -165,6 +165,21 @@ def test_patched_only_inside_and_restored_even_on_errors():
     assert dict(vars(targetconfig.TargetConfig)) == flag_methods
 
 
+@_needs_tested_numba
+def test_error_messages_plain_only_inside():
+    """While fastcnn's kernels compile, numba's error highlighting returns the text as it is
+    (no colorama set-up per fragment); outside, numba's own scheme again."""
+    from numba.core import errors
+
+    scheme = errors.termcolor()
+    outside = scheme.errmsg("typing failed")
+    with _parfor_link_only.patched():
+        assert errors.termcolor().errmsg("typing failed") == "typing failed"
+    assert scheme.errmsg("typing failed") == outside and "_markup" not in vars(scheme)
+    if hasattr(type(scheme), "_markup"):  # colorama installed: numba's markup is back
+        assert outside != "typing failed"
+
+
 def test_shared_scope_copy_copies_each_scope_once():
     """The blocks of one IR copied one by one (as numba's inline_ir does) share one copy of
     their scope, distinct from the original; another copy of the same blocks is a new one."""
