@@ -109,10 +109,6 @@ def _unusable():
     config = targetconfig.TargetConfig
     if _FAST_FLAGS and ("_values" not in config.__slots__ or "values" not in vars(config)):
         missing.append("numba.core.targetconfig.TargetConfig's _values and values")
-    from numba.core import errors
-
-    if _PLAIN_ERRORS and not callable(getattr(errors, "termcolor", None)):
-        missing.append("numba.core.errors.termcolor")
     if missing:
         return f"numba {numba.__version__} lacks {', '.join(missing)}"
     return None
@@ -242,7 +238,7 @@ def _apply():
         _saved.append((worker, "inline_ir", vars(worker)["inline_ir"]))
         worker.inline_ir = _shared_copy_inline_ir(worker.inline_ir)
     scheme = _highlighting_scheme()
-    if scheme is not None:  # the one instance numba's modules format their messages with
+    if scheme is not None:  # the instance numba's modules (types.functions first) format with
         _saved.append((scheme, "_markup", vars(scheme).get("_markup", _MISSING)))
         scheme._markup = _plain_markup
     init, optimize, finalize = (getattr(lib, n) for n in _LIBRARY_METHODS)
@@ -300,7 +296,8 @@ def _highlighting_scheme():
         return None
     from numba.core import errors
 
-    scheme = errors.termcolor()
+    termcolor = getattr(errors, "termcolor", None)  # (a cosmetic part: absent, it is skipped)
+    scheme = termcolor() if callable(termcolor) else None
     return scheme if hasattr(type(scheme), "_markup") else None
 
 

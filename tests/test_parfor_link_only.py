@@ -166,15 +166,27 @@ def test_patched_only_inside_and_restored_even_on_errors():
 
 
 @_needs_tested_numba
+@pytest.mark.skipif(not _parfor_link_only._PLAIN_ERRORS, reason="FASTCNN_NUMBA_PLAIN_ERRORS=0")
 def test_error_messages_plain_only_inside():
     """While fastcnn's kernels compile, numba's error highlighting returns the text as it is
-    (no colorama set-up per fragment); outside, numba's own scheme again."""
-    from numba.core import errors
+    (no colorama set-up per fragment), through the one scheme numba's modules all format
+    with; outside, nested or after an error, numba's own scheme again."""
+    from numba.core import compiler_machinery, errors, ir, typeinfer
+    from numba.core.types import functions
+    from numba.core.typing import typeof
 
     scheme = errors.termcolor()
+    for module in (functions, typeinfer, ir, compiler_machinery, typeof):
+        assert module._termcolor is scheme, module.__name__
     outside = scheme.errmsg("typing failed")
     with _parfor_link_only.patched():
+        with _parfor_link_only.patched():
+            assert functions._termcolor.errmsg("typing failed") == "typing failed"
         assert errors.termcolor().errmsg("typing failed") == "typing failed"
+    assert scheme.errmsg("typing failed") == outside and "_markup" not in vars(scheme)
+    with pytest.raises(KeyError):
+        with _parfor_link_only.patched():
+            raise KeyError("a compilation error")
     assert scheme.errmsg("typing failed") == outside and "_markup" not in vars(scheme)
     if hasattr(type(scheme), "_markup"):  # colorama installed: numba's markup is back
         assert outside != "typing failed"
