@@ -1398,10 +1398,22 @@ def global_avg_pool2d_backward(
 
 
 def _grad_like(dy, y, layer, contiguous=True):
+    """dy as a float array of y's dtype and shape (y: the forward's output, or an array of its
+    dtype and shape), else TypeError/ValueError naming the layer."""
     dy = check_float(dy, layer, "gradient", contiguous)
-    _same_dtype(dy, y, layer, "gradient")  # dtype first, then shape: as every entry point
+    check_grad_dtype(dy, y.dtype, layer)  # dtype first, then shape: as every entry point
     _check_shape_equal(dy, y.shape, layer, "gradient")
     return dy
+
+
+def check_grad_dtype(dy, dtype, layer):
+    """TypeError unless the gradient dy has the forward output's dtype: one message for a
+    layer run alone and inside a fused plan step."""
+    if dy.dtype != dtype:
+        raise TypeError(
+            f"{layer}: gradient dtype {dy.dtype} does not match the dtype of "
+            f"the forward output {np.dtype(dtype)}"
+        )
 
 
 def _elementwise(kernel, a, b, layer, b_name, *args):

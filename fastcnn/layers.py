@@ -161,11 +161,7 @@ def check_grad(dy: Array, shape: Sequence[int], dtype: DTypeLike, layer: str) ->
     """The upstream gradient of a parameter-free layer: a float array of the forward output's
     shape and dtype (float32 or float64), else TypeError/ValueError naming the layer."""
     dy = F.check_float(dy, layer, "gradient", contiguous=False)
-    if dy.dtype != dtype:
-        raise TypeError(
-            f"{layer}: gradient dtype {dy.dtype} does not match the dtype of "
-            f"the forward output {dtype}"
-        )
+    F.check_grad_dtype(dy, dtype, layer)
     if dy.shape != tuple(shape):
         raise ValueError(
             f"{layer}: expected gradient of shape {F._fmt_shape(shape)}, "

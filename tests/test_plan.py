@@ -487,3 +487,25 @@ def test_random_trees_fused_equal_unfused(data, training, input_grad):
         (data.draw(st.integers(2, 3)), channels, size, size)
     )
     assert_fused_equals_unfused(model, x, input_grad=input_grad)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_a_fused_steps_gradient_errors_read_as_the_layers_own(as_list):
+    """Conv2D -> BatchNorm2D -> ReLU in training (the fused BatchNorm-ReLU step checks the
+    ReLU's gradient): a float64 gradient for a float32 network, as an array or as a list (the
+    fuzz suite's case), raises the ReLU's own TypeError, word for word."""
+    x = np.array([[[[np.nan, -0.13210486]]]], dtype=np.float32)
+    dy = np.array([[[[np.nan, -0.13210485875606537]]]])
+    dy = dy.tolist() if as_list else dy
+    model = fastcnn.Sequential(
+        [fastcnn.Conv2D(1, 1, 1), fastcnn.BatchNorm2D(1), fastcnn.ReLU()]
+    ).train()
+    model(x)
+    relu = fastcnn.ReLU().train()
+    relu.forward(np.zeros((1, 1, 1, 2), np.float32))
+    with pytest.raises(TypeError) as alone:
+        relu.backward(dy)
+    with pytest.raises(TypeError) as fused:
+        model.backward(dy)
+    assert str(fused.value) == str(alone.value)
+    assert "does not match the dtype of the forward output float32" in str(alone.value)
