@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numba
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import _pool
 from ._checks import is_int
@@ -1406,7 +1406,7 @@ def _grad_like(dy, y, layer, contiguous=True):
     return dy
 
 
-def check_grad_dtype(dy, dtype, layer):
+def check_grad_dtype(dy: Array, dtype: DTypeLike, layer: str) -> None:
     """TypeError unless the gradient dy has the forward output's dtype: one message for a
     layer run alone and inside a fused plan step."""
     if dy.dtype != dtype:
