@@ -13,9 +13,13 @@ term one that the convolution has. col2im (conv2d.conv2d_backward_input) compute
 as dcol = dy @ W^T, whose products are only F terms long, then scatters each output pixel's
 KH x KW taps into the image, one addition per tap; here each tile of dx pixels sums its taps x
 filters terms in registers and is stored once.
-For a 3x3 stride-2 kernel the phases have 4, 2, 2 and 1 taps (of F terms each). The tile is
-gemm_tile's narrow one, RN pixels x 16 channels, for any channel count (blocks of 16): with 32
-and more channels it ran as fast as the tall 6 x 32 one, and one tile compiles faster.
+For a 3x3 stride-2 kernel the phases have 4, 2, 2 and 1 taps (of F terms each). The channels
+go in column blocks: of 32 on gemm_tile's wide tile (R pixels x 32) while more than 16 remain,
+on hosts without the tall tile (AVX2: per term R broadcasts and 4 vector loads feed 4R
+multiply-adds, where the narrow tile's RN and 2 feed 2RN), else of 16 on the narrow one (RN
+pixels x 16; with AVX-512 it ran as fast as the tall 6 x 32 tile, which compiled a second
+tile). Each dx value is one tile row's sum over the same terms in the same order whichever
+tile computes it: the blocks change no bit of the result.
 
 Each worker takes a contiguous range of images; per image it copies dy into a zero-bordered
 buffer of its own (in cache for all the phases), then runs every phase's tiles. Every dx
@@ -26,7 +30,7 @@ value is one tile row's sum in a fixed order: the result depends on the shapes a
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FTN, LINE, RN, copy16, gemm_tile
+from .gemm_tile import FT, FTN, LINE, RN, TALL, R, copy16, gemm_tile
 
 
 @njit(cache=True)
@@ -72,8 +76,9 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
     _, C, KH, KW = weight.shape
     H, W = dx.shape[1], dx.shape[2]
     sh, sw = stride_h, stride_w
-    rows, cols = RN, FTN  # the narrow tile: RN pixels x 16 channels
-    Cp = (C + cols - 1) // cols * cols
+    wide = _wide_blocks(C)
+    Cp = _padded_channels(C, wide)
+    pad_rows = max(R, RN) - 1  # a phase's last tile, of either shape, reads this many more pixels
     top, PH = _padding(H, OH, pad_top, KH, sh)
     left, PW = _padding(W, OW, pad_left, KW, sw)
     phases = sh * sw
@@ -94,7 +99,7 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
         nb = (W - px + sw - 1) // sw if px < W else 0
         npix[ph] = na * nb
         tap0[ph + 1] = tap0[ph] + ci * cj * F
-        pix0[ph + 1] = pix0[ph] + (na * nb + rows - 1) // rows * rows
+        pix0[ph + 1] = pix0[ph] + na * nb + pad_rows
     aoff = np.empty(max(tap0[phases], 1), dtype=np.uint64)
     wp = np.empty(max(tap0[phases], 1) * Cp, dtype=dy.dtype)
     pix = np.empty(max(pix0[phases], 1), dtype=np.uint64)
@@ -125,7 +130,7 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
     workers = max(1, min(threads, N))
     image = PH * PW * F
     buffers = np.empty((workers, image + LINE), dtype=dy.dtype)  # see gemm_tile.LINE
-    tiles = np.empty((workers, RN * FTN + LINE), dtype=dy.dtype)
+    tiles = np.empty((workers, R * FT + LINE), dtype=dy.dtype)
     dyf = dy.reshape(dy.size)
     dxf = dx.reshape(dx.size)
     for part in prange(workers):
@@ -147,16 +152,35 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
                 C,
                 tiles[w],
                 dxf,
+                wide,
             )
 
 
-@njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def _image_phases(buf, out0, phases, tap0, pix0, npix, aoff, wp, Cp, pix, dxo, C, tile, dxf):
+@njit(cache=True)
+def _wide_blocks(C):
+    """Whether C channels go in blocks of 32 on the wide tile (see the module's docstring):
+    on hosts without the tall tile, for more than 16 channels."""
+    return not TALL and C > FTN
+
+
+@njit(cache=True)
+def _padded_channels(C, wide):
+    """The packed weights' columns: C up to whole blocks (of 32 with ``wide``, a last one of 16
+    where at most 16 channels remain)."""
+    if not wide:
+        return (C + FTN - 1) // FTN * FTN
+    last = C % FT
+    return C // FT * FT + (0 if last == 0 else FTN if last <= FTN else FT)
+
+
+@njit(cache=True)
+def _image_phases(buf, out0, phases, tap0, pix0, npix, aoff, wp, Cp, pix, dxo, C, tile, dxf, wide):
     """One image's gradient, every phase: the tiles of its pixels (rows) and the tap x filter
     terms (k) from the padded dy image ``buf``, through the scratch ``tile`` into dx (flat,
-    the image from out0 on). Serial: the body of conv2d_backward_input_phases' prange."""
+    the image from out0 on); column blocks of 32 channels on the wide tile with ``wide`` while
+    more than 16 remain, the rest of 16 on the narrow tile. Serial: the body of
+    conv2d_backward_input_phases' prange."""
     u = np.uint64
-    rows, cols = RN, FTN
     for ph in range(phases):
         k0, k1 = tap0[ph], tap0[ph + 1]
         if k1 == k0:  # no tap reads these pixels: their gradient is zero
@@ -165,20 +189,57 @@ def _image_phases(buf, out0, phases, tap0, pix0, npix, aoff, wp, Cp, pix, dxo, C
                 for c in range(u(C)):
                     dxf[d + c] = 0
             continue
-        for c0 in range(0, C, cols):
-            nc = min(cols, C - c0)
-            for t in range(pix0[ph], pix0[ph + 1], rows):
-                gemm_tile(
-                    buf, pix, t, aoff, k0, k1, wp, u(k0 * Cp + c0), u(Cp), tile, 0, False, True
+        c0 = 0
+        while c0 < C:
+            if not TALL and wide and C - c0 > FTN:  # TALL: numba drops the wide tile there
+                _phase_block_wide(
+                    buf, out0, ph, pix0, npix, aoff, k0, k1, wp, Cp, pix, dxo, c0, C, tile, dxf
                 )
-                for r in range(min(rows, pix0[ph] + npix[ph] - t)):
-                    d = u(out0) + dxo[t + r] + u(c0)
-                    s0 = u(r * cols)
-                    if nc == cols:  # a whole vector of 16
-                        copy16(dxf, d, tile, s0)
-                    else:
-                        for f in range(nc):
-                            dxf[d + u(f)] = tile[s0 + u(f)]
+                c0 += FT
+            else:
+                _phase_block_narrow(
+                    buf, out0, ph, pix0, npix, aoff, k0, k1, wp, Cp, pix, dxo, c0, C, tile, dxf
+                )
+                c0 += FTN
+
+
+@njit(cache=True, inline="always")
+def _store_rows(tile, rows, cols, t, end, out0, dxo, c0, nc, dxf):
+    """dx (flat, the image from out0 on) = the tile's first min(rows, end - t) rows of ``cols``
+    (pixels t... of the phase, dx offsets dxo), their first nc channels from c0 on."""
+    u = np.uint64
+    for r in range(min(rows, end - t)):
+        d = u(out0) + dxo[t + r] + u(c0)
+        s0 = u(r * cols)
+        if nc == cols:  # whole vectors of 16
+            for v in range(0, cols, FTN):
+                copy16(dxf, d + u(v), tile, s0 + u(v))
+        else:
+            for f in range(nc):
+                dxf[d + u(f)] = tile[s0 + u(f)]
+
+
+@njit(cache=True, fastmath={"contract"})
+def _phase_block_wide(buf, out0, ph, pix0, npix, aoff, k0, k1, wp, Cp, pix, dxo, c0, C, tile, dxf):
+    """Phase ph's pixels, channels [c0, c0 + 32) (or to C), on the wide tile: R pixels a tile.
+    A function of each tile's own: both tiles in one function ran the narrow one 0.86-0.95x."""
+    u = np.uint64
+    end = pix0[ph] + npix[ph]
+    for t in range(pix0[ph], end, R):
+        gemm_tile(buf, pix, t, aoff, k0, k1, wp, u(k0 * Cp + c0), u(Cp), tile, 0, False, False)
+        _store_rows(tile, R, FT, t, end, out0, dxo, c0, min(FT, C - c0), dxf)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _phase_block_narrow(
+    buf, out0, ph, pix0, npix, aoff, k0, k1, wp, Cp, pix, dxo, c0, C, tile, dxf
+):
+    """_phase_block_wide for channels [c0, c0 + 16) on the narrow tile: RN pixels a tile."""
+    u = np.uint64
+    end = pix0[ph] + npix[ph]
+    for t in range(pix0[ph], end, RN):
+        gemm_tile(buf, pix, t, aoff, k0, k1, wp, u(k0 * Cp + c0), u(Cp), tile, 0, False, True)
+        _store_rows(tile, RN, FTN, t, end, out0, dxo, c0, min(FTN, C - c0), dxf)
 
 
 @njit(cache=True)

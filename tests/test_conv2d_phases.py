@@ -34,15 +34,16 @@ def phases_dx(dy, w, stride, pads, x_shape, workers=2):
 @st.composite
 def cases(draw):
     """Strides 1-3 (1: a single phase), kernels 1-5 (phases without taps where the stride is
-    larger), paddings 0-3 on each side; channels around the tiles' 16 and 32 columns, filters
-    up to 40. H and W from the smallest the kernel fits."""
+    larger), paddings 0-3 on each side; channels around the tiles' 16 and 32 columns (blocks
+    of 32 and a last one of 16, 8 or 24 on AVX2), filters up to 40. H and W from the smallest
+    the kernel fits."""
     KH, KW = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     pads = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(2))
     h_min = max(1, KH - sum(pads[0]))
     w_min = max(1, KW - sum(pads[1]))
     H, W = draw(st.integers(h_min, h_min + 7)), draw(st.integers(w_min, w_min + 7))
-    C = draw(st.sampled_from([1, 3, 8, 15, 16, 17, 31, 32, 33, 40]))
+    C = draw(st.sampled_from([1, 3, 8, 15, 16, 17, 31, 32, 33, 40, 48, 56, 64]))
     N, F = draw(st.integers(1, 3)), draw(st.integers(1, 40))
     OH, OW = out_size(H, *pads[0], KH, stride[0]), out_size(W, *pads[1], KW, stride[1])
     while N * F * C * OH * OW * KH * KW > NAIVE_BUDGET and (N > 1 or F > 1):
@@ -103,6 +104,30 @@ def test_network_shapes_match_naive_and_any_number_of_workers_bitwise(shape, dty
     tol = F32_TOL if dtype == np.float32 else F64_TOL
     assert relative_error(dx, expected) <= tol
     assert results[1:] == results[:1] * 3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [32, 40, 48, 56, 64, 96])
+def test_column_blocks_are_bitwise_the_16_channel_slices(C, dtype):
+    """Channels in column blocks (of 32 on the wide tile where the host takes it, a last one
+    of 16 or fewer): each dx value is the same sum in the same order as the kernel run on 16
+    of the channels at a time (the narrow tile), bitwise; dx inside a NaN-filled buffer, so a
+    block that writes past its channels or the array shows."""
+    N, F, H, W, stride, pads = 2, 24, 11, 10, (2, 2), ((1, 1), (1, 0))
+    x, w, dy = random_case((N, C, F, H, W, 3, 3, stride, pads, C))
+    w, dy = w.astype(dtype), dy.astype(dtype)
+    buffer = np.full(N * H * W * C + 64, np.nan, dtype)
+    dx = buffer[: N * H * W * C].reshape(N, H, W, C)
+    dyh = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))
+    conv2d_backward_input_phases(dyh, w, *stride, 1, 1, dx, 2)
+    assert np.isnan(buffer[N * H * W * C :]).all()
+    for c0 in range(0, C, 16):
+        part = np.ascontiguousarray(w[:, c0 : c0 + 16])
+        dx_part = phases_dx(dy, part, stride, pads, (N, part.shape[1], H, W))
+        np.testing.assert_array_equal(dx.transpose(0, 3, 1, 2)[:, c0 : c0 + 16], dx_part)
+    expected = naive_backward(x, w.astype(np.float64), dy.astype(np.float64), stride, pads, (1, 1))
+    tol = F32_TOL if dtype == np.float32 else F64_TOL
+    assert relative_error(dx.transpose(0, 3, 1, 2), expected[0]) <= tol
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
