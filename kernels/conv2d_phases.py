@@ -15,8 +15,8 @@ KH x KW taps into the image, one addition per tap; here each tile of dx pixels s
 filters terms in registers and is stored once.
 For a 3x3 stride-2 kernel the phases have 4, 2, 2 and 1 taps (of F terms each). The channels
 go in column blocks: of 32 on gemm_tile's wide tile (R pixels x 32) while more than 16 remain,
-on hosts without the tall tile (AVX2: per term R broadcasts and 4 vector loads feed 4R
-multiply-adds, where the narrow tile's RN and 2 feed 2RN), else of 16 on the narrow one (RN
+on hosts without the tall tile (AVX2: per term, in float32, R broadcasts and 4 vector loads
+feed 4R multiply-adds, where the narrow tile's RN and 2 feed 2RN), else of 16 on the narrow one (RN
 pixels x 16; with AVX-512 it ran as fast as the tall 6 x 32 tile, which compiled a second
 tile). Each dx value is one tile row's sum over the same terms in the same order whichever
 tile computes it: the blocks change no bit of the result.
@@ -84,7 +84,8 @@ def conv2d_backward_input_phases(dy, weight, stride_h, stride_w, pad_top, pad_le
     phases = sh * sw
 
     # per phase: its taps' offsets in the padded image (aoff), its packed weights (taps x Cp),
-    # its pixels' window offsets (pix, whole tiles, the last pixel repeated) and their dx offsets
+    # its pixels' window offsets (pix: the phase's pixels, then pad_rows copies of the last one)
+    # and their dx offsets
     # (np.empty and loops: np.zeros here would be a parallel loop of its own, compiled too)
     tap0 = np.empty(phases + 1, dtype=np.int64)
     pix0 = np.empty(phases + 1, dtype=np.int64)
@@ -189,7 +190,7 @@ def _image_phases(buf, out0, phases, tap0, pix0, npix, aoff, wp, Cp, pix, dxo, C
                 for c in range(u(C)):
                     dxf[d + c] = 0
             continue
-        c0 = 0
+        c0 = np.int64(0)  # not a literal 0: the block functions would compile for both types
         while c0 < C:
             if not TALL and wide and C - c0 > FTN:  # TALL: numba drops the wide tile there
                 _phase_block_wide(
@@ -222,7 +223,8 @@ def _store_rows(tile, rows, cols, t, end, out0, dxo, c0, nc, dxf):
 @njit(cache=True, fastmath={"contract"})
 def _phase_block_wide(buf, out0, ph, pix0, npix, aoff, k0, k1, wp, Cp, pix, dxo, c0, C, tile, dxf):
     """Phase ph's pixels, channels [c0, c0 + 32) (or to C), on the wide tile: R pixels a tile.
-    A function of each tile's own: both tiles in one function ran the narrow one 0.86-0.95x."""
+    A function of each tile's own: both tiles behind a flag in one function slowed the narrow
+    one (docs/kernels.md)."""
     u = np.uint64
     end = pix0[ph] + npix[ph]
     for t in range(pix0[ph], end, R):

@@ -158,11 +158,12 @@ def test_conv2d_winograd(data):
 @fuzz(0.5)
 @given(data=st.data())
 def test_conv2d_strided_gradients(data):
-    """Strided convolutions of 8-16 or 32 input channels, whose input gradient runs phase by
-    phase (kernels/conv2d_phases.py): kernels 1-3, strides 2-3, any padding, tiny sizes."""
+    """Strided convolutions of 8-16 or whole blocks of 16 input channels, whose input gradient
+    runs phase by phase (kernels/conv2d_phases.py; 48: a wide block and a narrow one on AVX2):
+    kernels 1-3, strides 2-3, any padding, tiny sizes."""
     d = data.draw
     dtype = d(st.sampled_from(GOOD))
-    cin, cout = d(st.sampled_from([8, 12, 16, 32])), d(st.sampled_from([1, 5, 16]))
+    cin, cout = d(st.sampled_from([8, 12, 16, 32, 48, 64])), d(st.sampled_from([1, 5, 16]))
     k, stride = d(st.integers(1, 3)), d(st.sampled_from([2, 3, (2, 3)]))
     pad = d(st.sampled_from([0, 1, (1, 0), "same"]))
     bias = d(st.booleans())
