@@ -150,7 +150,8 @@ def _padded_input(x, pad_top, pad_left, Hp, Wp, pad=True):
         return x
     N, H, W, C = x.shape
     xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
-    _pad_rows(x.reshape(x.size), xp.reshape(xp.size), 0, N * Hp, x.shape, Hp, Wp, pad_top, pad_left)
+    xf, xpf, t0 = x.reshape(x.size), xp.reshape(xp.size), np.int64(0)  # int64, not a literal 0:
+    _pad_rows(xf, xpf, t0, N * Hp, x.shape, Hp, Wp, pad_top, pad_left)  # one signature, as below
     return xp
 
 
@@ -430,7 +431,7 @@ def conv2d_forward(
                 of,
                 tiles[item],
                 narrow,
-                tall,
+                np.bool_(tall),  # not Literal[bool] where TALL is False: fused.py's types
             )
             if affine:
                 p1 = min(t1 * rows, NP)

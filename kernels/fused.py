@@ -59,7 +59,7 @@ def _operands(x, weight, pad_top, pad_left, Hp, Wp, dil_h, dil_w, Fp):
     kernel this setup cost 2.5 s of numba's array analysis at the first compilation.)"""
     F, C, KH, KW = weight.shape
     K = KH * KW * C
-    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp, np.bool_(True))  # conv2d's signature
     XH, XW = xp.shape[1], xp.shape[2]
     wp = np.empty((K, Fp), dtype=x.dtype)
     _pack_weight(weight, wp, 0, K)
@@ -186,24 +186,26 @@ def conv2d_relu_maxpool2d_forward(
             n = item // PH
             corner = n * XH * XW * C + (item - n * PH) * pkh * stride_h * XW * C
             # the band's padding rows are stored too: scratch has them
+            # the argument types of conv2d_forward's call (no literals, an unsigned shift): a
+            # process running both compiles this helper once
             _forward_tiles(
                 xf,
-                corner,
+                np.uint64(corner),
                 pix,
                 koff,
                 K,
                 wf,
                 Fp,
                 biasp,
-                False,
-                0,
+                np.bool_(False),
+                np.int64(0),
                 ntb,
                 rows,
                 F,
                 scratch[chunk],
                 tiles[chunk],
                 narrow,
-                False,  # its conv1-like shapes have short sums: the tall tile never pays
+                np.bool_(False),  # its conv1-like shapes have short sums: the tall tile never pays
             )
             _pool_bands(
                 scratch[chunk],
@@ -346,7 +348,7 @@ def maxpool2d_conv2d_backward_weight(
     KH, KW = dweight.shape[2], dweight.shape[3]
     K = KH * KW * C
     Hp, Wp = _read_extent(OH, OW, KH, KW, stride_h, stride_w, dil_h, dil_w)
-    xp = _padded_input(x, pad_top, pad_left, Hp, Wp)
+    xp = _padded_input(x, pad_top, pad_left, Hp, Wp, np.bool_(True))  # conv2d's signature
     XH, XW = xp.shape[1], xp.shape[2]
     tapoff = np.empty(KH * KW, dtype=np.uint64)
     _tap_offsets(tapoff, KH * KW, KH, KW, 1, dil_h * XW * C, dil_w * C)

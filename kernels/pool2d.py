@@ -300,10 +300,12 @@ def avgpool2d_backward(dy, kh, kw, stride_h, stride_w, pad_top, pad_left, dx):
     dxf = dx.reshape(dx.size)
     shares = np.empty((N, OW * C), dtype=dx.dtype)
     for n in prange(N):
+        # np.int64(n): n is uint64 in the loop body numba builds (see conv2d.conv2d_backward_input):
+        # passed as it is, the helper compiled a second time
         _avg_image_backward(
             dyf,
             dxf,
-            n,
+            np.int64(n),
             H,
             W,
             C,
