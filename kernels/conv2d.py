@@ -150,8 +150,18 @@ def _padded_input(x, pad_top, pad_left, Hp, Wp, pad=True):
         return x
     N, H, W, C = x.shape
     xp = np.empty((N, Hp, Wp, C), dtype=x.dtype)
-    xf, xpf, t0 = x.reshape(x.size), xp.reshape(xp.size), np.int64(0)  # int64, not a literal 0:
-    _pad_rows(xf, xpf, t0, N * Hp, x.shape, Hp, Wp, pad_top, pad_left)  # one signature, as below
+    # np.int64(0): a literal 0 would compile _pad_rows a second time (conv2d_forward passes int64)
+    _pad_rows(
+        x.reshape(x.size),
+        xp.reshape(xp.size),
+        np.int64(0),
+        N * Hp,
+        x.shape,
+        Hp,
+        Wp,
+        pad_top,
+        pad_left,
+    )
     return xp
 
 
@@ -573,7 +583,7 @@ def conv2d_backward_input(
     wtf = wt.reshape(wt.size)
     for part in prange(workers):
         # np.int64: the prange index is int64 when numba types the loop and uint64 in the
-        # parallel body it builds from it; passed as it is, each helper compiled twice (1-2 s)
+        # parallel body it builds from it; passed as it is, each helper compiled twice
         w = np.int64(part)
         for n in range(w * N // workers, (w + 1) * N // workers):
             slot = w if padded else n
@@ -856,8 +866,9 @@ def conv2d_backward_weight(
     narrow = F <= FTN
     tall = TALL and not narrow  # more than FTN filters: the tall tile where the host has it
     rows, cols = _kernel_tile_shape(narrow, tall)
+    # np.bool_(tall): not Literal[bool] where TALL is False (fused.py's types, one compilation)
     nkt, nfb, groups, chunks, block, per_group, per_chunk = _weight_plan(
-        K, F, NP, narrow, tall, threads
+        K, F, NP, narrow, np.bool_(tall), threads
     )
     if _chunk_in_blocks(chunks, narrow, tall, stride_h * stride_w, KH * KW):
         block = _PIXEL_BLOCK
@@ -935,4 +946,4 @@ def conv2d_backward_weight(
             _weight_unit(
                 operands, kt0, kt1, p0, p1, f0, tile0, sums, kt0 == 0, btile[unit], narrow or last
             )
-    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, tall, thin, dweight, dbias)
+    _weight_result(acc, bsum, chunks, nfb, nkt, narrow, np.bool_(tall), thin, dweight, dbias)

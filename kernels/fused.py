@@ -351,7 +351,7 @@ def maxpool2d_conv2d_backward_weight(
     xp = _padded_input(x, pad_top, pad_left, Hp, Wp, np.bool_(True))  # conv2d's signature
     XH, XW = xp.shape[1], xp.shape[2]
     tapoff = np.empty(KH * KW, dtype=np.uint64)
-    _tap_offsets(tapoff, KH * KW, KH, KW, 1, dil_h * XW * C, dil_w * C)
+    _tap_offsets(tapoff, KH * KW, KH, KW, np.int64(1), dil_h * XW * C, dil_w * C)
     nblocks = K // FT
     blockoff = _block_offsets(tapoff, C, (nblocks + R - 1) // R * R)
     units = min(F, _WEIGHT_UNITS)
@@ -574,12 +574,26 @@ def maxpool2d_conv2d_backward_weight_dense(
     KH, KW = dweight.shape[2], dweight.shape[3]
     NP = N * OH * OW
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
+    # (np.bool_ and np.int64, not literals: conv2d_backward_weight's types, one compilation;
+    # see docs/kernels.md, one compilation per helper)
     nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(
-        KH * KW * C, F, NP, False, False, _WEIGHT_UNITS
+        KH * KW * C, F, NP, np.bool_(False), np.bool_(False), np.int64(_WEIGHT_UNITS)
     )
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(
-        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R, True
+        x,
+        OH,
+        OW,
+        KH,
+        KW,
+        stride_h,
+        stride_w,
+        pad_top,
+        pad_left,
+        dil_h,
+        dil_w,
+        nkt * R,
+        np.bool_(True),
     )
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
@@ -594,7 +608,7 @@ def maxpool2d_conv2d_backward_weight_dense(
         # np.int64(unit): the index is uint64 in the loop body numba builds (see
         # conv2d_backward_input): passed as it is, the helper compiled a second time
         chunk, p0, p1, f0, kt0, kt1 = _weight_unit_range(
-            np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, FT
+            np.int64(unit), nfb, groups, per_group, nkt, per_chunk, NP, np.int64(FT)
         )
         _weight_unit_pooled(
             xf,
@@ -627,7 +641,8 @@ def maxpool2d_conv2d_backward_weight_dense(
             zoff,
             btile[unit],
         )
-    _weight_result(acc, bsum, chunks, nfb, nkt, False, False, False, dweight, dbias)
+    no = np.bool_(False)
+    _weight_result(acc, bsum, chunks, nfb, nkt, no, no, no, dweight, dbias)
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here

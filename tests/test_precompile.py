@@ -1,5 +1,6 @@
 """fastcnn.precompile: the two groups it compiles in parallel on a first run cover every kernel
-of the reference network's training step (else the helper process would work in vain)."""
+of the reference network's training step (else the helper process would work in vain), and no
+kernel helper compiles twice for one dtype."""
 
 import os
 import signal
@@ -57,6 +58,44 @@ _CHILD = textwrap.dedent("""
     model.predict(x)
     print("COMPILED", compiled)
     print("LOOPS", sorted(loops.items()))
+
+    # the direct kernels' other callers of the shared helpers (the fused ones ran above)
+    for name in ("conv2d_backward_weight", "conv2d_forward"):
+        precompile.RECIPES["conv2d." + name](np.dtype(np.float32))
+    precompile.RECIPES["pool2d.avgpool2d_backward"](np.dtype(np.float32))
+    import gc
+    from numba.core import types
+    from numba.core.registry import CPUDispatcher
+
+    def same_code(a, b):
+        # two signatures that differ only by a literal against its plain type, an omitted
+        # argument against its value's type, or an integer kind (a prange index's uint64)
+        if len(a) != len(b) or a == b:
+            return False
+        for s, t in zip(a, b):
+            if s == t:
+                continue
+            us, ut = (
+                types.unliteral(types.literal(v.value) if isinstance(v, types.Omitted) else v)
+                for v in (s, t)
+            )
+            if isinstance(s, types.Literal) and isinstance(t, types.Literal):
+                return False  # two constants: a specialisation on purpose
+            plain = us == ut
+            ints = isinstance(us, types.Integer) and isinstance(ut, types.Integer)
+            if not (plain or ints):
+                return False
+        return True
+
+    twice = []
+    for d in gc.get_objects():
+        if isinstance(d, CPUDispatcher) and d.py_func.__module__.startswith("fastcnn.kernels"):
+            sigs = list(d.signatures)
+            twice += [
+                (d.py_func.__qualname__, str(a), str(b))
+                for i, a in enumerate(sigs) for b in sigs[i + 1:] if same_code(a, b)
+            ]
+    print("TWICE", twice)
 """)
 
 
@@ -74,6 +113,10 @@ def test_groups_cover_a_training_step(tmp_path):
     loops = eval([ln for ln in proc.stdout.splitlines() if ln.startswith("LOOPS")][-1][6:])
     # (2: predict's; 2: the Dense forward's and its gradients' shared product)
     assert len(loops) == 9 and all(n == 1 for _, n in loops), loops
+    # every helper compiled once per dtype: a literal argument or a prange index passed as it
+    # is compiles a helper again (docs/kernels.md, one compilation per helper)
+    twice = [ln for ln in proc.stdout.splitlines() if ln.startswith("TWICE")][-1]
+    assert twice == "TWICE []", twice
 
 
 def test_start_does_nothing_when_disabled(monkeypatch):
