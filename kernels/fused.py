@@ -576,24 +576,13 @@ def maxpool2d_conv2d_backward_weight_dense(
     # the dense kernel's units (its pixel blocks aside: here a band of conv rows at a time)
     # (np.bool_ and np.int64, not literals: conv2d_backward_weight's types, one compilation;
     # see docs/kernels.md, one compilation per helper)
+    no, yes = np.bool_(False), np.bool_(True)
     nkt, nfb, groups, chunks, _, per_group, per_chunk = _weight_plan(
-        KH * KW * C, F, NP, np.bool_(False), np.bool_(False), np.int64(_WEIGHT_UNITS)
+        KH * KW * C, F, NP, no, no, np.int64(_WEIGHT_UNITS)
     )
     units = chunks * nfb * groups
     xf, koff, pix = _weight_operands(
-        x,
-        OH,
-        OW,
-        KH,
-        KW,
-        stride_h,
-        stride_w,
-        pad_top,
-        pad_left,
-        dil_h,
-        dil_w,
-        nkt * R,
-        np.bool_(True),
+        x, OH, OW, KH, KW, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, nkt * R, yes
     )
     acc = np.empty((chunks, nfb * nkt, R * FT), dtype=x.dtype)
     bsum = np.empty((chunks, nfb * FT), dtype=x.dtype)
@@ -641,7 +630,6 @@ def maxpool2d_conv2d_backward_weight_dense(
             zoff,
             btile[unit],
         )
-    no = np.bool_(False)
     _weight_result(acc, bsum, chunks, nfb, nkt, no, no, no, dweight, dbias)
 
 
