@@ -6,8 +6,10 @@ array fails in Numba's reshape, it is not silently misread); gamma, beta, mean, 
 running_mean, running_var, dgamma, dbeta (C,); all of one floating dtype (float32 or float64);
 eps a scalar of that dtype. Every output is overwritten.
 
-Statistics are per channel over M = N*H*W elements, in two passes (the mean, then the sum of
-centred squares), never as E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
+Statistics are per channel over M = N*H*W elements: the mean, and the sum of squares centred on
+a mean (on the batch mean after a pass of its own here; on each pixel chunk's own mean in the
+channels-last kernel, combined as Chan, Golub & LeVeque do), never as E[x^2] - E[x]^2, which
+cancels catastrophically when |mean| >> std.
 
 Accumulators are float64 for float32 inputs too, deliberately: a channel of a (64, C, 26, 26)
 batch sums 43,264 values, and a plain float32 running sum loses up to ~1e-4 relative accuracy
@@ -593,6 +595,27 @@ def _chunk_dx(g, x, m, k, a, b, out, relu, affine):
 
 
 @njit(cache=True)
+def _scaled(v, factor, out):
+    """out = v * factor (float64)."""
+    for c in range(v.shape[0]):
+        out[c] = v[c] * factor
+
+
+@njit(cache=True)
+def _combine_squares(chunk_squares, chunk_mean, mu, pixels, out):
+    """out[c] = the sum over all pixels of (x - mu[c])**2, from each chunk's sum of squares
+    about its own mean: sum over chunks k of chunk_squares[k, c] + n_k (chunk_mean[k, c] -
+    mu[c])**2, n_k the chunk's pixels (Chan, Golub & LeVeque's combination; chunks in order)."""
+    for c in range(out.shape[0]):
+        out[c] = 0.0
+    for k in range(chunk_squares.shape[0]):
+        n_k = np.float64(min(_PIXELS, pixels - k * _PIXELS))
+        for c in range(out.shape[0]):
+            d = chunk_mean[k, c] - mu[c]
+            out[c] += chunk_squares[k, c] + n_k * (d * d)
+
+
+@njit(cache=True)
 def _add_rows(part, out):
     """out[c] = sum over k of part[k, c], rows added in order (float64)."""
     for c in range(part.shape[1]):
@@ -607,8 +630,10 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu, a
     """Training-mode forward over a channels-last activation seen as pixels x channels.
 
     x, out (P, C) C-contiguous, P = N*H*W; gamma, beta, mean, invstd (C,); the formulas of
-    batchnorm_forward_train (two passes for the statistics, the rounded mean compensated in
-    the shift), the sums in pixel chunks added in chunk order. ``relu``: then max(out, 0),
+    batchnorm_forward_train (the rounded mean compensated in the shift), the sums in pixel
+    chunks added in chunk order; each chunk's squared deviations about its own mean, in the
+    pass that sums it (_combine_squares): two passes over x where centring on the batch mean
+    takes three. ``relu``: then max(out, 0),
     in the loop that writes out (bitwise the ReLU layer's kernel after this one).
     affine (2, C) receives the scale and shift of out = (x - mean) * scale + shift, from which
     batchnorm_backward_nhwc recomputes the ReLU's mask.
@@ -618,16 +643,20 @@ def batchnorm_forward_train_nhwc(x, gamma, beta, eps, out, mean, invstd, relu, a
     inv_count = 1.0 / pixels
     eps64 = np.float64(eps)
     part = np.empty((chunks, channels), dtype=np.float64)
+    chunk_mean = np.empty((chunks, channels), dtype=np.float64)
+    chunk_squares = np.empty((chunks, channels), dtype=np.float64)
     for k in prange(chunks):
-        _chunk_sum(x[k * _PIXELS : (k + 1) * _PIXELS], part[k])
+        xk = x[k * _PIXELS : (k + 1) * _PIXELS]
+        _chunk_sum(xk, part[k])
+        _scaled(part[k], 1.0 / xk.shape[0], chunk_mean[k])
+        # centred on the chunk's own mean, while the chunk is still in cache
+        _chunk_sq_dev(xk, chunk_mean[k], chunk_squares[k])
     mu64 = np.empty(channels, dtype=np.float64)
     _add_rows(part, mu64)
     for c in range(channels):
         mu64[c] *= inv_count
-    for k in prange(chunks):
-        _chunk_sq_dev(x[k * _PIXELS : (k + 1) * _PIXELS], mu64, part[k])
     squares = np.empty(channels, dtype=np.float64)
-    _add_rows(part, squares)
+    _combine_squares(chunk_squares, chunk_mean, mu64, pixels, squares)
     scale = affine[0]
     shift = affine[1]
     _stat_coefficients(
