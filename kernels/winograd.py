@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FTN, RN, copy16, gemm_tile, gemm_tile_bias, stack_array
+from .gemm_tile import FT, FTN, RN, TALL, R, copy16, gemm_tile, gemm_tile_bias, stack_array
 from .lanes import batch_norm16
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
@@ -253,17 +253,18 @@ def _output_block(M, TBp, t0, nfb, nt, TW, ty0, bias, of, n, OH, OW, F, relu, bn
 
 
 @njit(cache=True, fastmath={"contract"})  # the inlined tile's FMAs need the flag here
-def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S):
-    """M[fb, t, e, :] = V[t, :, e] @ U[e][:, 16 fb : 16 fb + 16] for the block's rows t < ntp
-    (a multiple of RN) and the E positions e of the transformed patch: the forward's products,
-    on the narrow tile with a zero bias, M flat (nfb, TBp, E, 16) (a tile's E products in one
-    stretch of S = 16 E), V's rows at abase[e * TBp + t] + aoff[c], U flat (E, C, Fp).
-    Serial, called from the forward kernels' parallel bodies: inlined there, the tile ran at
-    0.75-0.78x, with or without fastmath on the kernel (without it, also unfused)."""
+def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, fb0, nfb, t0, ntp, E, S):
+    """M[fb, t, e, :] = V[t, :, e] @ U[e][:, 16 fb : 16 fb + 16] for the filter blocks
+    fb0 <= fb < nfb, the block's rows t0 <= t < ntp (ntp - t0 a multiple of RN) and the E
+    positions e of the transformed patch: the forward's products, on the narrow tile with a
+    zero bias, M flat (nfb, TBp, E, 16) (a tile's E products in one stretch of S = 16 E), V's
+    rows at abase[e * TBp + t] + aoff[c], U flat (E, C, Fp). Serial, called from the forward
+    kernels' parallel bodies: inlined there, the tile ran at 0.75-0.78x, with or without
+    fastmath on the kernel (without it, also unfused)."""
     for e in range(E):
-        for fb in range(nfb):
+        for fb in range(fb0, nfb):
             b0 = np.uint64(e * C * Fp + fb * FTN)
-            for t in range(0, ntp, RN):
+            for t in range(t0, ntp, RN):
                 gemm_tile_bias(
                     Vf,
                     np.uint64(0),
@@ -283,6 +284,42 @@ def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S):
                     np.uint64(S),
                     True,
                 )
+
+
+#: The forward's products take pairs of 16-filter blocks on the wide R x FT tile
+#: (block_products_wide) on AVX2 hosts; AVX-512's narrow tile has as many rows as its tall one.
+WIDE_PRODUCTS = not TALL
+_WIDE_TILE = R * FT  # (a module constant: stack_array's size must be one)
+
+
+@njit(cache=True, fastmath={"contract"})
+def block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S):
+    """block_products (every filter block, rows t < ntp), bitwise: each M value the same sum
+    in the same order from zero, with pairs of filter blocks on the wide tile, R rows by 32
+    filters a tile: twice the narrow tile's multiply-adds per broadcast of V. A tile lands in
+    a stack scratch and its halves are copied to M[fb] and M[fb + 1]. The rows past the last
+    whole R, and an odd last filter block, go to block_products (its RN rows ending at ntp may
+    overlap the wide tiles': the same values again); the narrow tile is not inlined here a
+    second time (compile time). A function of its own, as conv2d_phases' tiles."""
+    u = np.uint64
+    tile = numba.carray(stack_array(_WIDE_TILE, Mf.dtype), (_WIDE_TILE,))
+    pairs = nfb // 2
+    whole = ntp // R * R
+    i0 = np.int64(0)  # block_products' first filter block and row (a literal: a second compile)
+    for e in range(E):
+        for fp in range(pairs):
+            fb = 2 * fp
+            b0 = u(e * C * Fp + fb * FTN)
+            for t in range(0, whole, R):
+                gemm_tile(Vf, abase, e * TBp + t, aoff, 0, C, Uf, b0, u(Fp), tile, 0, False, False)
+                for r in range(R):
+                    m = u((fb * TBp + t + r) * S + 16 * e)
+                    copy16(Mf, m, tile, u(r * FT))
+                    copy16(Mf, m + u(TBp * S), tile, u(r * FT + FTN))
+    if whole < ntp:
+        block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, 2 * pairs, ntp - RN, ntp, E, S)
+    if nfb % 2:
+        block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb - 1, nfb, i0, ntp, E, S)
 
 
 @njit(cache=True)
@@ -354,6 +391,7 @@ def conv2d_winograd_forward(x, U, bias, pad_top, pad_left, relu, out, bn, thread
     V = np.empty((nthr, 16 * TBp * C), dtype=dt)
     M = np.empty((nthr, 16 * nfb * TBp * FTN), dtype=dt)
     zb = np.empty(FTN, dtype=dt)  # (np.zeros here would be a parallel loop of its own)
+    i0 = np.int64(0)  # block_products' first filter block and row (a literal: a second compile)
     for f in range(FTN):
         zb[f] = 0
     # V[t, c // 16, e, c % 16]: row t of the e-th product starts at abase[e * TBp + t] and
@@ -384,7 +422,10 @@ def conv2d_winograd_forward(x, U, bias, pad_top, pad_left, relu, out, bn, thread
             nt = images * per
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: row stride 256, so that a tile's 16 products lie in one stretch
-            block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, 16, 256)
+            if WIDE_PRODUCTS and nfb >= 2:
+                block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, 16, 256)
+            else:
+                block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, nfb, i0, ntp, 16, 256)
             for j in range(images):
                 n = n0 + j
                 _output_block(Mf, TBp, j * per, nfb, per, TW, ty0, bias, of, n, OH, OW, F, relu, bn)

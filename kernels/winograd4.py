@@ -42,7 +42,9 @@ from .lanes import (
 )
 from .winograd import (
     _WEIGHT_CHUNKS,
+    WIDE_PRODUCTS,
     block_products,
+    block_products_wide,
     kernels_by_tap,
     weight_operands,
     weight_products,
@@ -257,6 +259,7 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
     V = np.empty((nthr, TBp * C * _E), dtype=dt)
     M = np.empty((nthr, nfb * TBp * _S), dtype=dt)
     zb = np.empty(FTN, dtype=dt)  # (np.zeros here would be a parallel loop of its own)
+    i0 = np.int64(0)  # block_products' first filter block and row (a literal: a second compile)
     for f in range(FTN):
         zb[f] = 0
     # V[t, c // 16, e, c % 16]: row t of the e-th product starts at abase[e * TBp + t] and
@@ -280,7 +283,10 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
             _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf, TBp, False)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: a tile's 36 products in one stretch
-            block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
+            if WIDE_PRODUCTS and nfb >= 2:
+                block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
+            else:
+                block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, nfb, i0, ntp, _E, _S)
             _output_block(Mf, TBp, nfb, nt, TH, TW, g0, bias, of, OH, OW, F, relu, bn)
 
 

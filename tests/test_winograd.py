@@ -220,7 +220,9 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
     aoff = np.array([c // 16 * S + c % 16 for c in range(C)], np.uint64)
     M = np.full(nfb * TBp * S, np.nan, dtype)
     zb = np.zeros(16, dtype)
-    _wk.block_products(V.reshape(-1), abase, aoff, C, U.reshape(-1), Fp, zb, M, TBp, nfb, ntp, E, S)
+    _wk.block_products(
+        V.reshape(-1), abase, aoff, C, U.reshape(-1), Fp, zb, M, TBp, 0, nfb, 0, ntp, E, S
+    )
     M = M.reshape(nfb, TBp, E, 16)
     v = V.transpose(0, 2, 1, 3).reshape(TBp, E, C).astype(np.float64)  # [t, e, c]
     ref = np.einsum("tec,ecf->tef", v, U.astype(np.float64))  # [t, e, f]
@@ -229,6 +231,38 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
     scale = np.abs(ref[:, :ntp]).max()
     assert np.abs(M[:, :ntp] - ref[:, :ntp]).max() <= tol * scale
     assert np.isnan(M[:, ntp:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("positions", [16, 36])
+@pytest.mark.parametrize("filters", [32, 48, 80])  # pairs of 16-filter blocks, and an odd last
+@pytest.mark.parametrize("rows", [1, 2, 3])  # ntp = rows * RN: remainders of R = 3 rows
+def test_block_products_wide_is_bitwise_block_products(positions, filters, rows, dtype):
+    """block_products_wide (the forward's products on the wide tile, AVX2 hosts) against
+    block_products: the same bits in every written row, rows past ntp untouched (NaN), with
+    values that make the order of the sums show (magnitudes from 1e-6 to 1e6)."""
+    rng = np.random.default_rng(positions + filters + rows)
+    E, C, Fp, TBp, ntp = positions, 48, filters, 3 * RN, rows * RN
+    S = 16 * E
+    nfb = Fp // 16
+    V = rng.standard_normal((TBp, C // 16, E, 16)) * 10.0 ** rng.integers(-6, 7, (1, 1, E, 16))
+    V = V.astype(dtype)
+    U = rng.standard_normal((E, C, Fp)).astype(dtype)
+    abase = np.array([t * E * C + 16 * e for e in range(E) for t in range(TBp)], np.uint64)
+    aoff = np.array([c // 16 * S + c % 16 for c in range(C)], np.uint64)
+    zb = np.zeros(16, dtype)
+    narrow = np.full(nfb * TBp * S, np.nan, dtype)
+    wide = np.full(nfb * TBp * S, np.nan, dtype)
+    _wk.block_products(
+        V.reshape(-1), abase, aoff, C, U.reshape(-1), Fp, zb, narrow, TBp, 0, nfb, 0, ntp, E, S
+    )
+    _wk.block_products_wide(
+        V.reshape(-1), abase, aoff, C, U.reshape(-1), Fp, zb, wide, TBp, nfb, ntp, E, S
+    )
+    narrow, wide = narrow.reshape(nfb, TBp, E, 16), wide.reshape(nfb, TBp, E, 16)
+    assert not np.isnan(wide[:, :ntp]).any()
+    assert np.array_equal(wide[:, :ntp], narrow[:, :ntp])
+    assert np.isnan(wide[:, ntp:]).all()
 
 
 def test_rows_per_block_wastes_the_fewest_rows():
