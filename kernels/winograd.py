@@ -25,6 +25,8 @@ added in another order, and the transforms round): tests/test_winograd.py bounds
 against the textbook loops. Deterministic: no sum's order depends on the thread count.
 """
 
+import math
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -290,6 +292,8 @@ def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, fb0, nfb, t0, ntp, E
 #: (block_products_wide) on AVX2 hosts; AVX-512's narrow tile has as many rows as its tall one.
 WIDE_PRODUCTS = not TALL
 _WIDE_TILE = R * FT  # (a module constant: stack_array's size must be one)
+#: Rows the wide tile takes: whole multiples of R and RN, so that the rest is whole narrow tiles
+_WIDE_ROWS = R * RN // math.gcd(R, RN)
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -298,26 +302,27 @@ def block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S)
     in the same order from zero, with pairs of filter blocks on the wide tile, R rows by 32
     filters a tile: twice the narrow tile's multiply-adds per broadcast of V. A tile lands in
     a stack scratch and its halves are copied to M[fb] and M[fb + 1]. The rows past the last
-    whole R, and an odd last filter block, go to block_products (its RN rows ending at ntp may
-    overlap the wide tiles': the same values again); the narrow tile is not inlined here a
-    second time (compile time). A function of its own, as conv2d_phases' tiles."""
+    multiple of _WIDE_ROWS, and an odd last filter block, go to block_products (the narrow
+    tile is not inlined here a second time: compile time); a block of fewer rows runs all
+    narrow (3 wide rows beside 4 narrow ones ran slower than the narrow tile alone). A function
+    of its own, as conv2d_phases' tiles."""
     u = np.uint64
     tile = numba.carray(stack_array(_WIDE_TILE, Mf.dtype), (_WIDE_TILE,))
     pairs = nfb // 2
-    whole = ntp // R * R
+    wide = ntp // _WIDE_ROWS * _WIDE_ROWS  # ntp - wide: a multiple of RN
     i0 = np.int64(0)  # block_products' first filter block and row (a literal: a second compile)
     for e in range(E):
         for fp in range(pairs):
             fb = 2 * fp
             b0 = u(e * C * Fp + fb * FTN)
-            for t in range(0, whole, R):
+            for t in range(0, wide, R):
                 gemm_tile(Vf, abase, e * TBp + t, aoff, 0, C, Uf, b0, u(Fp), tile, 0, False, False)
                 for r in range(R):
                     m = u((fb * TBp + t + r) * S + 16 * e)
                     copy16(Mf, m, tile, u(r * FT))
                     copy16(Mf, m + u(TBp * S), tile, u(r * FT + FTN))
-    if whole < ntp:
-        block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, 2 * pairs, ntp - RN, ntp, E, S)
+    if wide < ntp:
+        block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, 2 * pairs, wide, ntp, E, S)
     if nfb % 2:
         block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb - 1, nfb, i0, ntp, E, S)
 

@@ -15,9 +15,10 @@ Each 4x4 block of outputs ("tile") reads a 6x6 patch d of every input channel an
            [0,  4,  0, -5, 0, 1]]          [   0,     0,    1]]
 
 so the sum over channels becomes 36 independent matrix products, one per position e of the
-6x6 transformed patch: M[e] (tiles x F) = V[e] (tiles x C) @ U[e] (C x F), on the narrow
-register tile of gemm_tile.py, a block of tiles at a time (winograd.py's scheme, 36 products
-where it has 16).
+6x6 transformed patch: M[e] (tiles x F) = V[e] (tiles x C) @ U[e] (C x F), on the register
+tiles of gemm_tile.py (winograd.block_products and, for 32 filters and more on AVX2,
+block_products_wide), a block of tiles at a time (winograd.py's scheme, 36 products where it
+has 16).
 
 Shapes, contract, ``relu`` and ``bn`` as winograd.conv2d_winograd_forward (C and F multiples
 of 16). The result is the convolution up to rounding: the transforms' larger coefficients

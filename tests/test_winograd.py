@@ -236,13 +236,15 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("positions", [16, 36])
 @pytest.mark.parametrize("filters", [32, 48, 80])  # pairs of 16-filter blocks, and an odd last
-@pytest.mark.parametrize("rows", [1, 2, 3])  # ntp = rows * RN: remainders of R = 3 rows
-def test_block_products_wide_is_bitwise_block_products(positions, filters, rows, dtype):
+# (block rows, rows computed) in narrow tiles (RN): on AVX2 all narrow (under 12), all wide, both
+@pytest.mark.parametrize("blocks", [(1, 1), (2, 2), (3, 1), (3, 2), (3, 3), (6, 4), (6, 5), (6, 6)])
+def test_block_products_wide_is_bitwise_block_products(positions, filters, blocks, dtype):
     """block_products_wide (the forward's products on the wide tile, AVX2 hosts) against
     block_products: the same bits in every written row, rows past ntp untouched (NaN), with
-    values that make the order of the sums show (magnitudes from 1e-6 to 1e6)."""
-    rng = np.random.default_rng(positions + filters + rows)
-    E, C, Fp, TBp, ntp = positions, 48, filters, 3 * RN, rows * RN
+    values that make the order of the sums show (magnitudes from 1e-6 to 1e6); blocks of RN
+    rows to 6 RN, computed to their end or not."""
+    rng = np.random.default_rng(positions + filters + 10 * blocks[0] + blocks[1])
+    E, C, Fp, TBp, ntp = positions, 48, filters, blocks[0] * RN, blocks[1] * RN
     S = 16 * E
     nfb = Fp // 16
     V = rng.standard_normal((TBp, C // 16, E, 16)) * 10.0 ** rng.integers(-6, 7, (1, 1, E, 16))
@@ -263,6 +265,35 @@ def test_block_products_wide_is_bitwise_block_products(positions, filters, rows,
     assert not np.isnan(wide[:, :ntp]).any()
     assert np.array_equal(wide[:, :ntp], narrow[:, :ntp])
     assert np.isnan(wide[:, ntp:]).all()
+
+
+@pytest.mark.parametrize("kernel", ["winograd", "winograd4"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch, size", [(1, 5), (1, 8), (2, 7), (3, 13)])
+@pytest.mark.parametrize("filters", [32, 48, 80])
+def test_forward_is_bitwise_its_16_filter_slices(kernel, dtype, batch, size, filters):
+    """A forward of 32 or more filters (the wide tile's products on AVX2 hosts) gives the bits
+    of its 16-filter slices run one by one (the narrow tile's): small batches, whose blocks are
+    short (4 or 8 rows: the narrow tile alone), odd counts of filter blocks, 1 and 2 threads."""
+    mod = _wk if kernel == "winograd" else _wk4
+    forward = _wk.conv2d_winograd_forward if kernel == "winograd" else _wk4.conv2d_winograd4_forward
+    rng = np.random.default_rng(batch * 100 + size + filters)
+    x = rng.standard_normal((batch, size, size, 32)).astype(dtype)
+    w = rng.standard_normal((filters, 32, 3, 3)).astype(dtype)
+    b = rng.standard_normal(filters).astype(dtype)
+    none = np.empty(0, dtype)
+
+    def run(wf, bf, workers):
+        out = np.full((batch, size, size, wf.shape[0]), np.nan, dtype)
+        bn = (none, none, none, none)
+        forward(x, mod.weight_transform(wf, wf.shape[0]), bf, 1, 1, False, out, bn, workers)
+        return out
+
+    for workers in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        whole = run(w, b, workers)
+        slices = [run(w[f : f + 16], b[f : f + 16], workers) for f in range(0, filters, 16)]
+        assert not np.isnan(whole).any()
+        assert whole.tobytes() == np.concatenate(slices, axis=3).tobytes()
 
 
 def test_rows_per_block_wastes_the_fewest_rows():
