@@ -634,52 +634,59 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # First run on this machine: the backward kernels compile in a helper process meanwhile.
     precompiled = precompile.start()
-    (x_train, y_train), (x_test, y_test), classes = _load_data(
-        settings["dataset"], args.data_dir, not args.no_download, settings.get("image_size")
-    )
-    if ckpt is None:
-        cli_data.check_model(settings["model"], settings["dataset"], x_train.shape[1:])
-        settings["classes"] = classes
-    if settings.get("limit"):
-        x_train, y_train = x_train[: settings["limit"]], y_train[: settings["limit"]]
-        x_test, y_test = x_test[: settings["limit"]], y_test[: settings["limit"]]
-    n_val = resolve_val_split(settings["val_split"], x_train.shape[0])
-    n_fit = x_train.shape[0] - n_val
-    val_data = (x_train[n_fit:], y_train[n_fit:]) if n_val else None
-    x_fit, y_fit = x_train[:n_fit], y_train[:n_fit]
-
-    if ckpt is not None:
-        model = ckpt.model
-    else:
-        model = models.BUILDERS[settings["model"]](x_train.shape[1], len(classes), settings["seed"])
-        resume = {"seed": settings["seed"]}
-    if settings.get("early_stopping") and not n_val:
-        raise CliError(
-            "--early-stopping watches the validation loss: it needs validation images "
-            "(a --val-split above 0)"
+    try:
+        (x_train, y_train), (x_test, y_test), classes = _load_data(
+            settings["dataset"], args.data_dir, not args.no_download, settings.get("image_size")
         )
-    optimizer = _make_optimizer(settings, model.parameters())
-    scheduler = _make_scheduler(settings, optimizer, -(-n_fit // settings["batch_size"]))
-    if ckpt is not None:
-        ckpt.restore_optimizer(optimizer)
-        if scheduler is not None:
-            ckpt.restore_scheduler(scheduler)
+        if ckpt is None:
+            cli_data.check_model(settings["model"], settings["dataset"], x_train.shape[1:])
+            settings["classes"] = classes
+        if settings.get("limit"):
+            x_train, y_train = x_train[: settings["limit"]], y_train[: settings["limit"]]
+            x_test, y_test = x_test[: settings["limit"]], y_test[: settings["limit"]]
+        n_val = resolve_val_split(settings["val_split"], x_train.shape[0])
+        n_fit = x_train.shape[0] - n_val
+        val_data = (x_train[n_fit:], y_train[n_fit:]) if n_val else None
+        x_fit, y_fit = x_train[:n_fit], y_train[:n_fit]
 
-    from .losses import CrossEntropyLoss
+        if ckpt is not None:
+            model = ckpt.model
+        else:
+            model = models.BUILDERS[settings["model"]](
+                x_train.shape[1], len(classes), settings["seed"]
+            )
+            resume = {"seed": settings["seed"]}
+        if settings.get("early_stopping") and not n_val:
+            raise CliError(
+                "--early-stopping watches the validation loss: it needs validation images "
+                "(a --val-split above 0)"
+            )
+        optimizer = _make_optimizer(settings, model.parameters())
+        scheduler = _make_scheduler(settings, optimizer, -(-n_fit // settings["batch_size"]))
+        if ckpt is not None:
+            ckpt.restore_optimizer(optimizer)
+            if scheduler is not None:
+                ckpt.restore_scheduler(scheduler)
 
-    loss_fn = CrossEntropyLoss()
-    nthreads = threads if threads is not None else get_num_threads()
-    print(
-        f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}"
-        f"{' (augmented)' if settings.get('augment') else ''}: "
-        f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
-        f"{_describe(settings)}; "
-        f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads"
-        f"{describe_world()}",
-        flush=True,
-    )
-    if ckpt is not None:
-        print(f"resuming {args.resume} after epoch {ckpt.epoch}", flush=True)
+        from .losses import CrossEntropyLoss
+
+        loss_fn = CrossEntropyLoss()
+        nthreads = threads if threads is not None else get_num_threads()
+        print(
+            f"fastcnn train: {settings.get('model', 'reference')} on {settings['dataset']}"
+            f"{' (augmented)' if settings.get('augment') else ''}: "
+            f"{n_fit} training, {n_val} validation, {x_test.shape[0]} test images; "
+            f"{_describe(settings)}; "
+            f"batch {settings['batch_size']}, seed {settings['seed']}, {nthreads} threads"
+            f"{describe_world()}",
+            flush=True,
+        )
+        if ckpt is not None:
+            print(f"resuming {args.resume} after epoch {ckpt.epoch}", flush=True)
+    except BaseException:  # an error before training: the helper's work is not wanted
+        if precompiled is not None:
+            precompiled.cancel()
+        raise
     if precompiled is not None:
         print("compiling the kernels (first run only; numba caches them)", flush=True)
         precompiled()

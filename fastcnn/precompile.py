@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -344,10 +345,49 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
-    """On a cold cache, start the helper process running compile_backward; returns a
-    callable that runs compile_forward here and then waits for the helper (call it
-    before training), or None when the cache is warm."""
+class Precompiling:
+    """The helper process compiling the backward kernels (:func:`start`). Calling it compiles
+    the forward kernels here and then waits for the helper; :meth:`cancel` stops the helper
+    (``fastcnn train`` on an error before training: a process that goes on, a notebook or a
+    test calling ``cli.main``, would otherwise keep a helper compiling for a minute per call)."""
+
+    def __init__(self, helper: subprocess.Popen[bytes], dtype: DTypeLike) -> None:
+        self.helper = helper
+        self.dtype = dtype
+
+    def cancel(self) -> None:
+        """Stop the helper and reap it (nothing if it has ended)."""
+        self.helper.kill()
+        self.helper.wait()
+
+    def __call__(self) -> None:
+        interrupted: list[int] = []
+
+        def on_sigint(signum: int, frame: object) -> None:
+            interrupted.append(signum)
+            # may be raised inside one of llvmlite's ctypes callbacks, which swallow it: the
+            # flag is checked when the compilation returns
+            raise KeyboardInterrupt
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+        try:
+            compile_forward(self.dtype)
+            if interrupted:
+                raise KeyboardInterrupt
+            self.helper.wait()
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the helper's work is not wanted
+            self.cancel()
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+
+def start(dtype: DTypeLike = np.float32) -> Precompiling | None:
+    """On a cold cache, start the helper process running compile_backward and return it (a
+    :class:`Precompiling`: call it before training, or cancel it), or None when the cache is
+    warm."""
     from . import compile_helper
 
     compile_helper.disable()  # this helper, or none: not a second one from the first kernel
@@ -360,29 +400,4 @@ def start(dtype: DTypeLike = np.float32) -> Callable[[], None] | None:
     helper = compile_helper.spawn(code)
     if helper is None:
         return None
-
-    def finish() -> None:
-        interrupted: list[int] = []
-
-        def on_sigint(signum: int, frame: object) -> None:
-            interrupted.append(signum)
-            # may be raised inside one of llvmlite's ctypes callbacks, which swallow it: the
-            # flag is checked when the compilation returns
-            raise KeyboardInterrupt
-
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-        try:
-            compile_forward(dtype)
-            if interrupted:
-                raise KeyboardInterrupt
-            helper.wait()
-        except BaseException:  # Ctrl-C, SIGTERM, an error: the helper's work is not wanted
-            helper.kill()
-            helper.wait()
-            raise
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-
-    return finish
+    return Precompiling(helper, dtype)

@@ -151,6 +151,28 @@ def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
     assert started[0].poll() is not None  # killed and reaped, not left running
 
 
+def test_train_that_fails_before_training_stops_the_helper(monkeypatch, tmp_path, capsys):
+    """``fastcnn train`` starts the helper before it loads the data; an error there (here: no
+    data, downloads off) stops it. Called in one process again and again (a notebook, the CLI
+    fuzz test on a cold cache), each call used to leave a helper compiling for a minute."""
+    from fastcnn import cli
+
+    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(args, **kwargs):  # a helper that would run for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
+    status = cli.main(["train", "--data-dir", str(tmp_path), "--no-download"])
+    assert status != 0 and "mnist files missing" in capsys.readouterr().err
+    assert len(started) == 1
+    assert started[0].poll() is not None  # killed and reaped, not left running
+
+
 @pytest.mark.parametrize("cold", [True, False])
 def test_cache_is_cold_reads_the_index_files(monkeypatch, tmp_path, cold):
     index = tmp_path / "kernel.nbi"
