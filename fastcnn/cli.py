@@ -683,12 +683,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         if ckpt is not None:
             print(f"resuming {args.resume} after epoch {ckpt.epoch}", flush=True)
+        if precompiled is not None:
+            print("compiling the kernels (first run only; numba caches them)", flush=True)
     except BaseException:  # an error before training: the helper's work is not wanted
         if precompiled is not None:
             precompiled.cancel()
         raise
     if precompiled is not None:
-        print("compiling the kernels (first run only; numba caches them)", flush=True)
         precompiled()
     from .compile_ahead import mark_announced
 

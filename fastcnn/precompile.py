@@ -41,6 +41,7 @@ from ._types import Array
 
 __all__ = [
     "start",
+    "Precompiling",
     "compile_forward",
     "compile_backward",
     "compile_winograd_backward",

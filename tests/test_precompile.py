@@ -142,13 +142,18 @@ def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
 
     monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
     monkeypatch.setattr(precompile, "compile_forward", interrupted)
-    finish = precompile.start()
-    assert finish is not None and len(started) == 1
-    t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        finish()
-    assert time.monotonic() - t0 < 30  # not the helper's 60 s
-    assert started[0].poll() is not None  # killed and reaped, not left running
+    try:
+        finish = precompile.start()
+        assert finish is not None and len(started) == 1
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            finish()
+        assert time.monotonic() - t0 < 30  # not the helper's 60 s
+        assert started[0].poll() is not None  # killed and reaped, not left running
+    finally:  # a failed assert leaves no sleeper behind
+        for p in started:
+            p.kill()
+            p.wait()
 
 
 def test_train_that_fails_before_training_stops_the_helper(monkeypatch, tmp_path, capsys):
@@ -167,10 +172,15 @@ def test_train_that_fails_before_training_stops_the_helper(monkeypatch, tmp_path
         return started[-1]
 
     monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
-    status = cli.main(["train", "--data-dir", str(tmp_path), "--no-download"])
-    assert status != 0 and "mnist files missing" in capsys.readouterr().err
-    assert len(started) == 1
-    assert started[0].poll() is not None  # killed and reaped, not left running
+    try:
+        status = cli.main(["train", "--data-dir", str(tmp_path), "--no-download"])
+        assert status != 0 and "mnist files missing" in capsys.readouterr().err
+        assert len(started) == 1
+        assert started[0].poll() is not None  # killed and reaped, not left running
+    finally:  # a failed assert leaves no sleeper behind
+        for p in started:
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.parametrize("cold", [True, False])
