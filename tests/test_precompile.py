@@ -124,63 +124,54 @@ def test_start_does_nothing_when_disabled(monkeypatch):
     assert precompile.start() is None
 
 
-def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch):
-    """Ctrl-C (or SIGTERM, or an error) during the parent's half of the compilation stops the
-    helper process at once instead of waiting for its half to finish (about 18 s on a cold
-    cache), and the interrupt goes on to the caller."""
+@pytest.fixture
+def sleeping_helpers(monkeypatch):
+    """A cold cache, and every helper precompile.start() spawns a process that would run for a
+    minute: the list of them, killed at the end (a failed assert leaves no sleeper behind)."""
     monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
     monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
     started = []
     real_popen = subprocess.Popen
 
-    def popen(args, **kwargs):  # a helper that would run for a minute
+    def popen(args, **kwargs):
         started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
         return started[-1]
+
+    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def test_an_interrupt_while_compiling_kills_the_helper(monkeypatch, sleeping_helpers):
+    """Ctrl-C (or SIGTERM, or an error) during the parent's half of the compilation stops the
+    helper process at once instead of waiting for its half to finish (about 18 s on a cold
+    cache), and the interrupt goes on to the caller."""
 
     def interrupted(dtype):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
     monkeypatch.setattr(precompile, "compile_forward", interrupted)
-    try:
-        finish = precompile.start()
-        assert finish is not None and len(started) == 1
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            finish()
-        assert time.monotonic() - t0 < 30  # not the helper's 60 s
-        assert started[0].poll() is not None  # killed and reaped, not left running
-    finally:  # a failed assert leaves no sleeper behind
-        for p in started:
-            p.kill()
-            p.wait()
+    finish = precompile.start()
+    assert finish is not None and len(sleeping_helpers) == 1
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        finish()
+    assert time.monotonic() - t0 < 30  # not the helper's 60 s
+    assert sleeping_helpers[0].poll() is not None  # killed and reaped, not left running
 
 
-def test_train_that_fails_before_training_stops_the_helper(monkeypatch, tmp_path, capsys):
+def test_train_that_fails_before_training_stops_the_helper(sleeping_helpers, tmp_path, capsys):
     """``fastcnn train`` starts the helper before it loads the data; an error there (here: no
     data, downloads off) stops it. Called in one process again and again (a notebook, the CLI
     fuzz test on a cold cache), each call used to leave a helper compiling for a minute."""
     from fastcnn import cli
 
-    monkeypatch.delenv("FASTCNN_NO_PRECOMPILE", raising=False)
-    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
-    started = []
-    real_popen = subprocess.Popen
-
-    def popen(args, **kwargs):  # a helper that would run for a minute
-        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(compile_helper.subprocess, "Popen", popen)
-    try:
-        status = cli.main(["train", "--data-dir", str(tmp_path), "--no-download"])
-        assert status != 0 and "mnist files missing" in capsys.readouterr().err
-        assert len(started) == 1
-        assert started[0].poll() is not None  # killed and reaped, not left running
-    finally:  # a failed assert leaves no sleeper behind
-        for p in started:
-            p.kill()
-            p.wait()
+    status = cli.main(["train", "--data-dir", str(tmp_path), "--no-download"])
+    assert status != 0 and "mnist files missing" in capsys.readouterr().err
+    assert len(sleeping_helpers) == 1
+    assert sleeping_helpers[0].poll() is not None  # killed and reaped, not left running
 
 
 @pytest.mark.parametrize("cold", [True, False])
