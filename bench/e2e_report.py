@@ -47,18 +47,23 @@ def vector_width(features):
 
 def _tile_registers():
     """{"zmm": n, "ymm": n, "xmm": n}: the vector registers the float32 register tile uses
-    when compiled here now (a probe function around gemm_tile, not cached: about 1 s)."""
+    when compiled here now (a probe function around gemm_tile, not cached: about 1 s), as
+    fastcnn's kernels compile (in their scope: kernels/_parfor_link_only.py)."""
     import re
 
     import numpy as np
     from numba import njit
 
+    from fastcnn.kernels import _parfor_link_only
     from fastcnn.kernels.gemm_tile import FT, R, gemm_tile
 
     @njit(fastmath={"contract"})
     def probe(a, abase, aoff, b, tile):
         k = aoff.size
         gemm_tile(a, abase, 0, aoff, 0, k, b, np.uint64(0), np.uint64(FT), tile, 0, False, False)
+
+    if _parfor_link_only.installed:
+        _parfor_link_only.scope(probe)
 
     aoff = np.arange(4, dtype=np.uint64)
     args = (np.ones(64, np.float32), np.zeros(R, np.uint64), aoff, np.ones(4 * FT, np.float32))

@@ -32,6 +32,13 @@ colorama installed numba initialises and tears down colorama's stream wrappers f
 highlighted fragment (``_plain_markup``; ``FASTCNN_NUMBA_PLAIN_ERRORS=0`` turns this part
 off).
 
+And on an AVX-512 host, every function built in that scope asks LLVM for 512-bit vectors (the
+string attribute ``"prefer-vector-width"="512"``, ``_wide_vector_modules``): LLVM's tuning for
+Intel's server cores (Skylake-X to Emerald Rapids) prefers 256-bit vectors, and its vectorisers
+then wrote the register tiles of gemm_tile.py in ymm registers, half of what the core's fused
+multiply-adds take per instruction. On an AVX2 host nothing changes (AVX2's vectors are 256
+bits); ``FASTCNN_NUMBA_WIDE_VECTORS=0`` turns this part off.
+
 And one level down: a serial helper of fastcnn compiled because a kernel being compiled calls it
 is only ever run as IR linked into that kernel, so it is built link only too (no machine code,
 no CPython wrapper, no cache entry: ``_compile_helper``); a call from Python compiles it again
@@ -64,6 +71,9 @@ _GUFUNC_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_GUFUNC_LINK_ONLY", "1") != "0"
 #: is built link only: no CPython wrapper, no machine code, no cache entry (see _compile_helper).
 _HELPER_LINK_ONLY = os.environ.get("FASTCNN_NUMBA_HELPER_LINK_ONLY", "1") != "0"
 _PLAIN_ERRORS = os.environ.get("FASTCNN_NUMBA_PLAIN_ERRORS", "1") != "0"
+_WIDE_VECTORS = os.environ.get("FASTCNN_NUMBA_WIDE_VECTORS", "1") != "0"
+#: LLVM's per-function override of the CPU's preferred vector width (its vectorisers' choice).
+_PREFER_512 = '"prefer-vector-width"="512"'
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -91,7 +101,8 @@ def _unusable():
         tested = ", ".join(".".join(map(str, v)) for v in _TESTED)
         return f"numba {numba.__version__} is not a version it was tested on ({tested})"
     lib = codegen.CPUCodeLibrary
-    missing = [n for n in _LIBRARY_METHODS + ("_finalize_dynamic_globals",) if not hasattr(lib, n)]
+    extra = ("_finalize_dynamic_globals", "add_ir_module")
+    missing = [n for n in _LIBRARY_METHODS + extra if not hasattr(lib, n)]
     from numba.core import cpu
 
     if "get_executable" not in vars(cpu.CPUContext):
@@ -179,6 +190,28 @@ def _link_only_get_executable(get_executable):
     return wrapper
 
 
+def _compiles_for_avx512():
+    from .gemm_tile import TALL  # numba's target (NUMBA_CPU_FEATURES or the host) has AVX-512F
+
+    return TALL
+
+
+def _wide_vector_modules(add_ir_module):
+    """numba's ``CPUCodeLibrary.add_ir_module`` with every function the module defines given
+    LLVM's ``"prefer-vector-width"="512"`` first: the kernel's own functions, its loop bodies
+    and its helpers all reach LLVM's vectorisers through here, so none is left at 256 bits."""
+
+    @functools.wraps(add_ir_module)
+    def wrapper(self, ir_module):
+        for function in ir_module.functions:
+            if function.blocks:  # a definition (declarations take no such attribute)
+                # llvmlite's FunctionAttributes.add accepts only LLVM's enum attributes
+                set.add(function.attributes, _PREFER_512)
+        return add_ir_module(self, ir_module)
+
+    return wrapper
+
+
 def _flag_methods():
     """numba's ``TargetConfig.values``, ``__hash__`` and ``__eq__`` (the compiler's flags) with
     the same results, read from the stored values and the options' defaults at once instead of
@@ -224,6 +257,9 @@ def _apply():
 
     lib = codegen.CPUCodeLibrary
     _saved = [(lib, n, vars(lib).get(n, _MISSING)) for n in _LIBRARY_METHODS]
+    if _WIDE_VECTORS and _compiles_for_avx512():  # AVX2 code is the same either way
+        _saved.append((lib, "add_ir_module", vars(lib).get("add_ir_module", _MISSING)))
+        lib.add_ir_module = _wide_vector_modules(lib.add_ir_module)
     _saved.append((parallel, "build_gufunc_wrapper", vars(parallel)["build_gufunc_wrapper"]))
     if _GUFUNC_LINK_ONLY or _HELPER_LINK_ONLY:
         _saved.append((cpu.CPUContext, "get_executable", vars(cpu.CPUContext)["get_executable"]))

@@ -56,16 +56,38 @@ def test_avx2_target_on_any_host():
     AVX-512 host too; a CPU name alone would keep the host's AVX-512 features."""
     if "avx2" not in _host_flags():
         pytest.skip("needs an AVX2 host")
-    code = "import e2e_report; print(e2e_report.kernel_target())"
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="-avx512f")
-    root = os.path.dirname(BENCH)
-    env["PYTHONPATH"] = os.pathsep.join([BENCH, root] + [env.get("PYTHONPATH", "")])
-    line = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    ).stdout
+    line = _kernel_target_in_subprocess(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="-avx512f")
     assert "float32 tile in 256-bit registers (0 zmm" in line, line
     assert line.rstrip().endswith("Dense forward blocks 2x3 of 16 lanes"), line
     assert "6x32" not in line, line  # no tall tile: AVX2's 16 registers would spill it
+
+
+@pytest.mark.parametrize("wide, bits", [("1", 512), ("0", 256)])
+def test_intel_avx512_target_keeps_the_tile_in_512_bit_registers(wide, bits):
+    """LLVM's tuning for Intel's AVX-512 server cores (skylake-avx512 to emeraldrapids)
+    prefers 256-bit vectors; fastcnn's kernels ask for 512 (kernels/_parfor_link_only.py), so
+    the tile is in zmm registers there as on AMD's Zen 4. FASTCNN_NUMBA_WIDE_VECTORS=0 shows
+    that the request is what does it."""
+    if "avx512f" not in _host_flags():
+        pytest.skip("needs an AVX-512 host (the probe runs the tile it compiles)")
+    line = _kernel_target_in_subprocess(
+        NUMBA_CPU_NAME="skylake-avx512", FASTCNN_NUMBA_WIDE_VECTORS=wide
+    )
+    assert "skylake-avx512" in line and "vectors up to 512 bits" in line, line
+    assert f"float32 tile in {bits}-bit registers" in line, line
+
+
+def _kernel_target_in_subprocess(**variables):
+    """bench/e2e_report.py's "kernels compiled for" line from a fresh process with
+    ``variables`` set (and none of fastcnn's or numba's target settings inherited)."""
+    code = "import e2e_report; print(e2e_report.kernel_target())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTCNN_NUMBA", "NUMBA_CPU"))}
+    env.update(variables)
+    root = os.path.dirname(BENCH)
+    env["PYTHONPATH"] = os.pathsep.join([BENCH, root] + [env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    ).stdout
 
 
 _NARROW_TILE_CASES = """

@@ -135,6 +135,7 @@ def test_numba_untouched_outside_fastcnns_compilations():
             vars(codegen.CPUCodeLibrary).get(name, getattr(codegen.CPUCodeLibrary, name))
         ), name
     assert _is_numbas(parallel.build_gufunc_wrapper)
+    assert _is_numbas(codegen.CPUCodeLibrary.add_ir_module)
     assert _is_numbas(inline_closurecall.InlineWorker.inline_ir)
     assert inline_closurecall.copy is copy
     for name in ("values", "__hash__", "__eq__"):
@@ -153,6 +154,8 @@ def test_patched_only_inside_and_restored_even_on_errors():
         assert not _is_numbas(inline_closurecall.InlineWorker.inline_ir)
         for name in ("values", "__hash__", "__eq__"):
             assert not _is_numbas(vars(targetconfig.TargetConfig)[name]), name
+        wide = _parfor_link_only._WIDE_VECTORS and _parfor_link_only._compiles_for_avx512()
+        assert _is_numbas(lib.add_ir_module) != wide
         with _parfor_link_only.patched():  # nested: a kernel compiling the kernels it calls
             pass
         assert not _is_numbas(lib._finalize_final_module)
@@ -163,6 +166,30 @@ def test_patched_only_inside_and_restored_even_on_errors():
     assert (dict(vars(lib)), parallel.build_gufunc_wrapper) == before
     assert inline_closurecall.InlineWorker.inline_ir is inline_ir
     assert dict(vars(targetconfig.TargetConfig)) == flag_methods
+
+
+def test_wide_vectors_asked_for_in_every_definition():
+    """What reaches numba's add_ir_module in fastcnn's compilations on an AVX-512 host: every
+    function the module defines asks for 512-bit vectors; declarations are left as they were
+    (LLVM takes no such attribute there) and so is the rest of the module."""
+    from llvmlite import ir
+
+    module = ir.Module(name="probe")
+    fnty = ir.FunctionType(ir.VoidType(), [])
+    declared = ir.Function(module, fnty, name="declared")
+    for name in ("kernel", "loop_body"):
+        builder = ir.IRBuilder(ir.Function(module, fnty, name=name).append_basic_block())
+        builder.call(declared, [])
+        builder.ret_void()
+    before = str(module)
+    seen = []
+    add = _parfor_link_only._wide_vector_modules(lambda library, m: seen.append(str(m)))
+    add(None, module)
+    (text,) = seen
+    defines = [ln for ln in text.splitlines() if ln.startswith("define")]
+    assert len(defines) == 2 and all(ln.endswith('"prefer-vector-width"="512"') for ln in defines)
+    assert 'declare void @"declared"()' in text.splitlines()
+    assert text.replace(' "prefer-vector-width"="512"', "") == before
 
 
 @_needs_tested_numba
