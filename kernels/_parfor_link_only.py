@@ -32,8 +32,10 @@ colorama installed numba initialises and tears down colorama's stream wrappers f
 highlighted fragment (``_plain_markup``; ``FASTCNN_NUMBA_PLAIN_ERRORS=0`` turns this part
 off).
 
-And on an AVX-512 host, every function built in that scope asks LLVM for 512-bit vectors (the
-string attribute ``"prefer-vector-width"="512"``, ``_wide_vector_modules``): LLVM's tuning for
+And on an AVX-512 host, fastcnn's functions built in that scope (its kernels and helpers, their
+wrappers and parallel loop bodies; not numba's shared code built meanwhile, which other numba
+code links later) ask LLVM for 512-bit vectors (the string attribute
+``"prefer-vector-width"="512"``, ``_wide_vector_modules``): LLVM's tuning for
 Intel's server cores (Skylake-X to Emerald Rapids) prefers 256-bit vectors, and its vectorisers
 then wrote the register tiles of gemm_tile.py in ymm registers, half of what the core's fused
 multiply-adds take per instruction. On an AVX2 host nothing changes (AVX2's vectors are 256
@@ -74,6 +76,7 @@ _PLAIN_ERRORS = os.environ.get("FASTCNN_NUMBA_PLAIN_ERRORS", "1") != "0"
 _WIDE_VECTORS = os.environ.get("FASTCNN_NUMBA_WIDE_VECTORS", "1") != "0"
 #: LLVM's per-function override of the CPU's preferred vector width (its vectorisers' choice).
 _PREFER_512 = '"prefer-vector-width"="512"'
+_scoped_modules = set()  # the mangled names of the modules of the dispatchers ``scope`` wraps
 _MISSING = object()
 _state = threading.local()  # .building: numba is building a parallel loop's wrappers
 _saved = None  # numba's own attributes while patched: [(owner, name, value or _MISSING)]
@@ -196,15 +199,31 @@ def _compiles_for_avx512():
     return TALL
 
 
+def _mangled(module_name):
+    """How numba's (Itanium) mangling spells a module's dotted name inside a function's name:
+    ``fastcnn.kernels.conv2d`` -> ``7fastcnn7kernels6conv2d``."""
+    return "".join(f"{len(part)}{part}" for part in module_name.split("."))
+
+
+def _is_scoped_function(name):
+    """Whether the LLVM function ``name`` is code of a scoped dispatcher's module (its own
+    functions and their wrappers) or a parallel loop's body (only fastcnn's compile in scope):
+    not numba's shared code built meanwhile (the reference counting, internal helpers such as
+    an array's ``sum``), which other numba code in the process links later."""
+    return _GUFUNC in name or any(m in name for m in _scoped_modules)
+
+
 def _wide_vector_modules(add_ir_module):
-    """numba's ``CPUCodeLibrary.add_ir_module`` with every function the module defines given
-    LLVM's ``"prefer-vector-width"="512"`` first: the kernel's own functions, its loop bodies
-    and its helpers all reach LLVM's vectorisers through here, so none is left at 256 bits."""
+    """numba's ``CPUCodeLibrary.add_ir_module`` with every function of fastcnn's that the
+    module defines given LLVM's ``"prefer-vector-width"="512"`` first: the kernel's own
+    functions, its loop bodies and its helpers all reach LLVM's vectorisers through here, and
+    the register tiles are inlined into them as numba IR, so none is left at 256 bits."""
 
     @functools.wraps(add_ir_module)
     def wrapper(self, ir_module):
         for function in ir_module.functions:
-            if function.blocks:  # a definition (declarations take no such attribute)
+            # a definition (declarations take no such attribute) of fastcnn's
+            if function.blocks and _is_scoped_function(function.name):
                 # llvmlite's FunctionAttributes.add accepts only LLVM's enum attributes
                 set.add(function.attributes, _PREFER_512)
         return add_ir_module(self, ir_module)
@@ -480,6 +499,7 @@ def scope(dispatcher):
             return compile_(sig)
 
     compile._fastcnn_link_only = True
+    _scoped_modules.add(_mangled(dispatcher.py_func.__module__))
     dispatcher.compile = compile
     return dispatcher
 

@@ -168,16 +168,26 @@ def test_patched_only_inside_and_restored_even_on_errors():
     assert dict(vars(targetconfig.TargetConfig)) == flag_methods
 
 
-def test_wide_vectors_asked_for_in_every_definition():
-    """What reaches numba's add_ir_module in fastcnn's compilations on an AVX-512 host: every
-    function the module defines asks for 512-bit vectors; declarations are left as they were
-    (LLVM takes no such attribute there) and so is the rest of the module."""
+def test_wide_vectors_asked_for_in_fastcnns_definitions(monkeypatch):
+    """What reaches numba's add_ir_module in fastcnn's compilations on an AVX-512 host: each
+    function of a scoped module, its CPython wrapper and a parallel loop's body ask for 512-bit
+    vectors; numba's own functions and declarations (LLVM takes no such attribute there) are
+    left as they were, and so is the rest of the module."""
     from llvmlite import ir
 
+    monkeypatch.setattr(_parfor_link_only, "_scoped_modules", {"7fastcnn7kernels6conv2d"})
     module = ir.Module(name="probe")
     fnty = ir.FunctionType(ir.VoidType(), [])
-    declared = ir.Function(module, fnty, name="declared")
-    for name in ("kernel", "loop_body"):
+    declared = ir.Function(module, fnty, name="_ZN7fastcnn7kernels6conv2d8declaredB2v1E")
+    names = {
+        "_ZN7fastcnn7kernels6conv2d14conv2d_forwardB2v1E": True,
+        "cpython._ZN7fastcnn7kernels6conv2d14conv2d_forwardB2v1E": True,
+        "_ZN13_3cdynamic_3e36__numba_parfor_gufunc_0x7f2c5aB2v2E": True,
+        "_ZN5numba2np9arraymath9array_sumB2v3E": False,
+        "_ZN7fastcnn7kernels7dense_i8forwardB2v4E": False,  # another module, not scoped here
+        "NRT_incref": False,
+    }
+    for name in names:
         builder = ir.IRBuilder(ir.Function(module, fnty, name=name).append_basic_block())
         builder.call(declared, [])
         builder.ret_void()
@@ -186,10 +196,36 @@ def test_wide_vectors_asked_for_in_every_definition():
     add = _parfor_link_only._wide_vector_modules(lambda library, m: seen.append(str(m)))
     add(None, module)
     (text,) = seen
-    defines = [ln for ln in text.splitlines() if ln.startswith("define")]
-    assert len(defines) == 2 and all(ln.endswith('"prefer-vector-width"="512"') for ln in defines)
-    assert 'declare void @"declared"()' in text.splitlines()
+    asked = {
+        ln.split('@"')[1].split('"')[0]: ln.endswith('"prefer-vector-width"="512"')
+        for ln in text.splitlines()
+        if ln.startswith("define")
+    }
+    assert asked == names
+    assert 'declare void @"_ZN7fastcnn7kernels6conv2d8declaredB2v1E"()' in text.splitlines()
     assert text.replace(' "prefer-vector-width"="512"', "") == before
+
+
+@_needs_tested_numba
+def test_wide_vectors_stay_out_of_numbas_shared_code(monkeypatch):
+    """A scoped function's array sum makes numba build its shared sum helper inside the scope;
+    a plain @njit function compiled afterwards links that helper, and asks for nothing."""
+    monkeypatch.setattr(_parfor_link_only, "_WIDE_VECTORS", True)
+    monkeypatch.setattr(_parfor_link_only, "_compiles_for_avx512", lambda: True)
+
+    @numba.njit
+    def scoped(a):
+        return a.sum() + a.max()
+
+    @numba.njit
+    def plain(a):
+        return a.sum() + a.max()
+
+    _parfor_link_only.scope(scoped)
+    a = np.arange(12.0).reshape(3, 4)[:, ::2]  # a fresh array type: numba's helpers built anew
+    assert scoped(a) == plain(a)
+    assert '"prefer-vector-width"="512"' in scoped.inspect_llvm(scoped.signatures[0])
+    assert "prefer-vector-width" not in plain.inspect_llvm(plain.signatures[0])
 
 
 @_needs_tested_numba
