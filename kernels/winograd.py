@@ -31,7 +31,19 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .gemm_tile import FT, FTN, RN, TALL, R, copy16, gemm_tile, gemm_tile_bias, stack_array
+from .gemm_tile import (
+    FT,
+    FTN,
+    RN,
+    RT,
+    TALL,
+    R,
+    copy16,
+    gemm_tile,
+    gemm_tile_bias,
+    gemm_tile_tall,
+    stack_array,
+)
 from .lanes import batch_norm16
 
 #: Tiles per block, at least: whole rows of tiles of one image are taken until a block holds
@@ -288,19 +300,22 @@ def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, fb0, nfb, t0, ntp, E
                 )
 
 
-#: The forward's products take pairs of 16-filter blocks on the wide R x FT tile
-#: (block_products_wide) on AVX2 hosts; AVX-512's narrow tile has as many rows as its tall one.
-WIDE_PRODUCTS = not TALL
-_WIDE_TILE = R * FT  # (a module constant: stack_array's size must be one)
-#: Rows the wide tile takes: whole multiples of R and RN, so that the rest is whole narrow tiles
-_WIDE_ROWS = R * RN // math.gcd(R, RN)
+#: The forward's products take pairs of 16-filter blocks on a tile of FT = 32 filters
+#: (block_products_wide): AVX-512's tall RT x FT tile (12 accumulator registers against the
+#: narrow tile's 6), AVX2's wide R x FT (12 against 8).
+_WIDE_R = RT if TALL else R
+_WIDE_TILE = _WIDE_R * FT  # (a module constant: stack_array's size must be one)
+#: Rows the wide tile takes: whole multiples of its rows and RN, so that the rest is whole
+#: narrow tiles
+_WIDE_ROWS = _WIDE_R * RN // math.gcd(_WIDE_R, RN)
 
 
 @njit(cache=True, fastmath={"contract"})
 def block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S):
     """block_products (every filter block, rows t < ntp), bitwise: each M value the same sum
-    in the same order from zero, with pairs of filter blocks on the wide tile, R rows by 32
-    filters a tile: twice the narrow tile's multiply-adds per broadcast of V. A tile lands in
+    in the same order from zero, with pairs of filter blocks on the wide tile, _WIDE_R rows
+    (the tall tile's RT on AVX-512, R on AVX2) by 32 filters a tile: twice the narrow tile's
+    multiply-adds per broadcast of V. A tile lands in
     a stack scratch and its halves are copied to M[fb] and M[fb + 1]. The rows past the last
     multiple of _WIDE_ROWS, and an odd last filter block, go to block_products (the narrow
     tile is not inlined here a second time: compile time); a block of fewer rows runs all
@@ -315,9 +330,16 @@ def block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S)
         for fp in range(pairs):
             fb = 2 * fp
             b0 = u(e * C * Fp + fb * FTN)
-            for t in range(0, wide, R):
-                gemm_tile(Vf, abase, e * TBp + t, aoff, 0, C, Uf, b0, u(Fp), tile, 0, False, False)
-                for r in range(R):
+            for t in range(0, wide, _WIDE_R):
+                if TALL:  # numba drops the branch the host does not take
+                    gemm_tile_tall(
+                        Vf, abase, e * TBp + t, aoff, 0, C, Uf, b0, u(Fp), tile, 0, False
+                    )
+                else:
+                    gemm_tile(
+                        Vf, abase, e * TBp + t, aoff, 0, C, Uf, b0, u(Fp), tile, 0, False, False
+                    )
+                for r in range(_WIDE_R):
                     m = u((fb * TBp + t + r) * S + 16 * e)
                     copy16(Mf, m, tile, u(r * FT))
                     copy16(Mf, m + u(TBp * S), tile, u(r * FT + FTN))
@@ -427,7 +449,7 @@ def conv2d_winograd_forward(x, U, bias, pad_top, pad_left, relu, out, bn, thread
             nt = images * per
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: row stride 256, so that a tile's 16 products lie in one stretch
-            if WIDE_PRODUCTS and nfb >= 2:
+            if nfb >= 2:
                 block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, 16, 256)
             else:
                 block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, nfb, i0, ntp, 16, 256)

@@ -16,7 +16,7 @@ Each 4x4 block of outputs ("tile") reads a 6x6 patch d of every input channel an
 
 so the sum over channels becomes 36 independent matrix products, one per position e of the
 6x6 transformed patch: M[e] (tiles x F) = V[e] (tiles x C) @ U[e] (C x F), on the register
-tiles of gemm_tile.py (winograd.block_products and, for 32 filters and more on AVX2,
+tiles of gemm_tile.py (winograd.block_products and, for 32 filters and more,
 block_products_wide), a block of tiles at a time (winograd.py's scheme, 36 products where it
 has 16).
 
@@ -43,7 +43,6 @@ from .lanes import (
 )
 from .winograd import (
     _WEIGHT_CHUNKS,
-    WIDE_PRODUCTS,
     block_products,
     block_products_wide,
     kernels_by_tap,
@@ -284,7 +283,7 @@ def conv2d_winograd4_forward(x, U, bias, pad_top, pad_left, relu, out, bn, threa
             _input_block(xf, H, W, C, TH, TW, g0, nt, pad_top, pad_left, Vf, TBp, False)
             ntp = (nt + RN - 1) // RN * RN  # (rows past nt: whatever V held; never stored)
             # M[fb, t, e, :]: a tile's 36 products in one stretch
-            if WIDE_PRODUCTS and nfb >= 2:
+            if nfb >= 2:
                 block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, _E, _S)
             else:
                 block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, i0, nfb, i0, ntp, _E, _S)

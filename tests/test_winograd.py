@@ -239,10 +239,10 @@ def test_block_products_are_the_matrix_products(positions, channels, filters, dt
 # (block rows, rows computed) in narrow tiles (RN): on AVX2 all narrow (under 12), all wide, both
 @pytest.mark.parametrize("blocks", [(1, 1), (2, 2), (3, 1), (3, 2), (3, 3), (6, 4), (6, 5), (6, 6)])
 def test_block_products_wide_is_bitwise_block_products(positions, filters, blocks, dtype):
-    """block_products_wide (the forward's products on the wide tile, AVX2 hosts) against
-    block_products: the same bits in every written row, rows past ntp untouched (NaN), with
-    values that make the order of the sums show (magnitudes from 1e-6 to 1e6); blocks of RN
-    rows to 6 RN, computed to their end or not."""
+    """block_products_wide (the forward's products on a 32-filter tile: AVX-512's tall 6x32,
+    AVX2's wide 3x32) against block_products: the same bits in every written row, rows past
+    ntp untouched (NaN), with values that make the order of the sums show (magnitudes from
+    1e-6 to 1e6); blocks of RN rows to 6 RN, computed to their end or not."""
     rng = np.random.default_rng(positions + filters + 10 * blocks[0] + blocks[1])
     E, C, Fp, TBp, ntp = positions, 48, filters, blocks[0] * RN, blocks[1] * RN
     S = 16 * E
@@ -272,9 +272,10 @@ def test_block_products_wide_is_bitwise_block_products(positions, filters, block
 @pytest.mark.parametrize("batch, size", [(1, 5), (1, 8), (2, 7), (3, 13)])
 @pytest.mark.parametrize("filters", [32, 48, 80])
 def test_forward_is_bitwise_its_16_filter_slices(kernel, dtype, batch, size, filters):
-    """A forward of 32 or more filters (the wide tile's products on AVX2 hosts) gives the bits
-    of its 16-filter slices run one by one (the narrow tile's): small batches, whose blocks are
-    short (4 or 8 rows: the narrow tile alone), odd counts of filter blocks, 1 and 2 threads."""
+    """A forward of 32 or more filters (its products on a 32-filter tile) gives the bits of its
+    16-filter slices run one by one (the narrow tile's): small batches, whose blocks are short
+    (on AVX2 4 or 8 rows: the narrow tile alone), odd counts of filter blocks, 1 and 2
+    threads."""
     mod = _wk if kernel == "winograd" else _wk4
     forward = _wk.conv2d_winograd_forward if kernel == "winograd" else _wk4.conv2d_winograd4_forward
     rng = np.random.default_rng(batch * 100 + size + filters)
