@@ -301,8 +301,8 @@ def block_products(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, fb0, nfb, t0, ntp, E
 
 
 #: The forward's products take pairs of 16-filter blocks on a tile of FT = 32 filters
-#: (block_products_wide): AVX-512's tall RT x FT tile (12 accumulator registers against the
-#: narrow tile's 6), AVX2's wide R x FT (12 against 8).
+#: (block_products_wide): AVX-512's tall RT x FT tile (in float32 12 accumulator registers
+#: against the narrow tile's 6), AVX2's wide R x FT (12 against 8).
 _WIDE_R = RT if TALL else R
 _WIDE_TILE = _WIDE_R * FT  # (a module constant: stack_array's size must be one)
 #: Rows the wide tile takes: whole multiples of its rows and RN, so that the rest is whole
@@ -315,12 +315,12 @@ def block_products_wide(Vf, abase, aoff, C, Uf, Fp, zb, Mf, TBp, nfb, ntp, E, S)
     """block_products (every filter block, rows t < ntp), bitwise: each M value the same sum
     in the same order from zero, with pairs of filter blocks on the wide tile, _WIDE_R rows
     (the tall tile's RT on AVX-512, R on AVX2) by 32 filters a tile: twice the narrow tile's
-    multiply-adds per broadcast of V. A tile lands in
-    a stack scratch and its halves are copied to M[fb] and M[fb + 1]. The rows past the last
-    multiple of _WIDE_ROWS, and an odd last filter block, go to block_products (the narrow
-    tile is not inlined here a second time: compile time); a block of fewer rows runs all
-    narrow (3 wide rows beside 4 narrow ones ran slower than the narrow tile alone). A function
-    of its own, as conv2d_phases' tiles."""
+    multiply-adds per broadcast of V. A tile lands in a stack scratch and its halves are
+    copied to M[fb] and M[fb + 1]. The rows past the last multiple of _WIDE_ROWS (AVX2 only:
+    on AVX-512 every block's rows are whole tall tiles), and an odd last filter block, go to
+    block_products (the narrow tile is not inlined here a second time: compile time); on
+    AVX2 a block of fewer rows runs all narrow (3 wide rows beside 4 narrow ones ran slower
+    than the narrow tile alone). A function of its own, as conv2d_phases' tiles."""
     u = np.uint64
     tile = numba.carray(stack_array(_WIDE_TILE, Mf.dtype), (_WIDE_TILE,))
     pairs = nfb // 2

@@ -104,6 +104,10 @@ y = F.conv2d_forward(x, w, None, 1, 1, winograd=True)
 out["winograd_y"] = np.ascontiguousarray(y)
 for i, g in enumerate(F.conv2d_backward(x, w, np.ascontiguousarray(y), 1, 1, 1, "c", True, True)):
     out[f"winograd_g{i}"] = np.ascontiguousarray(g)
+# 48 filters: one pair of filter blocks on the 32-filter tile (AVX2's 3x32, AVX-512's 6x32)
+# and an odd last block; on AVX2 a block of 20 rows, 12 on the wide tile and 8 narrow
+w48 = rng.standard_normal((48, 16, 3, 3)).astype(np.float32)
+out["winograd48_y"] = np.ascontiguousarray(F.conv2d_forward(x, w48, None, 1, 1, winograd=True))
 # a strided layer of 16 channels (the phases input gradient) and LeNet-5's first layer
 w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
 y2 = F.conv2d_forward(x, w2, None, 2, 1)
@@ -120,8 +124,9 @@ np.savez(sys.argv[1], **out)
 
 
 def test_narrow_tile_gives_the_same_bits_on_avx2(tmp_path):
-    """The narrow tile has 6 rows on AVX-512 hosts and 4 on AVX2 (gemm_tile.RN): a Winograd
-    layer of 16 filters, a strided input gradient and LeNet-5's first layer give the same bits
+    """The narrow tile has 6 rows on AVX-512 hosts and 4 on AVX2 (gemm_tile.RN), the Winograd
+    products' 32-filter tile 6 and 3: Winograd layers of 16 and 48 filters, a strided input
+    gradient and LeNet-5's first layer give the same bits
     compiled for an AVX2 target (a child process) as for this AVX-512 host (another child). On
     an AVX2 host both would run the 4-row tile: skipped there (two cold compilations, about
     2 minutes of CI on such a host, for nothing)."""
