@@ -209,13 +209,16 @@ def spawn(code: str, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]
     of its own (None if it cannot start)."""
     env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
     # the folder holding this fastcnn (an install or a source checkout) comes first
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
+    # and before the working directory, which ``python -c`` puts ahead of PYTHONPATH: a process
+    # started in another checkout's folder had its helper compile that checkout's kernels
+    first = f"import sys\nsys.path.insert(0, {root!r})\n"
     try:
         return subprocess.Popen(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", first + code],
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

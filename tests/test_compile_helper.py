@@ -671,3 +671,20 @@ def test_a_sequential_asks_once_and_only_in_training(monkeypatch):
         "BatchNorm2D",
         "ReLU",
     ]
+
+
+def test_a_helper_imports_this_fastcnn_from_another_checkouts_folder(tmp_path, monkeypatch):
+    """``python -c`` puts the working directory ahead of PYTHONPATH: started in a folder that
+    holds another fastcnn (a checkout), a helper imported that one and compiled its kernels,
+    which this process cannot use. It imports this process's fastcnn."""
+    import fastcnn
+
+    decoy = tmp_path / "fastcnn"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the fastcnn of the working folder')\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "imported.txt"
+    code = f"import fastcnn\nopen({str(out)!r}, 'w').write(fastcnn.__file__)\n"
+    child = compile_helper.spawn(code)
+    assert child is not None and child.wait(timeout=120) == 0
+    assert out.read_text() == fastcnn.__file__
