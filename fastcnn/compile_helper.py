@@ -206,7 +206,8 @@ def _claim(claims: str, name: str, dtype: str) -> bool:
 
 def spawn(code: str, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes] | None:
     """A Python process running ``code`` with this fastcnn first on its path, without a helper
-    of its own (None if it cannot start)."""
+    of its own (None if it cannot start). Two lines run before ``code`` (they put this
+    fastcnn's folder first): ``code`` cannot start with a ``from __future__`` import."""
     env = dict(os.environ, FASTCNN_NO_PRECOMPILE="1")
     # the folder holding this fastcnn (an install or a source checkout) comes first
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
